@@ -1,0 +1,163 @@
+//! The audit sink trait and the audit event every operation writes.
+//!
+//! An event names who did what to which tenant/field/record with which key version, and how
+//! it ended. It never holds plaintext, ciphertext or key bytes. If a sink cannot record an
+//! event, the operation fails (fail closed).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+
+use crate::context::TenantId;
+use crate::error::BackendError;
+
+/// Who performed an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Actor {
+    /// Authenticated identity (a service name, a token's name, `uid:1000`, `library`).
+    pub identity: Arc<str>,
+    /// Peer uid, when known (sidecar).
+    pub uid: Option<u32>,
+    /// Peer pid, when known (sidecar).
+    pub pid: Option<u32>,
+}
+
+impl Actor {
+    /// An actor known only by name (in-process callers).
+    pub fn named(identity: impl Into<Arc<str>>) -> Self {
+        Self {
+            identity: identity.into(),
+            uid: None,
+            pid: None,
+        }
+    }
+}
+
+/// What was done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Action {
+    /// A tenant and its key version 1 were created.
+    CreateTenant,
+    /// One field was encrypted.
+    Encrypt,
+    /// One field was decrypted.
+    Decrypt,
+    /// One ciphertext was moved to the primary key version.
+    Rewrap,
+    /// A tenant key was rotated.
+    RotateKey,
+    /// The minimum decryption version was changed.
+    SetMinDecryptVersion,
+    /// A tenant's keys were destroyed.
+    ShredTenant,
+    /// A tenant key version was unwrapped by the KMS (a key-cache miss).
+    UnwrapKey,
+    /// Key versions used by a set of ciphertexts were counted (no key material touched).
+    CountVersions,
+    /// A caller was refused by policy (the sidecar).
+    Denied,
+    /// Key metadata was read (versions, states).
+    KeyStatus,
+    /// A root-key rotation or migration step re-wrapped one tenant key version.
+    RewrapRootKey,
+}
+
+impl Action {
+    /// Stable snake_case name, as written to the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::CreateTenant => "create_tenant",
+            Action::Encrypt => "encrypt",
+            Action::Decrypt => "decrypt",
+            Action::Rewrap => "rewrap",
+            Action::RotateKey => "rotate_key",
+            Action::SetMinDecryptVersion => "set_min_decrypt_version",
+            Action::ShredTenant => "shred_tenant",
+            Action::UnwrapKey => "unwrap_key",
+            Action::CountVersions => "count_versions",
+            Action::Denied => "denied",
+            Action::KeyStatus => "key_status",
+            Action::RewrapRootKey => "rewrap_root_key",
+        }
+    }
+}
+
+/// Where the tenant key of an encrypt/decrypt came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeySource {
+    /// The in-memory key cache (a hit).
+    Cache,
+    /// The KMS (a miss; an [`Action::UnwrapKey`] event precedes it).
+    Kms,
+}
+
+impl KeySource {
+    /// Stable name, as written to the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySource::Cache => "cache",
+            KeySource::Kms => "kms",
+        }
+    }
+}
+
+/// How an operation ended: `ok` or an error kind ([`crate::Error::kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Succeeded.
+    Ok,
+    /// Failed with this error kind.
+    Error(&'static str),
+}
+
+impl Outcome {
+    /// `ok` or the error kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error(kind) => kind,
+        }
+    }
+}
+
+/// One audit record's content. The sink adds sequence number and hash chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// When (UTC).
+    pub time: Timestamp,
+    /// Who.
+    pub actor: Actor,
+    /// What.
+    pub action: Action,
+    /// Which tenant, if any.
+    pub tenant: Option<TenantId>,
+    /// Which field (the context's field name), if any.
+    pub field: Option<Arc<str>>,
+    /// Which record (the context's record id), if any.
+    pub record: Option<Arc<str>>,
+    /// Which tenant key version (for rewrap: the target version).
+    pub key_version: Option<u32>,
+    /// Where the key came from, for encrypt/decrypt/rewrap.
+    pub key_source: Option<KeySource>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The request id that groups the events of one call.
+    pub request_id: Arc<str>,
+}
+
+/// Durable, tamper-evident storage of audit events.
+#[async_trait]
+pub trait AuditSink: Send + Sync + std::fmt::Debug {
+    /// A short name for errors (`file`, …).
+    fn name(&self) -> &str;
+
+    /// Appends events, in order. Returns only once they are as durable as the sink's
+    /// durability setting promises; an error means they may not be recorded, and the caller
+    /// fails the operation.
+    async fn append(&self, events: &[AuditEvent]) -> Result<(), BackendError>;
+
+    /// Makes everything appended so far durable (fsync). Called on shutdown.
+    async fn flush(&self) -> Result<(), BackendError>;
+}

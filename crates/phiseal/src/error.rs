@@ -1,0 +1,255 @@
+//! The one error type of the core crate, and [`BackendError`], what KMS backends, key stores and
+//! audit sinks report across their trait boundary.
+//!
+//! Messages name the tenant and key version and say what to do. They never contain plaintext,
+//! key bytes or ciphertext bytes. Every authentication failure is the single opaque
+//! [`Error::DecryptionFailed`]: wrong context, wrong key and tampered bytes look the same.
+
+use std::fmt;
+
+use crate::context::TenantId;
+
+/// A boxed error from a backend, kept as `source()`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything the core library can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A caller-supplied value is malformed (tenant id, field name, record id, version …).
+    #[error("invalid {what}: {reason}")]
+    InvalidInput {
+        /// Which input.
+        what: &'static str,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// The keyring builder was given an inconsistent combination of parts or settings.
+    #[error("invalid keyring configuration: {0}")]
+    Config(String),
+    /// The ciphertext is not a phiseal v1 ciphertext (see [`FormatError`]).
+    #[error("malformed ciphertext: {0}")]
+    Format(#[from] FormatError),
+    /// Authentication failed: wrong key, wrong context (tenant, field, record) or tampered bytes.
+    /// Deliberately carries no detail.
+    #[error(
+        "decryption failed: the ciphertext is not authentic under this tenant, field and record"
+    )]
+    DecryptionFailed,
+    /// The tenant has no keys in the key store.
+    #[error("tenant '{tenant}' not found: create it first")]
+    TenantNotFound {
+        /// The tenant.
+        tenant: TenantId,
+    },
+    /// `create_tenant` for a tenant that already exists (or existed and was shredded).
+    #[error("tenant '{tenant}' already exists")]
+    TenantExists {
+        /// The tenant.
+        tenant: TenantId,
+    },
+    /// The ciphertext names a key version the tenant does not have.
+    #[error("tenant '{tenant}' has no key version {version}")]
+    KeyVersionNotFound {
+        /// The tenant.
+        tenant: TenantId,
+        /// The version named by the ciphertext.
+        version: u32,
+    },
+    /// The key version is below the tenant's minimum decryption version.
+    #[error(
+        "key version {version} of tenant '{tenant}' is retired (minimum decryption version is {min}): \
+         rewrap data before raising the minimum, or lower it again"
+    )]
+    KeyVersionRetired {
+        /// The tenant.
+        tenant: TenantId,
+        /// The version named by the ciphertext.
+        version: u32,
+        /// The tenant's minimum decryption version.
+        min: u32,
+    },
+    /// The tenant was shredded: its keys are destroyed and its data is unrecoverable, forever.
+    #[error("key destroyed: tenant '{tenant}' was shredded; its data cannot be decrypted")]
+    KeyDestroyed {
+        /// The tenant.
+        tenant: TenantId,
+    },
+    /// A stored key record does not belong to the tenant/version it is filed under (a wrapped
+    /// key copied between records). The key is refused, never used.
+    #[error(
+        "key record for tenant '{tenant}' version {version} is bound to another tenant or version: \
+         refusing it; restore the key store from backup and investigate"
+    )]
+    KeyBindingMismatch {
+        /// The tenant the record is filed under.
+        tenant: TenantId,
+        /// The version the record is filed under.
+        version: u32,
+    },
+    /// Another process created this key version first (compare-and-set lost).
+    #[error(
+        "tenant '{tenant}' was rotated concurrently: version {version} already exists; \
+         re-read the key status before rotating again"
+    )]
+    RotationConflict {
+        /// The tenant.
+        tenant: TenantId,
+        /// The version both tried to create.
+        version: u32,
+    },
+    /// The KMS backend failed.
+    #[error("KMS '{backend}' failed: {source}")]
+    Kms {
+        /// The backend's name.
+        backend: String,
+        /// What it reported.
+        #[source]
+        source: BackendError,
+    },
+    /// The key store failed.
+    #[error("key store '{backend}' failed: {source}")]
+    Store {
+        /// The store's name.
+        backend: String,
+        /// What it reported.
+        #[source]
+        source: BackendError,
+    },
+    /// The audit record could not be written, so the operation was not performed (fail closed).
+    #[error("audit log '{backend}' failed, operation refused: {source}")]
+    Audit {
+        /// The sink's name.
+        backend: String,
+        /// What it reported.
+        #[source]
+        source: BackendError,
+    },
+    /// The crypto provider failed (not an authentication failure).
+    #[error("crypto provider '{provider}' failed: {what}")]
+    Crypto {
+        /// The provider's name.
+        provider: &'static str,
+        /// Which operation.
+        what: &'static str,
+    },
+}
+
+impl Error {
+    /// A short stable name for the error kind, for audit records and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidInput { .. } => "invalid_input",
+            Error::Config(_) => "config",
+            Error::Format(_) => "malformed_ciphertext",
+            Error::DecryptionFailed => "decryption_failed",
+            Error::TenantNotFound { .. } => "tenant_not_found",
+            Error::TenantExists { .. } => "tenant_exists",
+            Error::KeyVersionNotFound { .. } => "key_version_not_found",
+            Error::KeyVersionRetired { .. } => "key_version_retired",
+            Error::KeyDestroyed { .. } => "key_destroyed",
+            Error::KeyBindingMismatch { .. } => "key_binding_mismatch",
+            Error::RotationConflict { .. } => "rotation_conflict",
+            Error::Kms { .. } => "kms",
+            Error::Store { .. } => "key_store",
+            Error::Audit { .. } => "audit",
+            Error::Crypto { .. } => "crypto",
+        }
+    }
+}
+
+/// Why bytes or text are not a phiseal v1 ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// Shorter than the fixed parts of the format.
+    #[error("truncated: {len} bytes, at least {min} needed")]
+    Truncated {
+        /// Length seen.
+        len: usize,
+        /// Minimum for this algorithm.
+        min: usize,
+    },
+    /// The first byte is not a format version this library reads.
+    #[error("unknown format version {0:#04x} (this library reads 0x01)")]
+    UnknownVersion(u8),
+    /// The algorithm byte is not one this library knows.
+    #[error("unknown algorithm id {0:#04x}")]
+    UnknownAlgorithm(u8),
+    /// Key version 0 is never assigned.
+    #[error("key version 0 is invalid")]
+    ZeroKeyVersion,
+    /// The text form does not start with the `phs1:` prefix.
+    #[error("text ciphertext must start with 'phs1:'")]
+    BadTextPrefix,
+    /// The text form is not unpadded base64url.
+    #[error("text ciphertext is not unpadded base64url")]
+    BadBase64,
+}
+
+/// The broad class of a backend failure: decides retries, fail-fast and the status a caller sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// Not reachable, timed out, throttled: may succeed later.
+    Unavailable,
+    /// The backend refused (permissions, disabled key, policy).
+    Denied,
+    /// The backend says the wrapped data or its binding is not valid for this key.
+    InvalidData,
+    /// A compare-and-set lost, or a unique key already exists.
+    Conflict,
+    /// Local misconfiguration (paths, permissions, profile).
+    Misconfigured,
+    /// Anything else.
+    Other,
+}
+
+/// A failure reported by a KMS backend, key store or audit sink. Its message must not contain
+/// key bytes or plaintext.
+#[derive(Debug)]
+pub struct BackendError {
+    kind: BackendErrorKind,
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl BackendError {
+    /// A new error of `kind` with a safe, actionable message.
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Keeps the underlying error as `source()`.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The class of failure.
+    pub fn kind(&self) -> BackendErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}

@@ -1,0 +1,72 @@
+//! The KMS backend trait: wraps and unwraps tenant keys under a root key (KEK).
+//!
+//! Backends are values (`Arc<dyn Kms>`) handed to the keyring builder; there is no registry.
+
+use async_trait::async_trait;
+
+use crate::context::TenantId;
+use crate::error::BackendError;
+use crate::secret::TenantKey;
+
+/// What a wrapped tenant key is bound to. Backends that support AAD or an encryption context
+/// must authenticate it; the core additionally checks a key-check MAC over it after unwrapping,
+/// so backends without AAD (Azure Key Vault) are bound too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBinding {
+    /// The tenant the key belongs to.
+    pub tenant: TenantId,
+    /// The tenant key version.
+    pub version: u32,
+}
+
+impl KeyBinding {
+    /// The canonical byte encoding used as AAD by backends that take bytes:
+    /// `"phiseal/v1/key-binding" ‖ u8 len ‖ tenant ‖ u32be version`.
+    pub fn to_aad(&self) -> Vec<u8> {
+        let tenant = self.tenant.as_str().as_bytes();
+        let mut out = Vec::with_capacity(22 + 1 + tenant.len() + 4);
+        out.extend_from_slice(b"phiseal/v1/key-binding");
+        // Tenant ids are at most 128 bytes (validated by `TenantId`).
+        out.push(tenant.len() as u8);
+        out.extend_from_slice(tenant);
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out
+    }
+}
+
+/// A tenant key wrapped by a root key: opaque bytes plus the reference to the exact root-key
+/// version that made them, so wraps made before a root-key rotation still unwrap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// Backend-specific reference to the root key version, e.g. `local:3f2a…` or a full Key
+    /// Vault key id. Not secret.
+    pub root_key_ref: String,
+    /// The wrapped bytes. Not secret (useless without the root key), but never logged.
+    pub ciphertext: Vec<u8>,
+}
+
+/// A KMS backend holding the root key.
+#[async_trait]
+pub trait Kms: Send + Sync + std::fmt::Debug {
+    /// A short name for errors, audit records and metrics (`local`, `aws-kms`, …).
+    fn name(&self) -> &str;
+
+    /// True for development-only backends (the local file KMS). The `Production` profile
+    /// refuses them.
+    fn is_dev_only(&self) -> bool {
+        false
+    }
+
+    /// Wraps `key` under the current root key version, bound to `binding`.
+    async fn wrap(&self, key: &TenantKey, binding: &KeyBinding)
+    -> Result<WrappedKey, BackendError>;
+
+    /// Unwraps `wrapped` with the root key version it names. Must fail with
+    /// [`crate::BackendErrorKind::InvalidData`] if the binding does not match (where the backend
+    /// can check it) or the bytes were not made by this root key.
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        binding: &KeyBinding,
+    ) -> Result<TenantKey, BackendError>;
+}

@@ -1,0 +1,58 @@
+//! Key material types. They cannot be printed, cloned or serialized; they zeroize on drop.
+
+use rand::TryRngCore;
+use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
+
+use crate::error::{BackendError, BackendErrorKind};
+
+/// Length of a tenant key in bytes.
+pub const TENANT_KEY_LEN: usize = 32;
+
+/// A 256-bit tenant data key in the clear. Lives only in memory; stored only wrapped by a KMS.
+pub struct TenantKey(SecretBox<[u8; TENANT_KEY_LEN]>);
+
+impl TenantKey {
+    /// A fresh key from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, BackendError> {
+        let mut key = Self::zeroed();
+        rand::rngs::OsRng
+            .try_fill_bytes(key.0.expose_secret_mut())
+            .map_err(|e| {
+                BackendError::new(BackendErrorKind::Other, "OS random number generator failed")
+                    .with_source(e)
+            })?;
+        Ok(key)
+    }
+
+    /// Takes ownership of key bytes (from a KMS unwrap). The caller should zeroize its copy.
+    pub fn from_bytes(bytes: [u8; TENANT_KEY_LEN]) -> Self {
+        let mut key = Self::zeroed();
+        *key.0.expose_secret_mut() = bytes;
+        key
+    }
+
+    /// Copies key bytes from a slice; `None` if the length is not 32.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let mut key = Self::zeroed();
+        if bytes.len() != TENANT_KEY_LEN {
+            return None;
+        }
+        key.0.expose_secret_mut().copy_from_slice(bytes);
+        Some(key)
+    }
+
+    fn zeroed() -> Self {
+        Self(SecretBox::new(Box::new([0u8; TENANT_KEY_LEN])))
+    }
+
+    /// The key bytes, for a KMS backend to wrap or the crypto layer to derive from.
+    pub fn expose(&self) -> &[u8; TENANT_KEY_LEN] {
+        self.0.expose_secret()
+    }
+}
+
+impl std::fmt::Debug for TenantKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TenantKey([REDACTED])")
+    }
+}
