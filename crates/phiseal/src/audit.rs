@@ -54,8 +54,6 @@ pub enum Action {
     ShredTenant,
     /// A tenant key version was unwrapped by the KMS (a key-cache miss).
     UnwrapKey,
-    /// Key versions used by a set of ciphertexts were counted (no key material touched).
-    CountVersions,
     /// A caller was refused by policy (the sidecar).
     Denied,
     /// Key metadata was read (versions, states).
@@ -76,7 +74,6 @@ impl Action {
             Action::SetMinDecryptVersion => "set_min_decrypt_version",
             Action::ShredTenant => "shred_tenant",
             Action::UnwrapKey => "unwrap_key",
-            Action::CountVersions => "count_versions",
             Action::Denied => "denied",
             Action::KeyStatus => "key_status",
             Action::RewrapRootKey => "rewrap_root_key",
@@ -103,9 +100,13 @@ impl KeySource {
     }
 }
 
-/// How an operation ended: `ok` or an error kind ([`crate::Error::kind`]).
+/// How an operation ended: `ok` or an error kind ([`crate::Error::kind`]), or `attempt` for the
+/// record written *before* an irreversible admin operation (create, rotate, shred, minimum
+/// version), so that it is refused if it cannot be audited; a second record gives its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
+    /// About to run (admin operations only).
+    Attempt,
     /// Succeeded.
     Ok,
     /// Failed with this error kind.
@@ -116,6 +117,7 @@ impl Outcome {
     /// `ok` or the error kind.
     pub fn as_str(self) -> &'static str {
         match self {
+            Outcome::Attempt => "attempt",
             Outcome::Ok => "ok",
             Outcome::Error(kind) => kind,
         }

@@ -76,10 +76,12 @@ pub enum Error {
         tenant: TenantId,
     },
     /// A stored key record does not belong to the tenant/version it is filed under (a wrapped
-    /// key copied between records). The key is refused, never used.
+    /// key copied between records), or was wrapped by another root key. The key is refused,
+    /// never used.
     #[error(
-        "key record for tenant '{tenant}' version {version} is bound to another tenant or version: \
-         refusing it; restore the key store from backup and investigate"
+        "key record for tenant '{tenant}' version {version} does not verify under its binding \
+         (copied from another tenant or version, or wrapped by another root key): refusing it; \
+         restore the key store from backup and investigate"
     )]
     KeyBindingMismatch {
         /// The tenant the record is filed under.

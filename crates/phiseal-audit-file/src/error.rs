@@ -1,0 +1,149 @@
+//! The one error type of this crate, and its conversion to [`phiseal::BackendError`].
+
+use std::path::PathBuf;
+
+use phiseal::{BackendError, BackendErrorKind};
+
+use crate::verify::ProblemKind;
+
+/// Everything the file audit log can fail with.
+///
+/// Messages name the file and say what the operator should do. They never contain event
+/// contents.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditFileError {
+    /// The log file (or its parent directory) could not be created or opened.
+    #[error(
+        "cannot open audit log {path}: {source} (the parent directory must exist and be writable)"
+    )]
+    Open {
+        /// The log file.
+        path: PathBuf,
+        /// What the OS reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The path exists but is not a regular file.
+    #[error("audit log {path} is not a regular file")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// An I/O operation on the log (or a file next to it) failed.
+    #[error("audit log {path}: {op} failed: {source}")]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// What was being done (`write`, `fdatasync`, `read`, …).
+        op: &'static str,
+        /// What the OS reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not end with a newline: a crash interrupted a write. Nothing is appended to
+    /// such a file until the torn bytes are saved and removed.
+    #[error(
+        "audit log {path} ends with a torn (partial) record of {len} bytes at byte offset {offset}, \
+         probably from a crash mid-write: run `verify`, then `FileAuditLog::recover_torn_tail` \
+         (which saves the bytes next to the log and records the recovery in the chain), then reopen"
+    )]
+    TornTail {
+        /// The log file.
+        path: PathBuf,
+        /// Byte offset where the torn record starts (just after the last newline).
+        offset: u64,
+        /// Number of torn bytes.
+        len: u64,
+    },
+    /// The last record of an existing log is not a valid record, so the chain cannot be
+    /// continued.
+    #[error(
+        "audit log {path}: the last record (line ending at byte {end}) is damaged: {reason}; \
+         refusing to append to it: run `verify` and investigate"
+    )]
+    DamagedTail {
+        /// The log file.
+        path: PathBuf,
+        /// Byte offset of the end of the damaged line.
+        end: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An earlier write or fdatasync failed, so the file may end in a partial or unsynced record.
+    /// Every later append fails (fail closed).
+    #[error(
+        "audit log {path} is out of service after an earlier failure ({reason}); the file may end \
+         in a partial record: stop the service, run `verify` (and `recover_torn_tail` if it reports \
+         a torn tail), then restart"
+    )]
+    Poisoned {
+        /// The log file.
+        path: PathBuf,
+        /// The first failure.
+        reason: String,
+    },
+    /// One record would be longer than the longest line `verify` accepts.
+    #[error("audit record of {len} bytes exceeds the limit of {max} bytes; nothing was written")]
+    RecordTooLarge {
+        /// The encoded length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The background fdatasync thread is gone (cannot normally happen).
+    #[error("audit log {path}: the fdatasync thread stopped; restart the service")]
+    SyncThreadGone {
+        /// The log file.
+        path: PathBuf,
+    },
+    /// `export_tenant` found a broken chain: the export is incomplete and must be discarded.
+    #[error(
+        "audit log {path} fails verification at line {line} ({kind:?}): export aborted; \
+         discard the partial output and run `verify`"
+    )]
+    ChainBroken {
+        /// The log file.
+        path: PathBuf,
+        /// 1-based line number of the first problem.
+        line: u64,
+        /// The first problem found.
+        kind: ProblemKind,
+    },
+    /// `recover_torn_tail` found an existing save file whose content differs from the torn bytes.
+    #[error(
+        "cannot save the torn tail of {path}: {saved_to} already exists with different content; \
+         move it away and retry"
+    )]
+    TornFileConflict {
+        /// The log file.
+        path: PathBuf,
+        /// The save file.
+        saved_to: PathBuf,
+    },
+}
+
+impl AuditFileError {
+    /// The broad class of this failure, for [`BackendError`].
+    pub fn backend_kind(&self) -> BackendErrorKind {
+        match self {
+            AuditFileError::Open { .. } | AuditFileError::NotAFile { .. } => {
+                BackendErrorKind::Misconfigured
+            }
+            AuditFileError::RecordTooLarge { .. } => BackendErrorKind::InvalidData,
+            AuditFileError::Io { .. }
+            | AuditFileError::TornTail { .. }
+            | AuditFileError::DamagedTail { .. }
+            | AuditFileError::Poisoned { .. }
+            | AuditFileError::SyncThreadGone { .. }
+            | AuditFileError::ChainBroken { .. }
+            | AuditFileError::TornFileConflict { .. } => BackendErrorKind::Other,
+        }
+    }
+}
+
+impl From<AuditFileError> for BackendError {
+    fn from(e: AuditFileError) -> Self {
+        BackendError::new(e.backend_kind(), "file audit log").with_source(e)
+    }
+}

@@ -1,0 +1,400 @@
+//! Streaming verification and per-tenant export. Both read the log line by line through a
+//! bounded buffer: memory use does not depend on the file size, and no input makes them panic.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use jiff::Timestamp;
+
+use crate::error::AuditFileError;
+use crate::format::{Kind, MAX_LINE, Parsed, ZERO_HASH, parse_line};
+
+/// At most this many problems are kept in a [`VerifyReport`]; the rest are only counted.
+pub const MAX_PROBLEMS: usize = 1000;
+
+/// What is wrong with one line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// The stored hash is not the SHA-256 of the line's body: the line was edited.
+    HashMismatch,
+    /// `prev` is not the hash of the line before: a line was deleted, inserted or moved here.
+    ChainBreak,
+    /// The sequence number skips ahead: records were deleted (or moved away).
+    SeqGap,
+    /// The sequence number is not above the previous one: records were inserted or reordered.
+    SeqOutOfOrder,
+    /// Not a record: not UTF-8 JSON, a missing or mistyped member, too long, …
+    Malformed,
+    /// The first line is not a header record (`seq` 0, `kind` `header`, zero `prev`): the start
+    /// of the log was removed or replaced.
+    MissingHeader,
+    /// A header record after the first line: another log's chain was spliced in.
+    UnexpectedHeader,
+}
+
+/// One problem found by [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line number.
+    pub line: u64,
+    /// Byte offset of the start of the line.
+    pub offset: u64,
+    /// What is wrong.
+    pub kind: ProblemKind,
+    /// A short explanation (never contains record content).
+    pub detail: String,
+}
+
+/// The result of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifyReport {
+    /// Complete lines read (header and recovery records included).
+    pub records: u64,
+    /// Sequence number of the last well-formed record.
+    pub last_seq: Option<u64>,
+    /// Hash (hex) of the last well-formed record: anchor it outside the machine (a ticket, a
+    /// WORM bucket, another log) to detect a rewrite of the whole chain.
+    pub head_hash: Option<String>,
+    /// `(offset, len)` of bytes after the last newline: a write interrupted by a crash (or, on a
+    /// live log, a write in progress). See [`crate::FileAuditLog::recover_torn_tail`].
+    pub torn_tail: Option<(u64, u64)>,
+    /// Problems found, in file order (at most [`MAX_PROBLEMS`]).
+    pub problems: Vec<Problem>,
+    /// Total number of problems, including those not kept in `problems`.
+    pub problem_count: u64,
+}
+
+impl VerifyReport {
+    /// True when every line is a well-formed record, the chain is unbroken from a header, the
+    /// sequence is contiguous, and there is no torn tail.
+    pub fn is_intact(&self) -> bool {
+        self.problem_count == 0 && self.problems.is_empty() && self.torn_tail.is_none()
+    }
+}
+
+/// The result of [`export_tenant`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExportReport {
+    /// Records read and verified.
+    pub records_scanned: u64,
+    /// Records written to the output.
+    pub exported: u64,
+    /// Sequence number of the last record read.
+    pub last_seq: Option<u64>,
+    /// Hash (hex) of the last record read.
+    pub head_hash: Option<String>,
+    /// A torn tail at the end of the log, which was not exported (see [`VerifyReport::torn_tail`]).
+    pub torn_tail: Option<(u64, u64)>,
+}
+
+/// How one call to [`read_line_capped`] ended.
+pub(crate) enum LineRead {
+    /// End of file, nothing read.
+    Eof,
+    /// A complete line (newline stripped) is in the buffer; `len` counts the newline.
+    Line { len: u64 },
+    /// A complete line longer than [`MAX_LINE`]; it was skipped, the buffer holds nothing useful.
+    TooLong { len: u64 },
+    /// Bytes without a final newline up to end of file.
+    Partial { len: u64 },
+}
+
+/// Reads one line into `buf` (cleared first), keeping at most `MAX_LINE` bytes.
+pub(crate) fn read_line_capped<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<LineRead> {
+    buf.clear();
+    let mut total: u64 = 0;
+    let mut overflow = false;
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            return Ok(if total == 0 {
+                LineRead::Eof
+            } else {
+                LineRead::Partial { len: total }
+            });
+        }
+        let (chunk, used, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (avail.get(..i).unwrap_or_default(), i + 1, true),
+            None => (avail, avail.len(), false),
+        };
+        if !overflow {
+            if buf.len() + chunk.len() < MAX_LINE {
+                buf.extend_from_slice(chunk);
+            } else {
+                overflow = true;
+                buf.clear();
+            }
+        }
+        r.consume(used);
+        total += used as u64;
+        if done {
+            return Ok(if overflow {
+                LineRead::TooLong { len: total }
+            } else {
+                LineRead::Line { len: total }
+            });
+        }
+    }
+}
+
+/// The chain checker shared by [`verify`] and [`export_tenant`].
+struct Checker {
+    report: VerifyReport,
+    line_no: u64,
+    offset: u64,
+    /// Hash and seq of the previous line, `None` after a malformed line (unknown).
+    prev: Option<([u8; 32], u64)>,
+}
+
+impl Checker {
+    fn new() -> Self {
+        Self {
+            report: VerifyReport::default(),
+            line_no: 0,
+            offset: 0,
+            prev: None,
+        }
+    }
+
+    fn problem(&mut self, kind: ProblemKind, detail: impl Into<String>) {
+        self.report.problem_count += 1;
+        if self.report.problems.len() < MAX_PROBLEMS {
+            self.report.problems.push(Problem {
+                line: self.line_no,
+                offset: self.offset,
+                kind,
+                detail: detail.into(),
+            });
+        }
+    }
+
+    /// Checks one complete line; returns the parsed record when it is well-formed.
+    fn line(&mut self, read: &LineRead, bytes: &[u8]) -> Option<Parsed> {
+        let len = match read {
+            LineRead::Line { len } | LineRead::TooLong { len } => *len,
+            LineRead::Eof | LineRead::Partial { .. } => return None,
+        };
+        self.line_no += 1;
+        self.report.records += 1;
+        let parsed = match read {
+            LineRead::TooLong { .. } => Err(format!("line longer than {MAX_LINE} bytes")),
+            _ => parse_line(bytes),
+        };
+        let out = match parsed {
+            Err(detail) => {
+                self.problem(ProblemKind::Malformed, detail);
+                if self.line_no == 1 {
+                    self.problem(ProblemKind::MissingHeader, "the first line is not a header");
+                }
+                self.prev = None;
+                None
+            }
+            Ok(p) => {
+                self.check(&p);
+                self.prev = Some((p.hash, p.seq));
+                self.report.last_seq = Some(p.seq);
+                self.report.head_hash = Some(hex::encode(p.hash));
+                Some(p)
+            }
+        };
+        self.offset += len;
+        out
+    }
+
+    fn check(&mut self, p: &Parsed) {
+        if !p.hash_ok {
+            self.problem(
+                ProblemKind::HashMismatch,
+                "stored hash does not match the record: the line was edited",
+            );
+        }
+        let is_header = p.kind == Kind::Header;
+        if self.line_no == 1 {
+            if !is_header || p.seq != 0 || p.prev != ZERO_HASH {
+                self.problem(
+                    ProblemKind::MissingHeader,
+                    "the first line is not a header record (seq 0, zero prev)",
+                );
+            }
+            return;
+        }
+        if is_header {
+            self.problem(
+                ProblemKind::UnexpectedHeader,
+                "a header record after the first line: another log was spliced in",
+            );
+        }
+        if let Kind::Recovered { offset } = p.kind {
+            if offset != self.offset {
+                self.problem(
+                    ProblemKind::Malformed,
+                    format!(
+                        "recovery record claims offset {offset} but is at offset {}",
+                        self.offset
+                    ),
+                );
+            }
+        }
+        if let Some((prev_hash, prev_seq)) = self.prev {
+            if p.prev != prev_hash {
+                self.problem(
+                    ProblemKind::ChainBreak,
+                    "'prev' is not the hash of the previous line: a record was deleted, \
+                     inserted or moved",
+                );
+            }
+            match prev_seq.checked_add(1) {
+                Some(next) if p.seq == next => {}
+                Some(next) if p.seq > next => self.problem(
+                    ProblemKind::SeqGap,
+                    format!("seq {} follows {prev_seq}: records are missing", p.seq),
+                ),
+                _ => self.problem(
+                    ProblemKind::SeqOutOfOrder,
+                    format!(
+                        "seq {} follows {prev_seq}: records were inserted or reordered",
+                        p.seq
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+fn open_read(path: &Path) -> Result<BufReader<File>, AuditFileError> {
+    let file = File::open(path).map_err(|source| AuditFileError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(BufReader::with_capacity(256 * 1024, file))
+}
+
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditFileError + '_ {
+    move |source| AuditFileError::Io {
+        path: PathBuf::from(path),
+        op: "read",
+        source,
+    }
+}
+
+/// Verifies a log file from start to end: every hash, every chain link, the sequence, the
+/// header, and the tail. Streams the file with constant memory; never panics on any bytes.
+///
+/// An `Err` means the file could not be read at all; everything wrong *inside* the file is in
+/// the report's `problems` and `torn_tail`. Run on a live log, a torn tail at the very end may
+/// be a write in progress: re-run to tell.
+pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, AuditFileError> {
+    let path = path.as_ref();
+    let mut reader = open_read(path)?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut checker = Checker::new();
+    loop {
+        let read = read_line_capped(&mut reader, &mut buf).map_err(read_err(path))?;
+        match read {
+            LineRead::Eof => break,
+            LineRead::Partial { len } => {
+                checker.report.torn_tail = Some((checker.offset, len));
+                break;
+            }
+            LineRead::Line { .. } | LineRead::TooLong { .. } => {
+                checker.line(&read, &buf);
+            }
+        }
+    }
+    if checker.line_no == 0 {
+        checker.line_no = 1;
+        checker.problem(ProblemKind::MissingHeader, "the log has no complete record");
+    }
+    Ok(checker.report)
+}
+
+/// Writes the records of `tenant` whose time is in `[since, until)` to `out`, exactly as stored
+/// (one JSON line each), verifying the whole chain while reading.
+///
+/// On a chain problem it stops with [`AuditFileError::ChainBroken`]: what was already written
+/// to `out` is incomplete and must be discarded (the export streams with constant memory, so
+/// it cannot hold output back). A torn tail at the end is not exported and is reported in
+/// [`ExportReport::torn_tail`]. Header and recovery records belong to no tenant and are not
+/// exported.
+pub fn export_tenant(
+    path: impl AsRef<Path>,
+    tenant: &str,
+    since: Option<Timestamp>,
+    until: Option<Timestamp>,
+    out: &mut impl Write,
+) -> Result<ExportReport, AuditFileError> {
+    let path = path.as_ref();
+    let mut reader = open_read(path)?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut checker = Checker::new();
+    let mut report = ExportReport::default();
+    let broken = |checker: &Checker| {
+        checker
+            .report
+            .problems
+            .first()
+            .map(|p| AuditFileError::ChainBroken {
+                path: path.to_owned(),
+                line: p.line,
+                kind: p.kind,
+            })
+    };
+    loop {
+        let read = read_line_capped(&mut reader, &mut buf).map_err(read_err(path))?;
+        match read {
+            LineRead::Eof => break,
+            LineRead::Partial { len } => {
+                report.torn_tail = Some((checker.offset, len));
+                break;
+            }
+            LineRead::Line { .. } | LineRead::TooLong { .. } => {
+                let parsed = checker.line(&read, &buf);
+                if let Some(e) = broken(&checker) {
+                    return Err(e);
+                }
+                if let Some(Parsed {
+                    kind: Kind::Event { tenant: Some(t), time },
+                    ..
+                }) = parsed
+                {
+                    let in_range = since.is_none_or(|s| time >= s) && until.is_none_or(|u| time < u);
+                    if t == tenant && in_range {
+                        out.write_all(&buf)
+                            .and_then(|()| out.write_all(b"\n"))
+                            .map_err(|source| AuditFileError::Io {
+                                path: path.to_owned(),
+                                op: "write export",
+                                source,
+                            })?;
+                        report.exported += 1;
+                    }
+                }
+            }
+        }
+    }
+    if checker.line_no == 0 {
+        return Err(AuditFileError::ChainBroken {
+            path: path.to_owned(),
+            line: 1,
+            kind: ProblemKind::MissingHeader,
+        });
+    }
+    out.flush().map_err(|source| AuditFileError::Io {
+        path: path.to_owned(),
+        op: "flush export",
+        source,
+    })?;
+    report.records_scanned = checker.report.records;
+    report.last_seq = checker.report.last_seq;
+    report.head_hash = checker.report.head_hash;
+    Ok(report)
+}

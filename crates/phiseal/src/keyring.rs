@@ -1,0 +1,954 @@
+//! The keyring: the API a Rust service calls. Assembled by [`KeyringBuilder`] from a KMS
+//! backend, a key store, an audit sink and cache settings.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use rand::RngCore;
+use zeroize::Zeroizing;
+
+use crate::audit::{Action, Actor, AuditEvent, AuditSink, KeySource, Outcome};
+use crate::context::{EncryptionContext, TenantId};
+use crate::crypto::{CryptoProvider, ct_eq, default_provider};
+use crate::error::{BackendError, BackendErrorKind, Error};
+use crate::field::{VersionKey, key_check};
+use crate::format::{self, Algorithm};
+use crate::kms::{KeyBinding, Kms};
+use crate::secret::TenantKey;
+use crate::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
+
+/// Where the keyring runs. `Production` refuses development-only parts (the local file KMS,
+/// a disabled audit log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// Development and tests: every part allowed.
+    #[default]
+    Development,
+    /// Production: refuses `Kms::is_dev_only` backends and a disabled audit log.
+    Production,
+}
+
+/// Key-cache settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// Maximum unwrapped tenant key versions held (and tenant metadata entries).
+    pub capacity: usize,
+    /// How long an unwrapped key is used before it is unwrapped again.
+    pub key_ttl: Duration,
+    /// Operations served by one unwrapped key before it is unwrapped again.
+    pub max_uses: u64,
+    /// How long tenant metadata (primary version, minimum version, shred state) is trusted
+    /// before it is re-read from the key store: the bound within which a rotation, minimum
+    /// version change or shred made by *another* process is seen. Changes made through this
+    /// keyring are seen at once.
+    pub metadata_ttl: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            capacity: 10_000,
+            key_ttl: Duration::from_secs(300),
+            max_uses: 100_000_000,
+            metadata_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Who calls and under which request id; every audit record carries both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The authenticated identity.
+    pub actor: Actor,
+    /// Groups the audit records of one call.
+    pub request_id: Arc<str>,
+}
+
+impl Caller {
+    /// A caller with a fresh random request id.
+    pub fn new(actor: Actor) -> Self {
+        let mut id = [0u8; 8];
+        rand::rng().fill_bytes(&mut id);
+        let request_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        Self {
+            actor,
+            request_id: request_id.into(),
+        }
+    }
+
+    /// A caller with a given request id (the sidecar passes the client's).
+    pub fn with_request_id(actor: Actor, request_id: impl Into<Arc<str>>) -> Self {
+        Self {
+            actor,
+            request_id: request_id.into(),
+        }
+    }
+}
+
+/// One version of a tenant key as [`Keyring::key_status`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionStatus {
+    /// Version number.
+    pub version: u32,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// Whether ciphertexts under it decrypt (not destroyed, not below the minimum).
+    pub decrypts: bool,
+    /// The root key that wraps it (`None` once destroyed).
+    pub root_key_ref: Option<String>,
+    /// When it was created.
+    pub created_at: Timestamp,
+}
+
+/// A tenant's keys, without key material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantStatus {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The version new encryptions use (`None` once shredded).
+    pub primary: Option<u32>,
+    /// The minimum decryption version.
+    pub min_decrypt_version: u32,
+    /// When it was shredded, if it was.
+    pub shredded_at: Option<Timestamp>,
+    /// Every version, ascending.
+    pub versions: Vec<VersionStatus>,
+}
+
+enum AuditChoice {
+    Unset,
+    Sink(Arc<dyn AuditSink>),
+    Disabled,
+}
+
+/// Assembles a [`Keyring`]; [`KeyringBuilder::build`] refuses inconsistent combinations.
+pub struct KeyringBuilder {
+    kms: Option<Arc<dyn Kms>>,
+    store: Option<Arc<dyn KeyStore>>,
+    audit: AuditChoice,
+    profile: Profile,
+    provider: &'static CryptoProvider,
+    algorithm: Algorithm,
+    cache: CacheSettings,
+}
+
+impl Default for KeyringBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KeyringBuilder {
+    /// A builder with the default provider, algorithm (AES-256-GCM with HKDF subkeys), cache
+    /// settings and the development profile.
+    pub fn new() -> Self {
+        Self {
+            kms: None,
+            store: None,
+            audit: AuditChoice::Unset,
+            profile: Profile::Development,
+            provider: default_provider(),
+            algorithm: Algorithm::Aes256GcmHkdf,
+            cache: CacheSettings::default(),
+        }
+    }
+
+    /// The KMS backend holding the root key (required).
+    pub fn kms(mut self, kms: Arc<dyn Kms>) -> Self {
+        self.kms = Some(kms);
+        self
+    }
+
+    /// The key store (required).
+    pub fn key_store(mut self, store: Arc<dyn KeyStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The audit sink (required unless [`KeyringBuilder::danger_disable_audit`]).
+    pub fn audit(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.audit = AuditChoice::Sink(sink);
+        self
+    }
+
+    /// Runs without an audit log. Benchmarks and tests only: the `Production` profile refuses
+    /// it, and HIPAA deployments must not use it.
+    pub fn danger_disable_audit(mut self) -> Self {
+        self.audit = AuditChoice::Disabled;
+        self
+    }
+
+    /// The deployment profile.
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.profile = profile;
+        self
+    }
+
+    /// The crypto provider (default: [`default_provider`]).
+    pub fn crypto_provider(mut self, provider: &'static CryptoProvider) -> Self {
+        self.provider = provider;
+        self
+    }
+
+    /// The algorithm new ciphertexts use (decryption accepts every algorithm).
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Key-cache settings.
+    pub fn cache(mut self, cache: CacheSettings) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// Checks the combination and builds the keyring.
+    pub fn build(self) -> Result<Keyring, Error> {
+        let kms = self
+            .kms
+            .ok_or_else(|| Error::Config("no KMS backend: call .kms(…)".into()))?;
+        let store = self
+            .store
+            .ok_or_else(|| Error::Config("no key store: call .key_store(…)".into()))?;
+        let audit = match self.audit {
+            AuditChoice::Unset => {
+                return Err(Error::Config(
+                    "no audit sink: call .audit(…) (every access to PHI must be audited)".into(),
+                ));
+            }
+            AuditChoice::Sink(sink) => Some(sink),
+            AuditChoice::Disabled => None,
+        };
+        if self.profile == Profile::Production {
+            if kms.is_dev_only() {
+                return Err(Error::Config(format!(
+                    "KMS backend '{}' is for development only and is refused by the production \
+                     profile: configure AWS KMS, Azure Key Vault or an HSM",
+                    kms.name()
+                )));
+            }
+            if audit.is_none() {
+                return Err(Error::Config(
+                    "the production profile requires an audit sink".into(),
+                ));
+            }
+        }
+        let c = self.cache;
+        if c.capacity == 0 || c.max_uses == 0 || c.key_ttl.is_zero() {
+            return Err(Error::Config(
+                "cache capacity, key_ttl and max_uses must be greater than zero".into(),
+            ));
+        }
+        if c.metadata_ttl > c.key_ttl {
+            return Err(Error::Config(
+                "cache metadata_ttl must not exceed key_ttl".into(),
+            ));
+        }
+        Ok(Keyring {
+            inner: Arc::new(Inner {
+                kms,
+                store,
+                audit,
+                provider: self.provider,
+                algorithm: self.algorithm,
+                cache: c,
+                tenants: quick_cache::sync::Cache::new(c.capacity),
+                keys: quick_cache::sync::Cache::new(c.capacity),
+            }),
+        })
+    }
+}
+
+/// What one field operation touched, for its audit record.
+#[derive(Default)]
+struct OpMeta {
+    key_version: Option<u32>,
+    key_source: Option<KeySource>,
+}
+
+struct TenantView {
+    record: TenantRecord,
+    fetched_at: Instant,
+}
+
+struct Inner {
+    kms: Arc<dyn Kms>,
+    store: Arc<dyn KeyStore>,
+    audit: Option<Arc<dyn AuditSink>>,
+    provider: &'static CryptoProvider,
+    algorithm: Algorithm,
+    cache: CacheSettings,
+    tenants: quick_cache::sync::Cache<TenantId, Arc<TenantView>>,
+    keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
+}
+
+/// Per-tenant envelope encryption of fields. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Keyring {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keyring")
+            .field("kms", &self.inner.kms.name())
+            .field("store", &self.inner.store.name())
+            .field("audit", &self.inner.audit.as_ref().map(|a| a.name()))
+            .field("provider", &self.inner.provider.name)
+            .field("algorithm", &self.inner.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_error(store: &dyn KeyStore, source: BackendError) -> Error {
+    Error::Store {
+        backend: store.name().to_owned(),
+        source,
+    }
+}
+
+impl Keyring {
+    /// A builder.
+    pub fn builder() -> KeyringBuilder {
+        KeyringBuilder::new()
+    }
+
+    // ----- audit -------------------------------------------------------------------------
+
+    fn event(
+        caller: &Caller,
+        action: Action,
+        tenant: Option<&TenantId>,
+        context: Option<&EncryptionContext>,
+        meta: &OpMeta,
+        outcome: Outcome,
+    ) -> AuditEvent {
+        AuditEvent {
+            time: Timestamp::now(),
+            actor: caller.actor.clone(),
+            action,
+            tenant: tenant.or(context.map(|c| c.tenant())).cloned(),
+            field: context.map(|c| Arc::from(c.field())),
+            record: context.and_then(|c| c.record()).map(Arc::from),
+            key_version: meta.key_version,
+            key_source: meta.key_source,
+            outcome,
+            request_id: Arc::clone(&caller.request_id),
+        }
+    }
+
+    async fn append(&self, events: &[AuditEvent]) -> Result<(), Error> {
+        match &self.inner.audit {
+            None => Ok(()),
+            Some(sink) => sink.append(events).await.map_err(|source| Error::Audit {
+                backend: sink.name().to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Records the outcome of one field operation; the operation fails if that fails.
+    async fn finish<T>(
+        &self,
+        caller: &Caller,
+        action: Action,
+        context: &EncryptionContext,
+        (result, meta): (Result<T, Error>, OpMeta),
+    ) -> Result<T, Error> {
+        if self.inner.audit.is_some() {
+            let outcome = outcome_of(&result);
+            let event = Self::event(caller, action, None, Some(context), &meta, outcome);
+            self.append(std::slice::from_ref(&event)).await?;
+        }
+        result
+    }
+
+    /// Records the outcomes of a batch in one append; the whole batch fails if that fails.
+    async fn finish_batch<T>(
+        &self,
+        caller: &Caller,
+        action: Action,
+        contexts: impl Iterator<Item = &EncryptionContext>,
+        results: Vec<(Result<T, Error>, OpMeta)>,
+    ) -> Result<Vec<Result<T, Error>>, Error> {
+        if self.inner.audit.is_some() {
+            let events: Vec<AuditEvent> = contexts
+                .zip(&results)
+                .map(|(context, (result, meta))| {
+                    Self::event(caller, action, None, Some(context), meta, outcome_of(result))
+                })
+                .collect();
+            self.append(&events).await?;
+        }
+        Ok(results.into_iter().map(|(result, _)| result).collect())
+    }
+
+    /// Writes the `attempt` record of an admin operation (refusing it if that fails), runs
+    /// it, and records its outcome.
+    async fn admin<T>(
+        &self,
+        caller: &Caller,
+        action: Action,
+        tenant: &TenantId,
+        op: impl std::future::Future<Output = (Result<T, Error>, OpMeta)>,
+    ) -> Result<T, Error> {
+        let none = OpMeta::default();
+        let attempt = Self::event(caller, action, Some(tenant), None, &none, Outcome::Attempt);
+        self.append(std::slice::from_ref(&attempt)).await?;
+        let (result, meta) = op.await;
+        let done = Self::event(caller, action, Some(tenant), None, &meta, outcome_of(&result));
+        self.append(std::slice::from_ref(&done)).await?;
+        result
+    }
+
+    // ----- caches ------------------------------------------------------------------------
+
+    async fn load_view(&self, tenant: &TenantId) -> Result<Arc<TenantView>, Error> {
+        let inner = &self.inner;
+        let record = inner
+            .store
+            .load_tenant(tenant)
+            .await
+            .map_err(|e| store_error(&*inner.store, e))?
+            .ok_or_else(|| Error::TenantNotFound {
+                tenant: tenant.clone(),
+            })?;
+        Ok(Arc::new(TenantView {
+            record,
+            fetched_at: Instant::now(),
+        }))
+    }
+
+    async fn tenant_view(&self, tenant: &TenantId) -> Result<Arc<TenantView>, Error> {
+        let tenants = &self.inner.tenants;
+        if let Some(view) = tenants.get(tenant) {
+            if view.fetched_at.elapsed() <= self.inner.cache.metadata_ttl {
+                return Ok(view);
+            }
+            tenants.remove_if(tenant, |v| Arc::ptr_eq(v, &view));
+        }
+        tenants
+            .get_or_insert_async(tenant, self.load_view(tenant))
+            .await
+    }
+
+    /// Drops cached metadata and unwrapped keys of `tenant` (they zeroize once no operation
+    /// uses them). The next operation re-reads the key store. Call it when another process
+    /// is known to have rotated or shredded the tenant.
+    pub fn invalidate_tenant(&self, tenant: &TenantId) {
+        self.inner.tenants.remove(tenant);
+        self.inner.keys.retain(|(t, _), _| t != tenant);
+    }
+
+    async fn version_key(
+        &self,
+        caller: &Caller,
+        view: &TenantView,
+        version: u32,
+    ) -> Result<(Arc<VersionKey>, KeySource), Error> {
+        let inner = &self.inner;
+        let record = &view.record;
+        let tenant = &record.tenant;
+        if record.shredded_at.is_some() {
+            return Err(Error::KeyDestroyed {
+                tenant: tenant.clone(),
+            });
+        }
+        let key_record = record
+            .version(version)
+            .ok_or_else(|| Error::KeyVersionNotFound {
+                tenant: tenant.clone(),
+                version,
+            })?;
+        let cache_key = (tenant.clone(), version);
+        if let Some(key) = inner.keys.get(&cache_key) {
+            let fresh = key.loaded_at.elapsed() <= inner.cache.key_ttl
+                && key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    < inner.cache.max_uses;
+            if fresh {
+                return Ok((key, KeySource::Cache));
+            }
+            inner.keys.remove_if(&cache_key, |k| Arc::ptr_eq(k, &key));
+        }
+        let mut unwrapped_here = false;
+        let key = inner
+            .keys
+            .get_or_insert_async(&cache_key, async {
+                unwrapped_here = true;
+                let result = self.unwrap_version(tenant, key_record).await;
+                if self.inner.audit.is_some() {
+                    let meta = OpMeta {
+                        key_version: Some(version),
+                        key_source: Some(KeySource::Kms),
+                    };
+                    let event = Self::event(
+                        caller,
+                        Action::UnwrapKey,
+                        Some(tenant),
+                        None,
+                        &meta,
+                        outcome_of(&result),
+                    );
+                    self.append(std::slice::from_ref(&event)).await?;
+                }
+                result.map(Arc::new)
+            })
+            .await?;
+        let source = if unwrapped_here {
+            KeySource::Kms
+        } else {
+            KeySource::Cache
+        };
+        Ok((key, source))
+    }
+
+    /// Unwraps one version through the KMS and checks its binding.
+    async fn unwrap_version(
+        &self,
+        tenant: &TenantId,
+        record: &KeyRecord,
+    ) -> Result<VersionKey, Error> {
+        let inner = &self.inner;
+        let destroyed = || Error::KeyDestroyed {
+            tenant: tenant.clone(),
+        };
+        if record.state == KeyState::Destroyed {
+            return Err(destroyed());
+        }
+        let wrapped = record.wrapped.as_ref().ok_or_else(destroyed)?;
+        let binding = KeyBinding {
+            tenant: tenant.clone(),
+            version: record.version,
+        };
+        let mismatch = || Error::KeyBindingMismatch {
+            tenant: tenant.clone(),
+            version: record.version,
+        };
+        let key = inner
+            .kms
+            .unwrap(wrapped, &binding)
+            .await
+            .map_err(|source| match source.kind() {
+                BackendErrorKind::InvalidData => mismatch(),
+                _ => Error::Kms {
+                    backend: inner.kms.name().to_owned(),
+                    source,
+                },
+            })?;
+        let check = key_check(inner.provider, &key, &binding);
+        if !ct_eq(&check, &record.key_check) {
+            return Err(mismatch());
+        }
+        VersionKey::new(inner.provider, record.version, key)
+    }
+
+    // ----- field operations ----------------------------------------------------------------
+
+    async fn encrypt_one(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> (Result<Vec<u8>, Error>, OpMeta) {
+        let mut meta = OpMeta::default();
+        let result = async {
+            let view = self.tenant_view(context.tenant()).await?;
+            let primary = view
+                .record
+                .primary()
+                .ok_or_else(|| Error::KeyDestroyed {
+                    tenant: context.tenant().clone(),
+                })?
+                .version;
+            meta.key_version = Some(primary);
+            let (key, source) = self.version_key(caller, &view, primary).await?;
+            meta.key_source = Some(source);
+            key.encrypt(self.inner.algorithm, context, plaintext)
+        }
+        .await;
+        (result, meta)
+    }
+
+    async fn decrypt_one(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        ciphertext: &[u8],
+    ) -> (Result<Zeroizing<Vec<u8>>, Error>, OpMeta) {
+        let mut meta = OpMeta::default();
+        let result = async {
+            let parsed = format::parse(ciphertext)?;
+            let version = parsed.key_version;
+            meta.key_version = Some(version);
+            let mut view = self.tenant_view(context.tenant()).await?;
+            if version > view.record.latest_version() && view.record.shredded_at.is_none() {
+                // Possibly rotated by another process since we cached the metadata.
+                self.inner.tenants.remove(context.tenant());
+                view = self.tenant_view(context.tenant()).await?;
+            }
+            let min = view.record.min_decrypt_version;
+            if version < min && view.record.shredded_at.is_none() {
+                return Err(Error::KeyVersionRetired {
+                    tenant: context.tenant().clone(),
+                    version,
+                    min,
+                });
+            }
+            let (key, source) = self.version_key(caller, &view, version).await?;
+            meta.key_source = Some(source);
+            key.decrypt(&parsed, context)
+        }
+        .await;
+        (result, meta)
+    }
+
+    async fn rewrap_one(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        ciphertext: &[u8],
+    ) -> (Result<Vec<u8>, Error>, OpMeta) {
+        let (plaintext, _) = self.decrypt_one(caller, context, ciphertext).await;
+        let plaintext = match plaintext {
+            Ok(p) => p,
+            Err(e) => return (Err(e), OpMeta::default()),
+        };
+        if let Ok(parsed) = format::parse(ciphertext) {
+            let view = self.tenant_view(context.tenant()).await;
+            let primary = view
+                .as_ref()
+                .ok()
+                .and_then(|v| v.record.primary().map(|p| p.version));
+            if primary == Some(parsed.key_version) && parsed.algorithm == self.inner.algorithm {
+                let meta = OpMeta {
+                    key_version: primary,
+                    key_source: Some(KeySource::Cache),
+                };
+                return (Ok(ciphertext.to_vec()), meta);
+            }
+        }
+        self.encrypt_one(caller, context, &plaintext).await
+    }
+
+    /// Encrypts one field under the tenant's primary key version. Audited.
+    pub async fn encrypt(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let outcome = self.encrypt_one(caller, context, plaintext).await;
+        self.finish(caller, Action::Encrypt, context, outcome).await
+    }
+
+    /// Decrypts one field. The plaintext is zeroized when dropped. Audited.
+    pub async fn decrypt(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, Error> {
+        let outcome = self.decrypt_one(caller, context, ciphertext).await;
+        self.finish(caller, Action::Decrypt, context, outcome).await
+    }
+
+    /// Moves a ciphertext to the tenant's primary key version (and the configured algorithm)
+    /// without handing the plaintext to the caller. A ciphertext already there is returned
+    /// unchanged. Audited.
+    pub async fn rewrap(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let outcome = self.rewrap_one(caller, context, ciphertext).await;
+        self.finish(caller, Action::Rewrap, context, outcome).await
+    }
+
+    /// Encrypts many fields; one result per item, in order (a bad item does not fail the
+    /// others). The outer error means the batch could not be audited and nothing is returned.
+    pub async fn encrypt_batch(
+        &self,
+        caller: &Caller,
+        items: &[(&EncryptionContext, &[u8])],
+    ) -> Result<Vec<Result<Vec<u8>, Error>>, Error> {
+        let mut results = Vec::with_capacity(items.len());
+        for (context, plaintext) in items {
+            results.push(self.encrypt_one(caller, context, plaintext).await);
+        }
+        let contexts = items.iter().map(|(c, _)| *c);
+        self.finish_batch(caller, Action::Encrypt, contexts, results)
+            .await
+    }
+
+    /// Decrypts many fields; one result per item, in order. See [`Keyring::encrypt_batch`].
+    pub async fn decrypt_batch(
+        &self,
+        caller: &Caller,
+        items: &[(&EncryptionContext, &[u8])],
+    ) -> Result<Vec<Result<Zeroizing<Vec<u8>>, Error>>, Error> {
+        let mut results = Vec::with_capacity(items.len());
+        for (context, ciphertext) in items {
+            results.push(self.decrypt_one(caller, context, ciphertext).await);
+        }
+        let contexts = items.iter().map(|(c, _)| *c);
+        self.finish_batch(caller, Action::Decrypt, contexts, results)
+            .await
+    }
+
+    /// Rewraps many ciphertexts; one result per item, in order. See [`Keyring::rewrap`].
+    pub async fn rewrap_batch(
+        &self,
+        caller: &Caller,
+        items: &[(&EncryptionContext, &[u8])],
+    ) -> Result<Vec<Result<Vec<u8>, Error>>, Error> {
+        let mut results = Vec::with_capacity(items.len());
+        for (context, ciphertext) in items {
+            results.push(self.rewrap_one(caller, context, ciphertext).await);
+        }
+        let contexts = items.iter().map(|(c, _)| *c);
+        self.finish_batch(caller, Action::Rewrap, contexts, results)
+            .await
+    }
+
+    // ----- key management ------------------------------------------------------------------
+
+    /// Wraps a fresh tenant key as `version` of `tenant`.
+    async fn new_key_record(&self, tenant: &TenantId, version: u32) -> Result<KeyRecord, Error> {
+        let inner = &self.inner;
+        let key = TenantKey::generate().map_err(|_| Error::Crypto {
+            provider: inner.provider.name,
+            what: "OS random number generator",
+        })?;
+        let binding = KeyBinding {
+            tenant: tenant.clone(),
+            version,
+        };
+        let wrapped = inner
+            .kms
+            .wrap(&key, &binding)
+            .await
+            .map_err(|source| Error::Kms {
+                backend: inner.kms.name().to_owned(),
+                source,
+            })?;
+        Ok(KeyRecord {
+            version,
+            state: KeyState::Primary,
+            wrapped: Some(wrapped),
+            key_check: key_check(inner.provider, &key, &binding),
+            created_at: Timestamp::now(),
+        })
+    }
+
+    /// Creates `tenant` with key version 1. Audited (attempt and result).
+    pub async fn create_tenant(&self, caller: &Caller, tenant: &TenantId) -> Result<(), Error> {
+        let op = async {
+            let meta = OpMeta {
+                key_version: Some(1),
+                key_source: None,
+            };
+            let result = async {
+                let record = self.new_key_record(tenant, 1).await?;
+                let store = &*self.inner.store;
+                store
+                    .create_tenant(tenant, record)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        BackendErrorKind::Conflict => Error::TenantExists {
+                            tenant: tenant.clone(),
+                        },
+                        _ => store_error(store, e),
+                    })?;
+                self.inner.tenants.remove(tenant);
+                Ok(())
+            }
+            .await;
+            (result, meta)
+        };
+        self.admin(caller, Action::CreateTenant, tenant, op).await
+    }
+
+    /// Rotates `tenant`'s key: a new version becomes primary, older ones decrypt only.
+    /// Returns the new version. If another process rotated at the same moment, exactly one
+    /// wins and the other gets [`Error::RotationConflict`]. Audited (attempt and result).
+    pub async fn rotate(&self, caller: &Caller, tenant: &TenantId) -> Result<u32, Error> {
+        let op = async {
+            let mut meta = OpMeta::default();
+            let result = async {
+                self.inner.tenants.remove(tenant);
+                let view = self.tenant_view(tenant).await?;
+                if view.record.shredded_at.is_some() {
+                    return Err(Error::KeyDestroyed {
+                        tenant: tenant.clone(),
+                    });
+                }
+                let latest = view.record.latest_version();
+                let next = latest.checked_add(1).ok_or(Error::InvalidInput {
+                    what: "key version",
+                    reason: "the tenant has used every key version number",
+                })?;
+                meta.key_version = Some(next);
+                let record = self.new_key_record(tenant, next).await?;
+                let store = &*self.inner.store;
+                let inserted = store.insert_version(tenant, latest, record).await;
+                self.inner.tenants.remove(tenant);
+                inserted.map_err(|e| match e.kind() {
+                    BackendErrorKind::Conflict => Error::RotationConflict {
+                        tenant: tenant.clone(),
+                        version: next,
+                    },
+                    _ => store_error(store, e),
+                })?;
+                Ok(next)
+            }
+            .await;
+            (result, meta)
+        };
+        self.admin(caller, Action::RotateKey, tenant, op).await
+    }
+
+    /// Sets the minimum decryption version: ciphertexts under older versions then fail with
+    /// [`Error::KeyVersionRetired`]. Must be between 1 and the primary version. Audited.
+    pub async fn set_min_decrypt_version(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        min: u32,
+    ) -> Result<(), Error> {
+        let op = async {
+            let meta = OpMeta {
+                key_version: Some(min),
+                key_source: None,
+            };
+            let result = async {
+                self.inner.tenants.remove(tenant);
+                let view = self.tenant_view(tenant).await?;
+                if view.record.shredded_at.is_some() {
+                    return Err(Error::KeyDestroyed {
+                        tenant: tenant.clone(),
+                    });
+                }
+                if min == 0 || min > view.record.latest_version() {
+                    return Err(Error::InvalidInput {
+                        what: "minimum decryption version",
+                        reason: "must be between 1 and the primary key version",
+                    });
+                }
+                let store = &*self.inner.store;
+                let result = store.set_min_decrypt_version(tenant, min).await;
+                self.inner.tenants.remove(tenant);
+                result.map_err(|e| store_error(store, e))
+            }
+            .await;
+            (result, meta)
+        };
+        self.admin(caller, Action::SetMinDecryptVersion, tenant, op)
+            .await
+    }
+
+    /// Crypto-shreds `tenant`: every key version is destroyed in the store, cached keys are
+    /// purged (and zeroized), and its ciphertexts fail with [`Error::KeyDestroyed`] forever.
+    /// Irreversible. Audited (attempt and result).
+    pub async fn shred(&self, caller: &Caller, tenant: &TenantId) -> Result<(), Error> {
+        let op = async {
+            let result = async {
+                let store = &*self.inner.store;
+                let exists = store
+                    .load_tenant(tenant)
+                    .await
+                    .map_err(|e| store_error(store, e))?;
+                if exists.is_none() {
+                    return Err(Error::TenantNotFound {
+                        tenant: tenant.clone(),
+                    });
+                }
+                let result = store.shred_tenant(tenant, Timestamp::now()).await;
+                self.invalidate_tenant(tenant);
+                result.map_err(|e| store_error(store, e))
+            }
+            .await;
+            (result, OpMeta::default())
+        };
+        self.admin(caller, Action::ShredTenant, tenant, op).await
+    }
+
+    /// The tenant's key versions and states, read from the key store. No key material is
+    /// touched. Audited.
+    pub async fn key_status(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+    ) -> Result<TenantStatus, Error> {
+        let store = &*self.inner.store;
+        let result = async {
+            let record = store
+                .load_tenant(tenant)
+                .await
+                .map_err(|e| store_error(store, e))?
+                .ok_or_else(|| Error::TenantNotFound {
+                    tenant: tenant.clone(),
+                })?;
+            Ok(status_of(record))
+        }
+        .await;
+        if self.inner.audit.is_some() {
+            let event = Self::event(
+                caller,
+                Action::KeyStatus,
+                Some(tenant),
+                None,
+                &OpMeta::default(),
+                outcome_of(&result),
+            );
+            self.append(std::slice::from_ref(&event)).await?;
+        }
+        result
+    }
+
+    /// Flushes the audit sink (call before exit).
+    pub async fn flush_audit(&self) -> Result<(), Error> {
+        match &self.inner.audit {
+            None => Ok(()),
+            Some(sink) => sink.flush().await.map_err(|source| Error::Audit {
+                backend: sink.name().to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The crypto provider in use.
+    pub fn crypto_provider(&self) -> &'static CryptoProvider {
+        self.inner.provider
+    }
+}
+
+fn status_of(record: TenantRecord) -> TenantStatus {
+    let min = record.min_decrypt_version;
+    let shredded = record.shredded_at.is_some();
+    TenantStatus {
+        primary: record.primary().map(|p| p.version),
+        versions: record
+            .versions
+            .iter()
+            .map(|v| VersionStatus {
+                version: v.version,
+                state: v.state,
+                decrypts: !shredded && v.state != KeyState::Destroyed && v.version >= min,
+                root_key_ref: v.wrapped.as_ref().map(|w| w.root_key_ref.clone()),
+                created_at: v.created_at,
+            })
+            .collect(),
+        tenant: record.tenant,
+        min_decrypt_version: min,
+        shredded_at: record.shredded_at,
+    }
+}
+
+fn outcome_of<T>(result: &Result<T, Error>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Ok,
+        Err(e) => Outcome::Error(e.kind()),
+    }
+}

@@ -1,0 +1,63 @@
+//! Test-only seams (feature `testkit`): encryption with caller-chosen nonce material for
+//! known-answer vectors, and direct decryption under raw key bytes. Never enable this feature
+//! in production builds: fixed nonces destroy AES-GCM's security.
+
+use zeroize::Zeroizing;
+
+use crate::context::EncryptionContext;
+use crate::crypto::CryptoProvider;
+use crate::error::Error;
+use crate::field;
+use crate::format::{self, Algorithm, KEY_SALT_LEN};
+use crate::secret::TenantKey;
+
+fn field_key(
+    provider: &'static CryptoProvider,
+    tenant_key: &TenantKey,
+    algorithm: Algorithm,
+    nonce_material: &[u8],
+) -> Result<std::sync::Arc<dyn crate::crypto::AeadKey>, Error> {
+    match algorithm {
+        Algorithm::Aes256GcmHkdf => {
+            let salt = nonce_material
+                .get(..KEY_SALT_LEN)
+                .ok_or(Error::DecryptionFailed)?;
+            field::derive_aes_subkey(provider, tenant_key, salt)
+        }
+        Algorithm::XChaCha20Poly1305 => field::derive_xchacha_key(provider, tenant_key),
+    }
+}
+
+/// Encrypts with explicit nonce material (`salt ‖ nonce` for 0x01, the 24-byte nonce for 0x02).
+pub fn seal_with_nonce(
+    provider: &'static CryptoProvider,
+    tenant_key: &TenantKey,
+    algorithm: Algorithm,
+    key_version: u32,
+    nonce_material: &[u8],
+    context: &EncryptionContext,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let key = field_key(provider, tenant_key, algorithm, nonce_material)?;
+    field::seal(
+        provider,
+        algorithm,
+        key_version,
+        nonce_material,
+        &*key,
+        context,
+        plaintext,
+    )
+}
+
+/// Decrypts a binary ciphertext under raw tenant key bytes, as a third-party decryptor would.
+pub fn open(
+    provider: &'static CryptoProvider,
+    tenant_key: &TenantKey,
+    context: &EncryptionContext,
+    ciphertext: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, Error> {
+    let parsed = format::parse(ciphertext)?;
+    let key = field_key(provider, tenant_key, parsed.algorithm, parsed.nonce_material)?;
+    field::open(&parsed, &*key, context)
+}
