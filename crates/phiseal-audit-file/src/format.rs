@@ -81,11 +81,14 @@ fn push_prev(out: &mut String, prev: &[u8; 32]) {
     out.push('"');
 }
 
+/// Appends 64 lowercase hex digits.
 fn push_hex(out: &mut String, bytes: &[u8; 32]) {
-    let mut hex = [0u8; 64];
-    // The buffer is exactly twice the input length, so this cannot fail.
-    if hex::encode_to_slice(bytes, &mut hex).is_ok() {
-        out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    fn nibble(n: u8) -> char {
+        char::from(if n < 10 { b'0' + n } else { b'a' + (n - 10) })
+    }
+    for &b in bytes {
+        out.push(nibble(b >> 4));
+        out.push(nibble(b & 0x0f));
     }
 }
 
@@ -352,6 +355,14 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
     use super::*;
+
+    #[test]
+    fn hex_matches_the_hex_crate() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
+        let mut out = String::new();
+        push_hex(&mut out, &bytes);
+        assert_eq!(out, hex::encode(bytes));
+    }
 
     #[test]
     fn json_escaping_round_trips() {

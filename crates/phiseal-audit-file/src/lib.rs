@@ -1,1 +1,28 @@
-//! placeholder
+//! # phiseal-audit-file — a hash-chained JSON-lines audit log in a local file
+//!
+//! [`FileAuditLog`] implements [`phiseal::audit::AuditSink`] (HIPAA § 164.312(b) audit
+//! controls): one JSON line per event, each carrying the SHA-256 of the previous one, so that
+//! [`verify`] detects any edit, deletion, insertion or reordering, and reports a torn tail left
+//! by a crash instead of dropping it. The log fails closed: if a record cannot be written, the
+//! operation fails. [`Durability`] says what a power cut can lose in each mode.
+//!
+//! [`export_tenant`] writes one tenant's records (verified while reading) for tenant
+//! administrators.
+//!
+//! The format is described on [`FileAuditLog`]. Records never contain plaintext, ciphertext
+//! or key bytes: events carry only names, ids and outcomes.
+//!
+//! Unix only (file modes, positional reads).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod error;
+mod format;
+mod log;
+mod verify;
+
+pub use error::AuditFileError;
+pub use log::{Durability, FileAuditLog, RecoveryReport};
+pub use verify::{
+    ExportReport, MAX_PROBLEMS, Problem, ProblemKind, VerifyReport, export_tenant, verify,
+};

@@ -362,11 +362,16 @@ pub fn export_tenant(
                     return Err(e);
                 }
                 if let Some(Parsed {
-                    kind: Kind::Event { tenant: Some(t), time },
+                    kind:
+                        Kind::Event {
+                            tenant: Some(t),
+                            time,
+                        },
                     ..
                 }) = parsed
                 {
-                    let in_range = since.is_none_or(|s| time >= s) && until.is_none_or(|u| time < u);
+                    let in_range =
+                        since.is_none_or(|s| time >= s) && until.is_none_or(|u| time < u);
                     if t == tenant && in_range {
                         out.write_all(&buf)
                             .and_then(|()| out.write_all(b"\n"))

@@ -194,7 +194,8 @@ impl VersionKey {
             xchacha,
             subkeys: quick_cache::sync::Cache::new(SUBKEY_CACHE_CAPACITY),
             tenant_key,
-            uses: AtomicU64::new(0),
+            // The operation that unwrapped it is its first use.
+            uses: AtomicU64::new(1),
             loaded_at: std::time::Instant::now(),
         })
     }

@@ -1,0 +1,266 @@
+//! Field encryption benchmarks. Every figure in docs/PERFORMANCE.md comes from this file.
+//!
+//! * `roundtrip/*`: encrypt + decrypt of one field per iteration, at 64 B, 1 KiB, 64 KiB and
+//!   1 MiB: the bare aws-lc-rs and RustCrypto AES-256-GCM primitives (fixed nonce, no format,
+//!   key set up once) next to the keyring with a cached key, audit off and on, per provider.
+//! * `nonce_scheme/*`: the per-message cost of the two nonce-safe candidates at 64 B.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use aes::cipher::{BlockEncrypt, KeyInit as _};
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use phiseal::crypto::CryptoProvider;
+use phiseal::{Actor, Caller, EncryptionContext, Keyring, TenantId};
+use phiseal_audit_file::Durability;
+
+const SIZES: [usize; 4] = [64, 1024, 64 * 1024, 1024 * 1024];
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    keyring: Keyring,
+    caller: Caller,
+    context: EncryptionContext,
+}
+
+fn keyring(
+    rt: &tokio::runtime::Runtime,
+    provider: &'static CryptoProvider,
+    audit: Option<Durability>,
+) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let options = phiseal_embedded::EmbeddedOptions {
+        durability: audit.unwrap_or_default(),
+        ..Default::default()
+    };
+    let mut builder = phiseal_embedded::builder(dir.path(), &options)
+        .unwrap()
+        .crypto_provider(provider);
+    if audit.is_none() {
+        builder = builder.danger_disable_audit();
+    }
+    let keyring = builder.build().unwrap();
+    let caller = Caller::new(Actor::named("bench"));
+    let tenant = TenantId::new("bench-tenant").unwrap();
+    let context = EncryptionContext::new(tenant.clone(), "ssn")
+        .unwrap()
+        .with_record("patient-000042")
+        .unwrap();
+    rt.block_on(async {
+        keyring.create_tenant(&caller, &tenant).await.unwrap();
+        // Warm the cache.
+        let ct = keyring.encrypt(&caller, &context, b"warm").await.unwrap();
+        keyring.decrypt(&caller, &context, &ct).await.unwrap();
+    });
+    Setup {
+        _dir: dir,
+        keyring,
+        caller,
+        context,
+    }
+}
+
+fn roundtrip(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("roundtrip");
+    group
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    let key = [7u8; 32];
+    let nonce = [9u8; 12];
+    let aad = b"tenant|field|record";
+
+    let awslc = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).unwrap());
+    let rc = aes_gcm::Aes256Gcm::new(&key.into());
+
+    let setups = [
+        ("keyring-aws-lc-audit-off", keyring(&rt, &phiseal::crypto::aws_lc::PROVIDER, None)),
+        (
+            "keyring-rust-crypto-audit-off",
+            keyring(&rt, &phiseal::crypto::rust_crypto::PROVIDER, None),
+        ),
+        (
+            "keyring-aws-lc-audit-on",
+            keyring(&rt, &phiseal::crypto::aws_lc::PROVIDER, Some(Durability::default())),
+        ),
+        (
+            "keyring-rust-crypto-audit-on",
+            keyring(&rt, &phiseal::crypto::rust_crypto::PROVIDER, Some(Durability::default())),
+        ),
+    ];
+
+    for size in SIZES {
+        let plaintext = vec![0x5au8; size];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::new("bare-aws-lc", size), &plaintext, |b, pt| {
+            let mut buf = pt.clone();
+            b.iter(|| {
+                let n = Nonce::assume_unique_for_key(nonce);
+                let tag = awslc
+                    .seal_in_place_separate_tag(n, Aad::from(aad), &mut buf)
+                    .unwrap();
+                let mut out = vec![0u8; buf.len()];
+                let n = Nonce::assume_unique_for_key(nonce);
+                awslc
+                    .open_separate_gather(n, Aad::from(aad), &buf, tag.as_ref(), &mut out)
+                    .unwrap();
+                black_box(&out);
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("bare-rust-crypto", size),
+            &plaintext,
+            |b, pt| {
+                let mut buf = pt.clone();
+                b.iter(|| {
+                    let tag = rc
+                        .encrypt_in_place_detached(&nonce.into(), aad, &mut buf)
+                        .unwrap();
+                    let mut out = buf.clone();
+                    rc.decrypt_in_place_detached(&nonce.into(), aad, &mut out, &tag)
+                        .unwrap();
+                    black_box(&out);
+                })
+            },
+        );
+        for (name, setup) in &setups {
+            group.bench_with_input(BenchmarkId::new(*name, size), &plaintext, |b, pt| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            let k = &setup.keyring;
+                            let ct = k.encrypt(&setup.caller, &setup.context, pt).await.unwrap();
+                            let back = k.decrypt(&setup.caller, &setup.context, &ct).await.unwrap();
+                            black_box(&back);
+                        }
+                        start.elapsed()
+                    })
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+/// XAES-256-GCM's per-message key derivation (C2SP): two AES-256 block encryptions with the
+/// long-lived key, then a fresh AES-256-GCM key for the message. A cost model for the
+/// comparison, not a verified implementation (the scheme was not chosen).
+fn xaes_message_key(aes: &aes::Aes256, k1: &[u8; 16], nonce: &[u8; 24]) -> LessSafeKey {
+    let mut m1 = [0u8; 16];
+    let mut m2 = [0u8; 16];
+    m1[..4].copy_from_slice(&[0, 1, b'X', 0]);
+    m2[..4].copy_from_slice(&[0, 2, b'X', 0]);
+    m1[4..].copy_from_slice(&nonce[..12]);
+    m2[4..].copy_from_slice(&nonce[..12]);
+    for i in 0..16 {
+        m1[i] ^= k1[i];
+        m2[i] ^= k1[i];
+    }
+    let mut b1 = m1.into();
+    let mut b2 = m2.into();
+    aes.encrypt_block(&mut b1);
+    aes.encrypt_block(&mut b2);
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(&b1);
+    key[16..].copy_from_slice(&b2);
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).unwrap())
+}
+
+fn nonce_scheme(c: &mut Criterion) {
+    let mut group = c.benchmark_group("nonce_scheme");
+    group
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    let key = [3u8; 32];
+    let aad = b"header|tenant|field|record";
+    let pt = [0x5au8; 64];
+    let provider = &phiseal::crypto::aws_lc::PROVIDER;
+
+    // Baseline: one AES-256-GCM key set up once.
+    let fixed = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).unwrap());
+    group.bench_function("bare-aes-256-gcm-encrypt-64B", |b| {
+        b.iter(|| {
+            let mut buf = pt;
+            let n = Nonce::assume_unique_for_key([1u8; 12]);
+            black_box(fixed.seal_in_place_separate_tag(n, Aad::from(aad), &mut buf).unwrap());
+        })
+    });
+
+    // Chosen: HKDF subkey per epoch (cached), random nonce per message.
+    let subkey = provider.hkdf_sha256.derive(&key, &[1u8; 10], &[b"info"]);
+    let epoch = provider.aes_256_gcm.key(&subkey).unwrap();
+    group.bench_function("hkdf-epoch-subkey-encrypt-64B", |b| {
+        b.iter(|| {
+            let mut buf = pt;
+            let mut nonce = [0u8; 12];
+            rand_nonce(&mut nonce);
+            black_box(epoch.seal(&nonce, aad, &mut buf).unwrap());
+        })
+    });
+
+    // Rejected: XAES-256-GCM, a key derivation and key setup per message.
+    let aes = aes::Aes256::new(&key.into());
+    let mut l = [0u8; 16].into();
+    aes.encrypt_block(&mut l);
+    let l: [u8; 16] = l.into();
+    let mut k1 = [0u8; 16];
+    let msb = l[0] >> 7;
+    for i in 0..16 {
+        k1[i] = (l[i] << 1) | if i < 15 { l[i + 1] >> 7 } else { 0 };
+    }
+    k1[15] ^= 0x87 * msb;
+    group.bench_function("xaes-256-gcm-encrypt-64B", |b| {
+        b.iter(|| {
+            let mut buf = pt;
+            let mut nonce = [0u8; 24];
+            rand_nonce(&mut nonce);
+            let message_key = xaes_message_key(&aes, &k1, &nonce);
+            let mut n = [0u8; 12];
+            n.copy_from_slice(&nonce[12..]);
+            let n = Nonce::assume_unique_for_key(n);
+            black_box(
+                message_key
+                    .seal_in_place_separate_tag(n, Aad::from(aad), &mut buf)
+                    .unwrap(),
+            );
+        })
+    });
+
+    // Rejected: HKDF per message without caching.
+    group.bench_function("hkdf-per-message-encrypt-64B", |b| {
+        b.iter(|| {
+            let mut buf = pt;
+            let mut salt = [0u8; 22];
+            rand_nonce(&mut salt);
+            let sk = provider.hkdf_sha256.derive(&key, &salt[..10], &[b"info"]);
+            let k = provider.aes_256_gcm.key(&sk).unwrap();
+            black_box(k.seal(&salt[10..], aad, &mut buf).unwrap());
+        })
+    });
+    group.finish();
+}
+
+fn rand_nonce(out: &mut [u8]) {
+    use rand::RngCore;
+    rand::rng().fill_bytes(out);
+}
+
+criterion_group!(benches, nonce_scheme, roundtrip);
+criterion_main!(benches);

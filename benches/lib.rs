@@ -1,0 +1,1 @@
+//! Benchmarks live in `benches/field.rs`; run `cargo bench -p phiseal-benches`.

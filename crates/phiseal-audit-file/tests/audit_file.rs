@@ -1,0 +1,519 @@
+//! End-to-end tests of the file audit log: append, verify, tamper detection, torn tails,
+//! group commit, export.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use phiseal::audit::{Action, Actor, AuditEvent, AuditSink, KeySource, Outcome};
+use phiseal::context::TenantId;
+use phiseal_audit_file::{
+    AuditFileError, Durability, FileAuditLog, ProblemKind, export_tenant, verify,
+};
+use rand::{Rng, RngCore, SeedableRng};
+
+fn event(tenant: &str, i: u64, time: Timestamp) -> AuditEvent {
+    AuditEvent {
+        time,
+        actor: Actor {
+            identity: Arc::from("svc-billing"),
+            uid: Some(1000),
+            pid: Some(4242),
+        },
+        action: Action::Decrypt,
+        tenant: Some(TenantId::new(tenant).unwrap()),
+        field: Some(Arc::from("ssn")),
+        record: Some(Arc::from(format!("patient-{i}"))),
+        key_version: Some(3),
+        key_source: Some(KeySource::Cache),
+        outcome: Outcome::Ok,
+        request_id: Arc::from(format!("req-{i}")),
+    }
+}
+
+fn ev(i: u64) -> AuditEvent {
+    event("acme", i, Timestamp::now())
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    std::fs::write(path, s).unwrap();
+}
+
+/// A closed log with a header and `n` single-event records.
+async fn log_with(n: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    for i in 1..=n {
+        log.append(&[ev(i)]).await.unwrap();
+    }
+    log.flush().await.unwrap();
+    drop(log);
+    (dir, path)
+}
+
+fn kinds_at(report: &phiseal_audit_file::VerifyReport, line: u64) -> Vec<ProblemKind> {
+    report
+        .problems
+        .iter()
+        .filter(|p| p.line == line)
+        .map(|p| p.kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn append_and_verify_both_modes() {
+    for durability in [Durability::Strict, Durability::default()] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = FileAuditLog::open(&path, durability).unwrap();
+        assert_eq!(log.name(), "file");
+        log.append(&[ev(1)]).await.unwrap();
+        log.append(&[ev(2), ev(3), ev(4)]).await.unwrap();
+        log.append(&[]).await.unwrap();
+        log.flush().await.unwrap();
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 5);
+        assert_eq!(report.last_seq, Some(4));
+        assert_eq!(report.head_hash.as_ref().unwrap().len(), 64);
+
+        let all = lines(&path);
+        assert!(all[0].starts_with(r#"{"seq":0,"kind":"header","log_id":""#));
+        let rec: serde_json::Value = serde_json::from_str(&all[1]).unwrap();
+        assert_eq!(rec["action"], "decrypt");
+        assert_eq!(rec["tenant"], "acme");
+        assert_eq!(rec["key_source"], "cache");
+        assert_eq!(rec["uid"], 1000);
+        // Fixed field order.
+        let order = [
+            "seq",
+            "time",
+            "actor",
+            "uid",
+            "pid",
+            "action",
+            "tenant",
+            "field",
+            "record",
+            "key_version",
+            "key_source",
+            "result",
+            "request_id",
+            "prev",
+            "hash",
+        ];
+        let mut pos = 0;
+        for key in order {
+            let at = all[1][pos..].find(&format!("\"{key}\":")).unwrap();
+            pos += at;
+        }
+    }
+}
+
+#[tokio::test]
+async fn file_mode_is_0600_and_default_is_200ms() {
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        Durability::default(),
+        Durability::Interval(Duration::from_millis(200))
+    );
+    let (_dir, path) = log_with(1).await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn missing_parent_dir_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err =
+        FileAuditLog::open(dir.path().join("nope/audit.log"), Durability::Strict).unwrap_err();
+    assert!(matches!(err, AuditFileError::Open { .. }), "{err}");
+    assert!(err.to_string().contains("parent directory"), "{err}");
+}
+
+#[tokio::test]
+async fn awkward_strings_are_escaped_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    let mut e = ev(1);
+    e.actor.identity = Arc::from("evil\"},\n{\"seq\":99\u{0}\u{1f}\\ é 😀 \u{2028}");
+    e.record = Some(Arc::from("a\"b\\c"));
+    e.tenant = None;
+    e.key_source = None;
+    e.outcome = Outcome::Error("decryption_failed");
+    log.append(&[e.clone()]).await.unwrap();
+    drop(log);
+    let all = lines(&path);
+    assert_eq!(all.len(), 2);
+    let rec: serde_json::Value = serde_json::from_str(&all[1]).unwrap();
+    assert_eq!(rec["actor"], &*e.actor.identity);
+    assert_eq!(rec["record"], "a\"b\\c");
+    assert_eq!(rec["tenant"], serde_json::Value::Null);
+    assert_eq!(rec["result"], "decryption_failed");
+    assert!(verify(&path).unwrap().is_intact());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_strict_appends_share_fdatasyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = Arc::new(FileAuditLog::open(&path, Durability::Strict).unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let log = Arc::clone(&log);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..200u64 {
+                log.append(&[ev(t * 1000 + i)]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let syncs = log.sync_count();
+    drop(log);
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 1601);
+    assert_eq!(report.last_seq, Some(1600));
+    let seqs: Vec<u64> = lines(&path)
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (0..=1600).collect::<Vec<_>>());
+    assert!(
+        syncs < 1600,
+        "group commit: {syncs} fdatasyncs for 1600 records"
+    );
+    eprintln!("strict: {syncs} fdatasyncs for 1600 records from 8 tasks");
+}
+
+#[tokio::test]
+async fn reopen_continues_the_chain() {
+    let (_dir, path) = log_with(3).await;
+    for mode in [Durability::default(), Durability::Strict] {
+        let log = FileAuditLog::open(&path, mode).unwrap();
+        log.append(&[ev(10), ev(11)]).await.unwrap();
+        log.flush().await.unwrap();
+    }
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.last_seq, Some(7));
+    assert_eq!(
+        lines(&path)
+            .iter()
+            .filter(|l| l.contains("\"kind\":\"header\""))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn edited_byte_is_a_hash_mismatch() {
+    let (_dir, path) = log_with(5).await;
+    let mut all = lines(&path);
+    all[3] = all[3].replacen("svc-billing", "svc-bIlling", 1);
+    write_lines(&path, &all);
+    let report = verify(&path).unwrap();
+    assert!(!report.is_intact());
+    assert_eq!(kinds_at(&report, 4), vec![ProblemKind::HashMismatch]);
+    assert_eq!(report.problems.len(), 1, "{report:?}");
+    // Reopening refuses a damaged last record, but a damaged middle one is verify's job.
+    let mut all = lines(&path);
+    let last = all.len() - 1;
+    all[last] = all[last].replacen("ssn", "ssm", 1);
+    write_lines(&path, &all);
+    let err = FileAuditLog::open(&path, Durability::Strict).unwrap_err();
+    assert!(matches!(err, AuditFileError::DamagedTail { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn deleted_line_is_a_chain_break_and_gap() {
+    let (_dir, path) = log_with(5).await;
+    let mut all = lines(&path);
+    all.remove(2); // seq 2
+    write_lines(&path, &all);
+    let report = verify(&path).unwrap();
+    let k = kinds_at(&report, 3);
+    assert!(k.contains(&ProblemKind::ChainBreak), "{report:?}");
+    assert!(k.contains(&ProblemKind::SeqGap), "{report:?}");
+    assert_eq!(report.problems.len(), 2, "{report:?}");
+}
+
+#[tokio::test]
+async fn deleted_header_is_reported() {
+    let (_dir, path) = log_with(3).await;
+    let mut all = lines(&path);
+    all.remove(0);
+    write_lines(&path, &all);
+    let report = verify(&path).unwrap();
+    assert_eq!(kinds_at(&report, 1), vec![ProblemKind::MissingHeader]);
+}
+
+#[tokio::test]
+async fn inserted_copy_is_detected() {
+    let (_dir, path) = log_with(5).await;
+    let mut all = lines(&path);
+    let copy = all[2].clone();
+    all.insert(4, copy); // a copy of seq 2 after seq 3
+    write_lines(&path, &all);
+    let report = verify(&path).unwrap();
+    let k = kinds_at(&report, 5);
+    assert!(k.contains(&ProblemKind::ChainBreak), "{report:?}");
+    assert!(k.contains(&ProblemKind::SeqOutOfOrder), "{report:?}");
+    assert!(!report.is_intact());
+}
+
+#[tokio::test]
+async fn swapped_lines_are_detected() {
+    let (_dir, path) = log_with(5).await;
+    let mut all = lines(&path);
+    all.swap(2, 3); // seq 2 and 3
+    write_lines(&path, &all);
+    let report = verify(&path).unwrap();
+    assert!(
+        kinds_at(&report, 3).contains(&ProblemKind::ChainBreak),
+        "{report:?}"
+    );
+    assert!(
+        kinds_at(&report, 4).contains(&ProblemKind::SeqOutOfOrder),
+        "{report:?}"
+    );
+    assert!(
+        kinds_at(&report, 4).contains(&ProblemKind::ChainBreak),
+        "{report:?}"
+    );
+    assert!(
+        !report
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::HashMismatch)
+    );
+}
+
+#[tokio::test]
+async fn spliced_log_is_detected() {
+    let (_d1, a) = log_with(2).await;
+    let (_d2, b) = log_with(2).await;
+    let mut all = lines(&a);
+    all.extend(lines(&b));
+    write_lines(&a, &all);
+    let report = verify(&a).unwrap();
+    let k = kinds_at(&report, 4);
+    assert!(k.contains(&ProblemKind::UnexpectedHeader), "{report:?}");
+    assert!(k.contains(&ProblemKind::ChainBreak), "{report:?}");
+}
+
+#[tokio::test]
+async fn torn_tail_is_refused_reported_and_recovered() {
+    let (_dir, path) = log_with(4).await;
+    let full = std::fs::read(&path).unwrap();
+    let intact_len = lines(&path)[..4].iter().map(|l| l.len() + 1).sum::<usize>();
+    let cut = intact_len + 30; // 30 bytes into seq 4
+    std::fs::write(&path, &full[..cut]).unwrap();
+
+    let err = FileAuditLog::open(&path, Durability::Strict).unwrap_err();
+    match &err {
+        AuditFileError::TornTail { offset, len, .. } => {
+            assert_eq!((*offset, *len), (intact_len as u64, 30));
+        }
+        other => panic!("expected TornTail, got {other}"),
+    }
+    assert!(err.to_string().contains("recover_torn_tail"), "{err}");
+
+    let report = verify(&path).unwrap();
+    assert_eq!(report.torn_tail, Some((intact_len as u64, 30)));
+    assert!(report.problems.is_empty());
+    assert!(!report.is_intact());
+
+    let rec = FileAuditLog::recover_torn_tail(&path).unwrap().unwrap();
+    assert_eq!((rec.offset, rec.len, rec.seq), (intact_len as u64, 30, 4));
+    assert_eq!(
+        std::fs::read(&rec.saved_to).unwrap(),
+        &full[intact_len..cut]
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&rec.saved_to)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.last_seq, Some(4));
+    let last: serde_json::Value = serde_json::from_str(lines(&path).last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "recovered_torn_tail");
+    assert_eq!(last["offset"], intact_len as u64);
+    assert_eq!(last["len"], 30);
+
+    // Nothing more to recover; the log opens and continues.
+    assert!(FileAuditLog::recover_torn_tail(&path).unwrap().is_none());
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    log.append(&[ev(99)]).await.unwrap();
+    drop(log);
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.last_seq, Some(5));
+}
+
+#[tokio::test]
+async fn interrupted_recovery_resumes() {
+    let (_dir, path) = log_with(2).await;
+    let full = std::fs::read(&path).unwrap();
+    let intact = full.len();
+    let mut torn = full.clone();
+    torn.extend_from_slice(b"{\"seq\":3,\"ti");
+    // Simulate: torn bytes saved and log truncated, then a crash before the record.
+    let saved = format!("{}.torn-{intact}", path.display());
+    std::fs::write(&saved, b"{\"seq\":3,\"ti").unwrap();
+    std::fs::write(&path, &full).unwrap();
+    let rec = FileAuditLog::recover_torn_tail(&path).unwrap().unwrap();
+    assert_eq!((rec.offset, rec.len), (intact as u64, 12));
+    assert!(verify(&path).unwrap().is_intact());
+
+    // A save file that differs from the torn bytes is never overwritten.
+    let (_dir2, path2) = log_with(1).await;
+    let mut bytes = std::fs::read(&path2).unwrap();
+    let off = bytes.len();
+    bytes.extend_from_slice(b"partial");
+    std::fs::write(&path2, &bytes).unwrap();
+    std::fs::write(format!("{}.torn-{off}", path2.display()), b"other!!").unwrap();
+    let err = FileAuditLog::recover_torn_tail(&path2).unwrap_err();
+    assert!(
+        matches!(err, AuditFileError::TornFileConflict { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn garbage_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("garbage.log");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Random binary, empty, newline-only, huge line.
+    let mut cases: Vec<Vec<u8>> = vec![Vec::new(), b"\n\n\n".to_vec(), vec![b'x'; 200_000]];
+    let mut long_line = vec![b'a'; 100_000];
+    long_line.push(b'\n');
+    cases.push(long_line);
+    for _ in 0..50 {
+        let len = rng.random_range(0..5000);
+        let mut b = vec![0u8; len];
+        rng.fill_bytes(&mut b);
+        cases.push(b);
+    }
+    for bytes in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let report = verify(&path).unwrap();
+        assert!(!report.is_intact());
+        let _ = FileAuditLog::open(&path, Durability::Strict).map(drop);
+        let mut out = Vec::new();
+        assert!(export_tenant(&path, "acme", None, None, &mut out).is_err() || bytes.is_empty());
+    }
+    // A binary file from the system, if present.
+    if let Ok(r) = verify("/bin/sh") {
+        assert!(!r.is_intact());
+    }
+}
+
+#[tokio::test]
+async fn mutated_logs_never_panic() {
+    let (_dir, path) = log_with(6).await;
+    let good = std::fs::read(&path).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for _ in 0..500 {
+        let mut b = good.clone();
+        for _ in 0..rng.random_range(1..4) {
+            let i = rng.random_range(0..b.len());
+            b[i] = rng.random();
+        }
+        std::fs::write(&path, &b).unwrap();
+        let report = verify(&path).unwrap();
+        if b != good {
+            assert!(!report.is_intact(), "undetected mutation");
+        }
+        let mut out = Vec::new();
+        let _ = export_tenant(&path, "acme", None, None, &mut out);
+        let _ = FileAuditLog::open(&path, Durability::Strict).map(drop);
+        std::fs::write(&path, &good).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn export_filters_by_tenant_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    let t0: Timestamp = "2025-01-01T00:00:00Z".parse().unwrap();
+    let at = |h: i64| t0 + jiff::SignedDuration::from_hours(h);
+    let mut no_tenant = event("acme", 0, at(1));
+    no_tenant.tenant = None;
+    log.append(&[
+        event("acme", 1, at(0)),
+        event("other", 2, at(1)),
+        event("acme", 3, at(2)),
+        no_tenant,
+        event("acme", 4, at(5)),
+    ])
+    .await
+    .unwrap();
+    drop(log);
+
+    let mut out = Vec::new();
+    let r = export_tenant(&path, "acme", None, None, &mut out).unwrap();
+    assert_eq!(r.exported, 3);
+    assert_eq!(r.records_scanned, 6);
+    let text = String::from_utf8(out).unwrap();
+    let stored = lines(&path);
+    let exported: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        exported,
+        vec![&stored[1][..], &stored[3][..], &stored[5][..]]
+    );
+
+    let mut out = Vec::new();
+    let r = export_tenant(&path, "acme", Some(at(1)), Some(at(5)), &mut out).unwrap();
+    assert_eq!(r.exported, 1);
+    assert!(String::from_utf8(out).unwrap().contains("patient-3"));
+
+    let mut out = Vec::new();
+    let r = export_tenant(&path, "nobody", None, None, &mut out).unwrap();
+    assert_eq!(r.exported, 0);
+    assert!(out.is_empty());
+
+    // A broken chain aborts the export.
+    let mut all = lines(&path);
+    all.remove(2);
+    write_lines(&path, &all);
+    let mut out = Vec::new();
+    let err = export_tenant(&path, "acme", None, None, &mut out).unwrap_err();
+    assert!(
+        matches!(err, AuditFileError::ChainBroken { line: 3, .. }),
+        "{err}"
+    );
+}

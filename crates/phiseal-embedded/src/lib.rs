@@ -1,0 +1,124 @@
+//! The embedded default, for development and single-host use: the local development KMS, the
+//! SQLite key store and the file audit log, all in one private data directory.
+//!
+//! ```text
+//! DATA_DIR/            mode 0700
+//!   root.key           local root key (0600) — development only, refused by Profile::Production
+//!   keys.db            wrapped tenant keys (SQLite, WAL)
+//!   audit.log          hash-chained audit log (JSON lines)
+//! ```
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use phiseal::{CacheSettings, Keyring, KeyringBuilder};
+use phiseal_audit_file::{Durability, FileAuditLog};
+use phiseal_kms_local::LocalKms;
+use phiseal_store_sqlite::SqliteKeyStore;
+
+/// Why the embedded default could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmbeddedError {
+    /// The data directory could not be created or is readable by others.
+    #[error("data directory {path}: {reason}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The local KMS refused its root key file.
+    #[error(transparent)]
+    Kms(#[from] phiseal_kms_local::LocalKmsError),
+    /// The key store could not be opened.
+    #[error(transparent)]
+    Store(#[from] phiseal_store_sqlite::SqliteStoreError),
+    /// The audit log could not be opened (for a torn tail: run `phiseal audit verify`).
+    #[error(transparent)]
+    Audit(#[from] phiseal_audit_file::AuditFileError),
+    /// The keyring refused the combination.
+    #[error(transparent)]
+    Keyring(#[from] phiseal::Error),
+}
+
+/// Settings of the embedded default.
+#[derive(Debug, Clone, Default)]
+pub struct EmbeddedOptions {
+    /// Audit durability (default: written before return, fsynced every 200 ms).
+    pub durability: Durability,
+    /// Key-cache settings.
+    pub cache: CacheSettings,
+}
+
+/// Paths of the embedded default's files inside a data directory.
+#[derive(Debug, Clone)]
+pub struct EmbeddedPaths {
+    /// The local root key.
+    pub root_key: PathBuf,
+    /// The SQLite key store.
+    pub key_store: PathBuf,
+    /// The audit log.
+    pub audit_log: PathBuf,
+}
+
+impl EmbeddedPaths {
+    /// The paths under `data_dir`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            root_key: data_dir.join("root.key"),
+            key_store: data_dir.join("keys.db"),
+            audit_log: data_dir.join("audit.log"),
+        }
+    }
+}
+
+/// Creates `data_dir` with mode 0700 if missing; refuses one that group or others can access.
+fn prepare_data_dir(data_dir: &Path) -> Result<(), EmbeddedError> {
+    let err = |reason: String| EmbeddedError::DataDir {
+        path: data_dir.to_owned(),
+        reason,
+    };
+    if !data_dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(|e| err(format!("cannot create it: {e}")))?;
+    }
+    let meta = std::fs::symlink_metadata(data_dir).map_err(|e| err(format!("cannot stat: {e}")))?;
+    if !meta.is_dir() {
+        return Err(err("is not a directory (symlinks are refused)".into()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(err(format!(
+            "mode {mode:04o} lets other users in; run `chmod 700 {}`",
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A keyring builder with the embedded default's parts set, for further settings
+/// (provider, algorithm). The local KMS makes it development-only.
+pub fn builder(data_dir: &Path, options: &EmbeddedOptions) -> Result<KeyringBuilder, EmbeddedError> {
+    prepare_data_dir(data_dir)?;
+    let paths = EmbeddedPaths::new(data_dir);
+    let kms = LocalKms::open(&paths.root_key)?;
+    let store = SqliteKeyStore::open(&paths.key_store)?;
+    let audit = FileAuditLog::open(&paths.audit_log, options.durability)?;
+    Ok(Keyring::builder()
+        .kms(Arc::new(kms))
+        .key_store(Arc::new(store))
+        .audit(Arc::new(audit))
+        .cache(options.cache))
+}
+
+/// Opens (creating on first use) the embedded default in `data_dir`.
+pub fn open(data_dir: &Path, options: &EmbeddedOptions) -> Result<Keyring, EmbeddedError> {
+    Ok(builder(data_dir, options)?.build()?)
+}

@@ -1,0 +1,663 @@
+//! End-to-end tests of the keyring on the embedded default (local KMS, SQLite store, file
+//! audit log), covering issue #2's numbered requirements.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use phiseal::audit::{AuditEvent, AuditSink};
+use phiseal::kms::{KeyBinding, Kms, WrappedKey};
+use phiseal::store::KeyStore;
+use phiseal::{
+    Actor, Algorithm, BackendError, BackendErrorKind, CacheSettings, Caller, EncryptionContext,
+    Error, Keyring, Profile, TenantId, TenantKey,
+};
+use phiseal_embedded::{EmbeddedOptions, EmbeddedPaths};
+
+/// A temporary data directory with mode 0700, as the embedded default requires.
+fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+fn caller() -> Caller {
+    Caller::new(Actor::named("test-suite"))
+}
+
+fn tenant(id: &str) -> TenantId {
+    TenantId::new(id).unwrap()
+}
+
+fn ctx(t: &str, field: &str, record: Option<&str>) -> EncryptionContext {
+    let c = EncryptionContext::new(tenant(t), field).unwrap();
+    match record {
+        Some(r) => c.with_record(r).unwrap(),
+        None => c,
+    }
+}
+
+fn open(dir: &Path) -> Keyring {
+    phiseal_embedded::open(dir, &EmbeddedOptions::default()).unwrap()
+}
+
+/// A KMS wrapper that counts unwraps (the real local KMS does the work).
+#[derive(Debug)]
+struct CountingKms {
+    inner: Arc<dyn Kms>,
+    unwraps: AtomicUsize,
+}
+
+#[async_trait]
+impl Kms for CountingKms {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    async fn wrap(&self, key: &TenantKey, b: &KeyBinding) -> Result<WrappedKey, BackendError> {
+        self.inner.wrap(key, b).await
+    }
+    async fn unwrap(&self, w: &WrappedKey, b: &KeyBinding) -> Result<TenantKey, BackendError> {
+        self.unwraps.fetch_add(1, Ordering::SeqCst);
+        // Widen the window in which concurrent misses could race.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.inner.unwrap(w, b).await
+    }
+}
+
+/// An audit sink that always fails (fault injection, to prove fail-closed behaviour).
+#[derive(Debug)]
+struct FailingAudit;
+
+#[async_trait]
+impl AuditSink for FailingAudit {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    async fn append(&self, _: &[AuditEvent]) -> Result<(), BackendError> {
+        Err(BackendError::new(BackendErrorKind::Unavailable, "disk full"))
+    }
+    async fn flush(&self) -> Result<(), BackendError> {
+        Err(BackendError::new(BackendErrorKind::Unavailable, "disk full"))
+    }
+}
+
+struct Parts {
+    kms: Arc<CountingKms>,
+    store: Arc<dyn KeyStore>,
+}
+
+fn parts(dir: &Path) -> Parts {
+    let paths = EmbeddedPaths::new(dir);
+    let local = phiseal_kms_local::LocalKms::open(&paths.root_key).unwrap();
+    Parts {
+        kms: Arc::new(CountingKms {
+            inner: Arc::new(local),
+            unwraps: AtomicUsize::new(0),
+        }),
+        store: Arc::new(phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap()),
+    }
+}
+
+fn keyring_on(p: &Parts, cache: CacheSettings) -> Keyring {
+    Keyring::builder()
+        .kms(p.kms.clone())
+        .key_store(p.store.clone())
+        .danger_disable_audit()
+        .cache(cache)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn round_trip_binary_and_text() {
+    let dir = private_tempdir();
+    let k = open(dir.path());
+    let c = caller();
+    k.create_tenant(&c, &tenant("t1")).await.unwrap();
+    let cx = ctx("t1", "ssn", Some("patient-1"));
+    for pt in [&b""[..], b"x", &[7u8; 64], &vec![9u8; 70_000]] {
+        let ct = k.encrypt(&c, &cx, pt).await.unwrap();
+        assert_eq!(ct.len(), pt.len() + 44, "default overhead is 44 bytes");
+        assert_eq!(&k.decrypt(&c, &cx, &ct).await.unwrap()[..], pt);
+        let text = phiseal::format::to_text(&ct);
+        let back = phiseal::format::from_text(&text).unwrap();
+        assert_eq!(&k.decrypt(&c, &cx, &back).await.unwrap()[..], pt);
+    }
+    // Two encryptions of the same value differ (random nonces).
+    let a = k.encrypt(&c, &cx, b"same").await.unwrap();
+    let b = k.encrypt(&c, &cx, b"same").await.unwrap();
+    assert_ne!(a, b);
+}
+
+#[tokio::test]
+async fn context_is_authenticated_tenant_field_record() {
+    let dir = private_tempdir();
+    let k = open(dir.path());
+    let c = caller();
+    k.create_tenant(&c, &tenant("alpha")).await.unwrap();
+    k.create_tenant(&c, &tenant("beta")).await.unwrap();
+    let ct = k
+        .encrypt(&c, &ctx("alpha", "ssn", Some("r1")), b"078-05-1120")
+        .await
+        .unwrap();
+    for wrong in [
+        ctx("beta", "ssn", Some("r1")),  // other tenant
+        ctx("alpha", "mrn", Some("r1")), // other field
+        ctx("alpha", "ssn", Some("r2")), // other record
+        ctx("alpha", "ssn", None),       // record missing
+    ] {
+        let err = k.decrypt(&c, &wrong, &ct).await.unwrap_err();
+        assert!(matches!(err, Error::DecryptionFailed), "{wrong:?}: {err}");
+        assert!(!err.to_string().contains("078"), "no plaintext in errors");
+    }
+    let no_record = k
+        .encrypt(&c, &ctx("alpha", "ssn", None), b"v")
+        .await
+        .unwrap();
+    let err = k
+        .decrypt(&c, &ctx("alpha", "ssn", Some("r1")), &no_record)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DecryptionFailed));
+}
+
+#[tokio::test]
+async fn malformed_ciphertexts_give_clear_errors() {
+    let dir = private_tempdir();
+    let k = open(dir.path());
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = k.encrypt(&c, &cx, b"hello").await.unwrap();
+    let mut bad_version = ct.clone();
+    bad_version[0] = 2;
+    let mut bad_alg = ct.clone();
+    bad_alg[1] = 0x7f;
+    let mut flipped = ct.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let mut unknown_key_version = ct.clone();
+    unknown_key_version[2..6].copy_from_slice(&9u32.to_be_bytes());
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![], "malformed_ciphertext"),
+        (ct[..20].to_vec(), "malformed_ciphertext"),
+        (bad_version, "malformed_ciphertext"),
+        (bad_alg, "malformed_ciphertext"),
+        (flipped, "decryption_failed"),
+        (unknown_key_version, "key_version_not_found"),
+        (b"not a ciphertext at all, just text".to_vec(), "malformed_ciphertext"),
+    ];
+    for (bytes, kind) in cases {
+        let err = k.decrypt(&c, &cx, &bytes).await.unwrap_err();
+        assert_eq!(err.kind(), kind, "{err}");
+    }
+}
+
+#[tokio::test]
+async fn rotation_rewrap_min_version_and_progress() {
+    let dir = private_tempdir();
+    let k = open(dir.path());
+    let c = caller();
+    let t = tenant("t");
+    k.create_tenant(&c, &t).await.unwrap();
+    let cx = ctx("t", "note", Some("r"));
+    let old = k.encrypt(&c, &cx, b"v1 data").await.unwrap();
+    assert_eq!(k.rotate(&c, &t).await.unwrap(), 2);
+    let new = k.encrypt(&c, &cx, b"v2 data").await.unwrap();
+    let counts = phiseal::format::count_versions([old.as_slice(), new.as_slice(), b"junk"]);
+    assert_eq!(counts.by_version.get(&1), Some(&1));
+    assert_eq!(counts.by_version.get(&2), Some(&1));
+    assert_eq!(counts.malformed, 1);
+    // Old versions still decrypt.
+    assert_eq!(&k.decrypt(&c, &cx, &old).await.unwrap()[..], b"v1 data");
+    // Rewrap moves to the primary version without exposing plaintext.
+    let moved = k.rewrap(&c, &cx, &old).await.unwrap();
+    assert_eq!(phiseal::format::parse(&moved).unwrap().key_version, 2);
+    assert_eq!(&k.decrypt(&c, &cx, &moved).await.unwrap()[..], b"v1 data");
+    // Already primary: unchanged.
+    assert_eq!(k.rewrap(&c, &cx, &new).await.unwrap(), new);
+    // Rewrap with the wrong context fails like decrypt.
+    assert!(matches!(
+        k.rewrap(&c, &ctx("t", "other", Some("r")), &old).await,
+        Err(Error::DecryptionFailed)
+    ));
+    // Minimum decryption version.
+    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    let err = k.decrypt(&c, &cx, &old).await.unwrap_err();
+    assert!(matches!(err, Error::KeyVersionRetired { version: 1, min: 2, .. }), "{err}");
+    assert!(err.to_string().contains("retired"));
+    assert!(matches!(k.rewrap(&c, &cx, &old).await, Err(Error::KeyVersionRetired { .. })));
+    for bad in [0, 3] {
+        assert!(matches!(
+            k.set_min_decrypt_version(&c, &t, bad).await,
+            Err(Error::InvalidInput { .. })
+        ));
+    }
+    let status = k.key_status(&c, &t).await.unwrap();
+    assert_eq!(status.primary, Some(2));
+    assert_eq!(status.min_decrypt_version, 2);
+    assert_eq!(status.versions.len(), 2);
+    assert!(!status.versions[0].decrypts && status.versions[1].decrypts);
+    // Lowering it again re-enables v1.
+    k.set_min_decrypt_version(&c, &t, 1).await.unwrap();
+    assert!(k.decrypt(&c, &cx, &old).await.is_ok());
+}
+
+#[tokio::test]
+async fn batches_report_per_item() {
+    let dir = private_tempdir();
+    let k = open(dir.path());
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let good = ctx("t", "a", None);
+    let unknown = ctx("nobody", "a", None);
+    let items: Vec<(&EncryptionContext, &[u8])> =
+        vec![(&good, b"one"), (&unknown, b"two"), (&good, b"three")];
+    let out = k.encrypt_batch(&c, &items).await.unwrap();
+    assert!(out[0].is_ok() && out[2].is_ok());
+    assert!(matches!(out[1], Err(Error::TenantNotFound { .. })));
+    let ct0 = out[0].as_ref().unwrap().clone();
+    let ct2 = out[2].as_ref().unwrap().clone();
+    let items: Vec<(&EncryptionContext, &[u8])> =
+        vec![(&good, &ct0), (&good, b"garbage"), (&good, &ct2)];
+    let out = k.decrypt_batch(&c, &items).await.unwrap();
+    assert_eq!(&out[0].as_ref().unwrap()[..], b"one");
+    assert!(matches!(out[1], Err(Error::Format(_))));
+    assert_eq!(&out[2].as_ref().unwrap()[..], b"three");
+    k.rotate(&c, &tenant("t")).await.unwrap();
+    let items: Vec<(&EncryptionContext, &[u8])> = vec![(&good, &ct0), (&good, b"x")];
+    let out = k.rewrap_batch(&c, &items).await.unwrap();
+    assert_eq!(phiseal::format::parse(out[0].as_ref().unwrap()).unwrap().key_version, 2);
+    assert!(out[1].is_err());
+}
+
+#[tokio::test]
+async fn shred_destroys_forever() {
+    let dir = private_tempdir();
+    let c = caller();
+    let t = tenant("gone");
+    let cx = ctx("gone", "f", None);
+    let ct = {
+        let k = open(dir.path());
+        k.create_tenant(&c, &t).await.unwrap();
+        let ct = k.encrypt(&c, &cx, b"secret").await.unwrap();
+        k.rotate(&c, &t).await.unwrap();
+        k.decrypt(&c, &cx, &ct).await.unwrap(); // cached now
+        k.shred(&c, &t).await.unwrap();
+        // The cached key was purged: the very next decrypt fails.
+        let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
+        assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
+        assert!(err.to_string().contains("key destroyed"));
+        assert!(matches!(k.encrypt(&c, &cx, b"x").await, Err(Error::KeyDestroyed { .. })));
+        assert!(matches!(k.rotate(&c, &t).await, Err(Error::KeyDestroyed { .. })));
+        assert!(matches!(k.create_tenant(&c, &t).await, Err(Error::TenantExists { .. })));
+        k.flush_audit().await.unwrap();
+        ct
+    };
+    // A fresh process sees the same.
+    let k = open(dir.path());
+    assert!(matches!(k.decrypt(&c, &cx, &ct).await, Err(Error::KeyDestroyed { .. })));
+    let status = k.key_status(&c, &t).await.unwrap();
+    assert!(status.shredded_at.is_some() && status.primary.is_none());
+    assert!(status.versions.iter().all(|v| v.root_key_ref.is_none() && !v.decrypts));
+    assert!(matches!(
+        k.shred(&c, &tenant("never-existed")).await,
+        Err(Error::TenantNotFound { .. })
+    ));
+}
+
+/// Copies columns of one key record into another with raw SQL on the store file.
+fn copy_record(db: &Path, from: (&str, u32), to: (&str, u32), columns: &str) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let sql = format!(
+        "UPDATE key_versions SET ({columns}) = (SELECT {columns} FROM key_versions \
+         WHERE tenant = ?1 AND version = ?2) WHERE tenant = ?3 AND version = ?4"
+    );
+    let n = conn
+        .execute(&sql, rusqlite::params![from.0, from.1, to.0, to.1])
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn key_record_copied_between_tenants_or_versions_is_refused() {
+    let dir = private_tempdir();
+    let c = caller();
+    let db = EmbeddedPaths::new(dir.path()).key_store;
+    {
+        let k = open(dir.path());
+        for t in ["a", "b", "v"] {
+            k.create_tenant(&c, &tenant(t)).await.unwrap();
+        }
+        k.rotate(&c, &tenant("v")).await.unwrap();
+        k.flush_audit().await.unwrap();
+    }
+    // Whole record (wrapped key, root ref, key check) from a → b.
+    copy_record(&db, ("a", 1), ("b", 1), "root_key_ref, wrapped, key_check");
+    // Only the wrapped key from v1 → v2 of tenant v.
+    copy_record(&db, ("v", 1), ("v", 2), "root_key_ref, wrapped");
+    let k = open(dir.path());
+    for (t, version) in [("b", 1), ("v", 2)] {
+        let err = k.encrypt(&c, &ctx(t, "f", None), b"x").await.unwrap_err();
+        assert!(
+            matches!(&err, Error::KeyBindingMismatch { version: v, .. } if *v == version),
+            "{t}: {err}"
+        );
+    }
+    // The untouched records still work.
+    assert!(k.encrypt(&c, &ctx("a", "f", None), b"x").await.is_ok());
+}
+
+#[tokio::test]
+async fn key_check_alone_detects_a_swap() {
+    // A KMS without AAD (like Azure Key Vault) would unwrap a copied key happily; the key-check
+    // MAC must still refuse it. Simulate by copying the key check of another version only.
+    let dir = private_tempdir();
+    let c = caller();
+    let db = EmbeddedPaths::new(dir.path()).key_store;
+    {
+        let k = open(dir.path());
+        k.create_tenant(&c, &tenant("t")).await.unwrap();
+        k.rotate(&c, &tenant("t")).await.unwrap();
+        k.flush_audit().await.unwrap();
+    }
+    copy_record(&db, ("t", 1), ("t", 2), "key_check");
+    let k = open(dir.path());
+    let err = k.encrypt(&c, &ctx("t", "f", None), b"x").await.unwrap_err();
+    assert!(matches!(err, Error::KeyBindingMismatch { version: 2, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_make_one_kms_call() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let writer = keyring_on(&p, CacheSettings::default());
+    writer.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = writer.encrypt(&c, &cx, b"cold").await.unwrap();
+    // A second keyring has a cold cache; 100 concurrent decrypts must unwrap once.
+    let reader = keyring_on(&p, CacheSettings::default());
+    let before = p.kms.unwraps.load(Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (reader, cx, ct, c) = (reader.clone(), cx.clone(), ct.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            reader.decrypt(&c, &cx, &ct).await.map(|p| p.to_vec())
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), b"cold");
+    }
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst) - before, 1);
+}
+
+#[tokio::test]
+async fn cache_max_uses_and_ttl_force_unwrap() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let cache = CacheSettings {
+        max_uses: 3,
+        ..CacheSettings::default()
+    };
+    let k = keyring_on(&p, cache);
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = k.encrypt(&c, &cx, b"x").await.unwrap(); // unwrap #1, use 1
+    let base = p.kms.unwraps.load(Ordering::SeqCst);
+    assert_eq!(base, 1);
+    for _ in 0..8 {
+        k.decrypt(&c, &cx, &ct).await.unwrap();
+    }
+    // 9 operations, 3 per unwrapped key.
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst), 3);
+
+    let ttl = CacheSettings {
+        key_ttl: Duration::from_millis(150),
+        metadata_ttl: Duration::from_millis(100),
+        ..CacheSettings::default()
+    };
+    let k = keyring_on(&p, ttl);
+    let before = p.kms.unwraps.load(Ordering::SeqCst);
+    k.decrypt(&c, &cx, &ct).await.unwrap();
+    k.decrypt(&c, &cx, &ct).await.unwrap();
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst) - before, 1);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    k.decrypt(&c, &cx, &ct).await.unwrap();
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst) - before, 2);
+}
+
+#[tokio::test]
+async fn builder_refuses_inconsistent_combinations() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let local = Arc::new(
+        phiseal_kms_local::LocalKms::open(EmbeddedPaths::new(dir.path()).root_key).unwrap(),
+    );
+    let msg = |r: Result<Keyring, Error>| match r {
+        Err(Error::Config(m)) => m,
+        other => panic!("expected a config error, got {other:?}"),
+    };
+    assert!(msg(Keyring::builder().build()).contains("KMS"));
+    assert!(msg(Keyring::builder().kms(local.clone()).build()).contains("key store"));
+    assert!(
+        msg(Keyring::builder()
+            .kms(local.clone())
+            .key_store(p.store.clone())
+            .build())
+        .contains("audit")
+    );
+    let production = msg(Keyring::builder()
+        .kms(local.clone())
+        .key_store(p.store.clone())
+        .audit(Arc::new(FailingAudit))
+        .profile(Profile::Production)
+        .build());
+    assert!(production.contains("development only"), "{production}");
+    let zero = CacheSettings {
+        capacity: 0,
+        ..CacheSettings::default()
+    };
+    assert!(msg(Keyring::builder()
+        .kms(local.clone())
+        .key_store(p.store.clone())
+        .danger_disable_audit()
+        .cache(zero)
+        .build())
+    .contains("capacity"));
+    // The production profile also refuses a disabled audit log (with a non-dev KMS).
+    let not_dev = Arc::new(CountingKms {
+        inner: local,
+        unwraps: AtomicUsize::new(0),
+    });
+    assert!(msg(Keyring::builder()
+        .kms(not_dev)
+        .key_store(p.store.clone())
+        .danger_disable_audit()
+        .profile(Profile::Production)
+        .build())
+    .contains("audit"));
+}
+
+#[tokio::test]
+async fn audit_failure_fails_closed() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let ok = keyring_on(&p, CacheSettings::default());
+    ok.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = ok.encrypt(&c, &cx, b"x").await.unwrap();
+    let k = Keyring::builder()
+        .kms(p.kms.clone())
+        .key_store(p.store.clone())
+        .audit(Arc::new(FailingAudit))
+        .build()
+        .unwrap();
+    assert!(matches!(k.encrypt(&c, &cx, b"x").await, Err(Error::Audit { .. })));
+    assert!(matches!(k.decrypt(&c, &cx, &ct).await, Err(Error::Audit { .. })));
+    let items: Vec<(&EncryptionContext, &[u8])> = vec![(&cx, b"a")];
+    assert!(matches!(k.encrypt_batch(&c, &items).await, Err(Error::Audit { .. })));
+    // Admin operations are refused before they run.
+    assert!(matches!(k.create_tenant(&c, &tenant("new")).await, Err(Error::Audit { .. })));
+    assert!(p.store.load_tenant(&tenant("new")).await.unwrap().is_none());
+    assert!(matches!(k.shred(&c, &tenant("t")).await, Err(Error::Audit { .. })));
+    assert!(ok.decrypt(&c, &cx, &ct).await.is_ok(), "shred must not have happened");
+}
+
+#[tokio::test]
+async fn every_operation_is_audited_without_plaintext() {
+    let dir = private_tempdir();
+    let c = Caller::with_request_id(Actor::named("svc-a"), "req-123");
+    {
+        let k = open(dir.path());
+        let t = tenant("t");
+        k.create_tenant(&c, &t).await.unwrap();
+        let cx = ctx("t", "dob", Some("rec-9"));
+        let ct = k.encrypt(&c, &cx, b"PLAINTEXT-1985-02-03").await.unwrap();
+        k.decrypt(&c, &cx, &ct).await.unwrap();
+        let _ = k.decrypt(&c, &ctx("t", "other", None), &ct).await;
+        let items: Vec<(&EncryptionContext, &[u8])> = vec![(&cx, b"PLAINTEXT-b1"), (&cx, b"PLAINTEXT-b2")];
+        k.encrypt_batch(&c, &items).await.unwrap();
+        k.rotate(&c, &t).await.unwrap();
+        k.rewrap(&c, &cx, &ct).await.unwrap();
+        k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+        k.shred(&c, &t).await.unwrap();
+        k.flush_audit().await.unwrap();
+    }
+    let log = EmbeddedPaths::new(dir.path()).audit_log;
+    let report = phiseal_audit_file::verify(&log).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("PLAINTEXT"), "plaintext leaked into the audit log");
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count(r#""action":"create_tenant""#), 2, "attempt + result");
+    assert_eq!(count(r#""action":"encrypt""#), 3, "one per field, batches included");
+    assert_eq!(count(r#""action":"decrypt""#), 2);
+    assert_eq!(count(r#""result":"decryption_failed""#), 1);
+    assert_eq!(count(r#""action":"rotate_key""#), 2);
+    assert_eq!(count(r#""action":"rewrap""#), 1);
+    assert_eq!(count(r#""action":"set_min_decrypt_version""#), 2);
+    assert_eq!(count(r#""action":"shred_tenant""#), 2);
+    assert!(count(r#""action":"unwrap_key""#) >= 2, "KMS unwraps on misses");
+    assert!(count(r#""key_source":"cache""#) >= 1, "cache hits are recorded");
+    assert!(text.lines().skip(1).all(|l| l.contains(r#""request_id":"req-123""#)));
+    assert!(text.contains(r#""field":"dob""#) && text.contains(r#""record":"rec-9""#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rotations_never_duplicate_a_version() {
+    let dir = private_tempdir();
+    let c = caller();
+    let a = open(dir.path());
+    a.create_tenant(&c, &tenant("t")).await.unwrap();
+    let p = parts(dir.path());
+    let b = keyring_on(&p, CacheSettings::default());
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let k = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move { k.rotate(&c, &tenant("t")).await }));
+    }
+    let mut won = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(v) => won.push(v),
+            Err(Error::RotationConflict { .. }) => {}
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    won.sort_unstable();
+    let before = won.len();
+    won.dedup();
+    assert_eq!(before, won.len(), "two rotations created the same version");
+    let status = a.key_status(&c, &tenant("t")).await.unwrap();
+    let versions: Vec<u32> = status.versions.iter().map(|v| v.version).collect();
+    assert_eq!(versions, (1..=won.len() as u32 + 1).collect::<Vec<_>>());
+    assert_eq!(status.primary, Some(won.len() as u32 + 1));
+}
+
+#[tokio::test]
+async fn another_process_rotation_is_seen_within_metadata_ttl() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let fast = CacheSettings {
+        metadata_ttl: Duration::from_millis(100),
+        ..CacheSettings::default()
+    };
+    let a = keyring_on(&p, fast);
+    let b = keyring_on(&p, fast);
+    a.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    b.encrypt(&c, &cx, b"warm").await.unwrap();
+    a.rotate(&c, &tenant("t")).await.unwrap();
+    // b decrypts a v2 ciphertext at once (unknown version triggers a refresh) …
+    let v2 = a.encrypt(&c, &cx, b"new").await.unwrap();
+    assert_eq!(&b.decrypt(&c, &cx, &v2).await.unwrap()[..], b"new");
+    // … and encrypts under v2 once its metadata is older than the bound.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let ct = b.encrypt(&c, &cx, b"x").await.unwrap();
+    assert_eq!(phiseal::format::parse(&ct).unwrap().key_version, 2);
+}
+
+#[tokio::test]
+async fn algorithms_and_providers_interoperate() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let build = |provider: &'static phiseal::crypto::CryptoProvider, alg: Algorithm| {
+        Keyring::builder()
+            .kms(p.kms.clone())
+            .key_store(p.store.clone())
+            .danger_disable_audit()
+            .crypto_provider(provider)
+            .algorithm(alg)
+            .build()
+            .unwrap()
+    };
+    let providers = [
+        &phiseal::crypto::aws_lc::PROVIDER,
+        &phiseal::crypto::rust_crypto::PROVIDER,
+    ];
+    build(providers[0], Algorithm::Aes256GcmHkdf)
+        .create_tenant(&c, &tenant("t"))
+        .await
+        .unwrap();
+    let cx = ctx("t", "f", Some("r"));
+    for alg in [Algorithm::Aes256GcmHkdf, Algorithm::XChaCha20Poly1305] {
+        for writer in providers {
+            let ct = build(writer, alg).encrypt(&c, &cx, b"interop").await.unwrap();
+            assert_eq!(ct[1], alg.id());
+            assert_eq!(ct.len(), 7 + alg.overhead());
+            for reader in providers {
+                let k = build(reader, Algorithm::Aes256GcmHkdf);
+                assert_eq!(&k.decrypt(&c, &cx, &ct).await.unwrap()[..], b"interop");
+            }
+        }
+    }
+}
+
+#[test]
+fn secrets_do_not_print() {
+    let key = TenantKey::from_bytes([0x42; 32]);
+    let shown = format!("{key:?}");
+    assert!(!shown.contains("42") && shown.contains("REDACTED"));
+}
+
+#[test]
+fn data_dir_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = phiseal_embedded::open(dir.path(), &EmbeddedOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("chmod 700"), "{err}");
+    // A missing directory is created private.
+    let fresh = dir.path().join("new");
+    phiseal_embedded::open(&fresh, &EmbeddedOptions::default()).unwrap();
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
