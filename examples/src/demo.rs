@@ -62,9 +62,13 @@ async fn main() -> Result<()> {
         counts.by_version
     );
 
-    keyring.set_min_decrypt_version(&caller, &tenant, v2).await?;
+    keyring
+        .set_min_decrypt_version(&caller, &tenant, v2)
+        .await?;
     match keyring.decrypt(&caller, &ssn, &ciphertext).await {
-        Err(e) => println!("7. minimum decryption version {v2}: the old ciphertext is refused: {e}"),
+        Err(e) => {
+            println!("7. minimum decryption version {v2}: the old ciphertext is refused: {e}")
+        }
         Ok(_) => return Err("minimum version not enforced".into()),
     }
 
@@ -81,7 +85,11 @@ async fn main() -> Result<()> {
         "9. audit log {}: {} records, hash chain {}",
         log.display(),
         report.records,
-        if report.is_intact() { "intact" } else { "BROKEN" }
+        if report.is_intact() {
+            "intact"
+        } else {
+            "BROKEN"
+        }
     );
     if !report.is_intact() {
         return Err(format!("audit log problems: {:?}", report.problems).into());

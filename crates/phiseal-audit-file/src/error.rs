@@ -91,6 +91,21 @@ pub enum AuditFileError {
         /// The limit.
         max: usize,
     },
+    /// [`crate::Durability::Buffered`]: the in-memory queue already holds its maximum number of
+    /// records because the writer thread is not keeping up (a slow or stalled disk). Nothing of
+    /// this `append` was queued; the operation is refused (fail closed). May succeed later.
+    #[error(
+        "audit log {path}: {queued} records are waiting for the writer thread (limit {limit}): \
+         the disk is not keeping up; these events were not recorded and the operation is refused"
+    )]
+    QueueFull {
+        /// The log file.
+        path: PathBuf,
+        /// Records in the queue when the append was refused.
+        queued: usize,
+        /// The queue limit.
+        limit: usize,
+    },
     /// The background fdatasync thread is gone (cannot normally happen).
     #[error("audit log {path}: the fdatasync thread stopped; restart the service")]
     SyncThreadGone {
@@ -131,6 +146,7 @@ impl AuditFileError {
                 BackendErrorKind::Misconfigured
             }
             AuditFileError::RecordTooLarge { .. } => BackendErrorKind::InvalidData,
+            AuditFileError::QueueFull { .. } => BackendErrorKind::Unavailable,
             AuditFileError::Io { .. }
             | AuditFileError::TornTail { .. }
             | AuditFileError::DamagedTail { .. }

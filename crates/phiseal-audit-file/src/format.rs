@@ -131,6 +131,31 @@ pub(crate) fn encode_event(line: &mut String, seq: u64, prev: &[u8; 32], e: &Aud
     push_prev(line, prev);
 }
 
+/// Bytes of an event line that do not come from its strings: member names, punctuation, the
+/// numbers (at most 20 digits each), the time, `prev`, `hash` and the newline. Generous: the
+/// worst case is under 400 (checked by a test).
+const EVENT_FIXED_MAX: usize = 512;
+
+/// An upper bound of the length of `e`'s line (newline included) as [`encode_event`] writes
+/// it, for any sequence number and `prev`, computed without encoding: each string byte becomes
+/// at most 6 bytes (`\u001f`). Cheap (a few length reads), for the caller-side check of
+/// [`crate::Durability::Buffered`].
+pub(crate) fn max_event_line_len(e: &AuditEvent) -> usize {
+    let strings = [
+        e.actor.identity.len(),
+        e.action.as_str().len(),
+        e.tenant.as_ref().map_or(0, |t| t.as_str().len()),
+        e.field.as_deref().map_or(0, str::len),
+        e.record.as_deref().map_or(0, str::len),
+        e.key_source.map_or(0, |k| k.as_str().len()),
+        e.outcome.as_str().len(),
+        e.request_id.len(),
+    ]
+    .into_iter()
+    .fold(0usize, usize::saturating_add);
+    strings.saturating_mul(6).saturating_add(EVENT_FIXED_MAX)
+}
+
 /// Encodes the header record (seq 0) into `line` (cleared first).
 pub(crate) fn encode_header(line: &mut String, log_id: &[u8; 16], created: Timestamp) {
     line.clear();
@@ -362,6 +387,51 @@ mod tests {
         let mut out = String::new();
         push_hex(&mut out, &bytes);
         assert_eq!(out, hex::encode(bytes));
+    }
+
+    fn worst_event(s: &str, time: Timestamp) -> AuditEvent {
+        use phiseal::audit::{Action, Actor, KeySource, Outcome};
+        use std::sync::Arc;
+        AuditEvent {
+            time,
+            actor: Actor {
+                identity: Arc::from(s),
+                uid: Some(u32::MAX),
+                pid: Some(u32::MAX),
+            },
+            action: Action::SetMinDecryptVersion,
+            tenant: None,
+            field: Some(Arc::from(s)),
+            record: Some(Arc::from(s)),
+            key_version: Some(u32::MAX),
+            key_source: Some(KeySource::Cache),
+            outcome: Outcome::Error("some_error_kind"),
+            request_id: Arc::from(s),
+        }
+    }
+
+    #[test]
+    fn max_event_line_len_is_an_upper_bound() {
+        let mut line = String::new();
+        let ctl: String = std::iter::repeat_n('\u{1}', 300).collect();
+        let mixed = "a\"\\\n\u{0}😀é".repeat(50);
+        for s in ["", "x", ctl.as_str(), mixed.as_str()] {
+            for time in [Timestamp::MIN, Timestamp::MAX, Timestamp::now()] {
+                let e = worst_event(s, time);
+                encode_event(&mut line, u64::MAX, &[0xff; 32], &e);
+                finish_line(&mut line);
+                let bound = max_event_line_len(&e);
+                assert!(line.len() <= bound, "{} > {bound}", line.len());
+                if s.is_empty() {
+                    // The fixed part (all but the string contents) really is under the
+                    // documented 400 bytes.
+                    let strings = e.action.as_str().len()
+                        + e.key_source.map_or(0, |k| k.as_str().len())
+                        + e.outcome.as_str().len();
+                    assert!(line.len() - strings < 400, "{}", line.len());
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! controls): one JSON line per event, each carrying the SHA-256 of the previous one, so that
 //! [`verify`] detects any edit, deletion, insertion or reordering, and reports a torn tail left
 //! by a crash instead of dropping it. The log fails closed: if a record cannot be written, the
-//! operation fails. [`Durability`] says what a power cut can lose in each mode.
+//! operation fails (in [`Durability::Buffered`] mode, which writes after acknowledging, every
+//! later operation fails and the error counts the acknowledged records lost). [`Durability`]
+//! says what a process crash or a power cut can lose in each mode.
 //!
 //! [`export_tenant`] writes one tenant's records (verified while reading) for tenant
 //! administrators.

@@ -80,8 +80,12 @@ fn kinds_at(report: &phiseal_audit_file::VerifyReport, line: u64) -> Vec<Problem
 }
 
 #[tokio::test]
-async fn append_and_verify_both_modes() {
-    for durability in [Durability::Strict, Durability::default()] {
+async fn append_and_verify_all_modes() {
+    for durability in [
+        Durability::Strict,
+        Durability::default(),
+        Durability::buffered(),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let log = FileAuditLog::open(&path, durability).unwrap();
@@ -212,17 +216,159 @@ async fn concurrent_strict_appends_share_fdatasyncs() {
     eprintln!("strict: {syncs} fdatasyncs for 1600 records from 8 tasks");
 }
 
+/// The `record` member of each event line.
+fn record_ids(path: &Path) -> Vec<String> {
+    lines(path)
+        .iter()
+        .skip(1)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["record"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Buffered, with a writer thread that only wakes when asked (high-water mark, flush, drop).
+fn buffered_slow() -> Durability {
+    Durability::Buffered {
+        flush_every: Duration::from_secs(3600),
+        sync_every: Duration::from_secs(3600),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_buffered_appends_are_all_written_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = Arc::new(FileAuditLog::open(&path, Durability::buffered()).unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let log = Arc::clone(&log);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..500u64 {
+                log.append(&[ev(t * 1000 + i)]).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let before = log.sync_count();
+    log.flush().await.unwrap();
+    assert!(log.sync_count() > before, "flush fdatasyncs");
+    // Everything is in the file once flush returns, before the log is dropped.
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 4001);
+    assert_eq!(report.last_seq, Some(4000));
+    let seqs: Vec<u64> = lines(&path)
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (0..=4000).collect::<Vec<_>>());
+    // Every record is there once, and each task's records are in its order.
+    let ids = record_ids(&path);
+    for t in 0..8u64 {
+        let mine: Vec<&String> = ids
+            .iter()
+            .filter(|id| {
+                let n: u64 = id.strip_prefix("patient-").unwrap().parse().unwrap();
+                n / 1000 == t
+            })
+            .collect();
+        let want: Vec<String> = (0..500u64)
+            .map(|i| format!("patient-{}", t * 1000 + i))
+            .collect();
+        assert_eq!(mine, want.iter().collect::<Vec<_>>());
+    }
+    drop(log);
+}
+
+#[tokio::test]
+async fn buffered_append_queues_and_flush_writes_and_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, buffered_slow()).unwrap();
+    assert_eq!(log.durability(), buffered_slow());
+    log.append(&[ev(1)]).await.unwrap();
+    log.append(&[ev(2), ev(3)]).await.unwrap();
+    // Acknowledged but only queued: the writer thread has not run yet.
+    assert_eq!(lines(&path).len(), 1, "only the header");
+    assert_eq!(log.sync_count(), 0);
+    log.flush().await.unwrap();
+    assert_eq!(log.sync_count(), 1, "flush fdatasyncs once");
+    assert_eq!(record_ids(&path), ["patient-1", "patient-2", "patient-3"]);
+    assert!(verify(&path).unwrap().is_intact());
+    // Nothing new: flush still returns after an fdatasync.
+    log.flush().await.unwrap();
+    assert_eq!(log.sync_count(), 2);
+}
+
+#[tokio::test]
+async fn buffered_writer_wakes_at_the_high_water_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, buffered_slow()).unwrap();
+    for i in 0..5000 {
+        log.append(&[ev(i)]).await.unwrap();
+    }
+    // No flush: the writer thread (sleeping for an hour) was woken by the queue length.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lines(&path).len() < 4097 {
+        assert!(std::time::Instant::now() < deadline, "writer not woken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    log.flush().await.unwrap();
+    assert_eq!(verify(&path).unwrap().last_seq, Some(5000));
+}
+
+#[tokio::test]
+async fn buffered_drop_without_flush_writes_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, buffered_slow()).unwrap();
+    for i in 1..=99 {
+        log.append(&[ev(i)]).await.unwrap();
+    }
+    log.append(&[ev(100), ev(101)]).await.unwrap();
+    assert_eq!(lines(&path).len(), 1, "only the header before the drop");
+    drop(log);
+    // The drop waited for the writer thread: the file is complete and can be reopened.
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.last_seq, Some(101));
+    let want: Vec<String> = (1..=101).map(|i| format!("patient-{i}")).collect();
+    assert_eq!(record_ids(&path), want);
+    let log = FileAuditLog::open(&path, buffered_slow()).unwrap();
+    log.append(&[ev(102)]).await.unwrap();
+    drop(log);
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.last_seq, Some(102));
+}
+
 #[tokio::test]
 async fn reopen_continues_the_chain() {
     let (_dir, path) = log_with(3).await;
-    for mode in [Durability::default(), Durability::Strict] {
+    for mode in [
+        Durability::default(),
+        Durability::Strict,
+        Durability::buffered(),
+        Durability::default(),
+    ] {
         let log = FileAuditLog::open(&path, mode).unwrap();
         log.append(&[ev(10), ev(11)]).await.unwrap();
         log.flush().await.unwrap();
     }
     let report = verify(&path).unwrap();
     assert!(report.is_intact(), "{report:?}");
-    assert_eq!(report.last_seq, Some(7));
+    assert_eq!(report.last_seq, Some(11));
     assert_eq!(
         lines(&path)
             .iter()

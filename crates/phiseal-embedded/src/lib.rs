@@ -105,7 +105,10 @@ fn prepare_data_dir(data_dir: &Path) -> Result<(), EmbeddedError> {
 
 /// A keyring builder with the embedded default's parts set, for further settings
 /// (provider, algorithm). The local KMS makes it development-only.
-pub fn builder(data_dir: &Path, options: &EmbeddedOptions) -> Result<KeyringBuilder, EmbeddedError> {
+pub fn builder(
+    data_dir: &Path,
+    options: &EmbeddedOptions,
+) -> Result<KeyringBuilder, EmbeddedError> {
     prepare_data_dir(data_dir)?;
     let paths = EmbeddedPaths::new(data_dir);
     let kms = LocalKms::open(&paths.root_key)?;

@@ -1,6 +1,15 @@
 //! End-to-end tests of the keyring on the embedded default (local KMS, SQLite store, file
 //! audit log), covering issue #2's numbered requirements.
 
+// Helpers outside #[test] fns are not covered by clippy.toml's in-test allowances; a panic in
+// a test helper is a failing test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -77,10 +86,16 @@ impl AuditSink for FailingAudit {
         "failing"
     }
     async fn append(&self, _: &[AuditEvent]) -> Result<(), BackendError> {
-        Err(BackendError::new(BackendErrorKind::Unavailable, "disk full"))
+        Err(BackendError::new(
+            BackendErrorKind::Unavailable,
+            "disk full",
+        ))
     }
     async fn flush(&self) -> Result<(), BackendError> {
-        Err(BackendError::new(BackendErrorKind::Unavailable, "disk full"))
+        Err(BackendError::new(
+            BackendErrorKind::Unavailable,
+            "disk full",
+        ))
     }
 }
 
@@ -187,7 +202,10 @@ async fn malformed_ciphertexts_give_clear_errors() {
         (bad_alg, "malformed_ciphertext"),
         (flipped, "decryption_failed"),
         (unknown_key_version, "key_version_not_found"),
-        (b"not a ciphertext at all, just text".to_vec(), "malformed_ciphertext"),
+        (
+            b"not a ciphertext at all, just text".to_vec(),
+            "malformed_ciphertext",
+        ),
     ];
     for (bytes, kind) in cases {
         let err = k.decrypt(&c, &cx, &bytes).await.unwrap_err();
@@ -226,9 +244,22 @@ async fn rotation_rewrap_min_version_and_progress() {
     // Minimum decryption version.
     k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
     let err = k.decrypt(&c, &cx, &old).await.unwrap_err();
-    assert!(matches!(err, Error::KeyVersionRetired { version: 1, min: 2, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::KeyVersionRetired {
+                version: 1,
+                min: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("retired"));
-    assert!(matches!(k.rewrap(&c, &cx, &old).await, Err(Error::KeyVersionRetired { .. })));
+    assert!(matches!(
+        k.rewrap(&c, &cx, &old).await,
+        Err(Error::KeyVersionRetired { .. })
+    ));
     for bad in [0, 3] {
         assert!(matches!(
             k.set_min_decrypt_version(&c, &t, bad).await,
@@ -269,7 +300,12 @@ async fn batches_report_per_item() {
     k.rotate(&c, &tenant("t")).await.unwrap();
     let items: Vec<(&EncryptionContext, &[u8])> = vec![(&good, &ct0), (&good, b"x")];
     let out = k.rewrap_batch(&c, &items).await.unwrap();
-    assert_eq!(phiseal::format::parse(out[0].as_ref().unwrap()).unwrap().key_version, 2);
+    assert_eq!(
+        phiseal::format::parse(out[0].as_ref().unwrap())
+            .unwrap()
+            .key_version,
+        2
+    );
     assert!(out[1].is_err());
 }
 
@@ -290,18 +326,35 @@ async fn shred_destroys_forever() {
         let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
         assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
         assert!(err.to_string().contains("key destroyed"));
-        assert!(matches!(k.encrypt(&c, &cx, b"x").await, Err(Error::KeyDestroyed { .. })));
-        assert!(matches!(k.rotate(&c, &t).await, Err(Error::KeyDestroyed { .. })));
-        assert!(matches!(k.create_tenant(&c, &t).await, Err(Error::TenantExists { .. })));
+        assert!(matches!(
+            k.encrypt(&c, &cx, b"x").await,
+            Err(Error::KeyDestroyed { .. })
+        ));
+        assert!(matches!(
+            k.rotate(&c, &t).await,
+            Err(Error::KeyDestroyed { .. })
+        ));
+        assert!(matches!(
+            k.create_tenant(&c, &t).await,
+            Err(Error::TenantExists { .. })
+        ));
         k.flush_audit().await.unwrap();
         ct
     };
     // A fresh process sees the same.
     let k = open(dir.path());
-    assert!(matches!(k.decrypt(&c, &cx, &ct).await, Err(Error::KeyDestroyed { .. })));
+    assert!(matches!(
+        k.decrypt(&c, &cx, &ct).await,
+        Err(Error::KeyDestroyed { .. })
+    ));
     let status = k.key_status(&c, &t).await.unwrap();
     assert!(status.shredded_at.is_some() && status.primary.is_none());
-    assert!(status.versions.iter().all(|v| v.root_key_ref.is_none() && !v.decrypts));
+    assert!(
+        status
+            .versions
+            .iter()
+            .all(|v| v.root_key_ref.is_none() && !v.decrypts)
+    );
     assert!(matches!(
         k.shred(&c, &tenant("never-existed")).await,
         Err(Error::TenantNotFound { .. })
@@ -366,7 +419,10 @@ async fn key_check_alone_detects_a_swap() {
     copy_record(&db, ("t", 1), ("t", 2), "key_check");
     let k = open(dir.path());
     let err = k.encrypt(&c, &ctx("t", "f", None), b"x").await.unwrap_err();
-    assert!(matches!(err, Error::KeyBindingMismatch { version: 2, .. }), "{err}");
+    assert!(
+        matches!(err, Error::KeyBindingMismatch { version: 2, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,25 +517,29 @@ async fn builder_refuses_inconsistent_combinations() {
         capacity: 0,
         ..CacheSettings::default()
     };
-    assert!(msg(Keyring::builder()
-        .kms(local.clone())
-        .key_store(p.store.clone())
-        .danger_disable_audit()
-        .cache(zero)
-        .build())
-    .contains("capacity"));
+    assert!(
+        msg(Keyring::builder()
+            .kms(local.clone())
+            .key_store(p.store.clone())
+            .danger_disable_audit()
+            .cache(zero)
+            .build())
+        .contains("capacity")
+    );
     // The production profile also refuses a disabled audit log (with a non-dev KMS).
     let not_dev = Arc::new(CountingKms {
         inner: local,
         unwraps: AtomicUsize::new(0),
     });
-    assert!(msg(Keyring::builder()
-        .kms(not_dev)
-        .key_store(p.store.clone())
-        .danger_disable_audit()
-        .profile(Profile::Production)
-        .build())
-    .contains("audit"));
+    assert!(
+        msg(Keyring::builder()
+            .kms(not_dev)
+            .key_store(p.store.clone())
+            .danger_disable_audit()
+            .profile(Profile::Production)
+            .build())
+        .contains("audit")
+    );
 }
 
 #[tokio::test]
@@ -497,15 +557,33 @@ async fn audit_failure_fails_closed() {
         .audit(Arc::new(FailingAudit))
         .build()
         .unwrap();
-    assert!(matches!(k.encrypt(&c, &cx, b"x").await, Err(Error::Audit { .. })));
-    assert!(matches!(k.decrypt(&c, &cx, &ct).await, Err(Error::Audit { .. })));
+    assert!(matches!(
+        k.encrypt(&c, &cx, b"x").await,
+        Err(Error::Audit { .. })
+    ));
+    assert!(matches!(
+        k.decrypt(&c, &cx, &ct).await,
+        Err(Error::Audit { .. })
+    ));
     let items: Vec<(&EncryptionContext, &[u8])> = vec![(&cx, b"a")];
-    assert!(matches!(k.encrypt_batch(&c, &items).await, Err(Error::Audit { .. })));
+    assert!(matches!(
+        k.encrypt_batch(&c, &items).await,
+        Err(Error::Audit { .. })
+    ));
     // Admin operations are refused before they run.
-    assert!(matches!(k.create_tenant(&c, &tenant("new")).await, Err(Error::Audit { .. })));
+    assert!(matches!(
+        k.create_tenant(&c, &tenant("new")).await,
+        Err(Error::Audit { .. })
+    ));
     assert!(p.store.load_tenant(&tenant("new")).await.unwrap().is_none());
-    assert!(matches!(k.shred(&c, &tenant("t")).await, Err(Error::Audit { .. })));
-    assert!(ok.decrypt(&c, &cx, &ct).await.is_ok(), "shred must not have happened");
+    assert!(matches!(
+        k.shred(&c, &tenant("t")).await,
+        Err(Error::Audit { .. })
+    ));
+    assert!(
+        ok.decrypt(&c, &cx, &ct).await.is_ok(),
+        "shred must not have happened"
+    );
 }
 
 #[tokio::test]
@@ -520,7 +598,8 @@ async fn every_operation_is_audited_without_plaintext() {
         let ct = k.encrypt(&c, &cx, b"PLAINTEXT-1985-02-03").await.unwrap();
         k.decrypt(&c, &cx, &ct).await.unwrap();
         let _ = k.decrypt(&c, &ctx("t", "other", None), &ct).await;
-        let items: Vec<(&EncryptionContext, &[u8])> = vec![(&cx, b"PLAINTEXT-b1"), (&cx, b"PLAINTEXT-b2")];
+        let items: Vec<(&EncryptionContext, &[u8])> =
+            vec![(&cx, b"PLAINTEXT-b1"), (&cx, b"PLAINTEXT-b2")];
         k.encrypt_batch(&c, &items).await.unwrap();
         k.rotate(&c, &t).await.unwrap();
         k.rewrap(&c, &cx, &ct).await.unwrap();
@@ -532,19 +611,36 @@ async fn every_operation_is_audited_without_plaintext() {
     let report = phiseal_audit_file::verify(&log).unwrap();
     assert!(report.is_intact(), "{report:?}");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(!text.contains("PLAINTEXT"), "plaintext leaked into the audit log");
+    assert!(
+        !text.contains("PLAINTEXT"),
+        "plaintext leaked into the audit log"
+    );
     let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(count(r#""action":"create_tenant""#), 2, "attempt + result");
-    assert_eq!(count(r#""action":"encrypt""#), 3, "one per field, batches included");
+    assert_eq!(
+        count(r#""action":"encrypt""#),
+        3,
+        "one per field, batches included"
+    );
     assert_eq!(count(r#""action":"decrypt""#), 2);
     assert_eq!(count(r#""result":"decryption_failed""#), 1);
     assert_eq!(count(r#""action":"rotate_key""#), 2);
     assert_eq!(count(r#""action":"rewrap""#), 1);
     assert_eq!(count(r#""action":"set_min_decrypt_version""#), 2);
     assert_eq!(count(r#""action":"shred_tenant""#), 2);
-    assert!(count(r#""action":"unwrap_key""#) >= 2, "KMS unwraps on misses");
-    assert!(count(r#""key_source":"cache""#) >= 1, "cache hits are recorded");
-    assert!(text.lines().skip(1).all(|l| l.contains(r#""request_id":"req-123""#)));
+    assert!(
+        count(r#""action":"unwrap_key""#) >= 2,
+        "KMS unwraps on misses"
+    );
+    assert!(
+        count(r#""key_source":"cache""#) >= 1,
+        "cache hits are recorded"
+    );
+    assert!(
+        text.lines()
+            .skip(1)
+            .all(|l| l.contains(r#""request_id":"req-123""#))
+    );
     assert!(text.contains(r#""field":"dob""#) && text.contains(r#""record":"rec-9""#));
 }
 
@@ -560,7 +656,9 @@ async fn concurrent_rotations_never_duplicate_a_version() {
     for i in 0..16 {
         let k = if i % 2 == 0 { a.clone() } else { b.clone() };
         let c = c.clone();
-        tasks.push(tokio::spawn(async move { k.rotate(&c, &tenant("t")).await }));
+        tasks.push(tokio::spawn(
+            async move { k.rotate(&c, &tenant("t")).await },
+        ));
     }
     let mut won = Vec::new();
     for task in tasks {
@@ -630,7 +728,10 @@ async fn algorithms_and_providers_interoperate() {
     let cx = ctx("t", "f", Some("r"));
     for alg in [Algorithm::Aes256GcmHkdf, Algorithm::XChaCha20Poly1305] {
         for writer in providers {
-            let ct = build(writer, alg).encrypt(&c, &cx, b"interop").await.unwrap();
+            let ct = build(writer, alg)
+                .encrypt(&c, &cx, b"interop")
+                .await
+                .unwrap();
             assert_eq!(ct[1], alg.id());
             assert_eq!(ct.len(), 7 + alg.overhead());
             for reader in providers {
@@ -660,4 +761,67 @@ fn data_dir_readable_by_others_is_refused() {
     phiseal_embedded::open(&fresh, &EmbeddedOptions::default()).unwrap();
     let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
+}
+
+#[tokio::test]
+async fn decrypt_never_panics_on_mutated_or_random_input() {
+    // A smoke fuzz: every single-byte mutation, every truncation and random garbage must
+    // give an error, never a panic and never a plaintext.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let k = keyring_on(&p, CacheSettings::default());
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", Some("r"));
+    for alg_keyring in [
+        k.clone(),
+        Keyring::builder()
+            .kms(p.kms.clone())
+            .key_store(p.store.clone())
+            .danger_disable_audit()
+            .algorithm(Algorithm::XChaCha20Poly1305)
+            .build()
+            .unwrap(),
+    ] {
+        let ct = alg_keyring
+            .encrypt(&c, &cx, b"0123456789abcdef")
+            .await
+            .unwrap();
+        for i in 0..ct.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut m = ct.clone();
+                m[i] ^= bit;
+                assert!(
+                    k.decrypt(&c, &cx, &m).await.is_err(),
+                    "byte {i} bit {bit:#x}"
+                );
+            }
+        }
+        for len in 0..ct.len() {
+            assert!(
+                k.decrypt(&c, &cx, &ct[..len]).await.is_err(),
+                "truncated to {len}"
+            );
+        }
+    }
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for len in 0..300 {
+        let garbage: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let mut framed = garbage.clone();
+        if framed.len() > 6 {
+            framed[0] = 1; // a valid version and algorithm, random rest
+            framed[1] = 1 + (len % 2) as u8;
+        }
+        assert!(k.decrypt(&c, &cx, &garbage).await.is_err());
+        assert!(k.decrypt(&c, &cx, &framed).await.is_err());
+        let text = String::from_utf8_lossy(&garbage);
+        assert!(phiseal::format::from_text(&text).is_err() || text.starts_with("phs1:"));
+    }
 }

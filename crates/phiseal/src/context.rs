@@ -110,24 +110,39 @@ impl EncryptionContext {
         self.record.as_deref()
     }
 
-    /// Appends the canonical context encoding of `docs/FORMAT.md` §4 to `out`:
+    /// Feeds the canonical context encoding of `docs/FORMAT.md` §4 to `push`, in pieces:
     /// `u8 len ‖ tenant ‖ u8 len ‖ field ‖ (0x00 | 0x01 ‖ u16be len ‖ record)`.
-    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+    /// At most [`MAX_ENCODED_LEN`] bytes in total.
+    pub(crate) fn encode_with(&self, mut push: impl FnMut(&[u8])) {
         // Lengths are bounded by construction (128 and 512), so the casts cannot truncate.
         let tenant = self.tenant.as_str().as_bytes();
         let field = self.field.as_bytes();
-        out.push(tenant.len() as u8);
-        out.extend_from_slice(tenant);
-        out.push(field.len() as u8);
-        out.extend_from_slice(field);
+        push(&[tenant.len() as u8]);
+        push(tenant);
+        push(&[field.len() as u8]);
+        push(field);
         match &self.record {
-            None => out.push(0),
+            None => push(&[0]),
             Some(record) => {
-                out.push(1);
-                out.extend_from_slice(&(record.len() as u16).to_be_bytes());
-                out.extend_from_slice(record.as_bytes());
+                let len = (record.len() as u16).to_be_bytes();
+                push(&[1, len[0], len[1]]);
+                push(record.as_bytes());
             }
         }
+    }
+
+    /// Length of the canonical context encoding.
+    pub(crate) fn encoded_len(&self) -> usize {
+        let record = self.record.as_ref().map_or(1, |r| 3 + r.len());
+        2 + self.tenant.as_str().len() + self.field.len() + record
+    }
+
+    /// The canonical context encoding as a vector.
+    #[cfg(test)]
+    fn encoded(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_with(|b| out.extend_from_slice(b));
+        out
     }
 }
 
@@ -153,16 +168,16 @@ mod tests {
     #[test]
     fn encoding_is_unambiguous() {
         let t = TenantId::new("ab").unwrap();
-        let mut a = Vec::new();
-        EncryptionContext::new(t.clone(), "c")
-            .unwrap()
-            .encode_into(&mut a);
-        let mut b = Vec::new();
+        let a = EncryptionContext::new(t.clone(), "c").unwrap().encoded();
         let t2 = TenantId::new("a").unwrap();
-        EncryptionContext::new(t2, "bc")
-            .unwrap()
-            .encode_into(&mut b);
+        let b = EncryptionContext::new(t2, "bc").unwrap().encoded();
         assert_ne!(a, b);
         assert_eq!(a, [2, b'a', b'b', 1, b'c', 0]);
+        let with_record = EncryptionContext::new(t, "c")
+            .unwrap()
+            .with_record("rec")
+            .unwrap();
+        assert_eq!(with_record.encoded().len(), with_record.encoded_len());
+        assert_eq!(b.len(), 6);
     }
 }

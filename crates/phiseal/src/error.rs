@@ -208,9 +208,12 @@ pub enum BackendErrorKind {
 }
 
 /// A failure reported by a KMS backend, key store or audit sink. Its message must not contain
-/// key bytes or plaintext.
+/// key bytes or plaintext. Boxed inside, so that `Result`s on the per-field path stay small.
 #[derive(Debug)]
-pub struct BackendError {
+pub struct BackendError(Box<BackendErrorInner>);
+
+#[derive(Debug)]
+struct BackendErrorInner {
     kind: BackendErrorKind,
     message: String,
     source: Option<BoxError>,
@@ -219,29 +222,29 @@ pub struct BackendError {
 impl BackendError {
     /// A new error of `kind` with a safe, actionable message.
     pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(BackendErrorInner {
             kind,
             message: message.into(),
             source: None,
-        }
+        }))
     }
 
     /// Keeps the underlying error as `source()`.
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
-        self.source = Some(source.into());
+        self.0.source = Some(source.into());
         self
     }
 
     /// The class of failure.
     pub fn kind(&self) -> BackendErrorKind {
-        self.kind
+        self.0.kind
     }
 }
 
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)?;
-        if let Some(source) = &self.source {
+        f.write_str(&self.0.message)?;
+        if let Some(source) = &self.0.source {
             write!(f, ": {source}")?;
         }
         Ok(())
@@ -250,7 +253,8 @@ impl fmt::Display for BackendError {
 
 impl std::error::Error for BackendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
+        self.0
+            .source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
     }

@@ -11,7 +11,7 @@
 //! in the header and caches it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use rand::{RngCore, TryRngCore};
 use zeroize::Zeroizing;
@@ -45,10 +45,13 @@ pub(crate) fn derive_aes_subkey(
     let subkey = provider
         .hkdf_sha256
         .derive(tenant_key.expose(), salt, &[AES_SUBKEY_INFO]);
-    let key = provider.aes_256_gcm.key(&subkey).map_err(|_| Error::Crypto {
-        provider: provider.name,
-        what: "AES-256-GCM key setup",
-    })?;
+    let key = provider
+        .aes_256_gcm
+        .key(&subkey)
+        .map_err(|_| Error::Crypto {
+            provider: provider.name,
+            what: "AES-256-GCM key setup",
+        })?;
     Ok(Arc::from(key))
 }
 
@@ -85,12 +88,33 @@ pub fn key_check(
         .sign(mac_key.as_slice(), &[&binding.to_aad()])
 }
 
-/// The AAD of a message: its header followed by the context encoding.
-fn aad(header: &[u8], context: &EncryptionContext) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(header.len() + 64);
+/// AADs up to this length are built on the stack; longer ones (long record ids) on the heap.
+const INLINE_AAD_LEN: usize = 192;
+
+/// Calls `f` with the AAD of a message, `header ‖ context encoding`, built on the stack for
+/// typical contexts (no allocation, no copy of the buffer) and on the heap for long record ids.
+fn with_aad<R>(header: &[u8], context: &EncryptionContext, f: impl FnOnce(&[u8]) -> R) -> R {
+    let len = header.len() + context.encoded_len();
+    if len <= INLINE_AAD_LEN {
+        let mut buf = [0u8; INLINE_AAD_LEN];
+        let mut at = 0;
+        let mut push = |bytes: &[u8]| {
+            if let Some(dst) = buf.get_mut(at..at + bytes.len()) {
+                dst.copy_from_slice(bytes);
+            }
+            at += bytes.len();
+        };
+        push(header);
+        context.encode_with(&mut push);
+        // `len` was computed from the same pieces; never authenticate a truncated AAD.
+        if let (true, Some(aad)) = (at == len, buf.get(..len)) {
+            return f(aad);
+        }
+    }
+    let mut aad = Vec::with_capacity(len);
     aad.extend_from_slice(header);
-    context.encode_into(&mut aad);
-    aad
+    context.encode_with(|bytes| aad.extend_from_slice(bytes));
+    f(&aad)
 }
 
 fn crypto_error(provider: &'static CryptoProvider) -> Error {
@@ -120,18 +144,16 @@ pub(crate) fn seal(
     out.push(algorithm.id());
     out.extend_from_slice(&key_version.to_be_bytes());
     out.extend_from_slice(nonce_material);
-    let aad = aad(&out, context);
     let nonce = match algorithm {
         Algorithm::Aes256GcmHkdf => nonce_material.get(KEY_SALT_LEN..),
         Algorithm::XChaCha20Poly1305 => Some(nonce_material),
     }
     .ok_or_else(|| crypto_error(provider))?;
     out.extend_from_slice(plaintext);
-    let body = out
-        .get_mut(header_len..)
+    let (header, body) = out
+        .split_at_mut_checked(header_len)
         .ok_or_else(|| crypto_error(provider))?;
-    let tag = key
-        .seal(nonce, &aad, body)
+    let tag = with_aad(header, context, |aad| key.seal(nonce, aad, body))
         .map_err(|_| crypto_error(provider))?;
     out.extend_from_slice(&tag);
     Ok(out)
@@ -144,15 +166,16 @@ pub(crate) fn open(
     key: &dyn AeadKey,
     context: &EncryptionContext,
 ) -> Result<Zeroizing<Vec<u8>>, Error> {
-    let aad = aad(parsed.header, context);
     let nonce = match parsed.algorithm {
         Algorithm::Aes256GcmHkdf => parsed.nonce_material.get(KEY_SALT_LEN..),
         Algorithm::XChaCha20Poly1305 => Some(parsed.nonce_material),
     }
     .ok_or(Error::DecryptionFailed)?;
     let mut out = Zeroizing::new(vec![0u8; parsed.ciphertext.len()]);
-    key.open(nonce, &aad, parsed.ciphertext, parsed.tag, &mut out)
-        .map_err(|_| Error::DecryptionFailed)?;
+    with_aad(parsed.header, context, |aad| {
+        key.open(nonce, aad, parsed.ciphertext, parsed.tag, &mut out)
+    })
+    .map_err(|_| Error::DecryptionFailed)?;
     Ok(out)
 }
 
@@ -169,13 +192,13 @@ pub(crate) struct VersionKey {
     provider: &'static CryptoProvider,
     version: u32,
     tenant_key: TenantKey,
-    epoch: RwLock<Arc<Epoch>>,
+    epoch: RwLock<Epoch>,
     xchacha: SharedAeadKey,
     subkeys: quick_cache::sync::Cache<[u8; KEY_SALT_LEN], SharedAeadKey>,
     /// Operations served from this cached key, for the cache's max-uses limit.
     pub(crate) uses: AtomicU64,
-    /// When it was unwrapped, for the cache's TTL.
-    pub(crate) loaded_at: std::time::Instant,
+    /// When it was unwrapped, for the cache's TTL (coarse monotonic clock).
+    pub(crate) loaded_at: coarsetime::Instant,
 }
 
 impl VersionKey {
@@ -190,13 +213,13 @@ impl VersionKey {
         Ok(Self {
             provider,
             version,
-            epoch: RwLock::new(Arc::new(epoch)),
+            epoch: RwLock::new(epoch),
             xchacha,
             subkeys: quick_cache::sync::Cache::new(SUBKEY_CACHE_CAPACITY),
             tenant_key,
             // The operation that unwrapped it is its first use.
             uses: AtomicU64::new(1),
-            loaded_at: std::time::Instant::now(),
+            loaded_at: coarsetime::Instant::now_without_cache_update(),
         })
     }
 
@@ -219,6 +242,11 @@ impl VersionKey {
         })
     }
 
+    /// The tenant key version.
+    pub(crate) fn version(&self) -> u32 {
+        self.version
+    }
+
     /// Encrypts one field under this version with `algorithm`.
     pub(crate) fn encrypt(
         &self,
@@ -228,11 +256,11 @@ impl VersionKey {
     ) -> Result<Vec<u8>, Error> {
         match algorithm {
             Algorithm::Aes256GcmHkdf => {
-                let epoch = self.current_epoch()?;
                 let mut material = [0u8; KEY_SALT_LEN + 12];
                 let (salt, nonce) = material.split_at_mut(KEY_SALT_LEN);
-                salt.copy_from_slice(&epoch.salt);
                 rand::rng().fill_bytes(nonce);
+                let epoch = self.epoch_for_message()?;
+                salt.copy_from_slice(&epoch.salt);
                 seal(
                     self.provider,
                     algorithm,
@@ -260,19 +288,18 @@ impl VersionKey {
     }
 
     /// The epoch to encrypt under, counting this message; starts a new epoch at the limit.
-    fn current_epoch(&self) -> Result<Arc<Epoch>, Error> {
-        {
+    fn epoch_for_message(&self) -> Result<RwLockReadGuard<'_, Epoch>, Error> {
+        loop {
             let epoch = self.epoch.read().map_err(|_| self.lock_error())?;
             if epoch.used.fetch_add(1, Ordering::Relaxed) < EPOCH_MESSAGE_LIMIT {
-                return Ok(Arc::clone(&epoch));
+                return Ok(epoch);
+            }
+            drop(epoch);
+            let mut epoch = self.epoch.write().map_err(|_| self.lock_error())?;
+            if epoch.used.load(Ordering::Relaxed) >= EPOCH_MESSAGE_LIMIT {
+                *epoch = Self::new_epoch(self.provider, &self.tenant_key)?;
             }
         }
-        let mut epoch = self.epoch.write().map_err(|_| self.lock_error())?;
-        if epoch.used.load(Ordering::Relaxed) >= EPOCH_MESSAGE_LIMIT {
-            *epoch = Arc::new(Self::new_epoch(self.provider, &self.tenant_key)?);
-        }
-        epoch.used.fetch_add(1, Ordering::Relaxed);
-        Ok(Arc::clone(&epoch))
     }
 
     fn lock_error(&self) -> Error {
@@ -288,29 +315,25 @@ impl VersionKey {
         parsed: &ParsedCiphertext<'_>,
         context: &EncryptionContext,
     ) -> Result<Zeroizing<Vec<u8>>, Error> {
-        let key = match parsed.algorithm {
+        match parsed.algorithm {
             Algorithm::Aes256GcmHkdf => {
                 let salt: [u8; KEY_SALT_LEN] = parsed
                     .nonce_material
                     .get(..KEY_SALT_LEN)
                     .and_then(|s| s.try_into().ok())
                     .ok_or(Error::DecryptionFailed)?;
-                self.subkey_for(&salt)?
+                {
+                    let epoch = self.epoch.read().map_err(|_| self.lock_error())?;
+                    if epoch.salt == salt {
+                        return open(parsed, &*epoch.key, context);
+                    }
+                }
+                let key = self.subkeys.get_or_insert_with(&salt, || {
+                    derive_aes_subkey(self.provider, &self.tenant_key, &salt)
+                })?;
+                open(parsed, &*key, context)
             }
-            Algorithm::XChaCha20Poly1305 => Arc::clone(&self.xchacha),
-        };
-        open(parsed, &*key, context)
-    }
-
-    fn subkey_for(&self, salt: &[u8; KEY_SALT_LEN]) -> Result<SharedAeadKey, Error> {
-        {
-            let epoch = self.epoch.read().map_err(|_| self.lock_error())?;
-            if &epoch.salt == salt {
-                return Ok(Arc::clone(&epoch.key));
-            }
+            Algorithm::XChaCha20Poly1305 => open(parsed, &*self.xchacha, context),
         }
-        self.subkeys.get_or_insert_with(salt, || {
-            derive_aes_subkey(self.provider, &self.tenant_key, salt)
-        })
     }
 }

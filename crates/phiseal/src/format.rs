@@ -106,7 +106,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedCiphertext<'_>, FormatError> {
     let [version, alg, v0, v1, v2, v3, ..] = *bytes else {
         return Err(FormatError::Truncated {
             len: bytes.len(),
-            min: FIXED_HEADER_LEN + TAG_LEN,
+            min: Algorithm::Aes256GcmHkdf.overhead(),
         });
     };
     if version != FORMAT_V1 {

@@ -2,7 +2,9 @@
 //! backend, a key store, an audit sink and cache settings.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use coarsetime::Instant;
 
 use jiff::Timestamp;
 use rand::RngCore;
@@ -253,12 +255,17 @@ impl KeyringBuilder {
                 provider: self.provider,
                 algorithm: self.algorithm,
                 cache: c,
+                key_ttl: c.key_ttl.into(),
+                metadata_ttl: c.metadata_ttl.into(),
                 tenants: quick_cache::sync::Cache::new(c.capacity),
                 keys: quick_cache::sync::Cache::new(c.capacity),
             }),
         })
     }
 }
+
+/// A field operation's result and what it touched.
+type FieldOutcome<T> = (Result<T, Error>, OpMeta);
 
 /// What one field operation touched, for its audit record.
 #[derive(Default)]
@@ -270,6 +277,32 @@ struct OpMeta {
 struct TenantView {
     record: TenantRecord,
     fetched_at: Instant,
+    /// Keys this view has served, so that the per-field fast path needs one cache lookup,
+    /// not two. A memo over `Inner::keys` (which does the coalescing): it dies with the view,
+    /// and every entry is still checked for TTL and max uses before use.
+    hot: std::sync::RwLock<Vec<Arc<VersionKey>>>,
+}
+
+impl TenantView {
+    fn new(record: TenantRecord) -> Self {
+        Self {
+            record,
+            fetched_at: Instant::now_without_cache_update(),
+            hot: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
+    fn hot_key(&self, version: u32) -> Option<Arc<VersionKey>> {
+        let hot = self.hot.read().ok()?;
+        hot.iter().find(|k| k.version() == version).cloned()
+    }
+
+    fn remember(&self, key: &Arc<VersionKey>) {
+        if let Ok(mut hot) = self.hot.write() {
+            hot.retain(|k| k.version() != key.version());
+            hot.push(Arc::clone(key));
+        }
+    }
 }
 
 struct Inner {
@@ -279,6 +312,9 @@ struct Inner {
     provider: &'static CryptoProvider,
     algorithm: Algorithm,
     cache: CacheSettings,
+    /// `cache.key_ttl` and `cache.metadata_ttl` on the coarse clock (checked per operation).
+    key_ttl: coarsetime::Duration,
+    metadata_ttl: coarsetime::Duration,
     tenants: quick_cache::sync::Cache<TenantId, Arc<TenantView>>,
     keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
 }
@@ -354,7 +390,7 @@ impl Keyring {
         caller: &Caller,
         action: Action,
         context: &EncryptionContext,
-        (result, meta): (Result<T, Error>, OpMeta),
+        (result, meta): FieldOutcome<T>,
     ) -> Result<T, Error> {
         if self.inner.audit.is_some() {
             let outcome = outcome_of(&result);
@@ -370,13 +406,20 @@ impl Keyring {
         caller: &Caller,
         action: Action,
         contexts: impl Iterator<Item = &EncryptionContext>,
-        results: Vec<(Result<T, Error>, OpMeta)>,
+        results: Vec<FieldOutcome<T>>,
     ) -> Result<Vec<Result<T, Error>>, Error> {
         if self.inner.audit.is_some() {
             let events: Vec<AuditEvent> = contexts
                 .zip(&results)
                 .map(|(context, (result, meta))| {
-                    Self::event(caller, action, None, Some(context), meta, outcome_of(result))
+                    Self::event(
+                        caller,
+                        action,
+                        None,
+                        Some(context),
+                        meta,
+                        outcome_of(result),
+                    )
                 })
                 .collect();
             self.append(&events).await?;
@@ -391,13 +434,20 @@ impl Keyring {
         caller: &Caller,
         action: Action,
         tenant: &TenantId,
-        op: impl std::future::Future<Output = (Result<T, Error>, OpMeta)>,
+        op: impl std::future::Future<Output = FieldOutcome<T>>,
     ) -> Result<T, Error> {
         let none = OpMeta::default();
         let attempt = Self::event(caller, action, Some(tenant), None, &none, Outcome::Attempt);
         self.append(std::slice::from_ref(&attempt)).await?;
         let (result, meta) = op.await;
-        let done = Self::event(caller, action, Some(tenant), None, &meta, outcome_of(&result));
+        let done = Self::event(
+            caller,
+            action,
+            Some(tenant),
+            None,
+            &meta,
+            outcome_of(&result),
+        );
         self.append(std::slice::from_ref(&done)).await?;
         result
     }
@@ -414,16 +464,14 @@ impl Keyring {
             .ok_or_else(|| Error::TenantNotFound {
                 tenant: tenant.clone(),
             })?;
-        Ok(Arc::new(TenantView {
-            record,
-            fetched_at: Instant::now(),
-        }))
+        Ok(Arc::new(TenantView::new(record)))
     }
 
-    async fn tenant_view(&self, tenant: &TenantId) -> Result<Arc<TenantView>, Error> {
+    /// The tenant's metadata, from the cache if younger than `metadata_ttl` at `now`.
+    async fn tenant_view(&self, tenant: &TenantId, now: Instant) -> Result<Arc<TenantView>, Error> {
         let tenants = &self.inner.tenants;
         if let Some(view) = tenants.get(tenant) {
-            if view.fetched_at.elapsed() <= self.inner.cache.metadata_ttl {
+            if now.duration_since(view.fetched_at) <= self.inner.metadata_ttl {
                 return Ok(view);
             }
             tenants.remove_if(tenant, |v| Arc::ptr_eq(v, &view));
@@ -446,6 +494,7 @@ impl Keyring {
         caller: &Caller,
         view: &TenantView,
         version: u32,
+        now: Instant,
     ) -> Result<(Arc<VersionKey>, KeySource), Error> {
         let inner = &self.inner;
         let record = &view.record;
@@ -461,16 +510,18 @@ impl Keyring {
                 tenant: tenant.clone(),
                 version,
             })?;
-        let cache_key = (tenant.clone(), version);
-        if let Some(key) = inner.keys.get(&cache_key) {
-            let fresh = key.loaded_at.elapsed() <= inner.cache.key_ttl
+        if let Some(key) = inner.keys.get(&KeyRef(tenant, version)) {
+            let fresh = now.duration_since(key.loaded_at) <= inner.key_ttl
                 && key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                     < inner.cache.max_uses;
             if fresh {
                 return Ok((key, KeySource::Cache));
             }
-            inner.keys.remove_if(&cache_key, |k| Arc::ptr_eq(k, &key));
+            inner
+                .keys
+                .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
         }
+        let cache_key = (tenant.clone(), version);
         let mut unwrapped_here = false;
         let key = inner
             .keys
@@ -545,15 +596,64 @@ impl Keyring {
 
     // ----- field operations ----------------------------------------------------------------
 
+    /// The fresh key of `version` remembered by `view`, without touching the KMS or the store; `None`
+    /// sends the caller to the slow path (which also handles expiry and max uses).
+    fn cached_key(&self, view: &TenantView, version: u32, now: Instant) -> Option<Arc<VersionKey>> {
+        let inner = &self.inner;
+        let key = view.hot_key(version)?;
+        let fresh = now.duration_since(key.loaded_at) <= inner.key_ttl
+            && key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < inner.cache.max_uses;
+        fresh.then_some(key)
+    }
+
+    /// The cached, fresh metadata of a live tenant; `None` sends the caller to the slow path.
+    fn cached_view(&self, tenant: &TenantId, now: Instant) -> Option<Arc<TenantView>> {
+        let view = self.inner.tenants.get(tenant)?;
+        let fresh = now.duration_since(view.fetched_at) <= self.inner.metadata_ttl;
+        (fresh && view.record.shredded_at.is_none()).then_some(view)
+    }
+
+    /// Encrypts from the caches alone (no await); `None` when something is not cached.
+    fn encrypt_cached(
+        &self,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+        now: Instant,
+    ) -> Option<FieldOutcome<Vec<u8>>> {
+        let view = self.cached_view(context.tenant(), now)?;
+        let version = view.record.primary()?.version;
+        let key = self.cached_key(&view, version, now)?;
+        let meta = OpMeta {
+            key_version: Some(version),
+            key_source: Some(KeySource::Cache),
+        };
+        Some((key.encrypt(self.inner.algorithm, context, plaintext), meta))
+    }
+
     async fn encrypt_one(
         &self,
         caller: &Caller,
         context: &EncryptionContext,
         plaintext: &[u8],
-    ) -> (Result<Vec<u8>, Error>, OpMeta) {
+    ) -> FieldOutcome<Vec<u8>> {
+        let now = Instant::now_without_cache_update();
+        match self.encrypt_cached(context, plaintext, now) {
+            Some(outcome) => outcome,
+            None => self.encrypt_slow(caller, context, plaintext, now).await,
+        }
+    }
+
+    /// Encrypts through the store and the KMS where the caches miss.
+    async fn encrypt_slow(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+        now: Instant,
+    ) -> FieldOutcome<Vec<u8>> {
         let mut meta = OpMeta::default();
         let result = async {
-            let view = self.tenant_view(context.tenant()).await?;
+            let view = self.tenant_view(context.tenant(), now).await?;
             let primary = view
                 .record
                 .primary()
@@ -562,7 +662,8 @@ impl Keyring {
                 })?
                 .version;
             meta.key_version = Some(primary);
-            let (key, source) = self.version_key(caller, &view, primary).await?;
+            let (key, source) = self.version_key(caller, &view, primary, now).await?;
+            view.remember(&key);
             meta.key_source = Some(source);
             key.encrypt(self.inner.algorithm, context, plaintext)
         }
@@ -570,22 +671,59 @@ impl Keyring {
         (result, meta)
     }
 
+    /// Decrypts from the caches alone (no await); `None` when something is not cached or the
+    /// ciphertext needs the slow path's checks and errors.
+    fn decrypt_cached(
+        &self,
+        context: &EncryptionContext,
+        ciphertext: &[u8],
+        now: Instant,
+    ) -> Option<FieldOutcome<Zeroizing<Vec<u8>>>> {
+        let parsed = format::parse(ciphertext).ok()?;
+        let version = parsed.key_version;
+        let view = self.cached_view(context.tenant(), now)?;
+        if version < view.record.min_decrypt_version {
+            return None;
+        }
+        let key = self.cached_key(&view, version, now)?;
+        let meta = OpMeta {
+            key_version: Some(version),
+            key_source: Some(KeySource::Cache),
+        };
+        Some((key.decrypt(&parsed, context), meta))
+    }
+
     async fn decrypt_one(
         &self,
         caller: &Caller,
         context: &EncryptionContext,
         ciphertext: &[u8],
-    ) -> (Result<Zeroizing<Vec<u8>>, Error>, OpMeta) {
+    ) -> FieldOutcome<Zeroizing<Vec<u8>>> {
+        let now = Instant::now_without_cache_update();
+        match self.decrypt_cached(context, ciphertext, now) {
+            Some(outcome) => outcome,
+            None => self.decrypt_slow(caller, context, ciphertext, now).await,
+        }
+    }
+
+    /// Decrypts through the store and the KMS where the caches miss, with every check.
+    async fn decrypt_slow(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        ciphertext: &[u8],
+        now: Instant,
+    ) -> FieldOutcome<Zeroizing<Vec<u8>>> {
         let mut meta = OpMeta::default();
         let result = async {
             let parsed = format::parse(ciphertext)?;
             let version = parsed.key_version;
             meta.key_version = Some(version);
-            let mut view = self.tenant_view(context.tenant()).await?;
+            let mut view = self.tenant_view(context.tenant(), now).await?;
             if version > view.record.latest_version() && view.record.shredded_at.is_none() {
                 // Possibly rotated by another process since we cached the metadata.
                 self.inner.tenants.remove(context.tenant());
-                view = self.tenant_view(context.tenant()).await?;
+                view = self.tenant_view(context.tenant(), now).await?;
             }
             let min = view.record.min_decrypt_version;
             if version < min && view.record.shredded_at.is_none() {
@@ -595,7 +733,8 @@ impl Keyring {
                     min,
                 });
             }
-            let (key, source) = self.version_key(caller, &view, version).await?;
+            let (key, source) = self.version_key(caller, &view, version, now).await?;
+            view.remember(&key);
             meta.key_source = Some(source);
             key.decrypt(&parsed, context)
         }
@@ -608,14 +747,16 @@ impl Keyring {
         caller: &Caller,
         context: &EncryptionContext,
         ciphertext: &[u8],
-    ) -> (Result<Vec<u8>, Error>, OpMeta) {
+    ) -> FieldOutcome<Vec<u8>> {
         let (plaintext, _) = self.decrypt_one(caller, context, ciphertext).await;
         let plaintext = match plaintext {
             Ok(p) => p,
             Err(e) => return (Err(e), OpMeta::default()),
         };
         if let Ok(parsed) = format::parse(ciphertext) {
-            let view = self.tenant_view(context.tenant()).await;
+            let view = self
+                .tenant_view(context.tenant(), Instant::now_without_cache_update())
+                .await;
             let primary = view
                 .as_ref()
                 .ok()
@@ -638,7 +779,12 @@ impl Keyring {
         context: &EncryptionContext,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        let outcome = self.encrypt_one(caller, context, plaintext).await;
+        let now = Instant::now_without_cache_update();
+        let outcome = match self.encrypt_cached(context, plaintext, now) {
+            Some(outcome) if self.inner.audit.is_none() => return outcome.0,
+            Some(outcome) => outcome,
+            None => self.encrypt_slow(caller, context, plaintext, now).await,
+        };
         self.finish(caller, Action::Encrypt, context, outcome).await
     }
 
@@ -649,7 +795,12 @@ impl Keyring {
         context: &EncryptionContext,
         ciphertext: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, Error> {
-        let outcome = self.decrypt_one(caller, context, ciphertext).await;
+        let now = Instant::now_without_cache_update();
+        let outcome = match self.decrypt_cached(context, ciphertext, now) {
+            Some(outcome) if self.inner.audit.is_none() => return outcome.0,
+            Some(outcome) => outcome,
+            None => self.decrypt_slow(caller, context, ciphertext, now).await,
+        };
         self.finish(caller, Action::Decrypt, context, outcome).await
     }
 
@@ -778,7 +929,9 @@ impl Keyring {
             let mut meta = OpMeta::default();
             let result = async {
                 self.inner.tenants.remove(tenant);
-                let view = self.tenant_view(tenant).await?;
+                let view = self
+                    .tenant_view(tenant, Instant::now_without_cache_update())
+                    .await?;
                 if view.record.shredded_at.is_some() {
                     return Err(Error::KeyDestroyed {
                         tenant: tenant.clone(),
@@ -824,7 +977,9 @@ impl Keyring {
             };
             let result = async {
                 self.inner.tenants.remove(tenant);
-                let view = self.tenant_view(tenant).await?;
+                let view = self
+                    .tenant_view(tenant, Instant::now_without_cache_update())
+                    .await?;
                 if view.record.shredded_at.is_some() {
                     return Err(Error::KeyDestroyed {
                         tenant: tenant.clone(),
@@ -943,6 +1098,23 @@ fn status_of(record: TenantRecord) -> TenantStatus {
         tenant: record.tenant,
         min_decrypt_version: min,
         shredded_at: record.shredded_at,
+    }
+}
+
+/// A borrowed key-cache key: looks up `(TenantId, u32)` without cloning the tenant id.
+/// Hashes exactly like the tuple (fields in order), as `Equivalent` requires.
+struct KeyRef<'a>(&'a TenantId, u32);
+
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+        self.1.hash(state);
+    }
+}
+
+impl quick_cache::Equivalent<(TenantId, u32)> for KeyRef<'_> {
+    fn equivalent(&self, key: &(TenantId, u32)) -> bool {
+        *self.0 == key.0 && self.1 == key.1
     }
 }
 

@@ -58,6 +58,11 @@ pub fn open(
     ciphertext: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, Error> {
     let parsed = format::parse(ciphertext)?;
-    let key = field_key(provider, tenant_key, parsed.algorithm, parsed.nonce_material)?;
+    let key = field_key(
+        provider,
+        tenant_key,
+        parsed.algorithm,
+        parsed.nonce_material,
+    )?;
     field::open(&parsed, &*key, context)
 }
