@@ -94,30 +94,29 @@ fn roundtrip(c: &mut Criterion) {
     let awslc = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).unwrap());
     let rc = aes_gcm::Aes256Gcm::new(&key.into());
 
+    let aws_lc = &phiseal::crypto::aws_lc::PROVIDER;
+    let rust_crypto = &phiseal::crypto::rust_crypto::PROVIDER;
     let setups = [
+        ("keyring-aws-lc-audit-off", keyring(&rt, aws_lc, None)),
         (
-            "keyring-aws-lc-audit-off",
-            keyring(&rt, &phiseal::crypto::aws_lc::PROVIDER, None),
+            "keyring-aws-lc-audit-interval",
+            keyring(&rt, aws_lc, Some(Durability::default())),
+        ),
+        (
+            "keyring-aws-lc-audit-buffered",
+            keyring(&rt, aws_lc, Some(Durability::buffered())),
         ),
         (
             "keyring-rust-crypto-audit-off",
-            keyring(&rt, &phiseal::crypto::rust_crypto::PROVIDER, None),
+            keyring(&rt, rust_crypto, None),
         ),
         (
-            "keyring-aws-lc-audit-on",
-            keyring(
-                &rt,
-                &phiseal::crypto::aws_lc::PROVIDER,
-                Some(Durability::default()),
-            ),
+            "keyring-rust-crypto-audit-interval",
+            keyring(&rt, rust_crypto, Some(Durability::default())),
         ),
         (
-            "keyring-rust-crypto-audit-on",
-            keyring(
-                &rt,
-                &phiseal::crypto::rust_crypto::PROVIDER,
-                Some(Durability::default()),
-            ),
+            "keyring-rust-crypto-audit-buffered",
+            keyring(&rt, rust_crypto, Some(Durability::buffered())),
         ),
     ];
 

@@ -26,7 +26,7 @@ use crate::format::{
 ///
 /// | mode | `append` returns after | a process crash (SIGKILL, abort, OOM kill) loses | a power cut or kernel crash loses |
 /// |------|------------------------|--------------------------------------------------|-----------------------------------|
-/// | [`Buffered`](Durability::Buffered) | the records are queued in memory (no I/O) | acknowledged records not yet written: normally those of the last `flush_every` (≈ 1 ms), but the whole queue (at most 1,000,000 records) if the disk falls behind | acknowledged records of the last `sync_every` + `flush_every` (plus one `write(2)`'s and one fdatasync's duration), or more if the disk falls behind |
+/// | [`Buffered`](Durability::Buffered) | the records are queued in memory (no I/O) | acknowledged records not yet written: normally those of the last `flush_every` (≈ 1 ms), but the whole queue (at most 65,536 records) if the disk falls behind | acknowledged records of the last `sync_every` + `flush_every` (plus one `write(2)`'s and one fdatasync's duration), or more if the disk falls behind |
 /// | [`Interval(d)`](Durability::Interval) | `write(2)` | nothing acknowledged | acknowledged records of at most the last `d` (plus one fdatasync's duration) |
 /// | [`Strict`](Durability::Strict) | an `fdatasync` covering its records | nothing acknowledged | nothing acknowledged |
 ///
@@ -45,8 +45,10 @@ use crate::format::{
 ///
 /// Always `flush().await` on shutdown (it writes and fdatasyncs everything acknowledged);
 /// dropping the log also writes the queue (and fdatasyncs it in the background). With the
-/// queue full (the disk not keeping up), `append` fails with [`AuditFileError::QueueFull`]
-/// instead of growing without bound.
+/// queue full (65,536 records: the writer not keeping up), `append` waits for the writer
+/// thread to drain half of it (back-pressure: callers slow to the writer's pace) instead of
+/// growing without bound; only a single batch larger than the queue fails with
+/// [`AuditFileError::QueueFull`].
 ///
 /// A power cut can also leave a torn (partial) last line; see
 /// [`FileAuditLog::recover_torn_tail`].
@@ -96,7 +98,7 @@ impl Durability {
 const HIGH_WATER: usize = 4096;
 /// Buffered mode: `append` fails once this many records are queued: 152 MB of events (152
 /// bytes each) plus their strings, about a second of work for the writer thread.
-const QUEUE_LIMIT: usize = 1_000_000;
+const QUEUE_LIMIT: usize = 65_536;
 /// Buffered mode: the writer thread's shortest period.
 const MIN_FLUSH_EVERY: Duration = Duration::from_micros(100);
 /// Buffered mode: the writer writes at most this many bytes per `write(2)`.
@@ -654,16 +656,53 @@ impl FileAuditLog {
         Ok(())
     }
 
+    /// Buffered mode with back-pressure: when the queue is full, wakes the writer thread and
+    /// waits (without blocking the runtime) until it has written half of the queue, then
+    /// retries. Under sustained overload callers are slowed to the writer's pace instead of
+    /// failing; only a batch larger than the whole queue, or a poisoned log, fails.
+    async fn enqueue_or_wait(
+        &self,
+        buf: &Buffer,
+        events: &[AuditEvent],
+    ) -> Result<(), AuditFileError> {
+        loop {
+            match self.enqueue(buf, events) {
+                Err(AuditFileError::QueueFull { queued, .. })
+                    if events.len() <= buf.limit && self.writer_drains(buf) =>
+                {
+                    let target = {
+                        let q = lock(&buf.queue).ok_or_else(|| self.poisoned())?;
+                        let half = u64::try_from(queued / 2).unwrap_or(u64::MAX);
+                        q.next_seq.saturating_sub(half)
+                    };
+                    buf.wake.notify_one();
+                    self.wait_status(|s| s.written >= target).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether the writer thread drains the queue (always, except behind the test seam).
+    fn writer_drains(&self, _buf: &Buffer) -> bool {
+        #[cfg(test)]
+        if _buf.paused.load(Ordering::Relaxed) {
+            return false;
+        }
+        true
+    }
+
     /// Appends events (see [`AuditSink::append`]), with this crate's error type.
     ///
     /// In [`Durability::Buffered`] mode this only queues them (see [`Durability`] for what that
-    /// means on a crash) and fails with [`AuditFileError::QueueFull`] when the queue is full.
+    /// means on a crash); when the queue is full it waits for the writer thread (back-pressure),
+    /// and fails with [`AuditFileError::QueueFull`] only for a batch larger than the queue.
     pub async fn append_events(&self, events: &[AuditEvent]) -> Result<(), AuditFileError> {
         if events.is_empty() {
             return Ok(());
         }
         if let Some(buf) = &self.shared.buffer {
-            return self.enqueue(buf, events);
+            return self.enqueue_or_wait(buf, events).await;
         }
         self.write_events(events)?;
         match self.shared.durability {
@@ -1372,6 +1411,38 @@ mod tests {
         assert!(matches!(err, AuditFileError::Poisoned { .. }), "{err}");
         // Record 1 was written before the failed fdatasync: nothing queued was lost.
         assert!(!err.to_string().contains("lost"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn buffered_full_queue_waits_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // A queue of 10 and 4 tasks × 100 appends: appends must wait, never fail or drop.
+        let log =
+            Arc::new(FileAuditLog::open_with_limit(&path, Durability::buffered(), 10).unwrap());
+        let mut tasks = Vec::new();
+        for t in 0..4u32 {
+            let log = Arc::clone(&log);
+            tasks.push(tokio::spawn(async move {
+                for i in 0..100 {
+                    log.append_events(&[event(t * 1000 + i)]).await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // A batch larger than the whole queue can never fit: refused, not waited for.
+        let big: Vec<AuditEvent> = (0..11).map(event).collect();
+        assert!(matches!(
+            log.append_events(&big).await,
+            Err(AuditFileError::QueueFull { .. })
+        ));
+        log.flush_log().await.unwrap();
+        drop(log);
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.last_seq, Some(400));
     }
 
     #[tokio::test]

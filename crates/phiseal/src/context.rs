@@ -110,6 +110,16 @@ impl EncryptionContext {
         self.record.as_deref()
     }
 
+    /// The field name, shared (no copy for audit events).
+    pub(crate) fn field_shared(&self) -> &Arc<str> {
+        &self.field
+    }
+
+    /// The record id, shared (no copy for audit events).
+    pub(crate) fn record_shared(&self) -> Option<&Arc<str>> {
+        self.record.as_ref()
+    }
+
     /// Feeds the canonical context encoding of `docs/FORMAT.md` §4 to `push`, in pieces:
     /// `u8 len ‖ tenant ‖ u8 len ‖ field ‖ (0x00 | 0x01 ‖ u16be len ‖ record)`.
     /// At most [`MAX_ENCODED_LEN`] bytes in total.
