@@ -96,27 +96,30 @@ fn roundtrip(c: &mut Criterion) {
 
     let aws_lc = &phiseal::crypto::aws_lc::PROVIDER;
     let rust_crypto = &phiseal::crypto::rust_crypto::PROVIDER;
-    let setups = [
-        ("keyring-aws-lc-audit-off", keyring(&rt, aws_lc, None)),
+    // Each keyring is built inside its own benchmark, so that no other keyring (or audit
+    // writer thread) is alive while it is measured.
+    let configs: [(&str, &'static CryptoProvider, Option<Durability>); 6] = [
+        ("keyring-aws-lc-audit-off", aws_lc, None),
         (
             "keyring-aws-lc-audit-interval",
-            keyring(&rt, aws_lc, Some(Durability::default())),
+            aws_lc,
+            Some(Durability::default()),
         ),
         (
             "keyring-aws-lc-audit-buffered",
-            keyring(&rt, aws_lc, Some(Durability::buffered())),
+            aws_lc,
+            Some(Durability::buffered()),
         ),
-        (
-            "keyring-rust-crypto-audit-off",
-            keyring(&rt, rust_crypto, None),
-        ),
+        ("keyring-rust-crypto-audit-off", rust_crypto, None),
         (
             "keyring-rust-crypto-audit-interval",
-            keyring(&rt, rust_crypto, Some(Durability::default())),
+            rust_crypto,
+            Some(Durability::default()),
         ),
         (
             "keyring-rust-crypto-audit-buffered",
-            keyring(&rt, rust_crypto, Some(Durability::buffered())),
+            rust_crypto,
+            Some(Durability::buffered()),
         ),
     ];
 
@@ -158,8 +161,9 @@ fn roundtrip(c: &mut Criterion) {
                 })
             },
         );
-        for (name, setup) in &setups {
-            group.bench_with_input(BenchmarkId::new(*name, size), &plaintext, |b, pt| {
+        for (name, provider, audit) in configs {
+            group.bench_with_input(BenchmarkId::new(name, size), &plaintext, |b, pt| {
+                let setup = keyring(&rt, provider, audit);
                 b.iter_custom(|iters| {
                     rt.block_on(async {
                         let start = Instant::now();
@@ -171,7 +175,8 @@ fn roundtrip(c: &mut Criterion) {
                         }
                         start.elapsed()
                     })
-                })
+                });
+                rt.block_on(setup.keyring.flush_audit()).unwrap();
             });
         }
     }

@@ -24,6 +24,15 @@ pub enum AuditFileError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process (or another `FileAuditLog` in this one) has the log open for writing.
+    #[error(
+        "audit log {path} is already open for writing by another process: one writer per log \
+         file (give each process its own log)"
+    )]
+    Locked {
+        /// The path.
+        path: PathBuf,
+    },
     /// The path exists but is not a regular file.
     #[error("audit log {path} is not a regular file")]
     NotAFile {
@@ -142,9 +151,9 @@ impl AuditFileError {
     /// The broad class of this failure, for [`BackendError`].
     pub fn backend_kind(&self) -> BackendErrorKind {
         match self {
-            AuditFileError::Open { .. } | AuditFileError::NotAFile { .. } => {
-                BackendErrorKind::Misconfigured
-            }
+            AuditFileError::Open { .. }
+            | AuditFileError::NotAFile { .. }
+            | AuditFileError::Locked { .. } => BackendErrorKind::Misconfigured,
             AuditFileError::RecordTooLarge { .. } => BackendErrorKind::InvalidData,
             AuditFileError::QueueFull { .. } => BackendErrorKind::Unavailable,
             AuditFileError::Io { .. }

@@ -370,6 +370,20 @@ fn head_from_tail(path: &Path, file: &File, start: u64, end: u64) -> Result<Head
 
 /// Opens `path` for appending, creating it (mode 0600) if absent. Returns the file and whether
 /// it was created.
+/// One writer per file: an advisory exclusive lock (flock), held as long as `file` is open.
+fn lock_exclusive(path: &Path, file: &File) -> Result<(), AuditFileError> {
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => AuditFileError::Locked {
+            path: path.to_owned(),
+        },
+        std::fs::TryLockError::Error(source) => AuditFileError::Io {
+            path: path.to_owned(),
+            op: "lock",
+            source,
+        },
+    })
+}
+
 fn open_append(path: &Path) -> Result<(File, bool), AuditFileError> {
     let open_err = |source| AuditFileError::Open {
         path: path.to_owned(),
@@ -412,6 +426,7 @@ impl FileAuditLog {
         limit: usize,
     ) -> Result<Self, AuditFileError> {
         let (file, created) = open_append(path)?;
+        lock_exclusive(path, &file)?;
         let meta = file.metadata().map_err(io_err(path, "stat"))?;
         if !meta.is_file() {
             return Err(AuditFileError::NotAFile {
@@ -758,6 +773,7 @@ impl FileAuditLog {
                 path: path.to_owned(),
                 source,
             })?;
+        lock_exclusive(path, &file)?;
         let meta = file.metadata().map_err(io_err(path, "stat"))?;
         if !meta.is_file() {
             return Err(AuditFileError::NotAFile {
@@ -1269,6 +1285,9 @@ impl Drop for FileAuditLog {
             }
             _ => shared.stop_sync_thread(),
         }
+        // Everything is written by now (a last fdatasync may still be running on the sync
+        // thread's descriptor): release the one-writer lock so the log can be reopened at once.
+        let _ = shared.sync_file.unlock();
     }
 }
 
@@ -1276,6 +1295,10 @@ impl Drop for FileAuditLog {
 impl AuditSink for FileAuditLog {
     fn name(&self) -> &str {
         "file"
+    }
+
+    fn acknowledges_before_write(&self) -> bool {
+        matches!(self.shared.durability, Durability::Buffered { .. })
     }
 
     async fn append(&self, events: &[AuditEvent]) -> Result<(), BackendError> {

@@ -233,16 +233,16 @@ impl Checker {
                 "a header record after the first line: another log was spliced in",
             );
         }
-        if let Kind::Recovered { offset } = p.kind {
-            if offset != self.offset {
-                self.problem(
-                    ProblemKind::Malformed,
-                    format!(
-                        "recovery record claims offset {offset} but is at offset {}",
-                        self.offset
-                    ),
-                );
-            }
+        if let Kind::Recovered { offset } = p.kind
+            && offset != self.offset
+        {
+            self.problem(
+                ProblemKind::Malformed,
+                format!(
+                    "recovery record claims offset {offset} but is at offset {}",
+                    self.offset
+                ),
+            );
         }
         if let Some((prev_hash, prev_seq)) = self.prev {
             if p.prev != prev_hash {

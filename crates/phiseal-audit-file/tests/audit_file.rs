@@ -663,3 +663,15 @@ async fn export_filters_by_tenant_and_time() {
         "{err}"
     );
 }
+
+#[test]
+fn a_second_writer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let first = FileAuditLog::open(&path, Durability::default()).unwrap();
+    let err = FileAuditLog::open(&path, Durability::default()).unwrap_err();
+    assert!(matches!(err, AuditFileError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("one writer per log"), "{err}");
+    drop(first);
+    FileAuditLog::open(&path, Durability::default()).unwrap();
+}

@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use phiseal::audit::{AuditEvent, AuditSink};
 use phiseal::kms::{KeyBinding, Kms, WrappedKey};
-use phiseal::store::KeyStore;
+use phiseal::store::{KeyRecord, KeyStore, TenantRecord};
 use phiseal::{
     Actor, Algorithm, BackendError, BackendErrorKind, CacheSettings, Caller, EncryptionContext,
     Error, Keyring, Profile, TenantId, TenantKey,
@@ -679,27 +679,143 @@ async fn concurrent_rotations_never_duplicate_a_version() {
 }
 
 #[tokio::test]
-async fn another_process_rotation_is_seen_within_metadata_ttl() {
+async fn another_process_rotation_is_seen_within_the_documented_bounds() {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let c = caller();
-    let fast = CacheSettings {
+    let slow_metadata = CacheSettings {
+        metadata_ttl: Duration::from_secs(60),
+        key_ttl: Duration::from_secs(60),
+        ..CacheSettings::default()
+    };
+    let fast_metadata = CacheSettings {
         metadata_ttl: Duration::from_millis(100),
         ..CacheSettings::default()
     };
-    let a = keyring_on(&p, fast);
-    let b = keyring_on(&p, fast);
+    let a = keyring_on(&p, CacheSettings::default());
+    let b = keyring_on(&p, slow_metadata);
+    let e = keyring_on(&p, fast_metadata);
     a.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
     b.encrypt(&c, &cx, b"warm").await.unwrap();
+    e.encrypt(&c, &cx, b"warm").await.unwrap();
     a.rotate(&c, &tenant("t")).await.unwrap();
-    // b decrypts a v2 ciphertext at once (unknown version triggers a refresh) …
     let v2 = a.encrypt(&c, &cx, b"new").await.unwrap();
-    assert_eq!(&b.decrypt(&c, &cx, &v2).await.unwrap()[..], b"new");
-    // … and encrypts under v2 once its metadata is older than the bound.
+    // A ciphertext under an unknown newer version refreshes the metadata, at most once per
+    // 100 ms (so forged versions cannot hammer the store) …
     tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(&b.decrypt(&c, &cx, &v2).await.unwrap()[..], b"new");
+    // … long before b's 60 s metadata TTL, after which b also encrypts under v2.
     let ct = b.encrypt(&c, &cx, b"x").await.unwrap();
     assert_eq!(phiseal::format::parse(&ct).unwrap().key_version, 2);
+    // Encryption alone picks up the rotation within metadata_ttl.
+    let ct = e.encrypt(&c, &cx, b"x").await.unwrap();
+    assert_eq!(phiseal::format::parse(&ct).unwrap().key_version, 2);
+}
+
+/// A key store wrapper that counts `load_tenant` calls (the real SQLite store does the work).
+#[derive(Debug)]
+struct CountingStore {
+    inner: Arc<dyn KeyStore>,
+    loads: AtomicUsize,
+}
+
+#[async_trait]
+impl KeyStore for CountingStore {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    async fn create_tenant(&self, t: &TenantId, first: KeyRecord) -> Result<(), BackendError> {
+        self.inner.create_tenant(t, first).await
+    }
+    async fn load_tenant(&self, t: &TenantId) -> Result<Option<TenantRecord>, BackendError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        self.inner.load_tenant(t).await
+    }
+    async fn insert_version(&self, t: &TenantId, l: u32, n: KeyRecord) -> Result<(), BackendError> {
+        self.inner.insert_version(t, l, n).await
+    }
+    async fn set_min_decrypt_version(&self, t: &TenantId, m: u32) -> Result<(), BackendError> {
+        self.inner.set_min_decrypt_version(t, m).await
+    }
+    async fn shred_tenant(&self, t: &TenantId, at: jiff::Timestamp) -> Result<(), BackendError> {
+        self.inner.shred_tenant(t, at).await
+    }
+    async fn list_tenants(&self) -> Result<Vec<TenantId>, BackendError> {
+        self.inner.list_tenants().await
+    }
+    async fn replace_wrapped(
+        &self,
+        t: &TenantId,
+        v: u32,
+        e: &WrappedKey,
+        r: WrappedKey,
+    ) -> Result<(), BackendError> {
+        self.inner.replace_wrapped(t, v, e, r).await
+    }
+}
+
+#[tokio::test]
+async fn forged_versions_do_not_reach_the_store_on_every_call() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let store = Arc::new(CountingStore {
+        inner: p.store.clone(),
+        loads: AtomicUsize::new(0),
+    });
+    let k = Keyring::builder()
+        .kms(p.kms.clone())
+        .key_store(store.clone())
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let mut ct = k.encrypt(&c, &cx, b"x").await.unwrap();
+    ct[2..6].copy_from_slice(&u32::MAX.to_be_bytes());
+    let before = store.loads.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
+        assert!(matches!(err, Error::KeyVersionNotFound { .. }), "{err}");
+    }
+    // 50 forged ciphertexts within a few milliseconds: at most one refresh.
+    assert!(store.loads.load(Ordering::SeqCst) - before <= 1);
+}
+
+#[tokio::test]
+async fn production_refuses_a_buffered_audit_log_unless_allowed() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let log = Arc::new(
+        phiseal_audit_file::FileAuditLog::open(
+            dir.path().join("buffered.log"),
+            phiseal_audit_file::Durability::buffered(),
+        )
+        .unwrap(),
+    );
+    let not_dev = Arc::new(CountingKms {
+        inner: p.kms.inner.clone(),
+        unwraps: AtomicUsize::new(0),
+    });
+    let build = |allow: bool| {
+        let b = Keyring::builder()
+            .kms(not_dev.clone())
+            .key_store(p.store.clone())
+            .audit(log.clone())
+            .profile(Profile::Production);
+        if allow {
+            b.danger_allow_buffered_audit()
+        } else {
+            b
+        }
+        .build()
+    };
+    match build(false) {
+        Err(Error::Config(m)) => assert!(m.contains("danger_allow_buffered_audit"), "{m}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    assert!(build(true).is_ok());
 }
 
 #[tokio::test]

@@ -155,6 +155,14 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
     /// A short name for errors (`file`, …).
     fn name(&self) -> &str;
 
+    /// True if [`AuditSink::append`] may return before the records reached the operating
+    /// system (an in-memory queue). Such a sink can lose acknowledged records if its writer
+    /// later fails, so it is not fail-closed: the `Production` profile refuses it unless
+    /// explicitly allowed.
+    fn acknowledges_before_write(&self) -> bool {
+        false
+    }
+
     /// Appends events, in order. Returns only once they are as durable as the sink's
     /// durability setting promises; an error means they may not be recorded, and the caller
     /// fails the operation.

@@ -1,20 +1,22 @@
 //! Field encryption under one tenant key version: subkey derivation, nonce handling, AAD,
 //! seal and open. The layout is in [`crate::format`]; the rationale in `docs/FORMAT.md`.
 //!
-//! **Nonce safety of the default algorithm.** A random 10-byte salt is drawn from the OS for
-//! each *encryption epoch*; the epoch's AES-256-GCM subkey is
-//! `HKDF-SHA256(ikm = tenant key, salt, info = "phiseal v1 aes-256-gcm-hkdf subkey")`.
-//! Each message under it gets a random 96-bit nonce from a userspace CSPRNG (rand's ChaCha12
-//! thread RNG, seeded from the OS). An epoch ends after [`EPOCH_MESSAGE_LIMIT`] messages, far
-//! below SP 800-38D's 2^32 cap for random nonces, so the number of messages per tenant key
-//! version is unbounded without operator action. Decryption re-derives the subkey from the salt
-//! in the header and caches it.
+//! **Nonce safety of the default algorithm.** Each *encryption epoch* draws, from the OS, a
+//! random 10-byte salt and a random 4-byte nonce prefix. The epoch's AES-256-GCM subkey is
+//! `HKDF-SHA256(ikm = tenant key, salt, info = "phiseal v1 aes-256-gcm-hkdf subkey")`, and its
+//! messages use the nonce `prefix ‖ u64be counter` with a counter starting at 0 — the
+//! deterministic IV construction of SP 800-38D §8.2.1, so nonces never repeat under one
+//! subkey. An epoch ends after [`EPOCH_MESSAGE_LIMIT`] messages; a new one starts whenever a
+//! key version is loaded into a cache. Two epochs reuse a nonce only if they drew the same
+//! salt *and* the same prefix (2^-112 per pair of epochs), so the number of messages per
+//! tenant key version needs no operator action (`docs/FORMAT.md` §7). Decryption re-derives
+//! the subkey from the salt in the header and caches it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use rand::{RngCore, TryRngCore};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::context::EncryptionContext;
 use crate::crypto::{AeadKey, CryptoProvider};
@@ -23,10 +25,9 @@ use crate::format::{Algorithm, FORMAT_V1, KEY_SALT_LEN, ParsedCiphertext};
 use crate::kms::KeyBinding;
 use crate::secret::TenantKey;
 
-/// Messages per encryption epoch (per derived AES-GCM subkey) before a new salt is drawn.
-/// With random 96-bit nonces the chance of any nonce collision within one epoch is below
-/// 2^60 / 2^97 = 2^-37.
-pub const EPOCH_MESSAGE_LIMIT: u64 = 1 << 30;
+/// Messages per encryption epoch (per derived AES-GCM subkey) before a new salt is drawn:
+/// the counter half of the nonce never wraps, and one subkey never encrypts more than this.
+pub const EPOCH_MESSAGE_LIMIT: u64 = 1 << 32;
 
 const AES_SUBKEY_INFO: &[u8] = b"phiseal v1 aes-256-gcm-hkdf subkey";
 const XCHACHA_KEY_INFO: &[u8] = b"phiseal v1 xchacha20-poly1305 key";
@@ -153,10 +154,17 @@ pub(crate) fn seal(
     let (header, body) = out
         .split_at_mut_checked(header_len)
         .ok_or_else(|| crypto_error(provider))?;
-    let tag = with_aad(header, context, |aad| key.seal(nonce, aad, body))
-        .map_err(|_| crypto_error(provider))?;
-    out.extend_from_slice(&tag);
-    Ok(out)
+    match with_aad(header, context, |aad| key.seal(nonce, aad, body)) {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Ok(out)
+        }
+        Err(_) => {
+            // The buffer may still hold plaintext.
+            out.zeroize();
+            Err(crypto_error(provider))
+        }
+    }
 }
 
 /// Opens a parsed ciphertext under an already-derived AEAD key. Every failure is the opaque
@@ -182,7 +190,10 @@ pub(crate) fn open(
 /// One encryption epoch of the default algorithm.
 struct Epoch {
     salt: [u8; KEY_SALT_LEN],
+    /// The first 4 bytes of every nonce in this epoch.
+    nonce_prefix: [u8; 4],
     key: SharedAeadKey,
+    /// Messages encrypted so far; also the counter half of the next nonce.
     used: AtomicU64,
 }
 
@@ -227,16 +238,27 @@ impl VersionKey {
         provider: &'static CryptoProvider,
         tenant_key: &TenantKey,
     ) -> Result<Epoch, Error> {
-        let mut salt = [0u8; KEY_SALT_LEN];
+        let mut random = [0u8; KEY_SALT_LEN + 4];
         rand::rngs::OsRng
-            .try_fill_bytes(&mut salt)
+            .try_fill_bytes(&mut random)
             .map_err(|_| Error::Crypto {
                 provider: provider.name,
                 what: "OS random number generator",
             })?;
+        let (salt, nonce_prefix) = random.split_at(KEY_SALT_LEN);
+        let salt: [u8; KEY_SALT_LEN] = salt.try_into().map_err(|_| Error::Crypto {
+            provider: provider.name,
+            what: "epoch salt",
+        })?;
+        let nonce_prefix: [u8; 4] = nonce_prefix.try_into().map_err(|_| Error::Crypto {
+            provider: provider.name,
+            what: "epoch nonce prefix",
+        })?;
+        random.zeroize();
         let key = derive_aes_subkey(provider, tenant_key, &salt)?;
         Ok(Epoch {
             salt,
+            nonce_prefix,
             key,
             used: AtomicU64::new(0),
         })
@@ -256,11 +278,13 @@ impl VersionKey {
     ) -> Result<Vec<u8>, Error> {
         match algorithm {
             Algorithm::Aes256GcmHkdf => {
+                let (epoch, counter) = self.epoch_for_message()?;
                 let mut material = [0u8; KEY_SALT_LEN + 12];
                 let (salt, nonce) = material.split_at_mut(KEY_SALT_LEN);
-                rand::rng().fill_bytes(nonce);
-                let epoch = self.epoch_for_message()?;
+                let (prefix, count) = nonce.split_at_mut(4);
                 salt.copy_from_slice(&epoch.salt);
+                prefix.copy_from_slice(&epoch.nonce_prefix);
+                count.copy_from_slice(&counter.to_be_bytes());
                 seal(
                     self.provider,
                     algorithm,
@@ -273,6 +297,8 @@ impl VersionKey {
             }
             Algorithm::XChaCha20Poly1305 => {
                 let mut nonce = [0u8; 24];
+                // A random 192-bit nonce per message. The thread RNG (ChaCha12, reseeded from
+                // the OS) panics only if the OS RNG fails at its first seeding.
                 rand::rng().fill_bytes(&mut nonce);
                 seal(
                     self.provider,
@@ -287,12 +313,14 @@ impl VersionKey {
         }
     }
 
-    /// The epoch to encrypt under, counting this message; starts a new epoch at the limit.
-    fn epoch_for_message(&self) -> Result<RwLockReadGuard<'_, Epoch>, Error> {
+    /// The epoch to encrypt under and this message's counter (unique within the epoch);
+    /// starts a new epoch at the limit.
+    fn epoch_for_message(&self) -> Result<(RwLockReadGuard<'_, Epoch>, u64), Error> {
         loop {
             let epoch = self.epoch.read().map_err(|_| self.lock_error())?;
-            if epoch.used.fetch_add(1, Ordering::Relaxed) < EPOCH_MESSAGE_LIMIT {
-                return Ok(epoch);
+            let counter = epoch.used.fetch_add(1, Ordering::Relaxed);
+            if counter < EPOCH_MESSAGE_LIMIT {
+                return Ok((epoch, counter));
             }
             drop(epoch);
             let mut epoch = self.epoch.write().map_err(|_| self.lock_error())?;
@@ -328,12 +356,77 @@ impl VersionKey {
                         return open(parsed, &*epoch.key, context);
                     }
                 }
-                let key = self.subkeys.get_or_insert_with(&salt, || {
-                    derive_aes_subkey(self.provider, &self.tenant_key, &salt)
-                })?;
-                open(parsed, &*key, context)
+                if let Some(key) = self.subkeys.get(&salt) {
+                    return open(parsed, &*key, context);
+                }
+                // Cache a subkey only once a message under it authenticated: forged salts
+                // cost their sender an HKDF each but cannot evict genuine subkeys.
+                let key = derive_aes_subkey(self.provider, &self.tenant_key, &salt)?;
+                let plaintext = open(parsed, &*key, context)?;
+                self.subkeys.insert(salt, key);
+                Ok(plaintext)
             }
             Algorithm::XChaCha20Poly1305 => open(parsed, &*self.xchacha, context),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::TenantId;
+    use crate::format::parse;
+
+    fn key() -> VersionKey {
+        VersionKey::new(
+            crate::crypto::default_provider(),
+            3,
+            TenantKey::from_bytes([7; 32]),
+        )
+        .unwrap()
+    }
+
+    fn nonce_material(ct: &[u8]) -> Vec<u8> {
+        parse(ct).unwrap().nonce_material.to_vec()
+    }
+
+    #[test]
+    fn nonces_count_up_within_an_epoch() {
+        let k = key();
+        let cx = EncryptionContext::new(TenantId::new("t").unwrap(), "f").unwrap();
+        let a = nonce_material(&k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"x").unwrap());
+        let b = nonce_material(&k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"x").unwrap());
+        // Same salt and prefix; counter 0 then 1.
+        assert_eq!(a[..14], b[..14]);
+        assert_eq!(a[14..], 0u64.to_be_bytes());
+        assert_eq!(b[14..], 1u64.to_be_bytes());
+    }
+
+    #[test]
+    fn a_full_epoch_starts_a_new_salt() {
+        let k = key();
+        let cx = EncryptionContext::new(TenantId::new("t").unwrap(), "f").unwrap();
+        let first = k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"one").unwrap();
+        k.epoch
+            .read()
+            .unwrap()
+            .used
+            .store(EPOCH_MESSAGE_LIMIT - 1, Ordering::Relaxed);
+        let last = k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"two").unwrap();
+        let next = k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"three").unwrap();
+        let (first_m, last_m, next_m) = (
+            nonce_material(&first),
+            nonce_material(&last),
+            nonce_material(&next),
+        );
+        assert_eq!(first_m[..10], last_m[..10], "same epoch until the limit");
+        assert_eq!(last_m[14..], (EPOCH_MESSAGE_LIMIT - 1).to_be_bytes());
+        assert_ne!(last_m[..10], next_m[..10], "a new salt after the limit");
+        assert_eq!(next_m[14..], 0u64.to_be_bytes());
+        // Every epoch still decrypts (older ones through the subkey cache).
+        for (ct, pt) in [(&first, &b"one"[..]), (&last, b"two"), (&next, b"three")] {
+            let parsed = parse(ct).unwrap();
+            assert_eq!(&k.decrypt(&parsed, &cx).unwrap()[..], pt);
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use coarsetime::Instant;
 
 use jiff::Timestamp;
-use rand::RngCore;
+use rand::TryRngCore;
 use zeroize::Zeroizing;
 
 use crate::audit::{Action, Actor, AuditEvent, AuditSink, KeySource, Outcome};
@@ -71,7 +71,8 @@ impl Caller {
     /// A caller with a fresh random request id.
     pub fn new(actor: Actor) -> Self {
         let mut id = [0u8; 8];
-        rand::rng().fill_bytes(&mut id);
+        // A request id is not a secret; if the OS RNG fails it stays all-zero (still valid).
+        let _ = rand::rngs::OsRng.try_fill_bytes(&mut id);
         let request_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
         Self {
             actor,
@@ -133,6 +134,7 @@ pub struct KeyringBuilder {
     provider: &'static CryptoProvider,
     algorithm: Algorithm,
     cache: CacheSettings,
+    allow_buffered_audit: bool,
 }
 
 impl Default for KeyringBuilder {
@@ -153,6 +155,7 @@ impl KeyringBuilder {
             provider: default_provider(),
             algorithm: Algorithm::Aes256GcmHkdf,
             cache: CacheSettings::default(),
+            allow_buffered_audit: false,
         }
     }
 
@@ -171,6 +174,14 @@ impl KeyringBuilder {
     /// The audit sink (required unless [`KeyringBuilder::danger_disable_audit`]).
     pub fn audit(mut self, sink: Arc<dyn AuditSink>) -> Self {
         self.audit = AuditChoice::Sink(sink);
+        self
+    }
+
+    /// Allows, in the `Production` profile, an audit sink that acknowledges records before
+    /// writing them ([`AuditSink::acknowledges_before_write`], e.g. the file log's `Buffered`
+    /// mode): faster, but records acknowledged just before a crash or a write failure are lost.
+    pub fn danger_allow_buffered_audit(mut self) -> Self {
+        self.allow_buffered_audit = true;
         self
     }
 
@@ -230,10 +241,21 @@ impl KeyringBuilder {
                     kms.name()
                 )));
             }
-            if audit.is_none() {
-                return Err(Error::Config(
-                    "the production profile requires an audit sink".into(),
-                ));
+            match &audit {
+                None => {
+                    return Err(Error::Config(
+                        "the production profile requires an audit sink".into(),
+                    ));
+                }
+                Some(sink) if sink.acknowledges_before_write() && !self.allow_buffered_audit => {
+                    return Err(Error::Config(format!(
+                        "audit sink '{}' acknowledges records before writing them (not fail \
+                         closed); the production profile refuses it unless \
+                         .danger_allow_buffered_audit() is set",
+                        sink.name()
+                    )));
+                }
+                Some(_) => {}
             }
         }
         let c = self.cache;
@@ -259,10 +281,15 @@ impl KeyringBuilder {
                 metadata_ttl: c.metadata_ttl.into(),
                 tenants: quick_cache::sync::Cache::new(c.capacity),
                 keys: quick_cache::sync::Cache::new(c.capacity),
+                generation: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
 }
+
+/// A ciphertext naming an unknown (newer) key version re-reads the tenant's metadata only if
+/// the cached copy is at least this old.
+const MIN_REFRESH_AGE: coarsetime::Duration = coarsetime::Duration::from_millis(100);
 
 /// A field operation's result and what it touched.
 type FieldOutcome<T> = (Result<T, Error>, OpMeta);
@@ -277,6 +304,9 @@ struct OpMeta {
 struct TenantView {
     record: TenantRecord,
     fetched_at: Instant,
+    /// `Inner::generation` when this view was loaded: a key unwrapped through a view older
+    /// than the last invalidation is not kept in the cache (see `version_key`).
+    generation: u64,
     /// Keys this view has served, so that the per-field fast path needs one cache lookup,
     /// not two. A memo over `Inner::keys` (which does the coalescing): it dies with the view,
     /// and every entry is still checked for TTL and max uses before use.
@@ -284,10 +314,11 @@ struct TenantView {
 }
 
 impl TenantView {
-    fn new(record: TenantRecord) -> Self {
+    fn new(record: TenantRecord, generation: u64) -> Self {
         Self {
             record,
             fetched_at: Instant::now_without_cache_update(),
+            generation,
             hot: std::sync::RwLock::new(Vec::new()),
         }
     }
@@ -317,6 +348,8 @@ struct Inner {
     metadata_ttl: coarsetime::Duration,
     tenants: quick_cache::sync::Cache<TenantId, Arc<TenantView>>,
     keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
+    /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Per-tenant envelope encryption of fields. Cheap to clone; share one per process.
@@ -439,7 +472,16 @@ impl Keyring {
         let none = OpMeta::default();
         let attempt = Self::event(caller, action, Some(tenant), None, &none, Outcome::Attempt);
         self.append(std::slice::from_ref(&attempt)).await?;
+        // Caches are dropped before the change and again after it, even if this call is
+        // cancelled mid-way (the store may have committed): the guard runs on drop. A
+        // cancelled call leaves only its `attempt` record; `key_status` shows the outcome.
+        self.invalidate_tenant(tenant);
+        let invalidate = InvalidateOnDrop {
+            keyring: self,
+            tenant,
+        };
         let (result, meta) = op.await;
+        drop(invalidate);
         let done = Self::event(
             caller,
             action,
@@ -464,7 +506,19 @@ impl Keyring {
             .ok_or_else(|| Error::TenantNotFound {
                 tenant: tenant.clone(),
             })?;
-        Ok(Arc::new(TenantView::new(record)))
+        if record.tenant != *tenant {
+            // Defence in depth: never use another tenant's record (a store bug, a collation
+            // that folds case) for this tenant.
+            return Err(store_error(
+                &*inner.store,
+                BackendError::new(
+                    BackendErrorKind::InvalidData,
+                    format!("the key store returned another tenant's record for '{tenant}'"),
+                ),
+            ));
+        }
+        let generation = inner.generation.load(std::sync::atomic::Ordering::Acquire);
+        Ok(Arc::new(TenantView::new(record, generation)))
     }
 
     /// The tenant's metadata, from the cache if younger than `metadata_ttl` at `now`.
@@ -485,6 +539,10 @@ impl Keyring {
     /// uses them). The next operation re-reads the key store. Call it when another process
     /// is known to have rotated or shredded the tenant.
     pub fn invalidate_tenant(&self, tenant: &TenantId) {
+        // Bump first: an unwrap in flight through an older view will not keep its key.
+        self.inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.inner.tenants.remove(tenant);
         self.inner.keys.retain(|(t, _), _| t != tenant);
     }
@@ -547,8 +605,17 @@ impl Keyring {
             })
             .await?;
         let source = if unwrapped_here {
+            // An invalidation (shred, rotation, …) since `view` was loaded: this operation
+            // may finish with the key, but the cache must not keep it.
+            if inner.generation.load(std::sync::atomic::Ordering::Acquire) != view.generation {
+                inner
+                    .keys
+                    .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
+            }
             KeySource::Kms
         } else {
+            // A waiter on a coalesced unwrap: count its use too.
+            key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             KeySource::Cache
         };
         Ok((key, source))
@@ -720,9 +787,15 @@ impl Keyring {
             let version = parsed.key_version;
             meta.key_version = Some(version);
             let mut view = self.tenant_view(context.tenant(), now).await?;
-            if version > view.record.latest_version() && view.record.shredded_at.is_none() {
-                // Possibly rotated by another process since we cached the metadata.
-                self.inner.tenants.remove(context.tenant());
+            if version > view.record.latest_version()
+                && view.record.shredded_at.is_none()
+                && now.duration_since(view.fetched_at) >= MIN_REFRESH_AGE
+            {
+                // Possibly rotated by another process since we cached the metadata. At most
+                // one store read per MIN_REFRESH_AGE, so forged versions cannot hammer the store.
+                self.inner
+                    .tenants
+                    .remove_if(context.tenant(), |v| Arc::ptr_eq(v, &view));
                 view = self.tenant_view(context.tenant(), now).await?;
             }
             let min = view.record.min_decrypt_version;
@@ -947,14 +1020,27 @@ impl Keyring {
                 let store = &*self.inner.store;
                 let inserted = store.insert_version(tenant, latest, record).await;
                 self.inner.tenants.remove(tenant);
-                inserted.map_err(|e| match e.kind() {
-                    BackendErrorKind::Conflict => Error::RotationConflict {
-                        tenant: tenant.clone(),
-                        version: next,
-                    },
-                    _ => store_error(store, e),
-                })?;
-                Ok(next)
+                match inserted {
+                    Ok(()) => Ok(next),
+                    Err(e) if e.kind() == BackendErrorKind::Conflict => {
+                        // Lost the compare-and-set: to another rotation, or to a shred.
+                        let now = store
+                            .load_tenant(tenant)
+                            .await
+                            .map_err(|e| store_error(store, e))?;
+                        if now.is_some_and(|r| r.shredded_at.is_some()) {
+                            Err(Error::KeyDestroyed {
+                                tenant: tenant.clone(),
+                            })
+                        } else {
+                            Err(Error::RotationConflict {
+                                tenant: tenant.clone(),
+                                version: next,
+                            })
+                        }
+                    }
+                    Err(e) => Err(store_error(store, e)),
+                }
             }
             .await;
             (result, meta)
@@ -1098,6 +1184,18 @@ fn status_of(record: TenantRecord) -> TenantStatus {
         tenant: record.tenant,
         min_decrypt_version: min,
         shredded_at: record.shredded_at,
+    }
+}
+
+/// Invalidates a tenant's caches when dropped (admin operations, cancellation included).
+struct InvalidateOnDrop<'a> {
+    keyring: &'a Keyring,
+    tenant: &'a TenantId,
+}
+
+impl Drop for InvalidateOnDrop<'_> {
+    fn drop(&mut self) {
+        self.keyring.invalidate_tenant(self.tenant);
     }
 }
 
