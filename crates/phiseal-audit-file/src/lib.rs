@@ -2,8 +2,10 @@
 //!
 //! [`FileAuditLog`] implements [`phiseal::audit::AuditSink`] (HIPAA § 164.312(b) audit
 //! controls): one JSON line per event, each carrying the SHA-256 of the previous one, so that
-//! [`verify`] detects any edit, deletion, insertion or reordering, and reports a torn tail left
-//! by a crash instead of dropping it. The log fails closed: if a record cannot be written, the
+//! [`verify`] detects any edit, deletion, insertion or reordering made without recomputing the
+//! later hashes (the chain is not keyed: a rewrite from some point on, or a truncation, is
+//! caught only against an externally anchored head hash), and reports a torn tail left by a
+//! crash instead of dropping it. The log fails closed: if a record cannot be written, the
 //! operation fails (in [`Durability::Buffered`] mode, which writes after acknowledging, every
 //! later operation fails and the error counts the acknowledged records lost). [`Durability`]
 //! says what a process crash or a power cut can lose in each mode.

@@ -96,8 +96,9 @@ impl Durability {
 
 /// Buffered mode: the writer wakes early once this many records are queued.
 const HIGH_WATER: usize = 4096;
-/// Buffered mode: `append` fails once this many records are queued: 152 MB of events (152
-/// bytes each) plus their strings, about a second of work for the writer thread.
+/// Buffered mode: once this many records are queued, `append` waits for the writer thread
+/// (back-pressure): about 10 MB of events (152 bytes each) plus their strings, tens of
+/// milliseconds of work for the writer.
 const QUEUE_LIMIT: usize = 65_536;
 /// Buffered mode: the writer thread's shortest period.
 const MIN_FLUSH_EVERY: Duration = Duration::from_micros(100);
@@ -234,8 +235,9 @@ struct Shared {
 /// ```
 ///
 /// The random `log_id` in the header makes every chain unique, so records of two logs cannot
-/// be spliced together. Anchor [`crate::VerifyReport::head_hash`] outside the machine to detect
-/// a rewrite of the whole file.
+/// be spliced together. The chain is not keyed: anchor [`crate::VerifyReport::head_hash`] (and
+/// the record count) outside the machine to detect a rewrite from any point on, or a
+/// truncation.
 ///
 /// # Durability and failure
 /// A process crash loses nothing acknowledged in [`Durability::Strict`] and

@@ -865,6 +865,23 @@ fn secrets_do_not_print() {
     assert!(!shown.contains("42") && shown.contains("REDACTED"));
 }
 
+#[tokio::test]
+async fn plaintext_does_not_print() {
+    let dir = private_tempdir();
+    let k = open(dir.path());
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = k.encrypt(&c, &cx, b"SECRET-DIAGNOSIS").await.unwrap();
+    let pt = k.decrypt(&c, &cx, &ct).await.unwrap();
+    assert_eq!(pt.as_bytes(), b"SECRET-DIAGNOSIS");
+    let shown = format!("{pt:?}");
+    assert!(
+        !shown.contains("SECRET") && shown.contains("16 bytes"),
+        "{shown}"
+    );
+}
+
 #[test]
 fn data_dir_readable_by_others_is_refused() {
     use std::os::unix::fs::PermissionsExt;

@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use rand::{RngCore, TryRngCore};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 use crate::context::EncryptionContext;
 use crate::crypto::{AeadKey, CryptoProvider};
 use crate::error::Error;
 use crate::format::{Algorithm, FORMAT_V1, KEY_SALT_LEN, ParsedCiphertext};
 use crate::kms::KeyBinding;
-use crate::secret::TenantKey;
+use crate::secret::{Plaintext, TenantKey};
 
 /// Messages per encryption epoch (per derived AES-GCM subkey) before a new salt is drawn:
 /// the counter half of the nonce never wraps, and one subkey never encrypts more than this.
@@ -173,15 +173,21 @@ pub(crate) fn open(
     parsed: &ParsedCiphertext<'_>,
     key: &dyn AeadKey,
     context: &EncryptionContext,
-) -> Result<Zeroizing<Vec<u8>>, Error> {
+) -> Result<Plaintext, Error> {
     let nonce = match parsed.algorithm {
         Algorithm::Aes256GcmHkdf => parsed.nonce_material.get(KEY_SALT_LEN..),
         Algorithm::XChaCha20Poly1305 => Some(parsed.nonce_material),
     }
     .ok_or(Error::DecryptionFailed)?;
-    let mut out = Zeroizing::new(vec![0u8; parsed.ciphertext.len()]);
+    let mut out = Plaintext::zeroed(parsed.ciphertext.len());
     with_aad(parsed.header, context, |aad| {
-        key.open(nonce, aad, parsed.ciphertext, parsed.tag, &mut out)
+        key.open(
+            nonce,
+            aad,
+            parsed.ciphertext,
+            parsed.tag,
+            out.as_mut_slice(),
+        )
     })
     .map_err(|_| Error::DecryptionFailed)?;
     Ok(out)
@@ -342,7 +348,7 @@ impl VersionKey {
         &self,
         parsed: &ParsedCiphertext<'_>,
         context: &EncryptionContext,
-    ) -> Result<Zeroizing<Vec<u8>>, Error> {
+    ) -> Result<Plaintext, Error> {
         match parsed.algorithm {
             Algorithm::Aes256GcmHkdf => {
                 let salt: [u8; KEY_SALT_LEN] = parsed

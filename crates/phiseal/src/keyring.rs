@@ -8,7 +8,6 @@ use coarsetime::Instant;
 
 use jiff::Timestamp;
 use rand::TryRngCore;
-use zeroize::Zeroizing;
 
 use crate::audit::{Action, Actor, AuditEvent, AuditSink, KeySource, Outcome};
 use crate::context::{EncryptionContext, TenantId};
@@ -17,7 +16,7 @@ use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::field::{VersionKey, key_check};
 use crate::format::{self, Algorithm};
 use crate::kms::{KeyBinding, Kms};
-use crate::secret::TenantKey;
+use crate::secret::{Plaintext, TenantKey};
 use crate::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
 
 /// Where the keyring runs. `Production` refuses development-only parts (the local file KMS,
@@ -745,7 +744,7 @@ impl Keyring {
         context: &EncryptionContext,
         ciphertext: &[u8],
         now: Instant,
-    ) -> Option<FieldOutcome<Zeroizing<Vec<u8>>>> {
+    ) -> Option<FieldOutcome<Plaintext>> {
         let parsed = format::parse(ciphertext).ok()?;
         let version = parsed.key_version;
         let view = self.cached_view(context.tenant(), now)?;
@@ -765,7 +764,7 @@ impl Keyring {
         caller: &Caller,
         context: &EncryptionContext,
         ciphertext: &[u8],
-    ) -> FieldOutcome<Zeroizing<Vec<u8>>> {
+    ) -> FieldOutcome<Plaintext> {
         let now = Instant::now_without_cache_update();
         match self.decrypt_cached(context, ciphertext, now) {
             Some(outcome) => outcome,
@@ -780,7 +779,7 @@ impl Keyring {
         context: &EncryptionContext,
         ciphertext: &[u8],
         now: Instant,
-    ) -> FieldOutcome<Zeroizing<Vec<u8>>> {
+    ) -> FieldOutcome<Plaintext> {
         let mut meta = OpMeta::default();
         let result = async {
             let parsed = format::parse(ciphertext)?;
@@ -867,7 +866,7 @@ impl Keyring {
         caller: &Caller,
         context: &EncryptionContext,
         ciphertext: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, Error> {
+    ) -> Result<Plaintext, Error> {
         let now = Instant::now_without_cache_update();
         let outcome = match self.decrypt_cached(context, ciphertext, now) {
             Some(outcome) if self.inner.audit.is_none() => return outcome.0,
@@ -911,7 +910,7 @@ impl Keyring {
         &self,
         caller: &Caller,
         items: &[(&EncryptionContext, &[u8])],
-    ) -> Result<Vec<Result<Zeroizing<Vec<u8>>, Error>>, Error> {
+    ) -> Result<Vec<Result<Plaintext, Error>>, Error> {
         let mut results = Vec::with_capacity(items.len());
         for (context, ciphertext) in items {
             results.push(self.decrypt_one(caller, context, ciphertext).await);

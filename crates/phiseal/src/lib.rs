@@ -34,4 +34,4 @@ pub use format::Algorithm;
 pub use keyring::{
     CacheSettings, Caller, Keyring, KeyringBuilder, Profile, TenantStatus, VersionStatus,
 };
-pub use secret::{TENANT_KEY_LEN, TenantKey};
+pub use secret::{Plaintext, TENANT_KEY_LEN, TenantKey};

@@ -2,14 +2,12 @@
 //! known-answer vectors, and direct decryption under raw key bytes. Never enable this feature
 //! in production builds: fixed nonces destroy AES-GCM's security.
 
-use zeroize::Zeroizing;
-
 use crate::context::EncryptionContext;
 use crate::crypto::CryptoProvider;
 use crate::error::Error;
 use crate::field;
 use crate::format::{self, Algorithm, KEY_SALT_LEN};
-use crate::secret::TenantKey;
+use crate::secret::{Plaintext, TenantKey};
 
 fn field_key(
     provider: &'static CryptoProvider,
@@ -56,7 +54,7 @@ pub fn open(
     tenant_key: &TenantKey,
     context: &EncryptionContext,
     ciphertext: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, Error> {
+) -> Result<Plaintext, Error> {
     let parsed = format::parse(ciphertext)?;
     let key = field_key(
         provider,
