@@ -310,8 +310,15 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     let stored = decode_hash("hash", hex_part)?;
 
     let raw: Raw = serde_json::from_slice(line).map_err(|e| {
-        // serde_json's messages name fields and positions, never values.
-        format!("not a valid record: {e}")
+        // serde_json's Display can quote values (`invalid type: string "…"`): report only the
+        // error class and position.
+        let class = match e.classify() {
+            serde_json::error::Category::Io => "I/O",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "wrong field type or missing field",
+            serde_json::error::Category::Eof => "unexpected end",
+        };
+        format!("not a valid record: {class} error at column {}", e.column())
     })?;
     let prev = decode_hash("prev", raw.prev.as_bytes())?;
     let hash = decode_hash("hash", raw.hash.as_bytes())?;

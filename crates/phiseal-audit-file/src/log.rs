@@ -975,7 +975,9 @@ fn writer_loop(shared: &Shared) {
         if !buf.urgent(&q) {
             q = match buf.wake.wait_timeout(q, buf.flush_every) {
                 Ok((g, _)) => g,
-                Err(_) => {
+                Err(poisoned) => {
+                    // Release the guard inside the error first: `set_poison` locks the queue.
+                    drop(poisoned);
                     lock_failed();
                     return;
                 }

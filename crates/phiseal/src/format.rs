@@ -124,9 +124,21 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedCiphertext<'_>, FormatError> {
             min,
         });
     }
-    let (header, rest) = bytes.split_at(algorithm.header_len());
-    let (_, nonce_material) = header.split_at(FIXED_HEADER_LEN);
-    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let truncated = FormatError::Truncated {
+        len: bytes.len(),
+        min,
+    };
+    // The length check above makes every split succeed; the checked forms keep it panic-free
+    // even if that check were ever changed.
+    let (header, rest) = bytes
+        .split_at_checked(algorithm.header_len())
+        .ok_or(truncated.clone())?;
+    let (_, nonce_material) = header
+        .split_at_checked(FIXED_HEADER_LEN)
+        .ok_or(truncated.clone())?;
+    let (ciphertext, tag) = rest
+        .split_at_checked(rest.len().saturating_sub(TAG_LEN))
+        .ok_or(truncated)?;
     Ok(ParsedCiphertext {
         algorithm,
         key_version,
