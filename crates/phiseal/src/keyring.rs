@@ -33,7 +33,9 @@ pub enum Profile {
 /// Key-cache settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheSettings {
-    /// Maximum unwrapped tenant key versions held (and tenant metadata entries).
+    /// Maximum unwrapped tenant key versions held (and tenant metadata entries). A key evicted
+    /// for capacity can stay in use (and in memory) through its tenant's cached metadata
+    /// until `key_ttl`, `max_uses` or the next metadata refresh, whichever comes first.
     pub capacity: usize,
     /// How long an unwrapped key is used before it is unwrapped again.
     pub key_ttl: Duration,
