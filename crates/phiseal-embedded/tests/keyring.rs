@@ -526,6 +526,19 @@ async fn builder_refuses_inconsistent_combinations() {
             .build())
         .contains("capacity")
     );
+    let too_many = CacheSettings {
+        max_uses: u64::MAX,
+        ..CacheSettings::default()
+    };
+    assert!(
+        msg(Keyring::builder()
+            .kms(local.clone())
+            .key_store(p.store.clone())
+            .danger_disable_audit()
+            .cache(too_many)
+            .build())
+        .contains("max_uses")
+    );
     // The production profile also refuses a disabled audit log (with a non-dev KMS).
     let not_dev = Arc::new(CountingKms {
         inner: local,

@@ -6,14 +6,15 @@
 //! `HKDF-SHA256(ikm = tenant key, salt, info = "phiseal v1 aes-256-gcm-hkdf subkey")`, and its
 //! messages use the nonce `prefix ‖ u64be counter` with a counter starting at 0 — the
 //! deterministic IV construction of SP 800-38D §8.2.1, so nonces never repeat under one
-//! subkey. An epoch ends after [`EPOCH_MESSAGE_LIMIT`] messages; a new one starts whenever a
-//! key version is loaded into a cache. Two epochs reuse a nonce only if they drew the same
+//! subkey. Each load of a key version into a cache is a new epoch; an epoch that reached
+//! [`EPOCH_MESSAGE_LIMIT`] messages refuses to encrypt (the keyring's max-uses limit, capped
+//! below it, reloads the key first). Two epochs reuse a nonce only if they drew the same
 //! salt *and* the same prefix (2^-112 per pair of epochs), so the number of messages per
 //! tenant key version needs no operator action (`docs/FORMAT.md` §7). Decryption re-derives
 //! the subkey from the salt in the header and caches it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use rand::{RngCore, TryRngCore};
 use zeroize::Zeroize;
@@ -25,8 +26,8 @@ use crate::format::{Algorithm, FORMAT_V1, KEY_SALT_LEN, ParsedCiphertext};
 use crate::kms::KeyBinding;
 use crate::secret::{Plaintext, TenantKey};
 
-/// Messages per encryption epoch (per derived AES-GCM subkey) before a new salt is drawn:
-/// the counter half of the nonce never wraps, and one subkey never encrypts more than this.
+/// Most messages one encryption epoch (one derived AES-GCM subkey) encrypts: the counter half
+/// of the nonce never wraps, and one subkey never encrypts more than this.
 pub const EPOCH_MESSAGE_LIMIT: u64 = 1 << 32;
 
 const AES_SUBKEY_INFO: &[u8] = b"phiseal v1 aes-256-gcm-hkdf subkey";
@@ -209,7 +210,8 @@ pub(crate) struct VersionKey {
     provider: &'static CryptoProvider,
     version: u32,
     tenant_key: TenantKey,
-    epoch: RwLock<Epoch>,
+    /// This load's encryption epoch (immutable but for its counter).
+    epoch: Epoch,
     xchacha: SharedAeadKey,
     subkeys: quick_cache::sync::Cache<[u8; KEY_SALT_LEN], SharedAeadKey>,
     /// Operations served from this cached key, for the cache's max-uses limit.
@@ -230,7 +232,7 @@ impl VersionKey {
         Ok(Self {
             provider,
             version,
-            epoch: RwLock::new(epoch),
+            epoch,
             xchacha,
             subkeys: quick_cache::sync::Cache::new(SUBKEY_CACHE_CAPACITY),
             tenant_key,
@@ -284,7 +286,15 @@ impl VersionKey {
     ) -> Result<Vec<u8>, Error> {
         match algorithm {
             Algorithm::Aes256GcmHkdf => {
-                let (epoch, counter) = self.epoch_for_message()?;
+                let epoch = &self.epoch;
+                let counter = epoch.used.fetch_add(1, Ordering::Relaxed);
+                if counter >= EPOCH_MESSAGE_LIMIT {
+                    // Fail closed rather than ever reuse a nonce.
+                    return Err(Error::Crypto {
+                        provider: self.provider.name,
+                        what: "encryption epoch exhausted (reload the key)",
+                    });
+                }
                 let mut material = [0u8; KEY_SALT_LEN + 12];
                 let (salt, nonce) = material.split_at_mut(KEY_SALT_LEN);
                 let (prefix, count) = nonce.split_at_mut(4);
@@ -319,28 +329,9 @@ impl VersionKey {
         }
     }
 
-    /// The epoch to encrypt under and this message's counter (unique within the epoch);
-    /// starts a new epoch at the limit.
-    fn epoch_for_message(&self) -> Result<(RwLockReadGuard<'_, Epoch>, u64), Error> {
-        loop {
-            let epoch = self.epoch.read().map_err(|_| self.lock_error())?;
-            let counter = epoch.used.fetch_add(1, Ordering::Relaxed);
-            if counter < EPOCH_MESSAGE_LIMIT {
-                return Ok((epoch, counter));
-            }
-            drop(epoch);
-            let mut epoch = self.epoch.write().map_err(|_| self.lock_error())?;
-            if epoch.used.load(Ordering::Relaxed) >= EPOCH_MESSAGE_LIMIT {
-                *epoch = Self::new_epoch(self.provider, &self.tenant_key)?;
-            }
-        }
-    }
-
-    fn lock_error(&self) -> Error {
-        Error::Crypto {
-            provider: self.provider.name,
-            what: "epoch lock poisoned",
-        }
+    /// True once this load's epoch has encrypted its maximum: the cache must reload the key.
+    pub(crate) fn epoch_exhausted(&self) -> bool {
+        self.epoch.used.load(Ordering::Relaxed) >= EPOCH_MESSAGE_LIMIT
     }
 
     /// Decrypts a parsed ciphertext of this version.
@@ -356,11 +347,8 @@ impl VersionKey {
                     .get(..KEY_SALT_LEN)
                     .and_then(|s| s.try_into().ok())
                     .ok_or(Error::DecryptionFailed)?;
-                {
-                    let epoch = self.epoch.read().map_err(|_| self.lock_error())?;
-                    if epoch.salt == salt {
-                        return open(parsed, &*epoch.key, context);
-                    }
+                if self.epoch.salt == salt {
+                    return open(parsed, &*self.epoch.key, context);
                 }
                 if let Some(key) = self.subkeys.get(&salt) {
                     return open(parsed, &*key, context);
@@ -409,30 +397,36 @@ mod tests {
     }
 
     #[test]
-    fn a_full_epoch_starts_a_new_salt() {
+    fn a_full_epoch_refuses_to_encrypt_and_a_reload_starts_a_new_one() {
         let k = key();
         let cx = EncryptionContext::new(TenantId::new("t").unwrap(), "f").unwrap();
         let first = k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"one").unwrap();
         k.epoch
-            .read()
-            .unwrap()
             .used
             .store(EPOCH_MESSAGE_LIMIT - 1, Ordering::Relaxed);
+        assert!(!k.epoch_exhausted());
         let last = k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"two").unwrap();
-        let next = k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"three").unwrap();
-        let (first_m, last_m, next_m) = (
-            nonce_material(&first),
-            nonce_material(&last),
-            nonce_material(&next),
-        );
-        assert_eq!(first_m[..10], last_m[..10], "same epoch until the limit");
+        assert!(k.epoch_exhausted());
+        assert!(matches!(
+            k.encrypt(Algorithm::Aes256GcmHkdf, &cx, b"three"),
+            Err(Error::Crypto { .. })
+        ));
+        let (first_m, last_m) = (nonce_material(&first), nonce_material(&last));
+        assert_eq!(first_m[..10], last_m[..10], "one salt per epoch");
         assert_eq!(last_m[14..], (EPOCH_MESSAGE_LIMIT - 1).to_be_bytes());
-        assert_ne!(last_m[..10], next_m[..10], "a new salt after the limit");
+        // A reload (a new VersionKey of the same tenant key) is a new epoch.
+        let reloaded = key();
+        let next = reloaded
+            .encrypt(Algorithm::Aes256GcmHkdf, &cx, b"three")
+            .unwrap();
+        let next_m = nonce_material(&next);
+        assert_ne!(last_m[..14], next_m[..14], "a new salt and prefix");
         assert_eq!(next_m[14..], 0u64.to_be_bytes());
-        // Every epoch still decrypts (older ones through the subkey cache).
-        for (ct, pt) in [(&first, &b"one"[..]), (&last, b"two"), (&next, b"three")] {
+        // Every epoch decrypts under either load (the other one through the subkey cache).
+        for ct in [&first, &last, &next] {
             let parsed = parse(ct).unwrap();
-            assert_eq!(&k.decrypt(&parsed, &cx).unwrap()[..], pt);
+            assert!(k.decrypt(&parsed, &cx).is_ok());
+            assert!(reloaded.decrypt(&parsed, &cx).is_ok());
         }
     }
 }

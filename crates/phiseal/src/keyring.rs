@@ -265,6 +265,14 @@ impl KeyringBuilder {
                 "cache capacity, key_ttl and max_uses must be greater than zero".into(),
             ));
         }
+        if c.max_uses > crate::field::EPOCH_MESSAGE_LIMIT / 2 {
+            return Err(Error::Config(format!(
+                "cache max_uses must be at most {} (a cached key's encryption epoch holds {} \
+                 messages)",
+                crate::field::EPOCH_MESSAGE_LIMIT / 2,
+                crate::field::EPOCH_MESSAGE_LIMIT
+            )));
+        }
         if c.metadata_ttl > c.key_ttl {
             return Err(Error::Config(
                 "cache metadata_ttl must not exceed key_ttl".into(),
@@ -322,11 +330,6 @@ impl TenantView {
             generation,
             hot: std::sync::RwLock::new(Vec::new()),
         }
-    }
-
-    fn hot_key(&self, version: u32) -> Option<Arc<VersionKey>> {
-        let hot = self.hot.read().ok()?;
-        hot.iter().find(|k| k.version() == version).cloned()
     }
 
     fn remember(&self, key: &Arc<VersionKey>) {
@@ -570,10 +573,7 @@ impl Keyring {
                 version,
             })?;
         if let Some(key) = inner.keys.get(&KeyRef(tenant, version)) {
-            let fresh = now.duration_since(key.loaded_at) <= inner.key_ttl
-                && key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    < inner.cache.max_uses;
-            if fresh {
+            if self.serve(&key, now) {
                 return Ok((key, KeySource::Cache));
             }
             inner
@@ -664,14 +664,29 @@ impl Keyring {
 
     // ----- field operations ----------------------------------------------------------------
 
-    /// The fresh key of `version` remembered by `view`, without touching the KMS or the store; `None`
-    /// sends the caller to the slow path (which also handles expiry and max uses).
-    fn cached_key(&self, view: &TenantView, version: u32, now: Instant) -> Option<Arc<VersionKey>> {
+    /// Whether a cached key may serve one more operation (counted): within its TTL, under
+    /// max uses, and its encryption epoch not exhausted.
+    fn serve(&self, key: &VersionKey, now: Instant) -> bool {
         let inner = &self.inner;
-        let key = view.hot_key(version)?;
-        let fresh = now.duration_since(key.loaded_at) <= inner.key_ttl
-            && key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < inner.cache.max_uses;
-        fresh.then_some(key)
+        now.duration_since(key.loaded_at) <= inner.key_ttl
+            && key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < inner.cache.max_uses
+            && !key.epoch_exhausted()
+    }
+
+    /// Runs `op` with the fresh key of `version` remembered by `view` (borrowed under the
+    /// memo's read lock: no reference counting on the per-field path), without touching the
+    /// KMS or the store; `None` sends the caller to the slow path (which also handles expiry
+    /// and max uses).
+    fn with_cached_key<T>(
+        &self,
+        view: &TenantView,
+        version: u32,
+        now: Instant,
+        op: impl FnOnce(&VersionKey) -> T,
+    ) -> Option<T> {
+        let hot = view.hot.read().ok()?;
+        let key = hot.iter().find(|k| k.version() == version)?;
+        self.serve(key, now).then(|| op(key))
     }
 
     /// The cached, fresh metadata of a live tenant; `None` sends the caller to the slow path.
@@ -690,12 +705,14 @@ impl Keyring {
     ) -> Option<FieldOutcome<Vec<u8>>> {
         let view = self.cached_view(context.tenant(), now)?;
         let version = view.record.primary()?.version;
-        let key = self.cached_key(&view, version, now)?;
+        let result = self.with_cached_key(&view, version, now, |key| {
+            key.encrypt(self.inner.algorithm, context, plaintext)
+        })?;
         let meta = OpMeta {
             key_version: Some(version),
             key_source: Some(KeySource::Cache),
         };
-        Some((key.encrypt(self.inner.algorithm, context, plaintext), meta))
+        Some((result, meta))
     }
 
     async fn encrypt_one(
@@ -753,12 +770,13 @@ impl Keyring {
         if version < view.record.min_decrypt_version {
             return None;
         }
-        let key = self.cached_key(&view, version, now)?;
+        let result =
+            self.with_cached_key(&view, version, now, |key| key.decrypt(&parsed, context))?;
         let meta = OpMeta {
             key_version: Some(version),
             key_source: Some(KeySource::Cache),
         };
-        Some((key.decrypt(&parsed, context), meta))
+        Some((result, meta))
     }
 
     async fn decrypt_one(
