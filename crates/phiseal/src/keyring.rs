@@ -909,6 +909,25 @@ impl Keyring {
         self.finish(caller, Action::Rewrap, context, outcome).await
     }
 
+    /// Runs `one` for every item, in order, then audits the whole batch with one append.
+    async fn batch<'a, T, Fut>(
+        &'a self,
+        caller: &'a Caller,
+        action: Action,
+        items: &'a [(&'a EncryptionContext, &'a [u8])],
+        one: impl Fn(&'a EncryptionContext, &'a [u8]) -> Fut,
+    ) -> Result<Vec<Result<T, Error>>, Error>
+    where
+        Fut: std::future::Future<Output = FieldOutcome<T>>,
+    {
+        let mut results = Vec::with_capacity(items.len());
+        for (context, data) in items {
+            results.push(one(context, data).await);
+        }
+        let contexts = items.iter().map(|(c, _)| *c);
+        self.finish_batch(caller, action, contexts, results).await
+    }
+
     /// Encrypts many fields; one result per item, in order (a bad item does not fail the
     /// others). The outer error means the batch could not be audited and nothing is returned.
     pub async fn encrypt_batch(
@@ -916,13 +935,10 @@ impl Keyring {
         caller: &Caller,
         items: &[(&EncryptionContext, &[u8])],
     ) -> Result<Vec<Result<Vec<u8>, Error>>, Error> {
-        let mut results = Vec::with_capacity(items.len());
-        for (context, plaintext) in items {
-            results.push(self.encrypt_one(caller, context, plaintext).await);
-        }
-        let contexts = items.iter().map(|(c, _)| *c);
-        self.finish_batch(caller, Action::Encrypt, contexts, results)
-            .await
+        self.batch(caller, Action::Encrypt, items, |c, p| {
+            self.encrypt_one(caller, c, p)
+        })
+        .await
     }
 
     /// Decrypts many fields; one result per item, in order. See [`Keyring::encrypt_batch`].
@@ -931,13 +947,10 @@ impl Keyring {
         caller: &Caller,
         items: &[(&EncryptionContext, &[u8])],
     ) -> Result<Vec<Result<Plaintext, Error>>, Error> {
-        let mut results = Vec::with_capacity(items.len());
-        for (context, ciphertext) in items {
-            results.push(self.decrypt_one(caller, context, ciphertext).await);
-        }
-        let contexts = items.iter().map(|(c, _)| *c);
-        self.finish_batch(caller, Action::Decrypt, contexts, results)
-            .await
+        self.batch(caller, Action::Decrypt, items, |c, ct| {
+            self.decrypt_one(caller, c, ct)
+        })
+        .await
     }
 
     /// Rewraps many ciphertexts; one result per item, in order. See [`Keyring::rewrap`].
@@ -946,13 +959,10 @@ impl Keyring {
         caller: &Caller,
         items: &[(&EncryptionContext, &[u8])],
     ) -> Result<Vec<Result<Vec<u8>, Error>>, Error> {
-        let mut results = Vec::with_capacity(items.len());
-        for (context, ciphertext) in items {
-            results.push(self.rewrap_one(caller, context, ciphertext).await);
-        }
-        let contexts = items.iter().map(|(c, _)| *c);
-        self.finish_batch(caller, Action::Rewrap, contexts, results)
-            .await
+        self.batch(caller, Action::Rewrap, items, |c, ct| {
+            self.rewrap_one(caller, c, ct)
+        })
+        .await
     }
 
     // ----- key management ------------------------------------------------------------------
