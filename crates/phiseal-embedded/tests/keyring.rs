@@ -472,8 +472,8 @@ async fn cache_max_uses_and_ttl_force_unwrap() {
     assert_eq!(p.kms.unwraps.load(Ordering::SeqCst), 3);
 
     let ttl = CacheSettings {
-        key_ttl: Duration::from_millis(150),
-        metadata_ttl: Duration::from_millis(100),
+        key_ttl: Duration::from_millis(600),
+        metadata_ttl: Duration::from_millis(500),
         ..CacheSettings::default()
     };
     let k = keyring_on(&p, ttl);
@@ -481,7 +481,7 @@ async fn cache_max_uses_and_ttl_force_unwrap() {
     k.decrypt(&c, &cx, &ct).await.unwrap();
     k.decrypt(&c, &cx, &ct).await.unwrap();
     assert_eq!(p.kms.unwraps.load(Ordering::SeqCst) - before, 1);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     k.decrypt(&c, &cx, &ct).await.unwrap();
     assert_eq!(p.kms.unwraps.load(Ordering::SeqCst) - before, 2);
 }
@@ -788,12 +788,18 @@ async fn forged_versions_do_not_reach_the_store_on_every_call() {
     let mut ct = k.encrypt(&c, &cx, b"x").await.unwrap();
     ct[2..6].copy_from_slice(&u32::MAX.to_be_bytes());
     let before = store.loads.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
     for _ in 0..50 {
         let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
         assert!(matches!(err, Error::KeyVersionNotFound { .. }), "{err}");
     }
-    // 50 forged ciphertexts within a few milliseconds: at most one refresh.
-    assert!(store.loads.load(Ordering::SeqCst) - before <= 1);
+    // At most one refresh per 100 ms (plus the first), not one per forged ciphertext.
+    let allowed = 1 + started.elapsed().as_millis() / 100;
+    let loads = (store.loads.load(Ordering::SeqCst) - before) as u128;
+    assert!(
+        loads <= allowed && loads < 50,
+        "{loads} store reads for 50 forged versions"
+    );
 }
 
 #[tokio::test]
