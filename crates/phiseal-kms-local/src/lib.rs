@@ -298,7 +298,13 @@ impl LocalKms {
                 tenant: binding.tenant.clone(),
                 version: binding.version,
                 expected: self.root_key_ref.clone(),
-                found: wrapped.root_key_ref.clone(),
+                // From the key store, so untrusted: bounded and with control characters escaped.
+                found: wrapped
+                    .root_key_ref
+                    .chars()
+                    .take(80)
+                    .flat_map(char::escape_default)
+                    .collect(),
             });
         }
         let wrong_length = || LocalKmsError::WrongWrappedLength {
