@@ -33,8 +33,18 @@ pub enum AuditFileError {
         /// The path.
         path: PathBuf,
     },
-    /// The path exists but is not a regular file.
-    #[error("audit log {path} is not a regular file")]
+    /// The existing log can be written by other users.
+    #[error(
+        "audit log {path} has mode {mode:04o}: other users could write it; run `chmod 600 {path}`"
+    )]
+    InsecurePermissions {
+        /// The path.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The path exists but is not a regular file (symlinks are refused).
+    #[error("audit log {path} is not a regular file (symlinks are refused)")]
     NotAFile {
         /// The path.
         path: PathBuf,
@@ -153,7 +163,8 @@ impl AuditFileError {
         match self {
             AuditFileError::Open { .. }
             | AuditFileError::NotAFile { .. }
-            | AuditFileError::Locked { .. } => BackendErrorKind::Misconfigured,
+            | AuditFileError::Locked { .. }
+            | AuditFileError::InsecurePermissions { .. } => BackendErrorKind::Misconfigured,
             AuditFileError::RecordTooLarge { .. } => BackendErrorKind::InvalidData,
             AuditFileError::QueueFull { .. } => BackendErrorKind::Unavailable,
             AuditFileError::Io { .. }

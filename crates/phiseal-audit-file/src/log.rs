@@ -399,12 +399,29 @@ fn open_append(path: &Path) -> Result<(File, bool), AuditFileError> {
         .open(path)
     {
         Ok(f) => Ok((f, true)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(path)
-            .map(|f| (f, false))
-            .map_err(open_err),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // An existing log must be a regular file (not a symlink someone planted) that
+            // other users cannot write.
+            let meta = std::fs::symlink_metadata(path).map_err(open_err)?;
+            if !meta.file_type().is_file() {
+                return Err(AuditFileError::NotAFile {
+                    path: path.to_owned(),
+                });
+            }
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+            if mode & 0o022 != 0 {
+                return Err(AuditFileError::InsecurePermissions {
+                    path: path.to_owned(),
+                    mode,
+                });
+            }
+            OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(path)
+                .map(|f| (f, false))
+                .map_err(open_err)
+        }
         Err(e) => Err(open_err(e)),
     }
 }

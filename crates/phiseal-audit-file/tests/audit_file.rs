@@ -675,3 +675,20 @@ fn a_second_writer_is_refused() {
     drop(first);
     FileAuditLog::open(&path, Durability::default()).unwrap();
 }
+
+#[test]
+fn an_existing_log_must_be_a_private_regular_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    drop(FileAuditLog::open(&path, Durability::default()).unwrap());
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = FileAuditLog::open(&path, Durability::default()).unwrap_err();
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.path().join("link.log");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let err = FileAuditLog::open(&link, Durability::default()).unwrap_err();
+    assert!(matches!(err, AuditFileError::NotAFile { .. }), "{err}");
+    FileAuditLog::open(&path, Durability::default()).unwrap();
+}
