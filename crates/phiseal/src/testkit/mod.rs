@@ -64,3 +64,5 @@ pub fn open(
     )?;
     field::open(&parsed, &*key, context)
 }
+
+pub mod conformance;

@@ -1,0 +1,276 @@
+//! Conformance suites every KMS backend and key store must pass, instantiated in one line by
+//! each backend's tests (`phiseal_kms_local`, `phiseal_store_sqlite`, and the cloud / HSM /
+//! PostgreSQL backends to come):
+//!
+//! ```ignore
+//! phiseal::testkit::conformance::kms(Arc::new(MyKms::connect(..).await?)).await;
+//! phiseal::testkit::conformance::key_store(Arc::new(MyStore::open(..)?)).await;
+//! ```
+//!
+//! A suite reports a failure by panicking with a message naming the property, like `assert!`.
+// A test harness: panicking is how it reports, and its inputs are its own.
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+
+use crate::context::TenantId;
+use crate::error::BackendErrorKind;
+use crate::kms::{KeyBinding, Kms, WrappedKey};
+use crate::secret::TenantKey;
+use crate::store::{KeyRecord, KeyState, KeyStore};
+
+fn binding(tenant: &str, version: u32) -> KeyBinding {
+    KeyBinding {
+        tenant: TenantId::new(tenant).unwrap(),
+        version,
+    }
+}
+
+/// The KMS suite: round trip; the binding (tenant, version) is enforced where the backend can
+/// enforce it (see `binds_context`); altered wrapped bytes are refused; the root-key reference
+/// is recorded; concurrent use works; `Debug` shows no key bytes.
+///
+/// `binds_context` is false for backends whose wrap takes no AAD (Azure Key Vault): for them
+/// the core's key-check MAC is the binding, and a swapped binding must still not return a
+/// *different* key silently — the suite then only checks the round trip.
+pub async fn kms(kms: Arc<dyn Kms>, binds_context: bool) {
+    let name = kms.name().to_owned();
+    let key = TenantKey::from_bytes([0x5a; 32]);
+    let b = binding("conformance-tenant", 3);
+    let wrapped = kms
+        .wrap(&key, &b)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: wrap: {e}"));
+    assert!(
+        !wrapped.root_key_ref.is_empty(),
+        "{name}: the root-key reference must be recorded"
+    );
+    assert!(
+        !wrapped.ciphertext.windows(32).any(|w| w == key.expose()),
+        "{name}: the wrapped bytes contain the key in the clear"
+    );
+    let back = kms
+        .unwrap(&wrapped, &b)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: unwrap: {e}"));
+    assert_eq!(back.expose(), key.expose(), "{name}: round trip");
+
+    if binds_context {
+        for other in [binding("other-tenant", 3), binding("conformance-tenant", 4)] {
+            match kms.unwrap(&wrapped, &other).await {
+                Err(e) => assert_eq!(
+                    e.kind(),
+                    BackendErrorKind::InvalidData,
+                    "{name}: a binding mismatch must be InvalidData: {e}"
+                ),
+                Ok(_) => panic!("{name}: unwrapped under another binding {other:?}"),
+            }
+        }
+    }
+
+    let mut altered = wrapped.clone();
+    let last = altered.ciphertext.len() - 1;
+    altered.ciphertext[last] ^= 1;
+    assert!(
+        kms.unwrap(&altered, &b).await.is_err(),
+        "{name}: altered wrapped bytes were accepted"
+    );
+    let empty = WrappedKey {
+        root_key_ref: wrapped.root_key_ref.clone(),
+        ciphertext: Vec::new(),
+    };
+    assert!(
+        kms.unwrap(&empty, &b).await.is_err(),
+        "{name}: empty wrapped bytes were accepted"
+    );
+
+    let mut tasks = Vec::new();
+    for i in 0..16u32 {
+        let kms = Arc::clone(&kms);
+        tasks.push(tokio::spawn(async move {
+            let key = TenantKey::from_bytes([i as u8; 32]);
+            let b = binding("concurrent", i + 1);
+            let w = kms.wrap(&key, &b).await.unwrap();
+            let back = kms.unwrap(&w, &b).await.unwrap();
+            assert_eq!(back.expose(), key.expose());
+        }));
+    }
+    for task in tasks {
+        task.await
+            .unwrap_or_else(|e| panic!("{name}: concurrent use: {e}"));
+    }
+    let shown = format!("{kms:?}");
+    assert!(
+        !shown.contains("90, 90, 90") && !shown.contains("5a5a5a5a"),
+        "{name}: Debug output shows key bytes"
+    );
+}
+
+fn record(version: u32, fill: u8) -> KeyRecord {
+    KeyRecord {
+        version,
+        state: KeyState::Primary,
+        wrapped: Some(WrappedKey {
+            root_key_ref: "conformance:1".into(),
+            ciphertext: vec![fill; 60],
+        }),
+        key_check: [fill; 32],
+        created_at: Timestamp::now(),
+    }
+}
+
+/// The key-store suite: create / load / duplicate create; compare-and-set rotation (stale
+/// expectations change nothing; concurrent rotations never duplicate a version); minimum
+/// decryption version; shred (destroyed, wrapped bytes gone, tombstone kept); list; CAS on
+/// wrapped bytes.
+pub async fn key_store(store: Arc<dyn KeyStore>) {
+    let name = store.name().to_owned();
+    let t = TenantId::new("conformance-store").unwrap();
+    assert!(
+        store.load_tenant(&t).await.unwrap().is_none(),
+        "{name}: unknown tenant"
+    );
+    store.create_tenant(&t, record(1, 1)).await.unwrap();
+    let err = store.create_tenant(&t, record(1, 2)).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        BackendErrorKind::Conflict,
+        "{name}: duplicate create"
+    );
+    let loaded = store.load_tenant(&t).await.unwrap().unwrap();
+    assert_eq!(loaded.tenant, t);
+    assert_eq!(loaded.versions.len(), 1);
+    assert_eq!(loaded.versions[0].wrapped, record(1, 1).wrapped);
+    assert_eq!(loaded.versions[0].key_check, [1; 32]);
+    assert_eq!(loaded.min_decrypt_version, 1);
+
+    store.insert_version(&t, 1, record(2, 2)).await.unwrap();
+    let err = store.insert_version(&t, 1, record(2, 3)).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Conflict, "{name}: stale CAS");
+    let loaded = store.load_tenant(&t).await.unwrap().unwrap();
+    assert_eq!(loaded.latest_version(), 2);
+    assert_eq!(
+        loaded.version(2).unwrap().key_check,
+        [2; 32],
+        "{name}: CAS loser wrote"
+    );
+    assert_eq!(loaded.version(1).unwrap().state, KeyState::DecryptOnly);
+    assert_eq!(loaded.primary().unwrap().version, 2);
+
+    store.set_min_decrypt_version(&t, 2).await.unwrap();
+    assert_eq!(
+        store
+            .load_tenant(&t)
+            .await
+            .unwrap()
+            .unwrap()
+            .min_decrypt_version,
+        2
+    );
+    assert!(
+        store.set_min_decrypt_version(&t, 3).await.is_err(),
+        "{name}: min > latest"
+    );
+
+    let old = record(2, 2).wrapped.unwrap();
+    let new = WrappedKey {
+        root_key_ref: "conformance:2".into(),
+        ciphertext: vec![9; 60],
+    };
+    store
+        .replace_wrapped(&t, 2, &old, new.clone())
+        .await
+        .unwrap();
+    let err = store
+        .replace_wrapped(&t, 2, &old, new.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        BackendErrorKind::Conflict,
+        "{name}: stale wrapped CAS"
+    );
+    let loaded = store.load_tenant(&t).await.unwrap().unwrap();
+    assert_eq!(loaded.version(2).unwrap().wrapped.as_ref(), Some(&new));
+
+    // Concurrent rotations: every version allocated exactly once.
+    let c = TenantId::new("conformance-concurrent").unwrap();
+    store.create_tenant(&c, record(1, 1)).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, c) = (Arc::clone(&store), c.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut won = 0u32;
+            for _ in 0..10 {
+                let latest = store
+                    .load_tenant(&c)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .latest_version();
+                if store
+                    .insert_version(&c, latest, record(latest + 1, 7))
+                    .await
+                    .is_ok()
+                {
+                    won += 1;
+                }
+            }
+            won
+        }));
+    }
+    let mut won = 0;
+    for task in tasks {
+        won += task.await.unwrap();
+    }
+    let loaded = store.load_tenant(&c).await.unwrap().unwrap();
+    let versions: Vec<u32> = loaded.versions.iter().map(|v| v.version).collect();
+    assert_eq!(
+        versions,
+        (1..=won + 1).collect::<Vec<_>>(),
+        "{name}: versions"
+    );
+    assert_eq!(
+        loaded
+            .versions
+            .iter()
+            .filter(|v| v.state == KeyState::Primary)
+            .count(),
+        1,
+        "{name}: exactly one primary"
+    );
+
+    store.shred_tenant(&t, Timestamp::now()).await.unwrap();
+    let loaded = store.load_tenant(&t).await.unwrap().unwrap();
+    assert!(loaded.shredded_at.is_some(), "{name}: tombstone kept");
+    assert!(
+        loaded
+            .versions
+            .iter()
+            .all(|v| v.state == KeyState::Destroyed && v.wrapped.is_none()),
+        "{name}: shred leaves wrapped keys"
+    );
+    let err = store.insert_version(&t, 2, record(3, 3)).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        BackendErrorKind::Conflict,
+        "{name}: rotate after shred"
+    );
+    let err = store.create_tenant(&t, record(1, 1)).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        BackendErrorKind::Conflict,
+        "{name}: reuse of a shredded id"
+    );
+
+    let mut all = store.list_tenants().await.unwrap();
+    all.sort();
+    assert_eq!(all, vec![c, t], "{name}: list_tenants");
+}
