@@ -726,11 +726,13 @@ async fn another_process_rotation_is_seen_within_the_documented_bounds() {
     assert_eq!(phiseal::format::parse(&ct).unwrap().key_version, 2);
 }
 
-/// A key store wrapper that counts `load_tenant` calls (the real SQLite store does the work).
+/// A key store wrapper that counts `load_tenant` calls and can delay the next one after it
+/// has read (the real SQLite store does the work).
 #[derive(Debug)]
 struct CountingStore {
     inner: Arc<dyn KeyStore>,
     loads: AtomicUsize,
+    delay_next_load: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -743,7 +745,11 @@ impl KeyStore for CountingStore {
     }
     async fn load_tenant(&self, t: &TenantId) -> Result<Option<TenantRecord>, BackendError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
-        self.inner.load_tenant(t).await
+        let record = self.inner.load_tenant(t).await;
+        if self.delay_next_load.swap(false, Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        record
     }
     async fn insert_version(&self, t: &TenantId, l: u32, n: KeyRecord) -> Result<(), BackendError> {
         self.inner.insert_version(t, l, n).await
@@ -776,6 +782,7 @@ async fn forged_versions_do_not_reach_the_store_on_every_call() {
     let store = Arc::new(CountingStore {
         inner: p.store.clone(),
         loads: AtomicUsize::new(0),
+        delay_next_load: false.into(),
     });
     let k = Keyring::builder()
         .kms(p.kms.clone())
@@ -800,6 +807,38 @@ async fn forged_versions_do_not_reach_the_store_on_every_call() {
         loads <= allowed && loads < 50,
         "{loads} store reads for 50 forged versions"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_read_before_a_shred_is_never_used_after_it() {
+    // An encrypt reads the tenant (not yet shredded), then stalls; the shred completes; the
+    // stalled read must not be cached and used to encrypt for the shredded tenant.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let store = Arc::new(CountingStore {
+        inner: p.store.clone(),
+        loads: AtomicUsize::new(0),
+        delay_next_load: false.into(),
+    });
+    let k = Keyring::builder()
+        .kms(p.kms.clone())
+        .key_store(store.clone())
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    store.delay_next_load.store(true, Ordering::SeqCst);
+    let stalled = {
+        let (k, c, cx) = (k.clone(), c.clone(), cx.clone());
+        tokio::spawn(async move { k.encrypt(&c, &cx, b"late").await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    k.shred(&c, &tenant("t")).await.unwrap();
+    let _ = stalled.await.unwrap(); // began before the shred: either outcome is acceptable
+    let err = k.encrypt(&c, &cx, b"after").await.unwrap_err();
+    assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
 }
 
 #[tokio::test]

@@ -502,6 +502,8 @@ impl Keyring {
 
     async fn load_view(&self, tenant: &TenantId) -> Result<Arc<TenantView>, Error> {
         let inner = &self.inner;
+        // Read before the store: a view whose read may predate an invalidation is stale.
+        let generation = inner.generation.load(std::sync::atomic::Ordering::Acquire);
         let record = inner
             .store
             .load_tenant(tenant)
@@ -521,18 +523,43 @@ impl Keyring {
                 ),
             ));
         }
-        let generation = inner.generation.load(std::sync::atomic::Ordering::Acquire);
         Ok(Arc::new(TenantView::new(record, generation)))
     }
 
-    /// The tenant's metadata, from the cache if younger than `metadata_ttl` at `now`.
+    /// Whether a cached view may be used: younger than `metadata_ttl` at `now`, and loaded
+    /// after the last invalidation.
+    fn view_is_current(&self, view: &TenantView, now: Instant) -> bool {
+        now.duration_since(view.fetched_at) <= self.inner.metadata_ttl
+            && view.generation
+                == self
+                    .inner
+                    .generation
+                    .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The tenant's metadata: the cached view if current, else a fresh read of the store.
     async fn tenant_view(&self, tenant: &TenantId, now: Instant) -> Result<Arc<TenantView>, Error> {
         let tenants = &self.inner.tenants;
-        if let Some(view) = tenants.get(tenant) {
-            if now.duration_since(view.fetched_at) <= self.inner.metadata_ttl {
+        // A load that raced an invalidation is stale and is loaded again (bounded: under a
+        // storm of invalidations the last load is used; it is at most one admin change old).
+        for _ in 0..3 {
+            if let Some(view) = tenants.get(tenant) {
+                if self.view_is_current(&view, now) {
+                    return Ok(view);
+                }
+                tenants.remove_if(tenant, |v| Arc::ptr_eq(v, &view));
+            }
+            let view = tenants
+                .get_or_insert_async(tenant, self.load_view(tenant))
+                .await?;
+            if view.generation
+                == self
+                    .inner
+                    .generation
+                    .load(std::sync::atomic::Ordering::Acquire)
+            {
                 return Ok(view);
             }
-            tenants.remove_if(tenant, |v| Arc::ptr_eq(v, &view));
         }
         tenants
             .get_or_insert_async(tenant, self.load_view(tenant))
@@ -692,8 +719,7 @@ impl Keyring {
     /// The cached, fresh metadata of a live tenant; `None` sends the caller to the slow path.
     fn cached_view(&self, tenant: &TenantId, now: Instant) -> Option<Arc<TenantView>> {
         let view = self.inner.tenants.get(tenant)?;
-        let fresh = now.duration_since(view.fetched_at) <= self.inner.metadata_ttl;
-        (fresh && view.record.shredded_at.is_none()).then_some(view)
+        (self.view_is_current(&view, now) && view.record.shredded_at.is_none()).then_some(view)
     }
 
     /// Encrypts from the caches alone (no await); `None` when something is not cached.
