@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use phiseal::context::TenantId;
-use phiseal::crypto::default_provider;
+use phiseal::crypto::{AeadKey, default_provider};
 use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::{BackendError, BackendErrorKind, TENANT_KEY_LEN, TenantKey};
 use rand::TryRngCore;
@@ -189,8 +189,9 @@ impl From<LocalKmsError> for BackendError {
 /// See the crate documentation for what this means. [`Kms::is_dev_only`] returns `true`.
 /// Its `Debug` output shows the file path and the root-key reference, never key bytes.
 pub struct LocalKms {
-    /// The root key. `TenantKey` is a zeroize-on-drop 32-byte secret box, reused here.
-    root_key: TenantKey,
+    /// The root key, prepared once as an AES-256-GCM key (the raw bytes are zeroized after
+    /// `open`; the key schedule lives in the crypto provider's key object).
+    root_key: Box<dyn AeadKey>,
     /// `local:<16 hex digits>`.
     root_key_ref: String,
     /// Where the root key file lives (for `Debug` and messages).
@@ -238,6 +239,12 @@ impl LocalKms {
             }
         };
         let root_key_ref = key_ref(&root_key);
+        let root_key = default_provider()
+            .aes_256_gcm
+            .key(root_key.expose())
+            .map_err(|_| LocalKmsError::Crypto {
+                what: "prepare the root key",
+            })?;
         Ok(LocalKms {
             root_key,
             root_key_ref,
@@ -261,19 +268,14 @@ impl LocalKms {
         key: &TenantKey,
         binding: &KeyBinding,
     ) -> Result<WrappedKey, LocalKmsError> {
-        let aead = default_provider()
-            .aes_256_gcm
-            .key(self.root_key.expose())
-            .map_err(|_| LocalKmsError::Crypto {
-                what: "prepare the root key",
-            })?;
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng
             .try_fill_bytes(&mut nonce)
             .map_err(LocalKmsError::Rng)?;
         // Holds the plaintext key until `seal` encrypts it in place; zeroized on drop either way.
         let mut body = Zeroizing::new(*key.expose());
-        let tag = aead
+        let tag = self
+            .root_key
             .seal(&nonce, &binding.to_aad(), body.as_mut_slice())
             .map_err(|_| LocalKmsError::Crypto {
                 what: "wrap a tenant key",
@@ -325,14 +327,9 @@ impl LocalKms {
         if body.len() != TENANT_KEY_LEN {
             return Err(wrong_length());
         }
-        let aead = default_provider()
-            .aes_256_gcm
-            .key(self.root_key.expose())
-            .map_err(|_| LocalKmsError::Crypto {
-                what: "prepare the root key",
-            })?;
         let mut plain = Zeroizing::new([0u8; TENANT_KEY_LEN]);
-        aead.open(nonce, &binding.to_aad(), body, tag, plain.as_mut_slice())
+        self.root_key
+            .open(nonce, &binding.to_aad(), body, tag, plain.as_mut_slice())
             .map_err(|_| LocalKmsError::UnwrapFailed {
                 tenant: binding.tenant.clone(),
                 version: binding.version,
