@@ -774,11 +774,8 @@ impl KeyStore for CountingStore {
     }
 }
 
-#[tokio::test]
-async fn forged_versions_do_not_reach_the_store_on_every_call() {
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let c = caller();
+/// A keyring (audit off) whose key store counts and can stall its reads.
+fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
     let store = Arc::new(CountingStore {
         inner: p.store.clone(),
         loads: AtomicUsize::new(0),
@@ -790,6 +787,15 @@ async fn forged_versions_do_not_reach_the_store_on_every_call() {
         .danger_disable_audit()
         .build()
         .unwrap();
+    (k, store)
+}
+
+#[tokio::test]
+async fn forged_versions_do_not_reach_the_store_on_every_call() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let (k, store) = keyring_on_counting_store(&p);
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
     let mut ct = k.encrypt(&c, &cx, b"x").await.unwrap();
@@ -816,17 +822,7 @@ async fn metadata_read_before_a_shred_is_never_used_after_it() {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let c = caller();
-    let store = Arc::new(CountingStore {
-        inner: p.store.clone(),
-        loads: AtomicUsize::new(0),
-        delay_next_load: false.into(),
-    });
-    let k = Keyring::builder()
-        .kms(p.kms.clone())
-        .key_store(store.clone())
-        .danger_disable_audit()
-        .build()
-        .unwrap();
+    let (k, store) = keyring_on_counting_store(&p);
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
     store.delay_next_load.store(true, Ordering::SeqCst);
