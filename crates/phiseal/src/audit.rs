@@ -54,8 +54,6 @@ pub enum Action {
     ShredTenant,
     /// A tenant key version was unwrapped by the KMS (a key-cache miss).
     UnwrapKey,
-    /// A caller was refused by policy (the sidecar).
-    Denied,
     /// Key metadata was read (versions, states).
     KeyStatus,
     /// A root-key rotation or migration step re-wrapped one tenant key version.
@@ -74,7 +72,6 @@ impl Action {
             Action::SetMinDecryptVersion => "set_min_decrypt_version",
             Action::ShredTenant => "shred_tenant",
             Action::UnwrapKey => "unwrap_key",
-            Action::Denied => "denied",
             Action::KeyStatus => "key_status",
             Action::RewrapRootKey => "rewrap_root_key",
         }

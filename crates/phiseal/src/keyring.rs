@@ -421,6 +421,34 @@ impl Keyring {
         }
     }
 
+    /// Records that `caller` was refused `action` before it ran (by the sidecar's
+    /// authentication or policy): one record per context, or one naming only `tenant` when
+    /// there are no contexts. `reason` becomes the record's result (`permission_denied`,
+    /// `unauthenticated`). An error means the refusal could not be recorded.
+    pub async fn audit_refusal(
+        &self,
+        caller: &Caller,
+        action: Action,
+        reason: &'static str,
+        tenant: Option<&TenantId>,
+        contexts: &[&EncryptionContext],
+    ) -> Result<(), Error> {
+        if self.inner.audit.is_none() {
+            return Ok(());
+        }
+        let none = OpMeta::default();
+        let outcome = Outcome::Error(reason);
+        let events: Vec<AuditEvent> = if contexts.is_empty() {
+            vec![Self::event(caller, action, tenant, None, &none, outcome)]
+        } else {
+            contexts
+                .iter()
+                .map(|c| Self::event(caller, action, None, Some(c), &none, outcome))
+                .collect()
+        };
+        self.append(&events).await
+    }
+
     /// Records the outcome of one field operation; the operation fails if that fails.
     async fn finish<T>(
         &self,
@@ -1053,6 +1081,27 @@ impl Keyring {
     /// Returns the new version. If another process rotated at the same moment, exactly one
     /// wins and the other gets [`Error::RotationConflict`]. Audited (attempt and result).
     pub async fn rotate(&self, caller: &Caller, tenant: &TenantId) -> Result<u32, Error> {
+        self.rotate_from(caller, tenant, None).await
+    }
+
+    /// Rotates `tenant`'s key only if its latest version is still `expected` (a scheduler
+    /// that decided from an earlier read); otherwise fails with [`Error::RotationConflict`]
+    /// and changes nothing. Audited like [`Keyring::rotate`].
+    pub async fn rotate_if_latest(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        expected: u32,
+    ) -> Result<u32, Error> {
+        self.rotate_from(caller, tenant, Some(expected)).await
+    }
+
+    async fn rotate_from(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        expected: Option<u32>,
+    ) -> Result<u32, Error> {
         let op = async {
             let mut meta = OpMeta::default();
             let result = async {
@@ -1070,6 +1119,12 @@ impl Keyring {
                     what: "key version",
                     reason: "the tenant has used every key version number",
                 })?;
+                if expected.is_some_and(|e| e != latest) {
+                    return Err(Error::RotationConflict {
+                        tenant: tenant.clone(),
+                        version: latest,
+                    });
+                }
                 meta.key_version = Some(next);
                 let record = self.new_key_record(tenant, next).await?;
                 let store = &*self.inner.store;
@@ -1201,6 +1256,41 @@ impl Keyring {
             self.append(std::slice::from_ref(&event)).await?;
         }
         result
+    }
+
+    /// Every tenant in the key store (shredded ones included). Reads ids only; not audited.
+    pub async fn list_tenants(&self) -> Result<Vec<TenantId>, Error> {
+        let store = &*self.inner.store;
+        store.list_tenants().await.map_err(|e| store_error(store, e))
+    }
+
+    /// For a rotation scheduler: the tenant's latest key version if it is older than `period`
+    /// (`None` if it is younger, or the tenant is shredded or unknown). Reads the key store
+    /// afresh, touches no key material; not audited (the rotation it leads to is).
+    pub async fn rotation_due(
+        &self,
+        tenant: &TenantId,
+        period: Duration,
+        now: Timestamp,
+    ) -> Result<Option<u32>, Error> {
+        let store = &*self.inner.store;
+        let Some(record) = store
+            .load_tenant(tenant)
+            .await
+            .map_err(|e| store_error(store, e))?
+        else {
+            return Ok(None);
+        };
+        if record.shredded_at.is_some() {
+            return Ok(None);
+        }
+        let latest = record.latest_version();
+        let Some(newest) = record.version(latest) else {
+            return Ok(None);
+        };
+        let age = now.duration_since(newest.created_at);
+        let period = jiff::SignedDuration::try_from(period).unwrap_or(jiff::SignedDuration::MAX);
+        Ok((age >= period).then_some(latest))
     }
 
     /// Flushes the audit sink (call before exit).

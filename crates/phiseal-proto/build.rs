@@ -1,0 +1,18 @@
+//! Generates the gRPC code from `proto/phiseal/v1/phiseal.proto` at every build, so the Rust
+//! types cannot drift from the contract. Uses the vendored `protoc` unless `PROTOC` is set.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let proto = proto_root.join("phiseal/v1/phiseal.proto");
+    let protoc = match std::env::var_os("PROTOC") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => protoc_bin_vendored::protoc_bin_path()?,
+    };
+    let well_known = protoc_bin_vendored::include_path()?;
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
+    tonic_prost_build::configure()
+        .compile_with_config(config, &[&proto], &[&proto_root, &well_known])?;
+    println!("cargo:rerun-if-changed={}", proto.display());
+    Ok(())
+}
