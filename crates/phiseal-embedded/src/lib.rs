@@ -103,21 +103,43 @@ fn prepare_data_dir(data_dir: &Path) -> Result<(), EmbeddedError> {
     Ok(())
 }
 
+/// The embedded default's parts, opened, for callers that wrap them (the sidecar meters
+/// them) before handing them to a [`KeyringBuilder`].
+#[derive(Debug)]
+pub struct EmbeddedParts {
+    /// The local development KMS.
+    pub kms: Arc<LocalKms>,
+    /// The SQLite key store.
+    pub store: Arc<SqliteKeyStore>,
+    /// The file audit log.
+    pub audit: Arc<FileAuditLog>,
+}
+
+/// Opens (creating on first use) the embedded default's parts in `data_dir`.
+pub fn open_parts(
+    data_dir: &Path,
+    options: &EmbeddedOptions,
+) -> Result<EmbeddedParts, EmbeddedError> {
+    prepare_data_dir(data_dir)?;
+    let paths = EmbeddedPaths::new(data_dir);
+    Ok(EmbeddedParts {
+        kms: Arc::new(LocalKms::open(&paths.root_key)?),
+        store: Arc::new(SqliteKeyStore::open(&paths.key_store)?),
+        audit: Arc::new(FileAuditLog::open(&paths.audit_log, options.durability)?),
+    })
+}
+
 /// A keyring builder with the embedded default's parts set, for further settings
 /// (provider, algorithm). The local KMS makes it development-only.
 pub fn builder(
     data_dir: &Path,
     options: &EmbeddedOptions,
 ) -> Result<KeyringBuilder, EmbeddedError> {
-    prepare_data_dir(data_dir)?;
-    let paths = EmbeddedPaths::new(data_dir);
-    let kms = LocalKms::open(&paths.root_key)?;
-    let store = SqliteKeyStore::open(&paths.key_store)?;
-    let audit = FileAuditLog::open(&paths.audit_log, options.durability)?;
+    let parts = open_parts(data_dir, options)?;
     Ok(Keyring::builder()
-        .kms(Arc::new(kms))
-        .key_store(Arc::new(store))
-        .audit(Arc::new(audit))
+        .kms(parts.kms)
+        .key_store(parts.store)
+        .audit(parts.audit)
         .cache(options.cache))
 }
 

@@ -1261,7 +1261,10 @@ impl Keyring {
     /// Every tenant in the key store (shredded ones included). Reads ids only; not audited.
     pub async fn list_tenants(&self) -> Result<Vec<TenantId>, Error> {
         let store = &*self.inner.store;
-        store.list_tenants().await.map_err(|e| store_error(store, e))
+        store
+            .list_tenants()
+            .await
+            .map_err(|e| store_error(store, e))
     }
 
     /// For a rotation scheduler: the tenant's latest key version if it is older than `period`

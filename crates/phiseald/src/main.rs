@@ -1,1 +1,137 @@
-fn main() {}
+//! `phiseald`: signals, hardening, configuration, start. Everything else is in the library.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use phiseald::config::{Config, DEFAULT_SOCKET, LogFormat, Source};
+use phiseald::daemon::Daemon;
+
+/// The phiseal sidecar: per-tenant field encryption over gRPC on a Unix socket.
+///
+/// Zero setup: `phiseald --socket PATH --data-dir DIR` runs the embedded default (local
+/// development KMS, SQLite key store and audit log in DIR), where the daemon's own uid may do
+/// everything. Anything else: `phiseald --config FILE` (see phiseald.example.toml).
+/// Environment variables `PHISEALD_<SECTION>__<KEY>` override the configuration.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The configuration file (TOML).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The Unix socket to listen on (overrides the file).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The data directory of the embedded backends (overrides the file).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn load(args: &Args) -> Result<Config, phiseald::DaemonError> {
+    let mut config = match (&args.config, &args.data_dir) {
+        (Some(file), _) => Config::load(Source::File(file))?,
+        (None, Some(data_dir)) => {
+            let socket = args.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
+            Config::load(Source::Embedded {
+                socket: &socket,
+                data_dir,
+            })?
+        }
+        (None, None) => {
+            return Err(phiseald::DaemonError::Config(
+                "give --config FILE, or --data-dir DIR for the embedded default".into(),
+            ));
+        }
+    };
+    if let Some(socket) = &args.socket {
+        config.socket = socket.clone();
+    }
+    if let Some(data_dir) = &args.data_dir {
+        config.data_dir = data_dir.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn init_logging(config: &Config) -> Result<(), phiseald::DaemonError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .map_err(|e| phiseald::DaemonError::Config(format!("log.level: {e}")))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
+    let installed = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    installed.map_err(|e| phiseald::DaemonError::Config(format!("logging: {e}")))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon could not drain; never resolve and let the
+        // default action apply is not possible either, so wait forever (ctrl-c still ends it).
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let report = |e: &dyn std::fmt::Display| {
+        eprintln!("phiseald: {e}");
+        ExitCode::FAILURE
+    };
+    if let Err(e) = phiseald::hardening::disable_core_dumps() {
+        return report(&e);
+    }
+    let config = match load(&args) {
+        Ok(c) => c,
+        Err(e) => return report(&e),
+    };
+    if args.check_config {
+        eprintln!("phiseald: configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = init_logging(&config) {
+        return report(&e);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return report(&e),
+    };
+    let result = runtime.block_on(async move {
+        let daemon = Daemon::build(config)?;
+        // Signal handlers are installed before the socket appears, so a SIGTERM sent as soon
+        // as the socket exists always drains.
+        let signals = tokio::spawn(shutdown_signal());
+        daemon
+            .run(async move {
+                let _ = signals.await;
+            })
+            .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "phiseald failed");
+            report(&e)
+        }
+    }
+}

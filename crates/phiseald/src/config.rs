@@ -1,0 +1,454 @@
+//! The daemon's configuration: one TOML file plus `PHISEALD_*` environment overrides, read
+//! with figment and validated as a whole before anything starts. Every error names the key
+//! and the problem. The fully commented example is `crates/phiseald/phiseald.example.toml`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::DaemonError;
+use crate::policy::Rule;
+
+/// Where the daemon listens when neither the file nor `--socket` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/phiseal/phiseald.sock";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The Unix socket to listen on (its directory is created 0750 and must not be writable
+    /// by group or others).
+    pub socket: PathBuf,
+    /// Group that may connect to the socket (name or numeric gid); default: the daemon's own
+    /// primary group.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// `development` (default) or `production` (refuses the local development KMS).
+    #[serde(default)]
+    pub profile: ProfileName,
+    /// The embedded backends: local KMS, SQLite key store, file audit log in one directory.
+    pub data_dir: PathBuf,
+    /// Audit log durability.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Key cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Prometheus metrics listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Scheduled rotation.
+    #[serde(default)]
+    pub rotation: RotationConfig,
+    /// Service tokens, stored hashed.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Who may do what. Empty means nobody may do anything (default deny).
+    #[serde(default)]
+    pub policy: Vec<Rule>,
+}
+
+/// Profile names as written in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileName {
+    /// Development: the local KMS is allowed.
+    #[default]
+    Development,
+    /// Production: development-only parts are refused.
+    Production,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `interval` (default: written before return, fsynced within `sync_interval`) or
+    /// `strict` (fsynced before return, group commit).
+    pub durability: DurabilityName,
+    /// For `interval`: the longest time between a write and its fsync.
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            durability: DurabilityName::Interval,
+            sync_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Audit durability names as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityName {
+    /// Written before return, fsynced within `sync_interval`.
+    Interval,
+    /// Fsynced before return (group commit).
+    Strict,
+}
+
+/// `[cache]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Unwrapped key versions held.
+    pub capacity: usize,
+    /// How long an unwrapped key is used before it is unwrapped again.
+    #[serde(with = "humantime_serde")]
+    pub key_ttl: Duration,
+    /// Operations one unwrapped key serves before it is unwrapped again.
+    pub max_uses: u64,
+    /// How long tenant metadata is trusted: the bound within which another daemon's rotation,
+    /// minimum-version change or shred is seen.
+    #[serde(with = "humantime_serde")]
+    pub metadata_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        let d = phiseal::CacheSettings::default();
+        Self {
+            capacity: d.capacity,
+            key_ttl: d.key_ttl,
+            max_uses: d.max_uses,
+            metadata_ttl: d.metadata_ttl,
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: usize,
+    /// Most items in one batch call.
+    pub max_batch_items: usize,
+    /// Longest time a request may take (a client's shorter `grpc-timeout` wins).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Calls per second one identity may make (sustained).
+    pub rate_per_second: u32,
+    /// Calls one identity may make in a burst above the sustained rate.
+    pub rate_burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_batch_items: 10_000,
+            request_timeout: Duration::from_secs(10),
+            rate_per_second: 20_000,
+            rate_burst: 2_000,
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus listener (`GET /metrics`); absent means no listener.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `phiseald=debug`, …).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[rotation]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// Rotate a tenant key once its newest version is this old; absent means never.
+    #[serde(default, with = "humantime_serde")]
+    pub period: Option<Duration>,
+    /// Per-tenant periods overriding `period`.
+    #[serde(default, with = "tenant_periods")]
+    pub tenants: BTreeMap<String, Duration>,
+    /// How often the scheduler looks for due tenants.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self {
+            period: None,
+            tenants: BTreeMap::new(),
+            check_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+mod tenant_periods {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let text: BTreeMap<&String, String> = map
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    humantime_serde::re::humantime::format_duration(*v).to_string(),
+                )
+            })
+            .collect();
+        text.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
+        let text = BTreeMap::<String, String>::deserialize(d)?;
+        text.into_iter()
+            .map(|(k, v)| {
+                humantime_serde::re::humantime::parse_duration(&v)
+                    .map(|d| (k.clone(), d))
+                    .map_err(|e| serde::de::Error::custom(format!("tenant '{k}': {e}")))
+            })
+            .collect()
+    }
+}
+
+/// One `[[tokens]]` entry: a service token, stored as the SHA-256 of its text (made by
+/// `phiseal token new`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The name policies refer to (`token = "billing"`); the audit identity is `token:NAME`.
+    pub name: String,
+    /// Lower-case hex SHA-256 of the token text.
+    pub sha256: String,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("sha256", &"[redacted]")
+            .finish()
+    }
+}
+
+/// How the daemon was started.
+#[derive(Debug, Clone)]
+pub enum Source<'a> {
+    /// `--config FILE` (plus environment overrides).
+    File(&'a Path),
+    /// `--socket PATH --data-dir DIR` with no file: the embedded default, where the daemon's
+    /// own uid may do everything (plus environment overrides).
+    Embedded {
+        /// The socket.
+        socket: &'a Path,
+        /// The data directory.
+        data_dir: &'a Path,
+    },
+}
+
+impl Config {
+    /// Reads and validates the configuration.
+    pub fn load(source: Source<'_>) -> Result<Self, DaemonError> {
+        let figment = match source {
+            Source::File(path) => {
+                if !path.is_file() {
+                    return Err(DaemonError::Config(format!(
+                        "config file {}: not found or not a regular file",
+                        path.display()
+                    )));
+                }
+                Figment::new().merge(Toml::file(path))
+            }
+            Source::Embedded { socket, data_dir } => {
+                Figment::new().merge(Serialized::defaults(Self::embedded(socket, data_dir)))
+            }
+        };
+        let config: Config = figment
+            .merge(Env::prefixed("PHISEALD_").split("__"))
+            .extract()
+            .map_err(|e| DaemonError::Config(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The embedded default: everything default, and one rule letting the daemon's own uid
+    /// do every operation on every tenant and field.
+    fn embedded(socket: &Path, data_dir: &Path) -> Self {
+        Self {
+            socket: socket.to_owned(),
+            socket_group: None,
+            profile: ProfileName::Development,
+            data_dir: data_dir.to_owned(),
+            audit: AuditConfig::default(),
+            cache: CacheConfig::default(),
+            limits: LimitsConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+            rotation: RotationConfig::default(),
+            tokens: Vec::new(),
+            policy: vec![Rule::everything_for_uid(rustix::process::getuid().as_raw())],
+        }
+    }
+
+    /// Checks values serde cannot: ranges, references between sections, duplicates.
+    pub fn validate(&self) -> Result<(), DaemonError> {
+        let bad = |key: &str, problem: &str| Err(DaemonError::Config(format!("{key}: {problem}")));
+        if !self.socket.is_absolute() {
+            return bad("socket", "must be an absolute path");
+        }
+        if !self.data_dir.is_absolute() {
+            return bad("data_dir", "must be an absolute path");
+        }
+        let l = &self.limits;
+        if !(1024..=256 * 1024 * 1024).contains(&l.max_message_bytes) {
+            return bad(
+                "limits.max_message_bytes",
+                "must be between 1024 and 268435456",
+            );
+        }
+        if !(1..=1_000_000).contains(&l.max_batch_items) {
+            return bad("limits.max_batch_items", "must be between 1 and 1000000");
+        }
+        if l.request_timeout < Duration::from_millis(10) {
+            return bad("limits.request_timeout", "must be at least 10ms");
+        }
+        if l.rate_per_second == 0 || l.rate_burst == 0 {
+            return bad(
+                "limits.rate_per_second / limits.rate_burst",
+                "must be at least 1",
+            );
+        }
+        if self.audit.sync_interval.is_zero() || self.audit.sync_interval > Duration::from_secs(10)
+        {
+            return bad("audit.sync_interval", "must be between 1ms and 10s");
+        }
+        if self.cache.capacity == 0 || self.cache.max_uses == 0 {
+            return bad("cache.capacity / cache.max_uses", "must be at least 1");
+        }
+        if self
+            .rotation
+            .period
+            .is_some_and(|p| p < Duration::from_secs(60))
+            || self
+                .rotation
+                .tenants
+                .values()
+                .any(|p| *p < Duration::from_secs(60))
+        {
+            return bad("rotation.period / rotation.tenants", "must be at least 1m");
+        }
+        if self.rotation.check_interval < Duration::from_secs(1) {
+            return bad("rotation.check_interval", "must be at least 1s");
+        }
+        for tenant in self.rotation.tenants.keys() {
+            if phiseal::TenantId::new(tenant).is_err() {
+                return bad(
+                    &format!("rotation.tenants.\"{tenant}\""),
+                    "is not a valid tenant id",
+                );
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, token) in self.tokens.iter().enumerate() {
+            let key = format!("tokens[{i}]");
+            if token.name.is_empty()
+                || !token
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
+                return bad(
+                    &format!("{key}.name"),
+                    "must be non-empty ASCII letters, digits, '-', '_', '.'",
+                );
+            }
+            if !names.insert(token.name.as_str()) {
+                return bad(&format!("{key}.name"), "is defined twice");
+            }
+            if token.sha256.len() != 64
+                || !token
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return bad(
+                    &format!("{key}.sha256"),
+                    "must be 64 lower-case hex digits (the SHA-256 of the token; `phiseal token new` prints it)",
+                );
+            }
+        }
+        for (i, rule) in self.policy.iter().enumerate() {
+            rule.validate(&format!("policy[{i}]"), &names)?;
+        }
+        Ok(())
+    }
+}
+
+/// Figment's messages name the key (`for key "default.limits.max_batch_items"`); drop the
+/// profile prefix so they match the file.
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let origin = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("{}{origin}", e.kind)
+            } else {
+                format!("{key}: {}{origin}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

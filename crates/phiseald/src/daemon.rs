@@ -1,0 +1,191 @@
+//! Assembles the daemon from a validated [`Config`] and runs it until shutdown.
+//!
+//! [`Daemon::build`] opens the backends (the embedded default in `data_dir`), wraps them with
+//! metrics, builds the keyring (which refuses inconsistent parts, e.g. the local KMS under
+//! the production profile) and the policy; [`Daemon::run`] binds the socket and serves
+//! until the shutdown signal, then drains: no new calls, in-flight calls and their
+//! operations finish, the audit log is flushed (fsync), the socket is removed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use phiseal::{CacheSettings, Keyring, Profile};
+use phiseal_audit_file::Durability;
+use phiseal_proto::v1::admin_service_server::AdminServiceServer;
+use phiseal_proto::v1::field_service_server::FieldServiceServer;
+use prometheus_client::registry::Registry;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, DurabilityName, ProfileName};
+use crate::error::DaemonError;
+use crate::instrument::{MeteredAudit, MeteredKms};
+use crate::limits::CallLimiter;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::service::{AdminApi, FieldApi, Sidecar};
+use crate::{rotation, transport};
+
+/// How long shutdown waits for in-flight calls beyond the request timeout.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// A daemon ready to run.
+#[derive(Debug)]
+pub struct Daemon {
+    config: Config,
+    sidecar: Arc<Sidecar>,
+    registry: Arc<Registry>,
+}
+
+impl Daemon {
+    /// Opens the backends and assembles everything; nothing listens yet.
+    pub fn build(config: Config) -> Result<Self, DaemonError> {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let durability = match config.audit.durability {
+            DurabilityName::Interval => Durability::Interval(config.audit.sync_interval),
+            DurabilityName::Strict => Durability::Strict,
+        };
+        let options = phiseal_embedded::EmbeddedOptions {
+            durability,
+            cache: CacheSettings::default(),
+        };
+        let parts = phiseal_embedded::open_parts(&config.data_dir, &options)?;
+        let cache = CacheSettings {
+            capacity: config.cache.capacity,
+            key_ttl: config.cache.key_ttl,
+            max_uses: config.cache.max_uses,
+            metadata_ttl: config.cache.metadata_ttl,
+        };
+        let keyring = Keyring::builder()
+            .kms(Arc::new(MeteredKms::new(parts.kms, Arc::clone(&metrics))))
+            .key_store(parts.store)
+            .audit(Arc::new(MeteredAudit::new(
+                parts.audit,
+                Arc::clone(&metrics),
+            )))
+            .cache(cache)
+            .profile(match config.profile {
+                ProfileName::Development => Profile::Development,
+                ProfileName::Production => Profile::Production,
+            })
+            .build()?;
+        let sidecar = Sidecar {
+            keyring,
+            auth: Authenticator::new(&config.tokens),
+            policy: Policy::new(config.policy.clone()),
+            limiter: CallLimiter::new(&config.limits),
+            max_batch_items: config.limits.max_batch_items,
+            metrics,
+            tasks: TaskTracker::new(),
+        };
+        Ok(Self {
+            config,
+            sidecar: Arc::new(sidecar),
+            registry: Arc::new(registry),
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then drains and flushes (see the module docs).
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DaemonError> {
+        let config = &self.config;
+        let (listener, socket_guard) =
+            transport::bind(&config.socket, config.socket_group.as_deref())?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+        let metrics_task = match config.metrics.listen {
+            Some(addr) => Some(
+                crate::metrics::serve(addr, Arc::clone(&self.registry), stop_rx.clone()).await?,
+            ),
+            None => None,
+        };
+        let rotation_task = rotation::enabled(&config.rotation).then(|| {
+            tokio::spawn(rotation::run(
+                self.sidecar.keyring.clone(),
+                config.rotation.clone(),
+                Arc::clone(&self.sidecar.metrics),
+                stop_rx.clone(),
+            ))
+        });
+        let limiter_sidecar = Arc::clone(&self.sidecar);
+        let mut limiter_stop = stop_rx.clone();
+        let limiter_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => limiter_sidecar.limiter.forget_idle(),
+                    _ = limiter_stop.changed() => return,
+                }
+            }
+        });
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<FieldServiceServer<FieldApi>>().await;
+        health.set_serving::<AdminServiceServer<AdminApi>>().await;
+
+        let max = config.limits.max_message_bytes;
+        let fields = FieldServiceServer::new(FieldApi(Arc::clone(&self.sidecar)))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let admin = AdminServiceServer::new(AdminApi(Arc::clone(&self.sidecar)))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+
+        tracing::info!(
+            socket = %config.socket.display(),
+            data_dir = %config.data_dir.display(),
+            profile = ?config.profile,
+            "phiseald listening"
+        );
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let drain_limit = config.limits.request_timeout + DRAIN_GRACE;
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: refusing new calls, draining in-flight calls");
+            let _ = draining_tx.send(());
+        };
+        let server = tonic::transport::Server::builder()
+            .timeout(config.limits.request_timeout)
+            .add_service(health_service)
+            .add_service(fields)
+            .add_service(admin)
+            .serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(server);
+        // Serve; once shutdown starts, give in-flight calls `drain_limit` to finish.
+        let served = tokio::select! {
+            result = &mut server => result,
+            _ = draining_rx => {
+                match tokio::time::timeout(drain_limit, &mut server).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!("drain: calls still open after {drain_limit:?}; closing them");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        let _ = stop_tx.send(true);
+        // Operations whose callers went away still finish (and are audited) before exit.
+        self.sidecar.tasks.close();
+        if tokio::time::timeout(drain_limit, self.sidecar.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain: operations still running after {drain_limit:?}");
+        }
+        let flushed = self.sidecar.keyring.flush_audit().await;
+        drop(socket_guard);
+        for task in [metrics_task, rotation_task].into_iter().flatten() {
+            let _ = task.await;
+        }
+        let _ = limiter_task.await;
+        served?;
+        flushed?;
+        tracing::info!("phiseald stopped: audit log flushed, socket removed");
+        Ok(())
+    }
+}

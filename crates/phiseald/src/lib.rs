@@ -1,0 +1,27 @@
+//! `phiseald`, the phiseal sidecar: field encryption and tenant key administration over gRPC
+//! on a Unix socket, for services in any language.
+//!
+//! Layers, one job each (after Parsec): `main.rs` (signals, hardening, config, start) →
+//! [`config`] (TOML + environment, validated) → [`daemon`] (assembles and runs) →
+//! [`transport`] (the socket) → [`auth`] (peer credentials, tokens → identity) → [`policy`]
+//! (identity × operation × tenant × field) → [`service`] (the gRPC methods, calling the
+//! keyring). Around them: [`limits`], [`metrics`] (+ [`instrument`]), [`rotation`],
+//! [`status`] (error → gRPC status), [`hardening`].
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod auth;
+pub mod config;
+pub mod daemon;
+mod error;
+pub mod hardening;
+pub mod instrument;
+pub mod limits;
+pub mod metrics;
+pub mod policy;
+pub mod rotation;
+pub mod service;
+pub mod status;
+pub mod transport;
+
+pub use error::DaemonError;

@@ -1,0 +1,106 @@
+//! Scheduled rotation: every `rotation.check_interval`, each tenant whose newest key version
+//! is older than its period (`rotation.tenants` override, else `rotation.period`) is
+//! rotated. Safe with several daemons on one key store: the rotation is a compare-and-set on
+//! the version the scheduler saw, so exactly one daemon creates the next version and the
+//! others get `rotation_conflict` and change nothing. Audited like a manual rotation, under
+//! the identity `phiseald:rotation-schedule`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use phiseal::{Actor, Caller, Error, Keyring, TenantId};
+
+use crate::config::RotationConfig;
+use crate::metrics::{Metrics, OpLabels};
+
+/// Whether any tenant has a rotation period.
+pub fn enabled(config: &RotationConfig) -> bool {
+    config.period.is_some() || !config.tenants.is_empty()
+}
+
+fn period_of(config: &RotationConfig, tenant: &TenantId) -> Option<Duration> {
+    config
+        .tenants
+        .get(tenant.as_str())
+        .copied()
+        .or(config.period)
+}
+
+fn scheduler_actor() -> Actor {
+    Actor {
+        identity: "phiseald:rotation-schedule".into(),
+        uid: Some(rustix::process::getuid().as_raw()),
+        pid: Some(std::process::id()),
+    }
+}
+
+/// One pass over every tenant; returns how many were rotated.
+pub async fn run_once(keyring: &Keyring, config: &RotationConfig, metrics: &Metrics) -> usize {
+    let tenants = match keyring.list_tenants().await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "rotation schedule: cannot list tenants; will retry");
+            return 0;
+        }
+    };
+    let mut rotated = 0;
+    for tenant in tenants {
+        let Some(period) = period_of(config, &tenant) else {
+            continue;
+        };
+        let due = match keyring
+            .rotation_due(&tenant, period, jiff::Timestamp::now())
+            .await
+        {
+            Ok(Some(latest)) => latest,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, "rotation schedule: cannot read key status");
+                continue;
+            }
+        };
+        let caller = Caller::new(scheduler_actor());
+        let result = keyring.rotate_if_latest(&caller, &tenant, due).await;
+        let label = match &result {
+            Ok(version) => {
+                rotated += 1;
+                tracing::info!(tenant = %tenant, version, request_id = %caller.request_id, "scheduled rotation");
+                "ok"
+            }
+            Err(Error::RotationConflict { .. }) => {
+                tracing::info!(tenant = %tenant, "scheduled rotation: another daemon rotated first");
+                "rotation_conflict"
+            }
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, "scheduled rotation failed; will retry");
+                e.kind()
+            }
+        };
+        metrics
+            .scheduled_rotations
+            .get_or_create(&OpLabels {
+                action: "rotate_key",
+                result: label,
+            })
+            .inc();
+    }
+    rotated
+}
+
+/// Runs passes until `shutdown` turns true.
+pub async fn run(
+    keyring: Keyring,
+    config: RotationConfig,
+    metrics: Arc<Metrics>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(config.check_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        run_once(&keyring, &config, &metrics).await;
+    }
+}

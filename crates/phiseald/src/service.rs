@@ -1,0 +1,769 @@
+//! The gRPC services: authenticate, rate-limit, authorize, then call the keyring.
+//!
+//! Every call: identify the caller (peer credentials, optional token) → take one unit of the
+//! identity's rate allowance → check the policy per tenant/field (refusals are audited with
+//! the identity) → run the keyring operation. The keyring operation runs in its own task, so
+//! a client that gives up (deadline, cancel, disconnect) never interrupts an operation half
+//! way: it finishes and is audited, and only the response is dropped.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use phiseal::audit::Action;
+use phiseal::{Caller, EncryptionContext, Keyring, TenantId};
+use phiseal_proto::REQUEST_ID_HEADER;
+use phiseal_proto::v1 as pb;
+use tonic::{Code, Request, Response, Status};
+use zeroize::Zeroize;
+
+use crate::auth::{Authenticator, Identity};
+use crate::limits::CallLimiter;
+use crate::metrics::Metrics;
+use crate::policy::{Operation, Policy};
+use crate::status;
+
+/// Everything a call needs; shared by both services.
+#[derive(Debug)]
+pub struct Sidecar {
+    /// The keyring.
+    pub keyring: Keyring,
+    /// Token checks.
+    pub auth: Authenticator,
+    /// Who may do what.
+    pub policy: Policy,
+    /// Per-identity rate limits.
+    pub limiter: CallLimiter,
+    /// Most items in one batch.
+    pub max_batch_items: usize,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Keyring operations in flight (waited for at shutdown).
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+/// An admitted call: who, under which request id.
+struct Call {
+    rpc: &'static str,
+    started: Instant,
+    identity: Identity,
+    caller: Caller,
+}
+
+/// A request id from the client if it is short and plain, else a fresh one.
+fn request_id<T>(request: &Request<T>) -> Option<String> {
+    let value = request.metadata().get(REQUEST_ID_HEADER)?.to_str().ok()?;
+    let plain = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    plain.then(|| value.to_owned())
+}
+
+fn map_action(op: Operation) -> Action {
+    match op {
+        Operation::Encrypt => Action::Encrypt,
+        Operation::Decrypt => Action::Decrypt,
+        Operation::Rewrap => Action::Rewrap,
+        Operation::CreateTenant => Action::CreateTenant,
+        Operation::Rotate => Action::RotateKey,
+        Operation::SetMinVersion => Action::SetMinDecryptVersion,
+        Operation::Shred => Action::ShredTenant,
+        Operation::KeyStatus | Operation::Data | Operation::Admin | Operation::All => {
+            Action::KeyStatus
+        }
+    }
+}
+
+/// A parsed context, or the per-item error for a bad one.
+fn parse_context(context: Option<&pb::Context>) -> Result<EncryptionContext, phiseal::Error> {
+    let context = context.ok_or(phiseal::Error::InvalidInput {
+        what: "context",
+        reason: "missing: every item needs a tenant and a field",
+    })?;
+    let tenant = TenantId::new(&context.tenant)?;
+    let parsed = EncryptionContext::new(tenant, &context.field)?;
+    match &context.record {
+        Some(record) => parsed.with_record(record),
+        None => Ok(parsed),
+    }
+}
+
+fn key_version_of(ciphertext: &[u8]) -> u32 {
+    phiseal::format::parse(ciphertext)
+        .map(|p| p.key_version)
+        .unwrap_or(0)
+}
+
+impl Sidecar {
+    /// Runs `work` in its own (tracked) task so that it completes and is audited even if the
+    /// caller's future is dropped; shutdown waits for these tasks. A panic in it (a bug)
+    /// becomes INTERNAL.
+    async fn run_to_completion<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.tasks.spawn(work).await.map_err(|_| {
+            status::status(
+                Code::Internal,
+                "internal",
+                "internal error: the operation did not complete",
+            )
+        })
+    }
+
+    /// Identifies and rate-limits a caller; refusals are audited (authentication) or counted
+    /// (rate limit).
+    async fn admit<T>(
+        &self,
+        rpc: &'static str,
+        op: Operation,
+        request: &Request<T>,
+    ) -> Result<Call, Status> {
+        let started = Instant::now();
+        let id = request_id(request);
+        let identity = match self.auth.identify(request) {
+            Ok(identity) => identity,
+            Err(failure) => {
+                self.metrics.refuse("unauthenticated");
+                // Audit the refusal under the peer's uid (the credentials are still known).
+                let peer = request
+                    .extensions()
+                    .get::<tonic::transport::server::UdsConnectInfo>()
+                    .and_then(|i| i.peer_cred);
+                let actor = phiseal::Actor {
+                    identity: match peer {
+                        Some(c) => format!("uid:{}", c.uid()).into(),
+                        None => "unknown".into(),
+                    },
+                    uid: peer.map(|c| c.uid()),
+                    pid: peer
+                        .and_then(|c| c.pid())
+                        .and_then(|p| u32::try_from(p).ok()),
+                };
+                let caller = match id {
+                    Some(id) => Caller::with_request_id(actor, id),
+                    None => Caller::new(actor),
+                };
+                self.keyring
+                    .audit_refusal(&caller, map_action(op), "unauthenticated", None, &[])
+                    .await
+                    .map_err(|e| status::from_error(&e))?;
+                let status =
+                    status::status(Code::Unauthenticated, "unauthenticated", failure.message());
+                self.metrics
+                    .observe_call(rpc, status.code(), started.elapsed());
+                return Err(status);
+            }
+        };
+        if !self.limiter.admit(&identity.name) {
+            self.metrics.refuse("rate_limited");
+            self.metrics
+                .observe_call(rpc, Code::ResourceExhausted, started.elapsed());
+            return Err(status::status(
+                Code::ResourceExhausted,
+                "rate_limited",
+                format!(
+                    "rate limit exceeded for {}: retry with backoff, use batch calls, or raise limits.rate_per_second",
+                    identity.name
+                ),
+            ));
+        }
+        let actor = identity.actor();
+        let caller = match id {
+            Some(id) => Caller::with_request_id(actor, id),
+            None => Caller::new(actor),
+        };
+        Ok(Call {
+            rpc,
+            started,
+            identity,
+            caller,
+        })
+    }
+
+    /// Finishes a call: metrics, and the request id on the response or status.
+    fn reply<T>(&self, call: &Call, result: Result<T, Status>) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics
+            .observe_call(call.rpc, code, call.started.elapsed());
+        let id = tonic::metadata::MetadataValue::try_from(&*call.caller.request_id).ok();
+        match result {
+            Ok(body) => {
+                let mut response = Response::new(body);
+                if let Some(id) = id {
+                    response.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                }
+                Ok(response)
+            }
+            Err(mut status) => {
+                if let Some(id) = id {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, id);
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// Checks the policy for one field; audits and reports a refusal.
+    async fn authorize_field(
+        &self,
+        call: &Call,
+        op: Operation,
+        context: &EncryptionContext,
+    ) -> Result<(), Status> {
+        if self.policy.allows(
+            &call.identity,
+            op,
+            context.tenant().as_str(),
+            Some(context.field()),
+        ) {
+            return Ok(());
+        }
+        self.refuse(call, op, None, &[context]).await
+    }
+
+    /// Audits a policy refusal and returns PERMISSION_DENIED (or the audit failure).
+    async fn refuse(
+        &self,
+        call: &Call,
+        op: Operation,
+        tenant: Option<&TenantId>,
+        contexts: &[&EncryptionContext],
+    ) -> Result<(), Status> {
+        self.metrics.refuse("permission_denied");
+        self.keyring
+            .audit_refusal(
+                &call.caller,
+                map_action(op),
+                "permission_denied",
+                tenant,
+                contexts,
+            )
+            .await
+            .map_err(|e| status::from_error(&e))?;
+        Err(status::status(
+            Code::PermissionDenied,
+            "permission_denied",
+            status::PERMISSION_DENIED,
+        ))
+    }
+
+    /// Checks an admin call's tenant against the policy.
+    async fn authorize_admin(
+        &self,
+        call: &Call,
+        op: Operation,
+        tenant: &str,
+    ) -> Result<TenantId, Status> {
+        let tenant = TenantId::new(tenant).map_err(|e| status::from_error(&e))?;
+        if self
+            .policy
+            .allows(&call.identity, op, tenant.as_str(), None)
+        {
+            Ok(tenant)
+        } else {
+            self.refuse(call, op, Some(&tenant), &[]).await?;
+            Ok(tenant)
+        }
+    }
+
+    fn check_batch_size(&self, len: usize) -> Result<(), Status> {
+        if len > self.max_batch_items {
+            self.metrics.refuse("batch_too_large");
+            return Err(status::status(
+                Code::ResourceExhausted,
+                "batch_too_large",
+                format!(
+                    "batch of {len} items exceeds limits.max_batch_items ({}): split it",
+                    self.max_batch_items
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Items of a batch after parsing and authorization: per index, either an early error or a
+/// slot in the list handed to the keyring.
+struct Sorted {
+    /// Per request item: `Err(item error)` or `Ok(index into allowed)`.
+    slots: Vec<Result<usize, pb::ItemError>>,
+    /// Contexts and data the keyring will process, in order.
+    allowed: Vec<(EncryptionContext, Vec<u8>)>,
+}
+
+impl Sidecar {
+    /// Parses and authorizes every item; audits all refusals in one append.
+    async fn sort_batch(
+        &self,
+        call: &Call,
+        op: Operation,
+        items: impl Iterator<Item = (Option<pb::Context>, Vec<u8>)>,
+    ) -> Result<Sorted, Status> {
+        let mut slots = Vec::new();
+        let mut allowed = Vec::new();
+        let mut denied = Vec::new();
+        for (context, data) in items {
+            let context = match parse_context(context.as_ref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    slots.push(Err(status::item_error(&e)));
+                    continue;
+                }
+            };
+            let ok = self.policy.allows(
+                &call.identity,
+                op,
+                context.tenant().as_str(),
+                Some(context.field()),
+            );
+            if ok {
+                slots.push(Ok(allowed.len()));
+                allowed.push((context, data));
+            } else {
+                slots.push(Err(status::item_denied()));
+                denied.push(context);
+            }
+        }
+        if !denied.is_empty() {
+            self.metrics.refuse("permission_denied");
+            let refs: Vec<&EncryptionContext> = denied.iter().collect();
+            self.keyring
+                .audit_refusal(
+                    &call.caller,
+                    map_action(op),
+                    "permission_denied",
+                    None,
+                    &refs,
+                )
+                .await
+                .map_err(|e| status::from_error(&e))?;
+        }
+        Ok(Sorted { slots, allowed })
+    }
+}
+
+/// Merges keyring results back into request order.
+fn merge<T, R>(
+    slots: Vec<Result<usize, pb::ItemError>>,
+    results: Vec<Result<T, phiseal::Error>>,
+    ok: impl Fn(T) -> R,
+    err: impl Fn(pb::ItemError) -> R,
+) -> Vec<R> {
+    let mut results: Vec<Option<Result<T, phiseal::Error>>> =
+        results.into_iter().map(Some).collect();
+    slots
+        .into_iter()
+        .map(|slot| match slot {
+            Err(e) => err(e),
+            Ok(i) => match results.get_mut(i).and_then(Option::take) {
+                Some(Ok(v)) => ok(v),
+                Some(Err(e)) => err(status::item_error(&e)),
+                None => err(pb::ItemError {
+                    code: Code::Internal as i32,
+                    kind: "internal".into(),
+                    message: "internal error: missing result".into(),
+                }),
+            },
+        })
+        .collect()
+}
+
+/// The data plane.
+#[derive(Debug, Clone)]
+pub struct FieldApi(pub Arc<Sidecar>);
+
+/// The admin plane.
+#[derive(Debug, Clone)]
+pub struct AdminApi(pub Arc<Sidecar>);
+
+#[tonic::async_trait]
+impl pb::field_service_server::FieldService for FieldApi {
+    async fn encrypt(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        let s = &self.0;
+        let call = s.admit("Encrypt", Operation::Encrypt, &request).await?;
+        let result = async {
+            let mut body = request.into_inner();
+            let context =
+                parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
+            s.authorize_field(&call, Operation::Encrypt, &context)
+                .await?;
+            let keyring = s.keyring.clone();
+            let caller = call.caller.clone();
+            let plaintext = std::mem::take(&mut body.plaintext);
+            let done = s
+                .run_to_completion(async move {
+                    let mut plaintext = plaintext;
+                    let result = keyring.encrypt(&caller, &context, &plaintext).await;
+                    plaintext.zeroize();
+                    result
+                })
+                .await?;
+            let ciphertext = done.map_err(|e| status::from_error(&e))?;
+            Ok(pb::EncryptResponse {
+                key_version: key_version_of(&ciphertext),
+                ciphertext,
+            })
+        }
+        .await;
+        s.reply(&call, result)
+    }
+
+    async fn decrypt(
+        &self,
+        request: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        let s = &self.0;
+        let call = s.admit("Decrypt", Operation::Decrypt, &request).await?;
+        let result = async {
+            let body = request.into_inner();
+            let context =
+                parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
+            s.authorize_field(&call, Operation::Decrypt, &context)
+                .await?;
+            let keyring = s.keyring.clone();
+            let caller = call.caller.clone();
+            let ciphertext = body.ciphertext;
+            let key_version = key_version_of(&ciphertext);
+            let done = s
+                .run_to_completion(async move {
+                    keyring
+                        .decrypt(&caller, &context, &ciphertext)
+                        .await
+                        .map(|p| p.to_vec())
+                })
+                .await?;
+            let plaintext = done.map_err(|e| status::from_error(&e))?;
+            Ok(pb::DecryptResponse {
+                plaintext,
+                key_version,
+            })
+        }
+        .await;
+        s.reply(&call, result)
+    }
+
+    async fn encrypt_batch(
+        &self,
+        request: Request<pb::EncryptBatchRequest>,
+    ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
+        let s = &self.0;
+        let call = s
+            .admit("EncryptBatch", Operation::Encrypt, &request)
+            .await?;
+        let result = async {
+            let items = request.into_inner().items;
+            s.check_batch_size(items.len())?;
+            let sorted = s
+                .sort_batch(
+                    &call,
+                    Operation::Encrypt,
+                    items.into_iter().map(|i| (i.context, i.plaintext)),
+                )
+                .await?;
+            let keyring = s.keyring.clone();
+            let caller = call.caller.clone();
+            let mut allowed = sorted.allowed;
+            let results = s
+                .run_to_completion(async move {
+                    let pairs: Vec<(&EncryptionContext, &[u8])> =
+                        allowed.iter().map(|(c, p)| (c, p.as_slice())).collect();
+                    let results = keyring.encrypt_batch(&caller, &pairs).await;
+                    drop(pairs);
+                    for (_, plaintext) in &mut allowed {
+                        plaintext.zeroize();
+                    }
+                    results
+                })
+                .await?
+                .map_err(|e| status::from_error(&e))?;
+            let results = merge(
+                sorted.slots,
+                results,
+                |ciphertext| pb::EncryptResult {
+                    result: Some(pb::encrypt_result::Result::Ok(pb::EncryptResponse {
+                        key_version: key_version_of(&ciphertext),
+                        ciphertext,
+                    })),
+                },
+                |e| pb::EncryptResult {
+                    result: Some(pb::encrypt_result::Result::Error(e)),
+                },
+            );
+            Ok(pb::EncryptBatchResponse { results })
+        }
+        .await;
+        s.reply(&call, result)
+    }
+
+    async fn decrypt_batch(
+        &self,
+        request: Request<pb::DecryptBatchRequest>,
+    ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
+        let s = &self.0;
+        let call = s
+            .admit("DecryptBatch", Operation::Decrypt, &request)
+            .await?;
+        let result = async {
+            let items = request.into_inner().items;
+            s.check_batch_size(items.len())?;
+            let sorted = s
+                .sort_batch(
+                    &call,
+                    Operation::Decrypt,
+                    items.into_iter().map(|i| (i.context, i.ciphertext)),
+                )
+                .await?;
+            let versions: Vec<u32> = sorted
+                .allowed
+                .iter()
+                .map(|(_, ct)| key_version_of(ct))
+                .collect();
+            let keyring = s.keyring.clone();
+            let caller = call.caller.clone();
+            let allowed = sorted.allowed;
+            let results = s
+                .run_to_completion(async move {
+                    let pairs: Vec<(&EncryptionContext, &[u8])> =
+                        allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
+                    keyring.decrypt_batch(&caller, &pairs).await.map(|results| {
+                        results
+                            .into_iter()
+                            .zip(versions)
+                            .map(|(r, v)| r.map(|p| (p.to_vec(), v)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .await?
+                .map_err(|e| status::from_error(&e))?;
+            let results = merge(
+                sorted.slots,
+                results,
+                |(plaintext, key_version)| pb::DecryptResult {
+                    result: Some(pb::decrypt_result::Result::Ok(pb::DecryptResponse {
+                        plaintext,
+                        key_version,
+                    })),
+                },
+                |e| pb::DecryptResult {
+                    result: Some(pb::decrypt_result::Result::Error(e)),
+                },
+            );
+            Ok(pb::DecryptBatchResponse { results })
+        }
+        .await;
+        s.reply(&call, result)
+    }
+
+    async fn rewrap(
+        &self,
+        request: Request<pb::RewrapRequest>,
+    ) -> Result<Response<pb::RewrapResponse>, Status> {
+        let s = &self.0;
+        let call = s.admit("Rewrap", Operation::Rewrap, &request).await?;
+        let result = async {
+            let items = request.into_inner().items;
+            s.check_batch_size(items.len())?;
+            let sorted = s
+                .sort_batch(
+                    &call,
+                    Operation::Rewrap,
+                    items.into_iter().map(|i| (i.context, i.ciphertext)),
+                )
+                .await?;
+            let keyring = s.keyring.clone();
+            let caller = call.caller.clone();
+            let allowed = sorted.allowed;
+            let results = s
+                .run_to_completion(async move {
+                    let pairs: Vec<(&EncryptionContext, &[u8])> =
+                        allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
+                    let results = keyring.rewrap_batch(&caller, &pairs).await;
+                    results.map(|results| {
+                        results
+                            .into_iter()
+                            .zip(&allowed)
+                            .map(|(r, (_, old))| r.map(|new| (new != *old, new)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .await?
+                .map_err(|e| status::from_error(&e))?;
+            let results = merge(
+                sorted.slots,
+                results,
+                |(changed, ciphertext)| pb::RewrapResult {
+                    result: Some(pb::rewrap_result::Result::Ok(pb::Rewrapped {
+                        key_version: key_version_of(&ciphertext),
+                        ciphertext,
+                        changed,
+                    })),
+                },
+                |e| pb::RewrapResult {
+                    result: Some(pb::rewrap_result::Result::Error(e)),
+                },
+            );
+            Ok(pb::RewrapResponse { results })
+        }
+        .await;
+        s.reply(&call, result)
+    }
+}
+
+fn timestamp(t: jiff::Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.as_second(),
+        nanos: t.subsec_nanosecond(),
+    }
+}
+
+fn status_response(status: phiseal::TenantStatus) -> pb::KeyStatusResponse {
+    use phiseal::store::KeyState;
+    pb::KeyStatusResponse {
+        tenant: status.tenant.as_str().to_owned(),
+        primary_version: status.primary,
+        min_decryption_version: status.min_decrypt_version,
+        shredded_at: status.shredded_at.map(timestamp),
+        versions: status
+            .versions
+            .into_iter()
+            .map(|v| pb::KeyVersion {
+                version: v.version,
+                state: match v.state {
+                    KeyState::Primary => pb::KeyState::Primary,
+                    KeyState::DecryptOnly => pb::KeyState::DecryptOnly,
+                    KeyState::Destroyed => pb::KeyState::Destroyed,
+                } as i32,
+                decrypts: v.decrypts,
+                root_key_ref: v.root_key_ref.unwrap_or_default(),
+                created_at: Some(timestamp(v.created_at)),
+            })
+            .collect(),
+    }
+}
+
+impl AdminApi {
+    /// The shape of every admin call: admit, authorize the tenant, run `work` to completion,
+    /// map its error.
+    async fn admin<R, T, F, Fut>(
+        &self,
+        rpc: &'static str,
+        op: Operation,
+        request: Request<R>,
+        tenant_of: impl FnOnce(&R) -> &str,
+        work: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(Keyring, Caller, TenantId, R) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let s = &self.0;
+        let call = s.admit(rpc, op, &request).await?;
+        let result = async {
+            let body = request.into_inner();
+            let tenant = s.authorize_admin(&call, op, tenant_of(&body)).await?;
+            s.run_to_completion(work(s.keyring.clone(), call.caller.clone(), tenant, body))
+                .await?
+        }
+        .await;
+        s.reply(&call, result)
+    }
+}
+
+fn mapped<T>(result: Result<T, phiseal::Error>) -> Result<T, Status> {
+    result.map_err(|e| status::from_error(&e))
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn create_tenant(
+        &self,
+        request: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        self.admin(
+            "CreateTenant",
+            Operation::CreateTenant,
+            request,
+            |r| &r.tenant,
+            |k, c, t, _| async move {
+                mapped(k.create_tenant(&c, &t).await)?;
+                Ok(pb::CreateTenantResponse { key_version: 1 })
+            },
+        )
+        .await
+    }
+
+    async fn rotate_tenant_key(
+        &self,
+        request: Request<pb::RotateTenantKeyRequest>,
+    ) -> Result<Response<pb::RotateTenantKeyResponse>, Status> {
+        self.admin(
+            "RotateTenantKey",
+            Operation::Rotate,
+            request,
+            |r| &r.tenant,
+            |k, c, t, _| async move {
+                let key_version = mapped(k.rotate(&c, &t).await)?;
+                Ok(pb::RotateTenantKeyResponse { key_version })
+            },
+        )
+        .await
+    }
+
+    async fn set_min_decryption_version(
+        &self,
+        request: Request<pb::SetMinDecryptionVersionRequest>,
+    ) -> Result<Response<pb::SetMinDecryptionVersionResponse>, Status> {
+        self.admin(
+            "SetMinDecryptionVersion",
+            Operation::SetMinVersion,
+            request,
+            |r| &r.tenant,
+            |k, c, t, r| async move {
+                mapped(k.set_min_decrypt_version(&c, &t, r.min_version).await)?;
+                Ok(pb::SetMinDecryptionVersionResponse {})
+            },
+        )
+        .await
+    }
+
+    async fn key_status(
+        &self,
+        request: Request<pb::KeyStatusRequest>,
+    ) -> Result<Response<pb::KeyStatusResponse>, Status> {
+        self.admin(
+            "KeyStatus",
+            Operation::KeyStatus,
+            request,
+            |r| &r.tenant,
+            |k, c, t, _| async move { Ok(status_response(mapped(k.key_status(&c, &t).await)?)) },
+        )
+        .await
+    }
+
+    async fn shred_tenant(
+        &self,
+        request: Request<pb::ShredTenantRequest>,
+    ) -> Result<Response<pb::ShredTenantResponse>, Status> {
+        self.admin("ShredTenant", Operation::Shred, request, |r| &r.tenant, |k, c, t, r| async move {
+            if r.confirm_tenant != t.as_str() {
+                return Err(status::status(
+                    Code::InvalidArgument,
+                    "invalid_input",
+                    "confirm_tenant must repeat the tenant id exactly: shredding is irreversible",
+                ));
+            }
+            mapped(k.shred(&c, &t).await)?;
+            Ok(pb::ShredTenantResponse {})
+        })
+        .await
+    }
+}

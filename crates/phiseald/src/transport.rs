@@ -1,0 +1,231 @@
+//! The Unix socket: a safe directory, stale-socket removal, permissions, and removal at exit.
+//!
+//! - The socket's directory is created with mode 0750 (owner + socket group) if missing. An
+//!   existing directory must be a real directory (not a symlink) owned by the daemon's uid
+//!   and not writable by group or others, or nobody else could be prevented from replacing
+//!   the socket.
+//! - An existing path is removed only if it is a socket nobody answers on (stale, left by a
+//!   crash). A live socket (another daemon) or anything that is not a socket is refused.
+//! - The socket gets mode 0660 and the configured group: only the owner and that group can
+//!   connect. (Between `bind` and `chmod` it has the umask's mode, never wider than 0660
+//!   under the 0750 directory for anyone outside the group.)
+//! - At exit the socket is removed if it is still the one this process created.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixListener;
+
+use crate::error::DaemonError;
+
+/// The bound socket; removes the path when dropped if it is still ours.
+#[derive(Debug)]
+pub struct BoundSocket {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && meta.dev() == self.dev
+            && meta.ino() == self.ino
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn socket_error(path: &Path, reason: impl Into<String>) -> DaemonError {
+    DaemonError::Socket {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Resolves a group name or numeric gid.
+pub fn resolve_group(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")
+        .map_err(|e| format!("cannot read /etc/group to resolve '{group}': {e}"))?;
+    groups
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split(':');
+            let name = parts.next()?;
+            let gid = parts.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| format!("group '{group}' not found in /etc/group"))
+}
+
+fn prepare_directory(path: &Path, dir: &Path, gid: Option<u32>) -> Result<(), DaemonError> {
+    let uid = rustix::process::getuid().as_raw();
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(|e| socket_error(path, format!("cannot create {}: {e}", dir.display())))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(dir, None, Some(gid)).map_err(|e| {
+                socket_error(
+                    path,
+                    format!("cannot set the group of {}: {e}", dir.display()),
+                )
+            })?;
+        }
+    }
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| socket_error(path, format!("cannot stat {}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(socket_error(
+            path,
+            format!(
+                "{} is not a directory (symlinks are refused)",
+                dir.display()
+            ),
+        ));
+    }
+    if meta.uid() != uid {
+        return Err(socket_error(
+            path,
+            format!(
+                "{} is owned by uid {}, not by the daemon (uid {uid}): use a directory the daemon owns",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(socket_error(
+            path,
+            format!(
+                "{} has mode {mode:04o}: group or others could replace the socket; run `chmod go-w {}`",
+                dir.display(),
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn remove_stale(path: &Path) -> Result<(), DaemonError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    use std::os::unix::fs::FileTypeExt;
+    if !meta.file_type().is_socket() {
+        return Err(socket_error(
+            path,
+            "exists and is not a socket: refusing to remove it; move it away",
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(socket_error(
+            path,
+            "another daemon is listening on it: stop it first or choose another socket",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!(socket = %path.display(), "removing a stale socket left by an earlier run");
+            std::fs::remove_file(path)
+                .map_err(|e| socket_error(path, format!("cannot remove the stale socket: {e}")))
+        }
+        Err(e) => Err(socket_error(
+            path,
+            format!("exists and cannot be checked ({e}): refusing to remove it"),
+        )),
+    }
+}
+
+/// Binds the socket safely (see the module docs).
+pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, BoundSocket), DaemonError> {
+    let gid = group
+        .map(resolve_group)
+        .transpose()
+        .map_err(|e| socket_error(path, e))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| socket_error(path, "must be an absolute path inside a directory"))?;
+    prepare_directory(path, dir, gid)?;
+    remove_stale(path)?;
+    let listener =
+        UnixListener::bind(path).map_err(|e| socket_error(path, format!("bind: {e}")))?;
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| socket_error(path, format!("stat after bind: {e}")))?;
+    let guard = BoundSocket {
+        path: path.to_owned(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| socket_error(path, format!("cannot set its group: {e}")))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| socket_error(path, format!("chmod 0660: {e}")))?;
+    Ok((listener, guard))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn binds_0660_and_removes_at_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/d.sock");
+        let (listener, guard) = bind(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let dmode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dmode & 0o777, 0o750);
+        // A second daemon on the same socket is refused while the first listens.
+        let e = bind(&path, None).unwrap_err().to_string();
+        assert!(e.contains("another daemon"), "{e}");
+        drop(listener);
+        drop(guard);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn stale_socket_removed_other_files_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.sock");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // A stale socket: bound, then its listener closed without removing the path.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let (_l, _g) = bind(&path, None).unwrap();
+        drop((_l, _g));
+        std::fs::write(&path, b"not a socket").unwrap();
+        let e = bind(&path, None).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn insecure_directory_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = bind(&dir.path().join("d.sock"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("could replace the socket"), "{e}");
+        let link = dir.path().join("link");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = bind(&link.join("d.sock"), None).unwrap_err().to_string();
+        assert!(e.contains("symlinks are refused"), "{e}");
+    }
+}
