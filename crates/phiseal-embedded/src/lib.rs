@@ -52,6 +52,9 @@ pub struct EmbeddedOptions {
     pub durability: Durability,
     /// Key-cache settings.
     pub cache: CacheSettings,
+    /// The audit log file, if not `DATA_DIR/audit.log` (several daemons sharing one key
+    /// store each write their own audit chain).
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Paths of the embedded default's files inside a data directory.
@@ -125,7 +128,10 @@ pub fn open_parts(
     Ok(EmbeddedParts {
         kms: Arc::new(LocalKms::open(&paths.root_key)?),
         store: Arc::new(SqliteKeyStore::open(&paths.key_store)?),
-        audit: Arc::new(FileAuditLog::open(&paths.audit_log, options.durability)?),
+        audit: Arc::new(FileAuditLog::open(
+            options.audit_log.as_ref().unwrap_or(&paths.audit_log),
+            options.durability,
+        )?),
     })
 }
 

@@ -72,8 +72,12 @@ pub enum ProfileName {
 
 /// `[audit]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
+    /// The audit log file; default `DATA_DIR/audit.log`. Daemons sharing a key store each
+    /// need their own (one writer per file).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
     /// `interval` (default: written before return, fsynced within `sync_interval`) or
     /// `strict` (fsynced before return, group commit).
     pub durability: DurabilityName,
@@ -85,6 +89,7 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
+            path: None,
             durability: DurabilityName::Interval,
             sync_interval: Duration::from_millis(200),
         }
@@ -103,7 +108,7 @@ pub enum DurabilityName {
 
 /// `[cache]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Unwrapped key versions held.
     pub capacity: usize,
@@ -132,7 +137,7 @@ impl Default for CacheConfig {
 
 /// `[limits]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest request or response message, in bytes.
     pub max_message_bytes: usize,
@@ -161,7 +166,7 @@ impl Default for LimitsConfig {
 
 /// `[metrics]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address of the Prometheus listener (`GET /metrics`); absent means no listener.
     #[serde(default)]
@@ -170,7 +175,7 @@ pub struct MetricsConfig {
 
 /// `[log]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` (default) or `json`.
     pub format: LogFormat,
@@ -199,7 +204,7 @@ pub enum LogFormat {
 
 /// `[rotation]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RotationConfig {
     /// Rotate a tenant key once its newest version is this old; absent means never.
     #[serde(default, with = "humantime_serde")]
@@ -372,20 +377,17 @@ impl Config {
         if self.cache.capacity == 0 || self.cache.max_uses == 0 {
             return bad("cache.capacity / cache.max_uses", "must be at least 1");
         }
-        if self
-            .rotation
-            .period
-            .is_some_and(|p| p < Duration::from_secs(60))
-            || self
-                .rotation
-                .tenants
-                .values()
-                .any(|p| *p < Duration::from_secs(60))
+        let too_short = |p: &Duration| *p < Duration::from_secs(1);
+        if self.rotation.period.as_ref().is_some_and(too_short)
+            || self.rotation.tenants.values().any(too_short)
         {
-            return bad("rotation.period / rotation.tenants", "must be at least 1m");
+            return bad("rotation.period / rotation.tenants", "must be at least 1s");
         }
-        if self.rotation.check_interval < Duration::from_secs(1) {
-            return bad("rotation.check_interval", "must be at least 1s");
+        if self.rotation.check_interval < Duration::from_millis(100) {
+            return bad("rotation.check_interval", "must be at least 100ms");
+        }
+        if self.audit.path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return bad("audit.path", "must be an absolute path");
         }
         for tenant in self.rotation.tenants.keys() {
             if phiseal::TenantId::new(tenant).is_err() {

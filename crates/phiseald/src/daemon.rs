@@ -49,6 +49,7 @@ impl Daemon {
         let options = phiseal_embedded::EmbeddedOptions {
             durability,
             cache: CacheSettings::default(),
+            audit_log: config.audit.path.clone(),
         };
         let parts = phiseal_embedded::open_parts(&config.data_dir, &options)?;
         let cache = CacheSettings {

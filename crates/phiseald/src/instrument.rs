@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use phiseal::audit::{AuditEvent, AuditSink, KeySource};
+use phiseal::audit::{Action, AuditEvent, AuditSink, KeySource};
 use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::{BackendError, BackendErrorKind, TenantKey};
 
@@ -122,11 +122,17 @@ impl MeteredAudit {
                 action: e.action.as_str(),
                 result: e.outcome.as_str(),
             };
+            // The key source of a field operation (an `unwrap_key` record also names the
+            // KMS, but it is not a lookup of its own).
+            let source = match e.action {
+                Action::Encrypt | Action::Decrypt | Action::Rewrap => e.key_source,
+                _ => None,
+            };
             match &mut run {
-                Some((l, s, n)) if *l == labels && *s == e.key_source => *n += 1,
+                Some((l, s, n)) if *l == labels && *s == source => *n += 1,
                 _ => {
                     flush(&mut run);
-                    run = Some((labels, e.key_source, 1));
+                    run = Some((labels, source, 1));
                 }
             }
         }

@@ -1,0 +1,245 @@
+//! Test harness: starts the real `phiseald` binary on a temporary socket and talks to it with
+//! the generated gRPC clients.
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use pb::admin_service_client::AdminServiceClient;
+use pb::field_service_client::FieldServiceClient;
+use phiseal_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// A running daemon in its own temporary directory (mode 0755, so other users can reach the
+/// socket directory when a test wants them to).
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub child: Option<Child>,
+    pub stderr_path: PathBuf,
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let daemon = PathBuf::from(env!("CARGO_BIN_EXE_phiseald"));
+    if name == "phiseald" {
+        return daemon;
+    }
+    let path = daemon.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+impl Daemon {
+    /// The embedded default: `--socket --data-dir`, no config file.
+    pub fn embedded() -> Self {
+        Self::start(None, |_| {})
+    }
+
+    /// With a config file; `{socket}` and `{data_dir}` and `{dir}` in `toml` are replaced.
+    pub fn with_config(toml: &str) -> Self {
+        Self::start(Some(toml), |_| {})
+    }
+
+    pub fn start(config: Option<&str>, tweak: impl FnOnce(&mut Command)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.path().join("run/phiseald.sock");
+        let data_dir = dir.path().join("data");
+        let stderr_path = dir.path().join("phiseald.stderr");
+        let mut cmd = Command::new(bin("phiseald"));
+        match config {
+            None => {
+                cmd.arg("--socket")
+                    .arg(&socket)
+                    .arg("--data-dir")
+                    .arg(&data_dir);
+            }
+            Some(text) => {
+                let text = text
+                    .replace("{socket}", socket.to_str().unwrap())
+                    .replace("{data_dir}", data_dir.to_str().unwrap())
+                    .replace("{dir}", dir.path().to_str().unwrap());
+                let path = dir.path().join("phiseald.toml");
+                std::fs::write(&path, text).unwrap();
+                cmd.arg("--config").arg(&path);
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .env("PHISEALD_LOG__LEVEL", "info");
+        tweak(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        let mut daemon = Self {
+            dir,
+            socket,
+            data_dir,
+            child: Some(child),
+            stderr_path,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("phiseald exited early ({status}): {}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("phiseald did not listen within 20 s: {}", self.stderr());
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.data_dir.join("audit.log")
+    }
+
+    pub fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.audit_log()).unwrap()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        phiseal_proto::connect_unix(&self.socket).await.unwrap()
+    }
+
+    pub async fn fields(&self) -> FieldServiceClient<Channel> {
+        FieldServiceClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel().await)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let pid = rustix::process::Pid::from_raw(self.pid()).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    }
+
+    /// Waits for the process to exit (at most `limit`).
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "phiseald did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and a clean exit.
+    pub fn stop(&mut self) {
+        self.sigterm();
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "phiseald exit {status}: {}",
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn ctx(tenant: &str, field: &str, record: Option<&str>) -> Option<pb::Context> {
+    Some(pb::Context {
+        tenant: tenant.into(),
+        field: field.into(),
+        record: record.map(Into::into),
+    })
+}
+
+pub fn kind(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get(phiseal_proto::ERROR_KIND_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// A request carrying a bearer token.
+pub fn with_token<T>(body: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(body);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// Audit records (parsed JSON lines) matching a predicate.
+pub fn audit_records(log: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub async fn create_tenant(d: &Daemon, tenant: &str) {
+    d.admin()
+        .await
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: tenant.into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// GET over plain HTTP/1.0; returns the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
