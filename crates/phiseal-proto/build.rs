@@ -11,8 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let well_known = protoc_bin_vendored::include_path()?;
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
-    tonic_prost_build::configure()
-        .compile_with_config(config, &[&proto], &[&proto_root, &well_known])?;
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &[&proto],
+        &[&proto_root, &well_known],
+    )?;
     println!("cargo:rerun-if-changed={}", proto.display());
     Ok(())
 }

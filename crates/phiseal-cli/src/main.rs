@@ -1,1 +1,81 @@
-fn main() {}
+//! `phiseal`: the operator's command-line tool for a phiseal deployment.
+//!
+//! Most commands talk to the sidecar daemon `phiseald` over its Unix socket (`--socket`, env
+//! `PHISEAL_SOCKET`, default `/run/phiseal/phiseald.sock`) through the gRPC contract in
+//! `proto/phiseal/v1/phiseal.proto`, optionally authenticated by a service token
+//! (`--token-file`, or the token itself in env `PHISEAL_TOKEN`). `audit` reads the audit log
+//! file directly and `token new` works offline.
+//!
+//! # Exit codes
+//!
+//! | code | meaning |
+//! | ---- | ------- |
+//! | 0 | success |
+//! | 1 | other failure: invalid argument, decryption failed, internal error, I/O error |
+//! | 2 | usage error (clap's own; also `shred` without confirmation and without a terminal) |
+//! | 3 | denied: `PERMISSION_DENIED`, `UNAUTHENTICATED` |
+//! | 4 | not found: `NOT_FOUND` |
+//! | 5 | unavailable: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, or the socket cannot be reached |
+//! | 6 | key destroyed or retired: `FAILED_PRECONDITION` |
+//! | 7 | `rewrap` finished, but some items failed |
+//! | 8 | the audit log has problems (verification failed, broken chain, torn tail) |
+//!
+//! Errors are printed on stderr as `phiseal: <what failed>: <message> (<kind>)`. No error
+//! message contains plaintext, ciphertext or token bytes.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod audit;
+mod cli;
+mod client;
+mod error;
+mod field;
+mod output;
+mod rewrap;
+mod shred;
+mod token;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::error::CliError;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            output::stderr_line(&format!("phiseal: {e}"));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs one command: the offline ones directly, the others on a single-threaded runtime.
+fn run(cli: Cli) -> Result<(), CliError> {
+    let global = &cli.global;
+    match cli.command {
+        Command::Audit(cmd) => audit::run(cmd, global),
+        Command::Token(cmd) => token::run(cmd, global),
+        Command::Tenant(cmd) => block_on(admin::tenant(cmd, global)),
+        Command::Key(cmd) => block_on(admin::key(cmd, global)),
+        Command::Encrypt(args) => block_on(field::encrypt(args, global)),
+        Command::Decrypt(args) => block_on(field::decrypt(args, global)),
+        Command::Rewrap(args) => block_on(rewrap::run(args, global)),
+        Command::Shred(args) => block_on(shred::run(args, global)),
+    }
+}
+
+/// Drives `fut` to completion on a current-thread tokio runtime.
+fn block_on(fut: impl Future<Output = Result<(), CliError>>) -> Result<(), CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| CliError::Io {
+            what: "cannot start the async runtime".to_owned(),
+            source,
+        })?
+        .block_on(fut)
+}

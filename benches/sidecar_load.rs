@@ -1,0 +1,352 @@
+//! Load generator for the sidecar: unary and batch throughput and p50/p99 latency of
+//! `phiseald` over its Unix socket, next to a bare tonic echo service (same proto, same kind
+//! of socket, its own process, no crypto, no audit) measured in the same run.
+//!
+//! ```text
+//! cargo build --release -p phiseald -p phiseal-benches --bin sidecar-load
+//! target/release/sidecar-load [--seconds 5] [--phiseald PATH]
+//! ```
+//! The daemon runs the embedded default (audit log on, `interval` durability) in a temporary
+//! directory. Prints a Markdown table (for docs/PERFORMANCE.md).
+#![forbid(unsafe_code)]
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)] // a benchmark tool
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use phiseal_proto::v1 as pb;
+use pb::field_service_client::FieldServiceClient;
+use pb::field_service_server::{FieldService, FieldServiceServer};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Seconds per scenario (after a one-second warm-up).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// The phiseald binary (default: next to this one).
+    #[arg(long)]
+    phiseald: Option<PathBuf>,
+    /// Internal: serve the echo service on this socket.
+    #[arg(long, hide = true)]
+    echo_server: Option<PathBuf>,
+    /// Fields per batch call.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+}
+
+/// The baseline: FieldService answering with what it was sent.
+struct Echo;
+
+#[tonic::async_trait]
+impl FieldService for Echo {
+    async fn encrypt(
+        &self,
+        r: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        Ok(Response::new(pb::EncryptResponse {
+            ciphertext: r.into_inner().plaintext,
+            key_version: 1,
+        }))
+    }
+    async fn decrypt(
+        &self,
+        r: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
+        Ok(Response::new(pb::DecryptResponse {
+            plaintext: r.into_inner().ciphertext,
+            key_version: 1,
+        }))
+    }
+    async fn encrypt_batch(
+        &self,
+        r: Request<pb::EncryptBatchRequest>,
+    ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
+        let results = r
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|i| pb::EncryptResult {
+                result: Some(pb::encrypt_result::Result::Ok(pb::EncryptResponse {
+                    ciphertext: i.plaintext,
+                    key_version: 1,
+                })),
+            })
+            .collect();
+        Ok(Response::new(pb::EncryptBatchResponse { results }))
+    }
+    async fn decrypt_batch(
+        &self,
+        r: Request<pb::DecryptBatchRequest>,
+    ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
+        let results = r
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|i| pb::DecryptResult {
+                result: Some(pb::decrypt_result::Result::Ok(pb::DecryptResponse {
+                    plaintext: i.ciphertext,
+                    key_version: 1,
+                })),
+            })
+            .collect();
+        Ok(Response::new(pb::DecryptBatchResponse { results }))
+    }
+    async fn rewrap(
+        &self,
+        _r: Request<pb::RewrapRequest>,
+    ) -> Result<Response<pb::RewrapResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+fn serve_echo(socket: &Path) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        tonic::transport::Server::builder()
+            .add_service(FieldServiceServer::new(Echo).max_decoding_message_size(64 << 20))
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    });
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(Instant::now() < deadline, "{} never listened", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    calls_per_s: f64,
+    fields_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Runs `call` from `in_flight` tasks for `seconds` (after a one-second warm-up).
+async fn measure<F, Fut>(seconds: u64, in_flight: usize, call: F) -> Stats
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = usize> + Send,
+{
+    let call = Arc::new(call);
+    let run = |secs: u64| {
+        let call = Arc::clone(&call);
+        async move {
+            let end = Instant::now() + Duration::from_secs(secs);
+            let tasks: Vec<_> = (0..in_flight)
+                .map(|t| {
+                    let call = Arc::clone(&call);
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        let mut fields = 0usize;
+                        let mut i = (t as u64) << 32;
+                        while Instant::now() < end {
+                            let start = Instant::now();
+                            fields += call(i).await;
+                            lat.push(start.elapsed());
+                            i += 1;
+                        }
+                        (lat, fields)
+                    })
+                })
+                .collect();
+            let started = Instant::now();
+            let mut lat = Vec::new();
+            let mut fields = 0;
+            for t in tasks {
+                let (l, f) = t.await.unwrap();
+                lat.extend(l);
+                fields += f;
+            }
+            (lat, fields, started.elapsed())
+        }
+    };
+    run(1).await;
+    let (mut lat, fields, elapsed) = run(seconds).await;
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1));
+        lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    let secs = elapsed.as_secs_f64();
+    Stats {
+        calls_per_s: lat.len() as f64 / secs,
+        fields_per_s: fields as f64 / secs,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+fn ctx(record: u64) -> Option<pb::Context> {
+    Some(pb::Context {
+        tenant: "load".into(),
+        field: "f".into(),
+        record: Some(format!("r{record}")),
+    })
+}
+
+async fn unary(client: FieldServiceClient<Channel>, seconds: u64, in_flight: usize) -> Stats {
+    measure(seconds, in_flight, move |i| {
+        let mut c = client.clone();
+        async move {
+            c.encrypt(pb::EncryptRequest {
+                context: ctx(i),
+                plaintext: vec![7u8; 64],
+            })
+            .await
+            .expect("encrypt");
+            1
+        }
+    })
+    .await
+}
+
+async fn batch(
+    client: FieldServiceClient<Channel>,
+    seconds: u64,
+    in_flight: usize,
+    size: usize,
+) -> Stats {
+    measure(seconds, in_flight, move |i| {
+        let mut c = client.clone();
+        async move {
+            let items = (0..size as u64)
+                .map(|j| pb::EncryptRequest {
+                    context: ctx(i * 100_000 + j),
+                    plaintext: vec![7u8; 64],
+                })
+                .collect();
+            let r = c
+                .encrypt_batch(pb::EncryptBatchRequest { items })
+                .await
+                .expect("encrypt batch")
+                .into_inner();
+            let ok = r
+                .results
+                .iter()
+                .filter(|r| matches!(r.result, Some(pb::encrypt_result::Result::Ok(_))))
+                .count();
+            assert_eq!(ok, size, "every field encrypted");
+            ok
+        }
+    })
+    .await
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Some(socket) = &args.echo_server {
+        serve_echo(socket);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::env::current_exe().unwrap();
+    let phiseald = args
+        .phiseald
+        .clone()
+        .unwrap_or_else(|| me.with_file_name("phiseald"));
+    let daemon_socket = dir.path().join("run/phiseald.sock");
+    let echo_socket = dir.path().join("echo.sock");
+    let _daemon = Proc(
+        Command::new(&phiseald)
+            .arg("--socket")
+            .arg(&daemon_socket)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("PHISEALD_LIMITS__RATE_PER_SECOND", "10000000")
+            .env("PHISEALD_LIMITS__RATE_BURST", "1000000")
+            .env("PHISEALD_LIMITS__MAX_MESSAGE_BYTES", "67108864")
+            .env("PHISEALD_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", phiseald.display())),
+    );
+    let _echo = Proc(
+        Command::new(&me)
+            .arg("--echo-server")
+            .arg(&echo_socket)
+            .spawn()
+            .unwrap(),
+    );
+    wait_socket(&daemon_socket);
+    wait_socket(&echo_socket);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let connect = |p: PathBuf| async move {
+            FieldServiceClient::new(phiseal_proto::connect_unix(p).await.unwrap())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20)
+        };
+        let daemon = connect(daemon_socket.clone()).await;
+        let echo = connect(echo_socket.clone()).await;
+        pb::admin_service_client::AdminServiceClient::new(
+            phiseal_proto::connect_unix(&daemon_socket).await.unwrap(),
+        )
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: "load".into(),
+        })
+        .await
+        .unwrap();
+
+        let s = args.seconds;
+        let b = args.batch;
+        println!(
+            "| scenario | echo calls/s | echo p50 µs | echo p99 µs | phiseald calls/s | phiseald fields/s | phiseald p50 µs | phiseald p99 µs | p50 ratio |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let row = |name: &str, e: Stats, d: Stats| {
+            println!(
+                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}× |",
+                e.calls_per_s,
+                e.p50_us,
+                e.p99_us,
+                d.calls_per_s,
+                d.fields_per_s,
+                d.p50_us,
+                d.p99_us,
+                d.p50_us / e.p50_us
+            );
+        };
+        let e = unary(echo.clone(), s, 1).await;
+        let d = unary(daemon.clone(), s, 1).await;
+        row("Encrypt 64 B, 1 in flight", e, d);
+        let e = unary(echo.clone(), s, 64).await;
+        let d = unary(daemon.clone(), s, 64).await;
+        row("Encrypt 64 B, 64 in flight", e, d);
+        for in_flight in [1, 4] {
+            let e = batch(echo.clone(), s, in_flight, b).await;
+            let d = batch(daemon.clone(), s, in_flight, b).await;
+            row(
+                &format!("EncryptBatch {b} × 64 B, {in_flight} in flight"),
+                e,
+                d,
+            );
+        }
+    });
+}

@@ -1,0 +1,348 @@
+//! The command line (clap derive).
+
+use std::path::PathBuf;
+
+use clap::builder::RangedU64ValueParser;
+use clap::{Args, Parser, Subcommand};
+
+/// The daemon's default socket.
+pub(crate) const DEFAULT_SOCKET: &str = "/run/phiseal/phiseald.sock";
+
+/// Appended to `--help`.
+const AFTER_LONG_HELP: &str = "\
+Exit codes:
+  0  success
+  1  other failure (invalid argument, decryption failed, internal error, I/O error)
+  2  usage error (bad command line; shred without confirmation and without a terminal)
+  3  denied (PERMISSION_DENIED, UNAUTHENTICATED)
+  4  not found (NOT_FOUND)
+  5  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, or the socket cannot be
+     reached)
+  6  key destroyed or retired (FAILED_PRECONDITION)
+  7  rewrap finished, but some items failed
+  8  the audit log has problems
+
+Errors go to stderr as `phiseal: <what failed>: <message> (<kind>)`.
+
+Environment:
+  PHISEAL_SOCKET    the daemon's socket (default /run/phiseal/phiseald.sock)
+  PHISEAL_TOKEN     the service token itself, used when --token-file is not given
+  PHISEAL_DATA_DIR  the data directory for `audit` (default /var/lib/phiseal)";
+
+/// Operate phiseal: tenants, keys, field encryption, rewrap, audit log, service tokens.
+#[derive(Debug, Parser)]
+#[command(name = "phiseal", version, after_long_help = AFTER_LONG_HELP)]
+pub(crate) struct Cli {
+    /// Options for every command.
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    /// The command.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Options for every command.
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// The daemon's Unix socket.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "PHISEAL_SOCKET",
+        default_value = DEFAULT_SOCKET
+    )]
+    pub(crate) socket: PathBuf,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// Read the service token from this file (mode 0600 or stricter).
+    ///
+    /// A file accessible by group or others is refused. Without this option, env
+    /// PHISEAL_TOKEN holds the token itself, if set. The token is sent as
+    /// `authorization: Bearer <token>`.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub(crate) token_file: Option<PathBuf>,
+    /// The deadline of each call to the daemon, in seconds.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value_t = 30,
+        value_parser = RangedU64ValueParser::<u64>::new().range(1..=86_400)
+    )]
+    pub(crate) timeout: u64,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage a tenant's key versions.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Encrypt stdin (raw bytes) and print the `phs1:` ciphertext.
+    ///
+    /// All of stdin is the plaintext, byte for byte (nothing is trimmed). Prints the text form
+    /// and a newline; with --json, {"ciphertext": "phs1:…", "key_version": N}.
+    Encrypt(FieldArgs),
+    /// Decrypt the `phs1:` ciphertext on stdin and write the raw plaintext to stdout.
+    ///
+    /// Surrounding whitespace around the ciphertext is ignored. The plaintext is written as
+    /// is, without a newline; with --json, {"plaintext_base64": "…" (standard base64),
+    /// "key_version": N}.
+    Decrypt(FieldArgs),
+    /// Move ciphertexts (one per line) to the tenant's primary key version.
+    #[command(long_about = REWRAP_LONG_ABOUT)]
+    Rewrap(RewrapArgs),
+    /// Crypto-shred a tenant: destroy every key version, forever.
+    Shred(ShredArgs),
+    /// Verify or export the audit log (reads the file directly, not through the daemon).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Service tokens for the daemon's config.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `rewrap --help`.
+const REWRAP_LONG_ABOUT: &str = "\
+Move ciphertexts to the tenant's primary key version, without ever seeing plaintext.
+
+Each input line is either a plain `phs1:` ciphertext (context from --field and --record) or a
+JSON object {\"field\": …, \"record\": … (optional), \"ciphertext\": \"phs1:…\"} (a line
+starting with `{`; a missing field or record falls back to --field or --record; other members
+are kept, in order, byte for byte). Output line N always corresponds to input line N, in the
+same shape. Empty lines are passed through. A line that fails is written unchanged and
+reported on stderr as `line N: <kind>: <message>`; the exit code is then 7.
+
+The output is flushed and fsynced after every batch. With --output FILE --resume, the lines
+already in FILE are skipped in the input (a torn last line is cut off) and the rest is
+appended: rerun the same command after an interruption.
+
+A progress line is shown on stderr when it is a terminal. At the end, a summary goes to stderr
+(lines, rewrapped, already current, failed, empty, skipped); with --json it is one JSON
+object.";
+
+/// `tenant` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum TenantCommand {
+    /// Create a tenant (with key version 1).
+    Create {
+        /// The tenant id.
+        tenant: String,
+    },
+}
+
+/// `key` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeyCommand {
+    /// Show the tenant's key versions and their states (no key material).
+    Status(TenantArg),
+    /// Create a new primary key version; older versions keep decrypting.
+    Rotate(TenantArg),
+    /// Set the minimum decryption version: older ciphertexts are refused from then on.
+    MinVersion(MinVersionArgs),
+}
+
+/// `--tenant T`.
+#[derive(Debug, Args)]
+pub(crate) struct TenantArg {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+}
+
+/// `key min-version` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct MinVersionArgs {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+    /// The new minimum decryption version (1 to the primary version).
+    #[arg(long, value_parser = RangedU64ValueParser::<u32>::new().range(1..=u64::from(u32::MAX)))]
+    pub(crate) version: u32,
+}
+
+/// The encryption context of `encrypt` and `decrypt`.
+#[derive(Debug, Args)]
+pub(crate) struct FieldArgs {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+    /// The field name (for example `ssn`).
+    #[arg(long)]
+    pub(crate) field: String,
+    /// The record id (an opaque id, not PHI: it is written to the audit log).
+    #[arg(long)]
+    pub(crate) record: Option<String>,
+}
+
+/// `rewrap` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct RewrapArgs {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+    /// The field name for plain lines (required if there are any) and JSON lines without one.
+    #[arg(long)]
+    pub(crate) field: Option<String>,
+    /// The record id for plain lines and JSON lines without one.
+    #[arg(long)]
+    pub(crate) record: Option<String>,
+    /// Read from this file instead of stdin.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) input: Option<PathBuf>,
+    /// Write to this file (created with mode 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+    /// Continue an interrupted run: skip the input lines already in --output.
+    #[arg(long, requires = "output")]
+    pub(crate) resume: bool,
+    /// Lines per Rewrap call (1 to 10000).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 500,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000)
+    )]
+    pub(crate) batch: usize,
+}
+
+/// `shred` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct ShredArgs {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(long)]
+    pub(crate) yes: bool,
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Verify the whole hash chain of the audit log. Exit code 8 if it is not intact.
+    Verify(LogArgs),
+    /// Write one tenant's records as JSON lines to stdout, verifying the chain while reading.
+    Export(ExportArgs),
+}
+
+/// Where the audit log is.
+#[derive(Debug, Args)]
+pub(crate) struct LogArgs {
+    /// The daemon's data directory; the log is DIR/audit.log [default: env PHISEAL_DATA_DIR,
+    /// else /var/lib/phiseal].
+    #[arg(long, value_name = "DIR", conflicts_with = "log")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// The audit log file itself.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) log: Option<PathBuf>,
+}
+
+/// `audit export` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct ExportArgs {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+    /// Only records at or after this time (RFC 3339, for example 2025-01-31T00:00:00Z).
+    #[arg(long, value_name = "RFC3339")]
+    pub(crate) since: Option<jiff::Timestamp>,
+    /// Only records before this time (RFC 3339).
+    #[arg(long, value_name = "RFC3339")]
+    pub(crate) until: Option<jiff::Timestamp>,
+    /// Where the log is.
+    #[command(flatten)]
+    pub(crate) log: LogArgs,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Generate a service token; print it once, with the config snippet for the daemon.
+    New {
+        /// The token's name in the daemon's config and policies (ASCII letters, digits, '-',
+        /// '_', '.'; at most 128).
+        #[arg(long, value_parser = crate::token::parse_name)]
+        name: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("phiseal").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn batch_is_bounded() {
+        assert!(parse(&["rewrap", "--tenant", "t", "--batch", "0"]).is_err());
+        assert!(parse(&["rewrap", "--tenant", "t", "--batch", "10001"]).is_err());
+        let cli = parse(&["rewrap", "--tenant", "t", "--batch", "10000"]).unwrap();
+        let Command::Rewrap(args) = cli.command else {
+            panic!("not rewrap")
+        };
+        assert_eq!(args.batch, 10_000);
+        let cli = parse(&["rewrap", "--tenant", "t"]).unwrap();
+        let Command::Rewrap(args) = cli.command else {
+            panic!("not rewrap")
+        };
+        assert_eq!(args.batch, 500);
+    }
+
+    #[test]
+    fn resume_requires_output() {
+        let err = parse(&["rewrap", "--tenant", "t", "--resume"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(parse(&["rewrap", "--tenant", "t", "--resume", "--output", "f"]).is_ok());
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = parse(&["key", "status", "--tenant", "t", "--json", "--timeout", "5"]).unwrap();
+        assert!(cli.global.json);
+        assert_eq!(cli.global.timeout, 5);
+        assert!(parse(&["--timeout", "0", "key", "status", "--tenant", "t"]).is_err());
+    }
+
+    #[test]
+    fn min_version_takes_version() {
+        let cli = parse(&["key", "min-version", "--tenant", "t", "--version", "3"]).unwrap();
+        let Command::Key(KeyCommand::MinVersion(args)) = cli.command else {
+            panic!("not min-version")
+        };
+        assert_eq!(args.version, 3);
+        assert!(parse(&["key", "min-version", "--tenant", "t", "--version", "0"]).is_err());
+    }
+
+    #[test]
+    fn data_dir_conflicts_with_log() {
+        assert!(parse(&["audit", "verify", "--data-dir", "d", "--log", "f"]).is_err());
+        assert!(parse(&["audit", "export", "--tenant", "t", "--since", "nope"]).is_err());
+        assert!(
+            parse(&[
+                "audit",
+                "export",
+                "--tenant",
+                "t",
+                "--since",
+                "2025-01-01T00:00:00Z"
+            ])
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! The crate's one error type and the process exit codes.
+
+use std::path::PathBuf;
+
+use phiseal_audit_file::AuditFileError;
+
+/// Process exit codes (the table is in the crate documentation and in `--help`).
+pub(crate) mod exit {
+    /// Other failure: invalid argument, decryption failed, internal error, I/O error.
+    pub(crate) const FAILURE: u8 = 1;
+    /// Usage error (clap exits with this code itself).
+    pub(crate) const USAGE: u8 = 2;
+    /// `PERMISSION_DENIED`, `UNAUTHENTICATED`.
+    pub(crate) const DENIED: u8 = 3;
+    /// `NOT_FOUND`.
+    pub(crate) const NOT_FOUND: u8 = 4;
+    /// `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, socket unreachable.
+    pub(crate) const UNAVAILABLE: u8 = 5;
+    /// `FAILED_PRECONDITION`: key destroyed (shredded) or retired.
+    pub(crate) const KEY_GONE: u8 = 6;
+    /// `rewrap` finished with failed items.
+    pub(crate) const REWRAP_FAILED: u8 = 7;
+    /// The audit log has problems.
+    pub(crate) const AUDIT_PROBLEMS: u8 = 8;
+}
+
+/// Everything a command can fail with. Each variant knows its exit code; no message contains
+/// plaintext, ciphertext or token bytes.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CliError {
+    /// The daemon answered with an error status.
+    #[error("{what}: {message} ({kind})")]
+    Status {
+        /// What was being done.
+        what: String,
+        /// The gRPC status code (decides the exit code).
+        code: tonic::Code,
+        /// The stable error kind (`phiseal-error-kind`), or the code's name.
+        kind: String,
+        /// The daemon's message, control characters replaced.
+        message: String,
+    },
+    /// The daemon's socket could not be reached.
+    #[error(
+        "cannot connect to phiseald at {}: {detail}; check that the daemon runs and that \
+         --socket (or PHISEAL_SOCKET) names its socket",
+        socket.display()
+    )]
+    Connect {
+        /// The socket path tried.
+        socket: PathBuf,
+        /// Why it failed.
+        detail: String,
+    },
+    /// The command line is syntactically fine but cannot be carried out as given.
+    #[error("{0}")]
+    Usage(String),
+    /// An invalid argument or input, or another failure without a better class.
+    #[error("{0}")]
+    Failed(String),
+    /// A local I/O operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        what: String,
+        /// What the OS reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `rewrap` processed every line but some items failed (each was reported on stderr).
+    #[error("rewrap: {failed} of {lines} lines failed and were written unchanged")]
+    RewrapFailed {
+        /// Lines that failed.
+        failed: u64,
+        /// Lines processed in this run.
+        lines: u64,
+    },
+    /// The audit log is not intact.
+    #[error("audit log {}: {detail}", path.display())]
+    AuditProblems {
+        /// The log file.
+        path: PathBuf,
+        /// A one-line summary.
+        detail: String,
+    },
+    /// Reading the audit log failed (a broken chain during export included).
+    #[error(transparent)]
+    Audit(#[from] AuditFileError),
+}
+
+impl CliError {
+    /// The process exit code for this error.
+    pub(crate) fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Status { code, .. } => crate::client::exit_code_for(*code),
+            CliError::Connect { .. } => exit::UNAVAILABLE,
+            CliError::Usage(_) => exit::USAGE,
+            CliError::Failed(_) | CliError::Io { .. } => exit::FAILURE,
+            CliError::RewrapFailed { .. } => exit::REWRAP_FAILED,
+            CliError::AuditProblems { .. } => exit::AUDIT_PROBLEMS,
+            CliError::Audit(AuditFileError::ChainBroken { .. }) => exit::AUDIT_PROBLEMS,
+            CliError::Audit(_) => exit::FAILURE,
+        }
+    }
+
+    /// An [`CliError::Io`] error with a description of what was being done.
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
+        let what = what.into();
+        move |source| CliError::Io { what, source }
+    }
+}

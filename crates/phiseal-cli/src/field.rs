@@ -1,0 +1,110 @@
+//! `encrypt` and `decrypt`: one field through stdin and stdout.
+
+use std::io::Read;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use phiseal_proto::v1::{Context, DecryptRequest, EncryptRequest};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::cli::{FieldArgs, GlobalArgs};
+use crate::client::Daemon;
+use crate::error::CliError;
+use crate::output::{stdout_bytes, stdout_json};
+
+impl FieldArgs {
+    /// The encryption context named by the arguments.
+    fn context(&self) -> Context {
+        Context {
+            tenant: self.tenant.clone(),
+            field: self.field.clone(),
+            record: self.record.clone(),
+        }
+    }
+}
+
+/// All of stdin, as raw bytes (wiped when dropped).
+fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
+    let mut bytes = Zeroizing::new(Vec::new());
+    std::io::stdin()
+        .lock()
+        .read_to_end(&mut bytes)
+        .map_err(CliError::io("reading stdin"))?;
+    Ok(bytes)
+}
+
+/// Encrypts all of stdin (no trimming) and prints the `phs1:` text form plus a newline.
+pub(crate) async fn encrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), CliError> {
+    let mut plaintext = read_stdin()?;
+    let daemon = Daemon::connect(global).await?;
+    // Moved into the request: the gRPC stack's copies are out of reach anyway.
+    let request = EncryptRequest {
+        context: Some(args.context()),
+        plaintext: std::mem::take(&mut *plaintext),
+    };
+    let response = daemon
+        .call("encrypt", daemon.field().encrypt(request))
+        .await?;
+    let text = phiseal::format::to_text(&response.ciphertext);
+    if global.json {
+        stdout_json(&json!({ "ciphertext": text, "key_version": response.key_version }))
+    } else {
+        stdout_bytes(format!("{text}\n").as_bytes())
+    }
+}
+
+/// The binary ciphertext from the text on stdin (surrounding ASCII whitespace trimmed).
+fn parse_ciphertext(input: &[u8]) -> Result<Vec<u8>, CliError> {
+    let text = std::str::from_utf8(input.trim_ascii()).map_err(|_| {
+        CliError::Failed("decrypt: stdin is not a phs1: ciphertext (not UTF-8 text)".into())
+    })?;
+    phiseal::format::from_text(text)
+        .map_err(|e| CliError::Failed(format!("decrypt: stdin is not a phs1: ciphertext ({e})")))
+}
+
+/// Decrypts the ciphertext on stdin and writes the raw plaintext (no newline added).
+pub(crate) async fn decrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), CliError> {
+    let ciphertext = parse_ciphertext(&read_stdin()?)?;
+    let daemon = Daemon::connect(global).await?;
+    let request = DecryptRequest {
+        context: Some(args.context()),
+        ciphertext,
+    };
+    let response = daemon
+        .call("decrypt", daemon.field().decrypt(request))
+        .await?;
+    let plaintext = Zeroizing::new(response.plaintext);
+    if global.json {
+        // Built by hand (base64 needs no JSON escaping) so the only copies are wiped.
+        let line = Zeroizing::new(format!(
+            "{{\"plaintext_base64\":\"{}\",\"key_version\":{}}}\n",
+            Zeroizing::new(STANDARD.encode(&*plaintext)).as_str(),
+            response.key_version
+        ));
+        stdout_bytes(line.as_bytes())
+    } else {
+        stdout_bytes(&plaintext)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ciphertext_text_is_trimmed_and_checked() {
+        let binary = vec![1u8, 1, 0, 0, 0, 1, 9, 9];
+        let text = phiseal::format::to_text(&binary);
+        assert_eq!(
+            parse_ciphertext(format!("  {text}\r\n").as_bytes()).unwrap(),
+            binary
+        );
+        let err = parse_ciphertext(b"xyz1:AAAA").unwrap_err().to_string();
+        assert!(err.contains("not a phs1: ciphertext"), "{err}");
+        assert!(!err.contains("AAAA"), "{err}");
+        assert!(parse_ciphertext(b"phs1:@@").is_err());
+        assert!(parse_ciphertext(b"\xff\xfe").is_err());
+    }
+}

@@ -1,0 +1,61 @@
+//! Writing to stdout and stderr, and making daemon-supplied text safe for a terminal.
+
+use std::borrow::Cow;
+use std::io::Write;
+
+use crate::error::CliError;
+
+/// Writes `bytes` to stdout (locked) and flushes.
+pub(crate) fn stdout_bytes(bytes: &[u8]) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(CliError::io("writing to stdout"))
+}
+
+/// Writes `value` as one line of compact JSON to stdout.
+pub(crate) fn stdout_json(value: &serde_json::Value) -> Result<(), CliError> {
+    let mut line = value.to_string();
+    line.push('\n');
+    stdout_bytes(line.as_bytes())
+}
+
+/// The result of a command: `value` as JSON with `--json`, else `human` (a newline is added).
+pub(crate) fn report(json: bool, value: &serde_json::Value, human: &str) -> Result<(), CliError> {
+    if json {
+        stdout_json(value)
+    } else {
+        stdout_bytes(format!("{human}\n").as_bytes())
+    }
+}
+
+/// Writes one line to stderr. Best effort: there is nowhere to report a failure to.
+pub(crate) fn stderr_line(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
+/// `s` with every control character replaced by `?`, so that text from the daemon or from an
+/// input file cannot drive the operator's terminal.
+pub(crate) fn printable(s: &str) -> Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        Cow::Owned(
+            s.chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_replaces_control_characters() {
+        assert_eq!(printable("plain text"), "plain text");
+        assert_eq!(printable("a\x1b[2Jb\nc\u{7f}"), "a?[2Jb?c?");
+    }
+}

@@ -1,0 +1,1070 @@
+//! `rewrap`: moves ciphertexts, one per line, to the tenant's primary key version.
+//!
+//! Output line N always corresponds to input line N: a line that is rewrapped is written in
+//! the same shape (plain text, or the same JSON object with only `ciphertext` replaced); every
+//! other line (empty, already current, unparsable, failed) is written back byte for byte. The
+//! output is flushed and fsynced after every batch, so `--resume` can count the complete lines
+//! of the output to know how much input is done.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use phiseal_proto::v1::{Context, RewrapItem, RewrapRequest, RewrapResult, rewrap_result};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::cli::{GlobalArgs, RewrapArgs};
+use crate::client::{Daemon, error_kind};
+use crate::error::CliError;
+use crate::output::{printable, stderr_line};
+
+/// The context values a line falls back to.
+#[derive(Debug, Clone)]
+struct Defaults {
+    tenant: String,
+    field: Option<String>,
+    record: Option<String>,
+}
+
+/// A JSON object's members, in order, each value kept verbatim.
+type Members = Vec<(String, Box<RawValue>)>;
+
+/// Deserializes a JSON object into [`Members`] (serde_json's own map would reorder members).
+struct OrderedObject(Members);
+
+impl<'de> Deserialize<'de> for OrderedObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = OrderedObject;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OrderedObject, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, Box<RawValue>>()? {
+                    members.push(member);
+                }
+                Ok(OrderedObject(members))
+            }
+        }
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+/// How a rewrapped line is written.
+#[derive(Debug)]
+enum Shape {
+    /// The bare text form.
+    Plain,
+    /// The same object with the member at `ciphertext_at` replaced.
+    Json {
+        members: Members,
+        ciphertext_at: usize,
+    },
+}
+
+/// Why a line was not rewrapped. Never contains the ciphertext (nor any other line content).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    kind: String,
+    message: String,
+}
+
+impl Failure {
+    fn new(kind: &str, message: impl Into<String>) -> Self {
+        Failure {
+            kind: kind.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Failure::new("invalid_input", message)
+    }
+}
+
+/// An input line, classified.
+#[derive(Debug)]
+enum Parsed {
+    /// Empty or whitespace only: passed through.
+    Blank,
+    /// A ciphertext to send.
+    Item {
+        context: Context,
+        ciphertext: Vec<u8>,
+        shape: Shape,
+    },
+    /// Not rewrappable: written back unchanged and reported.
+    Invalid(Failure),
+}
+
+/// One input line.
+#[derive(Debug)]
+struct Line {
+    /// 1-based line number in the whole input.
+    number: u64,
+    /// The bytes without the final `\n`.
+    raw: Vec<u8>,
+    parsed: Parsed,
+}
+
+/// What happened to a line.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// An empty line, passed through.
+    PassedThrough,
+    /// Already under the primary version: written back unchanged.
+    Current,
+    /// Rewrapped to this ciphertext (binary).
+    Rewrapped(Vec<u8>),
+    /// Written back unchanged and reported.
+    Failed(Failure),
+}
+
+/// Classifies one line (without its `\n`).
+fn parse_line(raw: &[u8], defaults: &Defaults) -> Parsed {
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return Parsed::Invalid(Failure::invalid("the line is not UTF-8 text"));
+    };
+    let trimmed = text.trim_ascii();
+    if trimmed.is_empty() {
+        return Parsed::Blank;
+    }
+    let parsed = if trimmed.starts_with('{') {
+        parse_json(trimmed, defaults)
+    } else {
+        parse_plain(trimmed, defaults)
+    };
+    parsed.unwrap_or_else(Parsed::Invalid)
+}
+
+/// A plain `phs1:` line: the context comes from the flags.
+fn parse_plain(text: &str, defaults: &Defaults) -> Result<Parsed, Failure> {
+    let field = defaults
+        .field
+        .clone()
+        .ok_or_else(|| Failure::invalid("a plain ciphertext line needs --field"))?;
+    Ok(Parsed::Item {
+        context: context(defaults, field, defaults.record.clone()),
+        ciphertext: decode_ciphertext(text)?,
+        shape: Shape::Plain,
+    })
+}
+
+/// A JSON object line: `ciphertext`, and `field` / `record` falling back to the flags.
+fn parse_json(text: &str, defaults: &Defaults) -> Result<Parsed, Failure> {
+    let OrderedObject(members) = serde_json::from_str(text).map_err(|e| {
+        // serde_json's own message can quote input: give only the class and the position.
+        let class = match e.classify() {
+            serde_json::error::Category::Data => "not an object",
+            serde_json::error::Category::Eof => "unexpected end",
+            serde_json::error::Category::Syntax | serde_json::error::Category::Io => "syntax",
+        };
+        Failure::invalid(format!(
+            "not a JSON object ({class} error at column {})",
+            e.column()
+        ))
+    })?;
+    let ciphertext_at = find_member(&members, "ciphertext")?
+        .ok_or_else(|| Failure::invalid("no \"ciphertext\" member"))?;
+    let ciphertext_text = string_member(&members, ciphertext_at, "ciphertext")?
+        .ok_or_else(|| Failure::invalid("\"ciphertext\" is null"))?;
+    let field = match find_member(&members, "field")? {
+        Some(at) => string_member(&members, at, "field")?,
+        None => defaults.field.clone(),
+    }
+    .ok_or_else(|| Failure::invalid("no \"field\" member and no --field"))?;
+    let record = match find_member(&members, "record")? {
+        Some(at) => string_member(&members, at, "record")?,
+        None => defaults.record.clone(),
+    };
+    Ok(Parsed::Item {
+        context: context(defaults, field, record),
+        ciphertext: decode_ciphertext(&ciphertext_text)?,
+        shape: Shape::Json {
+            members,
+            ciphertext_at,
+        },
+    })
+}
+
+fn context(defaults: &Defaults, field: String, record: Option<String>) -> Context {
+    Context {
+        tenant: defaults.tenant.clone(),
+        field,
+        record,
+    }
+}
+
+/// The index of member `name`; a repeated one is refused (which one would count?).
+fn find_member(members: &Members, name: &str) -> Result<Option<usize>, Failure> {
+    let mut found = members
+        .iter()
+        .enumerate()
+        .filter(|(_, (key, _))| key == name)
+        .map(|(at, _)| at);
+    let first = found.next();
+    if found.next().is_some() {
+        return Err(Failure::invalid(format!("duplicate \"{name}\" member")));
+    }
+    Ok(first)
+}
+
+/// The string value of member `at` (`None` for JSON null).
+fn string_member(members: &Members, at: usize, name: &str) -> Result<Option<String>, Failure> {
+    let raw = members
+        .get(at)
+        .map(|(_, value)| value.get())
+        .unwrap_or("null");
+    serde_json::from_str::<Option<String>>(raw)
+        .map_err(|_| Failure::invalid(format!("\"{name}\" is not a string")))
+}
+
+/// The binary form of a text ciphertext, checked to be a well-formed v1 ciphertext.
+fn decode_ciphertext(text: &str) -> Result<Vec<u8>, Failure> {
+    let malformed = |e: phiseal::FormatError| {
+        Failure::new(
+            "malformed_ciphertext",
+            format!("not a phs1: ciphertext: {e}"),
+        )
+    };
+    let binary = phiseal::format::from_text(text).map_err(malformed)?;
+    phiseal::format::parse(&binary).map_err(malformed)?;
+    Ok(binary)
+}
+
+/// A JSON string literal for `s`.
+fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+/// The object `members` with the value at `ciphertext_at` replaced by `text`.
+fn render_json(members: &Members, ciphertext_at: usize, text: &str) -> String {
+    let mut out = String::from("{");
+    for (at, (key, value)) in members.iter().enumerate() {
+        if at > 0 {
+            out.push(',');
+        }
+        out.push_str(&json_string(key));
+        out.push(':');
+        if at == ciphertext_at {
+            out.push_str(&json_string(text));
+        } else {
+            out.push_str(value.get());
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// The output line (with its `\n`) for `line` after `outcome`.
+fn render(line: &Line, outcome: &Outcome) -> Vec<u8> {
+    let mut out = match (outcome, &line.parsed) {
+        (Outcome::Rewrapped(ciphertext), Parsed::Item { shape, .. }) => {
+            let text = phiseal::format::to_text(ciphertext);
+            let mut out = match shape {
+                Shape::Plain => text.into_bytes(),
+                Shape::Json {
+                    members,
+                    ciphertext_at,
+                } => render_json(members, *ciphertext_at, &text).into_bytes(),
+            };
+            // Keep CRLF line endings.
+            if line.raw.ends_with(b"\r") {
+                out.push(b'\r');
+            }
+            out
+        }
+        _ => line.raw.clone(),
+    };
+    out.push(b'\n');
+    out
+}
+
+/// The request items for the item lines of a batch, in order.
+fn request_items(lines: &[Line]) -> Vec<RewrapItem> {
+    lines
+        .iter()
+        .filter_map(|line| match &line.parsed {
+            Parsed::Item {
+                context,
+                ciphertext,
+                ..
+            } => Some(RewrapItem {
+                context: Some(context.clone()),
+                ciphertext: ciphertext.clone(),
+            }),
+            Parsed::Blank | Parsed::Invalid(_) => None,
+        })
+        .collect()
+}
+
+/// One outcome per line, pairing the item lines with the daemon's results in order.
+fn match_results(lines: &[Line], results: Vec<RewrapResult>) -> Result<Vec<Outcome>, CliError> {
+    let items = lines
+        .iter()
+        .filter(|line| matches!(line.parsed, Parsed::Item { .. }))
+        .count();
+    if results.len() != items {
+        return Err(CliError::Failed(format!(
+            "rewrap: the daemon answered {} results for {items} items (protocol error); \
+             nothing of this batch was written",
+            results.len()
+        )));
+    }
+    let mut results = results.into_iter();
+    Ok(lines
+        .iter()
+        .map(|line| match &line.parsed {
+            Parsed::Blank => Outcome::PassedThrough,
+            Parsed::Invalid(failure) => Outcome::Failed(failure.clone()),
+            Parsed::Item { .. } => results.next().map_or_else(
+                || Outcome::Failed(Failure::new("internal", "no result")),
+                result_outcome,
+            ),
+        })
+        .collect())
+}
+
+/// The outcome of one item's result. A returned ciphertext is checked before it replaces
+/// anything.
+fn result_outcome(result: RewrapResult) -> Outcome {
+    match result.result {
+        Some(rewrap_result::Result::Ok(ok)) if !ok.changed => Outcome::Current,
+        Some(rewrap_result::Result::Ok(ok)) => {
+            let valid = phiseal::format::parse(&ok.ciphertext)
+                .is_ok_and(|parsed| parsed.key_version == ok.key_version);
+            if valid {
+                Outcome::Rewrapped(ok.ciphertext)
+            } else {
+                Outcome::Failed(Failure::new(
+                    "internal",
+                    "the daemon returned a malformed ciphertext; the line was left unchanged",
+                ))
+            }
+        }
+        Some(rewrap_result::Result::Error(e)) => Outcome::Failed(Failure {
+            kind: error_kind(&e.kind, tonic::Code::from_i32(e.code)),
+            message: printable(&e.message).into_owned(),
+        }),
+        None => Outcome::Failed(Failure::new("internal", "the daemon sent an empty result")),
+    }
+}
+
+/// Counts the complete (newline-terminated) lines of `reader`; returns the count and the byte
+/// length they take, which is where a torn last line starts.
+fn complete_lines(reader: &mut impl Read) -> io::Result<(u64, u64)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut lines, mut offset, mut end) = (0u64, 0u64, 0u64);
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok((lines, end)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = buf.get(..n).unwrap_or_default();
+        for (i, _) in chunk.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+            lines += 1;
+            end = offset + i as u64 + 1;
+        }
+        offset += n as u64;
+    }
+}
+
+/// `(device, inode)` of a regular file, to notice `--input` and `--output` being one file.
+type FileId = (u64, u64);
+
+fn file_id(meta: &std::fs::Metadata) -> Option<FileId> {
+    meta.is_file().then(|| (meta.dev(), meta.ino()))
+}
+
+/// The input, and its identity if it is a regular file.
+fn open_input(path: Option<&Path>) -> Result<(Box<dyn BufRead>, Option<FileId>), CliError> {
+    match path {
+        Some(path) => {
+            let file = File::open(path).map_err(CliError::io(format!(
+                "cannot open input {}",
+                path.display()
+            )))?;
+            let id = file.metadata().ok().as_ref().and_then(file_id);
+            Ok((Box::new(io::BufReader::with_capacity(256 * 1024, file)), id))
+        }
+        None => {
+            let stdin = io::stdin();
+            let id = stdin
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .and_then(|fd| File::from(fd).metadata().ok())
+                .as_ref()
+                .and_then(file_id);
+            Ok((Box::new(stdin.lock()), id))
+        }
+    }
+}
+
+/// Opens (or creates, mode 0600) `--output`; returns it with the number of input lines it
+/// already holds (0 without `--resume`, where a non-empty file is refused).
+fn open_output(path: &Path, resume: bool, input: Option<FileId>) -> Result<(File, u64), CliError> {
+    let shown = path.display();
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(CliError::io(format!("cannot open output {shown}")))?;
+    let meta = file
+        .metadata()
+        .map_err(CliError::io(format!("cannot stat output {shown}")))?;
+    let Some(id) = file_id(&meta) else {
+        return Err(CliError::Failed(format!(
+            "output {shown} is not a regular file (omit --output to write to stdout)"
+        )));
+    };
+    if input == Some(id) {
+        return Err(CliError::Failed(format!(
+            "the input and the output are the same file ({shown})"
+        )));
+    }
+    sync_parent(path);
+    if !resume {
+        if meta.len() > 0 {
+            return Err(CliError::Failed(format!(
+                "output {shown} already exists and is not empty: pass --resume to continue an \
+                 interrupted run into it, or choose another --output"
+            )));
+        }
+        return Ok((file, 0));
+    }
+    let (lines, end) =
+        complete_lines(&mut &file).map_err(CliError::io(format!("cannot read output {shown}")))?;
+    if end < meta.len() {
+        file.set_len(end)
+            .and_then(|()| file.sync_all())
+            .map_err(CliError::io(format!(
+                "cannot cut the torn last line of {shown}"
+            )))?;
+        stderr_line(&format!(
+            "rewrap: cut off a torn last line ({} bytes) of {shown}",
+            meta.len() - end
+        ));
+    }
+    Ok((file, lines))
+}
+
+/// Makes a newly created output file's directory entry durable (best effort: some file
+/// systems refuse to sync a directory).
+fn sync_parent(path: &Path) {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(dir) = File::open(parent) {
+        let _ = dir.sync_all();
+    }
+}
+
+/// Skips the `count` input lines that a resumed output already holds.
+fn skip_lines(input: &mut dyn BufRead, count: u64, output: &Path) -> Result<(), CliError> {
+    for done in 0..count {
+        let n = input
+            .skip_until(b'\n')
+            .map_err(CliError::io("reading the input"))?;
+        if n == 0 {
+            return Err(CliError::Failed(format!(
+                "--resume: {} already has {count} lines but the input has only {done}: \
+                 wrong input or output file?",
+                output.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads and classifies up to `max` lines; `last` is the number of the last line read so far.
+fn read_batch(
+    input: &mut dyn BufRead,
+    max: usize,
+    last: &mut u64,
+    defaults: &Defaults,
+) -> Result<Vec<Line>, CliError> {
+    let mut lines = Vec::new();
+    while lines.len() < max {
+        let mut raw = Vec::new();
+        let n = input
+            .read_until(b'\n', &mut raw)
+            .map_err(CliError::io("reading the input"))?;
+        if n == 0 {
+            break;
+        }
+        if raw.last() == Some(&b'\n') {
+            raw.pop();
+        }
+        *last += 1;
+        let parsed = parse_line(&raw, defaults);
+        lines.push(Line {
+            number: *last,
+            raw,
+            parsed,
+        });
+    }
+    Ok(lines)
+}
+
+/// Where the output goes; [`Sink::commit`] makes a batch durable.
+enum Sink {
+    File {
+        writer: BufWriter<File>,
+        path: PathBuf,
+    },
+    Stdout(BufWriter<io::Stdout>),
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), CliError> {
+        match self {
+            Sink::File { writer, path } => writer
+                .write_all(bytes)
+                .map_err(CliError::io(format!("writing {}", path.display()))),
+            Sink::Stdout(writer) => writer
+                .write_all(bytes)
+                .map_err(CliError::io("writing to stdout")),
+        }
+    }
+
+    /// Flushes, and fsyncs a file.
+    fn commit(&mut self) -> Result<(), CliError> {
+        match self {
+            Sink::File { writer, path } => writer
+                .flush()
+                .and_then(|()| writer.get_ref().sync_all())
+                .map_err(CliError::io(format!("writing {}", path.display()))),
+            Sink::Stdout(writer) => writer.flush().map_err(CliError::io("writing to stdout")),
+        }
+    }
+}
+
+/// Counts for the summary.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Stats {
+    lines: u64,
+    rewrapped: u64,
+    current: u64,
+    failed: u64,
+    empty: u64,
+}
+
+impl Stats {
+    fn count(&mut self, outcome: &Outcome) {
+        self.lines += 1;
+        match outcome {
+            Outcome::PassedThrough => self.empty += 1,
+            Outcome::Current => self.current += 1,
+            Outcome::Rewrapped(_) => self.rewrapped += 1,
+            Outcome::Failed(_) => self.failed += 1,
+        }
+    }
+}
+
+/// A run in progress.
+struct Rewrapper {
+    daemon: Daemon,
+    sink: Sink,
+    progress: ProgressBar,
+    stats: Stats,
+}
+
+impl Rewrapper {
+    /// Rewraps one batch, writes and commits its lines, then reports its failures.
+    async fn batch(&mut self, lines: &[Line]) -> Result<(), CliError> {
+        let outcomes = self.rewrap(lines).await?;
+        for (line, outcome) in lines.iter().zip(&outcomes) {
+            self.sink.write(&render(line, outcome))?;
+        }
+        self.sink.commit()?;
+        for (line, outcome) in lines.iter().zip(&outcomes) {
+            self.stats.count(outcome);
+            if let Outcome::Failed(failure) = outcome {
+                let message = format!(
+                    "line {}: {}: {}",
+                    line.number, failure.kind, failure.message
+                );
+                self.progress.suspend(|| stderr_line(&message));
+            }
+        }
+        self.progress.inc(lines.len() as u64);
+        Ok(())
+    }
+
+    /// Sends the batch's items (if any) and pairs the results with the lines.
+    async fn rewrap(&self, lines: &[Line]) -> Result<Vec<Outcome>, CliError> {
+        let items = request_items(lines);
+        let results = match (items.is_empty(), lines.first()) {
+            (false, Some(first)) => {
+                let what = format!("rewrap (batch starting at line {})", first.number);
+                let request = RewrapRequest { items };
+                let mut client = self.daemon.field();
+                self.daemon
+                    .call(&what, client.rewrap(request))
+                    .await?
+                    .results
+            }
+            _ => Vec::new(),
+        };
+        match_results(lines, results)
+    }
+}
+
+/// A spinner with the number of lines done, on stderr (hidden when stderr is no terminal).
+fn progress_bar(start: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} rewrap: {human_pos} lines done") {
+        bar.set_style(style);
+    }
+    bar.set_position(start);
+    bar
+}
+
+/// The summary on stderr (JSON with `--json`).
+fn summary(stats: &Stats, skipped: u64, json: bool) -> String {
+    if json {
+        return serde_json::json!({
+            "lines": stats.lines,
+            "rewrapped": stats.rewrapped,
+            "already_current": stats.current,
+            "failed": stats.failed,
+            "empty": stats.empty,
+            "skipped": skipped,
+        })
+        .to_string();
+    }
+    let mut text = format!(
+        "rewrap: {} lines: {} rewrapped, {} already current, {} failed, {} empty",
+        stats.lines, stats.rewrapped, stats.current, stats.failed, stats.empty
+    );
+    if skipped > 0 {
+        text.push_str(&format!(
+            " ({skipped} lines skipped: already in the output)"
+        ));
+    }
+    text
+}
+
+/// Runs `rewrap`.
+pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), CliError> {
+    let defaults = Defaults {
+        tenant: args.tenant.clone(),
+        field: args.field.clone(),
+        record: args.record.clone(),
+    };
+    let (mut input, input_id) = open_input(args.input.as_deref())?;
+    let (sink, skipped) = match &args.output {
+        Some(path) => {
+            let (file, done) = open_output(path, args.resume, input_id)?;
+            skip_lines(&mut *input, done, path)?;
+            let writer = BufWriter::with_capacity(256 * 1024, file);
+            let path = path.clone();
+            (Sink::File { writer, path }, done)
+        }
+        None => (Sink::Stdout(BufWriter::new(io::stdout())), 0),
+    };
+    let daemon = Daemon::connect(global).await?;
+    let mut run = Rewrapper {
+        daemon,
+        sink,
+        progress: progress_bar(skipped),
+        stats: Stats::default(),
+    };
+    let mut last = skipped;
+    let result = loop {
+        let lines = match read_batch(&mut *input, args.batch, &mut last, &defaults) {
+            Ok(lines) if lines.is_empty() => break Ok(()),
+            Ok(lines) => lines,
+            Err(e) => break Err(e),
+        };
+        if let Err(e) = run.batch(&lines).await {
+            break Err(e);
+        }
+    };
+    run.progress.finish_and_clear();
+    if let (Err(_), Some(path)) = (&result, &args.output) {
+        stderr_line(&format!(
+            "rewrap: stopped after {} complete lines in {}; fix the cause, then rerun the same \
+             command with --resume to continue after the last complete line",
+            skipped + run.stats.lines,
+            path.display()
+        ));
+    }
+    result?;
+    stderr_line(&summary(&run.stats, skipped, global.json));
+    if run.stats.failed > 0 {
+        return Err(CliError::RewrapFailed {
+            failed: run.stats.failed,
+            lines: run.stats.lines,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
+    use phiseal_proto::v1::{ItemError, Rewrapped};
+
+    use super::*;
+
+    fn defaults(field: Option<&str>) -> Defaults {
+        Defaults {
+            tenant: "acme".into(),
+            field: field.map(Into::into),
+            record: Some("r-default".into()),
+        }
+    }
+
+    /// A well-formed (unauthenticated) v1 ciphertext under `version`.
+    fn ciphertext(version: u32, fill: u8) -> Vec<u8> {
+        let mut c = vec![1u8, 1];
+        c.extend_from_slice(&version.to_be_bytes());
+        c.resize(44 + 3, fill);
+        c
+    }
+
+    fn text(version: u32, fill: u8) -> String {
+        phiseal::format::to_text(&ciphertext(version, fill))
+    }
+
+    fn line(number: u64, raw: &str, d: &Defaults) -> Line {
+        Line {
+            number,
+            raw: raw.as_bytes().to_vec(),
+            parsed: parse_line(raw.as_bytes(), d),
+        }
+    }
+
+    fn ok(version: u32, fill: u8, changed: bool) -> RewrapResult {
+        RewrapResult {
+            result: Some(rewrap_result::Result::Ok(Rewrapped {
+                ciphertext: ciphertext(version, fill),
+                key_version: version,
+                changed,
+            })),
+        }
+    }
+
+    fn failure(parsed: &Parsed) -> &Failure {
+        match parsed {
+            Parsed::Invalid(f) => f,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_line_uses_flags_for_context() {
+        let d = defaults(Some("ssn"));
+        let Parsed::Item {
+            context,
+            ciphertext: c,
+            shape: Shape::Plain,
+        } = parse_line(format!("  {}\r", text(1, 7)).as_bytes(), &d)
+        else {
+            panic!("not a plain item")
+        };
+        assert_eq!(context.tenant, "acme");
+        assert_eq!(context.field, "ssn");
+        assert_eq!(context.record.as_deref(), Some("r-default"));
+        assert_eq!(c, ciphertext(1, 7));
+    }
+
+    #[test]
+    fn plain_line_without_field_fails() {
+        let parsed = parse_line(text(1, 7).as_bytes(), &defaults(None));
+        assert_eq!(failure(&parsed).kind, "invalid_input");
+        assert!(failure(&parsed).message.contains("--field"));
+    }
+
+    #[test]
+    fn json_line_context_comes_from_members_then_flags() {
+        let d = defaults(Some("flag-field"));
+        let raw = format!(
+            r#"{{"id":5,"field":"dob","record":"r1","ciphertext":"{}"}}"#,
+            text(1, 1)
+        );
+        let Parsed::Item { context, .. } = parse_line(raw.as_bytes(), &d) else {
+            panic!("not an item")
+        };
+        assert_eq!(
+            (context.field.as_str(), context.record.as_deref()),
+            ("dob", Some("r1"))
+        );
+
+        let raw = format!(r#"{{"ciphertext":"{}","record":null}}"#, text(1, 1));
+        let Parsed::Item { context, .. } = parse_line(raw.as_bytes(), &d) else {
+            panic!("not an item")
+        };
+        assert_eq!(
+            (context.field.as_str(), context.record),
+            ("flag-field", None)
+        );
+
+        let raw = format!(r#"{{"ciphertext":"{}"}}"#, text(1, 1));
+        let parsed = parse_line(raw.as_bytes(), &defaults(None));
+        assert!(failure(&parsed).message.contains("no \"field\""));
+    }
+
+    #[test]
+    fn garbage_lines_fail_without_echoing_content() {
+        let d = defaults(Some("ssn"));
+        let secret = "123-45-6789";
+        let cases = [
+            (format!("phs1:{secret}"), "malformed_ciphertext"),
+            (secret.to_owned(), "malformed_ciphertext"),
+            (format!("{{\"ciphertext\": \"{secret}\""), "invalid_input"),
+            (
+                format!("{{\"ciphertext\": 5, \"x\": \"{secret}\"}}"),
+                "invalid_input",
+            ),
+            (
+                format!("{{\"field\": \"ssn\", \"note\": \"{secret}\"}}"),
+                "invalid_input",
+            ),
+            (
+                format!("{{\"ciphertext\": \"phs1:{secret}\"}}"),
+                "malformed_ciphertext",
+            ),
+            (
+                format!(
+                    r#"{{"ciphertext":"{}","ciphertext":"{}"}}"#,
+                    text(1, 1),
+                    text(1, 2)
+                ),
+                "invalid_input",
+            ),
+            (
+                format!(r#"{{"field":7,"ciphertext":"{}"}}"#, text(1, 1)),
+                "invalid_input",
+            ),
+            (format!("[\"{secret}\"]"), "malformed_ciphertext"),
+            ("{\"a\":".to_owned(), "invalid_input"),
+        ];
+        for (raw, kind) in cases {
+            let parsed = parse_line(raw.as_bytes(), &d);
+            let f = failure(&parsed);
+            assert_eq!(f.kind, kind, "{raw}");
+            assert!(!f.message.contains(secret), "{raw}: {}", f.message);
+        }
+        let parsed = parse_line(b"\xff\xfephs1:", &d);
+        assert_eq!(failure(&parsed).kind, "invalid_input");
+    }
+
+    #[test]
+    fn empty_and_blank_lines_pass_through() {
+        let d = defaults(None);
+        for raw in ["", "   ", "\r", "\t "] {
+            let l = line(1, raw, &d);
+            assert!(matches!(l.parsed, Parsed::Blank));
+            assert_eq!(
+                render(&l, &Outcome::PassedThrough),
+                format!("{raw}\n").into_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn json_shape_is_preserved_with_ciphertext_replaced() {
+        let d = defaults(None);
+        let raw = format!(
+            r#"{{ "id": 12345678901234567890123, "field": "ssn", "ciphertext": "{}", "nested": {{"b": [1, 2.50, "x\u00e9"]}}, "z": null }}"#,
+            text(1, 1)
+        );
+        let l = line(3, &raw, &d);
+        let out = render(&l, &Outcome::Rewrapped(ciphertext(2, 9)));
+        let want = format!(
+            r#"{{"id":12345678901234567890123,"field":"ssn","ciphertext":"{}","nested":{{"b": [1, 2.50, "x\u00e9"]}},"z":null}}"#,
+            text(2, 9)
+        ) + "\n";
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+    }
+
+    #[test]
+    fn plain_shape_and_crlf_are_preserved() {
+        let d = defaults(Some("ssn"));
+        let l = line(1, &format!("{}\r", text(1, 1)), &d);
+        let out = render(&l, &Outcome::Rewrapped(ciphertext(2, 2)));
+        assert_eq!(out, format!("{}\r\n", text(2, 2)).into_bytes());
+    }
+
+    #[test]
+    fn unchanged_and_failed_lines_are_written_byte_for_byte() {
+        let d = defaults(Some("ssn"));
+        let raw = format!(r#"{{ "ciphertext" : "{}" }}"#, text(1, 1));
+        let l = line(1, &raw, &d);
+        assert_eq!(
+            render(&l, &Outcome::Current),
+            format!("{raw}\n").into_bytes()
+        );
+        let fail = Outcome::Failed(Failure::invalid("x"));
+        assert_eq!(render(&l, &fail), format!("{raw}\n").into_bytes());
+        let garbage = line(2, "not a ciphertext", &d);
+        assert_eq!(render(&garbage, &fail), b"not a ciphertext\n".to_vec());
+    }
+
+    #[test]
+    fn results_are_paired_with_item_lines_in_order() {
+        let d = defaults(Some("ssn"));
+        let lines = vec![
+            line(1, &text(1, 1), &d),
+            line(2, "", &d),
+            line(3, "garbage", &d),
+            line(4, &text(1, 2), &d),
+            line(5, &text(2, 3), &d),
+            line(6, &text(1, 4), &d),
+        ];
+        let items = request_items(&lines);
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[1].ciphertext, ciphertext(1, 2));
+        let results = vec![
+            ok(2, 11, true),
+            RewrapResult {
+                result: Some(rewrap_result::Result::Error(ItemError {
+                    code: tonic::Code::InvalidArgument as i32,
+                    kind: "decryption_failed".into(),
+                    message: "decryption failed".into(),
+                })),
+            },
+            ok(2, 3, false),
+            // Claims version 3 but the header says 2: not trusted.
+            RewrapResult {
+                result: Some(rewrap_result::Result::Ok(Rewrapped {
+                    ciphertext: ciphertext(2, 4),
+                    key_version: 3,
+                    changed: true,
+                })),
+            },
+        ];
+        let outcomes = match_results(&lines, results).unwrap();
+        assert_eq!(outcomes[0], Outcome::Rewrapped(ciphertext(2, 11)));
+        assert_eq!(outcomes[1], Outcome::PassedThrough);
+        assert!(matches!(&outcomes[2], Outcome::Failed(f) if f.kind == "malformed_ciphertext"));
+        assert!(matches!(&outcomes[3], Outcome::Failed(f) if f.kind == "decryption_failed"));
+        assert_eq!(outcomes[4], Outcome::Current);
+        assert!(matches!(&outcomes[5], Outcome::Failed(f) if f.kind == "internal"));
+        let mut stats = Stats::default();
+        outcomes.iter().for_each(|o| stats.count(o));
+        assert_eq!(
+            stats,
+            Stats {
+                lines: 6,
+                rewrapped: 1,
+                current: 1,
+                failed: 3,
+                empty: 1
+            }
+        );
+    }
+
+    #[test]
+    fn wrong_result_count_is_an_error() {
+        let d = defaults(Some("ssn"));
+        let lines = vec![line(1, &text(1, 1), &d)];
+        assert!(match_results(&lines, vec![]).is_err());
+        assert!(match_results(&lines, vec![ok(2, 1, true), ok(2, 1, true)]).is_err());
+    }
+
+    #[test]
+    fn item_error_kind_falls_back_to_code_name() {
+        let outcome = result_outcome(RewrapResult {
+            result: Some(rewrap_result::Result::Error(ItemError {
+                code: tonic::Code::FailedPrecondition as i32,
+                kind: String::new(),
+                message: "retired\x1b".into(),
+            })),
+        });
+        assert_eq!(
+            outcome,
+            Outcome::Failed(Failure::new("failed_precondition", "retired?"))
+        );
+    }
+
+    #[test]
+    fn complete_lines_stop_before_a_torn_tail() {
+        let count = |bytes: &[u8]| complete_lines(&mut &*bytes).unwrap();
+        assert_eq!(count(b""), (0, 0));
+        assert_eq!(count(b"torn"), (0, 0));
+        assert_eq!(count(b"a\n"), (1, 2));
+        assert_eq!(count(b"a\n\nbc\n"), (3, 6));
+        assert_eq!(count(b"a\n\nbc\nphs1:tor"), (3, 6));
+        let big: Vec<u8> = std::iter::repeat_n(b"0123456789abcdef\n".as_slice(), 10_000)
+            .flatten()
+            .copied()
+            .chain(*b"partial")
+            .collect();
+        assert_eq!(count(&big), (10_000, 170_000));
+    }
+
+    #[test]
+    fn resume_cuts_a_torn_tail_and_skips_done_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.txt");
+        std::fs::write(&out, b"one\ntwo\nthr").unwrap();
+        let (file, done) = open_output(&out, true, None).unwrap();
+        drop(file);
+        assert_eq!(done, 2);
+        assert_eq!(std::fs::read(&out).unwrap(), b"one\ntwo\n");
+
+        let mut input: &[u8] = b"1\n2\n3\n4";
+        skip_lines(&mut input, done, &out).unwrap();
+        let mut last = done;
+        let batch = read_batch(&mut input, 10, &mut last, &defaults(None)).unwrap();
+        let numbers: Vec<u64> = batch.iter().map(|l| l.number).collect();
+        assert_eq!(numbers, [3, 4]);
+
+        let mut short: &[u8] = b"1\n";
+        assert!(skip_lines(&mut short, 2, &out).is_err());
+    }
+
+    #[test]
+    fn output_refused_when_not_empty_without_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.txt");
+        std::fs::write(&out, b"x\n").unwrap();
+        let err = open_output(&out, false, None).unwrap_err().to_string();
+        assert!(err.contains("--resume"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"x\n");
+    }
+
+    #[test]
+    fn output_is_created_with_mode_0600_and_same_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("new.txt");
+        let (file, done) = open_output(&out, false, None).unwrap();
+        assert_eq!(done, 0);
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let id = file_id(&meta);
+        drop(file);
+        assert!(open_output(&out, true, id).is_err());
+    }
+
+    #[test]
+    fn batches_respect_the_size() {
+        let mut input: &[u8] = b"a\nb\nc\nd\ne";
+        let mut last = 0;
+        let d = defaults(None);
+        let sizes: Vec<usize> = std::iter::from_fn(|| {
+            let batch = read_batch(&mut input, 2, &mut last, &d).unwrap();
+            (!batch.is_empty()).then_some(batch.len())
+        })
+        .collect();
+        assert_eq!(sizes, [2, 2, 1]);
+        assert_eq!(last, 5);
+    }
+}
