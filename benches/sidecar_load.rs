@@ -9,7 +9,7 @@
 //! The daemon runs the embedded default (audit log on, `interval` durability) in a temporary
 //! directory. Prints a Markdown table (for docs/PERFORMANCE.md).
 #![forbid(unsafe_code)]
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)] // a benchmark tool
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark tool: fails loudly
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use phiseal_proto::v1 as pb;
 use pb::field_service_client::FieldServiceClient;
 use pb::field_service_server::{FieldService, FieldServiceServer};
+use phiseal_proto::v1 as pb;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -37,6 +37,9 @@ struct Args {
     /// Fields per batch call.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
+    /// Run only the scenarios whose name contains this text.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// The baseline: FieldService answering with what it was sent.
@@ -131,9 +134,29 @@ impl Drop for Proc {
 fn wait_socket(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(path).is_err() {
-        assert!(Instant::now() < deadline, "{} never listened", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name is in parentheses and may contain spaces: count fields after it.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime (fields 14 and 15 of the line) in clock ticks of 1/100 s.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -142,10 +165,13 @@ struct Stats {
     fields_per_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Server CPU time (user + system) per field, µs.
+    server_cpu_us_per_field: f64,
 }
 
-/// Runs `call` from `in_flight` tasks for `seconds` (after a one-second warm-up).
-async fn measure<F, Fut>(seconds: u64, in_flight: usize, call: F) -> Stats
+/// Runs `call` from `in_flight` tasks for `seconds` (after a one-second warm-up); `server`
+/// is the pid whose CPU time is charged to the calls.
+async fn measure<F, Fut>(server: u32, seconds: u64, in_flight: usize, call: F) -> Stats
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = usize> + Send,
@@ -184,7 +210,9 @@ where
         }
     };
     run(1).await;
+    let cpu_before = cpu_seconds(server);
     let (mut lat, fields, elapsed) = run(seconds).await;
+    let cpu = cpu_seconds(server) - cpu_before;
     lat.sort_unstable();
     let pct = |p: f64| {
         let i = ((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1));
@@ -196,6 +224,7 @@ where
         fields_per_s: fields as f64 / secs,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        server_cpu_us_per_field: cpu * 1e6 / fields.max(1) as f64,
     }
 }
 
@@ -207,8 +236,13 @@ fn ctx(record: u64) -> Option<pb::Context> {
     })
 }
 
-async fn unary(client: FieldServiceClient<Channel>, seconds: u64, in_flight: usize) -> Stats {
-    measure(seconds, in_flight, move |i| {
+async fn unary(
+    client: FieldServiceClient<Channel>,
+    server: u32,
+    seconds: u64,
+    in_flight: usize,
+) -> Stats {
+    measure(server, seconds, in_flight, move |i| {
         let mut c = client.clone();
         async move {
             c.encrypt(pb::EncryptRequest {
@@ -225,21 +259,27 @@ async fn unary(client: FieldServiceClient<Channel>, seconds: u64, in_flight: usi
 
 async fn batch(
     client: FieldServiceClient<Channel>,
+    server: u32,
     seconds: u64,
     in_flight: usize,
     size: usize,
 ) -> Stats {
-    measure(seconds, in_flight, move |i| {
+    // Built once and cloned per call, so that the client's own work stays small next to the
+    // server's (client and server share the machine's cores).
+    let request = Arc::new(pb::EncryptBatchRequest {
+        items: (0..size as u64)
+            .map(|j| pb::EncryptRequest {
+                context: ctx(j),
+                plaintext: vec![7u8; 64],
+            })
+            .collect(),
+    });
+    measure(server, seconds, in_flight, move |_| {
         let mut c = client.clone();
+        let request = pb::EncryptBatchRequest::clone(&request);
         async move {
-            let items = (0..size as u64)
-                .map(|j| pb::EncryptRequest {
-                    context: ctx(i * 100_000 + j),
-                    plaintext: vec![7u8; 64],
-                })
-                .collect();
             let r = c
-                .encrypt_batch(pb::EncryptBatchRequest { items })
+                .encrypt_batch(request)
                 .await
                 .expect("encrypt batch")
                 .into_inner();
@@ -269,7 +309,7 @@ fn main() {
         .unwrap_or_else(|| me.with_file_name("phiseald"));
     let daemon_socket = dir.path().join("run/phiseald.sock");
     let echo_socket = dir.path().join("echo.sock");
-    let _daemon = Proc(
+    let daemon = Proc(
         Command::new(&phiseald)
             .arg("--socket")
             .arg(&daemon_socket)
@@ -283,7 +323,7 @@ fn main() {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", phiseald.display())),
     );
-    let _echo = Proc(
+    let echo = Proc(
         Command::new(&me)
             .arg("--echo-server")
             .arg(&echo_socket)
@@ -292,6 +332,7 @@ fn main() {
     );
     wait_socket(&daemon_socket);
     wait_socket(&echo_socket);
+    let (daemon_pid, echo_pid) = (daemon.0.id(), echo.0.id());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -317,12 +358,12 @@ fn main() {
         let s = args.seconds;
         let b = args.batch;
         println!(
-            "| scenario | echo calls/s | echo p50 µs | echo p99 µs | phiseald calls/s | phiseald fields/s | phiseald p50 µs | phiseald p99 µs | p50 ratio |"
+            "| scenario | echo calls/s | echo p50 µs | echo p99 µs | phiseald calls/s | phiseald fields/s | phiseald p50 µs | phiseald p99 µs | p50 ratio | server CPU µs/field: echo → phiseald |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         let row = |name: &str, e: Stats, d: Stats| {
             println!(
-                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}× |",
+                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.2} → {:.2} |",
                 e.calls_per_s,
                 e.p50_us,
                 e.p99_us,
@@ -330,23 +371,27 @@ fn main() {
                 d.fields_per_s,
                 d.p50_us,
                 d.p99_us,
-                d.p50_us / e.p50_us
+                d.p50_us / e.p50_us,
+                e.server_cpu_us_per_field,
+                d.server_cpu_us_per_field,
             );
         };
-        let e = unary(echo.clone(), s, 1).await;
-        let d = unary(daemon.clone(), s, 1).await;
-        row("Encrypt 64 B, 1 in flight", e, d);
-        let e = unary(echo.clone(), s, 64).await;
-        let d = unary(daemon.clone(), s, 64).await;
-        row("Encrypt 64 B, 64 in flight", e, d);
+        let wanted = |name: &str| args.only.as_deref().is_none_or(|o| name.contains(o));
+        for in_flight in [1, 64] {
+            let name = format!("Encrypt 64 B, {in_flight} in flight");
+            if wanted(&name) {
+                let e = unary(echo.clone(), echo_pid, s, in_flight).await;
+                let d = unary(daemon.clone(), daemon_pid, s, in_flight).await;
+                row(&name, e, d);
+            }
+        }
         for in_flight in [1, 4] {
-            let e = batch(echo.clone(), s, in_flight, b).await;
-            let d = batch(daemon.clone(), s, in_flight, b).await;
-            row(
-                &format!("EncryptBatch {b} × 64 B, {in_flight} in flight"),
-                e,
-                d,
-            );
+            let name = format!("EncryptBatch {b} × 64 B, {in_flight} in flight");
+            if wanted(&name) {
+                let e = batch(echo.clone(), echo_pid, s, in_flight, b).await;
+                let d = batch(daemon.clone(), daemon_pid, s, in_flight, b).await;
+                row(&name, e, d);
+            }
         }
     });
 }

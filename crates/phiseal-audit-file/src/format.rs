@@ -33,6 +33,12 @@ pub(crate) fn body_hash(prefix: &[u8]) -> [u8; 32] {
 /// `\uXXXX` (or their short forms); everything else is copied as UTF-8.
 pub(crate) fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
+    // Fast path: names, ids and kinds almost never need escaping.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut run_start = 0;
     for (i, c) in s.char_indices() {
         let esc: Option<&str> = match c {
@@ -58,6 +64,33 @@ pub(crate) fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Appends a decimal number.
+fn push_u64(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// Appends `time` as RFC 3339 (UTC). Records of one batch share their time, so the text of
+/// the last time formatted on this thread is reused.
+fn push_time(out: &mut String, time: Timestamp) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(Option<Timestamp>, String)> =
+            const { std::cell::RefCell::new((None, String::new())) };
+    }
+    LAST.with(|last| {
+        let Ok(mut last) = last.try_borrow_mut() else {
+            let _ = write!(out, "{time}");
+            return;
+        };
+        if last.0 != Some(time) {
+            last.1.clear();
+            // Writing to a String cannot fail.
+            let _ = write!(last.1, "{time}");
+            last.0 = Some(time);
+        }
+        out.push_str(&last.1);
+    });
+}
+
 fn push_opt_str(out: &mut String, s: Option<&str>) {
     match s {
         Some(s) => push_json_str(out, s),
@@ -67,10 +100,7 @@ fn push_opt_str(out: &mut String, s: Option<&str>) {
 
 fn push_opt_u32(out: &mut String, n: Option<u32>) {
     match n {
-        // Writing to a String cannot fail.
-        Some(n) => {
-            let _ = write!(out, "{n}");
-        }
+        Some(n) => push_u64(out, u64::from(n)),
         None => out.push_str("null"),
     }
 }
@@ -83,13 +113,18 @@ fn push_prev(out: &mut String, prev: &[u8; 32]) {
 
 /// Appends 64 lowercase hex digits.
 fn push_hex(out: &mut String, bytes: &[u8; 32]) {
-    fn nibble(n: u8) -> char {
-        char::from(if n < 10 { b'0' + n } else { b'a' + (n - 10) })
+    fn nibble(n: u8) -> u8 {
+        if n < 10 { b'0' + n } else { b'a' + (n - 10) }
     }
-    for &b in bytes {
-        out.push(nibble(b >> 4));
-        out.push(nibble(b & 0x0f));
+    let mut buf = [0u8; 64];
+    for (pair, &b) in buf.chunks_exact_mut(2).zip(bytes) {
+        if let [hi, lo] = pair {
+            *hi = nibble(b >> 4);
+            *lo = nibble(b & 0x0f);
+        }
     }
+    // Always ASCII.
+    out.push_str(std::str::from_utf8(&buf).unwrap_or_default());
 }
 
 /// Finishes a line whose body prefix (`{"seq":…,"prev":"…"`) is in `line`: appends
@@ -106,7 +141,11 @@ pub(crate) fn finish_line(line: &mut String) -> [u8; 32] {
 pub(crate) fn encode_event(line: &mut String, seq: u64, prev: &[u8; 32], e: &AuditEvent) {
     line.clear();
     // Writing to a String cannot fail.
-    let _ = write!(line, "{{\"seq\":{seq},\"time\":\"{}\",\"actor\":", e.time);
+    line.push_str("{\"seq\":");
+    push_u64(line, seq);
+    line.push_str(",\"time\":\"");
+    push_time(line, e.time);
+    line.push_str("\",\"actor\":");
     push_json_str(line, &e.actor.identity);
     line.push_str(",\"uid\":");
     push_opt_u32(line, e.actor.uid);

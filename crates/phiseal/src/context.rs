@@ -95,6 +95,16 @@ impl EncryptionContext {
         Ok(self)
     }
 
+    /// The same tenant and field without a record id: cheap (shares the names), for the
+    /// many fields of a batch that differ only by record.
+    pub fn without_record(&self) -> Self {
+        Self {
+            tenant: self.tenant.clone(),
+            field: Arc::clone(&self.field),
+            record: None,
+        }
+    }
+
     /// The tenant.
     pub fn tenant(&self) -> &TenantId {
         &self.tenant

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// mimalloc instead of glibc malloc: the daemon allocates many small, short-lived buffers per
+/// field (requests, ciphertexts, audit records); measured in docs/PERFORMANCE.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use phiseald::config::{Config, DEFAULT_SOCKET, LogFormat, Source};
 use phiseald::daemon::Daemon;
 

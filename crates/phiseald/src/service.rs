@@ -2,9 +2,10 @@
 //!
 //! Every call: identify the caller (peer credentials, optional token) → take one unit of the
 //! identity's rate allowance → check the policy per tenant/field (refusals are audited with
-//! the identity) → run the keyring operation. The keyring operation runs in its own task, so
-//! a client that gives up (deadline, cancel, disconnect) never interrupts an operation half
-//! way: it finishes and is audited, and only the response is dropped.
+//! the identity) → run the keyring operation. Admin operations (which change state) run in
+//! their own task, so a client that gives up (deadline, cancel, disconnect) never interrupts
+//! one half way: it finishes and is audited, and only the response is dropped. Data-plane
+//! operations change no state and run in the caller's task (see `Sidecar::inline`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -96,8 +97,8 @@ fn key_version_of(ciphertext: &[u8]) -> u32 {
 }
 
 impl Sidecar {
-    /// Runs `work` in its own (tracked) task so that it completes and is audited even if the
-    /// caller's future is dropped; shutdown waits for these tasks. A panic in it (a bug)
+    /// Runs an admin operation in its own (tracked) task so that it completes and is audited
+    /// even if the caller's future is dropped; shutdown waits for these tasks. A panic in it (a bug)
     /// becomes INTERNAL.
     async fn run_to_completion<T: Send + 'static>(
         &self,
@@ -110,6 +111,13 @@ impl Sidecar {
                 "internal error: the operation did not complete",
             )
         })
+    }
+
+    /// Runs a data-plane operation in the caller's task. Cancellation-safe: encrypt, decrypt
+    /// and rewrap change no state, and the audit append is written within one poll, so a
+    /// caller that goes away loses only a result it never received.
+    async fn inline<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T, Status> {
+        Ok(work.await)
     }
 
     /// Identifies and rate-limits a caller; refusals are audited (authentication) or counted
@@ -307,20 +315,39 @@ impl Sidecar {
         let mut slots = Vec::new();
         let mut allowed = Vec::new();
         let mut denied = Vec::new();
+        // The items of a batch usually share tenant and field: reuse the previous item's
+        // parsed names and policy decision when they match.
+        let mut previous: Option<(EncryptionContext, bool)> = None;
         for (context, data) in items {
-            let context = match parse_context(context.as_ref()) {
-                Ok(c) => c,
+            let same = match (&previous, &context) {
+                (Some((prev, _)), Some(c)) => {
+                    prev.tenant().as_str() == c.tenant && prev.field() == c.field
+                }
+                _ => false,
+            };
+            let parsed = match (&previous, same, &context) {
+                (Some((prev, allowed)), true, Some(c)) => match &c.record {
+                    None => Ok((prev.without_record(), *allowed)),
+                    Some(r) => prev.without_record().with_record(r).map(|p| (p, *allowed)),
+                },
+                _ => parse_context(context.as_ref()).map(|c| {
+                    let allowed = self.policy.allows(
+                        &call.identity,
+                        op,
+                        c.tenant().as_str(),
+                        Some(c.field()),
+                    );
+                    (c, allowed)
+                }),
+            };
+            let (context, ok) = match parsed {
+                Ok(p) => p,
                 Err(e) => {
                     slots.push(Err(status::item_error(&e)));
                     continue;
                 }
             };
-            let ok = self.policy.allows(
-                &call.identity,
-                op,
-                context.tenant().as_str(),
-                Some(context.field()),
-            );
+            previous = Some((context.without_record(), ok));
             if ok {
                 slots.push(Ok(allowed.len()));
                 allowed.push((context, data));
@@ -399,7 +426,7 @@ impl pb::field_service_server::FieldService for FieldApi {
             let caller = call.caller.clone();
             let plaintext = std::mem::take(&mut body.plaintext);
             let done = s
-                .run_to_completion(async move {
+                .inline(async move {
                     let mut plaintext = plaintext;
                     let result = keyring.encrypt(&caller, &context, &plaintext).await;
                     plaintext.zeroize();
@@ -433,7 +460,7 @@ impl pb::field_service_server::FieldService for FieldApi {
             let ciphertext = body.ciphertext;
             let key_version = key_version_of(&ciphertext);
             let done = s
-                .run_to_completion(async move {
+                .inline(async move {
                     keyring
                         .decrypt(&caller, &context, &ciphertext)
                         .await
@@ -472,7 +499,7 @@ impl pb::field_service_server::FieldService for FieldApi {
             let caller = call.caller.clone();
             let mut allowed = sorted.allowed;
             let results = s
-                .run_to_completion(async move {
+                .inline(async move {
                     let pairs: Vec<(&EncryptionContext, &[u8])> =
                         allowed.iter().map(|(c, p)| (c, p.as_slice())).collect();
                     let results = keyring.encrypt_batch(&caller, &pairs).await;
@@ -530,7 +557,7 @@ impl pb::field_service_server::FieldService for FieldApi {
             let caller = call.caller.clone();
             let allowed = sorted.allowed;
             let results = s
-                .run_to_completion(async move {
+                .inline(async move {
                     let pairs: Vec<(&EncryptionContext, &[u8])> =
                         allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
                     keyring.decrypt_batch(&caller, &pairs).await.map(|results| {
@@ -582,7 +609,7 @@ impl pb::field_service_server::FieldService for FieldApi {
             let caller = call.caller.clone();
             let allowed = sorted.allowed;
             let results = s
-                .run_to_completion(async move {
+                .inline(async move {
                     let pairs: Vec<(&EncryptionContext, &[u8])> =
                         allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
                     let results = keyring.rewrap_batch(&caller, &pairs).await;

@@ -159,6 +159,19 @@ impl Daemon {
         }
     }
 
+    /// Sends `signal` (for example `STOP` and `CONT` to freeze and thaw the daemon).
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.pid()).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// Runs the real `phiseal` CLI against this daemon (`--socket`), feeding it `stdin`.
+    pub fn cli(&self, args: &[&str], stdin: &[u8]) -> CliRun {
+        let mut cmd = cli_command(&bin("phiseal"), &self.socket);
+        cmd.args(args);
+        run_cli(&mut cmd, stdin)
+    }
+
     /// SIGTERM and a clean exit.
     pub fn stop(&mut self) {
         self.sigterm();
@@ -242,4 +255,77 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// What one run of the `phiseal` CLI did.
+#[derive(Debug)]
+pub struct CliRun {
+    /// The exit code.
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// Asserts the exit code (showing both outputs if it differs) and returns the run.
+    #[track_caller]
+    pub fn expect(self, code: i32) -> Self {
+        assert_eq!(
+            self.code,
+            code,
+            "phiseal exit code\n--- stdout:\n{}\n--- stderr:\n{}",
+            String::from_utf8_lossy(&self.stdout),
+            self.stderr
+        );
+        self
+    }
+
+    /// Stdout as text.
+    #[track_caller]
+    pub fn out(&self) -> String {
+        String::from_utf8(self.stdout.clone()).expect("stdout is UTF-8")
+    }
+
+    /// Stdout as one JSON value.
+    #[track_caller]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.out()))
+    }
+}
+
+/// `program --socket SOCKET` with every std stream piped and no `PHISEAL_*` variable inherited.
+pub fn cli_command(program: &Path, socket: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.arg("--socket")
+        .arg(socket)
+        .env_remove("PHISEAL_TOKEN")
+        .env_remove("PHISEAL_SOCKET")
+        .env_remove("PHISEAL_DATA_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs `cmd` (from [`cli_command`]) with `stdin` and collects what it did.
+pub fn run_cli(cmd: &mut Command, stdin: &[u8]) -> CliRun {
+    use std::io::Write;
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    // A separate writer: a command that answers before reading everything cannot deadlock.
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let output = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    CliRun {
+        code: output
+            .status
+            .code()
+            .unwrap_or_else(|| panic!("phiseal was killed: {}", output.status)),
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
 }

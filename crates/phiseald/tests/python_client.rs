@@ -1,0 +1,89 @@
+//! The Python client example (`examples/python`) against the real daemon.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+/// The fields of the example's patient record.
+const FIELDS: [&str; 6] = ["mrn", "name", "ssn", "date_of_birth", "diagnosis", "notes"];
+
+#[test]
+fn patient_record_example_round_trips_through_the_daemon() {
+    let python = std::env::var_os("PHISEAL_PYTHON").unwrap_or_else(|| {
+        panic!(
+            "PHISEAL_PYTHON is not set: run scripts/test (it creates the virtualenv and sets \
+             it), or set PHISEAL_PYTHON to the python of a virtualenv with \
+             examples/python/requirements.txt installed (python3 -m venv V && V/bin/pip \
+             install -r examples/python/requirements.txt && export PHISEAL_PYTHON=V/bin/python)"
+        )
+    });
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let d = Daemon::embedded();
+    let output = Command::new(&python)
+        .arg("examples/python/patient_record.py")
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--create-tenant")
+        .current_dir(&root)
+        .env_remove("PHISEAL_TOKEN")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run PHISEAL_PYTHON={}: {e}", python.display()));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "patient_record.py failed\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}"
+    );
+    assert_eq!(
+        stdout.lines().next(),
+        Some("created tenant clinic-demo: key version 1"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().last(), Some("python client: ok"), "{stdout}");
+    // The demo prints ciphertexts, never a plaintext value.
+    for value in ["078-05-1120", "Jane Q. Testpatient", "MRN-00417723"] {
+        assert!(!stdout.contains(value), "{value} in {stdout}");
+    }
+
+    // The daemon audited one encrypt and one decrypt of each field of the record, and the
+    // refused decrypt of the ssn ciphertext under the field name "name".
+    let records = audit_records(&d.audit_log());
+    let fields_of = |action: &str, result: &str| {
+        let mut fields: Vec<String> = records
+            .iter()
+            .filter(|r| {
+                r["action"] == action
+                    && r["result"] == result
+                    && r["tenant"] == "clinic-demo"
+                    && r["record"] == "pt-7f3c9a52"
+                    && r["actor"] == format!("uid:{}", rustix::process::getuid().as_raw())
+            })
+            .map(|r| r["field"].as_str().unwrap().to_owned())
+            .collect();
+        fields.sort();
+        fields
+    };
+    let mut all: Vec<String> = FIELDS.iter().map(|f| (*f).to_owned()).collect();
+    all.sort();
+    assert_eq!(fields_of("encrypt", "ok"), all);
+    assert_eq!(fields_of("decrypt", "ok"), all);
+    assert_eq!(fields_of("decrypt", "decryption_failed"), ["name"]);
+    assert_eq!(
+        fields_of("encrypt", "decryption_failed"),
+        Vec::<String>::new()
+    );
+    let text = d.audit_text();
+    for value in ["078-05-1120", "Jane Q. Testpatient", "MRN-00417723"] {
+        assert!(!text.contains(value), "{value} in the audit log");
+    }
+}
