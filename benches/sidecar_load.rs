@@ -9,7 +9,12 @@
 //! The daemon runs the embedded default (audit log on, `interval` durability) in a temporary
 //! directory. Prints a Markdown table (for docs/PERFORMANCE.md).
 #![forbid(unsafe_code)]
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark tool: fails loudly
+#![allow(
+    clippy::print_stdout,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)] // a benchmark tool: fails loudly
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,6 +42,9 @@ struct Args {
     /// Fields per batch call.
     #[arg(long, default_value_t = 1000)]
     batch: usize,
+    /// Calls in flight for the batch scenarios.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
+    batch_in_flight: Vec<usize>,
     /// Run only the scenarios whose name contains this text.
     #[arg(long)]
     only: Option<String>,
@@ -385,7 +393,7 @@ fn main() {
                 row(&name, e, d);
             }
         }
-        for in_flight in [1, 4] {
+        for &in_flight in &args.batch_in_flight {
             let name = format!("EncryptBatch {b} × 64 B, {in_flight} in flight");
             if wanted(&name) {
                 let e = batch(echo.clone(), echo_pid, s, in_flight, b).await;

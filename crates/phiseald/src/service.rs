@@ -153,6 +153,13 @@ impl Sidecar {
                     Some(id) => Caller::with_request_id(actor, id),
                     None => Caller::new(actor),
                 };
+                tracing::info!(
+                    rpc,
+                    identity = %caller.actor.identity,
+                    request_id = %caller.request_id,
+                    reason = failure.message(),
+                    "unauthenticated call refused"
+                );
                 self.keyring
                     .audit_refusal(&caller, map_action(op), "unauthenticated", None, &[])
                     .await
@@ -196,8 +203,35 @@ impl Sidecar {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
         };
-        self.metrics
-            .observe_call(call.rpc, code, call.started.elapsed());
+        let elapsed = call.started.elapsed();
+        self.metrics.observe_call(call.rpc, code, elapsed);
+        // Logs carry the method, identity, request id and status: never tenants' data. Status
+        // messages name tenants and versions only (the core's errors hold no plaintext).
+        match &result {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Internal | Code::DataLoss
+                ) =>
+            {
+                tracing::warn!(
+                    rpc = call.rpc,
+                    identity = %call.identity.name,
+                    request_id = %call.caller.request_id,
+                    code = ?s.code(),
+                    error = s.message(),
+                    "call failed"
+                );
+            }
+            _ => tracing::debug!(
+                rpc = call.rpc,
+                identity = %call.identity.name,
+                request_id = %call.caller.request_id,
+                code = ?code,
+                elapsed_us = elapsed.as_micros() as u64,
+                "call"
+            ),
+        }
         let id = tonic::metadata::MetadataValue::try_from(&*call.caller.request_id).ok();
         match result {
             Ok(body) => {
@@ -243,6 +277,12 @@ impl Sidecar {
         contexts: &[&EncryptionContext],
     ) -> Result<(), Status> {
         self.metrics.refuse("permission_denied");
+        tracing::info!(
+            rpc = call.rpc,
+            identity = %call.identity.name,
+            request_id = %call.caller.request_id,
+            "refused by policy"
+        );
         self.keyring
             .audit_refusal(
                 &call.caller,
@@ -358,6 +398,13 @@ impl Sidecar {
         }
         if !denied.is_empty() {
             self.metrics.refuse("permission_denied");
+            tracing::info!(
+                rpc = call.rpc,
+                identity = %call.identity.name,
+                request_id = %call.caller.request_id,
+                items = denied.len(),
+                "batch items refused by policy"
+            );
             let refs: Vec<&EncryptionContext> = denied.iter().collect();
             self.keyring
                 .audit_refusal(

@@ -688,20 +688,25 @@ async fn sigterm_during_load_drains_and_loses_no_audit_record() {
 }
 
 #[tokio::test]
-async fn metrics_listener_reports_without_phi() {
+async fn metrics_and_json_logs_without_phi() {
     let port = free_port();
-    let d = Daemon::with_config(&format!(
+    let config = format!(
         r#"
 socket = "{{socket}}"
 data_dir = "{{data_dir}}"
 [metrics]
 listen = "127.0.0.1:{port}"
+[log]
+format = "json"
 [[policy]]
 uids = [0]
 operations = ["*"]
 tenants = ["*"]
 "#
-    ));
+    );
+    let d = Daemon::start(Some(&config), |cmd| {
+        cmd.env("PHISEALD_LOG__LEVEL", "debug");
+    });
     create_tenant(&d, "metrics-tenant").await;
     let mut fields = d.fields().await;
     let ct = ok(fields
@@ -738,6 +743,25 @@ tenants = ["*"]
     );
     let missing = http_get(format!("127.0.0.1:{port}").parse().unwrap(), "/other");
     assert!(missing.contains(" 404 "), "{missing}");
+
+    // JSON logs: one object per line, per-call lines with the request id; no PHI.
+    let logs = d.stderr();
+    let calls: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON log line"))
+        .filter(|v| v["fields"]["message"] == "call")
+        .collect();
+    assert!(
+        calls.iter().any(|v| v["fields"]["rpc"] == "Encrypt"
+            && v["fields"]["request_id"]
+                .as_str()
+                .is_some_and(|id| id.len() == 16)),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("PHI-VALUE") && !logs.contains("rec-9"),
+        "{logs}"
+    );
 }
 
 #[tokio::test]
