@@ -28,6 +28,9 @@ use crate::{rotation, transport};
 
 /// How long shutdown waits for in-flight calls beyond the request timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// After the last call finished, how long its response gets to reach the socket before the
+/// remaining (idle) connections are closed.
+const RESPONSE_FLUSH: Duration = Duration::from_millis(200);
 
 /// A daemon ready to run.
 #[derive(Debug)]
@@ -156,21 +159,24 @@ impl Daemon {
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(server);
-        // Serve; once shutdown starts, give in-flight calls `drain_limit` to finish.
+        // Serve. Once shutdown starts (the server stops accepting and sends GOAWAY), wait up
+        // to `drain_limit` for the calls in flight, give their responses a moment to reach
+        // the socket, then close what is left (idle client connections would otherwise keep
+        // the server open).
         let served = tokio::select! {
             result = &mut server => result,
             _ = draining_rx => {
-                match tokio::time::timeout(drain_limit, &mut server).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        tracing::warn!("drain: calls still open after {drain_limit:?}; closing them");
-                        Ok(())
-                    }
+                self.sidecar.tasks.close();
+                if tokio::time::timeout(drain_limit, self.sidecar.tasks.wait()).await.is_err() {
+                    tracing::warn!("drain: calls still running after {drain_limit:?}; closing them");
                 }
+                tokio::time::timeout(RESPONSE_FLUSH, &mut server)
+                    .await
+                    .unwrap_or(Ok(()))
             }
         };
         let _ = stop_tx.send(true);
-        // Operations whose callers went away still finish (and are audited) before exit.
+        // Admin operations whose callers went away still finish (and are audited) first.
         self.sidecar.tasks.close();
         if tokio::time::timeout(drain_limit, self.sidecar.tasks.wait())
             .await

@@ -38,7 +38,7 @@ pub struct Sidecar {
     pub max_batch_items: usize,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Keyring operations in flight (waited for at shutdown).
+    /// Calls and admin operations in flight (waited for at shutdown).
     pub tasks: tokio_util::task::TaskTracker,
 }
 
@@ -48,6 +48,8 @@ struct Call {
     started: Instant,
     identity: Identity,
     caller: Caller,
+    /// Counts the call as in flight until it is dropped (shutdown waits for it).
+    _in_flight: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 /// A request id from the client if it is short and plain, else a fresh one.
@@ -129,6 +131,7 @@ impl Sidecar {
         request: &Request<T>,
     ) -> Result<Call, Status> {
         let started = Instant::now();
+        let in_flight = self.tasks.token();
         let id = request_id(request);
         let identity = match self.auth.identify(request) {
             Ok(identity) => identity,
@@ -194,6 +197,7 @@ impl Sidecar {
             started,
             identity,
             caller,
+            _in_flight: in_flight,
         })
     }
 

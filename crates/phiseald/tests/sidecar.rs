@@ -24,6 +24,17 @@ fn ok<T>(r: Result<tonic::Response<T>, tonic::Status>) -> T {
 #[tokio::test]
 async fn every_rpc_on_the_embedded_default() {
     let mut d = Daemon::embedded();
+    // Core dumps are disabled at start (a core would hold keys and plaintext).
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().skip(4).take(2).collect::<Vec<_>>(),
+        ["0", "0"],
+        "{core}"
+    );
     let mut admin = d.admin().await;
     let mut fields = d.fields().await;
 
@@ -245,7 +256,14 @@ async fn every_rpc_on_the_embedded_default() {
             ))
     );
 
+    // Idle client connections (still open here) do not hold the shutdown up.
+    let stopping = std::time::Instant::now();
     d.stop();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopping.elapsed()
+    );
     assert!(!d.socket.exists(), "a clean shutdown removes the socket");
     let report = phiseal_audit_file::verify(d.audit_log()).unwrap();
     assert!(report.is_intact(), "{report:?}");
