@@ -1,0 +1,402 @@
+//! The configuration as an operator meets it: the real `phiseald --check-config` on the
+//! shipped example (`phiseald.example.toml`) and on broken files, asserting that every error
+//! names the key and the problem.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The example shipped next to the crate's manifest.
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("phiseald.example.toml")
+}
+
+/// What one `phiseald` run did.
+struct Run {
+    code: i32,
+    stderr: String,
+}
+
+impl Run {
+    /// Asserts success with the "configuration ok" line.
+    #[track_caller]
+    fn ok(&self) {
+        assert_eq!(
+            (self.code, self.stderr.as_str()),
+            (0, "phiseald: configuration ok\n"),
+            "expected a valid configuration"
+        );
+    }
+
+    /// Asserts failure (exit 1) with `message` after the common prefix.
+    #[track_caller]
+    fn fails_with(&self, message: &str) {
+        assert_eq!(self.code, 1, "exit code; stderr: {}", self.stderr);
+        assert!(
+            self.stderr.starts_with("phiseald: configuration: "),
+            "{}",
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains(message),
+            "expected {message:?} in {:?}",
+            self.stderr
+        );
+    }
+}
+
+/// Runs `phiseald ARGS` with `env` as the only `PHISEALD_*` variables.
+fn phiseald(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_phiseald"));
+    cmd.args(args);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PHISEALD_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let output = cmd.output().unwrap();
+    Run {
+        code: output
+            .status
+            .code()
+            .expect("phiseald was killed by a signal"),
+        stderr: String::from_utf8(output.stderr).unwrap(),
+    }
+}
+
+/// `phiseald --check-config --config FILE`.
+fn check_file(file: &Path, env: &[(&str, &str)]) -> Run {
+    phiseald(
+        &[
+            "--check-config".as_ref(),
+            "--config".as_ref(),
+            file.as_os_str(),
+        ],
+        env,
+    )
+}
+
+/// `phiseald --check-config --config <a file holding text>`.
+fn check_text(text: &str, env: &[(&str, &str)]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("phiseald.toml");
+    std::fs::write(&file, text).unwrap();
+    check_file(&file, env)
+}
+
+/// The smallest valid file.
+const MINIMAL: &str = r#"
+socket = "/run/phiseal/phiseald.sock"
+data_dir = "/var/lib/phiseal"
+"#;
+
+#[test]
+fn the_example_is_valid() {
+    check_file(&example(), &[]).ok();
+}
+
+#[test]
+fn the_examples_commented_out_values_are_valid_too() {
+    // `# key = value` lines are optional settings shown with an example value.
+    let text = std::fs::read_to_string(example()).unwrap();
+    let mut enabled = 0;
+    let uncommented: String = text
+        .lines()
+        .map(|line| {
+            let setting = line.strip_prefix("# ").filter(|rest| {
+                rest.split_once(" = ").is_some_and(|(key, _)| {
+                    let bare = key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                    let quoted = key.len() > 2
+                        && key.starts_with('"')
+                        && key.ends_with('"')
+                        && !key.contains(' ');
+                    !key.is_empty() && (bare || quoted)
+                })
+            });
+            match setting {
+                Some(rest) => {
+                    enabled += 1;
+                    format!("{rest}\n")
+                }
+                None => format!("{line}\n"),
+            }
+        })
+        .collect();
+    assert!(enabled >= 5, "only {enabled} commented-out settings found");
+    check_text(&uncommented, &[]).ok();
+}
+
+/// The keys a table accepts, read from the daemon's own "unknown field" error.
+fn accepted_keys(table: &str, entry: &str) -> Vec<String> {
+    let text = format!("{MINIMAL}\n{table}\nnot_a_key = 1\n{entry}");
+    let run = check_text(&text, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let expected = run
+        .stderr
+        .split_once("expected ")
+        .unwrap_or_else(|| panic!("{}", run.stderr))
+        .1;
+    expected
+        .split('`')
+        .filter(|word| {
+            !word.is_empty()
+                && word
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'*')
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_example_documents_every_key_and_its_environment_variable() {
+    let text = std::fs::read_to_string(example()).unwrap();
+    let top = accepted_keys("", "");
+    assert!(top.len() >= 12, "{top:?}");
+    for key in &top {
+        match key.as_str() {
+            // Arrays of tables: documented with their entries below.
+            "tokens" | "policy" => {
+                let var = format!("Env: PHISEALD_{}", key.to_uppercase());
+                assert!(text.contains(&var), "{var} is not documented");
+            }
+            "audit" | "cache" | "limits" | "metrics" | "log" | "rotation" => {
+                assert!(text.contains(&format!("[{key}]")), "[{key}] missing");
+                let subs = accepted_keys(&format!("[{key}]"), "");
+                assert!(!subs.is_empty(), "[{key}] accepts no key?");
+                for sub in subs {
+                    let var = format!("PHISEALD_{}__{}", key.to_uppercase(), sub.to_uppercase());
+                    assert!(text.contains(&var), "{var} is not documented");
+                    assert!(
+                        text.contains(&format!("\n{sub} = "))
+                            || text.contains(&format!("\n# {sub} = "))
+                            || text.contains(&format!("[{key}.{sub}]")),
+                        "{key}.{sub} has no example line"
+                    );
+                }
+            }
+            other => {
+                let var = format!("Env: PHISEALD_{}", other.to_uppercase());
+                assert!(text.contains(&var), "{var} is not documented");
+                assert!(
+                    text.contains(&format!("\n{other} = "))
+                        || text.contains(&format!("\n# {other} = ")),
+                    "{other} has no example line"
+                );
+            }
+        }
+    }
+    let token_keys = accepted_keys("[[tokens]]", "name = \"x\"\nsha256 = \"y\"");
+    assert_eq!(token_keys, ["name", "sha256"]);
+    for key in token_keys {
+        assert!(text.contains(&format!("#   {key} ")), "tokens.{key}");
+    }
+    let policy_keys = accepted_keys(
+        "[[policy]]",
+        "uids = [1]\noperations = [\"data\"]\ntenants = [\"*\"]",
+    );
+    assert_eq!(policy_keys.len(), 6, "{policy_keys:?}");
+    for key in policy_keys {
+        assert!(
+            text.contains(&format!("#       {key} ")) || text.contains(&format!("`{key}`")),
+            "policy.{key}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let run = check_text(&format!("{MINIMAL}[limits]\nmax_batch_item = 10\n"), &[]);
+    run.fails_with("limits.max_batch_item: unknown field: found `max_batch_item`, expected `one of `max_message_bytes`, `max_batch_items`");
+    run.fails_with("(from TOML file)");
+    // At the top level too, and from the environment (every PHISEALD_* variable is a key).
+    check_text(&format!("{MINIMAL}sockets = \"/x\"\n"), &[])
+        .fails_with("sockets: unknown field: found `sockets`");
+    check_text(MINIMAL, &[("PHISEALD_LIMITS__BATCH", "5")])
+        .fails_with("limits.batch: unknown field: found `batch`");
+}
+
+#[test]
+fn a_wrong_type_from_the_environment_is_named() {
+    let run = check_text(MINIMAL, &[("PHISEALD_LIMITS__MAX_BATCH_ITEMS", "abc")]);
+    run.fails_with(
+        "limits.max_batch_items: invalid type: found string \"abc\", expected usize (from `PHISEALD_` environment variable(s))",
+    );
+    check_text(MINIMAL, &[("PHISEALD_LIMITS__REQUEST_TIMEOUT", "5")]).fails_with(
+        "limits.request_timeout: invalid type: found unsigned int `5`, expected a duration",
+    );
+    check_text(MINIMAL, &[("PHISEALD_PROFILE", "prod")]).fails_with(
+        "profile: unknown variant: found `prod`, expected ``development` or `production``",
+    );
+    // A valid override is taken.
+    check_text(MINIMAL, &[("PHISEALD_LIMITS__MAX_BATCH_ITEMS", "5000")]).ok();
+}
+
+#[test]
+fn out_of_range_values_are_named() {
+    check_text(&format!("{MINIMAL}[limits]\nmax_batch_items = 0\n"), &[])
+        .fails_with("limits.max_batch_items: must be between 1 and 1000000");
+    check_text(MINIMAL, &[("PHISEALD_LIMITS__MAX_MESSAGE_BYTES", "100")])
+        .fails_with("limits.max_message_bytes: must be between 1024 and 268435456");
+    check_text(
+        &format!("{MINIMAL}[limits]\nrequest_timeout = \"5ms\"\n"),
+        &[],
+    )
+    .fails_with("limits.request_timeout: must be at least 10ms");
+    check_text(&format!("{MINIMAL}[audit]\nsync_interval = \"11s\"\n"), &[])
+        .fails_with("audit.sync_interval: must be between 1ms and 10s");
+    check_text(&format!("{MINIMAL}[rotation]\nperiod = \"500ms\"\n"), &[])
+        .fails_with("rotation.period / rotation.tenants: must be at least 1s");
+    check_text(
+        &format!("{MINIMAL}[rotation.tenants]\n\"a b\" = \"30d\"\n"),
+        &[],
+    )
+    .fails_with("rotation.tenants.\"a b\": is not a valid tenant id");
+}
+
+#[test]
+fn a_policy_rule_without_subject_is_refused() {
+    let text = format!(
+        "{MINIMAL}
+[[policy]]
+operations = [\"encrypt\"]
+tenants = [\"*\"]
+"
+    );
+    check_text(&text, &[]).fails_with(
+        "policy[0].uids/gids/tokens: a rule must name its subject (at least one uid, gid or token)",
+    );
+}
+
+#[test]
+fn a_policy_naming_an_undefined_token_is_refused() {
+    let text = format!(
+        "{MINIMAL}
+[[tokens]]
+name = \"ops\"
+sha256 = \"{}\"
+
+[[policy]]
+tokens = [\"ops\"]
+operations = [\"admin\"]
+tenants = [\"*\"]
+
+[[policy]]
+tokens = [\"billing\"]
+operations = [\"encrypt\"]
+tenants = [\"*\"]
+",
+        "ab".repeat(32)
+    );
+    check_text(&text, &[])
+        .fails_with("policy[1].tokens: token 'billing' is not defined in [[tokens]]");
+}
+
+#[test]
+fn a_bad_token_hash_is_refused() {
+    for bad in [
+        "AB".repeat(32),
+        "ab".repeat(31),
+        format!("{}zz", "ab".repeat(31)),
+    ] {
+        let text = format!("{MINIMAL}\n[[tokens]]\nname = \"ops\"\nsha256 = \"{bad}\"\n");
+        check_text(&text, &[]).fails_with(
+            "tokens[0].sha256: must be 64 lower-case hex digits (the SHA-256 of the token; `phiseal token new` prints it)",
+        );
+    }
+    let twice = format!(
+        "{MINIMAL}\n[[tokens]]\nname = \"ops\"\nsha256 = \"{0}\"\n[[tokens]]\nname = \"ops\"\nsha256 = \"{0}\"\n",
+        "cd".repeat(32)
+    );
+    check_text(&twice, &[]).fails_with("tokens[1].name: is defined twice");
+}
+
+#[test]
+fn a_relative_socket_path_is_refused() {
+    check_text(
+        "socket = \"run/phiseald.sock\"\ndata_dir = \"/var/lib/phiseal\"\n",
+        &[],
+    )
+    .fails_with("socket: must be an absolute path");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = phiseald(
+        &[
+            "--check-config".as_ref(),
+            "--socket".as_ref(),
+            "phiseald.sock".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ],
+        &[],
+    );
+    run.fails_with("socket: must be an absolute path");
+}
+
+#[test]
+fn data_dir_without_config_uses_the_embedded_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let socket = dir.path().join("run/phiseald.sock");
+    phiseald(
+        &[
+            "--check-config".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ],
+        &[],
+    )
+    .ok();
+    phiseald(
+        &[
+            "--check-config".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ],
+        &[("PHISEALD_LIMITS__MAX_BATCH_ITEMS", "500")],
+    )
+    .ok();
+    // Checking creates nothing.
+    assert!(!data.exists() && !socket.exists());
+    // The environment applies to the embedded default too.
+    phiseald(
+        &[
+            "--check-config".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ],
+        &[("PHISEALD_LIMITS__MAX_BATCH_ITEMS", "abc")],
+    )
+    .fails_with("limits.max_batch_items: invalid type: found string \"abc\", expected usize");
+    phiseald(
+        &[
+            "--check-config".as_ref(),
+            "--data-dir".as_ref(),
+            "data".as_ref(),
+        ],
+        &[],
+    )
+    .fails_with("data_dir: must be an absolute path");
+    phiseald(&["--check-config".as_ref()], &[])
+        .fails_with("give --config FILE, or --data-dir DIR for the embedded default");
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    check_file(&missing, &[]).fails_with(&format!(
+        "config file {}: not found or not a regular file",
+        missing.display()
+    ));
+    // A file must name the socket and the data directory itself.
+    check_text("data_dir = \"/var/lib/phiseal\"\n", &[]).fails_with("missing field `socket`");
+}
