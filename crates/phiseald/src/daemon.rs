@@ -80,6 +80,7 @@ impl Daemon {
             policy: Policy::new(config.policy.clone()),
             limiter: CallLimiter::new(&config.limits),
             max_batch_items: config.limits.max_batch_items,
+            request_timeout: config.limits.request_timeout,
             metrics,
             tasks: TaskTracker::new(),
         };
@@ -152,8 +153,8 @@ impl Daemon {
             tracing::info!("shutdown requested: refusing new calls, draining in-flight calls");
             let _ = draining_tx.send(());
         };
+        // Deadlines are enforced per call by the services (DEADLINE_EXCEEDED with a kind).
         let server = tonic::transport::Server::builder()
-            .timeout(config.limits.request_timeout)
             .add_service(health_service)
             .add_service(fields)
             .add_service(admin)

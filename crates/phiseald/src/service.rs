@@ -36,6 +36,8 @@ pub struct Sidecar {
     pub limiter: CallLimiter,
     /// Most items in one batch.
     pub max_batch_items: usize,
+    /// Longest time a call may take (a client's shorter `grpc-timeout` wins).
+    pub request_timeout: std::time::Duration,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Calls and admin operations in flight (waited for at shutdown).
@@ -48,8 +50,51 @@ struct Call {
     started: Instant,
     identity: Identity,
     caller: Caller,
+    /// When the call must have finished: the server's limit or the client's shorter one.
+    deadline: Instant,
     /// Counts the call as in flight until it is dropped (shutdown waits for it).
     _in_flight: tokio_util::task::task_tracker::TaskTrackerToken,
+}
+
+/// The client's deadline from the `grpc-timeout` header (`<1..8 digits><H|M|S|m|u|n>`).
+fn client_timeout<T>(request: &Request<T>) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let unit = value.chars().last()?;
+    let digits = value.strip_suffix(unit)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        'H' => Duration::from_secs(n.saturating_mul(3600)),
+        'M' => Duration::from_secs(n.saturating_mul(60)),
+        'S' => Duration::from_secs(n),
+        'm' => Duration::from_millis(n),
+        'u' => Duration::from_micros(n),
+        'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Runs `work` until `deadline`; past it, DEADLINE_EXCEEDED (an admin operation already
+/// started still completes in its own task).
+async fn within<T>(
+    started: Instant,
+    deadline: Instant,
+    work: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout_at(deadline.into(), work).await {
+        Ok(result) => result,
+        Err(_) => Err(status::status(
+            Code::DeadlineExceeded,
+            "deadline_exceeded",
+            format!(
+                "deadline exceeded after {} ms (limits.request_timeout or the client's grpc-timeout)",
+                started.elapsed().as_millis()
+            ),
+        )),
+    }
 }
 
 /// A request id from the client if it is short and plain, else a fresh one.
@@ -113,6 +158,15 @@ impl Sidecar {
                 "internal error: the operation did not complete",
             )
         })
+    }
+
+    /// Runs the rest of a call within its deadline (see [`within`]).
+    async fn within<T>(
+        &self,
+        call: &Call,
+        work: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        within(call.started, call.deadline, work).await
     }
 
     /// Runs a data-plane operation in the caller's task. Cancellation-safe: encrypt, decrypt
@@ -192,11 +246,14 @@ impl Sidecar {
             Some(id) => Caller::with_request_id(actor, id),
             None => Caller::new(actor),
         };
+        let limit =
+            client_timeout(request).map_or(self.request_timeout, |c| c.min(self.request_timeout));
         Ok(Call {
             rpc,
             started,
             identity,
             caller,
+            deadline: started + limit,
             _in_flight: in_flight,
         })
     }
@@ -467,30 +524,31 @@ impl pb::field_service_server::FieldService for FieldApi {
     ) -> Result<Response<pb::EncryptResponse>, Status> {
         let s = &self.0;
         let call = s.admit("Encrypt", Operation::Encrypt, &request).await?;
-        let result = async {
-            let mut body = request.into_inner();
-            let context =
-                parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
-            s.authorize_field(&call, Operation::Encrypt, &context)
-                .await?;
-            let keyring = s.keyring.clone();
-            let caller = call.caller.clone();
-            let plaintext = std::mem::take(&mut body.plaintext);
-            let done = s
-                .inline(async move {
-                    let mut plaintext = plaintext;
-                    let result = keyring.encrypt(&caller, &context, &plaintext).await;
-                    plaintext.zeroize();
-                    result
+        let result = s
+            .within(&call, async {
+                let mut body = request.into_inner();
+                let context =
+                    parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
+                s.authorize_field(&call, Operation::Encrypt, &context)
+                    .await?;
+                let keyring = s.keyring.clone();
+                let caller = call.caller.clone();
+                let plaintext = std::mem::take(&mut body.plaintext);
+                let done = s
+                    .inline(async move {
+                        let mut plaintext = plaintext;
+                        let result = keyring.encrypt(&caller, &context, &plaintext).await;
+                        plaintext.zeroize();
+                        result
+                    })
+                    .await?;
+                let ciphertext = done.map_err(|e| status::from_error(&e))?;
+                Ok(pb::EncryptResponse {
+                    key_version: key_version_of(&ciphertext),
+                    ciphertext,
                 })
-                .await?;
-            let ciphertext = done.map_err(|e| status::from_error(&e))?;
-            Ok(pb::EncryptResponse {
-                key_version: key_version_of(&ciphertext),
-                ciphertext,
             })
-        }
-        .await;
+            .await;
         s.reply(&call, result)
     }
 
@@ -500,31 +558,32 @@ impl pb::field_service_server::FieldService for FieldApi {
     ) -> Result<Response<pb::DecryptResponse>, Status> {
         let s = &self.0;
         let call = s.admit("Decrypt", Operation::Decrypt, &request).await?;
-        let result = async {
-            let body = request.into_inner();
-            let context =
-                parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
-            s.authorize_field(&call, Operation::Decrypt, &context)
-                .await?;
-            let keyring = s.keyring.clone();
-            let caller = call.caller.clone();
-            let ciphertext = body.ciphertext;
-            let key_version = key_version_of(&ciphertext);
-            let done = s
-                .inline(async move {
-                    keyring
-                        .decrypt(&caller, &context, &ciphertext)
-                        .await
-                        .map(|p| p.to_vec())
+        let result = s
+            .within(&call, async {
+                let body = request.into_inner();
+                let context =
+                    parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
+                s.authorize_field(&call, Operation::Decrypt, &context)
+                    .await?;
+                let keyring = s.keyring.clone();
+                let caller = call.caller.clone();
+                let ciphertext = body.ciphertext;
+                let key_version = key_version_of(&ciphertext);
+                let done = s
+                    .inline(async move {
+                        keyring
+                            .decrypt(&caller, &context, &ciphertext)
+                            .await
+                            .map(|p| p.to_vec())
+                    })
+                    .await?;
+                let plaintext = done.map_err(|e| status::from_error(&e))?;
+                Ok(pb::DecryptResponse {
+                    plaintext,
+                    key_version,
                 })
-                .await?;
-            let plaintext = done.map_err(|e| status::from_error(&e))?;
-            Ok(pb::DecryptResponse {
-                plaintext,
-                key_version,
             })
-        }
-        .await;
+            .await;
         s.reply(&call, result)
     }
 
@@ -536,48 +595,49 @@ impl pb::field_service_server::FieldService for FieldApi {
         let call = s
             .admit("EncryptBatch", Operation::Encrypt, &request)
             .await?;
-        let result = async {
-            let items = request.into_inner().items;
-            s.check_batch_size(items.len())?;
-            let sorted = s
-                .sort_batch(
-                    &call,
-                    Operation::Encrypt,
-                    items.into_iter().map(|i| (i.context, i.plaintext)),
-                )
-                .await?;
-            let keyring = s.keyring.clone();
-            let caller = call.caller.clone();
-            let mut allowed = sorted.allowed;
-            let results = s
-                .inline(async move {
-                    let pairs: Vec<(&EncryptionContext, &[u8])> =
-                        allowed.iter().map(|(c, p)| (c, p.as_slice())).collect();
-                    let results = keyring.encrypt_batch(&caller, &pairs).await;
-                    drop(pairs);
-                    for (_, plaintext) in &mut allowed {
-                        plaintext.zeroize();
-                    }
-                    results
-                })
-                .await?
-                .map_err(|e| status::from_error(&e))?;
-            let results = merge(
-                sorted.slots,
-                results,
-                |ciphertext| pb::EncryptResult {
-                    result: Some(pb::encrypt_result::Result::Ok(pb::EncryptResponse {
-                        key_version: key_version_of(&ciphertext),
-                        ciphertext,
-                    })),
-                },
-                |e| pb::EncryptResult {
-                    result: Some(pb::encrypt_result::Result::Error(e)),
-                },
-            );
-            Ok(pb::EncryptBatchResponse { results })
-        }
-        .await;
+        let result = s
+            .within(&call, async {
+                let items = request.into_inner().items;
+                s.check_batch_size(items.len())?;
+                let sorted = s
+                    .sort_batch(
+                        &call,
+                        Operation::Encrypt,
+                        items.into_iter().map(|i| (i.context, i.plaintext)),
+                    )
+                    .await?;
+                let keyring = s.keyring.clone();
+                let caller = call.caller.clone();
+                let mut allowed = sorted.allowed;
+                let results = s
+                    .inline(async move {
+                        let pairs: Vec<(&EncryptionContext, &[u8])> =
+                            allowed.iter().map(|(c, p)| (c, p.as_slice())).collect();
+                        let results = keyring.encrypt_batch(&caller, &pairs).await;
+                        drop(pairs);
+                        for (_, plaintext) in &mut allowed {
+                            plaintext.zeroize();
+                        }
+                        results
+                    })
+                    .await?
+                    .map_err(|e| status::from_error(&e))?;
+                let results = merge(
+                    sorted.slots,
+                    results,
+                    |ciphertext| pb::EncryptResult {
+                        result: Some(pb::encrypt_result::Result::Ok(pb::EncryptResponse {
+                            key_version: key_version_of(&ciphertext),
+                            ciphertext,
+                        })),
+                    },
+                    |e| pb::EncryptResult {
+                        result: Some(pb::encrypt_result::Result::Error(e)),
+                    },
+                );
+                Ok(pb::EncryptBatchResponse { results })
+            })
+            .await;
         s.reply(&call, result)
     }
 
@@ -589,54 +649,55 @@ impl pb::field_service_server::FieldService for FieldApi {
         let call = s
             .admit("DecryptBatch", Operation::Decrypt, &request)
             .await?;
-        let result = async {
-            let items = request.into_inner().items;
-            s.check_batch_size(items.len())?;
-            let sorted = s
-                .sort_batch(
-                    &call,
-                    Operation::Decrypt,
-                    items.into_iter().map(|i| (i.context, i.ciphertext)),
-                )
-                .await?;
-            let versions: Vec<u32> = sorted
-                .allowed
-                .iter()
-                .map(|(_, ct)| key_version_of(ct))
-                .collect();
-            let keyring = s.keyring.clone();
-            let caller = call.caller.clone();
-            let allowed = sorted.allowed;
-            let results = s
-                .inline(async move {
-                    let pairs: Vec<(&EncryptionContext, &[u8])> =
-                        allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
-                    keyring.decrypt_batch(&caller, &pairs).await.map(|results| {
-                        results
-                            .into_iter()
-                            .zip(versions)
-                            .map(|(r, v)| r.map(|p| (p.to_vec(), v)))
-                            .collect::<Vec<_>>()
+        let result = s
+            .within(&call, async {
+                let items = request.into_inner().items;
+                s.check_batch_size(items.len())?;
+                let sorted = s
+                    .sort_batch(
+                        &call,
+                        Operation::Decrypt,
+                        items.into_iter().map(|i| (i.context, i.ciphertext)),
+                    )
+                    .await?;
+                let versions: Vec<u32> = sorted
+                    .allowed
+                    .iter()
+                    .map(|(_, ct)| key_version_of(ct))
+                    .collect();
+                let keyring = s.keyring.clone();
+                let caller = call.caller.clone();
+                let allowed = sorted.allowed;
+                let results = s
+                    .inline(async move {
+                        let pairs: Vec<(&EncryptionContext, &[u8])> =
+                            allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
+                        keyring.decrypt_batch(&caller, &pairs).await.map(|results| {
+                            results
+                                .into_iter()
+                                .zip(versions)
+                                .map(|(r, v)| r.map(|p| (p.to_vec(), v)))
+                                .collect::<Vec<_>>()
+                        })
                     })
-                })
-                .await?
-                .map_err(|e| status::from_error(&e))?;
-            let results = merge(
-                sorted.slots,
-                results,
-                |(plaintext, key_version)| pb::DecryptResult {
-                    result: Some(pb::decrypt_result::Result::Ok(pb::DecryptResponse {
-                        plaintext,
-                        key_version,
-                    })),
-                },
-                |e| pb::DecryptResult {
-                    result: Some(pb::decrypt_result::Result::Error(e)),
-                },
-            );
-            Ok(pb::DecryptBatchResponse { results })
-        }
-        .await;
+                    .await?
+                    .map_err(|e| status::from_error(&e))?;
+                let results = merge(
+                    sorted.slots,
+                    results,
+                    |(plaintext, key_version)| pb::DecryptResult {
+                        result: Some(pb::decrypt_result::Result::Ok(pb::DecryptResponse {
+                            plaintext,
+                            key_version,
+                        })),
+                    },
+                    |e| pb::DecryptResult {
+                        result: Some(pb::decrypt_result::Result::Error(e)),
+                    },
+                );
+                Ok(pb::DecryptBatchResponse { results })
+            })
+            .await;
         s.reply(&call, result)
     }
 
@@ -646,51 +707,52 @@ impl pb::field_service_server::FieldService for FieldApi {
     ) -> Result<Response<pb::RewrapResponse>, Status> {
         let s = &self.0;
         let call = s.admit("Rewrap", Operation::Rewrap, &request).await?;
-        let result = async {
-            let items = request.into_inner().items;
-            s.check_batch_size(items.len())?;
-            let sorted = s
-                .sort_batch(
-                    &call,
-                    Operation::Rewrap,
-                    items.into_iter().map(|i| (i.context, i.ciphertext)),
-                )
-                .await?;
-            let keyring = s.keyring.clone();
-            let caller = call.caller.clone();
-            let allowed = sorted.allowed;
-            let results = s
-                .inline(async move {
-                    let pairs: Vec<(&EncryptionContext, &[u8])> =
-                        allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
-                    let results = keyring.rewrap_batch(&caller, &pairs).await;
-                    results.map(|results| {
-                        results
-                            .into_iter()
-                            .zip(&allowed)
-                            .map(|(r, (_, old))| r.map(|new| (new != *old, new)))
-                            .collect::<Vec<_>>()
+        let result = s
+            .within(&call, async {
+                let items = request.into_inner().items;
+                s.check_batch_size(items.len())?;
+                let sorted = s
+                    .sort_batch(
+                        &call,
+                        Operation::Rewrap,
+                        items.into_iter().map(|i| (i.context, i.ciphertext)),
+                    )
+                    .await?;
+                let keyring = s.keyring.clone();
+                let caller = call.caller.clone();
+                let allowed = sorted.allowed;
+                let results = s
+                    .inline(async move {
+                        let pairs: Vec<(&EncryptionContext, &[u8])> =
+                            allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
+                        let results = keyring.rewrap_batch(&caller, &pairs).await;
+                        results.map(|results| {
+                            results
+                                .into_iter()
+                                .zip(&allowed)
+                                .map(|(r, (_, old))| r.map(|new| (new != *old, new)))
+                                .collect::<Vec<_>>()
+                        })
                     })
-                })
-                .await?
-                .map_err(|e| status::from_error(&e))?;
-            let results = merge(
-                sorted.slots,
-                results,
-                |(changed, ciphertext)| pb::RewrapResult {
-                    result: Some(pb::rewrap_result::Result::Ok(pb::Rewrapped {
-                        key_version: key_version_of(&ciphertext),
-                        ciphertext,
-                        changed,
-                    })),
-                },
-                |e| pb::RewrapResult {
-                    result: Some(pb::rewrap_result::Result::Error(e)),
-                },
-            );
-            Ok(pb::RewrapResponse { results })
-        }
-        .await;
+                    .await?
+                    .map_err(|e| status::from_error(&e))?;
+                let results = merge(
+                    sorted.slots,
+                    results,
+                    |(changed, ciphertext)| pb::RewrapResult {
+                        result: Some(pb::rewrap_result::Result::Ok(pb::Rewrapped {
+                            key_version: key_version_of(&ciphertext),
+                            ciphertext,
+                            changed,
+                        })),
+                    },
+                    |e| pb::RewrapResult {
+                        result: Some(pb::rewrap_result::Result::Error(e)),
+                    },
+                );
+                Ok(pb::RewrapResponse { results })
+            })
+            .await;
         s.reply(&call, result)
     }
 }
@@ -745,13 +807,14 @@ impl AdminApi {
     {
         let s = &self.0;
         let call = s.admit(rpc, op, &request).await?;
-        let result = async {
-            let body = request.into_inner();
-            let tenant = s.authorize_admin(&call, op, tenant_of(&body)).await?;
-            s.run_to_completion(work(s.keyring.clone(), call.caller.clone(), tenant, body))
-                .await?
-        }
-        .await;
+        let result = s
+            .within(&call, async {
+                let body = request.into_inner();
+                let tenant = s.authorize_admin(&call, op, tenant_of(&body)).await?;
+                s.run_to_completion(work(s.keyring.clone(), call.caller.clone(), tenant, body))
+                    .await?
+            })
+            .await;
         s.reply(&call, result)
     }
 }
@@ -843,5 +906,55 @@ impl pb::admin_service_server::AdminService for AdminApi {
             Ok(pb::ShredTenantResponse {})
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn with_timeout(value: &str) -> Request<()> {
+        let mut r = Request::new(());
+        if let Ok(v) = value.parse() {
+            r.metadata_mut().insert("grpc-timeout", v);
+        }
+        r
+    }
+
+    #[test]
+    fn grpc_timeout_header() {
+        let t = |v: &str| client_timeout(&with_timeout(v));
+        assert_eq!(t("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(t("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(t("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(t("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn past_the_deadline_is_deadline_exceeded() {
+        let start = Instant::now();
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<(), Status>(())
+        };
+        let e = within(start, start + Duration::from_millis(20), slow)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded);
+        assert_eq!(
+            e.metadata()
+                .get(phiseal_proto::ERROR_KIND_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("deadline_exceeded")
+        );
+        let fast = within(start, start + Duration::from_secs(5), async {
+            Ok::<u8, Status>(1)
+        });
+        assert_eq!(fast.await.ok(), Some(1));
     }
 }

@@ -602,10 +602,8 @@ tenants = ["*"]
     assert!(e.message().contains("max_batch_items"));
 
     let e = fields.encrypt(item(&[7u8; 4096])).await.unwrap_err(); // refused while decoding
-    assert!(
-        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
-        "{e:?}"
-    );
+    // tonic refuses an oversized message itself, with OUT_OF_RANGE (documented).
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     assert!(
         e.message().contains("too large") || e.message().contains("length"),
         "{e:?}"
@@ -615,6 +613,8 @@ tenants = ["*"]
     let mut request = tonic::Request::new(item(b"deadline"));
     request.set_timeout(Duration::from_micros(1));
     let e = fields.encrypt(request).await.unwrap_err();
+    // tonic's client enforces the deadline it sends as well, and reports CANCELLED; the
+    // daemon's own DEADLINE_EXCEEDED is unit-tested in service.rs.
     assert!(
         matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{e:?}"
