@@ -1,11 +1,11 @@
-//! `audit verify` and `audit export`: read the audit log file directly (not through the
-//! daemon).
+//! `audit verify`, `audit export` and `audit recover`: work on the audit log file directly
+//! (not through the daemon).
 
 use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use phiseal_audit_file::{ProblemKind, VerifyReport, export_tenant, verify};
+use phiseal_audit_file::{FileAuditLog, ProblemKind, VerifyReport, export_tenant, verify};
 use serde_json::json;
 
 use crate::cli::{AuditCommand, ExportArgs, GlobalArgs, LogArgs};
@@ -23,7 +23,45 @@ pub(crate) fn run(cmd: AuditCommand, global: &GlobalArgs) -> Result<(), CliError
     match cmd {
         AuditCommand::Verify(args) => verify_log(&args, global.json),
         AuditCommand::Export(args) => export(&args),
+        AuditCommand::Recover(args) => recover(&args, global.json),
     }
+}
+
+/// `audit recover`: saves and cuts off a torn tail, recording it in the chain.
+fn recover(args: &LogArgs, json: bool) -> Result<(), CliError> {
+    let path = log_path_from_env(args);
+    let recovered = FileAuditLog::recover_torn_tail(&path)?;
+    let (value, human) = match &recovered {
+        None => (
+            json!({"log": path.display().to_string(), "recovered": false}),
+            format!(
+                "audit log: {}
+no torn tail: nothing to recover",
+                path.display()
+            ),
+        ),
+        Some(r) => (
+            json!({
+                "log": path.display().to_string(),
+                "recovered": true,
+                "offset": r.offset,
+                "len": r.len,
+                "saved_to": r.saved_to.display().to_string(),
+                "seq": r.seq,
+            }),
+            format!(
+                "audit log: {}
+torn tail of {} bytes at offset {} saved to {} and cut off
+recorded as seq {} (recovered_torn_tail); run `phiseal audit verify` next",
+                path.display(),
+                r.len,
+                r.offset,
+                r.saved_to.display(),
+                r.seq
+            ),
+        ),
+    };
+    report(json, &value, &human)
 }
 
 /// The log file: `--log`, else `audit.log` in `--data-dir`, `PHISEAL_DATA_DIR` or the default.

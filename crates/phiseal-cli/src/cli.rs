@@ -114,7 +114,8 @@ Move ciphertexts to the tenant's primary key version, without ever seeing plaint
 Each input line is either a plain `phs1:` ciphertext (context from --field and --record) or a
 JSON object {\"field\": …, \"record\": … (optional), \"ciphertext\": \"phs1:…\"} (a line
 starting with `{`; a missing field or record falls back to --field or --record; other members
-are kept, in order, byte for byte). Output line N always corresponds to input line N, in the
+are kept in order with their values unchanged; whitespace between members is not kept in a
+rewritten line). Output line N always corresponds to input line N, in the
 same shape. Empty lines are passed through. A line that fails is written unchanged and
 reported on stderr as `line N: <kind>: <message>`; the exit code is then 7.
 
@@ -229,6 +230,10 @@ pub(crate) enum AuditCommand {
     Verify(LogArgs),
     /// Write one tenant's records as JSON lines to stdout, verifying the chain while reading.
     Export(ExportArgs),
+    /// Recover from a crash mid-write: save a torn (partial) last record to LOG.torn-OFFSET,
+    /// cut it off, and append a chained `recovered_torn_tail` record. The daemon must be
+    /// stopped (it holds the log). Does nothing if the log does not end in a torn record.
+    Recover(LogArgs),
 }
 
 /// Where the audit log is.

@@ -26,7 +26,7 @@ pub struct Config {
     pub socket: PathBuf,
     /// Group that may connect to the socket (name or numeric gid); default: the daemon's own
     /// primary group.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "name_or_number")]
     pub socket_group: Option<String>,
     /// `development` (default) or `production` (refuses the local development KMS).
     #[serde(default)]
@@ -57,6 +57,20 @@ pub struct Config {
     /// Who may do what. Empty means nobody may do anything (default deny).
     #[serde(default)]
     pub policy: Vec<Rule>,
+}
+
+/// A group given as a name or a number (`"phiseal-clients"`, `1234`, or `"1234"`).
+fn name_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NameOrNumber {
+        Name(String),
+        Number(u32),
+    }
+    Ok(Option::<NameOrNumber>::deserialize(d)?.map(|v| match v {
+        NameOrNumber::Name(name) => name,
+        NameOrNumber::Number(gid) => gid.to_string(),
+    }))
 }
 
 /// Profile names as written in the file.
@@ -283,24 +297,29 @@ impl std::fmt::Debug for TokenConfig {
     }
 }
 
-/// How the daemon was started.
+/// How the daemon was started: a file, or the embedded default (no file).
 #[derive(Debug, Clone)]
 pub enum Source<'a> {
     /// `--config FILE` (plus environment overrides).
     File(&'a Path),
-    /// `--socket PATH --data-dir DIR` with no file: the embedded default, where the daemon's
-    /// own uid may do everything (plus environment overrides).
-    Embedded {
-        /// The socket.
-        socket: &'a Path,
-        /// The data directory.
-        data_dir: &'a Path,
-    },
+    /// No file: the embedded default, where the daemon's own uid may do everything (plus
+    /// environment overrides).
+    Embedded,
+}
+
+/// Values given on the command line; they win over the file and the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Config {
-    /// Reads and validates the configuration.
-    pub fn load(source: Source<'_>) -> Result<Self, DaemonError> {
+    /// Reads and validates the configuration: the file (or the embedded default), then
+    /// `PHISEALD_*` environment variables, then the command-line overrides.
+    pub fn load(source: Source<'_>, overrides: &Overrides) -> Result<Self, DaemonError> {
         let figment = match source {
             Source::File(path) => {
                 if !path.is_file() {
@@ -311,12 +330,23 @@ impl Config {
                 }
                 Figment::new().merge(Toml::file(path))
             }
-            Source::Embedded { socket, data_dir } => {
-                Figment::new().merge(Serialized::defaults(Self::embedded(socket, data_dir)))
+            Source::Embedded => {
+                let data_dir = overrides.data_dir.clone().unwrap_or_default();
+                let socket = overrides
+                    .socket
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+                Figment::new().merge(Serialized::defaults(Self::embedded(&socket, &data_dir)))
             }
         };
+        let mut figment = figment.merge(Env::prefixed("PHISEALD_").split("__"));
+        if let Some(socket) = &overrides.socket {
+            figment = figment.merge(Serialized::default("socket", socket));
+        }
+        if let Some(data_dir) = &overrides.data_dir {
+            figment = figment.merge(Serialized::default("data_dir", data_dir));
+        }
         let config: Config = figment
-            .merge(Env::prefixed("PHISEALD_").split("__"))
             .extract()
             .map_err(|e| DaemonError::Config(describe_figment_error(e)))?;
         config.validate()?;
@@ -376,6 +406,28 @@ impl Config {
         }
         if self.cache.capacity == 0 || self.cache.max_uses == 0 {
             return bad("cache.capacity / cache.max_uses", "must be at least 1");
+        }
+        if self.cache.key_ttl.is_zero() {
+            return bad(
+                "cache.key_ttl",
+                "must be more than 0 (every operation would unwrap)",
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return bad("log.level", &format!("not a valid filter: {e}"));
+        }
+        if let Some(group) = &self.socket_group
+            && let Err(e) = crate::transport::resolve_group(group)
+        {
+            return bad("socket_group", &e);
+        }
+        if self.profile == ProfileName::Production {
+            return bad(
+                "profile",
+                "production refuses the local development KMS, and the embedded backends are \
+                 the only ones this build can configure: use `development` (cloud and HSM KMS \
+                 backends are not available yet)",
+            );
         }
         let too_short = |p: &Duration| *p < Duration::from_secs(1);
         if self.rotation.period.as_ref().is_some_and(too_short)

@@ -185,12 +185,14 @@ impl Daemon {
         {
             tracing::warn!("drain: operations still running after {drain_limit:?}");
         }
-        let flushed = self.sidecar.keyring.flush_audit().await;
-        drop(socket_guard);
+        // The rotation schedule and the other background tasks stop before the final flush,
+        // so that their last audit records are in it.
         for task in [metrics_task, rotation_task].into_iter().flatten() {
             let _ = task.await;
         }
         let _ = limiter_task.await;
+        let flushed = self.sidecar.keyring.flush_audit().await;
+        drop(socket_guard);
         served?;
         flushed?;
         tracing::info!("phiseald stopped: audit log flushed, socket removed");

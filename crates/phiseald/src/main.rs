@@ -10,7 +10,7 @@ use clap::Parser;
 /// field (requests, ciphertexts, audit records); measured in docs/PERFORMANCE.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use phiseald::config::{Config, DEFAULT_SOCKET, LogFormat, Source};
+use phiseald::config::{Config, LogFormat, Overrides, Source};
 use phiseald::daemon::Daemon;
 
 /// The phiseal sidecar: per-tenant field encryption over gRPC on a Unix socket.
@@ -37,29 +37,17 @@ struct Args {
 }
 
 fn load(args: &Args) -> Result<Config, phiseald::DaemonError> {
-    let mut config = match (&args.config, &args.data_dir) {
-        (Some(file), _) => Config::load(Source::File(file))?,
-        (None, Some(data_dir)) => {
-            let socket = args.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
-            Config::load(Source::Embedded {
-                socket: &socket,
-                data_dir,
-            })?
-        }
-        (None, None) => {
-            return Err(phiseald::DaemonError::Config(
-                "give --config FILE, or --data-dir DIR for the embedded default".into(),
-            ));
-        }
+    let overrides = Overrides {
+        socket: args.socket.clone(),
+        data_dir: args.data_dir.clone(),
     };
-    if let Some(socket) = &args.socket {
-        config.socket = socket.clone();
+    match (&args.config, &args.data_dir) {
+        (Some(file), _) => Config::load(Source::File(file), &overrides),
+        (None, Some(_)) => Config::load(Source::Embedded, &overrides),
+        (None, None) => Err(phiseald::DaemonError::Config(
+            "give --config FILE, or --data-dir DIR for the embedded default".into(),
+        )),
     }
-    if let Some(data_dir) = &args.data_dir {
-        config.data_dir = data_dir.clone();
-    }
-    config.validate()?;
-    Ok(config)
 }
 
 fn init_logging(config: &Config) -> Result<(), phiseald::DaemonError> {
@@ -76,21 +64,39 @@ fn init_logging(config: &Config) -> Result<(), phiseald::DaemonError> {
     installed.map_err(|e| phiseald::DaemonError::Config(format!("logging: {e}")))
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the daemon could not drain; never resolve and let the
-        // default action apply is not possible either, so wait forever (ctrl-c still ends it).
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// The signals the daemon handles: SIGTERM and SIGINT drain and stop it; SIGHUP (often sent
+/// to reload) is logged and ignored — it would otherwise kill the daemon without draining.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, phiseald::DaemonError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let io = |source| phiseald::DaemonError::Io {
+            what: "installing signal handlers".into(),
+            source,
+        };
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(io)?,
+            int: signal(SignalKind::interrupt()).map_err(io)?,
+            hup: signal(SignalKind::hangup()).map_err(io)?,
+        })
+    }
+
+    /// Resolves on SIGTERM or SIGINT.
+    async fn shutdown(mut self) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => tracing::warn!(
+                    "SIGHUP ignored: phiseald does not reload its configuration; restart it to apply changes"
+                ),
+            }
+        }
     }
 }
 
@@ -122,15 +128,11 @@ fn main() -> ExitCode {
         Err(e) => return report(&e),
     };
     let result = runtime.block_on(async move {
-        let daemon = Daemon::build(config)?;
         // Signal handlers are installed before the socket appears, so a SIGTERM sent as soon
         // as the socket exists always drains.
-        let signals = tokio::spawn(shutdown_signal());
-        daemon
-            .run(async move {
-                let _ = signals.await;
-            })
-            .await
+        let signals = Signals::install()?;
+        let daemon = Daemon::build(config)?;
+        daemon.run(signals.shutdown()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

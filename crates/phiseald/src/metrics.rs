@@ -92,12 +92,12 @@ pub struct Metrics {
     /// `phiseal_refused_total{reason}`: unauthenticated, permission_denied, rate_limited,
     /// batch_too_large.
     pub refused: Family<ReasonLabel, Counter>,
-    /// `phiseal_scheduled_rotations_total{result}`.
+    /// `phiseal_scheduled_rotations_total{action,result}` (`action` is always `rotate_key`).
     pub scheduled_rotations: Family<OpLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
-    // 10 µs .. ~40 s
+    // 22 buckets: 10 µs, 20 µs, … up to ~21 s (then +Inf)
     Histogram::new(exponential_buckets(1e-5, 2.0, 22))
 }
 

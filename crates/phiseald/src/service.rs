@@ -15,7 +15,7 @@ use phiseal::{Caller, EncryptionContext, Keyring, TenantId};
 use phiseal_proto::REQUEST_ID_HEADER;
 use phiseal_proto::v1 as pb;
 use tonic::{Code, Request, Response, Status};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::auth::{Authenticator, Identity};
 use crate::limits::CallLimiter;
@@ -95,6 +95,25 @@ async fn within<T>(
             ),
         )),
     }
+}
+
+/// Encrypt items whose plaintexts are wiped when dropped (a call refused before it ran).
+struct WipePlaintexts(Vec<pb::EncryptRequest>);
+
+impl Drop for WipePlaintexts {
+    fn drop(&mut self) {
+        for item in &mut self.0 {
+            item.plaintext.zeroize();
+        }
+    }
+}
+
+/// Adds the request id to a status's metadata.
+fn with_request_id(mut status: Status, id: &str) -> Status {
+    if let Ok(value) = tonic::metadata::MetadataValue::try_from(id) {
+        status.metadata_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    status
 }
 
 /// A request id from the client if it is short and plain, else a fresh one.
@@ -225,21 +244,25 @@ impl Sidecar {
                     status::status(Code::Unauthenticated, "unauthenticated", failure.message());
                 self.metrics
                     .observe_call(rpc, status.code(), started.elapsed());
-                return Err(status);
+                return Err(with_request_id(status, &caller.request_id));
             }
         };
         if !self.limiter.admit(&identity.name) {
             self.metrics.refuse("rate_limited");
             self.metrics
                 .observe_call(rpc, Code::ResourceExhausted, started.elapsed());
-            return Err(status::status(
+            let status = status::status(
                 Code::ResourceExhausted,
                 "rate_limited",
                 format!(
                     "rate limit exceeded for {}: retry with backoff, use batch calls, or raise limits.rate_per_second",
                     identity.name
                 ),
-            ));
+            );
+            return Err(match &id {
+                Some(id) => with_request_id(status, id),
+                None => status,
+            });
         }
         let actor = identity.actor();
         let caller = match id {
@@ -441,9 +464,12 @@ impl Sidecar {
                     (c, allowed)
                 }),
             };
+            let mut data = data;
             let (context, ok) = match parsed {
                 Ok(p) => p,
                 Err(e) => {
+                    // A refused item's data (a plaintext, for encrypt) is wiped, not just dropped.
+                    data.zeroize();
                     slots.push(Err(status::item_error(&e)));
                     continue;
                 }
@@ -453,6 +479,7 @@ impl Sidecar {
                 slots.push(Ok(allowed.len()));
                 allowed.push((context, data));
             } else {
+                data.zeroize();
                 slots.push(Err(status::item_denied()));
                 denied.push(context);
             }
@@ -467,7 +494,8 @@ impl Sidecar {
                 "batch items refused by policy"
             );
             let refs: Vec<&EncryptionContext> = denied.iter().collect();
-            self.keyring
+            let audited = self
+                .keyring
                 .audit_refusal(
                     &call.caller,
                     map_action(op),
@@ -475,8 +503,14 @@ impl Sidecar {
                     None,
                     &refs,
                 )
-                .await
-                .map_err(|e| status::from_error(&e))?;
+                .await;
+            if let Err(e) = audited {
+                // Nothing runs: wipe what would have (plaintexts, for encrypt).
+                for (_, data) in &mut allowed {
+                    data.zeroize();
+                }
+                return Err(status::from_error(&e));
+            }
         }
         Ok(Sorted { slots, allowed })
     }
@@ -523,24 +557,21 @@ impl pb::field_service_server::FieldService for FieldApi {
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
         let s = &self.0;
+        let mut request = request;
+        // Wiped on every path, refusals included.
+        let plaintext = Zeroizing::new(std::mem::take(&mut request.get_mut().plaintext));
         let call = s.admit("Encrypt", Operation::Encrypt, &request).await?;
         let result = s
             .within(&call, async {
-                let mut body = request.into_inner();
+                let body = request.into_inner();
                 let context =
                     parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
                 s.authorize_field(&call, Operation::Encrypt, &context)
                     .await?;
                 let keyring = s.keyring.clone();
                 let caller = call.caller.clone();
-                let plaintext = std::mem::take(&mut body.plaintext);
                 let done = s
-                    .inline(async move {
-                        let mut plaintext = plaintext;
-                        let result = keyring.encrypt(&caller, &context, &plaintext).await;
-                        plaintext.zeroize();
-                        result
-                    })
+                    .inline(async move { keyring.encrypt(&caller, &context, &plaintext).await })
                     .await?;
                 let ciphertext = done.map_err(|e| status::from_error(&e))?;
                 Ok(pb::EncryptResponse {
@@ -592,13 +623,16 @@ impl pb::field_service_server::FieldService for FieldApi {
         request: Request<pb::EncryptBatchRequest>,
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
         let s = &self.0;
+        let mut request = request;
+        // Plaintexts are wiped on every path, refusals included.
+        let mut items = WipePlaintexts(std::mem::take(&mut request.get_mut().items));
         let call = s
             .admit("EncryptBatch", Operation::Encrypt, &request)
             .await?;
         let result = s
             .within(&call, async {
-                let items = request.into_inner().items;
-                s.check_batch_size(items.len())?;
+                s.check_batch_size(items.0.len())?;
+                let items = std::mem::take(&mut items.0);
                 let sorted = s
                     .sort_batch(
                         &call,

@@ -1006,6 +1006,41 @@ fn audit_verify_and_export_on_the_daemon_log() {
         run.stderr
     );
 
+    // `audit recover` saves the torn bytes, cuts them off and records that in the chain.
+    std::fs::set_permissions(&torn, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let torn_len = format!("{{\"seq\":{n},\"time\":\"20").len();
+    let v = d
+        .cli(&["audit", "recover", "--log", torn_arg, "--json"], b"")
+        .expect(0)
+        .json();
+    assert_eq!(v["recovered"], true, "{v}");
+    assert_eq!(v["offset"], text.len());
+    assert_eq!(v["len"], torn_len);
+    let saved = std::fs::read(v["saved_to"].as_str().unwrap()).unwrap();
+    assert_eq!(saved, format!("{{\"seq\":{n},\"time\":\"20").into_bytes());
+    d.cli(&["audit", "verify", "--log", torn_arg], b"")
+        .expect(0);
+    let recovered = std::fs::read_to_string(&torn).unwrap();
+    assert!(
+        recovered.starts_with(&text),
+        "the records before it are kept"
+    );
+    assert!(
+        recovered
+            .lines()
+            .last()
+            .unwrap()
+            .contains("recovered_torn_tail")
+    );
+    let again = d
+        .cli(&["audit", "recover", "--log", torn_arg], b"")
+        .expect(0);
+    assert!(
+        again.out().contains("nothing to recover"),
+        "{}",
+        again.out()
+    );
+
     // The daemon's own log was never touched; a missing log is an error, not a problem.
     d.cli(&["audit", "verify", "--data-dir", data_dir], b"")
         .expect(0);

@@ -400,3 +400,50 @@ fn a_missing_file_is_named() {
     // A file must name the socket and the data directory itself.
     check_text("data_dir = \"/var/lib/phiseal\"\n", &[]).fails_with("missing field `socket`");
 }
+
+#[test]
+fn what_only_start_used_to_catch_is_checked_too() {
+    check_text(&format!("{MINIMAL}[log]\nlevel = \"info,[\"\n"), &[])
+        .fails_with("log.level: not a valid filter");
+    check_text(
+        &format!("socket_group = \"no-such-group-here\"\n{MINIMAL}"),
+        &[],
+    )
+    .fails_with("socket_group: group 'no-such-group-here' not found in /etc/group");
+    check_text(&format!("profile = \"production\"\n{MINIMAL}"), &[])
+        .fails_with("profile: production refuses the local development KMS");
+    check_text(&format!("{MINIMAL}[cache]\nkey_ttl = \"0s\"\n"), &[])
+        .fails_with("cache.key_ttl: must be more than 0");
+}
+
+#[test]
+fn a_numeric_socket_group_works_from_file_and_environment() {
+    check_text(&format!("socket_group = 0\n{MINIMAL}"), &[]).ok();
+    check_text(MINIMAL, &[("PHISEALD_SOCKET_GROUP", "0")]).ok();
+    check_text(MINIMAL, &[("PHISEALD_SOCKET_GROUP", "nogroup")]).ok();
+}
+
+#[test]
+fn the_command_line_wins_and_may_stand_in_for_the_file() {
+    // A file without socket and data_dir is complete with --socket and --data-dir.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("phiseald.toml");
+    std::fs::write(&file, "[limits]\nmax_batch_items = 5\n").unwrap();
+    let socket = dir.path().join("run/d.sock");
+    let data = dir.path().join("data");
+    let args = |with_socket: bool| {
+        let mut a: Vec<&std::ffi::OsStr> = vec!["--check-config".as_ref(), "--config".as_ref()];
+        a.push(file.as_os_str());
+        if with_socket {
+            a.push("--socket".as_ref());
+            a.push(socket.as_os_str());
+        }
+        a.push("--data-dir".as_ref());
+        a.push(data.as_os_str());
+        a
+    };
+    phiseald(&args(true), &[]).ok();
+    phiseald(&args(false), &[]).fails_with("missing field `socket`");
+    // The command line beats the environment.
+    phiseald(&args(true), &[("PHISEALD_SOCKET", "relative.sock")]).ok();
+}
