@@ -97,13 +97,14 @@ async fn within<T>(
     }
 }
 
-/// Encrypt items whose plaintexts are wiped when dropped (a call refused before it ran).
-struct WipePlaintexts(Vec<pb::EncryptRequest>);
+/// Batch items (context, data) whose data — plaintexts, for encrypt — is wiped when dropped,
+/// on every path, refusals included.
+struct WipeItems(Vec<(Option<pb::Context>, Vec<u8>)>);
 
-impl Drop for WipePlaintexts {
+impl Drop for WipeItems {
     fn drop(&mut self) {
-        for item in &mut self.0 {
-            item.plaintext.zeroize();
+        for (_, data) in &mut self.0 {
+            data.zeroize();
         }
     }
 }
@@ -516,30 +517,75 @@ impl Sidecar {
     }
 }
 
-/// Merges keyring results back into request order.
+/// Puts keyring results back into request order, with the early per-item errors.
 fn merge<T, R>(
     slots: Vec<Result<usize, pb::ItemError>>,
     results: Vec<Result<T, phiseal::Error>>,
-    ok: impl Fn(T) -> R,
-    err: impl Fn(pb::ItemError) -> R,
+    wrap: impl Fn(Result<T, pb::ItemError>) -> R,
 ) -> Vec<R> {
     let mut results: Vec<Option<Result<T, phiseal::Error>>> =
         results.into_iter().map(Some).collect();
     slots
         .into_iter()
-        .map(|slot| match slot {
-            Err(e) => err(e),
-            Ok(i) => match results.get_mut(i).and_then(Option::take) {
-                Some(Ok(v)) => ok(v),
-                Some(Err(e)) => err(status::item_error(&e)),
-                None => err(pb::ItemError {
-                    code: Code::Internal as i32,
-                    kind: "internal".into(),
-                    message: "internal error: missing result".into(),
-                }),
-            },
+        .map(|slot| {
+            wrap(match slot {
+                Err(e) => Err(e),
+                Ok(i) => match results.get_mut(i).and_then(Option::take) {
+                    Some(Ok(v)) => Ok(v),
+                    Some(Err(e)) => Err(status::item_error(&e)),
+                    None => Err(pb::ItemError {
+                        code: Code::Internal as i32,
+                        kind: "internal".into(),
+                        message: "internal error: missing result".into(),
+                    }),
+                },
+            })
         })
         .collect()
+}
+
+impl Sidecar {
+    /// The shape of every batch call: admit the caller, check the batch size, parse and
+    /// authorize each item (refusals audited), run `op` over the allowed items in the caller's
+    /// task (cancellation-safe, see [`Sidecar::inline`]), then wipe their data and put the
+    /// results back in request order, each wrapped by `wrap`.
+    async fn batch<T, R>(
+        &self,
+        rpc: &'static str,
+        operation: Operation,
+        head: Request<()>,
+        mut items: WipeItems,
+        op: impl AsyncFnOnce(
+            Keyring,
+            Caller,
+            &[(&EncryptionContext, &[u8])],
+        ) -> Result<Vec<Result<T, phiseal::Error>>, phiseal::Error>,
+        wrap: impl Fn(Result<T, pb::ItemError>) -> R,
+    ) -> Result<Response<Vec<R>>, Status> {
+        let call = self.admit(rpc, operation, &head).await?;
+        let result = self
+            .within(&call, async {
+                self.check_batch_size(items.0.len())?;
+                let items = std::mem::take(&mut items.0);
+                let mut sorted = self.sort_batch(&call, operation, items.into_iter()).await?;
+                let pairs: Vec<(&EncryptionContext, &[u8])> = sorted
+                    .allowed
+                    .iter()
+                    .map(|(c, data)| (c, data.as_slice()))
+                    .collect();
+                let results = self
+                    .inline(op(self.keyring.clone(), call.caller.clone(), &pairs))
+                    .await?;
+                drop(pairs);
+                for (_, data) in &mut sorted.allowed {
+                    data.zeroize();
+                }
+                let results = results.map_err(|e| status::from_error(&e))?;
+                Ok(merge(sorted.slots, results, &wrap))
+            })
+            .await;
+        self.reply(&call, result)
+    }
 }
 
 /// The data plane.
@@ -622,172 +668,119 @@ impl pb::field_service_server::FieldService for FieldApi {
         &self,
         request: Request<pb::EncryptBatchRequest>,
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
-        let s = &self.0;
-        let mut request = request;
-        // Plaintexts are wiped on every path, refusals included.
-        let mut items = WipePlaintexts(std::mem::take(&mut request.get_mut().items));
-        let call = s
-            .admit("EncryptBatch", Operation::Encrypt, &request)
-            .await?;
-        let result = s
-            .within(&call, async {
-                s.check_batch_size(items.0.len())?;
-                let items = std::mem::take(&mut items.0);
-                let sorted = s
-                    .sort_batch(
-                        &call,
-                        Operation::Encrypt,
-                        items.into_iter().map(|i| (i.context, i.plaintext)),
-                    )
-                    .await?;
-                let keyring = s.keyring.clone();
-                let caller = call.caller.clone();
-                let mut allowed = sorted.allowed;
-                let results = s
-                    .inline(async move {
-                        let pairs: Vec<(&EncryptionContext, &[u8])> =
-                            allowed.iter().map(|(c, p)| (c, p.as_slice())).collect();
-                        let results = keyring.encrypt_batch(&caller, &pairs).await;
-                        drop(pairs);
-                        for (_, plaintext) in &mut allowed {
-                            plaintext.zeroize();
-                        }
-                        results
-                    })
-                    .await?
-                    .map_err(|e| status::from_error(&e))?;
-                let results = merge(
-                    sorted.slots,
-                    results,
-                    |ciphertext| pb::EncryptResult {
-                        result: Some(pb::encrypt_result::Result::Ok(pb::EncryptResponse {
+        let (metadata, extensions, body) = request.into_parts();
+        let items = WipeItems(
+            body.items
+                .into_iter()
+                .map(|i| (i.context, i.plaintext))
+                .collect(),
+        );
+        let head = Request::from_parts(metadata, extensions, ());
+        let response = self
+            .0
+            .batch(
+                "EncryptBatch",
+                Operation::Encrypt,
+                head,
+                items,
+                async |keyring, caller, pairs| keyring.encrypt_batch(&caller, pairs).await,
+                |result| pb::EncryptResult {
+                    result: Some(match result {
+                        Ok(ciphertext) => pb::encrypt_result::Result::Ok(pb::EncryptResponse {
                             key_version: key_version_of(&ciphertext),
                             ciphertext,
-                        })),
-                    },
-                    |e| pb::EncryptResult {
-                        result: Some(pb::encrypt_result::Result::Error(e)),
-                    },
-                );
-                Ok(pb::EncryptBatchResponse { results })
-            })
-            .await;
-        s.reply(&call, result)
+                        }),
+                        Err(e) => pb::encrypt_result::Result::Error(e),
+                    }),
+                },
+            )
+            .await?;
+        Ok(response.map(|results| pb::EncryptBatchResponse { results }))
     }
 
     async fn decrypt_batch(
         &self,
         request: Request<pb::DecryptBatchRequest>,
     ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
-        let s = &self.0;
-        let call = s
-            .admit("DecryptBatch", Operation::Decrypt, &request)
+        let (metadata, extensions, body) = request.into_parts();
+        let items = WipeItems(
+            body.items
+                .into_iter()
+                .map(|i| (i.context, i.ciphertext))
+                .collect(),
+        );
+        let head = Request::from_parts(metadata, extensions, ());
+        let response = self
+            .0
+            .batch(
+                "DecryptBatch",
+                Operation::Decrypt,
+                head,
+                items,
+                async |keyring, caller, pairs| {
+                    let results = keyring.decrypt_batch(&caller, pairs).await?;
+                    Ok(results
+                        .into_iter()
+                        .zip(pairs)
+                        .map(|(r, (_, ct))| r.map(|p| (p.to_vec(), key_version_of(ct))))
+                        .collect())
+                },
+                |result| pb::DecryptResult {
+                    result: Some(match result {
+                        Ok((plaintext, key_version)) => {
+                            pb::decrypt_result::Result::Ok(pb::DecryptResponse {
+                                plaintext,
+                                key_version,
+                            })
+                        }
+                        Err(e) => pb::decrypt_result::Result::Error(e),
+                    }),
+                },
+            )
             .await?;
-        let result = s
-            .within(&call, async {
-                let items = request.into_inner().items;
-                s.check_batch_size(items.len())?;
-                let sorted = s
-                    .sort_batch(
-                        &call,
-                        Operation::Decrypt,
-                        items.into_iter().map(|i| (i.context, i.ciphertext)),
-                    )
-                    .await?;
-                let versions: Vec<u32> = sorted
-                    .allowed
-                    .iter()
-                    .map(|(_, ct)| key_version_of(ct))
-                    .collect();
-                let keyring = s.keyring.clone();
-                let caller = call.caller.clone();
-                let allowed = sorted.allowed;
-                let results = s
-                    .inline(async move {
-                        let pairs: Vec<(&EncryptionContext, &[u8])> =
-                            allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
-                        keyring.decrypt_batch(&caller, &pairs).await.map(|results| {
-                            results
-                                .into_iter()
-                                .zip(versions)
-                                .map(|(r, v)| r.map(|p| (p.to_vec(), v)))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .await?
-                    .map_err(|e| status::from_error(&e))?;
-                let results = merge(
-                    sorted.slots,
-                    results,
-                    |(plaintext, key_version)| pb::DecryptResult {
-                        result: Some(pb::decrypt_result::Result::Ok(pb::DecryptResponse {
-                            plaintext,
-                            key_version,
-                        })),
-                    },
-                    |e| pb::DecryptResult {
-                        result: Some(pb::decrypt_result::Result::Error(e)),
-                    },
-                );
-                Ok(pb::DecryptBatchResponse { results })
-            })
-            .await;
-        s.reply(&call, result)
+        Ok(response.map(|results| pb::DecryptBatchResponse { results }))
     }
 
     async fn rewrap(
         &self,
         request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        let s = &self.0;
-        let call = s.admit("Rewrap", Operation::Rewrap, &request).await?;
-        let result = s
-            .within(&call, async {
-                let items = request.into_inner().items;
-                s.check_batch_size(items.len())?;
-                let sorted = s
-                    .sort_batch(
-                        &call,
-                        Operation::Rewrap,
-                        items.into_iter().map(|i| (i.context, i.ciphertext)),
-                    )
-                    .await?;
-                let keyring = s.keyring.clone();
-                let caller = call.caller.clone();
-                let allowed = sorted.allowed;
-                let results = s
-                    .inline(async move {
-                        let pairs: Vec<(&EncryptionContext, &[u8])> =
-                            allowed.iter().map(|(c, ct)| (c, ct.as_slice())).collect();
-                        let results = keyring.rewrap_batch(&caller, &pairs).await;
-                        results.map(|results| {
-                            results
-                                .into_iter()
-                                .zip(&allowed)
-                                .map(|(r, (_, old))| r.map(|new| (new != *old, new)))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .await?
-                    .map_err(|e| status::from_error(&e))?;
-                let results = merge(
-                    sorted.slots,
-                    results,
-                    |(changed, ciphertext)| pb::RewrapResult {
-                        result: Some(pb::rewrap_result::Result::Ok(pb::Rewrapped {
+        let (metadata, extensions, body) = request.into_parts();
+        let items = WipeItems(
+            body.items
+                .into_iter()
+                .map(|i| (i.context, i.ciphertext))
+                .collect(),
+        );
+        let head = Request::from_parts(metadata, extensions, ());
+        let response = self
+            .0
+            .batch(
+                "Rewrap",
+                Operation::Rewrap,
+                head,
+                items,
+                async |keyring, caller, pairs| {
+                    let results = keyring.rewrap_batch(&caller, pairs).await?;
+                    Ok(results
+                        .into_iter()
+                        .zip(pairs)
+                        .map(|(r, (_, old))| r.map(|new| (new.as_slice() != *old, new)))
+                        .collect())
+                },
+                |result| pb::RewrapResult {
+                    result: Some(match result {
+                        Ok((changed, ciphertext)) => pb::rewrap_result::Result::Ok(pb::Rewrapped {
                             key_version: key_version_of(&ciphertext),
                             ciphertext,
                             changed,
-                        })),
-                    },
-                    |e| pb::RewrapResult {
-                        result: Some(pb::rewrap_result::Result::Error(e)),
-                    },
-                );
-                Ok(pb::RewrapResponse { results })
-            })
-            .await;
-        s.reply(&call, result)
+                        }),
+                        Err(e) => pb::rewrap_result::Result::Error(e),
+                    }),
+                },
+            )
+            .await?;
+        Ok(response.map(|results| pb::RewrapResponse { results }))
     }
 }
 
