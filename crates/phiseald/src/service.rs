@@ -109,6 +109,18 @@ impl Drop for WipeItems {
     }
 }
 
+/// Splits a batch request into its head (metadata and connection info, for admission) and
+/// its items as (context, data), wiped when dropped.
+fn split_batch<B, I>(
+    request: Request<B>,
+    items: impl FnOnce(B) -> Vec<I>,
+    item: impl Fn(I) -> (Option<pb::Context>, Vec<u8>),
+) -> (Request<()>, WipeItems) {
+    let (metadata, extensions, body) = request.into_parts();
+    let items = WipeItems(items(body).into_iter().map(item).collect());
+    (Request::from_parts(metadata, extensions, ()), items)
+}
+
 /// Adds the request id to a status's metadata.
 fn with_request_id(mut status: Status, id: &str) -> Status {
     if let Ok(value) = tonic::metadata::MetadataValue::try_from(id) {
@@ -668,14 +680,7 @@ impl pb::field_service_server::FieldService for FieldApi {
         &self,
         request: Request<pb::EncryptBatchRequest>,
     ) -> Result<Response<pb::EncryptBatchResponse>, Status> {
-        let (metadata, extensions, body) = request.into_parts();
-        let items = WipeItems(
-            body.items
-                .into_iter()
-                .map(|i| (i.context, i.plaintext))
-                .collect(),
-        );
-        let head = Request::from_parts(metadata, extensions, ());
+        let (head, items) = split_batch(request, |b| b.items, |i| (i.context, i.plaintext));
         let response = self
             .0
             .batch(
@@ -702,14 +707,7 @@ impl pb::field_service_server::FieldService for FieldApi {
         &self,
         request: Request<pb::DecryptBatchRequest>,
     ) -> Result<Response<pb::DecryptBatchResponse>, Status> {
-        let (metadata, extensions, body) = request.into_parts();
-        let items = WipeItems(
-            body.items
-                .into_iter()
-                .map(|i| (i.context, i.ciphertext))
-                .collect(),
-        );
-        let head = Request::from_parts(metadata, extensions, ());
+        let (head, items) = split_batch(request, |b| b.items, |i| (i.context, i.ciphertext));
         let response = self
             .0
             .batch(
@@ -745,14 +743,7 @@ impl pb::field_service_server::FieldService for FieldApi {
         &self,
         request: Request<pb::RewrapRequest>,
     ) -> Result<Response<pb::RewrapResponse>, Status> {
-        let (metadata, extensions, body) = request.into_parts();
-        let items = WipeItems(
-            body.items
-                .into_iter()
-                .map(|i| (i.context, i.ciphertext))
-                .collect(),
-        );
-        let head = Request::from_parts(metadata, extensions, ());
+        let (head, items) = split_batch(request, |b| b.items, |i| (i.context, i.ciphertext));
         let response = self
             .0
             .batch(
