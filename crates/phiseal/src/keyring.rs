@@ -72,8 +72,7 @@ impl Caller {
     pub fn new(actor: Actor) -> Self {
         // A request id is not a secret: the thread-local CSPRNG (seeded from the OS) is enough
         // and saves a system call per request.
-        let id: [u8; 8] = rand::random();
-        let request_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let request_id = format!("{:016x}", rand::random::<u64>());
         Self {
             actor,
             request_id: request_id.into(),
