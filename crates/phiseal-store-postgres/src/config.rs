@@ -1,0 +1,387 @@
+//! [`PostgresStoreConfig`]: where the database is and how to reach it; parsing of the
+//! connection string and the TLS client set-up.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use secrecy::{ExposeSecret, SecretString};
+use tokio_postgres::config::{Host, SslMode};
+
+use crate::error::PostgresStoreError;
+
+/// Default for [`PostgresStoreConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 8;
+/// Default for [`PostgresStoreConfig::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `application_name` reported to the server unless the connection string sets one.
+const APPLICATION_NAME: &str = "phiseal";
+
+/// How the store connects to PostgreSQL. Build it with [`PostgresStoreConfig::new`] and adjust
+/// the public fields.
+///
+/// `Debug` never shows the connection string: it may hold a password.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct PostgresStoreConfig {
+    /// A libpq-style connection string, as a URL
+    /// (`postgresql://user:password@host:5432/dbname?application_name=x`) or as `key=value`
+    /// pairs (`host=db user=phiseal dbname=keys`). Secret: it may hold a password.
+    ///
+    /// Its `sslmode` may be left out (recommended) or must agree with [`Self::tls`]:
+    /// `disable`/`prefer` with [`TlsMode::Disable`], `require` with [`TlsMode::Require`].
+    /// The libpq values `verify-ca`/`verify-full` are not accepted here; [`TlsMode::Require`]
+    /// always verifies the certificate chain *and* the host name (libpq's `verify-full`).
+    pub database_url: SecretString,
+    /// The largest number of connections this store keeps open (the pool size). At least 1.
+    pub max_connections: usize,
+    /// How long establishing one connection (TCP, TLS and authentication) may take.
+    pub connect_timeout: Duration,
+    /// Whether connections use TLS.
+    pub tls: TlsMode,
+}
+
+impl PostgresStoreConfig {
+    /// A configuration for `database_url` with the defaults: [`DEFAULT_MAX_CONNECTIONS`],
+    /// [`DEFAULT_CONNECT_TIMEOUT`] and no TLS.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: SecretString::from(database_url.into()),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: TlsMode::Disable,
+        }
+    }
+}
+
+impl fmt::Debug for PostgresStoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStoreConfig")
+            .field("database_url", &"[REDACTED]")
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// TLS for the connections to PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsMode {
+    /// Plain TCP (or a Unix socket). Only for a database on the same host or a private,
+    /// otherwise protected network.
+    Disable,
+    /// TLS is required; the server's certificate chain and host name are verified.
+    Require {
+        /// PEM file with the CA certificate(s) to trust. `None`: the platform's trust store
+        /// (`/etc/ssl/certs` and friends, or `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+        ca_file: Option<PathBuf>,
+    },
+}
+
+/// A validated configuration: the driver's config, a printable description of the target and
+/// the TLS connector (if any).
+pub(crate) struct Parsed {
+    pub(crate) pg: tokio_postgres::Config,
+    pub(crate) target: String,
+    pub(crate) tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+fn config_error(reason: impl Into<String>) -> PostgresStoreError {
+    PostgresStoreError::Config {
+        reason: reason.into(),
+    }
+}
+
+/// Parses and checks `config`. Errors never quote the connection string.
+pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStoreError> {
+    if config.max_connections == 0 {
+        return Err(config_error("max_connections must be at least 1"));
+    }
+    if config.connect_timeout.is_zero() {
+        return Err(config_error("connect_timeout must be greater than zero"));
+    }
+    let mut pg: tokio_postgres::Config = config.database_url.expose_secret().parse().map_err(
+        |e: tokio_postgres::Error| {
+            // The parser's messages can quote characters of the string (and so of a
+            // password); only the fixed "invalid value for option `name`" form is passed on.
+            let detail = std::error::Error::source(&e)
+                .map(ToString::to_string)
+                .filter(|d| d.starts_with("invalid value for option `"))
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default();
+            config_error(format!(
+                "database_url is not a valid PostgreSQL connection URL or key=value string{detail} \
+                 (the string itself is not shown: it may contain a password)"
+            ))
+        },
+    )?;
+    if pg.get_hosts().is_empty() {
+        return Err(config_error(
+            "database_url names no host: give a host name, an IP address or a Unix-socket \
+             directory",
+        ));
+    }
+    for host in pg.get_hosts() {
+        if let Host::Tcp(name) = host
+            && (name.contains('@') || name.contains(':'))
+            && name.parse::<std::net::IpAddr>().is_err()
+        {
+            // `postgresql://user:p@ss@host` parses with part of the password as the host.
+            return Err(config_error(
+                "database_url has an invalid host (is there an unescaped '@' or ':' in the \
+                 user name or password? percent-encode them as %40 and %3A)",
+            ));
+        }
+    }
+    match (&config.tls, pg.get_ssl_mode()) {
+        (TlsMode::Disable, SslMode::Require) => {
+            return Err(config_error(
+                "database_url says sslmode=require but tls is disabled: set tls to require \
+                 (with a CA file or the platform's trust store) or remove sslmode from the URL",
+            ));
+        }
+        (TlsMode::Require { .. }, SslMode::Disable) => {
+            return Err(config_error(
+                "database_url says sslmode=disable but tls is set to require: remove sslmode \
+                 from the URL",
+            ));
+        }
+        _ => {}
+    }
+    pg.connect_timeout(config.connect_timeout);
+    if pg.get_application_name().is_none() {
+        pg.application_name(APPLICATION_NAME);
+    }
+    let tls = match &config.tls {
+        TlsMode::Disable => {
+            pg.ssl_mode(SslMode::Disable);
+            None
+        }
+        TlsMode::Require { ca_file } => {
+            pg.ssl_mode(SslMode::Require);
+            Some(tls_connector(ca_file.as_ref())?)
+        }
+    };
+    let target = describe(&pg);
+    Ok(Parsed { pg, target, tls })
+}
+
+/// `user@host:port/dbname` (several hosts separated by commas), for messages and `Debug`.
+/// Never contains the password.
+pub(crate) fn describe(pg: &tokio_postgres::Config) -> String {
+    let ports = pg.get_ports();
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports
+                .get(i)
+                .or_else(|| ports.first())
+                .copied()
+                .unwrap_or(5432);
+            match host {
+                Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+            }
+        })
+        .collect();
+    let user = pg.get_user().unwrap_or("(default user)");
+    let dbname = pg.get_dbname().unwrap_or(user);
+    format!("{user}@{}/{dbname}", hosts.join(","))
+}
+
+fn tls_error(reason: impl Into<String>) -> PostgresStoreError {
+    PostgresStoreError::Tls {
+        reason: reason.into(),
+    }
+}
+
+fn tls_connector(
+    ca_file: Option<&PathBuf>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PostgresStoreError> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| {
+                    tls_error(format!("could not read ca_file '{}': {e}", path.display()))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    tls_error(format!(
+                        "ca_file '{}' is not a valid PEM file: {e}",
+                        path.display()
+                    ))
+                })?;
+            if certs.is_empty() {
+                return Err(tls_error(format!(
+                    "ca_file '{}' contains no certificate (expected PEM 'BEGIN CERTIFICATE' \
+                     blocks)",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    tls_error(format!(
+                        "ca_file '{}' holds a certificate that cannot be a trust anchor: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+                return Err(tls_error(format!(
+                    "no trusted CA certificates found in the platform's trust store{}: set \
+                     ca_file to the PEM file of the CA that signed the server's certificate",
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", errors.join("; "))
+                    }
+                )));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(format!("the TLS provider cannot be used: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(client))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )]
+
+    use super::*;
+
+    const PASSWORD: &str = "Pa55-w0rd-NEVER-SHOWN";
+
+    fn parse_url(url: &str) -> Result<Parsed, PostgresStoreError> {
+        parse(&PostgresStoreConfig::new(url))
+    }
+
+    #[test]
+    fn debug_redacts_the_url() {
+        let config = PostgresStoreConfig::new(format!("postgresql://u:{PASSWORD}@db/keys"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(PASSWORD), "{shown}");
+        assert!(shown.contains("REDACTED"), "{shown}");
+    }
+
+    #[test]
+    fn target_names_user_host_port_and_database() {
+        let parsed = parse_url(&format!(
+            "postgresql://app:{PASSWORD}@db.internal:6543/keys"
+        ))
+        .unwrap();
+        assert_eq!(parsed.target, "app@db.internal:6543/keys");
+        let parsed = parse_url("host=10.0.0.5 user=app dbname=keys").unwrap();
+        assert_eq!(parsed.target, "app@10.0.0.5:5432/keys");
+        let parsed = parse_url("postgresql://app@[::1]:5433/keys").unwrap();
+        assert_eq!(parsed.target, "app@[::1]:5433/keys");
+        let parsed = parse_url("postgresql://app@h1:1,h2:2/keys").unwrap();
+        assert_eq!(parsed.target, "app@h1:1,h2:2/keys");
+        let parsed = parse_url("host=/run/postgresql user=app").unwrap();
+        assert_eq!(parsed.target, "app@/run/postgresql/.s.PGSQL.5432/app");
+        assert_eq!(parsed.pg.get_application_name(), Some("phiseal"));
+        let parsed = parse_url("postgresql://app@h/keys?application_name=mine").unwrap();
+        assert_eq!(parsed.pg.get_application_name(), Some("mine"));
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_quoting_them() {
+        for url in [
+            format!("postgresql://u:{PASSWORD}@db/keys?sslmode=verify-full"),
+            format!("postgresql://u:{PASSWORD}@db:notaport/keys"),
+            format!("postgresql://u:{PASSWORD}@db/keys?bogus{PASSWORD}=1"),
+            format!("host=db password='{PASSWORD}"),
+            format!("postgresql://u:{PASSWORD}@@db/keys"),
+            format!("postgresql://u:{PASSWORD}@/keys"),
+            // An unescaped '@' in the password.
+            "postgresql://u:Pa55@w0rd-NEVER-SHOWN@db/keys".to_owned(),
+            "postgresql://u:Pa55@w0rd:5432@NEVER-SHOWN/keys".to_owned(),
+        ] {
+            let err = match parse_url(&url) {
+                Ok(_) => panic!("accepted {url}"),
+                Err(e) => e,
+            };
+            let text = format!("{err} {err:?}");
+            assert!(matches!(err, PostgresStoreError::Config { .. }), "{text}");
+            for piece in ["Pa55", "w0rd", "NEVER-SHOWN"] {
+                assert!(!text.contains(piece), "{url}: {text}");
+            }
+        }
+        let err = parse_url("postgresql://u@db/keys?sslmode=verify-full")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("`sslmode`"), "{err}");
+    }
+
+    #[test]
+    fn sslmode_must_agree_with_tls() {
+        let err = parse_url("postgresql://u@db/keys?sslmode=require")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("sslmode=require"), "{err}");
+        let mut config = PostgresStoreConfig::new("postgresql://u@db/keys?sslmode=disable");
+        config.tls = TlsMode::Require { ca_file: None };
+        let err = parse(&config).err().unwrap();
+        assert!(err.to_string().contains("sslmode=disable"), "{err}");
+        // `prefer` (the driver's default) is overridden by the explicit setting.
+        let parsed = parse_url("postgresql://u@db/keys?sslmode=prefer").unwrap();
+        assert_eq!(parsed.pg.get_ssl_mode(), SslMode::Disable);
+        assert!(parsed.tls.is_none());
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let mut config = PostgresStoreConfig::new("postgresql://u@db/keys");
+        config.max_connections = 0;
+        assert!(parse(&config).is_err());
+        let mut config = PostgresStoreConfig::new("postgresql://u@db/keys");
+        config.connect_timeout = Duration::ZERO;
+        assert!(parse(&config).is_err());
+    }
+
+    #[test]
+    fn ca_file_problems_are_tls_errors() {
+        let dir = std::env::temp_dir().join(format!("phiseal-pg-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let missing = dir.join("missing.pem");
+        for (path, needle) in [
+            (&empty, "contains no certificate"),
+            (&missing, "could not read"),
+        ] {
+            let mut config = PostgresStoreConfig::new("postgresql://u@db/keys");
+            config.tls = TlsMode::Require {
+                ca_file: Some(path.clone()),
+            };
+            let err = parse(&config).err().unwrap();
+            assert!(matches!(err, PostgresStoreError::Tls { .. }), "{err:?}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
