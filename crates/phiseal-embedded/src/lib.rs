@@ -123,16 +123,29 @@ pub fn open_parts(
     data_dir: &Path,
     options: &EmbeddedOptions,
 ) -> Result<EmbeddedParts, EmbeddedError> {
+    let (kms, audit) = open_kms_and_audit(data_dir, options)?;
+    let store = SqliteKeyStore::open(EmbeddedPaths::new(data_dir).key_store)?;
+    Ok(EmbeddedParts {
+        kms,
+        store: Arc::new(store),
+        audit,
+    })
+}
+
+/// Opens the local KMS and the audit log in `data_dir`, for a process that keeps its tenant
+/// keys in another key store (a shared database).
+pub fn open_kms_and_audit(
+    data_dir: &Path,
+    options: &EmbeddedOptions,
+) -> Result<(Arc<LocalKms>, Arc<FileAuditLog>), EmbeddedError> {
     prepare_data_dir(data_dir)?;
     let paths = EmbeddedPaths::new(data_dir);
-    Ok(EmbeddedParts {
-        kms: Arc::new(LocalKms::open(&paths.root_key)?),
-        store: Arc::new(SqliteKeyStore::open(&paths.key_store)?),
-        audit: Arc::new(FileAuditLog::open(
-            options.audit_log.as_ref().unwrap_or(&paths.audit_log),
-            options.durability,
-        )?),
-    })
+    let kms = LocalKms::open(&paths.root_key)?;
+    let audit = FileAuditLog::open(
+        options.audit_log.as_ref().unwrap_or(&paths.audit_log),
+        options.durability,
+    )?;
+    Ok((Arc::new(kms), Arc::new(audit)))
 }
 
 /// A keyring builder with the embedded default's parts set, for further settings

@@ -245,6 +245,15 @@ impl DatabaseError {
         }
     }
 
+    /// An outage the driver did not report as an error (e.g. a connection that just ended).
+    pub(crate) fn unavailable(message: &str) -> Self {
+        Self {
+            kind: BackendErrorKind::Unavailable,
+            code: None,
+            message: message.to_owned(),
+        }
+    }
+
     pub(crate) fn from_pool(err: deadpool_postgres::PoolError, connect_timeout: Duration) -> Self {
         use deadpool_postgres::PoolError;
         use deadpool_postgres::TimeoutType;

@@ -22,6 +22,51 @@
 //!   do not deadlock each other.
 //! - `load_tenant` is one statement, so the tenant row and its versions come from one snapshot.
 //!
+//! ## Change notifications and cache freshness
+//! Every write that changes what a cached reader may use — `create_tenant`, `insert_version`
+//! (rotation), `set_min_decrypt_version`, `shred_tenant` and `replace_wrapped` — runs
+//! `SELECT pg_notify('phiseal_key_changes', '<tenant id>')` ([`CHANGES_CHANNEL`]) inside its
+//! own transaction, so PostgreSQL delivers the notification if and only if the change
+//! commits (a failed or losing compare-and-set notifies nobody). Tenant ids are at most 128
+//! ASCII bytes, well within a notification's payload limit.
+//!
+//! [`PostgresKeyStore::watch_changes`] listens on a dedicated connection and calls back with
+//! [`Change::Tenant`] per notification; wire it to the keyring's invalidation:
+//! ```
+//! use phiseal::Keyring;
+//! use phiseal_store_postgres::{Change, ChangeWatcher, PostgresKeyStore, PostgresStoreError};
+//!
+//! fn invalidate_on_changes(
+//!     store: &PostgresKeyStore,
+//!     keyring: Keyring,
+//! ) -> Result<ChangeWatcher, PostgresStoreError> {
+//!     store.watch_changes(move |change| match change {
+//!         Change::Tenant(tenant) => keyring.invalidate_tenant(&tenant),
+//!         _ => keyring.invalidate_all(),
+//!     })
+//! }
+//! ```
+//! Keep the returned [`ChangeWatcher`] for as long as the keyring is used (dropping it stops
+//! the listener). How fresh another process's view is:
+//! - **while the listener is connected** ([`ChangeWatcher::is_listening`]), a committed change
+//!   is seen by every other watching process as soon as its notification arrives: typically
+//!   milliseconds after the commit;
+//! - **while it is disconnected** (database restart, network failure), notifications sent in
+//!   the meantime are lost, and only the keyring's `metadata_ttl` (5 s by default) bounds how
+//!   long a cached view — a rotated-away primary, a raised minimum version, a shredded
+//!   tenant's keys — can still be used. The listener reconnects with jittered exponential
+//!   backoff (at most [`RECONNECT_DELAY_MAX`] between attempts);
+//! - **after every (re)connection**, once `LISTEN` is in effect and before any notification
+//!   is relied on, the watcher reports [`Change::All`], which invalidates everything, so
+//!   nothing missed while disconnected survives the reconnection. (The first connection
+//!   reports it too.) A notification whose payload is not a valid tenant id is also reported
+//!   as [`Change::All`].
+//!
+//! A connection that dies without being closed is noticed by a heartbeat query within about
+//! 20 s; until then, too, `metadata_ttl` bounds staleness. Notifying makes the commit of every
+//! write take PostgreSQL's global notification-queue lock briefly: writes are rare
+//! (administrative), so this costs nothing that matters.
+//!
 //! ## Connections, timeouts and failures
 //! - A pool of at most [`PostgresStoreConfig::max_connections`] connections
 //!   (`deadpool-postgres`); a connection the server closed is replaced on its next use, so the
@@ -114,6 +159,9 @@
 mod config;
 mod error;
 mod schema;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+mod watch;
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -135,6 +183,7 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checke
 pub use config::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, PostgresStoreConfig, TlsMode};
 pub use error::{DatabaseError, PostgresStoreError};
 pub use schema::SCHEMA_VERSION;
+pub use watch::{CHANGES_CHANNEL, Change, ChangeWatcher, RECONNECT_DELAY_MAX};
 
 /// Server-side limit on one statement (`statement_timeout` of every connection).
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -159,6 +208,8 @@ pub(crate) struct Inner {
     target: Arc<str>,
     connect_timeout: Duration,
     tls: bool,
+    /// What a [`ChangeWatcher`]'s dedicated connection is opened with.
+    listen: Arc<watch::ListenParams>,
 }
 
 impl fmt::Debug for PostgresKeyStore {
@@ -216,6 +267,13 @@ impl PostgresKeyStore {
     fn build(config: &PostgresStoreConfig) -> Result<Self, PostgresStoreError> {
         let parsed = config::parse(config)?;
         let tls = parsed.tls.is_some();
+        let target: Arc<str> = Arc::from(parsed.target);
+        let listen = Arc::new(watch::ListenParams {
+            pg: parsed.pg.clone(),
+            tls: parsed.tls.clone(),
+            target: Arc::clone(&target),
+            connect_timeout: config.connect_timeout,
+        });
         let manager_config = ManagerConfig {
             // `is_closed()` only: a connection the server closed is dropped and replaced. Every
             // call is bounded by OPERATION_TIMEOUT for connections that die silently.
@@ -255,9 +313,10 @@ impl PostgresKeyStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
-                target: Arc::from(parsed.target),
+                target,
                 connect_timeout: config.connect_timeout,
                 tls,
+                listen,
             }),
         })
     }
@@ -605,6 +664,24 @@ impl Inner {
         })
     }
 
+    /// Queues `NOTIFY phiseal_key_changes, '<tenant>'` in `tx`: PostgreSQL delivers it to the
+    /// listeners when (and only if) `tx` commits.
+    async fn notify(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        tenant: &TenantId,
+    ) -> Result<(), PostgresStoreError> {
+        let action = "queue the change notification";
+        let stmt = tx
+            .prepare_cached("SELECT pg_notify($1, $2)")
+            .await
+            .map_err(self.db(action))?;
+        tx.execute(&stmt, &[&CHANGES_CHANNEL, &tenant.as_str()])
+            .await
+            .map_err(self.db(action))?;
+        Ok(())
+    }
+
     async fn insert_record(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
@@ -674,6 +751,7 @@ impl Inner {
             });
         }
         self.insert_record(&tx, tenant, first).await?;
+        self.notify(&tx, tenant).await?;
         tx.commit().await.map_err(self.db("commit the new tenant"))
     }
 
@@ -710,6 +788,7 @@ impl Inner {
             .await
             .map_err(self.db("demote the old primary key version"))?;
         self.insert_record(&tx, tenant, next).await?;
+        self.notify(&tx, tenant).await?;
         tx.commit()
             .await
             .map_err(self.db("commit the new key version"))
@@ -735,6 +814,7 @@ impl Inner {
         tx.execute(&stmt, &[&tenant.as_str(), &i64::from(min)])
             .await
             .map_err(self.db(action))?;
+        self.notify(&tx, tenant).await?;
         tx.commit()
             .await
             .map_err(self.db("commit the minimum decryption version"))
@@ -771,6 +851,7 @@ impl Inner {
         tx.execute(&stmt, &[&tenant.as_str()])
             .await
             .map_err(self.db("destroy the key versions"))?;
+        self.notify(&tx, tenant).await?;
         tx.commit().await.map_err(self.db("commit the shred"))
     }
 
@@ -919,6 +1000,7 @@ impl Inner {
                 }
             });
         }
+        self.notify(&tx, tenant).await?;
         tx.commit()
             .await
             .map_err(self.db("commit the replaced wrapped key"))

@@ -627,6 +627,16 @@ impl Keyring {
         self.inner.keys.retain(|(t, _), _| t != tenant);
     }
 
+    /// Drops every tenant's cached metadata and unwrapped keys: for a process that may have
+    /// missed change notifications (a shared key store's listener reconnecting).
+    pub fn invalidate_all(&self) {
+        self.inner
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.inner.tenants.clear();
+        self.inner.keys.clear();
+    }
+
     async fn version_key(
         &self,
         caller: &Caller,

@@ -36,6 +36,9 @@ pub struct Config {
     /// Audit log durability.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Where wrapped tenant keys are stored.
+    #[serde(default)]
+    pub key_store: KeyStoreConfig,
     /// Key cache.
     #[serde(default)]
     pub cache: CacheConfig,
@@ -118,6 +121,73 @@ pub enum DurabilityName {
     Interval,
     /// Fsynced before return (group commit).
     Strict,
+}
+
+/// `[key_store]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeyStoreConfig {
+    /// `sqlite` (default: `DATA_DIR/keys.db`, one host) or `postgres` (a database shared by
+    /// many daemons).
+    pub kind: KeyStoreKind,
+    /// For `postgres`: the connection string (URL or `key=value` pairs). It may hold a
+    /// password: prefer the environment variable `PHISEALD_KEY_STORE__DATABASE_URL` to a
+    /// config file others can read.
+    pub database_url: Option<SecretText>,
+    /// For `postgres`: the pool size.
+    pub max_connections: usize,
+    /// For `postgres`: how long connecting (TCP, TLS, authentication) may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// For `postgres`: `disable` or `require` (verifies the certificate chain and host name).
+    pub tls: DatabaseTls,
+    /// For `postgres` with `tls = "require"`: the CA file to trust (default: the platform's
+    /// trust store).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for KeyStoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: KeyStoreKind::Sqlite,
+            database_url: None,
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(5),
+            tls: DatabaseTls::Disable,
+            ca_file: None,
+        }
+    }
+}
+
+/// Key store kinds as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStoreKind {
+    /// `DATA_DIR/keys.db`.
+    Sqlite,
+    /// PostgreSQL, shared by many daemons.
+    Postgres,
+}
+
+/// Database TLS modes as written in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseTls {
+    /// Plain TCP: a database on the same host or a protected network only.
+    Disable,
+    /// TLS with the certificate chain and host name verified.
+    Require,
+}
+
+/// A configuration value that is a secret: never shown by `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// `[cache]`.
@@ -362,6 +432,7 @@ impl Config {
             profile: ProfileName::Development,
             data_dir: data_dir.to_owned(),
             audit: AuditConfig::default(),
+            key_store: KeyStoreConfig::default(),
             cache: CacheConfig::default(),
             limits: LimitsConfig::default(),
             metrics: MetricsConfig::default(),
@@ -413,6 +484,9 @@ impl Config {
                 "must be more than 0 (every operation would unwrap)",
             );
         }
+        if self.cache.metadata_ttl > self.cache.key_ttl {
+            return bad("cache.metadata_ttl", "must not exceed cache.key_ttl");
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &format!("not a valid filter: {e}"));
         }
@@ -437,6 +511,28 @@ impl Config {
         }
         if self.rotation.check_interval < Duration::from_millis(100) {
             return bad("rotation.check_interval", "must be at least 100ms");
+        }
+        let store = &self.key_store;
+        match (store.kind, &store.database_url) {
+            (KeyStoreKind::Postgres, None) => {
+                return bad(
+                    "key_store.database_url",
+                    "required with kind = \"postgres\" (or PHISEALD_KEY_STORE__DATABASE_URL)",
+                );
+            }
+            (KeyStoreKind::Sqlite, Some(_)) => {
+                return bad(
+                    "key_store.database_url",
+                    "only used with kind = \"postgres\"",
+                );
+            }
+            _ => {}
+        }
+        if !(1..=1000).contains(&store.max_connections) {
+            return bad("key_store.max_connections", "must be between 1 and 1000");
+        }
+        if store.ca_file.is_some() && store.tls != DatabaseTls::Require {
+            return bad("key_store.ca_file", "only used with tls = \"require\"");
         }
         if self.audit.path.as_ref().is_some_and(|p| !p.is_absolute()) {
             return bad("audit.path", "must be an absolute path");

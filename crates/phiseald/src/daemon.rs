@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::config::{Config, DurabilityName, ProfileName};
+use crate::config::{Config, DatabaseTls, DurabilityName, KeyStoreKind, ProfileName};
 use crate::error::DaemonError;
 use crate::instrument::{MeteredAudit, MeteredKms};
 use crate::limits::CallLimiter;
@@ -25,6 +25,10 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::service::{AdminApi, FieldApi, Sidecar};
 use crate::{rotation, transport};
+use phiseal::store::KeyStore;
+use phiseal_store_postgres::{
+    Change, ChangeWatcher, PostgresKeyStore, PostgresStoreConfig, TlsMode,
+};
 
 /// How long shutdown waits for in-flight calls beyond the request timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -38,11 +42,90 @@ pub struct Daemon {
     config: Config,
     sidecar: Arc<Sidecar>,
     registry: Arc<Registry>,
+    /// The shared key store's change listener (stops when the daemon is dropped).
+    _watcher: Option<ChangeWatcher>,
+}
+
+/// The PostgreSQL store's settings from `[key_store]` (kind `postgres`).
+fn postgres_config(config: &Config) -> Result<PostgresStoreConfig, DaemonError> {
+    let store = &config.key_store;
+    let url = store.database_url.as_ref().ok_or_else(|| {
+        DaemonError::Config("key_store.database_url: required with kind = \"postgres\"".into())
+    })?;
+    let mut pg = PostgresStoreConfig::new(url.0.clone());
+    pg.max_connections = store.max_connections;
+    pg.connect_timeout = store.connect_timeout;
+    pg.tls = match store.tls {
+        DatabaseTls::Disable => TlsMode::Disable,
+        DatabaseTls::Require => TlsMode::Require {
+            ca_file: store.ca_file.clone(),
+        },
+    };
+    Ok(pg)
+}
+
+/// The opened key store; for PostgreSQL also the store itself, to watch its changes.
+struct OpenedStore {
+    store: Arc<dyn KeyStore>,
+    shared: Option<Arc<PostgresKeyStore>>,
+}
+
+/// Opens the configured key store (applying PostgreSQL schema migrations at start).
+async fn open_key_store(config: &Config) -> Result<OpenedStore, DaemonError> {
+    match config.key_store.kind {
+        KeyStoreKind::Sqlite => {
+            let path = phiseal_embedded::EmbeddedPaths::new(&config.data_dir).key_store;
+            let store = phiseal_store_sqlite::SqliteKeyStore::open(path)
+                .map_err(phiseal_embedded::EmbeddedError::from)?;
+            Ok(OpenedStore {
+                store: Arc::new(store),
+                shared: None,
+            })
+        }
+        KeyStoreKind::Postgres => {
+            let store = Arc::new(PostgresKeyStore::open(&postgres_config(config)?).await?);
+            tracing::info!(database = store.target(), "key store: PostgreSQL");
+            Ok(OpenedStore {
+                store: Arc::clone(&store) as Arc<dyn KeyStore>,
+                shared: Some(store),
+            })
+        }
+    }
+}
+
+/// Keeps this daemon's caches in step with other daemons on a shared store: a change they
+/// commit (rotation, minimum version, shred) drops the tenant's cached keys here within
+/// milliseconds; after the listener (re)connects, everything cached is dropped, since
+/// notifications may have been missed. While it is disconnected, `cache.metadata_ttl` bounds
+/// staleness.
+fn watch_shared_store(
+    store: &PostgresKeyStore,
+    keyring: &Keyring,
+) -> Result<ChangeWatcher, DaemonError> {
+    let keyring = keyring.clone();
+    Ok(store.watch_changes(move |change| match change {
+        Change::Tenant(tenant) => keyring.invalidate_tenant(&tenant),
+        _ => keyring.invalidate_all(),
+    })?)
+}
+
+/// `phiseald --migrate`: applies the PostgreSQL key store's pending schema migrations and
+/// returns the schema version the database is at afterwards.
+pub async fn migrate(config: &Config) -> Result<u32, DaemonError> {
+    if config.key_store.kind != KeyStoreKind::Postgres {
+        return Err(DaemonError::Config(
+            "--migrate: key_store.kind is not \"postgres\" (the SQLite store migrates itself)"
+                .into(),
+        ));
+    }
+    // `open` applies what is pending (under an advisory lock: safe with daemons starting).
+    let store = PostgresKeyStore::open(&postgres_config(config)?).await?;
+    Ok(store.schema_version().await?)
 }
 
 impl Daemon {
     /// Opens the backends and assembles everything; nothing listens yet.
-    pub fn build(config: Config) -> Result<Self, DaemonError> {
+    pub async fn build(config: Config) -> Result<Self, DaemonError> {
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
         let durability = match config.audit.durability {
@@ -54,7 +137,8 @@ impl Daemon {
             cache: CacheSettings::default(),
             audit_log: config.audit.path.clone(),
         };
-        let parts = phiseal_embedded::open_parts(&config.data_dir, &options)?;
+        let (kms, audit) = phiseal_embedded::open_kms_and_audit(&config.data_dir, &options)?;
+        let opened = open_key_store(&config).await?;
         let cache = CacheSettings {
             capacity: config.cache.capacity,
             key_ttl: config.cache.key_ttl,
@@ -62,18 +146,19 @@ impl Daemon {
             metadata_ttl: config.cache.metadata_ttl,
         };
         let keyring = Keyring::builder()
-            .kms(Arc::new(MeteredKms::new(parts.kms, Arc::clone(&metrics))))
-            .key_store(parts.store)
-            .audit(Arc::new(MeteredAudit::new(
-                parts.audit,
-                Arc::clone(&metrics),
-            )))
+            .kms(Arc::new(MeteredKms::new(kms, Arc::clone(&metrics))))
+            .key_store(opened.store)
+            .audit(Arc::new(MeteredAudit::new(audit, Arc::clone(&metrics))))
             .cache(cache)
             .profile(match config.profile {
                 ProfileName::Development => Profile::Development,
                 ProfileName::Production => Profile::Production,
             })
             .build()?;
+        let watcher = match &opened.shared {
+            Some(store) => Some(watch_shared_store(store, &keyring)?),
+            None => None,
+        };
         let sidecar = Sidecar {
             keyring,
             auth: Authenticator::new(&config.tokens),
@@ -88,6 +173,7 @@ impl Daemon {
             config,
             sidecar: Arc::new(sidecar),
             registry: Arc::new(registry),
+            _watcher: watcher,
         })
     }
 

@@ -21,6 +21,9 @@ pub enum DaemonError {
     /// The embedded backends could not be opened.
     #[error(transparent)]
     Embedded(#[from] phiseal_embedded::EmbeddedError),
+    /// The PostgreSQL key store could not be opened or migrated.
+    #[error(transparent)]
+    Postgres(#[from] phiseal_store_postgres::PostgresStoreError),
     /// The keyring refused the assembled parts.
     #[error(transparent)]
     Keyring(#[from] phiseal::Error),

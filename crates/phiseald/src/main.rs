@@ -34,6 +34,10 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Apply the PostgreSQL key store's schema migrations and exit (they are also applied
+    /// at every start; this runs them explicitly, e.g. before a rolling upgrade).
+    #[arg(long, conflicts_with = "check_config")]
+    migrate: bool,
 }
 
 fn load(args: &Args) -> Result<Config, phiseald::DaemonError> {
@@ -127,11 +131,17 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return report(&e),
     };
+    let migrate = args.migrate;
     let result = runtime.block_on(async move {
         // Signal handlers are installed before the socket appears, so a SIGTERM sent as soon
         // as the socket exists always drains.
         let signals = Signals::install()?;
-        let daemon = Daemon::build(config)?;
+        if migrate {
+            let version = phiseald::daemon::migrate(&config).await?;
+            eprintln!("phiseald: key store schema is at version {version}");
+            return Ok(());
+        }
+        let daemon = Daemon::build(config).await?;
         daemon.run(signals.shutdown()).await
     });
     match result {

@@ -129,7 +129,12 @@ fn the_examples_commented_out_values_are_valid_too() {
         })
         .collect();
     assert!(enabled >= 5, "only {enabled} commented-out settings found");
-    check_text(&uncommented, &[]).ok();
+    // `database_url` and `ca_file` belong to a PostgreSQL store with TLS.
+    let postgres = [
+        ("PHISEALD_KEY_STORE__KIND", "postgres"),
+        ("PHISEALD_KEY_STORE__TLS", "require"),
+    ];
+    check_text(&uncommented, &postgres).ok();
 }
 
 /// The keys a table accepts, read from the daemon's own "unknown field" error.
@@ -166,7 +171,7 @@ fn the_example_documents_every_key_and_its_environment_variable() {
                 let var = format!("Env: PHISEALD_{}", key.to_uppercase());
                 assert!(text.contains(&var), "{var} is not documented");
             }
-            "audit" | "cache" | "limits" | "metrics" | "log" | "rotation" => {
+            "audit" | "key_store" | "cache" | "limits" | "metrics" | "log" | "rotation" => {
                 assert!(text.contains(&format!("[{key}]")), "[{key}] missing");
                 let subs = accepted_keys(&format!("[{key}]"), "");
                 assert!(!subs.is_empty(), "[{key}] accepts no key?");
@@ -414,6 +419,11 @@ fn what_only_start_used_to_catch_is_checked_too() {
         .fails_with("profile: production refuses the local development KMS");
     check_text(&format!("{MINIMAL}[cache]\nkey_ttl = \"0s\"\n"), &[])
         .fails_with("cache.key_ttl: must be more than 0");
+    check_text(
+        &format!("{MINIMAL}[cache]\nkey_ttl = \"1s\"\nmetadata_ttl = \"2s\"\n"),
+        &[],
+    )
+    .fails_with("cache.metadata_ttl: must not exceed cache.key_ttl");
 }
 
 #[test]
@@ -446,4 +456,29 @@ fn the_command_line_wins_and_may_stand_in_for_the_file() {
     phiseald(&args(false), &[]).fails_with("missing field `socket`");
     // The command line beats the environment.
     phiseald(&args(true), &[("PHISEALD_SOCKET", "relative.sock")]).ok();
+}
+
+#[test]
+fn key_store_settings_are_checked() {
+    check_text(&format!("{MINIMAL}[key_store]\nkind = \"postgres\"\n"), &[])
+        .fails_with("key_store.database_url: required with kind = \"postgres\"");
+    check_text(
+        &format!("{MINIMAL}[key_store]\nkind = \"postgres\"\n"),
+        &[(
+            "PHISEALD_KEY_STORE__DATABASE_URL",
+            "postgresql://app:secret-pw@db:5432/keys",
+        )],
+    )
+    .ok();
+    let run = check_text(
+        &format!("{MINIMAL}[key_store]\ndatabase_url = \"postgresql://app:secret-pw@db/keys\"\n"),
+        &[],
+    );
+    run.fails_with("key_store.database_url: only used with kind = \"postgres\"");
+    assert!(!run.stderr.contains("secret-pw"), "{}", run.stderr);
+    check_text(
+        &format!("{MINIMAL}[key_store]\ntls = \"disable\"\nca_file = \"/etc/ca.pem\"\n"),
+        &[],
+    )
+    .fails_with("key_store.ca_file: only used with tls = \"require\"");
 }
