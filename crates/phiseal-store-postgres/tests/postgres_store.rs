@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use common::{TestDb, assert_clean_history, marker, record, states, tid, versions};
+use common::{TestDb, assert_clean_history, marker, record, tid, versions};
 use jiff::Timestamp;
 use phiseal::BackendErrorKind;
 use phiseal::kms::WrappedKey;
@@ -46,125 +46,12 @@ async fn round_trip_of_every_method() {
     );
     assert!(format!("{store:?}").contains(&db.name));
 
-    let t = tid("acme");
-    assert!(store.list_tenants().await.unwrap().is_empty());
-    assert!(store.load_tenant(&t).await.unwrap().is_none());
-
-    // create_tenant + load_tenant, with a sub-second (microsecond) timestamp.
-    let mut first = record("acme", 1);
-    first.created_at = Timestamp::from_microsecond(1_722_000_000_123_456).unwrap();
-    store.create_tenant(&t, first.clone()).await.unwrap();
-    let rec = store.load_tenant(&t).await.unwrap().unwrap();
-    assert_eq!(rec.tenant, t);
-    assert_eq!(rec.versions, vec![first.clone()]);
-    assert_eq!(rec.min_decrypt_version, 1);
-    assert_eq!(rec.shredded_at, None);
-
-    // insert_version demotes the old primary.
-    store
-        .insert_version(&t, 1, record("acme", 2))
-        .await
-        .unwrap();
-    let rec = store.load_tenant(&t).await.unwrap().unwrap();
-    assert_eq!(versions(&rec), [1, 2]);
-    assert_eq!(states(&rec), [KeyState::DecryptOnly, KeyState::Primary]);
-    assert_eq!(rec.primary().unwrap(), &record("acme", 2));
-    assert_eq!(rec.version(1).unwrap().wrapped, first.wrapped);
-
-    // set_min_decrypt_version: 1..=latest.
-    store.set_min_decrypt_version(&t, 2).await.unwrap();
-    assert_eq!(
-        store
-            .load_tenant(&t)
-            .await
-            .unwrap()
-            .unwrap()
-            .min_decrypt_version,
-        2
-    );
-    store.set_min_decrypt_version(&t, 1).await.unwrap();
-    for bad in [0, 3, u32::MAX] {
-        let err = store.set_min_decrypt_version(&t, bad).await.unwrap_err();
-        assert_eq!(err.kind(), BackendErrorKind::InvalidData, "{err}");
-        assert!(err.to_string().contains("out of range"), "{err}");
-    }
-    assert_eq!(
-        store
-            .load_tenant(&t)
-            .await
-            .unwrap()
-            .unwrap()
-            .min_decrypt_version,
-        1
-    );
-    let err = store
-        .set_min_decrypt_version(&tid("nobody"), 1)
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Other);
-    assert!(err.to_string().contains("tenant not found"), "{err}");
-
-    // replace_wrapped is a compare-and-set.
-    let old = first.wrapped.clone().unwrap();
-    let new = WrappedKey {
-        root_key_ref: "test-2".into(),
-        ciphertext: vec![9; 60],
-    };
-    store
-        .replace_wrapped(&t, 1, &old, new.clone())
-        .await
-        .unwrap();
-    let rec = store.load_tenant(&t).await.unwrap().unwrap();
-    assert_eq!(rec.version(1).unwrap().wrapped.as_ref(), Some(&new));
-    assert_eq!(rec.version(1).unwrap().state, KeyState::DecryptOnly);
-    let err = store
-        .replace_wrapped(&t, 1, &old, new.clone())
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Conflict, "{err}");
-    // Same bytes, other reference: still a mismatch.
-    let relabelled = WrappedKey {
-        root_key_ref: "other".into(),
-        ciphertext: new.ciphertext.clone(),
-    };
-    let err = store
-        .replace_wrapped(&t, 1, &relabelled, old.clone())
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Conflict, "{err}");
-    let err = store
-        .replace_wrapped(&t, 7, &old, new.clone())
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Other, "{err}");
-    assert!(err.to_string().contains("no version 7"), "{err}");
-    let err = store
-        .replace_wrapped(&tid("nobody"), 1, &old, new.clone())
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("tenant not found"), "{err}");
-
-    // list_tenants is sorted by bytes, whatever the database's collation.
-    for name in ["zeta", "beta", "Alpha", "acme-2"] {
-        store
-            .create_tenant(&tid(name), record(name, 1))
-            .await
-            .unwrap();
-    }
-    let names: Vec<String> = store
-        .list_tenants()
-        .await
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().to_owned())
-        .collect();
-    assert_eq!(names, ["Alpha", "acme", "acme-2", "beta", "zeta"]);
+    let before = phiseal::testkit::conformance::key_store_methods(&store).await;
 
     // Everything survives a new pool (another sidecar).
-    let before = store.load_tenant(&t).await.unwrap();
     drop(store);
     let store = db.open().await;
-    assert_eq!(store.load_tenant(&t).await.unwrap(), before);
+    assert_eq!(store.load_tenant(&tid("acme")).await.unwrap(), before);
     db.drop_database().await;
 }
 

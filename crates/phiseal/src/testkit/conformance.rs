@@ -24,7 +24,7 @@ use crate::context::TenantId;
 use crate::error::BackendErrorKind;
 use crate::kms::{KeyBinding, Kms, WrappedKey};
 use crate::secret::TenantKey;
-use crate::store::{KeyRecord, KeyState, KeyStore};
+use crate::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
 
 fn binding(tenant: &str, version: u32) -> KeyBinding {
     KeyBinding {
@@ -273,4 +273,154 @@ pub async fn key_store(store: Arc<dyn KeyStore>) {
     let mut all = store.list_tenants().await.unwrap();
     all.sort();
     assert_eq!(all, vec![c, t], "{name}: list_tenants");
+}
+
+fn tenant_id(s: &str) -> TenantId {
+    TenantId::new(s).unwrap()
+}
+
+/// A record whose wrapped bytes name the tenant and version.
+fn method_record(tenant: &str, version: u32) -> KeyRecord {
+    KeyRecord {
+        version,
+        state: KeyState::Primary,
+        wrapped: Some(WrappedKey {
+            root_key_ref: "test".into(),
+            ciphertext: format!("WRAPPED<{tenant}/v{version:04}>-0123456789abcdef").into_bytes(),
+        }),
+        key_check: [version as u8; 32],
+        created_at: Timestamp::from_second(1_700_000_000 + i64::from(version)).unwrap(),
+    }
+}
+
+fn versions(rec: &TenantRecord) -> Vec<u32> {
+    rec.versions.iter().map(|v| v.version).collect()
+}
+
+fn states(rec: &TenantRecord) -> Vec<KeyState> {
+    rec.versions.iter().map(|v| v.state).collect()
+}
+
+/// Every method of an *empty* store, one after another, with the exact error kinds and
+/// messages the stores share: create/load, rotation demoting the old primary, the minimum
+/// decryption version's range, compare-and-set on wrapped bytes, unknown tenants and versions,
+/// `list_tenants` sorted by bytes. Returns tenant `acme` as loaded at the end, for a caller
+/// that reopens the store and checks it survived.
+pub async fn key_store_methods(store: &dyn KeyStore) -> Option<TenantRecord> {
+    let t = tenant_id("acme");
+    assert!(store.list_tenants().await.unwrap().is_empty());
+    assert!(store.load_tenant(&t).await.unwrap().is_none());
+
+    // create_tenant + load_tenant, with a sub-second (microsecond) timestamp: every store
+    // keeps at least microseconds.
+    let mut first = method_record("acme", 1);
+    first.created_at = Timestamp::from_microsecond(1_722_000_000_123_456).unwrap();
+    store.create_tenant(&t, first.clone()).await.unwrap();
+    let rec = store.load_tenant(&t).await.unwrap().unwrap();
+    assert_eq!(rec.tenant, t);
+    assert_eq!(rec.versions, vec![first.clone()]);
+    assert_eq!(rec.min_decrypt_version, 1);
+    assert_eq!(rec.shredded_at, None);
+
+    // insert_version demotes the old primary.
+    store
+        .insert_version(&t, 1, method_record("acme", 2))
+        .await
+        .unwrap();
+    let rec = store.load_tenant(&t).await.unwrap().unwrap();
+    assert_eq!(versions(&rec), [1, 2]);
+    assert_eq!(states(&rec), [KeyState::DecryptOnly, KeyState::Primary]);
+    assert_eq!(rec.primary().unwrap(), &method_record("acme", 2));
+    assert_eq!(rec.version(1).unwrap().wrapped, first.wrapped);
+
+    // set_min_decrypt_version: 1..=latest.
+    store.set_min_decrypt_version(&t, 2).await.unwrap();
+    assert_eq!(
+        store
+            .load_tenant(&t)
+            .await
+            .unwrap()
+            .unwrap()
+            .min_decrypt_version,
+        2
+    );
+    store.set_min_decrypt_version(&t, 1).await.unwrap();
+    for bad in [0, 3, u32::MAX] {
+        let err = store.set_min_decrypt_version(&t, bad).await.unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("out of range"), "{err}");
+    }
+    assert_eq!(
+        store
+            .load_tenant(&t)
+            .await
+            .unwrap()
+            .unwrap()
+            .min_decrypt_version,
+        1
+    );
+    let err = store
+        .set_min_decrypt_version(&tenant_id("nobody"), 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Other);
+    assert!(err.to_string().contains("tenant not found"), "{err}");
+
+    // replace_wrapped is a compare-and-set.
+    let old = first.wrapped.clone().unwrap();
+    let new = WrappedKey {
+        root_key_ref: "test-2".into(),
+        ciphertext: vec![9; 60],
+    };
+    store
+        .replace_wrapped(&t, 1, &old, new.clone())
+        .await
+        .unwrap();
+    let rec = store.load_tenant(&t).await.unwrap().unwrap();
+    assert_eq!(rec.version(1).unwrap().wrapped.as_ref(), Some(&new));
+    assert_eq!(rec.version(1).unwrap().state, KeyState::DecryptOnly);
+    let err = store
+        .replace_wrapped(&t, 1, &old, new.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Conflict, "{err}");
+    // Same bytes, other reference: still a mismatch.
+    let relabelled = WrappedKey {
+        root_key_ref: "other".into(),
+        ciphertext: new.ciphertext.clone(),
+    };
+    let err = store
+        .replace_wrapped(&t, 1, &relabelled, old.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Conflict, "{err}");
+    let err = store
+        .replace_wrapped(&t, 7, &old, new.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Other, "{err}");
+    assert!(err.to_string().contains("no version 7"), "{err}");
+    let err = store
+        .replace_wrapped(&tenant_id("nobody"), 1, &old, new.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tenant not found"), "{err}");
+
+    // list_tenants is sorted by bytes, whatever the database's collation.
+    for name in ["zeta", "beta", "Alpha", "acme-2"] {
+        store
+            .create_tenant(&tenant_id(name), method_record(name, 1))
+            .await
+            .unwrap();
+    }
+    let names: Vec<String> = store
+        .list_tenants()
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().to_owned())
+        .collect();
+    assert_eq!(names, ["Alpha", "acme", "acme-2", "beta", "zeta"]);
+
+    store.load_tenant(&t).await.unwrap()
 }
