@@ -1,0 +1,267 @@
+//! `AwsKms` against a real moto KMS server, driven by the real AWS SDK.
+//!
+//! Every test starts its own `moto_server` (the executable named by `PHISEAL_MOTO_SERVER`) on
+//! a free port of 127.0.0.1 and stops it when the test ends, panicking tests included (the
+//! guard's `Drop` runs during unwinding). A test process killed by a signal can leave its moto
+//! behind. If `PHISEAL_MOTO_SERVER` is unset the tests fail: they never skip.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_kms::config::Credentials;
+use phiseal::context::TenantId;
+use phiseal::kms::{KeyBinding, Kms};
+use phiseal::testkit::conformance;
+use phiseal::{BackendErrorKind, TenantKey};
+use phiseal_kms_aws::{AwsKms, AwsKmsConfig};
+
+const INSTALL_HINT: &str = "PHISEAL_MOTO_SERVER is not set: the AWS KMS tests need a moto \
+    server. Run scripts/test, or create a virtualenv with `python3 -m venv /tmp/moto-venv && \
+    /tmp/moto-venv/bin/pip install 'moto[kms]==5.2.5' flask==3.1.3 flask-cors==6.0.5` and set \
+    PHISEAL_MOTO_SERVER=/tmp/moto-venv/bin/moto_server";
+
+/// A running `moto_server`, killed when dropped.
+struct Moto {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Moto::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Moto {
+        let exe =
+            std::env::var_os("PHISEAL_MOTO_SERVER").unwrap_or_else(|| panic!("{INSTALL_HINT}"));
+        let child = Command::new(&exe)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {exe:?}: {e}; {INSTALL_HINT}"));
+        let mut moto = Moto {
+            child: Some(child),
+            port,
+        };
+        moto.wait_ready();
+        moto
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("moto_server exited before answering: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer on port {} within 30 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn client(url: &str) -> aws_sdk_kms::Client {
+    let conf = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(url)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "static-test"))
+        .load()
+        .await;
+    aws_sdk_kms::Client::new(&conf)
+}
+
+/// Creates a symmetric key and returns its ARN.
+async fn create_key(client: &aws_sdk_kms::Client) -> String {
+    let out = client.create_key().send().await.unwrap();
+    out.key_metadata().unwrap().arn().unwrap().to_owned()
+}
+
+fn binding(tenant: &str, version: u32) -> KeyBinding {
+    KeyBinding {
+        tenant: TenantId::new(tenant).unwrap(),
+        version,
+    }
+}
+
+#[tokio::test]
+async fn conformance_suite() {
+    let moto = Moto::start();
+    let client = client(&moto.url()).await;
+    let arn = create_key(&client).await;
+    let kms = AwsKms::from_client(client, &arn).await.unwrap();
+    conformance::kms(Arc::new(kms), true).await;
+}
+
+#[tokio::test]
+async fn root_key_ref_records_the_key_arn_also_via_alias() {
+    let moto = Moto::start();
+    let client = client(&moto.url()).await;
+    let arn = create_key(&client).await;
+    assert!(
+        arn.starts_with("arn:aws:kms:us-east-1:123456789012:key/"),
+        "{arn}"
+    );
+    client
+        .create_alias()
+        .alias_name("alias/phiseal-test")
+        .target_key_id(&arn)
+        .send()
+        .await
+        .unwrap();
+    let key_id = arn.rsplit('/').next().unwrap().to_owned();
+    for configured in [arn.as_str(), key_id.as_str(), "alias/phiseal-test"] {
+        let kms = AwsKms::from_client(client.clone(), configured)
+            .await
+            .unwrap();
+        assert_eq!(kms.name(), "aws-kms");
+        assert_eq!(kms.key_arn(), arn);
+        let key = TenantKey::from_bytes([7; 32]);
+        let b = binding("acme", 1);
+        let wrapped = kms.wrap(&key, &b).await.unwrap();
+        assert_eq!(
+            wrapped.root_key_ref,
+            format!("aws-kms:{arn}"),
+            "{configured}"
+        );
+        let back = kms.unwrap(&wrapped, &b).await.unwrap();
+        assert_eq!(back.expose(), key.expose());
+    }
+}
+
+#[tokio::test]
+async fn a_wrap_under_one_key_does_not_unwrap_with_another_keys_config() {
+    let moto = Moto::start();
+    let client = client(&moto.url()).await;
+    let arn_a = create_key(&client).await;
+    let arn_b = create_key(&client).await;
+    let kms_a = AwsKms::from_client(client.clone(), &arn_a).await.unwrap();
+    let kms_b = AwsKms::from_client(client.clone(), &arn_b).await.unwrap();
+    let key = TenantKey::from_bytes([9; 32]);
+    let b = binding("acme", 2);
+    let wrapped = kms_a.wrap(&key, &b).await.unwrap();
+
+    // Refused by reference, before any KMS call.
+    let err = kms_b.unwrap(&wrapped, &b).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::InvalidData, "{err}");
+    assert!(err.to_string().contains(&arn_a), "{err}");
+    assert!(err.to_string().contains(&arn_b), "{err}");
+
+    // A record relabelled to name key B reaches KMS, which refuses to decrypt A's ciphertext
+    // with key B (moto: AccessDeniedException; AWS: IncorrectKeyException).
+    let mut relabelled = wrapped.clone();
+    relabelled.root_key_ref = format!("aws-kms:{arn_b}");
+    let err = kms_b.unwrap(&relabelled, &b).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::InvalidData, "{err}");
+    assert!(err.to_string().contains("aws-kms: Decrypt"), "{err}");
+
+    // Still fine under its own key.
+    assert_eq!(
+        kms_a.unwrap(&wrapped, &b).await.unwrap().expose(),
+        key.expose()
+    );
+}
+
+#[tokio::test]
+async fn unknown_key_is_misconfigured() {
+    let moto = Moto::start();
+    let client = client(&moto.url()).await;
+    let err = AwsKms::from_client(client, "alias/does-not-exist")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{err}");
+    assert!(err.to_string().contains("aws-kms"), "{err}");
+    assert!(err.to_string().contains("alias/does-not-exist"), "{err}");
+}
+
+#[tokio::test]
+async fn empty_config_is_refused_without_network() {
+    let config = AwsKmsConfig {
+        key_id: String::new(),
+        region: "us-east-1".into(),
+        endpoint_url: Some("http://127.0.0.1:9".into()),
+    };
+    let err = AwsKms::connect(&config).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{err}");
+}
+
+#[tokio::test]
+async fn outage_is_unavailable_and_a_restarted_server_serves_again() {
+    let mut moto = Moto::start();
+    let url = moto.url();
+    let client = client(&url).await;
+    let arn = create_key(&client).await;
+    let kms = AwsKms::from_client(client.clone(), &arn).await.unwrap();
+    let key = TenantKey::from_bytes([3; 32]);
+    let b = binding("acme", 1);
+    let wrapped = kms.wrap(&key, &b).await.unwrap();
+
+    moto.stop();
+    let started = Instant::now();
+    let err = kms.wrap(&key, &b).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Unavailable, "{err}");
+    let err = kms.unwrap(&wrapped, &b).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Unavailable, "{err}");
+    let shown = err.to_string();
+    assert!(shown.starts_with("aws-kms: Decrypt"), "{shown}");
+    assert!(shown.contains(&arn), "{shown}");
+    assert!(shown.contains("could not connect"), "{shown}");
+    // Retries are bounded by the operation timeout (5 s per call).
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // moto keeps its state in memory: the restarted server has no keys. The old instance's
+    // key is gone (a configuration problem, not an outage); a new key works.
+    let moto = Moto::start_on(moto.port);
+    assert_eq!(moto.url(), url);
+    let err = kms.wrap(&key, &b).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{err}");
+    let arn2 = create_key(&client).await;
+    let kms2 = AwsKms::from_client(client, &arn2).await.unwrap();
+    let wrapped2 = kms2.wrap(&key, &b).await.unwrap();
+    assert_eq!(
+        kms2.unwrap(&wrapped2, &b).await.unwrap().expose(),
+        key.expose()
+    );
+}
