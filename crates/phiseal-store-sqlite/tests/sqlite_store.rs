@@ -116,83 +116,14 @@ async fn create_twice_is_a_conflict() {
 async fn invalid_new_records_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteKeyStore::open(db_path(&dir)).unwrap();
-    let t = tid("acme");
-    let err = store
-        .create_tenant(&t, record("acme", 2))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::InvalidData);
-    let mut not_primary = record("acme", 1);
-    not_primary.state = KeyState::DecryptOnly;
-    let err = store.create_tenant(&t, not_primary).await.unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::InvalidData);
-    let mut no_wrapped = record("acme", 1);
-    no_wrapped.wrapped = None;
-    let err = store
-        .create_tenant(&t, no_wrapped.clone())
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::InvalidData);
-    assert!(store.load_tenant(&t).await.unwrap().is_none());
-
-    store.create_tenant(&t, record("acme", 1)).await.unwrap();
-    no_wrapped.version = 2;
-    let err = store.insert_version(&t, 1, no_wrapped).await.unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::InvalidData);
-    assert_eq!(
-        versions(&store.load_tenant(&t).await.unwrap().unwrap()),
-        [1]
-    );
+    phiseal::testkit::conformance::key_store_invalid_records(&store).await;
 }
 
 #[tokio::test]
 async fn stale_compare_and_set_is_a_conflict_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteKeyStore::open(db_path(&dir)).unwrap();
-    let t = tid("acme");
-    store.create_tenant(&t, record("acme", 1)).await.unwrap();
-    store
-        .insert_version(&t, 1, record("acme", 2))
-        .await
-        .unwrap();
-    let before = store.load_tenant(&t).await.unwrap();
-
-    // Stale expected_latest.
-    let err = store
-        .insert_version(&t, 1, record("acme", 2))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Conflict);
-    assert!(err.to_string().contains("rotated concurrently"), "{err}");
-    // Right expected_latest, wrong next version (skips or repeats).
-    for next in [2, 4, 1] {
-        let err = store
-            .insert_version(&t, 2, record("acme", next))
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), BackendErrorKind::Conflict);
-    }
-    // Expected latest ahead of the store.
-    let err = store
-        .insert_version(&t, 5, record("acme", 6))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Conflict);
-    // Overflow of expected_latest + 1 does not panic.
-    let err = store
-        .insert_version(&t, u32::MAX, record("acme", 1))
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), BackendErrorKind::Conflict);
-    assert_eq!(store.load_tenant(&t).await.unwrap(), before);
-
-    // Unknown tenant.
-    let err = store
-        .insert_version(&tid("nobody"), 0, record("nobody", 1))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("tenant not found"), "{err}");
-    assert!(store.load_tenant(&tid("nobody")).await.unwrap().is_none());
+    phiseal::testkit::conformance::key_store_stale_cas(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

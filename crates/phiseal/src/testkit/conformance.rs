@@ -424,3 +424,98 @@ pub async fn key_store_methods(store: &dyn KeyStore) -> Option<TenantRecord> {
 
     store.load_tenant(&t).await.unwrap()
 }
+
+/// New records a store must refuse (InvalidData, nothing stored): a first version that is not
+/// version 1, not primary, or without wrapped bytes; a rotation without wrapped bytes. Needs a
+/// store without tenant `acme`.
+pub async fn key_store_invalid_records(store: &dyn KeyStore) {
+    let t = tenant_id("acme");
+    let err = store
+        .create_tenant(&t, method_record("acme", 2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::InvalidData);
+    let mut not_primary = method_record("acme", 1);
+    not_primary.state = KeyState::DecryptOnly;
+    let err = store.create_tenant(&t, not_primary).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::InvalidData);
+    let mut no_wrapped = method_record("acme", 1);
+    no_wrapped.wrapped = None;
+    let err = store
+        .create_tenant(&t, no_wrapped.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::InvalidData);
+    assert!(store.load_tenant(&t).await.unwrap().is_none());
+
+    store
+        .create_tenant(&t, method_record("acme", 1))
+        .await
+        .unwrap();
+    no_wrapped.version = 2;
+    let err = store.insert_version(&t, 1, no_wrapped).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::InvalidData);
+    assert_eq!(
+        versions(&store.load_tenant(&t).await.unwrap().unwrap()),
+        [1]
+    );
+}
+
+/// Compare-and-set misses a store must report as Conflict and leave without effect: a stale
+/// or future `expected_latest`, a next version that skips or repeats, `u32::MAX` (no
+/// overflow), and an unknown tenant. Needs a store without tenants `acme` and `nobody`.
+pub async fn key_store_stale_cas(store: &dyn KeyStore) {
+    let t = tenant_id("acme");
+    store
+        .create_tenant(&t, method_record("acme", 1))
+        .await
+        .unwrap();
+    store
+        .insert_version(&t, 1, method_record("acme", 2))
+        .await
+        .unwrap();
+    let before = store.load_tenant(&t).await.unwrap();
+
+    // Stale expected_latest.
+    let err = store
+        .insert_version(&t, 1, method_record("acme", 2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Conflict);
+    assert!(err.to_string().contains("rotated concurrently"), "{err}");
+    // Right expected_latest, wrong next version (skips or repeats).
+    for next in [2, 4, 1] {
+        let err = store
+            .insert_version(&t, 2, method_record("acme", next))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Conflict);
+    }
+    // Expected latest ahead of the store.
+    let err = store
+        .insert_version(&t, 5, method_record("acme", 6))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Conflict);
+    // Overflow of expected_latest + 1 does not panic.
+    let err = store
+        .insert_version(&t, u32::MAX, method_record("acme", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Conflict);
+    assert_eq!(store.load_tenant(&t).await.unwrap(), before);
+
+    // Unknown tenant.
+    let err = store
+        .insert_version(&tenant_id("nobody"), 0, method_record("nobody", 1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("tenant not found"), "{err}");
+    assert!(
+        store
+            .load_tenant(&tenant_id("nobody"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
