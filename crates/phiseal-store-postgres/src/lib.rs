@@ -432,14 +432,7 @@ impl<'a> FromSql<'a> for PgTime {
 
 /// Checks that `record` can be stored as a new primary version.
 fn check_new_record(tenant: &TenantId, record: &KeyRecord) -> Result<(), PostgresStoreError> {
-    let reason = if record.state != KeyState::Primary {
-        Some("a new key version must be in state 'primary'")
-    } else if record.wrapped.is_none() {
-        Some("a new key version must carry its wrapped key")
-    } else {
-        None
-    };
-    match reason {
+    match record.new_version_problem() {
         Some(reason) => Err(PostgresStoreError::InvalidRecord {
             tenant: tenant.clone(),
             version: record.version,

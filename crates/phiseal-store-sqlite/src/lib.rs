@@ -465,14 +465,7 @@ fn user_version(conn: &Connection) -> Result<i64, SqliteStoreError> {
 
 /// Checks that `record` can be stored as the new primary version `version`.
 fn check_new_record(tenant: &TenantId, record: &KeyRecord) -> Result<(), SqliteStoreError> {
-    let reason = if record.state != KeyState::Primary {
-        Some("a new key version must be in state 'primary'")
-    } else if record.wrapped.is_none() {
-        Some("a new key version must carry its wrapped key")
-    } else {
-        None
-    };
-    match reason {
+    match record.new_version_problem() {
         Some(reason) => Err(SqliteStoreError::InvalidRecord {
             tenant: tenant.clone(),
             version: record.version,

@@ -55,6 +55,21 @@ pub struct KeyRecord {
     pub created_at: Timestamp,
 }
 
+impl KeyRecord {
+    /// Why this record cannot be stored as a *new* key version (`create_tenant`,
+    /// `insert_version`), or `None`: it must be primary and carry its wrapped key. Every
+    /// store refuses such a record with [`crate::BackendErrorKind::InvalidData`].
+    pub fn new_version_problem(&self) -> Option<&'static str> {
+        if self.state != KeyState::Primary {
+            Some("a new key version must be in state 'primary'")
+        } else if self.wrapped.is_none() {
+            Some("a new key version must carry its wrapped key")
+        } else {
+            None
+        }
+    }
+}
+
 /// Everything the store holds about one tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantRecord {
