@@ -65,6 +65,9 @@ impl Kms for CountingKms {
     fn name(&self) -> &str {
         "counting"
     }
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        self.inner.current_root_key_ref().await
+    }
     async fn wrap(&self, key: &TenantKey, b: &KeyBinding) -> Result<WrappedKey, BackendError> {
         self.inner.wrap(key, b).await
     }

@@ -229,6 +229,12 @@ impl Kms for AwsKms {
         NAME
     }
 
+    /// `aws-kms:<ARN>`: KMS's automatic key rotation keeps the ARN (and decrypts old wraps
+    /// itself), so the reference only changes when the backend is built for another key.
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        Ok(self.root_key_ref.clone())
+    }
+
     async fn wrap(
         &self,
         key: &TenantKey,

@@ -350,6 +350,10 @@ impl Kms for LocalKms {
         true
     }
 
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        Ok(self.root_key_ref.clone())
+    }
+
     async fn wrap(
         &self,
         key: &TenantKey,

@@ -57,6 +57,11 @@ pub trait Kms: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// The root-key reference that [`Kms::wrap`] records now: the current root key version.
+    /// `phiseal root rotate` re-wraps every stored tenant key whose reference differs.
+    /// May call the KMS (Azure Key Vault reads the key's latest version).
+    async fn current_root_key_ref(&self) -> Result<String, BackendError>;
+
     /// Wraps `key` under the current root key version, bound to `binding`.
     async fn wrap(&self, key: &TenantKey, binding: &KeyBinding)
     -> Result<WrappedKey, BackendError>;

@@ -64,6 +64,13 @@ impl Kms for MeteredKms {
         self.inner.is_dev_only()
     }
 
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        let started = Instant::now();
+        let result = self.inner.current_root_key_ref().await;
+        self.record("current_root_key_ref", started, &result);
+        result
+    }
+
     async fn wrap(
         &self,
         key: &TenantKey,

@@ -35,7 +35,8 @@ fn binding(tenant: &str, version: u32) -> KeyBinding {
 
 /// The KMS suite: round trip; the binding (tenant, version) is enforced where the backend can
 /// enforce it (see `binds_context`); altered wrapped bytes are refused; the root-key reference
-/// is recorded; concurrent use works; `Debug` shows no key bytes.
+/// is recorded and is the current one; a reference to another root key is refused as
+/// `InvalidData` or `Misconfigured`; concurrent use works; `Debug` shows no key bytes.
 ///
 /// `binds_context` is false for backends whose wrap takes no AAD (Azure Key Vault): for them
 /// the core's key-check MAC is the binding, and a swapped binding must still not return a
@@ -51,6 +52,14 @@ pub async fn kms(kms: Arc<dyn Kms>, binds_context: bool) {
     assert!(
         !wrapped.root_key_ref.is_empty(),
         "{name}: the root-key reference must be recorded"
+    );
+    let current = kms
+        .current_root_key_ref()
+        .await
+        .unwrap_or_else(|e| panic!("{name}: current_root_key_ref: {e}"));
+    assert_eq!(
+        wrapped.root_key_ref, current,
+        "{name}: a wrap must record the current root-key reference"
     );
     assert!(
         !wrapped.ciphertext.windows(32).any(|w| w == key.expose()),
@@ -90,6 +99,21 @@ pub async fn kms(kms: Arc<dyn Kms>, binds_context: bool) {
         kms.unwrap(&empty, &b).await.is_err(),
         "{name}: empty wrapped bytes were accepted"
     );
+
+    let foreign = WrappedKey {
+        root_key_ref: "no-such-backend:root-key-1".into(),
+        ciphertext: wrapped.ciphertext.clone(),
+    };
+    match kms.unwrap(&foreign, &b).await {
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                BackendErrorKind::InvalidData | BackendErrorKind::Misconfigured
+            ),
+            "{name}: a reference to another root key must be InvalidData or Misconfigured: {e}"
+        ),
+        Ok(_) => panic!("{name}: unwrapped bytes that name another root key"),
+    }
 
     let mut tasks = Vec::new();
     for i in 0..16u32 {
