@@ -138,14 +138,30 @@ pub fn open_kms_and_audit(
     data_dir: &Path,
     options: &EmbeddedOptions,
 ) -> Result<(Arc<LocalKms>, Arc<FileAuditLog>), EmbeddedError> {
+    let kms = open_local_kms(data_dir)?;
+    let audit = open_audit(data_dir, options)?;
+    Ok((kms, audit))
+}
+
+/// Opens (creating on first use) the local development KMS's root key in `data_dir`.
+pub fn open_local_kms(data_dir: &Path) -> Result<Arc<LocalKms>, EmbeddedError> {
     prepare_data_dir(data_dir)?;
-    let paths = EmbeddedPaths::new(data_dir);
-    let kms = LocalKms::open(&paths.root_key)?;
-    let audit = FileAuditLog::open(
-        options.audit_log.as_ref().unwrap_or(&paths.audit_log),
-        options.durability,
-    )?;
-    Ok((Arc::new(kms), Arc::new(audit)))
+    Ok(Arc::new(LocalKms::open(
+        EmbeddedPaths::new(data_dir).root_key,
+    )?))
+}
+
+/// Opens (creating on first use) the audit log: `options.audit_log`, or `DATA_DIR/audit.log`.
+pub fn open_audit(
+    data_dir: &Path,
+    options: &EmbeddedOptions,
+) -> Result<Arc<FileAuditLog>, EmbeddedError> {
+    prepare_data_dir(data_dir)?;
+    let path = options
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| EmbeddedPaths::new(data_dir).audit_log);
+    Ok(Arc::new(FileAuditLog::open(path, options.durability)?))
 }
 
 /// A keyring builder with the embedded default's parts set, for further settings

@@ -1015,3 +1015,272 @@ async fn decrypt_never_panics_on_mutated_or_random_input() {
         assert!(phiseal::format::from_text(&text).is_err() || text.starts_with("phs1:"));
     }
 }
+
+/// Fault injection for the KMS-outage rules (the real cloud backends are tested against their
+/// emulators elsewhere): the local KMS, whose unwrap can be switched to fail as `Unavailable`
+/// (an outage) or `Denied` (a refusal, e.g. a disabled root key).
+#[derive(Debug)]
+struct SwitchableKms {
+    inner: Arc<dyn Kms>,
+    /// None: working; Some(kind): every unwrap fails with that kind.
+    failure: std::sync::Mutex<Option<BackendErrorKind>>,
+    unwraps: AtomicUsize,
+}
+
+impl SwitchableKms {
+    fn fail_with(&self, kind: Option<BackendErrorKind>) {
+        *self.failure.lock().unwrap() = kind;
+    }
+}
+
+#[async_trait]
+impl Kms for SwitchableKms {
+    fn name(&self) -> &str {
+        "switchable"
+    }
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        self.inner.current_root_key_ref().await
+    }
+    async fn wrap(&self, key: &TenantKey, b: &KeyBinding) -> Result<WrappedKey, BackendError> {
+        self.inner.wrap(key, b).await
+    }
+    async fn unwrap(&self, w: &WrappedKey, b: &KeyBinding) -> Result<TenantKey, BackendError> {
+        self.unwraps.fetch_add(1, Ordering::SeqCst);
+        let failure = *self.failure.lock().unwrap();
+        match failure {
+            Some(kind) => Err(BackendError::new(kind, "injected failure")),
+            None => self.inner.unwrap(w, b).await,
+        }
+    }
+}
+
+/// Keeps every appended event in memory.
+#[derive(Debug, Default)]
+struct MemoryAudit {
+    events: std::sync::Mutex<Vec<AuditEvent>>,
+}
+
+impl MemoryAudit {
+    /// `(action, outcome, key source)` of every event so far, then forgets them.
+    fn take(&self) -> Vec<(String, String, Option<String>)> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+            .into_iter()
+            .map(|e| {
+                (
+                    e.action.as_str().to_owned(),
+                    e.outcome.as_str().to_owned(),
+                    e.key_source.map(|s| s.as_str().to_owned()),
+                )
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl AuditSink for MemoryAudit {
+    fn name(&self) -> &str {
+        "memory"
+    }
+    async fn append(&self, events: &[AuditEvent]) -> Result<(), BackendError> {
+        self.events.lock().unwrap().extend_from_slice(events);
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+fn event(action: &str, outcome: &str, source: Option<&str>) -> (String, String, Option<String>) {
+    (
+        action.to_owned(),
+        outcome.to_owned(),
+        source.map(str::to_owned),
+    )
+}
+
+#[tokio::test]
+async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = Arc::new(SwitchableKms {
+        inner: p.kms.inner.clone(),
+        failure: std::sync::Mutex::new(None),
+        unwraps: AtomicUsize::new(0),
+    });
+    let audit = Arc::new(MemoryAudit::default());
+    let cache = CacheSettings {
+        key_ttl: Duration::from_millis(300),
+        metadata_ttl: Duration::from_millis(300),
+        max_stale: Duration::from_millis(1500),
+        ..CacheSettings::default()
+    };
+    let k = Keyring::builder()
+        .kms(kms.clone())
+        .key_store(p.store.clone())
+        .audit(audit.clone())
+        .cache(cache)
+        .build()
+        .unwrap();
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    k.create_tenant(&c, &tenant("cold")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = k.encrypt(&c, &cx, b"v").await.unwrap();
+    let cold_ct = k.encrypt(&c, &ctx("cold", "f", None), b"w").await.unwrap();
+    audit.take();
+
+    // Outage. Within the TTL nothing changes.
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    k.decrypt(&c, &cx, &ct).await.unwrap();
+    assert_eq!(audit.take(), [event("decrypt", "ok", Some("cache"))]);
+
+    // Past the TTL: one KMS attempt, the decision to serve stale is audited, the operation
+    // records the stale source; the next operations use the stale key without calling the KMS.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    assert_eq!(&k.decrypt(&c, &cx, &ct).await.unwrap()[..], b"v");
+    k.encrypt(&c, &cx, b"x").await.unwrap();
+    assert_eq!(kms.unwraps.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(
+        audit.take(),
+        [
+            event("unwrap_key", "kms", Some("kms")),
+            event("serve_stale_key", "ok", Some("stale")),
+            event("decrypt", "ok", Some("stale")),
+            event("encrypt", "ok", Some("stale")),
+        ]
+    );
+
+    // A key that is not cached (a second process, empty cache) fails at once, naming the
+    // backend and the cause; no stale key exists, so the refusal is audited.
+    let cold = Keyring::builder()
+        .kms(kms.clone())
+        .key_store(p.store.clone())
+        .audit(audit.clone())
+        .cache(cache)
+        .build()
+        .unwrap();
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    let err = cold
+        .decrypt(&c, &ctx("cold", "f", None), &cold_ct)
+        .await
+        .unwrap_err();
+    assert!(err.is_kms_unavailable(), "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("switchable") && shown.contains("injected failure"),
+        "{shown}"
+    );
+    assert_eq!(kms.unwraps.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(
+        audit.take(),
+        [
+            event("unwrap_key", "kms", Some("kms")),
+            event("serve_stale_key", "kms", None),
+            event("decrypt", "kms", None),
+        ]
+    );
+
+    // Past key_ttl + max_stale: fail closed, and the refusal is audited.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
+    assert!(err.is_kms_unavailable(), "{err}");
+    assert_eq!(
+        audit.take(),
+        [
+            event("unwrap_key", "kms", Some("kms")),
+            event("serve_stale_key", "kms", None),
+            event("decrypt", "kms", None),
+        ]
+    );
+
+    // The KMS is back: fresh keys again.
+    kms.fail_with(None);
+    assert_eq!(&k.decrypt(&c, &cx, &ct).await.unwrap()[..], b"v");
+    assert_eq!(
+        audit.take(),
+        [
+            event("unwrap_key", "ok", Some("kms")),
+            event("decrypt", "ok", Some("kms")),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn kms_refusal_is_never_served_from_a_stale_key() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = Arc::new(SwitchableKms {
+        inner: p.kms.inner.clone(),
+        failure: std::sync::Mutex::new(None),
+        unwraps: AtomicUsize::new(0),
+    });
+    let cache = CacheSettings {
+        key_ttl: Duration::from_millis(200),
+        metadata_ttl: Duration::from_millis(200),
+        max_stale: Duration::from_secs(60),
+        ..CacheSettings::default()
+    };
+    let k = Keyring::builder()
+        .kms(kms.clone())
+        .key_store(p.store.clone())
+        .danger_disable_audit()
+        .cache(cache)
+        .build()
+        .unwrap();
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = k.encrypt(&c, &cx, b"v").await.unwrap();
+    // A disabled or revoked root key is a refusal, not an outage: no stale service.
+    kms.fail_with(Some(BackendErrorKind::Denied));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
+    assert!(!err.is_kms_unavailable(), "{err}");
+    assert!(matches!(err, Error::Kms { .. }), "{err}");
+    assert!(k.encrypt(&c, &cx, b"x").await.is_err());
+}
+
+#[tokio::test]
+async fn without_max_stale_an_outage_fails_closed_at_the_ttl() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = Arc::new(SwitchableKms {
+        inner: p.kms.inner.clone(),
+        failure: std::sync::Mutex::new(None),
+        unwraps: AtomicUsize::new(0),
+    });
+    let audit = Arc::new(MemoryAudit::default());
+    let cache = CacheSettings {
+        key_ttl: Duration::from_millis(200),
+        metadata_ttl: Duration::from_millis(200),
+        ..CacheSettings::default()
+    };
+    let k = Keyring::builder()
+        .kms(kms.clone())
+        .key_store(p.store.clone())
+        .audit(audit.clone())
+        .cache(cache)
+        .build()
+        .unwrap();
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = k.encrypt(&c, &cx, b"v").await.unwrap();
+    audit.take();
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        k.decrypt(&c, &cx, &ct)
+            .await
+            .unwrap_err()
+            .is_kms_unavailable()
+    );
+    assert_eq!(
+        audit.take(),
+        [
+            event("unwrap_key", "kms", Some("kms")),
+            event("decrypt", "kms", None),
+        ]
+    );
+}

@@ -58,6 +58,9 @@ pub enum Action {
     KeyStatus,
     /// A root-key rotation or migration step re-wrapped one tenant key version.
     RewrapRootKey,
+    /// A degraded-mode decision during a KMS outage: `ok` when a cached key past its TTL was
+    /// kept in service (within the cache's `max_stale`), an error kind when it was refused.
+    ServeStaleKey,
 }
 
 impl Action {
@@ -74,6 +77,7 @@ impl Action {
             Action::UnwrapKey => "unwrap_key",
             Action::KeyStatus => "key_status",
             Action::RewrapRootKey => "rewrap_root_key",
+            Action::ServeStaleKey => "serve_stale_key",
         }
     }
 }
@@ -85,6 +89,9 @@ pub enum KeySource {
     Cache,
     /// The KMS (a miss; an [`Action::UnwrapKey`] event precedes it).
     Kms,
+    /// The key cache, past the key's TTL, because the KMS is unavailable (an
+    /// [`Action::ServeStaleKey`] event records the decision).
+    Stale,
 }
 
 impl KeySource {
@@ -93,6 +100,7 @@ impl KeySource {
         match self {
             KeySource::Cache => "cache",
             KeySource::Kms => "kms",
+            KeySource::Stale => "stale",
         }
     }
 }

@@ -138,6 +138,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is a KMS failure that may pass by itself (unreachable, timed out,
+    /// throttled), as opposed to a refusal.
+    pub fn is_kms_unavailable(&self) -> bool {
+        matches!(self, Error::Kms { source, .. } if source.kind() == BackendErrorKind::Unavailable)
+    }
+
     /// A short stable name for the error kind, for audit records and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -218,6 +218,9 @@ pub(crate) struct VersionKey {
     pub(crate) uses: AtomicU64,
     /// When it was unwrapped, for the cache's TTL (coarse monotonic clock).
     pub(crate) loaded_at: coarsetime::Instant,
+    /// Until when (coarse clock ticks) it serves past its TTL because the KMS was found
+    /// unavailable; 0 when it never was.
+    degraded_until: AtomicU64,
 }
 
 impl VersionKey {
@@ -239,7 +242,23 @@ impl VersionKey {
             // The operation that unwrapped it is its first use.
             uses: AtomicU64::new(1),
             loaded_at: coarsetime::Instant::now_without_cache_update(),
+            degraded_until: AtomicU64::new(0),
         })
+    }
+
+    /// Lets the key serve past its TTL until `until` (the next KMS retry).
+    pub(crate) fn degrade_until(&self, until: coarsetime::Instant) {
+        self.degraded_until
+            .store(until.as_ticks(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether it may serve past its TTL at `now` (a KMS outage was seen and the next retry
+    /// is not due).
+    pub(crate) fn is_degraded_at(&self, now: coarsetime::Instant) -> bool {
+        now.as_ticks()
+            < self
+                .degraded_until
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn new_epoch(

@@ -45,7 +45,18 @@ pub struct CacheSettings {
     /// version change or shred made by *another* process is seen. Changes made through this
     /// keyring are seen at once.
     pub metadata_ttl: Duration,
+    /// How long past `key_ttl` a cached key may keep serving while the KMS is *unavailable*
+    /// (unreachable, timing out, throttled), never when it refuses (access denied, disabled
+    /// key, invalid data). Zero, the default, fails closed at `key_ttl`. While a key is served
+    /// stale the KMS is tried again every [`STALE_RETRY_INTERVAL`]; each decision to serve a
+    /// stale key, or to refuse one that is too old, is audited as `serve_stale_key`, and every
+    /// field operation it serves records the key source `stale`.
+    pub max_stale: Duration,
 }
+
+/// While a stale key is served during a KMS outage, the KMS is tried again this often (one
+/// coalesced unwrap per key version; other requests keep using the stale key meanwhile).
+pub const STALE_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Default for CacheSettings {
     fn default() -> Self {
@@ -54,6 +65,7 @@ impl Default for CacheSettings {
             key_ttl: Duration::from_secs(300),
             max_uses: 100_000_000,
             metadata_ttl: Duration::from_secs(5),
+            max_stale: Duration::ZERO,
         }
     }
 }
@@ -286,6 +298,7 @@ impl KeyringBuilder {
                 cache: c,
                 key_ttl: c.key_ttl.into(),
                 metadata_ttl: c.metadata_ttl.into(),
+                max_age: (c.key_ttl.saturating_add(c.max_stale)).into(),
                 tenants: quick_cache::sync::Cache::new(c.capacity),
                 keys: quick_cache::sync::Cache::new(c.capacity),
                 generation: std::sync::atomic::AtomicU64::new(0),
@@ -348,6 +361,8 @@ struct Inner {
     /// `cache.key_ttl` and `cache.metadata_ttl` on the coarse clock (checked per operation).
     key_ttl: coarsetime::Duration,
     metadata_ttl: coarsetime::Duration,
+    /// `key_ttl + max_stale`: no key is used longer after its unwrap, outage or not.
+    max_age: coarsetime::Duration,
     tenants: quick_cache::sync::Cache<TenantId, Arc<TenantView>>,
     keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
     /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`).
@@ -658,37 +673,72 @@ impl Keyring {
                 tenant: tenant.clone(),
                 version,
             })?;
+        // A key past its TTL that may still serve if the KMS turns out to be unavailable.
+        let mut stale = None;
         if let Some(key) = inner.keys.get(&KeyRef(tenant, version)) {
-            if self.serve(&key, now) {
-                return Ok((key, KeySource::Cache));
+            if let Some(source) = self.serve(&key, now) {
+                return Ok((key, source));
             }
             inner
                 .keys
                 .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
+            if self.may_serve_stale(&key, now) {
+                stale = Some(key);
+            }
         }
         let cache_key = (tenant.clone(), version);
         let mut unwrapped_here = false;
+        let mut served_stale = false;
         let key = inner
             .keys
             .get_or_insert_async(&cache_key, async {
                 unwrapped_here = true;
                 let result = self.unwrap_version(tenant, key_record).await;
+                let meta = OpMeta {
+                    key_version: Some(version),
+                    key_source: Some(KeySource::Kms),
+                };
+                let mut events = vec![Self::event(
+                    caller,
+                    Action::UnwrapKey,
+                    Some(tenant),
+                    None,
+                    &meta,
+                    outcome_of(&result),
+                )];
+                let result = match result {
+                    Err(e) if e.is_kms_unavailable() => {
+                        // The degraded-mode decision: serve the stale key, or fail closed.
+                        let decision = match stale.take() {
+                            Some(key) => {
+                                key.degrade_until(now.saturating_add(STALE_RETRY_INTERVAL.into()));
+                                served_stale = true;
+                                Ok(key)
+                            }
+                            None => Err(e),
+                        };
+                        if self.inner.cache.max_stale > Duration::ZERO {
+                            let meta = OpMeta {
+                                key_version: Some(version),
+                                key_source: decision.is_ok().then_some(KeySource::Stale),
+                            };
+                            events.push(Self::event(
+                                caller,
+                                Action::ServeStaleKey,
+                                Some(tenant),
+                                None,
+                                &meta,
+                                outcome_of(&decision),
+                            ));
+                        }
+                        decision
+                    }
+                    other => other.map(Arc::new),
+                };
                 if self.inner.audit.is_some() {
-                    let meta = OpMeta {
-                        key_version: Some(version),
-                        key_source: Some(KeySource::Kms),
-                    };
-                    let event = Self::event(
-                        caller,
-                        Action::UnwrapKey,
-                        Some(tenant),
-                        None,
-                        &meta,
-                        outcome_of(&result),
-                    );
-                    self.append(std::slice::from_ref(&event)).await?;
+                    self.append(&events).await?;
                 }
-                result.map(Arc::new)
+                result
             })
             .await?;
         let source = if unwrapped_here {
@@ -699,11 +749,20 @@ impl Keyring {
                     .keys
                     .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
             }
-            KeySource::Kms
+            if served_stale {
+                key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                KeySource::Stale
+            } else {
+                KeySource::Kms
+            }
         } else {
-            // A waiter on a coalesced unwrap: count its use too.
+            // A waiter on a coalesced unwrap (or on a stale-key decision): count its use too.
             key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            KeySource::Cache
+            if now.duration_since(key.loaded_at) > inner.key_ttl {
+                KeySource::Stale
+            } else {
+                KeySource::Cache
+            }
         };
         Ok((key, source))
     }
@@ -750,12 +809,31 @@ impl Keyring {
 
     // ----- field operations ----------------------------------------------------------------
 
-    /// Whether a cached key may serve one more operation (counted): within its TTL, under
-    /// max uses, and its encryption epoch not exhausted.
-    fn serve(&self, key: &VersionKey, now: Instant) -> bool {
+    /// Whether a cached key may serve one more operation (counted), and as what: within its
+    /// TTL ([`KeySource::Cache`]) or, during a KMS outage, within `max_stale` past it and
+    /// before the next KMS retry ([`KeySource::Stale`]); always under max uses with its
+    /// encryption epoch not exhausted.
+    fn serve(&self, key: &VersionKey, now: Instant) -> Option<KeySource> {
         let inner = &self.inner;
-        now.duration_since(key.loaded_at) <= inner.key_ttl
-            && key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < inner.cache.max_uses
+        let age = now.duration_since(key.loaded_at);
+        let source = if age <= inner.key_ttl {
+            KeySource::Cache
+        } else if age <= inner.max_age && key.is_degraded_at(now) {
+            KeySource::Stale
+        } else {
+            return None;
+        };
+        (key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < inner.cache.max_uses
+            && !key.epoch_exhausted())
+        .then_some(source)
+    }
+
+    /// Whether a key that [`Keyring::serve`] turned down may still serve if the KMS is
+    /// unavailable: within `key_ttl + max_stale`, under max uses, epoch not exhausted.
+    fn may_serve_stale(&self, key: &VersionKey, now: Instant) -> bool {
+        let inner = &self.inner;
+        now.duration_since(key.loaded_at) <= inner.max_age
+            && key.uses.load(std::sync::atomic::Ordering::Relaxed) < inner.cache.max_uses
             && !key.epoch_exhausted()
     }
 
@@ -769,10 +847,11 @@ impl Keyring {
         version: u32,
         now: Instant,
         op: impl FnOnce(&VersionKey) -> T,
-    ) -> Option<T> {
+    ) -> Option<(T, KeySource)> {
         let hot = view.hot.read().ok()?;
         let key = hot.iter().find(|k| k.version() == version)?;
-        self.serve(key, now).then(|| op(key))
+        let source = self.serve(key, now)?;
+        Some((op(key), source))
     }
 
     /// The cached, fresh metadata of a live tenant; `None` sends the caller to the slow path.
@@ -790,12 +869,12 @@ impl Keyring {
     ) -> Option<FieldOutcome<Vec<u8>>> {
         let view = self.cached_view(context.tenant(), now)?;
         let version = view.record.primary()?.version;
-        let result = self.with_cached_key(&view, version, now, |key| {
+        let (result, source) = self.with_cached_key(&view, version, now, |key| {
             key.encrypt(self.inner.algorithm, context, plaintext)
         })?;
         let meta = OpMeta {
             key_version: Some(version),
-            key_source: Some(KeySource::Cache),
+            key_source: Some(source),
         };
         Some((result, meta))
     }
@@ -855,11 +934,11 @@ impl Keyring {
         if version < view.record.min_decrypt_version {
             return None;
         }
-        let result =
+        let (result, source) =
             self.with_cached_key(&view, version, now, |key| key.decrypt(&parsed, context))?;
         let meta = OpMeta {
             key_version: Some(version),
-            key_source: Some(KeySource::Cache),
+            key_source: Some(source),
         };
         Some((result, meta))
     }

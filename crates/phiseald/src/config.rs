@@ -36,6 +36,9 @@ pub struct Config {
     /// Audit log durability.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Where the root key is (the KMS backend).
+    #[serde(default)]
+    pub kms: KmsConfig,
     /// Where wrapped tenant keys are stored.
     #[serde(default)]
     pub key_store: KeyStoreConfig,
@@ -123,6 +126,154 @@ pub enum DurabilityName {
     Strict,
 }
 
+/// `[kms]`: the KMS backend holding the root key. `kind` selects it; its settings are in the
+/// sub-table of the same name (`[kms.aws]`, `[kms.azure]`, `[kms.pkcs11]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KmsConfig {
+    /// `local` (default: `DATA_DIR/root.key`, development only), `aws`, `azure` or `pkcs11`.
+    pub kind: KmsKind,
+    /// For `aws`.
+    pub aws: Option<AwsKmsSection>,
+    /// For `azure`.
+    pub azure: Option<AzureKmsSection>,
+    /// For `pkcs11`.
+    pub pkcs11: Option<Pkcs11KmsSection>,
+}
+
+/// KMS kinds as written in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KmsKind {
+    /// The local development KMS (`DATA_DIR/root.key`); refused by the production profile.
+    #[default]
+    Local,
+    /// AWS KMS.
+    Aws,
+    /// Azure Key Vault (or Managed HSM).
+    Azure,
+    /// A PKCS#11 HSM.
+    Pkcs11,
+}
+
+impl KmsKind {
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KmsKind::Local => "local",
+            KmsKind::Aws => "aws",
+            KmsKind::Azure => "azure",
+            KmsKind::Pkcs11 => "pkcs11",
+        }
+    }
+}
+
+/// `[kms.aws]`. Credentials come from the standard AWS chain (environment, shared files,
+/// web identity / IRSA, ECS and EC2 instance metadata), never from this file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsKmsSection {
+    /// The KMS key: key id, key ARN, alias name (`alias/…`) or alias ARN.
+    pub key_id: String,
+    /// The key's region, e.g. `eu-central-1`.
+    pub region: String,
+    /// A custom endpoint (VPC or FIPS endpoint); default: the region's standard endpoint.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+}
+
+/// `[kms.azure]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureKmsSection {
+    /// The vault (or Managed HSM) URL, e.g. `https://contoso.vault.azure.net`.
+    pub vault_url: String,
+    /// The key's name.
+    pub key_name: String,
+    /// `RSA-OAEP-256` (default; RSA keys) or `A256KW` (Managed HSM `oct-HSM` keys).
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// `managed-identity` (default), `workload-identity`, `client-secret` or `azure-cli`.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// For `client-secret`: the Entra ID tenant.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// For `client-secret`, or a user-assigned managed identity: the client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// For `client-secret`: the secret. Prefer the environment variable
+    /// `PHISEALD_KMS__AZURE__CLIENT_SECRET` to a file others can read.
+    #[serde(default)]
+    pub client_secret: Option<SecretText>,
+}
+
+/// `[kms.pkcs11]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11KmsSection {
+    /// The PKCS#11 module (shared library) of the HSM vendor.
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// The label of the AES-256 root key on the token (new wraps use it).
+    pub key_label: String,
+    /// Labels of earlier root keys that still unwrap, until `phiseal root rotate` has
+    /// re-wrapped everything under `key_label`.
+    #[serde(default)]
+    pub previous_key_labels: Vec<String>,
+    /// The user PIN. Prefer the environment variable `PHISEALD_KMS__PKCS11__PIN`.
+    pub pin: SecretText,
+}
+
+impl KmsConfig {
+    /// The selected kind's section is present and the others are absent; required values
+    /// are not blank. The message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let present = [
+            (KmsKind::Aws, self.aws.is_some()),
+            (KmsKind::Azure, self.azure.is_some()),
+            (KmsKind::Pkcs11, self.pkcs11.is_some()),
+        ];
+        for (kind, is_present) in present {
+            if kind == self.kind && !is_present {
+                return Err(format!(
+                    "kms.{0}: required with kms.kind = \"{0}\"",
+                    kind.as_str()
+                ));
+            }
+            if kind != self.kind && is_present {
+                return Err(format!(
+                    "kms.{}: set, but kms.kind is \"{}\" (remove it or change kms.kind)",
+                    kind.as_str(),
+                    self.kind.as_str()
+                ));
+            }
+        }
+        let blank = |key: &str, value: &str| {
+            if value.trim().is_empty() {
+                Err(format!("{key}: must not be empty"))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(aws) = &self.aws {
+            blank("kms.aws.key_id", &aws.key_id)?;
+            blank("kms.aws.region", &aws.region)?;
+        }
+        if let Some(azure) = &self.azure {
+            blank("kms.azure.vault_url", &azure.vault_url)?;
+            blank("kms.azure.key_name", &azure.key_name)?;
+        }
+        if let Some(p) = &self.pkcs11 {
+            blank("kms.pkcs11.token_label", &p.token_label)?;
+            blank("kms.pkcs11.key_label", &p.key_label)?;
+            blank("kms.pkcs11.pin", &p.pin.0)?;
+        }
+        Ok(())
+    }
+}
+
 /// `[key_store]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -190,6 +341,10 @@ impl std::fmt::Debug for SecretText {
     }
 }
 
+/// The largest `cache.max_stale` accepted: a day-long KMS outage is an incident to resolve,
+/// not a mode to run in.
+const MAX_STALE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
 /// `[cache]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -205,6 +360,10 @@ pub struct CacheConfig {
     /// minimum-version change or shred is seen.
     #[serde(with = "humantime_serde")]
     pub metadata_ttl: Duration,
+    /// How long past `key_ttl` cached keys keep serving while the KMS is unavailable (zero:
+    /// fail closed at `key_ttl`).
+    #[serde(with = "humantime_serde")]
+    pub max_stale: Duration,
 }
 
 impl Default for CacheConfig {
@@ -215,6 +374,7 @@ impl Default for CacheConfig {
             key_ttl: d.key_ttl,
             max_uses: d.max_uses,
             metadata_ttl: d.metadata_ttl,
+            max_stale: d.max_stale,
         }
     }
 }
@@ -386,6 +546,13 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
 }
 
+/// Environment variables (after `PHISEALD_`) that hold secrets, and their keys.
+const SECRET_VARIABLES: [(&str, &str); 3] = [
+    ("KEY_STORE__DATABASE_URL", "key_store.database_url"),
+    ("KMS__AZURE__CLIENT_SECRET", "kms.azure.client_secret"),
+    ("KMS__PKCS11__PIN", "kms.pkcs11.pin"),
+];
+
 impl Config {
     /// Reads and validates the configuration: the file (or the embedded default), then
     /// `PHISEALD_*` environment variables, then the command-line overrides.
@@ -409,7 +576,18 @@ impl Config {
                 Figment::new().merge(Serialized::defaults(Self::embedded(&socket, &data_dir)))
             }
         };
-        let mut figment = figment.merge(Env::prefixed("PHISEALD_").split("__"));
+        let mut figment = figment.merge(
+            Env::prefixed("PHISEALD_")
+                .split("__")
+                .filter(|key| !SECRET_VARIABLES.iter().any(|(var, _)| key == *var)),
+        );
+        // Secrets are taken verbatim: the generic provider would read a PIN `0123` as the
+        // number 123, or a password starting with `[` as an array.
+        for (var, key) in SECRET_VARIABLES {
+            if let Ok(value) = std::env::var(format!("PHISEALD_{var}")) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
         if let Some(socket) = &overrides.socket {
             figment = figment.merge(Serialized::default("socket", socket));
         }
@@ -432,6 +610,7 @@ impl Config {
             profile: ProfileName::Development,
             data_dir: data_dir.to_owned(),
             audit: AuditConfig::default(),
+            kms: KmsConfig::default(),
             key_store: KeyStoreConfig::default(),
             cache: CacheConfig::default(),
             limits: LimitsConfig::default(),
@@ -487,6 +666,9 @@ impl Config {
         if self.cache.metadata_ttl > self.cache.key_ttl {
             return bad("cache.metadata_ttl", "must not exceed cache.key_ttl");
         }
+        if self.cache.max_stale > MAX_STALE_LIMIT {
+            return bad("cache.max_stale", "must be at most 24h");
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &format!("not a valid filter: {e}"));
         }
@@ -495,12 +677,14 @@ impl Config {
         {
             return bad("socket_group", &e);
         }
-        if self.profile == ProfileName::Production {
+        if let Err(problem) = self.kms.validate() {
+            return Err(DaemonError::Config(problem));
+        }
+        if self.profile == ProfileName::Production && self.kms.kind == KmsKind::Local {
             return bad(
                 "profile",
-                "production refuses the local development KMS, and the embedded backends are \
-                 the only ones this build can configure: use `development` (cloud and HSM KMS \
-                 backends are not available yet)",
+                "production refuses the local development KMS: set kms.kind to aws, azure or \
+                 pkcs11 (see docs/KMS.md), or use profile = \"development\"",
             );
         }
         let too_short = |p: &Duration| *p < Duration::from_secs(1);

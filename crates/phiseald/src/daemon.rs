@@ -137,13 +137,16 @@ impl Daemon {
             cache: CacheSettings::default(),
             audit_log: config.audit.path.clone(),
         };
-        let (kms, audit) = phiseal_embedded::open_kms_and_audit(&config.data_dir, &options)?;
+        let audit = phiseal_embedded::open_audit(&config.data_dir, &options)?;
+        let kms = crate::kms::open_kms(&config).await?;
+        tracing::info!(backend = kms.name(), "KMS");
         let opened = open_key_store(&config).await?;
         let cache = CacheSettings {
             capacity: config.cache.capacity,
             key_ttl: config.cache.key_ttl,
             max_uses: config.cache.max_uses,
             metadata_ttl: config.cache.metadata_ttl,
+            max_stale: config.cache.max_stale,
         };
         let keyring = Keyring::builder()
             .kms(Arc::new(MeteredKms::new(kms, Arc::clone(&metrics))))

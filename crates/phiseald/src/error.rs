@@ -21,6 +21,15 @@ pub enum DaemonError {
     /// The embedded backends could not be opened.
     #[error(transparent)]
     Embedded(#[from] phiseal_embedded::EmbeddedError),
+    /// The KMS backend could not be reached or refused its key.
+    #[error("KMS ({kind}): {source}")]
+    Kms {
+        /// The configured `kms.kind`.
+        kind: &'static str,
+        /// What the backend reported.
+        #[source]
+        source: phiseal::BackendError,
+    },
     /// The PostgreSQL key store could not be opened or migrated.
     #[error(transparent)]
     Postgres(#[from] phiseal_store_postgres::PostgresStoreError),

@@ -16,6 +16,7 @@ pub mod daemon;
 mod error;
 pub mod hardening;
 pub mod instrument;
+pub mod kms;
 pub mod limits;
 pub mod metrics;
 pub mod policy;

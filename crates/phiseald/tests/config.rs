@@ -171,7 +171,7 @@ fn the_example_documents_every_key_and_its_environment_variable() {
                 let var = format!("Env: PHISEALD_{}", key.to_uppercase());
                 assert!(text.contains(&var), "{var} is not documented");
             }
-            "audit" | "key_store" | "cache" | "limits" | "metrics" | "log" | "rotation" => {
+            "audit" | "kms" | "key_store" | "cache" | "limits" | "metrics" | "log" | "rotation" => {
                 assert!(text.contains(&format!("[{key}]")), "[{key}] missing");
                 let subs = accepted_keys(&format!("[{key}]"), "");
                 assert!(!subs.is_empty(), "[{key}] accepts no key?");
@@ -195,6 +195,22 @@ fn the_example_documents_every_key_and_its_environment_variable() {
                     "{other} has no example line"
                 );
             }
+        }
+    }
+    for backend in ["aws", "azure", "pkcs11"] {
+        let subs = accepted_keys(&format!("[kms.{backend}]"), "");
+        assert!(subs.len() >= 3, "[kms.{backend}]: {subs:?}");
+        for sub in subs {
+            let var = format!(
+                "Env: PHISEALD_KMS__{}__{}",
+                backend.to_uppercase(),
+                sub.to_uppercase()
+            );
+            assert!(text.contains(&var), "{var} is not documented");
+            assert!(
+                text.contains(&format!("#   {sub} = ")),
+                "kms.{backend}.{sub} has no example line"
+            );
         }
     }
     let token_keys = accepted_keys("[[tokens]]", "name = \"x\"\nsha256 = \"y\"");
@@ -481,4 +497,40 @@ fn key_store_settings_are_checked() {
         &[],
     )
     .fails_with("key_store.ca_file: only used with tls = \"require\"");
+}
+
+#[test]
+fn the_kms_section_names_what_is_missing_or_misplaced() {
+    check_text(&format!("{MINIMAL}[kms]\nkind = \"aws\"\n"), &[])
+        .fails_with("kms.aws: required with kms.kind = \"aws\"");
+    check_text(
+        &format!("{MINIMAL}[kms.aws]\nkey_id = \"alias/x\"\nregion = \"eu-west-1\"\n"),
+        &[],
+    )
+    .fails_with("kms.aws: set, but kms.kind is \"local\"");
+    check_text(
+        &format!("{MINIMAL}[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \" \"\nregion = \"x\"\n"),
+        &[],
+    )
+    .fails_with("kms.aws.key_id: must not be empty");
+    check_text(&format!("{MINIMAL}[kms]\nkind = \"vault\"\n"), &[])
+        .fails_with("kms.kind: unknown variant: found `vault`");
+    // The PIN may come from the environment only.
+    check_text(
+        &format!(
+            "profile = \"production\"\n{MINIMAL}[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\n\
+             module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\n"
+        ),
+        &[("PHISEALD_KMS__PKCS11__PIN", "0123")],
+    )
+    .ok();
+    // Production accepts a non-local KMS.
+    check_text(
+        &format!(
+            "profile = \"production\"\n{MINIMAL}[kms]\nkind = \"aws\"\n[kms.aws]\n\
+             key_id = \"alias/phiseal\"\nregion = \"eu-central-1\"\n"
+        ),
+        &[],
+    )
+    .ok();
 }
