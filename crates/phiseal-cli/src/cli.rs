@@ -19,7 +19,7 @@ Exit codes:
   5  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, or the socket cannot be
      reached)
   6  key destroyed or retired (FAILED_PRECONDITION)
-  7  rewrap finished, but some items failed
+  7  rewrap or root rotate/migrate finished, but some items failed
   8  the audit log has problems
 
 Errors go to stderr as `phiseal: <what failed>: <message> (<kind>)`.
@@ -27,7 +27,8 @@ Errors go to stderr as `phiseal: <what failed>: <message> (<kind>)`.
 Environment:
   PHISEAL_SOCKET    the daemon's socket (default /run/phiseal/phiseald.sock)
   PHISEAL_TOKEN     the service token itself, used when --token-file is not given
-  PHISEAL_DATA_DIR  the data directory for `audit` (default /var/lib/phiseal)";
+  PHISEAL_DATA_DIR  the data directory for `audit` (default /var/lib/phiseal)
+  PHISEALD_*        for `root`: overrides of the daemon config, as for phiseald";
 
 /// Operate phiseal: tenants, keys, field encryption, rewrap, audit log, service tokens.
 #[derive(Debug, Parser)]
@@ -105,6 +106,63 @@ pub(crate) enum Command {
     /// Service tokens for the daemon's config.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Root-key rotation and KMS migration (offline: opens the key store and KMS of a daemon
+    /// config directly, not through the daemon).
+    #[command(subcommand)]
+    Root(RootCommand),
+}
+
+/// `root` subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum RootCommand {
+    /// Re-wrap every stored tenant key version under the current root key of the config's
+    /// [kms] (unwrapping with [kms] or [kms.previous]).
+    ///
+    /// Use after rotating the key in the vault or HSM, or with [kms.previous] set during a
+    /// migration. No data is re-encrypted. Resumable and idempotent: versions already under
+    /// the current root key are skipped. Reports when older root keys are no longer
+    /// referenced by the key store. Exit code 7 if some versions failed (run again).
+    Rotate(RootArgs),
+    /// Re-wrap every stored tenant key version under the [kms] of another config (local →
+    /// AWS, Azure → AWS, …), unwrapping with the --config's KMS.
+    ///
+    /// The key store is the one of --config. No data is re-encrypted; resumable and
+    /// idempotent. Daemons must be able to unwrap both during the run: give them the target as
+    /// [kms] and the old backend as [kms.previous] first (docs/KMS.md, "Migration").
+    Migrate {
+        /// The daemon config whose key store and KMS hold the keys now.
+        #[command(flatten)]
+        from: RootArgs,
+        /// A config whose [kms] is the target (its other sections are ignored).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
+    /// Create a new AES-256 root key on the PKCS#11 token of the config's [kms.pkcs11].
+    ///
+    /// The key is a token object: private, sensitive, non-extractable, encrypt/decrypt only.
+    /// A label already in use is refused. To rotate: create a key, set key_label to it and
+    /// move the old label to previous_key_labels, restart the daemons, run `root rotate`.
+    NewHsmKey {
+        /// The daemon config naming the token (module, token_label, pin).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The new key's label (CKA_LABEL).
+        #[arg(long)]
+        label: String,
+    },
+}
+
+/// Where the keys are, and where the run's audit records go.
+#[derive(Debug, Args)]
+pub(crate) struct RootArgs {
+    /// The daemon's config file (its key store and KMS; PHISEALD_* environment variables
+    /// apply as for the daemon, e.g. PHISEALD_KMS__PKCS11__PIN).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: PathBuf,
+    /// The audit log of this run [default: DATA_DIR/audit-root-keys.log, its own hash chain;
+    /// every step is recorded and fsynced before the next].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) audit_log: Option<PathBuf>,
 }
 
 /// `rewrap --help`.

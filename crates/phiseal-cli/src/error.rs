@@ -18,7 +18,7 @@ pub(crate) mod exit {
     pub(crate) const UNAVAILABLE: u8 = 5;
     /// `FAILED_PRECONDITION`: key destroyed (shredded) or retired.
     pub(crate) const KEY_GONE: u8 = 6;
-    /// `rewrap` finished with failed items.
+    /// `rewrap` or `root rotate` / `root migrate` finished with failed items.
     pub(crate) const REWRAP_FAILED: u8 = 7;
     /// The audit log has problems.
     pub(crate) const AUDIT_PROBLEMS: u8 = 8;
@@ -75,6 +75,21 @@ pub(crate) enum CliError {
         /// Lines processed in this run.
         lines: u64,
     },
+    /// `root rotate` / `root migrate` went through every version but some failed.
+    #[error(
+        "root key: {failed} key versions failed and keep their old wrapping (each was reported \
+         above); fix the cause and run again"
+    )]
+    RootFailed {
+        /// Versions that failed.
+        failed: usize,
+    },
+    /// The daemon config's backends could not be opened.
+    #[error("{0}")]
+    Backends(#[from] phiseald::DaemonError),
+    /// A keyring operation failed as a whole.
+    #[error("{0}")]
+    Keyring(#[from] phiseal::Error),
     /// The audit log is not intact.
     #[error("audit log {}: {detail}", path.display())]
     AuditProblems {
@@ -96,7 +111,8 @@ impl CliError {
             CliError::Connect { .. } => exit::UNAVAILABLE,
             CliError::Usage(_) => exit::USAGE,
             CliError::Failed(_) | CliError::Io { .. } => exit::FAILURE,
-            CliError::RewrapFailed { .. } => exit::REWRAP_FAILED,
+            CliError::RewrapFailed { .. } | CliError::RootFailed { .. } => exit::REWRAP_FAILED,
+            CliError::Backends(_) | CliError::Keyring(_) => exit::FAILURE,
             CliError::AuditProblems { .. } => exit::AUDIT_PROBLEMS,
             CliError::Audit(AuditFileError::ChainBroken { .. }) => exit::AUDIT_PROBLEMS,
             CliError::Audit(_) => exit::FAILURE,

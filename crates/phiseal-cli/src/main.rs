@@ -4,7 +4,8 @@
 //! `PHISEAL_SOCKET`, default `/run/phiseal/phiseald.sock`) through the gRPC contract in
 //! `proto/phiseal/v1/phiseal.proto`, optionally authenticated by a service token
 //! (`--token-file`, or the token itself in env `PHISEAL_TOKEN`). `audit` reads the audit log
-//! file directly and `token new` works offline.
+//! file directly, `token new` works offline, and `root rotate` / `root migrate` open the key
+//! store and KMS of a daemon config directly.
 //!
 //! # Exit codes
 //!
@@ -17,7 +18,7 @@
 //! | 4 | not found: `NOT_FOUND` |
 //! | 5 | unavailable: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, or the socket cannot be reached |
 //! | 6 | key destroyed or retired: `FAILED_PRECONDITION` |
-//! | 7 | `rewrap` finished, but some items failed |
+//! | 7 | `rewrap` or `root rotate` / `root migrate` finished, but some items failed |
 //! | 8 | the audit log has problems (verification failed, broken chain, torn tail) |
 //!
 //! Errors are printed on stderr as `phiseal: <what failed>: <message> (<kind>)`. No error
@@ -32,6 +33,7 @@ mod error;
 mod field;
 mod output;
 mod rewrap;
+mod root;
 mod shred;
 mod token;
 
@@ -65,6 +67,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Decrypt(args) => block_on(field::decrypt(args, global)),
         Command::Rewrap(args) => block_on(rewrap::run(args, global)),
         Command::Shred(args) => block_on(shred::run(args, global)),
+        Command::Root(cmd) => block_on(root::run(cmd, global)),
     }
 }
 

@@ -65,6 +65,9 @@ use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::{BackendError, BackendErrorKind, TENANT_KEY_LEN, TenantKey};
 use zeroize::Zeroizing;
 
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
 /// The backend's name, as returned by [`Kms::name`] and used in every error message.
 pub const NAME: &str = "aws-kms";
 /// Prefix of every root-key reference made by this backend; the key ARN follows it.
@@ -233,6 +236,11 @@ impl Kms for AwsKms {
     /// itself), so the reference only changes when the backend is built for another key.
     async fn current_root_key_ref(&self) -> Result<String, BackendError> {
         Ok(self.root_key_ref.clone())
+    }
+
+    /// Only the pinned key's ARN (see the crate documentation).
+    fn can_unwrap(&self, root_key_ref: &str) -> bool {
+        root_key_ref == self.root_key_ref
     }
 
     async fn wrap(

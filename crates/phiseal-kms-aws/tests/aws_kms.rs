@@ -11,109 +11,15 @@
     clippy::indexing_slicing
 )]
 
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_config::BehaviorVersion;
-use aws_sdk_kms::config::Credentials;
 use phiseal::context::TenantId;
 use phiseal::kms::{KeyBinding, Kms};
 use phiseal::testkit::conformance;
 use phiseal::{BackendErrorKind, TenantKey};
+use phiseal_kms_aws::testkit::{Moto, client, create_key};
 use phiseal_kms_aws::{AwsKms, AwsKmsConfig};
-
-const INSTALL_HINT: &str = "PHISEAL_MOTO_SERVER is not set: the AWS KMS tests need a moto \
-    server. Run scripts/test, or create a virtualenv with `python3 -m venv /tmp/moto-venv && \
-    /tmp/moto-venv/bin/pip install 'moto[kms]==5.2.5' flask==3.1.3 flask-cors==6.0.5` and set \
-    PHISEAL_MOTO_SERVER=/tmp/moto-venv/bin/moto_server";
-
-/// A running `moto_server`, killed when dropped.
-struct Moto {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Moto::start_on(port)
-    }
-
-    fn start_on(port: u16) -> Moto {
-        let exe =
-            std::env::var_os("PHISEAL_MOTO_SERVER").unwrap_or_else(|| panic!("{INSTALL_HINT}"));
-        let child = Command::new(&exe)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {exe:?}: {e}; {INSTALL_HINT}"));
-        let mut moto = Moto {
-            child: Some(child),
-            port,
-        };
-        moto.wait_ready();
-        moto
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("moto_server exited before answering: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not answer on port {} within 30 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-async fn client(url: &str) -> aws_sdk_kms::Client {
-    let conf = aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(url)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "static-test"))
-        .load()
-        .await;
-    aws_sdk_kms::Client::new(&conf)
-}
-
-/// Creates a symmetric key and returns its ARN.
-async fn create_key(client: &aws_sdk_kms::Client) -> String {
-    let out = client.create_key().send().await.unwrap();
-    out.key_metadata().unwrap().arn().unwrap().to_owned()
-}
 
 fn binding(tenant: &str, version: u32) -> KeyBinding {
     KeyBinding {
@@ -262,6 +168,34 @@ async fn outage_is_unavailable_and_a_restarted_server_serves_again() {
     let wrapped2 = kms2.wrap(&key, &b).await.unwrap();
     assert_eq!(
         kms2.unwrap(&wrapped2, &b).await.unwrap().expose(),
+        key.expose()
+    );
+}
+
+#[tokio::test]
+async fn a_hung_kms_times_out_as_unavailable_and_serves_again_when_it_continues() {
+    let moto = Moto::start();
+    let client = client(&moto.url()).await;
+    let arn = create_key(&client).await;
+    let kms = AwsKms::from_client(client, &arn).await.unwrap();
+    let key = TenantKey::from_bytes([4; 32]);
+    let b = binding("acme", 1);
+    let wrapped = kms.wrap(&key, &b).await.unwrap();
+
+    moto.suspend();
+    let started = Instant::now();
+    let err = kms.unwrap(&wrapped, &b).await.unwrap_err();
+    let waited = started.elapsed();
+    moto.resume();
+    assert_eq!(err.kind(), BackendErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().starts_with("aws-kms: Decrypt"), "{err}");
+    // The operation timeout bounds the wait, retries included.
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    assert_eq!(
+        kms.unwrap(&wrapped, &b).await.unwrap().expose(),
         key.expose()
     );
 }

@@ -354,6 +354,10 @@ impl Kms for LocalKms {
         Ok(self.root_key_ref.clone())
     }
 
+    fn can_unwrap(&self, root_key_ref: &str) -> bool {
+        root_key_ref == self.root_key_ref
+    }
+
     async fn wrap(
         &self,
         key: &TenantKey,

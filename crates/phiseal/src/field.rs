@@ -292,6 +292,10 @@ impl VersionKey {
     }
 
     /// The tenant key version.
+    pub(crate) fn tenant_key(&self) -> &TenantKey {
+        &self.tenant_key
+    }
+
     pub(crate) fn version(&self) -> u32 {
         self.version
     }

@@ -18,6 +18,9 @@ use crate::kms::{KeyBinding, Kms};
 use crate::secret::{Plaintext, TenantKey};
 use crate::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
 
+mod rootkey;
+pub use rootkey::{RootRewrapEvent, RootRewrapFailure, RootRewrapReport};
+
 /// Where the keyring runs. `Production` refuses development-only parts (the local file KMS,
 /// a disabled audit log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -711,7 +714,11 @@ impl Keyring {
                         // The degraded-mode decision: serve the stale key, or fail closed.
                         let decision = match stale.take() {
                             Some(key) => {
-                                key.degrade_until(now.saturating_add(STALE_RETRY_INTERVAL.into()));
+                                // From the end of the failed attempt, which may have waited for a timeout.
+                                key.degrade_until(
+                                    Instant::now_without_cache_update()
+                                        .saturating_add(STALE_RETRY_INTERVAL.into()),
+                                );
                                 served_stale = true;
                                 Ok(key)
                             }

@@ -2,10 +2,12 @@
 //!
 //! Backends are values (`Arc<dyn Kms>`) handed to the keyring builder; there is no registry.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::context::TenantId;
-use crate::error::BackendError;
+use crate::error::{BackendError, BackendErrorKind};
 use crate::secret::TenantKey;
 
 /// What a wrapped tenant key is bound to. Backends that support AAD or an encryption context
@@ -62,6 +64,11 @@ pub trait Kms: Send + Sync + std::fmt::Debug {
     /// May call the KMS (Azure Key Vault reads the key's latest version).
     async fn current_root_key_ref(&self) -> Result<String, BackendError>;
 
+    /// Whether this instance unwraps keys wrapped under `root_key_ref` (its root key, or an
+    /// earlier version or key it is configured to accept). Decided locally, without calling
+    /// the KMS; [`KmsChain`] routes unwraps by it.
+    fn can_unwrap(&self, root_key_ref: &str) -> bool;
+
     /// Wraps `key` under the current root key version, bound to `binding`.
     async fn wrap(&self, key: &TenantKey, binding: &KeyBinding)
     -> Result<WrappedKey, BackendError>;
@@ -74,4 +81,79 @@ pub trait Kms: Send + Sync + std::fmt::Debug {
         wrapped: &WrappedKey,
         binding: &KeyBinding,
     ) -> Result<TenantKey, BackendError>;
+}
+
+/// Several root keys at once, for root-key rotation and provider migration: wraps with the
+/// `current` backend and unwraps with the first backend (current, then the previous ones in
+/// order) whose [`Kms::can_unwrap`] accepts the wrapped key's reference. A daemon configured
+/// with the new backend as current and the old one as previous serves every tenant while
+/// `phiseal root rotate` moves the stored keys, after which the previous one can be removed.
+#[derive(Debug)]
+pub struct KmsChain {
+    current: Arc<dyn Kms>,
+    previous: Vec<Arc<dyn Kms>>,
+}
+
+impl KmsChain {
+    /// `current` wraps; `previous` only unwrap.
+    pub fn new(current: Arc<dyn Kms>, previous: Vec<Arc<dyn Kms>>) -> Self {
+        Self { current, previous }
+    }
+
+    fn backends(&self) -> impl Iterator<Item = &Arc<dyn Kms>> {
+        std::iter::once(&self.current).chain(&self.previous)
+    }
+}
+
+#[async_trait]
+impl Kms for KmsChain {
+    fn name(&self) -> &str {
+        self.current.name()
+    }
+
+    /// Development-only if any member is: the production profile refuses a chain that still
+    /// reaches the local development KMS (migrate away from it before switching profiles).
+    fn is_dev_only(&self) -> bool {
+        self.backends().any(|k| k.is_dev_only())
+    }
+
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        self.current.current_root_key_ref().await
+    }
+
+    fn can_unwrap(&self, root_key_ref: &str) -> bool {
+        self.backends().any(|k| k.can_unwrap(root_key_ref))
+    }
+
+    async fn wrap(
+        &self,
+        key: &TenantKey,
+        binding: &KeyBinding,
+    ) -> Result<WrappedKey, BackendError> {
+        self.current.wrap(key, binding).await
+    }
+
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        binding: &KeyBinding,
+    ) -> Result<TenantKey, BackendError> {
+        match self
+            .backends()
+            .find(|k| k.can_unwrap(&wrapped.root_key_ref))
+        {
+            Some(kms) => kms.unwrap(wrapped, binding).await,
+            None => {
+                let names: Vec<&str> = self.backends().map(|k| k.name()).collect();
+                Err(BackendError::new(
+                    BackendErrorKind::Misconfigured,
+                    format!(
+                        "no configured KMS backend ({}) holds the root key '{}'",
+                        names.join(", "),
+                        wrapped.root_key_ref
+                    ),
+                ))
+            }
+        }
+    }
 }

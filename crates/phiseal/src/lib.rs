@@ -32,7 +32,7 @@ pub use error::{BackendError, BackendErrorKind, BoxError, Error, FormatError};
 pub use field::{EPOCH_MESSAGE_LIMIT, key_check};
 pub use format::Algorithm;
 pub use keyring::{
-    CacheSettings, Caller, Keyring, KeyringBuilder, Profile, STALE_RETRY_INTERVAL, TenantStatus,
-    VersionStatus,
+    CacheSettings, Caller, Keyring, KeyringBuilder, Profile, RootRewrapEvent, RootRewrapFailure,
+    RootRewrapReport, STALE_RETRY_INTERVAL, TenantStatus, VersionStatus,
 };
 pub use secret::{Plaintext, TENANT_KEY_LEN, TenantKey};

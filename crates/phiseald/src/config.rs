@@ -139,6 +139,10 @@ pub struct KmsConfig {
     pub azure: Option<AzureKmsSection>,
     /// For `pkcs11`.
     pub pkcs11: Option<Pkcs11KmsSection>,
+    /// During a root-key migration: the backend the stored keys are moved away from. It only
+    /// unwraps; new wraps use this section's backend. Remove it once `phiseal root rotate`
+    /// reports the old root key is no longer referenced.
+    pub previous: Option<Box<KmsConfig>>,
 }
 
 /// KMS kinds as written in the file.
@@ -192,10 +196,11 @@ pub struct AzureKmsSection {
     pub key_name: String,
     /// `RSA-OAEP-256` (default; RSA keys) or `A256KW` (Managed HSM `oct-HSM` keys).
     #[serde(default)]
-    pub algorithm: Option<String>,
-    /// `managed-identity` (default), `workload-identity`, `client-secret` or `azure-cli`.
+    pub algorithm: AzureAlgorithmName,
+    /// `managed-identity` (default), `workload-identity`, `client-secret`, `azure-cli` or
+    /// `developer-tools`.
     #[serde(default)]
-    pub credential: Option<String>,
+    pub credential: AzureCredentialName,
     /// For `client-secret`: the Entra ID tenant.
     #[serde(default)]
     pub tenant_id: Option<String>,
@@ -206,6 +211,36 @@ pub struct AzureKmsSection {
     /// `PHISEALD_KMS__AZURE__CLIENT_SECRET` to a file others can read.
     #[serde(default)]
     pub client_secret: Option<SecretText>,
+}
+
+/// Key Vault wrap algorithms as written in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AzureAlgorithmName {
+    /// RSA-OAEP with SHA-256, for RSA keys (every vault and Managed HSM).
+    #[default]
+    #[serde(rename = "RSA-OAEP-256")]
+    RsaOaep256,
+    /// AES key wrap, for Managed HSM `oct-HSM` keys.
+    #[serde(rename = "A256KW")]
+    A256Kw,
+}
+
+/// Microsoft Entra ID credentials as written in the file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureCredentialName {
+    /// The host's managed identity (`client_id` selects a user-assigned one).
+    #[default]
+    ManagedIdentity,
+    /// Entra Workload ID on Kubernetes (`AZURE_TENANT_ID`, `AZURE_CLIENT_ID`,
+    /// `AZURE_FEDERATED_TOKEN_FILE`, or `tenant_id` / `client_id` here).
+    WorkloadIdentity,
+    /// A service principal's secret (`tenant_id`, `client_id`, `client_secret`).
+    ClientSecret,
+    /// The Azure CLI's signed-in account (development).
+    AzureCli,
+    /// The Azure CLI, then the Azure Developer CLI (development).
+    DeveloperTools,
 }
 
 /// `[kms.pkcs11]`.
@@ -264,11 +299,37 @@ impl KmsConfig {
         if let Some(azure) = &self.azure {
             blank("kms.azure.vault_url", &azure.vault_url)?;
             blank("kms.azure.key_name", &azure.key_name)?;
+            let secret = azure.client_secret.is_some();
+            if (azure.credential == AzureCredentialName::ClientSecret)
+                != (secret && azure.tenant_id.is_some() && azure.client_id.is_some())
+            {
+                return Err(if secret {
+                    "kms.azure.client_secret: needs credential = \"client-secret\" with \
+                     tenant_id and client_id"
+                        .into()
+                } else {
+                    "kms.azure.credential: \"client-secret\" needs tenant_id, client_id and \
+                     client_secret (PHISEALD_KMS__AZURE__CLIENT_SECRET)"
+                        .into()
+                });
+            }
         }
         if let Some(p) = &self.pkcs11 {
             blank("kms.pkcs11.token_label", &p.token_label)?;
             blank("kms.pkcs11.key_label", &p.key_label)?;
             blank("kms.pkcs11.pin", &p.pin.0)?;
+        }
+        if let Some(previous) = &self.previous {
+            if previous.previous.is_some() {
+                return Err(
+                    "kms.previous.previous: one migration at a time (finish the running one \
+                     with `phiseal root rotate` first)"
+                        .into(),
+                );
+            }
+            previous
+                .validate()
+                .map_err(|problem| problem.replace("kms.", "kms.previous."))?;
         }
         Ok(())
     }

@@ -65,13 +65,13 @@ fn postgres_config(config: &Config) -> Result<PostgresStoreConfig, DaemonError> 
 }
 
 /// The opened key store; for PostgreSQL also the store itself, to watch its changes.
-struct OpenedStore {
-    store: Arc<dyn KeyStore>,
+pub(crate) struct OpenedStore {
+    pub(crate) store: Arc<dyn KeyStore>,
     shared: Option<Arc<PostgresKeyStore>>,
 }
 
 /// Opens the configured key store (applying PostgreSQL schema migrations at start).
-async fn open_key_store(config: &Config) -> Result<OpenedStore, DaemonError> {
+pub(crate) async fn open_key_store(config: &Config) -> Result<OpenedStore, DaemonError> {
     match config.key_store.kind {
         KeyStoreKind::Sqlite => {
             let path = phiseal_embedded::EmbeddedPaths::new(&config.data_dir).key_store;

@@ -64,6 +64,10 @@ impl Kms for MeteredKms {
         self.inner.is_dev_only()
     }
 
+    fn can_unwrap(&self, root_key_ref: &str) -> bool {
+        self.inner.can_unwrap(root_key_ref)
+    }
+
     async fn current_root_key_ref(&self) -> Result<String, BackendError> {
         let started = Instant::now();
         let result = self.inner.current_root_key_ref().await;

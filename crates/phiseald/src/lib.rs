@@ -5,8 +5,9 @@
 //! [`config`] (TOML + environment, validated) → [`daemon`] (assembles and runs) →
 //! [`transport`] (the socket) → [`auth`] (peer credentials, tokens → identity) → [`policy`]
 //! (identity × operation × tenant × field) → [`service`] (the gRPC methods, calling the
-//! keyring). Around them: [`limits`], [`metrics`] (+ [`instrument`]), [`rotation`],
-//! [`status`] (error → gRPC status), [`hardening`].
+//! keyring). Around them: [`kms`] (the configured KMS backend), [`limits`], [`metrics`]
+//! (+ [`instrument`]), [`rotation`], [`status`] (error → gRPC status), [`hardening`], and
+//! [`offline`] (a config's backends for the CLI's root-key commands).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod instrument;
 pub mod kms;
 pub mod limits;
 pub mod metrics;
+pub mod offline;
 pub mod policy;
 pub mod rotation;
 pub mod service;

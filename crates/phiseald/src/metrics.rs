@@ -135,7 +135,7 @@ impl Metrics {
         );
         r.register(
             "key_lookups",
-            "Tenant key lookups of field operations: cache hits and KMS unwraps",
+            "Tenant key lookups of field operations: cache hits, KMS unwraps, and stale keys served during a KMS outage",
             m.key_lookups.clone(),
         );
         r.register(

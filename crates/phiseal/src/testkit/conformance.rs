@@ -100,6 +100,14 @@ pub async fn kms(kms: Arc<dyn Kms>, binds_context: bool) {
         "{name}: empty wrapped bytes were accepted"
     );
 
+    assert!(
+        kms.can_unwrap(&wrapped.root_key_ref),
+        "{name}: can_unwrap refuses its own reference"
+    );
+    assert!(
+        !kms.can_unwrap("no-such-backend:root-key-1"),
+        "{name}: can_unwrap accepts a reference to another root key"
+    );
     let foreign = WrappedKey {
         root_key_ref: "no-such-backend:root-key-1".into(),
         ciphertext: wrapped.ciphertext.clone(),

@@ -1,0 +1,111 @@
+//! `root rotate` / `root migrate`: move every stored tenant key version to a root key, with a
+//! progress bar, failures reported as they happen, and a summary that says whether the old
+//! root keys are still referenced.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use phiseal::{RootRewrapEvent, RootRewrapReport};
+use serde_json::json;
+
+use crate::cli::{GlobalArgs, RootCommand};
+use crate::error::CliError;
+use crate::output::{printable, report, stderr_line};
+
+/// Runs a `root` subcommand.
+pub(crate) async fn run(command: RootCommand, global: &GlobalArgs) -> Result<(), CliError> {
+    let (args, to) = match &command {
+        RootCommand::Rotate(args) => (args, None),
+        RootCommand::Migrate { from, to } => (from, Some(to.as_path())),
+        RootCommand::NewHsmKey { config, label } => {
+            phiseald::offline::generate_pkcs11_root_key(config, label).await?;
+            let shown = printable(label);
+            return report(
+                global.json,
+                &json!({ "label": label, "created": true }),
+                &format!("root key '{shown}' created on the token"),
+            );
+        }
+    };
+    let opened =
+        phiseald::offline::open_root_keyring(&args.config, to, args.audit_log.clone()).await?;
+    let caller = phiseald::offline::operator();
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:30} {human_pos}/{human_len} key versions re-wrapped")
+    {
+        bar.set_style(style);
+    }
+    let outcome = opened
+        .keyring
+        .rewrap_root_keys(&caller, &mut |event| match event {
+            RootRewrapEvent::Planned { to_rewrap } => bar.set_length(to_rewrap),
+            RootRewrapEvent::Rewrapped { .. } => bar.inc(1),
+            RootRewrapEvent::Failed {
+                tenant,
+                version,
+                error,
+            } => {
+                bar.inc(1);
+                bar.suspend(|| {
+                    stderr_line(&format!(
+                        "tenant '{}' version {version}: {} ({})",
+                        printable(tenant.as_str()),
+                        printable(&error.to_string()),
+                        error.kind()
+                    ));
+                });
+            }
+            _ => {}
+        })
+        .await;
+    bar.finish_and_clear();
+    let outcome = outcome?;
+    // The audit records are fsynced one by one; this makes sure of the last.
+    opened.keyring.flush_audit().await?;
+    summarize(global.json, &outcome, &opened.audit_log)?;
+    if outcome.failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::RootFailed {
+            failed: outcome.failed.len(),
+        })
+    }
+}
+
+fn summarize(
+    json: bool,
+    r: &RootRewrapReport,
+    audit_log: &std::path::Path,
+) -> Result<(), CliError> {
+    let value = json!({
+        "target": r.target,
+        "rewrapped": r.rewrapped,
+        "already_current": r.already_current,
+        "destroyed": r.destroyed,
+        "failed": r.failed.len(),
+        "still_referenced": r.still_referenced,
+        "audit_log": audit_log,
+    });
+    let mut human = format!(
+        "root key {}: {} key versions re-wrapped, {} already under it, {} destroyed (nothing to \
+         move), {} failed\naudit records: {}",
+        r.target,
+        r.rewrapped,
+        r.already_current,
+        r.destroyed,
+        r.failed.len(),
+        audit_log.display()
+    );
+    if r.still_referenced.is_empty() {
+        human.push_str(
+            "\nno stored key version references another root key any more: the old root keys \
+             are no longer needed by this key store (keep them while backups of the key store \
+             made before this run may be restored)",
+        );
+    } else {
+        human.push_str("\nstill referenced (keep these root keys):");
+        for (root, count) in &r.still_referenced {
+            human.push_str(&format!("\n  {root}: {count} key versions"));
+        }
+    }
+    report(json, &value, &human)
+}

@@ -1,0 +1,1047 @@
+//! # phiseal-kms-pkcs11 — tenant keys wrapped by an AES-256 key on a PKCS#11 token
+//!
+//! [`Pkcs11Kms`] is a [`Kms`] backend whose root key is an AES-256 secret key object on a
+//! PKCS#11 token (an HSM, a smart card, SoftHSM2 in tests). The root key never leaves the token:
+//! it must be sensitive and non-extractable, and every wrap and unwrap is a `C_Encrypt` /
+//! `C_Decrypt` call on the token.
+//!
+//! ## What it does
+//! - **Connect.** [`Pkcs11Kms::connect`] loads the PKCS#11 module (a shared library, e.g.
+//!   `/usr/lib/softhsm/libsofthsm2.so`), initializes it with OS locking, finds the one token
+//!   whose label is [`Pkcs11Config::token_label`], logs in as the normal user with the PIN and
+//!   resolves every configured key label ([`Pkcs11Config::key_label`] and
+//!   [`Pkcs11Config::previous_key_labels`]) to exactly one secret-key object. Each key must be
+//!   an AES key of 32 bytes with `CKA_ENCRYPT` and `CKA_DECRYPT` set, `CKA_TOKEN`,
+//!   `CKA_PRIVATE` and `CKA_SENSITIVE` true and `CKA_EXTRACTABLE` false; anything else is
+//!   refused as `Misconfigured` before the first use. (`CKA_ALWAYS_SENSITIVE` /
+//!   `CKA_NEVER_EXTRACTABLE` are not required, so that a root key restored into an HSM from a
+//!   wrapped backup is accepted.)
+//! - **Wrap** is `C_Encrypt` with `CKM_AES_GCM` under the current root key (`key_label`): a
+//!   fresh 96-bit IV, the AAD [`KeyBinding::to_aad`] (tenant and key version) and a 128-bit
+//!   tag. The wrapped bytes are `0x01 (format) ‖ IV (12) ‖ ciphertext (32) ‖ tag (16)`,
+//!   61 bytes. The root-key reference is `pkcs11:<token label>/<key label>`.
+//! - **Unwrap** parses strictly (exactly 61 bytes, format byte `0x01`) and accepts only the
+//!   references `pkcs11:<token label>/<label>` for the configured `key_label` and
+//!   `previous_key_labels`; anything else is refused as `InvalidData` without calling the
+//!   token. It then calls `C_Decrypt` with the same AAD, so a wrapped key moved to another
+//!   tenant or version, altered bytes, or bytes made by another key fail the GCM tag check.
+//!   The plaintext must be exactly 32 bytes.
+//!
+//! ## The IV
+//! The IV comes from the operating system's CSPRNG (`getrandom` via `rand::rngs::OsRng`), not
+//! from the token's `C_GenerateRandom`: it saves a round trip to the token, does not depend on
+//! the quality of a token RNG that may not be documented, and a GCM IV need only be unique,
+//! not secret. Random 96-bit IVs are safe for up to 2^32 wraps per root key (NIST SP 800-38D);
+//! phiseal wraps once per tenant key version, and root-key rotation starts a new key. If the
+//! token writes its own IV back into the mechanism parameters (some FIPS-mode HSMs generate
+//! the IV inside the token), the IV it wrote is the one recorded.
+//!
+//! ## Setting up the root key
+//! Create the key on the token with [`generate_root_key`] (token object, private, sensitive,
+//! non-extractable, `CKA_ENCRYPT`/`CKA_DECRYPT` only; refuses an existing label; destroys the
+//! new key again if the token did not honour the template). No `pkcs11-tool` or other tool is
+//! needed. Keys made with the HSM vendor's tools (or OpenSC's `pkcs11-tool --keygen
+//! --key-type AES:32`) work too, provided they have the attributes listed above: `connect`
+//! refuses anything else, naming the attribute.
+//!
+//! ## Root-key rotation
+//! An HSM key's material never changes, so rotation means a new key with a new label:
+//! 1. create it (`generate_root_key(&config, "phiseal-root-2")`);
+//! 2. set `key_label` to the new label and add the old label to `previous_key_labels`;
+//! 3. restart, and run `phiseal root rotate`: it re-wraps every stored tenant key whose
+//!    reference differs from [`Kms::current_root_key_ref`];
+//! 4. when no stored key names the old reference any more, remove the old label from
+//!    `previous_key_labels` and destroy the old key on the token.
+//!
+//! ## Sessions, login and threads
+//! PKCS#11 calls block, so each runs on Tokio's blocking thread pool
+//! (`tokio::task::spawn_blocking`). A cryptoki `Session` may move between threads but not be
+//! shared, so the backend keeps a pool of read-only sessions: a call takes one (opening a new
+//! one if the pool is empty), and gives it back afterwards — only after a success; a session
+//! that saw an error is closed. At most [`MAX_IN_FLIGHT`] calls run at once.
+//!
+//! The login state belongs to the application and token, not to a session: one `C_Login`
+//! covers every session of the process on that token, and the token logs the application out
+//! when its last session closes. The backend therefore keeps its login session open for its
+//! whole life. A second backend on the same token in the same process finds the user already
+//! logged in (`CKR_USER_ALREADY_LOGGED_IN`, accepted): in that case the token does not check
+//! its PIN again. If the token logs the application out behind the backend's back (token
+//! removed and re-inserted), calls fail with `Denied` or `Unavailable`; build the backend
+//! again.
+//!
+//! ## Timeouts
+//! PKCS#11 has no timeouts. Every call is bounded by [`OPERATION_TIMEOUT`] ([`CONNECT_TIMEOUT`]
+//! for connecting and key generation) and fails with `Unavailable` when it elapses — but a
+//! hung token keeps the blocking thread (and its session and in-flight slot) until the call
+//! returns, if ever. The [`MAX_IN_FLIGHT`] limit bounds how many threads a hung token can hold.
+//!
+//! ## Error mapping
+//! | PKCS#11 says | kind |
+//! |---|---|
+//! | `CKR_ENCRYPTED_DATA_INVALID`, `CKR_ENCRYPTED_DATA_LEN_RANGE`, and `CKR_GENERAL_ERROR` from `C_Decrypt` (SoftHSM2's answer to a GCM tag mismatch) | `InvalidData` |
+//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED` | `Denied` |
+//! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_KEY_HANDLE_INVALID`, `CKR_OBJECT_HANDLE_INVALID`, `CKR_HOST_MEMORY`, `CKR_FUNCTION_FAILED`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, a timeout | `Unavailable` |
+//! | a module that cannot be loaded, no token or several tokens with the label, a key label with no or several keys, a key with the wrong type, length, usage or protection, `CKR_MECHANISM_INVALID`, `CKR_MECHANISM_PARAM_INVALID`, `CKR_KEY_TYPE_INCONSISTENT`, `CKR_KEY_SIZE_RANGE`, `CKR_TEMPLATE_INCOMPLETE`, `CKR_TEMPLATE_INCONSISTENT`, `CKR_ATTRIBUTE_VALUE_INVALID`, `CKR_TOKEN_WRITE_PROTECTED` | `Misconfigured` |
+//! | a label that already exists ([`generate_root_key`]) | `Conflict` |
+//! | anything else | `Other` |
+//!
+//! Messages name the backend (`pkcs11`), the operation, the token and key label and the
+//! PKCS#11 return code, and say what to check.
+//!
+//! ## Key material in memory
+//! The tenant key is copied once into a zeroizing buffer that the blocking task owns, and
+//! handed to `C_Encrypt` from there. The plaintext from `C_Decrypt` is moved into a zeroizing
+//! buffer at once, copied into a [`TenantKey`] and wiped. What the PKCS#11 module does with its
+//! own copies is up to the module. The PIN is held as a [`SecretString`] (zeroized on drop,
+//! redacted in `Debug`) and only while connecting. Error messages and `Debug` output never
+//! contain the PIN, key bytes or wrapped bytes.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::Ulong;
+use phiseal::kms::{KeyBinding, Kms, WrappedKey};
+use phiseal::{BackendError, BackendErrorKind, TENANT_KEY_LEN, TenantKey};
+use rand::TryRngCore;
+use secrecy::SecretString;
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+/// The backend's name, as returned by [`Kms::name`] and used in every error message.
+pub const NAME: &str = "pkcs11";
+/// Prefix of every root-key reference made by this backend: `pkcs11:<token label>/<key label>`.
+pub const REF_PREFIX: &str = "pkcs11:";
+/// Limit for one wrap or unwrap (waiting for a free slot included).
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Limit for [`Pkcs11Kms::connect`] and [`generate_root_key`]: loading the module, finding the
+/// token, logging in and checking the keys.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Maximum number of PKCS#11 calls (and so sessions and blocking threads) in flight at once.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// The first byte of every wrapped key made by this backend.
+pub const WRAP_FORMAT: u8 = 0x01;
+/// Length of the AES-GCM IV in the wrapped bytes.
+pub const IV_LEN: usize = 12;
+/// Length of the AES-GCM tag in the wrapped bytes.
+pub const TAG_LEN: usize = 16;
+/// Length of the wrapped bytes: format byte, IV, encrypted tenant key, tag.
+pub const WRAPPED_LEN: usize = 1 + IV_LEN + TENANT_KEY_LEN + TAG_LEN;
+/// Length of the root key in bytes (AES-256).
+pub const ROOT_KEY_LEN: usize = 32;
+/// PKCS#11 limits token labels to 32 bytes.
+const MAX_TOKEN_LABEL_LEN: usize = 32;
+
+/// Where the root key is: the PKCS#11 module, the token, the user PIN and the key labels.
+///
+/// Its `Debug` output shows everything but the PIN.
+#[derive(Clone)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module (shared library) of the HSM vendor, e.g.
+    /// `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// The label of the token (`CKA_LABEL` of the token info, without the space padding). It
+    /// must name exactly one token and may not contain `/`.
+    pub token_label: String,
+    /// The normal user's PIN.
+    pub pin: SecretString,
+    /// `CKA_LABEL` of the current root key: every wrap uses it.
+    pub key_label: String,
+    /// Labels of earlier root keys, still accepted for unwrapping (see the crate documentation
+    /// on rotation).
+    pub previous_key_labels: Vec<String>,
+}
+
+impl fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"[REDACTED]")
+            .field("key_label", &self.key_label)
+            .field("previous_key_labels", &self.previous_key_labels)
+            .finish()
+    }
+}
+
+/// A KMS backend whose root key is an AES-256 key on a PKCS#11 token. See the crate
+/// documentation.
+///
+/// Its `Debug` output shows the token and key labels, never the PIN or key bytes.
+#[derive(Clone)]
+pub struct Pkcs11Kms {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // Field order is drop order: pooled sessions close before the login session, whose
+    // closing (as the application's last session on the token) logs out.
+    // A `Session` is `Send` but not `Sync`: the mutexes make `Inner` shareable.
+    pool: Mutex<Vec<Session>>,
+    /// Never used after connecting; open so that the login lasts.
+    _login_session: Mutex<Session>,
+    ctx: Pkcs11,
+    slot: Slot,
+    token_label: String,
+    current: RootKey,
+    previous: Vec<RootKey>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// A resolved root key: its label, its object handle and its reference.
+#[derive(Debug, Clone)]
+struct RootKey {
+    label: String,
+    handle: ObjectHandle,
+    key_ref: String,
+}
+
+impl fmt::Debug for Pkcs11Kms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Kms")
+            .field("token_label", &self.inner.token_label)
+            .field("key_label", &self.inner.current.label)
+            .field(
+                "previous_key_labels",
+                &self
+                    .inner
+                    .previous
+                    .iter()
+                    .map(|k| k.label.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pkcs11Kms {
+    /// Loads the module, finds the token by label, logs in with the PIN and checks every
+    /// configured root key (see the crate documentation).
+    ///
+    /// Fails with `Misconfigured` if the module cannot be loaded, the token or a key is not
+    /// found (or found more than once) or a key is not a sensitive, non-extractable AES-256
+    /// encrypt/decrypt key; `Denied` if the PIN is wrong or locked; `Unavailable` if the token
+    /// does not answer within [`CONNECT_TIMEOUT`].
+    pub async fn connect(config: &Pkcs11Config) -> Result<Pkcs11Kms, BackendError> {
+        validate_config(config)?;
+        let config = config.clone();
+        let what = format!("connect to token '{}'", config.token_label);
+        let inner = blocking(CONNECT_TIMEOUT, &what, move || connect_blocking(&config)).await?;
+        Ok(Pkcs11Kms {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The token's label.
+    pub fn token_label(&self) -> &str {
+        &self.inner.token_label
+    }
+
+    /// The reference this instance writes into [`WrappedKey::root_key_ref`]:
+    /// `pkcs11:<token label>/<key label>`.
+    pub fn root_key_ref(&self) -> &str {
+        &self.inner.current.key_ref
+    }
+
+    /// Runs `f` with a pooled session on a blocking thread, within [`OPERATION_TIMEOUT`] and
+    /// the [`MAX_IN_FLIGHT`] limit. `what` describes the operation for error messages. The
+    /// session goes back to the pool only if `f` succeeded.
+    async fn call<T, F>(&self, what: &str, f: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Session) -> Result<T, BackendError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        let semaphore = Arc::clone(&self.inner.in_flight);
+        let run = async move {
+            let permit = semaphore.acquire_owned().await.map_err(|_| {
+                BackendError::new(
+                    BackendErrorKind::Other,
+                    format!("{NAME}: {what} failed: the in-flight limiter was closed"),
+                )
+            })?;
+            let task = tokio::task::spawn_blocking(move || {
+                // Held until the PKCS#11 call returns, even if the caller gave up waiting.
+                let _permit = permit;
+                let session = inner.take_session()?;
+                let result = f(&session);
+                if result.is_ok() {
+                    inner.put_session(session);
+                }
+                result
+            });
+            task.await.map_err(|e| thread_failed(what, e))?
+        };
+        within(OPERATION_TIMEOUT, what, run).await
+    }
+
+    /// The configured root key that `key_ref` names, if any.
+    fn key_for_ref(&self, key_ref: &str) -> Option<&RootKey> {
+        std::iter::once(&self.inner.current)
+            .chain(self.inner.previous.iter())
+            .find(|k| k.key_ref == key_ref)
+    }
+}
+
+impl Inner {
+    /// A session from the pool, or a new read-only one. Sessions opened after the login are
+    /// logged in too (the login state is the application's).
+    fn take_session(&self) -> Result<Session, BackendError> {
+        let pooled = self
+            .pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        match pooled {
+            Some(session) => Ok(session),
+            None => self.ctx.open_ro_session(self.slot).map_err(|e| {
+                ck_error(
+                    e,
+                    &format!("open a session on token '{}'", self.token_label),
+                )
+            }),
+        }
+    }
+
+    fn put_session(&self, session: Session) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if pool.len() < MAX_IN_FLIGHT {
+            pool.push(session);
+        }
+    }
+}
+
+#[async_trait]
+impl Kms for Pkcs11Kms {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    /// `pkcs11:<token label>/<key_label>`: changes only when `key_label` is changed (rotation).
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        Ok(self.inner.current.key_ref.clone())
+    }
+
+    /// The current key's reference or one of `previous_key_labels`'.
+    fn can_unwrap(&self, root_key_ref: &str) -> bool {
+        self.key_for_ref(root_key_ref).is_some()
+    }
+
+    async fn wrap(
+        &self,
+        key: &TenantKey,
+        binding: &KeyBinding,
+    ) -> Result<WrappedKey, BackendError> {
+        let root = self.inner.current.clone();
+        let what = format!(
+            "wrap (C_Encrypt) with key '{}' on token '{}' for tenant '{}' version {}",
+            root.label, self.inner.token_label, binding.tenant, binding.version
+        );
+        let mut iv = [0u8; IV_LEN];
+        rand::rngs::OsRng.try_fill_bytes(&mut iv).map_err(|e| {
+            BackendError::new(
+                BackendErrorKind::Other,
+                format!("{NAME}: {what} failed: the OS random number generator failed"),
+            )
+            .with_source(e)
+        })?;
+        let aad = binding.to_aad();
+        // Copied straight from the key into the heap (no stack temporary); wiped on drop.
+        let plaintext = Zeroizing::new(key.expose().to_vec());
+        let task_what = what.clone();
+        let handle = root.handle;
+        let (iv, sealed) = self
+            .call(&what, move |session| {
+                let mut iv = iv;
+                let sealed = {
+                    let params = gcm_params(&mut iv, &aad).map_err(|e| ck_error(e, &task_what))?;
+                    session
+                        .encrypt(&Mechanism::AesGcm(params), handle, plaintext.as_slice())
+                        .map_err(|e| ck_error(e, &task_what))?
+                };
+                drop(plaintext);
+                Ok((iv, sealed))
+            })
+            .await?;
+        if sealed.len() != TENANT_KEY_LEN + TAG_LEN {
+            return Err(BackendError::new(
+                BackendErrorKind::Other,
+                format!(
+                    "{NAME}: {what} returned {} bytes, expected {}: refusing the wrap",
+                    sealed.len(),
+                    TENANT_KEY_LEN + TAG_LEN
+                ),
+            ));
+        }
+        let mut ciphertext = Vec::with_capacity(WRAPPED_LEN);
+        ciphertext.push(WRAP_FORMAT);
+        ciphertext.extend_from_slice(&iv);
+        ciphertext.extend_from_slice(&sealed);
+        Ok(WrappedKey {
+            root_key_ref: root.key_ref,
+            ciphertext,
+        })
+    }
+
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        binding: &KeyBinding,
+    ) -> Result<TenantKey, BackendError> {
+        let Some(root) = self.key_for_ref(&wrapped.root_key_ref).cloned() else {
+            return Err(invalid_data(format!(
+                "{NAME}: wrapped key for tenant '{}' version {} was made by root key '{}', which \
+                 is not configured here (token '{}', key_label '{}', previous_key_labels {:?}): \
+                 add its key label to previous_key_labels to unwrap it",
+                binding.tenant,
+                binding.version,
+                wrapped.root_key_ref,
+                self.inner.token_label,
+                self.inner.current.label,
+                self.inner
+                    .previous
+                    .iter()
+                    .map(|k| k.label.as_str())
+                    .collect::<Vec<_>>()
+            )));
+        };
+        let (iv, sealed) = parse_wrapped(&wrapped.ciphertext).ok_or_else(|| {
+            invalid_data(format!(
+                "{NAME}: wrapped key for tenant '{}' version {} is not a {WRAPPED_LEN}-byte \
+                 format-{WRAP_FORMAT:#04x} wrap ({} bytes): the key store record is damaged",
+                binding.tenant,
+                binding.version,
+                wrapped.ciphertext.len()
+            ))
+        })?;
+        let mut iv = iv;
+        let sealed = sealed.to_vec();
+        let aad = binding.to_aad();
+        let what = format!(
+            "unwrap (C_Decrypt) with key '{}' on token '{}' for tenant '{}' version {}",
+            root.label, self.inner.token_label, binding.tenant, binding.version
+        );
+        let task_what = what.clone();
+        let handle = root.handle;
+        let plaintext = self
+            .call(&what, move |session| {
+                let params = gcm_params(&mut iv, &aad).map_err(|e| ck_error(e, &task_what))?;
+                session
+                    .decrypt(&Mechanism::AesGcm(params), handle, &sealed)
+                    .map(Zeroizing::new)
+                    .map_err(|e| ck_error(e, &task_what))
+            })
+            .await?;
+        if plaintext.len() != TENANT_KEY_LEN {
+            return Err(invalid_data(format!(
+                "{NAME}: {what} returned {} bytes, expected {TENANT_KEY_LEN}: the wrapped key is \
+                 not a phiseal tenant key",
+                plaintext.len()
+            )));
+        }
+        TenantKey::from_slice(plaintext.as_slice()).ok_or_else(|| {
+            invalid_data(format!(
+                "{NAME}: {what} returned a plaintext that is not a tenant key"
+            ))
+        })
+    }
+}
+
+/// `CKM_AES_GCM` parameters with a 128-bit tag.
+fn gcm_params<'a>(iv: &'a mut [u8], aad: &'a [u8]) -> Result<GcmParams<'a>, CkError> {
+    GcmParams::new(iv, aad, Ulong::try_from(TAG_LEN * 8)?)
+}
+
+/// Splits `0x01 ‖ iv ‖ ciphertext ‖ tag` into the IV and `ciphertext ‖ tag`; `None` unless the
+/// length and format byte are exact.
+fn parse_wrapped(bytes: &[u8]) -> Option<([u8; IV_LEN], &[u8])> {
+    if bytes.len() != WRAPPED_LEN {
+        return None;
+    }
+    let (&format, rest) = bytes.split_first()?;
+    if format != WRAP_FORMAT {
+        return None;
+    }
+    let (iv, sealed) = rest.split_at_checked(IV_LEN)?;
+    Some((iv.try_into().ok()?, sealed))
+}
+
+/// Creates a new root key on the token named by `config`: an AES-256 token object labelled
+/// `label`, private, sensitive and non-extractable, usable for `C_Encrypt` / `C_Decrypt` only.
+/// `config.key_label` and `config.previous_key_labels` are not used.
+///
+/// Fails with `Conflict` if an object with that label exists already (nothing is created),
+/// and otherwise as [`Pkcs11Kms::connect`]. Creating a key needs a read-write session, which
+/// some HSMs allow only to particular users or not at all (use the vendor's tools then).
+pub async fn generate_root_key(config: &Pkcs11Config, label: &str) -> Result<(), BackendError> {
+    validate_token_label(&config.token_label)?;
+    validate_key_label(label)?;
+    let config = config.clone();
+    let label = label.to_owned();
+    let what = format!(
+        "generate root key '{label}' on token '{}'",
+        config.token_label
+    );
+    blocking(CONNECT_TIMEOUT, &what.clone(), move || {
+        let (ctx, slot) = load(&config)?;
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(|e| ck_error(e, &format!("{what}: open a read-write session")))?;
+        login(&session, &config)?;
+        let existing = session
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+            .map_err(|e| ck_error(e, &format!("{what}: C_FindObjects")))?;
+        if !existing.is_empty() {
+            return Err(BackendError::new(
+                BackendErrorKind::Conflict,
+                format!(
+                    "{NAME}: {what}: {} object(s) with that label exist already: choose a new \
+                     label (nothing was created)",
+                    existing.len()
+                ),
+            ));
+        }
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(Ulong::try_from(ROOT_KEY_LEN).map_err(|e| ck_error(e, &what))?),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Derive(false),
+        ];
+        let handle = session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .map_err(|e| ck_error(e, &format!("{what}: C_GenerateKey")))?;
+        // Another process may have created the same label meanwhile: then neither key is
+        // usable by label, so take ours back.
+        let found = find_secret_keys(&session, &label)
+            .map_err(|e| ck_error(e, &format!("{what}: C_FindObjects")))?;
+        if found.len() != 1 {
+            let _ = session.destroy_object(handle);
+            return Err(BackendError::new(
+                BackendErrorKind::Conflict,
+                format!(
+                    "{NAME}: {what}: another key with that label was created at the same time: \
+                     the new key was destroyed again; choose a new label"
+                ),
+            ));
+        }
+        // A token that ignored part of the template must not leave a weak key behind.
+        if let Err(e) = check_key(&session, handle, &label, &config.token_label) {
+            let _ = session.destroy_object(handle);
+            return Err(e);
+        }
+        Ok(())
+    })
+    .await
+}
+
+fn connect_blocking(config: &Pkcs11Config) -> Result<Inner, BackendError> {
+    let (ctx, slot) = load(config)?;
+    let token = &config.token_label;
+    let session = ctx
+        .open_ro_session(slot)
+        .map_err(|e| ck_error(e, &format!("connect: open a session on token '{token}'")))?;
+    login(&session, config)?;
+    let resolve = |label: &str| -> Result<RootKey, BackendError> {
+        let handle = find_key(&session, label, token)?;
+        Ok(RootKey {
+            label: label.to_owned(),
+            handle,
+            key_ref: key_ref(token, label),
+        })
+    };
+    let current = resolve(&config.key_label)?;
+    let previous = config
+        .previous_key_labels
+        .iter()
+        .map(|l| resolve(l))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Inner {
+        pool: Mutex::new(Vec::new()),
+        _login_session: Mutex::new(session),
+        ctx,
+        slot,
+        token_label: token.clone(),
+        current,
+        previous,
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+    })
+}
+
+/// Loads and initializes the module and finds the token's slot.
+fn load(config: &Pkcs11Config) -> Result<(Pkcs11, Slot), BackendError> {
+    let module = config.module.display();
+    let ctx = Pkcs11::new(&config.module).map_err(|e| {
+        misconfigured(format!(
+            "cannot load the PKCS#11 module '{module}': check the path and that the HSM \
+             vendor's library is installed (SoftHSM2: the Debian package softhsm2)"
+        ))
+        .with_source(e)
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        // Another backend in this process initialized the module already.
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(ck_error(e, &format!("initialize the module '{module}'"))),
+    }
+    let slot = find_slot(&ctx, &config.token_label)?;
+    Ok((ctx, slot))
+}
+
+/// The one slot holding a token labelled `label`.
+fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, BackendError> {
+    let what = format!("find token '{label}'");
+    let slots = ctx.get_slots_with_token().map_err(|e| ck_error(e, &what))?;
+    let mut seen = Vec::new();
+    let mut matching = Vec::new();
+    for slot in slots {
+        let info = ctx.get_token_info(slot).map_err(|e| ck_error(e, &what))?;
+        let found = info.label().trim_end_matches(' ');
+        if found == label {
+            matching.push(slot);
+        }
+        seen.push(found.to_owned());
+    }
+    match matching.as_slice() {
+        [slot] => Ok(*slot),
+        [] => Err(misconfigured(format!(
+            "no token labelled '{label}' (tokens present: {seen:?}): check token_label and that \
+             the token is initialized and visible to this process"
+        ))),
+        more => Err(misconfigured(format!(
+            "{} tokens are labelled '{label}': token labels must be unique",
+            more.len()
+        ))),
+    }
+}
+
+/// Logs the normal user in; an application that is logged in already is accepted.
+fn login(session: &Session, config: &Pkcs11Config) -> Result<(), BackendError> {
+    match session.login(UserType::User, Some(&config.pin)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e) => Err(ck_error(
+            e,
+            &format!("log in to token '{}' as user", config.token_label),
+        )),
+    }
+}
+
+fn find_secret_keys(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, CkError> {
+    session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])
+}
+
+/// The one secret key labelled `label`, checked by [`check_key`].
+fn find_key(session: &Session, label: &str, token: &str) -> Result<ObjectHandle, BackendError> {
+    let found = find_secret_keys(session, label).map_err(|e| {
+        ck_error(
+            e,
+            &format!("find key '{label}' on token '{token}' (C_FindObjects)"),
+        )
+    })?;
+    match found.as_slice() {
+        [handle] => {
+            check_key(session, *handle, label, token)?;
+            Ok(*handle)
+        }
+        [] => Err(misconfigured(format!(
+            "no secret key labelled '{label}' on token '{token}' (visible to the logged-in \
+             user): check key_label / previous_key_labels, or create the key \
+             (phiseal_kms_pkcs11::generate_root_key)"
+        ))),
+        more => Err(misconfigured(format!(
+            "{} secret keys are labelled '{label}' on token '{token}': a root-key label must \
+             name exactly one key",
+            more.len()
+        ))),
+    }
+}
+
+/// Checks that the key is a 32-byte AES token key, private, sensitive, non-extractable, with
+/// encrypt and decrypt allowed.
+fn check_key(
+    session: &Session,
+    handle: ObjectHandle,
+    label: &str,
+    token: &str,
+) -> Result<(), BackendError> {
+    let attrs = session
+        .get_attributes(
+            handle,
+            &[
+                AttributeType::KeyType,
+                AttributeType::ValueLen,
+                AttributeType::Token,
+                AttributeType::Private,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::Encrypt,
+                AttributeType::Decrypt,
+            ],
+        )
+        .map_err(|e| {
+            ck_error(
+                e,
+                &format!("read the attributes of key '{label}' on token '{token}'"),
+            )
+        })?;
+    let (mut key_type, mut len) = (None, None);
+    let (mut on_token, mut private, mut sensitive, mut extractable, mut encrypt, mut decrypt) =
+        (None, None, None, None, None, None);
+    for attr in attrs {
+        match attr {
+            Attribute::KeyType(t) => key_type = Some(t),
+            Attribute::ValueLen(l) => len = Some(usize::from(l)),
+            Attribute::Token(b) => on_token = Some(b),
+            Attribute::Private(b) => private = Some(b),
+            Attribute::Sensitive(b) => sensitive = Some(b),
+            Attribute::Extractable(b) => extractable = Some(b),
+            Attribute::Encrypt(b) => encrypt = Some(b),
+            Attribute::Decrypt(b) => decrypt = Some(b),
+            _ => {}
+        }
+    }
+    let refuse = |why: String| {
+        Err(misconfigured(format!(
+            "key '{label}' on token '{token}' is not usable as a root key: {why}"
+        )))
+    };
+    if key_type != Some(KeyType::AES) {
+        return refuse(format!("CKA_KEY_TYPE is {key_type:?}, expected CKK_AES"));
+    }
+    if len != Some(ROOT_KEY_LEN) {
+        return refuse(format!(
+            "CKA_VALUE_LEN is {len:?}, expected {ROOT_KEY_LEN} (AES-256)"
+        ));
+    }
+    if on_token != Some(true) {
+        return refuse("it is a session object (CKA_TOKEN is not true)".to_owned());
+    }
+    if private != Some(true) {
+        return refuse("CKA_PRIVATE is not true: it would be usable without logging in".to_owned());
+    }
+    if sensitive != Some(true) {
+        return refuse(
+            "CKA_SENSITIVE is not true: its value could be read off the token".to_owned(),
+        );
+    }
+    if extractable != Some(false) {
+        return refuse(
+            "CKA_EXTRACTABLE is not false: it could be exported from the token".to_owned(),
+        );
+    }
+    if encrypt != Some(true) || decrypt != Some(true) {
+        return refuse(format!(
+            "CKA_ENCRYPT is {encrypt:?} and CKA_DECRYPT is {decrypt:?}: both must be true"
+        ));
+    }
+    Ok(())
+}
+
+fn key_ref(token: &str, label: &str) -> String {
+    format!("{REF_PREFIX}{token}/{label}")
+}
+
+fn validate_config(config: &Pkcs11Config) -> Result<(), BackendError> {
+    validate_token_label(&config.token_label)?;
+    validate_key_label(&config.key_label)?;
+    for (i, label) in config.previous_key_labels.iter().enumerate() {
+        validate_key_label(label)?;
+        if *label == config.key_label
+            || config
+                .previous_key_labels
+                .iter()
+                .take(i)
+                .any(|l| l == label)
+        {
+            return Err(misconfigured(format!(
+                "key label '{label}' is configured twice (key_label and previous_key_labels \
+                 must all differ)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn validate_token_label(label: &str) -> Result<(), BackendError> {
+    if label.is_empty() || label.len() > MAX_TOKEN_LABEL_LEN || label.contains('/') {
+        return Err(misconfigured(format!(
+            "token label '{label}' is invalid: it must be 1 to {MAX_TOKEN_LABEL_LEN} bytes \
+             without '/' (it is part of the root-key reference pkcs11:<token>/<key>)"
+        )));
+    }
+    if label.ends_with(' ') {
+        return Err(misconfigured(format!(
+            "token label '{label}' ends with a space: PKCS#11 pads token labels with spaces, so \
+             it could never match"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_key_label(label: &str) -> Result<(), BackendError> {
+    if label.is_empty() {
+        return Err(misconfigured(
+            "a key label is empty: set key_label (and previous_key_labels) to CKA_LABEL values",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs blocking `f` on Tokio's blocking pool, bounded by `limit`.
+async fn blocking<T, F>(limit: Duration, what: &str, f: F) -> Result<T, BackendError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, BackendError> + Send + 'static,
+{
+    let task = tokio::task::spawn_blocking(f);
+    within(limit, what, async move {
+        task.await.map_err(|e| thread_failed(what, e))?
+    })
+    .await
+}
+
+fn thread_failed(what: &str, e: tokio::task::JoinError) -> BackendError {
+    BackendError::new(
+        BackendErrorKind::Other,
+        format!("{NAME}: {what} failed: its blocking thread panicked or was cancelled"),
+    )
+    .with_source(e)
+}
+
+/// `fut`, or `Unavailable` after `limit`.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(BackendError::new(
+            BackendErrorKind::Unavailable,
+            format!(
+                "{NAME}: {what} timed out after {limit:?}: the token does not answer (one \
+                 blocking thread stays blocked until it does); check the HSM and retry later"
+            ),
+        ))
+    })
+}
+
+fn misconfigured(msg: impl fmt::Display) -> BackendError {
+    BackendError::new(BackendErrorKind::Misconfigured, format!("{NAME}: {msg}"))
+}
+
+fn invalid_data(msg: String) -> BackendError {
+    BackendError::new(BackendErrorKind::InvalidData, msg)
+}
+
+/// Maps a cryptoki error to a [`BackendError`] naming the backend, the operation (`what`
+/// names the token and key) and the PKCS#11 function and return code. cryptoki's error text
+/// never contains PINs, key bytes or data.
+fn ck_error(err: CkError, what: &str) -> BackendError {
+    let (kind, cause) = match &err {
+        CkError::Pkcs11(rv, function) => (
+            classify(*rv, *function),
+            format!("C_{function:?} returned {}", rv_name(*rv)),
+        ),
+        CkError::LibraryLoading(_) => (
+            BackendErrorKind::Misconfigured,
+            "the module cannot be loaded".to_owned(),
+        ),
+        CkError::NullFunctionPointer | CkError::MissingSymbol(_) | CkError::NotSupported => (
+            BackendErrorKind::Misconfigured,
+            format!("the module does not support this: {err}"),
+        ),
+        _ => (BackendErrorKind::Other, err.to_string()),
+    };
+    let hint = match kind {
+        BackendErrorKind::InvalidData => {
+            "; the wrapped key does not belong to this tenant and version, was altered, or was \
+             not made by this key"
+        }
+        BackendErrorKind::Denied => "; check the PIN, that it is not locked, and the key's usage",
+        BackendErrorKind::Unavailable => "; the token is unreachable or busy, retry later",
+        BackendErrorKind::Misconfigured => {
+            "; check the module, token label, key labels and the key's attributes"
+        }
+        _ => "",
+    };
+    let error = BackendError::new(kind, format!("{NAME}: {what} failed: {cause}{hint}"));
+    match err {
+        // The return code is in the message; cryptoki's long spec text for it (e.g. "Some
+        // horrible, unrecoverable error …" for a GCM tag mismatch) would only mislead.
+        CkError::Pkcs11(..) => error,
+        other => error.with_source(other),
+    }
+}
+
+fn classify(rv: RvError, function: Function) -> BackendErrorKind {
+    use BackendErrorKind as K;
+    match rv {
+        RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange => K::InvalidData,
+        // SoftHSM2 answers a GCM tag mismatch with CKR_GENERAL_ERROR.
+        RvError::GeneralError if matches!(function, Function::Decrypt) => K::InvalidData,
+        RvError::PinIncorrect
+        | RvError::PinInvalid
+        | RvError::PinLenRange
+        | RvError::PinExpired
+        | RvError::PinLocked
+        | RvError::UserNotLoggedIn
+        | RvError::UserPinNotInitialized
+        | RvError::UserTypeInvalid
+        | RvError::KeyFunctionNotPermitted => K::Denied,
+        RvError::DeviceError
+        | RvError::DeviceMemory
+        | RvError::DeviceRemoved
+        | RvError::TokenNotPresent
+        | RvError::TokenNotRecognized
+        | RvError::SessionClosed
+        | RvError::SessionHandleInvalid
+        | RvError::SessionCount
+        | RvError::KeyHandleInvalid
+        | RvError::ObjectHandleInvalid
+        | RvError::HostMemory
+        | RvError::FunctionFailed
+        | RvError::FunctionCanceled
+        | RvError::CryptokiNotInitialized => K::Unavailable,
+        RvError::MechanismInvalid
+        | RvError::MechanismParamInvalid
+        | RvError::KeyTypeInconsistent
+        | RvError::KeySizeRange
+        | RvError::TemplateIncomplete
+        | RvError::TemplateInconsistent
+        | RvError::AttributeValueInvalid
+        | RvError::TokenWriteProtected => K::Misconfigured,
+        _ => K::Other,
+    }
+}
+
+/// `CKR_…` for a return code: cryptoki's variant names are the PKCS#11 names in CamelCase.
+fn rv_name(rv: RvError) -> String {
+    let debug = format!("{rv:?}");
+    if debug.contains('(') {
+        // VendorDefined(code) / UnknownErrorCode(code).
+        return debug;
+    }
+    let mut name = String::from("CKR");
+    for c in debug.chars() {
+        if c.is_ascii_uppercase() {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn return_code_names() {
+        assert_eq!(rv_name(RvError::GeneralError), "CKR_GENERAL_ERROR");
+        assert_eq!(
+            rv_name(RvError::EncryptedDataLenRange),
+            "CKR_ENCRYPTED_DATA_LEN_RANGE"
+        );
+        assert_eq!(rv_name(RvError::PinIncorrect), "CKR_PIN_INCORRECT");
+    }
+
+    #[test]
+    fn classification() {
+        use BackendErrorKind as K;
+        assert_eq!(
+            classify(RvError::GeneralError, Function::Decrypt),
+            K::InvalidData
+        );
+        assert_eq!(classify(RvError::GeneralError, Function::Encrypt), K::Other);
+        assert_eq!(
+            classify(RvError::EncryptedDataInvalid, Function::Decrypt),
+            K::InvalidData
+        );
+        assert_eq!(classify(RvError::PinIncorrect, Function::Login), K::Denied);
+        assert_eq!(
+            classify(RvError::KeyFunctionNotPermitted, Function::EncryptInit),
+            K::Denied
+        );
+        assert_eq!(
+            classify(RvError::DeviceRemoved, Function::Encrypt),
+            K::Unavailable
+        );
+        assert_eq!(
+            classify(RvError::MechanismInvalid, Function::EncryptInit),
+            K::Misconfigured
+        );
+    }
+
+    #[test]
+    fn strict_parsing() {
+        let mut good = vec![WRAP_FORMAT];
+        good.extend_from_slice(&[7; IV_LEN]);
+        good.extend_from_slice(&[9; TENANT_KEY_LEN + TAG_LEN]);
+        let (iv, sealed) = parse_wrapped(&good).unwrap();
+        assert_eq!(iv, [7; IV_LEN]);
+        assert_eq!(sealed, &[9; TENANT_KEY_LEN + TAG_LEN][..]);
+        let mut bad_format = good.clone();
+        bad_format[0] = 0x02;
+        assert!(parse_wrapped(&bad_format).is_none());
+        assert!(parse_wrapped(&good[..WRAPPED_LEN - 1]).is_none());
+        let mut long = good.clone();
+        long.push(0);
+        assert!(parse_wrapped(&long).is_none());
+        assert!(parse_wrapped(&[]).is_none());
+    }
+
+    #[test]
+    fn config_validation_and_debug() {
+        let config = Pkcs11Config {
+            module: "/nonexistent.so".into(),
+            token_label: "tok".into(),
+            pin: SecretString::from("s3cret-pin".to_owned()),
+            key_label: "k1".into(),
+            previous_key_labels: vec!["k0".into()],
+        };
+        assert!(validate_config(&config).is_ok());
+        assert!(!format!("{config:?}").contains("s3cret"));
+        for (token, key, previous) in [
+            ("", "k1", vec![]),
+            ("a/b", "k1", vec![]),
+            ("tok ", "k1", vec![]),
+            ("tok", "", vec![]),
+            ("tok", "k1", vec!["k1".to_owned()]),
+            ("tok", "k1", vec!["k0".to_owned(), "k0".to_owned()]),
+            ("tok", "k1", vec![String::new()]),
+        ] {
+            let c = Pkcs11Config {
+                token_label: token.into(),
+                key_label: key.into(),
+                previous_key_labels: previous,
+                ..config.clone()
+            };
+            let err = validate_config(&c).unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{c:?}");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The backends of a daemon configuration, opened outside the daemon for the CLI's offline
+//! root-key commands: `phiseal root rotate --config FILE` and
+//! `phiseal root migrate --config FILE --to NEW`. They may run while daemons serve: every
+//! change is a compare-and-set on one key version's wrapped bytes, and the tenant keys
+//! themselves never change.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use phiseal::kms::{Kms, KmsChain};
+use phiseal::{Actor, Caller, Keyring, Profile};
+use phiseal_audit_file::{Durability, FileAuditLog};
+
+use crate::config::{Config, Overrides, Source};
+use crate::daemon::open_key_store;
+use crate::error::DaemonError;
+use crate::kms::{open_kms, open_kms_chain, pkcs11_config};
+
+/// The audit log of the offline root-key commands, in the data directory of `--config`
+/// unless `--audit-log` says otherwise. Its own hash chain: the daemon holds its log.
+pub const ROOT_AUDIT_LOG: &str = "audit-root-keys.log";
+
+/// A keyring for a root-key run, with where its audit records go.
+#[derive(Debug)]
+pub struct RootKeyring {
+    /// Wraps with the target root key; unwraps with the target's or the source's.
+    pub keyring: Keyring,
+    /// The audit log file (fsynced per record).
+    pub audit_log: PathBuf,
+}
+
+/// Opens the key store of `config_file` and, as KMS, its `[kms]` (with `[kms.previous]`) or,
+/// with `to`, the `[kms]` of `to` as the target and all of `config_file`'s KMS backends as
+/// sources. Audit records go to `audit_log`, default `DATA_DIR/audit-root-keys.log`, each
+/// fsynced before the step it records goes on.
+pub async fn open_root_keyring(
+    config_file: &Path,
+    to: Option<&Path>,
+    audit_log: Option<PathBuf>,
+) -> Result<RootKeyring, DaemonError> {
+    let config = Config::load(Source::File(config_file), &Overrides::default())?;
+    let kms: Arc<dyn Kms> = match to {
+        None => open_kms(&config).await?,
+        Some(to) => {
+            let target = Config::load(Source::File(to), &Overrides::default())?;
+            let target_kms = open_kms_chain(&target.kms, &target.data_dir).await?;
+            let source_kms = open_kms(&config).await?;
+            Arc::new(KmsChain::new(target_kms, vec![source_kms]))
+        }
+    };
+    let store = open_key_store(&config).await?.store;
+    let audit_log = audit_log.unwrap_or_else(|| config.data_dir.join(ROOT_AUDIT_LOG));
+    let options = phiseal_embedded::EmbeddedOptions {
+        durability: Durability::Strict,
+        audit_log: Some(audit_log.clone()),
+        ..Default::default()
+    };
+    let audit: Arc<FileAuditLog> = phiseal_embedded::open_audit(&config.data_dir, &options)?;
+    let keyring = Keyring::builder()
+        .kms(kms)
+        .key_store(store)
+        .audit(audit)
+        // Moving keys away from the local development KMS is what this is for.
+        .profile(Profile::Development)
+        .build()?;
+    Ok(RootKeyring { keyring, audit_log })
+}
+
+/// The caller of an offline command: `uid:N` of the operator, with the process id.
+pub fn operator() -> Caller {
+    let uid = rustix::process::getuid().as_raw();
+    Caller::new(Actor {
+        identity: format!("uid:{uid}").into(),
+        uid: Some(uid),
+        pid: Some(std::process::id()),
+    })
+}
+
+/// Creates a new AES-256 root key labelled `label` on the token of `config_file`'s
+/// `[kms.pkcs11]` (sensitive, non-extractable, encrypt/decrypt only); refuses a label in use.
+pub async fn generate_pkcs11_root_key(config_file: &Path, label: &str) -> Result<(), DaemonError> {
+    let config = Config::load(Source::File(config_file), &Overrides::default())?;
+    let section = config.kms.pkcs11.as_ref().ok_or_else(|| {
+        DaemonError::Config("kms.pkcs11: the config has no PKCS#11 token to create a key on".into())
+    })?;
+    phiseal_kms_pkcs11::generate_root_key(&pkcs11_config(section), label)
+        .await
+        .map_err(|source| DaemonError::Kms {
+            kind: "pkcs11",
+            source,
+        })
+}
