@@ -113,7 +113,50 @@ impl FieldService for Echo {
     ) -> Result<Response<pb::RewrapResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+
+    // The load generator measures the field RPCs above only.
+    type EncryptStreamStream = EchoStream;
+    type DecryptStreamStream = EchoStream;
+
+    async fn encrypt_deterministic(
+        &self,
+        _r: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn blind_index(
+        &self,
+        _r: Request<pb::BlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn search_terms(
+        &self,
+        _r: Request<pb::SearchTermsRequest>,
+    ) -> Result<Response<pb::SearchTermsResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn encrypt_stream(
+        &self,
+        _r: Request<tonic::Streaming<pb::EncryptStreamRequest>>,
+    ) -> Result<Response<EchoStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+
+    async fn decrypt_stream(
+        &self,
+        _r: Request<tonic::Streaming<pb::DecryptStreamRequest>>,
+    ) -> Result<Response<EchoStream>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
 }
+
+/// The (never produced) answer stream of the echo server's streaming RPCs.
+type EchoStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::StreamChunk, Status>> + Send>>;
 
 fn serve_echo(socket: &Path) {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -4,6 +4,9 @@
 //!   1 MiB: the bare aws-lc-rs and RustCrypto AES-256-GCM primitives (fixed nonce, no format,
 //!   key set up once) next to the keyring with a cached key, audit off and on, per provider.
 //! * `nonce_scheme/*`: the per-message cost of the two nonce-safe candidates at 64 B.
+//! * `searchable/*`: deterministic encryption (AES-256-SIV) and blind indexes of a 64 B value
+//!   through the keyring (aws-lc provider, audit off, key cached), next to the default
+//!   randomized `Keyring::encrypt` of the same value and context as the baseline.
 // Benchmark code with fixed, in-bounds inputs: panics here are harness bugs, not input handling.
 #![allow(
     missing_docs,
@@ -20,7 +23,7 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use phiseal::crypto::CryptoProvider;
-use phiseal::{Actor, Caller, EncryptionContext, Keyring, TenantId};
+use phiseal::{Actor, BlindIndexSpec, Caller, EncryptionContext, Keyring, Normalization, TenantId};
 use phiseal_audit_file::Durability;
 
 const SIZES: [usize; 4] = [64, 1024, 64 * 1024, 1024 * 1024];
@@ -297,5 +300,91 @@ fn rand_nonce(out: &mut [u8]) {
     rand::rng().fill_bytes(out);
 }
 
-criterion_group!(benches, nonce_scheme, roundtrip);
+/// Searchable fields at 64 B (one operation per iteration, audit off, tenant key cached; the
+/// context has no record id, as deterministic encryption and blind indexes require).
+fn searchable(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("searchable");
+    group
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    let setup = keyring(&rt, &phiseal::crypto::aws_lc::PROVIDER, None);
+    let k = &setup.keyring;
+    let caller = &setup.caller;
+    let cx = setup.context.without_record();
+    let value: Vec<u8> = (0..64u8).map(|i| b'A' + i % 26).collect();
+    let exact = BlindIndexSpec::new(Normalization::Exact, 256).unwrap();
+    let folded = BlindIndexSpec::new(Normalization::CaseFolded, 64).unwrap();
+    // Warm the per-field derived keys.
+    rt.block_on(async {
+        k.encrypt_deterministic(caller, &cx, &value).await.unwrap();
+        k.blind_index(caller, &cx, &value, &exact).await.unwrap();
+    });
+    // Runs `op` `iters` times inside one `block_on`.
+    macro_rules! bench_async {
+        ($name:expr, |$i:ident| $op:expr) => {
+            group.bench_function($name, |b| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        for $i in 0..iters {
+                            black_box($op.await.unwrap());
+                        }
+                        start.elapsed()
+                    })
+                })
+            });
+        };
+    }
+    // The primitives alone, for the breakdown: AES-256-SIV with its key set up per call (as
+    // the keyring does) and HMAC-SHA256 keyed per call through the provider.
+    group.bench_function("bare-aes-256-siv-64B", |b| {
+        use aes_siv::KeyInit as _;
+        let key = [7u8; 64];
+        let aad = [0x11u8; 16];
+        b.iter(|| {
+            let mut siv = aes_siv::siv::Aes256Siv::new(&key.into());
+            let mut buf = value.clone();
+            let tag = siv.encrypt_in_place_detached([&aad[..]], &mut buf).unwrap();
+            black_box((tag, buf))
+        })
+    });
+    group.bench_function("bare-hmac-sha256-64B", |b| {
+        let hmac = phiseal::crypto::aws_lc::PROVIDER.hmac_sha256;
+        let key = [7u8; 32];
+        b.iter(|| black_box(hmac.sign(&key, &[&[1, 1, 0], &value])))
+    });
+    bench_async!("encrypt-default-64B", |_i| k.encrypt(caller, &cx, &value));
+    bench_async!("encrypt-deterministic-64B", |_i| k
+        .encrypt_deterministic(caller, &cx, &value));
+    bench_async!("blind-index-exact-256bit-64B", |_i| k
+        .blind_index(caller, &cx, &value, &exact));
+    bench_async!("blind-index-case-folded-64bit-64B", |_i| k
+        .blind_index(caller, &cx, &value, &folded));
+    // 200 fields round-robin through the 64-entry per-version cache: every call derives its
+    // field key (one HKDF), the worst case of the bounded cache.
+    let many: Vec<EncryptionContext> = (0..200)
+        .map(|i| EncryptionContext::new(cx.tenant().clone(), format!("field-{i}")).unwrap())
+        .collect();
+    bench_async!("blind-index-exact-256bit-64B-field-key-miss", |i| k
+        .blind_index(caller, &many[(i % 200) as usize], &value, &exact));
+    bench_async!("encrypt-deterministic-64B-field-key-miss", |i| k
+        .encrypt_deterministic(caller, &many[(i % 200) as usize], &value));
+    // A query after one rotation: two live versions, two values.
+    rt.block_on(async {
+        k.rotate(caller, cx.tenant()).await.unwrap();
+        k.deterministic_query(caller, &cx, &value).await.unwrap();
+        k.blind_index_query(caller, &cx, &value, &exact)
+            .await
+            .unwrap();
+    });
+    bench_async!("deterministic-query-2-versions-64B", |_i| k
+        .deterministic_query(caller, &cx, &value));
+    bench_async!("blind-index-query-2-versions-64B", |_i| k
+        .blind_index_query(caller, &cx, &value, &exact));
+    group.finish();
+}
+
+criterion_group!(benches, nonce_scheme, roundtrip, searchable);
 criterion_main!(benches);

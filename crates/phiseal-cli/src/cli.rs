@@ -87,8 +87,10 @@ pub(crate) enum Command {
     /// Encrypt stdin (raw bytes) and print the `phs1:` ciphertext.
     ///
     /// All of stdin is the plaintext, byte for byte (nothing is trimmed). Prints the text form
-    /// and a newline; with --json, {"ciphertext": "phs1:…", "key_version": N}.
-    Encrypt(FieldArgs),
+    /// and a newline; with --json, {"ciphertext": "phs1:…", "key_version": N}. With
+    /// --deterministic, the same value always gives the same ciphertext (searchable by
+    /// equality; reveals equal values: docs/SEARCH.md; no --record).
+    Encrypt(EncryptArgs),
     /// Decrypt the `phs1:` ciphertext on stdin and write the raw plaintext to stdout.
     ///
     /// Surrounding whitespace around the ciphertext is ignored. The plaintext is written as
@@ -100,6 +102,27 @@ pub(crate) enum Command {
     Rewrap(RewrapArgs),
     /// Crypto-shred a tenant: destroy every key version, forever.
     Shred(ShredArgs),
+    /// Encrypt a file of any size in constant memory (streamed through the daemon).
+    ///
+    /// The output is written to OUTPUT.partial and renamed to OUTPUT only when the daemon has
+    /// sealed the whole stream; on any failure the partial file is removed.
+    EncryptFile(FileArgs),
+    /// Decrypt a file made by encrypt-file, in constant memory.
+    ///
+    /// Plaintext is written to OUTPUT.partial (mode 0600) as segments authenticate and renamed
+    /// to OUTPUT only when the whole stream has authenticated; a truncated, reordered or altered
+    /// file fails and the partial output is removed.
+    DecryptFile(FileArgs),
+    /// Print the blind index of the value on stdin (hex), to store next to its ciphertext.
+    ///
+    /// With --json, {"key_version": N, "index_hex": "…"}.
+    BlindIndex(BlindIndexArgs),
+    /// Print the search terms for the value on stdin under every live key version (one per
+    /// line, primary first): `phs1:` deterministic ciphertexts with --deterministic, else hex
+    /// blind indexes. What goes into `WHERE column IN (…)`.
+    ///
+    /// With --json, {"terms": [{"key_version": N, "value": "phs1:…" or hex}, …]}.
+    SearchTerms(SearchTermsArgs),
     /// Verify or export the audit log (reads the file directly, not through the daemon).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -237,6 +260,73 @@ pub(crate) struct FieldArgs {
     /// The record id (an opaque id, not PHI: it is written to the audit log).
     #[arg(long)]
     pub(crate) record: Option<String>,
+}
+
+/// `encrypt` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct EncryptArgs {
+    /// The encryption context.
+    #[command(flatten)]
+    pub(crate) field: FieldArgs,
+    /// Deterministic encryption (AES-SIV): equal values give equal ciphertexts.
+    #[arg(long, conflicts_with = "record")]
+    pub(crate) deterministic: bool,
+}
+
+/// `encrypt-file` / `decrypt-file` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct FileArgs {
+    /// The encryption context.
+    #[command(flatten)]
+    pub(crate) field: FieldArgs,
+    /// The file to read.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) input: PathBuf,
+    /// The file to write (must not exist).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) output: PathBuf,
+}
+
+/// How a blind index is computed.
+#[derive(Debug, Args)]
+pub(crate) struct IndexSpecArgs {
+    /// exact, case-folded or digits-only (docs/SEARCH.md).
+    #[arg(long, value_name = "NAME", value_parser = ["exact", "case-folded", "digits-only"])]
+    pub(crate) normalization: Option<String>,
+    /// Bits kept: a multiple of 8 from 16 to 256 (docs/SEARCH.md recommends 32).
+    #[arg(long, value_name = "N")]
+    pub(crate) bits: Option<u32>,
+}
+
+/// `blind-index` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct BlindIndexArgs {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+    /// The field name.
+    #[arg(long)]
+    pub(crate) field: String,
+    /// The index spec.
+    #[command(flatten)]
+    pub(crate) spec: IndexSpecArgs,
+}
+
+/// `search-terms` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct SearchTermsArgs {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+    /// The field name.
+    #[arg(long)]
+    pub(crate) field: String,
+    /// The column holds deterministic ciphertexts (encrypt --deterministic).
+    #[arg(long, conflicts_with_all = ["normalization", "bits"])]
+    pub(crate) deterministic: bool,
+    /// The column holds blind indexes made with this spec.
+    #[command(flatten)]
+    pub(crate) spec: IndexSpecArgs,
 }
 
 /// `rewrap` arguments.

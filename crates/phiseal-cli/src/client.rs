@@ -39,13 +39,15 @@ pub(crate) type Svc = InterceptedService<Channel, CallPolicy>;
 pub(crate) struct CallPolicy {
     /// `Bearer <token>`, marked sensitive (never shown by `Debug`).
     authorization: Option<AsciiMetadataValue>,
-    /// The deadline of each call.
-    timeout: Duration,
+    /// The deadline of each call; `None` for streams, which the daemon limits per message.
+    timeout: Option<Duration>,
 }
 
 impl Interceptor for CallPolicy {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.set_timeout(self.timeout);
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
         if let Some(value) = &self.authorization {
             request
                 .metadata_mut()
@@ -58,6 +60,7 @@ impl Interceptor for CallPolicy {
 /// A connected daemon.
 pub(crate) struct Daemon {
     field: FieldServiceClient<Svc>,
+    streaming: FieldServiceClient<Svc>,
     admin: AdminServiceClient<Svc>,
     timeout: Duration,
 }
@@ -71,11 +74,16 @@ impl Daemon {
         let channel = connect_socket(&global.socket, timeout).await?;
         let policy = CallPolicy {
             authorization,
-            timeout,
+            timeout: Some(timeout),
+        };
+        let untimed = CallPolicy {
+            timeout: None,
+            ..policy.clone()
         };
         Ok(Daemon {
             field: FieldServiceClient::with_interceptor(channel.clone(), policy.clone())
                 .max_decoding_message_size(MAX_RESPONSE),
+            streaming: FieldServiceClient::with_interceptor(channel.clone(), untimed),
             admin: AdminServiceClient::with_interceptor(channel, policy)
                 .max_decoding_message_size(MAX_RESPONSE),
             timeout,
@@ -85,6 +93,12 @@ impl Daemon {
     /// The data-plane client (a cheap clone sharing the connection).
     pub(crate) fn field(&self) -> FieldServiceClient<Svc> {
         self.field.clone()
+    }
+
+    /// The data-plane client for streaming calls: no overall deadline (a large file takes as
+    /// long as it takes); the daemon limits the time between messages.
+    pub(crate) fn streaming(&self) -> FieldServiceClient<Svc> {
+        self.streaming.clone()
     }
 
     /// The admin client (a cheap clone sharing the connection).

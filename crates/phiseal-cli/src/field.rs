@@ -8,14 +8,14 @@ use phiseal_proto::v1::{Context, DecryptRequest, EncryptRequest};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::cli::{FieldArgs, GlobalArgs};
+use crate::cli::{EncryptArgs, FieldArgs, GlobalArgs};
 use crate::client::Daemon;
 use crate::error::CliError;
 use crate::output::{stdout_bytes, stdout_json};
 
 impl FieldArgs {
     /// The encryption context named by the arguments.
-    fn context(&self) -> Context {
+    pub(crate) fn context(&self) -> Context {
         Context {
             tenant: self.tenant.clone(),
             field: self.field.clone(),
@@ -25,7 +25,7 @@ impl FieldArgs {
 }
 
 /// All of stdin, as raw bytes (wiped when dropped).
-fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
+pub(crate) fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
     let mut bytes = Zeroizing::new(Vec::new());
     std::io::stdin()
         .lock()
@@ -35,17 +35,26 @@ fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
 }
 
 /// Encrypts all of stdin (no trimming) and prints the `phs1:` text form plus a newline.
-pub(crate) async fn encrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), CliError> {
+pub(crate) async fn encrypt(args: EncryptArgs, global: &GlobalArgs) -> Result<(), CliError> {
     let mut plaintext = read_stdin()?;
     let daemon = Daemon::connect(global).await?;
     // Moved into the request: the gRPC stack's copies are out of reach anyway.
     let request = EncryptRequest {
-        context: Some(args.context()),
+        context: Some(args.field.context()),
         plaintext: std::mem::take(&mut *plaintext),
     };
-    let response = daemon
-        .call("encrypt", daemon.field().encrypt(request))
-        .await?;
+    let response = if args.deterministic {
+        daemon
+            .call(
+                "encrypt (deterministic)",
+                daemon.field().encrypt_deterministic(request),
+            )
+            .await?
+    } else {
+        daemon
+            .call("encrypt", daemon.field().encrypt(request))
+            .await?
+    };
     let text = phiseal::format::to_text(&response.ciphertext);
     if global.json {
         stdout_json(&json!({ "ciphertext": text, "key_version": response.key_version }))

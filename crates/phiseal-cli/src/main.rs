@@ -34,7 +34,9 @@ mod field;
 mod output;
 mod rewrap;
 mod root;
+mod search;
 mod shred;
+mod stream;
 mod token;
 
 use std::process::ExitCode;
@@ -64,6 +66,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tenant(cmd) => block_on(admin::tenant(cmd, global)),
         Command::Key(cmd) => block_on(admin::key(cmd, global)),
         Command::Encrypt(args) => block_on(field::encrypt(args, global)),
+        Command::EncryptFile(args) => block_on(stream::encrypt_file(args, global)),
+        Command::DecryptFile(args) => block_on(stream::decrypt_file(args, global)),
+        Command::BlindIndex(args) => block_on(search::blind_index(args, global)),
+        Command::SearchTerms(args) => block_on(search::search_terms(args, global)),
         Command::Decrypt(args) => block_on(field::decrypt(args, global)),
         Command::Rewrap(args) => block_on(rewrap::run(args, global)),
         Command::Shred(args) => block_on(shred::run(args, global)),

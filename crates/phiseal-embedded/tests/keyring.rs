@@ -1115,8 +1115,8 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
     });
     let audit = Arc::new(MemoryAudit::default());
     let cache = CacheSettings {
-        key_ttl: Duration::from_millis(300),
-        metadata_ttl: Duration::from_millis(300),
+        key_ttl: Duration::from_millis(800),
+        metadata_ttl: Duration::from_millis(800),
         max_stale: Duration::from_millis(1500),
         ..CacheSettings::default()
     };
@@ -1142,7 +1142,7 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
 
     // Past the TTL: one KMS attempt, the decision to serve stale is audited, the operation
     // records the stale source; the next operations use the stale key without calling the KMS.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
     let before = kms.unwraps.load(Ordering::SeqCst);
     assert_eq!(&k.decrypt(&c, &cx, &ct).await.unwrap()[..], b"v");
     k.encrypt(&c, &cx, b"x").await.unwrap();
@@ -1157,8 +1157,9 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
         ]
     );
 
-    // A key that is not cached (a second process, empty cache) fails at once, naming the
-    // backend and the cause; no stale key exists, so the refusal is audited.
+    // A key that is not cached (a second process, empty cache): the KMS is tried, fails, and
+    // the error names the backend and the cause; the next request does not call the KMS again
+    // until the retry is due, and fails at once.
     let cold = Keyring::builder()
         .kms(kms.clone())
         .key_store(p.store.clone())
@@ -1167,41 +1168,52 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
         .build()
         .unwrap();
     let before = kms.unwraps.load(Ordering::SeqCst);
-    let err = cold
-        .decrypt(&c, &ctx("cold", "f", None), &cold_ct)
-        .await
-        .unwrap_err();
-    assert!(err.is_kms_unavailable(), "{err}");
-    let shown = err.to_string();
-    assert!(
-        shown.contains("switchable") && shown.contains("injected failure"),
-        "{shown}"
-    );
+    for attempt in 0..3 {
+        let err = cold
+            .decrypt(&c, &ctx("cold", "f", None), &cold_ct)
+            .await
+            .unwrap_err();
+        assert!(err.is_kms_unavailable(), "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("switchable") && shown.contains("injected failure"),
+            "{shown}"
+        );
+        assert_eq!(shown.contains("not called"), attempt > 0, "{shown}");
+    }
     assert_eq!(kms.unwraps.load(Ordering::SeqCst) - before, 1);
-    assert_eq!(
-        audit.take(),
-        [
-            event("unwrap_key", "kms", Some("kms")),
-            event("serve_stale_key", "kms", None),
-            event("decrypt", "kms", None),
-        ]
-    );
+    let cold_events: Vec<_> = (0..3)
+        .flat_map(|_| {
+            [
+                event("unwrap_key", "kms", Some("kms")),
+                event("decrypt", "kms", None),
+            ]
+        })
+        .collect();
+    assert_eq!(audit.take(), cold_events);
 
-    // Past key_ttl + max_stale: fail closed, and the refusal is audited.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Past key_ttl + max_stale: fail closed. The refusal is audited once, as the key leaves
+    // the cache; the KMS is not called before its retry is due.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let before = kms.unwraps.load(Ordering::SeqCst);
     let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
     assert!(err.is_kms_unavailable(), "{err}");
+    assert!(k.decrypt(&c, &cx, &ct).await.is_err());
+    assert_eq!(kms.unwraps.load(Ordering::SeqCst), before);
     assert_eq!(
         audit.take(),
         [
-            event("unwrap_key", "kms", Some("kms")),
             event("serve_stale_key", "kms", None),
+            event("unwrap_key", "kms", Some("kms")),
+            event("decrypt", "kms", None),
+            event("unwrap_key", "kms", Some("kms")),
             event("decrypt", "kms", None),
         ]
     );
 
-    // The KMS is back: fresh keys again.
+    // The KMS is back: the first request after the retry interval gets a fresh key.
     kms.fail_with(None);
+    tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(500)).await;
     assert_eq!(&k.decrypt(&c, &cx, &ct).await.unwrap()[..], b"v");
     assert_eq!(
         audit.take(),
@@ -1245,6 +1257,21 @@ async fn kms_refusal_is_never_served_from_a_stale_key() {
     assert!(!err.is_kms_unavailable(), "{err}");
     assert!(matches!(err, Error::Kms { .. }), "{err}");
     assert!(k.encrypt(&c, &cx, b"x").await.is_err());
+
+    // A refusal after stale service began: the stale key is dropped at the next KMS attempt.
+    kms.fail_with(None);
+    k.decrypt(&c, &cx, &ct).await.unwrap();
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    k.decrypt(&c, &cx, &ct).await.unwrap(); // served stale
+    kms.fail_with(Some(BackendErrorKind::Denied));
+    tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(500)).await;
+    let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
+    assert!(!err.is_kms_unavailable(), "{err}");
+    assert!(
+        k.decrypt(&c, &cx, &ct).await.is_err(),
+        "the stale key is gone"
+    );
 }
 
 #[tokio::test]
@@ -1339,7 +1366,10 @@ async fn root_key_migration_moves_every_version_and_is_idempotent() {
         .decrypt(&c, &ctx("a", "f", None), &ciphertexts[0].1)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::KeyBindingMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Kms { .. }) && err.to_string().contains("not configured here"),
+        "{err}"
+    );
     audit.take();
 
     let migrating = on(Arc::new(KmsChain::new(new.clone(), vec![old.clone()])));

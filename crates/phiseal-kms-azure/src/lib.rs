@@ -25,6 +25,13 @@
 //!   another tenant or version therefore fails as `InvalidData`, as with backends whose wrap
 //!   authenticates a context.
 //!
+//! ## RSA wrapping is not authenticated
+//! RSA-OAEP encrypts with the public key, which `keys/get` returns. Whoever can read the key
+//! and write the key store can plant a tenant key of their choosing (the binding hash and the
+//! core's key-check MAC are computable from a chosen key). `A256KW` (Managed HSM) and the
+//! other backends authenticate the wrap. With RSA keys the key store's integrity must be
+//! protected by its access control; see `docs/KMS.md`.
+//!
 //! ## Root-key rotation
 //! Rotating the key in the vault (manually or by a rotation policy) creates a new key version.
 //! New wraps use it at once and record it; [`Kms::current_root_key_ref`] reads the latest

@@ -79,8 +79,9 @@
 //! | PKCS#11 says | kind |
 //! |---|---|
 //! | `CKR_ENCRYPTED_DATA_INVALID`, `CKR_ENCRYPTED_DATA_LEN_RANGE`, and `CKR_GENERAL_ERROR` from `C_Decrypt` (SoftHSM2's answer to a GCM tag mismatch) | `InvalidData` |
-//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED` | `Denied` |
-//! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_KEY_HANDLE_INVALID`, `CKR_OBJECT_HANDLE_INVALID`, `CKR_HOST_MEMORY`, `CKR_FUNCTION_FAILED`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, a timeout | `Unavailable` |
+//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED`, `CKR_KEY_HANDLE_INVALID` and `CKR_OBJECT_HANDLE_INVALID` (the root key object was destroyed — or the HSM restarted: the handles are resolved at connect, so restart the daemon) | `Denied` |
+//! | `CKR_FUNCTION_FAILED` from `C_Decrypt` (some HSMs' answer to a GCM tag mismatch) | `Other` |
+//! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_HOST_MEMORY`, other `CKR_FUNCTION_FAILED`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, a timeout | `Unavailable` |
 //! | a module that cannot be loaded, no token or several tokens with the label, a key label with no or several keys, a key with the wrong type, length, usage or protection, `CKR_MECHANISM_INVALID`, `CKR_MECHANISM_PARAM_INVALID`, `CKR_KEY_TYPE_INCONSISTENT`, `CKR_KEY_SIZE_RANGE`, `CKR_TEMPLATE_INCOMPLETE`, `CKR_TEMPLATE_INCONSISTENT`, `CKR_ATTRIBUTE_VALUE_INVALID`, `CKR_TOKEN_WRITE_PROTECTED` | `Misconfigured` |
 //! | a label that already exists ([`generate_root_key`]) | `Conflict` |
 //! | anything else | `Other` |
@@ -911,7 +912,13 @@ fn classify(rv: RvError, function: Function) -> BackendErrorKind {
         | RvError::UserNotLoggedIn
         | RvError::UserPinNotInitialized
         | RvError::UserTypeInvalid
-        | RvError::KeyFunctionNotPermitted => K::Denied,
+        | RvError::KeyFunctionNotPermitted
+        // The root key object is gone (destroyed, i.e. revoked — or the HSM restarted and
+        // the handle is stale: restart the daemon). A refusal, never an outage: no stale keys.
+        | RvError::KeyHandleInvalid
+        | RvError::ObjectHandleInvalid => K::Denied,
+        // Some HSMs answer a GCM tag mismatch (altered wrapped bytes) this way: not an outage.
+        RvError::FunctionFailed if matches!(function, Function::Decrypt) => K::Other,
         RvError::DeviceError
         | RvError::DeviceMemory
         | RvError::DeviceRemoved
@@ -920,8 +927,6 @@ fn classify(rv: RvError, function: Function) -> BackendErrorKind {
         | RvError::SessionClosed
         | RvError::SessionHandleInvalid
         | RvError::SessionCount
-        | RvError::KeyHandleInvalid
-        | RvError::ObjectHandleInvalid
         | RvError::HostMemory
         | RvError::FunctionFailed
         | RvError::FunctionCanceled

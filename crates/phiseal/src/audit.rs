@@ -61,6 +61,22 @@ pub enum Action {
     /// A degraded-mode decision during a KMS outage: `ok` when a cached key past its TTL was
     /// kept in service (within the cache's `max_stale`), an error kind when it was refused.
     ServeStaleKey,
+    /// One field was encrypted deterministically (AES-SIV, algorithm 0x03; `crate::search`).
+    EncryptDeterministic,
+    /// One blind index was computed (under the primary key version; `crate::search`).
+    BlindIndex,
+    /// A deterministic-encryption query value was computed under one live key version (one
+    /// record per version of a `deterministic_query`).
+    DeterministicQuery,
+    /// A blind-index query value was computed under one live key version (one record per
+    /// version of a `blind_index_query`).
+    BlindIndexQuery,
+    /// One stream (a large value in segments, `crate::stream`) was encrypted: one record at
+    /// its end, with its outcome (a stream abandoned or failed midway is recorded as failed).
+    EncryptStream,
+    /// One stream was decrypted: one record at its end; truncation or tampering detected at
+    /// any point is recorded as failed.
+    DecryptStream,
 }
 
 impl Action {
@@ -78,6 +94,12 @@ impl Action {
             Action::KeyStatus => "key_status",
             Action::RewrapRootKey => "rewrap_root_key",
             Action::ServeStaleKey => "serve_stale_key",
+            Action::EncryptDeterministic => "encrypt_deterministic",
+            Action::BlindIndex => "blind_index",
+            Action::DeterministicQuery => "deterministic_query",
+            Action::BlindIndexQuery => "blind_index_query",
+            Action::EncryptStream => "encrypt_stream",
+            Action::DecryptStream => "decrypt_stream",
         }
     }
 }

@@ -127,6 +127,16 @@ pub enum Error {
         #[source]
         source: BackendError,
     },
+    /// Reading the input or writing the output of a stream failed (see `crate::stream`). Not
+    /// a cryptographic failure; the message is the I/O error's, never stream content.
+    #[error("stream I/O failed while {what}: {source}")]
+    Io {
+        /// What was being done (`reading the plaintext`, `writing the ciphertext` …).
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The crypto provider failed (not an authentication failure).
     #[error("crypto provider '{provider}' failed: {what}")]
     Crypto {
@@ -162,6 +172,7 @@ impl Error {
             Error::Store { .. } => "key_store",
             Error::Audit { .. } => "audit",
             Error::Crypto { .. } => "crypto",
+            Error::Io { .. } => "io",
         }
     }
 }
@@ -193,6 +204,9 @@ pub enum FormatError {
     /// The text form is not unpadded base64url.
     #[error("text ciphertext is not unpadded base64url")]
     BadBase64,
+    /// A stream header's segment size is outside the allowed range (`docs/FORMAT.md` §10).
+    #[error("stream segment size {0} is outside 4096..=16777216")]
+    BadSegmentSize(u32),
 }
 
 /// The broad class of a backend failure: decides retries, fail-fast and the status a caller sees.

@@ -149,6 +149,8 @@ pub(crate) fn seal(
     let nonce = match algorithm {
         Algorithm::Aes256GcmHkdf => nonce_material.get(KEY_SALT_LEN..),
         Algorithm::XChaCha20Poly1305 => Some(nonce_material),
+        // Deterministic AES-SIV has its own seal (`crate::search`).
+        Algorithm::Aes256Siv => None,
     }
     .ok_or_else(|| crypto_error(provider))?;
     out.extend_from_slice(plaintext);
@@ -178,6 +180,8 @@ pub(crate) fn open(
     let nonce = match parsed.algorithm {
         Algorithm::Aes256GcmHkdf => parsed.nonce_material.get(KEY_SALT_LEN..),
         Algorithm::XChaCha20Poly1305 => Some(parsed.nonce_material),
+        // Deterministic AES-SIV has its own open (`crate::search`).
+        Algorithm::Aes256Siv => None,
     }
     .ok_or(Error::DecryptionFailed)?;
     let mut out = Plaintext::zeroed(parsed.ciphertext.len());
@@ -214,6 +218,9 @@ pub(crate) struct VersionKey {
     epoch: Epoch,
     xchacha: SharedAeadKey,
     subkeys: quick_cache::sync::Cache<[u8; KEY_SALT_LEN], SharedAeadKey>,
+    /// Per-field keys of deterministic encryption and blind indexes (`crate::search`),
+    /// created on first use.
+    search: crate::search::FieldKeys,
     /// Operations served from this cached key, for the cache's max-uses limit.
     pub(crate) uses: AtomicU64,
     /// When it was unwrapped, for the cache's TTL (coarse monotonic clock).
@@ -221,6 +228,9 @@ pub(crate) struct VersionKey {
     /// Until when (coarse clock ticks) it serves past its TTL because the KMS was found
     /// unavailable; 0 when it never was.
     degraded_until: AtomicU64,
+    /// Held by the one request that tries the KMS for a fresh copy once this key is past its
+    /// TTL (single flight per key version, without taking the key out of the cache).
+    pub(crate) refresh: tokio::sync::Mutex<()>,
 }
 
 impl VersionKey {
@@ -238,11 +248,13 @@ impl VersionKey {
             epoch,
             xchacha,
             subkeys: quick_cache::sync::Cache::new(SUBKEY_CACHE_CAPACITY),
+            search: crate::search::FieldKeys::default(),
             tenant_key,
             // The operation that unwrapped it is its first use.
             uses: AtomicU64::new(1),
             loaded_at: coarsetime::Instant::now_without_cache_update(),
             degraded_until: AtomicU64::new(0),
+            refresh: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -300,6 +312,16 @@ impl VersionKey {
         self.version
     }
 
+    /// The per-field keys of deterministic encryption and blind indexes.
+    pub(crate) fn search_keys(&self) -> &crate::search::FieldKeys {
+        &self.search
+    }
+
+    /// The crypto provider this key was prepared with.
+    pub(crate) fn provider(&self) -> &'static CryptoProvider {
+        self.provider
+    }
+
     /// Encrypts one field under this version with `algorithm`.
     pub(crate) fn encrypt(
         &self,
@@ -349,6 +371,12 @@ impl VersionKey {
                     plaintext,
                 )
             }
+            // Deterministic encryption is never a default algorithm: it leaks equality and
+            // takes no record id. Only `Keyring::encrypt_deterministic` writes it.
+            Algorithm::Aes256Siv => Err(Error::Config(
+                "aes-256-siv (0x03) is deterministic and cannot be the keyring's default                  algorithm: use Keyring::encrypt_deterministic for searchable fields"
+                    .into(),
+            )),
         }
     }
 
@@ -384,6 +412,7 @@ impl VersionKey {
                 Ok(plaintext)
             }
             Algorithm::XChaCha20Poly1305 => open(parsed, &*self.xchacha, context),
+            Algorithm::Aes256Siv => self.search.open(&self.tenant_key, parsed, context),
         }
     }
 }

@@ -3,12 +3,13 @@
 //! ```text
 //! offset  size  field
 //! 0       1     format version = 0x01
-//! 1       1     algorithm id (0x01 AES-256-GCM with HKDF subkeys, 0x02 XChaCha20-Poly1305)
+//! 1       1     algorithm id (0x01 AES-256-GCM with HKDF subkeys, 0x02 XChaCha20-Poly1305,
+//!               0x03 deterministic AES-256-SIV)
 //! 2       4     tenant key version, big-endian u32, >= 1
 //! 6       n     algorithm-specific nonce material (0x01: 10-byte key salt ‖ 12-byte nonce;
-//!               0x02: 24-byte nonce)
+//!               0x02: 24-byte nonce; 0x03: the 16-byte synthetic IV, which is also the tag)
 //! 6+n     …     ciphertext (same length as the plaintext)
-//! end-16  16    tag
+//! end-t   t     tag (t = 16 for 0x01 and 0x02; t = 0 for 0x03, whose SIV authenticates)
 //! ```
 //! Text form: `phs1:` followed by the binary form in unpadded base64url.
 
@@ -26,6 +27,8 @@ pub const TEXT_PREFIX: &str = "phs1:";
 pub const FIXED_HEADER_LEN: usize = 6;
 /// Length of the per-epoch key salt of [`Algorithm::Aes256GcmHkdf`].
 pub const KEY_SALT_LEN: usize = 10;
+/// Length of the synthetic IV of [`Algorithm::Aes256Siv`] (RFC 5297), its nonce material.
+pub const SIV_LEN: usize = 16;
 
 /// A field-encryption algorithm, by its format id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +40,12 @@ pub enum Algorithm {
     Aes256GcmHkdf,
     /// 0x02: XChaCha20-Poly1305 with a random 192-bit nonce, for hosts without AES-NI.
     XChaCha20Poly1305,
+    /// 0x03: deterministic AES-256-SIV (RFC 5297) under a key derived per tenant key version
+    /// and field, for fields that must support equality lookup. Equal plaintexts of one
+    /// tenant, field and key version give equal ciphertexts; no record id is bound. Written
+    /// only by `Keyring::encrypt_deterministic`, never as the keyring's default algorithm.
+    /// Layout: the 16-byte SIV as nonce material, no trailing tag (`docs/FORMAT.md` §3.3).
+    Aes256Siv,
 }
 
 impl Algorithm {
@@ -45,6 +54,7 @@ impl Algorithm {
         match self {
             Algorithm::Aes256GcmHkdf => 0x01,
             Algorithm::XChaCha20Poly1305 => 0x02,
+            Algorithm::Aes256Siv => 0x03,
         }
     }
 
@@ -53,6 +63,7 @@ impl Algorithm {
         match id {
             0x01 => Ok(Algorithm::Aes256GcmHkdf),
             0x02 => Ok(Algorithm::XChaCha20Poly1305),
+            0x03 => Ok(Algorithm::Aes256Siv),
             other => Err(FormatError::UnknownAlgorithm(other)),
         }
     }
@@ -62,7 +73,22 @@ impl Algorithm {
         match self {
             Algorithm::Aes256GcmHkdf => KEY_SALT_LEN + 12,
             Algorithm::XChaCha20Poly1305 => 24,
+            Algorithm::Aes256Siv => SIV_LEN,
         }
+    }
+
+    /// Length of the trailing tag: 16, or 0 for [`Algorithm::Aes256Siv`] (whose synthetic IV,
+    /// in the nonce material, is the authenticator).
+    pub fn tag_len(self) -> usize {
+        match self {
+            Algorithm::Aes256GcmHkdf | Algorithm::XChaCha20Poly1305 => TAG_LEN,
+            Algorithm::Aes256Siv => 0,
+        }
+    }
+
+    /// Whether equal inputs give equal ciphertexts (only [`Algorithm::Aes256Siv`]).
+    pub fn is_deterministic(self) -> bool {
+        matches!(self, Algorithm::Aes256Siv)
     }
 
     /// Full header length (everything before the ciphertext).
@@ -70,9 +96,9 @@ impl Algorithm {
         FIXED_HEADER_LEN + self.nonce_material_len()
     }
 
-    /// Bytes a ciphertext adds to its plaintext.
+    /// Bytes a ciphertext adds to its plaintext (44, 46 and 22 bytes).
     pub fn overhead(self) -> usize {
-        self.header_len() + TAG_LEN
+        self.header_len() + self.tag_len()
     }
 
     /// A short stable name.
@@ -80,6 +106,7 @@ impl Algorithm {
         match self {
             Algorithm::Aes256GcmHkdf => "aes-256-gcm-hkdf",
             Algorithm::XChaCha20Poly1305 => "xchacha20-poly1305",
+            Algorithm::Aes256Siv => "aes-256-siv",
         }
     }
 }
@@ -93,11 +120,11 @@ pub struct ParsedCiphertext<'a> {
     pub key_version: u32,
     /// The header bytes (authenticated as part of the AAD).
     pub header: &'a [u8],
-    /// The nonce material (salt ‖ nonce, or the XChaCha nonce).
+    /// The nonce material (salt ‖ nonce, the XChaCha nonce, or the AES-SIV synthetic IV).
     pub nonce_material: &'a [u8],
     /// The encrypted field.
     pub ciphertext: &'a [u8],
-    /// The tag.
+    /// The tag (empty for [`Algorithm::Aes256Siv`]).
     pub tag: &'a [u8],
 }
 
@@ -137,7 +164,7 @@ pub fn parse(bytes: &[u8]) -> Result<ParsedCiphertext<'_>, FormatError> {
         .split_at_checked(FIXED_HEADER_LEN)
         .ok_or(truncated.clone())?;
     let (ciphertext, tag) = rest
-        .split_at_checked(rest.len().saturating_sub(TAG_LEN))
+        .split_at_checked(rest.len().saturating_sub(algorithm.tag_len()))
         .ok_or(truncated)?;
     Ok(ParsedCiphertext {
         algorithm,
@@ -205,6 +232,42 @@ mod tests {
     fn overhead_of_default_is_44_bytes() {
         assert_eq!(Algorithm::Aes256GcmHkdf.overhead(), 44);
         assert_eq!(Algorithm::XChaCha20Poly1305.overhead(), 46);
+        assert_eq!(Algorithm::Aes256Siv.overhead(), 22);
+    }
+
+    #[test]
+    fn ids_round_trip() {
+        for alg in [
+            Algorithm::Aes256GcmHkdf,
+            Algorithm::XChaCha20Poly1305,
+            Algorithm::Aes256Siv,
+        ] {
+            assert_eq!(Algorithm::from_id(alg.id()).unwrap(), alg);
+        }
+        assert!(Algorithm::Aes256Siv.is_deterministic());
+        assert!(!Algorithm::Aes256GcmHkdf.is_deterministic());
+        assert_eq!(
+            Algorithm::from_id(0x04),
+            Err(FormatError::UnknownAlgorithm(4))
+        );
+    }
+
+    #[test]
+    fn parses_siv_layout() {
+        let c = sample(Algorithm::Aes256Siv, 5);
+        let p = parse(&c).unwrap();
+        assert_eq!(p.algorithm, Algorithm::Aes256Siv);
+        assert_eq!(p.header.len(), 22);
+        assert_eq!(p.nonce_material.len(), 16);
+        assert_eq!(p.ciphertext.len(), 5);
+        assert!(p.tag.is_empty());
+        // Empty plaintext: exactly the 22-byte overhead; one byte less is truncated.
+        let c = sample(Algorithm::Aes256Siv, 0);
+        assert_eq!(parse(&c).unwrap().ciphertext.len(), 0);
+        assert_eq!(
+            parse(&c[..21]).unwrap_err(),
+            FormatError::Truncated { len: 21, min: 22 }
+        );
     }
 
     #[test]
@@ -224,6 +287,10 @@ mod tests {
         assert!(matches!(
             parse(&[2, 1, 0, 0, 0, 1]),
             Err(FormatError::UnknownVersion(2))
+        ));
+        assert!(matches!(
+            parse(&[1, 4, 0, 0, 0, 1]),
+            Err(FormatError::UnknownAlgorithm(4))
         ));
         assert!(matches!(
             parse(&[1, 9, 0, 0, 0, 1]),

@@ -18,8 +18,12 @@ use crate::kms::{KeyBinding, Kms};
 use crate::secret::{Plaintext, TenantKey};
 use crate::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
 
+mod outage;
 mod rootkey;
 pub use rootkey::{RootRewrapEvent, RootRewrapFailure, RootRewrapReport};
+mod stream;
+pub use stream::{AuditedStreamDecryptor, AuditedStreamEncryptor};
+mod search;
 
 /// Where the keyring runs. `Production` refuses development-only parts (the local file KMS,
 /// a disabled audit log).
@@ -57,8 +61,9 @@ pub struct CacheSettings {
     pub max_stale: Duration,
 }
 
-/// While a stale key is served during a KMS outage, the KMS is tried again this often (one
-/// coalesced unwrap per key version; other requests keep using the stale key meanwhile).
+/// During a KMS outage the KMS is tried again this often: one request of the whole keyring
+/// makes the attempt (and requests for that key version wait for it, up to the backend's time
+/// limit); meanwhile stale keys serve and keys that are not cached fail at once.
 pub const STALE_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Default for CacheSettings {
@@ -218,7 +223,9 @@ impl KeyringBuilder {
         self
     }
 
-    /// The algorithm new ciphertexts use (decryption accepts every algorithm).
+    /// The algorithm new ciphertexts use (decryption accepts every algorithm). A randomized
+    /// one: deterministic encryption is asked for per call
+    /// ([`Keyring::encrypt_deterministic`]), and `build` refuses it here.
     pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
         self.algorithm = algorithm;
         self
@@ -272,6 +279,13 @@ impl KeyringBuilder {
                 Some(_) => {}
             }
         }
+        if self.algorithm.is_deterministic() {
+            return Err(Error::Config(
+                "the default algorithm must be randomized: deterministic encryption reveals \
+                 equal values and is asked for per call (encrypt_deterministic)"
+                    .into(),
+            ));
+        }
         let c = self.cache;
         if c.capacity == 0 || c.max_uses == 0 || c.key_ttl.is_zero() {
             return Err(Error::Config(
@@ -305,6 +319,7 @@ impl KeyringBuilder {
                 tenants: quick_cache::sync::Cache::new(c.capacity),
                 keys: quick_cache::sync::Cache::new(c.capacity),
                 generation: std::sync::atomic::AtomicU64::new(0),
+                outage: outage::KmsOutage::default(),
             }),
         })
     }
@@ -370,6 +385,8 @@ struct Inner {
     keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
     /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`).
     generation: std::sync::atomic::AtomicU64,
+    /// Whether the KMS is in an outage, and when to try it again.
+    outage: outage::KmsOutage,
 }
 
 /// Per-tenant envelope encryption of fields. Cheap to clone; share one per process.
@@ -676,76 +693,36 @@ impl Keyring {
                 tenant: tenant.clone(),
                 version,
             })?;
-        // A key past its TTL that may still serve if the KMS turns out to be unavailable.
-        let mut stale = None;
         if let Some(key) = inner.keys.get(&KeyRef(tenant, version)) {
             if let Some(source) = self.serve(&key, now) {
                 return Ok((key, source));
             }
-            inner
-                .keys
-                .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
             if self.may_serve_stale(&key, now) {
-                stale = Some(key);
+                if let Some(done) = self
+                    .refresh_or_serve_stale(caller, view, key_record, key)
+                    .await
+                {
+                    return done;
+                }
+            } else {
+                let removed = inner
+                    .keys
+                    .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key))
+                    .is_some();
+                if removed {
+                    self.audit_stale_expiry(caller, tenant, &key, now).await?;
+                }
             }
         }
         let cache_key = (tenant.clone(), version);
         let mut unwrapped_here = false;
-        let mut served_stale = false;
         let key = inner
             .keys
             .get_or_insert_async(&cache_key, async {
                 unwrapped_here = true;
-                let result = self.unwrap_version(tenant, key_record).await;
-                let meta = OpMeta {
-                    key_version: Some(version),
-                    key_source: Some(KeySource::Kms),
-                };
-                let mut events = vec![Self::event(
-                    caller,
-                    Action::UnwrapKey,
-                    Some(tenant),
-                    None,
-                    &meta,
-                    outcome_of(&result),
-                )];
-                let result = match result {
-                    Err(e) if e.is_kms_unavailable() => {
-                        // The degraded-mode decision: serve the stale key, or fail closed.
-                        let decision = match stale.take() {
-                            Some(key) => {
-                                // From the end of the failed attempt, which may have waited for a timeout.
-                                key.degrade_until(
-                                    Instant::now_without_cache_update()
-                                        .saturating_add(STALE_RETRY_INTERVAL.into()),
-                                );
-                                served_stale = true;
-                                Ok(key)
-                            }
-                            None => Err(e),
-                        };
-                        if self.inner.cache.max_stale > Duration::ZERO {
-                            let meta = OpMeta {
-                                key_version: Some(version),
-                                key_source: decision.is_ok().then_some(KeySource::Stale),
-                            };
-                            events.push(Self::event(
-                                caller,
-                                Action::ServeStaleKey,
-                                Some(tenant),
-                                None,
-                                &meta,
-                                outcome_of(&decision),
-                            ));
-                        }
-                        decision
-                    }
-                    other => other.map(Arc::new),
-                };
-                if self.inner.audit.is_some() {
-                    self.append(&events).await?;
-                }
-                result
+                let result = self.unwrap_version_guarded(tenant, key_record).await;
+                self.audit_unwrap(caller, tenant, version, &result).await?;
+                result.map(Arc::new)
             })
             .await?;
         let source = if unwrapped_here {
@@ -756,22 +733,58 @@ impl Keyring {
                     .keys
                     .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
             }
-            if served_stale {
-                key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                KeySource::Stale
-            } else {
-                KeySource::Kms
-            }
+            KeySource::Kms
         } else {
-            // A waiter on a coalesced unwrap (or on a stale-key decision): count its use too.
+            // A waiter on a coalesced unwrap: count its use too.
             key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if now.duration_since(key.loaded_at) > inner.key_ttl {
-                KeySource::Stale
-            } else {
-                KeySource::Cache
-            }
+            KeySource::Cache
         };
         Ok((key, source))
+    }
+
+    /// [`Keyring::unwrap_version`] unless a KMS outage is in progress and its next attempt is
+    /// not due (then it fails at once, naming the backend and the last cause); records the
+    /// outcome for the outage policy.
+    async fn unwrap_version_guarded(
+        &self,
+        tenant: &TenantId,
+        record: &KeyRecord,
+    ) -> Result<VersionKey, Error> {
+        let inner = &self.inner;
+        if !inner.outage.may_call(Instant::now_without_cache_update()) {
+            return Err(inner.outage.error(inner.kms.name()));
+        }
+        let result = self.unwrap_version(tenant, record).await;
+        inner
+            .outage
+            .record(&result, Instant::now_without_cache_update());
+        result
+    }
+
+    /// Audits one attempt to get a tenant key version from the KMS.
+    async fn audit_unwrap<T>(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        version: u32,
+        result: &Result<T, Error>,
+    ) -> Result<(), Error> {
+        if self.inner.audit.is_none() {
+            return Ok(());
+        }
+        let meta = OpMeta {
+            key_version: Some(version),
+            key_source: Some(KeySource::Kms),
+        };
+        let event = Self::event(
+            caller,
+            Action::UnwrapKey,
+            Some(tenant),
+            None,
+            &meta,
+            outcome_of(result),
+        );
+        self.append(std::slice::from_ref(&event)).await
     }
 
     /// Unwraps one version through the KMS and checks its binding.
@@ -796,6 +809,23 @@ impl Keyring {
             tenant: tenant.clone(),
             version: record.version,
         };
+        if !inner.kms.can_unwrap(&wrapped.root_key_ref) {
+            // Wrapped under a root key this keyring is not configured with (a migration whose
+            // old backend is not configured as previous): a configuration problem, not tampering.
+            return Err(Error::Kms {
+                backend: inner.kms.name().to_owned(),
+                source: BackendError::new(
+                    BackendErrorKind::Misconfigured,
+                    format!(
+                        "tenant '{tenant}' version {} is wrapped under root key '{}', which is \
+                         not configured here: configure its backend (as [kms.previous] during a \
+                         migration) or finish `phiseal root rotate`",
+                        record.version,
+                        printable_ref(&wrapped.root_key_ref)
+                    ),
+                ),
+            });
+        }
         let key = inner
             .kms
             .unwrap(wrapped, &binding)
@@ -1016,6 +1046,14 @@ impl Keyring {
             Ok(p) => p,
             Err(e) => return (Err(e), OpMeta::default()),
         };
+        // A deterministic ciphertext stays deterministic (its column is searched by equality).
+        let deterministic =
+            format::parse(ciphertext).is_ok_and(|parsed| parsed.algorithm.is_deterministic());
+        let target = if deterministic {
+            Algorithm::Aes256Siv
+        } else {
+            self.inner.algorithm
+        };
         if let Ok(parsed) = format::parse(ciphertext) {
             let view = self
                 .tenant_view(context.tenant(), Instant::now_without_cache_update())
@@ -1024,13 +1062,18 @@ impl Keyring {
                 .as_ref()
                 .ok()
                 .and_then(|v| v.record.primary().map(|p| p.version));
-            if primary == Some(parsed.key_version) && parsed.algorithm == self.inner.algorithm {
+            if primary == Some(parsed.key_version) && parsed.algorithm == target {
                 let meta = OpMeta {
                     key_version: primary,
                     key_source: Some(KeySource::Cache),
                 };
                 return (Ok(ciphertext.to_vec()), meta);
             }
+        }
+        if deterministic {
+            return self
+                .encrypt_deterministic_one(caller, context, &plaintext)
+                .await;
         }
         self.encrypt_one(caller, context, &plaintext).await
     }
@@ -1479,6 +1522,16 @@ impl quick_cache::Equivalent<(TenantId, u32)> for KeyRef<'_> {
     fn equivalent(&self, key: &(TenantId, u32)) -> bool {
         *self.0 == key.0 && self.1 == key.1
     }
+}
+
+/// A root-key reference from the key store, safe to put in a message: control characters
+/// replaced, at most 300 characters.
+fn printable_ref(root_key_ref: &str) -> String {
+    root_key_ref
+        .chars()
+        .take(300)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn outcome_of<T>(result: &Result<T, Error>) -> Outcome {

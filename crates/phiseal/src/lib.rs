@@ -4,6 +4,8 @@
 //! KMS. Fields are encrypted with AES-256-GCM (or XChaCha20-Poly1305) under the tenant key,
 //! authenticated against their context (tenant, field, optional record), in a compact
 //! self-describing format (`docs/FORMAT.md`). Every access is written to an audit log.
+//! Fields that must be found by value can be encrypted deterministically (AES-256-SIV) or
+//! blind-indexed ([`search`], `docs/SEARCH.md`), with the leakage that implies.
 //!
 //! The parts are values handed to [`KeyringBuilder`]: a [`kms::Kms`] backend, a
 //! [`store::KeyStore`], an [`audit::AuditSink`] and a [`crypto::CryptoProvider`].
@@ -21,8 +23,10 @@ mod field;
 pub mod format;
 mod keyring;
 pub mod kms;
+pub mod search;
 mod secret;
 pub mod store;
+pub mod stream;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
@@ -32,7 +36,9 @@ pub use error::{BackendError, BackendErrorKind, BoxError, Error, FormatError};
 pub use field::{EPOCH_MESSAGE_LIMIT, key_check};
 pub use format::Algorithm;
 pub use keyring::{
-    CacheSettings, Caller, Keyring, KeyringBuilder, Profile, RootRewrapEvent, RootRewrapFailure,
-    RootRewrapReport, STALE_RETRY_INTERVAL, TenantStatus, VersionStatus,
+    AuditedStreamDecryptor, AuditedStreamEncryptor, CacheSettings, Caller, Keyring, KeyringBuilder,
+    Profile, RootRewrapEvent, RootRewrapFailure, RootRewrapReport, STALE_RETRY_INTERVAL,
+    TenantStatus, VersionStatus,
 };
+pub use search::{BlindIndexSpec, Normalization, SearchTerm};
 pub use secret::{Plaintext, TENANT_KEY_LEN, TenantKey};

@@ -608,10 +608,15 @@ pub struct Overrides {
 }
 
 /// Environment variables (after `PHISEALD_`) that hold secrets, and their keys.
-const SECRET_VARIABLES: [(&str, &str); 3] = [
+const SECRET_VARIABLES: [(&str, &str); 5] = [
     ("KEY_STORE__DATABASE_URL", "key_store.database_url"),
     ("KMS__AZURE__CLIENT_SECRET", "kms.azure.client_secret"),
     ("KMS__PKCS11__PIN", "kms.pkcs11.pin"),
+    (
+        "KMS__PREVIOUS__AZURE__CLIENT_SECRET",
+        "kms.previous.azure.client_secret",
+    ),
+    ("KMS__PREVIOUS__PKCS11__PIN", "kms.previous.pkcs11.pin"),
 ];
 
 impl Config {
@@ -637,16 +642,33 @@ impl Config {
                 Figment::new().merge(Serialized::defaults(Self::embedded(&socket, &data_dir)))
             }
         };
+        // (`filter` sees the keys after `split`: `kms.pkcs11.pin`, compared without case.)
         let mut figment = figment.merge(
             Env::prefixed("PHISEALD_")
                 .split("__")
-                .filter(|key| !SECRET_VARIABLES.iter().any(|(var, _)| key == *var)),
+                .filter(|key| !SECRET_VARIABLES.iter().any(|(_, path)| key == *path)),
         );
         // Secrets are taken verbatim: the generic provider would read a PIN `0123` as the
         // number 123, or a password starting with `[` as an array.
-        for (var, key) in SECRET_VARIABLES {
-            if let Ok(value) = std::env::var(format!("PHISEALD_{var}")) {
-                figment = figment.merge(Serialized::default(key, value));
+        for (name, value) in std::env::vars() {
+            let Some(var) = name
+                .get(..9)
+                .filter(|p| p.eq_ignore_ascii_case("PHISEALD_"))
+                .and_then(|_| name.get(9..))
+            else {
+                continue;
+            };
+            let Some((_, path)) = SECRET_VARIABLES
+                .iter()
+                .find(|(secret, _)| secret.eq_ignore_ascii_case(var))
+            else {
+                continue;
+            };
+            // A KMS secret counts only for a config with that backend; a database URL always
+            // (with kind = "sqlite" it is refused, not ignored).
+            let section = path.rsplit_once('.').map_or("", |(section, _)| section);
+            if !path.starts_with("kms.") || figment.contains(section) {
+                figment = figment.merge(Serialized::default(path, value));
             }
         }
         if let Some(socket) = &overrides.socket {
@@ -740,6 +762,18 @@ impl Config {
         }
         if let Err(problem) = self.kms.validate() {
             return Err(DaemonError::Config(problem));
+        }
+        let previous_local = self
+            .kms
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.kind == KmsKind::Local);
+        if self.profile == ProfileName::Production && previous_local {
+            return bad(
+                "profile",
+                "production refuses the local development KMS, also as kms.previous: finish \
+                 the migration away from it with profile = \"development\" (docs/KMS.md)",
+            );
         }
         if self.profile == ProfileName::Production && self.kms.kind == KmsKind::Local {
             return bad(

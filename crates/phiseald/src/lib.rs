@@ -23,8 +23,10 @@ pub mod metrics;
 pub mod offline;
 pub mod policy;
 pub mod rotation;
+pub mod search;
 pub mod service;
 pub mod status;
+pub mod streaming;
 pub mod transport;
 
 pub use error::DaemonError;

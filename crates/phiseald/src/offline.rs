@@ -11,7 +11,7 @@ use phiseal::kms::{Kms, KmsChain};
 use phiseal::{Actor, Caller, Keyring, Profile};
 use phiseal_audit_file::{Durability, FileAuditLog};
 
-use crate::config::{Config, Overrides, Source};
+use crate::config::{Config, Overrides, ProfileName, Source};
 use crate::daemon::open_key_store;
 use crate::error::DaemonError;
 use crate::kms::{open_kms, open_kms_chain, pkcs11_config};
@@ -60,8 +60,12 @@ pub async fn open_root_keyring(
         .kms(kms)
         .key_store(store)
         .audit(audit)
-        // Moving keys away from the local development KMS is what this is for.
-        .profile(Profile::Development)
+        // The source's profile: a production deployment's keys are never moved under the
+        // local development KMS (a development one may move away from it).
+        .profile(match config.profile {
+            ProfileName::Development => Profile::Development,
+            ProfileName::Production => Profile::Production,
+        })
         .build()?;
     Ok(RootKeyring { keyring, audit_log })
 }

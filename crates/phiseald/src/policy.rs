@@ -23,6 +23,9 @@ pub enum Operation {
     Decrypt,
     /// `Rewrap`.
     Rewrap,
+    /// `BlindIndex`, `SearchTerms` (values that reveal equality; `EncryptDeterministic` is an
+    /// `encrypt`).
+    Search,
     /// `CreateTenant` (admin).
     CreateTenant,
     /// `RotateTenantKey` (admin).
@@ -33,7 +36,7 @@ pub enum Operation {
     KeyStatus,
     /// `ShredTenant` (admin).
     Shred,
-    /// `encrypt`, `decrypt` and `rewrap`.
+    /// `encrypt`, `decrypt`, `rewrap` and `search`.
     Data,
     /// Every admin operation.
     Admin,
@@ -61,7 +64,7 @@ impl Operation {
             Operation::All => true,
             Operation::Data => matches!(
                 requested,
-                Operation::Encrypt | Operation::Decrypt | Operation::Rewrap
+                Operation::Encrypt | Operation::Decrypt | Operation::Rewrap | Operation::Search
             ),
             Operation::Admin => requested.is_admin(),
             granted => granted == requested,

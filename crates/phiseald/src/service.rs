@@ -45,13 +45,13 @@ pub struct Sidecar {
 }
 
 /// An admitted call: who, under which request id.
-struct Call {
-    rpc: &'static str,
-    started: Instant,
-    identity: Identity,
-    caller: Caller,
+pub(crate) struct Call {
+    pub(crate) rpc: &'static str,
+    pub(crate) started: Instant,
+    pub(crate) identity: Identity,
+    pub(crate) caller: Caller,
     /// When the call must have finished: the server's limit or the client's shorter one.
-    deadline: Instant,
+    pub(crate) deadline: Instant,
     /// Counts the call as in flight until it is dropped (shutdown waits for it).
     _in_flight: tokio_util::task::task_tracker::TaskTrackerToken,
 }
@@ -149,6 +149,7 @@ fn map_action(op: Operation) -> Action {
         Operation::Rotate => Action::RotateKey,
         Operation::SetMinVersion => Action::SetMinDecryptVersion,
         Operation::Shred => Action::ShredTenant,
+        Operation::Search => Action::BlindIndexQuery,
         Operation::KeyStatus | Operation::Data | Operation::Admin | Operation::All => {
             Action::KeyStatus
         }
@@ -156,7 +157,9 @@ fn map_action(op: Operation) -> Action {
 }
 
 /// A parsed context, or the per-item error for a bad one.
-fn parse_context(context: Option<&pb::Context>) -> Result<EncryptionContext, phiseal::Error> {
+pub(crate) fn parse_context(
+    context: Option<&pb::Context>,
+) -> Result<EncryptionContext, phiseal::Error> {
     let context = context.ok_or(phiseal::Error::InvalidInput {
         what: "context",
         reason: "missing: every item needs a tenant and a field",
@@ -169,7 +172,7 @@ fn parse_context(context: Option<&pb::Context>) -> Result<EncryptionContext, phi
     }
 }
 
-fn key_version_of(ciphertext: &[u8]) -> u32 {
+pub(crate) fn key_version_of(ciphertext: &[u8]) -> u32 {
     phiseal::format::parse(ciphertext)
         .map(|p| p.key_version)
         .unwrap_or(0)
@@ -193,7 +196,7 @@ impl Sidecar {
     }
 
     /// Runs the rest of a call within its deadline (see [`within`]).
-    async fn within<T>(
+    pub(crate) async fn within<T>(
         &self,
         call: &Call,
         work: impl std::future::Future<Output = Result<T, Status>>,
@@ -204,13 +207,16 @@ impl Sidecar {
     /// Runs a data-plane operation in the caller's task. Cancellation-safe: encrypt, decrypt
     /// and rewrap change no state, and the audit append is written within one poll, so a
     /// caller that goes away loses only a result it never received.
-    async fn inline<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T, Status> {
+    pub(crate) async fn inline<T>(
+        &self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, Status> {
         Ok(work.await)
     }
 
     /// Identifies and rate-limits a caller; refusals are audited (authentication) or counted
     /// (rate limit).
-    async fn admit<T>(
+    pub(crate) async fn admit<T>(
         &self,
         rpc: &'static str,
         op: Operation,
@@ -295,7 +301,11 @@ impl Sidecar {
     }
 
     /// Finishes a call: metrics, and the request id on the response or status.
-    fn reply<T>(&self, call: &Call, result: Result<T, Status>) -> Result<Response<T>, Status> {
+    pub(crate) fn reply<T>(
+        &self,
+        call: &Call,
+        result: Result<T, Status>,
+    ) -> Result<Response<T>, Status> {
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
@@ -348,10 +358,22 @@ impl Sidecar {
     }
 
     /// Checks the policy for one field; audits and reports a refusal.
-    async fn authorize_field(
+    pub(crate) async fn authorize_field(
         &self,
         call: &Call,
         op: Operation,
+        context: &EncryptionContext,
+    ) -> Result<(), Status> {
+        self.authorize_field_as(call, op, map_action(op), context)
+            .await
+    }
+
+    /// [`Sidecar::authorize_field`], auditing a refusal as `action`.
+    pub(crate) async fn authorize_field_as(
+        &self,
+        call: &Call,
+        op: Operation,
+        action: Action,
         context: &EncryptionContext,
     ) -> Result<(), Status> {
         if self.policy.allows(
@@ -362,14 +384,25 @@ impl Sidecar {
         ) {
             return Ok(());
         }
-        self.refuse(call, op, None, &[context]).await
+        self.refuse_as(call, action, None, &[context]).await
     }
 
     /// Audits a policy refusal and returns PERMISSION_DENIED (or the audit failure).
-    async fn refuse(
+    pub(crate) async fn refuse(
         &self,
         call: &Call,
         op: Operation,
+        tenant: Option<&TenantId>,
+        contexts: &[&EncryptionContext],
+    ) -> Result<(), Status> {
+        self.refuse_as(call, map_action(op), tenant, contexts).await
+    }
+
+    /// [`Sidecar::refuse`], auditing the refusal as `action`.
+    async fn refuse_as(
+        &self,
+        call: &Call,
+        action: Action,
         tenant: Option<&TenantId>,
         contexts: &[&EncryptionContext],
     ) -> Result<(), Status> {
@@ -381,13 +414,7 @@ impl Sidecar {
             "refused by policy"
         );
         self.keyring
-            .audit_refusal(
-                &call.caller,
-                map_action(op),
-                "permission_denied",
-                tenant,
-                contexts,
-            )
+            .audit_refusal(&call.caller, action, "permission_denied", tenant, contexts)
             .await
             .map_err(|e| status::from_error(&e))?;
         Err(status::status(
@@ -610,6 +637,44 @@ pub struct AdminApi(pub Arc<Sidecar>);
 
 #[tonic::async_trait]
 impl pb::field_service_server::FieldService for FieldApi {
+    type EncryptStreamStream = crate::streaming::ChunkStream;
+    type DecryptStreamStream = crate::streaming::ChunkStream;
+
+    async fn encrypt_deterministic(
+        &self,
+        request: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
+        self.0.encrypt_deterministic(request).await
+    }
+
+    async fn blind_index(
+        &self,
+        request: Request<pb::BlindIndexRequest>,
+    ) -> Result<Response<pb::BlindIndexResponse>, Status> {
+        self.0.blind_index(request).await
+    }
+
+    async fn search_terms(
+        &self,
+        request: Request<pb::SearchTermsRequest>,
+    ) -> Result<Response<pb::SearchTermsResponse>, Status> {
+        self.0.search_terms(request).await
+    }
+
+    async fn encrypt_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::EncryptStreamRequest>>,
+    ) -> Result<Response<Self::EncryptStreamStream>, Status> {
+        crate::streaming::encrypt_stream(&self.0, request).await
+    }
+
+    async fn decrypt_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::DecryptStreamRequest>>,
+    ) -> Result<Response<Self::DecryptStreamStream>, Status> {
+        crate::streaming::decrypt_stream(&self.0, request).await
+    }
+
     async fn encrypt(
         &self,
         request: Request<pb::EncryptRequest>,

@@ -524,6 +524,25 @@ fn the_kms_section_names_what_is_missing_or_misplaced() {
         &[("PHISEALD_KMS__PKCS11__PIN", "0123")],
     )
     .ok();
+    // Also under a lower-case name; and a PIN for a config without PKCS#11 is not applied to
+    // it (one environment may serve the two configs of `phiseal root migrate`).
+    check_text(
+        &format!(
+            "{MINIMAL}[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\n\
+             module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\n"
+        ),
+        &[("phiseald_kms__pkcs11__pin", "[0123")],
+    )
+    .ok();
+    check_text(MINIMAL, &[("PHISEALD_KMS__PKCS11__PIN", "0123")]).ok();
+    check_text(
+        &format!(
+            "profile = \"production\"\n{MINIMAL}[kms]\nkind = \"aws\"\n[kms.aws]\n\
+             key_id = \"alias/phiseal\"\nregion = \"eu-central-1\"\n[kms.previous]\nkind = \"local\"\n"
+        ),
+        &[],
+    )
+    .fails_with("profile: production refuses the local development KMS, also as kms.previous");
     // Production accepts a non-local KMS.
     check_text(
         &format!(

@@ -177,7 +177,6 @@ impl Keyring {
                     }
                 }
             }
-            self.invalidate_tenant(tenant);
         }
 
         let tenants = self.list_tenants().await?;

@@ -23,6 +23,11 @@ fn field_key(
             field::derive_aes_subkey(provider, tenant_key, salt)
         }
         Algorithm::XChaCha20Poly1305 => field::derive_xchacha_key(provider, tenant_key),
+        // Deterministic: no nonce to choose; see `seal_deterministic` / `open`.
+        Algorithm::Aes256Siv => Err(Error::InvalidInput {
+            what: "algorithm",
+            reason: "aes-256-siv has no nonce material to choose: use testkit::seal_deterministic",
+        }),
     }
 }
 
@@ -56,6 +61,9 @@ pub fn open(
     ciphertext: &[u8],
 ) -> Result<Plaintext, Error> {
     let parsed = format::parse(ciphertext)?;
+    if parsed.algorithm == Algorithm::Aes256Siv {
+        return crate::search::open_deterministic_raw(tenant_key, &parsed, context);
+    }
     let key = field_key(
         provider,
         tenant_key,
@@ -63,6 +71,28 @@ pub fn open(
         parsed.nonce_material,
     )?;
     field::open(&parsed, &*key, context)
+}
+
+/// Deterministic encryption (algorithm 0x03) under raw tenant key bytes, as a third-party
+/// implementation computes it (`docs/FORMAT.md` §3.3).
+pub fn seal_deterministic(
+    tenant_key: &TenantKey,
+    key_version: u32,
+    context: &EncryptionContext,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
+    crate::search::seal_deterministic_raw(tenant_key, key_version, context, plaintext)
+}
+
+/// A blind index under raw tenant key bytes (`docs/FORMAT.md` §9).
+pub fn blind_index(
+    provider: &'static CryptoProvider,
+    tenant_key: &TenantKey,
+    context: &EncryptionContext,
+    spec: &crate::search::BlindIndexSpec,
+    value: &[u8],
+) -> Result<Vec<u8>, Error> {
+    crate::search::blind_index_raw(provider, tenant_key, context, spec, value)
 }
 
 pub mod conformance;

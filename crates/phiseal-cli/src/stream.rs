@@ -1,0 +1,235 @@
+//! `encrypt-file` / `decrypt-file`: a file of any size through the daemon's streaming RPCs,
+//! in constant memory. A reader thread sends the input in chunks (the channel is bounded, so
+//! reading waits for the daemon); answers are appended to `OUTPUT.partial` (mode 0600), which
+//! is fsynced and renamed to `OUTPUT` only when the call ends with OK. On any failure the
+//! partial file is removed: a truncated or altered stream leaves no output behind.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use phiseal_proto::v1::{
+    DecryptStreamRequest, EncryptStreamRequest, decrypt_stream_request, encrypt_stream_request,
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+use zeroize::Zeroize;
+
+use crate::cli::{FileArgs, GlobalArgs};
+use crate::client::{Daemon, status_error};
+use crate::error::CliError;
+use crate::output::report;
+
+/// Bytes per request message.
+const CHUNK: usize = 64 * 1024;
+/// Request messages buffered ahead of the daemon.
+const AHEAD: usize = 4;
+
+/// The output file being written, removed unless [`Partial::commit`] ran.
+struct Partial {
+    path: PathBuf,
+    target: PathBuf,
+    file: Option<File>,
+}
+
+impl Partial {
+    fn create(target: &Path) -> Result<Partial, CliError> {
+        if target.exists() {
+            return Err(CliError::Usage(format!(
+                "{} exists: refusing to overwrite it",
+                target.display()
+            )));
+        }
+        let mut name = target.as_os_str().to_owned();
+        name.push(".partial");
+        let path = PathBuf::from(name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(CliError::io(format!("creating {}", path.display())))?;
+        Ok(Partial {
+            path,
+            target: target.to_owned(),
+            file: Some(file),
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), CliError> {
+        match &mut self.file {
+            Some(file) => file
+                .write_all(bytes)
+                .map_err(CliError::io(format!("writing {}", self.path.display()))),
+            None => Ok(()),
+        }
+    }
+
+    /// fsync, then rename to the target.
+    fn commit(mut self) -> Result<(), CliError> {
+        if let Some(file) = self.file.take() {
+            file.sync_all()
+                .map_err(CliError::io(format!("syncing {}", self.path.display())))?;
+        }
+        std::fs::rename(&self.path, &self.target).map_err(CliError::io(format!(
+            "renaming {} to {}",
+            self.path.display(),
+            self.target.display()
+        )))?;
+        self.path.clear();
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            self.file = None;
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The input reader thread: the bytes it read, or why it failed.
+type Reader = std::thread::JoinHandle<Result<u64, CliError>>;
+
+/// Reads `input` in chunks on a thread, sending each as a request message made by `message`;
+/// the first message (the context) is sent before any chunk. Chunks are wiped after use by the
+/// gRPC layer's encoder only (they are moved into the messages).
+fn spawn_reader<M: Send + 'static>(
+    input: &Path,
+    first: M,
+    message: fn(Vec<u8>) -> M,
+) -> Result<(mpsc::Receiver<M>, Reader), CliError> {
+    let mut file =
+        File::open(input).map_err(CliError::io(format!("opening {}", input.display())))?;
+    let shown = input.display().to_string();
+    let (tx, rx) = mpsc::channel(AHEAD);
+    let reader = std::thread::spawn(move || {
+        let mut total = 0u64;
+        if tx.blocking_send(first).is_err() {
+            return Ok(total);
+        }
+        loop {
+            let mut chunk = vec![0u8; CHUNK];
+            let n = file
+                .read(&mut chunk)
+                .map_err(CliError::io(format!("reading {shown}")))?;
+            if n == 0 {
+                return Ok(total);
+            }
+            chunk.truncate(n);
+            total += n as u64;
+            if tx.blocking_send(message(chunk)).is_err() {
+                // The call ended early (an error is reported by the answer stream).
+                return Ok(total);
+            }
+        }
+    });
+    Ok((rx, reader))
+}
+
+/// Runs one streaming call: sends the file, writes the answers, commits on OK.
+async fn run<M: Send + 'static>(
+    what: &str,
+    args: &FileArgs,
+    global: &GlobalArgs,
+    first: M,
+    message: fn(Vec<u8>) -> M,
+    call: impl AsyncCall<M>,
+    wipe_answers: bool,
+) -> Result<(), CliError> {
+    let daemon = Daemon::connect(global).await?;
+    let mut output = Partial::create(&args.output)?;
+    let (rx, reader) = spawn_reader(&args.input, first, message)?;
+    let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut answers = call
+        .call(&daemon, requests)
+        .await
+        .map_err(|s| status_error(what, &s))?
+        .into_inner();
+    let mut written = 0u64;
+    loop {
+        match answers.message().await {
+            Ok(Some(mut chunk)) => {
+                output.write(&chunk.chunk)?;
+                written += chunk.chunk.len() as u64;
+                if wipe_answers {
+                    chunk.chunk.zeroize();
+                }
+            }
+            Ok(None) => break,
+            Err(status) => return Err(status_error(what, &status)),
+        }
+    }
+    let read = reader
+        .join()
+        .map_err(|_| CliError::Failed(format!("{what}: the input reader failed")))??;
+    output.commit()?;
+    report(
+        global.json,
+        &json!({ "input_bytes": read, "output_bytes": written, "output": args.output }),
+        &format!(
+            "{what}: {read} bytes in, {written} bytes written to {}",
+            args.output.display()
+        ),
+    )
+}
+
+/// A streaming RPC of the field client.
+trait AsyncCall<M> {
+    /// Starts the call with `requests`.
+    async fn call(
+        self,
+        daemon: &Daemon,
+        requests: tokio_stream::wrappers::ReceiverStream<M>,
+    ) -> Result<tonic::Response<tonic::Streaming<phiseal_proto::v1::StreamChunk>>, tonic::Status>;
+}
+
+struct Encrypt;
+struct Decrypt;
+
+impl AsyncCall<EncryptStreamRequest> for Encrypt {
+    async fn call(
+        self,
+        daemon: &Daemon,
+        requests: tokio_stream::wrappers::ReceiverStream<EncryptStreamRequest>,
+    ) -> Result<tonic::Response<tonic::Streaming<phiseal_proto::v1::StreamChunk>>, tonic::Status>
+    {
+        daemon.streaming().encrypt_stream(requests).await
+    }
+}
+
+impl AsyncCall<DecryptStreamRequest> for Decrypt {
+    async fn call(
+        self,
+        daemon: &Daemon,
+        requests: tokio_stream::wrappers::ReceiverStream<DecryptStreamRequest>,
+    ) -> Result<tonic::Response<tonic::Streaming<phiseal_proto::v1::StreamChunk>>, tonic::Status>
+    {
+        daemon.streaming().decrypt_stream(requests).await
+    }
+}
+
+/// `encrypt-file`.
+pub(crate) async fn encrypt_file(args: FileArgs, global: &GlobalArgs) -> Result<(), CliError> {
+    let first = EncryptStreamRequest {
+        part: Some(encrypt_stream_request::Part::Context(args.field.context())),
+    };
+    let chunk = |bytes| EncryptStreamRequest {
+        part: Some(encrypt_stream_request::Part::Chunk(bytes)),
+    };
+    run("encrypt-file", &args, global, first, chunk, Encrypt, false).await
+}
+
+/// `decrypt-file`.
+pub(crate) async fn decrypt_file(args: FileArgs, global: &GlobalArgs) -> Result<(), CliError> {
+    let first = DecryptStreamRequest {
+        part: Some(decrypt_stream_request::Part::Context(args.field.context())),
+    };
+    let chunk = |bytes| DecryptStreamRequest {
+        part: Some(decrypt_stream_request::Part::Chunk(bytes)),
+    };
+    run("decrypt-file", &args, global, first, chunk, Decrypt, true).await
+}

@@ -1,0 +1,595 @@
+//! Streams through the keyring on the embedded default (local KMS, SQLite store, and the file
+//! audit log or a recording sink): every entry point round-trips at segment boundaries and
+//! under any chunking, tampering and truncation fail and are audited as failed, keys follow
+//! rotation, the minimum decryption version and shredding, and auditing fails closed.
+
+// Helpers outside #[test] fns are not covered by clippy.toml's in-test allowances; a panic in
+// a test helper is a failing test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use phiseal::audit::{Action, AuditEvent, AuditSink, Outcome};
+use phiseal::stream::{STREAM_HEADER_LEN, StreamHeader, StreamOptions};
+use phiseal::{
+    Actor, BackendError, BackendErrorKind, Caller, EncryptionContext, Error, Keyring, TenantId,
+};
+use phiseal_embedded::{EmbeddedOptions, EmbeddedPaths};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SEG: usize = 64 * 1024;
+const TAG: usize = 16;
+
+fn private_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+fn caller() -> Caller {
+    Caller::with_request_id(Actor::named("stream-tests"), "req-stream")
+}
+
+fn ctx(t: &str, field: &str, record: Option<&str>) -> EncryptionContext {
+    let c = EncryptionContext::new(TenantId::new(t).unwrap(), field).unwrap();
+    match record {
+        Some(r) => c.with_record(r).unwrap(),
+        None => c,
+    }
+}
+
+fn data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 131 % 253) as u8).collect()
+}
+
+/// An audit sink that keeps events in memory and can refuse stream records.
+#[derive(Debug, Default)]
+struct Recording {
+    events: Mutex<Vec<AuditEvent>>,
+    refuse_streams: AtomicBool,
+}
+
+impl Recording {
+    fn streams(&self) -> Vec<(Action, Outcome, Option<u32>)> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e.action, Action::EncryptStream | Action::DecryptStream))
+            .map(|e| (e.action, e.outcome, e.key_version))
+            .collect()
+    }
+
+    fn clear(&self) {
+        self.events.lock().unwrap().clear();
+    }
+}
+
+#[async_trait]
+impl AuditSink for Recording {
+    fn name(&self) -> &str {
+        "recording"
+    }
+    async fn append(&self, events: &[AuditEvent]) -> Result<(), BackendError> {
+        let stream = events
+            .iter()
+            .any(|e| matches!(e.action, Action::EncryptStream | Action::DecryptStream));
+        if stream && self.refuse_streams.load(Ordering::SeqCst) {
+            return Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "disk full",
+            ));
+        }
+        self.events.lock().unwrap().extend_from_slice(events);
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// A keyring on the embedded KMS and store, auditing to a [`Recording`] sink, with tenant `t`.
+async fn recorded(dir: &Path) -> (Keyring, Arc<Recording>) {
+    let sink = Arc::new(Recording::default());
+    let k = phiseal_embedded::builder(dir, &EmbeddedOptions::default())
+        .unwrap()
+        .audit(sink.clone())
+        .build()
+        .unwrap();
+    k.create_tenant(&caller(), &TenantId::new("t").unwrap())
+        .await
+        .unwrap();
+    sink.clear();
+    (k, sink)
+}
+
+async fn encrypt(k: &Keyring, cx: &EncryptionContext, plaintext: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    k.encrypt_stream(&caller(), cx, plaintext, &mut out)
+        .await
+        .unwrap();
+    out
+}
+
+async fn decrypt(k: &Keyring, cx: &EncryptionContext, stream: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    k.decrypt_stream(&caller(), cx, stream, &mut out).await?;
+    Ok(out)
+}
+
+/// Decrypts with the push API, fed in chunks of `chunk` bytes.
+async fn decrypt_pushed(
+    k: &Keyring,
+    cx: &EncryptionContext,
+    stream: &[u8],
+    chunk: usize,
+) -> Result<Vec<u8>, Error> {
+    let mut d = k.start_decrypt_stream(&caller(), cx);
+    let mut all = Vec::new();
+    let mut out = Vec::new();
+    for piece in stream.chunks(chunk) {
+        d.push(piece, &mut out).await?;
+        all.append(&mut out);
+    }
+    d.finish(&mut out).await?;
+    all.append(&mut out);
+    Ok(all)
+}
+
+#[tokio::test]
+async fn round_trips_through_every_entry_point() {
+    let dir = private_tempdir();
+    let (k, sink) = recorded(dir.path()).await;
+    let c = caller();
+    let cx = ctx("t", "scan", Some("patient/7"));
+    for len in [0, 1, SEG - 1, SEG, SEG + 1, 3 * SEG + 5] {
+        let plaintext = data(len);
+        // reader → writer
+        let stream = encrypt(&k, &cx, &plaintext).await;
+        let segments = len.div_ceil(SEG).max(1);
+        assert_eq!(stream.len(), STREAM_HEADER_LEN + len + TAG * segments);
+        assert_eq!(StreamHeader::parse(&stream).unwrap().key_version(), 1);
+        assert!(decrypt(&k, &cx, &stream).await.unwrap() == plaintext);
+
+        // AsyncWrite / AsyncRead adapters, over a small in-memory pipe.
+        let (mut tx, rx) = tokio::io::duplex(4096);
+        let mut w = k
+            .encrypting_writer(&c, &cx, StreamOptions::default(), rx)
+            .await
+            .unwrap();
+        let pt = plaintext.clone();
+        let writer = tokio::spawn(async move {
+            for piece in pt.chunks(10_000) {
+                w.write_all(piece).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+            w.summary().unwrap()
+        });
+        let mut via_adapter = Vec::new();
+        tx.read_to_end(&mut via_adapter).await.unwrap();
+        let summary = writer.await.unwrap();
+        assert_eq!(summary.plaintext_bytes, len as u64);
+        assert_eq!(summary.ciphertext_bytes, via_adapter.len() as u64);
+        let mut r = k
+            .decrypting_reader(&c, &cx, &via_adapter[..])
+            .await
+            .unwrap();
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        assert!(back == plaintext);
+        assert_eq!(r.summary().unwrap().segments, segments as u64);
+
+        // Push APIs, with arbitrary chunking (1-byte chunks for the small sizes).
+        let chunks: &[usize] = if len <= SEG + 1 {
+            &[1, 4097, SEG + TAG, usize::MAX]
+        } else {
+            &[4097, SEG + TAG, usize::MAX]
+        };
+        for &chunk in chunks {
+            let mut e = k
+                .start_encrypt_stream(&c, &cx, StreamOptions::default())
+                .await
+                .unwrap();
+            let mut pushed = Vec::new();
+            for piece in plaintext.chunks(chunk) {
+                e.push(piece, &mut pushed).unwrap();
+            }
+            e.finish(&mut pushed).await.unwrap();
+            assert_eq!(pushed.len(), stream.len());
+            assert_ne!(pushed, stream, "every stream has its own salt");
+            for s in [&stream, &pushed, &via_adapter] {
+                assert!(decrypt_pushed(&k, &cx, s, chunk).await.unwrap() == plaintext);
+            }
+        }
+    }
+    // One record per stream, all ok, all naming version 1.
+    let streams = sink.streams();
+    assert!(!streams.is_empty());
+    assert!(
+        streams
+            .iter()
+            .all(|(_, outcome, v)| *outcome == Outcome::Ok && *v == Some(1))
+    );
+    let encrypts = streams
+        .iter()
+        .filter(|(a, _, _)| *a == Action::EncryptStream)
+        .count();
+    // Per size: 1 reader→writer + 1 adapter + one per chunking (4 for five sizes, 3 for one).
+    assert_eq!(encrypts, 5 * (2 + 4) + (2 + 3));
+}
+
+#[tokio::test]
+async fn small_segments_and_bounded_output_per_push() {
+    let dir = private_tempdir();
+    let (k, _) = recorded(dir.path()).await;
+    let c = caller();
+    let cx = ctx("t", "doc", None);
+    let options = StreamOptions { segment_size: 4096 };
+    let plaintext = data(10 * 4096 + 3);
+    let mut e = k.start_encrypt_stream(&c, &cx, options).await.unwrap();
+    assert_eq!(e.header().segment_size(), 4096);
+    let mut stream = Vec::new();
+    let mut out = Vec::new();
+    for piece in plaintext.chunks(1000) {
+        e.push(piece, &mut out).unwrap();
+        // Never more than one segment (plus the header) per 1000-byte push.
+        assert!(out.len() <= STREAM_HEADER_LEN + 4096 + TAG);
+        stream.append(&mut out);
+    }
+    e.finish(&mut out).await.unwrap();
+    stream.append(&mut out);
+    assert_eq!(stream.len(), STREAM_HEADER_LEN + plaintext.len() + 11 * TAG);
+    assert!(decrypt(&k, &cx, &stream).await.unwrap() == plaintext);
+    assert!(decrypt_pushed(&k, &cx, &stream, 1).await.unwrap() == plaintext);
+}
+
+#[tokio::test]
+async fn tampering_truncation_and_wrong_context_fail_and_are_audited() {
+    let dir = private_tempdir();
+    let (k, sink) = recorded(dir.path()).await;
+    let cx = ctx("t", "scan", Some("r1"));
+    let plaintext = data(3 * SEG + 100);
+    let stream = encrypt(&k, &cx, &plaintext).await;
+    let other = encrypt(&k, &cx, &plaintext).await;
+    let header = &stream[..STREAM_HEADER_LEN];
+    let seg = |s: &[u8], i: usize| -> Vec<u8> {
+        let start = STREAM_HEADER_LEN + i * (SEG + TAG);
+        s[start..(start + SEG + TAG).min(s.len())].to_vec()
+    };
+    let join = |parts: &[Vec<u8>]| -> Vec<u8> {
+        let mut v = header.to_vec();
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        v
+    };
+    let (s0, s1, s2, s3) = (
+        seg(&stream, 0),
+        seg(&stream, 1),
+        seg(&stream, 2),
+        seg(&stream, 3),
+    );
+    let mut flipped_header = stream.clone();
+    flipped_header[20] ^= 1;
+    let mut flipped_tag = stream.clone();
+    *flipped_tag.last_mut().unwrap() ^= 1;
+    let bad: Vec<(&str, Vec<u8>, EncryptionContext)> = vec![
+        (
+            "final dropped",
+            join(&[s0.clone(), s1.clone(), s2.clone()]),
+            cx.clone(),
+        ),
+        (
+            "reordered",
+            join(&[s1.clone(), s0.clone(), s2.clone(), s3.clone()]),
+            cx.clone(),
+        ),
+        (
+            "swapped from another stream",
+            join(&[s0.clone(), seg(&other, 1), s2.clone(), s3.clone()]),
+            cx.clone(),
+        ),
+        (
+            "extended",
+            join(&[s0.clone(), s1.clone(), s2.clone(), s3.clone(), s0.clone()]),
+            cx.clone(),
+        ),
+        ("header altered", flipped_header, cx.clone()),
+        ("tag altered", flipped_tag, cx.clone()),
+        ("wrong field", stream.clone(), ctx("t", "xray", Some("r1"))),
+        ("wrong record", stream.clone(), ctx("t", "scan", Some("r2"))),
+    ];
+    for (what, s, c) in &bad {
+        sink.clear();
+        let mut written = Vec::new();
+        let err = k
+            .decrypt_stream(&caller(), c, &s[..], &mut written)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::DecryptionFailed), "{what}: {err:?}");
+        // Segments before the failure were released (provisional); none after it.
+        assert!(written.len() <= plaintext.len(), "{what}");
+        assert_eq!(
+            sink.streams(),
+            vec![(
+                Action::DecryptStream,
+                Outcome::Error("decryption_failed"),
+                Some(1)
+            )],
+            "{what}: exactly one failed record"
+        );
+        assert!(decrypt_pushed(&k, c, s, 5000).await.is_err(), "{what}");
+    }
+    // One byte short: the final segment does not authenticate.
+    assert!(matches!(
+        decrypt(&k, &cx, &stream[..stream.len() - 1]).await,
+        Err(Error::DecryptionFailed)
+    ));
+    // Fewer than a tag's worth of bytes after the last full segment, or right after the
+    // header, or inside it: truncated.
+    for cut in [
+        STREAM_HEADER_LEN + 3 * (SEG + TAG) + 10,
+        STREAM_HEADER_LEN,
+        10,
+    ] {
+        sink.clear();
+        let err = decrypt(&k, &cx, &stream[..cut]).await.unwrap_err();
+        assert!(matches!(err, Error::Format(_)), "{cut}: {err:?}");
+        let streams = sink.streams();
+        assert_eq!(streams.len(), 1);
+        assert_eq!(streams[0].1, Outcome::Error("malformed_ciphertext"));
+    }
+    // A field ciphertext is not a stream.
+    let field = k.encrypt(&caller(), &cx, b"field").await.unwrap();
+    assert!(decrypt(&k, &cx, &field).await.is_err());
+    // Through the reader adapter, truncation is an InvalidData error at the end, and the
+    // dropped reader records the failure.
+    sink.clear();
+    let truncated = join(&[s0.clone(), s1.clone()]);
+    let mut r = k
+        .decrypting_reader(&caller(), &cx, &truncated[..])
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let err = r.read_to_end(&mut got).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert_eq!(got.len(), SEG, "only the first segment was released");
+    drop(r);
+    wait_for(|| !sink.streams().is_empty()).await;
+    assert_eq!(
+        sink.streams(),
+        vec![(
+            Action::DecryptStream,
+            Outcome::Error("decryption_failed"),
+            Some(1)
+        )]
+    );
+    // Untouched, it decrypts.
+    assert!(decrypt(&k, &cx, &stream).await.unwrap() == plaintext);
+}
+
+async fn wait_for(mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("timed out waiting for the audit record");
+}
+
+#[tokio::test]
+async fn keys_follow_rotation_minimum_version_and_shredding() {
+    let dir = private_tempdir();
+    let (k, sink) = recorded(dir.path()).await;
+    let c = caller();
+    let t = TenantId::new("t").unwrap();
+    let cx = ctx("t", "scan", None);
+    let plaintext = data(SEG + 7);
+    let v1 = encrypt(&k, &cx, &plaintext).await;
+    assert_eq!(k.rotate(&c, &t).await.unwrap(), 2);
+    let v2 = encrypt(&k, &cx, &plaintext).await;
+    assert_eq!(StreamHeader::parse(&v2).unwrap().key_version(), 2);
+    assert!(decrypt(&k, &cx, &v1).await.unwrap() == plaintext);
+    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    sink.clear();
+    assert!(matches!(
+        decrypt(&k, &cx, &v1).await,
+        Err(Error::KeyVersionRetired {
+            version: 1,
+            min: 2,
+            ..
+        })
+    ));
+    assert!(matches!(
+        decrypt_pushed(&k, &cx, &v1, 7).await,
+        Err(Error::KeyVersionRetired { .. })
+    ));
+    assert!(decrypt(&k, &cx, &v2).await.unwrap() == plaintext);
+    k.shred(&c, &t).await.unwrap();
+    assert!(matches!(
+        decrypt(&k, &cx, &v2).await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+    assert!(matches!(
+        k.encrypt_stream(&c, &cx, &plaintext[..], Vec::new()).await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+    assert!(matches!(
+        k.start_encrypt_stream(&c, &cx, StreamOptions::default())
+            .await
+            .map(|_| ()),
+        Err(Error::KeyDestroyed { .. })
+    ));
+    let outcomes: Vec<Outcome> = sink.streams().into_iter().map(|(_, o, _)| o).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Error("key_version_retired"),
+            Outcome::Error("key_version_retired"),
+            Outcome::Ok,
+            Outcome::Error("key_destroyed"),
+            Outcome::Error("key_destroyed"),
+            Outcome::Error("key_destroyed"),
+        ]
+    );
+    // Unknown tenant.
+    assert!(matches!(
+        decrypt(&k, &ctx("nobody", "scan", None), &v2).await,
+        Err(Error::TenantNotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
+    let dir = private_tempdir();
+    let (k, sink) = recorded(dir.path()).await;
+    let c = caller();
+    let cx = ctx("t", "scan", None);
+    let plaintext = data(2 * SEG + 1);
+    let good = encrypt(&k, &cx, &plaintext).await;
+    sink.refuse_streams.store(true, Ordering::SeqCst);
+
+    // The push API withholds the final segment if the record cannot be written.
+    let mut e = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    e.push(&plaintext, &mut out).unwrap();
+    let before = out.len();
+    assert!(matches!(e.finish(&mut out).await, Err(Error::Audit { .. })));
+    assert_eq!(
+        out.len(),
+        before,
+        "no final segment without an audit record"
+    );
+    assert!(decrypt_pushed(&k, &cx, &out, 999).await.is_err());
+
+    let mut d = k.start_decrypt_stream(&c, &cx);
+    let mut plain = Vec::new();
+    d.push(&good, &mut plain).await.unwrap();
+    let before = plain.len();
+    assert!(matches!(
+        d.finish(&mut plain).await,
+        Err(Error::Audit { .. })
+    ));
+    assert_eq!(plain.len(), before, "the final segment is withheld");
+
+    // The whole-stream functions and the adapters report the audit failure.
+    assert!(matches!(
+        k.encrypt_stream(&c, &cx, &plaintext[..], Vec::new()).await,
+        Err(Error::Audit { .. })
+    ));
+    assert!(matches!(
+        k.decrypt_stream(&c, &cx, &good[..], Vec::new()).await,
+        Err(Error::Audit { .. })
+    ));
+    let mut w = k
+        .encrypting_writer(&c, &cx, StreamOptions::default(), Vec::new())
+        .await
+        .unwrap();
+    w.write_all(b"abc").await.unwrap();
+    assert!(w.shutdown().await.is_err());
+    assert!(w.summary().is_none());
+    let mut r = k.decrypting_reader(&c, &cx, &good[..]).await.unwrap();
+    assert!(r.read_to_end(&mut Vec::new()).await.is_err());
+    drop((w, r));
+
+    // Abandoned streams: recorded as failed, by abort() or (best effort) on drop.
+    sink.refuse_streams.store(false, Ordering::SeqCst);
+    sink.clear();
+    let mut e = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    e.push(b"partial", &mut Vec::new()).unwrap();
+    e.abort("cancelled").await.unwrap();
+    let e = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    drop(e);
+    let mut d = k.start_decrypt_stream(&c, &cx);
+    d.push(&good[..SEG], &mut Vec::new()).await.unwrap();
+    drop(d);
+    wait_for(|| sink.streams().len() == 3).await;
+    let mut outcomes: Vec<(Action, Outcome)> =
+        sink.streams().into_iter().map(|(a, o, _)| (a, o)).collect();
+    outcomes.sort_by_key(|(a, o)| (a.as_str(), o.as_str()));
+    assert_eq!(
+        outcomes,
+        vec![
+            (Action::DecryptStream, Outcome::Error("incomplete")),
+            (Action::EncryptStream, Outcome::Error("cancelled")),
+            (Action::EncryptStream, Outcome::Error("incomplete")),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_file_audit_log_gets_one_record_per_stream_and_no_content() {
+    let dir = private_tempdir();
+    let c = caller();
+    {
+        let k = phiseal_embedded::open(dir.path(), &EmbeddedOptions::default()).unwrap();
+        k.create_tenant(&c, &TenantId::new("t").unwrap())
+            .await
+            .unwrap();
+        let cx = ctx("t", "scan", Some("rec-5"));
+        let plaintext = b"PLAINTEXT-MARKER ".repeat(10_000);
+        let stream = encrypt(&k, &cx, &plaintext).await;
+        assert!(decrypt(&k, &cx, &stream).await.unwrap() == plaintext);
+        assert!(
+            decrypt(&k, &cx, &stream[..stream.len() - 20])
+                .await
+                .is_err()
+        );
+        k.flush_audit().await.unwrap();
+    }
+    let log = EmbeddedPaths::new(dir.path()).audit_log;
+    let report = phiseal_audit_file::verify(&log).unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("PLAINTEXT"));
+    let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count(r#""action":"encrypt_stream""#), 1);
+    assert_eq!(count(r#""action":"decrypt_stream""#), 2);
+    assert_eq!(count(r#""result":"decryption_failed""#), 1);
+    assert!(text.contains(r#""field":"scan""#) && text.contains(r#""record":"rec-5""#));
+}
+
+/// The sidecar drives these from spawned tasks: the objects and their futures must be `Send`.
+fn assert_futures_are_send(
+    k: &Keyring,
+    c: &Caller,
+    cx: &EncryptionContext,
+    e: phiseal::AuditedStreamEncryptor,
+    mut d: phiseal::AuditedStreamDecryptor,
+    out: &mut Vec<u8>,
+) {
+    fn send<T: Send>(_: T) {}
+    send(k.start_encrypt_stream(c, cx, StreamOptions::default()));
+    send(k.encrypt_stream(c, cx, &b""[..], Vec::new()));
+    send(k.decrypt_stream(c, cx, &b""[..], Vec::new()));
+    send(k.encrypting_writer(c, cx, StreamOptions::default(), Vec::new()));
+    send(k.decrypting_reader(c, cx, &b""[..]));
+    send(d.push(b"", out));
+    send(e.finish(out));
+    send(d);
+}
+
+#[test]
+fn stream_objects_and_futures_are_send() {
+    let _ = assert_futures_are_send;
+}

@@ -1,0 +1,241 @@
+//! The KMS outage policy (docs/KMS.md, "Outages").
+//!
+//! * [`KmsOutage`] remembers that the KMS was found *unavailable* (unreachable, timing out,
+//!   throttled — never a refusal) and when to try it again. Until then no request calls the
+//!   KMS: keys that are not cached fail at once with an error naming the backend and the last
+//!   cause, and a throttled or hanging KMS sees one attempt per [`STALE_RETRY_INTERVAL`] from
+//!   this keyring instead of one per waiting request.
+//! * [`Keyring::refresh_or_serve_stale`] handles a cached key past its TTL but within
+//!   `key_ttl + max_stale`: it stays in the cache while one request (per key version) tries
+//!   the KMS; if the KMS is unavailable, the decision to keep serving it — or to refuse it once
+//!   it is too old — is audited (`serve_stale_key`) before it takes effect. A refusal by the
+//!   KMS is never answered with a stale key.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use coarsetime::Instant;
+
+use super::{Caller, KeyRef, Keyring, OpMeta, STALE_RETRY_INTERVAL, TenantView, outcome_of};
+use crate::audit::{Action, KeySource};
+use crate::error::{BackendError, BackendErrorKind, Error};
+use crate::field::VersionKey;
+use crate::store::KeyRecord;
+
+/// Whether the KMS is in an outage. Shared by every key of a keyring.
+#[derive(Debug, Default)]
+pub(super) struct KmsOutage {
+    /// Coarse-clock ticks until which the KMS is not called; 0 when there is no outage.
+    retry_at: AtomicU64,
+    /// The last unavailability, as the backend reported it (never key material).
+    cause: std::sync::Mutex<String>,
+}
+
+impl KmsOutage {
+    /// Whether a KMS call may be made at `now`. During an outage, only the one caller that
+    /// claims the due retry may (the next retry moves out by the interval meanwhile).
+    pub(super) fn may_call(&self, now: Instant) -> bool {
+        let retry_at = self.retry_at.load(Ordering::Acquire);
+        if retry_at == 0 {
+            return true;
+        }
+        if now.as_ticks() < retry_at {
+            return false;
+        }
+        let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
+        self.retry_at
+            .compare_exchange(retry_at, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Records the outcome of a KMS call that ended at `now`: unavailable starts (or extends)
+    /// the outage; an answer — a key or a refusal — ends it.
+    pub(super) fn record<T>(&self, result: &Result<T, Error>, now: Instant) {
+        match result {
+            Err(e) if e.is_kms_unavailable() => {
+                if let Ok(mut cause) = self.cause.lock() {
+                    *cause = e.to_string();
+                }
+                let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
+                self.retry_at.store(next.max(1), Ordering::Release);
+            }
+            _ => self.retry_at.store(0, Ordering::Release),
+        }
+    }
+
+    /// Whether an outage is in progress (the last KMS call found it unavailable).
+    pub(super) fn is_active(&self) -> bool {
+        self.retry_at.load(Ordering::Acquire) != 0
+    }
+
+    /// When stale keys should next give way to a KMS attempt.
+    fn next_retry(&self, now: Instant) -> Instant {
+        match self.retry_at.load(Ordering::Acquire) {
+            0 => now.saturating_add(STALE_RETRY_INTERVAL.into()),
+            ticks => Instant::from_ticks(ticks),
+        }
+    }
+
+    /// The error of a request refused without calling the KMS.
+    pub(super) fn error(&self, backend: &str) -> Error {
+        let cause = self
+            .cause
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|_| "unknown".into());
+        Error::Kms {
+            backend: backend.to_owned(),
+            source: BackendError::new(
+                BackendErrorKind::Unavailable,
+                format!(
+                    "not called: the KMS was unavailable at the last attempt and is tried again \
+                     within {} s ({cause})",
+                    STALE_RETRY_INTERVAL.as_secs()
+                ),
+            ),
+        }
+    }
+}
+
+impl Keyring {
+    /// For a cached key past its TTL but within `key_ttl + max_stale`: one request at a time
+    /// per key version tries the KMS (the key stays cached meanwhile, so a cancelled attempt
+    /// loses nothing); a fresh key replaces it; a refusal removes it and fails; while the KMS
+    /// is unavailable the stale key serves, each decision audited first. `None` when the key
+    /// has become too old to consider (the caller then takes the ordinary miss path).
+    pub(super) async fn refresh_or_serve_stale(
+        &self,
+        caller: &Caller,
+        view: &TenantView,
+        record: &KeyRecord,
+        stale: Arc<VersionKey>,
+    ) -> Option<Result<(Arc<VersionKey>, KeySource), Error>> {
+        let inner = &self.inner;
+        let tenant = &view.record.tenant;
+        let version = record.version;
+        let holder = Arc::clone(&stale);
+        let _single_flight = holder.refresh.lock().await;
+        let now = Instant::now_without_cache_update();
+        // Refreshed, or kept in service, by another request while this one waited.
+        if let Some(current) = inner.keys.get(&KeyRef(tenant, version))
+            && !Arc::ptr_eq(&current, &stale)
+            && let Some(source) = self.serve(&current, now)
+        {
+            return Some(Ok((current, source)));
+        }
+        if let Some(source) = self.serve(&stale, now) {
+            return Some(Ok((stale, source)));
+        }
+        if !self.may_serve_stale(&stale, now) {
+            self.forget(tenant, version, &stale);
+            return None;
+        }
+        if inner.outage.may_call(now) {
+            let result = self.unwrap_version(tenant, record).await;
+            inner
+                .outage
+                .record(&result, Instant::now_without_cache_update());
+            if let Err(e) = self.audit_unwrap(caller, tenant, version, &result).await {
+                return Some(Err(e));
+            }
+            match result {
+                Ok(fresh) => {
+                    let fresh = Arc::new(fresh);
+                    let current = inner.generation.load(Ordering::Acquire) == view.generation;
+                    if current {
+                        inner
+                            .keys
+                            .insert((tenant.clone(), version), Arc::clone(&fresh));
+                    } else {
+                        self.forget(tenant, version, &stale);
+                    }
+                    return Some(Ok((fresh, KeySource::Kms)));
+                }
+                Err(e) if !e.is_kms_unavailable() => {
+                    // A refusal (revoked or disabled key, denied, invalid data): never stale.
+                    self.forget(tenant, version, &stale);
+                    return Some(Err(e));
+                }
+                Err(_) => {}
+            }
+        }
+        // The KMS is unavailable: keep the key in service if it is young enough (checked
+        // now, after the attempt), auditing the decision before it takes effect.
+        let now = Instant::now_without_cache_update();
+        let decision = if self.may_serve_stale(&stale, now) {
+            Ok(())
+        } else {
+            Err(inner.outage.error(inner.kms.name()))
+        };
+        if let Err(e) = self
+            .audit_stale_decision(caller, tenant, version, &decision)
+            .await
+        {
+            return Some(Err(e));
+        }
+        Some(match decision {
+            Ok(()) => {
+                stale.degrade_until(inner.outage.next_retry(now));
+                stale.uses.fetch_add(1, Ordering::Relaxed);
+                Ok((stale, KeySource::Stale))
+            }
+            Err(e) => {
+                self.forget(tenant, version, &stale);
+                Err(e)
+            }
+        })
+    }
+
+    /// Audits a degraded-mode decision: `Ok` = a stale key kept in service, an error = one
+    /// refused (too old).
+    pub(super) async fn audit_stale_decision(
+        &self,
+        caller: &Caller,
+        tenant: &crate::context::TenantId,
+        version: u32,
+        decision: &Result<(), Error>,
+    ) -> Result<(), Error> {
+        if self.inner.audit.is_none() {
+            return Ok(());
+        }
+        let meta = OpMeta {
+            key_version: Some(version),
+            key_source: decision.is_ok().then_some(KeySource::Stale),
+        };
+        let event = Self::event(
+            caller,
+            Action::ServeStaleKey,
+            Some(tenant),
+            None,
+            &meta,
+            outcome_of(decision),
+        );
+        self.append(std::slice::from_ref(&event)).await
+    }
+
+    /// During an outage, a cached key that has just become too old to serve stale is
+    /// refused: that decision is audited once, as the key leaves the cache.
+    pub(super) async fn audit_stale_expiry(
+        &self,
+        caller: &Caller,
+        tenant: &crate::context::TenantId,
+        key: &VersionKey,
+        now: Instant,
+    ) -> Result<(), Error> {
+        let inner = &self.inner;
+        let aged_out = now.duration_since(key.loaded_at) > inner.max_age;
+        if inner.cache.max_stale.is_zero() || !aged_out || !inner.outage.is_active() {
+            return Ok(());
+        }
+        let refused = Err(inner.outage.error(inner.kms.name()));
+        self.audit_stale_decision(caller, tenant, key.version(), &refused)
+            .await
+    }
+
+    /// Drops `key` from the cache if it is still the cached one.
+    fn forget(&self, tenant: &crate::context::TenantId, version: u32, key: &Arc<VersionKey>) {
+        self.inner
+            .keys
+            .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, key));
+    }
+}

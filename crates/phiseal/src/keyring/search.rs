@@ -1,0 +1,299 @@
+//! The keyring API of searchable fields (`crate::search`, `docs/SEARCH.md`): deterministic
+//! encryption and blind indexes. Writes use the tenant's primary key version; queries return
+//! one value per *live* key version (every version at or above the minimum decryption version
+//! that is not destroyed), primary first, so that values written before a rotation are still
+//! found until they are rewrapped or re-indexed.
+//!
+//! Every call is audited like a field operation (actor, action, tenant, field, key version,
+//! key source, outcome): `encrypt_deterministic` and `blind_index` write one record; a query
+//! writes one record per key version it computed a value under (`deterministic_query`,
+//! `blind_index_query`), in one append. A query that fails under any live version fails as a
+//! whole: a partial list would silently miss rows.
+
+use coarsetime::Instant;
+use jiff::Timestamp;
+
+use super::{Caller, FieldOutcome, Keyring, OpMeta, TenantView, outcome_of};
+use crate::audit::{Action, AuditEvent};
+use crate::context::EncryptionContext;
+use crate::error::Error;
+use crate::field::VersionKey;
+use crate::search::{BlindIndexSpec, SearchTerm, record_refused};
+use crate::store::{KeyState, TenantRecord};
+
+/// The live key versions of a tenant, primary first, then the others newest first.
+fn live_versions(record: &TenantRecord) -> Result<Vec<u32>, Error> {
+    let destroyed = || Error::KeyDestroyed {
+        tenant: record.tenant.clone(),
+    };
+    if record.shredded_at.is_some() {
+        return Err(destroyed());
+    }
+    let primary = record.primary().ok_or_else(destroyed)?.version;
+    let mut older: Vec<u32> = record
+        .versions
+        .iter()
+        .filter(|v| {
+            v.version != primary
+                && v.version >= record.min_decrypt_version
+                && v.state != KeyState::Destroyed
+                && v.wrapped.is_some()
+        })
+        .map(|v| v.version)
+        .collect();
+    older.sort_unstable_by(|a, b| b.cmp(a));
+    let mut versions = Vec::with_capacity(older.len() + 1);
+    versions.push(primary);
+    versions.extend(older);
+    Ok(versions)
+}
+
+impl Keyring {
+    /// The tenant's metadata: the cached view without awaiting when it is fresh (the per-field
+    /// fast path), else [`Keyring::tenant_view`].
+    async fn search_view(
+        &self,
+        context: &EncryptionContext,
+        now: Instant,
+    ) -> Result<std::sync::Arc<TenantView>, Error> {
+        match self.cached_view(context.tenant(), now) {
+            Some(view) => Ok(view),
+            None => self.tenant_view(context.tenant(), now).await,
+        }
+    }
+
+    /// Runs `op` with key version `version` of the view's tenant: from the view's hot keys
+    /// when fresh, else through the key cache and the KMS (audited unwrap).
+    async fn with_version_key<T>(
+        &self,
+        caller: &Caller,
+        view: &TenantView,
+        version: u32,
+        now: Instant,
+        op: impl Fn(&VersionKey) -> Result<T, Error>,
+    ) -> FieldOutcome<T> {
+        let mut meta = OpMeta {
+            key_version: Some(version),
+            key_source: None,
+        };
+        if let Some((result, source)) = self.with_cached_key(view, version, now, &op) {
+            meta.key_source = Some(source);
+            return (result, meta);
+        }
+        match self.version_key(caller, view, version, now).await {
+            Ok((key, source)) => {
+                view.remember(&key);
+                meta.key_source = Some(source);
+                (op(&key), meta)
+            }
+            Err(e) => (Err(e), meta),
+        }
+    }
+
+    /// Runs `op` under the primary key version of the context's tenant.
+    async fn with_primary_key<T>(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        op: impl Fn(&VersionKey) -> Result<T, Error>,
+    ) -> FieldOutcome<T> {
+        if context.record().is_some() {
+            return (Err(record_refused()), OpMeta::default());
+        }
+        let now = Instant::now_without_cache_update();
+        let view = match self.search_view(context, now).await {
+            Ok(view) => view,
+            Err(e) => return (Err(e), OpMeta::default()),
+        };
+        let primary = match (view.record.shredded_at, view.record.primary()) {
+            (None, Some(primary)) => primary.version,
+            _ => {
+                let e = Error::KeyDestroyed {
+                    tenant: context.tenant().clone(),
+                };
+                return (Err(e), OpMeta::default());
+            }
+        };
+        self.with_version_key(caller, &view, primary, now, op).await
+    }
+
+    /// Runs `op` under every live key version, primary first; audits one record per version
+    /// tried (or one without a version if none was), in one append.
+    async fn with_live_keys<T>(
+        &self,
+        caller: &Caller,
+        action: Action,
+        context: &EncryptionContext,
+        op: impl Fn(&VersionKey) -> Result<T, Error>,
+    ) -> Result<Vec<(u32, T)>, Error> {
+        let now = Instant::now_without_cache_update();
+        let setup = async {
+            if context.record().is_some() {
+                return Err(record_refused());
+            }
+            let view = self.search_view(context, now).await?;
+            let versions = live_versions(&view.record)?;
+            Ok((view, versions))
+        }
+        .await;
+        let (view, versions) = match setup {
+            Ok(ok) => ok,
+            Err(e) => {
+                return self
+                    .finish(caller, action, context, (Err(e), OpMeta::default()))
+                    .await;
+            }
+        };
+        let mut outcomes: Vec<FieldOutcome<T>> = Vec::with_capacity(versions.len());
+        for version in versions {
+            let outcome = self
+                .with_version_key(caller, &view, version, now, &op)
+                .await;
+            let failed = outcome.0.is_err();
+            outcomes.push(outcome);
+            if failed {
+                break;
+            }
+        }
+        if self.inner.audit.is_some() {
+            let time = Timestamp::now();
+            let events: Vec<AuditEvent> = outcomes
+                .iter()
+                .map(|(result, meta)| {
+                    Self::event_at(
+                        time,
+                        caller,
+                        action,
+                        None,
+                        Some(context),
+                        meta,
+                        outcome_of(result),
+                    )
+                })
+                .collect();
+            self.append(&events).await?;
+        }
+        let mut values = Vec::with_capacity(outcomes.len());
+        for (result, meta) in outcomes {
+            let version = meta.key_version.unwrap_or_default();
+            values.push((version, result?));
+        }
+        Ok(values)
+    }
+
+    /// Encrypts one field deterministically (AES-256-SIV, algorithm `0x03`) under the tenant's
+    /// primary key version: the same tenant, field, key version and plaintext always give the
+    /// same ciphertext, so the column supports equality lookups (`WHERE col IN (…)` with
+    /// [`Keyring::deterministic_query`]). It reveals which rows are equal (`docs/SEARCH.md`).
+    /// The context must have **no record id** ([`Error::InvalidInput`] otherwise).
+    /// [`Keyring::decrypt`] decrypts it and [`Keyring::rewrap`] keeps it deterministic. Audited
+    /// (`encrypt_deterministic`).
+    pub async fn encrypt_deterministic(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let outcome = self
+            .encrypt_deterministic_one(caller, context, plaintext)
+            .await;
+        self.finish(caller, Action::EncryptDeterministic, context, outcome)
+            .await
+    }
+
+    /// [`Keyring::encrypt_deterministic`] without its audit record (also used by rewrap).
+    pub(super) async fn encrypt_deterministic_one(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> FieldOutcome<Vec<u8>> {
+        self.with_primary_key(caller, context, |key| {
+            key.search_keys()
+                .seal(key.tenant_key(), key.version(), context, plaintext)
+        })
+        .await
+    }
+
+    /// The deterministic ciphertexts of `plaintext` under every live key version of the
+    /// tenant (primary first), each tagged with its version: the values to look up in a
+    /// column written by [`Keyring::encrypt_deterministic`], before and after a rotation. The
+    /// context must have no record id. Fails as a whole if any live version is unavailable.
+    /// Audited (`deterministic_query`, one record per version).
+    pub async fn deterministic_query(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<Vec<SearchTerm>, Error> {
+        let values = self
+            .with_live_keys(caller, Action::DeterministicQuery, context, |key| {
+                key.search_keys()
+                    .seal(key.tenant_key(), key.version(), context, plaintext)
+            })
+            .await?;
+        Ok(values
+            .into_iter()
+            .map(|(key_version, value)| SearchTerm { key_version, value })
+            .collect())
+    }
+
+    /// The blind index of `value` for the context's field under the tenant's primary key
+    /// version: `HMAC-SHA256` of the value normalised per `spec`, truncated to `spec.bits()`
+    /// (`docs/FORMAT.md` §9). Store it next to the (randomly) encrypted field and search with
+    /// [`Keyring::blind_index_query`]. The context must have no record id. Audited
+    /// (`blind_index`).
+    pub async fn blind_index(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        value: &[u8],
+        spec: &BlindIndexSpec,
+    ) -> Result<SearchTerm, Error> {
+        let outcome = self
+            .with_primary_key(caller, context, |key| {
+                let index = key.search_keys().blind_index(
+                    key.provider(),
+                    key.tenant_key(),
+                    context,
+                    spec,
+                    value,
+                )?;
+                Ok(SearchTerm {
+                    key_version: key.version(),
+                    value: index,
+                })
+            })
+            .await;
+        self.finish(caller, Action::BlindIndex, context, outcome)
+            .await
+    }
+
+    /// The blind indexes of `value` under every live key version of the tenant (primary
+    /// first), each tagged with its version: what to look up in a column written by
+    /// [`Keyring::blind_index`] with the same `spec`. Fails as a whole if any live version is
+    /// unavailable. Audited (`blind_index_query`, one record per version).
+    pub async fn blind_index_query(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        value: &[u8],
+        spec: &BlindIndexSpec,
+    ) -> Result<Vec<SearchTerm>, Error> {
+        let values = self
+            .with_live_keys(caller, Action::BlindIndexQuery, context, |key| {
+                key.search_keys().blind_index(
+                    key.provider(),
+                    key.tenant_key(),
+                    context,
+                    spec,
+                    value,
+                )
+            })
+            .await?;
+        Ok(values
+            .into_iter()
+            .map(|(key_version, value)| SearchTerm { key_version, value })
+            .collect())
+    }
+}

@@ -1,0 +1,356 @@
+//! The streaming RPCs: `EncryptStream` and `DecryptStream` (large values in constant
+//! memory, the STREAM format of `docs/FORMAT.md`).
+//!
+//! The first request carries the context; the call is admitted, parsed and authorized on it
+//! like a unary call. Then a tracked task (shutdown waits for it) feeds the chunks to the
+//! keyring's push API and sends its output back through a small bounded channel: a client that
+//! does not read its answers stops the daemon from reading its requests, so memory stays
+//! bounded whatever the size. Each message must arrive (and each answer be taken) within
+//! `limits.request_timeout` — or the client's shorter `grpc-timeout` — of the previous one: an
+//! idle limit, not a total one, so a large stream may take as long as it keeps moving.
+//!
+//! The keyring audits each stream once, when it ends; a stream the client abandons is audited
+//! as failed (`cancelled`). Plaintext chunks received are wiped after use; plaintext sent is
+//! handed to the gRPC layer, which does not wipe its buffers (as for unary `Decrypt`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use phiseal::stream::StreamOptions;
+use phiseal::{AuditedStreamDecryptor, AuditedStreamEncryptor, EncryptionContext};
+use phiseal_proto::REQUEST_ID_HEADER;
+use phiseal_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tonic::{Code, Request, Response, Status, Streaming};
+use zeroize::Zeroize;
+
+use crate::policy::Operation;
+use crate::service::{Call, Sidecar, parse_context};
+use crate::status;
+
+/// The answer stream of both RPCs.
+pub type ChunkStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::StreamChunk, Status>> + Send>>;
+
+/// Answers buffered between the worker and the gRPC layer (each at most one segment plus a
+/// request's worth of output).
+const CHANNEL_DEPTH: usize = 4;
+
+/// The first message's context, or INVALID_ARGUMENT.
+fn first_context(context: Option<pb::Context>) -> Result<EncryptionContext, Status> {
+    let context = context.ok_or_else(|| {
+        status::from_error(&phiseal::Error::InvalidInput {
+            what: "stream",
+            reason: "the first message must carry the context",
+        })
+    })?;
+    parse_context(Some(&context)).map_err(|e| status::from_error(&e))
+}
+
+fn misplaced_context() -> Status {
+    status::from_error(&phiseal::Error::InvalidInput {
+        what: "stream",
+        reason: "only the first message may carry the context",
+    })
+}
+
+fn idle_timeout() -> Status {
+    status::status(
+        Code::DeadlineExceeded,
+        "deadline_exceeded",
+        "the stream was idle longer than limits.request_timeout (or the client's grpc-timeout)",
+    )
+}
+
+/// What one request of either RPC carries after the first.
+enum Part {
+    Chunk(Vec<u8>),
+    Context,
+}
+
+/// Reads the next chunk within the idle limit: `Ok(None)` at the end of the requests.
+async fn next_part<M>(
+    inbound: &mut Streaming<M>,
+    idle: Duration,
+    part: impl Fn(M) -> Option<Part>,
+) -> Result<Option<Part>, Status> {
+    match tokio::time::timeout(idle, inbound.message()).await {
+        Err(_) => Err(idle_timeout()),
+        Ok(Err(status)) => Err(status),
+        Ok(Ok(None)) => Ok(None),
+        Ok(Ok(Some(message))) => Ok(Some(part(message).ok_or_else(misplaced_context)?)),
+    }
+}
+
+/// Sends one answer within the idle limit; `false` if the client is gone or not reading.
+async fn send(
+    tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
+    idle: Duration,
+    item: Result<pb::StreamChunk, Status>,
+) -> bool {
+    matches!(tokio::time::timeout(idle, tx.send(item)).await, Ok(Ok(())))
+}
+
+/// Admits the call and parses and authorizes the first message's context.
+async fn open<M>(
+    s: &Sidecar,
+    rpc: &'static str,
+    op: Operation,
+    request: Request<Streaming<M>>,
+    context_of: impl FnOnce(M) -> Option<pb::Context>,
+) -> Result<(Call, Streaming<M>, EncryptionContext), Status> {
+    let call = s.admit(rpc, op, &request).await?;
+    let mut inbound = request.into_inner();
+    let opened = s
+        .within(&call, async {
+            let first = inbound.message().await?.ok_or_else(|| {
+                status::from_error(&phiseal::Error::InvalidInput {
+                    what: "stream",
+                    reason: "no message: the first one must carry the context",
+                })
+            })?;
+            let context = first_context(context_of(first))?;
+            s.authorize_field(&call, op, &context).await?;
+            Ok(context)
+        })
+        .await;
+    match opened {
+        Ok(context) => Ok((call, inbound, context)),
+        Err(status) => Err(s
+            .reply(&call, Err::<(), _>(status))
+            .err()
+            .unwrap_or_else(|| status::status(Code::Internal, "internal", "internal error"))),
+    }
+}
+
+/// The response: the answer stream, with the request id.
+fn respond(
+    call: &Call,
+    rx: mpsc::Receiver<Result<pb::StreamChunk, Status>>,
+) -> Response<ChunkStream> {
+    let stream: ChunkStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut response = Response::new(stream);
+    if let Ok(id) = tonic::metadata::MetadataValue::try_from(&*call.caller.request_id) {
+        response.metadata_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    response
+}
+
+/// The idle limit of a call: its own time budget.
+fn idle_limit(call: &Call) -> Duration {
+    call.deadline.saturating_duration_since(call.started)
+}
+
+/// Logs and counts a finished stream like a unary call.
+fn done(s: &Sidecar, call: &Call, result: Result<(), Status>) {
+    let _ = s.reply(call, result);
+}
+
+/// `EncryptStream`.
+pub(crate) async fn encrypt_stream(
+    s: &Arc<Sidecar>,
+    request: Request<Streaming<pb::EncryptStreamRequest>>,
+) -> Result<Response<ChunkStream>, Status> {
+    let (call, inbound, context) = open(
+        s,
+        "EncryptStream",
+        Operation::Encrypt,
+        request,
+        |m| match m.part {
+            Some(pb::encrypt_stream_request::Part::Context(c)) => Some(c),
+            _ => None,
+        },
+    )
+    .await?;
+    let encryptor = match s
+        .keyring
+        .start_encrypt_stream(&call.caller, &context, StreamOptions::default())
+        .await
+    {
+        Ok(encryptor) => encryptor,
+        Err(e) => {
+            let status = status::from_error(&e);
+            done(s, &call, Err(status.clone()));
+            return Err(status);
+        }
+    };
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let response = respond(&call, rx);
+    let sidecar = Arc::clone(s);
+    s.tasks.spawn(async move {
+        let result = run_encrypt(&call, inbound, encryptor, &tx).await;
+        done(&sidecar, &call, result);
+    });
+    Ok(response)
+}
+
+async fn run_encrypt(
+    call: &Call,
+    mut inbound: Streaming<pb::EncryptStreamRequest>,
+    mut encryptor: AuditedStreamEncryptor,
+    tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
+) -> Result<(), Status> {
+    let idle = idle_limit(call);
+    let chunk_of = |m: pb::EncryptStreamRequest| match m.part {
+        Some(pb::encrypt_stream_request::Part::Chunk(bytes)) => Some(Part::Chunk(bytes)),
+        Some(pb::encrypt_stream_request::Part::Context(_)) | None => Some(Part::Context),
+    };
+    loop {
+        let part = match next_part(&mut inbound, idle, chunk_of).await {
+            Ok(part) => part,
+            Err(status) => {
+                let _ = encryptor.abort(status_kind(&status)).await;
+                let _ = send(tx, idle, Err(status.clone())).await;
+                return Err(status);
+            }
+        };
+        let mut out = Vec::new();
+        match part {
+            Some(Part::Chunk(mut plaintext)) => {
+                let pushed = encryptor.push(&plaintext, &mut out);
+                plaintext.zeroize();
+                if let Err(e) = pushed {
+                    let status = status::from_error(&e);
+                    let _ = encryptor.abort(e.kind()).await;
+                    let _ = send(tx, idle, Err(status.clone())).await;
+                    return Err(status);
+                }
+            }
+            Some(Part::Context) => {
+                let status = misplaced_context();
+                let _ = encryptor.abort("invalid_input").await;
+                let _ = send(tx, idle, Err(status.clone())).await;
+                return Err(status);
+            }
+            None => {
+                let finished = encryptor.finish(&mut out).await;
+                return match finished {
+                    Ok(_) => {
+                        if send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
+                            Ok(())
+                        } else {
+                            Err(gone())
+                        }
+                    }
+                    Err(e) => {
+                        let status = status::from_error(&e);
+                        let _ = send(tx, idle, Err(status.clone())).await;
+                        Err(status)
+                    }
+                };
+            }
+        }
+        if !out.is_empty() && !send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
+            let _ = encryptor.abort("cancelled").await;
+            return Err(gone());
+        }
+    }
+}
+
+/// `DecryptStream`.
+pub(crate) async fn decrypt_stream(
+    s: &Arc<Sidecar>,
+    request: Request<Streaming<pb::DecryptStreamRequest>>,
+) -> Result<Response<ChunkStream>, Status> {
+    let (call, inbound, context) = open(
+        s,
+        "DecryptStream",
+        Operation::Decrypt,
+        request,
+        |m| match m.part {
+            Some(pb::decrypt_stream_request::Part::Context(c)) => Some(c),
+            _ => None,
+        },
+    )
+    .await?;
+    let decryptor = s.keyring.start_decrypt_stream(&call.caller, &context);
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let response = respond(&call, rx);
+    let sidecar = Arc::clone(s);
+    s.tasks.spawn(async move {
+        let result = run_decrypt(&call, inbound, decryptor, &tx).await;
+        done(&sidecar, &call, result);
+    });
+    Ok(response)
+}
+
+async fn run_decrypt(
+    call: &Call,
+    mut inbound: Streaming<pb::DecryptStreamRequest>,
+    mut decryptor: AuditedStreamDecryptor,
+    tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
+) -> Result<(), Status> {
+    let idle = idle_limit(call);
+    let chunk_of = |m: pb::DecryptStreamRequest| match m.part {
+        Some(pb::decrypt_stream_request::Part::Chunk(bytes)) => Some(Part::Chunk(bytes)),
+        Some(pb::decrypt_stream_request::Part::Context(_)) | None => Some(Part::Context),
+    };
+    loop {
+        let part = match next_part(&mut inbound, idle, chunk_of).await {
+            Ok(part) => part,
+            Err(status) => {
+                let _ = decryptor.abort(status_kind(&status)).await;
+                let _ = send(tx, idle, Err(status.clone())).await;
+                return Err(status);
+            }
+        };
+        let mut out = Vec::new();
+        match part {
+            Some(Part::Chunk(ciphertext)) => {
+                if let Err(e) = decryptor.push(&ciphertext, &mut out).await {
+                    out.zeroize();
+                    let status = status::from_error(&e);
+                    let _ = send(tx, idle, Err(status.clone())).await;
+                    return Err(status);
+                }
+            }
+            Some(Part::Context) => {
+                let status = misplaced_context();
+                let _ = decryptor.abort("invalid_input").await;
+                let _ = send(tx, idle, Err(status.clone())).await;
+                return Err(status);
+            }
+            None => {
+                let finished = decryptor.finish(&mut out).await;
+                return match finished {
+                    Ok(_) => {
+                        if send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
+                            Ok(())
+                        } else {
+                            Err(gone())
+                        }
+                    }
+                    Err(e) => {
+                        out.zeroize();
+                        let status = status::from_error(&e);
+                        let _ = send(tx, idle, Err(status.clone())).await;
+                        Err(status)
+                    }
+                };
+            }
+        }
+        if !out.is_empty() && !send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
+            let _ = decryptor.abort("cancelled").await;
+            return Err(gone());
+        }
+    }
+}
+
+/// The client went away or stopped reading.
+fn gone() -> Status {
+    status::status(
+        Code::Cancelled,
+        "cancelled",
+        "the client went away or stopped reading the answers",
+    )
+}
+
+/// A stable kind for a status that ended a stream (recorded in the audit log).
+fn status_kind(status: &Status) -> &'static str {
+    match status.code() {
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::InvalidArgument => "invalid_input",
+        _ => "cancelled",
+    }
+}

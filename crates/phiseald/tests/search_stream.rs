@@ -1,0 +1,505 @@
+//! Searchable fields and streams through the real daemon and the real CLI: deterministic
+//! encryption, blind indexes and search terms across a rotation, policy on `search`, streamed
+//! encryption and decryption of large values (truncation and tampering refused), and the CLI's
+//! file commands (no output left behind on failure).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use common::{Daemon, create_tenant, ctx};
+use phiseal_proto::v1 as pb;
+
+const ALL: &str = "[[policy]]\nuids = [0]\noperations = [\"*\"]\ntenants = [\"*\"]\n";
+
+fn config(policy: &str) -> String {
+    format!("socket = \"{{socket}}\"\ndata_dir = \"{{data_dir}}\"\n{policy}")
+}
+
+fn spec(normalization: pb::Normalization, bits: u32) -> Option<pb::BlindIndexSpec> {
+    Some(pb::BlindIndexSpec {
+        normalization: normalization as i32,
+        bits,
+    })
+}
+
+#[tokio::test]
+async fn searchable_fields_are_found_across_a_rotation() {
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    create_tenant(&d, "other").await;
+    let mut fields = d.fields().await;
+    let det = |tenant: &str, field: &str, value: &[u8]| pb::EncryptRequest {
+        context: ctx(tenant, field, None),
+        plaintext: value.to_vec(),
+    };
+
+    // Deterministic: equal in, equal out; other field or tenant, unrelated.
+    let a = fields
+        .encrypt_deterministic(det("clinic", "mrn", b"MRN-0042"))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = fields
+        .encrypt_deterministic(det("clinic", "mrn", b"MRN-0042"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.ciphertext, b.ciphertext);
+    assert_eq!(a.key_version, 1);
+    for (tenant, field, value) in [
+        ("clinic", "mrn", &b"MRN-0043"[..]),
+        ("clinic", "ssn", b"MRN-0042"),
+        ("other", "mrn", b"MRN-0042"),
+    ] {
+        let c = fields
+            .encrypt_deterministic(det(tenant, field, value))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(c.ciphertext, a.ciphertext, "{tenant}/{field}");
+    }
+    // A record id would make equal values differ: refused.
+    let err = fields
+        .encrypt_deterministic(pb::EncryptRequest {
+            context: ctx("clinic", "mrn", Some("row-1")),
+            plaintext: b"x".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // Decrypt reads it like any ciphertext.
+    let back = fields
+        .decrypt(pb::DecryptRequest {
+            context: ctx("clinic", "mrn", None),
+            ciphertext: a.ciphertext.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.plaintext, b"MRN-0042");
+
+    // Blind index: digits-only normalisation makes formatting irrelevant.
+    let index = |value: &[u8]| pb::BlindIndexRequest {
+        context: ctx("clinic", "ssn", None),
+        value: value.to_vec(),
+        spec: spec(pb::Normalization::DigitsOnly, 32),
+    };
+    let i1 = fields
+        .blind_index(index(b"078-05-1120"))
+        .await
+        .unwrap()
+        .into_inner()
+        .term
+        .unwrap();
+    let i2 = fields
+        .blind_index(index(b"078051120"))
+        .await
+        .unwrap()
+        .into_inner()
+        .term
+        .unwrap();
+    assert_eq!(i1.value, i2.value);
+    assert_eq!(i1.value.len(), 4);
+    let bad = fields
+        .blind_index(pb::BlindIndexRequest {
+            spec: spec(pb::Normalization::Unspecified, 32),
+            ..index(b"1")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+
+    // Rotate: queries return the terms under both versions, primary first; the stored v1
+    // values are among them.
+    d.admin()
+        .await
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant: "clinic".into(),
+        })
+        .await
+        .unwrap();
+    let terms = fields
+        .search_terms(pb::SearchTermsRequest {
+            context: ctx("clinic", "mrn", None),
+            value: b"MRN-0042".to_vec(),
+            kind: Some(pb::search_terms_request::Kind::Deterministic(
+                pb::DeterministicTerms {},
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .terms;
+    assert_eq!(
+        terms.iter().map(|t| t.key_version).collect::<Vec<_>>(),
+        [2, 1]
+    );
+    assert_eq!(terms[1].value, a.ciphertext);
+    let terms = fields
+        .search_terms(pb::SearchTermsRequest {
+            context: ctx("clinic", "ssn", None),
+            value: b"078 05 1120".to_vec(),
+            kind: Some(pb::search_terms_request::Kind::BlindIndex(
+                pb::BlindIndexSpec {
+                    normalization: pb::Normalization::DigitsOnly as i32,
+                    bits: 32,
+                },
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .terms;
+    assert_eq!(terms.len(), 2);
+    assert_eq!(terms[1].value, i1.value);
+    // Rewrap keeps a deterministic ciphertext deterministic, under the new version.
+    let rewrapped = fields
+        .rewrap(pb::RewrapRequest {
+            items: vec![pb::RewrapItem {
+                context: ctx("clinic", "mrn", None),
+                ciphertext: a.ciphertext.clone(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::rewrap_result::Result::Ok(r)) = &rewrapped.results[0].result else {
+        panic!("{rewrapped:?}");
+    };
+    assert_eq!(r.ciphertext, terms_det(&d, b"MRN-0042").await[0]);
+
+    let audit = d.audit_text();
+    for action in [
+        "\"action\":\"encrypt_deterministic\"",
+        "\"action\":\"blind_index\"",
+        "\"action\":\"deterministic_query\"",
+        "\"action\":\"blind_index_query\"",
+    ] {
+        assert!(audit.contains(action), "{action} not audited");
+    }
+    for value in ["MRN-0042", "078-05-1120", "078051120", "078 05 1120"] {
+        assert!(!audit.contains(value), "{value} in the audit log");
+    }
+}
+
+async fn terms_det(d: &Daemon, value: &[u8]) -> Vec<Vec<u8>> {
+    d.fields()
+        .await
+        .search_terms(pb::SearchTermsRequest {
+            context: ctx("clinic", "mrn", None),
+            value: value.to_vec(),
+            kind: Some(pb::search_terms_request::Kind::Deterministic(
+                pb::DeterministicTerms {},
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .terms
+        .into_iter()
+        .map(|t| t.value)
+        .collect()
+}
+
+#[tokio::test]
+async fn search_needs_its_own_grant() {
+    let d = Daemon::with_config(&config(
+        "[[policy]]\nuids = [0]\noperations = [\"encrypt\", \"decrypt\", \"admin\"]\ntenants = [\"*\"]\n",
+    ));
+    create_tenant(&d, "clinic").await;
+    let mut fields = d.fields().await;
+    let err = fields
+        .blind_index(pb::BlindIndexRequest {
+            context: ctx("clinic", "ssn", None),
+            value: b"078051120".to_vec(),
+            spec: spec(pb::Normalization::Exact, 64),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let audit = d.audit_text();
+    assert!(
+        audit.contains("\"action\":\"blind_index\"") && audit.contains("permission_denied"),
+        "{audit}"
+    );
+    // Deterministic encryption is an `encrypt`.
+    fields
+        .encrypt_deterministic(pb::EncryptRequest {
+            context: ctx("clinic", "ssn", None),
+            plaintext: b"078051120".to_vec(),
+        })
+        .await
+        .unwrap();
+}
+
+/// Streams `chunks` through EncryptStream; the ciphertext.
+async fn encrypt_stream(d: &Daemon, chunks: Vec<Vec<u8>>) -> Vec<u8> {
+    let mut requests = vec![pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-7")).unwrap(),
+        )),
+    }];
+    requests.extend(chunks.into_iter().map(|c| pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Chunk(c)),
+    }));
+    let mut answers = d
+        .fields()
+        .await
+        .encrypt_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = answers.message().await.unwrap() {
+        out.extend_from_slice(&chunk.chunk);
+    }
+    out
+}
+
+/// Streams `ciphertext` through DecryptStream in `chunk`-byte pieces: the plaintext received
+/// and how the call ended.
+async fn decrypt_stream(
+    d: &Daemon,
+    ciphertext: &[u8],
+    chunk: usize,
+) -> (Vec<u8>, Result<(), tonic::Status>) {
+    let mut requests = vec![pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-7")).unwrap(),
+        )),
+    }];
+    requests.extend(ciphertext.chunks(chunk).map(|c| pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Chunk(c.to_vec())),
+    }));
+    let mut answers = match d
+        .fields()
+        .await
+        .decrypt_stream(tokio_stream::iter(requests))
+        .await
+    {
+        Ok(answers) => answers.into_inner(),
+        Err(status) => return (Vec::new(), Err(status)),
+    };
+    let mut out = Vec::new();
+    loop {
+        match answers.message().await {
+            Ok(Some(chunk)) => out.extend_from_slice(&chunk.chunk),
+            Ok(None) => return (out, Ok(())),
+            Err(status) => return (out, Err(status)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn large_values_stream_both_ways_and_tampering_is_refused() {
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    // 3 MiB + a bit, in uneven chunks.
+    let document: Vec<u8> = (0..3 * 1024 * 1024 + 12_345u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let chunks: Vec<Vec<u8>> = document.chunks(100_003).map(<[u8]>::to_vec).collect();
+    let ciphertext = encrypt_stream(&d, chunks).await;
+    assert!(ciphertext.len() > document.len());
+
+    for chunk in [1_000_000, 65_536, 7_777] {
+        let (plaintext, end) = decrypt_stream(&d, &ciphertext, chunk).await;
+        end.unwrap();
+        assert!(plaintext == document, "round trip with {chunk}-byte chunks");
+    }
+
+    // Truncated: the last bytes dropped. Segments before it were released; the call fails.
+    let (released, end) = decrypt_stream(&d, &ciphertext[..ciphertext.len() - 100], 65_536).await;
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(released.len() < document.len());
+    // One byte flipped in the middle.
+    let mut altered = ciphertext.clone();
+    altered[ciphertext.len() / 2] ^= 0x40;
+    let (_, end) = decrypt_stream(&d, &altered, 65_536).await;
+    assert_eq!(end.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // Wrong context: nothing released.
+    let mut requests = vec![pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-8")).unwrap(),
+        )),
+    }];
+    requests.push(pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Chunk(ciphertext.clone())),
+    });
+    let mut answers = d
+        .fields()
+        .await
+        .decrypt_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await;
+    assert!(
+        matches!(&first, Err(s) if s.code() == tonic::Code::InvalidArgument),
+        "{first:?}"
+    );
+    // A stream without a context first is refused.
+    let no_context = vec![pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Chunk(b"x".to_vec())),
+    }];
+    let err = d
+        .fields()
+        .await
+        .encrypt_stream(tokio_stream::iter(no_context))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+    let records = common::audit_records(&d.audit_log());
+    let streams: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| r["action"].as_str().is_some_and(|a| a.ends_with("_stream")))
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["result"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        streams
+            .iter()
+            .filter(|(a, r)| a == "encrypt_stream" && r == "ok")
+            .count(),
+        1,
+        "{streams:?}"
+    );
+    assert_eq!(
+        streams
+            .iter()
+            .filter(|(a, r)| a == "decrypt_stream" && r == "ok")
+            .count(),
+        3,
+        "{streams:?}"
+    );
+    assert_eq!(
+        streams
+            .iter()
+            .filter(|(a, r)| a == "decrypt_stream" && r != "ok")
+            .count(),
+        3,
+        "{streams:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_encrypts_and_decrypts_files_and_leaves_nothing_on_failure() {
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("referral.pdf");
+    let document: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&plain, &document).unwrap();
+    let sealed = dir.path().join("referral.pdf.phs");
+    let opened = dir.path().join("referral.out.pdf");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let context = [
+        "--tenant", "clinic", "--field", "referral", "--record", "doc-1",
+    ];
+    let mut args = vec!["encrypt-file"];
+    args.extend(context);
+    let (input, output) = (path(&plain), path(&sealed));
+    args.extend(["--input", &input, "--output", &output]);
+    d.cli(&args, b"").expect(0);
+    let mut args = vec!["decrypt-file"];
+    args.extend(context);
+    let (input, output) = (path(&sealed), path(&opened));
+    args.extend(["--input", &input, "--output", &output]);
+    d.cli(&args, b"").expect(0);
+    assert!(std::fs::read(&opened).unwrap() == document);
+
+    // Truncated: exit 1 (decryption failed / malformed), and no output file at all.
+    let bytes = std::fs::read(&sealed).unwrap();
+    let cut = dir.path().join("cut.phs");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+    let target = dir.path().join("cut.out");
+    let mut args = vec!["decrypt-file"];
+    args.extend(context);
+    let (input, output) = (path(&cut), path(&target));
+    args.extend(["--input", &input, "--output", &output]);
+    let run = d.cli(&args, b"");
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(!target.exists());
+    assert!(!dir.path().join("cut.out.partial").exists());
+    // An existing output is never overwritten.
+    let run = d.cli(
+        &args[..args.len() - 1]
+            .iter()
+            .copied()
+            .chain([path(&opened).as_str()])
+            .collect::<Vec<_>>(),
+        b"",
+    );
+    assert_eq!(run.code, 2, "{}", run.stderr);
+
+    // Deterministic encryption and search terms from the command line.
+    let det = |value: &[u8]| {
+        d.cli(
+            &[
+                "encrypt",
+                "--deterministic",
+                "--tenant",
+                "clinic",
+                "--field",
+                "mrn",
+            ],
+            value,
+        )
+        .expect(0)
+        .out()
+    };
+    let first = det(b"MRN-7");
+    assert_eq!(first, det(b"MRN-7"));
+    let terms = d
+        .cli(
+            &[
+                "search-terms",
+                "--deterministic",
+                "--tenant",
+                "clinic",
+                "--field",
+                "mrn",
+            ],
+            b"MRN-7",
+        )
+        .expect(0)
+        .out();
+    assert_eq!(terms.trim(), first.trim());
+    let index = |value: &[u8]| {
+        d.cli(
+            &[
+                "blind-index",
+                "--tenant",
+                "clinic",
+                "--field",
+                "ssn",
+                "--normalization",
+                "digits-only",
+                "--bits",
+                "32",
+            ],
+            value,
+        )
+        .expect(0)
+        .out()
+    };
+    assert_eq!(index(b"078-05-1120"), index(b"078051120"));
+    assert_eq!(index(b"078051120").trim().len(), 8);
+    // The spec is required.
+    let run = d.cli(
+        &["blind-index", "--tenant", "clinic", "--field", "ssn"],
+        b"1",
+    );
+    assert_eq!(run.code, 2, "{}", run.stderr);
+}
