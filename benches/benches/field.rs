@@ -47,11 +47,7 @@ fn keyring(
     provider: &'static CryptoProvider,
     audit: Option<Durability>,
 ) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
+    let dir = phiseal_benches::private_tempdir().unwrap();
     let options = phiseal_embedded::EmbeddedOptions {
         durability: audit.unwrap_or_default(),
         ..Default::default()

@@ -117,11 +117,7 @@ fn streams(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
+    let dir = phiseal_benches::private_tempdir().unwrap();
     let keyring = phiseal_embedded::builder(dir.path(), &Default::default())
         .unwrap()
         .danger_disable_audit()

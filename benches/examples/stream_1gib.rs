@@ -57,11 +57,42 @@ fn pattern_block() -> Vec<u8> {
     (0..64 * 1024).map(|i: usize| (i * 7 % 251) as u8).collect()
 }
 
-/// An `AsyncRead` yielding `remaining` bytes of the pattern.
-struct Generator {
+/// A position in the endlessly repeated pattern.
+struct Pattern {
     block: Vec<u8>,
     offset: usize,
+}
+
+impl Pattern {
+    fn new() -> Self {
+        Self {
+            block: pattern_block(),
+            offset: 0,
+        }
+    }
+
+    /// The next bytes of the pattern, at most `max` (fewer at the end of a block), and moves on.
+    fn take(&mut self, max: usize) -> &[u8] {
+        let start = self.offset;
+        let n = max.min(self.block.len() - start);
+        self.offset = (start + n) % self.block.len();
+        &self.block[start..start + n]
+    }
+}
+
+/// An `AsyncRead` yielding `remaining` bytes of the pattern.
+struct Generator {
+    pattern: Pattern,
     remaining: u64,
+}
+
+impl Generator {
+    fn new(remaining: u64) -> Self {
+        Self {
+            pattern: Pattern::new(),
+            remaining,
+        }
+    }
 }
 
 impl AsyncRead for Generator {
@@ -71,20 +102,17 @@ impl AsyncRead for Generator {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        let n = (buf.remaining() as u64)
-            .min(this.remaining)
-            .min((this.block.len() - this.offset) as u64) as usize;
-        buf.put_slice(&this.block[this.offset..this.offset + n]);
-        this.offset = (this.offset + n) % this.block.len();
-        this.remaining -= n as u64;
+        let max = (buf.remaining() as u64).min(this.remaining) as usize;
+        let chunk = this.pattern.take(max);
+        buf.put_slice(chunk);
+        this.remaining -= chunk.len() as u64;
         Poll::Ready(Ok(()))
     }
 }
 
 /// An `AsyncWrite` that checks what it receives against the pattern and counts it.
 struct Verifier {
-    block: Vec<u8>,
-    offset: usize,
+    pattern: Pattern,
     seen: u64,
 }
 
@@ -97,13 +125,13 @@ impl AsyncWrite for Verifier {
         let this = &mut *self;
         let mut rest = buf;
         while !rest.is_empty() {
-            let n = rest.len().min(this.block.len() - this.offset);
+            let expected = this.pattern.take(rest.len());
+            let n = expected.len();
             assert!(
-                rest[..n] == this.block[this.offset..this.offset + n],
+                rest[..n] == *expected,
                 "plaintext mismatch at {}",
                 this.seen
             );
-            this.offset = (this.offset + n) % this.block.len();
             this.seen += n as u64;
             rest = &rest[n..];
         }
@@ -138,11 +166,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
+    let dir = phiseal_benches::private_tempdir().unwrap();
     // The embedded default with its file audit log on (one record per stream).
     let keyring = phiseal_embedded::builder(dir.path(), &Default::default())
         .unwrap()
@@ -165,11 +189,7 @@ fn main() {
         .block_on(keyring.encrypt_stream(
             &caller,
             &context,
-            Generator {
-                block: pattern_block(),
-                offset: 0,
-                remaining: size,
-            },
+            Generator::new(size),
             tokio::io::sink(),
         ))
         .unwrap();
@@ -187,21 +207,11 @@ fn main() {
     let start = Instant::now();
     let (enc_summary, dec_summary, seen) = rt.block_on(async {
         let (pipe_in, pipe_out) = tokio::io::duplex(256 * 1024);
-        let encrypt = keyring.encrypt_stream(
-            &caller,
-            &context,
-            Generator {
-                block: pattern_block(),
-                offset: 0,
-                remaining: size,
-            },
-            pipe_in,
-        );
+        let encrypt = keyring.encrypt_stream(&caller, &context, Generator::new(size), pipe_in);
         // `encrypt_stream` owns the pipe's write half and drops it when done: end of input
         // for the decryptor.
         let mut verifier = Verifier {
-            block: pattern_block(),
-            offset: 0,
+            pattern: Pattern::new(),
             seen: 0,
         };
         let decrypt = keyring.decrypt_stream(&caller, &context, pipe_out, &mut verifier);

@@ -1031,9 +1031,37 @@ struct SwitchableKms {
 }
 
 impl SwitchableKms {
+    /// `p`'s local KMS, working until [`SwitchableKms::fail_with`] says otherwise.
+    fn over(p: &Parts) -> Arc<Self> {
+        Arc::new(Self {
+            inner: p.kms.inner.clone(),
+            failure: std::sync::Mutex::new(None),
+            unwraps: AtomicUsize::new(0),
+        })
+    }
+
     fn fail_with(&self, kind: Option<BackendErrorKind>) {
         *self.failure.lock().unwrap() = kind;
     }
+}
+
+/// A keyring on `kms` and `p`'s key store with `cache`, audited to `audit` (or with audit off).
+fn switchable_keyring(
+    kms: &Arc<SwitchableKms>,
+    p: &Parts,
+    cache: CacheSettings,
+    audit: Option<&Arc<MemoryAudit>>,
+) -> Keyring {
+    let builder = Keyring::builder()
+        .kms(kms.clone())
+        .key_store(p.store.clone())
+        .cache(cache);
+    match audit {
+        Some(audit) => builder.audit(audit.clone()),
+        None => builder.danger_disable_audit(),
+    }
+    .build()
+    .unwrap()
 }
 
 #[async_trait]
@@ -1108,11 +1136,7 @@ fn event(action: &str, outcome: &str, source: Option<&str>) -> (String, String, 
 async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
     let dir = private_tempdir();
     let p = parts(dir.path());
-    let kms = Arc::new(SwitchableKms {
-        inner: p.kms.inner.clone(),
-        failure: std::sync::Mutex::new(None),
-        unwraps: AtomicUsize::new(0),
-    });
+    let kms = SwitchableKms::over(&p);
     let audit = Arc::new(MemoryAudit::default());
     let cache = CacheSettings {
         key_ttl: Duration::from_millis(800),
@@ -1120,13 +1144,7 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
         max_stale: Duration::from_millis(1500),
         ..CacheSettings::default()
     };
-    let k = Keyring::builder()
-        .kms(kms.clone())
-        .key_store(p.store.clone())
-        .audit(audit.clone())
-        .cache(cache)
-        .build()
-        .unwrap();
+    let k = switchable_keyring(&kms, &p, cache, Some(&audit));
     let c = caller();
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     k.create_tenant(&c, &tenant("cold")).await.unwrap();
@@ -1160,13 +1178,7 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
     // A key that is not cached (a second process, empty cache): the KMS is tried, fails, and
     // the error names the backend and the cause; the next request does not call the KMS again
     // until the retry is due, and fails at once.
-    let cold = Keyring::builder()
-        .kms(kms.clone())
-        .key_store(p.store.clone())
-        .audit(audit.clone())
-        .cache(cache)
-        .build()
-        .unwrap();
+    let cold = switchable_keyring(&kms, &p, cache, Some(&audit));
     let before = kms.unwraps.load(Ordering::SeqCst);
     for attempt in 0..3 {
         let err = cold
@@ -1228,24 +1240,14 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
 async fn kms_refusal_is_never_served_from_a_stale_key() {
     let dir = private_tempdir();
     let p = parts(dir.path());
-    let kms = Arc::new(SwitchableKms {
-        inner: p.kms.inner.clone(),
-        failure: std::sync::Mutex::new(None),
-        unwraps: AtomicUsize::new(0),
-    });
+    let kms = SwitchableKms::over(&p);
     let cache = CacheSettings {
         key_ttl: Duration::from_millis(200),
         metadata_ttl: Duration::from_millis(200),
         max_stale: Duration::from_secs(60),
         ..CacheSettings::default()
     };
-    let k = Keyring::builder()
-        .kms(kms.clone())
-        .key_store(p.store.clone())
-        .danger_disable_audit()
-        .cache(cache)
-        .build()
-        .unwrap();
+    let k = switchable_keyring(&kms, &p, cache, None);
     let c = caller();
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
@@ -1278,24 +1280,14 @@ async fn kms_refusal_is_never_served_from_a_stale_key() {
 async fn without_max_stale_an_outage_fails_closed_at_the_ttl() {
     let dir = private_tempdir();
     let p = parts(dir.path());
-    let kms = Arc::new(SwitchableKms {
-        inner: p.kms.inner.clone(),
-        failure: std::sync::Mutex::new(None),
-        unwraps: AtomicUsize::new(0),
-    });
+    let kms = SwitchableKms::over(&p);
     let audit = Arc::new(MemoryAudit::default());
     let cache = CacheSettings {
         key_ttl: Duration::from_millis(200),
         metadata_ttl: Duration::from_millis(200),
         ..CacheSettings::default()
     };
-    let k = Keyring::builder()
-        .kms(kms.clone())
-        .key_store(p.store.clone())
-        .audit(audit.clone())
-        .cache(cache)
-        .build()
-        .unwrap();
+    let k = switchable_keyring(&kms, &p, cache, Some(&audit));
     let c = caller();
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);

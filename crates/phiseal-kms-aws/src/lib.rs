@@ -136,12 +136,14 @@ impl AwsKms {
     /// KMS cannot be reached.
     pub async fn connect(config: &AwsKmsConfig) -> Result<AwsKms, BackendError> {
         if config.key_id.trim().is_empty() {
-            return Err(misconfigured(
+            return Err(BackendError::misconfigured(
+                NAME,
                 "the key id is empty: set the KMS key id, ARN or alias",
             ));
         }
         if config.region.trim().is_empty() {
-            return Err(misconfigured(
+            return Err(BackendError::misconfigured(
+                NAME,
                 "the region is empty: set the AWS region of the KMS key",
             ));
         }
@@ -201,12 +203,15 @@ impl AwsKms {
                 .key_usage()
                 .is_some_and(|u| *u != KeyUsageType::EncryptDecrypt)
         {
-            return Err(misconfigured(format!(
-                "key '{key_arn}' has key spec {:?} and usage {:?}: phiseal needs a \
-                 SYMMETRIC_DEFAULT key with usage ENCRYPT_DECRYPT",
-                meta.key_spec().map(|s| s.as_str()),
-                meta.key_usage().map(|u| u.as_str()),
-            )));
+            return Err(BackendError::misconfigured(
+                NAME,
+                format!(
+                    "key '{key_arn}' has key spec {:?} and usage {:?}: phiseal needs a \
+                     SYMMETRIC_DEFAULT key with usage ENCRYPT_DECRYPT",
+                    meta.key_spec().map(|s| s.as_str()),
+                    meta.key_usage().map(|u| u.as_str()),
+                ),
+            ));
         }
         Ok(AwsKms {
             client,
@@ -298,20 +303,26 @@ impl Kms for AwsKms {
         binding: &KeyBinding,
     ) -> Result<TenantKey, BackendError> {
         if wrapped.root_key_ref != self.root_key_ref {
-            return Err(invalid_data(format!(
-                "{NAME}: wrapped key for tenant '{}' version {} was made by root key '{}', but \
-                 this backend uses '{}': configure a backend for that key to unwrap it",
-                binding.tenant, binding.version, wrapped.root_key_ref, self.root_key_ref
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "wrapped key for tenant '{}' version {} was made by root key '{}', but \
+                     this backend uses '{}': configure a backend for that key to unwrap it",
+                    binding.tenant, binding.version, wrapped.root_key_ref, self.root_key_ref
+                ),
+            ));
         }
         if wrapped.ciphertext.is_empty() || wrapped.ciphertext.len() > MAX_CIPHERTEXT_LEN {
-            return Err(invalid_data(format!(
-                "{NAME}: wrapped key for tenant '{}' version {} is {} bytes long, expected 1 to \
-                 {MAX_CIPHERTEXT_LEN}: the key store record is damaged",
-                binding.tenant,
-                binding.version,
-                wrapped.ciphertext.len()
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "wrapped key for tenant '{}' version {} is {} bytes long, expected 1 to \
+                     {MAX_CIPHERTEXT_LEN}: the key store record is damaged",
+                    binding.tenant,
+                    binding.version,
+                    wrapped.ciphertext.len()
+                ),
+            ));
         }
         let out = self
             .client
@@ -328,27 +339,36 @@ impl Kms for AwsKms {
         let plaintext = Zeroizing::new(out.plaintext.map(Blob::into_inner).unwrap_or_default());
         let returned = out.key_id.unwrap_or_default();
         if returned != self.key_arn {
-            return Err(invalid_data(format!(
-                "{NAME}: Decrypt with key '{}' for tenant '{}' version {} answered with key \
-                 '{returned}': refusing the result",
-                self.key_arn, binding.tenant, binding.version
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "Decrypt with key '{}' for tenant '{}' version {} answered with key \
+                     '{returned}': refusing the result",
+                    self.key_arn, binding.tenant, binding.version
+                ),
+            ));
         }
         if plaintext.len() != TENANT_KEY_LEN {
-            return Err(invalid_data(format!(
-                "{NAME}: Decrypt with key '{}' for tenant '{}' version {} returned {} bytes, \
-                 expected {TENANT_KEY_LEN}: the wrapped key is not a phiseal tenant key",
-                self.key_arn,
-                binding.tenant,
-                binding.version,
-                plaintext.len()
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "Decrypt with key '{}' for tenant '{}' version {} returned {} bytes, \
+                     expected {TENANT_KEY_LEN}: the wrapped key is not a phiseal tenant key",
+                    self.key_arn,
+                    binding.tenant,
+                    binding.version,
+                    plaintext.len()
+                ),
+            ));
         }
         TenantKey::from_slice(plaintext.as_slice()).ok_or_else(|| {
-            invalid_data(format!(
-                "{NAME}: Decrypt with key '{}' returned a plaintext that is not a tenant key",
-                self.key_arn
-            ))
+            BackendError::invalid_data(
+                NAME,
+                format!(
+                    "Decrypt with key '{}' returned a plaintext that is not a tenant key",
+                    self.key_arn
+                ),
+            )
         })
     }
 }
@@ -374,14 +394,6 @@ fn is_key_arn(s: &str) -> bool {
             if !p.is_empty() && !r.is_empty() && !a.is_empty()
                 && res.strip_prefix("key/").is_some_and(|id| !id.is_empty())
     )
-}
-
-fn misconfigured(msg: impl fmt::Display) -> BackendError {
-    BackendError::new(BackendErrorKind::Misconfigured, format!("{NAME}: {msg}"))
-}
-
-fn invalid_data(msg: String) -> BackendError {
-    BackendError::new(BackendErrorKind::InvalidData, msg)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

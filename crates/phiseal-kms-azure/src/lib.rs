@@ -253,10 +253,13 @@ impl AzureKeyVaultKms {
             ..Default::default()
         };
         let client = KeyClient::new(&vault, credential, Some(options)).map_err(|e| {
-            misconfigured(format!(
-                "cannot build the Key Vault client for vault '{vault}': {}",
-                cause_text(&e)
-            ))
+            BackendError::misconfigured(
+                NAME,
+                format!(
+                    "cannot build the Key Vault client for vault '{vault}': {}",
+                    cause_text(&e)
+                ),
+            )
         })?;
         Self::from_client(client, &vault, &config.key_name, config.algorithm).await
     }
@@ -276,10 +279,13 @@ impl AzureKeyVaultKms {
         validate_key_name(key_name)?;
         let endpoint = normalize_vault_url(client.endpoint().as_str())?;
         if endpoint != vault {
-            return Err(misconfigured(format!(
-                "the Key Vault client's endpoint '{endpoint}' is not the configured vault \
-                 '{vault}'"
-            )));
+            return Err(BackendError::misconfigured(
+                NAME,
+                format!(
+                    "the Key Vault client's endpoint '{endpoint}' is not the configured vault \
+                     '{vault}'"
+                ),
+            ));
         }
         let kms = AzureKeyVaultKms {
             client: Arc::new(client),
@@ -343,10 +349,13 @@ impl AzureKeyVaultKms {
         let ops = jwk.key_ops.as_deref().unwrap_or_default();
         for needed in ["wrapKey", "unwrapKey"] {
             if !ops.iter().any(|op| op == needed) {
-                return Err(misconfigured(format!(
-                    "{d} does not permit the '{needed}' operation (its key_ops are {ops:?}): \
-                     allow wrapKey and unwrapKey"
-                )));
+                return Err(BackendError::misconfigured(
+                    NAME,
+                    format!(
+                        "{d} does not permit the '{needed}' operation (its key_ops are {ops:?}): \
+                         allow wrapKey and unwrapKey"
+                    ),
+                ));
             }
         }
         let kty = jwk.kty.as_ref();
@@ -356,14 +365,17 @@ impl AzureKeyVaultKms {
         };
         if !fits {
             let kty = kty.map(ToString::to_string);
-            return Err(misconfigured(format!(
-                "{d} has key type {kty:?}, but {} needs {}",
-                self.algorithm.as_str(),
-                match self.algorithm {
-                    WrapAlgorithm::RsaOaep256 => "an RSA or RSA-HSM key",
-                    WrapAlgorithm::A256Kw => "an oct-HSM key (Managed HSM)",
-                }
-            )));
+            return Err(BackendError::misconfigured(
+                NAME,
+                format!(
+                    "{d} has key type {kty:?}, but {} needs {}",
+                    self.algorithm.as_str(),
+                    match self.algorithm {
+                        WrapAlgorithm::RsaOaep256 => "an RSA or RSA-HSM key",
+                        WrapAlgorithm::A256Kw => "an oct-HSM key (Managed HSM)",
+                    }
+                ),
+            ));
         }
         if self.algorithm == WrapAlgorithm::RsaOaep256 {
             let modulus = jwk
@@ -372,10 +384,13 @@ impl AzureKeyVaultKms {
                 .map(strip_leading_zeros)
                 .unwrap_or_default();
             if modulus.len() < MIN_RSA_MODULUS_LEN {
-                return Err(misconfigured(format!(
-                    "{d} is an RSA key of {} bits: phiseal needs at least 2048 bits",
-                    modulus.len().saturating_mul(8)
-                )));
+                return Err(BackendError::misconfigured(
+                    NAME,
+                    format!(
+                        "{d} is an RSA key of {} bits: phiseal needs at least 2048 bits",
+                        modulus.len().saturating_mul(8)
+                    ),
+                ));
             }
         }
         Ok(())
@@ -561,24 +576,30 @@ impl Kms for AzureKeyVaultKms {
     ) -> Result<TenantKey, BackendError> {
         let d = self.describe();
         let version = self.version_of_ref(&wrapped.root_key_ref).ok_or_else(|| {
-            invalid_data(format!(
-                "{NAME}: wrapped key for tenant '{}' version {} was made by root key '{}', \
+            BackendError::invalid_data(
+                NAME,
+                format!(
+                    "wrapped key for tenant '{}' version {} was made by root key '{}', \
                      which is not a version of {d} ('{REF_PREFIX}{}<version>'): configure a \
                      backend for that key to unwrap it",
-                binding.tenant,
-                binding.version,
-                printable(&wrapped.root_key_ref),
-                self.kid_prefix
-            ))
+                    binding.tenant,
+                    binding.version,
+                    printable(&wrapped.root_key_ref),
+                    self.kid_prefix
+                ),
+            )
         })?;
         if wrapped.ciphertext.is_empty() || wrapped.ciphertext.len() > MAX_WRAPPED_LEN {
-            return Err(invalid_data(format!(
-                "{NAME}: wrapped key for tenant '{}' version {} is {} bytes long, expected 1 to \
-                 {MAX_WRAPPED_LEN}: the key store record is damaged",
-                binding.tenant,
-                binding.version,
-                wrapped.ciphertext.len()
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "wrapped key for tenant '{}' version {} is {} bytes long, expected 1 to \
+                     {MAX_WRAPPED_LEN}: the key store record is damaged",
+                    binding.tenant,
+                    binding.version,
+                    wrapped.ciphertext.len()
+                ),
+            ));
         }
         let params = self.params(wrapped.ciphertext.clone())?;
         let response = self
@@ -595,39 +616,49 @@ impl Kms for AzureKeyVaultKms {
         let plaintext = Zeroizing::new(result.result.take().unwrap_or_default());
         let kid = result.kid.as_deref().unwrap_or_default();
         if self.version_of_response_kid(kid).as_deref() != Some(version) {
-            return Err(invalid_data(format!(
-                "{NAME}: UnwrapKey with {d} version '{version}' for tenant '{}' version {} \
-                 answered with key id '{}': refusing the result",
-                binding.tenant,
-                binding.version,
-                printable(kid)
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "UnwrapKey with {d} version '{version}' for tenant '{}' version {} \
+                     answered with key id '{}': refusing the result",
+                    binding.tenant,
+                    binding.version,
+                    printable(kid)
+                ),
+            ));
         }
         let (key_part, hash_part) = match plaintext.split_at_checked(TENANT_KEY_LEN) {
             Some(parts) if plaintext.len() == PAYLOAD_LEN => parts,
             _ => {
-                return Err(invalid_data(format!(
-                    "{NAME}: UnwrapKey with {d} version '{version}' for tenant '{}' version {} \
-                     returned {} bytes, expected {PAYLOAD_LEN}: the wrapped key was not made by \
-                     phiseal",
-                    binding.tenant,
-                    binding.version,
-                    plaintext.len()
-                )));
+                return Err(BackendError::invalid_data(
+                    NAME,
+                    format!(
+                        "UnwrapKey with {d} version '{version}' for tenant '{}' version {} \
+                         returned {} bytes, expected {PAYLOAD_LEN}: the wrapped key was not made by \
+                         phiseal",
+                        binding.tenant,
+                        binding.version,
+                        plaintext.len()
+                    ),
+                ));
             }
         };
         if !bool::from(hash_part.ct_eq(&binding_hash(binding))) {
-            return Err(invalid_data(format!(
-                "{NAME}: wrapped key unwrapped with {d} version '{version}' is bound to another \
-                 tenant or version than tenant '{}' version {}: the key store record was copied \
-                 or tampered with",
-                binding.tenant, binding.version
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "wrapped key unwrapped with {d} version '{version}' is bound to another \
+                     tenant or version than tenant '{}' version {}: the key store record was copied \
+                     or tampered with",
+                    binding.tenant, binding.version
+                ),
+            ));
         }
         TenantKey::from_slice(key_part).ok_or_else(|| {
-            invalid_data(format!(
-                "{NAME}: UnwrapKey with {d} returned a plaintext that is not a tenant key"
-            ))
+            BackendError::invalid_data(
+                NAME,
+                format!("UnwrapKey with {d} returned a plaintext that is not a tenant key"),
+            )
         })
     }
 }
@@ -710,11 +741,14 @@ fn build_credential(
     // Credential constructors validate ids and read environment variables and files; their
     // messages name what is missing, never a secret.
     built.map_err(|e| {
-        misconfigured(format!(
-            "cannot build the {} credential: {}",
-            credential_kind(config),
-            cause_text(&e)
-        ))
+        BackendError::misconfigured(
+            NAME,
+            format!(
+                "cannot build the {} credential: {}",
+                credential_kind(config),
+                cause_text(&e)
+            ),
+        )
     })
 }
 
@@ -732,10 +766,13 @@ fn credential_kind(config: &AzureCredentialConfig) -> &'static str {
 /// query or fragment. The host is lower-cased and a default port dropped by the URL parser.
 fn normalize_vault_url(raw: &str) -> Result<String, BackendError> {
     let refuse = |why: &str| {
-        misconfigured(format!(
-            "invalid vault URL '{}': {why} (expected e.g. https://my-vault.vault.azure.net)",
-            printable(raw)
-        ))
+        BackendError::misconfigured(
+            NAME,
+            format!(
+                "invalid vault URL '{}': {why} (expected e.g. https://my-vault.vault.azure.net)",
+                printable(raw)
+            ),
+        )
     };
     let url = Url::parse(raw.trim()).map_err(|_| refuse("not a URL"))?;
     if url.scheme() != "https" {
@@ -768,10 +805,13 @@ fn validate_key_name(name: &str) -> Result<(), BackendError> {
     {
         Ok(())
     } else {
-        Err(misconfigured(format!(
-            "invalid key name '{}': Key Vault key names are 1 to 127 letters, digits and dashes",
-            printable(name)
-        )))
+        Err(BackendError::misconfigured(
+            NAME,
+            format!(
+                "invalid key name '{}': Key Vault key names are 1 to 127 letters, digits and dashes",
+                printable(name)
+            ),
+        ))
     }
 }
 
@@ -798,14 +838,6 @@ fn printable(s: &str) -> String {
         out.push('…');
     }
     out
-}
-
-fn misconfigured(msg: impl fmt::Display) -> BackendError {
-    BackendError::new(BackendErrorKind::Misconfigured, format!("{NAME}: {msg}"))
-}
-
-fn invalid_data(msg: String) -> BackendError {
-    BackendError::new(BackendErrorKind::InvalidData, msg)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -402,30 +402,36 @@ impl Kms for Pkcs11Kms {
         binding: &KeyBinding,
     ) -> Result<TenantKey, BackendError> {
         let Some(root) = self.key_for_ref(&wrapped.root_key_ref).cloned() else {
-            return Err(invalid_data(format!(
-                "{NAME}: wrapped key for tenant '{}' version {} was made by root key '{}', which \
-                 is not configured here (token '{}', key_label '{}', previous_key_labels {:?}): \
-                 add its key label to previous_key_labels to unwrap it",
-                binding.tenant,
-                binding.version,
-                wrapped.root_key_ref,
-                self.inner.token_label,
-                self.inner.current.label,
-                self.inner
-                    .previous
-                    .iter()
-                    .map(|k| k.label.as_str())
-                    .collect::<Vec<_>>()
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "wrapped key for tenant '{}' version {} was made by root key '{}', which \
+                     is not configured here (token '{}', key_label '{}', previous_key_labels {:?}): \
+                     add its key label to previous_key_labels to unwrap it",
+                    binding.tenant,
+                    binding.version,
+                    wrapped.root_key_ref,
+                    self.inner.token_label,
+                    self.inner.current.label,
+                    self.inner
+                        .previous
+                        .iter()
+                        .map(|k| k.label.as_str())
+                        .collect::<Vec<_>>()
+                ),
+            ));
         };
         let (iv, sealed) = parse_wrapped(&wrapped.ciphertext).ok_or_else(|| {
-            invalid_data(format!(
-                "{NAME}: wrapped key for tenant '{}' version {} is not a {WRAPPED_LEN}-byte \
-                 format-{WRAP_FORMAT:#04x} wrap ({} bytes): the key store record is damaged",
-                binding.tenant,
-                binding.version,
-                wrapped.ciphertext.len()
-            ))
+            BackendError::invalid_data(
+                NAME,
+                format!(
+                    "wrapped key for tenant '{}' version {} is not a {WRAPPED_LEN}-byte \
+                     format-{WRAP_FORMAT:#04x} wrap ({} bytes): the key store record is damaged",
+                    binding.tenant,
+                    binding.version,
+                    wrapped.ciphertext.len()
+                ),
+            )
         })?;
         let mut iv = iv;
         let sealed = sealed.to_vec();
@@ -446,16 +452,20 @@ impl Kms for Pkcs11Kms {
             })
             .await?;
         if plaintext.len() != TENANT_KEY_LEN {
-            return Err(invalid_data(format!(
-                "{NAME}: {what} returned {} bytes, expected {TENANT_KEY_LEN}: the wrapped key is \
-                 not a phiseal tenant key",
-                plaintext.len()
-            )));
+            return Err(BackendError::invalid_data(
+                NAME,
+                format!(
+                    "{what} returned {} bytes, expected {TENANT_KEY_LEN}: the wrapped key is \
+                     not a phiseal tenant key",
+                    plaintext.len()
+                ),
+            ));
         }
         TenantKey::from_slice(plaintext.as_slice()).ok_or_else(|| {
-            invalid_data(format!(
-                "{NAME}: {what} returned a plaintext that is not a tenant key"
-            ))
+            BackendError::invalid_data(
+                NAME,
+                format!("{what} returned a plaintext that is not a tenant key"),
+            )
         })
     }
 }
@@ -595,10 +605,13 @@ fn connect_blocking(config: &Pkcs11Config) -> Result<Inner, BackendError> {
 fn load(config: &Pkcs11Config) -> Result<(Pkcs11, Slot), BackendError> {
     let module = config.module.display();
     let ctx = Pkcs11::new(&config.module).map_err(|e| {
-        misconfigured(format!(
-            "cannot load the PKCS#11 module '{module}': check the path and that the HSM \
-             vendor's library is installed (SoftHSM2: the Debian package softhsm2)"
-        ))
+        BackendError::misconfigured(
+            NAME,
+            format!(
+                "cannot load the PKCS#11 module '{module}': check the path and that the HSM \
+                 vendor's library is installed (SoftHSM2: the Debian package softhsm2)"
+            ),
+        )
         .with_source(e)
     })?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -626,14 +639,20 @@ fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, BackendError> {
     }
     match matching.as_slice() {
         [slot] => Ok(*slot),
-        [] => Err(misconfigured(format!(
-            "no token labelled '{label}' (tokens present: {seen:?}): check token_label and that \
-             the token is initialized and visible to this process"
-        ))),
-        more => Err(misconfigured(format!(
-            "{} tokens are labelled '{label}': token labels must be unique",
-            more.len()
-        ))),
+        [] => Err(BackendError::misconfigured(
+            NAME,
+            format!(
+                "no token labelled '{label}' (tokens present: {seen:?}): check token_label and that \
+                 the token is initialized and visible to this process"
+            ),
+        )),
+        more => Err(BackendError::misconfigured(
+            NAME,
+            format!(
+                "{} tokens are labelled '{label}': token labels must be unique",
+                more.len()
+            ),
+        )),
     }
 }
 
@@ -668,16 +687,22 @@ fn find_key(session: &Session, label: &str, token: &str) -> Result<ObjectHandle,
             check_key(session, *handle, label, token)?;
             Ok(*handle)
         }
-        [] => Err(misconfigured(format!(
-            "no secret key labelled '{label}' on token '{token}' (visible to the logged-in \
-             user): check key_label / previous_key_labels, or create the key \
-             (phiseal_kms_pkcs11::generate_root_key)"
-        ))),
-        more => Err(misconfigured(format!(
-            "{} secret keys are labelled '{label}' on token '{token}': a root-key label must \
-             name exactly one key",
-            more.len()
-        ))),
+        [] => Err(BackendError::misconfigured(
+            NAME,
+            format!(
+                "no secret key labelled '{label}' on token '{token}' (visible to the logged-in \
+                 user): check key_label / previous_key_labels, or create the key \
+                 (phiseal_kms_pkcs11::generate_root_key)"
+            ),
+        )),
+        more => Err(BackendError::misconfigured(
+            NAME,
+            format!(
+                "{} secret keys are labelled '{label}' on token '{token}': a root-key label must \
+                 name exactly one key",
+                more.len()
+            ),
+        )),
     }
 }
 
@@ -726,9 +751,10 @@ fn check_key(
         }
     }
     let refuse = |why: String| {
-        Err(misconfigured(format!(
-            "key '{label}' on token '{token}' is not usable as a root key: {why}"
-        )))
+        Err(BackendError::misconfigured(
+            NAME,
+            format!("key '{label}' on token '{token}' is not usable as a root key: {why}"),
+        ))
     };
     if key_type != Some(KeyType::AES) {
         return refuse(format!("CKA_KEY_TYPE is {key_type:?}, expected CKK_AES"));
@@ -778,10 +804,13 @@ fn validate_config(config: &Pkcs11Config) -> Result<(), BackendError> {
                 .take(i)
                 .any(|l| l == label)
         {
-            return Err(misconfigured(format!(
-                "key label '{label}' is configured twice (key_label and previous_key_labels \
-                 must all differ)"
-            )));
+            return Err(BackendError::misconfigured(
+                NAME,
+                format!(
+                    "key label '{label}' is configured twice (key_label and previous_key_labels \
+                     must all differ)"
+                ),
+            ));
         }
     }
     Ok(())
@@ -789,23 +818,30 @@ fn validate_config(config: &Pkcs11Config) -> Result<(), BackendError> {
 
 fn validate_token_label(label: &str) -> Result<(), BackendError> {
     if label.is_empty() || label.len() > MAX_TOKEN_LABEL_LEN || label.contains('/') {
-        return Err(misconfigured(format!(
-            "token label '{label}' is invalid: it must be 1 to {MAX_TOKEN_LABEL_LEN} bytes \
-             without '/' (it is part of the root-key reference pkcs11:<token>/<key>)"
-        )));
+        return Err(BackendError::misconfigured(
+            NAME,
+            format!(
+                "token label '{label}' is invalid: it must be 1 to {MAX_TOKEN_LABEL_LEN} bytes \
+                 without '/' (it is part of the root-key reference pkcs11:<token>/<key>)"
+            ),
+        ));
     }
     if label.ends_with(' ') {
-        return Err(misconfigured(format!(
-            "token label '{label}' ends with a space: PKCS#11 pads token labels with spaces, so \
-             it could never match"
-        )));
+        return Err(BackendError::misconfigured(
+            NAME,
+            format!(
+                "token label '{label}' ends with a space: PKCS#11 pads token labels with spaces, so \
+                 it could never match"
+            ),
+        ));
     }
     Ok(())
 }
 
 fn validate_key_label(label: &str) -> Result<(), BackendError> {
     if label.is_empty() {
-        return Err(misconfigured(
+        return Err(BackendError::misconfigured(
+            NAME,
             "a key label is empty: set key_label (and previous_key_labels) to CKA_LABEL values",
         ));
     }
@@ -848,14 +884,6 @@ async fn within<T>(
             ),
         ))
     })
-}
-
-fn misconfigured(msg: impl fmt::Display) -> BackendError {
-    BackendError::new(BackendErrorKind::Misconfigured, format!("{NAME}: {msg}"))
-}
-
-fn invalid_data(msg: String) -> BackendError {
-    BackendError::new(BackendErrorKind::InvalidData, msg)
 }
 
 /// Maps a cryptoki error to a [`BackendError`] naming the backend, the operation (`what`

@@ -259,6 +259,24 @@ impl BackendError {
     pub fn kind(&self) -> BackendErrorKind {
         self.0.kind
     }
+
+    /// A [`BackendErrorKind::Misconfigured`] error whose message names the backend:
+    /// `"{backend}: {message}"`.
+    pub fn misconfigured(backend: &str, message: impl fmt::Display) -> Self {
+        Self::new(
+            BackendErrorKind::Misconfigured,
+            format!("{backend}: {message}"),
+        )
+    }
+
+    /// A [`BackendErrorKind::InvalidData`] error (the KMS answered with, or was handed, data
+    /// that is not what it must be) whose message names the backend: `"{backend}: {message}"`.
+    pub fn invalid_data(backend: &str, message: impl fmt::Display) -> Self {
+        Self::new(
+            BackendErrorKind::InvalidData,
+            format!("{backend}: {message}"),
+        )
+    }
 }
 
 impl fmt::Display for BackendError {

@@ -16,11 +16,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rand::{RngCore, TryRngCore};
+use rand::RngCore;
 use zeroize::Zeroize;
 
 use crate::context::EncryptionContext;
-use crate::crypto::{AeadKey, CryptoProvider};
+use crate::crypto::{AeadKey, CryptoProvider, os_random};
 use crate::error::Error;
 use crate::format::{Algorithm, FORMAT_V1, KEY_SALT_LEN, ParsedCiphertext};
 use crate::kms::KeyBinding;
@@ -277,23 +277,8 @@ impl VersionKey {
         provider: &'static CryptoProvider,
         tenant_key: &TenantKey,
     ) -> Result<Epoch, Error> {
-        let mut random = [0u8; KEY_SALT_LEN + 4];
-        rand::rngs::OsRng
-            .try_fill_bytes(&mut random)
-            .map_err(|_| Error::Crypto {
-                provider: provider.name,
-                what: "OS random number generator",
-            })?;
-        let (salt, nonce_prefix) = random.split_at(KEY_SALT_LEN);
-        let salt: [u8; KEY_SALT_LEN] = salt.try_into().map_err(|_| Error::Crypto {
-            provider: provider.name,
-            what: "epoch salt",
-        })?;
-        let nonce_prefix: [u8; 4] = nonce_prefix.try_into().map_err(|_| Error::Crypto {
-            provider: provider.name,
-            what: "epoch nonce prefix",
-        })?;
-        random.zeroize();
+        let salt: [u8; KEY_SALT_LEN] = os_random(provider)?;
+        let nonce_prefix: [u8; 4] = os_random(provider)?;
         let key = derive_aes_subkey(provider, tenant_key, &salt)?;
         Ok(Epoch {
             salt,

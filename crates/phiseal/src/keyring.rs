@@ -414,6 +414,30 @@ fn store_error(store: &dyn KeyStore, source: BackendError) -> Error {
     }
 }
 
+/// An error of the KMS backend `kms`, named after it.
+fn kms_error(kms: &dyn Kms, source: BackendError) -> Error {
+    Error::Kms {
+        backend: kms.name().to_owned(),
+        source,
+    }
+}
+
+/// What the wrapped bytes of `tenant`'s key `version` are bound to.
+fn key_binding(tenant: &TenantId, version: u32) -> KeyBinding {
+    KeyBinding {
+        tenant: tenant.clone(),
+        version,
+    }
+}
+
+/// The error for key bytes that are not the key `binding` names (tampering or a mix-up).
+fn binding_mismatch(binding: &KeyBinding) -> Error {
+    Error::KeyBindingMismatch {
+        tenant: binding.tenant.clone(),
+        version: binding.version,
+    }
+}
+
 impl Keyring {
     /// A builder.
     pub fn builder() -> KeyringBuilder {
@@ -526,26 +550,39 @@ impl Keyring {
         contexts: impl Iterator<Item = &EncryptionContext>,
         results: Vec<FieldOutcome<T>>,
     ) -> Result<Vec<Result<T, Error>>, Error> {
-        if self.inner.audit.is_some() {
-            // One time for the whole batch: its records are written together.
-            let time = Timestamp::now();
-            let events: Vec<AuditEvent> = contexts
-                .zip(&results)
-                .map(|(context, (result, meta))| {
-                    Self::event_at(
-                        time,
-                        caller,
-                        action,
-                        None,
-                        Some(context),
-                        meta,
-                        outcome_of(result),
-                    )
-                })
-                .collect();
-            self.append(&events).await?;
-        }
+        self.audit_batch(caller, action, contexts, &results).await?;
         Ok(results.into_iter().map(|(result, _)| result).collect())
+    }
+
+    /// Writes the records of a batch of field operations (one per outcome, paired with
+    /// `contexts`) in one append.
+    async fn audit_batch<T>(
+        &self,
+        caller: &Caller,
+        action: Action,
+        contexts: impl Iterator<Item = &EncryptionContext>,
+        outcomes: &[FieldOutcome<T>],
+    ) -> Result<(), Error> {
+        if self.inner.audit.is_none() {
+            return Ok(());
+        }
+        // One time for the whole batch: its records are written together.
+        let time = Timestamp::now();
+        let events: Vec<AuditEvent> = contexts
+            .zip(outcomes)
+            .map(|(context, (result, meta))| {
+                Self::event_at(
+                    time,
+                    caller,
+                    action,
+                    None,
+                    Some(context),
+                    meta,
+                    outcome_of(result),
+                )
+            })
+            .collect();
+        self.append(&events).await
     }
 
     /// Writes the `attempt` record of an admin operation (refusing it if that fails), runs
@@ -801,20 +838,13 @@ impl Keyring {
             return Err(destroyed());
         }
         let wrapped = record.wrapped.as_ref().ok_or_else(destroyed)?;
-        let binding = KeyBinding {
-            tenant: tenant.clone(),
-            version: record.version,
-        };
-        let mismatch = || Error::KeyBindingMismatch {
-            tenant: tenant.clone(),
-            version: record.version,
-        };
+        let binding = key_binding(tenant, record.version);
         if !inner.kms.can_unwrap(&wrapped.root_key_ref) {
             // Wrapped under a root key this keyring is not configured with (a migration whose
             // old backend is not configured as previous): a configuration problem, not tampering.
-            return Err(Error::Kms {
-                backend: inner.kms.name().to_owned(),
-                source: BackendError::new(
+            return Err(kms_error(
+                &*inner.kms,
+                BackendError::new(
                     BackendErrorKind::Misconfigured,
                     format!(
                         "tenant '{tenant}' version {} is wrapped under root key '{}', which is \
@@ -824,22 +854,19 @@ impl Keyring {
                         printable_ref(&wrapped.root_key_ref)
                     ),
                 ),
-            });
+            ));
         }
         let key = inner
             .kms
             .unwrap(wrapped, &binding)
             .await
             .map_err(|source| match source.kind() {
-                BackendErrorKind::InvalidData => mismatch(),
-                _ => Error::Kms {
-                    backend: inner.kms.name().to_owned(),
-                    source,
-                },
+                BackendErrorKind::InvalidData => binding_mismatch(&binding),
+                _ => kms_error(&*inner.kms, source),
             })?;
         let check = key_check(inner.provider, &key, &binding);
         if !ct_eq(&check, &record.key_check) {
-            return Err(mismatch());
+            return Err(binding_mismatch(&binding));
         }
         VersionKey::new(inner.provider, record.version, key)
     }
@@ -1188,18 +1215,12 @@ impl Keyring {
             provider: inner.provider.name,
             what: "OS random number generator",
         })?;
-        let binding = KeyBinding {
-            tenant: tenant.clone(),
-            version,
-        };
+        let binding = key_binding(tenant, version);
         let wrapped = inner
             .kms
             .wrap(&key, &binding)
             .await
-            .map_err(|source| Error::Kms {
-                backend: inner.kms.name().to_owned(),
-                source,
-            })?;
+            .map_err(|source| kms_error(&*inner.kms, source))?;
         Ok(KeyRecord {
             version,
             state: KeyState::Primary,

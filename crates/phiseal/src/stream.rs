@@ -37,12 +37,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use rand::TryRngCore;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use zeroize::Zeroize;
 
 use crate::context::EncryptionContext;
-use crate::crypto::{AeadKey, CryptoProvider, TAG_LEN};
+use crate::crypto::{AeadKey, CryptoProvider, TAG_LEN, os_random};
 use crate::error::{Error, FormatError};
 use crate::secret::TenantKey;
 
@@ -302,32 +301,113 @@ fn too_many_segments() -> Error {
     misuse("the stream reached its maximum of 2^32 segments")
 }
 
+/// What both directions of a stream keep: the header (its encoding is every segment's
+/// associated data), the per-stream key, and the counts behind [`StreamSummary`].
+struct StreamState {
+    key: Box<dyn AeadKey>,
+    header: StreamHeader,
+    header_bytes: [u8; STREAM_HEADER_LEN],
+    /// Counter of the next segment.
+    next_segment: u64,
+    plaintext_bytes: u64,
+    ciphertext_bytes: u64,
+}
+
+impl StreamState {
+    fn new(key: Box<dyn AeadKey>, header: StreamHeader, ciphertext_bytes: u64) -> Self {
+        Self {
+            key,
+            header_bytes: header.to_bytes(),
+            header,
+            next_segment: 0,
+            plaintext_bytes: 0,
+            ciphertext_bytes,
+        }
+    }
+
+    /// The nonce of the next segment, unless `limit` segments were already used.
+    fn next_nonce(&self, limit: u64, last: bool) -> Result<[u8; 12], Error> {
+        if self.next_segment >= limit {
+            return Err(too_many_segments());
+        }
+        let counter = u32::try_from(self.next_segment).map_err(|_| too_many_segments())?;
+        Ok(segment_nonce(&self.header.nonce_prefix, counter, last))
+    }
+
+    /// Counts one more segment of `len` plaintext bytes.
+    fn count_segment(&mut self, len: usize) {
+        self.next_segment += 1;
+        self.plaintext_bytes += len as u64;
+        self.ciphertext_bytes += (len + TAG_LEN) as u64;
+    }
+
+    fn summary(&self) -> StreamSummary {
+        StreamSummary {
+            key_version: self.header.key_version,
+            segment_size: self.header.segment_size,
+            segments: self.next_segment,
+            plaintext_bytes: self.plaintext_bytes,
+            ciphertext_bytes: self.ciphertext_bytes,
+        }
+    }
+
+    /// The `Debug` form of either direction, named `name`: sizes and counts, never the key.
+    fn debug_as(&self, name: &str, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct(name)
+            .field("key_version", &self.header.key_version)
+            .field("segment_size", &self.header.segment_size)
+            .field("segments", &self.next_segment)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One direction of a stream, as the push loop both share sees it.
+trait SegmentPush {
+    /// The input not yet processed: at most one segment's worth.
+    fn pending(&mut self) -> &mut SegmentBuf;
+
+    /// Seals or opens the next segment, which is not the last: `whole`, straight from the
+    /// input, or (`None`) the buffered one.
+    fn process(&mut self, whole: Option<&[u8]>, out: &mut Vec<u8>) -> Result<(), Error>;
+
+    /// Buffers `input` and processes every segment it completes. A full buffer is processed
+    /// only once more input shows it is not the last segment, so up to one segment stays
+    /// buffered; a whole segment's worth of input while nothing is buffered is processed
+    /// without a copy.
+    fn push_segments(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+        let segment = self.pending().capacity();
+        while !input.is_empty() {
+            if self.pending().len == segment {
+                self.process(None, out)?;
+            }
+            if self.pending().len == 0 && input.len() > segment {
+                let (now, rest) = input.split_at(segment);
+                self.process(Some(now), out)?;
+                input = rest;
+                continue;
+            }
+            input = self.pending().fill_from(input);
+        }
+        Ok(())
+    }
+}
+
 /// Encrypts one stream, pushed in chunks of any size (see the module docs). The output is the
 /// header (with the first output) followed by sealed segments, appended to the caller's buffer
 /// as they complete.
 pub struct StreamEncryptor {
     provider: &'static CryptoProvider,
-    key: Box<dyn AeadKey>,
-    header: StreamHeader,
-    header_bytes: [u8; STREAM_HEADER_LEN],
+    state: StreamState,
     /// Plaintext not yet sealed: at most one segment.
     pending: SegmentBuf,
-    /// Counter of the next segment.
-    next_segment: u64,
     header_written: bool,
     /// Finished or failed: refuses further input.
     closed: bool,
-    plaintext_bytes: u64,
-    ciphertext_bytes: u64,
 }
 
 impl std::fmt::Debug for StreamEncryptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamEncryptor")
-            .field("key_version", &self.header.key_version)
-            .field("segment_size", &self.header.segment_size)
-            .field("segments", &self.next_segment)
-            .finish_non_exhaustive()
+        self.state.debug_as("StreamEncryptor", f)
     }
 }
 
@@ -341,28 +421,14 @@ impl StreamEncryptor {
         context: &EncryptionContext,
         options: StreamOptions,
     ) -> Result<Self, Error> {
-        let mut random = [0u8; STREAM_SALT_LEN + STREAM_NONCE_PREFIX_LEN];
-        rand::rngs::OsRng
-            .try_fill_bytes(&mut random)
-            .map_err(|_| Error::Crypto {
-                provider: provider.name,
-                what: "OS random number generator",
-            })?;
-        let (salt, prefix) = random.split_at(STREAM_SALT_LEN);
-        let bad = || Error::Crypto {
-            provider: provider.name,
-            what: "stream salt",
-        };
-        let salt: [u8; STREAM_SALT_LEN] = salt.try_into().map_err(|_| bad())?;
-        let prefix: [u8; STREAM_NONCE_PREFIX_LEN] = prefix.try_into().map_err(|_| bad())?;
         Self::with_randomness(
             provider,
             tenant_key,
             key_version,
             context,
             options,
-            salt,
-            prefix,
+            os_random(provider)?,
+            os_random(provider)?,
         )
     }
 
@@ -417,28 +483,43 @@ impl StreamEncryptor {
         let key = derive_stream_key(provider, tenant_key, &salt, context)?;
         Ok(Self {
             provider,
-            key,
-            header_bytes: header.to_bytes(),
-            header,
+            state: StreamState::new(key, header, 0),
             pending: SegmentBuf::new(options.segment_size as usize),
-            next_segment: 0,
             header_written: false,
             closed: false,
-            plaintext_bytes: 0,
-            ciphertext_bytes: 0,
         })
     }
 
     /// The stream's header (written with the first output).
     pub fn header(&self) -> &StreamHeader {
-        &self.header
+        &self.state.header
     }
 
     pub(crate) fn write_header(&mut self, out: &mut Vec<u8>) {
         if !self.header_written {
-            out.extend_from_slice(&self.header_bytes);
+            out.extend_from_slice(&self.state.header_bytes);
             self.header_written = true;
-            self.ciphertext_bytes += STREAM_HEADER_LEN as u64;
+            self.state.ciphertext_bytes += STREAM_HEADER_LEN as u64;
+        }
+    }
+
+    /// The nonce of the next segment; closes the stream when the counters are used up (a
+    /// non-final segment must leave a counter for the final one).
+    fn next_nonce(&mut self, last: bool) -> Result<[u8; 12], Error> {
+        let limit = if last { MAX_SEGMENTS } else { MAX_SEGMENTS - 1 };
+        let nonce = self.state.next_nonce(limit, last);
+        if nonce.is_err() {
+            self.closed = true;
+        }
+        nonce
+    }
+
+    /// Closes the stream after a failed seal and returns the error.
+    fn seal_failed(&mut self) -> Error {
+        self.closed = true;
+        Error::Crypto {
+            provider: self.provider.name,
+            what: "AEAD seal",
         }
     }
 
@@ -449,14 +530,7 @@ impl StreamEncryptor {
         last: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        // A non-final segment must leave a counter for the final one.
-        let limit = if last { MAX_SEGMENTS } else { MAX_SEGMENTS - 1 };
-        if self.next_segment >= limit {
-            self.closed = true;
-            return Err(too_many_segments());
-        }
-        let counter = u32::try_from(self.next_segment).map_err(|_| too_many_segments())?;
-        let nonce = segment_nonce(&self.header.nonce_prefix, counter, last);
+        let nonce = self.next_nonce(last)?;
         let start = out.len();
         let data = plaintext.unwrap_or(self.pending.filled());
         // Reserve first: a reallocation then moves only ciphertext, never plaintext.
@@ -464,15 +538,13 @@ impl StreamEncryptor {
         out.extend_from_slice(data);
         let len = data.len();
         let sealed = match out.get_mut(start..) {
-            Some(body) => self.key.seal(&nonce, &self.header_bytes, body),
+            Some(body) => self.state.key.seal(&nonce, &self.state.header_bytes, body),
             None => Err(crate::crypto::CryptoFailure),
         };
         match sealed {
             Ok(tag) => {
                 out.extend_from_slice(&tag);
-                self.next_segment += 1;
-                self.plaintext_bytes += len as u64;
-                self.ciphertext_bytes += (len + TAG_LEN) as u64;
+                self.state.count_segment(len);
                 if plaintext.is_none() {
                     self.pending.reset();
                 }
@@ -484,11 +556,7 @@ impl StreamEncryptor {
                     body.zeroize();
                 }
                 out.truncate(start);
-                self.closed = true;
-                Err(Error::Crypto {
-                    provider: self.provider.name,
-                    what: "AEAD seal",
-                })
+                Err(self.seal_failed())
             }
         }
     }
@@ -496,27 +564,12 @@ impl StreamEncryptor {
     /// Feeds plaintext (any length, possibly empty) and appends to `out` the header (the first
     /// time) and every segment this completes. A segment is sealed only once more input shows
     /// it is not the last, so up to one segment stays buffered inside.
-    pub fn push(&mut self, mut plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    pub fn push(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
         if self.closed {
             return Err(misuse("push after the stream was finished or failed"));
         }
         self.write_header(out);
-        let segment = self.pending.capacity();
-        while !plaintext.is_empty() {
-            if self.pending.len == segment {
-                // Full, and more input follows: not the last segment.
-                self.seal_segment(None, false, out)?;
-            }
-            if self.pending.len == 0 && plaintext.len() > segment {
-                // A whole non-final segment straight from the input (no copy into `pending`).
-                let (now, rest) = plaintext.split_at(segment);
-                self.seal_segment(Some(now), false, out)?;
-                plaintext = rest;
-                continue;
-            }
-            plaintext = self.pending.fill_from(plaintext);
-        }
-        Ok(())
+        self.push_segments(plaintext, out)
     }
 
     /// Ends the stream: seals the buffered plaintext (possibly empty) as the final segment and
@@ -549,41 +602,37 @@ impl StreamEncryptor {
         {
             return Err(misuse("whole-segment sealing out of order"));
         }
-        let limit = if last { MAX_SEGMENTS } else { MAX_SEGMENTS - 1 };
-        if self.next_segment >= limit {
-            self.closed = true;
-            return Err(too_many_segments());
-        }
-        let counter = u32::try_from(self.next_segment).map_err(|_| too_many_segments())?;
-        let nonce = segment_nonce(&self.header.nonce_prefix, counter, last);
-        match self.key.seal(&nonce, &self.header_bytes, segment) {
+        let nonce = self.next_nonce(last)?;
+        match self
+            .state
+            .key
+            .seal(&nonce, &self.state.header_bytes, segment)
+        {
             Ok(tag) => {
-                self.next_segment += 1;
-                self.plaintext_bytes += segment.len() as u64;
-                self.ciphertext_bytes += (segment.len() + TAG_LEN) as u64;
+                self.state.count_segment(segment.len());
                 self.closed = last;
                 Ok(tag)
             }
             Err(_) => {
                 segment.zeroize();
-                self.closed = true;
-                Err(Error::Crypto {
-                    provider: self.provider.name,
-                    what: "AEAD seal",
-                })
+                Err(self.seal_failed())
             }
         }
     }
 
     /// The summary so far (complete once the final segment is sealed).
     pub(crate) fn summary(&self) -> StreamSummary {
-        StreamSummary {
-            key_version: self.header.key_version,
-            segment_size: self.header.segment_size,
-            segments: self.next_segment,
-            plaintext_bytes: self.plaintext_bytes,
-            ciphertext_bytes: self.ciphertext_bytes,
-        }
+        self.state.summary()
+    }
+}
+
+impl SegmentPush for StreamEncryptor {
+    fn pending(&mut self) -> &mut SegmentBuf {
+        &mut self.pending
+    }
+
+    fn process(&mut self, whole: Option<&[u8]>, out: &mut Vec<u8>) -> Result<(), Error> {
+        self.seal_segment(whole, false, out)
     }
 }
 
@@ -593,24 +642,15 @@ impl StreamEncryptor {
 /// it authenticated; truncation is reported by [`StreamDecryptor::finish`], so all output is
 /// provisional until `finish` succeeds.
 pub struct StreamDecryptor {
-    key: Box<dyn AeadKey>,
-    header: StreamHeader,
-    header_bytes: [u8; STREAM_HEADER_LEN],
+    state: StreamState,
     /// Ciphertext of the segment being received: at most `segment_size + 16` bytes.
     pending: SegmentBuf,
-    next_segment: u64,
     closed: bool,
-    plaintext_bytes: u64,
-    ciphertext_bytes: u64,
 }
 
 impl std::fmt::Debug for StreamDecryptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamDecryptor")
-            .field("key_version", &self.header.key_version)
-            .field("segment_size", &self.header.segment_size)
-            .field("segments", &self.next_segment)
-            .finish_non_exhaustive()
+        self.state.debug_as("StreamDecryptor", f)
     }
 }
 
@@ -627,20 +667,29 @@ impl StreamDecryptor {
         check_segment_size(header.segment_size)?;
         let key = derive_stream_key(provider, tenant_key, &header.salt, context)?;
         Ok(Self {
-            key,
-            header: *header,
-            header_bytes: header.to_bytes(),
+            state: StreamState::new(key, *header, STREAM_HEADER_LEN as u64),
             pending: SegmentBuf::new(header.segment_size as usize + TAG_LEN),
-            next_segment: 0,
             closed: false,
-            plaintext_bytes: 0,
-            ciphertext_bytes: STREAM_HEADER_LEN as u64,
         })
     }
 
     /// The stream's header.
     pub fn header(&self) -> &StreamHeader {
-        &self.header
+        &self.state.header
+    }
+
+    /// Marks the decryptor failed on a stream that ends `tail` bytes into a final segment
+    /// shorter than its tag, and returns the *truncated* error (lengths of the whole stream).
+    fn truncated(&mut self, tail: usize) -> Error {
+        let seen = self.state.ciphertext_bytes + tail as u64;
+        let min = self.state.ciphertext_bytes + TAG_LEN as u64;
+        self.closed = true;
+        self.pending.clear();
+        FormatError::Truncated {
+            len: usize::try_from(seen).unwrap_or(usize::MAX),
+            min: usize::try_from(min).unwrap_or(usize::MAX),
+        }
+        .into()
     }
 
     /// Marks the decryptor failed (it refuses further input) and returns the opaque error.
@@ -657,12 +706,13 @@ impl StreamDecryptor {
         last: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        if self.next_segment >= MAX_SEGMENTS {
-            self.closed = true;
-            return Err(too_many_segments());
-        }
-        let counter = u32::try_from(self.next_segment).map_err(|_| too_many_segments())?;
-        let nonce = segment_nonce(&self.header.nonce_prefix, counter, last);
+        let nonce = match self.state.next_nonce(MAX_SEGMENTS, last) {
+            Ok(nonce) => nonce,
+            Err(e) => {
+                self.closed = true;
+                return Err(e);
+            }
+        };
         let data = sealed.unwrap_or(self.pending.filled());
         let Some(split) = data.len().checked_sub(TAG_LEN) else {
             return Err(self.failed());
@@ -671,9 +721,11 @@ impl StreamDecryptor {
         let start = out.len();
         out.resize(start + ciphertext.len(), 0);
         let opened = match out.get_mut(start..) {
-            Some(dst) => self
-                .key
-                .open(&nonce, &self.header_bytes, ciphertext, tag, dst),
+            Some(dst) => {
+                self.state
+                    .key
+                    .open(&nonce, &self.state.header_bytes, ciphertext, tag, dst)
+            }
             None => Err(crate::crypto::CryptoFailure),
         };
         let len = ciphertext.len();
@@ -682,9 +734,7 @@ impl StreamDecryptor {
             out.truncate(start);
             return Err(self.failed());
         }
-        self.next_segment += 1;
-        self.plaintext_bytes += len as u64;
-        self.ciphertext_bytes += (len + TAG_LEN) as u64;
+        self.state.count_segment(len);
         if sealed.is_none() {
             self.pending.reset();
         }
@@ -699,24 +749,11 @@ impl StreamDecryptor {
     /// `out` belongs to the caller: to keep plaintext off the heap after use, pass a
     /// `Zeroizing<Vec<u8>>` (or zeroize it), with capacity reserved so that it never
     /// reallocates (one segment per call when chunks are at most `segment_size + 16` bytes).
-    pub fn push(&mut self, mut ciphertext: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    pub fn push(&mut self, ciphertext: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
         if self.closed {
             return Err(misuse("push after the stream was finished or failed"));
         }
-        let sealed_len = self.pending.capacity();
-        while !ciphertext.is_empty() {
-            if self.pending.len == sealed_len {
-                self.open_segment(None, false, out)?;
-            }
-            if self.pending.len == 0 && ciphertext.len() > sealed_len {
-                let (now, rest) = ciphertext.split_at(sealed_len);
-                self.open_segment(Some(now), false, out)?;
-                ciphertext = rest;
-                continue;
-            }
-            ciphertext = self.pending.fill_from(ciphertext);
-        }
-        Ok(())
+        self.push_segments(ciphertext, out)
     }
 
     /// Fast path for a caller that reads whole segments itself (`Keyring::decrypt_stream`):
@@ -738,31 +775,14 @@ impl StreamDecryptor {
             return Err(misuse("a non-final segment must be whole"));
         }
         if last && sealed.len() < TAG_LEN {
-            let seen = self.ciphertext_bytes + sealed.len() as u64;
-            let min = self.ciphertext_bytes + TAG_LEN as u64;
-            self.closed = true;
-            return Err(FormatError::Truncated {
-                len: usize::try_from(seen).unwrap_or(usize::MAX),
-                min: usize::try_from(min).unwrap_or(usize::MAX),
-            }
-            .into());
+            return Err(self.truncated(sealed.len()));
         }
         self.open_segment(Some(sealed), last, out)?;
         if !last {
             return Ok(None);
         }
         self.closed = true;
-        Ok(Some(self.summary()))
-    }
-
-    fn summary(&self) -> StreamSummary {
-        StreamSummary {
-            key_version: self.header.key_version,
-            segment_size: self.header.segment_size,
-            segments: self.next_segment,
-            plaintext_bytes: self.plaintext_bytes,
-            ciphertext_bytes: self.ciphertext_bytes,
-        }
+        Ok(Some(self.state.summary()))
     }
 
     /// Ends the stream: opens the buffered bytes as the final segment and appends its
@@ -774,19 +794,21 @@ impl StreamDecryptor {
             return Err(misuse("finish after the stream was finished or failed"));
         }
         if self.pending.len < TAG_LEN {
-            let seen = self.ciphertext_bytes + self.pending.len as u64;
-            let min = self.ciphertext_bytes + TAG_LEN as u64;
-            self.closed = true;
-            self.pending.clear();
-            return Err(FormatError::Truncated {
-                len: usize::try_from(seen).unwrap_or(usize::MAX),
-                min: usize::try_from(min).unwrap_or(usize::MAX),
-            }
-            .into());
+            return Err(self.truncated(self.pending.len));
         }
         self.open_segment(None, true, out)?;
         self.closed = true;
-        Ok(self.summary())
+        Ok(self.state.summary())
+    }
+}
+
+impl SegmentPush for StreamDecryptor {
+    fn pending(&mut self) -> &mut SegmentBuf {
+        &mut self.pending
+    }
+
+    fn process(&mut self, whole: Option<&[u8]>, out: &mut Vec<u8>) -> Result<(), Error> {
+        self.open_segment(whole, false, out)
     }
 }
 
@@ -1409,19 +1431,19 @@ mod tests {
     fn the_segment_counter_never_wraps() {
         let (p, k, c) = (&aws_lc::PROVIDER, key(1), cx("f"));
         let mut e = StreamEncryptor::new(p, &k, 1, &c, options()).unwrap();
-        e.next_segment = MAX_SEGMENTS - 1;
+        e.state.next_segment = MAX_SEGMENTS - 1;
         let mut out = Vec::new();
         // Room only for the final segment: one more non-final segment is refused…
         assert!(e.push(&data(SEG + 1), &mut out).is_err());
         let mut e = StreamEncryptor::new(p, &k, 1, &c, options()).unwrap();
-        e.next_segment = MAX_SEGMENTS - 1;
+        e.state.next_segment = MAX_SEGMENTS - 1;
         // …but a final segment with counter 2^32 - 1 is fine.
         let mut out = Vec::new();
         e.push(&data(SEG), &mut out).unwrap();
         assert!(e.finish(&mut out).is_ok());
         let header = StreamHeader::parse(&out).unwrap();
         let mut d = StreamDecryptor::new(p, &k, &c, &header).unwrap();
-        d.next_segment = MAX_SEGMENTS;
+        d.state.next_segment = MAX_SEGMENTS;
         let mut plain = Vec::new();
         d.push(&out[STREAM_HEADER_LEN..], &mut plain).unwrap();
         assert!(d.finish(&mut plain).is_err());

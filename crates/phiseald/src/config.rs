@@ -391,10 +391,17 @@ pub enum DatabaseTls {
     Require,
 }
 
-/// A configuration value that is a secret: never shown by `Debug`.
+/// A configuration value that is a secret: never shown by `Debug`, wiped when dropped (the
+/// configuration parser's own intermediate copies are not).
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SecretText(pub String);
+
+impl Drop for SecretText {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 impl std::fmt::Debug for SecretText {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

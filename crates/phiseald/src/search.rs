@@ -9,7 +9,9 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use crate::policy::Operation;
-use crate::service::{Sidecar, key_version_of, parse_context};
+use phiseal::EncryptionContext;
+
+use crate::service::{Call, Sidecar, key_version_of, parse_context};
 use crate::status;
 
 fn term(t: phiseal::SearchTerm) -> pb::SearchTerm {
@@ -42,23 +44,45 @@ fn spec(spec: Option<&pb::BlindIndexSpec>) -> Result<BlindIndexSpec, Status> {
 }
 
 impl Sidecar {
+    /// The shape of these RPCs: take the secret value out of the request (wiped on every
+    /// path), admit the caller, parse the context, run `work` (which authorizes) within the
+    /// deadline, reply.
+    async fn search_call<B, R>(
+        &self,
+        rpc: &'static str,
+        op: Operation,
+        mut request: Request<B>,
+        split: fn(&mut B) -> (Option<pb::Context>, Vec<u8>),
+        work: impl AsyncFnOnce(&Call, EncryptionContext, &[u8], B) -> Result<R, Status>,
+    ) -> Result<Response<R>, Status> {
+        let (context, value) = split(request.get_mut());
+        let value = Zeroizing::new(value);
+        let call = self.admit(rpc, op, &request).await?;
+        let result = self
+            .within(&call, async {
+                let context =
+                    parse_context(context.as_ref()).map_err(|e| status::from_error(&e))?;
+                work(&call, context, &value, request.into_inner()).await
+            })
+            .await;
+        self.reply(&call, result)
+    }
+
     /// `EncryptDeterministic`.
     pub(crate) async fn encrypt_deterministic(
         &self,
         request: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        let mut request = request;
-        let plaintext = Zeroizing::new(std::mem::take(&mut request.get_mut().plaintext));
-        let call = self
-            .admit("EncryptDeterministic", Operation::Encrypt, &request)
-            .await?;
-        let result = self
-            .within(&call, async {
-                let body = request.into_inner();
-                let context =
-                    parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
+        let split =
+            |b: &mut pb::EncryptRequest| (b.context.take(), std::mem::take(&mut b.plaintext));
+        self.search_call(
+            "EncryptDeterministic",
+            Operation::Encrypt,
+            request,
+            split,
+            async |call, context, plaintext, _| {
                 self.authorize_field_as(
-                    &call,
+                    call,
                     Operation::Encrypt,
                     Action::EncryptDeterministic,
                     &context,
@@ -67,7 +91,7 @@ impl Sidecar {
                 let ciphertext = self
                     .inline(
                         self.keyring
-                            .encrypt_deterministic(&call.caller, &context, &plaintext),
+                            .encrypt_deterministic(&call.caller, &context, plaintext),
                     )
                     .await?
                     .map_err(|e| status::from_error(&e))?;
@@ -75,9 +99,9 @@ impl Sidecar {
                     key_version: key_version_of(&ciphertext),
                     ciphertext,
                 })
-            })
-            .await;
-        self.reply(&call, result)
+            },
+        )
+        .await
     }
 
     /// `BlindIndex`.
@@ -85,32 +109,30 @@ impl Sidecar {
         &self,
         request: Request<pb::BlindIndexRequest>,
     ) -> Result<Response<pb::BlindIndexResponse>, Status> {
-        let mut request = request;
-        let value = Zeroizing::new(std::mem::take(&mut request.get_mut().value));
-        let call = self
-            .admit("BlindIndex", Operation::Search, &request)
-            .await?;
-        let result = self
-            .within(&call, async {
-                let body = request.into_inner();
-                let context =
-                    parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
+        let split =
+            |b: &mut pb::BlindIndexRequest| (b.context.take(), std::mem::take(&mut b.value));
+        self.search_call(
+            "BlindIndex",
+            Operation::Search,
+            request,
+            split,
+            async |call, context, value, body| {
                 let spec = spec(body.spec.as_ref())?;
-                self.authorize_field_as(&call, Operation::Search, Action::BlindIndex, &context)
+                self.authorize_field_as(call, Operation::Search, Action::BlindIndex, &context)
                     .await?;
                 let index = self
                     .inline(
                         self.keyring
-                            .blind_index(&call.caller, &context, &value, &spec),
+                            .blind_index(&call.caller, &context, value, &spec),
                     )
                     .await?
                     .map_err(|e| status::from_error(&e))?;
                 Ok(pb::BlindIndexResponse {
                     term: Some(term(index)),
                 })
-            })
-            .await;
-        self.reply(&call, result)
+            },
+        )
+        .await
     }
 
     /// `SearchTerms`.
@@ -118,62 +140,51 @@ impl Sidecar {
         &self,
         request: Request<pb::SearchTermsRequest>,
     ) -> Result<Response<pb::SearchTermsResponse>, Status> {
-        let mut request = request;
-        let value = Zeroizing::new(std::mem::take(&mut request.get_mut().value));
-        let call = self
-            .admit("SearchTerms", Operation::Search, &request)
-            .await?;
-        let result = self
-            .within(&call, async {
-                let body = request.into_inner();
-                let context =
-                    parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
-                let terms = match &body.kind {
-                    Some(pb::search_terms_request::Kind::Deterministic(_)) => {
-                        self.authorize_field_as(
-                            &call,
-                            Operation::Search,
-                            Action::DeterministicQuery,
-                            &context,
-                        )
-                        .await?;
-                        self.inline(self.keyring.deterministic_query(
-                            &call.caller,
-                            &context,
-                            &value,
-                        ))
-                        .await?
-                    }
-                    Some(pb::search_terms_request::Kind::BlindIndex(s)) => {
-                        let spec = spec(Some(s))?;
-                        self.authorize_field_as(
-                            &call,
-                            Operation::Search,
-                            Action::BlindIndexQuery,
-                            &context,
-                        )
-                        .await?;
-                        self.inline(self.keyring.blind_index_query(
-                            &call.caller,
-                            &context,
-                            &value,
-                            &spec,
-                        ))
-                        .await?
-                    }
+        use pb::search_terms_request::Kind;
+        let split =
+            |b: &mut pb::SearchTermsRequest| (b.context.take(), std::mem::take(&mut b.value));
+        self.search_call(
+            "SearchTerms",
+            Operation::Search,
+            request,
+            split,
+            async |call, context, value, body| {
+                let (action, spec) = match &body.kind {
+                    Some(Kind::Deterministic(_)) => (Action::DeterministicQuery, None),
+                    Some(Kind::BlindIndex(s)) => (Action::BlindIndexQuery, Some(spec(Some(s))?)),
                     None => {
                         return Err(status::from_error(&phiseal::Error::InvalidInput {
                             what: "kind",
                             reason: "missing: deterministic or blind_index",
                         }));
                     }
+                };
+                self.authorize_field_as(call, Operation::Search, action, &context)
+                    .await?;
+                let terms = match &spec {
+                    None => {
+                        self.inline(
+                            self.keyring
+                                .deterministic_query(&call.caller, &context, value),
+                        )
+                        .await?
+                    }
+                    Some(spec) => {
+                        self.inline(self.keyring.blind_index_query(
+                            &call.caller,
+                            &context,
+                            value,
+                            spec,
+                        ))
+                        .await?
+                    }
                 }
                 .map_err(|e| status::from_error(&e))?;
                 Ok(pb::SearchTermsResponse {
                     terms: terms.into_iter().map(term).collect(),
                 })
-            })
-            .await;
-        self.reply(&call, result)
+            },
+        )
+        .await
     }
 }

@@ -147,27 +147,74 @@ fn done(s: &Sidecar, call: &Call, result: Result<(), Status>) {
     let _ = s.reply(call, result);
 }
 
+/// One direction of a stream: the keyring's audited encryptor or decryptor.
+trait Worker: Send + 'static {
+    /// Feeds a chunk; appends output to `out`.
+    fn push(
+        &mut self,
+        chunk: &[u8],
+        out: &mut Vec<u8>,
+    ) -> impl Future<Output = Result<(), phiseal::Error>> + Send;
+    /// Ends the stream (audited); appends the last output.
+    fn finish(self, out: &mut Vec<u8>) -> impl Future<Output = Result<(), phiseal::Error>> + Send;
+    /// Records the stream as failed (a no-op if it already was).
+    fn abort(self, reason: &'static str) -> impl Future<Output = ()> + Send;
+    /// Whether inputs (plaintext) are wiped after use.
+    const WIPE_INPUT: bool;
+    /// Whether unsent outputs (plaintext) are wiped.
+    const WIPE_OUTPUT: bool;
+}
+
+impl Worker for AuditedStreamEncryptor {
+    async fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), phiseal::Error> {
+        AuditedStreamEncryptor::push(self, chunk, out)
+    }
+    async fn finish(self, out: &mut Vec<u8>) -> Result<(), phiseal::Error> {
+        AuditedStreamEncryptor::finish(self, out).await.map(drop)
+    }
+    async fn abort(self, reason: &'static str) {
+        let _ = AuditedStreamEncryptor::abort(self, reason).await;
+    }
+    const WIPE_INPUT: bool = true;
+    const WIPE_OUTPUT: bool = false;
+}
+
+impl Worker for AuditedStreamDecryptor {
+    async fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), phiseal::Error> {
+        AuditedStreamDecryptor::push(self, chunk, out).await
+    }
+    async fn finish(self, out: &mut Vec<u8>) -> Result<(), phiseal::Error> {
+        AuditedStreamDecryptor::finish(self, out).await.map(drop)
+    }
+    async fn abort(self, reason: &'static str) {
+        let _ = AuditedStreamDecryptor::abort(self, reason).await;
+    }
+    const WIPE_INPUT: bool = false;
+    const WIPE_OUTPUT: bool = true;
+}
+
 /// `EncryptStream`.
 pub(crate) async fn encrypt_stream(
     s: &Arc<Sidecar>,
     request: Request<Streaming<pb::EncryptStreamRequest>>,
 ) -> Result<Response<ChunkStream>, Status> {
+    use pb::encrypt_stream_request::Part as P;
     let (call, inbound, context) = open(
         s,
         "EncryptStream",
         Operation::Encrypt,
         request,
         |m| match m.part {
-            Some(pb::encrypt_stream_request::Part::Context(c)) => Some(c),
+            Some(P::Context(c)) => Some(c),
             _ => None,
         },
     )
     .await?;
-    let encryptor = match s
+    let started = s
         .keyring
         .start_encrypt_stream(&call.caller, &context, StreamOptions::default())
-        .await
-    {
+        .await;
+    let encryptor = match started {
         Ok(encryptor) => encryptor,
         Err(e) => {
             let status = status::from_error(&e);
@@ -175,77 +222,10 @@ pub(crate) async fn encrypt_stream(
             return Err(status);
         }
     };
-    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-    let response = respond(&call, rx);
-    let sidecar = Arc::clone(s);
-    s.tasks.spawn(async move {
-        let result = run_encrypt(&call, inbound, encryptor, &tx).await;
-        done(&sidecar, &call, result);
-    });
-    Ok(response)
-}
-
-async fn run_encrypt(
-    call: &Call,
-    mut inbound: Streaming<pb::EncryptStreamRequest>,
-    mut encryptor: AuditedStreamEncryptor,
-    tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
-) -> Result<(), Status> {
-    let idle = idle_limit(call);
-    let chunk_of = |m: pb::EncryptStreamRequest| match m.part {
-        Some(pb::encrypt_stream_request::Part::Chunk(bytes)) => Some(Part::Chunk(bytes)),
-        Some(pb::encrypt_stream_request::Part::Context(_)) | None => Some(Part::Context),
-    };
-    loop {
-        let part = match next_part(&mut inbound, idle, chunk_of).await {
-            Ok(part) => part,
-            Err(status) => {
-                let _ = encryptor.abort(status_kind(&status)).await;
-                let _ = send(tx, idle, Err(status.clone())).await;
-                return Err(status);
-            }
-        };
-        let mut out = Vec::new();
-        match part {
-            Some(Part::Chunk(mut plaintext)) => {
-                let pushed = encryptor.push(&plaintext, &mut out);
-                plaintext.zeroize();
-                if let Err(e) = pushed {
-                    let status = status::from_error(&e);
-                    let _ = encryptor.abort(e.kind()).await;
-                    let _ = send(tx, idle, Err(status.clone())).await;
-                    return Err(status);
-                }
-            }
-            Some(Part::Context) => {
-                let status = misplaced_context();
-                let _ = encryptor.abort("invalid_input").await;
-                let _ = send(tx, idle, Err(status.clone())).await;
-                return Err(status);
-            }
-            None => {
-                let finished = encryptor.finish(&mut out).await;
-                return match finished {
-                    Ok(_) => {
-                        if send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
-                            Ok(())
-                        } else {
-                            Err(gone())
-                        }
-                    }
-                    Err(e) => {
-                        let status = status::from_error(&e);
-                        let _ = send(tx, idle, Err(status.clone())).await;
-                        Err(status)
-                    }
-                };
-            }
-        }
-        if !out.is_empty() && !send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
-            let _ = encryptor.abort("cancelled").await;
-            return Err(gone());
-        }
-    }
+    Ok(serve(s, call, inbound, encryptor, |m| match m.part {
+        Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
+        Some(P::Context(_)) | None => Some(Part::Context),
+    }))
 }
 
 /// `DecryptStream`.
@@ -253,85 +233,101 @@ pub(crate) async fn decrypt_stream(
     s: &Arc<Sidecar>,
     request: Request<Streaming<pb::DecryptStreamRequest>>,
 ) -> Result<Response<ChunkStream>, Status> {
+    use pb::decrypt_stream_request::Part as P;
     let (call, inbound, context) = open(
         s,
         "DecryptStream",
         Operation::Decrypt,
         request,
         |m| match m.part {
-            Some(pb::decrypt_stream_request::Part::Context(c)) => Some(c),
+            Some(P::Context(c)) => Some(c),
             _ => None,
         },
     )
     .await?;
     let decryptor = s.keyring.start_decrypt_stream(&call.caller, &context);
+    Ok(serve(s, call, inbound, decryptor, |m| match m.part {
+        Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
+        Some(P::Context(_)) | None => Some(Part::Context),
+    }))
+}
+
+/// Starts the tracked task that runs `worker` over the rest of the requests, and returns the
+/// response carrying its answers.
+fn serve<M: Send + 'static, W: Worker>(
+    s: &Arc<Sidecar>,
+    call: Call,
+    inbound: Streaming<M>,
+    worker: W,
+    part: fn(M) -> Option<Part>,
+) -> Response<ChunkStream> {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let response = respond(&call, rx);
     let sidecar = Arc::clone(s);
     s.tasks.spawn(async move {
-        let result = run_decrypt(&call, inbound, decryptor, &tx).await;
+        let result = run(&call, inbound, worker, part, &tx).await;
         done(&sidecar, &call, result);
     });
-    Ok(response)
+    response
 }
 
-async fn run_decrypt(
+/// Feeds the chunks to `worker` and sends its output until the requests end (then finishes
+/// the stream) or something fails (then records the stream as failed and ends the call with
+/// the error).
+async fn run<M, W: Worker>(
     call: &Call,
-    mut inbound: Streaming<pb::DecryptStreamRequest>,
-    mut decryptor: AuditedStreamDecryptor,
+    mut inbound: Streaming<M>,
+    mut worker: W,
+    part: fn(M) -> Option<Part>,
     tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
 ) -> Result<(), Status> {
     let idle = idle_limit(call);
-    let chunk_of = |m: pb::DecryptStreamRequest| match m.part {
-        Some(pb::decrypt_stream_request::Part::Chunk(bytes)) => Some(Part::Chunk(bytes)),
-        Some(pb::decrypt_stream_request::Part::Context(_)) | None => Some(Part::Context),
+    let failed = async |worker: W, status: Status, reason: &'static str| {
+        worker.abort(reason).await;
+        let _ = send(tx, idle, Err(status.clone())).await;
+        Err(status)
     };
     loop {
-        let part = match next_part(&mut inbound, idle, chunk_of).await {
-            Ok(part) => part,
-            Err(status) => {
-                let _ = decryptor.abort(status_kind(&status)).await;
-                let _ = send(tx, idle, Err(status.clone())).await;
-                return Err(status);
-            }
-        };
         let mut out = Vec::new();
-        match part {
-            Some(Part::Chunk(ciphertext)) => {
-                if let Err(e) = decryptor.push(&ciphertext, &mut out).await {
-                    out.zeroize();
+        match next_part(&mut inbound, idle, part).await {
+            Err(status) => {
+                let reason = status_kind(&status);
+                return failed(worker, status, reason).await;
+            }
+            Ok(Some(Part::Context)) => {
+                return failed(worker, misplaced_context(), "invalid_input").await;
+            }
+            Ok(Some(Part::Chunk(mut chunk))) => {
+                let pushed = worker.push(&chunk, &mut out).await;
+                if W::WIPE_INPUT {
+                    chunk.zeroize();
+                }
+                if let Err(e) = pushed {
+                    if W::WIPE_OUTPUT {
+                        out.zeroize();
+                    }
+                    return failed(worker, status::from_error(&e), e.kind()).await;
+                }
+            }
+            Ok(None) => {
+                if let Err(e) = worker.finish(&mut out).await {
+                    if W::WIPE_OUTPUT {
+                        out.zeroize();
+                    }
                     let status = status::from_error(&e);
                     let _ = send(tx, idle, Err(status.clone())).await;
                     return Err(status);
                 }
-            }
-            Some(Part::Context) => {
-                let status = misplaced_context();
-                let _ = decryptor.abort("invalid_input").await;
-                let _ = send(tx, idle, Err(status.clone())).await;
-                return Err(status);
-            }
-            None => {
-                let finished = decryptor.finish(&mut out).await;
-                return match finished {
-                    Ok(_) => {
-                        if send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
-                            Ok(())
-                        } else {
-                            Err(gone())
-                        }
-                    }
-                    Err(e) => {
-                        out.zeroize();
-                        let status = status::from_error(&e);
-                        let _ = send(tx, idle, Err(status.clone())).await;
-                        Err(status)
-                    }
+                return if send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
+                    Ok(())
+                } else {
+                    Err(gone())
                 };
             }
         }
         if !out.is_empty() && !send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
-            let _ = decryptor.abort("cancelled").await;
+            // (Unsent plaintext went into the failed send's message; nothing left to wipe.)
+            worker.abort("cancelled").await;
             return Err(gone());
         }
     }

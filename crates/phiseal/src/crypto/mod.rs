@@ -105,6 +105,22 @@ pub fn default_provider() -> &'static CryptoProvider {
     }
 }
 
+/// `N` fresh bytes from the operating system's CSPRNG, for public values such as salts and
+/// nonce prefixes (not for keys: the array is not wiped).
+pub(crate) fn os_random<const N: usize>(
+    provider: &CryptoProvider,
+) -> Result<[u8; N], crate::error::Error> {
+    use rand::TryRngCore;
+    let mut bytes = [0u8; N];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|_| crate::error::Error::Crypto {
+            provider: provider.name,
+            what: "OS random number generator",
+        })?;
+    Ok(bytes)
+}
+
 /// Constant-time equality of two byte strings (MACs, key checks, hash-chain links).
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;

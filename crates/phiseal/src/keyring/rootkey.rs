@@ -13,12 +13,12 @@
 
 use std::collections::BTreeMap;
 
-use super::{Keyring, OpMeta, outcome_of, store_error};
+use super::{Keyring, OpMeta, binding_mismatch, key_binding, kms_error, outcome_of, store_error};
 use crate::audit::{Action, Outcome};
 use crate::context::TenantId;
 use crate::crypto::ct_eq;
 use crate::error::{BackendErrorKind, Error};
-use crate::kms::{KeyBinding, WrappedKey};
+use crate::kms::WrappedKey;
 use crate::store::KeyRecord;
 
 use super::Caller;
@@ -97,10 +97,7 @@ impl Keyring {
         let target = kms
             .current_root_key_ref()
             .await
-            .map_err(|source| Error::Kms {
-                backend: kms.name().to_owned(),
-                source,
-            })?;
+            .map_err(|source| kms_error(kms, source))?;
         let tenants = self.list_tenants().await?;
         let mut report = RootRewrapReport {
             target: target.clone(),
@@ -230,26 +227,18 @@ impl Keyring {
     ) -> Result<(), Error> {
         let inner = &self.inner;
         let kms = &*inner.kms;
-        let kms_error = |source| Error::Kms {
-            backend: kms.name().to_owned(),
-            source,
-        };
-        let binding = KeyBinding {
-            tenant: tenant.clone(),
-            version: record.version,
-        };
-        let mismatch = || Error::KeyBindingMismatch {
-            tenant: tenant.clone(),
-            version: record.version,
-        };
+        let binding = key_binding(tenant, record.version);
         // Unwrap and check exactly as a field operation would.
         let old = self.unwrap_version(tenant, record).await?;
         let key = old.tenant_key();
-        let replacement = kms.wrap(key, &binding).await.map_err(kms_error)?;
+        let replacement = kms
+            .wrap(key, &binding)
+            .await
+            .map_err(|source| kms_error(kms, source))?;
         if replacement.root_key_ref != target {
-            return Err(Error::Kms {
-                backend: kms.name().to_owned(),
-                source: crate::BackendError::new(
+            return Err(kms_error(
+                kms,
+                crate::BackendError::new(
                     BackendErrorKind::Conflict,
                     format!(
                         "the current root key changed during the run (now '{}', was '{}'): run \
@@ -257,14 +246,14 @@ impl Keyring {
                         replacement.root_key_ref, target
                     ),
                 ),
-            });
+            ));
         }
         let back = kms
             .unwrap(&replacement, &binding)
             .await
-            .map_err(kms_error)?;
+            .map_err(|source| kms_error(kms, source))?;
         if !ct_eq(back.expose(), key.expose()) {
-            return Err(mismatch());
+            return Err(binding_mismatch(&binding));
         }
         let store = &*inner.store;
         store

@@ -11,10 +11,9 @@
 //! whole: a partial list would silently miss rows.
 
 use coarsetime::Instant;
-use jiff::Timestamp;
 
-use super::{Caller, FieldOutcome, Keyring, OpMeta, TenantView, outcome_of};
-use crate::audit::{Action, AuditEvent};
+use super::{Caller, FieldOutcome, Keyring, OpMeta, TenantView};
+use crate::audit::Action;
 use crate::context::EncryptionContext;
 use crate::error::Error;
 use crate::field::VersionKey;
@@ -155,24 +154,8 @@ impl Keyring {
                 break;
             }
         }
-        if self.inner.audit.is_some() {
-            let time = Timestamp::now();
-            let events: Vec<AuditEvent> = outcomes
-                .iter()
-                .map(|(result, meta)| {
-                    Self::event_at(
-                        time,
-                        caller,
-                        action,
-                        None,
-                        Some(context),
-                        meta,
-                        outcome_of(result),
-                    )
-                })
-                .collect();
-            self.append(&events).await?;
-        }
+        self.audit_batch(caller, action, std::iter::repeat(context), &outcomes)
+            .await?;
         let mut values = Vec::with_capacity(outcomes.len());
         for (result, meta) in outcomes {
             let version = meta.key_version.unwrap_or_default();

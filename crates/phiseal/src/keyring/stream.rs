@@ -109,6 +109,21 @@ impl StreamAudit {
             Err(audit) => audit,
         }
     }
+
+    /// Records the outcome of a stream run to its end; returns `result`, or the audit error if
+    /// the record could not be written.
+    async fn conclude(
+        &mut self,
+        result: Result<StreamSummary, Error>,
+    ) -> Result<StreamSummary, Error> {
+        match result {
+            Ok(summary) => {
+                self.record(Outcome::Ok).await?;
+                Ok(summary)
+            }
+            Err(e) => Err(self.fail_now(e).await),
+        }
+    }
 }
 
 impl StreamAuditHook for StreamAudit {
@@ -466,23 +481,9 @@ impl Keyring {
     ) -> Result<DecryptingReader<R>, Error> {
         let mut audit = StreamAudit::new(self, caller, context, Action::DecryptStream);
         let opened = async {
-            let mut header = [0u8; STREAM_HEADER_LEN];
-            let mut filled = 0;
-            while let Some(rest) = header.get_mut(filled..).filter(|r| !r.is_empty()) {
-                let n = reader.read(rest).await.map_err(|source| Error::Io {
-                    what: "reading the stream header",
-                    source,
-                })?;
-                if n == 0 {
-                    return Err(FormatError::Truncated {
-                        len: filled,
-                        min: STREAM_HEADER_LEN,
-                    }
-                    .into());
-                }
-                filled += n;
-            }
-            self.open_stream(caller, context, &header, &mut audit).await
+            let header = read_header(&mut reader).await?;
+            self.open_stream(caller, context, header.filled(), &mut audit)
+                .await
         }
         .await;
         match opened {
@@ -517,13 +518,8 @@ impl Keyring {
         } = self
             .start_encrypt_stream(caller, context, StreamOptions::default())
             .await?;
-        match encrypt_segments(&mut encryptor, &mut reader, &mut writer).await {
-            Ok(summary) => {
-                audit.record(Outcome::Ok).await?;
-                Ok(summary)
-            }
-            Err(e) => Err(audit.fail_now(e).await),
-        }
+        let result = encrypt_segments(&mut encryptor, &mut reader, &mut writer).await;
+        audit.conclude(result).await
     }
 
     /// Decrypts the stream `reader` yields into `writer` (then flushed, not shut down), in
@@ -545,35 +541,35 @@ impl Keyring {
     {
         let mut audit = StreamAudit::new(self, caller, context, Action::DecryptStream);
         let result = async {
-            let mut header = SegmentBuf::new(STREAM_HEADER_LEN);
-            fill(
-                &mut reader,
-                &mut header,
-                STREAM_HEADER_LEN,
-                "reading the stream header",
-            )
-            .await?;
-            if header.len < STREAM_HEADER_LEN {
-                return Err(FormatError::Truncated {
-                    len: header.len,
-                    min: STREAM_HEADER_LEN,
-                }
-                .into());
-            }
+            let header = read_header(&mut reader).await?;
             let mut decryptor = self
                 .open_stream(caller, context, header.filled(), &mut audit)
                 .await?;
             decrypt_segments(&mut decryptor, &mut reader, &mut writer).await
         }
         .await;
-        match result {
-            Ok(summary) => {
-                audit.record(Outcome::Ok).await?;
-                Ok(summary)
-            }
-            Err(e) => Err(audit.fail_now(e).await),
-        }
+        audit.conclude(result).await
     }
+}
+
+/// Reads a whole stream header; a *truncated* error if the input ends first.
+async fn read_header<R: AsyncRead + Unpin>(reader: &mut R) -> Result<SegmentBuf, Error> {
+    let mut header = SegmentBuf::new(STREAM_HEADER_LEN);
+    fill(
+        reader,
+        &mut header,
+        STREAM_HEADER_LEN,
+        "reading the stream header",
+    )
+    .await?;
+    if header.len < STREAM_HEADER_LEN {
+        return Err(FormatError::Truncated {
+            len: header.len,
+            min: STREAM_HEADER_LEN,
+        }
+        .into());
+    }
+    Ok(header)
 }
 
 /// Reads into `buf` until it holds `want` bytes or the input ends.
@@ -602,6 +598,13 @@ async fn fill<R: AsyncRead + Unpin>(
 async fn write<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) -> Result<(), Error> {
     writer.write_all(bytes).await.map_err(|source| Error::Io {
         what: "writing the output",
+        source,
+    })
+}
+
+async fn flush<W: AsyncWrite + Unpin>(writer: &mut W) -> Result<(), Error> {
+    writer.flush().await.map_err(|source| Error::Io {
+        what: "flushing the output",
         source,
     })
 }
@@ -643,10 +646,7 @@ where
         }
         write(writer, current.filled()).await?;
         if last {
-            writer.flush().await.map_err(|source| Error::Io {
-                what: "flushing the output",
-                source,
-            })?;
+            flush(writer).await?;
             return Ok(encryptor.summary());
         }
         std::mem::swap(&mut current, &mut next);
@@ -683,10 +683,7 @@ where
         let summary = decryptor.open_whole(current.filled(), last, &mut out)?;
         write(writer, &out).await?;
         if let Some(summary) = summary {
-            writer.flush().await.map_err(|source| Error::Io {
-                what: "flushing the output",
-                source,
-            })?;
+            flush(writer).await?;
             return Ok(summary);
         }
         std::mem::swap(&mut current, &mut next);
