@@ -468,14 +468,15 @@ async fn cache_max_uses_and_ttl_force_unwrap() {
     let k = keyring_on(&p, cache);
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
-    let ct = k.encrypt(&c, &cx, b"x").await.unwrap(); // unwrap #1, use 1
-    let base = p.kms.unwraps.load(Ordering::SeqCst);
-    assert_eq!(base, 1);
+    // Creating the tenant unwrapped the new key once, to verify its wrapping.
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst), 1);
+    let ct = k.encrypt(&c, &cx, b"x").await.unwrap(); // unwrap #2, use 1
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst), 2);
     for _ in 0..8 {
         k.decrypt(&c, &cx, &ct).await.unwrap();
     }
     // 9 operations, 3 per unwrapped key.
-    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst), 3);
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst), 1 + 3);
 
     let ttl = CacheSettings {
         key_ttl: Duration::from_millis(600),
@@ -1440,4 +1441,46 @@ async fn root_key_rotation_reports_versions_no_backend_can_unwrap() {
     assert_eq!(report.failed.len(), 1);
     assert_eq!(report.failed[0].tenant, tenant("a"));
     assert_eq!(report.still_referenced.values().sum::<u64>(), 1);
+}
+
+/// Fault injection: a KMS whose unwrap returns another key than it wrapped.
+#[derive(Debug)]
+struct LyingKms(Arc<dyn Kms>);
+
+#[async_trait]
+impl Kms for LyingKms {
+    fn name(&self) -> &str {
+        "lying"
+    }
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        self.0.current_root_key_ref().await
+    }
+    fn can_unwrap(&self, root_key_ref: &str) -> bool {
+        self.0.can_unwrap(root_key_ref)
+    }
+    async fn wrap(&self, key: &TenantKey, b: &KeyBinding) -> Result<WrappedKey, BackendError> {
+        self.0.wrap(key, b).await
+    }
+    async fn unwrap(&self, _: &WrappedKey, _: &KeyBinding) -> Result<TenantKey, BackendError> {
+        Ok(TenantKey::from_bytes([0x42; 32]))
+    }
+}
+
+#[tokio::test]
+async fn a_new_key_whose_wrapping_does_not_unwrap_is_never_stored() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let k = Keyring::builder()
+        .kms(Arc::new(LyingKms(p.kms.inner.clone())))
+        .key_store(p.store.clone())
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    let c = caller();
+    let err = k.create_tenant(&c, &tenant("t")).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Kms { .. }) && err.to_string().contains("nothing was stored"),
+        "{err}"
+    );
+    assert!(p.store.load_tenant(&tenant("t")).await.unwrap().is_none());
 }

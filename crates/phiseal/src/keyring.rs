@@ -1221,6 +1221,23 @@ impl Keyring {
             .wrap(&key, &binding)
             .await
             .map_err(|source| kms_error(&*inner.kms, source))?;
+        // A key whose wrapping cannot be unwrapped would lose everything encrypted under it:
+        // prove the round trip before the record is stored (one more KMS call per new key).
+        let back = inner
+            .kms
+            .unwrap(&wrapped, &binding)
+            .await
+            .map_err(|source| kms_error(&*inner.kms, source))?;
+        if !ct_eq(back.expose(), key.expose()) {
+            return Err(kms_error(
+                &*inner.kms,
+                BackendError::new(
+                    BackendErrorKind::Other,
+                    "the KMS returned a wrapped key that does not unwrap to the key it was \
+                     given; nothing was stored",
+                ),
+            ));
+        }
         Ok(KeyRecord {
             version,
             state: KeyState::Primary,

@@ -750,7 +750,8 @@ tenants = ["*"]
         "phiseal_request_duration_seconds_bucket{",
         "phiseal_key_lookups_total{source=\"cache\"} 1",
         "phiseal_key_lookups_total{source=\"kms\"} 1",
-        "phiseal_kms_calls_total{backend=\"local\",op=\"unwrap\",result=\"ok\"} 1",
+        // Two: the new key's wrapping is verified at creation, then one cache miss.
+        "phiseal_kms_calls_total{backend=\"local\",op=\"unwrap\",result=\"ok\"} 2",
         "phiseal_audit_append_duration_seconds_count",
         "phiseal_operations_total{action=\"decrypt\",result=\"ok\"} 1",
     ] {
