@@ -10,7 +10,11 @@ command-line argument, which other users could see in the process list).
    (tenant, field name, surrogate patient id), and prints the record in `phs1:` text form;
 2. decrypts the text forms with ONE DecryptBatch call and checks every value round-trips;
 3. shows that the ssn ciphertext decrypted under the field name "name" is refused with
-   INVALID_ARGUMENT, kind `decryption_failed` (the context is authenticated).
+   INVALID_ARGUMENT, kind `decryption_failed` (the context is authenticated);
+4. makes the MRN searchable (deterministic encryption) and the SSN too (a blind index of its
+   digits), and finds both again from a query value with SearchTerms;
+5. streams a 1 MiB synthetic scanned referral through EncryptStream and DecryptStream, and
+   shows a truncated copy refused.
 
 Only ciphertexts, field names and the surrogate id are printed, never a plaintext value.
 Exits 0 only if every check passes, with `python client: ok` as the last line.
@@ -85,6 +89,40 @@ def run(client: Phiseal, tenant: str, create_tenant: bool) -> None:
         print(f"ssn ciphertext under field 'name' refused: {e}")
     else:
         raise CheckFailed("ssn ciphertext decrypted under field 'name'")
+
+    # Searchable columns: no record id in these contexts (equal values must match).
+    mrn_column = Context(tenant, "mrn_lookup")
+    stored_mrn = client.encrypt_deterministic(mrn_column, RECORD["mrn"].encode())
+    terms = client.search_terms_deterministic(mrn_column, RECORD["mrn"].encode())
+    if stored_mrn not in terms:
+        raise CheckFailed("the MRN lookup did not find the stored deterministic ciphertext")
+    ssn_column = Context(tenant, "ssn_index")
+    stored_index = client.blind_index(ssn_column, RECORD["ssn"].encode(), "digits_only", 32)
+    query = client.search_terms_blind_index(ssn_column, b"078 05 1120", "digits_only", 32)
+    if stored_index not in query:
+        raise CheckFailed("the SSN blind-index lookup did not find the stored index")
+    print(f"searchable: MRN found among {len(terms)} deterministic term(s), SSN among "
+          f"{len(query)} blind index(es) of {len(stored_index) * 8} bits")
+
+    # A large document, streamed both ways in 64 KiB chunks.
+    document = bytes((i * 2654435761 >> 13) & 0xFF for i in range(1024 * 1024))
+    referral = Context(tenant, "referral_scan", PATIENT_ID)
+    chunks = [document[i:i + 65536] for i in range(0, len(document), 65536)]
+    sealed = b"".join(client.encrypt_stream(referral, chunks))
+    opened = b"".join(client.decrypt_stream(referral, [sealed[i:i + 65536]
+                                                        for i in range(0, len(sealed), 65536)]))
+    if opened != document:
+        raise CheckFailed("the streamed referral did not round-trip")
+    try:
+        for _ in client.decrypt_stream(referral, [sealed[:-1]]):
+            pass
+    except PhisealError as e:
+        if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+            raise CheckFailed(f"truncated stream: expected INVALID_ARGUMENT, got {e.code.name}")
+        print(f"streamed a {len(document)}-byte referral ({len(sealed)} bytes sealed) both ways; "
+              f"a truncated copy was refused: {e.kind}")
+    else:
+        raise CheckFailed("a truncated stream decrypted without error")
 
 
 def main() -> int:

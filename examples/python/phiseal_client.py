@@ -17,7 +17,7 @@ import importlib
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -191,3 +191,66 @@ class Phiseal:
         results = self._call(self._field.DecryptBatch, request).results
         return [r.ok.plaintext if r.HasField("ok") else PhisealError.from_item_error(r.error)
                 for r in results]
+
+    def encrypt_deterministic(self, context: Context, plaintext: bytes) -> bytes:
+        """Deterministic encryption (equal values, equal ciphertexts) for equality lookups;
+        the context must have no record id. Reveals which rows are equal (docs/SEARCH.md)."""
+        request = self._pb2.EncryptRequest(context=self._context(context), plaintext=plaintext)
+        return bytes(self._call(self._field.EncryptDeterministic, request).ciphertext)
+
+    def search_terms_deterministic(self, context: Context, value: bytes) -> list[bytes]:
+        """The deterministic ciphertexts of `value` under every live key version, primary
+        first: what goes into `WHERE column IN (...)`."""
+        request = self._pb2.SearchTermsRequest(
+            context=self._context(context), value=value,
+            deterministic=self._pb2.DeterministicTerms())
+        return [bytes(t.value) for t in self._call(self._field.SearchTerms, request).terms]
+
+    def _spec(self, normalization: str, bits: int) -> Any:
+        names = {"exact": self._pb2.NORMALIZATION_EXACT,
+                 "case_folded": self._pb2.NORMALIZATION_CASE_FOLDED,
+                 "digits_only": self._pb2.NORMALIZATION_DIGITS_ONLY}
+        return self._pb2.BlindIndexSpec(normalization=names[normalization], bits=bits)
+
+    def blind_index(self, context: Context, value: bytes, normalization: str,
+                    bits: int) -> bytes:
+        """The blind index of `value` under the primary key version, to store next to its
+        (randomly encrypted) ciphertext."""
+        request = self._pb2.BlindIndexRequest(context=self._context(context), value=value,
+                                              spec=self._spec(normalization, bits))
+        return bytes(self._call(self._field.BlindIndex, request).term.value)
+
+    def search_terms_blind_index(self, context: Context, value: bytes, normalization: str,
+                                 bits: int) -> list[bytes]:
+        """The blind indexes of `value` under every live key version, primary first."""
+        request = self._pb2.SearchTermsRequest(
+            context=self._context(context), value=value,
+            blind_index=self._spec(normalization, bits))
+        return [bytes(t.value) for t in self._call(self._field.SearchTerms, request).terms]
+
+    def _stream(self, method: Any, request_type: Any, context: Context,
+                chunks: Iterable[bytes]) -> Iterator[bytes]:
+        def requests() -> Iterator[Any]:
+            yield request_type(context=self._context(context))
+            for chunk in chunks:
+                yield request_type(chunk=chunk)
+        # No overall deadline: the daemon limits the time between messages.
+        answers = method(requests(), metadata=self._metadata)
+        try:
+            for answer in answers:
+                yield bytes(answer.chunk)
+        except grpc.RpcError as error:
+            raise PhisealError.from_rpc_error(error) from None
+
+    def encrypt_stream(self, context: Context, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """Encrypts a large value given as chunks of any size; yields the ciphertext in pieces.
+        The ciphertext is complete when the iterator ends without raising."""
+        return self._stream(self._field.EncryptStream, self._pb2.EncryptStreamRequest,
+                            context, chunks)
+
+    def decrypt_stream(self, context: Context, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """Decrypts a stream; yields plaintext of authenticated segments. The plaintext is
+        complete and authentic ONLY if the iterator ends without raising: keep it provisional
+        until then (a truncated or altered stream raises after the segments before it)."""
+        return self._stream(self._field.DecryptStream, self._pb2.DecryptStreamRequest,
+                            context, chunks)

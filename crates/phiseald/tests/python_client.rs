@@ -82,6 +82,26 @@ fn patient_record_example_round_trips_through_the_daemon() {
         fields_of("encrypt", "decryption_failed"),
         Vec::<String>::new()
     );
+    // The searchable columns and the streamed referral, audited under their own actions.
+    let count = |action: &str, result: &str| {
+        records
+            .iter()
+            .filter(|r| r["action"] == action && r["result"] == result)
+            .count()
+    };
+    assert_eq!(count("encrypt_deterministic", "ok"), 1);
+    assert_eq!(count("deterministic_query", "ok"), 1);
+    assert_eq!(count("blind_index", "ok"), 1);
+    assert_eq!(count("blind_index_query", "ok"), 1);
+    assert_eq!(count("encrypt_stream", "ok"), 1);
+    assert_eq!(count("decrypt_stream", "ok"), 1);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["action"] == "decrypt_stream" && r["result"] != "ok")
+            .count(),
+        1
+    );
     let text = d.audit_text();
     for value in ["078-05-1120", "Jane Q. Testpatient", "MRN-00417723"] {
         assert!(!text.contains(value), "{value} in the audit log");
