@@ -433,19 +433,31 @@ async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
     ])
     .expect(0);
     let rotating = hsm.config_file("rotating.toml", "root-2", &["root-1"]);
-    let mut d = Daemon::start(Some(&hsm.config("{socket}", "root-2", &["root-1"])), |c| {
-        hsm.env(c)
-    });
-    let report = hsm
-        .cli(&[
+    // Short cache lifetimes: the daemon keeps unwrapping through the HSM (and re-reading the
+    // key store) while the rotation replaces the wrapped keys under it.
+    let serving = hsm.config("{socket}", "root-2", &["root-1"])
+        + "[cache]\nkey_ttl = \"20ms\"\nmetadata_ttl = \"20ms\"\n";
+    let mut d = Daemon::start(Some(&serving), |c| hsm.env(c));
+    let rotation = {
+        let mut cmd = cli_command(&bin("phiseal"), std::path::Path::new("/nonexistent.sock"));
+        hsm.env(&mut cmd);
+        cmd.args([
             "root",
             "rotate",
             "--config",
             rotating.to_str().unwrap(),
             "--json",
-        ])
-        .expect(0)
-        .json();
+        ]);
+        std::thread::spawn(move || run_cli(&mut cmd, b""))
+    };
+    let mut served = 0;
+    while !rotation.is_finished() || served == 0 {
+        for (tenant, ct) in &ciphertexts {
+            assert_eq!(decrypt(&d, tenant, ct).await.unwrap(), tenant.as_bytes());
+            served += 1;
+        }
+    }
+    let report = rotation.join().unwrap().expect(0).json();
     assert_eq!(report["rewrapped"], 4, "{report}");
     assert_eq!(
         report["target"],
