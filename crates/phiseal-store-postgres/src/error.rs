@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use phiseal::context::TenantId;
+use phiseal::store::StoreRefusal;
 use phiseal::{BackendError, BackendErrorKind};
 
 use crate::schema::SCHEMA_VERSION;
@@ -63,91 +64,9 @@ pub enum PostgresStoreError {
         /// The highest version in `schema_migrations` (0: none).
         found: u32,
     },
-    /// The record passed in is not a valid new key version.
-    #[error(
-        "postgres key store: refusing key record for tenant '{tenant}' version {version}: {reason}"
-    )]
-    InvalidRecord {
-        /// The tenant.
-        tenant: TenantId,
-        /// The version of the record.
-        version: u32,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// `create_tenant` for a tenant that exists or existed.
-    #[error(
-        "tenant '{tenant}' already exists in the key store (or existed and was shredded): \
-         tenant ids are never reused; choose another id"
-    )]
-    TenantExists {
-        /// The tenant.
-        tenant: TenantId,
-    },
-    /// The tenant is not in the store.
-    #[error("tenant not found: '{tenant}' is not in the key store; create it first")]
-    TenantNotFound {
-        /// The tenant.
-        tenant: TenantId,
-    },
-    /// The tenant has no such key version.
-    #[error("key version not found: tenant '{tenant}' has no version {version}")]
-    VersionNotFound {
-        /// The tenant.
-        tenant: TenantId,
-        /// The version asked for.
-        version: u32,
-    },
-    /// The compare-and-set of a rotation lost: the latest version is not the expected one.
-    #[error(
-        "tenant '{tenant}' was rotated concurrently: expected latest version {expected_latest} \
-         (inserting {next}), but the latest is {actual_latest}; reload the tenant and retry"
-    )]
-    VersionConflict {
-        /// The tenant.
-        tenant: TenantId,
-        /// What the caller expected.
-        expected_latest: u32,
-        /// The version the caller tried to insert.
-        next: u32,
-        /// What the store holds.
-        actual_latest: u32,
-    },
-    /// The tenant was shredded; its keys can no longer change.
-    #[error(
-        "tenant '{tenant}' was shredded at {shredded_at}: its keys are destroyed for good and \
-         cannot be rotated or changed"
-    )]
-    Shredded {
-        /// The tenant.
-        tenant: TenantId,
-        /// When it was shredded (RFC 3339).
-        shredded_at: String,
-    },
-    /// `set_min_decrypt_version` outside `1..=latest`.
-    #[error(
-        "minimum decryption version {min} is out of range for tenant '{tenant}': it must be \
-         between 1 and the latest version {latest}"
-    )]
-    MinVersionOutOfRange {
-        /// The tenant.
-        tenant: TenantId,
-        /// The value asked for.
-        min: u32,
-        /// The latest version.
-        latest: u32,
-    },
-    /// The compare-and-set of `replace_wrapped` lost.
-    #[error(
-        "wrapped key of tenant '{tenant}' version {version} changed since it was read (or the \
-         tenant was shredded): reload the tenant and retry"
-    )]
-    WrappedChanged {
-        /// The tenant.
-        tenant: TenantId,
-        /// The version.
-        version: u32,
-    },
+    /// The call would break a key-store invariant (see [`StoreRefusal`]).
+    #[error(transparent)]
+    Refused(#[from] StoreRefusal),
     /// A stored row is not valid. The record is refused, never used.
     #[error(
         "postgres key store is corrupt: {detail}; refusing it: restore the key store from \
@@ -184,15 +103,8 @@ impl PostgresStoreError {
             | PostgresStoreError::SchemaTooNew { .. }
             | PostgresStoreError::SchemaOutdated { .. } => BackendErrorKind::Misconfigured,
             PostgresStoreError::Database { source, .. } => source.kind(),
-            PostgresStoreError::TenantNotFound { .. }
-            | PostgresStoreError::VersionNotFound { .. } => BackendErrorKind::Other,
-            PostgresStoreError::TenantExists { .. }
-            | PostgresStoreError::VersionConflict { .. }
-            | PostgresStoreError::Shredded { .. }
-            | PostgresStoreError::WrappedChanged { .. } => BackendErrorKind::Conflict,
-            PostgresStoreError::InvalidRecord { .. }
-            | PostgresStoreError::MinVersionOutOfRange { .. }
-            | PostgresStoreError::Corrupt { .. } => BackendErrorKind::InvalidData,
+            PostgresStoreError::Refused(refusal) => refusal.kind(),
+            PostgresStoreError::Corrupt { .. } => BackendErrorKind::InvalidData,
             PostgresStoreError::VacuumIncomplete { kind, .. } => *kind,
         }
     }

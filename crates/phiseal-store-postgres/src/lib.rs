@@ -175,7 +175,7 @@ use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, Recycling
 use jiff::Timestamp;
 use phiseal::context::TenantId;
 use phiseal::kms::WrappedKey;
-use phiseal::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
+use phiseal::store::{KeyRecord, KeyState, KeyStore, StoreRefusal, TenantRecord};
 use phiseal::{BackendError, BackendErrorKind};
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
@@ -430,18 +430,6 @@ impl<'a> FromSql<'a> for PgTime {
     accepts!(TIMESTAMPTZ);
 }
 
-/// Checks that `record` can be stored as a new primary version.
-fn check_new_record(tenant: &TenantId, record: &KeyRecord) -> Result<(), PostgresStoreError> {
-    match record.new_version_problem() {
-        Some(reason) => Err(PostgresStoreError::InvalidRecord {
-            tenant: tenant.clone(),
-            version: record.version,
-            reason,
-        }),
-        None => Ok(()),
-    }
-}
-
 /// At most 64 characters of a stored string, for error messages about corrupt rows.
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
@@ -601,7 +589,7 @@ impl Inner {
     }
 
     /// Locks the tenant row for the rest of `tx`; an unknown tenant is an error and a shredded
-    /// one is [`PostgresStoreError::Shredded`].
+    /// one is [`StoreRefusal::Shredded`].
     async fn lock_live_tenant(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
@@ -617,19 +605,21 @@ impl Inner {
             .await
             .map_err(self.db(action))?;
         let Some(row) = row else {
-            return Err(PostgresStoreError::TenantNotFound {
+            return Err(StoreRefusal::TenantNotFound {
                 tenant: tenant.clone(),
-            });
+            }
+            .into());
         };
         let shredded_at: Option<PgTime> =
             column(&row, 0, || format!("shredded_at of tenant '{tenant}'"))?;
         match shredded_at {
             None => Ok(()),
-            Some(t) => Err(PostgresStoreError::Shredded {
+            Some(t) => Err(StoreRefusal::Shredded {
                 tenant: tenant.clone(),
                 shredded_at: timestamp_of(t, || format!("tenant '{tenant}' shredded_at"))?
                     .to_string(),
-            }),
+            }
+            .into()),
         }
     }
 
@@ -712,14 +702,7 @@ impl Inner {
     }
 
     async fn create(&self, tenant: &TenantId, first: &KeyRecord) -> Result<(), PostgresStoreError> {
-        check_new_record(tenant, first)?;
-        if first.version != 1 {
-            return Err(PostgresStoreError::InvalidRecord {
-                tenant: tenant.clone(),
-                version: first.version,
-                reason: "the first key version of a tenant must be 1",
-            });
-        }
+        StoreRefusal::check_first_version(tenant, first)?;
         let action = "create the tenant";
         let mut client = self.client(action).await?;
         let tx = client.transaction().await.map_err(self.db(action))?;
@@ -739,9 +722,10 @@ impl Inner {
             .await
             .map_err(self.db(action))?;
         if inserted != 1 {
-            return Err(PostgresStoreError::TenantExists {
+            return Err(StoreRefusal::TenantExists {
                 tenant: tenant.clone(),
-            });
+            }
+            .into());
         }
         self.insert_record(&tx, tenant, first).await?;
         self.notify(&tx, tenant).await?;
@@ -754,22 +738,14 @@ impl Inner {
         expected_latest: u32,
         next: &KeyRecord,
     ) -> Result<(), PostgresStoreError> {
-        check_new_record(tenant, next)?;
+        StoreRefusal::check_new_version(tenant, next)?;
         let action = "rotate the tenant key";
         let mut client = self.client(action).await?;
         let tx = client.transaction().await.map_err(self.db(action))?;
         // Serializes rotations (and every other write) of this tenant across all processes.
         self.lock_live_tenant(&tx, tenant).await?;
         let actual_latest = self.latest_version(&tx, tenant).await?;
-        if actual_latest != expected_latest || expected_latest.checked_add(1) != Some(next.version)
-        {
-            return Err(PostgresStoreError::VersionConflict {
-                tenant: tenant.clone(),
-                expected_latest,
-                next: next.version,
-                actual_latest,
-            });
-        }
+        StoreRefusal::check_rotation(tenant, expected_latest, actual_latest, next.version)?;
         let stmt = tx
             .prepare_cached(
                 "UPDATE key_versions SET state = 'decrypt_only'
@@ -793,13 +769,7 @@ impl Inner {
         let tx = client.transaction().await.map_err(self.db(action))?;
         self.lock_live_tenant(&tx, tenant).await?;
         let latest = self.latest_version(&tx, tenant).await?;
-        if !(1..=latest).contains(&min) {
-            return Err(PostgresStoreError::MinVersionOutOfRange {
-                tenant: tenant.clone(),
-                min,
-                latest,
-            });
-        }
+        StoreRefusal::check_min_decrypt_version(tenant, min, latest)?;
         let stmt = tx
             .prepare_cached("UPDATE tenants SET min_decrypt_version = $2 WHERE tenant = $1")
             .await
@@ -830,9 +800,10 @@ impl Inner {
             .await
             .map_err(self.db("mark the tenant shredded"))?;
         if found != 1 {
-            return Err(PostgresStoreError::TenantNotFound {
+            return Err(StoreRefusal::TenantNotFound {
                 tenant: tenant.clone(),
-            });
+            }
+            .into());
         }
         let stmt = tx
             .prepare_cached(
@@ -978,20 +949,21 @@ impl Inner {
             let version_exists: bool = column(&row, 0, || "a key version's existence".to_owned())?;
             let tenant_exists: bool = column(&row, 1, || "a tenant's existence".to_owned())?;
             return Err(if version_exists {
-                PostgresStoreError::WrappedChanged {
+                StoreRefusal::WrappedChanged {
                     tenant: tenant.clone(),
                     version,
                 }
             } else if !tenant_exists {
-                PostgresStoreError::TenantNotFound {
+                StoreRefusal::TenantNotFound {
                     tenant: tenant.clone(),
                 }
             } else {
-                PostgresStoreError::VersionNotFound {
+                StoreRefusal::VersionNotFound {
                     tenant: tenant.clone(),
                     version,
                 }
-            });
+            }
+            .into());
         }
         self.notify(&tx, tenant).await?;
         tx.commit()

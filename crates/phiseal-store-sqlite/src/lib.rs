@@ -61,7 +61,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use phiseal::context::TenantId;
 use phiseal::kms::WrappedKey;
-use phiseal::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
+use phiseal::store::{KeyRecord, KeyState, KeyStore, StoreRefusal, TenantRecord};
 use phiseal::{BackendError, BackendErrorKind};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
@@ -151,91 +151,9 @@ pub enum SqliteStoreError {
     /// The blocking task running the call failed.
     #[error("sqlite key store: the blocking task failed (panicked or was cancelled)")]
     Task(#[source] tokio::task::JoinError),
-    /// The record passed in is not a valid new key version.
-    #[error(
-        "sqlite key store: refusing key record for tenant '{tenant}' version {version}: {reason}"
-    )]
-    InvalidRecord {
-        /// The tenant.
-        tenant: TenantId,
-        /// The version of the record.
-        version: u32,
-        /// What is wrong.
-        reason: &'static str,
-    },
-    /// `create_tenant` for a tenant that exists or existed.
-    #[error(
-        "tenant '{tenant}' already exists in the key store (or existed and was shredded): \
-         tenant ids are never reused; choose another id"
-    )]
-    TenantExists {
-        /// The tenant.
-        tenant: TenantId,
-    },
-    /// The tenant is not in the store.
-    #[error("tenant not found: '{tenant}' is not in the key store; create it first")]
-    TenantNotFound {
-        /// The tenant.
-        tenant: TenantId,
-    },
-    /// The tenant has no such key version.
-    #[error("key version not found: tenant '{tenant}' has no version {version}")]
-    VersionNotFound {
-        /// The tenant.
-        tenant: TenantId,
-        /// The version asked for.
-        version: u32,
-    },
-    /// The compare-and-set of a rotation lost: the latest version is not the expected one.
-    #[error(
-        "tenant '{tenant}' was rotated concurrently: expected latest version {expected_latest} \
-         (inserting {next}), but the latest is {actual_latest}; reload the tenant and retry"
-    )]
-    VersionConflict {
-        /// The tenant.
-        tenant: TenantId,
-        /// What the caller expected.
-        expected_latest: u32,
-        /// The version the caller tried to insert.
-        next: u32,
-        /// What the store holds.
-        actual_latest: u32,
-    },
-    /// The tenant was shredded; its keys can no longer change.
-    #[error(
-        "tenant '{tenant}' was shredded at {shredded_at}: its keys are destroyed for good and \
-         cannot be rotated or changed"
-    )]
-    Shredded {
-        /// The tenant.
-        tenant: TenantId,
-        /// When it was shredded (RFC 3339, as stored).
-        shredded_at: String,
-    },
-    /// `set_min_decrypt_version` outside `1..=latest`.
-    #[error(
-        "minimum decryption version {min} is out of range for tenant '{tenant}': it must be \
-         between 1 and the latest version {latest}"
-    )]
-    MinVersionOutOfRange {
-        /// The tenant.
-        tenant: TenantId,
-        /// The value asked for.
-        min: u32,
-        /// The latest version.
-        latest: u32,
-    },
-    /// The compare-and-set of `replace_wrapped` lost.
-    #[error(
-        "wrapped key of tenant '{tenant}' version {version} changed since it was read (or the \
-         tenant was shredded): reload the tenant and retry"
-    )]
-    WrappedChanged {
-        /// The tenant.
-        tenant: TenantId,
-        /// The version.
-        version: u32,
-    },
+    /// The call would break a key-store invariant (see [`StoreRefusal`]).
+    #[error(transparent)]
+    Refused(#[from] StoreRefusal),
     /// A stored row is not valid. The record is refused, never used.
     #[error(
         "sqlite key store is corrupt: {detail}; refusing it: restore the key store from backup \
@@ -271,17 +189,9 @@ impl SqliteStoreError {
             | SqliteStoreError::Pragma { .. }
             | SqliteStoreError::SchemaTooNew { .. } => BackendErrorKind::Misconfigured,
             SqliteStoreError::Sqlite { source, .. } => sqlite_kind(source),
-            SqliteStoreError::Poisoned
-            | SqliteStoreError::Task(_)
-            | SqliteStoreError::TenantNotFound { .. }
-            | SqliteStoreError::VersionNotFound { .. } => BackendErrorKind::Other,
-            SqliteStoreError::TenantExists { .. }
-            | SqliteStoreError::VersionConflict { .. }
-            | SqliteStoreError::Shredded { .. }
-            | SqliteStoreError::WrappedChanged { .. } => BackendErrorKind::Conflict,
-            SqliteStoreError::InvalidRecord { .. }
-            | SqliteStoreError::MinVersionOutOfRange { .. }
-            | SqliteStoreError::Corrupt { .. } => BackendErrorKind::InvalidData,
+            SqliteStoreError::Poisoned | SqliteStoreError::Task(_) => BackendErrorKind::Other,
+            SqliteStoreError::Refused(refusal) => refusal.kind(),
+            SqliteStoreError::Corrupt { .. } => BackendErrorKind::InvalidData,
             SqliteStoreError::CheckpointIncomplete { .. } => BackendErrorKind::Unavailable,
         }
     }
@@ -463,18 +373,6 @@ fn user_version(conn: &Connection) -> Result<i64, SqliteStoreError> {
         .map_err(SqliteStoreError::sqlite("read the schema version"))
 }
 
-/// Checks that `record` can be stored as the new primary version `version`.
-fn check_new_record(tenant: &TenantId, record: &KeyRecord) -> Result<(), SqliteStoreError> {
-    match record.new_version_problem() {
-        Some(reason) => Err(SqliteStoreError::InvalidRecord {
-            tenant: tenant.clone(),
-            version: record.version,
-            reason,
-        }),
-        None => Ok(()),
-    }
-}
-
 /// `min_decrypt_version` and `shredded_at` of a tenant, or `None`.
 fn tenant_row(
     conn: &Connection,
@@ -490,16 +388,18 @@ fn tenant_row(
 }
 
 /// Like [`tenant_row`] but an unknown tenant is an error and a shredded one is
-/// [`SqliteStoreError::Shredded`].
+/// [`StoreRefusal::Shredded`].
 fn live_tenant(conn: &Connection, tenant: &TenantId) -> Result<(), SqliteStoreError> {
     match tenant_row(conn, tenant)? {
-        None => Err(SqliteStoreError::TenantNotFound {
+        None => Err(StoreRefusal::TenantNotFound {
             tenant: tenant.clone(),
-        }),
-        Some((_, Some(shredded_at))) => Err(SqliteStoreError::Shredded {
+        }
+        .into()),
+        Some((_, Some(shredded_at))) => Err(StoreRefusal::Shredded {
             tenant: tenant.clone(),
             shredded_at,
-        }),
+        }
+        .into()),
         Some((_, None)) => Ok(()),
     }
 }
@@ -684,21 +584,15 @@ fn create_sync(
     tenant: &TenantId,
     first: &KeyRecord,
 ) -> Result<(), SqliteStoreError> {
-    check_new_record(tenant, first)?;
-    if first.version != 1 {
-        return Err(SqliteStoreError::InvalidRecord {
-            tenant: tenant.clone(),
-            version: first.version,
-            reason: "the first key version of a tenant must be 1",
-        });
-    }
+    StoreRefusal::check_first_version(tenant, first)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(SqliteStoreError::sqlite("begin a write transaction"))?;
     if tenant_row(&tx, tenant)?.is_some() {
-        return Err(SqliteStoreError::TenantExists {
+        return Err(StoreRefusal::TenantExists {
             tenant: tenant.clone(),
-        });
+        }
+        .into());
     }
     tx.execute(
         "INSERT INTO tenants (tenant, min_decrypt_version, shredded_at, created_at)
@@ -717,20 +611,13 @@ fn insert_version_sync(
     expected_latest: u32,
     next: &KeyRecord,
 ) -> Result<(), SqliteStoreError> {
-    check_new_record(tenant, next)?;
+    StoreRefusal::check_new_version(tenant, next)?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(SqliteStoreError::sqlite("begin a write transaction"))?;
     live_tenant(&tx, tenant)?;
     let actual_latest = latest_version(&tx, tenant)?;
-    if actual_latest != expected_latest || expected_latest.checked_add(1) != Some(next.version) {
-        return Err(SqliteStoreError::VersionConflict {
-            tenant: tenant.clone(),
-            expected_latest,
-            next: next.version,
-            actual_latest,
-        });
-    }
+    StoreRefusal::check_rotation(tenant, expected_latest, actual_latest, next.version)?;
     tx.execute(
         "UPDATE key_versions SET state = 'decrypt_only' WHERE tenant = ?1 AND state = 'primary'",
         [tenant.as_str()],
@@ -753,13 +640,7 @@ fn set_min_sync(
         .map_err(SqliteStoreError::sqlite("begin a write transaction"))?;
     live_tenant(&tx, tenant)?;
     let latest = latest_version(&tx, tenant)?;
-    if !(1..=latest).contains(&min) {
-        return Err(SqliteStoreError::MinVersionOutOfRange {
-            tenant: tenant.clone(),
-            min,
-            latest,
-        });
-    }
+    StoreRefusal::check_min_decrypt_version(tenant, min, latest)?;
     tx.execute(
         "UPDATE tenants SET min_decrypt_version = ?2 WHERE tenant = ?1",
         params![tenant.as_str(), i64::from(min)],
@@ -782,9 +663,10 @@ fn shred_sync(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(SqliteStoreError::sqlite("begin a write transaction"))?;
     if tenant_row(&tx, tenant)?.is_none() {
-        return Err(SqliteStoreError::TenantNotFound {
+        return Err(StoreRefusal::TenantNotFound {
             tenant: tenant.clone(),
-        });
+        }
+        .into());
     }
     tx.execute(
         "UPDATE key_versions SET state = 'destroyed', wrapped = NULL, root_key_ref = NULL
@@ -880,20 +762,23 @@ fn replace_wrapped_sync(
             )
             .map_err(SqliteStoreError::sqlite("read the key version"))?;
         if exists {
-            return Err(SqliteStoreError::WrappedChanged {
+            return Err(StoreRefusal::WrappedChanged {
                 tenant: tenant.clone(),
                 version,
-            });
+            }
+            .into());
         }
         if tenant_row(&tx, tenant)?.is_none() {
-            return Err(SqliteStoreError::TenantNotFound {
+            return Err(StoreRefusal::TenantNotFound {
                 tenant: tenant.clone(),
-            });
+            }
+            .into());
         }
-        return Err(SqliteStoreError::VersionNotFound {
+        return Err(StoreRefusal::VersionNotFound {
             tenant: tenant.clone(),
             version,
-        });
+        }
+        .into());
     }
     tx.commit()
         .map_err(SqliteStoreError::sqlite("commit the replaced wrapped key"))
