@@ -160,6 +160,11 @@ pub(crate) enum RootCommand {
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
     },
+    /// Show which root keys the stored tenant key versions are wrapped under (read-only).
+    ///
+    /// Names the config's current root key and counts the versions under it and under every
+    /// other root key: check it before retiring an old root key. No key material is read.
+    Status(RootArgs),
     /// Create a new AES-256 root key on the PKCS#11 token of the config's [kms.pkcs11].
     ///
     /// The key is a token object: private, sensitive, non-extractable, encrypt/decrypt only.

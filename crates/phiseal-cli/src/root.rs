@@ -6,13 +6,14 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phiseal::{RootRewrapEvent, RootRewrapReport};
 use serde_json::json;
 
-use crate::cli::{GlobalArgs, RootCommand};
+use crate::cli::{GlobalArgs, RootArgs, RootCommand};
 use crate::error::CliError;
 use crate::output::{printable, report, stderr_line};
 
 /// Runs a `root` subcommand.
 pub(crate) async fn run(command: RootCommand, global: &GlobalArgs) -> Result<(), CliError> {
     let (args, to) = match &command {
+        RootCommand::Status(args) => return status(args, global).await,
         RootCommand::Rotate(args) => (args, None),
         RootCommand::Migrate { from, to } => (from, Some(to.as_path())),
         RootCommand::NewHsmKey { config, label } => {
@@ -108,4 +109,32 @@ fn summarize(
         }
     }
     report(json, &value, &human)
+}
+
+/// `root status`.
+async fn status(args: &RootArgs, global: &GlobalArgs) -> Result<(), CliError> {
+    let opened =
+        phiseald::offline::open_root_keyring(&args.config, None, args.audit_log.clone()).await?;
+    let usage = opened.keyring.root_key_usage().await?;
+    let mut human = format!(
+        "current root key {}: {} key versions",
+        usage.current, usage.under_current
+    );
+    if usage.others.is_empty() {
+        human.push_str("\nno stored key version references another root key");
+    } else {
+        human.push_str("\nother root keys still referenced (run `phiseal root rotate`):");
+        for (root, count) in &usage.others {
+            human.push_str(&format!("\n  {root}: {count} key versions"));
+        }
+    }
+    report(
+        global.json,
+        &json!({
+            "current": usage.current,
+            "under_current": usage.under_current,
+            "others": usage.others,
+        }),
+        &human,
+    )
 }

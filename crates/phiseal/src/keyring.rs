@@ -20,7 +20,7 @@ use crate::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
 
 mod outage;
 mod rootkey;
-pub use rootkey::{RootRewrapEvent, RootRewrapFailure, RootRewrapReport};
+pub use rootkey::{RootKeyUsage, RootRewrapEvent, RootRewrapFailure, RootRewrapReport};
 mod stream;
 pub use stream::{AuditedStreamDecryptor, AuditedStreamEncryptor};
 mod search;

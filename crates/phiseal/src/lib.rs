@@ -37,8 +37,8 @@ pub use field::{EPOCH_MESSAGE_LIMIT, key_check};
 pub use format::Algorithm;
 pub use keyring::{
     AuditedStreamDecryptor, AuditedStreamEncryptor, CacheSettings, Caller, Keyring, KeyringBuilder,
-    Profile, RootRewrapEvent, RootRewrapFailure, RootRewrapReport, STALE_RETRY_INTERVAL,
-    TenantStatus, VersionStatus,
+    Profile, RootKeyUsage, RootRewrapEvent, RootRewrapFailure, RootRewrapReport,
+    STALE_RETRY_INTERVAL, TenantStatus, VersionStatus,
 };
 pub use search::{BlindIndexSpec, Normalization, SearchTerm};
 pub use secret::{Plaintext, TENANT_KEY_LEN, TenantKey};

@@ -222,6 +222,19 @@ async fn a_migration_from_the_local_kms_to_aws_kms_survives_a_kill_and_needs_no_
     )
     .unwrap();
     let audit_log = d.data_dir.join("audit-root-keys.log");
+    // Before: everything is under the local root key, which the target config does not use.
+    let before = run_cli(
+        &mut root_command(&["status", "--config", new_config.to_str().unwrap(), "--json"]),
+        b"",
+    )
+    .expect(0)
+    .json();
+    assert_eq!(before["current"], format!("aws-kms:{arn}"), "{before}");
+    assert_eq!(before["under_current"], 0, "{before}");
+    let others = before["others"].as_object().unwrap();
+    assert_eq!(others.len(), 1, "{before}");
+    assert!(others.keys().all(|k| k.starts_with("local:")), "{before}");
+    assert_eq!(others.values().next().unwrap(), TENANTS, "{before}");
     let migrate = [
         "migrate",
         "--config",
@@ -270,6 +283,14 @@ async fn a_migration_from_the_local_kms_to_aws_kms_survives_a_kill_and_needs_no_
     let again = run_cli(&mut root_command(&migrate), b"").expect(0).json();
     assert_eq!(again["rewrapped"], 0, "{again}");
     assert_eq!(again["already_current"], TENANTS as u64, "{again}");
+    let after = run_cli(
+        &mut root_command(&["status", "--config", new_config.to_str().unwrap(), "--json"]),
+        b"",
+    )
+    .expect(0)
+    .json();
+    assert_eq!(after["under_current"], TENANTS, "{after}");
+    assert_eq!(after["others"], serde_json::json!({}), "{after}");
     // Every version was moved exactly once, across the killed run and the rerun.
     let mut moved = std::collections::BTreeMap::new();
     for r in common::audit_records(&audit_log) {

@@ -80,6 +80,17 @@ pub struct RootRewrapReport {
     pub still_referenced: BTreeMap<String, u64>,
 }
 
+/// The result of [`Keyring::root_key_usage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootKeyUsage {
+    /// The root-key reference new wraps use.
+    pub current: String,
+    /// Stored key versions wrapped under it.
+    pub under_current: u64,
+    /// Stored key versions wrapped under each other root key (empty: none left).
+    pub others: BTreeMap<String, u64>,
+}
+
 impl Keyring {
     /// Root-key rotation and provider migration (see the module documentation): moves every
     /// stored tenant key version to the KMS's current root key. `on_event` sees the plan and
@@ -179,6 +190,25 @@ impl Keyring {
         let tenants = self.list_tenants().await?;
         report.still_referenced = self.scan(&tenants, &target).await?.0;
         Ok(report)
+    }
+
+    /// Which root keys the stored tenant key versions are wrapped under: a read-only survey
+    /// (`phiseal root status`) before a rotation, or before retiring an old root key. Reads
+    /// the key store's references only — no key material, no KMS call but asking for the
+    /// current reference — and is not audited.
+    pub async fn root_key_usage(&self) -> Result<RootKeyUsage, Error> {
+        let kms = &*self.inner.kms;
+        let current = kms
+            .current_root_key_ref()
+            .await
+            .map_err(|source| kms_error(kms, source))?;
+        let tenants = self.list_tenants().await?;
+        let (others, under_current) = self.scan(&tenants, &current).await?;
+        Ok(RootKeyUsage {
+            current,
+            under_current,
+            others,
+        })
     }
 
     /// How many versions each root-key reference other than `target` wraps, and how many
