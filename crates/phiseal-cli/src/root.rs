@@ -89,7 +89,7 @@ fn summarize(
     let mut human = format!(
         "root key {}: {} key versions re-wrapped, {} already under it, {} destroyed (nothing to \
          move), {} failed\naudit records: {}",
-        r.target,
+        printable(&r.target),
         r.rewrapped,
         r.already_current,
         r.destroyed,
@@ -105,7 +105,7 @@ fn summarize(
     } else {
         human.push_str("\nstill referenced (keep these root keys):");
         for (root, count) in &r.still_referenced {
-            human.push_str(&format!("\n  {root}: {count} key versions"));
+            human.push_str(&format!("\n  {}: {count} key versions", printable(root)));
         }
     }
     report(json, &value, &human)
@@ -118,14 +118,15 @@ async fn status(args: &RootArgs, global: &GlobalArgs) -> Result<(), CliError> {
     let usage = opened.keyring.root_key_usage().await?;
     let mut human = format!(
         "current root key {}: {} key versions",
-        usage.current, usage.under_current
+        printable(&usage.current),
+        usage.under_current
     );
     if usage.others.is_empty() {
         human.push_str("\nno stored key version references another root key");
     } else {
         human.push_str("\nother root keys still referenced (run `phiseal root rotate`):");
         for (root, count) in &usage.others {
-            human.push_str(&format!("\n  {root}: {count} key versions"));
+            human.push_str(&format!("\n  {}: {count} key versions", printable(root)));
         }
     }
     report(

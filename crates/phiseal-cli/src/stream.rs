@@ -66,19 +66,27 @@ impl Partial {
         }
     }
 
-    /// fsync, then rename to the target.
+    /// fsync, then link to the target — which fails if a file appeared there meanwhile
+    /// (never overwritten) — then remove the partial name and fsync the directory.
     fn commit(mut self) -> Result<(), CliError> {
         if let Some(file) = self.file.take() {
             file.sync_all()
                 .map_err(CliError::io(format!("syncing {}", self.path.display())))?;
         }
-        std::fs::rename(&self.path, &self.target).map_err(CliError::io(format!(
-            "renaming {} to {}",
+        std::fs::hard_link(&self.path, &self.target).map_err(CliError::io(format!(
+            "moving {} to {} (which must not exist)",
             self.path.display(),
             self.target.display()
         )))?;
+        let _ = std::fs::remove_file(&self.path);
         self.path.clear();
-        Ok(())
+        let dir = match self.target.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(CliError::io(format!("syncing directory {}", dir.display())))
     }
 }
 
@@ -91,43 +99,73 @@ impl Drop for Partial {
     }
 }
 
-/// The input reader thread: the bytes it read, or why it failed.
+/// The input reader thread: the bytes it read (all of the input), or why it stopped early.
 type Reader = std::thread::JoinHandle<Result<u64, CliError>>;
 
 /// Reads `input` in chunks on a thread, sending each as a request message made by `message`;
-/// the first message (the context) is sent before any chunk. Chunks are wiped after use by the
-/// gRPC layer's encoder only (they are moved into the messages).
+/// the first message (the context) is sent before any chunk. The chunks are moved into the
+/// messages (the gRPC layer does not wipe its buffers). A read error is reported on `failed`
+/// while the request stream is kept open — closing it would tell the daemon the input ended,
+/// and it would seal a truncated stream — until the caller has cancelled the call and drops
+/// `release`.
 fn spawn_reader<M: Send + 'static>(
     input: &Path,
     first: M,
     message: fn(Vec<u8>) -> M,
-) -> Result<(mpsc::Receiver<M>, Reader), CliError> {
+) -> Result<(mpsc::Receiver<M>, Reader, ReaderFailure), CliError> {
     let mut file =
         File::open(input).map_err(CliError::io(format!("opening {}", input.display())))?;
     let shown = input.display().to_string();
     let (tx, rx) = mpsc::channel(AHEAD);
+    let (failed_tx, failed) = tokio::sync::oneshot::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let stopped =
+        || CliError::Failed("the daemon stopped reading the input before its end".to_owned());
     let reader = std::thread::spawn(move || {
         let mut total = 0u64;
         if tx.blocking_send(first).is_err() {
-            return Ok(total);
+            return Err(stopped());
         }
         loop {
             let mut chunk = vec![0u8; CHUNK];
-            let n = file
-                .read(&mut chunk)
-                .map_err(CliError::io(format!("reading {shown}")))?;
+            let n = match file.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = failed_tx.send(CliError::Io {
+                        what: format!("reading {shown}"),
+                        source: e,
+                    });
+                    // Hold the request stream open until the call is cancelled.
+                    let _ = released.recv();
+                    drop(tx);
+                    return Err(CliError::Failed(format!("reading {shown} failed")));
+                }
+            };
             if n == 0 {
                 return Ok(total);
             }
             chunk.truncate(n);
             total += n as u64;
             if tx.blocking_send(message(chunk)).is_err() {
-                // The call ended early (an error is reported by the answer stream).
-                return Ok(total);
+                return Err(stopped());
             }
         }
     });
-    Ok((rx, reader))
+    Ok((
+        rx,
+        reader,
+        ReaderFailure {
+            failed,
+            _release: release,
+        },
+    ))
+}
+
+/// A read error from the reader thread, and the hold on its request stream.
+struct ReaderFailure {
+    failed: tokio::sync::oneshot::Receiver<CliError>,
+    /// Dropping it lets a failed reader close the request stream.
+    _release: std::sync::mpsc::Sender<()>,
 }
 
 /// Runs one streaming call: sends the file, writes the answers, commits on OK.
@@ -142,7 +180,7 @@ async fn run<M: Send + 'static>(
 ) -> Result<(), CliError> {
     let daemon = Daemon::connect(global).await?;
     let mut output = Partial::create(&args.output)?;
-    let (rx, reader) = spawn_reader(&args.input, first, message)?;
+    let (rx, reader, mut failure) = spawn_reader(&args.input, first, message)?;
     let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut answers = call
         .call(&daemon, requests)
@@ -150,19 +188,35 @@ async fn run<M: Send + 'static>(
         .map_err(|s| status_error(what, &s))?
         .into_inner();
     let mut written = 0u64;
+    let mut watching = true;
     loop {
-        match answers.message().await {
-            Ok(Some(mut chunk)) => {
-                output.write(&chunk.chunk)?;
-                written += chunk.chunk.len() as u64;
-                if wipe_answers {
-                    chunk.chunk.zeroize();
+        tokio::select! {
+            answer = answers.message() => match answer {
+                Ok(Some(mut chunk)) => {
+                    output.write(&chunk.chunk)?;
+                    written += chunk.chunk.len() as u64;
+                    if wipe_answers {
+                        chunk.chunk.zeroize();
+                    }
                 }
-            }
-            Ok(None) => break,
-            Err(status) => return Err(status_error(what, &status)),
+                Ok(None) => break,
+                Err(status) => return Err(status_error(what, &status)),
+            },
+            failed = &mut failure.failed, if watching => match failed {
+                Ok(error) => {
+                    // Cancel the call (the daemon records the stream as failed), then let the
+                    // reader go.
+                    drop(answers);
+                    drop(failure);
+                    let _ = reader.join();
+                    return Err(error);
+                }
+                // The reader finished without a read error.
+                Err(_) => watching = false,
+            },
         }
     }
+    drop(failure);
     let read = reader
         .join()
         .map_err(|_| CliError::Failed(format!("{what}: the input reader failed")))??;

@@ -161,6 +161,12 @@ impl Sidecar {
                 };
                 self.authorize_field_as(call, Operation::Search, action, &context)
                     .await?;
+                if spec.is_none() {
+                    // Deterministic terms are valid ciphertexts of a chosen value: whoever may
+                    // ask for them could write them, so they need `encrypt` as well.
+                    self.authorize_field_as(call, Operation::Encrypt, action, &context)
+                        .await?;
+                }
                 let terms = match &spec {
                     None => {
                         self.inline(

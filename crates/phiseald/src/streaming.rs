@@ -15,8 +15,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use phiseal::audit::Action;
 use phiseal::stream::StreamOptions;
 use phiseal::{AuditedStreamDecryptor, AuditedStreamEncryptor, EncryptionContext};
 use phiseal_proto::REQUEST_ID_HEADER;
@@ -97,6 +99,7 @@ async fn open<M>(
     s: &Sidecar,
     rpc: &'static str,
     op: Operation,
+    action: Action,
     request: Request<Streaming<M>>,
     context_of: impl FnOnce(M) -> Option<pb::Context>,
 ) -> Result<(Call, Streaming<M>, EncryptionContext), Status> {
@@ -111,7 +114,7 @@ async fn open<M>(
                 })
             })?;
             let context = first_context(context_of(first))?;
-            s.authorize_field(&call, op, &context).await?;
+            s.authorize_field_as(&call, op, action, &context).await?;
             Ok(context)
         })
         .await;
@@ -124,12 +127,61 @@ async fn open<M>(
     }
 }
 
+/// The answers of a stream as the client sees them. The call ends with OK only if the worker
+/// marked the stream complete after queueing its last answer; a worker that stopped in any
+/// other way (an error it could not queue because the client was not reading, a panic) ends
+/// the call with ABORTED, never with a silent OK after partial output.
+struct Answers {
+    rx: mpsc::Receiver<Result<pb::StreamChunk, Status>>,
+    complete: Arc<AtomicBool>,
+    ended: bool,
+}
+
+impl tokio_stream::Stream for Answers {
+    type Item = Result<pb::StreamChunk, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                self.ended = item.is_err();
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                if self.complete.load(Ordering::Acquire) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err(status::status(
+                        Code::Aborted,
+                        "incomplete",
+                        "the stream ended before it was complete: treat everything received \
+                         as invalid",
+                    ))))
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// The response: the answer stream, with the request id.
 fn respond(
     call: &Call,
     rx: mpsc::Receiver<Result<pb::StreamChunk, Status>>,
+    complete: Arc<AtomicBool>,
 ) -> Response<ChunkStream> {
-    let stream: ChunkStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let stream: ChunkStream = Box::pin(Answers {
+        rx,
+        complete,
+        ended: false,
+    });
     let mut response = Response::new(stream);
     if let Ok(id) = tonic::metadata::MetadataValue::try_from(&*call.caller.request_id) {
         response.metadata_mut().insert(REQUEST_ID_HEADER, id);
@@ -203,6 +255,7 @@ pub(crate) async fn encrypt_stream(
         s,
         "EncryptStream",
         Operation::Encrypt,
+        Action::EncryptStream,
         request,
         |m| match m.part {
             Some(P::Context(c)) => Some(c),
@@ -238,6 +291,7 @@ pub(crate) async fn decrypt_stream(
         s,
         "DecryptStream",
         Operation::Decrypt,
+        Action::DecryptStream,
         request,
         |m| match m.part {
             Some(P::Context(c)) => Some(c),
@@ -262,10 +316,15 @@ fn serve<M: Send + 'static, W: Worker>(
     part: fn(M) -> Option<Part>,
 ) -> Response<ChunkStream> {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-    let response = respond(&call, rx);
+    let complete = Arc::new(AtomicBool::new(false));
+    let response = respond(&call, rx, Arc::clone(&complete));
     let sidecar = Arc::clone(s);
     s.tasks.spawn(async move {
         let result = run(&call, inbound, worker, part, &tx).await;
+        if result.is_ok() {
+            // Only now may the end of the answers mean success (see `Answers`).
+            complete.store(true, Ordering::Release);
+        }
         done(&sidecar, &call, result);
     });
     response
@@ -326,7 +385,8 @@ async fn run<M, W: Worker>(
             }
         }
         if !out.is_empty() && !send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
-            // (Unsent plaintext went into the failed send's message; nothing left to wipe.)
+            // (The unsent answer is dropped with the failed send, unwiped, like any message
+            // the gRPC layer drops.)
             worker.abort("cancelled").await;
             return Err(gone());
         }
@@ -347,6 +407,8 @@ fn status_kind(status: &Status) -> &'static str {
     match status.code() {
         Code::DeadlineExceeded => "deadline_exceeded",
         Code::InvalidArgument => "invalid_input",
-        _ => "cancelled",
+        Code::ResourceExhausted | Code::OutOfRange => "message_too_large",
+        Code::Cancelled => "cancelled",
+        _ => "transport",
     }
 }

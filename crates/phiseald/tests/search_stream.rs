@@ -503,3 +503,105 @@ async fn the_cli_encrypts_and_decrypts_files_and_leaves_nothing_on_failure() {
     );
     assert_eq!(run.code, 2, "{}", run.stderr);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_never_sees_an_ok_end() {
+    let d = Daemon::with_config(&config(&format!(
+        "{ALL}[limits]\nrequest_timeout = \"300ms\"\n"
+    )));
+    create_tenant(&d, "clinic").await;
+    let document = vec![7u8; 3 * 1024 * 1024];
+    let ciphertext =
+        encrypt_stream(&d, document.chunks(65_536).map(<[u8]>::to_vec).collect()).await;
+    let mut requests = vec![pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-7")).unwrap(),
+        )),
+    }];
+    requests.extend(ciphertext.chunks(65_536).map(|c| pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Chunk(c.to_vec())),
+    }));
+    let mut answers = d
+        .fields()
+        .await
+        .decrypt_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    // Not reading: the daemon's answers back up past its idle limit and it gives up.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut received = 0;
+    let end = loop {
+        match answers.message().await {
+            Ok(Some(chunk)) => received += chunk.chunk.len(),
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        }
+    };
+    let status = end.expect_err("a stream the daemon gave up on must not end with OK");
+    assert!(received < document.len(), "{received}");
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Aborted | tonic::Code::DeadlineExceeded
+        ),
+        "{status:?}"
+    );
+    let records = common::audit_records(&d.audit_log());
+    assert!(
+        records
+            .iter()
+            .any(|r| r["action"] == "decrypt_stream" && r["result"] != "ok"),
+        "the abandoned stream is audited as failed"
+    );
+}
+
+#[tokio::test]
+async fn a_read_error_cancels_the_stream_instead_of_sealing_a_truncated_one() {
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Opening a directory works; reading it fails (EISDIR).
+    let input = dir.path().join("not-a-file");
+    std::fs::create_dir(&input).unwrap();
+    let output = dir.path().join("out.phs");
+    let run = d.cli(
+        &[
+            "encrypt-file",
+            "--tenant",
+            "clinic",
+            "--field",
+            "referral",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("reading"), "{}", run.stderr);
+    assert!(!output.exists());
+    assert!(!dir.path().join("out.phs.partial").exists());
+    // Give the daemon a moment to record the cancelled stream.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let records = common::audit_records(&d.audit_log());
+        let streams: Vec<&serde_json::Value> = records
+            .iter()
+            .filter(|r| r["action"] == "encrypt_stream")
+            .collect();
+        if !streams.is_empty() {
+            assert!(
+                streams.iter().all(|r| r["result"] != "ok"),
+                "a stream cut by a read error was audited as sealed: {streams:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no encrypt_stream record"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

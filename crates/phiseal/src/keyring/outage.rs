@@ -42,14 +42,25 @@ impl KmsOutage {
         if now.as_ticks() < retry_at {
             return false;
         }
-        let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
-        self.retry_at
+        // The claim lasts two intervals, so a probe that hangs until the backend's time limit
+        // is not joined by a second one; `record` sets the real next attempt when it ends.
+        let next = now
+            .saturating_add((STALE_RETRY_INTERVAL * 2).into())
+            .as_ticks();
+        match self
+            .retry_at
             .compare_exchange(retry_at, next, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        {
+            Ok(_) => true,
+            // The outage ended meanwhile.
+            Err(current) => current == 0,
+        }
     }
 
-    /// Records the outcome of a KMS call that ended at `now`: unavailable starts (or extends)
-    /// the outage; an answer — a key or a refusal — ends it.
+    /// Records the outcome of an attempt to unwrap through the KMS that ended at `now`:
+    /// unavailable starts (or extends) the outage; an answer from the KMS — a key, a refusal,
+    /// or bytes it found invalid — ends it. Failures decided before any KMS call (a destroyed
+    /// key, a root key not configured here) change nothing.
     pub(super) fn record<T>(&self, result: &Result<T, Error>, now: Instant) {
         match result {
             Err(e) if e.is_kms_unavailable() => {
@@ -59,7 +70,15 @@ impl KmsOutage {
                 let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
                 self.retry_at.store(next.max(1), Ordering::Release);
             }
-            _ => self.retry_at.store(0, Ordering::Release),
+            Ok(_) | Err(Error::KeyBindingMismatch { .. }) => {
+                self.retry_at.store(0, Ordering::Release)
+            }
+            Err(Error::Kms { source, .. })
+                if source.kind() != crate::error::BackendErrorKind::Misconfigured =>
+            {
+                self.retry_at.store(0, Ordering::Release)
+            }
+            Err(_) => {}
         }
     }
 
