@@ -202,6 +202,11 @@ async fn run<M: Send + 'static>(
                 Ok(None) => break,
                 Err(status) => return Err(status_error(what, &status)),
             },
+            _ = interrupted() => {
+                // SIGINT/SIGTERM: return through the normal path so the partial output is
+                // removed (a SIGKILL cannot be caught: the `.partial` file then stays).
+                return Err(CliError::Failed(format!("{what}: interrupted; no output written")));
+            }
             failed = &mut failure.failed, if watching => match failed {
                 Ok(error) => {
                     // Cancel the call (the daemon records the stream as failed), then let the
@@ -229,6 +234,23 @@ async fn run<M: Send + 'static>(
             args.output.display()
         ),
     )
+}
+
+/// Resolves on SIGINT or SIGTERM (never, if the handlers cannot be installed).
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }
 
 /// A streaming RPC of the field client.

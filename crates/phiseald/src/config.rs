@@ -462,6 +462,9 @@ pub struct LimitsConfig {
     pub rate_per_second: u32,
     /// Calls one identity may make in a burst above the sustained rate.
     pub rate_burst: u32,
+    /// Streams (`EncryptStream`, `DecryptStream`) open at once, all callers together: each
+    /// holds buffers of up to a few segments and messages.
+    pub max_streams: usize,
 }
 
 impl Default for LimitsConfig {
@@ -472,6 +475,7 @@ impl Default for LimitsConfig {
             request_timeout: Duration::from_secs(10),
             rate_per_second: 20_000,
             rate_burst: 2_000,
+            max_streams: 16,
         }
     }
 }
@@ -727,6 +731,9 @@ impl Config {
                 "limits.max_message_bytes",
                 "must be between 1024 and 268435456",
             );
+        }
+        if !(1..=10_000).contains(&l.max_streams) {
+            return bad("limits.max_streams", "must be between 1 and 10000");
         }
         if !(1..=1_000_000).contains(&l.max_batch_items) {
             return bad("limits.max_batch_items", "must be between 1 and 1000000");

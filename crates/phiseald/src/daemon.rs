@@ -171,6 +171,7 @@ impl Daemon {
             request_timeout: config.limits.request_timeout,
             metrics,
             tasks: TaskTracker::new(),
+            streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_streams)),
         };
         Ok(Self {
             config,

@@ -42,6 +42,8 @@ pub struct Sidecar {
     pub metrics: Arc<Metrics>,
     /// Calls and admin operations in flight (waited for at shutdown).
     pub tasks: tokio_util::task::TaskTracker,
+    /// Streams open at once (`limits.max_streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// An admitted call: who, under which request id.

@@ -23,7 +23,7 @@ use phiseal::stream::StreamOptions;
 use phiseal::{AuditedStreamDecryptor, AuditedStreamEncryptor, EncryptionContext};
 use phiseal_proto::REQUEST_ID_HEADER;
 use phiseal_proto::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::{Code, Request, Response, Status, Streaming};
 use zeroize::Zeroize;
 
@@ -102,8 +102,20 @@ async fn open<M>(
     action: Action,
     request: Request<Streaming<M>>,
     context_of: impl FnOnce(M) -> Option<pb::Context>,
-) -> Result<(Call, Streaming<M>, EncryptionContext), Status> {
+) -> Result<(Call, Streaming<M>, EncryptionContext, OwnedSemaphorePermit), Status> {
     let call = s.admit(rpc, op, &request).await?;
+    let Ok(permit) = Arc::clone(&s.streams).try_acquire_owned() else {
+        s.metrics.refuse("too_many_streams");
+        let status = status::status(
+            Code::ResourceExhausted,
+            "too_many_streams",
+            "too many streams open (limits.max_streams): retry later",
+        );
+        return Err(s
+            .reply(&call, Err::<(), _>(status))
+            .err()
+            .unwrap_or_else(|| status::status(Code::Internal, "internal", "internal error")));
+    };
     let mut inbound = request.into_inner();
     let opened = s
         .within(&call, async {
@@ -119,7 +131,7 @@ async fn open<M>(
         })
         .await;
     match opened {
-        Ok(context) => Ok((call, inbound, context)),
+        Ok(context) => Ok((call, inbound, context, permit)),
         Err(status) => Err(s
             .reply(&call, Err::<(), _>(status))
             .err()
@@ -251,7 +263,7 @@ pub(crate) async fn encrypt_stream(
     request: Request<Streaming<pb::EncryptStreamRequest>>,
 ) -> Result<Response<ChunkStream>, Status> {
     use pb::encrypt_stream_request::Part as P;
-    let (call, inbound, context) = open(
+    let (call, inbound, context, permit) = open(
         s,
         "EncryptStream",
         Operation::Encrypt,
@@ -275,9 +287,11 @@ pub(crate) async fn encrypt_stream(
             return Err(status);
         }
     };
-    Ok(serve(s, call, inbound, encryptor, |m| match m.part {
-        Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
-        Some(P::Context(_)) | None => Some(Part::Context),
+    Ok(serve(s, call, permit, inbound, encryptor, |m| {
+        match m.part {
+            Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
+            Some(P::Context(_)) | None => Some(Part::Context),
+        }
     }))
 }
 
@@ -287,7 +301,7 @@ pub(crate) async fn decrypt_stream(
     request: Request<Streaming<pb::DecryptStreamRequest>>,
 ) -> Result<Response<ChunkStream>, Status> {
     use pb::decrypt_stream_request::Part as P;
-    let (call, inbound, context) = open(
+    let (call, inbound, context, permit) = open(
         s,
         "DecryptStream",
         Operation::Decrypt,
@@ -300,9 +314,11 @@ pub(crate) async fn decrypt_stream(
     )
     .await?;
     let decryptor = s.keyring.start_decrypt_stream(&call.caller, &context);
-    Ok(serve(s, call, inbound, decryptor, |m| match m.part {
-        Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
-        Some(P::Context(_)) | None => Some(Part::Context),
+    Ok(serve(s, call, permit, inbound, decryptor, |m| {
+        match m.part {
+            Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
+            Some(P::Context(_)) | None => Some(Part::Context),
+        }
     }))
 }
 
@@ -311,6 +327,7 @@ pub(crate) async fn decrypt_stream(
 fn serve<M: Send + 'static, W: Worker>(
     s: &Arc<Sidecar>,
     call: Call,
+    permit: OwnedSemaphorePermit,
     inbound: Streaming<M>,
     worker: W,
     part: fn(M) -> Option<Part>,
@@ -326,6 +343,7 @@ fn serve<M: Send + 'static, W: Worker>(
             complete.store(true, Ordering::Release);
         }
         done(&sidecar, &call, result);
+        drop(permit);
     });
     response
 }

@@ -605,3 +605,38 @@ async fn a_read_error_cancels_the_stream_instead_of_sealing_a_truncated_one() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn streams_beyond_limits_max_streams_are_refused() {
+    let d = Daemon::with_config(&config(&format!("{ALL}[limits]\nmax_streams = 1\n")));
+    create_tenant(&d, "clinic").await;
+    // One stream held open (its requests never end).
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", None).unwrap(),
+        )),
+    })
+    .await
+    .unwrap();
+    let _open = d
+        .fields()
+        .await
+        .encrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let second = vec![pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", None).unwrap(),
+        )),
+    }];
+    let err = d
+        .fields()
+        .await
+        .encrypt_stream(tokio_stream::iter(second))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert_eq!(common::kind(&err), "too_many_streams");
+    drop(tx);
+}
