@@ -50,14 +50,14 @@ impl Sidecar {
     async fn search_call<B, R>(
         &self,
         rpc: &'static str,
-        op: Operation,
+        action: Action,
         mut request: Request<B>,
         split: fn(&mut B) -> (Option<pb::Context>, Vec<u8>),
         work: impl AsyncFnOnce(&Call, EncryptionContext, &[u8], B) -> Result<R, Status>,
     ) -> Result<Response<R>, Status> {
         let (context, value) = split(request.get_mut());
         let value = Zeroizing::new(value);
-        let call = self.admit(rpc, op, &request).await?;
+        let call = self.admit_as(rpc, action, &request).await?;
         let result = self
             .within(&call, async {
                 let context =
@@ -77,7 +77,7 @@ impl Sidecar {
             |b: &mut pb::EncryptRequest| (b.context.take(), std::mem::take(&mut b.plaintext));
         self.search_call(
             "EncryptDeterministic",
-            Operation::Encrypt,
+            Action::EncryptDeterministic,
             request,
             split,
             async |call, context, plaintext, _| {
@@ -113,7 +113,7 @@ impl Sidecar {
             |b: &mut pb::BlindIndexRequest| (b.context.take(), std::mem::take(&mut b.value));
         self.search_call(
             "BlindIndex",
-            Operation::Search,
+            Action::BlindIndex,
             request,
             split,
             async |call, context, value, body| {
@@ -145,7 +145,7 @@ impl Sidecar {
             |b: &mut pb::SearchTermsRequest| (b.context.take(), std::mem::take(&mut b.value));
         self.search_call(
             "SearchTerms",
-            Operation::Search,
+            Action::BlindIndexQuery,
             request,
             split,
             async |call, context, value, body| {

@@ -224,6 +224,17 @@ impl Sidecar {
         op: Operation,
         request: &Request<T>,
     ) -> Result<Call, Status> {
+        self.admit_as(rpc, map_action(op), request).await
+    }
+
+    /// [`Sidecar::admit`], auditing an unauthenticated caller as `action` (for calls whose
+    /// action is more specific than their policy operation's).
+    pub(crate) async fn admit_as<T>(
+        &self,
+        rpc: &'static str,
+        action: Action,
+        request: &Request<T>,
+    ) -> Result<Call, Status> {
         let started = Instant::now();
         let in_flight = self.tasks.token();
         let id = request_id(request);
@@ -258,7 +269,7 @@ impl Sidecar {
                     "unauthenticated call refused"
                 );
                 self.keyring
-                    .audit_refusal(&caller, map_action(op), "unauthenticated", None, &[])
+                    .audit_refusal(&caller, action, "unauthenticated", None, &[])
                     .await
                     .map_err(|e| status::from_error(&e))?;
                 let status =

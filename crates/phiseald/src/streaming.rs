@@ -103,7 +103,7 @@ async fn open<M>(
     request: Request<Streaming<M>>,
     context_of: impl FnOnce(M) -> Option<pb::Context>,
 ) -> Result<(Call, Streaming<M>, EncryptionContext, OwnedSemaphorePermit), Status> {
-    let call = s.admit(rpc, op, &request).await?;
+    let call = s.admit_as(rpc, action, &request).await?;
     let Ok(permit) = Arc::clone(&s.streams).try_acquire_owned() else {
         s.metrics.refuse("too_many_streams");
         let status = status::status(

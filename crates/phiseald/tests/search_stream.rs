@@ -640,3 +640,30 @@ async fn streams_beyond_limits_max_streams_are_refused() {
     assert_eq!(common::kind(&err), "too_many_streams");
     drop(tx);
 }
+
+#[tokio::test]
+async fn unauthenticated_search_calls_are_audited_under_their_own_action() {
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let err = d
+        .fields()
+        .await
+        .blind_index(common::with_token(
+            pb::BlindIndexRequest {
+                context: ctx("clinic", "ssn", None),
+                value: b"078051120".to_vec(),
+                spec: spec(pb::Normalization::DigitsOnly, 32),
+            },
+            "not-a-configured-token",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    let records = common::audit_records(&d.audit_log());
+    assert!(
+        records
+            .iter()
+            .any(|r| r["action"] == "blind_index" && r["result"] == "unauthenticated"),
+        "{records:?}"
+    );
+}
