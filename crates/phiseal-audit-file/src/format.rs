@@ -2,6 +2,7 @@
 //! reopen). See the crate docs for the exact layout.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use phiseal::audit::AuditEvent;
@@ -137,37 +138,188 @@ pub(crate) fn finish_line(line: &mut String) -> [u8; 32] {
     hash
 }
 
-/// Encodes one event as a complete line (with newline) into `line` (cleared first).
+/// Encodes one event line (without its hash, see [`finish_line`]) into `line` (cleared first).
 pub(crate) fn encode_event(line: &mut String, seq: u64, prev: &[u8; 32], e: &AuditEvent) {
     line.clear();
-    // Writing to a String cannot fail.
     line.push_str("{\"seq\":");
     push_u64(line, seq);
-    line.push_str(",\"time\":\"");
-    push_time(line, e.time);
-    line.push_str("\",\"actor\":");
-    push_json_str(line, &e.actor.identity);
-    line.push_str(",\"uid\":");
-    push_opt_u32(line, e.actor.uid);
-    line.push_str(",\"pid\":");
-    push_opt_u32(line, e.actor.pid);
-    line.push_str(",\"action\":");
-    push_json_str(line, e.action.as_str());
-    line.push_str(",\"tenant\":");
-    push_opt_str(line, e.tenant.as_ref().map(|t| t.as_str()));
-    line.push_str(",\"field\":");
-    push_opt_str(line, e.field.as_deref());
-    line.push_str(",\"record\":");
-    push_opt_str(line, e.record.as_deref());
-    line.push_str(",\"key_version\":");
-    push_opt_u32(line, e.key_version);
-    line.push_str(",\"key_source\":");
-    push_opt_str(line, e.key_source.map(|k| k.as_str()));
-    line.push_str(",\"result\":");
-    push_json_str(line, e.outcome.as_str());
-    line.push_str(",\"request_id\":");
-    push_json_str(line, &e.request_id);
+    push_record_members(line, &RecordView::of(e));
     push_prev(line, prev);
+}
+
+/// The members of one record, borrowed either from an [`AuditEvent`] (writing) or from a parsed
+/// line (export).
+pub(crate) struct RecordView<'a> {
+    pub(crate) time: Timestamp,
+    pub(crate) actor: &'a str,
+    pub(crate) uid: Option<u32>,
+    pub(crate) pid: Option<u32>,
+    pub(crate) action: &'a str,
+    pub(crate) tenant: Option<&'a str>,
+    pub(crate) field: Option<&'a str>,
+    pub(crate) record: Option<&'a str>,
+    pub(crate) key_version: Option<u32>,
+    pub(crate) key_source: Option<&'a str>,
+    pub(crate) result: &'a str,
+    pub(crate) request_id: &'a str,
+}
+
+impl<'a> RecordView<'a> {
+    fn of(e: &'a AuditEvent) -> Self {
+        Self {
+            time: e.time,
+            actor: &e.actor.identity,
+            uid: e.actor.uid,
+            pid: e.actor.pid,
+            action: e.action.as_str(),
+            tenant: e.tenant.as_ref().map(|t| t.as_str()),
+            field: e.field.as_deref(),
+            record: e.record.as_deref(),
+            key_version: e.key_version,
+            key_source: e.key_source.map(|k| k.as_str()),
+            result: e.outcome.as_str(),
+            request_id: &e.request_id,
+        }
+    }
+}
+
+/// Appends `,"time":…` to `,"request_id":…`: every member of a record but `seq`, in the fixed
+/// order of an event line.
+fn push_record_members(line: &mut String, r: &RecordView<'_>) {
+    line.push_str(",\"time\":\"");
+    push_time(line, r.time);
+    line.push_str("\",\"actor\":");
+    push_json_str(line, r.actor);
+    line.push_str(",\"uid\":");
+    push_opt_u32(line, r.uid);
+    line.push_str(",\"pid\":");
+    push_opt_u32(line, r.pid);
+    line.push_str(",\"action\":");
+    push_json_str(line, r.action);
+    line.push(',');
+    push_item_members(line, r);
+    line.push_str(",\"request_id\":");
+    push_json_str(line, r.request_id);
+}
+
+/// Appends `"tenant":…` to `,"result":…`: the members that differ between the records of one
+/// call.
+fn push_item_members(line: &mut String, r: &RecordView<'_>) {
+    line.push_str("\"tenant\":");
+    push_opt_str(line, r.tenant);
+    line.push_str(",\"field\":");
+    push_opt_str(line, r.field);
+    line.push_str(",\"record\":");
+    push_opt_str(line, r.record);
+    line.push_str(",\"key_version\":");
+    push_opt_u32(line, r.key_version);
+    line.push_str(",\"key_source\":");
+    push_opt_str(line, r.key_source);
+    line.push_str(",\"result\":");
+    push_json_str(line, r.result);
+}
+
+/// Encodes one record as a stand-alone JSON line for [`crate::export_tenant`]: the members of
+/// an event line without `prev` and `hash` (which chain lines, not records).
+pub(crate) fn encode_export(out: &mut String, seq: u64, r: &RecordView<'_>) {
+    out.push_str("{\"seq\":");
+    push_u64(out, seq);
+    push_record_members(out, r);
+    out.push_str("}\n");
+}
+
+/// Whether `b` comes from the same call as `a` (same time, actor, action and request id), so
+/// that both can share one batch line.
+fn same_call(a: &AuditEvent, b: &AuditEvent) -> bool {
+    fn same(x: &Arc<str>, y: &Arc<str>) -> bool {
+        Arc::ptr_eq(x, y) || x == y
+    }
+    a.time == b.time
+        && a.action == b.action
+        && same(&a.request_id, &b.request_id)
+        && a.actor.uid == b.actor.uid
+        && a.actor.pid == b.actor.pid
+        && same(&a.actor.identity, &b.actor.identity)
+}
+
+/// Room a batch line keeps for what follows its last record: `],"prev":"<64 hex>"`,
+/// `,"hash":"<64 hex>"}` and the newline.
+const BATCH_TAIL_MAX: usize = 2 + 9 + 64 + 1 + HASH_SUFFIX_LEN + 1;
+
+/// Encodes the line (without its hash, see [`finish_line`]) that holds `first` and as many of
+/// the events in `rest` as can share it, into `line` (cleared first); returns how many events
+/// the line holds (at least 1).
+///
+/// Events of one call — same time, actor, action and request id, as the records of one batch
+/// operation are — share a **batch line**: the common members once, then one object per record
+/// (tenant, field, record, key version, key source, result) in `records`; its records take the
+/// sequence numbers `seq`, `seq + 1`, …. A batch line stays within [`MAX_LINE`]; a run that
+/// does not fit continues on the next line. Any other event gets an event line of its own.
+pub(crate) fn encode_line(
+    line: &mut String,
+    seq: u64,
+    prev: &[u8; 32],
+    first: &AuditEvent,
+    rest: &[AuditEvent],
+) -> usize {
+    let run = rest.iter().take_while(|e| same_call(first, e)).count();
+    if run > 0 {
+        let taken = encode_batch(line, seq, prev, first, rest.get(..run).unwrap_or_default());
+        if taken > 0 {
+            return 1 + taken;
+        }
+    }
+    encode_event(line, seq, prev, first);
+    1
+}
+
+/// Encodes a batch line of `first` and a leading part of `rest` (all of one call); returns how
+/// many events of `rest` it holds. Zero means not even two records fit in [`MAX_LINE`]: the
+/// caller writes `first` as an event line instead.
+fn encode_batch(
+    line: &mut String,
+    seq: u64,
+    prev: &[u8; 32],
+    first: &AuditEvent,
+    rest: &[AuditEvent],
+) -> usize {
+    line.clear();
+    line.push_str("{\"seq\":");
+    push_u64(line, seq);
+    line.push_str(",\"kind\":\"batch\",\"time\":\"");
+    push_time(line, first.time);
+    line.push_str("\",\"actor\":");
+    push_json_str(line, &first.actor.identity);
+    line.push_str(",\"uid\":");
+    push_opt_u32(line, first.actor.uid);
+    line.push_str(",\"pid\":");
+    push_opt_u32(line, first.actor.pid);
+    line.push_str(",\"action\":");
+    push_json_str(line, first.action.as_str());
+    line.push_str(",\"request_id\":");
+    push_json_str(line, &first.request_id);
+    line.push_str(",\"records\":[");
+    let mut taken = 0;
+    for (i, e) in std::iter::once(first).chain(rest).enumerate() {
+        let mark = line.len();
+        if i > 0 {
+            line.push(',');
+        }
+        line.push('{');
+        push_item_members(line, &RecordView::of(e));
+        line.push('}');
+        if line.len() + BATCH_TAIL_MAX > MAX_LINE {
+            line.truncate(mark);
+            break;
+        }
+        taken = i;
+    }
+    if taken == 0 {
+        return 0;
+    }
+    line.push(']');
+    push_prev(line, prev);
+    taken
 }
 
 /// Bytes of an event line that do not come from its strings: member names, punctuation, the
@@ -226,6 +378,23 @@ pub(crate) fn encode_recovery(
     push_prev(line, prev);
 }
 
+/// The members every event and batch line has: who did what, under which request id.
+fn check_call_members(raw: &Raw) -> Result<(), String> {
+    let missing = [
+        ("actor", raw.actor.is_none()),
+        ("uid", raw.uid.is_none()),
+        ("pid", raw.pid.is_none()),
+        ("action", raw.action.is_none()),
+        ("request_id", raw.request_id.is_none()),
+    ]
+    .into_iter()
+    .find_map(|(name, m)| m.then_some(name));
+    match missing {
+        Some(name) => Err(format!("record without '{name}'")),
+        None => Ok(()),
+    }
+}
+
 /// What kind of record a line is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -238,6 +407,13 @@ pub(crate) enum Kind {
         /// Its time.
         time: Timestamp,
     },
+    /// A batch line: the records of one call.
+    Batch {
+        /// The tenant of each record, in order.
+        tenants: Vec<Option<String>>,
+        /// Their (common) time.
+        time: Timestamp,
+    },
     /// A torn-tail recovery record.
     Recovered {
         /// The offset it claims the torn bytes were at.
@@ -248,7 +424,10 @@ pub(crate) enum Kind {
 /// One parsed line.
 #[derive(Debug, Clone)]
 pub(crate) struct Parsed {
+    /// Sequence number of the line's first record.
     pub(crate) seq: u64,
+    /// Sequence number of the line's last record (`seq` but for a batch line).
+    pub(crate) last_seq: u64,
     pub(crate) prev: [u8; 32],
     /// The hash stored in the line.
     pub(crate) hash: [u8; 32],
@@ -311,6 +490,42 @@ struct Raw {
     result: Option<String>,
     #[serde(default)]
     request_id: Option<String>,
+    // batch
+    #[serde(default)]
+    records: Option<Vec<RawItem>>,
+}
+
+/// One record of a batch line.
+#[derive(Deserialize)]
+struct RawItem {
+    #[serde(default, deserialize_with = "present")]
+    tenant: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    field: Option<Option<IgnoredAny>>,
+    #[serde(default, deserialize_with = "present")]
+    record: Option<Option<IgnoredAny>>,
+    #[serde(default, deserialize_with = "present")]
+    key_version: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    key_source: Option<Option<String>>,
+    #[serde(default)]
+    result: Option<String>,
+}
+
+impl RawItem {
+    /// The first member a record lacks.
+    fn missing(&self) -> Option<&'static str> {
+        [
+            ("tenant", self.tenant.is_none()),
+            ("field", self.field.is_none()),
+            ("record", self.record.is_none()),
+            ("key_version", self.key_version.is_none()),
+            ("key_source", self.key_source.is_none()),
+            ("result", self.result.is_none()),
+        ]
+        .into_iter()
+        .find_map(|(name, m)| m.then_some(name))
+    }
 }
 
 fn decode_hash(what: &str, s: &[u8]) -> Result<[u8; 32], String> {
@@ -367,6 +582,8 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     let computed = body_hash(prefix);
     let hash_ok = phiseal::crypto::ct_eq(&computed, &stored);
 
+    // Records in the line: 1 but for a batch line.
+    let mut count: u64 = 1;
     let kind = match raw.kind.as_deref() {
         Some("header") => {
             let id = raw.log_id.as_deref().unwrap_or_default();
@@ -386,40 +603,129 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
             parse_time("time", raw.time.as_deref())?;
             Kind::Recovered { offset }
         }
+        Some("batch") => {
+            let time = parse_time("time", raw.time.as_deref())?;
+            check_call_members(&raw)?;
+            let items = raw
+                .records
+                .ok_or_else(|| "batch line without 'records'".to_owned())?;
+            if items.is_empty() {
+                return Err("batch line with no records".to_owned());
+            }
+            if let Some(name) = items.iter().find_map(RawItem::missing) {
+                return Err(format!("batch record without '{name}'"));
+            }
+            count = u64::try_from(items.len()).unwrap_or(u64::MAX);
+            Kind::Batch {
+                tenants: items.into_iter().map(|i| i.tenant.flatten()).collect(),
+                time,
+            }
+        }
         Some(_) => return Err("unknown record 'kind'".to_owned()),
         None => {
             let time = parse_time("time", raw.time.as_deref())?;
-            let missing = [
-                ("actor", raw.actor.is_none()),
-                ("uid", raw.uid.is_none()),
-                ("pid", raw.pid.is_none()),
-                ("action", raw.action.is_none()),
-                ("tenant", raw.tenant.is_none()),
-                ("field", raw.field.is_none()),
-                ("record", raw.record.is_none()),
-                ("key_version", raw.key_version.is_none()),
-                ("key_source", raw.key_source.is_none()),
-                ("result", raw.result.is_none()),
-                ("request_id", raw.request_id.is_none()),
-            ]
-            .into_iter()
-            .find(|(_, m)| *m);
-            if let Some((name, _)) = missing {
+            check_call_members(&raw)?;
+            if raw.records.is_some() {
+                return Err("event record with 'records'".to_owned());
+            }
+            let item = RawItem {
+                tenant: raw.tenant,
+                field: raw.field,
+                record: raw.record,
+                key_version: raw.key_version,
+                key_source: raw.key_source,
+                result: raw.result,
+            };
+            if let Some(name) = item.missing() {
                 return Err(format!("event record without '{name}'"));
             }
             Kind::Event {
-                tenant: raw.tenant.flatten(),
+                tenant: item.tenant.flatten(),
                 time,
             }
         }
     };
+    let last_seq = raw
+        .seq
+        .checked_add(count - 1)
+        .ok_or_else(|| "sequence number exhausted".to_owned())?;
     Ok(Parsed {
         seq: raw.seq,
+        last_seq,
         prev,
         hash: stored,
         hash_ok,
         kind,
     })
+}
+
+/// One record of a batch line, or the record members of an event line, as read for export.
+#[derive(Deserialize)]
+struct ExportItem {
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    field: Option<String>,
+    #[serde(default)]
+    record: Option<String>,
+    #[serde(default)]
+    key_version: Option<u32>,
+    #[serde(default)]
+    key_source: Option<String>,
+    #[serde(default)]
+    result: String,
+}
+
+/// An event or batch line as read for export.
+#[derive(Deserialize)]
+struct ExportLine {
+    seq: u64,
+    time: String,
+    actor: String,
+    uid: Option<u32>,
+    pid: Option<u32>,
+    action: String,
+    request_id: String,
+    #[serde(flatten)]
+    event: ExportItem,
+    #[serde(default)]
+    records: Option<Vec<ExportItem>>,
+}
+
+/// Appends the records of `tenant` in an event or batch line (already checked by
+/// [`parse_line`]) to `out`, one stand-alone JSON line each (see [`encode_export`]); returns
+/// how many. `Err` carries a short description without line content.
+pub(crate) fn export_records(line: &[u8], tenant: &str, out: &mut String) -> Result<u64, String> {
+    let parsed: ExportLine =
+        serde_json::from_slice(line).map_err(|_| "not a valid record".to_owned())?;
+    let time = parse_time("time", Some(&parsed.time))?;
+    let items = match &parsed.records {
+        Some(items) => items.as_slice(),
+        None => std::slice::from_ref(&parsed.event),
+    };
+    let mut exported = 0;
+    for (seq, item) in (parsed.seq..).zip(items) {
+        if item.tenant.as_deref() != Some(tenant) {
+            continue;
+        }
+        let view = RecordView {
+            time,
+            actor: &parsed.actor,
+            uid: parsed.uid,
+            pid: parsed.pid,
+            action: &parsed.action,
+            tenant: item.tenant.as_deref(),
+            field: item.field.as_deref(),
+            record: item.record.as_deref(),
+            key_version: item.key_version,
+            key_source: item.key_source.as_deref(),
+            result: &item.result,
+            request_id: &parsed.request_id,
+        };
+        encode_export(out, seq, &view);
+        exported += 1;
+    }
+    Ok(exported)
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ use tokio::sync::watch;
 
 use crate::error::AuditFileError;
 use crate::format::{
-    Kind, MAX_LINE, encode_event, encode_header, encode_recovery, finish_line, max_event_line_len,
-    parse_line,
+    Kind, MAX_LINE, encode_event, encode_header, encode_line, encode_recovery, finish_line,
+    max_event_line_len, parse_line,
 };
 
 /// When `append` returns, and what a crash can lose.
@@ -225,12 +225,16 @@ struct Shared {
 /// A hash-chained JSON-lines audit log in one local file, implementing [`AuditSink`].
 ///
 /// # Format
-/// One record per line, UTF-8, fields in a fixed order; `hash` is the SHA-256 of the line's
-/// bytes without the `,"hash":"…"` member, and `prev` is the previous record's hash:
+/// JSON lines, UTF-8, members in a fixed order; `hash` is the SHA-256 of the line's bytes
+/// without the `,"hash":"…"` member, and `prev` is the previous line's hash. A line holds one
+/// record, except a **batch line**, which holds the records of one call (same time, actor,
+/// action and request id: the fields of one batch operation) — its common members once, then
+/// one object per record; its records have the sequence numbers `seq`, `seq + 1`, …:
 ///
 /// ```text
 /// {"seq":0,"kind":"header","log_id":"<32 hex>","created":"<RFC 3339>","prev":"000…0","hash":"…"}
-/// {"seq":1,"time":"2025-01-02T03:04:05Z","actor":"svc","uid":1000|null,"pid":42|null,"action":"encrypt","tenant":"t1"|null,"field":"ssn"|null,"record":"r1"|null,"key_version":3|null,"key_source":"cache"|"kms"|null,"result":"ok","request_id":"…","prev":"…","hash":"…"}
+/// {"seq":1,"time":"2025-01-02T03:04:05Z","actor":"svc","uid":1000|null,"pid":42|null,"action":"encrypt","tenant":"t1"|null,"field":"ssn"|null,"record":"r1"|null,"key_version":3|null,"key_source":"cache"|"kms"|"stale"|null,"result":"ok","request_id":"…","prev":"…","hash":"…"}
+/// {"seq":2,"kind":"batch","time":"…","actor":"svc","uid":…,"pid":…,"action":"encrypt","request_id":"…","records":[{"tenant":"t1","field":"ssn","record":"r1","key_version":3,"key_source":"cache","result":"ok"},…],"prev":"…","hash":"…"}
 /// {"seq":N,"kind":"recovered_torn_tail","offset":…,"len":…,"saved_to":"…","time":"…","prev":"…","hash":"…"}
 /// ```
 ///
@@ -361,7 +365,7 @@ fn head_from_tail(path: &Path, file: &File, start: u64, end: u64) -> Result<Head
         return Err(damaged("the only line is not a header record".into()));
     }
     let next_seq = parsed
-        .seq
+        .last_seq
         .checked_add(1)
         .ok_or_else(|| damaged("sequence number exhausted".into()))?;
     Ok(Head {
@@ -858,7 +862,8 @@ fn exact_max_line_len(event: &AuditEvent) -> usize {
     line.len()
 }
 
-/// Encodes `events` as the records that follow `w.head` and writes them with `write_all`, in
+/// Encodes `events` as the lines that follow `w.head` (see [`encode_line`]: the records of one
+/// call share a batch line) and writes them with `write_all`, in
 /// `write(2)`s of about `chunk` bytes (one per call for `usize::MAX`). `w.head` follows what was
 /// written. Fails without writing anything more on a record longer than [`MAX_LINE`] (the
 /// earlier chunks stay written); on a write failure the log is poisoned.
@@ -870,8 +875,9 @@ fn encode_and_write(
 ) -> Result<(), AuditFileError> {
     w.out.clear();
     let mut head = w.head;
-    for event in events {
-        encode_event(&mut w.line, head.next_seq, &head.prev, event);
+    let mut rest = events;
+    while let Some((first, others)) = rest.split_first() {
+        let taken = encode_line(&mut w.line, head.next_seq, &head.prev, first, others);
         let hash = finish_line(&mut w.line);
         if w.line.len() > MAX_LINE {
             return Err(AuditFileError::RecordTooLarge {
@@ -881,9 +887,9 @@ fn encode_and_write(
         }
         w.out.extend_from_slice(w.line.as_bytes());
         head = Head {
-            next_seq: head
-                .next_seq
-                .checked_add(1)
+            next_seq: u64::try_from(taken)
+                .ok()
+                .and_then(|n| head.next_seq.checked_add(n))
                 .ok_or_else(|| AuditFileError::DamagedTail {
                     path: shared.path.clone(),
                     end: 0,
@@ -891,6 +897,7 @@ fn encode_and_write(
                 })?,
             prev: hash,
         };
+        rest = rest.get(taken..).unwrap_or_default();
         if w.out.len() >= chunk {
             write_out(shared, w)?;
             w.head = head;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 
 use crate::error::AuditFileError;
-use crate::format::{Kind, MAX_LINE, Parsed, ZERO_HASH, parse_line};
+use crate::format::{Kind, MAX_LINE, Parsed, ZERO_HASH, export_records, parse_line};
 
 /// At most this many problems are kept in a [`VerifyReport`]; the rest are only counted.
 pub const MAX_PROBLEMS: usize = 1000;
@@ -50,7 +50,8 @@ pub struct Problem {
 /// The result of [`verify`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VerifyReport {
-    /// Complete lines read (header and recovery records included).
+    /// Records read: one per complete line, and each record of a batch line (header, recovery
+    /// and malformed lines count as one).
     pub records: u64,
     /// Sequence number of the last well-formed record.
     pub last_seq: Option<u64>,
@@ -200,8 +201,9 @@ impl Checker {
             }
             Ok(p) => {
                 self.check(&p);
-                self.prev = Some((p.hash, p.seq));
-                self.report.last_seq = Some(p.seq);
+                self.report.records += p.last_seq - p.seq;
+                self.prev = Some((p.hash, p.last_seq));
+                self.report.last_seq = Some(p.last_seq);
                 self.report.head_hash = Some(hex::encode(p.hash));
                 Some(p)
             }
@@ -317,8 +319,10 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, AuditFileError> {
     Ok(checker.report)
 }
 
-/// Writes the records of `tenant` whose time is in `[since, until)` to `out`, exactly as stored
-/// (one JSON line each), verifying the whole chain while reading.
+/// Writes the records of `tenant` whose time is in `[since, until)` to `out`, one JSON line
+/// per record (also for the records of a batch line), verifying the whole chain while reading.
+/// An exported line has the members of an event line in the same order — `seq` to
+/// `request_id` — without `prev` and `hash`, which chain the log's lines, not single records.
 ///
 /// On a chain problem it stops with [`AuditFileError::ChainBroken`]: what was already written
 /// to `out` is incomplete and must be discarded (the export streams with constant memory, so
@@ -337,6 +341,7 @@ pub fn export_tenant(
     let mut buf = Vec::with_capacity(1024);
     let mut checker = Checker::new();
     let mut report = ExportReport::default();
+    let mut text = String::new();
     let broken = |checker: &Checker| {
         checker
             .report
@@ -361,28 +366,38 @@ pub fn export_tenant(
                 if let Some(e) = broken(&checker) {
                     return Err(e);
                 }
-                if let Some(Parsed {
-                    kind:
-                        Kind::Event {
-                            tenant: Some(t),
-                            time,
-                        },
-                    ..
-                }) = parsed
-                {
-                    let in_range =
-                        since.is_none_or(|s| time >= s) && until.is_none_or(|u| time < u);
-                    if t == tenant && in_range {
-                        out.write_all(&buf)
-                            .and_then(|()| out.write_all(b"\n"))
-                            .map_err(|source| AuditFileError::Io {
-                                path: path.to_owned(),
-                                op: "write export",
-                                source,
-                            })?;
-                        report.exported += 1;
-                    }
+                let (tenants, time) = match &parsed {
+                    Some(Parsed {
+                        kind: Kind::Event { tenant, time },
+                        ..
+                    }) => (std::slice::from_ref(tenant), *time),
+                    Some(Parsed {
+                        kind: Kind::Batch { tenants, time },
+                        ..
+                    }) => (tenants.as_slice(), *time),
+                    _ => continue,
+                };
+                let in_range = since.is_none_or(|s| time >= s) && until.is_none_or(|u| time < u);
+                if !in_range || !tenants.iter().any(|t| t.as_deref() == Some(tenant)) {
+                    continue;
                 }
+                text.clear();
+                // The line passed `parse_line` already; this fails only if the two parsers
+                // disagree, and then the export stops rather than skip records.
+                let n = export_records(&buf, tenant, &mut text).map_err(|_| {
+                    AuditFileError::ChainBroken {
+                        path: path.to_owned(),
+                        line: checker.line_no,
+                        kind: ProblemKind::Malformed,
+                    }
+                })?;
+                out.write_all(text.as_bytes())
+                    .map_err(|source| AuditFileError::Io {
+                        path: path.to_owned(),
+                        op: "write export",
+                        source,
+                    })?;
+                report.exported += n;
             }
         }
     }

@@ -43,6 +43,35 @@ fn ev(i: u64) -> AuditEvent {
     event("acme", i, Timestamp::now())
 }
 
+/// `n` events of one call (same time, actor, action and request id), as a batch operation
+/// writes them; their tenants cycle through `tenants`, their record ids are `patient-0`, ….
+fn call_events(tenants: &[&str], n: usize, request_id: &str) -> Vec<AuditEvent> {
+    let time = Timestamp::now();
+    let request_id: Arc<str> = Arc::from(request_id);
+    (0..n)
+        .map(|i| {
+            let mut e = event(tenants[i % tenants.len()], i as u64, time);
+            e.request_id = Arc::clone(&request_id);
+            e
+        })
+        .collect()
+}
+
+fn json(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap()
+}
+
+/// Asserts that `keys` occur in `line` in this order.
+fn assert_member_order(line: &str, keys: &[&str]) {
+    let mut pos = 0;
+    for key in keys {
+        let at = line[pos..]
+            .find(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("{key} missing or out of order in {line}"));
+        pos += at + 1;
+    }
+}
+
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -125,11 +154,226 @@ async fn append_and_verify_all_modes() {
             "prev",
             "hash",
         ];
-        let mut pos = 0;
-        for key in order {
-            let at = all[1][pos..].find(&format!("\"{key}\":")).unwrap();
-            pos += at;
+        assert_member_order(&all[1], &order);
+    }
+}
+
+#[tokio::test]
+async fn records_of_one_call_share_batch_lines() {
+    for durability in [
+        Durability::Strict,
+        Durability::default(),
+        Durability::buffered(),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = FileAuditLog::open(&path, durability).unwrap();
+        log.append(&[ev(1)]).await.unwrap();
+        let call = call_events(&["acme", "other"], 5, "req-batch");
+        log.append(&call).await.unwrap();
+        log.append(&[ev(7)]).await.unwrap();
+        // A call too large for one line (record ids of 500 bytes): it continues on more lines.
+        let mut big = call_events(&["acme"], 400, "req-big");
+        for (i, e) in big.iter_mut().enumerate() {
+            e.record = Some(Arc::from(format!("{i:0>500}")));
         }
+        log.append(&big).await.unwrap();
+        log.flush().await.unwrap();
+        drop(log);
+
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 1 + 1 + 5 + 1 + 400);
+        assert_eq!(report.last_seq, Some(407));
+
+        let all = lines(&path);
+        // header, ev(1), the call of 5, ev(7), then the big call.
+        let batch = json(&all[2]);
+        assert_eq!(batch["seq"], 2);
+        assert_eq!(batch["kind"], "batch");
+        assert_eq!(batch["action"], "decrypt");
+        assert_eq!(batch["request_id"], "req-batch");
+        assert_eq!(batch["uid"], 1000);
+        let records = batch["records"].as_array().unwrap();
+        assert_eq!(records.len(), 5);
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r["tenant"], ["acme", "other"][i % 2]);
+            assert_eq!(r["record"], format!("patient-{i}"));
+            assert_eq!(r["field"], "ssn");
+            assert_eq!(r["key_version"], 3);
+            assert_eq!(r["key_source"], "cache");
+            assert_eq!(r["result"], "ok");
+        }
+        assert_member_order(
+            &all[2],
+            &[
+                "seq",
+                "kind",
+                "time",
+                "actor",
+                "uid",
+                "pid",
+                "action",
+                "request_id",
+                "records",
+                "tenant",
+                "field",
+                "record",
+                "key_version",
+                "key_source",
+                "result",
+                "prev",
+                "hash",
+            ],
+        );
+        assert_eq!(json(&all[3])["seq"], 7);
+        assert_eq!(json(&all[3])["kind"], serde_json::Value::Null);
+
+        let big_lines = &all[4..];
+        assert!(
+            big_lines.len() > 1,
+            "400 records of 500-byte ids fit one line"
+        );
+        let mut next_seq = 8;
+        for line in big_lines {
+            assert!(line.len() < 64 * 1024, "{}", line.len());
+            let v = json(line);
+            assert_eq!(v["seq"], next_seq);
+            next_seq += v["records"].as_array().unwrap().len() as u64;
+        }
+        assert_eq!(next_seq, 408);
+
+        // Reopening continues after the last record of the last batch line.
+        let log = FileAuditLog::open(&path, durability).unwrap();
+        log.append(&[ev(9)]).await.unwrap();
+        log.flush().await.unwrap();
+        drop(log);
+        assert_eq!(json(lines(&path).last().unwrap())["seq"], 408);
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        assert_eq!(report.records, 409);
+    }
+}
+
+#[tokio::test]
+async fn tampered_batch_lines_are_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    log.append(&call_events(&["acme"], 4, "req-a"))
+        .await
+        .unwrap();
+    log.append(&[ev(10)]).await.unwrap();
+    drop(log);
+    let good = lines(&path);
+    assert_eq!(good.len(), 3);
+
+    // A record of the batch edited: that line's hash no longer matches.
+    let mut edited = good.clone();
+    edited[1] = edited[1].replace("patient-2", "patient-9");
+    write_lines(&path, &edited);
+    let report = verify(&path).unwrap();
+    assert_eq!(kinds_at(&report, 2), vec![ProblemKind::HashMismatch]);
+
+    // A record removed from the batch: the hash no longer matches, and the next line's seq
+    // does not follow.
+    let mut removed = good.clone();
+    removed[1] = removed[1].replace(
+        r#",{"tenant":"acme","field":"ssn","record":"patient-3","key_version":3,"key_source":"cache","result":"ok"}"#,
+        "",
+    );
+    assert_ne!(removed[1], good[1]);
+    write_lines(&path, &removed);
+    let report = verify(&path).unwrap();
+    assert_eq!(kinds_at(&report, 2), vec![ProblemKind::HashMismatch]);
+    assert_eq!(kinds_at(&report, 3), vec![ProblemKind::SeqGap]);
+
+    // The whole batch line deleted: the chain breaks and four records are missing.
+    write_lines(&path, &[good[0].clone(), good[2].clone()]);
+    let report = verify(&path).unwrap();
+    assert_eq!(
+        kinds_at(&report, 2),
+        vec![ProblemKind::ChainBreak, ProblemKind::SeqGap]
+    );
+
+    // A batch line without records, or with a record lacking a member, is malformed.
+    for bad in [
+        r#""records":[]"#.to_owned(),
+        good[1].replace(r#""key_source":"cache","#, ""),
+    ] {
+        let mut lines_ = good.clone();
+        lines_[1] = if bad.starts_with('{') {
+            bad
+        } else {
+            let v = &good[1];
+            let start = v.find(r#""records":["#).unwrap();
+            let end = v.find(r#"],"prev""#).unwrap() + 1;
+            format!("{}{bad}{}", &v[..start], &v[end..])
+        };
+        write_lines(&path, &lines_);
+        let report = verify(&path).unwrap();
+        assert!(
+            kinds_at(&report, 2).contains(&ProblemKind::Malformed),
+            "{report:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn export_expands_batch_lines_into_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    log.append(&[ev(1)]).await.unwrap();
+    log.append(&call_events(&["acme", "other", "acme"], 6, "req-mixed"))
+        .await
+        .unwrap();
+    drop(log);
+
+    let mut out = Vec::new();
+    let r = export_tenant(&path, "acme", None, None, &mut out).unwrap();
+    assert_eq!(r.records_scanned, 1 + 1 + 6);
+    assert_eq!(r.last_seq, Some(7));
+    let text = String::from_utf8(out).unwrap();
+    let exported: Vec<serde_json::Value> = text.lines().map(json).collect();
+    // ev(1), then records 0, 2, 3, 5 of the call (seq 2 + i).
+    assert_eq!(r.exported, 5);
+    let seqs: Vec<u64> = exported
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 4, 5, 7]);
+    let batch = json(&lines(&path)[2]);
+    for (v, i) in exported[1..].iter().zip([0, 2, 3, 5]) {
+        assert_eq!(v["tenant"], "acme");
+        assert_eq!(v["record"], format!("patient-{i}"));
+        assert_eq!(v["request_id"], "req-mixed");
+        assert_eq!(v["time"], batch["time"]);
+        assert_eq!(v["actor"], "svc-billing");
+        assert_eq!(v["pid"], 4242);
+        assert_eq!(v["key_source"], "cache");
+        assert_eq!(v["prev"], serde_json::Value::Null);
+    }
+    // Every exported line has the members of an event line, in its order.
+    for line in text.lines() {
+        assert_member_order(
+            line,
+            &[
+                "seq",
+                "time",
+                "actor",
+                "uid",
+                "pid",
+                "action",
+                "tenant",
+                "field",
+                "record",
+                "key_version",
+                "key_source",
+                "result",
+                "request_id",
+            ],
+        );
     }
 }
 
@@ -590,6 +834,11 @@ fn garbage_never_panics() {
 #[tokio::test]
 async fn mutated_logs_never_panic() {
     let (_dir, path) = log_with(6).await;
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    log.append(&call_events(&["acme", "other"], 5, "req-batch"))
+        .await
+        .unwrap();
+    drop(log);
     let good = std::fs::read(&path).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for _ in 0..500 {
@@ -635,11 +884,17 @@ async fn export_filters_by_tenant_and_time() {
     assert_eq!(r.exported, 3);
     assert_eq!(r.records_scanned, 6);
     let text = String::from_utf8(out).unwrap();
+    // An exported record is its event line without the chain members `prev` and `hash`.
+    let unchained = |line: &str| format!("{}}}", &line[..line.find(r#","prev":"#).unwrap()]);
     let stored = lines(&path);
     let exported: Vec<&str> = text.lines().collect();
     assert_eq!(
         exported,
-        vec![&stored[1][..], &stored[3][..], &stored[5][..]]
+        vec![
+            unchained(&stored[1]),
+            unchained(&stored[3]),
+            unchained(&stored[5])
+        ]
     );
 
     let mut out = Vec::new();

@@ -219,13 +219,28 @@ pub fn with_token<T>(body: T, token: &str) -> tonic::Request<T> {
     request
 }
 
-/// Audit records (parsed JSON lines) matching a predicate.
+/// The audit log's records, one JSON object each: a batch line (the records of one call)
+/// becomes one object per record, with the line's common members and `seq` counted on.
 pub fn audit_records(log: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string(log).unwrap().lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["kind"] != "batch" {
+            out.push(v);
+            continue;
+        }
+        let common = v.as_object_mut().unwrap();
+        let records = common.remove("records").unwrap();
+        common.remove("kind");
+        let seq = common["seq"].as_u64().unwrap();
+        for (i, r) in records.as_array().unwrap().iter().enumerate() {
+            let mut record = common.clone();
+            record.insert("seq".into(), (seq + i as u64).into());
+            record.extend(r.as_object().unwrap().clone());
+            out.push(serde_json::Value::Object(record));
+        }
+    }
+    out
 }
 
 pub async fn create_tenant(d: &Daemon, tenant: &str) {
