@@ -228,18 +228,42 @@ pub(crate) fn encode_export(out: &mut String, seq: u64, r: &RecordView<'_>) {
     out.push_str("}\n");
 }
 
-/// Whether `b` comes from the same call as `a` (same time, actor, action and request id), so
-/// that both can share one batch line.
-fn same_call(a: &AuditEvent, b: &AuditEvent) -> bool {
-    fn same(x: &Arc<str>, y: &Arc<str>) -> bool {
-        Arc::ptr_eq(x, y) || x == y
+/// Most records one batch line holds (it also stays within [`MAX_LINE`]).
+const MAX_BATCH_RECORDS: usize = 1024;
+
+/// Which of the members that records of one call have in common a batch line holds once, at
+/// line level, instead of in each record: those equal in all its records.
+#[derive(Debug, Clone, Copy)]
+struct Hoisted {
+    time: bool,
+    /// `actor`, `uid` and `pid`.
+    actor: bool,
+    action: bool,
+    request_id: bool,
+}
+
+impl Hoisted {
+    /// The members `first` shares with every event of `rest`.
+    fn over(first: &AuditEvent, rest: &[AuditEvent]) -> Self {
+        fn same(x: &Arc<str>, y: &Arc<str>) -> bool {
+            Arc::ptr_eq(x, y) || x == y
+        }
+        let mut h = Self {
+            time: true,
+            actor: true,
+            action: true,
+            request_id: true,
+        };
+        for e in rest {
+            h.time &= e.time == first.time;
+            h.actor &= e.actor.uid == first.actor.uid
+                && e.actor.pid == first.actor.pid
+                && same(&e.actor.identity, &first.actor.identity);
+            h.action &= e.action == first.action;
+            h.request_id &= same(&e.request_id, &first.request_id);
+        }
+        h
     }
-    a.time == b.time
-        && a.action == b.action
-        && same(&a.request_id, &b.request_id)
-        && a.actor.uid == b.actor.uid
-        && a.actor.pid == b.actor.pid
-        && same(&a.actor.identity, &b.actor.identity)
 }
 
 /// Room a batch line keeps for what follows its last record: `],"prev":"<64 hex>"`,
@@ -247,14 +271,16 @@ fn same_call(a: &AuditEvent, b: &AuditEvent) -> bool {
 const BATCH_TAIL_MAX: usize = 2 + 9 + 64 + 1 + HASH_SUFFIX_LEN + 1;
 
 /// Encodes the line (without its hash, see [`finish_line`]) that holds `first` and as many of
-/// the events in `rest` as can share it, into `line` (cleared first); returns how many events
-/// the line holds (at least 1).
+/// the events in `rest` as fit, into `line` (cleared first); returns how many events the line
+/// holds (at least 1).
 ///
-/// Events of one call — same time, actor, action and request id, as the records of one batch
-/// operation are — share a **batch line**: the common members once, then one object per record
-/// (tenant, field, record, key version, key source, result) in `records`; its records take the
-/// sequence numbers `seq`, `seq + 1`, …. A batch line stays within [`MAX_LINE`]; a run that
-/// does not fit continues on the next line. Any other event gets an event line of its own.
+/// A lone event gets an **event line**. Several events share a **batch line**: the members
+/// they all have in common among `time`, `actor` (with `uid` and `pid`), `action` and
+/// `request_id` once at line level — all of them for the records of one call, such as the
+/// fields of one batch operation — then one object per record with its other members, in
+/// `records`; its records take the sequence numbers `seq`, `seq + 1`, …. A batch line holds at
+/// most [`MAX_BATCH_RECORDS`] records and stays within [`MAX_LINE`]; the rest continues on the
+/// next line.
 pub(crate) fn encode_line(
     line: &mut String,
     seq: u64,
@@ -262,9 +288,9 @@ pub(crate) fn encode_line(
     first: &AuditEvent,
     rest: &[AuditEvent],
 ) -> usize {
-    let run = rest.iter().take_while(|e| same_call(first, e)).count();
-    if run > 0 {
-        let taken = encode_batch(line, seq, prev, first, rest.get(..run).unwrap_or_default());
+    let rest = rest.get(..MAX_BATCH_RECORDS - 1).unwrap_or(rest);
+    if !rest.is_empty() {
+        let taken = encode_batch(line, seq, prev, first, rest);
         if taken > 0 {
             return 1 + taken;
         }
@@ -273,9 +299,9 @@ pub(crate) fn encode_line(
     1
 }
 
-/// Encodes a batch line of `first` and a leading part of `rest` (all of one call); returns how
-/// many events of `rest` it holds. Zero means not even two records fit in [`MAX_LINE`]: the
-/// caller writes `first` as an event line instead.
+/// Encodes a batch line of `first` and a leading part of `rest`; returns how many events of
+/// `rest` it holds. Zero means not even two records fit in [`MAX_LINE`]: the caller writes
+/// `first` as an event line instead.
 fn encode_batch(
     line: &mut String,
     seq: u64,
@@ -283,21 +309,14 @@ fn encode_batch(
     first: &AuditEvent,
     rest: &[AuditEvent],
 ) -> usize {
+    // Members equal over all of `rest` are equal over any leading part of it, so hoisting is
+    // decided once, before the line is cut to size.
+    let hoisted = Hoisted::over(first, rest);
     line.clear();
     line.push_str("{\"seq\":");
     push_u64(line, seq);
-    line.push_str(",\"kind\":\"batch\",\"time\":\"");
-    push_time(line, first.time);
-    line.push_str("\",\"actor\":");
-    push_json_str(line, &first.actor.identity);
-    line.push_str(",\"uid\":");
-    push_opt_u32(line, first.actor.uid);
-    line.push_str(",\"pid\":");
-    push_opt_u32(line, first.actor.pid);
-    line.push_str(",\"action\":");
-    push_json_str(line, first.action.as_str());
-    line.push_str(",\"request_id\":");
-    push_json_str(line, &first.request_id);
+    line.push_str(",\"kind\":\"batch\"");
+    push_call_members(line, &RecordView::of(first), hoisted, true);
     line.push_str(",\"records\":[");
     let mut taken = 0;
     for (i, e) in std::iter::once(first).chain(rest).enumerate() {
@@ -305,8 +324,20 @@ fn encode_batch(
         if i > 0 {
             line.push(',');
         }
+        let view = RecordView::of(e);
         line.push('{');
-        push_item_members(line, &RecordView::of(e));
+        let opened = line.len();
+        push_call_members(line, &view, hoisted, false);
+        if line.len() > opened {
+            // Members were written, each with a leading comma: drop the first one.
+            line.remove(opened);
+            line.push(',');
+        }
+        push_item_members(line, &view);
+        if !hoisted.request_id {
+            line.push_str(",\"request_id\":");
+            push_json_str(line, view.request_id);
+        }
         line.push('}');
         if line.len() + BATCH_TAIL_MAX > MAX_LINE {
             line.truncate(mark);
@@ -320,6 +351,33 @@ fn encode_batch(
     line.push(']');
     push_prev(line, prev);
     taken
+}
+
+/// Appends `,"time":…`, `,"actor":…,"uid":…,"pid":…` and `,"action":…` — those hoisted
+/// (`hoisted_level`) or those not (record level) — and, at line level, `,"request_id":…` if
+/// hoisted (a record's own request id comes after its other members, as in an event line).
+fn push_call_members(line: &mut String, r: &RecordView<'_>, h: Hoisted, hoisted_level: bool) {
+    if h.time == hoisted_level {
+        line.push_str(",\"time\":\"");
+        push_time(line, r.time);
+        line.push('"');
+    }
+    if h.actor == hoisted_level {
+        line.push_str(",\"actor\":");
+        push_json_str(line, r.actor);
+        line.push_str(",\"uid\":");
+        push_opt_u32(line, r.uid);
+        line.push_str(",\"pid\":");
+        push_opt_u32(line, r.pid);
+    }
+    if h.action == hoisted_level {
+        line.push_str(",\"action\":");
+        push_json_str(line, r.action);
+    }
+    if hoisted_level && h.request_id {
+        line.push_str(",\"request_id\":");
+        push_json_str(line, r.request_id);
+    }
 }
 
 /// Bytes of an event line that do not come from its strings: member names, punctuation, the
@@ -407,12 +465,10 @@ pub(crate) enum Kind {
         /// Its time.
         time: Timestamp,
     },
-    /// A batch line: the records of one call.
+    /// A batch line: several records.
     Batch {
-        /// The tenant of each record, in order.
-        tenants: Vec<Option<String>>,
-        /// Their (common) time.
-        time: Timestamp,
+        /// The tenant and time of each record, in order.
+        records: Vec<(Option<String>, Timestamp)>,
     },
     /// A torn-tail recovery record.
     Recovered {
@@ -496,8 +552,22 @@ struct Raw {
 }
 
 /// One record of a batch line.
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct RawItem {
+    // Members a batch line may hold at line level instead (see `batch_times`).
+    #[serde(default)]
+    time: Option<String>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    uid: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    pid: Option<Option<u32>>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+    // Members every record has itself.
     #[serde(default, deserialize_with = "present")]
     tenant: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
@@ -510,6 +580,43 @@ struct RawItem {
     key_source: Option<Option<String>>,
     #[serde(default)]
     result: Option<String>,
+}
+
+/// Checks that each member a batch line may hoist (`time`, `actor`, `uid`, `pid`, `action`,
+/// `request_id`) is either at line level or in every record, never both, and returns each
+/// record's time.
+fn batch_times(raw: &Raw, items: &[RawItem]) -> Result<Vec<Timestamp>, String> {
+    type InItem = fn(&RawItem) -> bool;
+    let members: [(&str, bool, InItem); 6] = [
+        ("time", raw.time.is_some(), |i| i.time.is_some()),
+        ("actor", raw.actor.is_some(), |i| i.actor.is_some()),
+        ("uid", raw.uid.is_some(), |i| i.uid.is_some()),
+        ("pid", raw.pid.is_some(), |i| i.pid.is_some()),
+        ("action", raw.action.is_some(), |i| i.action.is_some()),
+        ("request_id", raw.request_id.is_some(), |i| {
+            i.request_id.is_some()
+        }),
+    ];
+    for (name, on_line, in_item) in members {
+        let in_records = items.iter().filter(|i| in_item(i)).count();
+        match (on_line, in_records) {
+            (true, 0) => {}
+            (false, n) if n == items.len() => {}
+            (true, _) => {
+                return Err(format!(
+                    "batch line with '{name}' both on the line and in a record"
+                ));
+            }
+            (false, _) => return Err(format!("batch record without '{name}'")),
+        }
+    }
+    match &raw.time {
+        Some(t) => Ok(vec![parse_time("time", Some(t))?; items.len()]),
+        None => items
+            .iter()
+            .map(|i| parse_time("time", i.time.as_deref()))
+            .collect(),
+    }
 }
 
 impl RawItem {
@@ -604,10 +711,9 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
             Kind::Recovered { offset }
         }
         Some("batch") => {
-            let time = parse_time("time", raw.time.as_deref())?;
-            check_call_members(&raw)?;
             let items = raw
                 .records
+                .as_deref()
                 .ok_or_else(|| "batch line without 'records'".to_owned())?;
             if items.is_empty() {
                 return Err("batch line with no records".to_owned());
@@ -615,10 +721,23 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
             if let Some(name) = items.iter().find_map(RawItem::missing) {
                 return Err(format!("batch record without '{name}'"));
             }
+            let top_level_record_member = raw.tenant.is_some()
+                || raw.field.is_some()
+                || raw.record.is_some()
+                || raw.key_version.is_some()
+                || raw.key_source.is_some()
+                || raw.result.is_some();
+            if top_level_record_member {
+                return Err("batch line with a record member outside 'records'".to_owned());
+            }
+            let times = batch_times(&raw, items)?;
             count = u64::try_from(items.len()).unwrap_or(u64::MAX);
             Kind::Batch {
-                tenants: items.into_iter().map(|i| i.tenant.flatten()).collect(),
-                time,
+                records: items
+                    .iter()
+                    .map(|i| i.tenant.clone().flatten())
+                    .zip(times)
+                    .collect(),
             }
         }
         Some(_) => return Err("unknown record 'kind'".to_owned()),
@@ -635,6 +754,7 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
                 key_version: raw.key_version,
                 key_source: raw.key_source,
                 result: raw.result,
+                ..RawItem::default()
             };
             if let Some(name) = item.missing() {
                 return Err(format!("event record without '{name}'"));
@@ -659,9 +779,22 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     })
 }
 
-/// One record of a batch line, or the record members of an event line, as read for export.
+/// The members of a record as read for export: those of an event line, or those of one record
+/// of a batch line (then the line's own members fill in the hoisted ones).
 #[derive(Deserialize)]
 struct ExportItem {
+    #[serde(default)]
+    time: Option<String>,
+    #[serde(default)]
+    actor: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    uid: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    pid: Option<Option<u32>>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
     #[serde(default)]
     tenant: Option<String>,
     #[serde(default)]
@@ -680,47 +813,65 @@ struct ExportItem {
 #[derive(Deserialize)]
 struct ExportLine {
     seq: u64,
-    time: String,
-    actor: String,
-    uid: Option<u32>,
-    pid: Option<u32>,
-    action: String,
-    request_id: String,
     #[serde(flatten)]
-    event: ExportItem,
+    line: ExportItem,
     #[serde(default)]
     records: Option<Vec<ExportItem>>,
 }
 
-/// Appends the records of `tenant` in an event or batch line (already checked by
-/// [`parse_line`]) to `out`, one stand-alone JSON line each (see [`encode_export`]); returns
-/// how many. `Err` carries a short description without line content.
-pub(crate) fn export_records(line: &[u8], tenant: &str, out: &mut String) -> Result<u64, String> {
+/// Appends the records of `tenant` with a time in `[since, until)` in an event or batch line
+/// (already checked by [`parse_line`]) to `out`, one stand-alone JSON line each (see
+/// [`encode_export`]); returns how many. `Err` carries a short description without line
+/// content.
+pub(crate) fn export_records(
+    line: &[u8],
+    tenant: &str,
+    since: Option<Timestamp>,
+    until: Option<Timestamp>,
+    out: &mut String,
+) -> Result<u64, String> {
     let parsed: ExportLine =
         serde_json::from_slice(line).map_err(|_| "not a valid record".to_owned())?;
-    let time = parse_time("time", Some(&parsed.time))?;
+    let common = &parsed.line;
     let items = match &parsed.records {
         Some(items) => items.as_slice(),
-        None => std::slice::from_ref(&parsed.event),
+        None => std::slice::from_ref(common),
     };
+    let missing = |name: &str| format!("record without '{name}'");
     let mut exported = 0;
     for (seq, item) in (parsed.seq..).zip(items) {
         if item.tenant.as_deref() != Some(tenant) {
             continue;
         }
+        let time = parse_time("time", item.time.as_deref().or(common.time.as_deref()))?;
+        if since.is_some_and(|s| time < s) || until.is_some_and(|u| time >= u) {
+            continue;
+        }
         let view = RecordView {
             time,
-            actor: &parsed.actor,
-            uid: parsed.uid,
-            pid: parsed.pid,
-            action: &parsed.action,
+            actor: item
+                .actor
+                .as_deref()
+                .or(common.actor.as_deref())
+                .ok_or_else(|| missing("actor"))?,
+            uid: item.uid.or(common.uid).flatten(),
+            pid: item.pid.or(common.pid).flatten(),
+            action: item
+                .action
+                .as_deref()
+                .or(common.action.as_deref())
+                .ok_or_else(|| missing("action"))?,
             tenant: item.tenant.as_deref(),
             field: item.field.as_deref(),
             record: item.record.as_deref(),
             key_version: item.key_version,
             key_source: item.key_source.as_deref(),
             result: &item.result,
-            request_id: &parsed.request_id,
+            request_id: item
+                .request_id
+                .as_deref()
+                .or(common.request_id.as_deref())
+                .ok_or_else(|| missing("request_id"))?,
         };
         encode_export(out, seq, &view);
         exported += 1;

@@ -366,25 +366,30 @@ pub fn export_tenant(
                 if let Some(e) = broken(&checker) {
                     return Err(e);
                 }
-                let (tenants, time) = match &parsed {
+                let in_range = |time: &Timestamp| {
+                    since.is_none_or(|s| *time >= s) && until.is_none_or(|u| *time < u)
+                };
+                let wanted = |t: &Option<String>, time: &Timestamp| {
+                    t.as_deref() == Some(tenant) && in_range(time)
+                };
+                let any_wanted = match &parsed {
                     Some(Parsed {
                         kind: Kind::Event { tenant, time },
                         ..
-                    }) => (std::slice::from_ref(tenant), *time),
+                    }) => wanted(tenant, time),
                     Some(Parsed {
-                        kind: Kind::Batch { tenants, time },
+                        kind: Kind::Batch { records },
                         ..
-                    }) => (tenants.as_slice(), *time),
-                    _ => continue,
+                    }) => records.iter().any(|(t, time)| wanted(t, time)),
+                    _ => false,
                 };
-                let in_range = since.is_none_or(|s| time >= s) && until.is_none_or(|u| time < u);
-                if !in_range || !tenants.iter().any(|t| t.as_deref() == Some(tenant)) {
+                if !any_wanted {
                     continue;
                 }
                 text.clear();
                 // The line passed `parse_line` already; this fails only if the two parsers
                 // disagree, and then the export stops rather than skip records.
-                let n = export_records(&buf, tenant, &mut text).map_err(|_| {
+                let n = export_records(&buf, tenant, since, until, &mut text).map_err(|_| {
                     AuditFileError::ChainBroken {
                         path: path.to_owned(),
                         line: checker.line_no,
