@@ -2,7 +2,6 @@
 //! reopen). See the crate docs for the exact layout.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use jiff::Timestamp;
 use phiseal::audit::AuditEvent;
@@ -139,16 +138,17 @@ pub(crate) fn finish_line(line: &mut String) -> [u8; 32] {
 }
 
 /// Encodes one event line (without its hash, see [`finish_line`]) into `line` (cleared first).
-pub(crate) fn encode_event(line: &mut String, seq: u64, prev: &[u8; 32], e: &AuditEvent) {
+pub(crate) fn encode_event(line: &mut String, seq: u64, prev: &[u8; 32], e: &RecordView<'_>) {
     line.clear();
     line.push_str("{\"seq\":");
     push_u64(line, seq);
-    push_record_members(line, &RecordView::of(e));
+    push_record_members(line, e);
     push_prev(line, prev);
 }
 
-/// The members of one record, borrowed either from an [`AuditEvent`] (writing) or from a parsed
-/// line (export).
+/// The members of one record, borrowed from an [`AuditEvent`] or a queued copy of one
+/// (writing), or from a parsed line (export).
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct RecordView<'a> {
     pub(crate) time: Timestamp,
     pub(crate) actor: &'a str,
@@ -165,7 +165,8 @@ pub(crate) struct RecordView<'a> {
 }
 
 impl<'a> RecordView<'a> {
-    fn of(e: &'a AuditEvent) -> Self {
+    /// The view of an event.
+    pub(crate) fn of(e: &'a AuditEvent) -> Self {
         Self {
             time: e.time,
             actor: &e.actor.identity,
@@ -243,10 +244,10 @@ struct Hoisted {
 }
 
 impl Hoisted {
-    /// The members `first` shares with every event of `rest`.
-    fn over(first: &AuditEvent, rest: &[AuditEvent]) -> Self {
-        fn same(x: &Arc<str>, y: &Arc<str>) -> bool {
-            Arc::ptr_eq(x, y) || x == y
+    /// The members `first` shares with every record of `rest`.
+    fn over(first: &RecordView<'_>, rest: &[RecordView<'_>]) -> Self {
+        fn same(x: &str, y: &str) -> bool {
+            std::ptr::eq(x, y) || x == y
         }
         let mut h = Self {
             time: true,
@@ -256,11 +257,9 @@ impl Hoisted {
         };
         for e in rest {
             h.time &= e.time == first.time;
-            h.actor &= e.actor.uid == first.actor.uid
-                && e.actor.pid == first.actor.pid
-                && same(&e.actor.identity, &first.actor.identity);
-            h.action &= e.action == first.action;
-            h.request_id &= same(&e.request_id, &first.request_id);
+            h.actor &= e.uid == first.uid && e.pid == first.pid && same(e.actor, first.actor);
+            h.action &= same(e.action, first.action);
+            h.request_id &= same(e.request_id, first.request_id);
         }
         h
     }
@@ -285,8 +284,8 @@ pub(crate) fn encode_line(
     line: &mut String,
     seq: u64,
     prev: &[u8; 32],
-    first: &AuditEvent,
-    rest: &[AuditEvent],
+    first: &RecordView<'_>,
+    rest: &[RecordView<'_>],
 ) -> usize {
     let rest = rest.get(..MAX_BATCH_RECORDS - 1).unwrap_or(rest);
     if !rest.is_empty() {
@@ -306,8 +305,8 @@ fn encode_batch(
     line: &mut String,
     seq: u64,
     prev: &[u8; 32],
-    first: &AuditEvent,
-    rest: &[AuditEvent],
+    first: &RecordView<'_>,
+    rest: &[RecordView<'_>],
 ) -> usize {
     // Members equal over all of `rest` are equal over any leading part of it, so hoisting is
     // decided once, before the line is cut to size.
@@ -316,7 +315,7 @@ fn encode_batch(
     line.push_str("{\"seq\":");
     push_u64(line, seq);
     line.push_str(",\"kind\":\"batch\"");
-    push_call_members(line, &RecordView::of(first), hoisted, true);
+    push_call_members(line, first, hoisted, true);
     line.push_str(",\"records\":[");
     let mut taken = 0;
     for (i, e) in std::iter::once(first).chain(rest).enumerate() {
@@ -324,19 +323,18 @@ fn encode_batch(
         if i > 0 {
             line.push(',');
         }
-        let view = RecordView::of(e);
         line.push('{');
         let opened = line.len();
-        push_call_members(line, &view, hoisted, false);
+        push_call_members(line, e, hoisted, false);
         if line.len() > opened {
             // Members were written, each with a leading comma: drop the first one.
             line.remove(opened);
             line.push(',');
         }
-        push_item_members(line, &view);
+        push_item_members(line, e);
         if !hoisted.request_id {
             line.push_str(",\"request_id\":");
-            push_json_str(line, view.request_id);
+            push_json_str(line, e.request_id);
         }
         line.push('}');
         if line.len() + BATCH_TAIL_MAX > MAX_LINE {
@@ -921,7 +919,7 @@ mod tests {
         for s in ["", "x", ctl.as_str(), mixed.as_str()] {
             for time in [Timestamp::MIN, Timestamp::MAX, Timestamp::now()] {
                 let e = worst_event(s, time);
-                encode_event(&mut line, u64::MAX, &[0xff; 32], &e);
+                encode_event(&mut line, u64::MAX, &[0xff; 32], &RecordView::of(&e));
                 finish_line(&mut line);
                 let bound = max_event_line_len(&e);
                 assert!(line.len() <= bound, "{} > {bound}", line.len());

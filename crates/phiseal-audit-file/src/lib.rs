@@ -24,6 +24,7 @@
 mod error;
 mod format;
 mod log;
+mod queued;
 mod verify;
 
 pub use error::AuditFileError;

@@ -18,9 +18,10 @@ use tokio::sync::watch;
 
 use crate::error::AuditFileError;
 use crate::format::{
-    Kind, MAX_LINE, encode_event, encode_header, encode_line, encode_recovery, finish_line,
-    max_event_line_len, parse_line,
+    Kind, MAX_LINE, RecordView, encode_event, encode_header, encode_line, encode_recovery,
+    finish_line, max_event_line_len, parse_line,
 };
+use crate::queued::QueuedEvents;
 
 /// When `append` returns, and what a crash can lose.
 ///
@@ -182,7 +183,7 @@ struct Buffer {
 struct Queue {
     /// Acknowledged events not yet taken by the writer thread, in seq order: the last one has
     /// seq `next_seq - 1`.
-    events: Vec<AuditEvent>,
+    events: QueuedEvents,
     /// Seq of the next event appended.
     next_seq: u64,
     /// A flush waits for everything queued to be written.
@@ -490,7 +491,7 @@ impl FileAuditLog {
         let buffer = match durability {
             Durability::Buffered { flush_every, .. } => Some(Buffer {
                 queue: Mutex::new(Queue {
-                    events: Vec::with_capacity(QUEUE_CAPACITY),
+                    events: QueuedEvents::with_capacity(QUEUE_CAPACITY),
                     next_seq: head.next_seq,
                     flush: false,
                     shutdown: false,
@@ -618,7 +619,8 @@ impl FileAuditLog {
             drop(guard);
             return Err(self.poisoned());
         }
-        encode_and_write(shared, &mut guard, events, usize::MAX)
+        let views: Vec<RecordView<'_>> = events.iter().map(RecordView::of).collect();
+        encode_and_write(shared, &mut guard, &views, usize::MAX)
     }
 
     /// Marks the file dirty and, if `ticket`, asks for an fdatasync starting after now and
@@ -684,7 +686,9 @@ impl FileAuditLog {
                 end: 0,
                 reason: "sequence number exhausted".into(),
             })?;
-        q.events.extend(events.iter().cloned());
+        for event in events {
+            q.events.push(event);
+        }
         q.next_seq = next_seq;
         let crossed = queued < HIGH_WATER && q.events.len() >= HIGH_WATER;
         drop(q);
@@ -857,7 +861,7 @@ impl FileAuditLog {
 /// The exact longest line `event` can encode to (any seq, any `prev`), by encoding it.
 fn exact_max_line_len(event: &AuditEvent) -> usize {
     let mut line = String::new();
-    encode_event(&mut line, u64::MAX, &[0; 32], event);
+    encode_event(&mut line, u64::MAX, &[0; 32], &RecordView::of(event));
     finish_line(&mut line);
     line.len()
 }
@@ -870,7 +874,7 @@ fn exact_max_line_len(event: &AuditEvent) -> usize {
 fn encode_and_write(
     shared: &Shared,
     w: &mut Writer,
-    events: &[AuditEvent],
+    events: &[RecordView<'_>],
     chunk: usize,
 ) -> Result<(), AuditFileError> {
     w.out.clear();
@@ -989,8 +993,8 @@ fn writer_loop(shared: &Shared) {
         return;
     };
     let lock_failed = || shared.set_poison("internal lock poisoned".to_owned());
-    // Swapped with the queue: the appenders fill one vector while this thread writes the other.
-    let mut batch: Vec<AuditEvent> = Vec::with_capacity(QUEUE_CAPACITY);
+    // Swapped with the queue: the appenders fill one while this thread writes the other.
+    let mut batch = QueuedEvents::with_capacity(QUEUE_CAPACITY);
     let Some(mut q) = lock(&buf.queue) else {
         lock_failed();
         return;
@@ -1009,7 +1013,7 @@ fn writer_loop(shared: &Shared) {
         }
         if shared.poison.get().is_some() {
             // Nothing more will be written; the error counts the queued records as lost.
-            q.events = Vec::new();
+            q.events = QueuedEvents::default();
             return;
         }
         #[cfg(test)]
@@ -1032,11 +1036,7 @@ fn writer_loop(shared: &Shared) {
                 return;
             }
         }
-        // Dropping the events (reference counts, record ids) is done here, not by appenders.
-        batch.clear();
-        if batch.capacity() > 16 * QUEUE_CAPACITY {
-            batch = Vec::with_capacity(QUEUE_CAPACITY);
-        }
+        batch.clear(QUEUE_CAPACITY);
         if shutdown {
             return;
         }
@@ -1053,7 +1053,7 @@ fn writer_loop(shared: &Shared) {
 /// Buffered mode: encodes, chains and writes `batch` (whose first event has seq `first_seq`),
 /// then publishes the progress and marks the file dirty for the fdatasync thread. Returns
 /// `false` (the log poisoned) on failure.
-fn write_batch(shared: &Shared, batch: &[AuditEvent], first_seq: u64) -> bool {
+fn write_batch(shared: &Shared, batch: &QueuedEvents, first_seq: u64) -> bool {
     let Some(mut w) = lock(&shared.writer) else {
         shared.set_poison("internal lock poisoned".to_owned());
         return false;
@@ -1072,7 +1072,7 @@ fn write_batch(shared: &Shared, batch: &[AuditEvent], first_seq: u64) -> bool {
         shared.set_poison(msg);
         return false;
     }
-    let res = encode_and_write(shared, &mut w, batch, WRITE_CHUNK);
+    let res = encode_and_write(shared, &mut w, &batch.views(), WRITE_CHUNK);
     let written = w.head.next_seq;
     drop(w);
     if let Err(e) = res {
