@@ -1,8 +1,8 @@
 //! # phiseal-audit-file — a hash-chained JSON-lines audit log in a local file
 //!
 //! [`FileAuditLog`] implements [`phiseal::audit::AuditSink`] (HIPAA § 164.312(b) audit
-//! controls): one JSON line per event (the events of one batch call share a line), each line
-//! carrying the SHA-256 of the previous one, so that
+//! controls): JSON lines — one event per line, or several events written together in one batch
+//! line — each line carrying the SHA-256 of the previous one, so that
 //! [`verify`] detects any edit, deletion, insertion or reordering made without recomputing the
 //! later hashes (the chain is not keyed: a rewrite from some point on, or a truncation, is
 //! caught only against an externally anchored head hash), and reports a torn tail left by a

@@ -227,15 +227,17 @@ struct Shared {
 ///
 /// # Format
 /// JSON lines, UTF-8, members in a fixed order; `hash` is the SHA-256 of the line's bytes
-/// without the `,"hash":"…"` member, and `prev` is the previous line's hash. A line holds one
-/// record, except a **batch line**, which holds the records of one call (same time, actor,
-/// action and request id: the fields of one batch operation) — its common members once, then
-/// one object per record; its records have the sequence numbers `seq`, `seq + 1`, …:
+/// without the `,"hash":"…"` member, and `prev` is the previous line's hash. An event line holds
+/// one record; a **batch line** holds several written together (the records of one batch
+/// call, or in `Buffered` mode whatever was queued): the members all its records share among
+/// `time`, `actor`/`uid`/`pid`, `action` and `request_id` once on the line, every other member
+/// in each record's object; its records have the sequence numbers `seq`, `seq + 1`, …:
 ///
 /// ```text
 /// {"seq":0,"kind":"header","log_id":"<32 hex>","created":"<RFC 3339>","prev":"000…0","hash":"…"}
 /// {"seq":1,"time":"2025-01-02T03:04:05Z","actor":"svc","uid":1000|null,"pid":42|null,"action":"encrypt","tenant":"t1"|null,"field":"ssn"|null,"record":"r1"|null,"key_version":3|null,"key_source":"cache"|"kms"|"stale"|null,"result":"ok","request_id":"…","prev":"…","hash":"…"}
 /// {"seq":2,"kind":"batch","time":"…","actor":"svc","uid":…,"pid":…,"action":"encrypt","request_id":"…","records":[{"tenant":"t1","field":"ssn","record":"r1","key_version":3,"key_source":"cache","result":"ok"},…],"prev":"…","hash":"…"}
+/// {"seq":9,"kind":"batch","actor":"svc","uid":…,"pid":…,"action":"decrypt","records":[{"time":"…","tenant":"t1",…,"result":"ok","request_id":"…"},…],"prev":"…","hash":"…"}
 /// {"seq":N,"kind":"recovered_torn_tail","offset":…,"len":…,"saved_to":"…","time":"…","prev":"…","hash":"…"}
 /// ```
 ///
@@ -866,8 +868,8 @@ fn exact_max_line_len(event: &AuditEvent) -> usize {
     line.len()
 }
 
-/// Encodes `events` as the lines that follow `w.head` (see [`encode_line`]: the records of one
-/// call share a batch line) and writes them with `write_all`, in
+/// Encodes `events` as the lines that follow `w.head` (see [`encode_line`]: events written
+/// together share batch lines) and writes them with `write_all`, in
 /// `write(2)`s of about `chunk` bytes (one per call for `usize::MAX`). `w.head` follows what was
 /// written. Fails without writing anything more on a record longer than [`MAX_LINE`] (the
 /// earlier chunks stay written); on a write failure the log is poisoned.
