@@ -140,7 +140,11 @@ mod tests {
                 uid: full.then_some(1000),
                 pid: full.then_some(42),
             },
-            action: if full { Action::Decrypt } else { Action::RotateKey },
+            action: if full {
+                Action::Decrypt
+            } else {
+                Action::RotateKey
+            },
             tenant: full.then(|| TenantId::new(format!("t{i}")).unwrap()),
             field: full.then(|| Arc::from("ssn")),
             record: full.then(|| Arc::from(format!("r\"{i}é"))),
