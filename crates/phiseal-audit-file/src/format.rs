@@ -142,7 +142,7 @@ pub(crate) fn encode_event(line: &mut String, seq: u64, prev: &[u8; 32], e: &Rec
     line.clear();
     line.push_str("{\"seq\":");
     push_u64(line, seq);
-    push_record_members(line, e);
+    push_members(line, e, Hoisted::ALL, true);
     push_prev(line, prev);
 }
 
@@ -184,84 +184,138 @@ impl<'a> RecordView<'a> {
     }
 }
 
-/// Appends `,"time":…` to `,"request_id":…`: every member of a record but `seq`, in the fixed
-/// order of an event line.
-fn push_record_members(line: &mut String, r: &RecordView<'_>) {
-    line.push_str(",\"time\":\"");
-    push_time(line, r.time);
-    line.push_str("\",\"actor\":");
-    push_json_str(line, r.actor);
-    line.push_str(",\"uid\":");
-    push_opt_u32(line, r.uid);
-    line.push_str(",\"pid\":");
-    push_opt_u32(line, r.pid);
-    line.push_str(",\"action\":");
-    push_json_str(line, r.action);
-    line.push(',');
-    push_item_members(line, r);
-    line.push_str(",\"request_id\":");
-    push_json_str(line, r.request_id);
-}
-
-/// Appends `"tenant":…` to `,"result":…`: the members that differ between the records of one
-/// call.
-fn push_item_members(line: &mut String, r: &RecordView<'_>) {
-    line.push_str("\"tenant\":");
-    push_opt_str(line, r.tenant);
-    line.push_str(",\"field\":");
-    push_opt_str(line, r.field);
-    line.push_str(",\"record\":");
-    push_opt_str(line, r.record);
-    line.push_str(",\"key_version\":");
-    push_opt_u32(line, r.key_version);
-    line.push_str(",\"key_source\":");
-    push_opt_str(line, r.key_source);
-    line.push_str(",\"result\":");
-    push_json_str(line, r.result);
-}
-
 /// Encodes one record as a stand-alone JSON line for [`crate::export_tenant`]: the members of
 /// an event line without `prev` and `hash` (which chain lines, not records).
 pub(crate) fn encode_export(out: &mut String, seq: u64, r: &RecordView<'_>) {
     out.push_str("{\"seq\":");
     push_u64(out, seq);
-    push_record_members(out, r);
+    push_members(out, r, Hoisted::ALL, true);
     out.push_str("}\n");
 }
 
 /// Most records one batch line holds (it also stays within [`MAX_LINE`]).
 const MAX_BATCH_RECORDS: usize = 1024;
 
-/// Which of the members that records of one call have in common a batch line holds once, at
-/// line level, instead of in each record: those equal in all its records.
-#[derive(Debug, Clone, Copy)]
+/// Which members a batch line holds once, at line level, instead of in each record: those
+/// equal in all its records. `actor` stands for `actor`, `uid` and `pid` together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Hoisted {
     time: bool,
-    /// `actor`, `uid` and `pid`.
     actor: bool,
     action: bool,
+    tenant: bool,
+    field: bool,
+    record: bool,
+    key_version: bool,
+    key_source: bool,
+    result: bool,
     request_id: bool,
 }
 
 impl Hoisted {
+    /// Every member: an event line, or a record written alone.
+    const ALL: Self = Self {
+        time: true,
+        actor: true,
+        action: true,
+        tenant: true,
+        field: true,
+        record: true,
+        key_version: true,
+        key_source: true,
+        result: true,
+        request_id: true,
+    };
+
     /// The members `first` shares with every record of `rest`.
     fn over(first: &RecordView<'_>, rest: &[RecordView<'_>]) -> Self {
         fn same(x: &str, y: &str) -> bool {
             std::ptr::eq(x, y) || x == y
         }
-        let mut h = Self {
-            time: true,
-            actor: true,
-            action: true,
-            request_id: true,
-        };
+        fn same_opt(x: Option<&str>, y: Option<&str>) -> bool {
+            match (x, y) {
+                (Some(x), Some(y)) => same(x, y),
+                (None, None) => true,
+                _ => false,
+            }
+        }
+        let mut h = Self::ALL;
         for e in rest {
             h.time &= e.time == first.time;
             h.actor &= e.uid == first.uid && e.pid == first.pid && same(e.actor, first.actor);
             h.action &= same(e.action, first.action);
+            h.tenant &= same_opt(e.tenant, first.tenant);
+            h.field &= same_opt(e.field, first.field);
+            h.record &= same_opt(e.record, first.record);
+            h.key_version &= e.key_version == first.key_version;
+            h.key_source &= same_opt(e.key_source, first.key_source);
+            h.result &= same(e.result, first.result);
             h.request_id &= same(e.request_id, first.request_id);
         }
         h
+    }
+}
+
+/// Appends the members of `r` that are (`line_level`) or are not (record level) in `h`, in
+/// the fixed order of an event line: `time`, `actor`, `uid`, `pid`, `action`, `tenant`,
+/// `field`, `record`, `key_version`, `key_source`, `result`, `request_id`. At line level each
+/// member is preceded by a comma; at record level all but the first.
+fn push_members(line: &mut String, r: &RecordView<'_>, h: Hoisted, line_level: bool) {
+    let mut comma = line_level;
+    let mut name = |line: &mut String, name: &str| {
+        if comma {
+            line.push(',');
+        }
+        comma = true;
+        line.push('"');
+        line.push_str(name);
+        line.push_str("\":");
+    };
+    if h.time == line_level {
+        name(line, "time");
+        line.push('"');
+        push_time(line, r.time);
+        line.push('"');
+    }
+    if h.actor == line_level {
+        name(line, "actor");
+        push_json_str(line, r.actor);
+        name(line, "uid");
+        push_opt_u32(line, r.uid);
+        name(line, "pid");
+        push_opt_u32(line, r.pid);
+    }
+    if h.action == line_level {
+        name(line, "action");
+        push_json_str(line, r.action);
+    }
+    if h.tenant == line_level {
+        name(line, "tenant");
+        push_opt_str(line, r.tenant);
+    }
+    if h.field == line_level {
+        name(line, "field");
+        push_opt_str(line, r.field);
+    }
+    if h.record == line_level {
+        name(line, "record");
+        push_opt_str(line, r.record);
+    }
+    if h.key_version == line_level {
+        name(line, "key_version");
+        push_opt_u32(line, r.key_version);
+    }
+    if h.key_source == line_level {
+        name(line, "key_source");
+        push_opt_str(line, r.key_source);
+    }
+    if h.result == line_level {
+        name(line, "result");
+        push_json_str(line, r.result);
+    }
+    if h.request_id == line_level {
+        name(line, "request_id");
+        push_json_str(line, r.request_id);
     }
 }
 
@@ -274,12 +328,12 @@ const BATCH_TAIL_MAX: usize = 2 + 9 + 64 + 1 + HASH_SUFFIX_LEN + 1;
 /// holds (at least 1).
 ///
 /// A lone event gets an **event line**. Several events share a **batch line**: the members
-/// they all have in common among `time`, `actor` (with `uid` and `pid`), `action` and
-/// `request_id` once at line level — all of them for the records of one call, such as the
-/// fields of one batch operation — then one object per record with its other members, in
-/// `records`; its records take the sequence numbers `seq`, `seq + 1`, …. A batch line holds at
-/// most [`MAX_BATCH_RECORDS`] records and stays within [`MAX_LINE`]; the rest continues on the
-/// next line.
+/// they all have in common once, at line level — for the records of one batch call that is
+/// most of them (time, actor, action, request id, usually tenant, key version, key source and
+/// result) — then, in `records`, one object per record with its other members; its records
+/// take the sequence numbers `seq`, `seq + 1`, …. A batch line holds at most
+/// [`MAX_BATCH_RECORDS`] records and stays within [`MAX_LINE`]; the rest continues on the next
+/// line.
 pub(crate) fn encode_line(
     line: &mut String,
     seq: u64,
@@ -309,13 +363,17 @@ fn encode_batch(
     rest: &[RecordView<'_>],
 ) -> usize {
     // Members equal over all of `rest` are equal over any leading part of it, so hoisting is
-    // decided once, before the line is cut to size.
-    let hoisted = Hoisted::over(first, rest);
+    // decided once, before the line is cut to size. A record keeps at least one member of its
+    // own (`record` if nothing differs), so that each has an object with content.
+    let mut hoisted = Hoisted::over(first, rest);
+    if hoisted == Hoisted::ALL {
+        hoisted.record = false;
+    }
     line.clear();
     line.push_str("{\"seq\":");
     push_u64(line, seq);
     line.push_str(",\"kind\":\"batch\"");
-    push_call_members(line, first, hoisted, true);
+    push_members(line, first, hoisted, true);
     line.push_str(",\"records\":[");
     let mut taken = 0;
     for (i, e) in std::iter::once(first).chain(rest).enumerate() {
@@ -324,18 +382,7 @@ fn encode_batch(
             line.push(',');
         }
         line.push('{');
-        let opened = line.len();
-        push_call_members(line, e, hoisted, false);
-        if line.len() > opened {
-            // Members were written, each with a leading comma: drop the first one.
-            line.remove(opened);
-            line.push(',');
-        }
-        push_item_members(line, e);
-        if !hoisted.request_id {
-            line.push_str(",\"request_id\":");
-            push_json_str(line, e.request_id);
-        }
+        push_members(line, e, hoisted, false);
         line.push('}');
         if line.len() + BATCH_TAIL_MAX > MAX_LINE {
             line.truncate(mark);
@@ -349,33 +396,6 @@ fn encode_batch(
     line.push(']');
     push_prev(line, prev);
     taken
-}
-
-/// Appends `,"time":…`, `,"actor":…,"uid":…,"pid":…` and `,"action":…` — those hoisted
-/// (`hoisted_level`) or those not (record level) — and, at line level, `,"request_id":…` if
-/// hoisted (a record's own request id comes after its other members, as in an event line).
-fn push_call_members(line: &mut String, r: &RecordView<'_>, h: Hoisted, hoisted_level: bool) {
-    if h.time == hoisted_level {
-        line.push_str(",\"time\":\"");
-        push_time(line, r.time);
-        line.push('"');
-    }
-    if h.actor == hoisted_level {
-        line.push_str(",\"actor\":");
-        push_json_str(line, r.actor);
-        line.push_str(",\"uid\":");
-        push_opt_u32(line, r.uid);
-        line.push_str(",\"pid\":");
-        push_opt_u32(line, r.pid);
-    }
-    if h.action == hoisted_level {
-        line.push_str(",\"action\":");
-        push_json_str(line, r.action);
-    }
-    if hoisted_level && h.request_id {
-        line.push_str(",\"request_id\":");
-        push_json_str(line, r.request_id);
-    }
 }
 
 /// Bytes of an event line that do not come from its strings: member names, punctuation, the
@@ -432,23 +452,6 @@ pub(crate) fn encode_recovery(
     push_json_str(line, saved_to);
     let _ = write!(line, ",\"time\":\"{time}\"");
     push_prev(line, prev);
-}
-
-/// The members every event and batch line has: who did what, under which request id.
-fn check_call_members(raw: &Raw) -> Result<(), String> {
-    let missing = [
-        ("actor", raw.actor.is_none()),
-        ("uid", raw.uid.is_none()),
-        ("pid", raw.pid.is_none()),
-        ("action", raw.action.is_none()),
-        ("request_id", raw.request_id.is_none()),
-    ]
-    .into_iter()
-    .find_map(|(name, m)| m.then_some(name));
-    match missing {
-        Some(name) => Err(format!("record without '{name}'")),
-        None => Ok(()),
-    }
 }
 
 /// What kind of record a line is.
@@ -550,9 +553,9 @@ struct Raw {
 }
 
 /// One record of a batch line.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 struct RawItem {
-    // Members a batch line may hold at line level instead (see `batch_times`).
+    // Any member may be on the line instead (see `batch_records`).
     #[serde(default)]
     time: Option<String>,
     #[serde(default)]
@@ -565,7 +568,6 @@ struct RawItem {
     action: Option<String>,
     #[serde(default)]
     request_id: Option<String>,
-    // Members every record has itself.
     #[serde(default, deserialize_with = "present")]
     tenant: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
@@ -580,23 +582,71 @@ struct RawItem {
     result: Option<String>,
 }
 
-/// Checks that each member a batch line may hoist (`time`, `actor`, `uid`, `pid`, `action`,
-/// `request_id`) is either at line level or in every record, never both, and returns each
-/// record's time.
-fn batch_times(raw: &Raw, items: &[RawItem]) -> Result<Vec<Timestamp>, String> {
-    type InItem = fn(&RawItem) -> bool;
-    let members: [(&str, bool, InItem); 6] = [
-        ("time", raw.time.is_some(), |i| i.time.is_some()),
-        ("actor", raw.actor.is_some(), |i| i.actor.is_some()),
-        ("uid", raw.uid.is_some(), |i| i.uid.is_some()),
-        ("pid", raw.pid.is_some(), |i| i.pid.is_some()),
-        ("action", raw.action.is_some(), |i| i.action.is_some()),
-        ("request_id", raw.request_id.is_some(), |i| {
-            i.request_id.is_some()
-        }),
-    ];
-    for (name, on_line, in_item) in members {
-        let in_records = items.iter().filter(|i| in_item(i)).count();
+/// The members of a record, in the order of an event line.
+const MEMBERS: [&str; 12] = [
+    "time",
+    "actor",
+    "uid",
+    "pid",
+    "action",
+    "tenant",
+    "field",
+    "record",
+    "key_version",
+    "key_source",
+    "result",
+    "request_id",
+];
+
+/// Which of [`MEMBERS`] a line has at its top level.
+fn line_members(raw: &Raw) -> [bool; 12] {
+    [
+        raw.time.is_some(),
+        raw.actor.is_some(),
+        raw.uid.is_some(),
+        raw.pid.is_some(),
+        raw.action.is_some(),
+        raw.tenant.is_some(),
+        raw.field.is_some(),
+        raw.record.is_some(),
+        raw.key_version.is_some(),
+        raw.key_source.is_some(),
+        raw.result.is_some(),
+        raw.request_id.is_some(),
+    ]
+}
+
+impl RawItem {
+    /// Which of [`MEMBERS`] this record object has.
+    fn members(&self) -> [bool; 12] {
+        [
+            self.time.is_some(),
+            self.actor.is_some(),
+            self.uid.is_some(),
+            self.pid.is_some(),
+            self.action.is_some(),
+            self.tenant.is_some(),
+            self.field.is_some(),
+            self.record.is_some(),
+            self.key_version.is_some(),
+            self.key_source.is_some(),
+            self.result.is_some(),
+            self.request_id.is_some(),
+        ]
+    }
+}
+
+/// Checks a batch line: each member is either on the line (shared by all records) or in every
+/// record, never both; returns each record's tenant and time.
+fn batch_records(raw: &Raw, items: &[RawItem]) -> Result<Vec<(Option<String>, Timestamp)>, String> {
+    let on_line = line_members(raw);
+    let mut in_records = [0usize; 12];
+    for item in items {
+        for (count, present) in in_records.iter_mut().zip(item.members()) {
+            *count += usize::from(present);
+        }
+    }
+    for ((name, on_line), in_records) in MEMBERS.iter().zip(on_line).zip(in_records) {
         match (on_line, in_records) {
             (true, 0) => {}
             (false, n) if n == items.len() => {}
@@ -608,29 +658,19 @@ fn batch_times(raw: &Raw, items: &[RawItem]) -> Result<Vec<Timestamp>, String> {
             (false, _) => return Err(format!("batch record without '{name}'")),
         }
     }
-    match &raw.time {
-        Some(t) => Ok(vec![parse_time("time", Some(t))?; items.len()]),
-        None => items
-            .iter()
-            .map(|i| parse_time("time", i.time.as_deref()))
-            .collect(),
-    }
-}
-
-impl RawItem {
-    /// The first member a record lacks.
-    fn missing(&self) -> Option<&'static str> {
-        [
-            ("tenant", self.tenant.is_none()),
-            ("field", self.field.is_none()),
-            ("record", self.record.is_none()),
-            ("key_version", self.key_version.is_none()),
-            ("key_source", self.key_source.is_none()),
-            ("result", self.result.is_none()),
-        ]
-        .into_iter()
-        .find_map(|(name, m)| m.then_some(name))
-    }
+    items
+        .iter()
+        .map(|item| {
+            let time = parse_time("time", item.time.as_deref().or(raw.time.as_deref()))?;
+            let tenant = item
+                .tenant
+                .as_ref()
+                .or(raw.tenant.as_ref())
+                .cloned()
+                .flatten();
+            Ok((tenant, time))
+        })
+        .collect()
 }
 
 fn decode_hash(what: &str, s: &[u8]) -> Result<[u8; 32], String> {
@@ -716,50 +756,25 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
             if items.is_empty() {
                 return Err("batch line with no records".to_owned());
             }
-            if let Some(name) = items.iter().find_map(RawItem::missing) {
-                return Err(format!("batch record without '{name}'"));
-            }
-            let top_level_record_member = raw.tenant.is_some()
-                || raw.field.is_some()
-                || raw.record.is_some()
-                || raw.key_version.is_some()
-                || raw.key_source.is_some()
-                || raw.result.is_some();
-            if top_level_record_member {
-                return Err("batch line with a record member outside 'records'".to_owned());
-            }
-            let times = batch_times(&raw, items)?;
+            let records = batch_records(&raw, items)?;
             count = u64::try_from(items.len()).unwrap_or(u64::MAX);
-            Kind::Batch {
-                records: items
-                    .iter()
-                    .map(|i| i.tenant.clone().flatten())
-                    .zip(times)
-                    .collect(),
-            }
+            Kind::Batch { records }
         }
         Some(_) => return Err("unknown record 'kind'".to_owned()),
         None => {
-            let time = parse_time("time", raw.time.as_deref())?;
-            check_call_members(&raw)?;
             if raw.records.is_some() {
                 return Err("event record with 'records'".to_owned());
             }
-            let item = RawItem {
-                tenant: raw.tenant,
-                field: raw.field,
-                record: raw.record,
-                key_version: raw.key_version,
-                key_source: raw.key_source,
-                result: raw.result,
-                ..RawItem::default()
-            };
-            if let Some(name) = item.missing() {
+            let missing = MEMBERS
+                .iter()
+                .zip(line_members(&raw))
+                .find_map(|(name, present)| (!present).then_some(name));
+            if let Some(name) = missing {
                 return Err(format!("event record without '{name}'"));
             }
             Kind::Event {
-                tenant: item.tenant.flatten(),
-                time,
+                time: parse_time("time", raw.time.as_deref())?,
+                tenant: raw.tenant.flatten(),
             }
         }
     };
@@ -804,7 +819,7 @@ struct ExportItem {
     #[serde(default)]
     key_source: Option<String>,
     #[serde(default)]
-    result: String,
+    result: Option<String>,
 }
 
 /// An event or batch line as read for export.
@@ -838,37 +853,31 @@ pub(crate) fn export_records(
     let missing = |name: &str| format!("record without '{name}'");
     let mut exported = 0;
     for (seq, item) in (parsed.seq..).zip(items) {
-        if item.tenant.as_deref() != Some(tenant) {
+        // A member absent from the record is on the line (`verify` checked which).
+        fn str_of<'s>(own: &'s Option<String>, line: &'s Option<String>) -> Option<&'s str> {
+            own.as_deref().or(line.as_deref())
+        }
+        let record_tenant = str_of(&item.tenant, &common.tenant);
+        if record_tenant != Some(tenant) {
             continue;
         }
-        let time = parse_time("time", item.time.as_deref().or(common.time.as_deref()))?;
+        let time = parse_time("time", str_of(&item.time, &common.time))?;
         if since.is_some_and(|s| time < s) || until.is_some_and(|u| time >= u) {
             continue;
         }
         let view = RecordView {
             time,
-            actor: item
-                .actor
-                .as_deref()
-                .or(common.actor.as_deref())
-                .ok_or_else(|| missing("actor"))?,
+            actor: str_of(&item.actor, &common.actor).ok_or_else(|| missing("actor"))?,
             uid: item.uid.or(common.uid).flatten(),
             pid: item.pid.or(common.pid).flatten(),
-            action: item
-                .action
-                .as_deref()
-                .or(common.action.as_deref())
-                .ok_or_else(|| missing("action"))?,
-            tenant: item.tenant.as_deref(),
-            field: item.field.as_deref(),
-            record: item.record.as_deref(),
-            key_version: item.key_version,
-            key_source: item.key_source.as_deref(),
-            result: &item.result,
-            request_id: item
-                .request_id
-                .as_deref()
-                .or(common.request_id.as_deref())
+            action: str_of(&item.action, &common.action).ok_or_else(|| missing("action"))?,
+            tenant: record_tenant,
+            field: str_of(&item.field, &common.field),
+            record: str_of(&item.record, &common.record),
+            key_version: item.key_version.or(common.key_version),
+            key_source: str_of(&item.key_source, &common.key_source),
+            result: str_of(&item.result, &common.result).ok_or_else(|| missing("result"))?,
+            request_id: str_of(&item.request_id, &common.request_id)
                 .ok_or_else(|| missing("request_id"))?,
         };
         encode_export(out, seq, &view);

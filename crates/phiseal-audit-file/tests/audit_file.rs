@@ -224,15 +224,28 @@ async fn records_of_one_call_share_batch_lines() {
         assert_eq!(batch["action"], "decrypt");
         assert_eq!(batch["request_id"], "req-batch");
         assert_eq!(batch["uid"], 1000);
-        let records = batch["records"].as_array().unwrap();
-        assert_eq!(records.len(), 5);
-        for (i, r) in records.iter().enumerate() {
+        // What all 5 records share is on the line; tenant and record id differ.
+        assert_eq!(batch["field"], "ssn");
+        assert_eq!(batch["key_version"], 3);
+        assert_eq!(batch["key_source"], "cache");
+        assert_eq!(batch["result"], "ok");
+        assert_eq!(batch["tenant"], serde_json::Value::Null);
+        assert_eq!(batch["records"].as_array().unwrap().len(), 5);
+        assert_eq!(
+            batch["records"][1],
+            serde_json::json!({"tenant": "other", "record": "patient-1"})
+        );
+        let all_records = records(&path);
+        for (i, r) in all_records[1..6].iter().enumerate() {
+            assert_eq!(r["seq"], 2 + i as u64);
             assert_eq!(r["tenant"], ["acme", "other"][i % 2]);
             assert_eq!(r["record"], format!("patient-{i}"));
             assert_eq!(r["field"], "ssn");
             assert_eq!(r["key_version"], 3);
             assert_eq!(r["key_source"], "cache");
             assert_eq!(r["result"], "ok");
+            assert_eq!(r["request_id"], "req-batch");
+            assert_eq!(r["actor"], "svc-billing");
         }
         assert_member_order(
             &all[2],
@@ -244,14 +257,14 @@ async fn records_of_one_call_share_batch_lines() {
                 "uid",
                 "pid",
                 "action",
-                "request_id",
-                "records",
-                "tenant",
                 "field",
-                "record",
                 "key_version",
                 "key_source",
                 "result",
+                "request_id",
+                "records",
+                "tenant",
+                "record",
                 "prev",
                 "hash",
             ],
@@ -308,7 +321,8 @@ async fn buffered_writer_puts_several_calls_in_one_batch_line() {
     assert_eq!(report.records, 1 + 302);
 
     // Written by one wake of the writer: one batch line (under 1024 records and 64 KiB), with
-    // the members all records share (actor and action) hoisted, time and request id not.
+    // the members all records share (actor, action, tenant, field, …) on the line, time,
+    // record id and request id in each record.
     let all = lines(&path);
     assert_eq!(all.len(), 2, "header + one batch line");
     let line = json(&all[1]);
@@ -329,14 +343,14 @@ async fn buffered_writer_puts_several_calls_in_one_batch_line() {
             "uid",
             "pid",
             "action",
-            "records",
-            "time",
             "tenant",
             "field",
-            "record",
             "key_version",
             "key_source",
             "result",
+            "records",
+            "time",
+            "record",
             "request_id",
             "prev",
             "hash",
@@ -353,6 +367,28 @@ async fn buffered_writer_puts_several_calls_in_one_batch_line() {
         assert_eq!(r["action"], "decrypt");
         assert_eq!(r["actor"], "svc-billing");
     }
+}
+
+#[tokio::test]
+async fn identical_records_keep_their_record_id_in_the_batch_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    let e = ev(1);
+    log.append(&[e.clone(), e.clone(), e]).await.unwrap();
+    drop(log);
+    assert!(verify(&path).unwrap().is_intact());
+    let line = json(&lines(&path)[1]);
+    assert_eq!(
+        line["records"],
+        serde_json::json!([{"record": "patient-1"}, {"record": "patient-1"}, {"record": "patient-1"}])
+    );
+    let got = records(&path);
+    assert_eq!(got.len(), 3);
+    assert!(
+        got.iter()
+            .all(|r| r["request_id"] == "req-1" && r["tenant"] == "acme")
+    );
 }
 
 #[tokio::test]
@@ -378,10 +414,7 @@ async fn tampered_batch_lines_are_detected() {
     // A record removed from the batch: the hash no longer matches, and the next line's seq
     // does not follow.
     let mut removed = good.clone();
-    removed[1] = removed[1].replace(
-        r#",{"tenant":"acme","field":"ssn","record":"patient-3","key_version":3,"key_source":"cache","result":"ok"}"#,
-        "",
-    );
+    removed[1] = removed[1].replace(r#",{"record":"patient-3"}"#, "");
     assert_ne!(removed[1], good[1]);
     write_lines(&path, &removed);
     let report = verify(&path).unwrap();
@@ -402,8 +435,8 @@ async fn tampered_batch_lines_are_detected() {
         r#""records":[]"#.to_owned(),
         good[1].replace(r#""key_source":"cache","#, ""),
         good[1].replacen(
-            r#"{"tenant""#,
-            r#"{"time":"2025-01-01T00:00:00Z","tenant""#,
+            r#"{"record""#,
+            r#"{"time":"2025-01-01T00:00:00Z","record""#,
             1,
         ),
         good[1].replacen(r#","request_id":"req-a""#, "", 1),
