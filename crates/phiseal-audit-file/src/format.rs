@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 use jiff::Timestamp;
 use phiseal::audit::AuditEvent;
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
 /// Longest line (including its newline) the writer produces and `verify` accepts. Records are
 /// bounded by the core crate's limits (names ≤ 128 bytes, record ids ≤ 512 bytes); only an
@@ -536,9 +535,9 @@ struct Raw {
     #[serde(default, deserialize_with = "present")]
     tenant: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
-    field: Option<Option<IgnoredAny>>,
+    field: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
-    record: Option<Option<IgnoredAny>>,
+    record: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     key_version: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
@@ -571,9 +570,9 @@ struct RawItem {
     #[serde(default, deserialize_with = "present")]
     tenant: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
-    field: Option<Option<IgnoredAny>>,
+    field: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
-    record: Option<Option<IgnoredAny>>,
+    record: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     key_version: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]

@@ -61,7 +61,7 @@ pub enum Durability {
     /// `append` returns after an fdatasync covering its records. Concurrent appenders share one
     /// fdatasync (group commit), so throughput is not capped at one record per fdatasync.
     Strict,
-    /// `append` only queues the records in memory (a clone of each event, its sequence number
+    /// `append` only queues the records in memory (a copy of each event, its sequence number
     /// assigned under the same short lock) and returns; it makes no system call in the normal
     /// case. A thread named `phiseal-audit-writer` wakes every `flush_every` (sooner when 4,096
     /// records are queued, on [`AuditSink::flush`] and on drop), formats and chains the queued
@@ -229,15 +229,15 @@ struct Shared {
 /// JSON lines, UTF-8, members in a fixed order; `hash` is the SHA-256 of the line's bytes
 /// without the `,"hash":"…"` member, and `prev` is the previous line's hash. An event line holds
 /// one record; a **batch line** holds several written together (the records of one batch
-/// call, or in `Buffered` mode whatever was queued): the members all its records share among
-/// `time`, `actor`/`uid`/`pid`, `action` and `request_id` once on the line, every other member
-/// in each record's object; its records have the sequence numbers `seq`, `seq + 1`, …:
+/// call, or in `Buffered` mode whatever was queued): every member all its records share once
+/// on the line, every other member in each record's object in `records`; its records have the
+/// sequence numbers `seq`, `seq + 1`, …:
 ///
 /// ```text
 /// {"seq":0,"kind":"header","log_id":"<32 hex>","created":"<RFC 3339>","prev":"000…0","hash":"…"}
 /// {"seq":1,"time":"2025-01-02T03:04:05Z","actor":"svc","uid":1000|null,"pid":42|null,"action":"encrypt","tenant":"t1"|null,"field":"ssn"|null,"record":"r1"|null,"key_version":3|null,"key_source":"cache"|"kms"|"stale"|null,"result":"ok","request_id":"…","prev":"…","hash":"…"}
-/// {"seq":2,"kind":"batch","time":"…","actor":"svc","uid":…,"pid":…,"action":"encrypt","request_id":"…","records":[{"tenant":"t1","field":"ssn","record":"r1","key_version":3,"key_source":"cache","result":"ok"},…],"prev":"…","hash":"…"}
-/// {"seq":9,"kind":"batch","actor":"svc","uid":…,"pid":…,"action":"decrypt","records":[{"time":"…","tenant":"t1",…,"result":"ok","request_id":"…"},…],"prev":"…","hash":"…"}
+/// {"seq":2,"kind":"batch","time":"…","actor":"svc","uid":…,"pid":…,"action":"encrypt","tenant":"t1","field":"ssn","key_version":3,"key_source":"cache","result":"ok","request_id":"…","records":[{"record":"r1"},{"record":"r2"},…],"prev":"…","hash":"…"}
+/// {"seq":9,"kind":"batch","actor":"svc","uid":…,"pid":…,"action":"decrypt","tenant":"t1","field":"ssn","key_version":3,"key_source":"cache","result":"ok","records":[{"time":"…","record":"r7","request_id":"…"},…],"prev":"…","hash":"…"}
 /// {"seq":N,"kind":"recovered_torn_tail","offset":…,"len":…,"saved_to":"…","time":"…","prev":"…","hash":"…"}
 /// ```
 ///

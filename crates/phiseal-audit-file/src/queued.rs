@@ -36,6 +36,11 @@ struct QueuedEvent {
     request_id: Span,
 }
 
+/// Text reserved for `events` events: names and ids are short.
+fn text_capacity(events: usize) -> usize {
+    events.saturating_mul(64)
+}
+
 /// Queued events, in order.
 #[derive(Debug, Default)]
 pub(crate) struct QueuedEvents {
@@ -48,7 +53,7 @@ impl QueuedEvents {
     pub(crate) fn with_capacity(events: usize) -> Self {
         Self {
             events: Vec::with_capacity(events),
-            text: String::with_capacity(events.saturating_mul(64)),
+            text: String::with_capacity(text_capacity(events)),
         }
     }
 
@@ -90,11 +95,14 @@ impl QueuedEvents {
         self.events.push(queued);
     }
 
-    /// Empties the queue, keeping its memory unless it grew beyond `events` events.
+    /// Empties the queue, keeping its memory unless it grew beyond 16 times what
+    /// [`QueuedEvents::with_capacity`]`(events)` reserves (a burst, or long strings).
     pub(crate) fn clear(&mut self, events: usize) {
         self.events.clear();
         self.text.clear();
-        if self.events.capacity() > 16 * events {
+        if self.events.capacity() > events.saturating_mul(16)
+            || self.text.capacity() > text_capacity(events).saturating_mul(16)
+        {
             *self = Self::with_capacity(events);
         }
     }
@@ -176,5 +184,24 @@ mod tests {
             q.clear(4);
             assert!(q.is_empty() && q.views().is_empty());
         }
+    }
+
+    #[test]
+    fn clear_gives_back_memory_a_burst_took() {
+        let mut q = QueuedEvents::with_capacity(4);
+        let mut long = event(1, true);
+        long.request_id = Arc::from("x".repeat(64 * 1024));
+        q.push(&long);
+        q.clear(4);
+        assert!(
+            q.text.capacity() <= text_capacity(4) * 16,
+            "{}",
+            q.text.capacity()
+        );
+        for i in 0..1000 {
+            q.push(&event(i, true));
+        }
+        q.clear(4);
+        assert!(q.events.capacity() <= 4 * 16, "{}", q.events.capacity());
     }
 }

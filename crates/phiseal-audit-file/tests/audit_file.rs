@@ -440,6 +440,7 @@ async fn tampered_batch_lines_are_detected() {
             1,
         ),
         good[1].replacen(r#","request_id":"req-a""#, "", 1),
+        good[1].replacen(r#""field":"ssn""#, r#""field":0"#, 1),
     ] {
         let mut lines_ = good.clone();
         lines_[1] = if bad.starts_with('{') {
