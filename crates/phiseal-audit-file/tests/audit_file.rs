@@ -90,6 +90,23 @@ fn json(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap()
 }
 
+/// The members of an event line before `prev` and `hash`, in their fixed order.
+const EVENT_MEMBERS: [&str; 13] = [
+    "seq",
+    "time",
+    "actor",
+    "uid",
+    "pid",
+    "action",
+    "tenant",
+    "field",
+    "record",
+    "key_version",
+    "key_source",
+    "result",
+    "request_id",
+];
+
 /// Asserts that `keys` occur in `line` in this order.
 fn assert_member_order(line: &str, keys: &[&str]) {
     let mut pos = 0;
@@ -166,23 +183,11 @@ async fn append_and_verify_all_modes() {
         assert_eq!(rec["key_source"], "cache");
         assert_eq!(rec["uid"], 1000);
         // Fixed field order.
-        let order = [
-            "seq",
-            "time",
-            "actor",
-            "uid",
-            "pid",
-            "action",
-            "tenant",
-            "field",
-            "record",
-            "key_version",
-            "key_source",
-            "result",
-            "request_id",
-            "prev",
-            "hash",
-        ];
+        let order: Vec<&str> = EVENT_MEMBERS
+            .iter()
+            .copied()
+            .chain(["prev", "hash"])
+            .collect();
         // The first append was written alone (but in Buffered mode, where the writer thread
         // may put it in one batch line with the next): an event line.
         if !matches!(durability, Durability::Buffered { .. }) {
@@ -497,24 +502,7 @@ async fn export_expands_batch_lines_into_records() {
     }
     // Every exported line has the members of an event line, in its order.
     for line in text.lines() {
-        assert_member_order(
-            line,
-            &[
-                "seq",
-                "time",
-                "actor",
-                "uid",
-                "pid",
-                "action",
-                "tenant",
-                "field",
-                "record",
-                "key_version",
-                "key_source",
-                "result",
-                "request_id",
-            ],
-        );
+        assert_member_order(line, &EVENT_MEMBERS);
     }
 }
 
