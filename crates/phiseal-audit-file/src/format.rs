@@ -458,23 +458,66 @@ pub(crate) fn encode_recovery(
 pub(crate) enum Kind {
     /// The first record of a log.
     Header,
-    /// An audit event.
-    Event {
-        /// Its tenant, if any.
-        tenant: Option<String>,
-        /// Its time.
-        time: Timestamp,
-    },
-    /// A batch line: several records.
-    Batch {
-        /// The tenant and time of each record, in order.
-        records: Vec<(Option<String>, Timestamp)>,
-    },
+    /// An event line (one record) or a batch line (several).
+    Records(Box<RecordLine>),
     /// A torn-tail recovery record.
     Recovered {
         /// The offset it claims the torn bytes were at.
         offset: u64,
     },
+}
+
+/// The records of an event or batch line, checked: each member is on the line or in every
+/// record. An event line is read as a line holding every member, with one record that has
+/// none of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RecordLine {
+    line: Members,
+    records: Vec<Members>,
+    times: Vec<Timestamp>,
+}
+
+impl RecordLine {
+    /// Number of records (at least 1).
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Each record, in order, with the line's members filled in; `None` for a record missing
+    /// a member (which [`parse_line`] does not let through).
+    pub(crate) fn records(&self) -> impl Iterator<Item = Option<RecordView<'_>>> {
+        self.records
+            .iter()
+            .zip(&self.times)
+            .map(|(own, &time)| self.view(own, time))
+    }
+
+    fn view<'a>(&'a self, own: &'a Members, time: Timestamp) -> Option<RecordView<'a>> {
+        let line = &self.line;
+        fn text<'a>(own: &'a Option<String>, line: &'a Option<String>) -> Option<&'a str> {
+            own.as_deref().or(line.as_deref())
+        }
+        fn nullable<'a>(
+            own: &'a Option<Option<String>>,
+            line: &'a Option<Option<String>>,
+        ) -> Option<Option<&'a str>> {
+            own.as_ref().or(line.as_ref()).map(Option::as_deref)
+        }
+        Some(RecordView {
+            time,
+            actor: text(&own.actor, &line.actor)?,
+            uid: own.uid.or(line.uid)?,
+            pid: own.pid.or(line.pid)?,
+            action: text(&own.action, &line.action)?,
+            tenant: nullable(&own.tenant, &line.tenant)?,
+            field: nullable(&own.field, &line.field)?,
+            record: nullable(&own.record, &line.record)?,
+            key_version: own.key_version.or(line.key_version)?,
+            key_source: nullable(&own.key_source, &line.key_source)?,
+            result: text(&own.result, &line.result)?,
+            request_id: text(&own.request_id, &line.request_id)?,
+        })
+    }
 }
 
 /// One parsed line.
@@ -514,47 +557,25 @@ struct Raw {
     log_id: Option<String>,
     #[serde(default)]
     created: Option<String>,
-    // recovery
+    // recovery (and its `time`, in `members`)
     #[serde(default)]
     offset: Option<u64>,
     #[serde(default)]
     len: Option<u64>,
     #[serde(default)]
     saved_to: Option<String>,
-    // event (and recovery: time)
-    #[serde(default)]
-    time: Option<String>,
-    #[serde(default)]
-    actor: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    uid: Option<Option<u32>>,
-    #[serde(default, deserialize_with = "present")]
-    pid: Option<Option<u32>>,
-    #[serde(default)]
-    action: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    tenant: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
-    field: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
-    record: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
-    key_version: Option<Option<u32>>,
-    #[serde(default, deserialize_with = "present")]
-    key_source: Option<Option<String>>,
-    #[serde(default)]
-    result: Option<String>,
-    #[serde(default)]
-    request_id: Option<String>,
+    // event, and the members a batch line holds for all its records
+    #[serde(flatten)]
+    members: Members,
     // batch
     #[serde(default)]
-    records: Option<Vec<RawItem>>,
+    records: Option<Vec<Members>>,
 }
 
-/// One record of a batch line.
-#[derive(Deserialize)]
-struct RawItem {
-    // Any member may be on the line instead (see `batch_records`).
+/// The members of a record, each `None` when absent (`Some(None)`: an explicit `null`): an
+/// event line's, a batch line's shared ones, or one record object's in a batch line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+struct Members {
     #[serde(default)]
     time: Option<String>,
     #[serde(default)]
@@ -565,8 +586,6 @@ struct RawItem {
     pid: Option<Option<u32>>,
     #[serde(default)]
     action: Option<String>,
-    #[serde(default)]
-    request_id: Option<String>,
     #[serde(default, deserialize_with = "present")]
     tenant: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
@@ -579,6 +598,8 @@ struct RawItem {
     key_source: Option<Option<String>>,
     #[serde(default)]
     result: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
 }
 
 /// The members of a record, in the order of an event line.
@@ -597,27 +618,9 @@ const MEMBERS: [&str; 12] = [
     "request_id",
 ];
 
-/// Which of [`MEMBERS`] a line has at its top level.
-fn line_members(raw: &Raw) -> [bool; 12] {
-    [
-        raw.time.is_some(),
-        raw.actor.is_some(),
-        raw.uid.is_some(),
-        raw.pid.is_some(),
-        raw.action.is_some(),
-        raw.tenant.is_some(),
-        raw.field.is_some(),
-        raw.record.is_some(),
-        raw.key_version.is_some(),
-        raw.key_source.is_some(),
-        raw.result.is_some(),
-        raw.request_id.is_some(),
-    ]
-}
-
-impl RawItem {
-    /// Which of [`MEMBERS`] this record object has.
-    fn members(&self) -> [bool; 12] {
+impl Members {
+    /// Which of [`MEMBERS`] are present.
+    fn present(&self) -> [bool; 12] {
         [
             self.time.is_some(),
             self.actor.is_some(),
@@ -635,41 +638,37 @@ impl RawItem {
     }
 }
 
-/// Checks a batch line: each member is either on the line (shared by all records) or in every
-/// record, never both; returns each record's tenant and time.
-fn batch_records(raw: &Raw, items: &[RawItem]) -> Result<Vec<(Option<String>, Timestamp)>, String> {
-    let on_line = line_members(raw);
+/// Checks an event or batch line: each member is either on the line (shared by all records) or
+/// in every record, never both (`what` names the line kind in errors).
+fn record_line(line: Members, records: Vec<Members>, what: &str) -> Result<RecordLine, String> {
+    let on_line = line.present();
     let mut in_records = [0usize; 12];
-    for item in items {
-        for (count, present) in in_records.iter_mut().zip(item.members()) {
+    for record in &records {
+        for (count, present) in in_records.iter_mut().zip(record.present()) {
             *count += usize::from(present);
         }
     }
     for ((name, on_line), in_records) in MEMBERS.iter().zip(on_line).zip(in_records) {
         match (on_line, in_records) {
             (true, 0) => {}
-            (false, n) if n == items.len() => {}
+            (false, n) if n == records.len() => {}
             (true, _) => {
                 return Err(format!(
-                    "batch line with '{name}' both on the line and in a record"
+                    "{what} with '{name}' both on the line and in a record"
                 ));
             }
-            (false, _) => return Err(format!("batch record without '{name}'")),
+            (false, _) => return Err(format!("{what} without '{name}'")),
         }
     }
-    items
+    let times = records
         .iter()
-        .map(|item| {
-            let time = parse_time("time", item.time.as_deref().or(raw.time.as_deref()))?;
-            let tenant = item
-                .tenant
-                .as_ref()
-                .or(raw.tenant.as_ref())
-                .cloned()
-                .flatten();
-            Ok((tenant, time))
-        })
-        .collect()
+        .map(|r| parse_time("time", r.time.as_deref().or(line.time.as_deref())))
+        .collect::<Result<_, _>>()?;
+    Ok(RecordLine {
+        line,
+        records,
+        times,
+    })
 }
 
 fn decode_hash(what: &str, s: &[u8]) -> Result<[u8; 32], String> {
@@ -726,8 +725,6 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     let computed = body_hash(prefix);
     let hash_ok = phiseal::crypto::ct_eq(&computed, &stored);
 
-    // Records in the line: 1 but for a batch line.
-    let mut count: u64 = 1;
     let kind = match raw.kind.as_deref() {
         Some("header") => {
             let id = raw.log_id.as_deref().unwrap_or_default();
@@ -744,38 +741,30 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
             if raw.len.is_none() || raw.saved_to.is_none() {
                 return Err("recovery record without 'len' or 'saved_to'".to_owned());
             }
-            parse_time("time", raw.time.as_deref())?;
+            parse_time("time", raw.members.time.as_deref())?;
             Kind::Recovered { offset }
         }
         Some("batch") => {
-            let items = raw
+            let records = raw
                 .records
-                .as_deref()
                 .ok_or_else(|| "batch line without 'records'".to_owned())?;
-            if items.is_empty() {
+            if records.is_empty() {
                 return Err("batch line with no records".to_owned());
             }
-            let records = batch_records(&raw, items)?;
-            count = u64::try_from(items.len()).unwrap_or(u64::MAX);
-            Kind::Batch { records }
+            Kind::Records(Box::new(record_line(raw.members, records, "batch record")?))
         }
         Some(_) => return Err("unknown record 'kind'".to_owned()),
         None => {
             if raw.records.is_some() {
                 return Err("event record with 'records'".to_owned());
             }
-            let missing = MEMBERS
-                .iter()
-                .zip(line_members(&raw))
-                .find_map(|(name, present)| (!present).then_some(name));
-            if let Some(name) = missing {
-                return Err(format!("event record without '{name}'"));
-            }
-            Kind::Event {
-                time: parse_time("time", raw.time.as_deref())?,
-                tenant: raw.tenant.flatten(),
-            }
+            let records = vec![Members::default()];
+            Kind::Records(Box::new(record_line(raw.members, records, "event record")?))
         }
+    };
+    let count = match &kind {
+        Kind::Records(line) => u64::try_from(line.len()).unwrap_or(u64::MAX),
+        Kind::Header | Kind::Recovered { .. } => 1,
     };
     let last_seq = raw
         .seq
@@ -789,100 +778,6 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
         hash_ok,
         kind,
     })
-}
-
-/// The members of a record as read for export: those of an event line, or those of one record
-/// of a batch line (then the line's own members fill in the hoisted ones).
-#[derive(Deserialize)]
-struct ExportItem {
-    #[serde(default)]
-    time: Option<String>,
-    #[serde(default)]
-    actor: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    uid: Option<Option<u32>>,
-    #[serde(default, deserialize_with = "present")]
-    pid: Option<Option<u32>>,
-    #[serde(default)]
-    action: Option<String>,
-    #[serde(default)]
-    request_id: Option<String>,
-    #[serde(default)]
-    tenant: Option<String>,
-    #[serde(default)]
-    field: Option<String>,
-    #[serde(default)]
-    record: Option<String>,
-    #[serde(default)]
-    key_version: Option<u32>,
-    #[serde(default)]
-    key_source: Option<String>,
-    #[serde(default)]
-    result: Option<String>,
-}
-
-/// An event or batch line as read for export.
-#[derive(Deserialize)]
-struct ExportLine {
-    seq: u64,
-    #[serde(flatten)]
-    line: ExportItem,
-    #[serde(default)]
-    records: Option<Vec<ExportItem>>,
-}
-
-/// Appends the records of `tenant` with a time in `[since, until)` in an event or batch line
-/// (already checked by [`parse_line`]) to `out`, one stand-alone JSON line each (see
-/// [`encode_export`]); returns how many. `Err` carries a short description without line
-/// content.
-pub(crate) fn export_records(
-    line: &[u8],
-    tenant: &str,
-    since: Option<Timestamp>,
-    until: Option<Timestamp>,
-    out: &mut String,
-) -> Result<u64, String> {
-    let parsed: ExportLine =
-        serde_json::from_slice(line).map_err(|_| "not a valid record".to_owned())?;
-    let common = &parsed.line;
-    let items = match &parsed.records {
-        Some(items) => items.as_slice(),
-        None => std::slice::from_ref(common),
-    };
-    let missing = |name: &str| format!("record without '{name}'");
-    let mut exported = 0;
-    for (seq, item) in (parsed.seq..).zip(items) {
-        // A member absent from the record is on the line (`verify` checked which).
-        fn str_of<'s>(own: &'s Option<String>, line: &'s Option<String>) -> Option<&'s str> {
-            own.as_deref().or(line.as_deref())
-        }
-        let record_tenant = str_of(&item.tenant, &common.tenant);
-        if record_tenant != Some(tenant) {
-            continue;
-        }
-        let time = parse_time("time", str_of(&item.time, &common.time))?;
-        if since.is_some_and(|s| time < s) || until.is_some_and(|u| time >= u) {
-            continue;
-        }
-        let view = RecordView {
-            time,
-            actor: str_of(&item.actor, &common.actor).ok_or_else(|| missing("actor"))?,
-            uid: item.uid.or(common.uid).flatten(),
-            pid: item.pid.or(common.pid).flatten(),
-            action: str_of(&item.action, &common.action).ok_or_else(|| missing("action"))?,
-            tenant: record_tenant,
-            field: str_of(&item.field, &common.field),
-            record: str_of(&item.record, &common.record),
-            key_version: item.key_version.or(common.key_version),
-            key_source: str_of(&item.key_source, &common.key_source),
-            result: str_of(&item.result, &common.result).ok_or_else(|| missing("result"))?,
-            request_id: str_of(&item.request_id, &common.request_id)
-                .ok_or_else(|| missing("request_id"))?,
-        };
-        encode_export(out, seq, &view);
-        exported += 1;
-    }
-    Ok(exported)
 }
 
 #[cfg(test)]

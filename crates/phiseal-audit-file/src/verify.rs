@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use jiff::Timestamp;
 
 use crate::error::AuditFileError;
-use crate::format::{Kind, MAX_LINE, Parsed, ZERO_HASH, export_records, parse_line};
+use crate::format::{Kind, MAX_LINE, Parsed, ZERO_HASH, encode_export, parse_line};
 
 /// At most this many problems are kept in a [`VerifyReport`]; the rest are only counted.
 pub const MAX_PROBLEMS: usize = 1000;
@@ -366,43 +366,37 @@ pub fn export_tenant(
                 if let Some(e) = broken(&checker) {
                     return Err(e);
                 }
-                let in_range = |time: &Timestamp| {
-                    since.is_none_or(|s| *time >= s) && until.is_none_or(|u| *time < u)
-                };
-                let wanted = |t: &Option<String>, time: &Timestamp| {
-                    t.as_deref() == Some(tenant) && in_range(time)
-                };
-                let any_wanted = match &parsed {
-                    Some(Parsed {
-                        kind: Kind::Event { tenant, time },
-                        ..
-                    }) => wanted(tenant, time),
-                    Some(Parsed {
-                        kind: Kind::Batch { records },
-                        ..
-                    }) => records.iter().any(|(t, time)| wanted(t, time)),
-                    _ => false,
-                };
-                if !any_wanted {
+                let Some(Parsed {
+                    seq,
+                    kind: Kind::Records(line),
+                    ..
+                }) = parsed
+                else {
                     continue;
-                }
+                };
                 text.clear();
-                // The line passed `parse_line` already; this fails only if the two parsers
-                // disagree, and then the export stops rather than skip records.
-                let n = export_records(&buf, tenant, since, until, &mut text).map_err(|_| {
-                    AuditFileError::ChainBroken {
+                for (i, record) in line.records().enumerate() {
+                    // At most the line's last seq, which `parse_line` checked fits.
+                    let seq = seq.saturating_add(u64::try_from(i).unwrap_or(u64::MAX));
+                    // `parse_line` checked that every record has every member.
+                    let record = record.ok_or_else(|| AuditFileError::ChainBroken {
                         path: path.to_owned(),
                         line: checker.line_no,
                         kind: ProblemKind::Malformed,
+                    })?;
+                    let in_range = since.is_none_or(|s| record.time >= s)
+                        && until.is_none_or(|u| record.time < u);
+                    if record.tenant == Some(tenant) && in_range {
+                        encode_export(&mut text, seq, &record);
+                        report.exported += 1;
                     }
-                })?;
+                }
                 out.write_all(text.as_bytes())
                     .map_err(|source| AuditFileError::Io {
                         path: path.to_owned(),
                         op: "write export",
                         source,
                     })?;
-                report.exported += n;
             }
         }
     }
