@@ -621,6 +621,10 @@ impl FileAuditLog {
             drop(guard);
             return Err(self.poisoned());
         }
+        // A single-field call (the common case) needs no vector of views.
+        if let [event] = events {
+            return encode_and_write(shared, &mut guard, &[RecordView::of(event)], usize::MAX);
+        }
         let views: Vec<RecordView<'_>> = events.iter().map(RecordView::of).collect();
         encode_and_write(shared, &mut guard, &views, usize::MAX)
     }
