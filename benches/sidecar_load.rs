@@ -30,9 +30,13 @@ use tonic::{Request, Response, Status};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Seconds per scenario (after a one-second warm-up).
+    /// Measured seconds per scenario and server (after a one-second warm-up of each).
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Alternating rounds the measured seconds are split into (echo, daemon, echo, …), so
+    /// that both servers see the same machine conditions.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
     /// The phiseald binary (default: next to this one).
     #[arg(long)]
     phiseald: Option<PathBuf>,
@@ -220,63 +224,112 @@ struct Stats {
     server_cpu_us_per_field: f64,
 }
 
-/// Runs `call` from `in_flight` tasks for `seconds` (after a one-second warm-up); `server`
-/// is the pid whose CPU time is charged to the calls.
-async fn measure<F, Fut>(server: u32, seconds: u64, in_flight: usize, call: F) -> Stats
-where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = usize> + Send,
-{
-    let call = Arc::new(call);
-    let run = |secs: u64| {
-        let call = Arc::clone(&call);
-        async move {
-            let end = Instant::now() + Duration::from_secs(secs);
-            let tasks: Vec<_> = (0..in_flight)
-                .map(|t| {
-                    let call = Arc::clone(&call);
-                    tokio::spawn(async move {
-                        let mut lat = Vec::new();
-                        let mut fields = 0usize;
-                        let mut i = (t as u64) << 32;
-                        while Instant::now() < end {
-                            let start = Instant::now();
-                            fields += call(i).await;
-                            lat.push(start.elapsed());
-                            i += 1;
-                        }
-                        (lat, fields)
-                    })
-                })
-                .collect();
-            let started = Instant::now();
-            let mut lat = Vec::new();
-            let mut fields = 0;
-            for t in tasks {
-                let (l, f) = t.await.unwrap();
-                lat.extend(l);
-                fields += f;
-            }
-            (lat, fields, started.elapsed())
+/// One kind of call the load generator makes; returns the fields it served.
+trait Call: Send + Sync + 'static {
+    fn call(&self, i: u64) -> impl std::future::Future<Output = usize> + Send;
+}
+
+/// One server under test: how to call it, and what its measured rounds added up to.
+struct Target<C> {
+    /// The server's pid, whose CPU time is charged to the calls.
+    pid: u32,
+    call: Arc<C>,
+    latencies: Vec<Duration>,
+    fields: usize,
+    elapsed: Duration,
+    cpu_seconds: f64,
+}
+
+impl<C: Call> Target<C> {
+    fn new(pid: u32, call: C) -> Self {
+        Self {
+            pid,
+            call: Arc::new(call),
+            latencies: Vec::new(),
+            fields: 0,
+            elapsed: Duration::ZERO,
+            cpu_seconds: 0.0,
         }
-    };
-    run(1).await;
-    let cpu_before = cpu_seconds(server);
-    let (mut lat, fields, elapsed) = run(seconds).await;
-    let cpu = cpu_seconds(server) - cpu_before;
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        let i = ((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1));
-        lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
-    };
-    let secs = elapsed.as_secs_f64();
-    Stats {
-        calls_per_s: lat.len() as f64 / secs,
-        fields_per_s: fields as f64 / secs,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        server_cpu_us_per_field: cpu * 1e6 / fields.max(1) as f64,
     }
+
+    /// Runs the calls from `in_flight` tasks for `time`; returns latencies, fields, duration.
+    async fn run(&self, in_flight: usize, time: Duration) -> (Vec<Duration>, usize, Duration) {
+        let end = Instant::now() + time;
+        let tasks: Vec<_> = (0..in_flight)
+            .map(|t| {
+                let call = Arc::clone(&self.call);
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    let mut fields = 0usize;
+                    let mut i = (t as u64) << 32;
+                    while Instant::now() < end {
+                        let start = Instant::now();
+                        fields += call.call(i).await;
+                        lat.push(start.elapsed());
+                        i += 1;
+                    }
+                    (lat, fields)
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let mut lat = Vec::new();
+        let mut fields = 0;
+        for t in tasks {
+            let (l, f) = t.await.unwrap();
+            lat.extend(l);
+            fields += f;
+        }
+        (lat, fields, started.elapsed())
+    }
+
+    /// One measured round, added to the totals.
+    async fn round(&mut self, in_flight: usize, time: Duration) {
+        let cpu_before = cpu_seconds(self.pid);
+        let (lat, fields, elapsed) = self.run(in_flight, time).await;
+        self.cpu_seconds += cpu_seconds(self.pid) - cpu_before;
+        self.latencies.extend(lat);
+        self.fields += fields;
+        self.elapsed += elapsed;
+    }
+
+    fn stats(mut self) -> Stats {
+        let lat = &mut self.latencies;
+        lat.sort_unstable();
+        let pct = |p: f64| {
+            let i = ((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1));
+            lat.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        let secs = self.elapsed.as_secs_f64();
+        Stats {
+            calls_per_s: lat.len() as f64 / secs,
+            fields_per_s: self.fields as f64 / secs,
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            server_cpu_us_per_field: self.cpu_seconds * 1e6 / self.fields.max(1) as f64,
+        }
+    }
+}
+
+/// Measures the echo server and the daemon in alternating rounds: one second of warm-up
+/// each, then `rounds` rounds of `seconds / rounds` on each, so that both see the same
+/// machine conditions (this machine is shared and drifts). Returns (echo, daemon).
+async fn compare<C: Call>(
+    seconds: u64,
+    rounds: u32,
+    in_flight: usize,
+    mut echo: Target<C>,
+    mut daemon: Target<C>,
+) -> (Stats, Stats) {
+    echo.run(in_flight, Duration::from_secs(1)).await;
+    daemon.run(in_flight, Duration::from_secs(1)).await;
+    let rounds = rounds.max(1);
+    let time = Duration::from_secs(seconds) / rounds;
+    for _ in 0..rounds {
+        echo.round(in_flight, time).await;
+        daemon.round(in_flight, time).await;
+    }
+    (echo.stats(), daemon.stats())
 }
 
 fn ctx(record: u64) -> Option<pb::Context> {
@@ -287,63 +340,63 @@ fn ctx(record: u64) -> Option<pb::Context> {
     })
 }
 
-async fn unary(
-    client: FieldServiceClient<Channel>,
-    server: u32,
-    seconds: u64,
-    in_flight: usize,
-) -> Stats {
-    measure(server, seconds, in_flight, move |i| {
-        let mut c = client.clone();
-        async move {
-            c.encrypt(pb::EncryptRequest {
+/// Unary `Encrypt` of one 64-byte field per call.
+struct Unary(FieldServiceClient<Channel>);
+
+impl Call for Unary {
+    async fn call(&self, i: u64) -> usize {
+        self.0
+            .clone()
+            .encrypt(pb::EncryptRequest {
                 context: ctx(i),
                 plaintext: vec![7u8; 64],
             })
             .await
             .expect("encrypt");
-            1
-        }
-    })
-    .await
+        1
+    }
 }
 
-async fn batch(
+/// `EncryptBatch` of the same fields (64 bytes each) per call.
+struct Batch {
     client: FieldServiceClient<Channel>,
-    server: u32,
-    seconds: u64,
-    in_flight: usize,
-    size: usize,
-) -> Stats {
-    // Built once and cloned per call, so that the client's own work stays small next to the
-    // server's (client and server share the machine's cores).
-    let request = Arc::new(pb::EncryptBatchRequest {
-        items: (0..size as u64)
+    /// Built once and cloned per call, so that the client's own work stays small next to
+    /// the server's (client and server share the machine's cores).
+    request: pb::EncryptBatchRequest,
+}
+
+impl Batch {
+    fn new(client: FieldServiceClient<Channel>, size: usize) -> Self {
+        let items = (0..size as u64)
             .map(|j| pb::EncryptRequest {
                 context: ctx(j),
                 plaintext: vec![7u8; 64],
             })
-            .collect(),
-    });
-    measure(server, seconds, in_flight, move |_| {
-        let mut c = client.clone();
-        let request = pb::EncryptBatchRequest::clone(&request);
-        async move {
-            let r = c
-                .encrypt_batch(request)
-                .await
-                .expect("encrypt batch")
-                .into_inner();
-            let ok = r
-                .results
-                .iter()
-                .filter(|r| matches!(r.result, Some(pb::encrypt_result::Result::Ok(_))))
-                .count();
-            assert_eq!(ok, size, "every field encrypted");
-            ok
+            .collect();
+        Self {
+            client,
+            request: pb::EncryptBatchRequest { items },
         }
-    })
-    .await
+    }
+}
+
+impl Call for Batch {
+    async fn call(&self, _: u64) -> usize {
+        let r = self
+            .client
+            .clone()
+            .encrypt_batch(self.request.clone())
+            .await
+            .expect("encrypt batch")
+            .into_inner();
+        let ok = r
+            .results
+            .iter()
+            .filter(|r| matches!(r.result, Some(pb::encrypt_result::Result::Ok(_))))
+            .count();
+        assert_eq!(ok, self.request.items.len(), "every field encrypted");
+        ok
+    }
 }
 
 fn main() {
@@ -431,16 +484,28 @@ fn main() {
         for in_flight in [1, 64] {
             let name = format!("Encrypt 64 B, {in_flight} in flight");
             if wanted(&name) {
-                let e = unary(echo.clone(), echo_pid, s, in_flight).await;
-                let d = unary(daemon.clone(), daemon_pid, s, in_flight).await;
+                let (e, d) = compare(
+                    s,
+                    args.rounds,
+                    in_flight,
+                    Target::new(echo_pid, Unary(echo.clone())),
+                    Target::new(daemon_pid, Unary(daemon.clone())),
+                )
+                .await;
                 row(&name, e, d);
             }
         }
         for &in_flight in &args.batch_in_flight {
             let name = format!("EncryptBatch {b} × 64 B, {in_flight} in flight");
             if wanted(&name) {
-                let e = batch(echo.clone(), echo_pid, s, in_flight, b).await;
-                let d = batch(daemon.clone(), daemon_pid, s, in_flight, b).await;
+                let (e, d) = compare(
+                    s,
+                    args.rounds,
+                    in_flight,
+                    Target::new(echo_pid, Batch::new(echo.clone(), b)),
+                    Target::new(daemon_pid, Batch::new(daemon.clone(), b)),
+                )
+                .await;
                 row(&name, e, d);
             }
         }
