@@ -1,10 +1,11 @@
 //! Load generator for the sidecar: unary and batch throughput and p50/p99 latency of
 //! `phiseald` over its Unix socket, next to a bare tonic echo service (same proto, same kind
-//! of socket, its own process, no crypto, no audit) measured in the same run.
+//! of socket, its own process, no crypto, no audit) measured in the same run, in alternating
+//! rounds.
 //!
 //! ```text
 //! cargo build --release -p phiseald -p phiseal-benches --bin sidecar-load
-//! target/release/sidecar-load [--seconds 5] [--phiseald PATH]
+//! target/release/sidecar-load [--seconds 5] [--rounds 5] [--phiseald PATH]
 //! ```
 //! The daemon runs the embedded default (audit log on, `interval` durability) in a temporary
 //! directory. Prints a Markdown table (for docs/PERFORMANCE.md).
