@@ -52,11 +52,13 @@ fn data(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 131 % 253) as u8).collect()
 }
 
-/// An audit sink that keeps events in memory and can refuse stream records.
+/// An audit sink that keeps events in memory and can refuse stream records: all of them, or
+/// only their result records (not the `attempt` of a decryption stream).
 #[derive(Debug, Default)]
 struct Recording {
     events: Mutex<Vec<AuditEvent>>,
     refuse_streams: AtomicBool,
+    refuse_stream_results: AtomicBool,
 }
 
 impl Recording {
@@ -81,10 +83,14 @@ impl AuditSink for Recording {
         "recording"
     }
     async fn append(&self, events: &[AuditEvent]) -> Result<(), BackendError> {
-        let stream = events
-            .iter()
-            .any(|e| matches!(e.action, Action::EncryptStream | Action::DecryptStream));
-        if stream && self.refuse_streams.load(Ordering::SeqCst) {
+        let stream =
+            |e: &&AuditEvent| matches!(e.action, Action::EncryptStream | Action::DecryptStream);
+        let refused = events.iter().filter(stream).any(|e| {
+            self.refuse_streams.load(Ordering::SeqCst)
+                || (e.outcome != Outcome::Attempt
+                    && self.refuse_stream_results.load(Ordering::SeqCst))
+        });
+        if refused {
             return Err(BackendError::new(
                 BackendErrorKind::Unavailable,
                 "disk full",
@@ -212,20 +218,35 @@ async fn round_trips_through_every_entry_point() {
             }
         }
     }
-    // One record per stream, all ok, all naming version 1.
+    // One record per encryption stream (ok); two per decryption stream (attempt, then ok),
+    // in that order; all naming version 1.
     let streams = sink.streams();
-    assert!(!streams.is_empty());
-    assert!(
+    assert!(streams.iter().all(|(_, _, v)| *v == Some(1)));
+    let count = |action: Action, outcome: Outcome| {
         streams
             .iter()
-            .all(|(_, outcome, v)| *outcome == Outcome::Ok && *v == Some(1))
-    );
-    let encrypts = streams
-        .iter()
-        .filter(|(a, _, _)| *a == Action::EncryptStream)
-        .count();
+            .filter(|(a, o, _)| *a == action && *o == outcome)
+            .count()
+    };
     // Per size: 1 reader→writer + 1 adapter + one per chunking (4 for five sizes, 3 for one).
-    assert_eq!(encrypts, 5 * (2 + 4) + (2 + 3));
+    let encrypts = 5 * (2 + 4) + (2 + 3);
+    assert_eq!(count(Action::EncryptStream, Outcome::Ok), encrypts);
+    assert_eq!(count(Action::EncryptStream, Outcome::Attempt), 0);
+    let decrypts = count(Action::DecryptStream, Outcome::Ok);
+    assert!(decrypts > 0);
+    assert_eq!(count(Action::DecryptStream, Outcome::Attempt), decrypts);
+    assert_eq!(streams.len(), encrypts + 2 * decrypts, "nothing else");
+    let decrypt_outcomes: Vec<Outcome> = streams
+        .iter()
+        .filter(|(a, _, _)| *a == Action::DecryptStream)
+        .map(|(_, o, _)| *o)
+        .collect();
+    assert!(
+        decrypt_outcomes
+            .chunks(2)
+            .all(|pair| pair == [Outcome::Attempt, Outcome::Ok]),
+        "each decryption's attempt comes before its result"
+    );
 }
 
 #[tokio::test]
@@ -321,12 +342,15 @@ async fn tampering_truncation_and_wrong_context_fail_and_are_audited() {
         assert!(written.len() <= plaintext.len(), "{what}");
         assert_eq!(
             sink.streams(),
-            vec![(
-                Action::DecryptStream,
-                Outcome::Error("decryption_failed"),
-                Some(1)
-            )],
-            "{what}: exactly one failed record"
+            vec![
+                (Action::DecryptStream, Outcome::Attempt, Some(1)),
+                (
+                    Action::DecryptStream,
+                    Outcome::Error("decryption_failed"),
+                    Some(1)
+                )
+            ],
+            "{what}: the attempt, then exactly one failed record"
         );
         assert!(decrypt_pushed(&k, c, s, 5000).await.is_err(), "{what}");
     }
@@ -345,9 +369,14 @@ async fn tampering_truncation_and_wrong_context_fail_and_are_audited() {
         sink.clear();
         let err = decrypt(&k, &cx, &stream[..cut]).await.unwrap_err();
         assert!(matches!(err, Error::Format(_)), "{cut}: {err:?}");
-        let streams = sink.streams();
-        assert_eq!(streams.len(), 1);
-        assert_eq!(streams[0].1, Outcome::Error("malformed_ciphertext"));
+        let outcomes: Vec<Outcome> = sink.streams().into_iter().map(|(_, o, _)| o).collect();
+        // Once the header is whole its key is loaded and the attempt recorded.
+        let expected = if cut >= STREAM_HEADER_LEN {
+            vec![Outcome::Attempt, Outcome::Error("malformed_ciphertext")]
+        } else {
+            vec![Outcome::Error("malformed_ciphertext")]
+        };
+        assert_eq!(outcomes, expected, "{cut}");
     }
     // A field ciphertext is not a stream.
     let field = k.encrypt(&caller(), &cx, b"field").await.unwrap();
@@ -365,14 +394,17 @@ async fn tampering_truncation_and_wrong_context_fail_and_are_audited() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     assert_eq!(got.len(), SEG, "only the first segment was released");
     drop(r);
-    wait_for(|| !sink.streams().is_empty()).await;
+    wait_for(|| sink.streams().len() == 2).await;
     assert_eq!(
         sink.streams(),
-        vec![(
-            Action::DecryptStream,
-            Outcome::Error("decryption_failed"),
-            Some(1)
-        )]
+        vec![
+            (Action::DecryptStream, Outcome::Attempt, Some(1)),
+            (
+                Action::DecryptStream,
+                Outcome::Error("decryption_failed"),
+                Some(1)
+            )
+        ]
     );
     // Untouched, it decrypts.
     assert!(decrypt(&k, &cx, &stream).await.unwrap() == plaintext);
@@ -437,6 +469,7 @@ async fn keys_follow_rotation_minimum_version_and_shredding() {
         vec![
             Outcome::Error("key_version_retired"),
             Outcome::Error("key_version_retired"),
+            Outcome::Attempt,
             Outcome::Ok,
             Outcome::Error("key_destroyed"),
             Outcome::Error("key_destroyed"),
@@ -476,15 +509,39 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
     );
     assert!(decrypt_pushed(&k, &cx, &out, 999).await.is_err());
 
+    // Decryption releases nothing if its attempt record cannot be written.
+    let mut d = k.start_decrypt_stream(&c, &cx);
+    let mut plain = Vec::new();
+    assert!(matches!(
+        d.push(&good, &mut plain).await,
+        Err(Error::Audit { .. })
+    ));
+    assert!(plain.is_empty(), "no plaintext without an attempt record");
+    assert!(
+        d.push(&good, &mut plain).await.is_err(),
+        "the stream is dead"
+    );
+    assert!(plain.is_empty());
+
+    // If only the result record cannot be written, the final segment is withheld.
+    sink.refuse_streams.store(false, Ordering::SeqCst);
+    sink.refuse_stream_results.store(true, Ordering::SeqCst);
     let mut d = k.start_decrypt_stream(&c, &cx);
     let mut plain = Vec::new();
     d.push(&good, &mut plain).await.unwrap();
     let before = plain.len();
+    assert_eq!(
+        before,
+        2 * SEG,
+        "the authenticated segments before the final one"
+    );
     assert!(matches!(
         d.finish(&mut plain).await,
         Err(Error::Audit { .. })
     ));
     assert_eq!(plain.len(), before, "the final segment is withheld");
+    sink.refuse_stream_results.store(false, Ordering::SeqCst);
+    sink.refuse_streams.store(true, Ordering::SeqCst);
 
     // The whole-stream functions and the adapters report the audit failure.
     assert!(matches!(
@@ -502,8 +559,22 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
     w.write_all(b"abc").await.unwrap();
     assert!(w.shutdown().await.is_err());
     assert!(w.summary().is_none());
+    assert!(matches!(
+        k.decrypting_reader(&c, &cx, &good[..]).await.map(|_| ()),
+        Err(Error::Audit { .. })
+    ));
+    // The whole-stream function writes nothing when the attempt record is refused.
+    let mut written = Vec::new();
+    assert!(matches!(
+        k.decrypt_stream(&c, &cx, &good[..], &mut written).await,
+        Err(Error::Audit { .. })
+    ));
+    assert!(written.is_empty(), "no plaintext without an attempt record");
+    sink.refuse_streams.store(false, Ordering::SeqCst);
+    sink.refuse_stream_results.store(true, Ordering::SeqCst);
     let mut r = k.decrypting_reader(&c, &cx, &good[..]).await.unwrap();
     assert!(r.read_to_end(&mut Vec::new()).await.is_err());
+    sink.refuse_stream_results.store(false, Ordering::SeqCst);
     drop((w, r));
 
     // Abandoned streams: recorded as failed, by abort() or (best effort) on drop.
@@ -523,13 +594,14 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
     let mut d = k.start_decrypt_stream(&c, &cx);
     d.push(&good[..SEG], &mut Vec::new()).await.unwrap();
     drop(d);
-    wait_for(|| sink.streams().len() == 3).await;
+    wait_for(|| sink.streams().len() == 4).await;
     let mut outcomes: Vec<(Action, Outcome)> =
         sink.streams().into_iter().map(|(a, o, _)| (a, o)).collect();
     outcomes.sort_by_key(|(a, o)| (a.as_str(), o.as_str()));
     assert_eq!(
         outcomes,
         vec![
+            (Action::DecryptStream, Outcome::Attempt),
             (Action::DecryptStream, Outcome::Error("incomplete")),
             (Action::EncryptStream, Outcome::Error("cancelled")),
             (Action::EncryptStream, Outcome::Error("incomplete")),
@@ -538,7 +610,7 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
 }
 
 #[tokio::test]
-async fn the_file_audit_log_gets_one_record_per_stream_and_no_content() {
+async fn the_file_audit_log_gets_the_stream_records_and_no_content() {
     let dir = private_tempdir();
     let c = caller();
     {
@@ -564,7 +636,15 @@ async fn the_file_audit_log_gets_one_record_per_stream_and_no_content() {
     assert!(!text.contains("PLAINTEXT"));
     let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(count(r#""action":"encrypt_stream""#), 1);
-    assert_eq!(count(r#""action":"decrypt_stream""#), 2);
+    // Two decryptions: each an attempt, then its result.
+    assert_eq!(count(r#""action":"decrypt_stream""#), 4);
+    let attempts = text
+        .lines()
+        .filter(|l| {
+            l.contains(r#""action":"decrypt_stream""#) && l.contains(r#""result":"attempt""#)
+        })
+        .count();
+    assert_eq!(attempts, 2);
     assert_eq!(count(r#""result":"decryption_failed""#), 1);
     assert!(text.contains(r#""field":"scan""#) && text.contains(r#""record":"rec-5""#));
 }

@@ -1,7 +1,8 @@
 //! The keyring's streaming entry points (`crate::stream`, `docs/FORMAT.md` §10): keys come from
 //! the key cache (the primary version to encrypt; the version the header names to decrypt,
-//! honouring the minimum decryption version and shredding), and every stream writes **one**
-//! audit record at its end (`encrypt_stream` / `decrypt_stream`) with its outcome.
+//! honouring the minimum decryption version and shredding), and every stream writes an audit
+//! record at its end (`encrypt_stream` / `decrypt_stream`) with its outcome; a decryption
+//! stream also writes an `attempt` record before it releases any plaintext.
 //!
 //! Three shapes, for three kinds of caller:
 //!
@@ -13,10 +14,13 @@
 //!   chunks of arbitrary size from elsewhere (the sidecar's client-streaming RPC) and emits
 //!   output chunks as segments complete.
 //!
-//! **Auditing.** A stream's record is written when it ends: after its last byte was written
-//! (encryption) or its final segment authenticated (decryption). If that record cannot be
-//! written the stream fails (fail closed): the push APIs withhold the final segment, the
-//! adapters report an error instead of success. A stream that fails (tampering, truncation,
+//! **Auditing.** A decryption stream writes an `attempt` record once its header named a key
+//! that could be loaded, before the first plaintext byte is released: if that record cannot be
+//! written the stream fails and releases nothing. Every stream's result record is written when
+//! it ends: after its last byte was written (encryption) or its final segment authenticated
+//! (decryption). If that record cannot be written the stream fails (fail closed): the push
+//! APIs withhold the final segment (so an encryption stream stays unterminated, which no
+//! reader accepts), the adapters report an error instead of success. A stream that fails (tampering, truncation,
 //! I/O) is recorded with the error kind at once where the API is async (decryption's
 //! `push`, `finish`, the reader/writer functions), else when its object is dropped or
 //! [`AuditedStreamEncryptor::abort`]ed. A stream object dropped before it finished is recorded
@@ -98,6 +102,26 @@ impl StreamAudit {
         );
         let keyring = self.keyring.clone();
         Box::pin(async move { keyring.append(std::slice::from_ref(&event)).await })
+    }
+
+    /// Writes the stream's `attempt` record (its key version and source known, the stream not
+    /// yet ended). Decryption writes it before releasing any plaintext, so a stream whose
+    /// record cannot be written discloses nothing, and a stream cut off midway (its end
+    /// record lost with the process) is still on the log.
+    async fn attempt(&self) -> Result<(), Error> {
+        let meta = OpMeta {
+            key_version: self.key_version,
+            key_source: self.key_source,
+        };
+        let event = Keyring::event(
+            &self.caller,
+            self.action,
+            None,
+            Some(&self.context),
+            &meta,
+            Outcome::Attempt,
+        );
+        self.keyring.append(std::slice::from_ref(&event)).await
     }
 
     /// Records the failure `error` now; returns it, or the audit error if it could not be
@@ -392,7 +416,8 @@ impl Keyring {
         Ok(key)
     }
 
-    /// Parses a stream header and prepares its decryptor under the version it names.
+    /// Parses a stream header, prepares its decryptor under the version it names, and writes
+    /// the stream's `attempt` record: no plaintext is released unless that record is written.
     async fn open_stream(
         &self,
         caller: &Caller,
@@ -405,7 +430,10 @@ impl Keyring {
         let key = self
             .stream_key(caller, context, Some(header.key_version()), audit)
             .await?;
-        StreamDecryptor::new(self.inner.provider, key.tenant_key(), context, &header)
+        let decryptor =
+            StreamDecryptor::new(self.inner.provider, key.tenant_key(), context, &header)?;
+        audit.attempt().await?;
+        Ok(decryptor)
     }
 
     /// Starts encrypting a stream under the tenant's primary key version, to be fed with
@@ -526,8 +554,8 @@ impl Keyring {
     /// constant memory (about three segments), each segment written only after it
     /// authenticated. **What was written is provisional until this returns `Ok`**: on any error
     /// (tampering, truncation detected at the end, I/O, audit) the caller must discard it —
-    /// e.g. write to a temporary file and rename it into place only on success. Audited once,
-    /// at the end, with the outcome.
+    /// e.g. write to a temporary file and rename it into place only on success. Audited with
+    /// an `attempt` record before the first segment is written and the outcome at the end.
     pub async fn decrypt_stream<R, W>(
         &self,
         caller: &Caller,
