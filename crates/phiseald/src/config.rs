@@ -875,8 +875,11 @@ impl Config {
 }
 
 /// Figment's messages name the key (`for key "default.limits.max_batch_items"`); drop the
-/// profile prefix so they match the file.
+/// profile prefix so they match the file. For a key that holds a secret (a PIN, a client
+/// secret, a database URL) the message never repeats the value found: figment's would
+/// (``invalid type: found unsigned int `123456` ``).
 fn describe_figment_error(error: figment::Error) -> String {
+    use figment::error::Kind;
     error
         .into_iter()
         .map(|e| {
@@ -886,10 +889,23 @@ fn describe_figment_error(error: figment::Error) -> String {
                 .as_ref()
                 .map(|m| format!(" (from {})", m.name))
                 .unwrap_or_default();
+            let secret = SECRET_VARIABLES
+                .iter()
+                .any(|(_, path)| path.eq_ignore_ascii_case(&key));
+            let kind = match &e.kind {
+                // These name keys, never values.
+                Kind::MissingField(_) | Kind::UnknownField(..) | Kind::DuplicateField(_) => {
+                    e.kind.to_string()
+                }
+                _ if secret => "invalid value (not shown: this key holds a secret); write it as \
+                                a quoted string, or set it in the environment"
+                    .to_owned(),
+                _ => e.kind.to_string(),
+            };
             if key.is_empty() {
-                format!("{}{origin}", e.kind)
+                format!("{kind}{origin}")
             } else {
-                format!("{key}: {}{origin}", e.kind)
+                format!("{key}: {kind}{origin}")
             }
         })
         .collect::<Vec<_>>()

@@ -500,6 +500,47 @@ fn key_store_settings_are_checked() {
 }
 
 #[test]
+fn a_secret_of_the_wrong_type_is_named_but_never_echoed() {
+    // An unquoted PIN is a TOML integer: figment's own message would print it.
+    let pkcs11 = "[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\n\
+                  module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\n\
+                  key_label = \"k\"\n";
+    for (text, key, value) in [
+        (
+            format!("{MINIMAL}{pkcs11}pin = 736251\n"),
+            "kms.pkcs11.pin",
+            "736251",
+        ),
+        (
+            format!("{MINIMAL}{pkcs11}pin = [\"s3cr3t-pin\"]\n"),
+            "kms.pkcs11.pin",
+            "s3cr3t-pin",
+        ),
+        (
+            format!("{MINIMAL}[key_store]\nkind = \"postgres\"\ndatabase_url = 99887766\n"),
+            "key_store.database_url",
+            "99887766",
+        ),
+    ] {
+        let run = check_text(&text, &[]);
+        run.fails_with(&format!(
+            "{key}: invalid value (not shown: this key holds a secret)"
+        ));
+        assert!(
+            !run.stderr.contains(value),
+            "{value} echoed: {}",
+            run.stderr
+        );
+    }
+    // Other keys keep figment's full message.
+    check_text(
+        &format!("{MINIMAL}[limits]\nmax_batch_items = \"many\"\n"),
+        &[],
+    )
+    .fails_with("limits.max_batch_items: invalid type: found string \"many\"");
+}
+
+#[test]
 fn the_kms_section_names_what_is_missing_or_misplaced() {
     check_text(&format!("{MINIMAL}[kms]\nkind = \"aws\"\n"), &[])
         .fails_with("kms.aws: required with kms.kind = \"aws\"");
