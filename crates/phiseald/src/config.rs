@@ -409,6 +409,10 @@ impl std::fmt::Debug for SecretText {
     }
 }
 
+/// The longest `limits.request_timeout` accepted (also a stream's idle limit and, with a few
+/// seconds' grace, the drain time on SIGTERM).
+pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// The largest `cache.max_stale` accepted: a day-long KMS outage is an incident to resolve,
 /// not a mode to run in.
 const MAX_STALE_LIMIT: Duration = Duration::from_secs(24 * 3600);
@@ -738,8 +742,8 @@ impl Config {
         if !(1..=1_000_000).contains(&l.max_batch_items) {
             return bad("limits.max_batch_items", "must be between 1 and 1000000");
         }
-        if l.request_timeout < Duration::from_millis(10) {
-            return bad("limits.request_timeout", "must be at least 10ms");
+        if !(Duration::from_millis(10)..=MAX_REQUEST_TIMEOUT).contains(&l.request_timeout) {
+            return bad("limits.request_timeout", "must be between 10ms and 1h");
         }
         if l.rate_per_second == 0 || l.rate_burst == 0 {
             return bad(

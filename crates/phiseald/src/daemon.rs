@@ -236,7 +236,7 @@ impl Daemon {
             "phiseald listening"
         );
         let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        let drain_limit = config.limits.request_timeout + DRAIN_GRACE;
+        let drain_limit = config.limits.request_timeout.saturating_add(DRAIN_GRACE);
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;

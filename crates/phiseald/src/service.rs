@@ -308,7 +308,9 @@ impl Sidecar {
             started,
             identity,
             caller,
-            deadline: started + limit,
+            // `limit` is at most `limits.request_timeout` (validated ≤ 1 h); should the sum
+            // still not fit, the call gets the time it has already had (fail closed).
+            deadline: started.checked_add(limit).unwrap_or(started),
             _in_flight: in_flight,
         })
     }

@@ -269,7 +269,20 @@ fn out_of_range_values_are_named() {
         &format!("{MINIMAL}[limits]\nrequest_timeout = \"5ms\"\n"),
         &[],
     )
-    .fails_with("limits.request_timeout: must be at least 10ms");
+    .fails_with("limits.request_timeout: must be between 10ms and 1h");
+    // Far too long (once accepted: every call's deadline then overflowed and panicked).
+    for long in ["2h", "10000000000000000000s"] {
+        check_text(
+            &format!("{MINIMAL}[limits]\nrequest_timeout = \"{long}\"\n"),
+            &[],
+        )
+        .fails_with("limits.request_timeout: must be between 10ms and 1h");
+    }
+    check_text(
+        &format!("{MINIMAL}[limits]\nrequest_timeout = \"1h\"\n"),
+        &[],
+    )
+    .ok();
     check_text(&format!("{MINIMAL}[audit]\nsync_interval = \"11s\"\n"), &[])
         .fails_with("audit.sync_interval: must be between 1ms and 10s");
     check_text(&format!("{MINIMAL}[rotation]\nperiod = \"500ms\"\n"), &[])
