@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 
+use phiseal::crypto::ct_eq;
+
 use crate::error::AuditFileError;
 use crate::format::{Kind, MAX_LINE, Parsed, ZERO_HASH, encode_export, parse_line};
 
@@ -221,7 +223,7 @@ impl Checker {
         }
         let is_header = p.kind == Kind::Header;
         if self.line_no == 1 {
-            if !is_header || p.seq != 0 || p.prev != ZERO_HASH {
+            if !is_header || p.seq != 0 || !ct_eq(&p.prev, &ZERO_HASH) {
                 self.problem(
                     ProblemKind::MissingHeader,
                     "the first line is not a header record (seq 0, zero prev)",
@@ -247,7 +249,7 @@ impl Checker {
             );
         }
         if let Some((prev_hash, prev_seq)) = self.prev {
-            if p.prev != prev_hash {
+            if !ct_eq(&p.prev, &prev_hash) {
                 self.problem(
                     ProblemKind::ChainBreak,
                     "'prev' is not the hash of the previous line: a record was deleted, \
