@@ -283,9 +283,7 @@ fn read_token_file(path: &Path) -> Result<Zeroizing<String>, CliError> {
              group or others; run `chmod 600 {shown}`"
         )));
     }
-    let mut bytes = Zeroizing::new(Vec::new());
-    file.take(MAX_TOKEN_FILE + 1)
-        .read_to_end(&mut bytes)
+    let bytes = crate::wiped::read_to_end_wiped(&mut file.take(MAX_TOKEN_FILE + 1))
         .map_err(CliError::io(format!("cannot read token file {shown}")))?;
     if bytes.len() as u64 > MAX_TOKEN_FILE {
         return Err(CliError::Failed(format!(

@@ -1,7 +1,5 @@
 //! `encrypt` and `decrypt`: one field through stdin and stdout.
 
-use std::io::Read;
-
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use phiseal_proto::v1::{Context, DecryptRequest, EncryptRequest};
@@ -24,14 +22,10 @@ impl FieldArgs {
     }
 }
 
-/// All of stdin, as raw bytes (wiped when dropped).
+/// All of stdin, as raw bytes (wiped when dropped, and so is every buffer on the way).
 pub(crate) fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
-    let mut bytes = Zeroizing::new(Vec::new());
-    std::io::stdin()
-        .lock()
-        .read_to_end(&mut bytes)
-        .map_err(CliError::io("reading stdin"))?;
-    Ok(bytes)
+    crate::wiped::read_to_end_wiped(&mut std::io::stdin().lock())
+        .map_err(CliError::io("reading stdin"))
 }
 
 /// Encrypts all of stdin (no trimming) and prints the `phs1:` text form plus a newline.

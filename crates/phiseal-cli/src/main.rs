@@ -38,6 +38,7 @@ mod search;
 mod shred;
 mod stream;
 mod token;
+mod wiped;
 
 use std::process::ExitCode;
 
