@@ -2,7 +2,8 @@
 //!
 //! `Read::read_to_end` into a `Zeroizing<Vec<u8>>` wipes only the final buffer: each time it
 //! grows the vector, the allocator frees the previous buffer with the bytes read so far still
-//! in it. [`read_to_end_wiped`] grows its buffer itself and wipes every buffer it outgrows.
+//! in it. [`read_to_end_wiped`] grows its buffer with [`phiseal::reserve_wiped`], which wipes
+//! every buffer it outgrows.
 
 use std::io::{ErrorKind, Read};
 
@@ -26,15 +27,7 @@ pub(crate) fn read_to_end_wiped(reader: &mut impl Read) -> std::io::Result<Zeroi
         let piece = chunk.get(..n).ok_or_else(|| {
             std::io::Error::other("a reader claimed more bytes than it was given")
         })?;
-        if bytes.capacity() - bytes.len() < piece.len() {
-            let wanted = bytes.len().saturating_add(piece.len());
-            let mut grown = Zeroizing::new(Vec::with_capacity(
-                bytes.capacity().saturating_mul(2).max(wanted),
-            ));
-            grown.extend_from_slice(&bytes);
-            // The outgrown buffer is wiped as it drops here.
-            bytes = grown;
-        }
+        phiseal::reserve_wiped(&mut bytes, piece.len());
         bytes.extend_from_slice(piece);
     }
 }

@@ -41,4 +41,4 @@ pub use keyring::{
     STALE_RETRY_INTERVAL, TenantStatus, VersionStatus,
 };
 pub use search::{BlindIndexSpec, Normalization, SearchTerm};
-pub use secret::{Plaintext, TENANT_KEY_LEN, TenantKey};
+pub use secret::{Plaintext, TENANT_KEY_LEN, TenantKey, reserve_wiped};

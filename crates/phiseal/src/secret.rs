@@ -101,3 +101,43 @@ impl std::fmt::Debug for Plaintext {
         write!(f, "Plaintext([REDACTED; {} bytes])", self.0.len())
     }
 }
+
+/// Makes room in `buf` for `additional` more bytes without leaving its contents (plaintext) in
+/// freed memory: where `Vec` would reallocate and free the old buffer as it is, the bytes are
+/// copied into a buffer at least twice as large and the old one is wiped. For buffers that
+/// collect plaintext piece by piece (stream output, stdin).
+pub fn reserve_wiped(buf: &mut Vec<u8>, additional: usize) {
+    if buf.capacity() - buf.len() >= additional {
+        return;
+    }
+    let wanted = buf.len().saturating_add(additional);
+    let mut grown = Vec::with_capacity(wanted.max(buf.capacity().saturating_mul(2)));
+    grown.extend_from_slice(buf);
+    // Wipes the whole capacity of the old buffer, then it is freed.
+    buf.zeroize();
+    *buf = grown;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_grows_into_a_new_buffer_only_when_it_must() {
+        let mut out = Vec::with_capacity(10);
+        out.extend_from_slice(b"abc");
+        let ptr = out.as_ptr();
+        reserve_wiped(&mut out, 7);
+        assert_eq!(
+            (out.as_ptr(), out.as_slice()),
+            (ptr, &b"abc"[..]),
+            "room enough"
+        );
+        reserve_wiped(&mut out, 8);
+        assert_eq!(out, b"abc", "contents kept");
+        assert!(out.capacity() >= 20, "at least doubled: {}", out.capacity());
+        let mut empty = Vec::new();
+        reserve_wiped(&mut empty, 5);
+        assert!(empty.is_empty() && empty.capacity() >= 5);
+    }
+}

@@ -636,21 +636,6 @@ impl SegmentPush for StreamEncryptor {
     }
 }
 
-/// Makes room in `out` for `additional` more bytes without leaving its contents (plaintext)
-/// in freed memory: where `Vec` would reallocate and free the old buffer as it is, the bytes
-/// are copied into a larger buffer and the old one is wiped.
-fn reserve_wiped(out: &mut Vec<u8>, additional: usize) {
-    if out.capacity() - out.len() >= additional {
-        return;
-    }
-    let wanted = out.len().saturating_add(additional);
-    let mut grown = Vec::with_capacity(wanted.max(out.capacity().saturating_mul(2)));
-    grown.extend_from_slice(out);
-    // Wipes the whole capacity of the old buffer, then it is freed.
-    out.zeroize();
-    *out = grown;
-}
-
 /// Decrypts the segments of one stream, pushed in chunks of any size, after its header was
 /// parsed with [`StreamHeader::parse`] (the keyring's `AuditedStreamDecryptor` accepts the
 /// whole stream, header included). Plaintext is released segment by segment, each only after
@@ -734,7 +719,7 @@ impl StreamDecryptor {
         };
         let (ciphertext, tag) = data.split_at(split);
         let start = out.len();
-        reserve_wiped(out, ciphertext.len());
+        crate::secret::reserve_wiped(out, ciphertext.len());
         out.resize(start + ciphertext.len(), 0);
         let opened = match out.get_mut(start..) {
             Some(dst) => {
@@ -1195,25 +1180,6 @@ mod tests {
 
     fn cx(field: &str) -> EncryptionContext {
         EncryptionContext::new(TenantId::new("acme").unwrap(), field).unwrap()
-    }
-
-    #[test]
-    fn output_grows_into_a_new_buffer_only_when_it_must() {
-        let mut out = Vec::with_capacity(10);
-        out.extend_from_slice(b"abc");
-        let ptr = out.as_ptr();
-        reserve_wiped(&mut out, 7);
-        assert_eq!(
-            (out.as_ptr(), out.as_slice()),
-            (ptr, &b"abc"[..]),
-            "room enough"
-        );
-        reserve_wiped(&mut out, 8);
-        assert_eq!(out, b"abc", "contents kept");
-        assert!(out.capacity() >= 20, "at least doubled: {}", out.capacity());
-        let mut empty = Vec::new();
-        reserve_wiped(&mut empty, 5);
-        assert!(empty.is_empty() && empty.capacity() >= 5);
     }
 
     fn key(byte: u8) -> TenantKey {

@@ -411,7 +411,7 @@ impl std::fmt::Debug for SecretText {
 
 /// The longest `limits.request_timeout` accepted (also a stream's idle limit and, with a few
 /// seconds' grace, the drain time on SIGTERM).
-pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The largest `cache.max_stale` accepted: a day-long KMS outage is an incident to resolve,
 /// not a mode to run in.
@@ -896,15 +896,17 @@ fn describe_figment_error(error: figment::Error) -> String {
             let secret = SECRET_VARIABLES
                 .iter()
                 .any(|(_, path)| path.eq_ignore_ascii_case(&key));
-            let kind = match &e.kind {
-                // These name keys, never values.
-                Kind::MissingField(_) | Kind::UnknownField(..) | Kind::DuplicateField(_) => {
-                    e.kind.to_string()
-                }
-                _ if secret => "invalid value (not shown: this key holds a secret); write it as \
-                                a quoted string, or set it in the environment"
-                    .to_owned(),
-                _ => e.kind.to_string(),
+            // These kinds name keys, never values.
+            let names_keys_only = matches!(
+                e.kind,
+                Kind::MissingField(_) | Kind::UnknownField(..) | Kind::DuplicateField(_)
+            );
+            let kind = if secret && !names_keys_only {
+                "invalid value (not shown: this key holds a secret); write it as a quoted \
+                 string, or set it in the environment"
+                    .to_owned()
+            } else {
+                e.kind.to_string()
             };
             if key.is_empty() {
                 format!("{kind}{origin}")

@@ -20,13 +20,14 @@
 //! it ends: after its last byte was written (encryption) or its final segment authenticated
 //! (decryption). If that record cannot be written the stream fails (fail closed): the push
 //! APIs withhold the final segment (so an encryption stream stays unterminated, which no
-//! reader accepts), the adapters report an error instead of success. A stream that fails (tampering, truncation,
-//! I/O) is recorded with the error kind at once where the API is async (decryption's
-//! `push`, `finish`, the reader/writer functions), else when its object is dropped or
-//! [`AuditedStreamEncryptor::abort`]ed. A stream object dropped before it finished is recorded
-//! as failed with the kind `incomplete` (or the error that stopped it) by a task spawned on
-//! the current tokio runtime — best effort: without a runtime, or if the runtime shuts down
-//! first, that record is lost. Call `finish` or `abort` to record deterministically.
+//! reader accepts), the adapters report an error instead of success. A stream that fails
+//! (tampering, truncation, I/O) is recorded with the error kind at once where the API is
+//! async (decryption's `push`, `finish`, the reader/writer functions), else when its object
+//! is dropped or [`AuditedStreamEncryptor::abort`]ed. A stream object dropped before it
+//! finished is recorded as failed with the kind `incomplete` (or the error that stopped it) by
+//! a task spawned on the current tokio runtime — best effort: without a runtime, or if the
+//! runtime shuts down first, that result record is lost (a decryption's `attempt` record is
+//! already written). Call `finish` or `abort` to record deterministically.
 //!
 //! **Lifetime of keys.** A stream derives its own key when it starts and keeps it (zeroized
 //! when the stream object is dropped); a rotation, minimum-version change or shred made while a
@@ -39,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{Caller, Keyring, MIN_REFRESH_AGE, OpMeta};
-use crate::audit::{Action, KeySource, Outcome};
+use crate::audit::{Action, AuditEvent, KeySource, Outcome};
 use crate::context::EncryptionContext;
 use crate::crypto::TAG_LEN;
 use crate::error::{Error, FormatError};
@@ -85,21 +86,26 @@ impl StreamAudit {
         }
     }
 
-    /// The (only) record of this stream, as a future that owns what it needs.
-    fn record(&mut self, outcome: Outcome) -> AuditFuture {
-        self.done = true;
+    /// A record of this stream with `outcome`.
+    fn event(&self, outcome: Outcome) -> AuditEvent {
         let meta = OpMeta {
             key_version: self.key_version,
             key_source: self.key_source,
         };
-        let event = Keyring::event(
+        Keyring::event(
             &self.caller,
             self.action,
             None,
             Some(&self.context),
             &meta,
             outcome,
-        );
+        )
+    }
+
+    /// The result record of this stream (written once), as a future that owns what it needs.
+    fn record(&mut self, outcome: Outcome) -> AuditFuture {
+        self.done = true;
+        let event = self.event(outcome);
         let keyring = self.keyring.clone();
         Box::pin(async move { keyring.append(std::slice::from_ref(&event)).await })
     }
@@ -109,18 +115,7 @@ impl StreamAudit {
     /// record cannot be written discloses nothing, and a stream cut off midway (its end
     /// record lost with the process) is still on the log.
     async fn attempt(&self) -> Result<(), Error> {
-        let meta = OpMeta {
-            key_version: self.key_version,
-            key_source: self.key_source,
-        };
-        let event = Keyring::event(
-            &self.caller,
-            self.action,
-            None,
-            Some(&self.context),
-            &meta,
-            Outcome::Attempt,
-        );
+        let event = self.event(Outcome::Attempt);
         self.keyring.append(std::slice::from_ref(&event)).await
     }
 
