@@ -13,7 +13,8 @@ const AFTER_LONG_HELP: &str = "\
 Exit codes:
   0  success
   1  other failure (invalid argument, decryption failed, internal error, I/O error)
-  2  usage error (bad command line; shred without confirmation and without a terminal)
+  2  usage error (bad command line; shred without confirmation and without a terminal; an
+     encrypt-file/decrypt-file --output that already exists)
   3  denied (PERMISSION_DENIED, UNAUTHENTICATED)
   4  not found (NOT_FOUND)
   5  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, or the socket cannot be

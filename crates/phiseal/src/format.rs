@@ -35,8 +35,9 @@ pub const SIV_LEN: usize = 16;
 #[non_exhaustive]
 pub enum Algorithm {
     /// 0x01, the default: AES-256-GCM under a subkey derived with HKDF-SHA256 from the tenant
-    /// key and a random 10-byte salt that is reused for one encryption epoch (at most 2^30
-    /// messages), with a random 96-bit nonce per message.
+    /// key and a random 10-byte salt that is reused for one encryption epoch (at most 2^32
+    /// messages), with the nonce `random 4-byte epoch prefix ‖ 64-bit message counter`
+    /// (`docs/FORMAT.md` §7).
     Aes256GcmHkdf,
     /// 0x02: XChaCha20-Poly1305 with a random 192-bit nonce, for hosts without AES-NI.
     XChaCha20Poly1305,

@@ -25,7 +25,8 @@
 //!   tokio's I/O traits.
 //!
 //! Services use the keyring's entry points instead (`Keyring::encrypt_stream`,
-//! `Keyring::start_encrypt_stream`, …), which take keys from the key cache and audit each stream.
+//! `Keyring::start_encrypt_stream`, …), which take keys from the key cache and audit each stream
+//! (a decryption stream before its first plaintext and at its end).
 //!
 //! **Decrypted output is provisional until the stream ends without error.** A segment's
 //! plaintext is released only once it authenticated, but truncation can be detected only at
@@ -1061,7 +1062,7 @@ impl<R> Drop for DecryptingReader<R> {
 
 impl<R: AsyncRead + Unpin> DecryptingReader<R> {
     /// Decrypts what `inner` yields (the bytes after the header) with `decryptor` (not audited:
-    /// `Keyring::decrypting_reader` adds the audit record).
+    /// `Keyring::decrypting_reader` adds the audit records).
     pub fn new(decryptor: StreamDecryptor, inner: R) -> Self {
         Self::with_audit(decryptor, inner, None)
     }

@@ -755,8 +755,17 @@ impl Config {
         {
             return bad("audit.sync_interval", "must be between 1ms and 10s");
         }
-        if self.cache.capacity == 0 || self.cache.max_uses == 0 {
-            return bad("cache.capacity / cache.max_uses", "must be at least 1");
+        if self.cache.capacity == 0 {
+            return bad("cache.capacity", "must be at least 1");
+        }
+        // The keyring's own bound: a cached key's encryption epoch holds EPOCH_MESSAGE_LIMIT
+        // messages, and max_uses stays well below it.
+        let max_uses = phiseal::EPOCH_MESSAGE_LIMIT / 2;
+        if !(1..=max_uses).contains(&self.cache.max_uses) {
+            return bad(
+                "cache.max_uses",
+                &format!("must be between 1 and {max_uses}"),
+            );
         }
         if self.cache.key_ttl.is_zero() {
             return bad(

@@ -44,7 +44,8 @@ pub struct OpLabels {
 /// `source`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
-    /// `cache` (a key-cache hit) or `kms` (a miss).
+    /// `cache` (a key-cache hit), `kms` (a miss) or `stale` (a cached key past its TTL, served
+    /// during a KMS outage).
     pub source: &'static str,
 }
 
@@ -76,7 +77,7 @@ pub struct Metrics {
     /// `phiseal_operations_total{action,result}`: per field for data operations (from the
     /// audit records).
     pub operations: Family<OpLabels, Counter>,
-    /// `phiseal_key_lookups_total{source}`: cache hit rate = cache / (cache + kms).
+    /// `phiseal_key_lookups_total{source}`: cache hit rate = (cache + stale) / all.
     pub key_lookups: Family<SourceLabel, Counter>,
     /// `phiseal_kms_calls_total{backend,op,result}`.
     pub kms_calls: Family<KmsLabels, Counter>,

@@ -270,6 +270,12 @@ fn out_of_range_values_are_named() {
         &[],
     )
     .fails_with("limits.request_timeout: must be between 10ms and 1h");
+    // The keyring's bound on max_uses, checked by --check-config too.
+    check_text(&format!("{MINIMAL}[cache]\nmax_uses = 2147483649\n"), &[])
+        .fails_with("cache.max_uses: must be between 1 and 2147483648");
+    check_text(&format!("{MINIMAL}[cache]\nmax_uses = 2147483648\n"), &[]).ok();
+    check_text(&format!("{MINIMAL}[cache]\ncapacity = 0\n"), &[])
+        .fails_with("cache.capacity: must be at least 1");
     // Far too long (once accepted: every call's deadline then overflowed and panicked).
     for long in ["2h", "10000000000000000000s"] {
         check_text(
