@@ -1488,3 +1488,84 @@ async fn a_new_key_whose_wrapping_does_not_unwrap_is_never_stored() {
     );
     assert!(p.store.load_tenant(&tenant("t")).await.unwrap().is_none());
 }
+
+/// A KMS whose unwraps wait for a permit, to hold an operation inside its KMS call.
+#[derive(Debug)]
+struct HeldKms {
+    inner: Arc<dyn Kms>,
+    /// Unwraps started so far.
+    entered: AtomicUsize,
+    permits: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl Kms for HeldKms {
+    fn name(&self) -> &str {
+        "held"
+    }
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        self.inner.current_root_key_ref().await
+    }
+    fn can_unwrap(&self, root_key_ref: &str) -> bool {
+        self.inner.can_unwrap(root_key_ref)
+    }
+    async fn wrap(&self, key: &TenantKey, b: &KeyBinding) -> Result<WrappedKey, BackendError> {
+        self.inner.wrap(key, b).await
+    }
+    async fn unwrap(&self, w: &WrappedKey, b: &KeyBinding) -> Result<TenantKey, BackendError> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        self.permits.acquire().await.unwrap().forget();
+        self.inner.unwrap(w, b).await
+    }
+}
+
+#[tokio::test]
+async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
+    let dir = private_tempdir();
+    let paths = EmbeddedPaths::new(dir.path());
+    let kms = Arc::new(HeldKms {
+        inner: Arc::new(phiseal_kms_local::LocalKms::open(&paths.root_key).unwrap()),
+        entered: AtomicUsize::new(0),
+        permits: tokio::sync::Semaphore::new(0),
+    });
+    let store: Arc<dyn KeyStore> =
+        Arc::new(phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap());
+    let k = Keyring::builder()
+        .kms(kms.clone())
+        .key_store(store)
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    let c = caller();
+    for (i, decrypting) in [false, true].into_iter().enumerate() {
+        let t = tenant(&format!("t{i}"));
+        let cx = ctx(&format!("t{i}"), "ssn", None);
+        // create_tenant proves its wrapping with one unwrap; the encrypt unwraps once more.
+        kms.permits.add_permits(2);
+        k.create_tenant(&c, &t).await.unwrap();
+        let ct = k.encrypt(&c, &cx, b"078-05-1120").await.unwrap();
+        k.invalidate_tenant(&t);
+        // An operation misses the cache and waits inside the KMS unwrap…
+        let before = kms.entered.load(Ordering::SeqCst);
+        let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
+        let op = tokio::spawn(async move {
+            if decrypting {
+                k2.decrypt(&c2, &cx2, &ct).await.map(|_| ())
+            } else {
+                k2.encrypt(&c2, &cx2, b"078-05-1120").await.map(|_| ())
+            }
+        });
+        while kms.entered.load(Ordering::SeqCst) == before {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // …while the tenant is shredded, and the shred returns…
+        k.shred(&c, &t).await.unwrap();
+        // …then the unwrap completes: the operation must not use the destroyed key.
+        kms.permits.add_permits(1);
+        let result = op.await.unwrap();
+        assert!(
+            matches!(result, Err(Error::KeyDestroyed { .. })),
+            "decrypting: {decrypting}: {result:?}"
+        );
+    }
+}

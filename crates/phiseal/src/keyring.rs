@@ -762,10 +762,12 @@ impl Keyring {
                 result.map(Arc::new)
             })
             .await?;
+        let invalidated =
+            inner.generation.load(std::sync::atomic::Ordering::Acquire) != view.generation;
         let source = if unwrapped_here {
-            // An invalidation (shred, rotation, …) since `view` was loaded: this operation
-            // may finish with the key, but the cache must not keep it.
-            if inner.generation.load(std::sync::atomic::Ordering::Acquire) != view.generation {
+            // An invalidation (shred, rotation, …) since `view` was loaded: the cache must not
+            // keep the key.
+            if invalidated {
                 inner
                     .keys
                     .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
@@ -776,7 +778,46 @@ impl Keyring {
             key.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             KeySource::Cache
         };
+        if invalidated {
+            // …nor may this operation use it before the tenant is checked again: a shred that
+            // committed while the KMS was unwrapping must refuse it.
+            self.recheck_after_invalidation(tenant, version).await?;
+        }
         Ok((key, source))
+    }
+
+    /// Re-reads `tenant` after an invalidation that happened during a slow key lookup and
+    /// refuses `version` if the fresh metadata no longer allows it (shredded, version gone or
+    /// below the minimum decryption version).
+    async fn recheck_after_invalidation(
+        &self,
+        tenant: &TenantId,
+        version: u32,
+    ) -> Result<(), Error> {
+        let fresh = self
+            .tenant_view(tenant, Instant::now_without_cache_update())
+            .await?;
+        let record = &fresh.record;
+        if record.shredded_at.is_some() {
+            return Err(Error::KeyDestroyed {
+                tenant: tenant.clone(),
+            });
+        }
+        if record.version(version).is_none() {
+            return Err(Error::KeyVersionNotFound {
+                tenant: tenant.clone(),
+                version,
+            });
+        }
+        let min = record.min_decrypt_version;
+        if version < min {
+            return Err(Error::KeyVersionRetired {
+                tenant: tenant.clone(),
+                version,
+                min,
+            });
+        }
+        Ok(())
     }
 
     /// [`Keyring::unwrap_version`] unless a KMS outage is in progress and its next attempt is
