@@ -160,13 +160,22 @@ impl Keyring {
             match result {
                 Ok(fresh) => {
                     let fresh = Arc::new(fresh);
-                    let current = inner.generation.load(Ordering::Acquire) == view.generation;
-                    if current {
+                    if inner.generation.load(Ordering::Acquire) == view.generation {
                         inner
                             .keys
                             .insert((tenant.clone(), version), Arc::clone(&fresh));
-                    } else {
+                    }
+                    // Checked again after the insert: an invalidation (shred, rotation, …) that
+                    // ran between the check and the insert must not leave the key cached, nor
+                    // may this operation use it before the tenant is read again.
+                    if inner.generation.load(Ordering::Acquire) != view.generation {
+                        inner
+                            .keys
+                            .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &fresh));
                         self.forget(tenant, version, &stale);
+                        if let Err(e) = self.recheck_after_invalidation(tenant, version).await {
+                            return Some(Err(e));
+                        }
                     }
                     return Some(Ok((fresh, KeySource::Kms)));
                 }
