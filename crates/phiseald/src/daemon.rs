@@ -276,13 +276,29 @@ impl Daemon {
             tracing::warn!("drain: operations still running after {drain_limit:?}");
         }
         // The rotation schedule and the other background tasks stop before the final flush,
-        // so that their last audit records are in it.
-        for task in [metrics_task, rotation_task].into_iter().flatten() {
-            let _ = task.await;
+        // so that their last audit records are in it (a rotation already running finishes,
+        // within the drain limit).
+        for task in [metrics_task, rotation_task, Some(limiter_task)]
+            .into_iter()
+            .flatten()
+        {
+            if tokio::time::timeout(drain_limit, task).await.is_err() {
+                tracing::warn!("drain: a background task still running after {drain_limit:?}");
+            }
         }
-        let _ = limiter_task.await;
-        let flushed = self.sidecar.keyring.flush_audit().await;
+        let flushed =
+            match tokio::time::timeout(drain_limit, self.sidecar.keyring.flush_audit()).await {
+                Ok(result) => result.map_err(DaemonError::from),
+                Err(_) => Err(DaemonError::Io {
+                    what: format!("final audit flush (not finished after {drain_limit:?})"),
+                    source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                }),
+            };
         drop(socket_guard);
+        // Both outcomes are reported: a server error must not hide a failed flush.
+        if let (Err(_), Err(flush)) = (&served, &flushed) {
+            tracing::error!(error = %flush, "final audit flush failed");
+        }
         served?;
         flushed?;
         tracing::info!("phiseald stopped: audit log flushed, socket removed");

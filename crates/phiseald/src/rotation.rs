@@ -34,8 +34,14 @@ fn scheduler_actor() -> Actor {
     }
 }
 
-/// One pass over every tenant; returns how many were rotated.
-pub async fn run_once(keyring: &Keyring, config: &RotationConfig, metrics: &Metrics) -> usize {
+/// One pass over every tenant; returns how many were rotated. Stops early (the remaining
+/// tenants wait for the next pass) once `shutdown` turns true.
+pub async fn run_once(
+    keyring: &Keyring,
+    config: &RotationConfig,
+    metrics: &Metrics,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) -> usize {
     let tenants = match keyring.list_tenants().await {
         Ok(t) => t,
         Err(e) => {
@@ -45,6 +51,10 @@ pub async fn run_once(keyring: &Keyring, config: &RotationConfig, metrics: &Metr
     };
     let mut rotated = 0;
     for tenant in tenants {
+        if *shutdown.borrow() {
+            tracing::info!("rotation schedule: shutting down; the rest of this pass is skipped");
+            break;
+        }
         let Some(period) = period_of(config, &tenant) else {
             continue;
         };
@@ -97,10 +107,52 @@ pub async fn run(
     let mut ticker = tokio::time::interval(config.check_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Shutdown first: after a long pass the next tick is ready at once too.
         tokio::select! {
-            _ = ticker.tick() => {}
+            biased;
             _ = shutdown.changed() => return,
+            _ = ticker.tick() => {}
         }
-        run_once(&keyring, &config, &metrics).await;
+        if *shutdown.borrow() {
+            return;
+        }
+        run_once(&keyring, &config, &metrics, &shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pass_stops_at_shutdown_and_rotates_what_is_due_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        let keyring = phiseal_embedded::open(dir.path(), &Default::default()).unwrap();
+        let caller = Caller::new(scheduler_actor());
+        let tenant = TenantId::new("due").unwrap();
+        keyring.create_tenant(&caller, &tenant).await.unwrap();
+        let config = RotationConfig {
+            period: Some(Duration::from_secs(1)),
+            ..RotationConfig::default()
+        };
+        let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (stop, stopped) = tokio::sync::watch::channel(true);
+        assert_eq!(run_once(&keyring, &config, &metrics, &stopped).await, 0);
+        // `run` returns at once when shutdown was already requested, without a pass.
+        run(
+            keyring.clone(),
+            config.clone(),
+            Arc::clone(&metrics),
+            stopped.clone(),
+        )
+        .await;
+        stop.send(false).unwrap();
+        assert_eq!(run_once(&keyring, &config, &metrics, &stopped).await, 1);
     }
 }
