@@ -144,6 +144,19 @@ pub enum AuditFileError {
         /// The first problem found.
         kind: ProblemKind,
     },
+    /// A torn-tail recovery was interrupted after it cut the tail off and before it recorded
+    /// that in the chain: appending now would lose the trace of the cut.
+    #[error(
+        "audit log {path}: a torn-tail recovery was interrupted (the tail was saved to {saved_to} \
+         and cut off, but the recovery record is missing): run `phiseal audit recover` \
+         (FileAuditLog::recover_torn_tail) again, then reopen"
+    )]
+    RecoveryInterrupted {
+        /// The log file.
+        path: PathBuf,
+        /// Where the torn bytes were saved.
+        saved_to: PathBuf,
+    },
     /// `recover_torn_tail` found an existing save file whose content differs from the torn bytes.
     #[error(
         "cannot save the torn tail of {path}: {saved_to} already exists with different content; \
@@ -169,6 +182,7 @@ impl AuditFileError {
             AuditFileError::QueueFull { .. } => BackendErrorKind::Unavailable,
             AuditFileError::Io { .. }
             | AuditFileError::TornTail { .. }
+            | AuditFileError::RecoveryInterrupted { .. }
             | AuditFileError::DamagedTail { .. }
             | AuditFileError::Poisoned { .. }
             | AuditFileError::SyncThreadGone { .. }

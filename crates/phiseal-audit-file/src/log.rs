@@ -471,7 +471,18 @@ impl FileAuditLog {
                     len,
                 });
             }
-            Tail::Line { start, end } => Some(head_from_tail(path, &file, start, end)?),
+            Tail::Line { start, end } => {
+                // A save file named after the current length: `recover_torn_tail` cut the tail
+                // off but crashed before its chained record (it resumes from here).
+                let saved_to = torn_path(path, meta.len());
+                if saved_to.exists() {
+                    return Err(AuditFileError::RecoveryInterrupted {
+                        path: path.to_owned(),
+                        saved_to,
+                    });
+                }
+                Some(head_from_tail(path, &file, start, end)?)
+            }
         };
         let head = match head {
             Some(h) => h,

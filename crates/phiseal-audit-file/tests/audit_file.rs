@@ -902,9 +902,19 @@ async fn interrupted_recovery_resumes() {
     let saved = format!("{}.torn-{intact}", path.display());
     std::fs::write(&saved, b"{\"seq\":3,\"ti").unwrap();
     std::fs::write(&path, &full).unwrap();
+    // The log ends in a clean line, but opening it for appending would lose the trace of the
+    // cut: it is refused until the recovery has finished.
+    let err = FileAuditLog::open(&path, Durability::Strict).unwrap_err();
+    assert!(
+        matches!(err, AuditFileError::RecoveryInterrupted { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("phiseal audit recover"), "{err}");
     let rec = FileAuditLog::recover_torn_tail(&path).unwrap().unwrap();
     assert_eq!((rec.offset, rec.len), (intact as u64, 12));
     assert!(verify(&path).unwrap().is_intact());
+    // Once recorded, the log opens (the save file stays, named after an older length).
+    drop(FileAuditLog::open(&path, Durability::Strict).unwrap());
 
     // A save file that differs from the torn bytes is never overwritten.
     let (_dir2, path2) = log_with(1).await;
