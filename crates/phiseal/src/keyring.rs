@@ -352,10 +352,10 @@ struct TenantView {
 }
 
 impl TenantView {
-    fn new(record: TenantRecord, generation: u64) -> Self {
+    fn new(record: TenantRecord, generation: u64, fetched_at: Instant) -> Self {
         Self {
             record,
-            fetched_at: Instant::now_without_cache_update(),
+            fetched_at,
             generation,
             hot: std::sync::RwLock::new(Vec::new()),
         }
@@ -623,8 +623,10 @@ impl Keyring {
 
     async fn load_view(&self, tenant: &TenantId) -> Result<Arc<TenantView>, Error> {
         let inner = &self.inner;
-        // Read before the store: a view whose read may predate an invalidation is stale.
+        // Read before the store: a view whose read may predate an invalidation is stale, and
+        // its age counts from before the read (a slow read must not extend metadata_ttl).
         let generation = inner.generation.load(std::sync::atomic::Ordering::Acquire);
+        let fetched_at = Instant::now_without_cache_update();
         let record = inner
             .store
             .load_tenant(tenant)
@@ -644,7 +646,7 @@ impl Keyring {
                 ),
             ));
         }
-        Ok(Arc::new(TenantView::new(record, generation)))
+        Ok(Arc::new(TenantView::new(record, generation, fetched_at)))
     }
 
     /// Whether a cached view may be used: younger than `metadata_ttl` at `now`, and loaded
