@@ -53,11 +53,15 @@ fn open(dir: &Path) -> Keyring {
     phiseal_embedded::open(dir, &EmbeddedOptions::default()).unwrap()
 }
 
-/// A KMS wrapper that counts unwraps (the real local KMS does the work).
+/// A KMS wrapper that counts unwraps (the real local KMS does the work). With a `gate`, each
+/// unwrap waits for a permit (to hold an operation inside its KMS call); without, it sleeps
+/// 20 ms.
 #[derive(Debug)]
 struct CountingKms {
     inner: Arc<dyn Kms>,
+    /// Unwraps started so far.
     unwraps: AtomicUsize,
+    gate: Option<tokio::sync::Semaphore>,
 }
 
 #[async_trait]
@@ -76,8 +80,11 @@ impl Kms for CountingKms {
     }
     async fn unwrap(&self, w: &WrappedKey, b: &KeyBinding) -> Result<TenantKey, BackendError> {
         self.unwraps.fetch_add(1, Ordering::SeqCst);
-        // Widen the window in which concurrent misses could race.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        match &self.gate {
+            Some(gate) => gate.acquire().await.unwrap().forget(),
+            // Widen the window in which concurrent misses could race.
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
         self.inner.unwrap(w, b).await
     }
 }
@@ -117,6 +124,7 @@ fn parts(dir: &Path) -> Parts {
         kms: Arc::new(CountingKms {
             inner: Arc::new(local),
             unwraps: AtomicUsize::new(0),
+            gate: None,
         }),
         store: Arc::new(phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap()),
     }
@@ -550,6 +558,7 @@ async fn builder_refuses_inconsistent_combinations() {
     let not_dev = Arc::new(CountingKms {
         inner: local,
         unwraps: AtomicUsize::new(0),
+        gate: None,
     });
     assert!(
         msg(Keyring::builder()
@@ -862,6 +871,7 @@ async fn production_refuses_a_buffered_audit_log_unless_allowed() {
     let not_dev = Arc::new(CountingKms {
         inner: p.kms.inner.clone(),
         unwraps: AtomicUsize::new(0),
+        gate: None,
     });
     let build = |allow: bool| {
         let b = Keyring::builder()
@@ -1489,45 +1499,16 @@ async fn a_new_key_whose_wrapping_does_not_unwrap_is_never_stored() {
     assert!(p.store.load_tenant(&tenant("t")).await.unwrap().is_none());
 }
 
-/// A KMS whose unwraps wait for a permit, to hold an operation inside its KMS call.
-#[derive(Debug)]
-struct HeldKms {
-    inner: Arc<dyn Kms>,
-    /// Unwraps started so far.
-    entered: AtomicUsize,
-    permits: tokio::sync::Semaphore,
-}
-
-#[async_trait]
-impl Kms for HeldKms {
-    fn name(&self) -> &str {
-        "held"
-    }
-    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
-        self.inner.current_root_key_ref().await
-    }
-    fn can_unwrap(&self, root_key_ref: &str) -> bool {
-        self.inner.can_unwrap(root_key_ref)
-    }
-    async fn wrap(&self, key: &TenantKey, b: &KeyBinding) -> Result<WrappedKey, BackendError> {
-        self.inner.wrap(key, b).await
-    }
-    async fn unwrap(&self, w: &WrappedKey, b: &KeyBinding) -> Result<TenantKey, BackendError> {
-        self.entered.fetch_add(1, Ordering::SeqCst);
-        self.permits.acquire().await.unwrap().forget();
-        self.inner.unwrap(w, b).await
-    }
-}
-
 #[tokio::test]
 async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
     let dir = private_tempdir();
     let paths = EmbeddedPaths::new(dir.path());
-    let kms = Arc::new(HeldKms {
+    let kms = Arc::new(CountingKms {
         inner: Arc::new(phiseal_kms_local::LocalKms::open(&paths.root_key).unwrap()),
-        entered: AtomicUsize::new(0),
-        permits: tokio::sync::Semaphore::new(0),
+        unwraps: AtomicUsize::new(0),
+        gate: Some(tokio::sync::Semaphore::new(0)),
     });
+    let gate = kms.gate.as_ref().unwrap();
     let store: Arc<dyn KeyStore> =
         Arc::new(phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap());
     let k = Keyring::builder()
@@ -1541,12 +1522,12 @@ async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
         let t = tenant(&format!("t{i}"));
         let cx = ctx(&format!("t{i}"), "ssn", None);
         // create_tenant proves its wrapping with one unwrap; the encrypt unwraps once more.
-        kms.permits.add_permits(2);
+        gate.add_permits(2);
         k.create_tenant(&c, &t).await.unwrap();
         let ct = k.encrypt(&c, &cx, b"078-05-1120").await.unwrap();
         k.invalidate_tenant(&t);
         // An operation misses the cache and waits inside the KMS unwrap…
-        let before = kms.entered.load(Ordering::SeqCst);
+        let before = kms.unwraps.load(Ordering::SeqCst);
         let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
         let op = tokio::spawn(async move {
             if decrypting {
@@ -1555,13 +1536,13 @@ async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
                 k2.encrypt(&c2, &cx2, b"078-05-1120").await.map(|_| ())
             }
         });
-        while kms.entered.load(Ordering::SeqCst) == before {
+        while kms.unwraps.load(Ordering::SeqCst) == before {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         // …while the tenant is shredded, and the shred returns…
         k.shred(&c, &t).await.unwrap();
         // …then the unwrap completes: the operation must not use the destroyed key.
-        kms.permits.add_permits(1);
+        gate.add_permits(1);
         let result = op.await.unwrap();
         assert!(
             matches!(result, Err(Error::KeyDestroyed { .. })),
