@@ -1550,3 +1550,46 @@ async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn invalidating_one_tenant_leaves_the_others_cached() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let (k, store) = keyring_on_counting_store(&p);
+    let names: Vec<String> = (0..8).map(|i| format!("other-{i}")).collect();
+    for name in names.iter().map(String::as_str).chain(["changed"]) {
+        k.create_tenant(&c, &tenant(name)).await.unwrap();
+        k.encrypt(&c, &ctx(name, "f", None), b"x").await.unwrap();
+    }
+    let before = store.loads.load(Ordering::SeqCst);
+    for name in &names {
+        k.encrypt(&c, &ctx(name, "f", None), b"x").await.unwrap();
+    }
+    assert_eq!(store.loads.load(Ordering::SeqCst), before, "all cached");
+    // One tenant changed elsewhere (a notification from a shared store, an admin call).
+    k.invalidate_tenant(&tenant("changed"));
+    k.encrypt(&c, &ctx("changed", "f", None), b"x")
+        .await
+        .unwrap();
+    let after_changed = store.loads.load(Ordering::SeqCst);
+    assert_eq!(
+        after_changed,
+        before + 1,
+        "the changed tenant is read again"
+    );
+    for name in &names {
+        k.encrypt(&c, &ctx(name, "f", None), b"x").await.unwrap();
+    }
+    // Only tenants that share its invalidation shard (1 in 64) are read again; before
+    // shards, all eight were.
+    let rereads = store.loads.load(Ordering::SeqCst) - after_changed;
+    assert!(rereads <= 1, "{rereads} of 8 other tenants read again");
+    // invalidate_all still reaches every tenant.
+    k.invalidate_all();
+    let before_all = store.loads.load(Ordering::SeqCst);
+    for name in &names {
+        k.encrypt(&c, &ctx(name, "f", None), b"x").await.unwrap();
+    }
+    assert_eq!(store.loads.load(Ordering::SeqCst), before_all + 8);
+}

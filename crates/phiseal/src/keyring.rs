@@ -318,7 +318,7 @@ impl KeyringBuilder {
                 max_age: (c.key_ttl.saturating_add(c.max_stale)).into(),
                 tenants: quick_cache::sync::Cache::new(c.capacity),
                 keys: quick_cache::sync::Cache::new(c.capacity),
-                generation: std::sync::atomic::AtomicU64::new(0),
+                generations: Generations::default(),
                 outage: outage::KmsOutage::default(),
             }),
         })
@@ -342,8 +342,11 @@ struct OpMeta {
 struct TenantView {
     record: TenantRecord,
     fetched_at: Instant,
-    /// `Inner::generation` when this view was loaded: a key unwrapped through a view older
-    /// than the last invalidation is not kept in the cache (see `version_key`).
+    /// The tenant's shard of `Inner::generations`.
+    shard: usize,
+    /// `Inner::generations` for this tenant when this view was loaded: a key unwrapped
+    /// through a view older than the tenant's last invalidation is not kept in the cache
+    /// (see `version_key`).
     generation: u64,
     /// Keys this view has served, so that the per-field fast path needs one cache lookup,
     /// not two. A memo over `Inner::keys` (which does the coalescing): it dies with the view,
@@ -352,10 +355,11 @@ struct TenantView {
 }
 
 impl TenantView {
-    fn new(record: TenantRecord, generation: u64, fetched_at: Instant) -> Self {
+    fn new(record: TenantRecord, shard: usize, generation: u64, fetched_at: Instant) -> Self {
         Self {
             record,
             fetched_at,
+            shard,
             generation,
             hot: std::sync::RwLock::new(Vec::new()),
         }
@@ -366,6 +370,55 @@ impl TenantView {
             hot.retain(|k| k.version() != key.version());
             hot.push(Arc::clone(key));
         }
+    }
+}
+
+/// Invalidation counters: one epoch for `invalidate_all` and one counter per shard of
+/// tenants for `invalidate_tenant`, so that invalidating one tenant (every admin operation,
+/// every change notification of a shared store) leaves the other shards' cached metadata
+/// current. A tenant's generation is the sum of the two; both only grow, so any
+/// invalidation that concerns it changes the sum.
+struct Generations {
+    all: std::sync::atomic::AtomicU64,
+    shards: [std::sync::atomic::AtomicU64; GENERATION_SHARDS],
+}
+
+/// Shards of [`Generations`]: invalidating a tenant makes 1/64 of the tenants re-read.
+const GENERATION_SHARDS: usize = 64;
+
+impl Default for Generations {
+    fn default() -> Self {
+        Self {
+            all: std::sync::atomic::AtomicU64::new(0),
+            shards: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Generations {
+    /// The shard of `tenant` (stable within the process).
+    fn shard_of(tenant: &TenantId) -> usize {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(tenant);
+        // safe: the remainder is below GENERATION_SHARDS, which fits in usize.
+        (hash % GENERATION_SHARDS as u64) as usize
+    }
+
+    /// The current generation of the tenants of `shard`.
+    fn current(&self, shard: usize) -> u64 {
+        use std::sync::atomic::Ordering::Acquire;
+        let tenant = self.shards.get(shard).map_or(0, |s| s.load(Acquire));
+        self.all.load(Acquire).wrapping_add(tenant)
+    }
+
+    fn bump_tenant(&self, tenant: &TenantId) {
+        if let Some(shard) = self.shards.get(Self::shard_of(tenant)) {
+            shard.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    fn bump_all(&self) {
+        self.all.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -383,8 +436,9 @@ struct Inner {
     max_age: coarsetime::Duration,
     tenants: quick_cache::sync::Cache<TenantId, Arc<TenantView>>,
     keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
-    /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`).
-    generation: std::sync::atomic::AtomicU64,
+    /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`,
+    /// `invalidate_all`).
+    generations: Generations,
     /// Whether the KMS is in an outage, and when to try it again.
     outage: outage::KmsOutage,
 }
@@ -625,7 +679,8 @@ impl Keyring {
         let inner = &self.inner;
         // Read before the store: a view whose read may predate an invalidation is stale, and
         // its age counts from before the read (a slow read must not extend metadata_ttl).
-        let generation = inner.generation.load(std::sync::atomic::Ordering::Acquire);
+        let shard = Generations::shard_of(tenant);
+        let generation = inner.generations.current(shard);
         let fetched_at = Instant::now_without_cache_update();
         let record = inner
             .store
@@ -646,18 +701,16 @@ impl Keyring {
                 ),
             ));
         }
-        Ok(Arc::new(TenantView::new(record, generation, fetched_at)))
+        Ok(Arc::new(TenantView::new(
+            record, shard, generation, fetched_at,
+        )))
     }
 
     /// Whether a cached view may be used: younger than `metadata_ttl` at `now`, and loaded
     /// after the last invalidation.
     fn view_is_current(&self, view: &TenantView, now: Instant) -> bool {
         now.duration_since(view.fetched_at) <= self.inner.metadata_ttl
-            && view.generation
-                == self
-                    .inner
-                    .generation
-                    .load(std::sync::atomic::Ordering::Acquire)
+            && view.generation == self.inner.generations.current(view.shard)
     }
 
     /// The tenant's metadata: the cached view if current, else a fresh read of the store.
@@ -675,12 +728,7 @@ impl Keyring {
             let view = tenants
                 .get_or_insert_async(tenant, self.load_view(tenant))
                 .await?;
-            if view.generation
-                == self
-                    .inner
-                    .generation
-                    .load(std::sync::atomic::Ordering::Acquire)
-            {
+            if view.generation == self.inner.generations.current(view.shard) {
                 return Ok(view);
             }
         }
@@ -694,9 +742,7 @@ impl Keyring {
     /// is known to have rotated or shredded the tenant.
     pub fn invalidate_tenant(&self, tenant: &TenantId) {
         // Bump first: an unwrap in flight through an older view will not keep its key.
-        self.inner
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.inner.generations.bump_tenant(tenant);
         self.inner.tenants.remove(tenant);
         self.inner.keys.retain(|(t, _), _| t != tenant);
     }
@@ -704,9 +750,7 @@ impl Keyring {
     /// Drops every tenant's cached metadata and unwrapped keys: for a process that may have
     /// missed change notifications (a shared key store's listener reconnecting).
     pub fn invalidate_all(&self) {
-        self.inner
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.inner.generations.bump_all();
         self.inner.tenants.clear();
         self.inner.keys.clear();
     }
@@ -764,8 +808,7 @@ impl Keyring {
                 result.map(Arc::new)
             })
             .await?;
-        let invalidated =
-            inner.generation.load(std::sync::atomic::Ordering::Acquire) != view.generation;
+        let invalidated = inner.generations.current(view.shard) != view.generation;
         let source = if unwrapped_here {
             // An invalidation (shred, rotation, …) since `view` was loaded: the cache must not
             // keep the key.

@@ -160,7 +160,7 @@ impl Keyring {
             match result {
                 Ok(fresh) => {
                     let fresh = Arc::new(fresh);
-                    if inner.generation.load(Ordering::Acquire) == view.generation {
+                    if inner.generations.current(view.shard) == view.generation {
                         inner
                             .keys
                             .insert((tenant.clone(), version), Arc::clone(&fresh));
@@ -168,7 +168,7 @@ impl Keyring {
                     // Checked again after the insert: an invalidation (shred, rotation, …) that
                     // ran between the check and the insert must not leave the key cached, nor
                     // may this operation use it before the tenant is read again.
-                    if inner.generation.load(Ordering::Acquire) != view.generation {
+                    if inner.generations.current(view.shard) != view.generation {
                         inner
                             .keys
                             .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &fresh));
