@@ -53,7 +53,7 @@ fn data(len: usize) -> Vec<u8> {
 }
 
 /// An audit sink that keeps events in memory and can refuse stream records: all of them, or
-/// only their result records (not the `attempt` of a decryption stream).
+/// only their result records (not a stream's `attempt`).
 #[derive(Debug, Default)]
 struct Recording {
     events: Mutex<Vec<AuditEvent>>,
@@ -218,8 +218,7 @@ async fn round_trips_through_every_entry_point() {
             }
         }
     }
-    // One record per encryption stream (ok); two per decryption stream (attempt, then ok),
-    // in that order; all naming version 1.
+    // Two records per stream (attempt, then ok), in that order; all naming version 1.
     let streams = sink.streams();
     assert!(streams.iter().all(|(_, _, v)| *v == Some(1)));
     let count = |action: Action, outcome: Outcome| {
@@ -231,22 +230,24 @@ async fn round_trips_through_every_entry_point() {
     // Per size: 1 reader→writer + 1 adapter + one per chunking (4 for five sizes, 3 for one).
     let encrypts = 5 * (2 + 4) + (2 + 3);
     assert_eq!(count(Action::EncryptStream, Outcome::Ok), encrypts);
-    assert_eq!(count(Action::EncryptStream, Outcome::Attempt), 0);
+    assert_eq!(count(Action::EncryptStream, Outcome::Attempt), encrypts);
     let decrypts = count(Action::DecryptStream, Outcome::Ok);
     assert!(decrypts > 0);
     assert_eq!(count(Action::DecryptStream, Outcome::Attempt), decrypts);
-    assert_eq!(streams.len(), encrypts + 2 * decrypts, "nothing else");
-    let decrypt_outcomes: Vec<Outcome> = streams
-        .iter()
-        .filter(|(a, _, _)| *a == Action::DecryptStream)
-        .map(|(_, o, _)| *o)
-        .collect();
-    assert!(
-        decrypt_outcomes
-            .chunks(2)
-            .all(|pair| pair == [Outcome::Attempt, Outcome::Ok]),
-        "each decryption's attempt comes before its result"
-    );
+    assert_eq!(streams.len(), 2 * (encrypts + decrypts), "nothing else");
+    for action in [Action::EncryptStream, Action::DecryptStream] {
+        let outcomes: Vec<Outcome> = streams
+            .iter()
+            .filter(|(a, _, _)| *a == action)
+            .map(|(_, o, _)| *o)
+            .collect();
+        assert!(
+            outcomes
+                .chunks(2)
+                .all(|pair| pair == [Outcome::Attempt, Outcome::Ok]),
+            "each {action:?}'s attempt comes before its result"
+        );
+    }
 }
 
 #[tokio::test]
@@ -493,7 +494,17 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
     let good = encrypt(&k, &cx, &plaintext).await;
     sink.refuse_streams.store(true, Ordering::SeqCst);
 
-    // The push API withholds the final segment if the record cannot be written.
+    // No encryption stream starts without its attempt record.
+    assert!(matches!(
+        k.start_encrypt_stream(&c, &cx, StreamOptions::default())
+            .await
+            .map(|_| ()),
+        Err(Error::Audit { .. })
+    ));
+
+    // The push API withholds the final segment if the result cannot be written.
+    sink.refuse_streams.store(false, Ordering::SeqCst);
+    sink.refuse_stream_results.store(true, Ordering::SeqCst);
     let mut e = k
         .start_encrypt_stream(&c, &cx, StreamOptions::default())
         .await
@@ -507,6 +518,8 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
         before,
         "no final segment without an audit record"
     );
+    sink.refuse_stream_results.store(false, Ordering::SeqCst);
+    sink.refuse_streams.store(true, Ordering::SeqCst);
     assert!(decrypt_pushed(&k, &cx, &out, 999).await.is_err());
 
     // Decryption releases nothing if its attempt record cannot be written.
@@ -552,6 +565,14 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
         k.decrypt_stream(&c, &cx, &good[..], Vec::new()).await,
         Err(Error::Audit { .. })
     ));
+    assert!(matches!(
+        k.encrypting_writer(&c, &cx, StreamOptions::default(), Vec::new())
+            .await
+            .map(|_| ()),
+        Err(Error::Audit { .. })
+    ));
+    sink.refuse_streams.store(false, Ordering::SeqCst);
+    sink.refuse_stream_results.store(true, Ordering::SeqCst);
     let mut w = k
         .encrypting_writer(&c, &cx, StreamOptions::default(), Vec::new())
         .await
@@ -559,6 +580,8 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
     w.write_all(b"abc").await.unwrap();
     assert!(w.shutdown().await.is_err());
     assert!(w.summary().is_none());
+    sink.refuse_stream_results.store(false, Ordering::SeqCst);
+    sink.refuse_streams.store(true, Ordering::SeqCst);
     assert!(matches!(
         k.decrypting_reader(&c, &cx, &good[..]).await.map(|_| ()),
         Err(Error::Audit { .. })
@@ -594,7 +617,7 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
     let mut d = k.start_decrypt_stream(&c, &cx);
     d.push(&good[..SEG], &mut Vec::new()).await.unwrap();
     drop(d);
-    wait_for(|| sink.streams().len() == 4).await;
+    wait_for(|| sink.streams().len() == 6).await;
     let mut outcomes: Vec<(Action, Outcome)> =
         sink.streams().into_iter().map(|(a, o, _)| (a, o)).collect();
     outcomes.sort_by_key(|(a, o)| (a.as_str(), o.as_str()));
@@ -603,6 +626,8 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
         vec![
             (Action::DecryptStream, Outcome::Attempt),
             (Action::DecryptStream, Outcome::Error("incomplete")),
+            (Action::EncryptStream, Outcome::Attempt),
+            (Action::EncryptStream, Outcome::Attempt),
             (Action::EncryptStream, Outcome::Error("cancelled")),
             (Action::EncryptStream, Outcome::Error("incomplete")),
         ]
@@ -635,8 +660,8 @@ async fn the_file_audit_log_gets_the_stream_records_and_no_content() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("PLAINTEXT"));
     let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
-    assert_eq!(count(r#""action":"encrypt_stream""#), 1);
-    // Two decryptions: each an attempt, then its result.
+    // One encryption, two decryptions: each an attempt, then its result.
+    assert_eq!(count(r#""action":"encrypt_stream""#), 2);
     assert_eq!(count(r#""action":"decrypt_stream""#), 4);
     let attempts = text
         .lines()

@@ -4,7 +4,8 @@
 //! metrics, builds the keyring (which refuses inconsistent parts, e.g. the local KMS under
 //! the production profile) and the policy; [`Daemon::run`] binds the socket and serves
 //! until the shutdown signal, then drains: no new calls, in-flight calls and their
-//! operations finish, the audit log is flushed (fsync), the socket is removed.
+//! operations finish (streams still open after the drain time are ended, and audited as
+//! such), the audit log is flushed (fsync), the socket is removed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// After the last call finished, how long its response gets to reach the socket before the
 /// remaining (idle) connections are closed.
 const RESPONSE_FLUSH: Duration = Duration::from_millis(200);
+/// How long streams ended at shutdown get to record their end before the responses flush.
+const STREAM_STOP: Duration = Duration::from_secs(1);
 
 /// A daemon ready to run.
 #[derive(Debug)]
@@ -172,6 +175,7 @@ impl Daemon {
             metrics,
             tasks: TaskTracker::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_streams)),
+            stop_streams: tokio_util::sync::CancellationToken::new(),
         };
         Ok(Self {
             config,
@@ -251,15 +255,20 @@ impl Daemon {
             .serve_with_incoming_shutdown(incoming, signal);
         tokio::pin!(server);
         // Serve. Once shutdown starts (the server stops accepting and sends GOAWAY), wait up
-        // to `drain_limit` for the calls in flight, give their responses a moment to reach
-        // the socket, then close what is left (idle client connections would otherwise keep
-        // the server open).
+        // to `drain_limit` for the calls in flight; streams still open then are ended (each
+        // records its end in the audit log and answers UNAVAILABLE). Give the responses a
+        // moment to reach the socket, then close what is left (idle client connections would
+        // otherwise keep the server open).
         let served = tokio::select! {
             result = &mut server => result,
             _ = draining_rx => {
                 self.sidecar.tasks.close();
                 if tokio::time::timeout(drain_limit, self.sidecar.tasks.wait()).await.is_err() {
-                    tracing::warn!("drain: calls still running after {drain_limit:?}; closing them");
+                    tracing::warn!(
+                        "drain: calls still running after {drain_limit:?}; ending open streams"
+                    );
+                    self.sidecar.stop_streams.cancel();
+                    let _ = tokio::time::timeout(STREAM_STOP, self.sidecar.tasks.wait()).await;
                 }
                 tokio::time::timeout(RESPONSE_FLUSH, &mut server)
                     .await
@@ -267,6 +276,7 @@ impl Daemon {
             }
         };
         let _ = stop_tx.send(true);
+        self.sidecar.stop_streams.cancel();
         // Admin operations whose callers went away still finish (and are audited) first.
         self.sidecar.tasks.close();
         if tokio::time::timeout(drain_limit, self.sidecar.tasks.wait())

@@ -44,6 +44,8 @@ pub struct Sidecar {
     pub tasks: tokio_util::task::TaskTracker,
     /// Streams open at once (`limits.max_streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when shutdown ends the streams still open after the drain time.
+    pub stop_streams: tokio_util::sync::CancellationToken,
 }
 
 /// An admitted call: who, under which request id.

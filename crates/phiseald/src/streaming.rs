@@ -9,8 +9,11 @@
 //! `limits.request_timeout` — or the client's shorter `grpc-timeout` — of the previous one: an
 //! idle limit, not a total one, so a large stream may take as long as it keeps moving.
 //!
-//! The keyring audits each stream once, when it ends; a stream the client abandons is audited
-//! as failed (`cancelled`). Plaintext chunks received are wiped after use; plaintext sent is
+//! The keyring audits each stream when its key is known (`attempt`) and when it ends; a stream
+//! the client abandons is audited as failed (`cancelled`). At shutdown, streams get the same
+//! drain time as unary calls; those still open then are ended by the daemon — audited as
+//! failed (`shutdown`) before the final flush of the audit log — and their clients get
+//! UNAVAILABLE (`shutting_down`) if they still take answers. Plaintext chunks received are wiped after use; plaintext sent is
 //! handed to the gRPC layer, which does not wipe its buffers (as for unary `Decrypt`).
 
 use std::pin::Pin;
@@ -24,6 +27,7 @@ use phiseal::{AuditedStreamDecryptor, AuditedStreamEncryptor, EncryptionContext}
 use phiseal_proto::REQUEST_ID_HEADER;
 use phiseal_proto::v1 as pb;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use zeroize::Zeroize;
 
@@ -65,19 +69,37 @@ fn idle_timeout() -> Status {
     )
 }
 
+/// The audited reason of a stream the daemon ended at shutdown.
+const SHUTDOWN: &str = "shutdown";
+
+fn shutting_down() -> Status {
+    status::status(
+        Code::Unavailable,
+        "shutting_down",
+        "the daemon is shutting down: the stream was not completed; send it again",
+    )
+}
+
 /// What one request of either RPC carries after the first.
 enum Part {
     Chunk(Vec<u8>),
     Context,
 }
 
-/// Reads the next chunk within the idle limit: `Ok(None)` at the end of the requests.
+/// Reads the next chunk within the idle limit: `Ok(None)` at the end of the requests. Once
+/// `stop` is cancelled (shutdown), reads nothing more.
 async fn next_part<M>(
     inbound: &mut Streaming<M>,
     idle: Duration,
+    stop: &CancellationToken,
     part: impl Fn(M) -> Option<Part>,
 ) -> Result<Option<Part>, Status> {
-    match tokio::time::timeout(idle, inbound.message()).await {
+    let read = tokio::select! {
+        biased;
+        () = stop.cancelled() => return Err(shutting_down()),
+        read = tokio::time::timeout(idle, inbound.message()) => read,
+    };
+    match read {
         Err(_) => Err(idle_timeout()),
         Ok(Err(status)) => Err(status),
         Ok(Ok(None)) => Ok(None),
@@ -85,13 +107,19 @@ async fn next_part<M>(
     }
 }
 
-/// Sends one answer within the idle limit; `false` if the client is gone or not reading.
+/// Sends one answer within the idle limit; `false` if the client is gone or not reading, or
+/// if the answer has to wait for room once `stop` is cancelled (shutdown).
 async fn send(
     tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
     idle: Duration,
+    stop: &CancellationToken,
     item: Result<pb::StreamChunk, Status>,
 ) -> bool {
-    matches!(tokio::time::timeout(idle, tx.send(item)).await, Ok(Ok(())))
+    tokio::select! {
+        biased;
+        sent = tokio::time::timeout(idle, tx.send(item)) => matches!(sent, Ok(Ok(()))),
+        () = stop.cancelled() => false,
+    }
 }
 
 /// Admits the call and parses and authorizes the first message's context.
@@ -337,7 +365,8 @@ fn serve<M: Send + 'static, W: Worker>(
     let response = respond(&call, rx, Arc::clone(&complete));
     let sidecar = Arc::clone(s);
     s.tasks.spawn(async move {
-        let result = run(&call, inbound, worker, part, &tx).await;
+        let stop = &sidecar.stop_streams;
+        let result = run(&call, inbound, worker, part, &tx, stop).await;
         if result.is_ok() {
             // Only now may the end of the answers mean success (see `Answers`).
             complete.store(true, Ordering::Release);
@@ -349,26 +378,31 @@ fn serve<M: Send + 'static, W: Worker>(
 }
 
 /// Feeds the chunks to `worker` and sends its output until the requests end (then finishes
-/// the stream) or something fails (then records the stream as failed and ends the call with
-/// the error).
+/// the stream) or something fails or `stop` is cancelled (then records the stream as failed
+/// and ends the call with the error).
 async fn run<M, W: Worker>(
     call: &Call,
     mut inbound: Streaming<M>,
     mut worker: W,
     part: fn(M) -> Option<Part>,
     tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
+    stop: &CancellationToken,
 ) -> Result<(), Status> {
     let idle = idle_limit(call);
     let failed = async |worker: W, status: Status, reason: &'static str| {
         worker.abort(reason).await;
-        let _ = send(tx, idle, Err(status.clone())).await;
+        let _ = send(tx, idle, stop, Err(status.clone())).await;
         Err(status)
     };
     loop {
         let mut out = Vec::new();
-        match next_part(&mut inbound, idle, part).await {
+        match next_part(&mut inbound, idle, stop, part).await {
             Err(status) => {
-                let reason = status_kind(&status);
+                let reason = if stop.is_cancelled() {
+                    SHUTDOWN
+                } else {
+                    status_kind(&status)
+                };
                 return failed(worker, status, reason).await;
             }
             Ok(Some(Part::Context)) => {
@@ -392,19 +426,23 @@ async fn run<M, W: Worker>(
                         out.zeroize();
                     }
                     let status = status::from_error(&e);
-                    let _ = send(tx, idle, Err(status.clone())).await;
+                    let _ = send(tx, idle, stop, Err(status.clone())).await;
                     return Err(status);
                 }
-                return if send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
+                return if send(tx, idle, stop, Ok(pb::StreamChunk { chunk: out })).await {
                     Ok(())
                 } else {
                     Err(gone())
                 };
             }
         }
-        if !out.is_empty() && !send(tx, idle, Ok(pb::StreamChunk { chunk: out })).await {
+        if !out.is_empty() && !send(tx, idle, stop, Ok(pb::StreamChunk { chunk: out })).await {
             // (The unsent answer is dropped with the failed send, unwiped, like any message
             // the gRPC layer drops.)
+            if stop.is_cancelled() {
+                worker.abort(SHUTDOWN).await;
+                return Err(shutting_down());
+            }
             worker.abort("cancelled").await;
             return Err(gone());
         }

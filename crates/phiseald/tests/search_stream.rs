@@ -676,3 +676,71 @@ async fn unauthenticated_search_calls_are_audited_under_their_own_action() {
         "{records:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_open_at_shutdown_are_ended_and_audited_before_the_final_flush() {
+    // The drain waits limits.request_timeout + 5 s for calls in flight, then ends the streams
+    // still open. The request timeout is also the streams' idle limit.
+    let mut d = Daemon::with_config(&config(&format!(
+        "{ALL}[limits]\nrequest_timeout = \"1s\"\n"
+    )));
+    create_tenant(&d, "clinic").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-9")).unwrap(),
+        )),
+    })
+    .await
+    .unwrap();
+    let mut answers = d
+        .fields()
+        .await
+        .encrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // The client keeps its stream moving, well within the idle limit, and never ends it.
+    let feeder = tokio::spawn(async move {
+        loop {
+            let chunk = pb::EncryptStreamRequest {
+                part: Some(pb::encrypt_stream_request::Part::Chunk(vec![3u8; 16_384])),
+            };
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    d.sigterm();
+    let mut received = 0;
+    let end = loop {
+        match answers.message().await {
+            Ok(Some(chunk)) => received += chunk.chunk.len(),
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        }
+    };
+    let status = end.expect_err("a stream ended by the shutdown must not end with OK");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(common::kind(&status), "shutting_down");
+    assert!(received > 0, "segments were sealed before the shutdown");
+    let exit = tokio::task::block_in_place(|| d.wait_exit(std::time::Duration::from_secs(30)));
+    feeder.abort();
+    assert!(exit.success(), "exit {exit}: {}", d.stderr());
+    assert!(d.stderr().contains("ending open streams"), "{}", d.stderr());
+
+    // The stream's attempt and its end are both on the log, and the log is intact.
+    let report = phiseal_audit_file::verify(d.audit_log()).unwrap();
+    assert!(
+        report.is_intact() && report.torn_tail.is_none(),
+        "{report:?}"
+    );
+    let results: Vec<String> = common::audit_records(&d.audit_log())
+        .iter()
+        .filter(|r| r["action"] == "encrypt_stream")
+        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(results, ["attempt", "shutdown"]);
+}

@@ -1,8 +1,9 @@
 //! The keyring's streaming entry points (`crate::stream`, `docs/FORMAT.md` §10): keys come from
 //! the key cache (the primary version to encrypt; the version the header names to decrypt,
 //! honouring the minimum decryption version and shredding), and every stream writes an audit
-//! record at its end (`encrypt_stream` / `decrypt_stream`) with its outcome; a decryption
-//! stream also writes an `attempt` record before it releases any plaintext.
+//! record at its end (`encrypt_stream` / `decrypt_stream`) with its outcome, and an `attempt`
+//! record once its key is known: before the first output of an encryption, before any
+//! plaintext of a decryption.
 //!
 //! Three shapes, for three kinds of caller:
 //!
@@ -15,8 +16,10 @@
 //!   output chunks as segments complete.
 //!
 //! **Auditing.** A decryption stream writes an `attempt` record once its header named a key
-//! that could be loaded, before the first plaintext byte is released: if that record cannot be
-//! written the stream fails and releases nothing. Every stream's result record is written when
+//! that could be loaded, before the first plaintext byte is released; an encryption stream
+//! writes one when it starts, before it takes any plaintext. If that record cannot be written
+//! the stream fails and releases nothing. So a stream cut off midway (its result record lost
+//! with the process) is still on the log. Every stream's result record is written when
 //! it ends: after its last byte was written (encryption) or its final segment authenticated
 //! (decryption). If that record cannot be written the stream fails (fail closed): the push
 //! APIs withhold the final segment (so an encryption stream stays unterminated, which no
@@ -26,7 +29,7 @@
 //! is dropped or [`AuditedStreamEncryptor::abort`]ed. A stream object dropped before it
 //! finished is recorded as failed with the kind `incomplete` (or the error that stopped it) by
 //! a task spawned on the current tokio runtime — best effort: without a runtime, or if the
-//! runtime shuts down first, that result record is lost (a decryption's `attempt` record is
+//! runtime shuts down first, that result record is lost (the stream's `attempt` record is
 //! already written). Call `finish` or `abort` to record deterministically.
 //!
 //! **Lifetime of keys.** A stream derives its own key when it starts and keeps it (zeroized
@@ -111,9 +114,9 @@ impl StreamAudit {
     }
 
     /// Writes the stream's `attempt` record (its key version and source known, the stream not
-    /// yet ended). Decryption writes it before releasing any plaintext, so a stream whose
-    /// record cannot be written discloses nothing, and a stream cut off midway (its end
-    /// record lost with the process) is still on the log.
+    /// yet ended), before any output: a stream whose record cannot be written discloses
+    /// nothing, and a stream cut off midway (its end record lost with the process) is still
+    /// on the log.
     async fn attempt(&self) -> Result<(), Error> {
         let event = self.event(Outcome::Attempt);
         self.keyring.append(std::slice::from_ref(&event)).await
@@ -432,7 +435,8 @@ impl Keyring {
     }
 
     /// Starts encrypting a stream under the tenant's primary key version, to be fed with
-    /// [`AuditedStreamEncryptor::push`]. A failure to get the key is audited here.
+    /// [`AuditedStreamEncryptor::push`], and writes the stream's `attempt` record (fail
+    /// closed: no stream starts without it). A failure to get the key is audited here.
     pub async fn start_encrypt_stream(
         &self,
         caller: &Caller,
@@ -442,13 +446,15 @@ impl Keyring {
         let mut audit = StreamAudit::new(self, caller, context, Action::EncryptStream);
         let started = async {
             let key = self.stream_key(caller, context, None, &mut audit).await?;
-            StreamEncryptor::new(
+            let encryptor = StreamEncryptor::new(
                 self.inner.provider,
                 key.tenant_key(),
                 key.version(),
                 context,
                 options,
-            )
+            )?;
+            audit.attempt().await?;
+            Ok(encryptor)
         }
         .await;
         match started {
