@@ -267,6 +267,7 @@ fn two_processes_rotating_at_once_never_duplicate_a_version() {
                 .args([
                     "--exact",
                     "child_rotate_50",
+                    "--ignored",
                     "--nocapture",
                     "--test-threads=1",
                 ])
@@ -306,12 +307,13 @@ fn two_processes_rotating_at_once_never_duplicate_a_version() {
     rt.block_on(db.drop_database());
 }
 
-/// Child half of the two-process test; does nothing unless started by the parent.
+/// Child half of the two-process test, run only by the parent (ignored in a normal run, so
+/// that it is reported as skipped rather than as a vacuous pass).
 #[tokio::test]
+#[ignore = "child half of the two-process rotation test; its parent runs it"]
 async fn child_rotate_50() {
-    let Ok(url) = std::env::var(CHILD_URL_ENV) else {
-        return;
-    };
+    let url = std::env::var(CHILD_URL_ENV)
+        .unwrap_or_else(|_| panic!("{CHILD_URL_ENV} is unset: run the parent test instead"));
     let store = PostgresKeyStore::open(&phiseal_store_postgres::PostgresStoreConfig::new(url))
         .await
         .unwrap();

@@ -204,7 +204,7 @@ fn two_processes_rotating_at_once_never_duplicate_a_version() {
     let children: Vec<_> = (0..2)
         .map(|_| {
             std::process::Command::new(&exe)
-                .args(["--exact", "child_rotate_50", "--nocapture"])
+                .args(["--exact", "child_rotate_50", "--ignored", "--nocapture"])
                 .env(CHILD_DB_ENV, &path)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -232,12 +232,13 @@ fn two_processes_rotating_at_once_never_duplicate_a_version() {
     assert_clean_history(&rec, 2 * CHILD_ROTATIONS + 1);
 }
 
-/// Child half of the two-process test; does nothing unless started by the parent.
+/// Child half of the two-process test, run only by the parent (ignored in a normal run, so
+/// that it is reported as skipped rather than as a vacuous pass).
 #[tokio::test]
+#[ignore = "child half of the two-process rotation test; its parent runs it"]
 async fn child_rotate_50() {
-    let Some(path) = std::env::var_os(CHILD_DB_ENV) else {
-        return;
-    };
+    let path = std::env::var_os(CHILD_DB_ENV)
+        .unwrap_or_else(|| panic!("{CHILD_DB_ENV} is unset: run the parent test instead"));
     let store = SqliteKeyStore::open(&path).unwrap();
     let t = tid(CHILD_TENANT);
     let mut done = 0;
