@@ -1593,3 +1593,123 @@ async fn invalidating_one_tenant_leaves_the_others_cached() {
     }
     assert_eq!(store.loads.load(Ordering::SeqCst), before_all + 8);
 }
+
+/// Holds an AES-GCM seal of a plaintext that starts with [`HOLD`] until released: an
+/// operation that is using a cached key, stopped mid-use. Delegates to aws-lc otherwise.
+struct HeldSeal {
+    entered: std::sync::Mutex<bool>,
+    released: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+const HOLD: &[u8] = b"HOLD";
+
+impl HeldSeal {
+    fn wait_until(&self, flag: &std::sync::Mutex<bool>) {
+        let mut set = flag.lock().unwrap();
+        while !*set {
+            set = self.changed.wait(set).unwrap();
+        }
+    }
+    fn set(&self, flag: &std::sync::Mutex<bool>) {
+        *flag.lock().unwrap() = true;
+        self.changed.notify_all();
+    }
+}
+
+struct HeldAes(&'static HeldSeal);
+struct HeldAesKey(Box<dyn phiseal::crypto::AeadKey>, &'static HeldSeal);
+
+impl phiseal::crypto::AeadAlgorithm for HeldAes {
+    fn nonce_len(&self) -> usize {
+        phiseal::crypto::aws_lc::PROVIDER.aes_256_gcm.nonce_len()
+    }
+    fn key(
+        &self,
+        key: &[u8; 32],
+    ) -> Result<Box<dyn phiseal::crypto::AeadKey>, phiseal::crypto::CryptoFailure> {
+        let inner = phiseal::crypto::aws_lc::PROVIDER.aes_256_gcm.key(key)?;
+        Ok(Box::new(HeldAesKey(inner, self.0)))
+    }
+}
+
+impl phiseal::crypto::AeadKey for HeldAesKey {
+    fn seal(
+        &self,
+        nonce: &[u8],
+        aad: &[u8],
+        in_out: &mut [u8],
+    ) -> Result<[u8; phiseal::crypto::TAG_LEN], phiseal::crypto::CryptoFailure> {
+        if in_out.starts_with(HOLD) {
+            self.1.set(&self.1.entered);
+            self.1.wait_until(&self.1.released);
+        }
+        self.0.seal(nonce, aad, in_out)
+    }
+    fn open(
+        &self,
+        nonce: &[u8],
+        aad: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), phiseal::crypto::CryptoFailure> {
+        self.0.open(nonce, aad, ciphertext, tag, out)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_returns_only_after_operations_using_the_key_have_finished() {
+    let held: &'static HeldSeal = Box::leak(Box::new(HeldSeal {
+        entered: std::sync::Mutex::new(false),
+        released: std::sync::Mutex::new(false),
+        changed: std::sync::Condvar::new(),
+    }));
+    let aws_lc = &phiseal::crypto::aws_lc::PROVIDER;
+    let provider: &'static phiseal::crypto::CryptoProvider =
+        Box::leak(Box::new(phiseal::crypto::CryptoProvider {
+            name: "aws-lc-rs, seals held on request",
+            aes_256_gcm: Box::leak(Box::new(HeldAes(held))),
+            ..*aws_lc
+        }));
+    let dir = private_tempdir();
+    let k = phiseal_embedded::builder(dir.path(), &EmbeddedOptions::default())
+        .unwrap()
+        .crypto_provider(provider)
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    let c = caller();
+    let t = tenant("t");
+    let cx = ctx("t", "ssn", None);
+    k.create_tenant(&c, &t).await.unwrap();
+    k.encrypt(&c, &cx, b"warm the cache").await.unwrap();
+
+    // An encryption with the cached key is stopped in the middle of its seal…
+    let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
+    let runtime = tokio::runtime::Handle::current();
+    let in_use = tokio::task::spawn_blocking(move || {
+        runtime.block_on(async move { k2.encrypt(&c2, &cx2, b"HOLD 078-05-1120").await })
+    });
+    tokio::task::spawn_blocking(|| held.wait_until(&held.entered))
+        .await
+        .unwrap();
+    // …while the tenant is shredded: the shred commits, but does not return while the key
+    // is in use.
+    let (k3, c3, t3) = (k.clone(), c.clone(), t.clone());
+    let shred = tokio::spawn(async move { k3.shred(&c3, &t3).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waited = !shred.is_finished();
+    held.set(&held.released);
+    assert!(
+        waited,
+        "shred returned while an operation was still using the tenant's key"
+    );
+    shred.await.unwrap().unwrap();
+    // The operation that began before the shred completes; nothing after it gets the key.
+    in_use.await.unwrap().unwrap();
+    assert!(matches!(
+        k.encrypt(&c, &cx, b"after").await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+}

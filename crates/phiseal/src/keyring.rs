@@ -378,10 +378,21 @@ impl TenantView {
 /// every change notification of a shared store) leaves the other shards' cached metadata
 /// current. A tenant's generation is the sum of the two; both only grow, so any
 /// invalidation that concerns it changes the sum.
+///
+/// Each shard also has a key-use lock: every use of a tenant key version for a field
+/// (encryption, decryption, searchable values) holds it shared, after checking that the
+/// generation it validated the tenant under is still current; `shred` takes it exclusively
+/// once it has committed and invalidated, so it returns only when no operation that checked
+/// the tenant before the shred still uses the key. (The lock is writer-preferring: a waiting
+/// shred is not starved by a stream of new operations.)
 struct Generations {
     all: std::sync::atomic::AtomicU64,
     shards: [std::sync::atomic::AtomicU64; GENERATION_SHARDS],
+    key_use: [std::sync::RwLock<()>; GENERATION_SHARDS],
 }
+
+/// A use of a tenant key in progress (see [`Generations`]).
+type KeyUse<'a> = std::sync::RwLockReadGuard<'a, ()>;
 
 /// Shards of [`Generations`]: invalidating a tenant makes 1/64 of the tenants re-read.
 const GENERATION_SHARDS: usize = 64;
@@ -391,6 +402,7 @@ impl Default for Generations {
         Self {
             all: std::sync::atomic::AtomicU64::new(0),
             shards: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+            key_use: std::array::from_fn(|_| std::sync::RwLock::new(())),
         }
     }
 }
@@ -419,6 +431,28 @@ impl Generations {
 
     fn bump_all(&self) {
         self.all.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Starts a use of a key of a tenant in `shard`, checked under `generation`: `None` if
+    /// the tenant was invalidated since (check it again first). Hold it while the key is used.
+    fn enter(&self, shard: usize, generation: u64) -> Option<KeyUse<'_>> {
+        let lock = self.key_use.get(shard)?;
+        // The lock guards no data, so a panic while it was held leaves nothing inconsistent.
+        let guard = lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (self.current(shard) == generation).then_some(guard)
+    }
+
+    /// Waits until no use of a key of `shard` that started before this call is in progress.
+    /// Blocks the thread for at most the longest such use (one field's cryptography).
+    fn wait_for_key_uses(&self, shard: usize) {
+        if let Some(lock) = self.key_use.get(shard) {
+            drop(
+                lock.write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+        }
     }
 }
 
@@ -998,10 +1032,41 @@ impl Keyring {
         now: Instant,
         op: impl FnOnce(&VersionKey) -> T,
     ) -> Option<(T, KeySource)> {
+        let _in_use = self.inner.generations.enter(view.shard, view.generation)?;
         let hot = view.hot.read().ok()?;
         let key = hot.iter().find(|k| k.version() == version)?;
         let source = self.serve(key, now)?;
         Some((op(key), source))
+    }
+
+    /// Runs `op` with a key that the slow path looked up through `view`, holding the key-use
+    /// guard (see [`Generations`]). If the tenant was invalidated since `view` was checked,
+    /// it is re-read first and the key refused if the fresh metadata no longer allows it
+    /// (shredded, version gone or retired).
+    async fn use_key<T>(
+        &self,
+        view: &TenantView,
+        version: u32,
+        op: impl FnOnce() -> T,
+    ) -> Result<T, Error> {
+        let generations = &self.inner.generations;
+        let mut generation = view.generation;
+        for _ in 0..3 {
+            if let Some(_in_use) = generations.enter(view.shard, generation) {
+                return Ok(op());
+            }
+            generation = generations.current(view.shard);
+            self.recheck_after_invalidation(&view.record.tenant, version)
+                .await?;
+        }
+        // Fail closed under a storm of invalidations rather than use an unchecked key.
+        Err(store_error(
+            &*self.inner.store,
+            BackendError::new(
+                BackendErrorKind::Conflict,
+                "the tenant's keys changed repeatedly during the operation; retry",
+            ),
+        ))
     }
 
     /// The cached, fresh metadata of a live tenant; `None` sends the caller to the slow path.
@@ -1064,7 +1129,10 @@ impl Keyring {
             let (key, source) = self.version_key(caller, &view, primary, now).await?;
             view.remember(&key);
             meta.key_source = Some(source);
-            key.encrypt(self.inner.algorithm, context, plaintext)
+            self.use_key(&view, primary, || {
+                key.encrypt(self.inner.algorithm, context, plaintext)
+            })
+            .await?
         }
         .await;
         (result, meta)
@@ -1142,7 +1210,8 @@ impl Keyring {
             let (key, source) = self.version_key(caller, &view, version, now).await?;
             view.remember(&key);
             meta.key_source = Some(source);
-            key.decrypt(&parsed, context)
+            self.use_key(&view, version, || key.decrypt(&parsed, context))
+                .await?
         }
         .await;
         (result, meta)
@@ -1485,7 +1554,10 @@ impl Keyring {
 
     /// Crypto-shreds `tenant`: every key version is destroyed in the store, cached keys are
     /// purged (and zeroized), and its ciphertexts fail with [`Error::KeyDestroyed`] forever.
-    /// Irreversible. Audited (attempt and result).
+    /// Returns once no field operation of this keyring that checked the tenant before the
+    /// shred is still using its key (those finish; every later one is refused); streams
+    /// already started keep their own key until they end. Irreversible. Audited (attempt and
+    /// result).
     pub async fn shred(&self, caller: &Caller, tenant: &TenantId) -> Result<(), Error> {
         let op = async {
             let result = async {
@@ -1501,6 +1573,11 @@ impl Keyring {
                 }
                 let result = store.shred_tenant(tenant, Timestamp::now()).await;
                 self.invalidate_tenant(tenant);
+                // Operations that checked the tenant before the invalidation finish before
+                // shred returns; later ones see it shredded.
+                self.inner
+                    .generations
+                    .wait_for_key_uses(Generations::shard_of(tenant));
                 result.map_err(|e| store_error(store, e))
             }
             .await;

@@ -83,7 +83,8 @@ impl Keyring {
             Ok((key, source)) => {
                 view.remember(&key);
                 meta.key_source = Some(source);
-                (op(&key), meta)
+                let result = self.use_key(view, version, || op(&key)).await;
+                (result.and_then(|r| r), meta)
             }
             Err(e) => (Err(e), meta),
         }
