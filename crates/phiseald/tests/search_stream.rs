@@ -285,6 +285,13 @@ async fn decrypt_stream(
         Ok(answers) => answers.into_inner(),
         Err(status) => return (Vec::new(), Err(status)),
     };
+    read_answers(&mut answers).await
+}
+
+/// Reads a stream's answers to their end: what was received and how the call ended.
+async fn read_answers(
+    answers: &mut tonic::Streaming<pb::StreamChunk>,
+) -> (Vec<u8>, Result<(), tonic::Status>) {
     let mut out = Vec::new();
     loop {
         match answers.message().await {
@@ -539,16 +546,9 @@ async fn a_client_that_stops_reading_never_sees_an_ok_end() {
         .into_inner();
     // Not reading: the daemon's answers back up past its idle limit and it gives up.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let mut received = 0;
-    let end = loop {
-        match answers.message().await {
-            Ok(Some(chunk)) => received += chunk.chunk.len(),
-            Ok(None) => break Ok(()),
-            Err(status) => break Err(status),
-        }
-    };
+    let (received, end) = read_answers(&mut answers).await;
     let status = end.expect_err("a stream the daemon gave up on must not end with OK");
-    assert!(received < document.len(), "{received}");
+    assert!(received.len() < document.len(), "{}", received.len());
     assert!(
         matches!(
             status.code(),
@@ -714,18 +714,14 @@ async fn streams_open_at_shutdown_are_ended_and_audited_before_the_final_flush()
     });
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     d.sigterm();
-    let mut received = 0;
-    let end = loop {
-        match answers.message().await {
-            Ok(Some(chunk)) => received += chunk.chunk.len(),
-            Ok(None) => break Ok(()),
-            Err(status) => break Err(status),
-        }
-    };
+    let (received, end) = read_answers(&mut answers).await;
     let status = end.expect_err("a stream ended by the shutdown must not end with OK");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(common::kind(&status), "shutting_down");
-    assert!(received > 0, "segments were sealed before the shutdown");
+    assert!(
+        !received.is_empty(),
+        "segments were sealed before the shutdown"
+    );
     let exit = tokio::task::block_in_place(|| d.wait_exit(std::time::Duration::from_secs(30)));
     feeder.abort();
     assert!(exit.success(), "exit {exit}: {}", d.stderr());
