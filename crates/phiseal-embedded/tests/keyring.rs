@@ -1103,7 +1103,10 @@ impl Kms for SwitchableKms {
     }
 }
 
-/// Keeps every appended event in memory.
+/// Keeps every appended event in memory. A test double by choice, not for lack of the real
+/// part: the tests using it inspect the events as values (actions, outcomes, versions,
+/// order); the real file log's records are checked by the tests that use
+/// `phiseal_audit_file` (here and in `phiseal-audit-file`).
 #[derive(Debug, Default)]
 struct MemoryAudit {
     events: std::sync::Mutex<Vec<AuditEvent>>,
@@ -1698,9 +1701,29 @@ async fn shred_returns_only_after_operations_using_the_key_have_finished() {
     // is in use.
     let (k3, c3, t3) = (k.clone(), c.clone(), t.clone());
     let shred = tokio::spawn(async move { k3.shred(&c3, &t3).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the shred is committed (seen through a second handle on the store) it has only
+    // the cache invalidation left before it waits; give it ample time to return if it would.
+    let store =
+        phiseal_store_sqlite::SqliteKeyStore::open(&EmbeddedPaths::new(dir.path()).key_store)
+            .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let committed = loop {
+        let record = store.load_tenant(&t).await;
+        if record.is_ok_and(|r| r.is_some_and(|r| r.shredded_at.is_some())) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    if committed {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let waited = !shred.is_finished();
+    // (Released before asserting: a failed test must not leave the held seal blocked.)
     held.set(&held.released);
+    assert!(committed, "the shred never committed");
     assert!(
         waited,
         "shred returned while an operation was still using the tenant's key"

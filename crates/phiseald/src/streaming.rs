@@ -10,7 +10,7 @@
 //! idle limit, not a total one, so a large stream may take as long as it keeps moving.
 //!
 //! The keyring audits each stream when its key is known (`attempt`) and when it ends; a stream
-//! the client abandons is audited as failed (`cancelled`). At shutdown, streams get the same
+//! the client abandons is audited as failed (`cancelled`, or `transport` if its connection broke). At shutdown, streams get the same
 //! drain time as unary calls; those still open then are ended by the daemon — audited as
 //! failed (`shutdown`) before the final flush of the audit log — and their clients get
 //! UNAVAILABLE (`shutting_down`) if they still take answers. Plaintext chunks received are wiped after use; plaintext sent is

@@ -247,12 +247,13 @@ pub async fn key_store(store: Arc<dyn KeyStore>) {
                     .unwrap()
                     .unwrap()
                     .latest_version();
-                if store
+                match store
                     .insert_version(&c, latest, record(latest + 1, 7))
                     .await
-                    .is_ok()
                 {
-                    won += 1;
+                    Ok(()) => won += 1,
+                    // Losing a race is a conflict, never another failure.
+                    Err(e) => assert_eq!(e.kind(), BackendErrorKind::Conflict, "{e}"),
                 }
             }
             won
@@ -262,6 +263,9 @@ pub async fn key_store(store: Arc<dyn KeyStore>) {
     for task in tasks {
         won += task.await.unwrap();
     }
+    // Each lost attempt of one task was lost to a distinct win of another (its attempts are
+    // sequential), so the ten attempts of any task imply at least ten wins in all.
+    assert!(won >= 10, "{name}: only {won} rotations won");
     let loaded = store.load_tenant(&c).await.unwrap().unwrap();
     let versions: Vec<u32> = loaded.versions.iter().map(|v| v.version).collect();
     assert_eq!(
