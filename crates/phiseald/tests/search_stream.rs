@@ -188,18 +188,10 @@ async fn searchable_fields_are_found_across_a_rotation() {
 }
 
 async fn terms_det(d: &Daemon, value: &[u8]) -> Vec<Vec<u8>> {
-    d.fields()
-        .await
-        .search_terms(pb::SearchTermsRequest {
-            context: ctx("clinic", "mrn", None),
-            value: value.to_vec(),
-            kind: Some(pb::search_terms_request::Kind::Deterministic(
-                pb::DeterministicTerms {},
-            )),
-        })
+    let kind = pb::search_terms_request::Kind::Deterministic(pb::DeterministicTerms {});
+    terms(d, "mrn", value, kind)
         .await
         .unwrap()
-        .into_inner()
         .terms
         .into_iter()
         .map(|t| t.value)
@@ -238,7 +230,7 @@ async fn search_needs_its_own_grant() {
         }),
         pb::search_terms_request::Kind::Deterministic(pb::DeterministicTerms {}),
     ] {
-        let err = terms(&d, "ssn", kind).await.unwrap_err();
+        let err = terms(&d, "ssn", b"078051120", kind).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     }
     let refused: Vec<String> = common::audit_records(&d.audit_log())
@@ -253,17 +245,18 @@ async fn search_needs_its_own_grant() {
     );
 }
 
-/// `SearchTerms` for a fixed value in `field` of tenant `clinic`.
+/// `SearchTerms` for `value` in `field` of tenant `clinic`.
 async fn terms(
     d: &Daemon,
     field: &str,
+    value: &[u8],
     kind: pb::search_terms_request::Kind,
 ) -> Result<pb::SearchTermsResponse, tonic::Status> {
     d.fields()
         .await
         .search_terms(pb::SearchTermsRequest {
             context: ctx("clinic", field, None),
-            value: b"078051120".to_vec(),
+            value: value.to_vec(),
             kind: Some(kind),
         })
         .await
@@ -281,6 +274,7 @@ async fn deterministic_search_terms_need_encrypt_as_well() {
     let blind = terms(
         &d,
         "ssn",
+        b"078051120",
         pb::search_terms_request::Kind::BlindIndex(pb::BlindIndexSpec {
             normalization: pb::Normalization::Exact as i32,
             bits: 64,
@@ -292,6 +286,7 @@ async fn deterministic_search_terms_need_encrypt_as_well() {
     let err = terms(
         &d,
         "ssn",
+        b"078051120",
         pb::search_terms_request::Kind::Deterministic(pb::DeterministicTerms {}),
     )
     .await
