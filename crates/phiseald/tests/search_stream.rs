@@ -233,16 +233,21 @@ async fn search_needs_its_own_grant() {
         let err = terms(&d, "ssn", b"078051120", kind).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     }
-    let refused: Vec<String> = common::audit_records(&d.audit_log())
-        .iter()
-        .filter(|r| r["result"] == "permission_denied")
-        .map(|r| r["action"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let refused = refused_actions(&d);
     assert_eq!(
         refused,
         ["blind_index", "blind_index_query", "deterministic_query"],
         "each refusal is audited under its own action"
     );
+}
+
+/// The actions of the audit log's `permission_denied` records, in order.
+fn refused_actions(d: &Daemon) -> Vec<String> {
+    common::audit_records(&d.audit_log())
+        .iter()
+        .filter(|r| r["result"] == "permission_denied")
+        .map(|r| r["action"].as_str().unwrap_or_default().to_owned())
+        .collect()
 }
 
 /// `SearchTerms` for `value` in `field` of tenant `clinic`.
@@ -292,11 +297,7 @@ async fn deterministic_search_terms_need_encrypt_as_well() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-    let refused: Vec<String> = common::audit_records(&d.audit_log())
-        .iter()
-        .filter(|r| r["result"] == "permission_denied")
-        .map(|r| r["action"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let refused = refused_actions(&d);
     assert_eq!(refused, ["deterministic_query"]);
 }
 
