@@ -848,6 +848,24 @@ tenants = ["*"]
         by_a + by_b >= (latest - 1) as usize && by_a + by_b <= latest as usize,
         "a {by_a} + b {by_b} vs latest {latest}"
     );
-    // A version rotated right now would be younger than 2 s: nothing rotates twice per period.
-    assert!(latest <= 4, "rotated too often: {latest}");
+    // Nothing rotates twice per period: each version is at least one period (2 s) younger
+    // than the one before it (creation times from the key store, one clock for both daemons).
+    let mut created: Vec<(u32, f64)> = status
+        .versions
+        .iter()
+        .map(|v| {
+            let t = v.created_at.as_ref().expect("created_at");
+            (v.version, t.seconds as f64 + f64::from(t.nanos) / 1e9)
+        })
+        .collect();
+    created.sort_by_key(|(version, _)| *version);
+    for pair in created.windows(2) {
+        let ((v1, t1), (v2, t2)) = (pair[0], pair[1]);
+        assert!(
+            // (1 ms of slack for the store's timestamp precision.)
+            t2 - t1 >= 1.999,
+            "version {v2} was created {:.3} s after version {v1}, within one period",
+            t2 - t1
+        );
+    }
 }
