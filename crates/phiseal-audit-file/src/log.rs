@@ -1596,8 +1596,25 @@ mod tests {
         let log = FileAuditLog::open(dir.path().join("audit.log"), buffered_slow()).unwrap();
         let handle_thread = log.writer_thread.as_ref().unwrap().thread().clone();
         assert_eq!(handle_thread.name(), Some("phiseal-audit-writer"));
-        // Returns only once the writer thread has ended (a writer sleeping for an hour).
+        // The log, this test, the fdatasync thread and the writer thread hold the state.
+        let shared = Arc::clone(&log.shared);
+        assert_eq!(Arc::strong_count(&shared), 4);
+        // The drop returns only once the writer thread (sleeping for an hour) has ended: its
+        // reference is gone at once. The fdatasync thread is not waited for …
         drop(log);
+        assert!(
+            Arc::strong_count(&shared) <= 2,
+            "the writer thread still runs"
+        );
+        // … but it stops too.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&shared) > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fdatasync thread did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     #[tokio::test]

@@ -746,13 +746,16 @@ async fn another_process_rotation_is_seen_within_the_documented_bounds() {
     assert_eq!(phiseal::format::parse(&ct).unwrap().key_version, 2);
 }
 
-/// A key store wrapper that counts `load_tenant` calls and can delay the next one after it
-/// has read (the real SQLite store does the work).
+/// A key store wrapper that counts `load_tenant` calls and can stall the next one after it
+/// has read (the real SQLite store does the work): it then signals `stalled` and returns only
+/// once `release` is signalled.
 #[derive(Debug)]
 struct CountingStore {
     inner: Arc<dyn KeyStore>,
     loads: AtomicUsize,
-    delay_next_load: std::sync::atomic::AtomicBool,
+    stall_next_load: std::sync::atomic::AtomicBool,
+    stalled: tokio::sync::Notify,
+    release: tokio::sync::Notify,
 }
 
 #[async_trait]
@@ -766,8 +769,9 @@ impl KeyStore for CountingStore {
     async fn load_tenant(&self, t: &TenantId) -> Result<Option<TenantRecord>, BackendError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
         let record = self.inner.load_tenant(t).await;
-        if self.delay_next_load.swap(false, Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        if self.stall_next_load.swap(false, Ordering::SeqCst) {
+            self.stalled.notify_one();
+            self.release.notified().await;
         }
         record
     }
@@ -799,7 +803,9 @@ fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
     let store = Arc::new(CountingStore {
         inner: p.store.clone(),
         loads: AtomicUsize::new(0),
-        delay_next_load: false.into(),
+        stall_next_load: false.into(),
+        stalled: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
     });
     let k = Keyring::builder()
         .kms(p.kms.clone())
@@ -838,21 +844,35 @@ async fn forged_versions_do_not_reach_the_store_on_every_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_read_before_a_shred_is_never_used_after_it() {
     // An encrypt reads the tenant (not yet shredded), then stalls; the shred completes; the
-    // stalled read must not be cached and used to encrypt for the shredded tenant.
+    // stalled read must not be cached and used to encrypt for the shredded tenant. Three
+    // generation checks stand in the way (the metadata cache's, the key lookup's, the key-use
+    // guard's): checked by removing them, this test fails only once all three are gone.
     let dir = private_tempdir();
     let p = parts(dir.path());
     let c = caller();
     let (k, store) = keyring_on_counting_store(&p);
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
-    store.delay_next_load.store(true, Ordering::SeqCst);
+    store.stall_next_load.store(true, Ordering::SeqCst);
     let stalled = {
         let (k, c, cx) = (k.clone(), c.clone(), cx.clone());
         tokio::spawn(async move { k.encrypt(&c, &cx, b"late").await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The encrypt has read the tenant (not shredded) and holds the record.
+    tokio::time::timeout(Duration::from_secs(10), store.stalled.notified())
+        .await
+        .expect("the encrypt never read the tenant");
+    let loads = store.loads.load(Ordering::SeqCst);
     k.shred(&c, &tenant("t")).await.unwrap();
-    let _ = stalled.await.unwrap(); // began before the shred: either outcome is acceptable
+    assert!(
+        store.loads.load(Ordering::SeqCst) > loads,
+        "the shred did not read the key store"
+    );
+    store.release.notify_one();
+    // The stalled encrypt resumes after the shred returned: its read is stale and refused,
+    // and so is every later encrypt.
+    let err = stalled.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
     let err = k.encrypt(&c, &cx, b"after").await.unwrap_err();
     assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
 }

@@ -428,10 +428,20 @@ async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
     assert!(again.stderr.contains("root-1"), "{}", again.stderr);
 
     let mut d = Daemon::start(Some(&hsm.config("{socket}", "root-1", &[])), |c| hsm.env(c));
+    // Enough key versions that the rotation (one fsynced audit record per re-wrapped version)
+    // lasts while the daemon serves decryptions.
+    let tenants: Vec<String> = ["north", "south", "east"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..12).map(|i| format!("ward-{i}")))
+        .collect();
     let mut ciphertexts = Vec::new();
-    for tenant in ["north", "south", "east"] {
+    for tenant in &tenants {
         create_tenant(&d, tenant).await;
-        ciphertexts.push((tenant, encrypt(&d, tenant, tenant.as_bytes()).await));
+        ciphertexts.push((
+            tenant.as_str(),
+            encrypt(&d, tenant, tenant.as_bytes()).await,
+        ));
     }
     d.admin()
         .await
@@ -471,15 +481,28 @@ async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
         ]);
         std::thread::spawn(move || run_cli(&mut cmd, b""))
     };
-    let mut served = 0;
-    while !rotation.is_finished() || served == 0 {
+    // A decryption overlaps the rotation if it starts after the rotation has re-wrapped a key
+    // (its audit record is on the root-key log) and ends before the rotation has finished.
+    let root_log = hsm.dir.path().join("data").join("audit-root-keys.log");
+    let rewrap_started =
+        || std::fs::read_to_string(&root_log).is_ok_and(|log| log.contains("rewrap_root_key"));
+    let mut overlapped = 0;
+    while !rotation.is_finished() {
         for (tenant, ct) in &ciphertexts {
+            let started_mid_rotation = rewrap_started();
             assert_eq!(decrypt(&d, tenant, ct).await.unwrap(), tenant.as_bytes());
-            served += 1;
+            if started_mid_rotation && !rotation.is_finished() {
+                overlapped += 1;
+            }
         }
     }
+    eprintln!("{overlapped} decryptions overlapped the rotation");
+    assert!(
+        overlapped > 0,
+        "no decryption ran while the rotation was re-wrapping keys"
+    );
     let report = rotation.join().unwrap().expect(0).json();
-    assert_eq!(report["rewrapped"], 4, "{report}");
+    assert_eq!(report["rewrapped"], ciphertexts.len(), "{report}");
     assert_eq!(
         report["target"],
         format!("pkcs11:{TOKEN}/root-2"),
