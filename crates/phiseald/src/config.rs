@@ -751,7 +751,7 @@ impl Config {
                 "must be at least 1",
             );
         }
-        if self.audit.sync_interval.is_zero() || self.audit.sync_interval > Duration::from_secs(10)
+        if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&self.audit.sync_interval)
         {
             return bad("audit.sync_interval", "must be between 1ms and 10s");
         }

@@ -291,6 +291,11 @@ fn out_of_range_values_are_named() {
     .ok();
     check_text(&format!("{MINIMAL}[audit]\nsync_interval = \"11s\"\n"), &[])
         .fails_with("audit.sync_interval: must be between 1ms and 10s");
+    check_text(
+        &format!("{MINIMAL}[audit]\nsync_interval = \"500us\"\n"),
+        &[],
+    )
+    .fails_with("audit.sync_interval: must be between 1ms and 10s");
     check_text(&format!("{MINIMAL}[rotation]\nperiod = \"500ms\"\n"), &[])
         .fails_with("rotation.period / rotation.tenants: must be at least 1s");
     check_text(
