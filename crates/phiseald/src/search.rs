@@ -81,13 +81,18 @@ impl Sidecar {
             request,
             split,
             async |call, context, plaintext, _| {
-                self.authorize_field_as(
-                    call,
-                    Operation::Encrypt,
-                    Action::EncryptDeterministic,
-                    &context,
-                )
-                .await?;
+                // Equal values give equal ciphertexts: whoever may write them can compare
+                // values with a deterministic column, so they need `search` as well (as
+                // deterministic `SearchTerms` need `encrypt`).
+                for operation in [Operation::Encrypt, Operation::Search] {
+                    self.authorize_field_as(
+                        call,
+                        operation,
+                        Action::EncryptDeterministic,
+                        &context,
+                    )
+                    .await?;
+                }
                 let ciphertext = self
                     .inline(
                         self.keyring

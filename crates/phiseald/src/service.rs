@@ -229,6 +229,30 @@ impl Sidecar {
         self.admit_as(rpc, map_action(op), request).await
     }
 
+    /// A call refused by `identity`'s rate limit: counted, not audited.
+    fn rate_limited(
+        &self,
+        rpc: &'static str,
+        started: Instant,
+        identity: &str,
+        id: Option<&str>,
+    ) -> Status {
+        self.metrics.refuse("rate_limited");
+        self.metrics
+            .observe_call(rpc, Code::ResourceExhausted, started.elapsed());
+        let status = status::status(
+            Code::ResourceExhausted,
+            "rate_limited",
+            format!(
+                "rate limit exceeded for {identity}: retry with backoff, use batch calls, or raise limits.rate_per_second"
+            ),
+        );
+        match id {
+            Some(id) => with_request_id(status, id),
+            None => status,
+        }
+    }
+
     /// [`Sidecar::admit`], auditing an unauthenticated caller as `action` (for calls whose
     /// action is more specific than their policy operation's).
     pub(crate) async fn admit_as<T>(
@@ -259,6 +283,11 @@ impl Sidecar {
                         .and_then(|c| c.pid())
                         .and_then(|p| u32::try_from(p).ok()),
                 };
+                // Refused calls are rate-limited like accepted ones (under the peer's uid), so
+                // that a flood of bad tokens cannot grow the audit log without bound.
+                if !self.limiter.admit(&actor.identity) {
+                    return Err(self.rate_limited(rpc, started, &actor.identity, id.as_deref()));
+                }
                 let caller = match id {
                     Some(id) => Caller::with_request_id(actor, id),
                     None => Caller::new(actor),
@@ -282,21 +311,7 @@ impl Sidecar {
             }
         };
         if !self.limiter.admit(&identity.name) {
-            self.metrics.refuse("rate_limited");
-            self.metrics
-                .observe_call(rpc, Code::ResourceExhausted, started.elapsed());
-            let status = status::status(
-                Code::ResourceExhausted,
-                "rate_limited",
-                format!(
-                    "rate limit exceeded for {}: retry with backoff, use batch calls, or raise limits.rate_per_second",
-                    identity.name
-                ),
-            );
-            return Err(match &id {
-                Some(id) => with_request_id(status, id),
-                None => status,
-            });
+            return Err(self.rate_limited(rpc, started, &identity.name, id.as_deref()));
         }
         let actor = identity.actor();
         let caller = match id {

@@ -214,14 +214,15 @@ async fn search_needs_its_own_grant() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-    // Deterministic encryption is an `encrypt`.
-    fields
+    // Deterministic encryption reveals equality like a search term: `encrypt` is not enough.
+    let err = fields
         .encrypt_deterministic(pb::EncryptRequest {
             context: ctx("clinic", "ssn", None),
             plaintext: b"078051120".to_vec(),
         })
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     // Search terms of either kind need `search` too.
     for kind in [
         pb::search_terms_request::Kind::BlindIndex(pb::BlindIndexSpec {
@@ -236,7 +237,12 @@ async fn search_needs_its_own_grant() {
     let refused = refused_actions(&d);
     assert_eq!(
         refused,
-        ["blind_index", "blind_index_query", "deterministic_query"],
+        [
+            "blind_index",
+            "encrypt_deterministic",
+            "blind_index_query",
+            "deterministic_query"
+        ],
         "each refusal is audited under its own action"
     );
 }
@@ -271,7 +277,8 @@ async fn terms(
 #[tokio::test]
 async fn deterministic_search_terms_need_encrypt_as_well() {
     // Deterministic terms are valid ciphertexts of a chosen value: `search` alone is not
-    // enough for them; blind-index terms need only `search`.
+    // enough for them, nor for deterministic encryption; blind-index terms need only
+    // `search`.
     let d = Daemon::with_config(&config(
         "[[policy]]\nuids = [0]\noperations = [\"search\", \"admin\"]\ntenants = [\"*\"]\n",
     ));
@@ -297,8 +304,19 @@ async fn deterministic_search_terms_need_encrypt_as_well() {
     .await
     .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    // So does deterministic encryption.
+    let err = d
+        .fields()
+        .await
+        .encrypt_deterministic(pb::EncryptRequest {
+            context: ctx("clinic", "ssn", None),
+            plaintext: b"078051120".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     let refused = refused_actions(&d);
-    assert_eq!(refused, ["deterministic_query"]);
+    assert_eq!(refused, ["deterministic_query", "encrypt_deterministic"]);
 }
 
 /// Streams `chunks` through EncryptStream; the ciphertext.

@@ -566,6 +566,57 @@ async fn policy_tokens_and_refusals_are_audited() {
 }
 
 #[tokio::test]
+async fn bad_tokens_are_rate_limited_before_they_are_audited() {
+    // Each refused call with a wrong token writes an audit record; the peer's uid has a rate
+    // limit for them, so a flood of bad tokens cannot grow the audit log without bound.
+    let d = Daemon::with_config(
+        r#"
+socket = "{socket}"
+data_dir = "{data_dir}"
+[limits]
+rate_per_second = 1
+rate_burst = 3
+[[policy]]
+uids = [0]
+operations = ["*"]
+tenants = ["*"]
+"#,
+    );
+    let mut fields = d.fields().await;
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        let request = with_token(
+            pb::EncryptRequest {
+                context: ctx("t", "f", None),
+                plaintext: b"x".to_vec(),
+            },
+            "phst_wrong",
+        );
+        let e = fields.encrypt(request).await.unwrap_err();
+        codes.push((e.code(), kind(&e)));
+    }
+    let unauthenticated = (Code::Unauthenticated, "unauthenticated".to_owned());
+    let limited = (Code::ResourceExhausted, "rate_limited".to_owned());
+    // The burst, then (within a second or so) refusals by the limit.
+    assert_eq!(
+        codes[..3],
+        [
+            unauthenticated.clone(),
+            unauthenticated.clone(),
+            unauthenticated.clone()
+        ]
+    );
+    assert!(codes.contains(&limited), "{codes:?}");
+    let audited = audit_records(&d.audit_log())
+        .iter()
+        .filter(|r| r["result"] == "unauthenticated")
+        .count();
+    let answered = codes.iter().filter(|c| **c == unauthenticated).count();
+    assert_eq!(audited, answered, "{codes:?}");
+    assert!(audited < 10, "{codes:?}");
+}
+
+#[tokio::test]
 async fn limits_give_clear_statuses_and_lose_nothing() {
     let d = Daemon::with_config(
         r#"
