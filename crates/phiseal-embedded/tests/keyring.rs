@@ -1215,7 +1215,8 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
 
     // A key that is not cached (a second process, empty cache): the KMS is tried, fails, and
     // the error names the backend and the cause; the next request does not call the KMS again
-    // until the retry is due, and fails at once.
+    // until the retry is due, and fails at once, naming the backend but not repeating the
+    // cause (it may name another tenant).
     let cold = switchable_keyring(&kms, &p, cache, Some(&audit));
     let before = kms.unwraps.load(Ordering::SeqCst);
     for attempt in 0..3 {
@@ -1225,10 +1226,8 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
             .unwrap_err();
         assert!(err.is_kms_unavailable(), "{err}");
         let shown = err.to_string();
-        assert!(
-            shown.contains("switchable") && shown.contains("injected failure"),
-            "{shown}"
-        );
+        assert!(shown.contains("switchable"), "{shown}");
+        assert_eq!(shown.contains("injected failure"), attempt == 0, "{shown}");
         assert_eq!(shown.contains("not called"), attempt > 0, "{shown}");
     }
     assert_eq!(kms.unwraps.load(Ordering::SeqCst) - before, 1);

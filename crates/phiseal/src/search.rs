@@ -410,18 +410,24 @@ impl FieldKeys {
         })
     }
 
+    /// The field's SIV key: `(key, true)` from the cache, or `(key, false)` freshly derived
+    /// and not cached yet (see [`FieldKeys::remember_siv_key`]).
     fn siv_key(
         &self,
         tenant_key: &TenantKey,
         context: &EncryptionContext,
-    ) -> Result<Arc<SivKey>, Error> {
-        let cache = &self.caches().siv;
-        if let Some(key) = cache.get(context.field()) {
-            return Ok(key);
+    ) -> Result<(Arc<SivKey>, bool), Error> {
+        if let Some(key) = self.caches().siv.get(context.field()) {
+            return Ok((key, true));
         }
         let key = Arc::new(SivKey::new(derive_siv_key(tenant_key, context.field())?));
-        cache.insert(Arc::clone(context.field_shared()), Arc::clone(&key));
-        Ok(key)
+        Ok((key, false))
+    }
+
+    fn remember_siv_key(&self, context: &EncryptionContext, key: Arc<SivKey>) {
+        self.caches()
+            .siv
+            .insert(Arc::clone(context.field_shared()), key);
     }
 
     fn index_key(
@@ -454,7 +460,10 @@ impl FieldKeys {
         if context.record().is_some() {
             return Err(record_refused());
         }
-        let key = self.siv_key(tenant_key, context)?;
+        let (key, cached) = self.siv_key(tenant_key, context)?;
+        if !cached {
+            self.remember_siv_key(context, Arc::clone(&key));
+        }
         key.with(|siv| seal_siv(siv, key_version, context, plaintext))
     }
 
@@ -470,8 +479,15 @@ impl FieldKeys {
         if context.record().is_some() {
             return Err(Error::DecryptionFailed);
         }
-        let key = self.siv_key(tenant_key, context)?;
-        key.with(|siv| open_siv(siv, parsed, context))
+        let (key, cached) = self.siv_key(tenant_key, context)?;
+        let plaintext = key.with(|siv| open_siv(siv, parsed, context))?;
+        // Cache a field's key only once a message under it authenticated: forged ciphertexts
+        // under made-up field names cost their sender a derivation each but cannot evict
+        // genuine keys.
+        if !cached {
+            self.remember_siv_key(context, key);
+        }
+        Ok(plaintext)
     }
 
     /// The blind index of `value` for the context's field.
@@ -551,6 +567,28 @@ mod tests {
 
     fn tk(b: u8) -> TenantKey {
         TenantKey::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn a_field_key_is_cached_only_once_a_message_under_it_authenticates() {
+        let keys = FieldKeys::default();
+        let ct = seal_deterministic_raw(&tk(1), 1, &cx("t", "ssn"), b"078051120").unwrap();
+        let parsed = parse(&ct).unwrap();
+        // The same bytes presented as another field's: refused, and that field's key is not
+        // kept.
+        assert!(matches!(
+            keys.open(&tk(1), &parsed, &cx("t", "forged")),
+            Err(Error::DecryptionFailed)
+        ));
+        assert!(keys.caches().siv.get("forged").is_none());
+        assert_eq!(
+            &keys.open(&tk(1), &parsed, &cx("t", "ssn")).unwrap()[..],
+            b"078051120"
+        );
+        assert!(keys.caches().siv.get("ssn").is_some());
+        // Sealing caches at once (the key is ours, not a sender's claim).
+        keys.seal(&tk(1), 1, &cx("t", "mrn"), b"MRN-1").unwrap();
+        assert!(keys.caches().siv.get("mrn").is_some());
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! * [`KmsOutage`] remembers that the KMS was found *unavailable* (unreachable, timing out,
 //!   throttled — never a refusal) and when to try it again. Until then no request calls the
-//!   KMS: keys that are not cached fail at once with an error naming the backend and the last
-//!   cause, and a throttled or hanging KMS sees one attempt per [`STALE_RETRY_INTERVAL`] from
+//!   KMS: keys that are not cached fail at once with an error naming the backend (not the
+//!   last failure's message, which may name another tenant: that request logged it), and a throttled or hanging KMS sees one attempt per [`STALE_RETRY_INTERVAL`] from
 //!   this keyring instead of one per waiting request.
 //! * [`Keyring::refresh_or_serve_stale`] handles a cached key past its TTL but within
 //!   `key_ttl + max_stale`: it stays in the cache while one request (per key version) tries
@@ -27,8 +27,6 @@ use crate::store::KeyRecord;
 pub(super) struct KmsOutage {
     /// Coarse-clock ticks until which the KMS is not called; 0 when there is no outage.
     retry_at: AtomicU64,
-    /// The last unavailability, as the backend reported it (never key material).
-    cause: std::sync::Mutex<String>,
 }
 
 impl KmsOutage {
@@ -64,9 +62,6 @@ impl KmsOutage {
     pub(super) fn record<T>(&self, result: &Result<T, Error>, now: Instant) {
         match result {
             Err(e) if e.is_kms_unavailable() => {
-                if let Ok(mut cause) = self.cause.lock() {
-                    *cause = e.to_string();
-                }
                 let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
                 self.retry_at.store(next.max(1), Ordering::Release);
             }
@@ -96,19 +91,16 @@ impl KmsOutage {
     }
 
     /// The error of a request refused without calling the KMS.
+    /// It does not repeat the failure's own message: that names the tenant whose unwrap
+    /// failed, and this error goes to callers of every tenant.
     pub(super) fn error(&self, backend: &str) -> Error {
-        let cause = self
-            .cause
-            .lock()
-            .map(|c| c.clone())
-            .unwrap_or_else(|_| "unknown".into());
         Error::Kms {
             backend: backend.to_owned(),
             source: BackendError::new(
                 BackendErrorKind::Unavailable,
                 format!(
                     "not called: the KMS was unavailable at the last attempt and is tried again \
-                     within {} s ({cause})",
+                     within {} s",
                     STALE_RETRY_INTERVAL.as_secs()
                 ),
             ),
