@@ -220,7 +220,15 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until `shutdown` resolves.
+/// Most connections the metrics listener serves at once; more are closed as they arrive, so
+/// that idle connections cannot use up the daemon's file descriptors.
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+/// How long a metrics connection may take to send its request headers.
+const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `GET /metrics` on `addr` until `shutdown` resolves: one request per connection
+/// (no keep-alive), at most [`MAX_METRICS_CONNECTIONS`] at once, headers within
+/// [`METRICS_HEADER_TIMEOUT`].
 pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
@@ -230,6 +238,7 @@ pub async fn serve(
         .await
         .map_err(|source| DaemonError::Metrics { addr, source })?;
     tracing::info!(%addr, "metrics listener on http://{addr}/metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     Ok(tokio::spawn(async move {
         let mut shutdown = shutdown;
         loop {
@@ -237,7 +246,19 @@ pub async fn serve(
                 accepted = listener.accept() => accepted,
                 _ = shutdown.changed() => break,
             };
-            let Ok((stream, _)) = accepted else { continue };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, for example: do not spin on it.
+                    tracing::warn!(error = %e, "metrics listener: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Over the cap: the connection is dropped (closed) at once.
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                continue;
+            };
             let registry = Arc::clone(&registry);
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
@@ -246,8 +267,12 @@ pub async fn serve(
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                    .keep_alive(false)
                     .serve_connection(io, service)
                     .await;
+                drop(slot);
             });
         }
     }))

@@ -767,6 +767,60 @@ async fn sigterm_during_load_drains_and_loses_no_audit_record() {
 }
 
 #[tokio::test]
+async fn idle_metrics_connections_are_capped_and_timed_out() {
+    use std::io::Read;
+    let port = free_port();
+    let d = Daemon::start(
+        Some(&format!(
+            "socket = \"{{socket}}\"\ndata_dir = \"{{data_dir}}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+        )),
+        |_| {},
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Connections that never send a request, up to the cap: the listener keeps them …
+    let cap = phiseald::metrics::MAX_METRICS_CONNECTIONS;
+    let idle: Vec<_> = (0..cap)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    // … (give it a moment to accept them all) and closes one more at once.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(extra.read(&mut buf).unwrap(), 0, "over the cap: closed");
+    // The idle ones are closed once the header timeout (10 s) passes, which frees the slots.
+    for mut conn in idle {
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        // hyper may answer a header timeout with a 408 before closing.
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).unwrap();
+    }
+    // (A slot is freed just after its connection closes: retry briefly.)
+    let scrape = || -> std::io::Result<String> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let mut body = String::new();
+    for _ in 0..50 {
+        body = scrape().unwrap_or_default();
+        if body.starts_with("HTTP/1.0 200 OK") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    assert!(body.contains("phiseal_"), "{body}");
+    drop(d);
+}
+
+#[tokio::test]
 async fn metrics_and_json_logs_without_phi() {
     let port = free_port();
     let config = format!(
