@@ -204,11 +204,13 @@ starting with `{`; a missing field or record falls back to --field or --record; 
 are kept in order with their values unchanged; whitespace between members is not kept in a
 rewritten line). Output line N always corresponds to input line N, in the
 same shape. Empty lines are passed through. A line that fails is written unchanged and
-reported on stderr as `line N: <kind>: <message>`; the exit code is then 7.
+reported on stderr as `line N: <kind>: <message>`; the exit code is then 7. A line longer
+than --max-call-bytes is not sent (`too_large`).
 
 The output is flushed and fsynced after every batch. With --output FILE --resume, the lines
 already in FILE are skipped in the input (a torn last line is cut off) and the rest is
-appended: rerun the same command after an interruption.
+appended: rerun the same command after an interruption. One run at a time per output file
+(a second one is refused); the output must not be the input, nor may stdout be.
 
 A progress line is shown on stderr when it is a terminal. At the end, a summary goes to stderr
 (lines, rewrapped, already current, failed, empty, skipped); with --json it is one JSON
@@ -364,6 +366,16 @@ pub(crate) struct RewrapArgs {
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000)
     )]
     pub(crate) batch: usize,
+    /// Input bytes per Rewrap call at most (4096 to 64 MiB; default 1 MiB, well within the
+    /// daemon's default 4 MiB message limit). A longer line is written back unchanged and
+    /// reported (`too_large`).
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = 1 << 20,
+        value_parser = RangedU64ValueParser::<usize>::new().range(4096..=(64 << 20))
+    )]
+    pub(crate) max_call_bytes: usize,
 }
 
 /// `shred` arguments.

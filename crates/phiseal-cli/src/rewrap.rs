@@ -434,6 +434,15 @@ fn open_output(path: &Path, resume: bool, input: Option<FileId>) -> Result<(File
             "the input and the output are the same file ({shown})"
         )));
     }
+    // One run per output file: two runs appending to it would misalign its lines with the
+    // input's. The lock lasts as long as the file is open (the whole run).
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => CliError::Failed(format!(
+            "output {shown} is in use by another rewrap run (it holds the file's lock): let it \
+             finish, then rerun with --resume"
+        )),
+        std::fs::TryLockError::Error(e) => CliError::io(format!("cannot lock output {shown}"))(e),
+    })?;
     sync_parent(path);
     if !resume {
         if meta.len() > 0 {
@@ -489,34 +498,101 @@ fn skip_lines(input: &mut dyn BufRead, count: u64, output: &Path) -> Result<(), 
     Ok(())
 }
 
-/// Reads and classifies up to `max` lines; `last` is the number of the last line read so far.
-fn read_batch(
-    input: &mut dyn BufRead,
-    max: usize,
-    last: &mut u64,
-    defaults: &Defaults,
-) -> Result<Vec<Line>, CliError> {
-    let mut lines = Vec::new();
-    while lines.len() < max {
+/// The longest input line read into memory (64 MiB). A field ciphertext is far shorter (the
+/// daemon refuses messages over `limits.max_message_bytes`, 4 MiB by default): a longer line
+/// stops the run.
+const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Reads the input's lines and classifies them, in batches bounded by a line count and a
+/// byte budget per Rewrap call.
+struct BatchReader<'a> {
+    input: &'a mut dyn BufRead,
+    /// The number of the last line read so far.
+    last: u64,
+    /// A line read but left for the next batch (it did not fit the byte budget).
+    pending: Option<Line>,
+    /// At most this many line bytes per call.
+    max_bytes: usize,
+}
+
+impl<'a> BatchReader<'a> {
+    /// A reader after line `last` (the lines a resumed output already holds).
+    fn new(input: &'a mut dyn BufRead, last: u64, max_bytes: usize) -> Self {
+        BatchReader {
+            input,
+            last,
+            pending: None,
+            max_bytes,
+        }
+    }
+
+    /// Up to `max_lines` lines and, but for a single line, at most `max_bytes` of them; empty
+    /// at the end of the input.
+    fn batch(&mut self, max_lines: usize, defaults: &Defaults) -> Result<Vec<Line>, CliError> {
+        let mut lines = Vec::new();
+        let mut bytes = 0usize;
+        while lines.len() < max_lines {
+            let line = match self.pending.take() {
+                Some(line) => line,
+                None => match self.next_line(defaults)? {
+                    Some(line) => line,
+                    None => break,
+                },
+            };
+            let size = line.raw.len();
+            if !lines.is_empty() && bytes.saturating_add(size) > self.max_bytes {
+                self.pending = Some(line);
+                break;
+            }
+            bytes = bytes.saturating_add(size);
+            lines.push(line);
+        }
+        Ok(lines)
+    }
+
+    /// The next line, classified; a line over the byte budget is not sent (it is written
+    /// back unchanged and reported as `too_large`).
+    fn next_line(&mut self, defaults: &Defaults) -> Result<Option<Line>, CliError> {
         let mut raw = Vec::new();
-        let n = input
+        let n = (&mut *self.input)
+            .take(MAX_LINE_BYTES as u64 + 1)
             .read_until(b'\n', &mut raw)
             .map_err(CliError::io("reading the input"))?;
         if n == 0 {
-            break;
+            return Ok(None);
         }
+        self.last += 1;
         if raw.last() == Some(&b'\n') {
             raw.pop();
+        } else if raw.len() > MAX_LINE_BYTES {
+            return Err(CliError::Failed(format!(
+                "line {} is longer than {} MiB: not a field ciphertext (large documents go \
+                 through encrypt-file / decrypt-file); nothing after line {} was rewrapped",
+                self.last,
+                MAX_LINE_BYTES >> 20,
+                self.last - 1
+            )));
         }
-        *last += 1;
-        let parsed = parse_line(&raw, defaults);
-        lines.push(Line {
-            number: *last,
+        let parsed = if raw.len() > self.max_bytes {
+            Parsed::Invalid(Failure::new(
+                "too_large",
+                format!(
+                    "the line is {} bytes, over --max-call-bytes ({}): left unchanged; rewrap \
+                     it with a larger --max-call-bytes (within the daemon's \
+                     limits.max_message_bytes)",
+                    raw.len(),
+                    self.max_bytes
+                ),
+            ))
+        } else {
+            parse_line(&raw, defaults)
+        };
+        Ok(Some(Line {
+            number: self.last,
             raw,
             parsed,
-        });
+        }))
     }
-    Ok(lines)
 }
 
 /// Where the output goes; [`Sink::commit`] makes a batch durable.
@@ -674,7 +750,21 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
             let path = path.clone();
             (Sink::File { writer, path }, done)
         }
-        None => (Sink::Stdout(BufWriter::new(io::stdout())), 0),
+        None => {
+            let stdout_id = io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .and_then(|fd| File::from(fd).metadata().ok())
+                .as_ref()
+                .and_then(file_id);
+            if input_id.is_some() && stdout_id == input_id {
+                return Err(CliError::Failed(
+                    "standard output is the input file: write to another file (--output)".into(),
+                ));
+            }
+            (Sink::Stdout(BufWriter::new(io::stdout())), 0)
+        }
     };
     let daemon = Daemon::connect(global).await?;
     let mut run = Rewrapper {
@@ -683,9 +773,9 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         progress: progress_bar(skipped),
         stats: Stats::default(),
     };
-    let mut last = skipped;
+    let mut reader = BatchReader::new(&mut *input, skipped, args.max_call_bytes);
     let result = loop {
-        let lines = match read_batch(&mut *input, args.batch, &mut last, &defaults) {
+        let lines = match reader.batch(args.batch, &defaults) {
             Ok(lines) if lines.is_empty() => break Ok(()),
             Ok(lines) => lines,
             Err(e) => break Err(e),
@@ -1021,8 +1111,9 @@ mod tests {
 
         let mut input: &[u8] = b"1\n2\n3\n4";
         skip_lines(&mut input, done, &out).unwrap();
-        let mut last = done;
-        let batch = read_batch(&mut input, 10, &mut last, &defaults(None)).unwrap();
+        let batch = BatchReader::new(&mut input, done, 1 << 20)
+            .batch(10, &defaults(None))
+            .unwrap();
         let numbers: Vec<u64> = batch.iter().map(|l| l.number).collect();
         assert_eq!(numbers, [3, 4]);
 
@@ -1057,14 +1148,55 @@ mod tests {
     #[test]
     fn batches_respect_the_size() {
         let mut input: &[u8] = b"a\nb\nc\nd\ne";
-        let mut last = 0;
         let d = defaults(None);
+        let mut reader = BatchReader::new(&mut input, 0, 1 << 20);
         let sizes: Vec<usize> = std::iter::from_fn(|| {
-            let batch = read_batch(&mut input, 2, &mut last, &d).unwrap();
+            let batch = reader.batch(2, &d).unwrap();
             (!batch.is_empty()).then_some(batch.len())
         })
         .collect();
         assert_eq!(sizes, [2, 2, 1]);
-        assert_eq!(last, 5);
+        assert_eq!(reader.last, 5);
+    }
+
+    #[test]
+    fn batches_respect_the_byte_budget_and_long_lines_are_not_sent() {
+        // Budget 10 bytes: "aaaa" + "bbbb" fit (8), "cccc" starts the next call; the 12-byte
+        // line is over the budget on its own: reported, not sent, and its neighbours go on.
+        let mut input: &[u8] = b"aaaa\nbbbb\ncccc\nxxxxxxxxxxxx\ndd";
+        let d = defaults(None);
+        let mut reader = BatchReader::new(&mut input, 0, 10);
+        let mut batches = Vec::new();
+        loop {
+            let batch = reader.batch(100, &d).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            batches.push(batch);
+        }
+        let numbers: Vec<Vec<u64>> = batches
+            .iter()
+            .map(|b| b.iter().map(|l| l.number).collect())
+            .collect();
+        assert_eq!(numbers, [vec![1, 2], vec![3], vec![4], vec![5]]);
+        let long = &batches[2][0];
+        assert_eq!(long.raw, b"xxxxxxxxxxxx");
+        match &long.parsed {
+            Parsed::Invalid(f) => assert_eq!(f.kind, "too_large"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_second_run_on_the_same_output_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.txt");
+        let (first, _) = open_output(&out, false, None).unwrap();
+        for resume in [false, true] {
+            let err = open_output(&out, resume, None).unwrap_err().to_string();
+            assert!(err.contains("in use by another rewrap run"), "{err}");
+        }
+        drop(first);
+        open_output(&out, true, None).unwrap();
     }
 }

@@ -433,6 +433,30 @@ struct Case {
 /// Creates tenant `acme` with ciphertexts under key version 1, rotates to version 2 (with
 /// the CLI), and returns the lines of a rewrap input (for `--field ssn`) covering every kind
 /// of line.
+#[test]
+fn rewrap_refuses_to_append_to_its_own_input() {
+    // `phiseal rewrap --input x >> x` would read its own output until the disk is full.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lines.txt");
+    std::fs::write(&file, b"phs1:AAAA\n").unwrap();
+    let out = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap();
+    let mut cmd = cli_command(&bin("phiseal"), Path::new("/nonexistent.sock"));
+    cmd.args(["rewrap", "--field", "f", "--tenant", "t", "--input"])
+        .arg(&file)
+        .stdout(out);
+    let done = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("standard output is the input file"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"phs1:AAAA\n");
+}
+
 fn rewrap_fixture(d: &Daemon) -> Vec<Case> {
     d.cli(&["tenant", "create", "acme"], b"").expect(0);
     let a = encrypt(d, "acme", "ssn", None, b"plain-a");
