@@ -15,7 +15,7 @@ use crate::verify::ProblemKind;
 pub enum AuditFileError {
     /// The log file (or its parent directory) could not be created or opened.
     #[error(
-        "cannot open audit log {path}: {source} (the parent directory must exist and be writable)"
+        "cannot open audit log {path}: {source} (check the path; to write a log, its parent directory must exist and be writable)"
     )]
     Open {
         /// The log file.
@@ -64,8 +64,9 @@ pub enum AuditFileError {
     /// such a file until the torn bytes are saved and removed.
     #[error(
         "audit log {path} ends with a torn (partial) record of {len} bytes at byte offset {offset}, \
-         probably from a crash mid-write: run `verify`, then `FileAuditLog::recover_torn_tail` \
-         (which saves the bytes next to the log and records the recovery in the chain), then reopen"
+         probably from a crash mid-write: run `phiseal audit verify`, then `phiseal audit recover` \
+         (it saves the bytes next to the log and records the recovery in the chain; in Rust: \
+         `FileAuditLog::recover_torn_tail`), then start again"
     )]
     TornTail {
         /// The log file.

@@ -92,7 +92,8 @@ pub(crate) enum Command {
     /// --deterministic, the same value always gives the same ciphertext (searchable by
     /// equality; reveals equal values: docs/SEARCH.md; no --record).
     Encrypt(EncryptArgs),
-    /// Decrypt the `phs1:` ciphertext on stdin and write the raw plaintext to stdout.
+    /// Decrypt the `phs1:` ciphertext on stdin and write the raw plaintext to stdout (on a
+    /// terminal, control characters escaped and a newline added).
     ///
     /// Surrounding whitespace around the ciphertext is ignored. The plaintext is written as
     /// is, without a newline; with --json, {"plaintext_base64": "…" (standard base64),

@@ -1,5 +1,7 @@
 //! `encrypt` and `decrypt`: one field through stdin and stdout.
 
+use std::io::IsTerminal;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use phiseal_proto::v1::{Context, DecryptRequest, EncryptRequest};
@@ -66,7 +68,27 @@ fn parse_ciphertext(input: &[u8]) -> Result<Vec<u8>, CliError> {
         .map_err(|e| CliError::Failed(format!("decrypt: stdin is not a phs1: ciphertext ({e})")))
 }
 
-/// Decrypts the ciphertext on stdin and writes the raw plaintext (no newline added).
+/// The plaintext as shown on a terminal: invalid UTF-8 replaced, control characters other
+/// than newline and tab escaped (`\u{1b}`: a decrypted value must not drive the operator's
+/// terminal), and a final newline so that the prompt does not run into it. Wiped on drop.
+fn terminal_view(plaintext: &[u8]) -> Zeroizing<String> {
+    let text = Zeroizing::new(String::from_utf8_lossy(plaintext).into_owned());
+    let mut shown = Zeroizing::new(String::with_capacity(text.len() + 1));
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    if !shown.ends_with('\n') {
+        shown.push('\n');
+    }
+    shown
+}
+
+/// Decrypts the ciphertext on stdin and writes the raw plaintext (no newline added), or on a
+/// terminal its [`terminal_view`].
 pub(crate) async fn decrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), CliError> {
     let ciphertext = parse_ciphertext(&read_stdin()?)?;
     let daemon = Daemon::connect(global).await?;
@@ -86,6 +108,8 @@ pub(crate) async fn decrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), 
             response.key_version
         ));
         stdout_bytes(line.as_bytes())
+    } else if std::io::stdout().is_terminal() {
+        stdout_bytes(terminal_view(&plaintext).as_bytes())
     } else {
         stdout_bytes(&plaintext)
     }
@@ -95,6 +119,16 @@ pub(crate) async fn decrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn terminal_view_escapes_control_characters_and_ends_the_line() {
+        assert_eq!(
+            terminal_view(b"a\x1b[2Jb\nc\td\x7f\xff").as_str(),
+            "a\\u{1b}[2Jb\nc\td\\u{7f}\u{fffd}\n"
+        );
+        assert_eq!(terminal_view(b"line\n").as_str(), "line\n");
+        assert_eq!(terminal_view(b"").as_str(), "\n");
+    }
 
     #[test]
     fn ciphertext_text_is_trimmed_and_checked() {

@@ -766,6 +766,13 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
             (Sink::Stdout(BufWriter::new(io::stdout())), 0)
         }
     };
+    if skipped > 0 {
+        stderr_line(&format!(
+            "rewrap: resuming after line {skipped}; lines that failed in earlier runs were \
+             left unchanged and are not counted again: check the whole output afterwards \
+             (docs/OPERATIONS.md, \"Check progress\")"
+        ));
+    }
     let daemon = Daemon::connect(global).await?;
     let mut run = Rewrapper {
         daemon,
