@@ -109,7 +109,8 @@ async fn a_kms_outage_serves_cached_keys_until_max_stale_then_fails_closed_and_r
         "{:?}",
         quick.elapsed()
     );
-    // A tenant whose key was never cached fails at once, naming the backend and the cause.
+    // A tenant whose key was never cached fails at once, naming the backend (not the first
+    // failure's cause, which may name another tenant).
     let quick = Instant::now();
     let status = encrypt_status(&d, "cold").await;
     assert!(

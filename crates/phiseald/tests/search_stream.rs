@@ -199,6 +199,38 @@ async fn terms_det(d: &Daemon, value: &[u8]) -> Vec<Vec<u8>> {
 }
 
 #[tokio::test]
+async fn encrypt_and_search_together_are_enough_for_deterministic_calls() {
+    let d = Daemon::with_config(&config(
+        "[[policy]]\nuids = [0]\noperations = [\"admin\"]\ntenants = [\"*\"]\n\
+         [[policy]]\nuids = [0]\noperations = [\"encrypt\", \"search\"]\n\
+         tenants = [\"clinic\"]\nfields = [\"ssn\"]\n",
+    ));
+    create_tenant(&d, "clinic").await;
+    let stored = d
+        .fields()
+        .await
+        .encrypt_deterministic(pb::EncryptRequest {
+            context: ctx("clinic", "ssn", None),
+            plaintext: b"078051120".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    let found = terms(
+        &d,
+        "ssn",
+        b"078051120",
+        pb::search_terms_request::Kind::Deterministic(pb::DeterministicTerms {}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(found.terms.len(), 1);
+    assert_eq!(found.terms[0].value, stored);
+    assert!(refused_actions(&d).is_empty());
+}
+
+#[tokio::test]
 async fn search_needs_its_own_grant() {
     let d = Daemon::with_config(&config(
         "[[policy]]\nuids = [0]\noperations = [\"encrypt\", \"decrypt\", \"admin\"]\ntenants = [\"*\"]\n",

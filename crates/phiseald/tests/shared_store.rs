@@ -216,12 +216,28 @@ async fn daemons_rotating_and_encrypting_at_once_never_clash() {
         }));
     }
     let mut all = Vec::new();
-    let mut rotations = 0;
+    let (mut rotations, mut lost) = (0, 0);
     for t in tasks {
-        let (made, rotated, _conflicts) = t.await.unwrap();
+        let (made, rotated, conflicts) = t.await.unwrap();
         all.extend(made);
         rotations += rotated;
+        lost += conflicts;
     }
+    // Every attempt (5 per daemon) either rotated or lost a race, and rotations did happen.
+    assert_eq!(
+        rotations + lost,
+        15,
+        "{rotations} rotated, {lost} conflicts"
+    );
+    assert!(rotations >= 1, "nothing rotated ({lost} conflicts)");
+    // The encryptions were spread over more than one key version.
+    let mut used: Vec<u32> = all
+        .iter()
+        .map(|(_, ct)| u32::from_be_bytes(ct[2..6].try_into().unwrap()))
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    assert!(used.len() > 1, "all under version(s) {used:?}");
     // Versions are 1..=1+rotations, each once.
     let status = daemons[1]
         .admin()
