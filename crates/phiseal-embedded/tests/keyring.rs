@@ -1311,7 +1311,10 @@ async fn kms_refusal_is_never_served_from_a_stale_key() {
     // cached stale key would serve), there is nothing to serve.
     kms.fail_with(Some(BackendErrorKind::Unavailable));
     let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
-    assert!(err.is_kms_unavailable(), "the stale key was served again: {err}");
+    assert!(
+        err.is_kms_unavailable(),
+        "the stale key was served again: {err}"
+    );
 }
 
 #[tokio::test]

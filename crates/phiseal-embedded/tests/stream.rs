@@ -519,8 +519,16 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
         "no final segment without an audit record"
     );
     sink.refuse_stream_results.store(false, Ordering::SeqCst);
+    // What was released is an unterminated stream: refused as such (with auditing working).
+    let err = decrypt_pushed(&k, &cx, &out, 999).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DecryptionFailed | Error::Format(phiseal::FormatError::Truncated { .. })
+        ),
+        "{err}"
+    );
     sink.refuse_streams.store(true, Ordering::SeqCst);
-    assert!(decrypt_pushed(&k, &cx, &out, 999).await.is_err());
 
     // Decryption releases nothing if its attempt record cannot be written.
     let mut d = k.start_decrypt_stream(&c, &cx);
@@ -596,7 +604,12 @@ async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
     sink.refuse_streams.store(false, Ordering::SeqCst);
     sink.refuse_stream_results.store(true, Ordering::SeqCst);
     let mut r = k.decrypting_reader(&c, &cx, &good[..]).await.unwrap();
-    assert!(r.read_to_end(&mut Vec::new()).await.is_err());
+    // The reader releases the segments before the final one, then fails instead of the
+    // final segment (2 * SEG + 1 bytes: the last byte is withheld).
+    let mut released = Vec::new();
+    assert!(r.read_to_end(&mut released).await.is_err());
+    assert_eq!(released.len(), 2 * SEG, "the final segment was released");
+    assert_eq!(released[..], plaintext[..2 * SEG]);
     sink.refuse_stream_results.store(false, Ordering::SeqCst);
     drop((w, r));
 
