@@ -148,9 +148,15 @@ impl Sidecar {
         use pb::search_terms_request::Kind;
         let split =
             |b: &mut pb::SearchTermsRequest| (b.context.take(), std::mem::take(&mut b.value));
+        // The action an unauthenticated call is audited under (a call without a kind is
+        // refused later, as invalid).
+        let refused_as = match request.get_ref().kind {
+            Some(Kind::Deterministic(_)) => Action::DeterministicQuery,
+            _ => Action::BlindIndexQuery,
+        };
         self.search_call(
             "SearchTerms",
-            Action::BlindIndexQuery,
+            refused_as,
             request,
             split,
             async |call, context, value, body| {

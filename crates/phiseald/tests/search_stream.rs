@@ -767,28 +767,95 @@ async fn streams_beyond_limits_max_streams_are_refused() {
 
 #[tokio::test]
 async fn unauthenticated_search_calls_are_audited_under_their_own_action() {
+    use pb::search_terms_request::Kind;
     let d = Daemon::with_config(&config(ALL));
     create_tenant(&d, "clinic").await;
-    let err = d
-        .fields()
-        .await
-        .blind_index(common::with_token(
-            pb::BlindIndexRequest {
-                context: ctx("clinic", "ssn", None),
-                value: b"078051120".to_vec(),
-                spec: spec(pb::Normalization::DigitsOnly, 32),
-            },
-            "not-a-configured-token",
-        ))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
-    let records = common::audit_records(&d.audit_log());
-    assert!(
-        records
-            .iter()
-            .any(|r| r["action"] == "blind_index" && r["result"] == "unauthenticated"),
-        "{records:?}"
+    let bad = "not-a-configured-token";
+    let mut fields = d.fields().await;
+    let det = || pb::EncryptRequest {
+        context: ctx("clinic", "ssn", None),
+        plaintext: b"078051120".to_vec(),
+    };
+    let terms = |kind: Kind| pb::SearchTermsRequest {
+        context: ctx("clinic", "ssn", None),
+        value: b"078051120".to_vec(),
+        kind: Some(kind),
+    };
+    let results = [
+        fields
+            .encrypt_deterministic(common::with_token(det(), bad))
+            .await
+            .map(|_| ()),
+        fields
+            .blind_index(common::with_token(
+                pb::BlindIndexRequest {
+                    context: ctx("clinic", "ssn", None),
+                    value: b"078051120".to_vec(),
+                    spec: spec(pb::Normalization::DigitsOnly, 32),
+                },
+                bad,
+            ))
+            .await
+            .map(|_| ()),
+        fields
+            .search_terms(common::with_token(
+                terms(Kind::Deterministic(pb::DeterministicTerms {})),
+                bad,
+            ))
+            .await
+            .map(|_| ()),
+        fields
+            .search_terms(common::with_token(
+                terms(Kind::BlindIndex(pb::BlindIndexSpec {
+                    normalization: pb::Normalization::Exact as i32,
+                    bits: 64,
+                })),
+                bad,
+            ))
+            .await
+            .map(|_| ()),
+        fields
+            .encrypt_stream(common::with_token(
+                tokio_stream::iter(vec![pb::EncryptStreamRequest {
+                    part: Some(pb::encrypt_stream_request::Part::Context(
+                        ctx("clinic", "referral", Some("doc-1")).unwrap(),
+                    )),
+                }]),
+                bad,
+            ))
+            .await
+            .map(|_| ()),
+        fields
+            .decrypt_stream(common::with_token(
+                tokio_stream::iter(vec![pb::DecryptStreamRequest {
+                    part: Some(pb::decrypt_stream_request::Part::Context(
+                        ctx("clinic", "referral", Some("doc-1")).unwrap(),
+                    )),
+                }]),
+                bad,
+            ))
+            .await
+            .map(|_| ()),
+    ];
+    for result in &results {
+        let err = result.as_ref().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    }
+    let refused: Vec<String> = common::audit_records(&d.audit_log())
+        .iter()
+        .filter(|r| r["result"] == "unauthenticated")
+        .map(|r| r["action"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            "encrypt_deterministic",
+            "blind_index",
+            "deterministic_query",
+            "blind_index_query",
+            "encrypt_stream",
+            "decrypt_stream"
+        ]
     );
 }
 
