@@ -124,27 +124,60 @@ pub async fn run(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use phiseal::BackendError;
+    use phiseal::audit::{Action, AuditEvent, AuditSink};
+
+    /// An audit sink that keeps nothing and requests shutdown when the first rotation starts
+    /// (at its `attempt` record): a test double, to stop a pass in its middle.
+    #[derive(Debug)]
+    struct ShutdownAtFirstRotation(Arc<tokio::sync::watch::Sender<bool>>);
+
+    #[async_trait::async_trait]
+    impl AuditSink for ShutdownAtFirstRotation {
+        fn name(&self) -> &str {
+            "shutdown-at-first-rotation"
+        }
+        async fn append(&self, events: &[AuditEvent]) -> Result<(), BackendError> {
+            if events.iter().any(|e| e.action == Action::RotateKey) {
+                self.0.send_replace(true);
+            }
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
 
     #[tokio::test]
-    async fn a_pass_stops_at_shutdown_and_rotates_what_is_due_otherwise() {
+    async fn a_pass_stops_between_tenants_at_shutdown_and_the_scheduler_stops_while_it_waits() {
         let dir = tempfile::tempdir().unwrap();
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         }
-        let keyring = phiseal_embedded::open(dir.path(), &Default::default()).unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = Arc::new(stop);
+        let keyring = phiseal_embedded::builder(dir.path(), &Default::default())
+            .unwrap()
+            .audit(Arc::new(ShutdownAtFirstRotation(Arc::clone(&stop))))
+            .build()
+            .unwrap();
         let caller = Caller::new(scheduler_actor());
-        let tenant = TenantId::new("due").unwrap();
-        keyring.create_tenant(&caller, &tenant).await.unwrap();
+        for name in ["a", "b", "c"] {
+            let tenant = TenantId::new(name).unwrap();
+            keyring.create_tenant(&caller, &tenant).await.unwrap();
+        }
         let config = RotationConfig {
             period: Some(Duration::from_secs(1)),
             ..RotationConfig::default()
         };
         let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let (stop, stopped) = tokio::sync::watch::channel(true);
+        // Three tenants are due; shutdown is requested while the first one rotates: that one
+        // finishes, the others wait for the next start.
+        assert_eq!(run_once(&keyring, &config, &metrics, &stopped).await, 1);
+        // Already requested: nothing at all.
         assert_eq!(run_once(&keyring, &config, &metrics, &stopped).await, 0);
-        // `run` returns at once when shutdown was already requested, without a pass.
         run(
             keyring.clone(),
             config.clone(),
@@ -152,7 +185,31 @@ mod tests {
             stopped.clone(),
         )
         .await;
-        stop.send(false).unwrap();
+
+        // The scheduler waiting for its next check (an hour away) stops at once on shutdown.
+        stop.send_replace(false);
+        let idle = RotationConfig {
+            period: Some(Duration::from_secs(3600)),
+            check_interval: Duration::from_secs(3600),
+            ..RotationConfig::default()
+        };
+        // (A fresh receiver: it has seen no change yet.)
+        let scheduler = tokio::spawn(run(
+            keyring.clone(),
+            idle,
+            Arc::clone(&metrics),
+            stop.subscribe(),
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!scheduler.is_finished(), "stopped without a shutdown");
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), scheduler)
+            .await
+            .expect("the scheduler did not stop at shutdown")
+            .unwrap();
+        // Without shutdown a due tenant rotates (this sink then requests shutdown again at
+        // its attempt record, so the pass ends after it).
+        stop.send_replace(false);
         assert_eq!(run_once(&keyring, &config, &metrics, &stopped).await, 1);
     }
 }
