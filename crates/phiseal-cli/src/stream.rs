@@ -179,14 +179,19 @@ async fn run<M: Send + 'static>(
     wipe_answers: bool,
 ) -> Result<(), CliError> {
     let daemon = Daemon::connect(global).await?;
+    // From here on SIGINT/SIGTERM end the run through the normal path, so that the partial
+    // output is removed (a SIGKILL cannot be caught: the `.partial` file then stays).
+    let interrupt = interruption();
+    tokio::pin!(interrupt);
+    let stopped = || CliError::Failed(format!("{what}: interrupted; no output written"));
     let mut output = Partial::create(&args.output)?;
     let (rx, reader, mut failure) = spawn_reader(&args.input, first, message)?;
     let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut answers = call
-        .call(&daemon, requests)
-        .await
-        .map_err(|s| status_error(what, &s))?
-        .into_inner();
+    let started = tokio::select! {
+        started = call.call(&daemon, requests) => started,
+        () = &mut interrupt => return Err(stopped()),
+    };
+    let mut answers = started.map_err(|s| status_error(what, &s))?.into_inner();
     let mut written = 0u64;
     let mut watching = true;
     loop {
@@ -202,11 +207,7 @@ async fn run<M: Send + 'static>(
                 Ok(None) => break,
                 Err(status) => return Err(status_error(what, &status)),
             },
-            _ = interrupted() => {
-                // SIGINT/SIGTERM: return through the normal path so the partial output is
-                // removed (a SIGKILL cannot be caught: the `.partial` file then stays).
-                return Err(CliError::Failed(format!("{what}: interrupted; no output written")));
-            }
+            () = &mut interrupt => return Err(stopped()),
             failed = &mut failure.failed, if watching => match failed {
                 Ok(error) => {
                     // Cancel the call (the daemon records the stream as failed), then let the
@@ -236,20 +237,25 @@ async fn run<M: Send + 'static>(
     )
 }
 
-/// Resolves on SIGINT or SIGTERM (never, if the handlers cannot be installed).
-async fn interrupted() {
+/// Installs SIGINT and SIGTERM handlers now (so that no signal from here on is missed: a
+/// handler created later would not see it) and resolves on either (never, if they cannot be
+/// installed).
+fn interruption() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
+            _ => std::future::pending().await,
         }
-        _ => std::future::pending().await,
     }
 }
 

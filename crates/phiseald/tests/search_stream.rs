@@ -13,6 +13,7 @@ mod common;
 
 use common::{Daemon, create_tenant, ctx};
 use phiseal_proto::v1 as pb;
+use std::time::Duration;
 
 const ALL: &str = "[[policy]]\nuids = [0]\noperations = [\"*\"]\ntenants = [\"*\"]\n";
 
@@ -677,6 +678,75 @@ async fn a_client_that_stops_reading_never_sees_an_ok_end() {
             && r["result"] != "attempt"),
         "the abandoned stream is audited as failed"
     );
+}
+
+#[tokio::test]
+async fn an_interrupted_encrypt_file_leaves_no_output() {
+    use std::io::Write;
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let dir = tempfile::tempdir().unwrap();
+    // A FIFO kept open without an end: the stream stays in progress.
+    let input = dir.path().join("input.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&input)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let output = dir.path().join("out.phs");
+    let partial = dir.path().join("out.phs.partial");
+    let mut child = common::cli_command(&common::bin("phiseal"), &d.socket)
+        .args(["encrypt-file", "--tenant", "clinic", "--field", "referral"])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .spawn()
+        .unwrap();
+    let writer = {
+        let input = input.clone();
+        std::thread::spawn(move || {
+            let mut fifo = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&input)
+                .unwrap();
+            fifo.write_all(&[7u8; 100_000]).unwrap();
+            fifo
+        })
+    };
+    // The partial output exists once the signal handlers are installed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !partial.exists() {
+        assert!(std::time::Instant::now() < deadline, "no partial output");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGINT did not stop it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("interrupted; no output written"),
+        "{stderr}"
+    );
+    assert!(!output.exists() && !partial.exists(), "output left behind");
+    drop(writer.join().unwrap());
 }
 
 #[tokio::test]
