@@ -87,7 +87,8 @@ pub(crate) enum Command {
     Key(KeyCommand),
     /// Encrypt stdin (raw bytes) and print the `phs1:` ciphertext.
     ///
-    /// All of stdin is the plaintext, byte for byte (nothing is trimmed). Prints the text form
+    /// All of stdin is the plaintext, byte for byte (nothing is trimmed) — except that a value
+    /// typed at a terminal loses the newline that ended it. Prints the text form
     /// and a newline; with --json, {"ciphertext": "phs1:…", "key_version": N}. With
     /// --deterministic, the same value always gives the same ciphertext (searchable by
     /// equality; reveals equal values: docs/SEARCH.md; no --record).

@@ -30,9 +30,31 @@ pub(crate) fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
         .map_err(CliError::io("reading stdin"))
 }
 
-/// Encrypts all of stdin (no trimming) and prints the `phs1:` text form plus a newline.
+/// The value to encrypt or index: all of stdin, byte for byte; but typed at a terminal, the
+/// newline that ended the typed line is not part of the value (it would make deterministic
+/// ciphertexts and blind indexes silently differ from the stored ones).
+pub(crate) fn read_value() -> Result<Zeroizing<Vec<u8>>, CliError> {
+    let mut value = read_stdin()?;
+    if std::io::stdin().is_terminal() {
+        strip_line_end(&mut value);
+    }
+    Ok(value)
+}
+
+/// Removes one final `\n` or `\r\n`.
+fn strip_line_end(value: &mut Vec<u8>) {
+    if value.last() == Some(&b'\n') {
+        value.pop();
+        if value.last() == Some(&b'\r') {
+            value.pop();
+        }
+    }
+}
+
+/// Encrypts the value on stdin ([`read_value`]) and prints the `phs1:` text form plus a
+/// newline.
 pub(crate) async fn encrypt(args: EncryptArgs, global: &GlobalArgs) -> Result<(), CliError> {
-    let mut plaintext = read_stdin()?;
+    let mut plaintext = read_value()?;
     let daemon = Daemon::connect(global).await?;
     // Moved into the request: the gRPC stack's copies are out of reach anyway.
     let request = EncryptRequest {
@@ -119,6 +141,21 @@ pub(crate) async fn decrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn one_typed_line_end_is_stripped() {
+        for (typed, value) in [
+            (&b"078051120\n"[..], &b"078051120"[..]),
+            (b"078051120\r\n", b"078051120"),
+            (b"078051120", b"078051120"),
+            (b"two\n\n", b"two\n"),
+            (b"", b""),
+        ] {
+            let mut v = typed.to_vec();
+            strip_line_end(&mut v);
+            assert_eq!(v, value);
+        }
+    }
 
     #[test]
     fn terminal_view_escapes_control_characters_and_ends_the_line() {

@@ -398,16 +398,16 @@ fn open_input(path: Option<&Path>) -> Result<(Box<dyn BufRead>, Option<FileId>),
         }
         None => {
             let stdin = io::stdin();
-            let id = stdin
-                .as_fd()
-                .try_clone_to_owned()
-                .ok()
-                .and_then(|fd| File::from(fd).metadata().ok())
-                .as_ref()
-                .and_then(file_id);
+            let id = fd_file_id(stdin.as_fd());
             Ok((Box::new(stdin.lock()), id))
         }
     }
+}
+
+/// The identity of the regular file behind a standard stream, if it is one.
+fn fd_file_id(fd: std::os::fd::BorrowedFd<'_>) -> Option<FileId> {
+    let file = File::from(fd.try_clone_to_owned().ok()?);
+    file.metadata().ok().as_ref().and_then(file_id)
 }
 
 /// Opens (or creates, mode 0600) `--output`; returns it with the number of input lines it
@@ -751,14 +751,7 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
             (Sink::File { writer, path }, done)
         }
         None => {
-            let stdout_id = io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .ok()
-                .and_then(|fd| File::from(fd).metadata().ok())
-                .as_ref()
-                .and_then(file_id);
-            if input_id.is_some() && stdout_id == input_id {
+            if input_id.is_some() && fd_file_id(io::stdout().as_fd()) == input_id {
                 return Err(CliError::Failed(
                     "standard output is the input file: write to another file (--output)".into(),
                 ));

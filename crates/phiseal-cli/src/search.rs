@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::cli::{BlindIndexArgs, GlobalArgs, IndexSpecArgs, SearchTermsArgs};
 use crate::client::Daemon;
 use crate::error::CliError;
-use crate::field::read_stdin;
+use crate::field::read_value;
 use crate::output::report;
 
 fn context(tenant: &str, field: &str) -> Context {
@@ -43,7 +43,7 @@ fn spec(args: &IndexSpecArgs) -> Result<BlindIndexSpec, CliError> {
 /// `blind-index`.
 pub(crate) async fn blind_index(args: BlindIndexArgs, global: &GlobalArgs) -> Result<(), CliError> {
     let spec = spec(&args.spec)?;
-    let mut value = read_stdin()?;
+    let mut value = read_value()?;
     let daemon = Daemon::connect(global).await?;
     let request = BlindIndexRequest {
         context: Some(context(&args.tenant, &args.field)),
@@ -73,7 +73,7 @@ pub(crate) async fn search_terms(
     } else {
         search_terms_request::Kind::BlindIndex(spec(&args.spec)?)
     };
-    let mut value = read_stdin()?;
+    let mut value = read_value()?;
     let daemon = Daemon::connect(global).await?;
     let request = SearchTermsRequest {
         context: Some(context(&args.tenant, &args.field)),
