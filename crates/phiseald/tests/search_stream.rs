@@ -207,17 +207,7 @@ async fn encrypt_and_search_together_are_enough_for_deterministic_calls() {
          tenants = [\"clinic\"]\nfields = [\"ssn\"]\n",
     ));
     create_tenant(&d, "clinic").await;
-    let stored = d
-        .fields()
-        .await
-        .encrypt_deterministic(pb::EncryptRequest {
-            context: ctx("clinic", "ssn", None),
-            plaintext: b"078051120".to_vec(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .ciphertext;
+    let stored = ssn_deterministic(&d).await.unwrap();
     let found = terms(
         &d,
         "ssn",
@@ -248,13 +238,7 @@ async fn search_needs_its_own_grant() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     // Deterministic encryption reveals equality like a search term: `encrypt` is not enough.
-    let err = fields
-        .encrypt_deterministic(pb::EncryptRequest {
-            context: ctx("clinic", "ssn", None),
-            plaintext: b"078051120".to_vec(),
-        })
-        .await
-        .unwrap_err();
+    let err = ssn_deterministic(&d).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     // Search terms of either kind need `search` too.
     for kind in [
@@ -278,6 +262,18 @@ async fn search_needs_its_own_grant() {
         ],
         "each refusal is audited under its own action"
     );
+}
+
+/// `EncryptDeterministic` of an SSN in field `ssn` of tenant `clinic`: the ciphertext.
+async fn ssn_deterministic(d: &Daemon) -> Result<Vec<u8>, tonic::Status> {
+    d.fields()
+        .await
+        .encrypt_deterministic(pb::EncryptRequest {
+            context: ctx("clinic", "ssn", None),
+            plaintext: b"078051120".to_vec(),
+        })
+        .await
+        .map(|r| r.into_inner().ciphertext)
 }
 
 /// The actions of the audit log's `permission_denied` records, in order.
@@ -338,15 +334,7 @@ async fn deterministic_search_terms_need_encrypt_as_well() {
     .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     // So does deterministic encryption.
-    let err = d
-        .fields()
-        .await
-        .encrypt_deterministic(pb::EncryptRequest {
-            context: ctx("clinic", "ssn", None),
-            plaintext: b"078051120".to_vec(),
-        })
-        .await
-        .unwrap_err();
+    let err = ssn_deterministic(&d).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     let refused = refused_actions(&d);
     assert_eq!(refused, ["deterministic_query", "encrypt_deterministic"]);
@@ -851,61 +839,47 @@ async fn unauthenticated_search_calls_are_audited_under_their_own_action() {
         value: b"078051120".to_vec(),
         kind: Some(kind),
     };
+    // Each call with the bad token, its answer reduced to its status.
+    macro_rules! refused {
+        ($rpc:ident, $body:expr) => {
+            fields
+                .$rpc(common::with_token($body, bad))
+                .await
+                .map(|_| ())
+        };
+    }
+    let blind_spec = pb::BlindIndexSpec {
+        normalization: pb::Normalization::Exact as i32,
+        bits: 64,
+    };
+    let stream_context = || ctx("clinic", "referral", Some("doc-1")).unwrap();
     let results = [
-        fields
-            .encrypt_deterministic(common::with_token(det(), bad))
-            .await
-            .map(|_| ()),
-        fields
-            .blind_index(common::with_token(
-                pb::BlindIndexRequest {
-                    context: ctx("clinic", "ssn", None),
-                    value: b"078051120".to_vec(),
-                    spec: spec(pb::Normalization::DigitsOnly, 32),
-                },
-                bad,
-            ))
-            .await
-            .map(|_| ()),
-        fields
-            .search_terms(common::with_token(
-                terms(Kind::Deterministic(pb::DeterministicTerms {})),
-                bad,
-            ))
-            .await
-            .map(|_| ()),
-        fields
-            .search_terms(common::with_token(
-                terms(Kind::BlindIndex(pb::BlindIndexSpec {
-                    normalization: pb::Normalization::Exact as i32,
-                    bits: 64,
-                })),
-                bad,
-            ))
-            .await
-            .map(|_| ()),
-        fields
-            .encrypt_stream(common::with_token(
-                tokio_stream::iter(vec![pb::EncryptStreamRequest {
-                    part: Some(pb::encrypt_stream_request::Part::Context(
-                        ctx("clinic", "referral", Some("doc-1")).unwrap(),
-                    )),
-                }]),
-                bad,
-            ))
-            .await
-            .map(|_| ()),
-        fields
-            .decrypt_stream(common::with_token(
-                tokio_stream::iter(vec![pb::DecryptStreamRequest {
-                    part: Some(pb::decrypt_stream_request::Part::Context(
-                        ctx("clinic", "referral", Some("doc-1")).unwrap(),
-                    )),
-                }]),
-                bad,
-            ))
-            .await
-            .map(|_| ()),
+        refused!(encrypt_deterministic, det()),
+        refused!(
+            blind_index,
+            pb::BlindIndexRequest {
+                context: ctx("clinic", "ssn", None),
+                value: b"078051120".to_vec(),
+                spec: Some(blind_spec),
+            }
+        ),
+        refused!(
+            search_terms,
+            terms(Kind::Deterministic(pb::DeterministicTerms {}))
+        ),
+        refused!(search_terms, terms(Kind::BlindIndex(blind_spec))),
+        refused!(
+            encrypt_stream,
+            tokio_stream::iter([pb::EncryptStreamRequest {
+                part: Some(pb::encrypt_stream_request::Part::Context(stream_context())),
+            }])
+        ),
+        refused!(
+            decrypt_stream,
+            tokio_stream::iter([pb::DecryptStreamRequest {
+                part: Some(pb::decrypt_stream_request::Part::Context(stream_context())),
+            }])
+        ),
     ];
     for result in &results {
         let err = result.as_ref().unwrap_err();
