@@ -176,7 +176,11 @@ pub(crate) fn exit_code_for(code: Code) -> u8 {
     match code {
         Code::PermissionDenied | Code::Unauthenticated => exit::DENIED,
         Code::NotFound => exit::NOT_FOUND,
-        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted => exit::UNAVAILABLE,
+        // phiseald never answers UNKNOWN itself: it is the gRPC client's code for a
+        // connection that broke mid-call (the daemon stopped or crashed).
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Unknown => {
+            exit::UNAVAILABLE
+        }
         Code::FailedPrecondition => exit::KEY_GONE,
         _ => exit::FAILURE,
     }
@@ -339,7 +343,7 @@ mod tests {
             (Code::Aborted, 1),
             (Code::DataLoss, 1),
             (Code::Internal, 1),
-            (Code::Unknown, 1),
+            (Code::Unknown, 5),
         ];
         for (code, want) in cases {
             assert_eq!(exit_code_for(code), want, "{code:?}");

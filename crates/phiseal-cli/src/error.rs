@@ -112,7 +112,10 @@ impl CliError {
             CliError::Usage(_) => exit::USAGE,
             CliError::Failed(_) | CliError::Io { .. } => exit::FAILURE,
             CliError::RewrapFailed { .. } | CliError::RootFailed { .. } => exit::REWRAP_FAILED,
-            CliError::Backends(_) | CliError::Keyring(_) => exit::FAILURE,
+            // The same exit code as the daemon's status for this error would give (an
+            // unavailable KMS or key store is 5, a missing tenant 4, …).
+            CliError::Keyring(e) => crate::client::exit_code_for(phiseald::status::code_of(e)),
+            CliError::Backends(_) => exit::FAILURE,
             CliError::AuditProblems { .. } => exit::AUDIT_PROBLEMS,
             CliError::Audit(AuditFileError::ChainBroken { .. }) => exit::AUDIT_PROBLEMS,
             CliError::Audit(_) => exit::FAILURE,
@@ -123,5 +126,46 @@ impl CliError {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
         let what = what.into();
         move |source| CliError::Io { what, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phiseal::{BackendError, BackendErrorKind, TenantId};
+
+    #[test]
+    fn library_errors_exit_like_the_daemons_statuses_for_them() {
+        let backend = |kind| BackendError::new(kind, "test");
+        let tenant = || TenantId::new("t").unwrap_or_else(|_| unreachable!());
+        let cases = [
+            (
+                phiseal::Error::Kms {
+                    backend: "aws-kms".into(),
+                    source: backend(BackendErrorKind::Unavailable),
+                },
+                exit::UNAVAILABLE,
+            ),
+            (
+                phiseal::Error::Store {
+                    backend: "postgres".into(),
+                    source: backend(BackendErrorKind::Unavailable),
+                },
+                exit::UNAVAILABLE,
+            ),
+            (
+                phiseal::Error::TenantNotFound { tenant: tenant() },
+                exit::NOT_FOUND,
+            ),
+            (
+                phiseal::Error::KeyDestroyed { tenant: tenant() },
+                exit::KEY_GONE,
+            ),
+            (phiseal::Error::DecryptionFailed, exit::FAILURE),
+        ];
+        for (error, want) in cases {
+            let shown = error.to_string();
+            assert_eq!(CliError::Keyring(error).exit_code(), want, "{shown}");
+        }
     }
 }

@@ -430,7 +430,7 @@ fn open_output(path: &Path, resume: bool, input: Option<FileId>) -> Result<(File
         )));
     };
     if input == Some(id) {
-        return Err(CliError::Failed(format!(
+        return Err(CliError::Usage(format!(
             "the input and the output are the same file ({shown})"
         )));
     }
@@ -446,7 +446,7 @@ fn open_output(path: &Path, resume: bool, input: Option<FileId>) -> Result<(File
     sync_parent(path);
     if !resume {
         if meta.len() > 0 {
-            return Err(CliError::Failed(format!(
+            return Err(CliError::Usage(format!(
                 "output {shown} already exists and is not empty: pass --resume to continue an \
                  interrupted run into it, or choose another --output"
             )));
@@ -752,7 +752,7 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         }
         None => {
             if input_id.is_some() && fd_file_id(io::stdout().as_fd()) == input_id {
-                return Err(CliError::Failed(
+                return Err(CliError::Usage(
                     "standard output is the input file: write to another file (--output)".into(),
                 ));
             }

@@ -449,7 +449,7 @@ fn rewrap_refuses_to_append_to_its_own_input() {
         .stdout(out);
     let done = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&done.stderr);
-    assert_eq!(done.status.code(), Some(1), "{stderr}");
+    assert_eq!(done.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("standard output is the input file"),
         "{stderr}"
@@ -682,7 +682,7 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     let args = [
         "rewrap", "--tenant", "acme", "--field", "ssn", "--input", i, "--output", o,
     ];
-    let run = d.cli(&args, b"").expect(1);
+    let run = d.cli(&args, b"").expect(2);
     assert!(
         run.stderr.contains(&format!(
             "output {o} already exists and is not empty: pass --resume"
