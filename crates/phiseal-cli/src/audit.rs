@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::cli::{AuditCommand, ExportArgs, GlobalArgs, LogArgs};
 use crate::error::CliError;
-use crate::output::{printable, report, stderr_line};
+use crate::output::{printable, report, stderr_note};
 
 /// The data directory when neither `--data-dir` nor `PHISEAL_DATA_DIR` is given.
 pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/phiseal";
@@ -22,7 +22,7 @@ pub(crate) const DATA_DIR_ENV: &str = "PHISEAL_DATA_DIR";
 pub(crate) fn run(cmd: AuditCommand, global: &GlobalArgs) -> Result<(), CliError> {
     match cmd {
         AuditCommand::Verify(args) => verify_log(&args, global.json),
-        AuditCommand::Export(args) => export(&args),
+        AuditCommand::Export(args) => export(&args, global.json),
         AuditCommand::Recover(args) => recover(&args, global.json),
     }
 }
@@ -175,7 +175,7 @@ fn verify_text(path: &std::path::Path, r: &VerifyReport) -> String {
     out
 }
 
-fn export(args: &ExportArgs) -> Result<(), CliError> {
+fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
     if let (Some(since), Some(until)) = (args.since, args.until)
         && since >= until
     {
@@ -187,17 +187,20 @@ fn export(args: &ExportArgs) -> Result<(), CliError> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     let result = export_tenant(&path, &args.tenant, args.since, args.until, &mut out)?;
     out.flush().map_err(CliError::io("writing to stdout"))?;
-    stderr_line(&format!(
-        "audit export: {} records of tenant '{}' exported; {} records verified (last seq {}, \
-         head hash {})",
-        result.exported,
-        printable(&args.tenant),
-        result.records_scanned,
-        result
-            .last_seq
-            .map_or_else(|| "none".to_owned(), |s| s.to_string()),
-        result.head_hash.as_deref().unwrap_or("none"),
-    ));
+    stderr_note(
+        json,
+        &format!(
+            "audit export: {} records of tenant '{}' exported; {} records verified (last seq \
+             {}, head hash {})",
+            result.exported,
+            printable(&args.tenant),
+            result.records_scanned,
+            result
+                .last_seq
+                .map_or_else(|| "none".to_owned(), |s| s.to_string()),
+            result.head_hash.as_deref().unwrap_or("none"),
+        ),
+    );
     match result.torn_tail {
         None => Ok(()),
         Some((offset, len)) => Err(CliError::AuditProblems {

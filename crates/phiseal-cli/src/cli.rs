@@ -55,7 +55,7 @@ pub(crate) struct GlobalArgs {
         default_value = DEFAULT_SOCKET
     )]
     pub(crate) socket: PathBuf,
-    /// Print results as JSON.
+    /// Print results as JSON (and notes, failed lines and errors on stderr as JSON lines).
     #[arg(long, global = true)]
     pub(crate) json: bool,
     /// Read the service token from this file (mode 0600 or stricter).

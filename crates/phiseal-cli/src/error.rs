@@ -122,6 +122,34 @@ impl CliError {
         }
     }
 
+    /// A stable name for the class of this error: the daemon's kind for a refused call, the
+    /// library's kind for an offline command, else the variant.
+    pub(crate) fn kind(&self) -> &str {
+        match self {
+            CliError::Status { kind, .. } => kind,
+            CliError::Keyring(e) => e.kind(),
+            CliError::Connect { .. } => "unavailable",
+            CliError::Usage(_) => "usage",
+            CliError::Failed(_) => "failed",
+            CliError::Io { .. } => "io",
+            CliError::RewrapFailed { .. } | CliError::RootFailed { .. } => "partly_failed",
+            CliError::Backends(_) => "backends",
+            CliError::AuditProblems { .. } | CliError::Audit(_) => "audit_log",
+        }
+    }
+
+    /// The error as one JSON object for `--json`:
+    /// `{"error": {"kind": …, "message": …, "exit_code": N}}`.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "kind": self.kind(),
+                "message": self.to_string(),
+                "exit_code": self.exit_code(),
+            }
+        })
+    }
+
     /// An [`CliError::Io`] error with a description of what was being done.
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
         let what = what.into();

@@ -49,8 +49,13 @@ use crate::error::CliError;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.global.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if json => {
+            output::stderr_line(&e.to_json().to_string());
+            ExitCode::from(e.exit_code())
+        }
         Err(e) => {
             output::stderr_line(&format!("phiseal: {e}"));
             ExitCode::from(e.exit_code())

@@ -35,6 +35,16 @@ pub(crate) fn stderr_line(line: &str) {
     let _ = writeln!(err, "{line}");
 }
 
+/// A note for the operator on stderr: the text, or with `--json` one object `{"note": …}`
+/// (so that everything the CLI writes under `--json` is JSON lines).
+pub(crate) fn stderr_note(json: bool, text: &str) {
+    if json {
+        stderr_line(&serde_json::json!({ "note": text }).to_string());
+    } else {
+        stderr_line(text);
+    }
+}
+
 /// `s` with every control character replaced by `?`, so that text from the daemon or from an
 /// input file cannot drive the operator's terminal.
 pub(crate) fn printable(s: &str) -> Cow<'_, str> {

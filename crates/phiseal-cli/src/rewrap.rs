@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use crate::cli::{GlobalArgs, RewrapArgs};
 use crate::client::{Daemon, error_kind};
 use crate::error::CliError;
-use crate::output::{printable, stderr_line};
+use crate::output::{printable, stderr_line, stderr_note};
 
 /// The context values a line falls back to.
 #[derive(Debug, Clone)]
@@ -412,7 +412,12 @@ fn fd_file_id(fd: std::os::fd::BorrowedFd<'_>) -> Option<FileId> {
 
 /// Opens (or creates, mode 0600) `--output`; returns it with the number of input lines it
 /// already holds (0 without `--resume`, where a non-empty file is refused).
-fn open_output(path: &Path, resume: bool, input: Option<FileId>) -> Result<(File, u64), CliError> {
+fn open_output(
+    path: &Path,
+    resume: bool,
+    input: Option<FileId>,
+    json: bool,
+) -> Result<(File, u64), CliError> {
     let shown = path.display();
     let file = OpenOptions::new()
         .read(true)
@@ -461,10 +466,13 @@ fn open_output(path: &Path, resume: bool, input: Option<FileId>) -> Result<(File
             .map_err(CliError::io(format!(
                 "cannot cut the torn last line of {shown}"
             )))?;
-        stderr_line(&format!(
-            "rewrap: cut off a torn last line ({} bytes) of {shown}",
-            meta.len() - end
-        ));
+        stderr_note(
+            json,
+            &format!(
+                "rewrap: cut off a torn last line ({} bytes) of {shown}",
+                meta.len() - end
+            ),
+        );
     }
     Ok((file, lines))
 }
@@ -656,6 +664,8 @@ struct Rewrapper {
     sink: Sink,
     progress: ProgressBar,
     stats: Stats,
+    /// Failed lines are reported as JSON objects.
+    json: bool,
 }
 
 impl Rewrapper {
@@ -669,10 +679,19 @@ impl Rewrapper {
         for (line, outcome) in lines.iter().zip(&outcomes) {
             self.stats.count(outcome);
             if let Outcome::Failed(failure) = outcome {
-                let message = format!(
-                    "line {}: {}: {}",
-                    line.number, failure.kind, failure.message
-                );
+                let message = if self.json {
+                    serde_json::json!({
+                        "line": line.number,
+                        "kind": failure.kind,
+                        "message": failure.message,
+                    })
+                    .to_string()
+                } else {
+                    format!(
+                        "line {}: {}: {}",
+                        line.number, failure.kind, failure.message
+                    )
+                };
                 self.progress.suspend(|| stderr_line(&message));
             }
         }
@@ -744,7 +763,7 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
     let (mut input, input_id) = open_input(args.input.as_deref())?;
     let (sink, skipped) = match &args.output {
         Some(path) => {
-            let (file, done) = open_output(path, args.resume, input_id)?;
+            let (file, done) = open_output(path, args.resume, input_id, global.json)?;
             skip_lines(&mut *input, done, path)?;
             let writer = BufWriter::with_capacity(256 * 1024, file);
             let path = path.clone();
@@ -760,11 +779,14 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         }
     };
     if skipped > 0 {
-        stderr_line(&format!(
-            "rewrap: resuming after line {skipped}; lines that failed in earlier runs were \
+        stderr_note(
+            global.json,
+            &format!(
+                "rewrap: resuming after line {skipped}; lines that failed in earlier runs were \
              left unchanged and are not counted again: check the whole output afterwards \
              (docs/OPERATIONS.md, \"Check progress\")"
-        ));
+            ),
+        );
     }
     let daemon = Daemon::connect(global).await?;
     let mut run = Rewrapper {
@@ -772,6 +794,7 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         sink,
         progress: progress_bar(skipped),
         stats: Stats::default(),
+        json: global.json,
     };
     let mut reader = BatchReader::new(&mut *input, skipped, args.max_call_bytes);
     let result = loop {
@@ -786,12 +809,15 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
     };
     run.progress.finish_and_clear();
     if let (Err(_), Some(path)) = (&result, &args.output) {
-        stderr_line(&format!(
-            "rewrap: stopped after {} complete lines in {}; fix the cause, then rerun the same \
+        stderr_note(
+            global.json,
+            &format!(
+                "rewrap: stopped after {} complete lines in {}; fix the cause, then rerun the same \
              command with --resume to continue after the last complete line",
-            skipped + run.stats.lines,
-            path.display()
-        ));
+                skipped + run.stats.lines,
+                path.display()
+            ),
+        );
     }
     result?;
     stderr_line(&summary(&run.stats, skipped, global.json));
@@ -1104,7 +1130,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
         std::fs::write(&out, b"one\ntwo\nthr").unwrap();
-        let (file, done) = open_output(&out, true, None).unwrap();
+        let (file, done) = open_output(&out, true, None, false).unwrap();
         drop(file);
         assert_eq!(done, 2);
         assert_eq!(std::fs::read(&out).unwrap(), b"one\ntwo\n");
@@ -1126,7 +1152,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
         std::fs::write(&out, b"x\n").unwrap();
-        let err = open_output(&out, false, None).unwrap_err().to_string();
+        let err = open_output(&out, false, None, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--resume"), "{err}");
         assert_eq!(std::fs::read(&out).unwrap(), b"x\n");
     }
@@ -1136,13 +1164,13 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("new.txt");
-        let (file, done) = open_output(&out, false, None).unwrap();
+        let (file, done) = open_output(&out, false, None, false).unwrap();
         assert_eq!(done, 0);
         let meta = file.metadata().unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let id = file_id(&meta);
         drop(file);
-        assert!(open_output(&out, true, id).is_err());
+        assert!(open_output(&out, true, id, false).is_err());
     }
 
     #[test]
@@ -1191,12 +1219,14 @@ mod tests {
     fn a_second_run_on_the_same_output_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
-        let (first, _) = open_output(&out, false, None).unwrap();
+        let (first, _) = open_output(&out, false, None, false).unwrap();
         for resume in [false, true] {
-            let err = open_output(&out, resume, None).unwrap_err().to_string();
+            let err = open_output(&out, resume, None, false)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("in use by another rewrap run"), "{err}");
         }
         drop(first);
-        open_output(&out, true, None).unwrap();
+        open_output(&out, true, None, false).unwrap();
     }
 }

@@ -46,14 +46,23 @@ pub(crate) async fn run(command: RootCommand, global: &GlobalArgs) -> Result<(),
                 error,
             } => {
                 bar.inc(1);
-                bar.suspend(|| {
-                    stderr_line(&format!(
+                let line = if global.json {
+                    json!({
+                        "tenant": tenant.as_str(),
+                        "version": version,
+                        "kind": error.kind(),
+                        "message": error.to_string(),
+                    })
+                    .to_string()
+                } else {
+                    format!(
                         "tenant '{}' version {version}: {} ({})",
                         printable(tenant.as_str()),
                         printable(&error.to_string()),
                         error.kind()
-                    ));
-                });
+                    )
+                };
+                bar.suspend(|| stderr_line(&line));
             }
             _ => {}
         })

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::{GlobalArgs, TokenCommand};
 use crate::error::CliError;
-use crate::output::{stderr_line, stdout_bytes};
+use crate::output::{stderr_note, stdout_bytes};
 
 /// The prefix of every service token.
 pub(crate) const TOKEN_PREFIX: &str = "phst_";
@@ -88,7 +88,8 @@ fn new_token(name: &str, json: bool) -> Result<(), CliError> {
         Zeroizing::new(format!("{}\n\n{snippet}", token.as_str()))
     };
     stdout_bytes(text.as_bytes())?;
-    stderr_line(
+    stderr_note(
+        json,
         "phiseal: the token is shown only this once: give it to the service in a file only its \
          user can read (chmod 600), and add the [[tokens]] entry to the phiseald config",
     );

@@ -434,6 +434,26 @@ struct Case {
 /// the CLI), and returns the lines of a rewrap input (for `--field ssn`) covering every kind
 /// of line.
 #[test]
+fn json_errors_are_json() {
+    let mut cmd = cli_command(&bin("phiseal"), Path::new("/nonexistent.sock"));
+    cmd.args(["--json", "tenant", "create", "t"]);
+    let done = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(5), "{stderr}");
+    assert!(done.stdout.is_empty());
+    let error: Value =
+        serde_json::from_str(stderr.trim_end()).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(error["error"]["exit_code"], 5, "{stderr}");
+    assert_eq!(error["error"]["kind"], "unavailable", "{stderr}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/nonexistent.sock")),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn rewrap_refuses_to_append_to_its_own_input() {
     // `phiseal rewrap --input x >> x` would read its own output until the disk is full.
     let dir = tempfile::tempdir().unwrap();
@@ -699,31 +719,43 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     let resumed: Vec<&str> = args.iter().copied().chain(["--resume", "--json"]).collect();
     let run = d.cli(&resumed, b"").expect(7);
     assert!(run.stdout.is_empty());
-    assert!(
-        run.stderr.contains(&format!(
-            "rewrap: cut off a torn last line ({} bytes) of {o}\n",
-            torn.len()
-        )),
-        "{}",
-        run.stderr
-    );
-    // Line numbers count from the start of the input.
-    assert!(
-        run.stderr.contains("line 5: malformed_ciphertext: ")
-            && run.stderr.contains("line 6: decryption_failed: "),
-        "{}",
-        run.stderr
-    );
-    let summary = run
+    // With --json, stderr is JSON lines: notes, failed lines, the summary, the error.
+    let lines: Vec<Value> = run
         .stderr
         .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON summary: {}", run.stderr));
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
     assert_eq!(
-        serde_json::from_str::<Value>(summary).unwrap(),
+        lines[0]["note"],
+        format!(
+            "rewrap: cut off a torn last line ({} bytes) of {o}",
+            torn.len()
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        lines[1]["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("rewrap: resuming after line 3")
+    );
+    // Line numbers count from the start of the input.
+    let failed: Vec<(u64, &str)> = lines
+        .iter()
+        .filter_map(|l| Some((l["line"].as_u64()?, l["kind"].as_str()?)))
+        .collect();
+    assert_eq!(
+        failed,
+        [(5, "malformed_ciphertext"), (6, "decryption_failed")]
+    );
+    assert_eq!(
+        lines[4],
         json!({"lines": 5, "rewrapped": 3, "already_current": 0, "failed": 2, "empty": 0,
                "skipped": 3})
     );
+    assert_eq!(lines[5]["error"]["exit_code"], 7, "{}", run.stderr);
+    assert_eq!(lines[5]["error"]["kind"], "partly_failed", "{}", run.stderr);
     let output = std::fs::read_to_string(&output_file).unwrap();
     assert!(output.starts_with(&kept), "the lines done before are kept");
     check_rewrap_output(&d, &cases, &output);
@@ -731,7 +763,11 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     // Everything is done: another resume has nothing to do.
     let run = d.cli(&resumed, b"").expect(0);
     assert_eq!(std::fs::read_to_string(&output_file).unwrap(), output);
-    let summary = run.stderr.lines().find(|l| l.starts_with('{')).unwrap();
+    let summary = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("\"lines\""))
+        .unwrap();
     assert_eq!(
         serde_json::from_str::<Value>(summary).unwrap(),
         json!({"lines": 0, "rewrapped": 0, "already_current": 0, "failed": 0, "empty": 0,
