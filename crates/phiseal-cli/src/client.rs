@@ -200,6 +200,14 @@ pub(crate) fn status_error(what: &str, status: &Status) -> CliError {
     if let Some(source) = std::error::Error::source(status) {
         message = format!("{message}: {}", error_chain(source));
     }
+    if status.code() == Code::OutOfRange {
+        // Refused by the gRPC layer (either side) for its size.
+        message.push_str(
+            " (a message over the size limit: the daemon's limits.max_message_bytes, 4 MiB by \
+             default; large documents go through encrypt-file / decrypt-file, long rewrap \
+             lines through a smaller --max-call-bytes)",
+        );
+    }
     CliError::Status {
         what: what.to_owned(),
         code: status.code(),

@@ -270,6 +270,22 @@ fn tenant_create_and_key_commands() {
 }
 
 #[test]
+fn a_value_over_the_message_limit_says_what_to_use_instead() {
+    let d = Daemon::embedded();
+    d.cli(&["tenant", "create", "acme"], b"").expect(0);
+    let big = vec![b'x'; 5 << 20];
+    let run = d
+        .cli(&field_args("encrypt", "acme", "notes", None), &big)
+        .expect(1);
+    assert!(
+        run.stderr.contains("OutOfRange") || run.stderr.contains("out_of_range"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("encrypt-file"), "{}", run.stderr);
+}
+
+#[test]
 fn encrypt_and_decrypt_raw_bytes() {
     let d = Daemon::embedded();
     d.cli(&["tenant", "create", "acme"], b"").expect(0);
