@@ -556,7 +556,8 @@ impl Inner {
         let stmt = client
             .prepare_cached(
                 "SELECT t.min_decrypt_version, t.shredded_at,
-                        v.version, v.state, v.root_key_ref, v.wrapped, v.key_check, v.created_at
+                        v.version, v.state, v.root_key_ref, v.wrapped, v.key_check, v.created_at,
+                        t.tenant
                  FROM tenants t LEFT JOIN key_versions v ON v.tenant = t.tenant
                  WHERE t.tenant = $1
                  ORDER BY v.version ASC",
@@ -571,6 +572,11 @@ impl Inner {
             return Ok(None);
         };
         let (min_decrypt_version, shredded_at) = parse_tenant_columns(tenant, first)?;
+        // The id as stored, not as asked for: the keyring refuses a record filed under
+        // another id.
+        let stored: &str = column(first, 8, || format!("the id of tenant '{tenant}'"))?;
+        let stored_id = TenantId::new(stored)
+            .map_err(|_| corrupt(format!("tenant '{tenant}' is stored under an invalid id")))?;
         let mut versions = Vec::with_capacity(rows.len());
         for row in &rows {
             // The LEFT JOIN yields one all-NULL version for a tenant without versions.
@@ -581,7 +587,7 @@ impl Inner {
             }
         }
         Ok(Some(TenantRecord {
-            tenant: tenant.clone(),
+            tenant: stored_id,
             versions,
             min_decrypt_version,
             shredded_at,

@@ -377,14 +377,27 @@ fn user_version(conn: &Connection) -> Result<i64, SqliteStoreError> {
 fn tenant_row(
     conn: &Connection,
     tenant: &TenantId,
-) -> Result<Option<(i64, Option<String>)>, SqliteStoreError> {
+) -> Result<Option<TenantRow>, SqliteStoreError> {
     conn.query_row(
-        "SELECT min_decrypt_version, shredded_at FROM tenants WHERE tenant = ?1",
+        "SELECT tenant, min_decrypt_version, shredded_at FROM tenants WHERE tenant = ?1",
         [tenant.as_str()],
-        |row| Ok((row.get(0)?, row.get(1)?)),
+        |row| {
+            Ok(TenantRow {
+                stored_id: row.get(0)?,
+                min_decrypt_version: row.get(1)?,
+                shredded_at: row.get(2)?,
+            })
+        },
     )
     .optional()
     .map_err(SqliteStoreError::sqlite("read the tenant"))
+}
+
+/// A tenant row: its id as stored, the minimum decryption version, when it was shredded.
+struct TenantRow {
+    stored_id: String,
+    min_decrypt_version: i64,
+    shredded_at: Option<String>,
 }
 
 /// Like [`tenant_row`] but an unknown tenant is an error and a shredded one is
@@ -395,12 +408,15 @@ fn live_tenant(conn: &Connection, tenant: &TenantId) -> Result<(), SqliteStoreEr
             tenant: tenant.clone(),
         }
         .into()),
-        Some((_, Some(shredded_at))) => Err(StoreRefusal::Shredded {
+        Some(TenantRow {
+            shredded_at: Some(shredded_at),
+            ..
+        }) => Err(StoreRefusal::Shredded {
             tenant: tenant.clone(),
             shredded_at,
         }
         .into()),
-        Some((_, None)) => Ok(()),
+        Some(_) => Ok(()),
     }
 }
 
@@ -521,9 +537,18 @@ fn load_sync(
     let tx = conn
         .transaction()
         .map_err(SqliteStoreError::sqlite("begin a read transaction"))?;
-    let Some((min, shredded_at)) = tenant_row(&tx, tenant)? else {
+    let Some(TenantRow {
+        stored_id,
+        min_decrypt_version: min,
+        shredded_at,
+    }) = tenant_row(&tx, tenant)?
+    else {
         return Ok(None);
     };
+    // The id as stored, not as asked for: the keyring refuses a record filed under another id.
+    let stored_id = TenantId::new(&stored_id).map_err(|_| SqliteStoreError::Corrupt {
+        detail: format!("tenant '{tenant}' is stored under an invalid id"),
+    })?;
     let min_decrypt_version =
         u32::try_from(min)
             .ok()
@@ -572,7 +597,7 @@ fn load_sync(
         .map(|raw| parse_version_row(tenant, raw))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(TenantRecord {
-        tenant: tenant.clone(),
+        tenant: stored_id,
         versions,
         min_decrypt_version,
         shredded_at,
