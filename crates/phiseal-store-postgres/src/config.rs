@@ -10,7 +10,15 @@ use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use secrecy::{ExposeSecret, SecretString};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::{Host, SslMode, TargetSessionAttrs};
+
+/// Unacknowledged data older than this ends a connection (unless the URL sets
+/// `tcp_user_timeout`).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// tokio-postgres' default idle time before TCP keepalive probes (2 hours).
+const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+/// Idle time before keepalive probes, unless the URL sets `keepalives_idle`.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
 
 use crate::error::PostgresStoreError;
 
@@ -155,6 +163,16 @@ pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStor
         _ => {}
     }
     pg.connect_timeout(config.connect_timeout);
+    // The store writes, and its reads must not lag behind the primary (a shred on the
+    // primary must count at once): only a read-write session will do, never a hot standby.
+    pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
+    // Notice a peer that vanished (a failover without a reset) in seconds, not hours.
+    if pg.get_tcp_user_timeout().is_none() {
+        pg.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if pg.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
+        pg.keepalives_idle(KEEPALIVES_IDLE);
+    }
     if pg.get_application_name().is_none() {
         pg.application_name(APPLICATION_NAME);
     }
@@ -306,6 +324,32 @@ mod tests {
         assert_eq!(parsed.pg.get_application_name(), Some("phiseal"));
         let parsed = parse_url("postgresql://app@h/keys?application_name=mine").unwrap();
         assert_eq!(parsed.pg.get_application_name(), Some("mine"));
+    }
+
+    #[test]
+    fn sessions_are_read_write_and_dead_peers_are_noticed() {
+        let parsed = parse_url("postgresql://app@h1:1,h2:2/keys").unwrap();
+        assert_eq!(
+            parsed.pg.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(parsed.pg.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert_eq!(parsed.pg.get_keepalives_idle(), KEEPALIVES_IDLE);
+        // Even a URL that asks for any session gets a read-write one; its own TCP settings
+        // are kept.
+        let parsed = parse_url(
+            "postgresql://app@h/keys?target_session_attrs=any&tcp_user_timeout=5&keepalives_idle=7",
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.pg.get_target_session_attrs(),
+            TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(
+            parsed.pg.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(5))
+        );
+        assert_eq!(parsed.pg.get_keepalives_idle(), Duration::from_secs(7));
     }
 
     #[test]

@@ -275,9 +275,11 @@ impl PostgresKeyStore {
             connect_timeout: config.connect_timeout,
         });
         let manager_config = ManagerConfig {
-            // `is_closed()` only: a connection the server closed is dropped and replaced. Every
-            // call is bounded by OPERATION_TIMEOUT for connections that die silently.
-            recycling_method: RecyclingMethod::Fast,
+            // A pooled connection answers an empty query before it is reused (one round trip
+            // per checkout, on the store's slow path): one that died silently (a failover
+            // without a reset) fails that check within the recycle timeout and is replaced,
+            // instead of hanging the next call for OPERATION_TIMEOUT.
+            recycling_method: RecyclingMethod::Verified,
         };
         let manager = match parsed.tls {
             Some(connector) => Manager::from_config(parsed.pg, connector, manager_config),

@@ -374,10 +374,7 @@ fn user_version(conn: &Connection) -> Result<i64, SqliteStoreError> {
 }
 
 /// `min_decrypt_version` and `shredded_at` of a tenant, or `None`.
-fn tenant_row(
-    conn: &Connection,
-    tenant: &TenantId,
-) -> Result<Option<TenantRow>, SqliteStoreError> {
+fn tenant_row(conn: &Connection, tenant: &TenantId) -> Result<Option<TenantRow>, SqliteStoreError> {
     conn.query_row(
         "SELECT tenant, min_decrypt_version, shredded_at FROM tenants WHERE tenant = ?1",
         [tenant.as_str()],
