@@ -33,9 +33,9 @@
 //! | KMS says | kind |
 //! |---|---|
 //! | `InvalidCiphertextException`, `IncorrectKeyException`; `AccessDeniedException` from `Decrypt` with no message (moto's answer for a ciphertext made by another key) or saying *the ciphertext refers to a customer master key that does not exist …* | `InvalidData` |
-//! | other `AccessDeniedException` (IAM / key policy), `DisabledException`, `KMSInvalidStateException`, invalid or expired credentials | `Denied` |
-//! | throttling, `KMSInternalException`, `DependencyTimeoutException`, `KeyUnavailableException`, any 5xx, timeouts, connection failures | `Unavailable` |
-//! | `NotFoundException`, `InvalidKeyUsageException`, `InvalidArnException`, a request that cannot be built | `Misconfigured` |
+//! | other `AccessDeniedException` (IAM / key policy), `DisabledException`, `KMSInvalidStateException`, invalid or expired credentials, a credentials provider that refuses (role trust policy, rejected web-identity token) | `Denied` |
+//! | throttling, `KMSInternalException`, `DependencyTimeoutException`, `KeyUnavailableException`, any 5xx, timeouts, connection failures, a credentials provider that cannot be reached or times out | `Unavailable` |
+//! | `NotFoundException`, `InvalidKeyUsageException`, `InvalidArnException`, a request that cannot be built, no credentials configured | `Misconfigured` |
 //! | anything else | `Other` |
 //!
 //! ## Permissions
@@ -443,6 +443,55 @@ impl std::error::Error for SdkCause {
 /// but its HTTP answer drops the message).
 const FOREIGN_CIPHERTEXT_MESSAGE: &str = "The ciphertext refers to a customer master key";
 
+/// The kind and description of a failure to obtain credentials, if `err` is one (anywhere in
+/// its chain of causes).
+fn credentials_failure(
+    err: &(dyn std::error::Error + 'static),
+) -> Option<(BackendErrorKind, String)> {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            let (kind, what) = match c {
+                CredentialsError::ProviderTimedOut(_) => (
+                    BackendErrorKind::Unavailable,
+                    "obtaining credentials timed out",
+                ),
+                CredentialsError::CredentialsNotLoaded(_)
+                | CredentialsError::InvalidConfiguration(_) => (
+                    BackendErrorKind::Misconfigured,
+                    "no usable credentials are configured",
+                ),
+                CredentialsError::ProviderError(_) if caused_by_io(c) => (
+                    BackendErrorKind::Unavailable,
+                    "the credentials provider could not be reached",
+                ),
+                CredentialsError::ProviderError(_) => (
+                    BackendErrorKind::Denied,
+                    "the credentials provider refused (role, token or keys invalid, expired or \
+                     not trusted)",
+                ),
+                _ => (BackendErrorKind::Other, "obtaining credentials failed"),
+            };
+            return Some((kind, what.to_owned()));
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Whether an I/O error (a connection that failed) is among the causes of `err`.
+fn caused_by_io(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = err.source();
+    while let Some(e) = next {
+        if e.is::<std::io::Error>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// Maps an SDK error to a [`BackendError`] naming the backend, the operation, the key and the
 /// cause. Request and response bodies (and so key bytes) are never part of SDK error text.
 fn sdk_error<E>(
@@ -453,36 +502,43 @@ fn sdk_error<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let (kind, what) = match &err {
-        SdkError::TimeoutError(_) => (
+    // Obtaining credentials failed (reported as a dispatch failure): a refused or missing
+    // credential is no outage.
+    let credentials = match &err {
+        SdkError::DispatchFailure(_) => credentials_failure(&err),
+        _ => None,
+    };
+    let (kind, what) = match (&err, credentials) {
+        (_, Some(found)) => found,
+        (SdkError::TimeoutError(_), None) => (
             BackendErrorKind::Unavailable,
             format!("timed out (limit {OPERATION_TIMEOUT:?} for all attempts)"),
         ),
-        SdkError::DispatchFailure(d) if d.is_timeout() => (
+        (SdkError::DispatchFailure(d), None) if d.is_timeout() => (
             BackendErrorKind::Unavailable,
             "timed out connecting or waiting for the response".to_owned(),
         ),
-        SdkError::DispatchFailure(d) if d.is_io() => (
+        (SdkError::DispatchFailure(d), None) if d.is_io() => (
             BackendErrorKind::Unavailable,
             "could not connect to the KMS endpoint".to_owned(),
         ),
-        SdkError::DispatchFailure(d) if d.is_user() => (
+        (SdkError::DispatchFailure(d), None) if d.is_user() => (
             BackendErrorKind::Misconfigured,
             "the request could not be sent (check endpoint, region and credentials)".to_owned(),
         ),
-        SdkError::DispatchFailure(_) => (
+        (SdkError::DispatchFailure(_), None) => (
             BackendErrorKind::Unavailable,
             "the request could not be sent".to_owned(),
         ),
-        SdkError::ResponseError(_) => (
+        (SdkError::ResponseError(_), None) => (
             BackendErrorKind::Unavailable,
             "the response could not be read".to_owned(),
         ),
-        SdkError::ConstructionFailure(_) => (
+        (SdkError::ConstructionFailure(_), None) => (
             BackendErrorKind::Misconfigured,
             "the request could not be built (check region, endpoint and credentials)".to_owned(),
         ),
-        SdkError::ServiceError(s) => {
+        (SdkError::ServiceError(s), None) => {
             let code = s.err().code().unwrap_or_default();
             let status = s.raw().status().as_u16();
             let kind = classify(op, code, s.err().message().unwrap_or_default(), status);

@@ -199,3 +199,71 @@ async fn a_hung_kms_times_out_as_unavailable_and_serves_again_when_it_continues(
         key.expose()
     );
 }
+
+/// A credentials provider that always fails with the error `failure` makes (a test double:
+/// moto has no STS role to refuse). No request reaches the endpoint.
+#[derive(Debug)]
+struct FailingCredentials(fn() -> aws_credential_types::provider::error::CredentialsError);
+
+impl aws_credential_types::provider::ProvideCredentials for FailingCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::ready(Err((self.0)()))
+    }
+}
+
+/// The kind of error `AwsKms::from_client` reports when obtaining credentials fails so.
+async fn kind_when_credentials_fail(
+    failure: fn() -> aws_credential_types::provider::error::CredentialsError,
+) -> BackendErrorKind {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url("http://127.0.0.1:9")
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(FailingCredentials(failure))
+        .load()
+        .await;
+    let err = AwsKms::from_client(
+        aws_sdk_kms::Client::new(&conf),
+        "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000",
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("aws-kms"), "{err}");
+    err.kind()
+}
+
+#[tokio::test]
+async fn credential_failures_are_refusals_or_outages_as_they_are() {
+    use aws_credential_types::provider::error::CredentialsError;
+    // A refused role, token or key is a refusal: never served from stale keys.
+    assert_eq!(
+        kind_when_credentials_fail(|| CredentialsError::provider_error(
+            "AccessDenied: not trusted"
+        ))
+        .await,
+        BackendErrorKind::Denied
+    );
+    // A provider that cannot be reached, or times out, is an outage.
+    assert_eq!(
+        kind_when_credentials_fail(|| CredentialsError::provider_error(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "sts unreachable"
+        )))
+        .await,
+        BackendErrorKind::Unavailable
+    );
+    assert_eq!(
+        kind_when_credentials_fail(|| CredentialsError::provider_timed_out(Duration::from_secs(5)))
+            .await,
+        BackendErrorKind::Unavailable
+    );
+    // No credentials at all: a configuration problem.
+    assert_eq!(
+        kind_when_credentials_fail(|| CredentialsError::not_loaded("none in the chain")).await,
+        BackendErrorKind::Misconfigured
+    );
+}
