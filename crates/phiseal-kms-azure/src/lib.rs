@@ -910,7 +910,10 @@ fn cause_text(err: &azure_core::Error) -> String {
 /// Maps an SDK error to a [`BackendError`] naming the backend, the operation, the vault and
 /// key, and the cause.
 fn sdk_error(err: &azure_core::Error, op: Op, what: &str) -> BackendError {
-    let kind = classify(op, err.kind());
+    let kind = match err.kind() {
+        ErrorKind::Credential => classify_credential(err),
+        kind => classify(op, kind),
+    };
     let hint = match kind {
         BackendErrorKind::Unavailable => " (Key Vault is unreachable or overloaded, retry later)",
         BackendErrorKind::Denied => {
@@ -928,6 +931,26 @@ fn sdk_error(err: &azure_core::Error, op: Op, what: &str) -> BackendError {
     // `BackendError`'s Display appends the source: "<message>: <cause>".
     BackendError::new(kind, format!("{NAME}: {op} with {what} failed{hint}"))
         .with_source(Cause(cause_text(err)))
+}
+
+/// A failure to obtain a token (azure_identity reports them all as `Credential`): an outage if
+/// what failed underneath was the network or an overloaded identity endpoint (connection,
+/// I/O, HTTP 408, 429 or 5xx), else a refusal (a wrong secret, a disabled principal, an
+/// unknown tenant).
+fn classify_credential(err: &azure_core::Error) -> BackendErrorKind {
+    let mut current = std::error::Error::source(err);
+    while let Some(e) = current {
+        let outage = e.is::<std::io::Error>()
+            || e.downcast_ref::<azure_core::Error>().is_some_and(|inner| {
+                !matches!(inner.kind(), ErrorKind::Credential)
+                    && classify(Op::Get, inner.kind()) == BackendErrorKind::Unavailable
+            });
+        if outage {
+            return BackendErrorKind::Unavailable;
+        }
+        current = e.source();
+    }
+    BackendErrorKind::Denied
 }
 
 fn classify(op: Op, kind: &ErrorKind) -> BackendErrorKind {
@@ -1032,6 +1055,38 @@ mod tests {
         assert_eq!(classify(Op::Get, &ErrorKind::Io), K::Unavailable);
         assert_eq!(classify(Op::Get, &ErrorKind::Credential), K::Denied);
         assert_eq!(classify(Op::Get, &ErrorKind::DataConversion), K::Other);
+        // Token failures: a refusal unless the identity endpoint was unreachable or overloaded.
+        let token_failure = |inner: azure_core::Error| {
+            azure_core::Error::with_error(ErrorKind::Credential, inner, "get_token failed")
+        };
+        let refused = azure_core::Error::with_message(
+            http(StatusCode::Unauthorized),
+            "AADSTS7000215: invalid client secret",
+        );
+        assert_eq!(classify_credential(&token_failure(refused)), K::Denied);
+        assert_eq!(
+            classify_credential(&azure_core::Error::with_message(
+                ErrorKind::Credential,
+                "no credential"
+            )),
+            K::Denied
+        );
+        for outage in [
+            azure_core::Error::with_message(http(StatusCode::ServiceUnavailable), "IMDS busy"),
+            azure_core::Error::with_message(http(StatusCode::TooManyRequests), "throttled"),
+            azure_core::Error::new(
+                ErrorKind::Io,
+                std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"),
+            ),
+            azure_core::Error::with_message(ErrorKind::Connection, "reset"),
+        ] {
+            let shown = outage.to_string();
+            assert_eq!(
+                classify_credential(&token_failure(outage)),
+                K::Unavailable,
+                "{shown}"
+            );
+        }
     }
 
     #[derive(Debug)]
