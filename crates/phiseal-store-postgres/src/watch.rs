@@ -298,21 +298,33 @@ where
             }
         };
     // The connection is driven by a task of its own, which passes notifications on (in the
-    // order the server sent them) and ends with the connection's error.
+    // order the server sent them) and ends with the connection's error. It never waits for
+    // room: the connection must keep being read (the heartbeat's answer comes through it).
+    // When the buffer is full the notification is dropped and `overflow` signalled; the
+    // session then delivers `Change::All`, which covers whatever was dropped.
     let (sender, mut notifications) =
         mpsc::channel::<Result<Notification, DatabaseError>>(NOTIFICATION_BUFFER);
+    let overflow = Arc::new(tokio::sync::Notify::new());
+    let overflowed = Arc::clone(&overflow);
     let _driver = AbortOnDrop(tokio::spawn(async move {
         loop {
             let item = match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => Ok(n),
+                Some(Ok(AsyncMessage::Notification(n))) => n,
                 // Notices, and whatever else the driver may add.
                 Some(Ok(_)) => continue,
-                Some(Err(e)) => Err(DatabaseError::from_driver(&e)),
-                None => Err(closed()),
+                Some(Err(e)) => {
+                    let _ = sender.send(Err(DatabaseError::from_driver(&e))).await;
+                    return;
+                }
+                None => {
+                    let _ = sender.send(Err(closed())).await;
+                    return;
+                }
             };
-            let last = item.is_err();
-            if sender.send(item).await.is_err() || last {
-                return;
+            match sender.try_send(Ok(item)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => overflowed.notify_one(),
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
     }));
@@ -356,6 +368,14 @@ where
                 Some(Err(error)) => return ended(error),
                 None => return ended(closed()),
             },
+            () = overflow.notified() => {
+                tracing::warn!(
+                    database = %params.target,
+                    "key-change notifications came faster than they were handled; some were \
+                     dropped: invalidating every tenant"
+                );
+                deliver(state, on_change, Change::All);
+            }
             _ = heartbeat.tick() => {
                 match tokio::time::timeout(QUERY_TIMEOUT, client.batch_execute("SELECT 1")).await {
                     Ok(Ok(())) => {}

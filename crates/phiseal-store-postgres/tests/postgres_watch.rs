@@ -332,6 +332,43 @@ async fn a_dropped_or_stopped_watcher_is_silent_and_closes_its_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_faster_than_the_callback_becomes_everything_changed_without_a_reconnect() {
+    let db = TestDb::new("watchburst").await;
+    let store = db.open().await;
+    let (sender, mut changes) = unbounded_channel();
+    // A slow callback (2 ms per change) while 2000 notifications arrive at once.
+    let watcher = store
+        .watch_changes(move |change: Change| {
+            std::thread::sleep(Duration::from_millis(2));
+            let _ = sender.send(change);
+        })
+        .unwrap();
+    expect(&mut changes, Change::All, Duration::from_secs(10)).await;
+    let raw = db.raw().await;
+    raw.batch_execute(&format!(
+        "SELECT pg_notify('{CHANGES_CHANNEL}', 'burst-' || g) FROM generate_series(1, 2000) g"
+    ))
+    .await
+    .unwrap();
+    // Some notifications are dropped (the buffer holds 256) and reported as "everything
+    // changed"; the listener neither stalls nor reconnects.
+    let mut tenants = 0;
+    let mut all = 0;
+    while let Some(change) = next(&mut changes, Duration::from_secs(3)).await {
+        match change {
+            Change::All => all += 1,
+            _ => tenants += 1,
+        }
+    }
+    assert!(all >= 1, "no Change::All for the dropped notifications");
+    assert!(tenants < 2000, "nothing was dropped: {tenants}");
+    assert_eq!(watcher.sessions(), 1, "the listener reconnected");
+    assert!(watcher.is_listening());
+    drop(watcher);
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_callback_does_not_stop_the_watcher() {
     let db = TestDb::new("watchpanic").await;
     let store = db.open().await;
