@@ -960,8 +960,12 @@ impl Shared {
         }
     }
 
-    /// See [`FileAuditLog::mark_dirty`]; `None` if the lock is poisoned.
+    /// See [`FileAuditLog::mark_dirty`]; `None` if the log or the lock is poisoned.
     fn mark_dirty(&self, ticket: bool) -> Option<u64> {
+        // A poisoned log takes no more tickets: nothing could be acknowledged with them.
+        if self.poison.get().is_some() {
+            return None;
+        }
         let mut st = lock(&self.sync_state)?;
         let was_dirty = st.dirty;
         st.dirty = true;
@@ -1264,8 +1268,13 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
             match res {
                 Ok(()) => shared.status.send_modify(|s| s.done = s.done.max(ticket)),
                 // After a failed fdatasync the kernel may have dropped the dirty pages: the
-                // file can no longer be trusted to hold what was written (fail closed).
-                Err(e) => fail(format!("fdatasync failed: {e}")),
+                // file can no longer be trusted to hold what was written (fail closed). And
+                // no fdatasync may follow: Linux reports the error once, so the next one would
+                // succeed and `done` would cover the records the failed one did not.
+                Err(e) => {
+                    fail(format!("fdatasync failed: {e}"));
+                    return;
+                }
             }
             st = match lock(&shared.sync_state) {
                 Some(s) => s,
@@ -1416,6 +1425,37 @@ mod tests {
         assert!(err.to_string().contains("fdatasync failed"), "{err}");
         let err = log.append_events(&[event(3)]).await.unwrap_err();
         assert!(matches!(err, AuditFileError::Poisoned { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fdatasync_is_never_followed_by_an_acknowledgement() {
+        // Linux reports a writeback error to one fdatasync only: a later one succeeds although
+        // pages written before the failure may be gone. A record whose covering fdatasync
+        // failed must not be acknowledged because a later one succeeded.
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileAuditLog::open(dir.path().join("audit.log"), Durability::Strict).unwrap();
+        log.write_events(&[event(1)]).unwrap();
+        log.shared.fail_next_sync.store(true, Ordering::Relaxed);
+        let first = log.mark_dirty(true).unwrap();
+        // The fdatasync thread takes that ticket, fails and poisons the log.
+        let mut rx = log.shared.status.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.failed.is_some()))
+            .await
+            .unwrap()
+            .unwrap();
+        // Another appender, which wrote before it could see the poison, asks for a sync.
+        if let Ok(second) = log.mark_dirty(true) {
+            // Give such a sync every chance to run (and succeed).
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                rx.wait_for(|s| s.done >= second),
+            )
+            .await;
+        }
+        assert!(
+            log.wait_synced(first).await.is_err(),
+            "acknowledged after its fdatasync failed"
+        );
     }
 
     /// Buffered, with a writer that only wakes when asked (high-water mark, flush, drop).
