@@ -2,8 +2,8 @@
 //! [`Durability::Buffered`], and torn-tail recovery.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -393,6 +393,28 @@ fn lock_exclusive(path: &Path, file: &File) -> Result<(), AuditFileError> {
     })
 }
 
+/// An existing log must be a regular file (not a symlink someone planted) that other users
+/// cannot write.
+fn check_existing_log(path: &Path) -> Result<std::fs::Metadata, AuditFileError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|source| AuditFileError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.file_type().is_file() {
+        return Err(AuditFileError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(AuditFileError::InsecurePermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(meta)
+}
+
 fn open_append(path: &Path) -> Result<(File, bool), AuditFileError> {
     let open_err = |source| AuditFileError::Open {
         path: path.to_owned(),
@@ -407,21 +429,7 @@ fn open_append(path: &Path) -> Result<(File, bool), AuditFileError> {
     {
         Ok(f) => Ok((f, true)),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // An existing log must be a regular file (not a symlink someone planted) that
-            // other users cannot write.
-            let meta = std::fs::symlink_metadata(path).map_err(open_err)?;
-            if !meta.file_type().is_file() {
-                return Err(AuditFileError::NotAFile {
-                    path: path.to_owned(),
-                });
-            }
-            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
-            if mode & 0o022 != 0 {
-                return Err(AuditFileError::InsecurePermissions {
-                    path: path.to_owned(),
-                    mode,
-                });
-            }
+            check_existing_log(path)?;
             OpenOptions::new()
                 .read(true)
                 .append(true)
@@ -809,6 +817,8 @@ impl FileAuditLog {
         path: impl AsRef<Path>,
     ) -> Result<Option<RecoveryReport>, AuditFileError> {
         let path = path.as_ref();
+        // The checks `open` makes, and the file opened must be the one checked.
+        let checked = check_existing_log(path)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -819,12 +829,15 @@ impl FileAuditLog {
             })?;
         lock_exclusive(path, &file)?;
         let meta = file.metadata().map_err(io_err(path, "stat"))?;
-        if !meta.is_file() {
+        if !meta.is_file() || (meta.dev(), meta.ino()) != (checked.dev(), checked.ino()) {
             return Err(AuditFileError::NotAFile {
                 path: path.to_owned(),
             });
         }
         let file_len = meta.len();
+        // Nothing is cut from a file that is not an audit log (a wrong path), nor from one
+        // whose header itself is torn: its first line must be a header record.
+        starts_with_header(path, &file)?;
         let (offset, len) = match find_tail(&file, file_len).map_err(io_err(path, "read"))? {
             Tail::Torn { offset, len } => (offset, len),
             Tail::Empty => return Ok(None),
@@ -1179,6 +1192,31 @@ fn save_torn(
             Ok(())
         }
         Err(e) => Err(io_err(saved_to, "create")(e)),
+    }
+}
+
+/// Refuses a file whose first line is not a complete header record (changes nothing).
+fn starts_with_header(path: &Path, file: &File) -> Result<(), AuditFileError> {
+    let refuse = |reason: &str| AuditFileError::DamagedTail {
+        path: path.to_owned(),
+        end: 0,
+        reason: format!(
+            "{reason}: not a phiseal audit log, or its header is damaged; nothing was changed \
+             (move the file away and start a new log if it is one)"
+        ),
+    };
+    let mut first = Vec::with_capacity(256);
+    let read = std::io::BufReader::new(file)
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut first)
+        .map_err(io_err(path, "read"))?;
+    if read == 0 || first.last() != Some(&b'\n') {
+        return Err(refuse("the file has no complete first line"));
+    }
+    first.pop();
+    match parse_line(&first) {
+        Ok(parsed) if parsed.kind == Kind::Header && parsed.seq == 0 => Ok(()),
+        _ => Err(refuse("the first line is not a header record")),
     }
 }
 

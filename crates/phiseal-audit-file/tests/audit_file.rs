@@ -930,6 +930,39 @@ async fn interrupted_recovery_resumes() {
     );
 }
 
+#[tokio::test]
+async fn recovery_changes_nothing_in_a_file_that_is_not_a_log() {
+    let dir = tempfile::tempdir().unwrap();
+    // A wrong path: its last line looks torn, but it is no audit log, so nothing is cut.
+    let notes = dir.path().join("notes.txt");
+    let text = b"first line\nsecond line without a newline";
+    std::fs::write(&notes, text).unwrap();
+    let err = FileAuditLog::recover_torn_tail(&notes).unwrap_err();
+    assert!(err.to_string().contains("not a phiseal audit log"), "{err}");
+    assert_eq!(std::fs::read(&notes).unwrap(), text);
+    // A log whose header itself is torn: nothing is cut and nothing saved aside (the next
+    // open would otherwise start a fresh chain without a trace).
+    let torn_header = dir.path().join("audit.log");
+    std::fs::write(&torn_header, b"{\"seq\":0,\"kind\":\"hea").unwrap();
+    let err = FileAuditLog::recover_torn_tail(&torn_header).unwrap_err();
+    assert!(err.to_string().contains("nothing was changed"), "{err}");
+    assert_eq!(
+        std::fs::read(&torn_header).unwrap(),
+        b"{\"seq\":0,\"kind\":\"hea"
+    );
+    assert!(!dir.path().join("audit.log.torn-0").exists());
+    // A symlink to a log is refused, as `open` refuses it.
+    let (_log_dir, log) = log_with(1).await;
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.extend_from_slice(b"partial");
+    std::fs::write(&log, &bytes).unwrap();
+    let link = dir.path().join("link.log");
+    std::os::unix::fs::symlink(&log, &link).unwrap();
+    let err = FileAuditLog::recover_torn_tail(&link).unwrap_err();
+    assert!(matches!(err, AuditFileError::NotAFile { .. }), "{err}");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes);
+}
+
 #[test]
 fn garbage_never_panics() {
     let dir = tempfile::tempdir().unwrap();
