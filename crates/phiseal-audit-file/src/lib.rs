@@ -30,5 +30,6 @@ mod verify;
 pub use error::AuditFileError;
 pub use log::{Durability, FileAuditLog, RecoveryReport};
 pub use verify::{
-    ExportReport, MAX_PROBLEMS, Problem, ProblemKind, VerifyReport, export_tenant, verify,
+    Anchor, ExportReport, MAX_PROBLEMS, Problem, ProblemKind, VerifyReport, export_tenant, verify,
+    verify_anchored,
 };

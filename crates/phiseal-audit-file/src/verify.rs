@@ -34,6 +34,19 @@ pub enum ProblemKind {
     MissingHeader,
     /// A header record after the first line: another log's chain was spliced in.
     UnexpectedHeader,
+    /// No line has the anchored hash and ends with the anchored seq ([`verify_anchored`]):
+    /// records were cut off the end, or the chain was rewritten from an earlier point.
+    AnchorMissing,
+}
+
+/// A head recorded earlier, outside the machine: a line's hash and the seq of its last record
+/// (a report's `head_hash` and `last_seq`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anchor {
+    /// The seq of the last record of the anchored line.
+    pub last_seq: u64,
+    /// The anchored line's hash.
+    pub hash: [u8; 32],
 }
 
 /// One problem found by [`verify`].
@@ -156,6 +169,8 @@ struct Checker {
     offset: u64,
     /// Hash and seq of the previous line, `None` after a malformed line (unknown).
     prev: Option<([u8; 32], u64)>,
+    /// A head to find, and whether a well-formed line matched it.
+    anchor: Option<(Anchor, bool)>,
 }
 
 impl Checker {
@@ -165,6 +180,7 @@ impl Checker {
             line_no: 0,
             offset: 0,
             prev: None,
+            anchor: None,
         }
     }
 
@@ -203,6 +219,9 @@ impl Checker {
             }
             Ok(p) => {
                 self.check(&p);
+                if let Some((anchor, found)) = &mut self.anchor {
+                    *found |= p.last_seq == anchor.last_seq && ct_eq(&p.hash, &anchor.hash);
+                }
                 self.report.records += p.last_seq - p.seq;
                 self.prev = Some((p.hash, p.last_seq));
                 self.report.last_seq = Some(p.last_seq);
@@ -297,10 +316,25 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditFileError + '_ {
 /// the report's `problems` and `torn_tail`. Run on a live log, a torn tail at the very end may
 /// be a write in progress: re-run to tell.
 pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, AuditFileError> {
-    let path = path.as_ref();
+    verify_checking(path.as_ref(), None)
+}
+
+/// [`verify`], and also that the log still holds `anchor` — a head recorded earlier outside
+/// the machine: a line with that hash whose last record has that seq. Without it,
+/// [`ProblemKind::AnchorMissing`]: the plain chain cannot show records cut off the end, or a
+/// chain rewritten from an earlier point; an anchor can.
+pub fn verify_anchored(
+    path: impl AsRef<Path>,
+    anchor: Anchor,
+) -> Result<VerifyReport, AuditFileError> {
+    verify_checking(path.as_ref(), Some(anchor))
+}
+
+fn verify_checking(path: &Path, anchor: Option<Anchor>) -> Result<VerifyReport, AuditFileError> {
     let mut reader = open_read(path)?;
     let mut buf = Vec::with_capacity(1024);
     let mut checker = Checker::new();
+    checker.anchor = anchor.map(|a| (a, false));
     loop {
         let read = read_line_capped(&mut reader, &mut buf).map_err(read_err(path))?;
         match read {
@@ -317,6 +351,16 @@ pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, AuditFileError> {
     if checker.line_no == 0 {
         checker.line_no = 1;
         checker.problem(ProblemKind::MissingHeader, "the log has no complete record");
+    }
+    if let Some((anchor, false)) = checker.anchor {
+        checker.problem(
+            ProblemKind::AnchorMissing,
+            format!(
+                "no line ends with record {} under the anchored hash: records were cut off \
+                 the end or the chain was rewritten",
+                anchor.last_seq
+            ),
+        );
     }
     Ok(checker.report)
 }

@@ -16,7 +16,7 @@ use jiff::Timestamp;
 use phiseal::audit::{Action, Actor, AuditEvent, AuditSink, KeySource, Outcome};
 use phiseal::context::TenantId;
 use phiseal_audit_file::{
-    AuditFileError, Durability, FileAuditLog, ProblemKind, export_tenant, verify,
+    AuditFileError, Durability, FileAuditLog, ProblemKind, export_tenant, verify, verify_anchored,
 };
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -928,6 +928,48 @@ async fn interrupted_recovery_resumes() {
         matches!(err, AuditFileError::TornFileConflict { .. }),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn an_anchored_head_catches_records_cut_off_the_end() {
+    let (_dir, path) = log_with(5).await;
+    let report = verify(&path).unwrap();
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(report.head_hash.as_deref().unwrap(), &mut hash).unwrap();
+    let head = phiseal_audit_file::Anchor {
+        last_seq: report.last_seq.unwrap(),
+        hash,
+    };
+    // The head as recorded: found.
+    assert!(verify_anchored(&path, head).unwrap().is_intact());
+    // An anchor of an earlier record still holds once more records follow.
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    log.append(&[ev(99)]).await.unwrap();
+    drop(log);
+    assert!(verify_anchored(&path, head).unwrap().is_intact());
+    // The last two records cut off at a line boundary: the chain alone is intact, the anchor
+    // is not.
+    let kept = lines(&path);
+    write_lines(&path, &kept[..kept.len() - 2]);
+    assert!(verify(&path).unwrap().is_intact());
+    let report = verify_anchored(&path, head).unwrap();
+    assert!(!report.is_intact());
+    assert_eq!(report.problems[0].kind, ProblemKind::AnchorMissing);
+    // The right hash with another seq (or the reverse) is no match either.
+    write_lines(&path, &kept);
+    for wrong in [
+        phiseal_audit_file::Anchor {
+            last_seq: head.last_seq + 1,
+            ..head
+        },
+        phiseal_audit_file::Anchor {
+            hash: [7; 32],
+            ..head
+        },
+    ] {
+        let report = verify_anchored(&path, wrong).unwrap();
+        assert_eq!(report.problems[0].kind, ProblemKind::AnchorMissing);
+    }
 }
 
 #[tokio::test]

@@ -5,10 +5,12 @@ use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use phiseal_audit_file::{FileAuditLog, ProblemKind, VerifyReport, export_tenant, verify};
+use phiseal_audit_file::{
+    FileAuditLog, ProblemKind, VerifyReport, export_tenant, verify, verify_anchored,
+};
 use serde_json::json;
 
-use crate::cli::{AuditCommand, ExportArgs, GlobalArgs, LogArgs};
+use crate::cli::{AuditCommand, ExportArgs, GlobalArgs, LogArgs, VerifyArgs};
 use crate::error::CliError;
 use crate::output::{printable, report, stderr_note};
 
@@ -91,13 +93,17 @@ fn problem_name(kind: ProblemKind) -> &'static str {
         ProblemKind::Malformed => "malformed",
         ProblemKind::MissingHeader => "missing_header",
         ProblemKind::UnexpectedHeader => "unexpected_header",
+        ProblemKind::AnchorMissing => "anchor_missing",
         _ => "other",
     }
 }
 
-fn verify_log(args: &LogArgs, json: bool) -> Result<(), CliError> {
-    let path = log_path_from_env(args);
-    let report_ = verify(&path)?;
+fn verify_log(args: &VerifyArgs, json: bool) -> Result<(), CliError> {
+    let path = log_path_from_env(&args.log);
+    let report_ = match args.anchor {
+        Some(anchor) => verify_anchored(&path, anchor)?,
+        None => verify(&path)?,
+    };
     report(
         json,
         &verify_json(&path, &report_),

@@ -395,7 +395,7 @@ pub(crate) struct ShredArgs {
 #[derive(Debug, Subcommand)]
 pub(crate) enum AuditCommand {
     /// Verify the whole hash chain of the audit log. Exit code 8 if it is not intact.
-    Verify(LogArgs),
+    Verify(VerifyArgs),
     /// Write one tenant's records as JSON lines to stdout, verifying the chain while reading.
     Export(ExportArgs),
     /// Recover from a crash mid-write: save a torn (partial) last record to LOG.torn-OFFSET,
@@ -414,6 +414,32 @@ pub(crate) struct LogArgs {
     /// The audit log file itself.
     #[arg(long, value_name = "FILE")]
     pub(crate) log: Option<PathBuf>,
+}
+
+/// `audit verify` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    #[command(flatten)]
+    pub(crate) log: LogArgs,
+    /// Also check a head recorded earlier (`last_seq` and `head_hash` of an earlier
+    /// `audit verify --json`): the log must still hold a line with that hash ending with that
+    /// record. Catches records cut off the end and a chain rewritten from an earlier point,
+    /// which the chain alone cannot show.
+    #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
+    pub(crate) anchor: Option<phiseal_audit_file::Anchor>,
+}
+
+/// `SEQ:HASH`: a record's seq and a 64-hex-digit line hash.
+fn parse_anchor(text: &str) -> Result<phiseal_audit_file::Anchor, String> {
+    let bad = || "expected SEQ:HASH, e.g. 1234:9f86d08…  (64 hex digits)".to_owned();
+    let (seq, hash) = text.split_once(':').ok_or_else(bad)?;
+    let last_seq = seq.parse().map_err(|_| bad())?;
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(hash.trim(), &mut bytes).map_err(|_| bad())?;
+    Ok(phiseal_audit_file::Anchor {
+        last_seq,
+        hash: bytes,
+    })
 }
 
 /// `audit export` arguments.

@@ -948,6 +948,33 @@ fn audit_verify_and_export_on_the_daemon_log() {
     assert_eq!(v["torn_tail"], Value::Null);
     assert_eq!(v["problem_count"], 0);
 
+    // The head just reported, as an anchor: held. The same hash under another seq: missing
+    // (exit 8). A malformed anchor is a usage error.
+    let log_arg = log.to_str().unwrap();
+    let anchor = format!("{}:{head}", n - 1);
+    d.cli(
+        &["audit", "verify", "--log", log_arg, "--anchor", &anchor],
+        b"",
+    )
+    .expect(0);
+    let wrong = format!("{}:{head}", n + 5);
+    let missing = d
+        .cli(
+            &[
+                "audit", "verify", "--log", log_arg, "--anchor", &wrong, "--json",
+            ],
+            b"",
+        )
+        .expect(8)
+        .json();
+    assert_eq!(missing["intact"], false);
+    assert_eq!(missing["problems"][0]["kind"], "anchor_missing");
+    d.cli(
+        &["audit", "verify", "--log", log_arg, "--anchor", "12:xyz"],
+        b"",
+    )
+    .expect(2);
+
     // Export: exactly the tenant's records, as they are in the log.
     let acme: Vec<&str> = lines
         .iter()
