@@ -433,15 +433,31 @@ pub(crate) fn encode_header(line: &mut String, log_id: &[u8; 16], created: Times
 }
 
 /// Encodes a torn-tail recovery record into `line` (cleared first).
+/// What a recovery record states about the torn bytes it saved aside.
+pub(crate) struct SavedTail<'a> {
+    /// Where they were in the log.
+    pub(crate) offset: u64,
+    /// How many there were.
+    pub(crate) len: u64,
+    /// The file they were saved to.
+    pub(crate) saved_to: &'a str,
+    /// Their SHA-256.
+    pub(crate) saved_sha256: [u8; 32],
+}
+
 pub(crate) fn encode_recovery(
     line: &mut String,
     seq: u64,
     prev: &[u8; 32],
-    offset: u64,
-    len: u64,
-    saved_to: &str,
+    tail: &SavedTail<'_>,
     time: Timestamp,
 ) {
+    let SavedTail {
+        offset,
+        len,
+        saved_to,
+        saved_sha256,
+    } = tail;
     line.clear();
     // Writing to a String cannot fail.
     let _ = write!(
@@ -449,7 +465,11 @@ pub(crate) fn encode_recovery(
         "{{\"seq\":{seq},\"kind\":\"recovered_torn_tail\",\"offset\":{offset},\"len\":{len},\"saved_to\":"
     );
     push_json_str(line, saved_to);
-    let _ = write!(line, ",\"time\":\"{time}\"");
+    let _ = write!(
+        line,
+        ",\"saved_sha256\":\"{}\",\"time\":\"{time}\"",
+        hex::encode(saved_sha256)
+    );
     push_prev(line, prev);
 }
 

@@ -18,8 +18,8 @@ use tokio::sync::watch;
 
 use crate::error::AuditFileError;
 use crate::format::{
-    Kind, MAX_LINE, RecordView, encode_event, encode_header, encode_line, encode_recovery,
-    finish_line, max_event_line_len, parse_line,
+    Kind, MAX_LINE, RecordView, SavedTail, encode_event, encode_header, encode_line,
+    encode_recovery, finish_line, max_event_line_len, parse_line,
 };
 use crate::queued::QueuedEvents;
 
@@ -1247,14 +1247,20 @@ fn append_recovery(
             });
         }
     };
+    // The saved bytes' hash goes into the chain: a later change to the save file shows.
+    let saved = std::fs::read(saved_to).map_err(io_err(saved_to, "read of the saved bytes"))?;
+    let saved_sha256 = phiseal::crypto::default_provider().sha256.digest(&[&saved]);
     let mut line = String::with_capacity(512);
     encode_recovery(
         &mut line,
         head.next_seq,
         &head.prev,
-        offset,
-        len,
-        &saved_to.to_string_lossy(),
+        &SavedTail {
+            offset,
+            len,
+            saved_to: &saved_to.to_string_lossy(),
+            saved_sha256,
+        },
         Timestamp::now(),
     );
     finish_line(&mut line);

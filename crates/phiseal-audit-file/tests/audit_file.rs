@@ -880,6 +880,11 @@ async fn torn_tail_is_refused_reported_and_recovered() {
     assert_eq!(last["kind"], "recovered_torn_tail");
     assert_eq!(last["offset"], intact_len as u64);
     assert_eq!(last["len"], 30);
+    // The saved bytes' hash is in the chain: a later change to the save file shows.
+    let saved_hash = phiseal::crypto::default_provider()
+        .sha256
+        .digest(&[&full[intact_len..cut]]);
+    assert_eq!(last["saved_sha256"], hex::encode(saved_hash));
 
     // Nothing more to recover; the log opens and continues.
     assert!(FileAuditLog::recover_torn_tail(&path).unwrap().is_none());
