@@ -449,47 +449,40 @@ fn credentials_failure(
     err: &(dyn std::error::Error + 'static),
 ) -> Option<(BackendErrorKind, String)> {
     use aws_credential_types::provider::error::CredentialsError;
-    let mut next = Some(err);
-    while let Some(e) = next {
-        if let Some(c) = e.downcast_ref::<CredentialsError>() {
-            let (kind, what) = match c {
-                CredentialsError::ProviderTimedOut(_) => (
-                    BackendErrorKind::Unavailable,
-                    "obtaining credentials timed out",
-                ),
-                CredentialsError::CredentialsNotLoaded(_)
-                | CredentialsError::InvalidConfiguration(_) => (
-                    BackendErrorKind::Misconfigured,
-                    "no usable credentials are configured",
-                ),
-                CredentialsError::ProviderError(_) if caused_by_io(c) => (
-                    BackendErrorKind::Unavailable,
-                    "the credentials provider could not be reached",
-                ),
-                CredentialsError::ProviderError(_) => (
-                    BackendErrorKind::Denied,
-                    "the credentials provider refused (role, token or keys invalid, expired or \
+    let c = causes(err).find_map(|e| e.downcast_ref::<CredentialsError>())?;
+    let (kind, what) = match c {
+        CredentialsError::ProviderTimedOut(_) => (
+            BackendErrorKind::Unavailable,
+            "obtaining credentials timed out",
+        ),
+        CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_) => (
+            BackendErrorKind::Misconfigured,
+            "no usable credentials are configured",
+        ),
+        CredentialsError::ProviderError(_) if caused_by_io(c) => (
+            BackendErrorKind::Unavailable,
+            "the credentials provider could not be reached",
+        ),
+        CredentialsError::ProviderError(_) => (
+            BackendErrorKind::Denied,
+            "the credentials provider refused (role, token or keys invalid, expired or \
                      not trusted)",
-                ),
-                _ => (BackendErrorKind::Other, "obtaining credentials failed"),
-            };
-            return Some((kind, what.to_owned()));
-        }
-        next = e.source();
-    }
-    None
+        ),
+        _ => (BackendErrorKind::Other, "obtaining credentials failed"),
+    };
+    Some((kind, what.to_owned()))
+}
+
+/// `err` and its chain of causes.
+fn causes<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| e.source())
 }
 
 /// Whether an I/O error (a connection that failed) is among the causes of `err`.
 fn caused_by_io(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = err.source();
-    while let Some(e) = next {
-        if e.is::<std::io::Error>() {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    causes(err).skip(1).any(|e| e.is::<std::io::Error>())
 }
 
 /// Maps an SDK error to a [`BackendError`] naming the backend, the operation, the key and the
@@ -502,43 +495,40 @@ fn sdk_error<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    // Obtaining credentials failed (reported as a dispatch failure): a refused or missing
-    // credential is no outage.
-    let credentials = match &err {
-        SdkError::DispatchFailure(_) => credentials_failure(&err),
-        _ => None,
-    };
-    let (kind, what) = match (&err, credentials) {
-        (_, Some(found)) => found,
-        (SdkError::TimeoutError(_), None) => (
+    let (kind, what) = match &err {
+        SdkError::TimeoutError(_) => (
             BackendErrorKind::Unavailable,
             format!("timed out (limit {OPERATION_TIMEOUT:?} for all attempts)"),
         ),
-        (SdkError::DispatchFailure(d), None) if d.is_timeout() => (
+        SdkError::DispatchFailure(d) if d.is_timeout() => (
             BackendErrorKind::Unavailable,
             "timed out connecting or waiting for the response".to_owned(),
         ),
-        (SdkError::DispatchFailure(d), None) if d.is_io() => (
+        SdkError::DispatchFailure(d) if d.is_io() => (
             BackendErrorKind::Unavailable,
             "could not connect to the KMS endpoint".to_owned(),
         ),
-        (SdkError::DispatchFailure(d), None) if d.is_user() => (
+        SdkError::DispatchFailure(d) if d.is_user() => (
             BackendErrorKind::Misconfigured,
             "the request could not be sent (check endpoint, region and credentials)".to_owned(),
         ),
-        (SdkError::DispatchFailure(_), None) => (
-            BackendErrorKind::Unavailable,
-            "the request could not be sent".to_owned(),
-        ),
-        (SdkError::ResponseError(_), None) => (
+        // Obtaining credentials failed (the SDK reports it as a dispatch failure of no
+        // particular kind): a refused or missing credential is no outage.
+        SdkError::DispatchFailure(_) => credentials_failure(&err).unwrap_or_else(|| {
+            (
+                BackendErrorKind::Unavailable,
+                "the request could not be sent".to_owned(),
+            )
+        }),
+        SdkError::ResponseError(_) => (
             BackendErrorKind::Unavailable,
             "the response could not be read".to_owned(),
         ),
-        (SdkError::ConstructionFailure(_), None) => (
+        SdkError::ConstructionFailure(_) => (
             BackendErrorKind::Misconfigured,
             "the request could not be built (check region, endpoint and credentials)".to_owned(),
         ),
-        (SdkError::ServiceError(s), None) => {
+        SdkError::ServiceError(s) => {
             let code = s.err().code().unwrap_or_default();
             let status = s.raw().status().as_u16();
             let kind = classify(op, code, s.err().message().unwrap_or_default(), status);
