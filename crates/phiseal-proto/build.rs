@@ -2,7 +2,11 @@
 //! types cannot drift from the contract. Uses the vendored `protoc` unless `PROTOC` is set.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with `env!`: a build-script binary reused from a shared target
+    // directory (CI points CARGO_TARGET_DIR outside the clone) must not carry the path of the
+    // checkout it was first compiled in.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR unset")?;
+    let proto_root = std::path::Path::new(&manifest_dir).join("../../proto");
     let proto = proto_root.join("phiseal/v1/phiseal.proto");
     let protoc = match std::env::var_os("PROTOC") {
         Some(path) => std::path::PathBuf::from(path),

@@ -78,7 +78,8 @@ impl Double {
     fn restart(&mut self) {
         self.stop();
         let python = std::env::var_os("PHISEAL_PYTHON").unwrap_or_else(|| panic!("{INSTALL_HINT}"));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kv_double.py");
+        let script =
+            Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").unwrap()).join("tests/kv_double.py");
         let port_file = self.dir.path().join("port");
         let _ = std::fs::remove_file(&port_file);
         let log = std::fs::OpenOptions::new()

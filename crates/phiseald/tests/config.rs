@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// The example shipped next to the crate's manifest.
 fn example() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("phiseald.example.toml")
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").unwrap()).join("phiseald.example.toml")
 }
 
 /// What one `phiseald` run did.

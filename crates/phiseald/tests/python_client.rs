@@ -26,7 +26,7 @@ fn patient_record_example_round_trips_through_the_daemon() {
              install -r examples/python/requirements.txt && export PHISEAL_PYTHON=V/bin/python)"
         )
     });
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap()).join("../..");
     let d = Daemon::embedded();
     let output = Command::new(&python)
         .arg("examples/python/patient_record.py")
