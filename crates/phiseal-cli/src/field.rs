@@ -1,6 +1,6 @@
 //! `encrypt` and `decrypt`: one field through stdin and stdout.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Read};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -24,10 +24,26 @@ impl FieldArgs {
     }
 }
 
-/// All of stdin, as raw bytes (wiped when dropped, and so is every buffer on the way).
+/// The most stdin bytes read for one field (64 MiB). The daemon refuses messages over its
+/// `limits.max_message_bytes` (4 MiB by default) anyway; past this the command stops reading
+/// instead of holding an unbounded input in memory.
+const MAX_STDIN_BYTES: usize = 64 << 20;
+
+/// All of stdin, as raw bytes (wiped when dropped, and so is every buffer on the way); a
+/// usage error, without reading further, if it holds more than [`MAX_STDIN_BYTES`].
 pub(crate) fn read_stdin() -> Result<Zeroizing<Vec<u8>>, CliError> {
-    crate::wiped::read_to_end_wiped(&mut std::io::stdin().lock())
-        .map_err(CliError::io("reading stdin"))
+    let limit = MAX_STDIN_BYTES as u64 + 1;
+    let value = crate::wiped::read_to_end_wiped(&mut std::io::stdin().lock().take(limit))
+        .map_err(CliError::io("reading stdin"))?;
+    if value.len() > MAX_STDIN_BYTES {
+        return Err(CliError::Usage(format!(
+            "stdin holds more than {} MiB, too much for one field (the daemon's limit is its \
+             limits.max_message_bytes, 4 MiB by default); encrypt files with `phiseal \
+             encrypt-file`",
+            MAX_STDIN_BYTES >> 20
+        )));
+    }
+    Ok(value)
 }
 
 /// The value to encrypt or index: all of stdin, byte for byte; but typed at a terminal, the

@@ -286,6 +286,38 @@ fn a_value_over_the_message_limit_says_what_to_use_instead() {
 }
 
 #[test]
+fn an_endless_stdin_is_refused_after_64_mib_without_reading_on() {
+    use std::io::Write;
+    // No daemon: the value is read before the command connects.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = cli_command(&bin("phiseal"), &dir.path().join("none.sock"));
+    cmd.args(field_args("encrypt", "acme", "notes", None));
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    // Writes until the command closes its end (a broken pipe), counting what it accepted.
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        let mut written = 0u64;
+        while input.write_all(&chunk).is_ok() {
+            written += chunk.len() as u64;
+            assert!(written < 1 << 30, "phiseal kept reading past 1 GiB");
+        }
+        written
+    });
+    let output = child.wait_with_output().unwrap();
+    let written = writer.join().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("more than 64 MiB") && stderr.contains("encrypt-file"),
+        "{stderr}"
+    );
+    // It stopped at the limit (plus what the pipe buffers), not at the end of the input.
+    assert!(written < 128 << 20, "{written} bytes were accepted");
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
 fn encrypt_and_decrypt_raw_bytes() {
     let d = Daemon::embedded();
     d.cli(&["tenant", "create", "acme"], b"").expect(0);
