@@ -83,7 +83,10 @@ impl Daemon {
         Ok(Daemon {
             field: FieldServiceClient::with_interceptor(channel.clone(), policy.clone())
                 .max_decoding_message_size(MAX_RESPONSE),
-            streaming: FieldServiceClient::with_interceptor(channel.clone(), untimed),
+            // Stream answers are at most the daemon's limits.max_message_bytes, which an
+            // operator may raise above tonic's 4 MiB default.
+            streaming: FieldServiceClient::with_interceptor(channel.clone(), untimed)
+                .max_decoding_message_size(MAX_RESPONSE),
             admin: AdminServiceClient::with_interceptor(channel, policy)
                 .max_decoding_message_size(MAX_RESPONSE),
             timeout,

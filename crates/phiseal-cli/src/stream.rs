@@ -237,21 +237,24 @@ async fn run<M: Send + 'static>(
     )
 }
 
-/// Installs SIGINT and SIGTERM handlers now (so that no signal from here on is missed: a
-/// handler created later would not see it) and resolves on either (never, if they cannot be
-/// installed).
+/// Installs SIGINT, SIGTERM and SIGHUP handlers now (so that no signal from here on is
+/// missed: a handler created later would not see it) and resolves on any of them (never, if
+/// they cannot be installed). SIGHUP: a terminal or SSH session that goes away must not leave
+/// the `.partial` file behind.
 fn interruption() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     );
     async move {
         match handlers {
-            (Ok(mut int), Ok(mut term)) => {
+            (Ok(mut int), Ok(mut term), Ok(mut hup)) => {
                 tokio::select! {
                     _ = int.recv() => {}
                     _ = term.recv() => {}
+                    _ = hup.recv() => {}
                 }
             }
             _ => std::future::pending().await,

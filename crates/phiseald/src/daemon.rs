@@ -172,6 +172,7 @@ impl Daemon {
             limiter: CallLimiter::new(&config.limits),
             max_batch_items: config.limits.max_batch_items,
             request_timeout: config.limits.request_timeout,
+            max_message_bytes: config.limits.max_message_bytes,
             metrics,
             tasks: TaskTracker::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_streams)),

@@ -38,6 +38,9 @@ pub struct Sidecar {
     pub max_batch_items: usize,
     /// Longest time a call may take (a client's shorter `grpc-timeout` wins).
     pub request_timeout: std::time::Duration,
+    /// Largest message either way (`limits.max_message_bytes`): stream answers are split to
+    /// fit it.
+    pub max_message_bytes: usize,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Calls and admin operations in flight (waited for at shutdown).

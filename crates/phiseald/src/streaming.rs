@@ -122,6 +122,42 @@ async fn send(
     }
 }
 
+/// Room for chunk bytes in one answer: the message limit less the `StreamChunk` framing (a
+/// field tag and a length of at most 5 bytes; 16 leaves a margin).
+fn answer_room(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_sub(16).max(1)
+}
+
+/// Sends `out` as one answer, or as several of at most `room` bytes each when it is larger (a
+/// push of a whole message's worth of plaintext grows by the segments' tags; a writer may
+/// have chosen segments over the limit), so that no answer exceeds the message limit. When
+/// `wipe`, a buffer that was split is wiped once its pieces are copied out. `false` as for
+/// [`send`].
+async fn send_output(
+    tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
+    idle: Duration,
+    stop: &CancellationToken,
+    mut out: Vec<u8>,
+    room: usize,
+    wipe: bool,
+) -> bool {
+    if out.len() <= room {
+        return send(tx, idle, stop, Ok(pb::StreamChunk { chunk: out })).await;
+    }
+    let mut sent = true;
+    for piece in out.chunks(room) {
+        let chunk = piece.to_vec();
+        if !send(tx, idle, stop, Ok(pb::StreamChunk { chunk })).await {
+            sent = false;
+            break;
+        }
+    }
+    if wipe {
+        out.zeroize();
+    }
+    sent
+}
+
 /// Admits the call and parses and authorizes the first message's context.
 async fn open<M>(
     s: &Sidecar,
@@ -303,14 +339,18 @@ pub(crate) async fn encrypt_stream(
         },
     )
     .await?;
+    // The key lookup (key store, KMS) and the `attempt` record, within the call's deadline.
     let started = s
-        .keyring
-        .start_encrypt_stream(&call.caller, &context, StreamOptions::default())
+        .within(&call, async {
+            s.keyring
+                .start_encrypt_stream(&call.caller, &context, StreamOptions::default())
+                .await
+                .map_err(|e| status::from_error(&e))
+        })
         .await;
     let encryptor = match started {
         Ok(encryptor) => encryptor,
-        Err(e) => {
-            let status = status::from_error(&e);
+        Err(status) => {
             done(s, &call, Err(status.clone()));
             return Err(status);
         }
@@ -364,9 +404,10 @@ fn serve<M: Send + 'static, W: Worker>(
     let complete = Arc::new(AtomicBool::new(false));
     let response = respond(&call, rx, Arc::clone(&complete));
     let sidecar = Arc::clone(s);
+    let room = answer_room(s.max_message_bytes);
     s.tasks.spawn(async move {
         let stop = &sidecar.stop_streams;
-        let result = run(&call, inbound, worker, part, &tx, stop).await;
+        let result = run(&call, inbound, worker, part, &tx, stop, room).await;
         if result.is_ok() {
             // Only now may the end of the answers mean success (see `Answers`).
             complete.store(true, Ordering::Release);
@@ -387,6 +428,7 @@ async fn run<M, W: Worker>(
     part: fn(M) -> Option<Part>,
     tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
     stop: &CancellationToken,
+    room: usize,
 ) -> Result<(), Status> {
     let idle = idle_limit(call);
     let failed = async |worker: W, status: Status, reason: &'static str| {
@@ -409,15 +451,28 @@ async fn run<M, W: Worker>(
                 return failed(worker, misplaced_context(), "invalid_input").await;
             }
             Ok(Some(Part::Chunk(mut chunk))) => {
-                let pushed = worker.push(&chunk, &mut out).await;
+                // Within the idle limit and ended by shutdown like a read: the first push of
+                // a decryption looks the key up (key store, KMS), which may hang.
+                let pushed = {
+                    let push = tokio::time::timeout(idle, worker.push(&chunk, &mut out));
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => Err((shutting_down(), SHUTDOWN)),
+                        pushed = push => match pushed {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(e)) => Err((status::from_error(&e), e.kind())),
+                            Err(_) => Err((idle_timeout(), "deadline_exceeded")),
+                        },
+                    }
+                };
                 if W::WIPE_INPUT {
                     chunk.zeroize();
                 }
-                if let Err(e) = pushed {
+                if let Err((status, reason)) = pushed {
                     if W::WIPE_OUTPUT {
                         out.zeroize();
                     }
-                    return failed(worker, status::from_error(&e), e.kind()).await;
+                    return failed(worker, status, reason).await;
                 }
             }
             Ok(None) => {
@@ -429,14 +484,14 @@ async fn run<M, W: Worker>(
                     let _ = send(tx, idle, stop, Err(status.clone())).await;
                     return Err(status);
                 }
-                return if send(tx, idle, stop, Ok(pb::StreamChunk { chunk: out })).await {
+                return if send_output(tx, idle, stop, out, room, W::WIPE_OUTPUT).await {
                     Ok(())
                 } else {
                     Err(gone())
                 };
             }
         }
-        if !out.is_empty() && !send(tx, idle, stop, Ok(pb::StreamChunk { chunk: out })).await {
+        if !out.is_empty() && !send_output(tx, idle, stop, out, room, W::WIPE_OUTPUT).await {
             // (The unsent answer is dropped with the failed send, unwiped, like any message
             // the gRPC layer drops.)
             if stop.is_cancelled() {

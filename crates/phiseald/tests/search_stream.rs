@@ -513,6 +513,63 @@ async fn large_values_stream_both_ways_and_tampering_is_refused() {
 }
 
 #[tokio::test]
+async fn stream_answers_are_split_to_fit_the_message_limit() {
+    // 16 KiB messages: every 64 KiB segment, sealed or opened, is larger than one answer.
+    let limit = 16 * 1024;
+    let d = Daemon::with_config(&config(&format!(
+        "{ALL}\n[limits]\nmax_message_bytes = {limit}\n"
+    )));
+    create_tenant(&d, "clinic").await;
+    let document: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<Vec<u8>> = document.chunks(10_000).map(<[u8]>::to_vec).collect();
+    let mut requests = vec![pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-7")).unwrap(),
+        )),
+    }];
+    requests.extend(chunks.into_iter().map(|c| pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Chunk(c)),
+    }));
+    let mut answers = d
+        .fields()
+        .await
+        .encrypt_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut ciphertext, mut sizes) = (Vec::new(), Vec::new());
+    while let Some(chunk) = answers.message().await.unwrap() {
+        sizes.push(chunk.chunk.len());
+        ciphertext.extend_from_slice(&chunk.chunk);
+    }
+    assert!(sizes.iter().all(|&n| n < limit), "{sizes:?}");
+    assert!(sizes.len() > 4, "{sizes:?}");
+
+    let mut requests = vec![pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-7")).unwrap(),
+        )),
+    }];
+    requests.extend(ciphertext.chunks(10_000).map(|c| pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Chunk(c.to_vec())),
+    }));
+    let mut answers = d
+        .fields()
+        .await
+        .decrypt_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut plaintext, mut sizes) = (Vec::new(), Vec::new());
+    while let Some(chunk) = answers.message().await.unwrap() {
+        sizes.push(chunk.chunk.len());
+        plaintext.extend_from_slice(&chunk.chunk);
+    }
+    assert!(sizes.iter().all(|&n| n < limit), "{sizes:?}");
+    assert!(plaintext == document, "the round trip changed the document");
+}
+
+#[tokio::test]
 async fn the_cli_encrypts_and_decrypts_files_and_leaves_nothing_on_failure() {
     let d = Daemon::with_config(&config(ALL));
     create_tenant(&d, "clinic").await;
@@ -670,9 +727,18 @@ async fn a_client_that_stops_reading_never_sees_an_ok_end() {
 
 #[tokio::test]
 async fn an_interrupted_encrypt_file_leaves_no_output() {
-    use std::io::Write;
     let d = Daemon::with_config(&config(ALL));
     create_tenant(&d, "clinic").await;
+    // SIGHUP: the terminal or SSH session of the run went away.
+    for signal in ["-INT", "-TERM", "-HUP"] {
+        interrupt_encrypt_file(&d, signal);
+    }
+}
+
+/// Runs `encrypt-file` from a FIFO that stays open, sends it `signal` once it has started,
+/// and checks that it stopped with exit 1 and left no output.
+fn interrupt_encrypt_file(d: &Daemon, signal: &str) {
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     // A FIFO kept open without an end: the stream stays in progress.
     let input = dir.path().join("input.fifo");
@@ -711,7 +777,7 @@ async fn an_interrupted_encrypt_file_leaves_no_output() {
     std::thread::sleep(Duration::from_millis(300));
     let pid = child.id().to_string();
     let sent = std::process::Command::new("kill")
-        .args(["-INT", &pid])
+        .args([signal, &pid])
         .status()
         .unwrap();
     assert!(sent.success());
@@ -722,13 +788,13 @@ async fn an_interrupted_encrypt_file_leaves_no_output() {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "SIGINT did not stop it"
+            "{signal} did not stop it"
         );
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(status.code(), Some(1), "{signal}: {status}: {stderr}");
     assert!(
         stderr.contains("interrupted; no output written"),
         "{stderr}"
