@@ -746,6 +746,53 @@ async fn another_process_rotation_is_seen_within_the_documented_bounds() {
     assert_eq!(phiseal::format::parse(&ct).unwrap().key_version, 2);
 }
 
+#[tokio::test]
+async fn queries_see_another_process_rotation_within_100_ms() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let slow_metadata = CacheSettings {
+        metadata_ttl: Duration::from_secs(60),
+        key_ttl: Duration::from_secs(60),
+        ..CacheSettings::default()
+    };
+    let a = keyring_on(&p, CacheSettings::default());
+    let b = keyring_on(&p, slow_metadata);
+    a.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "ssn", None);
+    let bi = phiseal::BlindIndexSpec::new(phiseal::Normalization::DigitsOnly, 32).unwrap();
+    let versions = |terms: &[phiseal::SearchTerm]| -> Vec<u32> {
+        terms.iter().map(|t| t.key_version).collect()
+    };
+    // b caches the tenant's metadata (v1 only) for up to its 60 s metadata TTL.
+    let q = b
+        .blind_index_query(&c, &cx, b"078051120", &bi)
+        .await
+        .unwrap();
+    assert_eq!(versions(&q), [1]);
+    let q = b.deterministic_query(&c, &cx, b"078051120").await.unwrap();
+    assert_eq!(versions(&q), [1]);
+    // Another process rotates and writes the value under v2.
+    a.rotate(&c, &tenant("t")).await.unwrap();
+    let index = a.blind_index(&c, &cx, b"078051120", &bi).await.unwrap();
+    let ciphertext = a
+        .encrypt_deterministic(&c, &cx, b"078051120")
+        .await
+        .unwrap();
+    assert_eq!(index.key_version, 2);
+    // Queries re-read metadata older than 100 ms: b's terms find the v2 row.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let q = b
+        .blind_index_query(&c, &cx, b"078051120", &bi)
+        .await
+        .unwrap();
+    assert_eq!(versions(&q), [2, 1]);
+    assert!(q.contains(&index));
+    let q = b.deterministic_query(&c, &cx, b"078051120").await.unwrap();
+    assert_eq!(versions(&q), [2, 1]);
+    assert!(q.iter().any(|term| term.value == ciphertext));
+}
+
 /// A key store wrapper that counts `load_tenant` calls and can stall the next one after it
 /// has read (the real SQLite store does the work): it then signals `stalled` and returns only
 /// once `release` is signalled.

@@ -359,8 +359,11 @@ fn index_with(
 /// An AES-256-SIV key for one (key version, field), and a prepared instance (its CMAC key
 /// schedule and subkeys) reused by one operation at a time: `aes-siv` needs `&mut` for every
 /// operation, so a caller that finds it busy prepares its own from the key rather than wait.
-/// Both wipe themselves on drop (`Zeroizing`; `aes-siv` zeroizes its CTR key, `aes` and `cmac`
-/// are built with `zeroize`).
+/// The key and the key schedules wipe themselves on drop (`Zeroizing`; `aes-siv` zeroizes its
+/// CTR key, `aes` and `cmac` are built with `zeroize`). Known gap: the CMAC block buffer
+/// (`digest` 0.10 / `block-buffer` 0.10) is never wiped; after each operation it holds the
+/// last S2V block — for values under 16 bytes the padded value masked by a key-derived
+/// constant of the (tenant, field, key version) — until the next operation or the drop.
 struct SivKey {
     key: Zeroizing<[u8; SIV_KEY_LEN]>,
     prepared: std::sync::Mutex<Aes256Siv>,

@@ -23,8 +23,8 @@ pub enum Operation {
     Decrypt,
     /// `Rewrap`.
     Rewrap,
-    /// `BlindIndex`, `SearchTerms` (values that reveal equality; `EncryptDeterministic` is an
-    /// `encrypt`).
+    /// `BlindIndex`, `SearchTerms` (values that reveal equality). `EncryptDeterministic`, and
+    /// deterministic `SearchTerms`, need `encrypt` as well.
     Search,
     /// `CreateTenant` (admin).
     CreateTenant,

@@ -12,7 +12,7 @@
 
 use coarsetime::Instant;
 
-use super::{Caller, FieldOutcome, Keyring, OpMeta, TenantView};
+use super::{Caller, FieldOutcome, Keyring, MIN_REFRESH_AGE, OpMeta, TenantView};
 use crate::audit::Action;
 use crate::context::EncryptionContext;
 use crate::error::Error;
@@ -58,6 +58,39 @@ impl Keyring {
         match self.cached_view(context.tenant(), now) {
             Some(view) => Ok(view),
             None => self.tenant_view(context.tenant(), now).await,
+        }
+    }
+
+    /// The tenant's metadata for a query: like [`Keyring::search_view`], but a cached view
+    /// older than `MIN_REFRESH_AGE` is read again from the key store first. Another process
+    /// may have rotated the tenant and written under the new primary; a term list without
+    /// that version would silently miss those rows (and invite duplicates) for up to
+    /// `metadata_ttl`. If the store cannot be read, the cached view serves (within
+    /// `metadata_ttl`), as for every other operation during a store outage.
+    async fn query_view(
+        &self,
+        context: &EncryptionContext,
+        now: Instant,
+    ) -> Result<std::sync::Arc<TenantView>, Error> {
+        let tenant = context.tenant();
+        let Some(cached) = self.cached_view(tenant, now) else {
+            return self.tenant_view(tenant, now).await;
+        };
+        if now.duration_since(cached.fetched_at) < MIN_REFRESH_AGE {
+            return Ok(cached);
+        }
+        match self.load_view(tenant).await {
+            Ok(fresh) => {
+                // Replace the cached view only with one loaded after the last invalidation.
+                if self.view_is_current(&fresh, now) {
+                    self.inner
+                        .tenants
+                        .insert(tenant.clone(), std::sync::Arc::clone(&fresh));
+                }
+                Ok(fresh)
+            }
+            Err(Error::Store { .. }) => Ok(cached),
+            Err(e) => Err(e),
         }
     }
 
@@ -131,7 +164,7 @@ impl Keyring {
             if context.record().is_some() {
                 return Err(record_refused());
             }
-            let view = self.search_view(context, now).await?;
+            let view = self.query_view(context, now).await?;
             let versions = live_versions(&view.record)?;
             Ok((view, versions))
         }

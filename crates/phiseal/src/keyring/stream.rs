@@ -23,7 +23,10 @@
 //! it ends: after its last byte was written (encryption) or its final segment authenticated
 //! (decryption). If that record cannot be written the stream fails (fail closed): the push
 //! APIs withhold the final segment (so an encryption stream stays unterminated, which no
-//! reader accepts), the adapters report an error instead of success. A stream that fails
+//! reader accepts); the reader/writer functions and the [`Keyring::encrypting_writer`]
+//! adapter have by then written their last output (a complete ciphertext, or the last
+//! plaintext) and report an error instead of success: treat that output as failed and
+//! delete it, as for any error. A stream that fails
 //! (tampering, truncation, I/O) is recorded with the error kind at once where the API is
 //! async (decryption's `push`, `finish`, the reader/writer functions), else when its object
 //! is dropped or [`AuditedStreamEncryptor::abort`]ed. A stream object dropped before it
