@@ -511,6 +511,7 @@ impl FieldKeys {
 /// Deterministic encryption under raw tenant key bytes, as a third-party implementation would
 /// compute it (known-answer vectors).
 pub(crate) fn seal_deterministic_raw(
+    provider: &'static CryptoProvider,
     tenant_key: &TenantKey,
     key_version: u32,
     context: &EncryptionContext,
@@ -519,11 +520,7 @@ pub(crate) fn seal_deterministic_raw(
     if context.record().is_some() {
         return Err(record_refused());
     }
-    let key = derive_siv_key(
-        crate::crypto::default_provider(),
-        tenant_key,
-        context.field(),
-    );
+    let key = derive_siv_key(provider, tenant_key, context.field());
     seal_siv(
         &mut Aes256Siv::new(key.as_ref().into()),
         key_version,
@@ -535,15 +532,12 @@ pub(crate) fn seal_deterministic_raw(
 #[cfg(any(test, feature = "testkit"))]
 /// Decrypts a parsed `0x03` ciphertext under raw tenant key bytes (known-answer vectors).
 pub(crate) fn open_deterministic_raw(
+    provider: &'static CryptoProvider,
     tenant_key: &TenantKey,
     parsed: &ParsedCiphertext<'_>,
     context: &EncryptionContext,
 ) -> Result<Plaintext, Error> {
-    let key = derive_siv_key(
-        crate::crypto::default_provider(),
-        tenant_key,
-        context.field(),
-    );
+    let key = derive_siv_key(provider, tenant_key, context.field());
     open_siv(&mut Aes256Siv::new(key.as_ref().into()), parsed, context)
 }
 
@@ -584,7 +578,8 @@ mod tests {
     #[test]
     fn a_field_key_is_cached_only_once_a_message_under_it_authenticates() {
         let keys = FieldKeys::default();
-        let ct = seal_deterministic_raw(&tk(1), 1, &cx("t", "ssn"), b"078051120").unwrap();
+        let ct =
+            seal_deterministic_raw(provider(), &tk(1), 1, &cx("t", "ssn"), b"078051120").unwrap();
         let parsed = parse(&ct).unwrap();
         // The same bytes presented as another field's: refused, and that field's key is not
         // kept.
@@ -608,27 +603,29 @@ mod tests {
 
     #[test]
     fn siv_is_deterministic_and_separated() {
-        let a = seal_deterministic_raw(&tk(1), 1, &cx("t", "ssn"), b"078051120").unwrap();
-        let b = seal_deterministic_raw(&tk(1), 1, &cx("t", "ssn"), b"078051120").unwrap();
+        let a =
+            seal_deterministic_raw(provider(), &tk(1), 1, &cx("t", "ssn"), b"078051120").unwrap();
+        let b =
+            seal_deterministic_raw(provider(), &tk(1), 1, &cx("t", "ssn"), b"078051120").unwrap();
         assert_eq!(a, b);
         assert_eq!(a.len(), 22 + 9);
         assert_eq!(&a[..6], &[1, 3, 0, 0, 0, 1]);
         for other in [
-            seal_deterministic_raw(&tk(1), 1, &cx("t", "ssn"), b"078051121").unwrap(),
-            seal_deterministic_raw(&tk(1), 1, &cx("t", "mrn"), b"078051120").unwrap(),
-            seal_deterministic_raw(&tk(1), 1, &cx("u", "ssn"), b"078051120").unwrap(),
-            seal_deterministic_raw(&tk(2), 1, &cx("t", "ssn"), b"078051120").unwrap(),
-            seal_deterministic_raw(&tk(1), 2, &cx("t", "ssn"), b"078051120").unwrap(),
+            seal_deterministic_raw(provider(), &tk(1), 1, &cx("t", "ssn"), b"078051121").unwrap(),
+            seal_deterministic_raw(provider(), &tk(1), 1, &cx("t", "mrn"), b"078051120").unwrap(),
+            seal_deterministic_raw(provider(), &tk(1), 1, &cx("u", "ssn"), b"078051120").unwrap(),
+            seal_deterministic_raw(provider(), &tk(2), 1, &cx("t", "ssn"), b"078051120").unwrap(),
+            seal_deterministic_raw(provider(), &tk(1), 2, &cx("t", "ssn"), b"078051120").unwrap(),
         ] {
             assert_ne!(a[6..22], other[6..22], "SIVs must differ");
             assert_ne!(a[22..], other[22..], "ciphertexts must differ");
         }
         let parsed = parse(&a).unwrap();
-        let pt = open_deterministic_raw(&tk(1), &parsed, &cx("t", "ssn")).unwrap();
+        let pt = open_deterministic_raw(provider(), &tk(1), &parsed, &cx("t", "ssn")).unwrap();
         assert_eq!(&pt[..], b"078051120");
         for wrong in [cx("t", "mrn"), cx("u", "ssn")] {
             assert!(matches!(
-                open_deterministic_raw(&tk(1), &parsed, &wrong),
+                open_deterministic_raw(provider(), &tk(1), &parsed, &wrong),
                 Err(Error::DecryptionFailed)
             ));
         }
@@ -638,7 +635,7 @@ mod tests {
     fn siv_refuses_record_ids() {
         let c = cx("t", "ssn").with_record("r1").unwrap();
         assert!(matches!(
-            seal_deterministic_raw(&tk(1), 1, &c, b"x"),
+            seal_deterministic_raw(provider(), &tk(1), 1, &c, b"x"),
             Err(Error::InvalidInput { .. })
         ));
         let keys = FieldKeys::default();
@@ -651,7 +648,7 @@ mod tests {
             blind_index_raw(crate::crypto::default_provider(), &tk(1), &c, &spec, b"x"),
             Err(Error::InvalidInput { .. })
         ));
-        let good = seal_deterministic_raw(&tk(1), 1, &cx("t", "ssn"), b"x").unwrap();
+        let good = seal_deterministic_raw(provider(), &tk(1), 1, &cx("t", "ssn"), b"x").unwrap();
         assert!(matches!(
             keys.open(provider(), &tk(1), &parse(&good).unwrap(), &c),
             Err(Error::DecryptionFailed)
@@ -667,7 +664,8 @@ mod tests {
             assert_eq!(
                 keys.seal(provider(), &tk(3), 5, &cx("t", "name"), b"Zo\xc3\xab")
                     .unwrap(),
-                seal_deterministic_raw(&tk(3), 5, &cx("t", "name"), b"Zo\xc3\xab").unwrap()
+                seal_deterministic_raw(provider(), &tk(3), 5, &cx("t", "name"), b"Zo\xc3\xab")
+                    .unwrap()
             );
             assert_eq!(
                 keys.blind_index(p, &tk(3), &cx("t", "name"), &spec, b"ZO\xc3\x8b")
@@ -788,20 +786,21 @@ mod tests {
 
     #[test]
     fn siv_rejects_tampering() {
-        let ct = seal_deterministic_raw(&tk(1), 7, &cx("t", "f"), b"hello world").unwrap();
+        let ct =
+            seal_deterministic_raw(provider(), &tk(1), 7, &cx("t", "f"), b"hello world").unwrap();
         for i in 0..ct.len() {
             let mut bad = ct.clone();
             bad[i] ^= 0x01;
             let result = parse(&bad)
                 .map_err(Error::from)
-                .and_then(|p| open_deterministic_raw(&tk(1), &p, &cx("t", "f")));
+                .and_then(|p| open_deterministic_raw(provider(), &tk(1), &p, &cx("t", "f")));
             assert!(result.is_err(), "flip at byte {i} accepted");
         }
-        let empty = seal_deterministic_raw(&tk(1), 1, &cx("t", "f"), b"").unwrap();
+        let empty = seal_deterministic_raw(provider(), &tk(1), 1, &cx("t", "f"), b"").unwrap();
         assert_eq!(empty.len(), 22);
         let p = parse(&empty).unwrap();
         assert!(
-            open_deterministic_raw(&tk(1), &p, &cx("t", "f"))
+            open_deterministic_raw(provider(), &tk(1), &p, &cx("t", "f"))
                 .unwrap()
                 .is_empty()
         );

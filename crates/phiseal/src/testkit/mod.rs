@@ -62,7 +62,7 @@ pub fn open(
 ) -> Result<Plaintext, Error> {
     let parsed = format::parse(ciphertext)?;
     if parsed.algorithm == Algorithm::Aes256Siv {
-        return crate::search::open_deterministic_raw(tenant_key, &parsed, context);
+        return crate::search::open_deterministic_raw(provider, tenant_key, &parsed, context);
     }
     let key = field_key(
         provider,
@@ -76,12 +76,13 @@ pub fn open(
 /// Deterministic encryption (algorithm 0x03) under raw tenant key bytes, as a third-party
 /// implementation computes it (`docs/FORMAT.md` §3.3).
 pub fn seal_deterministic(
+    provider: &'static CryptoProvider,
     tenant_key: &TenantKey,
     key_version: u32,
     context: &EncryptionContext,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
-    crate::search::seal_deterministic_raw(tenant_key, key_version, context, plaintext)
+    crate::search::seal_deterministic_raw(provider, tenant_key, key_version, context, plaintext)
 }
 
 /// A blind index under raw tenant key bytes (`docs/FORMAT.md` §9).
