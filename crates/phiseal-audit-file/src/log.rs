@@ -219,6 +219,9 @@ struct Shared {
     /// through [`Shared::set_poison`].
     poison: OnceLock<String>,
     syncs: AtomicU64,
+    /// Every record with a lower seq was written before an fdatasync that succeeded (or was
+    /// in the file when it was opened): what a failed fdatasync cannot have lost.
+    synced_seq: AtomicU64,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
 }
@@ -544,6 +547,7 @@ impl FileAuditLog {
             buffer,
             poison: OnceLock::new(),
             syncs: AtomicU64::new(0),
+            synced_seq: AtomicU64::new(head.next_seq),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         });
@@ -1306,17 +1310,24 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
             st.taken = ticket;
             st.dirty = false;
             drop(st);
+            // Records written before this point are what the fdatasync covers.
+            let covered = written_seq(shared);
             let res = do_sync(shared);
             shared.syncs.fetch_add(1, Ordering::Relaxed);
             last_sync = Instant::now();
             match res {
-                Ok(()) => shared.status.send_modify(|s| s.done = s.done.max(ticket)),
+                Ok(()) => {
+                    if let Some(covered) = covered {
+                        shared.synced_seq.fetch_max(covered, Ordering::Relaxed);
+                    }
+                    shared.status.send_modify(|s| s.done = s.done.max(ticket));
+                }
                 // After a failed fdatasync the kernel may have dropped the dirty pages: the
                 // file can no longer be trusted to hold what was written (fail closed). And
                 // no fdatasync may follow: Linux reports the error once, so the next one would
                 // succeed and `done` would cover the records the failed one did not.
                 Err(e) => {
-                    fail(format!("fdatasync failed: {e}"));
+                    fail(sync_failure(shared, &e));
                     return;
                 }
             }
@@ -1350,6 +1361,31 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
                 return;
             }
         };
+    }
+}
+
+/// The seq of the next record to be written (every lower one was: `write(2)` returned).
+fn written_seq(shared: &Shared) -> Option<u64> {
+    lock(&shared.writer).map(|w| w.head.next_seq)
+}
+
+/// The poison message of a failed fdatasync: which written records it may have lost (those
+/// since the last fdatasync that succeeded), so that an incident can be scoped.
+fn sync_failure(shared: &Shared, e: &std::io::Error) -> String {
+    let synced = shared.synced_seq.load(Ordering::Relaxed);
+    match written_seq(shared) {
+        Some(written) if written > synced => format!(
+            "fdatasync failed: {e}; the {} records written since the last successful fdatasync \
+             (seq {synced} to {}) may not be on disk (the kernel can drop pages it failed to \
+             write back): compare the file with what their operations reported",
+            written - synced,
+            written - 1
+        ),
+        Some(_) => format!("fdatasync failed: {e}"),
+        None => format!(
+            "fdatasync failed: {e}; records from seq {synced} on may not be on disk \
+             (internal lock poisoned)"
+        ),
     }
 }
 
@@ -1467,6 +1503,12 @@ mod tests {
         let err = log.append_events(&[event(2)]).await.unwrap_err();
         assert!(matches!(err, AuditFileError::Poisoned { .. }), "{err}");
         assert!(err.to_string().contains("fdatasync failed"), "{err}");
+        // Record 1 was synced; record 2 was written, then its fdatasync failed.
+        assert!(
+            err.to_string()
+                .contains("the 1 records written since the last successful fdatasync (seq 2 to 2)"),
+            "{err}"
+        );
         let err = log.append_events(&[event(3)]).await.unwrap_err();
         assert!(matches!(err, AuditFileError::Poisoned { .. }), "{err}");
     }
@@ -1561,8 +1603,13 @@ mod tests {
         assert!(err.to_string().contains("fdatasync failed"), "{err}");
         let err = log.append_events(&[event(2)]).await.unwrap_err();
         assert!(matches!(err, AuditFileError::Poisoned { .. }), "{err}");
-        // Record 1 was written before the failed fdatasync: nothing queued was lost.
+        // Record 1 was written before the failed fdatasync: nothing queued was lost, but that
+        // record may not be on disk.
         assert!(!err.to_string().contains("lost"), "{err}");
+        assert!(
+            err.to_string().contains("(seq 1 to 1) may not be on disk"),
+            "{err}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
