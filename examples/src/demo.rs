@@ -209,6 +209,8 @@ async fn run(socket: PathBuf) -> Result<()> {
     let v2 = admin
         .rotate_tenant_key(pb::RotateTenantKeyRequest {
             tenant: tenant.clone(),
+            // Safe to repeat: a second run of this call would change nothing.
+            expected_latest_version: Some(1),
         })
         .await?
         .into_inner()

@@ -24,7 +24,7 @@ pub(crate) async fn tenant(cmd: TenantCommand, global: &GlobalArgs) -> Result<()
 pub(crate) async fn key(cmd: KeyCommand, global: &GlobalArgs) -> Result<(), CliError> {
     match cmd {
         KeyCommand::Status(args) => key_status(&args.tenant, global).await,
-        KeyCommand::Rotate(args) => rotate(&args.tenant, global).await,
+        KeyCommand::Rotate(args) => rotate(&args.tenant, args.if_latest, global).await,
         KeyCommand::MinVersion(args) => min_version(&args, global).await,
     }
 }
@@ -49,10 +49,11 @@ async fn create_tenant(tenant: &str, global: &GlobalArgs) -> Result<(), CliError
     )
 }
 
-async fn rotate(tenant: &str, global: &GlobalArgs) -> Result<(), CliError> {
+async fn rotate(tenant: &str, if_latest: Option<u32>, global: &GlobalArgs) -> Result<(), CliError> {
     let daemon = Daemon::connect(global).await?;
     let request = RotateTenantKeyRequest {
         tenant: tenant.to_owned(),
+        expected_latest_version: if_latest,
     };
     let what = format!("rotate the key of tenant '{}'", printable(tenant));
     let response = daemon

@@ -234,7 +234,7 @@ pub(crate) enum KeyCommand {
     /// Show the tenant's key versions and their states (no key material).
     Status(TenantArg),
     /// Create a new primary key version; older versions keep decrypting.
-    Rotate(TenantArg),
+    Rotate(RotateArgs),
     /// Set the minimum decryption version: older ciphertexts are refused from then on.
     MinVersion(MinVersionArgs),
 }
@@ -245,6 +245,18 @@ pub(crate) struct TenantArg {
     /// The tenant id.
     #[arg(long)]
     pub(crate) tenant: String,
+}
+
+/// `key rotate` arguments.
+#[derive(Debug, Args)]
+pub(crate) struct RotateArgs {
+    /// The tenant id.
+    #[arg(long)]
+    pub(crate) tenant: String,
+    /// Rotate only if the latest key version is still N (as `key status` showed it); else
+    /// exit 1 with `rotation_conflict` and change nothing. Makes a repeated run safe.
+    #[arg(long, value_name = "N")]
+    pub(crate) if_latest: Option<u32>,
 }
 
 /// `key min-version` arguments.

@@ -615,6 +615,72 @@ async fn audit_failure_fails_closed() {
     );
 }
 
+/// An audit sink that accepts the next `allowed` appends and fails every later one.
+#[derive(Debug, Default)]
+struct AuditThenFail {
+    allowed: AtomicUsize,
+}
+
+#[async_trait]
+impl AuditSink for AuditThenFail {
+    fn name(&self) -> &str {
+        "audit-then-fail"
+    }
+    async fn append(&self, _: &[AuditEvent]) -> Result<(), BackendError> {
+        let allowed = self
+            .allowed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        allowed
+            .map(drop)
+            .map_err(|_| BackendError::new(BackendErrorKind::Unavailable, "disk full"))
+    }
+    async fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_admin_change_whose_result_record_fails_says_it_was_done() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let sink = Arc::new(AuditThenFail::default());
+    let k = Keyring::builder()
+        .kms(p.kms.clone())
+        .key_store(p.store.clone())
+        .audit(sink.clone())
+        .build()
+        .unwrap();
+    sink.allowed.store(2, Ordering::SeqCst);
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    // The attempt record is written, the rotation commits, its result record fails.
+    sink.allowed.store(1, Ordering::SeqCst);
+    let err = k.rotate(&c, &tenant("t")).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::AuditAfterCommit {
+                action: "rotate_key",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.kind(), "audit_after_commit");
+    assert!(err.to_string().contains("do not repeat it"), "{err}");
+    let record = p.store.load_tenant(&tenant("t")).await.unwrap().unwrap();
+    assert_eq!(record.latest_version(), 2, "the rotation was committed");
+    // An operation that failed and whose result record failed too was not done: `Audit`.
+    sink.allowed.store(1, Ordering::SeqCst);
+    let err = k.rotate(&c, &tenant("missing")).await.unwrap_err();
+    assert!(matches!(err, Error::Audit { .. }), "{err}");
+    // Refused before it runs when even the attempt record fails: `Audit`, nothing done.
+    let err = k.rotate(&c, &tenant("t")).await.unwrap_err();
+    assert!(matches!(err, Error::Audit { .. }), "{err}");
+    let record = p.store.load_tenant(&tenant("t")).await.unwrap().unwrap();
+    assert_eq!(record.latest_version(), 2);
+}
+
 #[tokio::test]
 async fn every_operation_is_audited_without_plaintext() {
     let dir = private_tempdir();

@@ -127,6 +127,25 @@ pub enum Error {
         #[source]
         source: BackendError,
     },
+    /// An admin operation was done (the key store committed it), but its result record
+    /// could not be written. Do not repeat it: its `attempt` record is on the log, and
+    /// `key_status` shows the outcome.
+    #[error(
+        "{action} of tenant '{tenant}' was done, but its result record could not be written to \
+         audit log '{backend}': {source}; do not repeat it (its attempt record is on the log; \
+         check the key status), and repair the audit log"
+    )]
+    AuditAfterCommit {
+        /// The operation (`rotate_key`, `shred_tenant` …).
+        action: &'static str,
+        /// The tenant it changed.
+        tenant: TenantId,
+        /// The sink's name.
+        backend: String,
+        /// What it reported.
+        #[source]
+        source: BackendError,
+    },
     /// Reading the input or writing the output of a stream failed (see `crate::stream`). Not
     /// a cryptographic failure; the message is the I/O error's, never stream content.
     #[error("stream I/O failed while {what}: {source}")]
@@ -171,6 +190,7 @@ impl Error {
             Error::Kms { .. } => "kms",
             Error::Store { .. } => "key_store",
             Error::Audit { .. } => "audit",
+            Error::AuditAfterCommit { .. } => "audit_after_commit",
             Error::Crypto { .. } => "crypto",
             Error::Io { .. } => "io",
         }

@@ -703,8 +703,17 @@ impl Keyring {
             &meta,
             outcome_of(&result),
         );
-        self.append(std::slice::from_ref(&done)).await?;
-        result
+        match (self.append(std::slice::from_ref(&done)).await, result) {
+            (Ok(()), result) => result,
+            // Done but not recorded: say so, or a retry would repeat it (a second rotation).
+            (Err(Error::Audit { backend, source }), Ok(_)) => Err(Error::AuditAfterCommit {
+                action: action.as_str(),
+                tenant: tenant.clone(),
+                backend,
+                source,
+            }),
+            (Err(e), _) => Err(e),
+        }
     }
 
     // ----- caches ------------------------------------------------------------------------

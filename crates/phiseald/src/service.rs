@@ -969,8 +969,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
             Operation::Rotate,
             request,
             |r| &r.tenant,
-            |k, c, t, _| async move {
-                let key_version = mapped(k.rotate(&c, &t).await)?;
+            |k, c, t, r| async move {
+                let rotated = match r.expected_latest_version {
+                    Some(expected) => k.rotate_if_latest(&c, &t, expected).await,
+                    None => k.rotate(&c, &t).await,
+                };
+                let key_version = mapped(rotated)?;
                 Ok(pb::RotateTenantKeyResponse { key_version })
             },
         )

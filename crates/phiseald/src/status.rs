@@ -17,7 +17,8 @@ pub fn code_of(error: &Error) -> Code {
         Error::TenantExists { .. } => Code::AlreadyExists,
         Error::KeyVersionRetired { .. } | Error::KeyDestroyed { .. } => Code::FailedPrecondition,
         Error::RotationConflict { .. } => Code::Aborted,
-        Error::KeyBindingMismatch { .. } => Code::DataLoss,
+        // The operation was done but its audit record is lost: never retried automatically.
+        Error::KeyBindingMismatch { .. } | Error::AuditAfterCommit { .. } => Code::DataLoss,
         Error::Kms { .. } | Error::Store { .. } | Error::Audit { .. } => Code::Unavailable,
         _ => Code::Internal,
     }

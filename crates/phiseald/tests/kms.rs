@@ -448,6 +448,7 @@ async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
         .await
         .rotate_tenant_key(pb::RotateTenantKeyRequest {
             tenant: "north".into(),
+            expected_latest_version: None,
         })
         .await
         .unwrap();

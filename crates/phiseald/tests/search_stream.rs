@@ -121,6 +121,7 @@ async fn searchable_fields_are_found_across_a_rotation() {
         .await
         .rotate_tenant_key(pb::RotateTenantKeyRequest {
             tenant: "clinic".into(),
+            expected_latest_version: None,
         })
         .await
         .unwrap();

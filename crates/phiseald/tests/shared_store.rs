@@ -83,6 +83,7 @@ async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
         .await
         .rotate_tenant_key(pb::RotateTenantKeyRequest {
             tenant: "acme".into(),
+            expected_latest_version: None,
         })
         .await
         .unwrap()
@@ -202,6 +203,7 @@ async fn daemons_rotating_and_encrypting_at_once_never_clash() {
                     match admin
                         .rotate_tenant_key(pb::RotateTenantKeyRequest {
                             tenant: "busy".into(),
+                            expected_latest_version: None,
                         })
                         .await
                     {

@@ -22,6 +22,51 @@ fn ok<T>(r: Result<tonic::Response<T>, tonic::Status>) -> T {
 }
 
 #[tokio::test]
+async fn a_rotation_conditional_on_the_latest_version_is_safe_to_repeat() {
+    let d = Daemon::embedded();
+    let mut admin = d.admin().await;
+    ok(admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: "acme".into(),
+        })
+        .await);
+    let conditional = || pb::RotateTenantKeyRequest {
+        tenant: "acme".into(),
+        expected_latest_version: Some(1),
+    };
+    assert_eq!(
+        ok(admin.rotate_tenant_key(conditional()).await).key_version,
+        2
+    );
+    // The repeat (a client unsure whether the first call went through) changes nothing.
+    let repeat = admin.rotate_tenant_key(conditional()).await.unwrap_err();
+    assert_eq!(
+        (repeat.code(), kind(&repeat)),
+        (tonic::Code::Aborted, "rotation_conflict".to_owned())
+    );
+    let status = ok(admin
+        .key_status(pb::KeyStatusRequest {
+            tenant: "acme".into(),
+        })
+        .await);
+    assert_eq!(status.primary_version, Some(2));
+    assert_eq!(status.versions.len(), 2);
+    // The CLI's `key rotate --if-latest N` is the same request.
+    d.cli(
+        &["key", "rotate", "--tenant", "acme", "--if-latest", "2"],
+        b"",
+    )
+    .expect(0);
+    let run = d
+        .cli(
+            &["key", "rotate", "--tenant", "acme", "--if-latest", "2"],
+            b"",
+        )
+        .expect(1);
+    assert!(run.stderr.contains("rotation_conflict"), "{}", run.stderr);
+}
+
+#[tokio::test]
 async fn every_rpc_on_the_embedded_default() {
     let mut d = Daemon::embedded();
     // Core dumps are disabled at start (a core would hold keys and plaintext).
@@ -138,6 +183,7 @@ async fn every_rpc_on_the_embedded_default() {
     let rotated = ok(admin
         .rotate_tenant_key(pb::RotateTenantKeyRequest {
             tenant: "acme".into(),
+            expected_latest_version: None,
         })
         .await);
     assert_eq!(rotated.key_version, 2);
@@ -480,6 +526,7 @@ async fn policy_tokens_and_refusals_are_audited() {
         .rotate_tenant_key(with_token(
             pb::RotateTenantKeyRequest {
                 tenant: "acme-1".into(),
+                expected_latest_version: None,
             },
             token,
         ))
