@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -34,6 +34,20 @@ pub enum EmbeddedError {
     /// The local KMS refused its root key file.
     #[error(transparent)]
     Kms(#[from] phiseal_kms_local::LocalKmsError),
+    /// The root key file is missing but the key store holds tenants: their keys are wrapped
+    /// under the missing root key, so a new one must not be created in its place.
+    #[error(
+        "the local root key {root_key} is missing, but the key store {key_store} holds tenants \
+         whose keys are wrapped under a local root key: restore root.key from its backup. A \
+         new root key would leave those tenants unrecoverable while the daemon writes new keys \
+         under it; if they are to be abandoned, move the key store away first"
+    )]
+    RootKeyMissing {
+        /// The missing root key file.
+        root_key: PathBuf,
+        /// The key store that still holds tenants.
+        key_store: PathBuf,
+    },
     /// The key store could not be opened.
     #[error(transparent)]
     Store(#[from] phiseal_store_sqlite::SqliteStoreError),
@@ -96,6 +110,14 @@ fn prepare_data_dir(data_dir: &Path) -> Result<(), EmbeddedError> {
     if !meta.is_dir() {
         return Err(err("is not a directory (symlinks are refused)".into()));
     }
+    let uid = rustix::process::geteuid().as_raw();
+    if meta.uid() != uid {
+        return Err(err(format!(
+            "is owned by uid {}, not by this process (uid {uid}): its owner could replace the \
+             root key, the key store or the audit log; use a directory this user owns",
+            meta.uid()
+        )));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(err(format!(
@@ -143,12 +165,27 @@ pub fn open_kms_and_audit(
     Ok((kms, audit))
 }
 
-/// Opens (creating on first use) the local development KMS's root key in `data_dir`.
+/// Opens (creating on first use) the local development KMS's root key in `data_dir`. A
+/// missing root key is created only if the data directory's key store holds no tenant
+/// ([`EmbeddedError::RootKeyMissing`] otherwise): a lost or unmounted `root.key` must stop the
+/// start, not be silently replaced.
 pub fn open_local_kms(data_dir: &Path) -> Result<Arc<LocalKms>, EmbeddedError> {
     prepare_data_dir(data_dir)?;
-    Ok(Arc::new(LocalKms::open(
-        EmbeddedPaths::new(data_dir).root_key,
-    )?))
+    let paths = EmbeddedPaths::new(data_dir);
+    let root_key_missing = matches!(
+        std::fs::symlink_metadata(&paths.root_key),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    );
+    if root_key_missing
+        && paths.key_store.exists()
+        && SqliteKeyStore::open(&paths.key_store)?.holds_tenants()?
+    {
+        return Err(EmbeddedError::RootKeyMissing {
+            root_key: paths.root_key,
+            key_store: paths.key_store,
+        });
+    }
+    Ok(Arc::new(LocalKms::open(paths.root_key)?))
 }
 
 /// Opens (creating on first use) the audit log: `options.audit_log`, or `DATA_DIR/audit.log`.

@@ -1104,6 +1104,37 @@ fn data_dir_readable_by_others_is_refused() {
     assert_eq!(mode, 0o700);
 }
 
+#[test]
+fn data_dir_owned_by_another_user_is_refused() {
+    let dir = private_tempdir();
+    // nobody (65534): a private directory that another user owns.
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    let err = phiseal_embedded::open(dir.path(), &EmbeddedOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("is owned by uid 65534"), "{err}");
+    assert!(!dir.path().join("root.key").exists());
+}
+
+#[tokio::test]
+async fn a_missing_root_key_is_not_replaced_while_tenants_exist() {
+    let dir = private_tempdir();
+    let paths = EmbeddedPaths::new(dir.path());
+    // A key store without tenants: a missing root key is simply created (first start).
+    drop(open(dir.path()));
+    std::fs::remove_file(&paths.root_key).unwrap();
+    let k = open(dir.path());
+    k.create_tenant(&caller(), &tenant("t")).await.unwrap();
+    drop(k);
+    // Now it holds a tenant: a lost or unmounted root key stops the start, and none is made.
+    std::fs::remove_file(&paths.root_key).unwrap();
+    let err = phiseal_embedded::open(dir.path(), &EmbeddedOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, phiseal_embedded::EmbeddedError::RootKeyMissing { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("restore root.key"), "{err}");
+    assert!(!paths.root_key.exists(), "a new root key was created");
+}
+
 #[tokio::test]
 async fn decrypt_never_panics_on_mutated_or_random_input() {
     // A smoke fuzz: every single-byte mutation, every truncation and random garbage must

@@ -289,6 +289,16 @@ impl SqliteKeyStore {
         })
     }
 
+    /// Whether the store holds at least one tenant (shredded ones included). Blocking, like
+    /// [`SqliteKeyStore::open`]: for start-up checks.
+    pub fn holds_tenants(&self) -> Result<bool, SqliteStoreError> {
+        let conn = self.conn.lock().map_err(|_| SqliteStoreError::Poisoned)?;
+        conn.query_row("SELECT EXISTS (SELECT 1 FROM tenants)", [], |row| {
+            row.get(0)
+        })
+        .map_err(SqliteStoreError::sqlite("look for tenants"))
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
