@@ -35,7 +35,9 @@ pub enum AuditFileError {
     },
     /// The existing log can be written by other users.
     #[error(
-        "audit log {path} has mode {mode:04o}: other users could write it; run `chmod 600 {path}`"
+        "audit log {path} has mode {mode:04o}: other users could write it, or read the tenants, \
+         record ids and callers it names; run `chmod 600 {path}` (0640 if a log shipper reads \
+         it through the group)"
     )]
     InsecurePermissions {
         /// The path.

@@ -396,8 +396,9 @@ fn lock_exclusive(path: &Path, file: &File) -> Result<(), AuditFileError> {
     })
 }
 
-/// An existing log must be a regular file (not a symlink someone planted) that other users
-/// cannot write.
+/// An existing log must be a regular file (not a symlink someone planted) that group and
+/// others cannot write and others cannot read (its records name tenants, record ids and
+/// callers; a log shipper may read it through the group).
 fn check_existing_log(path: &Path) -> Result<std::fs::Metadata, AuditFileError> {
     let meta = std::fs::symlink_metadata(path).map_err(|source| AuditFileError::Open {
         path: path.to_owned(),
@@ -409,7 +410,7 @@ fn check_existing_log(path: &Path) -> Result<std::fs::Metadata, AuditFileError> 
         });
     }
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
-    if mode & 0o022 != 0 {
+    if mode & 0o026 != 0 {
         return Err(AuditFileError::InsecurePermissions {
             path: path.to_owned(),
             mode,

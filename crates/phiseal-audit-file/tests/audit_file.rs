@@ -984,6 +984,12 @@ async fn recovery_changes_nothing_in_a_file_that_is_not_a_log() {
     let notes = dir.path().join("notes.txt");
     let text = b"first line\nsecond line without a newline";
     std::fs::write(&notes, text).unwrap();
+    // Private, as a log must be (a file others can read is refused before its content is).
+    let private = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    private(&notes);
     let err = FileAuditLog::recover_torn_tail(&notes).unwrap_err();
     assert!(err.to_string().contains("not a phiseal audit log"), "{err}");
     assert_eq!(std::fs::read(&notes).unwrap(), text);
@@ -991,6 +997,7 @@ async fn recovery_changes_nothing_in_a_file_that_is_not_a_log() {
     // open would otherwise start a fresh chain without a trace).
     let torn_header = dir.path().join("audit.log");
     std::fs::write(&torn_header, b"{\"seq\":0,\"kind\":\"hea").unwrap();
+    private(&torn_header);
     let err = FileAuditLog::recover_torn_tail(&torn_header).unwrap_err();
     assert!(err.to_string().contains("nothing was changed"), "{err}");
     assert_eq!(
@@ -1146,9 +1153,15 @@ fn an_existing_log_must_be_a_private_regular_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
     drop(FileAuditLog::open(&path, Durability::default()).unwrap());
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let err = FileAuditLog::open(&path, Durability::default()).unwrap_err();
-    assert!(err.to_string().contains("chmod 600"), "{err}");
+    // Writable by others, or readable by others (the records name tenants and record ids).
+    for mode in [0o666, 0o620, 0o644] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let err = FileAuditLog::open(&path, Durability::default()).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{mode:o}: {err}");
+    }
+    // Readable through the group (a log shipper) is allowed.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    FileAuditLog::open(&path, Durability::default()).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let link = dir.path().join("link.log");
     std::os::unix::fs::symlink(&path, &link).unwrap();

@@ -48,7 +48,16 @@ use crate::cli::{Cli, Command};
 use crate::error::CliError;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Under --json a usage error is a JSON line too (--help and --version print as usual).
+        Err(e) if e.use_stderr() && json_requested() => {
+            let usage = CliError::Usage(e.render().to_string().trim_end().to_owned());
+            output::stderr_line(&usage.to_json().to_string());
+            return ExitCode::from(usage.exit_code());
+        }
+        Err(e) => e.exit(),
+    };
     let json = cli.global.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -61,6 +70,15 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Whether `--json` is among the arguments (before a `--`), for errors of arguments that could
+/// not be parsed.
+fn json_requested() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
 }
 
 /// Runs one command: the offline ones directly, the others on a single-threaded runtime.

@@ -101,13 +101,24 @@ fn prepare_directory(path: &Path, dir: &Path, gid: Option<u32>) -> Result<(), Da
             ),
         ));
     }
-    let mode = meta.permissions().mode() & 0o777;
+    let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 {
+        // A sticky directory (/tmp) is shared by design: never advise changing its mode.
+        let fix = if mode & 0o1000 != 0 {
+            "it is a shared directory: put the socket in a directory of its own (created by the \
+             daemon's user, mode 0750 or stricter)"
+                .to_owned()
+        } else {
+            format!(
+                "if the directory is the daemon's own, run `chmod go-w {}`; else put the socket in \
+                 a directory of its own",
+                dir.display()
+            )
+        };
         return Err(socket_error(
             path,
             format!(
-                "{} has mode {mode:04o}: group or others could replace the socket; run `chmod go-w {}`",
-                dir.display(),
+                "{} has mode {mode:04o}: group or others could replace the socket; {fix}",
                 dir.display()
             ),
         ));
@@ -177,6 +188,27 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, BoundSock
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_writable_socket_directory_is_refused_with_safe_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("own");
+        let shared = dir.path().join("shared");
+        for (d, mode) in [(&own, 0o770), (&shared, 0o1777)] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let err = prepare_directory(&own.join("d.sock"), &own, None).unwrap_err();
+        assert!(err.to_string().contains("run `chmod go-w"), "{err}");
+        // Never advise `chmod go-w /tmp`: a sticky directory is shared by design.
+        let err = prepare_directory(&shared.join("d.sock"), &shared, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("mode 1777") && msg.contains("a directory of its own"),
+            "{msg}"
+        );
+        assert!(!msg.contains("chmod"), "{msg}");
+    }
 
     #[tokio::test]
     async fn binds_0660_and_removes_at_drop() {

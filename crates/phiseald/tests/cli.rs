@@ -499,6 +499,22 @@ fn json_errors_are_json() {
             .is_some_and(|m| m.contains("/nonexistent.sock")),
         "{stderr}"
     );
+
+    // A usage error (clap's own) is JSON too under --json, with exit 2.
+    for args in [
+        &["--json", "key", "rotate"][..],
+        &["key", "rotate", "--tenant", "t", "--json", "--no-such-flag"][..],
+    ] {
+        let mut cmd = cli_command(&bin("phiseal"), Path::new("/nonexistent.sock"));
+        cmd.args(args);
+        let done = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert_eq!(done.status.code(), Some(2), "{args:?}: {stderr}");
+        let error: Value = serde_json::from_str(stderr.trim_end())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {stderr}"));
+        assert_eq!(error["error"]["kind"], "usage", "{stderr}");
+        assert_eq!(error["error"]["exit_code"], 2, "{stderr}");
+    }
 }
 
 #[test]
