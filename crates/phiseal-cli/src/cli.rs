@@ -79,6 +79,9 @@ pub(crate) struct GlobalArgs {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Check that the daemon answers and serves (exit 0), else exit 5: for start-up waits and
+    /// health checks. Nothing is audited.
+    Health,
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),

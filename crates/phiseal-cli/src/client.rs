@@ -15,6 +15,7 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+use tonic_health::pb::health_client::HealthClient;
 use zeroize::Zeroizing;
 
 use crate::cli::GlobalArgs;
@@ -59,6 +60,7 @@ impl Interceptor for CallPolicy {
 
 /// A connected daemon.
 pub(crate) struct Daemon {
+    health: HealthClient<Svc>,
     field: FieldServiceClient<Svc>,
     streaming: FieldServiceClient<Svc>,
     admin: AdminServiceClient<Svc>,
@@ -81,6 +83,7 @@ impl Daemon {
             ..policy.clone()
         };
         Ok(Daemon {
+            health: HealthClient::with_interceptor(channel.clone(), policy.clone()),
             field: FieldServiceClient::with_interceptor(channel.clone(), policy.clone())
                 .max_decoding_message_size(MAX_RESPONSE),
             // Stream answers are at most the daemon's limits.max_message_bytes, which an
@@ -102,6 +105,11 @@ impl Daemon {
     /// long as it takes); the daemon limits the time between messages.
     pub(crate) fn streaming(&self) -> FieldServiceClient<Svc> {
         self.streaming.clone()
+    }
+
+    /// The standard gRPC health client (a cheap clone sharing the connection).
+    pub(crate) fn health(&self) -> HealthClient<Svc> {
+        self.health.clone()
     }
 
     /// The admin client (a cheap clone sharing the connection).

@@ -31,6 +31,7 @@ mod cli;
 mod client;
 mod error;
 mod field;
+mod health;
 mod output;
 mod rewrap;
 mod root;
@@ -87,6 +88,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Audit(cmd) => audit::run(cmd, global),
         Command::Token(cmd) => token::run(cmd, global),
+        Command::Health => block_on(health::health(global)),
         Command::Tenant(cmd) => block_on(admin::tenant(cmd, global)),
         Command::Key(cmd) => block_on(admin::key(cmd, global)),
         Command::Encrypt(args) => block_on(field::encrypt(args, global)),

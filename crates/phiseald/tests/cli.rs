@@ -1367,6 +1367,26 @@ fn token_new_snippet_admits_the_token_and_policy_denials_are_exit_3() {
 }
 
 #[test]
+fn health_says_whether_the_daemon_serves() {
+    let mut d = Daemon::embedded();
+    let run = d.cli(&["health"], b"").expect(0);
+    assert_eq!(
+        run.out(),
+        format!("phiseald at {} is serving\n", d.socket.display())
+    );
+    assert_eq!(
+        d.cli(&["--json", "health"], b"").expect(0).json()["serving"],
+        true
+    );
+    // Nothing audited: a health check is no access to keys or data.
+    assert!(!d.audit_text().contains("health"));
+    // A stopped daemon (and a stale socket file, as a killed one leaves): exit 5.
+    d.stop();
+    drop(std::os::unix::net::UnixListener::bind(&d.socket).unwrap());
+    d.cli(&["health"], b"").expect(5);
+}
+
+#[test]
 fn unreachable_socket_is_exit_5() {
     let dir = tempfile::tempdir().unwrap();
     // A socket file nobody listens on (as a crashed daemon leaves it), and no file at all.
