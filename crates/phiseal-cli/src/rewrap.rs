@@ -489,11 +489,22 @@ fn sync_parent(path: &Path) {
     }
 }
 
-/// Skips the `count` input lines that a resumed output already holds.
+/// Skips the `count` input lines that a resumed output already holds, checking that each of
+/// them corresponds to its output line: an output made from another input would otherwise be
+/// continued, its first lines belonging to other rows.
 fn skip_lines(input: &mut dyn BufRead, count: u64, output: &Path) -> Result<(), CliError> {
+    let file = File::open(output).map_err(CliError::io(format!(
+        "reading {} to resume",
+        output.display()
+    )))?;
+    let mut written = io::BufReader::new(file);
+    let (mut line, mut out_line) = (Vec::new(), Vec::new());
     for done in 0..count {
-        let n = input
-            .skip_until(b'\n')
+        line.clear();
+        out_line.clear();
+        let n = (&mut *input)
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut line)
             .map_err(CliError::io("reading the input"))?;
         if n == 0 {
             return Err(CliError::Failed(format!(
@@ -502,8 +513,59 @@ fn skip_lines(input: &mut dyn BufRead, count: u64, output: &Path) -> Result<(), 
                 output.display()
             )));
         }
+        written
+            .by_ref()
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut out_line)
+            .map_err(CliError::io(format!("reading {}", output.display())))?;
+        if !corresponds(&line, &out_line) {
+            return Err(CliError::Failed(format!(
+                "--resume: line {} of {} does not correspond to line {} of the input (a \
+                 different line shape, or other members than \"ciphertext\" differ): wrong \
+                 input or output file? Nothing was written",
+                done + 1,
+                output.display(),
+                done + 1
+            )));
+        }
     }
     Ok(())
+}
+
+/// Whether `output` can be what a rewrap wrote for `input`: blank for blank, plain for plain,
+/// and for a JSON object the same members but for `ciphertext`. (Plain lines hold only the
+/// ciphertext, which a rewrap changes: nothing more can be compared without decrypting.)
+fn corresponds(input: &[u8], output: &[u8]) -> bool {
+    let text = |raw: &[u8]| {
+        std::str::from_utf8(raw)
+            .ok()
+            .map(str::trim_ascii)
+            .map(str::to_owned)
+    };
+    let (Some(input), Some(output)) = (text(input), text(output)) else {
+        // A line that is not UTF-8 is written back unchanged.
+        return input == output;
+    };
+    let members = |line: &str| {
+        serde_json::from_str::<OrderedObject>(line)
+            .ok()
+            .map(|OrderedObject(members)| {
+                members
+                    .into_iter()
+                    .filter(|(name, _)| name != "ciphertext")
+                    .map(|(name, value)| (name, value.get().to_owned()))
+                    .collect::<Vec<_>>()
+            })
+    };
+    match (input.is_empty(), input.starts_with('{')) {
+        (true, _) => output.is_empty(),
+        (false, false) => !output.is_empty() && !output.starts_with('{'),
+        // An input line that is not a valid object is written back unchanged.
+        (false, true) => match members(&input) {
+            Some(expected) => members(&output) == Some(expected),
+            None => input == output,
+        },
+    }
 }
 
 /// The longest input line read into memory (64 MiB). A field ciphertext is far shorter (the
@@ -1145,6 +1207,39 @@ mod tests {
 
         let mut short: &[u8] = b"1\n";
         assert!(skip_lines(&mut short, 2, &out).is_err());
+    }
+
+    #[test]
+    fn resume_refuses_an_output_made_from_another_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.jsonl");
+        let ct = |n: u32| text(n, 1);
+        std::fs::write(
+            &out,
+            format!(
+                "{{\"id\":1,\"ciphertext\":\"{}\"}}\n\n{{\"id\":2,\"ciphertext\":\"{}\"}}\n",
+                ct(7),
+                ct(8)
+            ),
+        )
+        .unwrap();
+        // The same rows (ids, blank line) with other ciphertexts: this output's input.
+        let same = format!(
+            "{{\"id\":1,\"ciphertext\":\"{}\"}}\n\n{{\"id\":2,\"ciphertext\":\"{}\"}}\n{{\"id\":3}}\n",
+            ct(1),
+            ct(2)
+        );
+        skip_lines(&mut same.as_bytes(), 3, &out).unwrap();
+        // Other rows, another shape, or a line that moved: refused.
+        for other in [
+            format!("{{\"id\":9,\"ciphertext\":\"{}\"}}\n\n", ct(1)),
+            format!("{}\n\n", ct(1)),
+            format!("\n{{\"id\":1,\"ciphertext\":\"{}\"}}\n", ct(1)),
+        ] {
+            let other = format!("{other}{{\"id\":2,\"ciphertext\":\"{}\"}}\n", ct(2));
+            let err = skip_lines(&mut other.as_bytes(), 3, &out).unwrap_err();
+            assert!(err.to_string().contains("does not correspond"), "{err}");
+        }
     }
 
     #[test]
