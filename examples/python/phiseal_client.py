@@ -36,7 +36,13 @@ DEFAULT_TIMEOUT_SECONDS = 10.0
 # grpc-python sends the socket path as `:authority` on a unix: channel; the h2 crate under
 # tonic rejects that authority and resets every stream (RST_STREAM, PROTOCOL_ERROR), so
 # send `localhost` as grpc-go and tonic's own client do (see hyperium/h2#487).
-CHANNEL_OPTIONS = (("grpc.default_authority", "localhost"),)
+CHANNEL_OPTIONS = (
+    ("grpc.default_authority", "localhost"),
+    # Answers up to the daemon's limits.max_message_bytes, which may be raised above grpc's
+    # 4 MiB default (the daemon refuses larger ones itself: response_too_large).
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+)
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 

@@ -81,6 +81,7 @@ impl Sidecar {
             request,
             split,
             async |call, context, plaintext, _| {
+                self.check_answer_size(std::iter::once(plaintext.len()))?;
                 // Equal values give equal ciphertexts: whoever may write them can compare
                 // values with a deterministic column, so they need `search` as well (as
                 // deterministic `SearchTerms` need `encrypt`).

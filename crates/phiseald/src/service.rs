@@ -104,6 +104,25 @@ async fn within<T>(
     }
 }
 
+/// Bytes an answer item adds to its data, at most: the largest ciphertext overhead (46,
+/// XChaCha20-Poly1305) plus the item's framing (field tags and lengths, key version,
+/// `changed`, the result's oneof).
+const ANSWER_ITEM_GROWTH: usize = 64;
+
+/// An answer's own framing beyond its items.
+const ANSWER_FRAMING: usize = 16;
+
+/// A batch RPC, for [`Sidecar::batch`].
+struct BatchRpc {
+    /// Its name.
+    rpc: &'static str,
+    /// The policy operation of its items.
+    operation: Operation,
+    /// Whether its answer items can be longer than the request's (see
+    /// [`Sidecar::check_answer_size`]).
+    answer_grows: bool,
+}
+
 /// Batch items (context, data) whose data — plaintexts, for encrypt — is wiped when dropped,
 /// on every path, refusals included.
 struct WipeItems(Vec<(Option<pb::Context>, Vec<u8>)>);
@@ -478,6 +497,32 @@ impl Sidecar {
         }
     }
 
+    /// Refuses a call whose answer could exceed `limits.max_message_bytes`, before any work:
+    /// gRPC would refuse that answer only after the work (and its audit records), with
+    /// OUT_OF_RANGE and no kind. `data` are the items' plaintexts or ciphertexts; each answer
+    /// item is at most [`ANSWER_ITEM_GROWTH`] bytes longer.
+    pub(crate) fn check_answer_size(
+        &self,
+        data: impl Iterator<Item = usize>,
+    ) -> Result<(), Status> {
+        let bound = data.fold(ANSWER_FRAMING, |sum, len| {
+            sum.saturating_add(len.saturating_add(ANSWER_ITEM_GROWTH))
+        });
+        if bound > self.max_message_bytes {
+            self.metrics.refuse("response_too_large");
+            return Err(status::status(
+                Code::OutOfRange,
+                "response_too_large",
+                format!(
+                    "the answer could be {bound} bytes, over limits.max_message_bytes ({}): send \
+                     fewer or smaller items (files: EncryptStream)",
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_batch_size(&self, len: usize) -> Result<(), Status> {
         if len > self.max_batch_items {
             self.metrics.refuse("batch_too_large");
@@ -625,8 +670,7 @@ impl Sidecar {
     /// results back in request order, each wrapped by `wrap`.
     async fn batch<T, R>(
         &self,
-        rpc: &'static str,
-        operation: Operation,
+        kind: BatchRpc,
         head: Request<()>,
         mut items: WipeItems,
         op: impl AsyncFnOnce(
@@ -636,10 +680,18 @@ impl Sidecar {
         ) -> Result<Vec<Result<T, phiseal::Error>>, phiseal::Error>,
         wrap: impl Fn(Result<T, pb::ItemError>) -> R,
     ) -> Result<Response<Vec<R>>, Status> {
+        let BatchRpc {
+            rpc,
+            operation,
+            answer_grows,
+        } = kind;
         let call = self.admit(rpc, operation, &head).await?;
         let result = self
             .within(&call, async {
                 self.check_batch_size(items.0.len())?;
+                if answer_grows {
+                    self.check_answer_size(items.0.iter().map(|(_, data)| data.len()))?;
+                }
                 let items = std::mem::take(&mut items.0);
                 let mut sorted = self.sort_batch(&call, operation, items.into_iter()).await?;
                 let pairs: Vec<(&EncryptionContext, &[u8])> = sorted
@@ -722,6 +774,7 @@ impl pb::field_service_server::FieldService for FieldApi {
         let result = s
             .within(&call, async {
                 let body = request.into_inner();
+                s.check_answer_size(std::iter::once(plaintext.len()))?;
                 let context =
                     parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
                 s.authorize_field(&call, Operation::Encrypt, &context)
@@ -784,8 +837,11 @@ impl pb::field_service_server::FieldService for FieldApi {
         let response = self
             .0
             .batch(
-                "EncryptBatch",
-                Operation::Encrypt,
+                BatchRpc {
+                    rpc: "EncryptBatch",
+                    operation: Operation::Encrypt,
+                    answer_grows: true,
+                },
                 head,
                 items,
                 async |keyring, caller, pairs| keyring.encrypt_batch(&caller, pairs).await,
@@ -811,8 +867,13 @@ impl pb::field_service_server::FieldService for FieldApi {
         let response = self
             .0
             .batch(
-                "DecryptBatch",
-                Operation::Decrypt,
+                BatchRpc {
+                    rpc: "DecryptBatch",
+                    operation: Operation::Decrypt,
+                    // Plaintexts are shorter than their ciphertexts: the answer fits if the
+                    // request did.
+                    answer_grows: false,
+                },
                 head,
                 items,
                 async |keyring, caller, pairs| {
@@ -847,8 +908,11 @@ impl pb::field_service_server::FieldService for FieldApi {
         let response = self
             .0
             .batch(
-                "Rewrap",
-                Operation::Rewrap,
+                BatchRpc {
+                    rpc: "Rewrap",
+                    operation: Operation::Rewrap,
+                    answer_grows: true,
+                },
                 head,
                 items,
                 async |keyring, caller, pairs| {

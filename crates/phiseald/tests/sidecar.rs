@@ -707,6 +707,25 @@ tenants = ["*"]
         "{e:?}"
     );
 
+    // A request that fits but whose answer could not (each ciphertext is 44 bytes longer):
+    // refused with a kind before any work, not by gRPC after the work (and the audit).
+    for e in [
+        fields
+            .encrypt_batch(pb::EncryptBatchRequest {
+                items: vec![item(&[1u8; 640]), item(&[2u8; 640]), item(&[3u8; 640])],
+            })
+            .await
+            .unwrap_err(),
+        fields.encrypt(item(&[4u8; 2000])).await.unwrap_err(),
+    ] {
+        assert_eq!(
+            (e.code(), kind(&e).as_str()),
+            (Code::OutOfRange, "response_too_large"),
+            "{e:?}"
+        );
+        assert!(e.message().contains("max_message_bytes"), "{e:?}");
+    }
+
     // Client deadline shorter than the work: a clear status, and the daemon keeps serving.
     let mut request = tonic::Request::new(item(b"deadline"));
     request.set_timeout(Duration::from_micros(1));
