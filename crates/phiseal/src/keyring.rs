@@ -90,13 +90,17 @@ pub struct Caller {
 impl Caller {
     /// A caller with a fresh random request id.
     pub fn new(actor: Actor) -> Self {
-        // A request id is not a secret: the thread-local CSPRNG (seeded from the OS) is enough
-        // and saves a system call per request.
-        let request_id = format!("{:016x}", rand::random::<u64>());
         Self {
             actor,
-            request_id: request_id.into(),
+            request_id: Self::fresh_request_id(),
         }
+    }
+
+    /// A fresh random request id (16 hex digits), for a call refused before it has a caller.
+    pub fn fresh_request_id() -> Arc<str> {
+        // A request id is not a secret: the thread-local CSPRNG (seeded from the OS) is enough
+        // and saves a system call per request.
+        format!("{:016x}", rand::random::<u64>()).into()
     }
 
     /// A caller with a given request id (the sidecar passes the client's).

@@ -269,9 +269,10 @@ impl Sidecar {
                 "rate limit exceeded for {identity}: retry with backoff, use batch calls, or raise limits.rate_per_second"
             ),
         );
+        // Every answer carries a request id, refusals included (the client's, or a fresh one).
         match id {
             Some(id) => with_request_id(status, id),
-            None => status,
+            None => with_request_id(status, &Caller::fresh_request_id()),
         }
     }
 
@@ -324,7 +325,7 @@ impl Sidecar {
                 self.keyring
                     .audit_refusal(&caller, action, "unauthenticated", None, &[])
                     .await
-                    .map_err(|e| status::from_error(&e))?;
+                    .map_err(|e| with_request_id(status::from_error(&e), &caller.request_id))?;
                 let status =
                     status::status(Code::Unauthenticated, "unauthenticated", failure.message());
                 self.metrics

@@ -84,6 +84,15 @@ fn shutting_down() -> Status {
 enum Part {
     Chunk(Vec<u8>),
     Context,
+    /// Neither a chunk nor a context (the oneof unset).
+    Nothing,
+}
+
+fn empty_message() -> Status {
+    status::from_error(&phiseal::Error::InvalidInput {
+        what: "stream",
+        reason: "a message after the first must carry a chunk (this one had neither context nor chunk)",
+    })
 }
 
 /// Reads the next chunk within the idle limit: `Ok(None)` at the end of the requests. Once
@@ -358,7 +367,8 @@ pub(crate) async fn encrypt_stream(
     Ok(serve(s, call, permit, inbound, encryptor, |m| {
         match m.part {
             Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
-            Some(P::Context(_)) | None => Some(Part::Context),
+            Some(P::Context(_)) => Some(Part::Context),
+            None => Some(Part::Nothing),
         }
     }))
 }
@@ -385,7 +395,8 @@ pub(crate) async fn decrypt_stream(
     Ok(serve(s, call, permit, inbound, decryptor, |m| {
         match m.part {
             Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
-            Some(P::Context(_)) | None => Some(Part::Context),
+            Some(P::Context(_)) => Some(Part::Context),
+            None => Some(Part::Nothing),
         }
     }))
 }
@@ -449,6 +460,9 @@ async fn run<M, W: Worker>(
             }
             Ok(Some(Part::Context)) => {
                 return failed(worker, misplaced_context(), "invalid_input").await;
+            }
+            Ok(Some(Part::Nothing)) => {
+                return failed(worker, empty_message(), "invalid_input").await;
             }
             Ok(Some(Part::Chunk(mut chunk))) => {
                 // Within the idle limit and ended by shutdown like a read: the first push of

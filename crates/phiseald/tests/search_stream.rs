@@ -856,6 +856,36 @@ async fn a_read_error_cancels_the_stream_instead_of_sealing_a_truncated_one() {
 }
 
 #[tokio::test]
+async fn a_stream_message_without_a_chunk_is_refused_for_what_it_is() {
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let first = || pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", None).unwrap(),
+        )),
+    };
+    for (second, expected) in [
+        (
+            pb::EncryptStreamRequest { part: None },
+            "neither context nor chunk",
+        ),
+        (first(), "only the first message may carry the context"),
+    ] {
+        let mut answers = d
+            .fields()
+            .await
+            .encrypt_stream(tokio_stream::iter(vec![first(), second]))
+            .await
+            .unwrap()
+            .into_inner();
+        let (_, ended) = read_answers(&mut answers).await;
+        let err = ended.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(expected), "{err:?}");
+    }
+}
+
+#[tokio::test]
 async fn streams_beyond_limits_max_streams_are_refused() {
     let d = Daemon::with_config(&config(&format!("{ALL}[limits]\nmax_streams = 1\n")));
     create_tenant(&d, "clinic").await;

@@ -754,6 +754,13 @@ tenants = ["*"]
         (e.code(), kind(&e).as_str()),
         (Code::ResourceExhausted, "rate_limited")
     );
+    // A refusal carries a request id too (the client sent none: a fresh one).
+    let id = e.metadata().get(phiseal_proto::REQUEST_ID_HEADER);
+    assert!(
+        id.and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.len() == 16 && v.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{e:?}"
+    );
     // After a second, calls are admitted again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     ok(fields.encrypt(item(b"after")).await);
