@@ -79,6 +79,18 @@ def run(client: Phiseal, tenant: str, create_tenant: bool) -> None:
             raise CheckFailed(f"field {field} did not round-trip")
     print(f"decrypted all {len(record)} fields with one DecryptBatch call: every value round-trips")
 
+    # One bad item fails alone, and names the batch's request id (as in the audit log).
+    mixed = client.decrypt_batch([
+        (contexts["mrn"], phiseal_client.from_text(record["mrn"])),
+        (Context("no-such-tenant", "mrn", PATIENT_ID), phiseal_client.from_text(record["mrn"])),
+    ])
+    if not (isinstance(mixed[0], bytes) and isinstance(mixed[1], PhisealError)
+            and mixed[1].kind == "tenant_not_found" and mixed[1].request_id):
+        raise CheckFailed("a batch with one bad item did not fail that item alone, with the "
+                          "batch's request id")
+    print(f"a batch item of an unknown tenant failed alone: {mixed[1].kind} "
+          f"(request id {mixed[1].request_id})")
+
     ssn = phiseal_client.from_text(record["ssn"])
     try:
         client.decrypt(contexts["name"], ssn)

@@ -121,11 +121,12 @@ class PhisealError(Exception):
                    metadata.get(REQUEST_ID_KEY))
 
     @classmethod
-    def from_item_error(cls, item: Any) -> PhisealError:
-        """Converts the `ItemError` message of one failed batch item."""
+    def from_item_error(cls, item: Any, request_id: str | None = None) -> PhisealError:
+        """Converts the `ItemError` message of one failed batch item (`request_id`: the
+        batch call's, under which the daemon audited every item)."""
         codes = (c for c in grpc.StatusCode if c.value[0] == item.code)
         code = next(codes, grpc.StatusCode.UNKNOWN)
-        return cls(code, item.kind or None, item.message)
+        return cls(code, item.kind or None, item.message, request_id)
 
 
 class Phiseal:
@@ -162,6 +163,24 @@ class Phiseal:
         except grpc.RpcError as error:
             raise PhisealError.from_rpc_error(error) from None
 
+    def _batch(self, method: grpc.UnaryUnaryMultiCallable, request: Any, sent: int,
+               ok: Any) -> list[Any]:
+        """Runs a batch call: one result per item, in order, `ok(result)` for a success and
+        a `PhisealError` carrying the call's request id for an item that failed alone."""
+        try:
+            response, call = method.with_call(request, metadata=self._metadata,
+                                              timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise PhisealError.from_rpc_error(error) from None
+        request_id = dict(call.initial_metadata() or ()).get(REQUEST_ID_KEY)
+        results = response.results
+        if len(results) != sent:
+            # Never pair results with the wrong items.
+            raise PhisealError(grpc.StatusCode.INTERNAL, "result_count",
+                               f"{len(results)} results for {sent} items", request_id)
+        return [ok(r) if r.HasField("ok") else PhisealError.from_item_error(r.error, request_id)
+                for r in results]
+
     def _context(self, context: Context) -> Any:
         return self._pb2.Context(tenant=context.tenant, field=context.field, record=context.record)
 
@@ -185,18 +204,16 @@ class Phiseal:
         or the `PhisealError` (not raised) of an item that failed alone."""
         request = self._pb2.EncryptBatchRequest(items=[
             self._pb2.EncryptRequest(context=self._context(c), plaintext=p) for c, p in items])
-        results = self._call(self._field.EncryptBatch, request).results
-        return [r.ok.ciphertext if r.HasField("ok") else PhisealError.from_item_error(r.error)
-                for r in results]
+        return self._batch(self._field.EncryptBatch, request, len(items),
+                           lambda r: bytes(r.ok.ciphertext))
 
     def decrypt_batch(self, items: Sequence[tuple[Context, bytes]]) -> list[bytes | PhisealError]:
         """Decrypts many fields in one call. One result per item, in order: the plaintext,
         or the `PhisealError` (not raised) of an item that failed alone."""
         request = self._pb2.DecryptBatchRequest(items=[
             self._pb2.DecryptRequest(context=self._context(c), ciphertext=t) for c, t in items])
-        results = self._call(self._field.DecryptBatch, request).results
-        return [r.ok.plaintext if r.HasField("ok") else PhisealError.from_item_error(r.error)
-                for r in results]
+        return self._batch(self._field.DecryptBatch, request, len(items),
+                           lambda r: bytes(r.ok.plaintext))
 
     def encrypt_deterministic(self, context: Context, plaintext: bytes) -> bytes:
         """Deterministic encryption (equal values, equal ciphertexts) for equality lookups;
@@ -247,6 +264,10 @@ class Phiseal:
                 yield bytes(answer.chunk)
         except grpc.RpcError as error:
             raise PhisealError.from_rpc_error(error) from None
+        finally:
+            # A caller that stops iterating early ends the call now (the daemon records the
+            # stream as cancelled), not whenever the garbage collector gets to it.
+            answers.cancel()
 
     def encrypt_stream(self, context: Context, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """Encrypts a large value given as chunks of any size; yields the ciphertext in pieces.

@@ -76,7 +76,24 @@ fn patient_record_example_round_trips_through_the_daemon() {
     let mut all: Vec<String> = FIELDS.iter().map(|f| (*f).to_owned()).collect();
     all.sort();
     assert_eq!(fields_of("encrypt", "ok"), all);
-    assert_eq!(fields_of("decrypt", "ok"), all);
+    // Each field once, and the mrn again in the batch with one bad item.
+    let mut decrypted = all.clone();
+    decrypted.push("mrn".to_owned());
+    decrypted.sort();
+    assert_eq!(fields_of("decrypt", "ok"), decrypted);
+    // That bad item: refused alone, under the request id its batch's good item has.
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r["tenant"] == "no-such-tenant" && r["result"] == "tenant_not_found")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        records.iter().any(|r| r["action"] == "decrypt"
+            && r["result"] == "ok"
+            && r["field"] == "mrn"
+            && r["request_id"] == refused[0]["request_id"]),
+        "{refused:?}"
+    );
     assert_eq!(fields_of("decrypt", "decryption_failed"), ["name"]);
     assert_eq!(
         fields_of("encrypt", "decryption_failed"),
