@@ -15,7 +15,7 @@ use crate::verify::ProblemKind;
 pub enum AuditFileError {
     /// The log file (or its parent directory) could not be created or opened.
     #[error(
-        "cannot open audit log {path}: {source} (check the path; to write a log, its parent directory must exist and be writable)"
+        "cannot open audit log {path}: {source} (check the path; a daemon writing a new log needs its parent directory to exist and be writable)"
     )]
     Open {
         /// The log file.
@@ -136,8 +136,9 @@ pub enum AuditFileError {
     },
     /// `export_tenant` found a broken chain: the export is incomplete and must be discarded.
     #[error(
-        "audit log {path} fails verification at line {line} ({kind:?}): export aborted; \
-         discard the partial output and run `verify`"
+        "audit log {path} fails verification at line {line} ({}): export aborted; \
+         discard the partial output and run `verify`",
+        kind.as_str()
     )]
     ChainBroken {
         /// The log file.

@@ -39,6 +39,22 @@ pub enum ProblemKind {
     AnchorMissing,
 }
 
+impl ProblemKind {
+    /// The stable snake-case name (`hash_mismatch` …), as reports and errors print it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProblemKind::HashMismatch => "hash_mismatch",
+            ProblemKind::ChainBreak => "chain_break",
+            ProblemKind::SeqGap => "seq_gap",
+            ProblemKind::SeqOutOfOrder => "seq_out_of_order",
+            ProblemKind::Malformed => "malformed",
+            ProblemKind::MissingHeader => "missing_header",
+            ProblemKind::UnexpectedHeader => "unexpected_header",
+            ProblemKind::AnchorMissing => "anchor_missing",
+        }
+    }
+}
+
 /// A head recorded earlier, outside the machine: a line's hash and the seq of its last record
 /// (a report's `head_hash` and `last_seq`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,9 +5,7 @@ use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use phiseal_audit_file::{
-    FileAuditLog, ProblemKind, VerifyReport, export_tenant, verify, verify_anchored,
-};
+use phiseal_audit_file::{FileAuditLog, VerifyReport, export_tenant, verify, verify_anchored};
 use serde_json::json;
 
 use crate::cli::{AuditCommand, ExportArgs, GlobalArgs, LogArgs, VerifyArgs};
@@ -83,21 +81,6 @@ fn log_path_from_env(args: &LogArgs) -> PathBuf {
     log_path(args, std::env::var_os(DATA_DIR_ENV))
 }
 
-/// The stable name of a problem kind.
-fn problem_name(kind: ProblemKind) -> &'static str {
-    match kind {
-        ProblemKind::HashMismatch => "hash_mismatch",
-        ProblemKind::ChainBreak => "chain_break",
-        ProblemKind::SeqGap => "seq_gap",
-        ProblemKind::SeqOutOfOrder => "seq_out_of_order",
-        ProblemKind::Malformed => "malformed",
-        ProblemKind::MissingHeader => "missing_header",
-        ProblemKind::UnexpectedHeader => "unexpected_header",
-        ProblemKind::AnchorMissing => "anchor_missing",
-        _ => "other",
-    }
-}
-
 fn verify_log(args: &VerifyArgs, json: bool) -> Result<(), CliError> {
     let path = log_path_from_env(&args.log);
     let report_ = match args.anchor {
@@ -126,7 +109,7 @@ fn verify_json(path: &std::path::Path, r: &VerifyReport) -> serde_json::Value {
         .iter()
         .map(|p| {
             json!({
-                "kind": problem_name(p.kind),
+                "kind": p.kind.as_str(),
                 "line": p.line,
                 "offset": p.offset,
                 "detail": p.detail,
@@ -165,7 +148,7 @@ fn verify_text(path: &std::path::Path, r: &VerifyReport) -> String {
             out,
             "  line {}: {}: {}",
             p.line,
-            problem_name(p.kind),
+            p.kind.as_str(),
             printable(&p.detail)
         );
     }
@@ -263,7 +246,7 @@ mod tests {
             problems: vec![Problem {
                 line: 4,
                 offset: 50,
-                kind: ProblemKind::ChainBreak,
+                kind: phiseal_audit_file::ProblemKind::ChainBreak,
                 detail: "prev mismatch".into(),
             }],
             problem_count: 1,

@@ -160,12 +160,32 @@ async fn connect_socket(socket: &Path, timeout: Duration) -> Result<Channel, Cli
     };
     match tokio::time::timeout(timeout, phiseal_proto::connect_unix(socket)).await {
         Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) if is_permission_denied(&e) => Err(CliError::ConnectDenied {
+            socket: socket.to_owned(),
+            detail: error_chain(&e),
+        }),
         Ok(Err(e)) => Err(error(error_chain(&e))),
         Err(_) => Err(error(format!(
             "no connection within {} s",
             timeout.as_secs()
         ))),
     }
+}
+
+/// Whether `e` or one of its sources is an I/O error `PermissionDenied` (EACCES on connect:
+/// the socket's mode or its directory's keeps this user out).
+fn is_permission_denied(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(error) = current {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// `e` and its sources, joined with `: ` (a source whose text repeats the previous is skipped).
@@ -210,6 +230,9 @@ pub(crate) fn status_error(what: &str, status: &Status) -> CliError {
     }
     if let Some(source) = std::error::Error::source(status) {
         message = format!("{message}: {}", error_chain(source));
+    }
+    if kind == "batch_too_large" {
+        message.push_str(" (rewrap: use a smaller --batch)");
     }
     if status.code() == Code::OutOfRange {
         // Refused by the gRPC layer (either side) for its size.

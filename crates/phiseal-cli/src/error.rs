@@ -52,6 +52,19 @@ pub(crate) enum CliError {
         /// Why it failed.
         detail: String,
     },
+    /// The socket exists but this user may not connect to it (file permissions).
+    #[error(
+        "cannot connect to phiseald at {}: {detail}; this user may not use the socket (mode \
+         0660: only the daemon's user and its socket_group may connect): run as a member of \
+         that group",
+        socket.display()
+    )]
+    ConnectDenied {
+        /// The socket path tried.
+        socket: PathBuf,
+        /// Why it failed.
+        detail: String,
+    },
     /// The command line is syntactically fine but cannot be carried out as given.
     #[error("{0}")]
     Usage(String),
@@ -109,6 +122,7 @@ impl CliError {
         match self {
             CliError::Status { code, .. } => crate::client::exit_code_for(*code),
             CliError::Connect { .. } => exit::UNAVAILABLE,
+            CliError::ConnectDenied { .. } => exit::DENIED,
             CliError::Usage(_) => exit::USAGE,
             CliError::Failed(_) | CliError::Io { .. } => exit::FAILURE,
             CliError::RewrapFailed { .. } | CliError::RootFailed { .. } => exit::REWRAP_FAILED,
@@ -129,6 +143,7 @@ impl CliError {
             CliError::Status { kind, .. } => kind,
             CliError::Keyring(e) => e.kind(),
             CliError::Connect { .. } => "unavailable",
+            CliError::ConnectDenied { .. } => "permission_denied",
             CliError::Usage(_) => "usage",
             CliError::Failed(_) => "failed",
             CliError::Io { .. } => "io",

@@ -14,7 +14,7 @@
 //! | 0 | success |
 //! | 1 | other failure: invalid argument, decryption failed, internal error, I/O error |
 //! | 2 | usage error (clap's own; also `shred` without confirmation and without a terminal) |
-//! | 3 | denied: `PERMISSION_DENIED`, `UNAUTHENTICATED` |
+//! | 3 | denied: `PERMISSION_DENIED`, `UNAUTHENTICATED`, or the socket's permissions keep this user out |
 //! | 4 | not found: `NOT_FOUND` |
 //! | 5 | unavailable: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, or the socket cannot be reached |
 //! | 6 | key destroyed or retired: `FAILED_PRECONDITION` |

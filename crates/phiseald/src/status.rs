@@ -58,7 +58,7 @@ pub fn item_denied() -> ItemError {
 }
 
 /// The message of a policy refusal.
-pub const PERMISSION_DENIED: &str = "permission denied: the policy does not allow this identity this operation on this tenant and field";
+pub const PERMISSION_DENIED: &str = "permission denied: the policy does not allow this identity this operation on this tenant (and field)";
 
 #[cfg(test)]
 mod tests {

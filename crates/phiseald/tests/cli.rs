@@ -1588,4 +1588,14 @@ fn another_user_is_refused_by_the_policy_not_by_file_permissions() {
             row("uid:65534", "encrypt", "clinic", "dob", "permission_denied"),
         ]
     );
+
+    // Without socket_group, uid 65534 cannot even open the socket: denied (exit 3, with what
+    // to do), not "unavailable" (exit 5, which invites retries).
+    let c = Daemon::embedded();
+    let run = as_nobody(&c.socket, &encrypt_args, b"x").expect(3);
+    assert!(
+        run.stderr.contains("this user may not use the socket"),
+        "{}",
+        run.stderr
+    );
 }
