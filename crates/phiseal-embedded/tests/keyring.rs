@@ -777,16 +777,22 @@ async fn concurrent_rotations_never_duplicate_a_version() {
     assert_eq!(status.primary, Some(won.len() as u32 + 1));
 }
 
+/// Cache settings that trust tenant metadata (and keys) for a minute: another process's
+/// changes reach a keyring with them only through the paths that re-read on their own.
+fn slow_metadata() -> CacheSettings {
+    CacheSettings {
+        metadata_ttl: Duration::from_secs(60),
+        key_ttl: Duration::from_secs(60),
+        ..CacheSettings::default()
+    }
+}
+
 #[tokio::test]
 async fn another_process_rotation_is_seen_within_the_documented_bounds() {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let c = caller();
-    let slow_metadata = CacheSettings {
-        metadata_ttl: Duration::from_secs(60),
-        key_ttl: Duration::from_secs(60),
-        ..CacheSettings::default()
-    };
+    let slow_metadata = slow_metadata();
     let fast_metadata = CacheSettings {
         metadata_ttl: Duration::from_millis(100),
         ..CacheSettings::default()
@@ -817,13 +823,8 @@ async fn queries_see_another_process_rotation_within_100_ms() {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let c = caller();
-    let slow_metadata = CacheSettings {
-        metadata_ttl: Duration::from_secs(60),
-        key_ttl: Duration::from_secs(60),
-        ..CacheSettings::default()
-    };
     let a = keyring_on(&p, CacheSettings::default());
-    let b = keyring_on(&p, slow_metadata);
+    let b = keyring_on(&p, slow_metadata());
     a.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "ssn", None);
     let bi = phiseal::BlindIndexSpec::new(phiseal::Normalization::DigitsOnly, 32).unwrap();

@@ -343,6 +343,11 @@ async fn deterministic_search_terms_need_encrypt_as_well() {
 
 /// Streams `chunks` through EncryptStream; the ciphertext.
 async fn encrypt_stream(d: &Daemon, chunks: Vec<Vec<u8>>) -> Vec<u8> {
+    encrypt_stream_answers(d, chunks).await.concat()
+}
+
+/// Streams `chunks` through EncryptStream; each answer's ciphertext piece.
+async fn encrypt_stream_answers(d: &Daemon, chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
     let mut requests = vec![pb::EncryptStreamRequest {
         part: Some(pb::encrypt_stream_request::Part::Context(
             ctx("clinic", "referral", Some("doc-7")).unwrap(),
@@ -358,11 +363,9 @@ async fn encrypt_stream(d: &Daemon, chunks: Vec<Vec<u8>>) -> Vec<u8> {
         .await
         .unwrap()
         .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = answers.message().await.unwrap() {
-        out.extend_from_slice(&chunk.chunk);
-    }
-    out
+    let (pieces, ended) = read_answer_pieces(&mut answers).await;
+    ended.unwrap();
+    pieces
 }
 
 /// Streams `ciphertext` through DecryptStream in `chunk`-byte pieces: the plaintext received
@@ -372,6 +375,16 @@ async fn decrypt_stream(
     ciphertext: &[u8],
     chunk: usize,
 ) -> (Vec<u8>, Result<(), tonic::Status>) {
+    let (pieces, ended) = decrypt_stream_answers(d, ciphertext, chunk).await;
+    (pieces.concat(), ended)
+}
+
+/// [`decrypt_stream`], with each answer's plaintext piece.
+async fn decrypt_stream_answers(
+    d: &Daemon,
+    ciphertext: &[u8],
+    chunk: usize,
+) -> (Vec<Vec<u8>>, Result<(), tonic::Status>) {
     let mut requests = vec![pb::DecryptStreamRequest {
         part: Some(pb::decrypt_stream_request::Part::Context(
             ctx("clinic", "referral", Some("doc-7")).unwrap(),
@@ -389,19 +402,27 @@ async fn decrypt_stream(
         Ok(answers) => answers.into_inner(),
         Err(status) => return (Vec::new(), Err(status)),
     };
-    read_answers(&mut answers).await
+    read_answer_pieces(&mut answers).await
 }
 
 /// Reads a stream's answers to their end: what was received and how the call ended.
 async fn read_answers(
     answers: &mut tonic::Streaming<pb::StreamChunk>,
 ) -> (Vec<u8>, Result<(), tonic::Status>) {
-    let mut out = Vec::new();
+    let (pieces, ended) = read_answer_pieces(answers).await;
+    (pieces.concat(), ended)
+}
+
+/// [`read_answers`], one piece per answer.
+async fn read_answer_pieces(
+    answers: &mut tonic::Streaming<pb::StreamChunk>,
+) -> (Vec<Vec<u8>>, Result<(), tonic::Status>) {
+    let mut pieces = Vec::new();
     loop {
         match answers.message().await {
-            Ok(Some(chunk)) => out.extend_from_slice(&chunk.chunk),
-            Ok(None) => return (out, Ok(())),
-            Err(status) => return (out, Err(status)),
+            Ok(Some(chunk)) => pieces.push(chunk.chunk),
+            Ok(None) => return (pieces, Ok(())),
+            Err(status) => return (pieces, Err(status)),
         }
     }
 }
@@ -523,51 +544,19 @@ async fn stream_answers_are_split_to_fit_the_message_limit() {
     create_tenant(&d, "clinic").await;
     let document: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let chunks: Vec<Vec<u8>> = document.chunks(10_000).map(<[u8]>::to_vec).collect();
-    let mut requests = vec![pb::EncryptStreamRequest {
-        part: Some(pb::encrypt_stream_request::Part::Context(
-            ctx("clinic", "referral", Some("doc-7")).unwrap(),
-        )),
-    }];
-    requests.extend(chunks.into_iter().map(|c| pb::EncryptStreamRequest {
-        part: Some(pb::encrypt_stream_request::Part::Chunk(c)),
-    }));
-    let mut answers = d
-        .fields()
-        .await
-        .encrypt_stream(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut ciphertext, mut sizes) = (Vec::new(), Vec::new());
-    while let Some(chunk) = answers.message().await.unwrap() {
-        sizes.push(chunk.chunk.len());
-        ciphertext.extend_from_slice(&chunk.chunk);
-    }
+    let sealed = encrypt_stream_answers(&d, chunks).await;
+    let sizes: Vec<usize> = sealed.iter().map(Vec::len).collect();
     assert!(sizes.iter().all(|&n| n < limit), "{sizes:?}");
     assert!(sizes.len() > 4, "{sizes:?}");
 
-    let mut requests = vec![pb::DecryptStreamRequest {
-        part: Some(pb::decrypt_stream_request::Part::Context(
-            ctx("clinic", "referral", Some("doc-7")).unwrap(),
-        )),
-    }];
-    requests.extend(ciphertext.chunks(10_000).map(|c| pb::DecryptStreamRequest {
-        part: Some(pb::decrypt_stream_request::Part::Chunk(c.to_vec())),
-    }));
-    let mut answers = d
-        .fields()
-        .await
-        .decrypt_stream(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut plaintext, mut sizes) = (Vec::new(), Vec::new());
-    while let Some(chunk) = answers.message().await.unwrap() {
-        sizes.push(chunk.chunk.len());
-        plaintext.extend_from_slice(&chunk.chunk);
-    }
+    let (opened, ended) = decrypt_stream_answers(&d, &sealed.concat(), 10_000).await;
+    ended.unwrap();
+    let sizes: Vec<usize> = opened.iter().map(Vec::len).collect();
     assert!(sizes.iter().all(|&n| n < limit), "{sizes:?}");
-    assert!(plaintext == document, "the round trip changed the document");
+    assert!(
+        opened.concat() == document,
+        "the round trip changed the document"
+    );
 }
 
 #[tokio::test]
