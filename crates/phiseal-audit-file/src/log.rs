@@ -1596,7 +1596,8 @@ mod tests {
     async fn buffered_sync_failure_fails_closed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let log = FileAuditLog::open(&path, Durability::buffered()).unwrap();
+        // No periodic write or sync: only the flush below syncs (deterministic).
+        let log = FileAuditLog::open(&path, buffered_slow()).unwrap();
         log.append_events(&[event(1)]).await.unwrap();
         log.shared.fail_next_sync.store(true, Ordering::Relaxed);
         let err = log.flush_log().await.unwrap_err();

@@ -1229,7 +1229,12 @@ mod tests {
             ct(1),
             ct(2)
         );
-        skip_lines(&mut same.as_bytes(), 3, &out).unwrap();
+        let mut rest = same.as_bytes();
+        skip_lines(&mut rest, 3, &out).unwrap();
+        assert_eq!(
+            rest, b"{\"id\":3}\n",
+            "the lines after the output's are left to read"
+        );
         // Other rows, another shape, or a line that moved: refused.
         for other in [
             format!("{{\"id\":9,\"ciphertext\":\"{}\"}}\n\n", ct(1)),
@@ -1240,6 +1245,14 @@ mod tests {
             let err = skip_lines(&mut other.as_bytes(), 3, &out).unwrap_err();
             assert!(err.to_string().contains("does not correspond"), "{err}");
         }
+        // Only the last line differs.
+        let last = format!(
+            "{{\"id\":1,\"ciphertext\":\"{}\"}}\n\n{{\"id\":9,\"ciphertext\":\"{}\"}}\n",
+            ct(1),
+            ct(2)
+        );
+        let err = skip_lines(&mut last.as_bytes(), 3, &out).unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
     }
 
     #[test]

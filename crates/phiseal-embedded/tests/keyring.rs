@@ -847,7 +847,8 @@ async fn queries_see_another_process_rotation_within_100_ms() {
         .await
         .unwrap();
     assert_eq!(index.key_version, 2);
-    // Queries re-read metadata older than 100 ms: b's terms find the v2 row.
+    // Queries re-read metadata older than 100 ms: b's terms find the v2 row. (The sleep only
+    // guarantees more than 100 ms: a refresh age up to ~150 ms would pass too.)
     tokio::time::sleep(Duration::from_millis(150)).await;
     let q = b
         .blind_index_query(&c, &cx, b"078051120", &bi)
@@ -1107,6 +1108,12 @@ fn data_dir_readable_by_others_is_refused() {
 
 #[test]
 fn data_dir_owned_by_another_user_is_refused() {
+    assert_eq!(
+        rustix::process::getuid().as_raw(),
+        0,
+        "this test gives a directory to uid 65534 (nobody), which needs root: run the tests \
+         as root (as CI does)"
+    );
     let dir = private_tempdir();
     // nobody (65534): a private directory that another user owns.
     std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();

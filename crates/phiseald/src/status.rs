@@ -73,9 +73,25 @@ mod tests {
             Code::FailedPrecondition
         );
         assert_eq!(
-            code_of(&Error::TenantNotFound { tenant: t }),
+            code_of(&Error::TenantNotFound { tenant: t.clone() }),
             Code::NotFound
         );
+        // Done but not recorded: a code clients never retry on their own (not UNAVAILABLE).
+        let after_commit = Error::AuditAfterCommit {
+            action: "rotate_key",
+            tenant: t,
+            backend: "file".into(),
+            source: phiseal::BackendError::new(phiseal::BackendErrorKind::Unavailable, "disk full"),
+        };
+        let s = from_error(&after_commit);
+        assert_eq!(s.code(), Code::DataLoss);
+        assert_eq!(
+            s.metadata()
+                .get(ERROR_KIND_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("audit_after_commit")
+        );
+        assert!(s.message().contains("do not repeat it"), "{s:?}");
         let s = from_error(&Error::DecryptionFailed);
         assert_eq!(
             s.metadata()

@@ -87,6 +87,13 @@ fn patient_record_example_round_trips_through_the_daemon() {
         .filter(|r| r["tenant"] == "no-such-tenant" && r["result"] == "tenant_not_found")
         .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
+    // The request id the Python client reported for the failed item is the audited one.
+    let reported = stdout
+        .lines()
+        .find_map(|l| l.split("(request id ").nth(1))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no request id printed: {stdout}"));
+    assert_eq!(refused[0]["request_id"], reported, "{stdout}");
     assert!(
         records.iter().any(|r| r["action"] == "decrypt"
             && r["result"] == "ok"
