@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use phiseal::audit::{AuditEvent, AuditSink};
 use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::store::{KeyRecord, KeyStore, TenantRecord};
+use phiseal::stream::StreamOptions;
 use phiseal::{
     Actor, Algorithm, BackendError, BackendErrorKind, CacheSettings, Caller, EncryptionContext,
     Error, Keyring, Profile, TenantId, TenantKey,
@@ -1215,6 +1216,9 @@ struct SwitchableKms {
     /// None: working; Some(kind): every unwrap fails with that kind.
     failure: std::sync::Mutex<Option<BackendErrorKind>>,
     unwraps: AtomicUsize,
+    /// While set, an unwrap waits for a permit of `gate` (a KMS call in flight).
+    hold: std::sync::atomic::AtomicBool,
+    gate: tokio::sync::Semaphore,
 }
 
 impl SwitchableKms {
@@ -1224,6 +1228,8 @@ impl SwitchableKms {
             inner: p.kms.inner.clone(),
             failure: std::sync::Mutex::new(None),
             unwraps: AtomicUsize::new(0),
+            hold: std::sync::atomic::AtomicBool::new(false),
+            gate: tokio::sync::Semaphore::new(0),
         })
     }
 
@@ -1267,6 +1273,9 @@ impl Kms for SwitchableKms {
     }
     async fn unwrap(&self, w: &WrappedKey, b: &KeyBinding) -> Result<TenantKey, BackendError> {
         self.unwraps.fetch_add(1, Ordering::SeqCst);
+        if self.hold.load(Ordering::SeqCst) {
+            self.gate.acquire().await.unwrap().forget();
+        }
         let failure = *self.failure.lock().unwrap();
         match failure {
             Some(kind) => Err(BackendError::new(kind, "injected failure")),
@@ -1312,6 +1321,85 @@ impl AuditSink for MemoryAudit {
     async fn flush(&self) -> Result<(), BackendError> {
         Ok(())
     }
+}
+
+/// An audit sink that holds every append containing a `serve_stale_key` decision until a
+/// permit is added (to stop an operation inside its stale-key decision), and notes that one
+/// is waiting.
+#[derive(Debug)]
+struct StaleDecisionGate {
+    gate: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl AuditSink for StaleDecisionGate {
+    fn name(&self) -> &str {
+        "stale-decision-gate"
+    }
+    async fn append(&self, events: &[AuditEvent]) -> Result<(), BackendError> {
+        if events
+            .iter()
+            .any(|e| e.action.as_str() == "serve_stale_key")
+        {
+            self.waiting.store(true, Ordering::SeqCst);
+            self.gate.acquire().await.unwrap().forget();
+        }
+        Ok(())
+    }
+    async fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_stream_starting_on_a_stale_key_while_a_shred_commits_is_refused() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let audit = Arc::new(StaleDecisionGate {
+        gate: tokio::sync::Semaphore::new(0),
+        waiting: std::sync::atomic::AtomicBool::new(false),
+    });
+    let cache = CacheSettings {
+        key_ttl: Duration::from_millis(300),
+        metadata_ttl: Duration::from_millis(300),
+        max_stale: Duration::from_secs(30),
+        ..CacheSettings::default()
+    };
+    let k = Keyring::builder()
+        .kms(kms.clone())
+        .key_store(p.store.clone())
+        .audit(audit.clone())
+        .cache(cache)
+        .build()
+        .unwrap();
+    let c = caller();
+    let t = tenant("t");
+    let cx = ctx("t", "referral", None);
+    k.create_tenant(&c, &t).await.unwrap();
+    k.encrypt(&c, &cx, b"warm").await.unwrap();
+    // A KMS outage past the key's TTL: the next use decides (and audits) to serve it stale…
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
+    let start = tokio::spawn(async move {
+        k2.start_encrypt_stream(&c2, &cx2, StreamOptions::default())
+            .await
+            .map(drop)
+    });
+    while !audit.waiting.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // …while the tenant is shredded, and the shred returns…
+    k.shred(&c, &t).await.unwrap();
+    // …then the decision is recorded: the stream must not start under the destroyed key.
+    audit.gate.add_permits(1);
+    let started = start.await.unwrap();
+    assert!(
+        matches!(started, Err(Error::KeyDestroyed { .. })),
+        "{started:?}"
+    );
 }
 
 fn event(action: &str, outcome: &str, source: Option<&str>) -> (String, String, Option<String>) {
@@ -1466,6 +1554,59 @@ async fn kms_refusal_is_never_served_from_a_stale_key() {
     assert!(
         err.is_kms_unavailable(),
         "the stale key was served again: {err}"
+    );
+}
+
+#[tokio::test]
+async fn once_the_kms_refuses_no_other_stale_key_serves() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let cache = CacheSettings {
+        key_ttl: Duration::from_millis(200),
+        metadata_ttl: Duration::from_millis(200),
+        max_stale: Duration::from_secs(60),
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, cache, None);
+    let c = caller();
+    let (t, u) = (ctx("t", "f", None), ctx("u", "f", None));
+    let mut cts = Vec::new();
+    for cx in [&t, &u] {
+        k.create_tenant(&c, cx.tenant()).await.unwrap();
+        cts.push(k.encrypt(&c, cx, b"v").await.unwrap());
+    }
+    // An outage past the TTL: both keys serve stale.
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    k.decrypt(&c, &t, &cts[0]).await.unwrap();
+    k.decrypt(&c, &u, &cts[1]).await.unwrap();
+    // At the next retry the KMS refuses (a disabled root key). While that call is in flight,
+    // u's key is still served stale (the outage is presumed to last)…
+    tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;
+    kms.fail_with(Some(BackendErrorKind::Denied));
+    kms.hold.store(true, Ordering::SeqCst);
+    let (k2, c2, t2, ct) = (k.clone(), c.clone(), t.clone(), cts[0].clone());
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    let probe = tokio::spawn(async move { k2.decrypt(&c2, &t2, &ct).await.map(drop) });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kms.unwraps.load(Ordering::SeqCst) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retry never reached the KMS"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    k.decrypt(&c, &u, &cts[1]).await.unwrap();
+    // …then the refusal arrives: from now on no stale key serves, u's included.
+    kms.hold.store(false, Ordering::SeqCst);
+    kms.gate.add_permits(1);
+    let refused = probe.await.unwrap().unwrap_err();
+    assert!(!refused.is_kms_unavailable(), "{refused}");
+    let err = k.decrypt(&c, &u, &cts[1]).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Kms { .. }) && !err.is_kms_unavailable(),
+        "u's stale key served after the KMS refused: {err:?}"
     );
 }
 
@@ -1696,22 +1837,41 @@ async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
         .build()
         .unwrap();
     let c = caller();
-    for (i, decrypting) in [false, true].into_iter().enumerate() {
+    // Field encryption and decryption, and the start of a stream either way (whose key
+    // derivation must be guarded like a field operation's).
+    for (i, name) in ["encrypt", "decrypt", "encrypt_stream", "decrypt_stream"]
+        .into_iter()
+        .enumerate()
+    {
         let t = tenant(&format!("t{i}"));
         let cx = ctx(&format!("t{i}"), "ssn", None);
         // create_tenant proves its wrapping with one unwrap; the encrypt unwraps once more.
         gate.add_permits(2);
         k.create_tenant(&c, &t).await.unwrap();
         let ct = k.encrypt(&c, &cx, b"078-05-1120").await.unwrap();
+        let mut stream = Vec::new();
+        let mut sealing = k
+            .start_encrypt_stream(&c, &cx, StreamOptions::default())
+            .await
+            .unwrap();
+        sealing.push(b"a scanned referral", &mut stream).unwrap();
+        sealing.finish(&mut stream).await.unwrap();
         k.invalidate_tenant(&t);
         // An operation misses the cache and waits inside the KMS unwrap…
         let before = kms.unwraps.load(Ordering::SeqCst);
         let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
         let op = tokio::spawn(async move {
-            if decrypting {
-                k2.decrypt(&c2, &cx2, &ct).await.map(|_| ())
-            } else {
-                k2.encrypt(&c2, &cx2, b"078-05-1120").await.map(|_| ())
+            match name {
+                "encrypt" => k2.encrypt(&c2, &cx2, b"078-05-1120").await.map(drop),
+                "decrypt" => k2.decrypt(&c2, &cx2, &ct).await.map(drop),
+                "encrypt_stream" => k2
+                    .start_encrypt_stream(&c2, &cx2, StreamOptions::default())
+                    .await
+                    .map(drop),
+                _ => {
+                    let mut opening = k2.start_decrypt_stream(&c2, &cx2);
+                    opening.push(&stream, &mut Vec::new()).await
+                }
             }
         });
         while kms.unwraps.load(Ordering::SeqCst) == before {
@@ -1724,7 +1884,7 @@ async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
         let result = op.await.unwrap();
         assert!(
             matches!(result, Err(Error::KeyDestroyed { .. })),
-            "decrypting: {decrypting}: {result:?}"
+            "{name}: {result:?}"
         );
     }
 }

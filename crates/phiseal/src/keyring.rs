@@ -844,6 +844,12 @@ impl Keyring {
                 }
             }
         }
+        // Not through a view an invalidation (a shred) has overtaken: the KMS would unwrap, and
+        // the log record, a key of a tenant that may be gone (a query reuses one view across
+        // several versions and awaits in between).
+        if inner.generations.current(view.shard) != view.generation {
+            self.recheck_after_invalidation(tenant, version).await?;
+        }
         let cache_key = (tenant.clone(), version);
         let mut unwrapped_here = false;
         let key = inner
@@ -1009,13 +1015,14 @@ impl Keyring {
     /// Whether a cached key may serve one more operation (counted), and as what: within its
     /// TTL ([`KeySource::Cache`]) or, during a KMS outage, within `max_stale` past it and
     /// before the next KMS retry ([`KeySource::Stale`]); always under max uses with its
-    /// encryption epoch not exhausted.
+    /// encryption epoch not exhausted. A stale key serves only while the outage lasts: once
+    /// the KMS has answered (a key, or a refusal) the next use goes back to the KMS.
     fn serve(&self, key: &VersionKey, now: Instant) -> Option<KeySource> {
         let inner = &self.inner;
         let age = now.duration_since(key.loaded_at);
         let source = if age <= inner.key_ttl {
             KeySource::Cache
-        } else if age <= inner.max_age && key.is_degraded_at(now) {
+        } else if age <= inner.max_age && key.is_degraded_at(now) && inner.outage.is_active() {
             KeySource::Stale
         } else {
             return None;

@@ -81,11 +81,15 @@ impl Keyring {
         }
         match self.load_view(tenant).await {
             Ok(fresh) => {
-                // Replace the cached view only with one loaded after the last invalidation.
+                // Replace the cached view only with one loaded after the last invalidation,
+                // and check again once inserted: an invalidation between the check and the
+                // insert (a shred) must not leave the old record cached.
+                let tenants = &self.inner.tenants;
                 if self.view_is_current(&fresh, now) {
-                    self.inner
-                        .tenants
-                        .insert(tenant.clone(), std::sync::Arc::clone(&fresh));
+                    tenants.insert(tenant.clone(), std::sync::Arc::clone(&fresh));
+                    if !self.view_is_current(&fresh, now) {
+                        tenants.remove_if(tenant, |v| std::sync::Arc::ptr_eq(v, &fresh));
+                    }
                 }
                 Ok(fresh)
             }

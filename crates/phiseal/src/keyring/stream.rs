@@ -366,16 +366,20 @@ impl AuditedStreamDecryptor {
 }
 
 impl Keyring {
-    /// The key of a stream: the primary version (`version: None`, to encrypt) or `version`
-    /// (to decrypt: refreshes metadata for a newer version, refuses retired and destroyed
-    /// versions), recorded in `audit`.
-    async fn stream_key(
+    /// Runs `derive` (a stream's key derivation) with the key of a stream: the primary version
+    /// (`version: None`, to encrypt) or `version` (to decrypt: refreshes metadata for a newer
+    /// version, refuses retired and destroyed versions), recorded in `audit`. `derive` runs
+    /// under the key-use guard, like a field operation: a tenant shredded since its metadata
+    /// was checked is checked again (and refused) first, and a shred waits for a derivation
+    /// in progress, so no stream starts under a shredded tenant's key after `shred` returned.
+    async fn with_stream_key<T>(
         &self,
         caller: &Caller,
         context: &EncryptionContext,
         version: Option<u32>,
         audit: &mut StreamAudit,
-    ) -> Result<Arc<VersionKey>, Error> {
+        derive: impl FnOnce(&VersionKey) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let now = Instant::now_without_cache_update();
         let tenant = context.tenant();
         let mut view = self.tenant_view(tenant, now).await?;
@@ -414,7 +418,7 @@ impl Keyring {
         let (key, source) = self.version_key(caller, &view, version, now).await?;
         view.remember(&key);
         audit.key_source = Some(source);
-        Ok(key)
+        self.use_key(&view, version, || derive(&key)).await?
     }
 
     /// Parses a stream header, prepares its decryptor under the version it names, and writes
@@ -428,11 +432,12 @@ impl Keyring {
     ) -> Result<StreamDecryptor, Error> {
         let header = StreamHeader::parse(header)?;
         audit.key_version = Some(header.key_version());
-        let key = self
-            .stream_key(caller, context, Some(header.key_version()), audit)
+        let provider = self.inner.provider;
+        let decryptor = self
+            .with_stream_key(caller, context, Some(header.key_version()), audit, |key| {
+                StreamDecryptor::new(provider, key.tenant_key(), context, &header)
+            })
             .await?;
-        let decryptor =
-            StreamDecryptor::new(self.inner.provider, key.tenant_key(), context, &header)?;
         audit.attempt().await?;
         Ok(decryptor)
     }
@@ -448,14 +453,18 @@ impl Keyring {
     ) -> Result<AuditedStreamEncryptor, Error> {
         let mut audit = StreamAudit::new(self, caller, context, Action::EncryptStream);
         let started = async {
-            let key = self.stream_key(caller, context, None, &mut audit).await?;
-            let encryptor = StreamEncryptor::new(
-                self.inner.provider,
-                key.tenant_key(),
-                key.version(),
-                context,
-                options,
-            )?;
+            let provider = self.inner.provider;
+            let encryptor = self
+                .with_stream_key(caller, context, None, &mut audit, |key| {
+                    StreamEncryptor::new(
+                        provider,
+                        key.tenant_key(),
+                        key.version(),
+                        context,
+                        options,
+                    )
+                })
+                .await?;
             audit.attempt().await?;
             Ok(encryptor)
         }
