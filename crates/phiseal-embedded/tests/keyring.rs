@@ -862,6 +862,28 @@ async fn queries_see_another_process_rotation_within_100_ms() {
     assert!(q.iter().any(|term| term.value == ciphertext));
 }
 
+#[tokio::test]
+async fn queries_ride_out_a_store_outage_without_waiting_on_it_each_time() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let (k, store) = keyring_on_counting_store(&p);
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "mrn", None);
+    k.deterministic_query(&c, &cx, b"MRN-1").await.unwrap();
+    // The store fails: a query past the refresh age tries it once and serves the cached
+    // metadata (within metadata_ttl, 5 s by default)…
+    store.fail_loads.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let before = store.loads.load(Ordering::SeqCst);
+    k.deterministic_query(&c, &cx, b"MRN-1").await.unwrap();
+    assert_eq!(store.loads.load(Ordering::SeqCst), before + 1);
+    // …and the next queries do not try again before the retry interval.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    k.deterministic_query(&c, &cx, b"MRN-1").await.unwrap();
+    assert_eq!(store.loads.load(Ordering::SeqCst), before + 1);
+}
+
 /// A key store wrapper that counts `load_tenant` calls and can stall the next one after it
 /// has read (the real SQLite store does the work): it then signals `stalled` and returns only
 /// once `release` is signalled.
@@ -869,6 +891,8 @@ async fn queries_see_another_process_rotation_within_100_ms() {
 struct CountingStore {
     inner: Arc<dyn KeyStore>,
     loads: AtomicUsize,
+    /// While set, every load fails as `Unavailable` (a store outage).
+    fail_loads: std::sync::atomic::AtomicBool,
     stall_next_load: std::sync::atomic::AtomicBool,
     stalled: tokio::sync::Notify,
     release: tokio::sync::Notify,
@@ -884,6 +908,12 @@ impl KeyStore for CountingStore {
     }
     async fn load_tenant(&self, t: &TenantId) -> Result<Option<TenantRecord>, BackendError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
+        if self.fail_loads.load(Ordering::SeqCst) {
+            return Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "injected store outage",
+            ));
+        }
         let record = self.inner.load_tenant(t).await;
         if self.stall_next_load.swap(false, Ordering::SeqCst) {
             self.stalled.notify_one();
@@ -919,6 +949,7 @@ fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
     let store = Arc::new(CountingStore {
         inner: p.store.clone(),
         loads: AtomicUsize::new(0),
+        fail_loads: false.into(),
         stall_next_load: false.into(),
         stalled: tokio::sync::Notify::new(),
         release: tokio::sync::Notify::new(),

@@ -324,6 +324,7 @@ impl KeyringBuilder {
                 keys: quick_cache::sync::Cache::new(c.capacity),
                 generations: Generations::default(),
                 outage: outage::KmsOutage::default(),
+                query_refresh_paused_until: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -479,6 +480,9 @@ struct Inner {
     generations: Generations,
     /// Whether the KMS is in an outage, and when to try it again.
     outage: outage::KmsOutage,
+    /// Coarse-clock ticks until which queries do not try to re-read tenant metadata (the key
+    /// store failed the last attempt; `keyring::search`); 0 when they may.
+    query_refresh_paused_until: std::sync::atomic::AtomicU64,
 }
 
 /// Per-tenant envelope encryption of fields. Cheap to clone; share one per process.

@@ -10,9 +10,13 @@
 //! `blind_index_query`), in one append. A query that fails under any live version fails as a
 //! whole: a partial list would silently miss rows.
 
+use std::sync::atomic::Ordering;
+
 use coarsetime::Instant;
 
-use super::{Caller, FieldOutcome, Keyring, MIN_REFRESH_AGE, OpMeta, TenantView};
+use super::{
+    Caller, FieldOutcome, Keyring, MIN_REFRESH_AGE, OpMeta, STALE_RETRY_INTERVAL, TenantView,
+};
 use crate::audit::Action;
 use crate::context::EncryptionContext;
 use crate::error::Error;
@@ -66,7 +70,9 @@ impl Keyring {
     /// may have rotated the tenant and written under the new primary; a term list without
     /// that version would silently miss those rows (and invite duplicates) for up to
     /// `metadata_ttl`. If the store cannot be read, the cached view serves (within
-    /// `metadata_ttl`), as for every other operation during a store outage.
+    /// `metadata_ttl`), as for every other operation during a store outage, and queries stop
+    /// trying for [`STALE_RETRY_INTERVAL`] (each would otherwise wait for the store's time
+    /// limit first).
     async fn query_view(
         &self,
         context: &EncryptionContext,
@@ -76,7 +82,10 @@ impl Keyring {
         let Some(cached) = self.cached_view(tenant, now) else {
             return self.tenant_view(tenant, now).await;
         };
-        if now.duration_since(cached.fetched_at) < MIN_REFRESH_AGE {
+        let paused = &self.inner.query_refresh_paused_until;
+        if now.duration_since(cached.fetched_at) < MIN_REFRESH_AGE
+            || now.as_ticks() < paused.load(Ordering::Relaxed)
+        {
             return Ok(cached);
         }
         match self.load_view(tenant).await {
@@ -93,7 +102,13 @@ impl Keyring {
                 }
                 Ok(fresh)
             }
-            Err(Error::Store { .. }) => Ok(cached),
+            Err(Error::Store { .. }) => {
+                let retry = Instant::now_without_cache_update()
+                    .saturating_add(STALE_RETRY_INTERVAL.into())
+                    .as_ticks();
+                paused.store(retry, Ordering::Relaxed);
+                Ok(cached)
+            }
             Err(e) => Err(e),
         }
     }
