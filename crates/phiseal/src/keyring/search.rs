@@ -198,6 +198,9 @@ impl Keyring {
         };
         let mut outcomes: Vec<FieldOutcome<T>> = Vec::with_capacity(versions.len());
         for version in versions {
+            // The clock read again per version: the previous ones may have waited on the KMS,
+            // and a key's TTL is checked against this time.
+            let now = Instant::now_without_cache_update();
             let outcome = self
                 .with_version_key(caller, &view, version, now, &op)
                 .await;
