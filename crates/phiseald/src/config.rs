@@ -63,6 +63,33 @@ pub struct Config {
     /// Who may do what. Empty means nobody may do anything (default deny).
     #[serde(default)]
     pub policy: Vec<Rule>,
+    /// The access-control keys (`policy`, `tokens`, `socket_group`) that environment variables
+    /// set (logged as a warning at start; refused under `profile = "production"`).
+    #[serde(skip)]
+    pub access_from_env: Vec<String>,
+}
+
+/// Configuration keys that decide who may do what: set from the environment, they replace
+/// the (root-owned) file's, so they are reported, and refused in production.
+const ACCESS_KEYS: [&str; 3] = ["POLICY", "TOKENS", "SOCKET_GROUP"];
+
+/// The `PHISEALD_*` variables that set an access-control key.
+fn access_variables() -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            name.get(..9)
+                .is_some_and(|p| p.eq_ignore_ascii_case("PHISEALD_"))
+                && name.get(9..).is_some_and(|key| {
+                    ACCESS_KEYS.iter().any(|k| {
+                        key.eq_ignore_ascii_case(k)
+                            || key
+                                .get(..k.len() + 2)
+                                .is_some_and(|p| p.eq_ignore_ascii_case(&format!("{k}__")))
+                    })
+                })
+        })
+        .collect()
 }
 
 /// A group given as a name or a number (`"phiseal-clients"`, `1234`, or `"1234"`).
@@ -692,9 +719,10 @@ impl Config {
         if let Some(data_dir) = &overrides.data_dir {
             figment = figment.merge(Serialized::default("data_dir", data_dir));
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .extract()
             .map_err(|e| DaemonError::Config(describe_figment_error(e)))?;
+        config.access_from_env = access_variables();
         config.validate()?;
         Ok(config)
     }
@@ -717,6 +745,7 @@ impl Config {
             rotation: RotationConfig::default(),
             tokens: Vec::new(),
             policy: vec![Rule::everything_for_uid(rustix::process::getuid().as_raw())],
+            access_from_env: Vec::new(),
         }
     }
 
@@ -802,6 +831,16 @@ impl Config {
                  the migration away from it with profile = \"development\" (docs/KMS.md)",
             );
         }
+        if self.profile == ProfileName::Production && !self.access_from_env.is_empty() {
+            return bad(
+                "profile",
+                &format!(
+                    "production takes access control only from the config file: unset {} (the \
+                     environment would replace the file's policy, tokens or socket group)",
+                    self.access_from_env.join(", ")
+                ),
+            );
+        }
         if self.profile == ProfileName::Production && self.kms.kind == KmsKind::Local {
             return bad(
                 "profile",
@@ -867,6 +906,13 @@ impl Config {
             }
             if !names.insert(token.name.as_str()) {
                 return bad(&format!("{key}.name"), "is defined twice");
+            }
+            if self.tokens.iter().take(i).any(|t| t.sha256 == token.sha256) {
+                return bad(
+                    &format!("{key}.sha256"),
+                    "is another token's hash too: one token would always be taken for the \
+                     other (give each service its own `phiseal token new`)",
+                );
             }
             if token.sha256.len() != 64
                 || !token

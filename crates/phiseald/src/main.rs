@@ -124,6 +124,13 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(&config) {
         return report(&e);
     }
+    if !config.access_from_env.is_empty() {
+        tracing::warn!(
+            variables = %config.access_from_env.join(", "),
+            "access control (policy, tokens or socket group) set from the environment: it \
+             replaces the config file's; profile = \"production\" refuses this"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -152,6 +152,35 @@ impl Rule {
                     &format!("'{pattern}': '*' is only allowed at the end"),
                 );
             }
+            // A pattern no id could match (a typo, a space) would silently grant nothing.
+            let valid = body.len() <= 128
+                && (body.len() < pattern.len() || !body.is_empty())
+                && body
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+            if !valid {
+                return bad(
+                    "tenants/fields",
+                    &format!(
+                        "'{pattern}' can match no tenant or field id (1 to 128 ASCII letters, \
+                         digits, '-', '_', '.', ':'; optionally ending in '*')"
+                    ),
+                );
+            }
+        }
+        // `fields` limits data operations only: a rule that also grants admin operations
+        // (which have no field) would grant them on the whole tenant unnoticed.
+        let grants_admin = self
+            .operations
+            .iter()
+            .any(|g| matches!(g, Operation::All | Operation::Admin) || g.is_admin());
+        if grants_admin && self.fields.iter().any(|f| f != "*") {
+            return bad(
+                "fields",
+                "limits data operations only, but this rule also grants admin operations \
+                 (which concern the whole tenant): put the admin grants in a rule of their own \
+                 (fields absent or [\"*\"])",
+            );
         }
         Ok(())
     }

@@ -363,6 +363,48 @@ fn a_bad_token_hash_is_refused() {
 }
 
 #[test]
+fn one_token_hash_for_two_names_is_refused() {
+    let text = format!(
+        "{MINIMAL}\n[[tokens]]\nname = \"a\"\nsha256 = \"{0}\"\n[[tokens]]\nname = \"b\"\nsha256 = \"{0}\"\n",
+        "cd".repeat(32)
+    );
+    check_text(&text, &[]).fails_with("tokens[1].sha256: is another token's hash too");
+}
+
+#[test]
+fn policy_patterns_that_match_nothing_or_too_much_are_refused() {
+    let rule = |tenants: &str, fields: &str, operations: &str| {
+        format!(
+            "{MINIMAL}\n[[policy]]\nuids = [1000]\noperations = [{operations}]\ntenants = [{tenants}]\nfields = [{fields}]\n"
+        )
+    };
+    for (tenants, fields) in [("\" bad tenant \"", "\"*\""), ("\"clinic-*\"", "\"\"")] {
+        check_text(&rule(tenants, fields, "\"encrypt\""), &[])
+            .fails_with("can match no tenant or field id");
+    }
+    // `fields` does not limit admin operations: such a rule must not look as if it did.
+    for operations in ["\"*\"", "\"admin\"", "\"encrypt\", \"shred\""] {
+        check_text(&rule("\"clinic-1\"", "\"ssn\"", operations), &[])
+            .fails_with("policy[0].fields: limits data operations only");
+    }
+    check_text(&rule("\"clinic-*\"", "\"ssn\", \"mrn*\"", "\"data\""), &[]).ok();
+}
+
+#[test]
+fn access_control_from_the_environment_is_refused_in_production() {
+    let policy = "[{uids=[0],operations=[\"*\"],tenants=[\"*\"]}]";
+    let text = format!(
+        "profile = \"production\"\n{MINIMAL}\n[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"alias/phiseal\"\nregion = \"us-east-1\"\n"
+    );
+    check_text(&text, &[]).ok();
+    check_text(&text, &[("PHISEALD_POLICY", policy)]).fails_with(
+        "production takes access control only from the config file: unset PHISEALD_POLICY",
+    );
+    // In development it is allowed (and logged as a warning at start).
+    check_text(MINIMAL, &[("PHISEALD_POLICY", policy)]).ok();
+}
+
+#[test]
 fn a_relative_socket_path_is_refused() {
     check_text(
         "socket = \"run/phiseald.sock\"\ndata_dir = \"/var/lib/phiseal\"\n",
