@@ -129,7 +129,24 @@ impl CliError {
             // The same exit code as the daemon's status for this error would give (an
             // unavailable KMS or key store is 5, a missing tenant 4, …).
             CliError::Keyring(e) => crate::client::exit_code_for(phiseald::status::code_of(e)),
-            CliError::Backends(_) => exit::FAILURE,
+            // An unreachable KMS or key store is "unavailable", as the daemon's status for the
+            // same failure would be; a misconfiguration or anything else is a failure.
+            CliError::Backends(e) => match e {
+                phiseald::DaemonError::Keyring(e) => {
+                    crate::client::exit_code_for(phiseald::status::code_of(e))
+                }
+                phiseald::DaemonError::Kms { source, .. }
+                    if source.kind() == phiseal::BackendErrorKind::Unavailable =>
+                {
+                    exit::UNAVAILABLE
+                }
+                phiseald::DaemonError::Postgres(e)
+                    if e.kind() == phiseal::BackendErrorKind::Unavailable =>
+                {
+                    exit::UNAVAILABLE
+                }
+                _ => exit::FAILURE,
+            },
             CliError::AuditProblems { .. } => exit::AUDIT_PROBLEMS,
             CliError::Audit(AuditFileError::ChainBroken { .. }) => exit::AUDIT_PROBLEMS,
             CliError::Audit(_) => exit::FAILURE,
@@ -210,5 +227,25 @@ mod tests {
             let shown = error.to_string();
             assert_eq!(CliError::Keyring(error).exit_code(), want, "{shown}");
         }
+        // The same when opening the backends of an offline `root` command fails.
+        let kms = |kind| {
+            CliError::Backends(phiseald::DaemonError::Kms {
+                kind: "aws",
+                source: backend(kind),
+            })
+        };
+        assert_eq!(
+            kms(BackendErrorKind::Unavailable).exit_code(),
+            exit::UNAVAILABLE
+        );
+        assert_eq!(
+            kms(BackendErrorKind::Misconfigured).exit_code(),
+            exit::FAILURE
+        );
+        let store = CliError::Backends(phiseald::DaemonError::Keyring(phiseal::Error::Store {
+            backend: "postgres".into(),
+            source: backend(BackendErrorKind::Unavailable),
+        }));
+        assert_eq!(store.exit_code(), exit::UNAVAILABLE);
     }
 }

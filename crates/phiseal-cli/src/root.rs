@@ -81,6 +81,15 @@ pub(crate) async fn run(command: RootCommand, global: &GlobalArgs) -> Result<(),
     }
 }
 
+/// A key store without any key version: nothing can be concluded about root keys.
+fn empty_store() -> CliError {
+    CliError::Failed(
+        "the key store holds no tenant key version: check --config (a wrong data directory or \
+         database?). Nothing can be concluded about which root keys are still needed"
+            .into(),
+    )
+}
+
 fn summarize(
     json: bool,
     r: &RootRewrapReport,
@@ -105,6 +114,12 @@ fn summarize(
         r.failed.len(),
         audit_log.display()
     );
+    let examined = r.rewrapped + r.already_current + r.destroyed + r.failed.len() as u64;
+    if examined == 0 {
+        // An empty store (a wrong data directory or database) proves nothing about old keys.
+        report(json, &value, &human)?;
+        return Err(empty_store());
+    }
     if r.still_referenced.is_empty() {
         human.push_str(
             "\nno stored key version references another root key any more: the old root keys \
@@ -125,6 +140,9 @@ async fn status(args: &RootArgs, global: &GlobalArgs) -> Result<(), CliError> {
     let opened =
         phiseald::offline::open_root_keyring(&args.config, None, args.audit_log.clone()).await?;
     let usage = opened.keyring.root_key_usage().await?;
+    if usage.under_current == 0 && usage.others.is_empty() {
+        return Err(empty_store());
+    }
     let mut human = format!(
         "current root key {}: {} key versions",
         printable(&usage.current),

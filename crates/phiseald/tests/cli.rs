@@ -1388,6 +1388,31 @@ fn health_says_whether_the_daemon_serves() {
 }
 
 #[test]
+fn root_status_on_an_empty_key_store_concludes_nothing() {
+    // A wrong data directory (or database) holds no key version: `root status` must not say
+    // that no old root key is needed any more.
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let config = dir.path().join("phiseald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = \"{}\"\ndata_dir = \"{}\"\n",
+            dir.path().join("run/d.sock").display(),
+            data_dir.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = cli_command(&bin("phiseal"), Path::new("/nonexistent.sock"));
+    cmd.args(["root", "status", "--config"]).arg(&config);
+    let run = run_cli(&mut cmd, b"").expect(1);
+    assert!(
+        run.stderr.contains("holds no tenant key version") && run.stdout.is_empty(),
+        "{run:?}"
+    );
+}
+
+#[test]
 fn unreachable_socket_is_exit_5() {
     let dir = tempfile::tempdir().unwrap();
     // A socket file nobody listens on (as a crashed daemon leaves it), and no file at all.
