@@ -1544,18 +1544,23 @@ async fn kms_outage_serves_cached_keys_until_max_stale_then_fails_closed() {
     );
 }
 
+/// Keys (and metadata) past their TTL after 200 ms, then served stale for up to a minute
+/// during a KMS outage.
+fn stale_after_200_ms() -> CacheSettings {
+    CacheSettings {
+        key_ttl: Duration::from_millis(200),
+        metadata_ttl: Duration::from_millis(200),
+        max_stale: Duration::from_secs(60),
+        ..CacheSettings::default()
+    }
+}
+
 #[tokio::test]
 async fn kms_refusal_is_never_served_from_a_stale_key() {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let kms = SwitchableKms::over(&p);
-    let cache = CacheSettings {
-        key_ttl: Duration::from_millis(200),
-        metadata_ttl: Duration::from_millis(200),
-        max_stale: Duration::from_secs(60),
-        ..CacheSettings::default()
-    };
-    let k = switchable_keyring(&kms, &p, cache, None);
+    let k = switchable_keyring(&kms, &p, stale_after_200_ms(), None);
     let c = caller();
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
@@ -1593,13 +1598,7 @@ async fn once_the_kms_refuses_no_other_stale_key_serves() {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let kms = SwitchableKms::over(&p);
-    let cache = CacheSettings {
-        key_ttl: Duration::from_millis(200),
-        metadata_ttl: Duration::from_millis(200),
-        max_stale: Duration::from_secs(60),
-        ..CacheSettings::default()
-    };
-    let k = switchable_keyring(&kms, &p, cache, None);
+    let k = switchable_keyring(&kms, &p, stale_after_200_ms(), None);
     let c = caller();
     let (t, u) = (ctx("t", "f", None), ctx("u", "f", None));
     let mut cts = Vec::new();
