@@ -439,17 +439,18 @@ impl Sidecar {
         ) {
             return Ok(());
         }
-        self.refuse_as(call, action, None, &[context]).await
+        Err(self.refuse_as(call, action, None, &[context]).await)
     }
 
-    /// Audits a policy refusal and returns PERMISSION_DENIED (or the audit failure).
+    /// Audits a policy refusal; the status to answer: PERMISSION_DENIED, or the audit
+    /// failure. (A status, not a `Result`: a refusal can never let the call through.)
     pub(crate) async fn refuse(
         &self,
         call: &Call,
         op: Operation,
         tenant: Option<&TenantId>,
         contexts: &[&EncryptionContext],
-    ) -> Result<(), Status> {
+    ) -> Status {
         self.refuse_as(call, map_action(op), tenant, contexts).await
     }
 
@@ -460,7 +461,7 @@ impl Sidecar {
         action: Action,
         tenant: Option<&TenantId>,
         contexts: &[&EncryptionContext],
-    ) -> Result<(), Status> {
+    ) -> Status {
         self.metrics.refuse("permission_denied");
         tracing::info!(
             rpc = call.rpc,
@@ -468,15 +469,18 @@ impl Sidecar {
             request_id = %call.caller.request_id,
             "refused by policy"
         );
-        self.keyring
+        match self
+            .keyring
             .audit_refusal(&call.caller, action, "permission_denied", tenant, contexts)
             .await
-            .map_err(|e| status::from_error(&e))?;
-        Err(status::status(
-            Code::PermissionDenied,
-            "permission_denied",
-            status::PERMISSION_DENIED,
-        ))
+        {
+            Err(e) => status::from_error(&e),
+            Ok(()) => status::status(
+                Code::PermissionDenied,
+                "permission_denied",
+                status::PERMISSION_DENIED,
+            ),
+        }
     }
 
     /// Checks an admin call's tenant against the policy.
@@ -493,8 +497,7 @@ impl Sidecar {
         {
             Ok(tenant)
         } else {
-            self.refuse(call, op, Some(&tenant), &[]).await?;
-            Ok(tenant)
+            Err(self.refuse(call, op, Some(&tenant), &[]).await)
         }
     }
 
