@@ -73,21 +73,27 @@ pub struct Config {
 /// the (root-owned) file's, so they are reported, and refused in production.
 const ACCESS_KEYS: [&str; 3] = ["POLICY", "TOKENS", "SOCKET_GROUP"];
 
-/// The `PHISEALD_*` variables that set an access-control key.
+/// The setting a `PHISEALD_*` variable names (the part after the prefix, which is matched
+/// without case), or `None` for another variable.
+fn setting_of(variable: &str) -> Option<&str> {
+    variable
+        .get(..9)
+        .filter(|p| p.eq_ignore_ascii_case("PHISEALD_"))
+        .and_then(|_| variable.get(9..))
+}
+
+/// The `PHISEALD_*` variables that set an access-control key (or a key inside one).
 fn access_variables() -> Vec<String> {
     std::env::vars_os()
         .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| {
-            name.get(..9)
-                .is_some_and(|p| p.eq_ignore_ascii_case("PHISEALD_"))
-                && name.get(9..).is_some_and(|key| {
-                    ACCESS_KEYS.iter().any(|k| {
-                        key.eq_ignore_ascii_case(k)
-                            || key
-                                .get(..k.len() + 2)
-                                .is_some_and(|p| p.eq_ignore_ascii_case(&format!("{k}__")))
-                    })
+            setting_of(name).is_some_and(|key| {
+                let key = key.to_ascii_uppercase();
+                ACCESS_KEYS.iter().any(|k| {
+                    key.strip_prefix(k)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with("__"))
                 })
+            })
         })
         .collect()
 }
@@ -693,11 +699,7 @@ impl Config {
         // Secrets are taken verbatim: the generic provider would read a PIN `0123` as the
         // number 123, or a password starting with `[` as an array.
         for (name, value) in std::env::vars() {
-            let Some(var) = name
-                .get(..9)
-                .filter(|p| p.eq_ignore_ascii_case("PHISEALD_"))
-                .and_then(|_| name.get(9..))
-            else {
+            let Some(var) = setting_of(&name) else {
                 continue;
             };
             let Some((_, path)) = SECRET_VARIABLES
