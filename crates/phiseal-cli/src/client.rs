@@ -234,7 +234,12 @@ pub(crate) fn status_error(what: &str, status: &Status) -> CliError {
     if kind == "batch_too_large" {
         message.push_str(" (rewrap: use a smaller --batch)");
     }
-    if status.code() == Code::OutOfRange {
+    if kind == "segment_too_large" {
+        message.push_str(
+            " (the daemon's limits.max_stream_segment_bytes, 1 MiB by default; encrypt-file \
+             writes 64 KiB segments)",
+        );
+    } else if status.code() == Code::OutOfRange {
         // Refused by the gRPC layer (either side) for its size.
         message.push_str(
             " (a message over the size limit: the daemon's limits.max_message_bytes, 4 MiB by \

@@ -276,6 +276,65 @@ async fn small_segments_and_bounded_output_per_push() {
 }
 
 #[tokio::test]
+async fn a_decryptor_refuses_segments_over_its_limit_before_the_key_lookup() {
+    let dir = private_tempdir();
+    let (k, sink) = recorded(dir.path()).await;
+    let c = caller();
+    let cx = ctx("t", "scan", None);
+    let plaintext = data(2 * SEG + 7);
+    let stream = encrypt(&k, &cx, &plaintext).await;
+    sink.clear();
+
+    // A limit below the stream's 64 KiB segments: refused when the header is complete,
+    // nothing released, audited as failed without an attempt record (no key was loaded).
+    let mut d = k
+        .start_decrypt_stream(&c, &cx)
+        .with_max_segment_size(SEG as u32 - 1);
+    let mut out = Vec::new();
+    d.push(&stream[..STREAM_HEADER_LEN - 1], &mut out)
+        .await
+        .unwrap();
+    let err = d.push(&stream[STREAM_HEADER_LEN - 1..], &mut out).await;
+    match err {
+        Err(e @ Error::SegmentTooLarge { segment_size, max }) => {
+            assert_eq!((segment_size, max), (SEG as u32, SEG as u32 - 1));
+            assert_eq!(e.kind(), "segment_too_large");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(out.is_empty());
+    assert!(
+        d.push(&stream, &mut out).await.is_err(),
+        "the stream is dead"
+    );
+    assert_eq!(
+        sink.streams(),
+        vec![(
+            Action::DecryptStream,
+            Outcome::Error("segment_too_large"),
+            Some(1)
+        )]
+    );
+
+    // At the limit: decrypted as usual.
+    sink.clear();
+    let mut d = k
+        .start_decrypt_stream(&c, &cx)
+        .with_max_segment_size(SEG as u32);
+    let mut all = Vec::new();
+    d.push(&stream, &mut all).await.unwrap();
+    d.finish(&mut all).await.unwrap();
+    assert!(all == plaintext);
+    assert_eq!(
+        sink.streams(),
+        vec![
+            (Action::DecryptStream, Outcome::Attempt, Some(1)),
+            (Action::DecryptStream, Outcome::Ok, Some(1))
+        ]
+    );
+}
+
+#[tokio::test]
 async fn tampering_truncation_and_wrong_context_fail_and_are_audited() {
     let dir = private_tempdir();
     let (k, sink) = recorded(dir.path()).await;

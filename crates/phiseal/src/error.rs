@@ -30,6 +30,20 @@ pub enum Error {
     /// The ciphertext is not a phiseal v1 ciphertext (see [`FormatError`]).
     #[error("malformed ciphertext: {0}")]
     Format(#[from] FormatError),
+    /// A stream's header declares segments larger than the decrypting side accepts
+    /// ([`crate::AuditedStreamDecryptor::with_max_segment_size`]). Refused before its key is
+    /// looked up or any segment buffer allocated.
+    #[error(
+        "stream segments of {segment_size} bytes are larger than this service accepts \
+         ({max} bytes): encrypt the document again with a smaller segment size (the default \
+         is 65536)"
+    )]
+    SegmentTooLarge {
+        /// The segment size the stream's header declares.
+        segment_size: u32,
+        /// The largest segment size accepted.
+        max: u32,
+    },
     /// Authentication failed: wrong key, wrong context (tenant, field, record) or tampered bytes.
     /// Deliberately carries no detail.
     #[error(
@@ -179,6 +193,7 @@ impl Error {
             Error::InvalidInput { .. } => "invalid_input",
             Error::Config(_) => "config",
             Error::Format(_) => "malformed_ciphertext",
+            Error::SegmentTooLarge { .. } => "segment_too_large",
             Error::DecryptionFailed => "decryption_failed",
             Error::TenantNotFound { .. } => "tenant_not_found",
             Error::TenantExists { .. } => "tenant_exists",

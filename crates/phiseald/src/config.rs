@@ -502,6 +502,9 @@ pub struct LimitsConfig {
     /// Streams (`EncryptStream`, `DecryptStream`) open at once, all callers together: each
     /// holds buffers of up to a few segments and messages.
     pub max_streams: usize,
+    /// Largest segment size a `DecryptStream` may declare in its header, in bytes: the writer
+    /// chooses it, and the daemon holds up to two segments of each stream in memory.
+    pub max_stream_segment_bytes: u32,
 }
 
 impl Default for LimitsConfig {
@@ -513,6 +516,7 @@ impl Default for LimitsConfig {
             rate_per_second: 20_000,
             rate_burst: 2_000,
             max_streams: 16,
+            max_stream_segment_bytes: 1024 * 1024,
         }
     }
 }
@@ -769,6 +773,14 @@ impl Config {
         }
         if !(1..=10_000).contains(&l.max_streams) {
             return bad("limits.max_streams", "must be between 1 and 10000");
+        }
+        if !(phiseal::stream::MIN_SEGMENT_SIZE..=phiseal::stream::MAX_SEGMENT_SIZE)
+            .contains(&l.max_stream_segment_bytes)
+        {
+            return bad(
+                "limits.max_stream_segment_bytes",
+                "must be between 4096 and 16777216",
+            );
         }
         if !(1..=1_000_000).contains(&l.max_batch_items) {
             return bad("limits.max_batch_items", "must be between 1 and 1000000");

@@ -173,6 +173,7 @@ impl Daemon {
             max_batch_items: config.limits.max_batch_items,
             request_timeout: config.limits.request_timeout,
             max_message_bytes: config.limits.max_message_bytes,
+            max_stream_segment_bytes: config.limits.max_stream_segment_bytes,
             metrics,
             tasks: TaskTracker::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_streams)),

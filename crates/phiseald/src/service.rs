@@ -45,6 +45,8 @@ pub struct Sidecar {
     pub metrics: Arc<Metrics>,
     /// Calls and admin operations in flight (waited for at shutdown).
     pub tasks: tokio_util::task::TaskTracker,
+    /// Largest segment size a `DecryptStream` may declare (`limits.max_stream_segment_bytes`).
+    pub max_stream_segment_bytes: u32,
     /// Streams open at once (`limits.max_streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
     /// Cancelled when shutdown ends the streams still open after the drain time.

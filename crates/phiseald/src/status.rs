@@ -20,6 +20,8 @@ pub fn code_of(error: &Error) -> Code {
         // The operation was done but its audit record is lost: never retried automatically.
         Error::KeyBindingMismatch { .. } | Error::AuditAfterCommit { .. } => Code::DataLoss,
         Error::Kms { .. } | Error::Store { .. } | Error::Audit { .. } => Code::Unavailable,
+        // Over a configured size, like a response that would exceed the message limit.
+        Error::SegmentTooLarge { .. } => Code::OutOfRange,
         _ => Code::Internal,
     }
 }

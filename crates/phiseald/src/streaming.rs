@@ -391,7 +391,10 @@ pub(crate) async fn decrypt_stream(
         },
     )
     .await?;
-    let decryptor = s.keyring.start_decrypt_stream(&call.caller, &context);
+    let decryptor = s
+        .keyring
+        .start_decrypt_stream(&call.caller, &context)
+        .with_max_segment_size(s.max_stream_segment_bytes);
     Ok(serve(s, call, permit, inbound, decryptor, |m| {
         match m.part {
             Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),

@@ -265,6 +265,18 @@ fn out_of_range_values_are_named() {
         .fails_with("limits.max_batch_items: must be between 1 and 1000000");
     check_text(MINIMAL, &[("PHISEALD_LIMITS__MAX_MESSAGE_BYTES", "100")])
         .fails_with("limits.max_message_bytes: must be between 1024 and 268435456");
+    for size in ["4095", "16777217"] {
+        check_text(
+            MINIMAL,
+            &[("PHISEALD_LIMITS__MAX_STREAM_SEGMENT_BYTES", size)],
+        )
+        .fails_with("limits.max_stream_segment_bytes: must be between 4096 and 16777216");
+    }
+    check_text(
+        &format!("{MINIMAL}[limits]\nmax_stream_segment_bytes = 16777216\n"),
+        &[],
+    )
+    .ok();
     check_text(
         &format!("{MINIMAL}[limits]\nrequest_timeout = \"5ms\"\n"),
         &[],

@@ -912,6 +912,66 @@ async fn streams_beyond_limits_max_streams_are_refused() {
 }
 
 #[tokio::test]
+async fn decrypt_streams_with_segments_over_the_limit_are_refused_and_audited() {
+    let d = Daemon::with_config(&config(&format!(
+        "{ALL}[limits]\nmax_stream_segment_bytes = 4096\n"
+    )));
+    create_tenant(&d, "clinic").await;
+    // The daemon's own EncryptStream writes 64 KiB segments: over this daemon's limit.
+    let document: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let sealed = encrypt_stream(&d, vec![document.clone()]).await;
+    let (plain, ended) = decrypt_stream(&d, &sealed, 1000).await;
+    let err = ended.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert_eq!(common::kind(&err), "segment_too_large");
+    assert!(
+        err.message().contains("65536") && err.message().contains("4096"),
+        "{err:?}"
+    );
+    assert!(plain.is_empty());
+    let results: Vec<String> = common::audit_records(&d.audit_log())
+        .iter()
+        .filter(|r| r["action"] == "decrypt_stream")
+        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(results, ["segment_too_large"], "refused before any key use");
+
+    // The CLI: exit 1 (retrying does not help), the daemon's message, no output left.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("doc.phs");
+    std::fs::write(&input, &sealed).unwrap();
+    let output = dir.path().join("doc.out");
+    let run = d.cli(
+        &[
+            "decrypt-file",
+            "--tenant",
+            "clinic",
+            "--field",
+            "referral",
+            "--record",
+            "doc-7",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("segment_too_large"), "{}", run.stderr);
+    assert!(!run.stderr.contains("max_message_bytes"), "{}", run.stderr);
+    assert!(!output.exists());
+
+    // Under the default limit (1 MiB) the same stream decrypts.
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let sealed = encrypt_stream(&d, vec![document.clone()]).await;
+    let (plain, ended) = decrypt_stream(&d, &sealed, 1000).await;
+    ended.unwrap();
+    assert!(plain == document);
+}
+
+#[tokio::test]
 async fn unauthenticated_search_calls_are_audited_under_their_own_action() {
     use pb::search_terms_request::Kind;
     let d = Daemon::with_config(&config(ALL));

@@ -52,8 +52,9 @@ use crate::crypto::TAG_LEN;
 use crate::error::{Error, FormatError};
 use crate::field::VersionKey;
 use crate::stream::{
-    AuditFuture, DecryptingReader, EncryptingWriter, STREAM_HEADER_LEN, SegmentBuf,
-    StreamAuditHook, StreamDecryptor, StreamEncryptor, StreamHeader, StreamOptions, StreamSummary,
+    AuditFuture, DecryptingReader, EncryptingWriter, MAX_SEGMENT_SIZE, STREAM_HEADER_LEN,
+    SegmentBuf, StreamAuditHook, StreamDecryptor, StreamEncryptor, StreamHeader, StreamOptions,
+    StreamSummary,
 };
 
 /// The outcome recorded for a stream object dropped before it finished.
@@ -263,6 +264,7 @@ impl AuditedStreamEncryptor {
 pub struct AuditedStreamDecryptor {
     header: [u8; STREAM_HEADER_LEN],
     header_len: usize,
+    max_segment_size: u32,
     inner: Option<StreamDecryptor>,
     audit: StreamAudit,
 }
@@ -276,6 +278,18 @@ impl std::fmt::Debug for AuditedStreamDecryptor {
 }
 
 impl AuditedStreamDecryptor {
+    /// Refuses a stream whose header declares segments larger than `max` bytes, with
+    /// [`Error::SegmentTooLarge`] (audited like any failure), before its key is looked up or
+    /// a segment buffer is allocated. The writer of a stream chooses its segment size, up to
+    /// [`MAX_SEGMENT_SIZE`] (16 MiB), and a decryptor holds up to two segments before the first
+    /// tag is checked: a service decrypting streams from callers it does not fully trust bounds
+    /// that memory here. Without it, every size the format allows is accepted.
+    #[must_use]
+    pub fn with_max_segment_size(mut self, max: u32) -> Self {
+        self.max_segment_size = max;
+        self
+    }
+
     /// The stream's header, once it has arrived and its key was found.
     pub fn header(&self) -> Option<&StreamHeader> {
         self.inner.as_ref().map(StreamDecryptor::header)
@@ -310,7 +324,13 @@ impl AuditedStreamDecryptor {
             let caller = self.audit.caller.clone();
             let context = self.audit.context.clone();
             let opened = keyring
-                .open_stream(&caller, &context, &self.header, &mut self.audit)
+                .open_stream(
+                    &caller,
+                    &context,
+                    &self.header,
+                    self.max_segment_size,
+                    &mut self.audit,
+                )
                 .await;
             match opened {
                 Ok(decryptor) => self.inner = Some(decryptor),
@@ -421,17 +441,25 @@ impl Keyring {
         self.use_key(&view, version, || derive(&key)).await?
     }
 
-    /// Parses a stream header, prepares its decryptor under the version it names, and writes
-    /// the stream's `attempt` record: no plaintext is released unless that record is written.
+    /// Parses a stream header, refuses segments over `max_segment_size`, prepares its
+    /// decryptor under the version it names, and writes the stream's `attempt` record: no
+    /// plaintext is released unless that record is written.
     async fn open_stream(
         &self,
         caller: &Caller,
         context: &EncryptionContext,
         header: &[u8],
+        max_segment_size: u32,
         audit: &mut StreamAudit,
     ) -> Result<StreamDecryptor, Error> {
         let header = StreamHeader::parse(header)?;
         audit.key_version = Some(header.key_version());
+        if header.segment_size() > max_segment_size {
+            return Err(Error::SegmentTooLarge {
+                segment_size: header.segment_size(),
+                max: max_segment_size,
+            });
+        }
         let provider = self.inner.provider;
         let decryptor = self
             .with_stream_key(caller, context, Some(header.key_version()), audit, |key| {
@@ -485,6 +513,7 @@ impl Keyring {
         AuditedStreamDecryptor {
             header: [0; STREAM_HEADER_LEN],
             header_len: 0,
+            max_segment_size: MAX_SEGMENT_SIZE,
             inner: None,
             audit: StreamAudit::new(self, caller, context, Action::DecryptStream),
         }
@@ -523,8 +552,14 @@ impl Keyring {
         let mut audit = StreamAudit::new(self, caller, context, Action::DecryptStream);
         let opened = async {
             let header = read_header(&mut reader).await?;
-            self.open_stream(caller, context, header.filled(), &mut audit)
-                .await
+            self.open_stream(
+                caller,
+                context,
+                header.filled(),
+                MAX_SEGMENT_SIZE,
+                &mut audit,
+            )
+            .await
         }
         .await;
         match opened {
@@ -584,7 +619,13 @@ impl Keyring {
         let result = async {
             let header = read_header(&mut reader).await?;
             let mut decryptor = self
-                .open_stream(caller, context, header.filled(), &mut audit)
+                .open_stream(
+                    caller,
+                    context,
+                    header.filled(),
+                    MAX_SEGMENT_SIZE,
+                    &mut audit,
+                )
                 .await?;
             decrypt_segments(&mut decryptor, &mut reader, &mut writer).await
         }
