@@ -11,7 +11,7 @@ use phiseal::kms::{Kms, KmsChain};
 use phiseal::{Actor, Caller, Keyring, Profile};
 use phiseal_audit_file::{Durability, FileAuditLog};
 
-use crate::config::{Config, Overrides, ProfileName, Source};
+use crate::config::{Config, KeyStoreKind, KmsKind, Overrides, ProfileName, Source};
 use crate::daemon::open_key_store;
 use crate::error::DaemonError;
 use crate::kms::{open_kms, open_kms_chain, pkcs11_config};
@@ -39,6 +39,7 @@ pub async fn open_root_keyring(
     audit_log: Option<PathBuf>,
 ) -> Result<RootKeyring, DaemonError> {
     let config = Config::load(Source::File(config_file), &Overrides::default())?;
+    require_existing_source(&config)?;
     let kms: Arc<dyn Kms> = match to {
         None => open_kms(&config).await?,
         Some(to) => {
@@ -68,6 +69,46 @@ pub async fn open_root_keyring(
         })
         .build()?;
     Ok(RootKeyring { keyring, audit_log })
+}
+
+/// Refuses a source whose embedded parts do not exist: the key store file of
+/// `key_store.kind = "sqlite"`, the `root.key` of `kms.kind = "local"` (current or previous).
+/// Opening them would create them — an empty store and a new root key in a wrong data
+/// directory — where a root-key command must only read and move what exists.
+fn require_existing_source(config: &Config) -> Result<(), DaemonError> {
+    let paths = phiseal_embedded::EmbeddedPaths::new(&config.data_dir);
+    let local_kms = config.kms.kind == KmsKind::Local
+        || config
+            .kms
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.kind == KmsKind::Local);
+    let mut needed = Vec::new();
+    if config.key_store.kind == KeyStoreKind::Sqlite {
+        needed.push(("key store", paths.key_store));
+    }
+    if local_kms {
+        needed.push(("local root key", paths.root_key));
+    }
+    for (what, path) in needed {
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DaemonError::Config(format!(
+                    "data_dir: the {what} {} does not exist: check --config (a wrong data \
+                     directory?); root-key commands never create one",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(DaemonError::Config(format!(
+                    "data_dir: the {what} {} cannot be read: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The caller of an offline command: `uid:N` of the operator, with the process id.

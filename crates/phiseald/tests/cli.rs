@@ -1388,24 +1388,45 @@ fn health_says_whether_the_daemon_serves() {
 }
 
 #[test]
-fn root_status_on_an_empty_key_store_concludes_nothing() {
-    // A wrong data directory (or database) holds no key version: `root status` must not say
-    // that no old root key is needed any more.
+fn root_status_on_a_missing_or_empty_key_store_concludes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
     let config = dir.path().join("phiseald.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket = \"{}\"\ndata_dir = \"{}\"\n",
-            dir.path().join("run/d.sock").display(),
-            data_dir.display()
-        ),
-    )
-    .unwrap();
-    let mut cmd = cli_command(&bin("phiseal"), Path::new("/nonexistent.sock"));
-    cmd.args(["root", "status", "--config"]).arg(&config);
-    let run = run_cli(&mut cmd, b"").expect(1);
+    let write_config = |data_dir: &Path| {
+        std::fs::write(
+            &config,
+            format!(
+                "socket = \"{}\"\ndata_dir = \"{}\"\n",
+                dir.path().join("run/d.sock").display(),
+                data_dir.display()
+            ),
+        )
+        .unwrap();
+    };
+    let root_status = || {
+        let mut cmd = cli_command(&bin("phiseal"), Path::new("/nonexistent.sock"));
+        cmd.args(["root", "status", "--config"]).arg(&config);
+        run_cli(&mut cmd, b"").expect(1)
+    };
+
+    // A wrong data directory: refused, and nothing is created there (no key store, no new
+    // root key, no audit log).
+    let wrong = dir.path().join("wrong");
+    write_config(&wrong);
+    let run = root_status();
+    assert!(
+        run.stderr.contains("keys.db does not exist")
+            && run.stderr.contains("check --config")
+            && run.stdout.is_empty(),
+        "{run:?}"
+    );
+    assert!(!wrong.exists(), "root status created {}", wrong.display());
+
+    // A key store without any key version (a daemon started, no tenant created): `root
+    // status` must not say that no old root key is needed any more.
+    let mut d = Daemon::embedded();
+    d.stop();
+    write_config(&d.data_dir);
+    let run = root_status();
     assert!(
         run.stderr.contains("holds no tenant key version") && run.stdout.is_empty(),
         "{run:?}"
