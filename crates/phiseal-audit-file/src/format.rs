@@ -422,14 +422,23 @@ pub(crate) fn max_event_line_len(e: &AuditEvent) -> usize {
     strings.saturating_mul(6).saturating_add(EVENT_FIXED_MAX)
 }
 
-/// Encodes the header record (seq 0) into `line` (cleared first).
-pub(crate) fn encode_header(line: &mut String, log_id: &[u8; 16], created: Timestamp) {
+/// Encodes a header record into `line` (cleared first): the first line of every file of a
+/// log. `after` is the seq of the last record before it — 0 and a zero `prev` at the origin
+/// of a log; in a file that continues a log after a rollover, the previous file's last seq
+/// and its last line's hash. A header is not a record: the next record's seq is `after + 1`.
+pub(crate) fn encode_header(
+    line: &mut String,
+    log_id: &[u8; 16],
+    created: Timestamp,
+    after: u64,
+    prev: &[u8; 32],
+) {
     line.clear();
-    line.push_str("{\"seq\":0,\"kind\":\"header\",\"log_id\":\"");
-    line.push_str(&hex::encode(log_id));
     // Writing to a String cannot fail.
+    let _ = write!(line, "{{\"seq\":{after},\"kind\":\"header\",\"log_id\":\"");
+    line.push_str(&hex::encode(log_id));
     let _ = write!(line, "\",\"created\":\"{created}\"");
-    push_prev(line, &ZERO_HASH);
+    push_prev(line, prev);
 }
 
 /// Encodes a torn-tail recovery record into `line` (cleared first).
@@ -476,8 +485,12 @@ pub(crate) fn encode_recovery(
 /// What kind of record a line is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// The first record of a log.
-    Header,
+    /// The first line of a file of a log: its origin (seq 0, zero `prev`) or, after a
+    /// rollover, the continuation of the previous file (that file's last seq and hash).
+    Header {
+        /// The log's id (the same in every file of one log).
+        log_id: [u8; 16],
+    },
     /// An event line (one record) or a batch line (several).
     Records(Box<RecordLine>),
     /// A torn-tail recovery record.
@@ -747,12 +760,17 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
 
     let kind = match raw.kind.as_deref() {
         Some("header") => {
+            let mut log_id = [0u8; 16];
             let id = raw.log_id.as_deref().unwrap_or_default();
-            if id.len() != 32 || hex::decode(id).is_err() {
+            if id.len() != 32 || hex::decode_to_slice(id, &mut log_id).is_err() {
                 return Err("header 'log_id' is not 32 hex digits".to_owned());
             }
             parse_time("created", raw.created.as_deref())?;
-            Kind::Header
+            // The origin starts the chain; a continuation links to an earlier file.
+            if (raw.seq == 0) != (prev == ZERO_HASH) {
+                return Err("header: seq 0 must come with a zero 'prev', and only it".to_owned());
+            }
+            Kind::Header { log_id }
         }
         Some("recovered_torn_tail") => {
             let offset = raw
@@ -784,7 +802,7 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
     };
     let count = match &kind {
         Kind::Records(line) => u64::try_from(line.len()).unwrap_or(u64::MAX),
-        Kind::Header | Kind::Recovered { .. } => 1,
+        Kind::Header { .. } | Kind::Recovered { .. } => 1,
     };
     let last_seq = raw
         .seq

@@ -12,7 +12,8 @@
 //! says what a process crash or a power cut can lose in each mode.
 //!
 //! [`export_tenant`] writes one tenant's records (verified while reading) for tenant
-//! administrators.
+//! administrators. With [`LogOptions::rollover_at`] the log closes its file at a size and
+//! continues the chain in a new one; [`verify`] and [`export_tenant`] read all its files.
 //!
 //! The format is described on [`FileAuditLog`]. Records never contain plaintext, ciphertext
 //! or key bytes: events carry only names, ids and outcomes.
@@ -25,10 +26,11 @@ mod error;
 mod format;
 mod log;
 mod queued;
+mod segments;
 mod verify;
 
 pub use error::AuditFileError;
-pub use log::{Durability, FileAuditLog, RecoveryReport};
+pub use log::{Durability, FileAuditLog, LogOptions, RecoveryReport};
 pub use verify::{
     Anchor, ExportReport, MAX_PROBLEMS, Problem, ProblemKind, VerifyReport, export_tenant, verify,
     verify_anchored,

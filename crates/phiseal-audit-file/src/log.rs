@@ -2,7 +2,7 @@
 //! [`Durability::Buffered`], and torn-tail recovery.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,10 +18,11 @@ use tokio::sync::watch;
 
 use crate::error::AuditFileError;
 use crate::format::{
-    Kind, MAX_LINE, RecordView, SavedTail, encode_event, encode_header, encode_line,
+    Kind, MAX_LINE, RecordView, SavedTail, ZERO_HASH, encode_event, encode_header, encode_line,
     encode_recovery, finish_line, max_event_line_len, parse_line,
 };
 use crate::queued::QueuedEvents;
+use crate::segments::{clean_interrupted_rollover, next_path, segment_path};
 
 /// When `append` returns, and what a crash can lose.
 ///
@@ -109,6 +110,28 @@ const WRITE_CHUNK: usize = 1 << 20;
 /// `16 * QUEUE_CAPACITY` is freed rather than reused, so a burst does not pin memory.
 const QUEUE_CAPACITY: usize = 1024;
 
+/// Options of [`FileAuditLog::open_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LogOptions {
+    /// Close the active file and continue the log in a new one once it has grown to this many
+    /// bytes (see [`LogOptions::rollover_at`]); `None`: one file forever.
+    pub rollover_bytes: Option<u64>,
+}
+
+impl LogOptions {
+    /// Rolls the log over to a new file once the active one holds at least `bytes` bytes: the
+    /// active file is fdatasynced and kept, unchanged, as the closed segment
+    /// `<log>.<first seq>-<last seq>`, and `<log>` continues the chain in a new file whose
+    /// header links to the closed one. [`crate::verify`] and [`crate::export_tenant`] read
+    /// the closed segments and the active file as one log. Closed segments are never written
+    /// again: ship them to write-once storage.
+    pub fn rollover_at(mut self, bytes: u64) -> Self {
+        self.rollover_bytes = Some(bytes);
+        self
+    }
+}
+
 /// What [`FileAuditLog::recover_torn_tail`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -135,6 +158,12 @@ struct Head {
 struct Writer {
     file: File,
     head: Head,
+    /// The log's id (in the header of every file of the log).
+    log_id: [u8; 16],
+    /// The seq of the active file's first record (its header's seq + 1).
+    first_seq: u64,
+    /// Bytes in the active file.
+    len: u64,
     /// The lines of one `append` call, written with one `write(2)`.
     out: Vec<u8>,
     /// One line being encoded.
@@ -208,8 +237,11 @@ struct Shared {
     path: PathBuf,
     durability: Durability,
     writer: Mutex<Writer>,
-    /// A second descriptor of the same file, for the fdatasync thread (no writer lock needed).
-    sync_file: File,
+    /// A second descriptor of the active file, for the fdatasync thread (no writer lock
+    /// needed); replaced by a rollover.
+    sync_file: Mutex<Arc<File>>,
+    /// [`LogOptions::rollover_bytes`].
+    rollover_bytes: Option<u64>,
     sync_state: Mutex<SyncState>,
     sync_cv: Condvar,
     status: watch::Sender<SyncStatus>,
@@ -245,7 +277,9 @@ struct Shared {
 /// ```
 ///
 /// The random `log_id` in the header makes every chain unique, so records of two logs cannot
-/// be spliced together. The chain is not keyed: anchor [`crate::VerifyReport::head_hash`] (and
+/// be spliced together. With a rollover size ([`LogOptions::rollover_at`]) the log spans
+/// closed segments and the active file, each starting with a header (a continuation header
+/// after the first: the previous file's last seq and hash); see `crate::segments`. The chain is not keyed: anchor [`crate::VerifyReport::head_hash`] (and
 /// the record count) outside the machine to detect a rewrite from any point on, or a
 /// truncation.
 ///
@@ -367,7 +401,7 @@ fn head_from_tail(path: &Path, file: &File, start: u64, end: u64) -> Result<Head
             "its hash does not match its content (edited)".into(),
         ));
     }
-    if start == 0 && (parsed.kind != Kind::Header || parsed.seq != 0) {
+    if start == 0 && !matches!(parsed.kind, Kind::Header { .. }) {
         return Err(damaged("the only line is not a header record".into()));
     }
     let next_seq = parsed
@@ -454,13 +488,24 @@ impl FileAuditLog {
     /// for that. Fails with [`AuditFileError::TornTail`] if the file does not end with a
     /// newline, and with [`AuditFileError::DamagedTail`] if its last line is not a valid record.
     pub fn open(path: impl AsRef<Path>, durability: Durability) -> Result<Self, AuditFileError> {
-        Self::open_with_limit(path.as_ref(), durability, QUEUE_LIMIT)
+        Self::open_with(path, durability, LogOptions::default())
     }
 
-    /// [`FileAuditLog::open`] with a queue limit for [`Durability::Buffered`].
+    /// [`FileAuditLog::open`] with options (a rollover size). Opening also completes the
+    /// cleanup of a rollover a crash interrupted (see [`LogOptions::rollover_at`]).
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        durability: Durability,
+        options: LogOptions,
+    ) -> Result<Self, AuditFileError> {
+        Self::open_with_limit(path.as_ref(), durability, options, QUEUE_LIMIT)
+    }
+
+    /// [`FileAuditLog::open_with`] with a queue limit for [`Durability::Buffered`].
     fn open_with_limit(
         path: &Path,
         durability: Durability,
+        options: LogOptions,
         limit: usize,
     ) -> Result<Self, AuditFileError> {
         let (file, created) = open_append(path)?;
@@ -471,7 +516,7 @@ impl FileAuditLog {
                 path: path.to_owned(),
             });
         }
-        if created {
+        if created | clean_interrupted_rollover(path, &meta)? {
             sync_parent_dir(path)?;
         }
         let head = match find_tail(&file, meta.len()).map_err(io_err(path, "read"))? {
@@ -496,23 +541,39 @@ impl FileAuditLog {
                 Some(head_from_tail(path, &file, start, end)?)
             }
         };
-        let head = match head {
-            Some(h) => h,
-            None => write_header(path, &file)?,
+        let (head, header) = match head {
+            Some(h) => (h, read_header(path, &file)?),
+            None => {
+                let log_id: [u8; 16] = rand::random();
+                let (head, _) = write_header(path, &file, &log_id, 0, &ZERO_HASH)?;
+                let header = FileHeader { log_id, after: 0 };
+                (head, header)
+            }
         };
-        Self::start(path, file, head, durability, limit)
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let writer = Writer {
+            file,
+            head,
+            log_id: header.log_id,
+            first_seq: header.after.saturating_add(1),
+            len,
+            out: Vec::with_capacity(4096),
+            line: String::with_capacity(512),
+        };
+        Self::start(path, writer, durability, options, limit)
     }
 
     /// Builds the log around an open file and starts the fdatasync thread (and, in Buffered
     /// mode, the writer thread).
     fn start(
         path: &Path,
-        file: File,
-        head: Head,
+        writer: Writer,
         durability: Durability,
+        options: LogOptions,
         limit: usize,
     ) -> Result<Self, AuditFileError> {
-        let sync_file = file.try_clone().map_err(io_err(path, "dup"))?;
+        let sync_file = writer.file.try_clone().map_err(io_err(path, "dup"))?;
+        let head = writer.head;
         let buffer = match durability {
             Durability::Buffered { flush_every, .. } => Some(Buffer {
                 queue: Mutex::new(Queue {
@@ -532,13 +593,9 @@ impl FileAuditLog {
         let shared = Arc::new(Shared {
             path: path.to_owned(),
             durability,
-            writer: Mutex::new(Writer {
-                file,
-                head,
-                out: Vec::with_capacity(4096),
-                line: String::with_capacity(512),
-            }),
-            sync_file,
+            writer: Mutex::new(writer),
+            sync_file: Mutex::new(Arc::new(sync_file)),
+            rollover_bytes: options.rollover_bytes,
             sync_state: Mutex::new(SyncState::default()),
             sync_cv: Condvar::new(),
             status: watch::Sender::new(SyncStatus {
@@ -842,7 +899,7 @@ impl FileAuditLog {
         let file_len = meta.len();
         // Nothing is cut from a file that is not an audit log (a wrong path), nor from one
         // whose header itself is torn: its first line must be a header record.
-        starts_with_header(path, &file)?;
+        read_header(path, &file)?;
         let (offset, len) = match find_tail(&file, file_len).map_err(io_err(path, "read"))? {
             Tail::Torn { offset, len } => (offset, len),
             Tail::Empty => return Ok(None),
@@ -940,13 +997,24 @@ fn encode_and_write(
         if w.out.len() >= chunk {
             write_out(shared, w)?;
             w.head = head;
+            // A rollover between two writes continues the chain after its header.
+            roll_over_if_due(shared, w)?;
+            head = w.head;
         }
     }
     if !w.out.is_empty() {
         write_out(shared, w)?;
     }
     w.head = head;
-    Ok(())
+    roll_over_if_due(shared, w)
+}
+
+/// Rolls the log over once the active file has reached the rollover size.
+fn roll_over_if_due(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
+    match shared.rollover_bytes {
+        Some(max) if w.len >= max => roll_over(shared, w),
+        _ => Ok(()),
+    }
 }
 
 /// Writes `w.out` (O_APPEND: one `write(2)` in the normal case; `write_all` only loops on a
@@ -960,6 +1028,7 @@ fn write_out(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
             source: e,
         });
     }
+    w.len = w.len.saturating_add(w.out.len() as u64);
     w.out.clear();
     Ok(())
 }
@@ -1200,8 +1269,16 @@ fn save_torn(
     }
 }
 
-/// Refuses a file whose first line is not a complete header record (changes nothing).
-fn starts_with_header(path: &Path, file: &File) -> Result<(), AuditFileError> {
+/// What the header (the first line) of a log file says.
+struct FileHeader {
+    /// The log's id.
+    log_id: [u8; 16],
+    /// The seq of the last record before this file (0 at the origin of the log).
+    after: u64,
+}
+
+/// Reads the first line of `file`, which must be a complete header record (changes nothing).
+fn read_header(path: &Path, file: &File) -> Result<FileHeader, AuditFileError> {
     let refuse = |reason: &str| AuditFileError::DamagedTail {
         path: path.to_owned(),
         end: 0,
@@ -1210,17 +1287,40 @@ fn starts_with_header(path: &Path, file: &File) -> Result<(), AuditFileError> {
              (move the file away and start a new log if it is one)"
         ),
     };
-    let mut first = Vec::with_capacity(256);
-    let read = std::io::BufReader::new(file)
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', &mut first)
-        .map_err(io_err(path, "read"))?;
-    if read == 0 || first.last() != Some(&b'\n') {
+    let mut first = vec![0u8; MAX_LINE + 1];
+    let mut got = 0;
+    let newline = loop {
+        if let Some(i) = first
+            .get(..got)
+            .and_then(|b| b.iter().position(|&c| c == b'\n'))
+        {
+            break Some(i);
+        }
+        let Some(room) = first.get_mut(got..) else {
+            break None;
+        };
+        if room.is_empty() {
+            break None;
+        }
+        let n = file
+            .read_at(room, got as u64)
+            .map_err(io_err(path, "read"))?;
+        if n == 0 {
+            break None;
+        }
+        got += n;
+    };
+    let Some(line) = newline.and_then(|i| first.get(..i)) else {
         return Err(refuse("the file has no complete first line"));
-    }
-    first.pop();
-    match parse_line(&first) {
-        Ok(parsed) if parsed.kind == Kind::Header && parsed.seq == 0 => Ok(()),
+    };
+    match parse_line(line) {
+        Ok(parsed) if parsed.hash_ok => match parsed.kind {
+            Kind::Header { log_id } => Ok(FileHeader {
+                log_id,
+                after: parsed.seq,
+            }),
+            _ => Err(refuse("the first line is not a header record")),
+        },
         _ => Err(refuse("the first line is not a header record")),
     }
 }
@@ -1278,20 +1378,114 @@ fn append_recovery(
     Ok(head.next_seq)
 }
 
-/// Writes and fdatasyncs the header of a new (empty) log.
-fn write_header(path: &Path, file: &File) -> Result<Head, AuditFileError> {
-    let log_id: [u8; 16] = rand::random();
+/// Writes and fdatasyncs the header of a new (empty) file of the log `log_id`: its origin
+/// (`after` 0, zero `prev`) or the continuation of a closed file. Returns the chain head
+/// after it and the header's length in bytes.
+fn write_header(
+    path: &Path,
+    file: &File,
+    log_id: &[u8; 16],
+    after: u64,
+    prev: &[u8; 32],
+) -> Result<(Head, u64), AuditFileError> {
     let mut line = String::with_capacity(256);
-    encode_header(&mut line, &log_id, Timestamp::now());
+    encode_header(&mut line, log_id, Timestamp::now(), after, prev);
     let hash = finish_line(&mut line);
     let mut f = file;
     f.write_all(line.as_bytes())
         .map_err(io_err(path, "write"))?;
     f.sync_data().map_err(io_err(path, "fdatasync"))?;
-    Ok(Head {
-        next_seq: 1,
+    let head = Head {
+        next_seq: after.saturating_add(1),
         prev: hash,
-    })
+    };
+    Ok((head, line.len() as u64))
+}
+
+/// Closes the active file and continues the log in a new one (see [`crate::segments`]):
+/// fdatasync the active file; prepare `<log>.next` (mode 0600, locked) with a continuation
+/// header; link the active file as `<log>.<first>-<last>`; rename `<log>.next` over `<log>`;
+/// fsync the directory. Under the writer lock. A failure poisons the log (fail closed): the
+/// records written so far stay in the active file, which a restart continues.
+fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
+    let path = &shared.path;
+    let Some(last) = w.head.next_seq.checked_sub(1) else {
+        return Ok(());
+    };
+    if last < w.first_seq {
+        // Only a header: nothing to close.
+        return Ok(());
+    }
+    let fail = |e: AuditFileError| {
+        let reason = format!(
+            "rollover of the audit log failed: {e}; every record written is in {} (restart to \
+             continue it)",
+            path.display()
+        );
+        shared.set_poison(reason.clone());
+        AuditFileError::Poisoned {
+            path: path.clone(),
+            reason,
+        }
+    };
+    // Everything in the closed file is on disk before it is closed.
+    w.file
+        .sync_data()
+        .map_err(io_err(path, "fdatasync before rollover"))
+        .map_err(fail)?;
+    shared
+        .synced_seq
+        .fetch_max(w.head.next_seq, Ordering::Relaxed);
+    let next = next_path(path);
+    let segment = segment_path(path, w.first_seq, last);
+    let prepared = (|| {
+        let _ = std::fs::remove_file(&next);
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&next)
+            .map_err(|source| AuditFileError::Open {
+                path: next.clone(),
+                source,
+            })?;
+        lock_exclusive(&next, &file)?;
+        let (head, len) = write_header(&next, &file, &w.log_id, last, &w.head.prev)?;
+        let sync_file = file.try_clone().map_err(io_err(&next, "dup"))?;
+        std::fs::hard_link(path, &segment).map_err(io_err(&segment, "link"))?;
+        Ok((file, sync_file, head, len))
+    })();
+    let (file, sync_file, head, len) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_file(&next);
+            return Err(fail(e));
+        }
+    };
+    if let Err(e) = std::fs::rename(&next, path) {
+        let _ = std::fs::remove_file(&segment);
+        let _ = std::fs::remove_file(&next);
+        return Err(fail(io_err(path, "rename")(e)));
+    }
+    sync_parent_dir(path).map_err(fail)?;
+    match shared.sync_file.lock() {
+        Ok(mut g) => *g = Arc::new(sync_file),
+        Err(_) => return Err(fail(shared_lock_error(path))),
+    }
+    w.file = file;
+    w.head = head;
+    w.first_seq = last.saturating_add(1);
+    w.len = len;
+    Ok(())
+}
+
+fn shared_lock_error(path: &Path) -> AuditFileError {
+    AuditFileError::Io {
+        path: path.to_owned(),
+        op: "lock",
+        source: std::io::Error::other("internal lock poisoned"),
+    }
 }
 
 /// The fdatasync thread: syncs when a ticket is pending (Strict appends, `flush`) or when the
@@ -1395,7 +1589,11 @@ fn do_sync(shared: &Shared) -> std::io::Result<()> {
     if shared.fail_next_sync.swap(false, Ordering::Relaxed) {
         return Err(std::io::Error::other("injected fdatasync failure"));
     }
-    shared.sync_file.sync_data()
+    let file = match shared.sync_file.lock() {
+        Ok(g) => Arc::clone(&g),
+        Err(_) => return Err(std::io::Error::other("internal lock poisoned")),
+    };
+    file.sync_data()
 }
 
 impl Drop for FileAuditLog {
@@ -1422,7 +1620,9 @@ impl Drop for FileAuditLog {
         }
         // Everything is written by now (a last fdatasync may still be running on the sync
         // thread's descriptor): release the one-writer lock so the log can be reopened at once.
-        let _ = shared.sync_file.unlock();
+        if let Ok(file) = shared.sync_file.lock() {
+            let _ = file.unlock();
+        }
     }
 }
 
@@ -1619,8 +1819,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         // A queue of 10 and 4 tasks × 100 appends: appends must wait, never fail or drop.
-        let log =
-            Arc::new(FileAuditLog::open_with_limit(&path, Durability::buffered(), 10).unwrap());
+        let log = Arc::new(
+            FileAuditLog::open_with_limit(&path, Durability::buffered(), LogOptions::default(), 10)
+                .unwrap(),
+        );
         let mut tasks = Vec::new();
         for t in 0..4u32 {
             let log = Arc::clone(&log);
@@ -1647,10 +1849,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_large_buffered_batch_rolls_over_between_its_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let rollover = 1 << 20;
+        let log = FileAuditLog::open_with(
+            &path,
+            buffered_slow(),
+            LogOptions::default().rollover_at(rollover),
+        )
+        .unwrap();
+        log.pause_writer_for_test(true);
+        // ~5 MB queued, written as one batch in 1 MiB writes.
+        let padding = "x".repeat(240);
+        for i in 1..=20_000u32 {
+            let mut e = event(i);
+            e.record = Some(Arc::from(format!("r{i}-{padding}")));
+            log.append_events(&[e]).await.unwrap();
+        }
+        log.pause_writer_for_test(false);
+        log.flush_log().await.unwrap();
+        drop(log);
+        let segments = crate::segments::closed_segments(&path).unwrap();
+        assert!(segments.len() >= 4, "{segments:?}");
+        for s in &segments {
+            let len = std::fs::metadata(&s.path).unwrap().len();
+            // Closed at the first write that reached the size: at most one write more.
+            assert!(
+                (rollover..rollover + WRITE_CHUNK as u64 + MAX_LINE as u64).contains(&len),
+                "{len}"
+            );
+        }
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{:?}", report.problems);
+        assert_eq!(report.last_seq, Some(20_000));
+        assert_eq!(report.files.len(), segments.len() + 1);
+    }
+
+    #[tokio::test]
     async fn buffered_queue_limit_fails_closed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let log = FileAuditLog::open_with_limit(&path, Durability::buffered(), 10).unwrap();
+        let log =
+            FileAuditLog::open_with_limit(&path, Durability::buffered(), LogOptions::default(), 10)
+                .unwrap();
         log.pause_writer_for_test(true);
         for i in 1..=9 {
             log.append_events(&[event(i)]).await.unwrap();

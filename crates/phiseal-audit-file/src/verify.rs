@@ -10,7 +10,8 @@ use jiff::Timestamp;
 use phiseal::crypto::ct_eq;
 
 use crate::error::AuditFileError;
-use crate::format::{Kind, MAX_LINE, Parsed, ZERO_HASH, encode_export, parse_line};
+use crate::format::{Kind, MAX_LINE, Parsed, encode_export, parse_line};
+use crate::segments::closed_segments;
 
 /// At most this many problems are kept in a [`VerifyReport`]; the rest are only counted.
 pub const MAX_PROBLEMS: usize = 1000;
@@ -29,10 +30,12 @@ pub enum ProblemKind {
     SeqOutOfOrder,
     /// Not a record: not UTF-8 JSON, a missing or mistyped member, too long, …
     Malformed,
-    /// The first line is not a header record (`seq` 0, `kind` `header`, zero `prev`): the start
-    /// of the log was removed or replaced.
+    /// A file's first line is not a header record, or the log does not start at its origin
+    /// (`seq` 0, zero `prev`): the start of the log (or of a file) was removed or replaced, or
+    /// the closed segments before the first file read are not there.
     MissingHeader,
-    /// A header record after the first line: another log's chain was spliced in.
+    /// A header record after a file's first line (another log's chain was spliced in), or a
+    /// file of another log (another `log_id`) among the segments.
     UnexpectedHeader,
     /// No line has the anchored hash and ends with the anchored seq ([`verify_anchored`]):
     /// records were cut off the end, or the chain was rewritten from an earlier point.
@@ -68,9 +71,11 @@ pub struct Anchor {
 /// One problem found by [`verify`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// 1-based line number.
+    /// The file of the log (a closed segment or the active file).
+    pub path: PathBuf,
+    /// 1-based line number in that file.
     pub line: u64,
-    /// Byte offset of the start of the line.
+    /// Byte offset of the start of the line in that file.
     pub offset: u64,
     /// What is wrong.
     pub kind: ProblemKind,
@@ -81,6 +86,9 @@ pub struct Problem {
 /// The result of [`verify`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VerifyReport {
+    /// The files read, in order: the log's closed segments (`<log>.<first seq>-<last seq>`),
+    /// then the active file.
+    pub files: Vec<PathBuf>,
     /// Records read: one per complete line, and each record of a batch line (header, recovery
     /// and malformed lines count as one).
     pub records: u64,
@@ -89,10 +97,11 @@ pub struct VerifyReport {
     /// Hash (hex) of the last well-formed record: anchor it outside the machine (a ticket, a
     /// WORM bucket, another log) to detect a rewrite of the whole chain.
     pub head_hash: Option<String>,
-    /// `(offset, len)` of bytes after the last newline: a write interrupted by a crash (or, on a
-    /// live log, a write in progress). See [`crate::FileAuditLog::recover_torn_tail`].
+    /// `(offset, len)` of bytes after the last newline of the active file: a write interrupted
+    /// by a crash (or, on a live log, a write in progress). See
+    /// [`crate::FileAuditLog::recover_torn_tail`].
     pub torn_tail: Option<(u64, u64)>,
-    /// Problems found, in file order (at most [`MAX_PROBLEMS`]).
+    /// Problems found, in log order (at most [`MAX_PROBLEMS`]).
     pub problems: Vec<Problem>,
     /// Total number of problems, including those not kept in `problems`.
     pub problem_count: u64,
@@ -178,11 +187,45 @@ pub(crate) fn read_line_capped<R: BufRead>(
     }
 }
 
-/// The chain checker shared by [`verify`] and [`export_tenant`].
+/// One file of a log, in reading order.
+struct LogFile {
+    path: PathBuf,
+    /// A closed segment's seq range, from its name; `None` for the active file.
+    range: Option<(u64, u64)>,
+}
+
+/// The files of the log at `path`: its closed segments by first seq, then `path`.
+fn log_files(path: &Path) -> Result<Vec<LogFile>, AuditFileError> {
+    let mut files: Vec<LogFile> = closed_segments(path)?
+        .into_iter()
+        .map(|s| LogFile {
+            path: s.path,
+            range: Some((s.first, s.last)),
+        })
+        .collect();
+    files.push(LogFile {
+        path: path.to_owned(),
+        range: None,
+    });
+    Ok(files)
+}
+
+/// The chain checker shared by [`verify`] and [`export_tenant`]: one chain across the files
+/// of a log.
 struct Checker {
     report: VerifyReport,
+    /// The file being read, and its index in the log's files.
+    path: PathBuf,
+    file_index: usize,
+    /// Line number and byte offset in that file.
     line_no: u64,
     offset: u64,
+    /// The `after` of that file's header (the seq before its first record), when well-formed.
+    file_after: Option<u64>,
+    /// The last seq read in that file.
+    file_last: Option<u64>,
+    /// The log's id, from the first file's header.
+    log_id: Option<[u8; 16]>,
     /// Hash and seq of the previous line, `None` after a malformed line (unknown).
     prev: Option<([u8; 32], u64)>,
     /// A head to find, and whether a well-formed line matched it.
@@ -193,10 +236,62 @@ impl Checker {
     fn new() -> Self {
         Self {
             report: VerifyReport::default(),
+            path: PathBuf::new(),
+            file_index: 0,
             line_no: 0,
             offset: 0,
+            file_after: None,
+            file_last: None,
+            log_id: None,
             prev: None,
             anchor: None,
+        }
+    }
+
+    /// Starts reading the `index`th file of the log.
+    fn start_file(&mut self, index: usize, path: &Path) {
+        self.path = path.to_owned();
+        self.file_index = index;
+        self.line_no = 0;
+        self.offset = 0;
+        self.file_after = None;
+        self.file_last = None;
+        self.report.files.push(path.to_owned());
+    }
+
+    /// Ends a file: an empty file, a torn tail in a closed segment (only the active file may
+    /// be written to), and a segment whose name does not match its records are problems.
+    fn end_file(&mut self, range: Option<(u64, u64)>, torn: Option<(u64, u64)>) {
+        if self.line_no == 0 {
+            self.line_no = 1;
+            self.problem(
+                ProblemKind::MissingHeader,
+                "the file has no complete record",
+            );
+        }
+        let Some((first, last)) = range else {
+            self.report.torn_tail = torn;
+            return;
+        };
+        if torn.is_some() {
+            self.problem(
+                ProblemKind::Malformed,
+                "a closed segment ends with a partial line: it was changed after it was closed",
+            );
+        }
+        let holds = (self.file_after.map(|a| a.saturating_add(1)), self.file_last);
+        if holds != (Some(first), Some(last)) {
+            let seen = match holds {
+                (Some(a), Some(b)) => format!("{a}-{b}"),
+                _ => "an unknown range".to_owned(),
+            };
+            self.problem(
+                ProblemKind::Malformed,
+                format!(
+                    "the segment's name says records {first}-{last}, it holds {seen}: renamed \
+                     or replaced"
+                ),
+            );
         }
     }
 
@@ -204,6 +299,7 @@ impl Checker {
         self.report.problem_count += 1;
         if self.report.problems.len() < MAX_PROBLEMS {
             self.report.problems.push(Problem {
+                path: self.path.clone(),
                 line: self.line_no,
                 offset: self.offset,
                 kind,
@@ -240,6 +336,7 @@ impl Checker {
                 }
                 self.report.records += p.last_seq - p.seq;
                 self.prev = Some((p.hash, p.last_seq));
+                self.file_last = Some(p.last_seq);
                 self.report.last_seq = Some(p.last_seq);
                 self.report.head_hash = Some(hex::encode(p.hash));
                 Some(p)
@@ -256,17 +353,11 @@ impl Checker {
                 "stored hash does not match the record: the line was edited",
             );
         }
-        let is_header = p.kind == Kind::Header;
         if self.line_no == 1 {
-            if !is_header || p.seq != 0 || !ct_eq(&p.prev, &ZERO_HASH) {
-                self.problem(
-                    ProblemKind::MissingHeader,
-                    "the first line is not a header record (seq 0, zero prev)",
-                );
-            }
+            self.check_file_header(p);
             return;
         }
-        if is_header {
+        if matches!(p.kind, Kind::Header { .. }) {
             self.problem(
                 ProblemKind::UnexpectedHeader,
                 "a header record after the first line: another log was spliced in",
@@ -309,6 +400,102 @@ impl Checker {
     }
 }
 
+impl Checker {
+    /// A file's first line: the log's origin (first file), or a continuation header that
+    /// links to the previous file's last line (seq and hash) under the same `log_id`.
+    fn check_file_header(&mut self, p: &Parsed) {
+        let Kind::Header { log_id } = p.kind else {
+            self.problem(
+                ProblemKind::MissingHeader,
+                "the first line of the file is not a header record",
+            );
+            return;
+        };
+        self.file_after = Some(p.seq);
+        if self.file_index == 0 {
+            self.log_id = Some(log_id);
+            if p.seq != 0 {
+                self.problem(
+                    ProblemKind::MissingHeader,
+                    format!(
+                        "the log starts after record {}: the closed segments holding the \
+                         records before it are not here (verify the files together) or were \
+                         removed",
+                        p.seq
+                    ),
+                );
+            }
+            return;
+        }
+        if self.log_id.is_some_and(|id| id != log_id) {
+            self.problem(
+                ProblemKind::UnexpectedHeader,
+                "this file belongs to another log (another log_id)",
+            );
+        }
+        if let Some((prev_hash, prev_seq)) = self.prev {
+            if !ct_eq(&p.prev, &prev_hash) {
+                self.problem(
+                    ProblemKind::ChainBreak,
+                    "the file's header does not link to the previous file's last line: a file \
+                     is missing, or was replaced or edited",
+                );
+            }
+            if p.seq > prev_seq {
+                self.problem(
+                    ProblemKind::SeqGap,
+                    format!(
+                        "the file continues after record {}, the previous one ends at {prev_seq}: \
+                         records are missing",
+                        p.seq
+                    ),
+                );
+            } else if p.seq < prev_seq {
+                self.problem(
+                    ProblemKind::SeqOutOfOrder,
+                    format!(
+                        "the file continues after record {}, the previous one ends at {prev_seq}",
+                        p.seq
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Reads every file of the log at `path` through `checker`, calling `each` with every
+/// complete line's parse (stopping at its first error).
+fn scan(
+    path: &Path,
+    checker: &mut Checker,
+    mut each: impl FnMut(&Checker, Option<Parsed>) -> Result<(), AuditFileError>,
+) -> Result<(), AuditFileError> {
+    let files = log_files(path)?;
+    let mut buf = Vec::with_capacity(1024);
+    for (index, file) in files.iter().enumerate() {
+        let mut reader = open_read(&file.path)?;
+        checker.start_file(index, &file.path);
+        let mut torn = None;
+        loop {
+            let read = read_line_capped(&mut reader, &mut buf).map_err(read_err(&file.path))?;
+            match read {
+                LineRead::Eof => break,
+                LineRead::Partial { len } => {
+                    torn = Some((checker.offset, len));
+                    break;
+                }
+                LineRead::Line { .. } | LineRead::TooLong { .. } => {
+                    let parsed = checker.line(&read, &buf);
+                    each(checker, parsed)?;
+                }
+            }
+        }
+        checker.end_file(file.range, torn);
+        each(checker, None)?;
+    }
+    Ok(())
+}
+
 fn open_read(path: &Path) -> Result<BufReader<File>, AuditFileError> {
     let file = File::open(path).map_err(|source| AuditFileError::Open {
         path: path.to_owned(),
@@ -347,27 +534,9 @@ pub fn verify_anchored(
 }
 
 fn verify_checking(path: &Path, anchor: Option<Anchor>) -> Result<VerifyReport, AuditFileError> {
-    let mut reader = open_read(path)?;
-    let mut buf = Vec::with_capacity(1024);
     let mut checker = Checker::new();
     checker.anchor = anchor.map(|a| (a, false));
-    loop {
-        let read = read_line_capped(&mut reader, &mut buf).map_err(read_err(path))?;
-        match read {
-            LineRead::Eof => break,
-            LineRead::Partial { len } => {
-                checker.report.torn_tail = Some((checker.offset, len));
-                break;
-            }
-            LineRead::Line { .. } | LineRead::TooLong { .. } => {
-                checker.line(&read, &buf);
-            }
-        }
-    }
-    if checker.line_no == 0 {
-        checker.line_no = 1;
-        checker.problem(ProblemKind::MissingHeader, "the log has no complete record");
-    }
+    scan(path, &mut checker, |_, _| Ok(()))?;
     if let Some((anchor, false)) = checker.anchor {
         checker.problem(
             ProblemKind::AnchorMissing,
@@ -399,76 +568,50 @@ pub fn export_tenant(
     out: &mut impl Write,
 ) -> Result<ExportReport, AuditFileError> {
     let path = path.as_ref();
-    let mut reader = open_read(path)?;
-    let mut buf = Vec::with_capacity(1024);
     let mut checker = Checker::new();
     let mut report = ExportReport::default();
     let mut text = String::new();
-    let broken = |checker: &Checker| {
-        checker
-            .report
-            .problems
-            .first()
-            .map(|p| AuditFileError::ChainBroken {
-                path: path.to_owned(),
+    scan(path, &mut checker, |checker, parsed| {
+        if let Some(p) = checker.report.problems.first() {
+            return Err(AuditFileError::ChainBroken {
+                path: p.path.clone(),
                 line: p.line,
                 kind: p.kind,
-            })
-    };
-    loop {
-        let read = read_line_capped(&mut reader, &mut buf).map_err(read_err(path))?;
-        match read {
-            LineRead::Eof => break,
-            LineRead::Partial { len } => {
-                report.torn_tail = Some((checker.offset, len));
-                break;
-            }
-            LineRead::Line { .. } | LineRead::TooLong { .. } => {
-                let parsed = checker.line(&read, &buf);
-                if let Some(e) = broken(&checker) {
-                    return Err(e);
-                }
-                let Some(Parsed {
-                    seq,
-                    kind: Kind::Records(line),
-                    ..
-                }) = parsed
-                else {
-                    continue;
-                };
-                text.clear();
-                for (i, record) in line.records().enumerate() {
-                    // At most the line's last seq, which `parse_line` checked fits.
-                    let seq = seq.saturating_add(u64::try_from(i).unwrap_or(u64::MAX));
-                    // `parse_line` checked that every record has every member.
-                    let record = record.ok_or_else(|| AuditFileError::ChainBroken {
-                        path: path.to_owned(),
-                        line: checker.line_no,
-                        kind: ProblemKind::Malformed,
-                    })?;
-                    let in_range = since.is_none_or(|s| record.time >= s)
-                        && until.is_none_or(|u| record.time < u);
-                    if record.tenant == Some(tenant) && in_range {
-                        encode_export(&mut text, seq, &record);
-                        report.exported += 1;
-                    }
-                }
-                out.write_all(text.as_bytes())
-                    .map_err(|source| AuditFileError::Io {
-                        path: path.to_owned(),
-                        op: "write export",
-                        source,
-                    })?;
+            });
+        }
+        let Some(Parsed {
+            seq,
+            kind: Kind::Records(line),
+            ..
+        }) = parsed
+        else {
+            return Ok(());
+        };
+        text.clear();
+        for (i, record) in line.records().enumerate() {
+            // At most the line's last seq, which `parse_line` checked fits.
+            let seq = seq.saturating_add(u64::try_from(i).unwrap_or(u64::MAX));
+            // `parse_line` checked that every record has every member.
+            let record = record.ok_or_else(|| AuditFileError::ChainBroken {
+                path: checker.path.clone(),
+                line: checker.line_no,
+                kind: ProblemKind::Malformed,
+            })?;
+            let in_range =
+                since.is_none_or(|s| record.time >= s) && until.is_none_or(|u| record.time < u);
+            if record.tenant == Some(tenant) && in_range {
+                encode_export(&mut text, seq, &record);
+                report.exported += 1;
             }
         }
-    }
-    if checker.line_no == 0 {
-        return Err(AuditFileError::ChainBroken {
-            path: path.to_owned(),
-            line: 1,
-            kind: ProblemKind::MissingHeader,
-        });
-    }
+        out.write_all(text.as_bytes())
+            .map_err(|source| AuditFileError::Io {
+                path: path.to_owned(),
+                op: "write export",
+                source,
+            })
+    })?;
+    report.torn_tail = checker.report.torn_tail;
     out.flush().map_err(|source| AuditFileError::Io {
         path: path.to_owned(),
         op: "flush export",

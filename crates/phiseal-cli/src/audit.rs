@@ -110,6 +110,7 @@ fn verify_json(path: &std::path::Path, r: &VerifyReport) -> serde_json::Value {
         .map(|p| {
             json!({
                 "kind": p.kind.as_str(),
+                "file": p.path.display().to_string(),
                 "line": p.line,
                 "offset": p.offset,
                 "detail": p.detail,
@@ -118,6 +119,7 @@ fn verify_json(path: &std::path::Path, r: &VerifyReport) -> serde_json::Value {
         .collect();
     json!({
         "log": path.display().to_string(),
+        "files": r.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
         "intact": r.is_intact(),
         "records": r.records,
         "last_seq": r.last_seq,
@@ -138,15 +140,32 @@ fn verify_text(path: &std::path::Path, r: &VerifyReport) -> String {
         or_none(r.last_seq.map(|s| s.to_string())),
         or_none(r.head_hash.clone()),
     );
+    if r.files.len() > 1 {
+        let _ = writeln!(
+            out,
+            "files: {} ({} closed segments, then the active file)",
+            r.files.len(),
+            r.files.len() - 1
+        );
+    }
     let torn = r.torn_tail.map(|(offset, len)| {
         format!("{len} bytes at offset {offset} (a crash mid-write, or a write in progress)")
     });
     let _ = writeln!(out, "torn tail: {}", or_none(torn));
     let _ = writeln!(out, "problems: {}", r.problem_count);
     for p in &r.problems {
+        // Problems in a closed segment name it; those in the active file need no name.
+        let file = if p.path.as_path() == path {
+            String::new()
+        } else {
+            format!(
+                "{} ",
+                printable(&p.path.file_name().unwrap_or_default().to_string_lossy())
+            )
+        };
         let _ = writeln!(
             out,
-            "  line {}: {}: {}",
+            "  {file}line {}: {}: {}",
             p.line,
             p.kind.as_str(),
             printable(&p.detail)
@@ -238,20 +257,33 @@ mod tests {
 
     #[test]
     fn report_formats() {
+        let path = std::path::Path::new("/l/audit.log");
+        let segment =
+            std::path::PathBuf::from("/l/audit.log.00000000000000000001-00000000000000000003");
         let r = VerifyReport {
+            files: vec![segment.clone(), path.to_owned()],
             records: 10,
             last_seq: Some(9),
             head_hash: Some("ab".repeat(32)),
             torn_tail: Some((100, 7)),
-            problems: vec![Problem {
-                line: 4,
-                offset: 50,
-                kind: phiseal_audit_file::ProblemKind::ChainBreak,
-                detail: "prev mismatch".into(),
-            }],
-            problem_count: 1,
+            problems: vec![
+                Problem {
+                    path: path.to_owned(),
+                    line: 4,
+                    offset: 50,
+                    kind: phiseal_audit_file::ProblemKind::ChainBreak,
+                    detail: "prev mismatch".into(),
+                },
+                Problem {
+                    path: segment,
+                    line: 2,
+                    offset: 9,
+                    kind: phiseal_audit_file::ProblemKind::HashMismatch,
+                    detail: "edited".into(),
+                },
+            ],
+            problem_count: 2,
         };
-        let path = std::path::Path::new("/l/audit.log");
         let text = verify_text(path, &r);
         assert!(text.contains("records checked: 10"), "{text}");
         assert!(text.contains("last seq: 9"), "{text}");
@@ -260,10 +292,23 @@ mod tests {
             text.contains("  line 4: chain_break: prev mismatch"),
             "{text}"
         );
+        assert!(
+            text.contains("files: 2 (1 closed segments, then the active file)")
+                && text.contains(
+                    "  audit.log.00000000000000000001-00000000000000000003 line 2: hash_mismatch: \
+                     edited"
+                ),
+            "{text}"
+        );
         assert!(text.ends_with("result: NOT INTACT"), "{text}");
         let value = verify_json(path, &r);
         assert_eq!(value["intact"], false);
         assert_eq!(value["problems"][0]["kind"], "chain_break");
+        assert_eq!(
+            value["problems"][1]["file"],
+            "/l/audit.log.00000000000000000001-00000000000000000003"
+        );
+        assert_eq!(value["files"][1], "/l/audit.log");
         assert_eq!(value["torn_tail"]["len"], 7);
     }
 }

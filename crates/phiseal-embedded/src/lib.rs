@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use phiseal::{CacheSettings, Keyring, KeyringBuilder};
-use phiseal_audit_file::{Durability, FileAuditLog};
+use phiseal_audit_file::{Durability, FileAuditLog, LogOptions};
 use phiseal_kms_local::LocalKms;
 use phiseal_store_sqlite::SqliteKeyStore;
 
@@ -69,6 +69,9 @@ pub struct EmbeddedOptions {
     /// The audit log file, if not `DATA_DIR/audit.log` (several daemons sharing one key
     /// store each write their own audit chain).
     pub audit_log: Option<PathBuf>,
+    /// Roll the audit log over to a new file at this size
+    /// ([`phiseal_audit_file::LogOptions::rollover_at`]); `None`: one file.
+    pub audit_rollover_bytes: Option<u64>,
 }
 
 /// Paths of the embedded default's files inside a data directory.
@@ -198,7 +201,15 @@ pub fn open_audit(
         .audit_log
         .clone()
         .unwrap_or_else(|| EmbeddedPaths::new(data_dir).audit_log);
-    Ok(Arc::new(FileAuditLog::open(path, options.durability)?))
+    let log_options = match options.audit_rollover_bytes {
+        Some(bytes) => LogOptions::default().rollover_at(bytes),
+        None => LogOptions::default(),
+    };
+    Ok(Arc::new(FileAuditLog::open_with(
+        path,
+        options.durability,
+        log_options,
+    )?))
 }
 
 /// A keyring builder with the embedded default's parts set, for further settings

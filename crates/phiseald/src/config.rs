@@ -137,6 +137,9 @@ pub struct AuditConfig {
     /// For `interval`: the longest time between a write and its fsync.
     #[serde(with = "humantime_serde")]
     pub sync_interval: Duration,
+    /// Close the active log file as a segment and continue in a new one at this size, in
+    /// bytes; 0: never (one file).
+    pub rollover_bytes: u64,
 }
 
 impl Default for AuditConfig {
@@ -145,9 +148,13 @@ impl Default for AuditConfig {
             path: None,
             durability: DurabilityName::Interval,
             sync_interval: Duration::from_millis(200),
+            rollover_bytes: DEFAULT_AUDIT_ROLLOVER_BYTES,
         }
     }
 }
+
+/// `audit.rollover_bytes` by default: 1 GiB.
+pub const DEFAULT_AUDIT_ROLLOVER_BYTES: u64 = 1 << 30;
 
 /// Audit durability names as written in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -797,6 +804,13 @@ impl Config {
         if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&self.audit.sync_interval)
         {
             return bad("audit.sync_interval", "must be between 1ms and 10s");
+        }
+        let rollover = self.audit.rollover_bytes;
+        if rollover != 0 && !(64 * 1024..=1 << 40).contains(&rollover) {
+            return bad(
+                "audit.rollover_bytes",
+                "must be 0 (never) or between 65536 and 1099511627776",
+            );
         }
         if self.cache.capacity == 0 {
             return bad("cache.capacity", "must be at least 1");

@@ -139,6 +139,7 @@ impl Daemon {
             durability,
             cache: CacheSettings::default(),
             audit_log: config.audit.path.clone(),
+            audit_rollover_bytes: Some(config.audit.rollover_bytes).filter(|&b| b > 0),
         };
         let audit = phiseal_embedded::open_audit(&config.data_dir, &options)?;
         let kms = crate::kms::open_kms(&config).await?;

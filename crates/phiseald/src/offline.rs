@@ -54,6 +54,8 @@ pub async fn open_root_keyring(
     let options = phiseal_embedded::EmbeddedOptions {
         durability: Durability::Strict,
         audit_log: Some(audit_log.clone()),
+        // One run's log: small, never rolled over.
+        audit_rollover_bytes: None,
         ..Default::default()
     };
     let audit: Arc<FileAuditLog> = phiseal_embedded::open_audit(&config.data_dir, &options)?;

@@ -265,6 +265,14 @@ fn out_of_range_values_are_named() {
         .fails_with("limits.max_batch_items: must be between 1 and 1000000");
     check_text(MINIMAL, &[("PHISEALD_LIMITS__MAX_MESSAGE_BYTES", "100")])
         .fails_with("limits.max_message_bytes: must be between 1024 and 268435456");
+    for size in ["1", "65535", "1099511627777"] {
+        check_text(MINIMAL, &[("PHISEALD_AUDIT__ROLLOVER_BYTES", size)]).fails_with(
+            "audit.rollover_bytes: must be 0 (never) or between 65536 and 1099511627776",
+        );
+    }
+    for size in ["0", "65536"] {
+        check_text(MINIMAL, &[("PHISEALD_AUDIT__ROLLOVER_BYTES", size)]).ok();
+    }
     for size in ["4095", "16777217"] {
         check_text(
             MINIMAL,

@@ -1,0 +1,165 @@
+//! The files of one log: closed segments and the active file.
+//!
+//! With a rollover size set ([`crate::LogOptions::rollover_at`]), the writer closes the active
+//! file `<log>` once it has grown past that size: the file is fdatasynced, a new file
+//! starting with a *continuation header* (the closed file's last seq and last hash, the same
+//! `log_id`) is prepared as `<log>.next`, the closed file gets its second name
+//! `<log>.<first seq>-<last seq>` (a hard link, both numbers 20 digits), and `<log>.next` is
+//! renamed over `<log>`. At every moment `<log>` is a complete log file, so a crash at any
+//! step leaves either the old state (plus leftovers that opening removes: a `<log>.next`
+//! holding only a header, a segment name linked to the active file) or the new one.
+//!
+//! The chain runs on across files: a continuation header's `prev` is the hash of the previous
+//! file's last line and its `seq` that line's last seq, so the files read in order form one
+//! chain (`crate::verify` reads them all).
+
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::AuditFileError;
+
+/// Digits of each number in a segment's name.
+const SEQ_DIGITS: usize = 20;
+
+/// A closed segment of a log, by its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Segment {
+    /// The seq of its first record (its header's seq + 1).
+    pub(crate) first: u64,
+    /// The seq of its last record.
+    pub(crate) last: u64,
+    /// Its path.
+    pub(crate) path: PathBuf,
+}
+
+/// `<log>.<first>-<last>`.
+pub(crate) fn segment_path(log: &Path, first: u64, last: u64) -> PathBuf {
+    let mut s = log.as_os_str().to_owned();
+    s.push(format!(".{first:020}-{last:020}"));
+    PathBuf::from(s)
+}
+
+/// `<log>.next`: the next active file while a rollover prepares it.
+pub(crate) fn next_path(log: &Path) -> PathBuf {
+    let mut s = log.as_os_str().to_owned();
+    s.push(".next");
+    PathBuf::from(s)
+}
+
+/// The seq range in a segment's file name, if `name` is `<log name>.<20 digits>-<20 digits>`.
+fn parse_name(log_name: &OsString, name: &OsString) -> Option<(u64, u64)> {
+    let log_name = log_name.to_str()?;
+    let rest = name.to_str()?.strip_prefix(log_name)?.strip_prefix('.')?;
+    let (first, last) = rest.split_once('-')?;
+    let digits = |s: &str| s.len() == SEQ_DIGITS && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(first) || !digits(last) {
+        return None;
+    }
+    Some((first.parse().ok()?, last.parse().ok()?))
+}
+
+fn dir_of(log: &Path) -> &Path {
+    match log.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// The closed segments of the log at `log`, by first seq.
+pub(crate) fn closed_segments(log: &Path) -> Result<Vec<Segment>, AuditFileError> {
+    let Some(log_name) = log.file_name().map(|n| n.to_owned()) else {
+        return Ok(Vec::new());
+    };
+    let dir = dir_of(log);
+    let read_err = |source| AuditFileError::Io {
+        path: dir.to_owned(),
+        op: "listing the log's segments",
+        source,
+    };
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let entry = entry.map_err(read_err)?;
+        if let Some((first, last)) = parse_name(&log_name, &entry.file_name()) {
+            segments.push(Segment {
+                first,
+                last,
+                path: entry.path(),
+            });
+        }
+    }
+    segments.sort_by_key(|s| (s.first, s.last));
+    Ok(segments)
+}
+
+/// Removes what an interrupted rollover of the log at `log` left behind: `<log>.next` (it
+/// holds only a header: records go to a new file only after it became `<log>`), and a
+/// segment name that is a second link to the active file `active` (the rename that would
+/// have replaced `<log>` did not happen, so the active file is still the one being closed).
+/// Returns whether something was removed. Run with the active file's lock held.
+pub(crate) fn clean_interrupted_rollover(
+    log: &Path,
+    active: &std::fs::Metadata,
+) -> Result<bool, AuditFileError> {
+    let mut removed = false;
+    let next = next_path(log);
+    match std::fs::remove_file(&next) {
+        Ok(()) => removed = true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(AuditFileError::Io {
+                path: next,
+                op: "removing an interrupted rollover's next file",
+                source,
+            });
+        }
+    }
+    if active.nlink() > 1 {
+        for segment in closed_segments(log)? {
+            let same = std::fs::symlink_metadata(&segment.path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == (active.dev(), active.ino()));
+            if same {
+                std::fs::remove_file(&segment.path).map_err(|source| AuditFileError::Io {
+                    path: segment.path.clone(),
+                    op: "removing an interrupted rollover's segment name",
+                    source,
+                })?;
+                removed = true;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_others_are_ignored() {
+        let log = Path::new("/var/lib/phiseal/audit.log");
+        let p = segment_path(log, 1, 12_345);
+        assert_eq!(
+            p,
+            Path::new("/var/lib/phiseal/audit.log.00000000000000000001-00000000000000012345")
+        );
+        let name = OsString::from("audit.log");
+        assert_eq!(
+            parse_name(&name, &p.file_name().unwrap().to_owned()),
+            Some((1, 12_345))
+        );
+        for other in [
+            "audit.log",
+            "audit.log.next",
+            "audit.log.torn-77",
+            "audit.log.1-2",
+            "audit.log.0000000000000000000a-00000000000000000002",
+            "audit.log.00000000000000000001-00000000000000000002.bak",
+            "other.log.00000000000000000001-00000000000000000002",
+            "audit.log.99999999999999999999-00000000000000000002",
+        ] {
+            assert_eq!(parse_name(&name, &OsString::from(other)), None, "{other}");
+        }
+    }
+}

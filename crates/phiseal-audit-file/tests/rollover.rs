@@ -1,0 +1,365 @@
+//! Rollover: the active file is closed as a segment once it reaches the rollover size, the
+//! chain continues in a new file, verify and export read all files as one log, tampering with
+//! segments is detected, and a rollover interrupted by a crash is cleaned up on open.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    missing_docs
+)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use phiseal::audit::{Action, Actor, AuditEvent, AuditSink, KeySource, Outcome};
+use phiseal::context::TenantId;
+use phiseal_audit_file::{
+    Durability, FileAuditLog, LogOptions, ProblemKind, VerifyReport, export_tenant, verify,
+};
+
+const ROLLOVER: u64 = 4096;
+
+fn event(i: u64) -> AuditEvent {
+    AuditEvent {
+        time: Timestamp::now(),
+        actor: Actor {
+            identity: Arc::from("svc-billing"),
+            uid: Some(1000),
+            pid: Some(4242),
+        },
+        action: Action::Decrypt,
+        tenant: Some(TenantId::new(if i.is_multiple_of(2) { "acme" } else { "other" }).unwrap()),
+        field: Some(Arc::from("ssn")),
+        record: Some(Arc::from(format!("patient-{i}"))),
+        key_version: Some(3),
+        key_source: Some(KeySource::Cache),
+        outcome: Outcome::Ok,
+        request_id: Arc::from(format!("req-{i}")),
+    }
+}
+
+fn options() -> LogOptions {
+    LogOptions::default().rollover_at(ROLLOVER)
+}
+
+/// Appends events `from..to` one call each, then flushes.
+async fn append(log: &FileAuditLog, from: u64, to: u64) {
+    for i in from..to {
+        log.append(&[event(i)]).await.unwrap();
+    }
+    log.flush().await.unwrap();
+}
+
+/// The closed segments next to `log`, by name, with the seq ranges their names give.
+fn segments(log: &Path) -> Vec<(u64, u64, PathBuf)> {
+    let name = log.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut out: Vec<(u64, u64, PathBuf)> = std::fs::read_dir(log.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let file = e.file_name().into_string().unwrap();
+            let rest = file.strip_prefix(&format!("{name}."))?;
+            let (a, b) = rest.split_once('-')?;
+            Some((a.parse().ok()?, b.parse().ok()?, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn kinds(report: &VerifyReport) -> Vec<ProblemKind> {
+    report.problems.iter().map(|p| p.kind).collect()
+}
+
+/// A private directory with a log of `n` records rolled over at [`ROLLOVER`] bytes.
+async fn rolled_log(n: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    append(&log, 0, n).await;
+    drop(log);
+    (dir, path)
+}
+
+#[tokio::test]
+async fn the_log_rolls_over_into_segments_that_verify_and_export_read_as_one_chain() {
+    for durability in [
+        Durability::Interval(Duration::from_millis(20)),
+        Durability::Strict,
+        Durability::buffered(),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = FileAuditLog::open_with(&path, durability, options()).unwrap();
+        append(&log, 0, 300).await;
+
+        let segs = segments(&path);
+        // Buffered mode packs the calls queued together into batch lines (~20 bytes a record
+        // here): fewer, larger writes.
+        let expected = if durability == Durability::buffered() {
+            1
+        } else {
+            10
+        };
+        assert!(
+            segs.len() >= expected,
+            "{durability:?}: {} segments",
+            segs.len()
+        );
+        // Contiguous ranges from record 1, each segment at least the rollover size, private.
+        let mut next = 1;
+        for (first, last, seg) in &segs {
+            assert_eq!(*first, next, "{durability:?}: {}", seg.display());
+            assert!(last >= first);
+            next = last + 1;
+            let meta = std::fs::metadata(seg).unwrap();
+            assert!(meta.len() >= ROLLOVER, "{}", seg.display());
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        }
+        // The active file continues after the last segment, with a continuation header.
+        let active = std::fs::read_to_string(&path).unwrap();
+        let header: serde_json::Value =
+            serde_json::from_str(active.lines().next().unwrap()).unwrap();
+        assert_eq!(header["kind"], "header");
+        assert_eq!(header["seq"], next - 1);
+        assert_ne!(header["prev"], "0".repeat(64));
+        assert!(!dir.path().join("audit.log.next").exists());
+
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{durability:?}: {:?}", report.problems);
+        assert_eq!(report.last_seq, Some(300));
+        assert_eq!(report.files.len(), segs.len() + 1);
+        assert_eq!(report.files.last().unwrap(), &path);
+
+        // Export reads every file: all of one tenant's records, in order.
+        let mut out = Vec::new();
+        let exported = export_tenant(&path, "acme", None, None, &mut out).unwrap();
+        assert_eq!(exported.exported, 150);
+        assert_eq!(exported.last_seq, Some(300));
+        let seqs: Vec<u64> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, (1..=300).step_by(2).collect::<Vec<u64>>());
+
+        // Closed segments are never written again; a reopened log continues the chain.
+        let before: Vec<_> = segs
+            .iter()
+            .map(|(_, _, p)| std::fs::read(p).unwrap())
+            .collect();
+        drop(log);
+        let log = FileAuditLog::open_with(&path, durability, options()).unwrap();
+        append(&log, 300, 400).await;
+        drop(log);
+        for ((_, _, p), bytes) in segs.iter().zip(&before) {
+            assert!(
+                &std::fs::read(p).unwrap() == bytes,
+                "{} changed",
+                p.display()
+            );
+        }
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{:?}", report.problems);
+        assert_eq!(report.last_seq, Some(400));
+        assert!(segments(&path).len() > segs.len());
+    }
+}
+
+#[tokio::test]
+async fn without_a_rollover_size_the_log_stays_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    append(&log, 0, 100).await;
+    drop(log);
+    assert!(segments(&path).is_empty());
+    assert!(std::fs::metadata(&path).unwrap().len() > 5 * ROLLOVER);
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact() && report.files == [path.clone()]);
+}
+
+/// Copies the log's directory (segments and active file) to a fresh one.
+fn copy_log(path: &Path) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(path.parent().unwrap()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let copy = dir.path().join(path.file_name().unwrap());
+    (dir, copy)
+}
+
+#[tokio::test]
+async fn missing_foreign_renamed_and_changed_segments_are_detected() {
+    let (_dir, path) = rolled_log(200).await;
+    let segs = segments(&path);
+    assert!(segs.len() >= 5);
+    assert!(verify(&path).unwrap().is_intact());
+
+    // A middle segment deleted: the next file's header does not link.
+    let (_d, copy) = copy_log(&path);
+    let gone = &segments(&copy)[2];
+    std::fs::remove_file(&gone.2).unwrap();
+    let report = verify(&copy).unwrap();
+    assert_eq!(
+        kinds(&report),
+        [ProblemKind::ChainBreak, ProblemKind::SeqGap]
+    );
+    assert_eq!(report.problems[0].path, segments(&copy)[2].2);
+    assert_eq!(report.problems[0].line, 1);
+
+    // The first segment deleted: the log no longer starts at its origin.
+    let (_d, copy) = copy_log(&path);
+    std::fs::remove_file(&segments(&copy)[0].2).unwrap();
+    let report = verify(&copy).unwrap();
+    assert_eq!(kinds(&report), [ProblemKind::MissingHeader]);
+    assert!(report.problems[0].detail.contains("starts after record"));
+
+    // A segment renamed to claim other records.
+    let (_d, copy) = copy_log(&path);
+    let (first, last, seg) = segments(&copy)[1].clone();
+    let renamed = seg.with_file_name(format!("audit.log.{first:020}-{:020}", last + 1));
+    std::fs::rename(&seg, &renamed).unwrap();
+    let report = verify(&copy).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::Malformed
+                && p.path == renamed
+                && p.detail.contains("name says")),
+        "{:?}",
+        report.problems
+    );
+
+    // A byte changed in a closed segment.
+    let (_d, copy) = copy_log(&path);
+    let seg = segments(&copy)[3].2.clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] = if bytes[at] == b'7' { b'8' } else { b'7' };
+    std::fs::write(&seg, &bytes).unwrap();
+    let report = verify(&copy).unwrap();
+    assert!(
+        report.problems.iter().all(|p| p.path == seg)
+            && kinds(&report).contains(&ProblemKind::HashMismatch),
+        "{:?}",
+        report.problems
+    );
+
+    // A partial line appended to a closed segment.
+    let (_d, copy) = copy_log(&path);
+    let seg = segments(&copy)[0].2.clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes.extend_from_slice(b"{\"seq\":");
+    std::fs::write(&seg, &bytes).unwrap();
+    let report = verify(&copy).unwrap();
+    assert_eq!(kinds(&report), [ProblemKind::Malformed]);
+    assert!(report.problems[0].detail.contains("partial line"));
+    assert_eq!(report.torn_tail, None, "the active file is not torn");
+
+    // A segment of another log in its place.
+    let (_other_dir, other) = rolled_log(200).await;
+    let (_d, copy) = copy_log(&path);
+    let target = segments(&copy)[2].clone();
+    let foreign = segments(&other)
+        .into_iter()
+        .find(|(first, _, _)| *first == target.0)
+        .expect("the same rollover points in a log of the same records");
+    std::fs::copy(&foreign.2, &target.2).unwrap();
+    let report = verify(&copy).unwrap();
+    assert!(
+        kinds(&report).contains(&ProblemKind::UnexpectedHeader)
+            && kinds(&report).contains(&ProblemKind::ChainBreak),
+        "{:?}",
+        report.problems
+    );
+
+    // Export stops at the first problem, naming the file.
+    let (_d, copy) = copy_log(&path);
+    std::fs::remove_file(&segments(&copy)[2].2).unwrap();
+    let err = export_tenant(&copy, "acme", None, None, &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(&err, phiseal_audit_file::AuditFileError::ChainBroken { path, line: 1, .. }
+            if *path == segments(&copy)[2].2),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_rollover_is_cleaned_up_when_the_log_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    // No rollover size: one file, as if a rollover of it had just begun.
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    append(&log, 0, 5).await;
+    drop(log);
+    // A crash after the next file was prepared and the segment name linked, before the rename.
+    let next = dir.path().join("audit.log.next");
+    std::fs::write(&next, "{\"seq\":5,\"kind\":\"header\"}\n").unwrap();
+    let stale = dir.path().join(format!("audit.log.{:020}-{:020}", 1, 5));
+    std::fs::hard_link(&path, &stale).unwrap();
+
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    assert!(!next.exists(), "the unfinished next file is removed");
+    assert!(
+        !stale.exists(),
+        "the segment name of the active file is removed"
+    );
+    append(&log, 5, 60).await;
+    drop(log);
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(report.last_seq, Some(60));
+    assert_eq!(segments(&path)[0].0, 1, "rolled over again, from record 1");
+
+    // A real segment (another inode) is never removed by the cleanup.
+    let segs = segments(&path);
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    drop(log);
+    assert_eq!(segments(&path), segs);
+}
+
+#[tokio::test]
+async fn a_failed_rollover_poisons_the_log_and_loses_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    append(&log, 0, 5).await;
+    // Something in the way of the next file (a directory: root cannot write through it).
+    let blocker = dir.path().join("audit.log.next");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut failed = None;
+    for i in 5..200 {
+        if let Err(e) = log.append(&[event(i)]).await {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    std::fs::remove_dir(&blocker).unwrap();
+    let (at, err) = failed.expect("the rollover failed");
+    assert!(err.to_string().contains("rollover"), "{err}");
+    assert!(log.append(&[event(999)]).await.is_err(), "poisoned");
+    drop(log);
+    // Every record written, including the one whose append reported the failure, is in the
+    // active file, which a restart continues.
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(report.last_seq, Some(at + 1));
+    assert!(segments(&path).is_empty());
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    append(&log, 1000, 1010).await;
+    drop(log);
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert!(!segments(&path).is_empty());
+}
