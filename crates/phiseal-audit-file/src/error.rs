@@ -161,6 +161,19 @@ pub enum AuditFileError {
         /// Where the torn bytes were saved.
         saved_to: PathBuf,
     },
+    /// The log file does not exist, but closed segments of a log at that path do: a new log
+    /// there would interleave two chains.
+    #[error(
+        "audit log {path} does not exist, but closed segments of a log there do ({segment} …): \
+         restore the log file, or move its segments away together with it before a new log \
+         starts at this path"
+    )]
+    OrphanSegments {
+        /// The log file.
+        path: PathBuf,
+        /// The first of the segments.
+        segment: PathBuf,
+    },
     /// `recover_torn_tail` found an existing save file whose content differs from the torn bytes.
     #[error(
         "cannot save the torn tail of {path}: {saved_to} already exists with different content; \
@@ -181,6 +194,7 @@ impl AuditFileError {
             AuditFileError::Open { .. }
             | AuditFileError::NotAFile { .. }
             | AuditFileError::Locked { .. }
+            | AuditFileError::OrphanSegments { .. }
             | AuditFileError::InsecurePermissions { .. } => BackendErrorKind::Misconfigured,
             AuditFileError::RecordTooLarge { .. } => BackendErrorKind::InvalidData,
             AuditFileError::QueueFull { .. } => BackendErrorKind::Unavailable,

@@ -22,7 +22,7 @@ use crate::format::{
     encode_recovery, finish_line, max_event_line_len, parse_line,
 };
 use crate::queued::QueuedEvents;
-use crate::segments::{clean_interrupted_rollover, next_path, segment_path};
+use crate::segments::{closed_segments, interrupted_rollover, next_path, same_file, segment_path};
 
 /// When `append` returns, and what a crash can lose.
 ///
@@ -299,7 +299,9 @@ struct Shared {
 /// mode the drop waits for the writer thread to write the queue); call them at startup /
 /// shutdown or from `spawn_blocking`. In `Interval` and `Strict` modes `append` does one
 /// `write(2)` to the page cache on the calling thread and never waits for an fdatasync on it
-/// (Strict mode awaits a [`tokio::sync::watch`] channel fed by a dedicated thread); in
+/// (Strict mode awaits a [`tokio::sync::watch`] channel fed by a dedicated thread), except
+/// the `append` whose write completes a rollover: it runs two fdatasyncs and a directory fsync
+/// (once per [`LogOptions::rollover_at`] bytes; in `Buffered` mode on the writer thread); in
 /// `Buffered` mode it does no I/O. Call [`AuditSink::flush`] on shutdown.
 #[derive(Debug)]
 pub struct FileAuditLog {
@@ -516,7 +518,25 @@ impl FileAuditLog {
                 path: path.to_owned(),
             });
         }
-        if created | clean_interrupted_rollover(path, &meta)? {
+        // The file locked must still be `<log>`: a writer that rolled the log over released
+        // its lock on the file it closed, which a late opener could lock and append to.
+        if !same_file(path, &meta) {
+            return Err(AuditFileError::Locked {
+                path: path.to_owned(),
+            });
+        }
+        if created {
+            // A new chain next to an earlier log's segments would interleave with them.
+            if let Some(earlier) = closed_segments(path)?.into_iter().next() {
+                let _ = std::fs::remove_file(path);
+                return Err(AuditFileError::OrphanSegments {
+                    path: path.to_owned(),
+                    segment: earlier.path,
+                });
+            }
+        }
+        let (next_removed, pending) = interrupted_rollover(path, &meta)?;
+        if created || next_removed {
             sync_parent_dir(path)?;
         }
         let head = match find_tail(&file, meta.len()).map_err(io_err(path, "read"))? {
@@ -529,27 +549,55 @@ impl FileAuditLog {
                 });
             }
             Tail::Line { start, end } => {
+                let header = read_header(path, &file)?;
                 // A save file named after the current length: `recover_torn_tail` cut the tail
                 // off but crashed before its chained record (it resumes from here).
-                let saved_to = torn_path(path, meta.len());
+                let saved_to = torn_path(path, header.after, meta.len());
                 if saved_to.exists() {
                     return Err(AuditFileError::RecoveryInterrupted {
                         path: path.to_owned(),
                         saved_to,
                     });
                 }
-                Some(head_from_tail(path, &file, start, end)?)
+                Some((head_from_tail(path, &file, start, end)?, header))
             }
         };
-        let (head, header) = match head {
-            Some(h) => (h, read_header(path, &file)?),
+        let (mut file, (mut head, mut header)) = match head {
+            Some(h) => (file, h),
             None => {
                 let log_id: [u8; 16] = rand::random();
                 let (head, _) = write_header(path, &file, &log_id, 0, &ZERO_HASH)?;
-                let header = FileHeader { log_id, after: 0 };
-                (head, header)
+                (file, (head, FileHeader { log_id, after: 0 }))
             }
         };
+        if let Some(segment) = pending {
+            // The active file already has its segment name: finish that rollover.
+            let last = head.next_seq.saturating_sub(1);
+            if (segment.first, segment.last) != (header.after.saturating_add(1), last) {
+                return Err(AuditFileError::DamagedTail {
+                    path: path.to_owned(),
+                    end: meta.len(),
+                    reason: format!(
+                        "{} is a second name of this file but names records {}-{}, and the \
+                         file holds {}-{last}: move that name away",
+                        segment.path.display(),
+                        segment.first,
+                        segment.last,
+                        header.after.saturating_add(1)
+                    ),
+                });
+            }
+            file.sync_data()
+                .map_err(io_err(path, "fdatasync before rollover"))?;
+            let (next, _, next_head, _) =
+                install_continuation(path, &header.log_id, last, &head.prev, || Ok(()))?;
+            file = next;
+            head = next_head;
+            header = FileHeader {
+                log_id: header.log_id,
+                after: last,
+            };
+        }
         let len = file.metadata().map_err(io_err(path, "stat"))?.len();
         let writer = Writer {
             file,
@@ -896,16 +944,22 @@ impl FileAuditLog {
                 path: path.to_owned(),
             });
         }
+        // Still `<log>` now that it is locked (not a file a rollover just closed).
+        if !same_file(path, &meta) {
+            return Err(AuditFileError::Locked {
+                path: path.to_owned(),
+            });
+        }
         let file_len = meta.len();
         // Nothing is cut from a file that is not an audit log (a wrong path), nor from one
         // whose header itself is torn: its first line must be a header record.
-        read_header(path, &file)?;
+        let header = read_header(path, &file)?;
         let (offset, len) = match find_tail(&file, file_len).map_err(io_err(path, "read"))? {
             Tail::Torn { offset, len } => (offset, len),
             Tail::Empty => return Ok(None),
             Tail::Line { .. } => {
                 // Resume an interrupted recovery: truncated, but the record is missing.
-                let saved_to = torn_path(path, file_len);
+                let saved_to = torn_path(path, header.after, file_len);
                 match std::fs::metadata(&saved_to) {
                     Ok(m) => {
                         let seq = append_recovery(path, file, file_len, m.len(), &saved_to)?;
@@ -920,7 +974,7 @@ impl FileAuditLog {
                 }
             }
         };
-        let saved_to = torn_path(path, offset);
+        let saved_to = torn_path(path, header.after, offset);
         save_torn(path, &file, offset, len, &saved_to)?;
         file.set_len(offset).map_err(io_err(path, "truncate"))?;
         file.sync_all().map_err(io_err(path, "fsync"))?;
@@ -1197,9 +1251,16 @@ fn write_batch(shared: &Shared, batch: &QueuedEvents, first_seq: u64) -> bool {
     true
 }
 
-fn torn_path(path: &Path, offset: u64) -> PathBuf {
+/// Where torn bytes at `offset` of the log file whose header continues after record `after`
+/// are saved: `<log>.torn-<offset>` in the log's first file (as before rollover existed),
+/// `<log>.torn-<after>-<offset>` in a continuation file, so that files do not share names.
+fn torn_path(path: &Path, after: u64, offset: u64) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
-    s.push(format!(".torn-{offset}"));
+    if after == 0 {
+        s.push(format!(".torn-{offset}"));
+    } else {
+        s.push(format!(".torn-{after}-{offset}"));
+    }
     PathBuf::from(s)
 }
 
@@ -1402,44 +1463,26 @@ fn write_header(
     Ok((head, line.len() as u64))
 }
 
-/// Closes the active file and continues the log in a new one (see [`crate::segments`]):
-/// fdatasync the active file; prepare `<log>.next` (mode 0600, locked) with a continuation
-/// header; link the active file as `<log>.<first>-<last>`; rename `<log>.next` over `<log>`;
-/// fsync the directory. Under the writer lock. A failure poisons the log (fail closed): the
-/// records written so far stay in the active file, which a restart continues.
-fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
-    let path = &shared.path;
-    let Some(last) = w.head.next_seq.checked_sub(1) else {
-        return Ok(());
-    };
-    if last < w.first_seq {
-        // Only a header: nothing to close.
-        return Ok(());
-    }
-    let fail = |e: AuditFileError| {
-        let reason = format!(
-            "rollover of the audit log failed: {e}; every record written is in {} (restart to \
-             continue it)",
-            path.display()
-        );
-        shared.set_poison(reason.clone());
-        AuditFileError::Poisoned {
-            path: path.clone(),
-            reason,
-        }
-    };
-    // Everything in the closed file is on disk before it is closed.
-    w.file
-        .sync_data()
-        .map_err(io_err(path, "fdatasync before rollover"))
-        .map_err(fail)?;
-    shared
-        .synced_seq
-        .fetch_max(w.head.next_seq, Ordering::Relaxed);
+/// Writes `<log>.next` (mode 0600, locked) holding only a continuation header — the log
+/// `log_id` after record `after`, linked to the line whose hash is `prev` — runs `before_rename`
+/// (a rollover links the closed file's segment name there), renames `<log>.next` over `<log>`
+/// and fsyncs the directory. Returns the new active file, a second descriptor of it for the
+/// fdatasync thread, the chain head after the header and the file's length. On a failure
+/// before the rename nothing of it stays (`<log>.next` is removed).
+fn install_continuation(
+    path: &Path,
+    log_id: &[u8; 16],
+    after: u64,
+    prev: &[u8; 32],
+    before_rename: impl FnOnce() -> Result<(), AuditFileError>,
+) -> Result<(File, File, Head, u64), AuditFileError> {
     let next = next_path(path);
-    let segment = segment_path(path, w.first_seq, last);
     let prepared = (|| {
-        let _ = std::fs::remove_file(&next);
+        match std::fs::remove_file(&next) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&next, "remove")(e)),
+        }
         let file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -1451,27 +1494,77 @@ fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
                 source,
             })?;
         lock_exclusive(&next, &file)?;
-        let (head, len) = write_header(&next, &file, &w.log_id, last, &w.head.prev)?;
+        let (head, len) = write_header(&next, &file, log_id, after, prev)?;
         let sync_file = file.try_clone().map_err(io_err(&next, "dup"))?;
-        std::fs::hard_link(path, &segment).map_err(io_err(&segment, "link"))?;
+        before_rename()?;
         Ok((file, sync_file, head, len))
     })();
-    let (file, sync_file, head, len) = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = std::fs::remove_file(&next);
-            return Err(fail(e));
+    let prepared = prepared.inspect_err(|_| {
+        let _ = std::fs::remove_file(&next);
+    })?;
+    std::fs::rename(&next, path).map_err(|e| {
+        let _ = std::fs::remove_file(&next);
+        io_err(path, "rename")(e)
+    })?;
+    sync_parent_dir(path)?;
+    Ok(prepared)
+}
+
+/// Closes the active file and continues the log in a new one (see [`crate::segments`]):
+/// fdatasync the active file; prepare `<log>.next` with a continuation header; give the
+/// active file its segment name `<log>.<first>-<last>` (a hard link: from then on the segment
+/// is final, and a crash before the rename is finished forward by the next open); rename
+/// `<log>.next` over `<log>`; fsync the directory. Under the writer lock, on the appending
+/// thread (two fdatasyncs and a directory fsync, once per rollover size). A failure poisons
+/// the log (fail closed).
+fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
+    let path = &shared.path;
+    let Some(last) = w.head.next_seq.checked_sub(1) else {
+        return Ok(());
+    };
+    if last < w.first_seq {
+        // Only a header: nothing to close.
+        return Ok(());
+    }
+    let segment = segment_path(path, w.first_seq, last);
+    let mut linked = false;
+    let fail = |e: AuditFileError, linked: bool| {
+        let whereabouts = if linked {
+            format!(
+                "records up to {last} are in the closed segment {} (a restart completes the \
+                 rollover)",
+                segment.display()
+            )
+        } else {
+            format!(
+                "every record written is in {} (a restart continues it)",
+                path.display()
+            )
+        };
+        let reason = format!("rollover of the audit log failed: {e}; {whereabouts}");
+        shared.set_poison(reason.clone());
+        AuditFileError::Poisoned {
+            path: path.clone(),
+            reason,
         }
     };
-    if let Err(e) = std::fs::rename(&next, path) {
-        let _ = std::fs::remove_file(&segment);
-        let _ = std::fs::remove_file(&next);
-        return Err(fail(io_err(path, "rename")(e)));
-    }
-    sync_parent_dir(path).map_err(fail)?;
+    // Everything in the closed file is on disk before it gets its segment name.
+    w.file
+        .sync_data()
+        .map_err(io_err(path, "fdatasync before rollover"))
+        .map_err(|e| fail(e, false))?;
+    shared
+        .synced_seq
+        .fetch_max(w.head.next_seq, Ordering::Relaxed);
+    let installed = install_continuation(path, &w.log_id, last, &w.head.prev, || {
+        std::fs::hard_link(path, &segment).map_err(io_err(&segment, "link"))?;
+        linked = true;
+        Ok(())
+    });
+    let (file, sync_file, head, len) = installed.map_err(|e| fail(e, linked))?;
     match shared.sync_file.lock() {
         Ok(mut g) => *g = Arc::new(sync_file),
-        Err(_) => return Err(fail(shared_lock_error(path))),
+        Err(_) => return Err(fail(shared_lock_error(path), true)),
     }
     w.file = file;
     w.head = head;

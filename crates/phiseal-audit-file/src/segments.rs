@@ -6,8 +6,9 @@
 //! `log_id`) is prepared as `<log>.next`, the closed file gets its second name
 //! `<log>.<first seq>-<last seq>` (a hard link, both numbers 20 digits), and `<log>.next` is
 //! renamed over `<log>`. At every moment `<log>` is a complete log file, so a crash at any
-//! step leaves either the old state (plus leftovers that opening removes: a `<log>.next`
-//! holding only a header, a segment name linked to the active file) or the new one.
+//! step leaves either the old state, the new one, or the closed file named but still `<log>`
+//! too — opening removes a leftover `<log>.next` (it holds only a header) and finishes such a
+//! rollover, so a segment name, once it exists, is final.
 //!
 //! The chain runs on across files: a continuation header's `prev` is the hash of the previous
 //! file's last line and its `seq` that line's last seq, so the files read in order form one
@@ -92,20 +93,20 @@ pub(crate) fn closed_segments(log: &Path) -> Result<Vec<Segment>, AuditFileError
     Ok(segments)
 }
 
-/// Removes what an interrupted rollover of the log at `log` left behind: `<log>.next` (it
-/// holds only a header: records go to a new file only after it became `<log>`), and a
-/// segment name that is a second link to the active file `active` (the rename that would
-/// have replaced `<log>` did not happen, so the active file is still the one being closed).
-/// Returns whether something was removed. Run with the active file's lock held.
-pub(crate) fn clean_interrupted_rollover(
+/// What an interrupted rollover of the log at `log` left, found when the log is opened (with
+/// the active file's lock held): removes `<log>.next` (it holds only a header: records go to
+/// a new file only after it became `<log>`), and returns the segment name that is a second
+/// link to the active file `active`, if any — the rollover was interrupted after the closed
+/// file got its (final) name and before the rename; the caller finishes it. Returns whether
+/// `<log>.next` was removed, and that segment.
+pub(crate) fn interrupted_rollover(
     log: &Path,
     active: &std::fs::Metadata,
-) -> Result<bool, AuditFileError> {
-    let mut removed = false;
+) -> Result<(bool, Option<Segment>), AuditFileError> {
     let next = next_path(log);
-    match std::fs::remove_file(&next) {
-        Ok(()) => removed = true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+    let removed = match std::fs::remove_file(&next) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(source) => {
             return Err(AuditFileError::Io {
                 path: next,
@@ -113,22 +114,21 @@ pub(crate) fn clean_interrupted_rollover(
                 source,
             });
         }
-    }
+    };
+    let mut pending = None;
     if active.nlink() > 1 {
         for segment in closed_segments(log)? {
-            let same = std::fs::symlink_metadata(&segment.path)
-                .is_ok_and(|m| (m.dev(), m.ino()) == (active.dev(), active.ino()));
-            if same {
-                std::fs::remove_file(&segment.path).map_err(|source| AuditFileError::Io {
-                    path: segment.path.clone(),
-                    op: "removing an interrupted rollover's segment name",
-                    source,
-                })?;
-                removed = true;
+            if same_file(&segment.path, active) {
+                pending = Some(segment);
             }
         }
     }
-    Ok(removed)
+    Ok((removed, pending))
+}
+
+/// Whether `path` (not followed if a symlink) is the file `meta` describes.
+pub(crate) fn same_file(path: &Path, meta: &std::fs::Metadata) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
 }
 
 #[cfg(test)]

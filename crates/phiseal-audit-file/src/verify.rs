@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
@@ -192,21 +193,78 @@ struct LogFile {
     path: PathBuf,
     /// A closed segment's seq range, from its name; `None` for the active file.
     range: Option<(u64, u64)>,
+    /// The open file; `None` for a segment name that is not a regular file (not read).
+    file: Option<File>,
 }
 
-/// The files of the log at `path`: its closed segments by first seq, then `path`.
+/// Opens `path` for reading without blocking on a FIFO or device, following a symlink only
+/// if `follow`; `Ok(None)` if it is not a regular file.
+fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<File>> {
+    use rustix::fs::{Mode, OFlags};
+    let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    if !follow {
+        flags |= OFlags::NOFOLLOW;
+    }
+    let file = match rustix::fs::open(path, flags, Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        // A symlink with NOFOLLOW.
+        Err(rustix::io::Errno::LOOP) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(file.metadata()?.is_file().then_some(file))
+}
+
+/// The files of the log at `path`: its closed segments by first seq, then `path` itself.
+///
+/// `path` is opened first, so that a rollover while the segments are listed and read cannot
+/// make the chain look broken: the file opened is then one of the listed segments (same
+/// inode: read there, once) or the continuation of the last of them. The same holds for a
+/// rollover a crash interrupted after the closed file got its segment name. Without `path`
+/// (an archive of closed segments), the segments alone.
 fn log_files(path: &Path) -> Result<Vec<LogFile>, AuditFileError> {
-    let mut files: Vec<LogFile> = closed_segments(path)?
-        .into_iter()
-        .map(|s| LogFile {
-            path: s.path,
-            range: Some((s.first, s.last)),
-        })
-        .collect();
-    files.push(LogFile {
-        path: path.to_owned(),
-        range: None,
-    });
+    let open_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| AuditFileError::Open { path, source }
+    };
+    let active = match open_regular(path, true) {
+        Ok(Some(file)) => Some(file),
+        Ok(None) => {
+            return Err(AuditFileError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(open_err(path)(e)),
+    };
+    let active_meta = match &active {
+        Some(f) => Some(f.metadata().map_err(read_err(path))?),
+        None => None,
+    };
+    let segments = closed_segments(path)?;
+    if active.is_none() && segments.is_empty() {
+        return Err(open_err(path)(std::io::ErrorKind::NotFound.into()));
+    }
+    let mut files = Vec::with_capacity(segments.len() + 1);
+    let mut active_listed = false;
+    for segment in segments {
+        let file = open_regular(&segment.path, false).map_err(open_err(&segment.path))?;
+        if let (Some(f), Some(am)) = (&file, &active_meta) {
+            let m = f.metadata().map_err(read_err(&segment.path))?;
+            active_listed |= (m.dev(), m.ino()) == (am.dev(), am.ino());
+        }
+        files.push(LogFile {
+            path: segment.path,
+            range: Some((segment.first, segment.last)),
+            file,
+        });
+    }
+    if let (Some(file), false) = (active, active_listed) {
+        files.push(LogFile {
+            path: path.to_owned(),
+            range: None,
+            file: Some(file),
+        });
+    }
     Ok(files)
 }
 
@@ -472,12 +530,22 @@ fn scan(
 ) -> Result<(), AuditFileError> {
     let files = log_files(path)?;
     let mut buf = Vec::with_capacity(1024);
-    for (index, file) in files.iter().enumerate() {
-        let mut reader = open_read(&file.path)?;
-        checker.start_file(index, &file.path);
+    for (index, log_file) in files.into_iter().enumerate() {
+        checker.start_file(index, &log_file.path);
+        let Some(file) = log_file.file else {
+            checker.line_no = 1;
+            checker.problem(
+                ProblemKind::Malformed,
+                "not a regular file (a symlink, a directory, a device …): not read",
+            );
+            checker.prev = None;
+            each(checker, None)?;
+            continue;
+        };
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
         let mut torn = None;
         loop {
-            let read = read_line_capped(&mut reader, &mut buf).map_err(read_err(&file.path))?;
+            let read = read_line_capped(&mut reader, &mut buf).map_err(read_err(&log_file.path))?;
             match read {
                 LineRead::Eof => break,
                 LineRead::Partial { len } => {
@@ -490,18 +558,10 @@ fn scan(
                 }
             }
         }
-        checker.end_file(file.range, torn);
+        checker.end_file(log_file.range, torn);
         each(checker, None)?;
     }
     Ok(())
-}
-
-fn open_read(path: &Path) -> Result<BufReader<File>, AuditFileError> {
-    let file = File::open(path).map_err(|source| AuditFileError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(BufReader::with_capacity(256 * 1024, file))
 }
 
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditFileError + '_ {

@@ -9,7 +9,7 @@
     missing_docs
 )]
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -267,6 +267,18 @@ async fn missing_foreign_renamed_and_changed_segments_are_detected() {
     assert!(report.problems[0].detail.contains("partial line"));
     assert_eq!(report.torn_tail, None, "the active file is not torn");
 
+    // A segment name that is a symlink (here to a device that never ends): not followed.
+    let (_d, copy) = copy_log(&path);
+    let seg = segments(&copy)[1].2.clone();
+    std::fs::remove_file(&seg).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &seg).unwrap();
+    let report = verify(&copy).unwrap();
+    assert!(
+        report.problems[0].path == seg && report.problems[0].detail.contains("not a regular file"),
+        "{:?}",
+        report.problems
+    );
+
     // A segment of another log in its place.
     let (_other_dir, other) = rolled_log(200).await;
     let (_d, copy) = copy_log(&path);
@@ -296,37 +308,105 @@ async fn missing_foreign_renamed_and_changed_segments_are_detected() {
 }
 
 #[tokio::test]
-async fn an_interrupted_rollover_is_cleaned_up_when_the_log_is_opened() {
+async fn an_interrupted_rollover_is_finished_when_the_log_is_opened() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
     // No rollover size: one file, as if a rollover of it had just begun.
     let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
     append(&log, 0, 5).await;
     drop(log);
-    // A crash after the next file was prepared and the segment name linked, before the rename.
+    // A crash after the next file was prepared and the closed file got its segment name,
+    // before the rename.
     let next = dir.path().join("audit.log.next");
     std::fs::write(&next, "{\"seq\":5,\"kind\":\"header\"}\n").unwrap();
-    let stale = dir.path().join(format!("audit.log.{:020}-{:020}", 1, 5));
-    std::fs::hard_link(&path, &stale).unwrap();
+    let named = dir.path().join(format!("audit.log.{:020}-{:020}", 1, 5));
+    std::fs::hard_link(&path, &named).unwrap();
 
+    // Verify before anything reopens the log: the file is read once, under its segment name.
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(report.files, std::slice::from_ref(&named));
+    assert_eq!(report.last_seq, Some(5));
+
+    // Opening finishes the rollover: the name stays (it is final once it exists), the log
+    // continues in a new file after record 5.
+    let segment_bytes = std::fs::read(&named).unwrap();
     let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
     assert!(!next.exists(), "the unfinished next file is removed");
-    assert!(
-        !stale.exists(),
-        "the segment name of the active file is removed"
-    );
+    assert!(std::fs::read(&named).unwrap() == segment_bytes);
+    assert_eq!(std::fs::metadata(&named).unwrap().nlink(), 1);
     append(&log, 5, 60).await;
     drop(log);
     let report = verify(&path).unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
     assert_eq!(report.last_seq, Some(60));
-    assert_eq!(segments(&path)[0].0, 1, "rolled over again, from record 1");
-
-    // A real segment (another inode) is never removed by the cleanup.
     let segs = segments(&path);
+    assert_eq!(segs[0], (1, 5, named.clone()));
+    assert!(segs.len() >= 2, "rolled over again after record 5");
+
+    // A real segment (another inode) is left alone by opening.
     let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
     drop(log);
     assert_eq!(segments(&path), segs);
+}
+
+#[tokio::test]
+async fn a_second_name_that_does_not_match_the_active_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    append(&log, 0, 5).await;
+    drop(log);
+    let wrong = dir.path().join(format!("audit.log.{:020}-{:020}", 1, 4));
+    std::fs::hard_link(&path, &wrong).unwrap();
+    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
+    assert!(err.to_string().contains("second name"), "{err}");
+    std::fs::remove_file(&wrong).unwrap();
+    drop(FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap());
+}
+
+#[tokio::test]
+async fn a_new_log_is_refused_next_to_an_earlier_logs_segments() {
+    let (dir, path) = rolled_log(100).await;
+    let moved = dir.path().join("damaged.log");
+    std::fs::rename(&path, &moved).unwrap();
+    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            phiseal_audit_file::AuditFileError::OrphanSegments { .. }
+        ),
+        "{err}"
+    );
+    assert!(!path.exists(), "the empty file it created is removed");
+    // Archived segments without their active file still verify as one chain.
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(report.files.len(), segments(&path).len());
+}
+
+#[tokio::test]
+async fn a_torn_continuation_file_is_saved_under_its_own_name() {
+    let (dir, path) = rolled_log(100).await;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"seq\":101,\"ti").unwrap();
+    drop(f);
+    let after = segments(&path).last().unwrap().1;
+    let recovered = FileAuditLog::recover_torn_tail(&path).unwrap().unwrap();
+    let name = recovered
+        .saved_to
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(name, format!("audit.log.torn-{after}-{}", recovered.offset));
+    assert!(dir.path().join(&name).exists());
+    let report = verify(&path).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
 }
 
 #[tokio::test]
@@ -362,4 +442,45 @@ async fn a_failed_rollover_poisons_the_log_and_loses_no_record() {
     let report = verify(&path).unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
     assert!(!segments(&path).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifying_while_the_log_rolls_over_finds_no_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = Arc::new(
+        FileAuditLog::open_with(
+            &path,
+            Durability::Interval(Duration::from_millis(5)),
+            options(),
+        )
+        .unwrap(),
+    );
+    let writer = {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move { append(&log, 0, 3000).await })
+    };
+    let checker = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut runs = 0;
+            let mut files_seen = 0;
+            loop {
+                let report = verify(&path).unwrap();
+                // A torn tail may be a write in progress; anything else is a false alarm.
+                assert_eq!(report.problem_count, 0, "{:?}", report.problems);
+                runs += 1;
+                files_seen = files_seen.max(report.files.len());
+                if report.last_seq == Some(3000) {
+                    return (runs, files_seen);
+                }
+            }
+        })
+    };
+    writer.await.unwrap();
+    let (runs, files_seen) = checker.await.unwrap();
+    assert!(
+        runs > 1 && files_seen > 50,
+        "{runs} runs, {files_seen} files"
+    );
 }
