@@ -174,6 +174,21 @@ pub enum AuditFileError {
         /// The first of the segments.
         segment: PathBuf,
     },
+    /// A closed segment's name conflicts with the active file: it names other records than the
+    /// active file it is a second name of, or it holds the same first record as the active
+    /// file without being the same file (a copy that lost its hard link).
+    #[error(
+        "audit log {path}: the closed segment {segment} conflicts with it: {reason}; nothing \
+         was changed"
+    )]
+    SegmentConflict {
+        /// The log file.
+        path: PathBuf,
+        /// The segment.
+        segment: PathBuf,
+        /// What conflicts and what to do.
+        reason: String,
+    },
     /// `recover_torn_tail` found an existing save file whose content differs from the torn bytes.
     #[error(
         "cannot save the torn tail of {path}: {saved_to} already exists with different content; \
@@ -195,6 +210,7 @@ impl AuditFileError {
             | AuditFileError::NotAFile { .. }
             | AuditFileError::Locked { .. }
             | AuditFileError::OrphanSegments { .. }
+            | AuditFileError::SegmentConflict { .. }
             | AuditFileError::InsecurePermissions { .. } => BackendErrorKind::Misconfigured,
             AuditFileError::RecordTooLarge { .. } => BackendErrorKind::InvalidData,
             AuditFileError::QueueFull { .. } => BackendErrorKind::Unavailable,

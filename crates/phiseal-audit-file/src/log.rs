@@ -525,15 +525,18 @@ impl FileAuditLog {
                 path: path.to_owned(),
             });
         }
-        if created {
-            // A new chain next to an earlier log's segments would interleave with them.
-            if let Some(earlier) = closed_segments(path)?.into_iter().next() {
+        // A new chain (an empty file: created now, or left empty) next to an earlier log's
+        // segments would interleave with them.
+        if meta.len() == 0
+            && let Some(earlier) = closed_segments(path)?.into_iter().next()
+        {
+            if created {
                 let _ = std::fs::remove_file(path);
-                return Err(AuditFileError::OrphanSegments {
-                    path: path.to_owned(),
-                    segment: earlier.path,
-                });
             }
+            return Err(AuditFileError::OrphanSegments {
+                path: path.to_owned(),
+                segment: earlier.path,
+            });
         }
         let (next_removed, pending) = interrupted_rollover(path, &meta)?;
         if created || next_removed {
@@ -570,20 +573,37 @@ impl FileAuditLog {
                 (file, (head, FileHeader { log_id, after: 0 }))
             }
         };
+        let first = header.after.saturating_add(1);
+        if pending.is_none()
+            && let Some(copy) = closed_segments(path)?
+                .into_iter()
+                .find(|s| s.first == first)
+        {
+            // Not this file, yet holding its first record: e.g. an interrupted rollover's
+            // state copied without its hard link. Writing on would give two files the same
+            // records.
+            return Err(AuditFileError::SegmentConflict {
+                path: path.to_owned(),
+                segment: copy.path,
+                reason: format!(
+                    "both start at record {first}, but they are not the same file (a copy \
+                     that lost a hard link?): compare them; if the segment holds everything \
+                     the log file holds, link the log file to it (`ln -f SEGMENT LOG`) and \
+                     reopen"
+                ),
+            });
+        }
         if let Some(segment) = pending {
             // The active file already has its segment name: finish that rollover.
             let last = head.next_seq.saturating_sub(1);
-            if (segment.first, segment.last) != (header.after.saturating_add(1), last) {
-                return Err(AuditFileError::DamagedTail {
+            if (segment.first, segment.last) != (first, last) {
+                return Err(AuditFileError::SegmentConflict {
                     path: path.to_owned(),
-                    end: meta.len(),
+                    segment: segment.path,
                     reason: format!(
-                        "{} is a second name of this file but names records {}-{}, and the \
-                         file holds {}-{last}: move that name away",
-                        segment.path.display(),
-                        segment.first,
-                        segment.last,
-                        header.after.saturating_add(1)
+                        "it is a second name of the log file but names records {}-{}, and \
+                         the file holds {first}-{last}: move that name away",
+                        segment.first, segment.last
                     ),
                 });
             }
@@ -916,7 +936,8 @@ impl FileAuditLog {
     /// Saves and removes a torn tail (bytes after the last newline, left by a crash mid-write)
     /// and records the recovery in the chain. Blocking; the log must not be open elsewhere.
     ///
-    /// Steps: copy the torn bytes to `<path>.torn-<offset>` (mode 0600, fsynced), truncate the
+    /// Steps: copy the torn bytes to `<path>.torn-<offset>` (`<path>.torn-<after>-<offset>` in a
+    /// file that continues the log after record `after`; mode 0600, fsynced), truncate the
     /// log at `offset` (fsynced), append a chained
     /// `{"seq":N,"kind":"recovered_torn_tail","offset":…,"len":…,"saved_to":"…",…}` record
     /// (fsynced). Nothing is dropped silently. If interrupted, run it again: it resumes (an
@@ -1556,10 +1577,28 @@ fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
     shared
         .synced_seq
         .fetch_max(w.head.next_seq, Ordering::Relaxed);
+    let closing = w
+        .file
+        .metadata()
+        .map_err(io_err(path, "stat"))
+        .map_err(|e| fail(e, false))?;
     let installed = install_continuation(path, &w.log_id, last, &w.head.prev, || {
+        // The name links the file at `<log>`: it must be the one this writer closes (not a
+        // file an operator put there meanwhile).
+        if !same_file(path, &closing) {
+            return Err(AuditFileError::Io {
+                path: path.clone(),
+                op: "rollover",
+                source: std::io::Error::other(
+                    "the file at this path is no longer the one being written (moved or \
+                     replaced)",
+                ),
+            });
+        }
         std::fs::hard_link(path, &segment).map_err(io_err(&segment, "link"))?;
         linked = true;
-        Ok(())
+        // The name is durable before the rename can be.
+        sync_parent_dir(&segment)
     });
     let (file, sync_file, head, len) = installed.map_err(|e| fail(e, linked))?;
     match shared.sync_file.lock() {

@@ -90,6 +90,10 @@ pub struct VerifyReport {
     /// The files read, in order: the log's closed segments (`<log>.<first seq>-<last seq>`),
     /// then the active file.
     pub files: Vec<PathBuf>,
+    /// The active file `<log>` does not exist, and only closed segments were read: an archive
+    /// of them — or the log file was deleted. Not intact ([`VerifyReport::is_intact`]); see
+    /// [`VerifyReport::segments_intact`].
+    pub active_missing: bool,
     /// Records read: one per complete line, and each record of a batch line (header, recovery
     /// and malformed lines count as one).
     pub records: u64,
@@ -112,6 +116,13 @@ impl VerifyReport {
     /// True when every line is a well-formed record, the chain is unbroken from a header, the
     /// sequence is contiguous, and there is no torn tail.
     pub fn is_intact(&self) -> bool {
+        self.segments_intact() && !self.active_missing
+    }
+
+    /// [`VerifyReport::is_intact`], except that the active file may be missing: for an
+    /// archive of closed segments. (Records cut off the end — the active file, the last
+    /// segments — show only against an anchor.)
+    pub fn segments_intact(&self) -> bool {
         self.problem_count == 0 && self.problems.is_empty() && self.torn_tail.is_none()
     }
 }
@@ -129,6 +140,9 @@ pub struct ExportReport {
     pub head_hash: Option<String>,
     /// A torn tail at the end of the log, which was not exported (see [`VerifyReport::torn_tail`]).
     pub torn_tail: Option<(u64, u64)>,
+    /// Only closed segments were read: the active file does not exist (see
+    /// [`VerifyReport::active_missing`]).
+    pub active_missing: bool,
 }
 
 /// How one call to [`read_line_capped`] ended.
@@ -197,10 +211,18 @@ struct LogFile {
     file: Option<File>,
 }
 
-/// Opens `path` for reading without blocking on a FIFO or device, following a symlink only
-/// if `follow`; `Ok(None)` if it is not a regular file.
+/// Opens `path` for reading if it is a regular file (`Ok(None)` otherwise: nothing else is
+/// opened, so no FIFO blocks and no device is touched), following a symlink only if `follow`.
 fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<File>> {
     use rustix::fs::{Mode, OFlags};
+    let meta = if follow {
+        std::fs::metadata(path)?
+    } else {
+        std::fs::symlink_metadata(path)?
+    };
+    if !meta.is_file() {
+        return Ok(None);
+    }
     let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
     if !follow {
         flags |= OFlags::NOFOLLOW;
@@ -221,7 +243,7 @@ fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<File>> {
 /// inode: read there, once) or the continuation of the last of them. The same holds for a
 /// rollover a crash interrupted after the closed file got its segment name. Without `path`
 /// (an archive of closed segments), the segments alone.
-fn log_files(path: &Path) -> Result<Vec<LogFile>, AuditFileError> {
+fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
     let open_err = |path: &Path| {
         let path = path.to_owned();
         move |source| AuditFileError::Open { path, source }
@@ -244,6 +266,8 @@ fn log_files(path: &Path) -> Result<Vec<LogFile>, AuditFileError> {
     if active.is_none() && segments.is_empty() {
         return Err(open_err(path)(std::io::ErrorKind::NotFound.into()));
     }
+    // Told apart from a log whose active file is missing by the caller (`active_missing`).
+    let active_missing = active.is_none();
     let mut files = Vec::with_capacity(segments.len() + 1);
     let mut active_listed = false;
     for segment in segments {
@@ -265,7 +289,7 @@ fn log_files(path: &Path) -> Result<Vec<LogFile>, AuditFileError> {
             file: Some(file),
         });
     }
-    Ok(files)
+    Ok((files, active_missing))
 }
 
 /// The chain checker shared by [`verify`] and [`export_tenant`]: one chain across the files
@@ -528,7 +552,8 @@ fn scan(
     checker: &mut Checker,
     mut each: impl FnMut(&Checker, Option<Parsed>) -> Result<(), AuditFileError>,
 ) -> Result<(), AuditFileError> {
-    let files = log_files(path)?;
+    let (files, active_missing) = log_files(path)?;
+    checker.report.active_missing = active_missing;
     let mut buf = Vec::with_capacity(1024);
     for (index, log_file) in files.into_iter().enumerate() {
         checker.start_file(index, &log_file.path);
@@ -672,6 +697,7 @@ pub fn export_tenant(
             })
     })?;
     report.torn_tail = checker.report.torn_tail;
+    report.active_missing = checker.report.active_missing;
     out.flush().map_err(|source| AuditFileError::Io {
         path: path.to_owned(),
         op: "flush export",

@@ -379,10 +379,81 @@ async fn a_new_log_is_refused_next_to_an_earlier_logs_segments() {
         "{err}"
     );
     assert!(!path.exists(), "the empty file it created is removed");
-    // Archived segments without their active file still verify as one chain.
+    // An empty log file someone created there is refused too (and left alone).
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            phiseal_audit_file::AuditFileError::OrphanSegments { .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    std::fs::remove_file(&path).unwrap();
+    // Archived segments without their active file verify as one chain, reported as such:
+    // not intact (the log file could have been deleted), but its segments are.
+    let report = verify(&path).unwrap();
+    assert!(report.active_missing && !report.is_intact());
+    assert!(report.segments_intact(), "{:?}", report.problems);
+    assert_eq!(report.files.len(), segments(&path).len());
+}
+
+#[tokio::test]
+async fn a_segment_copy_that_lost_its_hard_link_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    append(&log, 0, 5).await;
+    drop(log);
+    // The state of a rollover interrupted after the link, copied without hard links.
+    let named = dir.path().join(format!("audit.log.{:020}-{:020}", 1, 5));
+    std::fs::copy(&path, &named).unwrap();
+    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            phiseal_audit_file::AuditFileError::SegmentConflict { .. }
+        ) && err.to_string().contains("not the same file"),
+        "{err}"
+    );
+    // What the message suggests: make the log file the segment's second name again.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::hard_link(&named, &path).unwrap();
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    append(&log, 5, 10).await;
+    drop(log);
     let report = verify(&path).unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
-    assert_eq!(report.files.len(), segments(&path).len());
+    assert_eq!(report.last_seq, Some(10));
+}
+
+#[tokio::test]
+async fn a_log_file_moved_away_while_open_is_not_rolled_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    append(&log, 0, 3).await;
+    let moved = dir.path().join("moved.log");
+    std::fs::rename(&path, &moved).unwrap();
+    let mut failed = None;
+    for i in 3..100 {
+        if let Err(e) = log.append(&[event(i)]).await {
+            failed = Some(e);
+            break;
+        }
+    }
+    let err = failed.expect("the rollover refused");
+    assert!(err.to_string().contains("moved or replaced"), "{err}");
+    drop(log);
+    assert!(
+        segments(&path).is_empty(),
+        "nothing named after another file"
+    );
+    assert!(!path.exists());
+    let report = verify(&moved).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
 }
 
 #[tokio::test]

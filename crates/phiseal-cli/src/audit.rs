@@ -89,21 +89,26 @@ fn verify_log(args: &VerifyArgs, json: bool) -> Result<(), CliError> {
     };
     report(
         json,
-        &verify_json(&path, &report_),
-        &verify_text(&path, &report_),
+        &verify_json(&path, &report_, args.segments_only),
+        &verify_text(&path, &report_, args.segments_only),
     )?;
-    if report_.is_intact() {
+    if intact(&report_, args.segments_only) {
         return Ok(());
     }
     let mut detail = format!("verification failed: {} problem(s)", report_.problem_count);
     if report_.torn_tail.is_some() {
         detail.push_str(", torn tail");
     }
+    if report_.active_missing && !args.segments_only {
+        detail.push_str(
+            ", the active log file is missing (--segments-only for an archive of closed segments)",
+        );
+    }
     Err(CliError::AuditProblems { path, detail })
 }
 
 /// `audit verify --json`.
-fn verify_json(path: &std::path::Path, r: &VerifyReport) -> serde_json::Value {
+fn verify_json(path: &std::path::Path, r: &VerifyReport, segments_only: bool) -> serde_json::Value {
     let problems: Vec<serde_json::Value> = r
         .problems
         .iter()
@@ -120,7 +125,8 @@ fn verify_json(path: &std::path::Path, r: &VerifyReport) -> serde_json::Value {
     json!({
         "log": path.display().to_string(),
         "files": r.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
-        "intact": r.is_intact(),
+        "active_missing": r.active_missing,
+        "intact": intact(r, segments_only),
         "records": r.records,
         "last_seq": r.last_seq,
         "head_hash": r.head_hash,
@@ -131,7 +137,12 @@ fn verify_json(path: &std::path::Path, r: &VerifyReport) -> serde_json::Value {
 }
 
 /// `audit verify` for a person.
-fn verify_text(path: &std::path::Path, r: &VerifyReport) -> String {
+/// Whether the log verified: intact, or for `--segments-only` its closed segments.
+fn intact(r: &VerifyReport, segments_only: bool) -> bool {
+    r.is_intact() || (segments_only && r.segments_intact())
+}
+
+fn verify_text(path: &std::path::Path, r: &VerifyReport, segments_only: bool) -> String {
     let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".to_owned());
     let mut out = format!(
         "audit log: {}\nrecords checked: {}\nlast seq: {}\nhead hash: {}\n",
@@ -140,7 +151,14 @@ fn verify_text(path: &std::path::Path, r: &VerifyReport) -> String {
         or_none(r.last_seq.map(|s| s.to_string())),
         or_none(r.head_hash.clone()),
     );
-    if r.files.len() > 1 {
+    if r.active_missing {
+        let _ = writeln!(
+            out,
+            "files: {} closed segments; the active file is missing (an archive of segments, \
+             or deleted)",
+            r.files.len()
+        );
+    } else if r.files.len() > 1 {
         let _ = writeln!(
             out,
             "files: {} ({} closed segments, then the active file)",
@@ -175,7 +193,7 @@ fn verify_text(path: &std::path::Path, r: &VerifyReport) -> String {
     if hidden > 0 {
         let _ = writeln!(out, "  … and {hidden} more");
     }
-    out.push_str(if r.is_intact() {
+    out.push_str(if intact(r, segments_only) {
         "result: intact"
     } else {
         "result: NOT INTACT"
@@ -195,11 +213,16 @@ fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     let result = export_tenant(&path, &args.tenant, args.since, args.until, &mut out)?;
     out.flush().map_err(CliError::io("writing to stdout"))?;
+    let segments_only = if result.active_missing {
+        "; closed segments only: the active log file is missing"
+    } else {
+        ""
+    };
     stderr_note(
         json,
         &format!(
             "audit export: {} records of tenant '{}' exported; {} records verified (last seq \
-             {}, head hash {})",
+             {}, head hash {}){segments_only}",
             result.exported,
             printable(&args.tenant),
             result.records_scanned,
@@ -262,6 +285,7 @@ mod tests {
             std::path::PathBuf::from("/l/audit.log.00000000000000000001-00000000000000000003");
         let r = VerifyReport {
             files: vec![segment.clone(), path.to_owned()],
+            active_missing: false,
             records: 10,
             last_seq: Some(9),
             head_hash: Some("ab".repeat(32)),
@@ -284,7 +308,7 @@ mod tests {
             ],
             problem_count: 2,
         };
-        let text = verify_text(path, &r);
+        let text = verify_text(path, &r, false);
         assert!(text.contains("records checked: 10"), "{text}");
         assert!(text.contains("last seq: 9"), "{text}");
         assert!(text.contains("torn tail: 7 bytes at offset 100"), "{text}");
@@ -301,7 +325,7 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("result: NOT INTACT"), "{text}");
-        let value = verify_json(path, &r);
+        let value = verify_json(path, &r, false);
         assert_eq!(value["intact"], false);
         assert_eq!(value["problems"][0]["kind"], "chain_break");
         assert_eq!(

@@ -442,6 +442,11 @@ pub(crate) struct VerifyArgs {
     /// which the chain alone cannot show.
     #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
     pub(crate) anchor: Option<phiseal_audit_file::Anchor>,
+    /// Accept a log whose active file is missing: an archive of its closed segments
+    /// (`audit.log.<first>-<last>`). Without it, a missing active file is a failure (exit 8):
+    /// it could have been deleted.
+    #[arg(long)]
+    pub(crate) segments_only: bool,
 }
 
 /// `SEQ:HASH`: a record's seq and a 64-hex-digit line hash.

@@ -1130,6 +1130,29 @@ async fn the_audit_log_rolls_over_and_the_cli_reads_all_of_its_files() {
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in log order");
 
+    // An archive of the closed segments alone: exit 8 (the log file could have been
+    // deleted), 0 with --segments-only.
+    let archive = tempfile::tempdir().unwrap();
+    for segment in &report.files[..segments] {
+        std::fs::copy(segment, archive.path().join(segment.file_name().unwrap())).unwrap();
+    }
+    let archived = archive.path().join("audit.log");
+    let archived = archived.to_str().unwrap();
+    let run = d
+        .cli(&["audit", "verify", "--log", archived], b"")
+        .expect(8);
+    assert!(
+        run.out().contains("the active file is missing") && run.stderr.contains("--segments-only"),
+        "{run:?}"
+    );
+    let run = d
+        .cli(
+            &["audit", "verify", "--log", archived, "--segments-only"],
+            b"",
+        )
+        .expect(0);
+    assert!(run.out().ends_with("result: intact\n"), "{}", run.out());
+
     // A closed segment removed from the middle: verify fails (exit 8) naming the next file.
     let second = report.files[1].clone();
     std::fs::remove_file(&second).unwrap();
