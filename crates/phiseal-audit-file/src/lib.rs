@@ -32,6 +32,6 @@ mod verify;
 pub use error::AuditFileError;
 pub use log::{Durability, FileAuditLog, LogOptions, RecoveryReport};
 pub use verify::{
-    Anchor, ExportReport, MAX_PROBLEMS, Problem, ProblemKind, VerifyReport, export_tenant, verify,
-    verify_anchored,
+    Anchor, ExportReport, MAX_PROBLEMS, Problem, ProblemKind, VerifyOptions, VerifyReport,
+    export_tenant, export_tenant_with, verify, verify_anchored, verify_with,
 };

@@ -69,6 +69,34 @@ pub struct Anchor {
     pub hash: [u8; 32],
 }
 
+/// What [`verify_with`] and [`export_tenant_with`] check besides the chain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VerifyOptions {
+    /// A head recorded earlier that the log must still hold (see [`verify_anchored`]).
+    pub anchor: Option<Anchor>,
+    /// Where the files present start, when the log's first closed segments were removed
+    /// (after archiving them): the last record of the last removed segment and its line's
+    /// hash, recorded from the archive (`last_seq` and `head_hash` of a `verify` of it). The
+    /// first file present must continue exactly there; without this, a log that does not
+    /// start at its origin is [`ProblemKind::MissingHeader`].
+    pub after: Option<Anchor>,
+}
+
+impl VerifyOptions {
+    /// Also checks that the log still holds `anchor`.
+    pub fn anchor(mut self, anchor: Anchor) -> Self {
+        self.anchor = Some(anchor);
+        self
+    }
+
+    /// Accepts a log whose files present start right after `after`.
+    pub fn after(mut self, after: Anchor) -> Self {
+        self.after = Some(after);
+        self
+    }
+}
+
 /// One problem found by [`verify`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -90,6 +118,10 @@ pub struct VerifyReport {
     /// The files read, in order: the log's closed segments (`<log>.<first seq>-<last seq>`),
     /// then the active file.
     pub files: Vec<PathBuf>,
+    /// Set when the first file read continues the log after this record (its earlier closed
+    /// segments are not there: removed after archiving — accepted only with
+    /// [`VerifyOptions::after`] — or missing).
+    pub starts_after: Option<u64>,
     /// The active file `<log>` does not exist, and only closed segments were read: an archive
     /// of them — or the log file was deleted. Not intact ([`VerifyReport::is_intact`]); see
     /// [`VerifyReport::segments_intact`].
@@ -312,6 +344,8 @@ struct Checker {
     prev: Option<([u8; 32], u64)>,
     /// A head to find, and whether a well-formed line matched it.
     anchor: Option<(Anchor, bool)>,
+    /// Where the first file may start ([`VerifyOptions::after`]).
+    after: Option<Anchor>,
 }
 
 impl Checker {
@@ -327,7 +361,15 @@ impl Checker {
             log_id: None,
             prev: None,
             anchor: None,
+            after: None,
         }
+    }
+
+    fn with_options(options: VerifyOptions) -> Self {
+        let mut checker = Self::new();
+        checker.anchor = options.anchor.map(|a| (a, false));
+        checker.after = options.after;
+        checker
     }
 
     /// Starts reading the `index`th file of the log.
@@ -496,16 +538,30 @@ impl Checker {
         self.file_after = Some(p.seq);
         if self.file_index == 0 {
             self.log_id = Some(log_id);
-            if p.seq != 0 {
-                self.problem(
+            if p.seq == 0 {
+                return;
+            }
+            self.report.starts_after = Some(p.seq);
+            match self.after {
+                Some(a) if a.last_seq == p.seq && ct_eq(&p.prev, &a.hash) => {}
+                Some(a) => self.problem(
+                    ProblemKind::MissingHeader,
+                    format!(
+                        "the log starts after record {}, not after the given record {} with \
+                         its hash: more segments are missing, or the start was replaced",
+                        p.seq, a.last_seq
+                    ),
+                ),
+                None => self.problem(
                     ProblemKind::MissingHeader,
                     format!(
                         "the log starts after record {}: the closed segments holding the \
                          records before it are not here (verify the files together) or were \
-                         removed",
+                         removed (after archiving them: give the last removed record and its \
+                         hash, `--after SEQ:HASH`)",
                         p.seq
                     ),
-                );
+                ),
             }
             return;
         }
@@ -604,7 +660,7 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditFileError + '_ {
 /// the report's `problems` and `torn_tail`. Run on a live log, a torn tail at the very end may
 /// be a write in progress: re-run to tell.
 pub fn verify(path: impl AsRef<Path>) -> Result<VerifyReport, AuditFileError> {
-    verify_checking(path.as_ref(), None)
+    verify_with(path, VerifyOptions::default())
 }
 
 /// [`verify`], and also that the log still holds `anchor` — a head recorded earlier outside
@@ -615,13 +671,16 @@ pub fn verify_anchored(
     path: impl AsRef<Path>,
     anchor: Anchor,
 ) -> Result<VerifyReport, AuditFileError> {
-    verify_checking(path.as_ref(), Some(anchor))
+    verify_with(path, VerifyOptions::default().anchor(anchor))
 }
 
-fn verify_checking(path: &Path, anchor: Option<Anchor>) -> Result<VerifyReport, AuditFileError> {
-    let mut checker = Checker::new();
-    checker.anchor = anchor.map(|a| (a, false));
-    scan(path, &mut checker, |_, _| Ok(()))?;
+/// [`verify`] with options: an anchor to find, where the files present may start.
+pub fn verify_with(
+    path: impl AsRef<Path>,
+    options: VerifyOptions,
+) -> Result<VerifyReport, AuditFileError> {
+    let mut checker = Checker::with_options(options);
+    scan(path.as_ref(), &mut checker, |_, _| Ok(()))?;
     if let Some((anchor, false)) = checker.anchor {
         checker.problem(
             ProblemKind::AnchorMissing,
@@ -652,8 +711,24 @@ pub fn export_tenant(
     until: Option<Timestamp>,
     out: &mut impl Write,
 ) -> Result<ExportReport, AuditFileError> {
+    export_tenant_with(path, tenant, since, until, VerifyOptions::default(), out)
+}
+
+/// [`export_tenant`] with the checks of [`VerifyOptions`] (`after`: a log whose first
+/// segments were removed after archiving; an `anchor` is not checked by an export).
+pub fn export_tenant_with(
+    path: impl AsRef<Path>,
+    tenant: &str,
+    since: Option<Timestamp>,
+    until: Option<Timestamp>,
+    options: VerifyOptions,
+    out: &mut impl Write,
+) -> Result<ExportReport, AuditFileError> {
     let path = path.as_ref();
-    let mut checker = Checker::new();
+    let mut checker = Checker::with_options(VerifyOptions {
+        anchor: None,
+        ..options
+    });
     let mut report = ExportReport::default();
     let mut text = String::new();
     scan(path, &mut checker, |checker, parsed| {

@@ -555,3 +555,84 @@ async fn verifying_while_the_log_rolls_over_finds_no_problem() {
         "{runs} runs, {files_seen} files"
     );
 }
+
+#[tokio::test]
+async fn a_log_whose_first_segments_were_archived_and_removed_verifies_after_an_anchor() {
+    let (_dir, path) = rolled_log(200).await;
+    let segs = segments(&path);
+    assert!(segs.len() >= 4);
+    // Before removing the first three segments, their last record and hash (verifying the
+    // third alone reports where it ends).
+    let third = verify(&segs[2].2).unwrap();
+    let after = phiseal_audit_file::Anchor {
+        last_seq: third.last_seq.unwrap(),
+        hash: hex_bytes(third.head_hash.as_deref().unwrap()),
+    };
+    assert_eq!(after.last_seq, segs[2].1);
+    for (_, _, p) in &segs[..3] {
+        std::fs::remove_file(p).unwrap();
+    }
+
+    let report = verify(&path).unwrap();
+    assert_eq!(kinds(&report), [ProblemKind::MissingHeader]);
+    assert_eq!(report.starts_after, Some(after.last_seq));
+
+    let options = phiseal_audit_file::VerifyOptions::default().after(after);
+    let report = phiseal_audit_file::verify_with(&path, options).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(report.starts_after, Some(after.last_seq));
+    assert_eq!(report.last_seq, Some(200));
+
+    // Another point (a wrong seq, or the right seq with another hash) is refused.
+    for wrong in [
+        phiseal_audit_file::Anchor {
+            last_seq: segs[1].1,
+            ..after
+        },
+        phiseal_audit_file::Anchor {
+            hash: [7; 32],
+            ..after
+        },
+    ] {
+        let options = phiseal_audit_file::VerifyOptions::default().after(wrong);
+        let report = phiseal_audit_file::verify_with(&path, options).unwrap();
+        assert_eq!(kinds(&report), [ProblemKind::MissingHeader]);
+    }
+
+    // Export: the records after the anchor.
+    let mut out = Vec::new();
+    let err = export_tenant(&path, "acme", None, None, &mut out).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            phiseal_audit_file::AuditFileError::ChainBroken {
+                kind: ProblemKind::MissingHeader,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let mut out = Vec::new();
+    let exported =
+        phiseal_audit_file::export_tenant_with(&path, "acme", None, None, options, &mut out)
+            .unwrap();
+    let first_seq = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .next()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .unwrap();
+    assert!(first_seq > after.last_seq && exported.exported > 0);
+}
+
+fn hex_bytes(hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    out
+}

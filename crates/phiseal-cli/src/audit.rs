@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use phiseal_audit_file::{FileAuditLog, VerifyReport, export_tenant, verify, verify_anchored};
+use phiseal_audit_file::{
+    FileAuditLog, VerifyOptions, VerifyReport, export_tenant_with, verify_with,
+};
 use serde_json::json;
 
 use crate::cli::{AuditCommand, ExportArgs, GlobalArgs, LogArgs, VerifyArgs};
@@ -83,10 +85,14 @@ fn log_path_from_env(args: &LogArgs) -> PathBuf {
 
 fn verify_log(args: &VerifyArgs, json: bool) -> Result<(), CliError> {
     let path = log_path_from_env(&args.log);
-    let report_ = match args.anchor {
-        Some(anchor) => verify_anchored(&path, anchor)?,
-        None => verify(&path)?,
-    };
+    let mut options = VerifyOptions::default();
+    if let Some(anchor) = args.anchor {
+        options = options.anchor(anchor);
+    }
+    if let Some(after) = args.after {
+        options = options.after(after);
+    }
+    let report_ = verify_with(&path, options)?;
     report(
         json,
         &verify_json(&path, &report_, args.segments_only),
@@ -126,6 +132,7 @@ fn verify_json(path: &std::path::Path, r: &VerifyReport, segments_only: bool) ->
         "log": path.display().to_string(),
         "files": r.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
         "active_missing": r.active_missing,
+        "starts_after": r.starts_after,
         "intact": intact(r, segments_only),
         "records": r.records,
         "last_seq": r.last_seq,
@@ -151,6 +158,12 @@ fn verify_text(path: &std::path::Path, r: &VerifyReport, segments_only: bool) ->
         or_none(r.last_seq.map(|s| s.to_string())),
         or_none(r.head_hash.clone()),
     );
+    if let Some(after) = r.starts_after {
+        let _ = writeln!(
+            out,
+            "starts after record: {after} (the log's earlier closed segments are not here)"
+        );
+    }
     if r.active_missing {
         let _ = writeln!(
             out,
@@ -211,7 +224,18 @@ fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
     }
     let path = log_path_from_env(&args.log);
     let mut out = BufWriter::new(std::io::stdout().lock());
-    let result = export_tenant(&path, &args.tenant, args.since, args.until, &mut out)?;
+    let mut options = VerifyOptions::default();
+    if let Some(after) = args.after {
+        options = options.after(after);
+    }
+    let result = export_tenant_with(
+        &path,
+        &args.tenant,
+        args.since,
+        args.until,
+        options,
+        &mut out,
+    )?;
     out.flush().map_err(CliError::io("writing to stdout"))?;
     let segments_only = if result.active_missing {
         "; closed segments only: the active log file is missing"
@@ -286,6 +310,7 @@ mod tests {
         let r = VerifyReport {
             files: vec![segment.clone(), path.to_owned()],
             active_missing: false,
+            starts_after: None,
             records: 10,
             last_seq: Some(9),
             head_hash: Some("ab".repeat(32)),

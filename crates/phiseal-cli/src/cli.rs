@@ -447,6 +447,11 @@ pub(crate) struct VerifyArgs {
     /// it could have been deleted.
     #[arg(long)]
     pub(crate) segments_only: bool,
+    /// The log's first closed segments were removed after archiving: its files start right
+    /// after this record (`last_seq` and `head_hash` of the last removed segment, from a
+    /// `verify --json` of the archive). Without it, such a log fails (`missing_header`).
+    #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
+    pub(crate) after: Option<phiseal_audit_file::Anchor>,
 }
 
 /// `SEQ:HASH`: a record's seq and a 64-hex-digit line hash.
@@ -474,6 +479,10 @@ pub(crate) struct ExportArgs {
     /// Only records before this time (RFC 3339).
     #[arg(long, value_name = "RFC3339")]
     pub(crate) until: Option<jiff::Timestamp>,
+    /// The log's first closed segments were removed after archiving: its files start right
+    /// after this record (as for `audit verify --after`).
+    #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
+    pub(crate) after: Option<phiseal_audit_file::Anchor>,
     /// Where the log is.
     #[command(flatten)]
     pub(crate) log: LogArgs,

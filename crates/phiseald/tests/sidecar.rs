@@ -1153,6 +1153,48 @@ async fn the_audit_log_rolls_over_and_the_cli_reads_all_of_its_files() {
         .expect(0);
     assert!(run.out().ends_with("result: intact\n"), "{}", run.out());
 
+    // The first segment archived and removed: verify and export need --after with its end.
+    let pruned = tempfile::tempdir().unwrap();
+    for file in &report.files {
+        std::fs::copy(file, pruned.path().join(file.file_name().unwrap())).unwrap();
+    }
+    let first = pruned.path().join(report.files[0].file_name().unwrap());
+    let end = d
+        .cli(
+            &[
+                "audit",
+                "verify",
+                "--log",
+                first.to_str().unwrap(),
+                "--json",
+            ],
+            b"",
+        )
+        .expect(0)
+        .json();
+    let after = format!("{}:{}", end["last_seq"], end["head_hash"].as_str().unwrap());
+    std::fs::remove_file(&first).unwrap();
+    let pruned_log = pruned.path().join("audit.log");
+    let pruned_log = pruned_log.to_str().unwrap();
+    d.cli(&["audit", "verify", "--log", pruned_log], b"")
+        .expect(8);
+    let run = d
+        .cli(
+            &["audit", "verify", "--log", pruned_log, "--after", &after],
+            b"",
+        )
+        .expect(0);
+    assert!(run.out().contains("starts after record"), "{}", run.out());
+    let run = d
+        .cli(
+            &[
+                "audit", "export", "--tenant", "acme", "--log", pruned_log, "--after", &after,
+            ],
+            b"",
+        )
+        .expect(0);
+    assert!(run.out().lines().count() > 0);
+
     // A closed segment removed from the middle: verify fails (exit 8) naming the next file.
     let second = report.files[1].clone();
     std::fs::remove_file(&second).unwrap();
