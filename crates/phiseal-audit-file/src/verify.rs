@@ -645,6 +645,12 @@ fn scan(
     Ok(())
 }
 
+/// An export's output failed (`op`); named after the log exported.
+fn output_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> AuditFileError {
+    let path = path.to_owned();
+    move |source| AuditFileError::Io { path, op, source }
+}
+
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditFileError + '_ {
     move |source| AuditFileError::Io {
         path: PathBuf::from(path),
@@ -765,19 +771,11 @@ pub fn export_tenant_with(
             }
         }
         out.write_all(text.as_bytes())
-            .map_err(|source| AuditFileError::Io {
-                path: path.to_owned(),
-                op: "write export",
-                source,
-            })
+            .map_err(output_err(path, "write export"))
     })?;
     report.torn_tail = checker.report.torn_tail;
     report.active_missing = checker.report.active_missing;
-    out.flush().map_err(|source| AuditFileError::Io {
-        path: path.to_owned(),
-        op: "flush export",
-        source,
-    })?;
+    out.flush().map_err(output_err(path, "flush export"))?;
     report.records_scanned = checker.report.records;
     report.last_seq = checker.report.last_seq;
     report.head_hash = checker.report.head_hash;

@@ -75,6 +75,16 @@ fn kinds(report: &VerifyReport) -> Vec<ProblemKind> {
     report.problems.iter().map(|p| p.kind).collect()
 }
 
+/// A directory with a log of `n` records in one file (no rollover size).
+async fn one_file_log(n: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    append(&log, 0, n).await;
+    drop(log);
+    (dir, path)
+}
+
 /// A private directory with a log of `n` records rolled over at [`ROLLOVER`] bytes.
 async fn rolled_log(n: u64) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -309,12 +319,8 @@ async fn missing_foreign_renamed_and_changed_segments_are_detected() {
 
 #[tokio::test]
 async fn an_interrupted_rollover_is_finished_when_the_log_is_opened() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
-    // No rollover size: one file, as if a rollover of it had just begun.
-    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
-    append(&log, 0, 5).await;
-    drop(log);
+    // One file, as if a rollover of it had just begun.
+    let (dir, path) = one_file_log(5).await;
     // A crash after the next file was prepared and the closed file got its segment name,
     // before the rename.
     let next = dir.path().join("audit.log.next");
@@ -352,11 +358,7 @@ async fn an_interrupted_rollover_is_finished_when_the_log_is_opened() {
 
 #[tokio::test]
 async fn a_second_name_that_does_not_match_the_active_file_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
-    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
-    append(&log, 0, 5).await;
-    drop(log);
+    let (dir, path) = one_file_log(5).await;
     let wrong = dir.path().join(format!("audit.log.{:020}-{:020}", 1, 4));
     std::fs::hard_link(&path, &wrong).unwrap();
     let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
@@ -402,11 +404,7 @@ async fn a_new_log_is_refused_next_to_an_earlier_logs_segments() {
 
 #[tokio::test]
 async fn a_segment_copy_that_lost_its_hard_link_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
-    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
-    append(&log, 0, 5).await;
-    drop(log);
+    let (dir, path) = one_file_log(5).await;
     // The state of a rollover interrupted after the link, copied without hard links.
     let named = dir.path().join(format!("audit.log.{:020}-{:020}", 1, 5));
     std::fs::copy(&path, &named).unwrap();
