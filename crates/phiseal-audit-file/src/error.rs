@@ -174,6 +174,23 @@ pub enum AuditFileError {
         /// The first of the segments.
         segment: PathBuf,
     },
+    /// Rollover is on, but the log's directory does not allow it: checked when the log is
+    /// opened, so that a rollover cannot fail later and stop every operation.
+    #[error(
+        "audit log {path}: rollover is on (LogOptions::rollover_at; phiseald: \
+         audit.rollover_bytes), but {step} failed in the log's directory: {source}; let the \
+         log's owner create files and hard links there and give them the log's group, or turn \
+         rollover off (0)"
+    )]
+    RolloverUnsupported {
+        /// The log file.
+        path: PathBuf,
+        /// What failed.
+        step: &'static str,
+        /// What the OS reported.
+        #[source]
+        source: std::io::Error,
+    },
     /// A closed segment's name conflicts with the active file: it names other records than the
     /// active file it is a second name of, or it holds the same first record as the active
     /// file without being the same file (a copy that lost its hard link).
@@ -211,6 +228,7 @@ impl AuditFileError {
             | AuditFileError::Locked { .. }
             | AuditFileError::OrphanSegments { .. }
             | AuditFileError::SegmentConflict { .. }
+            | AuditFileError::RolloverUnsupported { .. }
             | AuditFileError::InsecurePermissions { .. } => BackendErrorKind::Misconfigured,
             AuditFileError::RecordTooLarge { .. } => BackendErrorKind::InvalidData,
             AuditFileError::QueueFull { .. } => BackendErrorKind::Unavailable,

@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -538,6 +538,9 @@ impl FileAuditLog {
                 segment: earlier.path,
             });
         }
+        if options.rollover_bytes.is_some() {
+            probe_rollover(path, &meta)?;
+        }
         let (next_removed, pending) = interrupted_rollover(path, &meta)?;
         if created || next_removed {
             sync_parent_dir(path)?;
@@ -610,7 +613,7 @@ impl FileAuditLog {
             file.sync_data()
                 .map_err(io_err(path, "fdatasync before rollover"))?;
             let (next, _, next_head, _) =
-                install_continuation(path, &header.log_id, last, &head.prev, || Ok(()))?;
+                install_continuation(path, &meta, &header.log_id, last, &head.prev, || Ok(()))?;
             file = next;
             head = next_head;
             header = FileHeader {
@@ -1492,6 +1495,7 @@ fn write_header(
 /// before the rename nothing of it stays (`<log>.next` is removed).
 fn install_continuation(
     path: &Path,
+    closing: &std::fs::Metadata,
     log_id: &[u8; 16],
     after: u64,
     prev: &[u8; 32],
@@ -1515,6 +1519,7 @@ fn install_continuation(
                 source,
             })?;
         lock_exclusive(&next, &file)?;
+        copy_access(closing, &file).map_err(io_err(&next, "giving it the log's mode and group"))?;
         let (head, len) = write_header(&next, &file, log_id, after, prev)?;
         let sync_file = file.try_clone().map_err(io_err(&next, "dup"))?;
         before_rename()?;
@@ -1582,7 +1587,7 @@ fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
         .metadata()
         .map_err(io_err(path, "stat"))
         .map_err(|e| fail(e, false))?;
-    let installed = install_continuation(path, &w.log_id, last, &w.head.prev, || {
+    let installed = install_continuation(path, &closing, &w.log_id, last, &w.head.prev, || {
         // The name links the file at `<log>`: it must be the one this writer closes (not a
         // file an operator put there meanwhile).
         if !same_file(path, &closing) {
@@ -1610,6 +1615,53 @@ fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
     w.first_seq = last.saturating_add(1);
     w.len = len;
     Ok(())
+}
+
+/// Gives `to` the group of the file `from` describes, and its mode as far as the log allows
+/// (owner read/write, group read): a log shipper reading the log through its group keeps
+/// reading after a rollover.
+fn copy_access(from: &std::fs::Metadata, to: &File) -> std::io::Result<()> {
+    if to.metadata()?.gid() != from.gid() {
+        rustix::fs::fchown(to, None, Some(rustix::fs::Gid::from_raw(from.gid())))?;
+    }
+    to.set_permissions(std::fs::Permissions::from_mode(from.mode() & 0o640))
+}
+
+/// Checks, when the log is opened with a rollover size, that a rollover will be able to do
+/// its steps in the log's directory: create a file there, give it the log's group and mode,
+/// and hard-link it (not every file system can). Uses `<log>.probe` and `<log>.probe-link`,
+/// removed afterwards (and first, if a crash left them).
+fn probe_rollover(path: &Path, active: &std::fs::Metadata) -> Result<(), AuditFileError> {
+    let mut probe = path.as_os_str().to_owned();
+    probe.push(".probe");
+    let probe = PathBuf::from(probe);
+    let mut link = probe.clone().into_os_string();
+    link.push("-link");
+    let link = PathBuf::from(link);
+    let failed = |step: &'static str| {
+        let path = path.to_owned();
+        move |source| AuditFileError::RolloverUnsupported { path, step, source }
+    };
+    let remove = |p: &Path| match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    remove(&link).map_err(failed("removing a file"))?;
+    remove(&probe).map_err(failed("removing a file"))?;
+    let result = (|| {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+            .map_err(failed("creating a file"))?;
+        copy_access(active, &file).map_err(failed("giving a file the log's group and mode"))?;
+        std::fs::hard_link(&probe, &link).map_err(failed("making a hard link"))
+    })();
+    let cleaned = remove(&link)
+        .and_then(|()| remove(&probe))
+        .map_err(failed("removing a file"));
+    result.and(cleaned)
 }
 
 fn shared_lock_error(path: &Path) -> AuditFileError {

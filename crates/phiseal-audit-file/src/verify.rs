@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
@@ -12,7 +11,7 @@ use phiseal::crypto::ct_eq;
 
 use crate::error::AuditFileError;
 use crate::format::{Kind, MAX_LINE, Parsed, encode_export, parse_line};
-use crate::segments::closed_segments;
+use crate::segments::{closed_segments, same_file};
 
 /// At most this many problems are kept in a [`VerifyReport`]; the rest are only counted.
 pub const MAX_PROBLEMS: usize = 1000;
@@ -239,8 +238,23 @@ struct LogFile {
     path: PathBuf,
     /// A closed segment's seq range, from its name; `None` for the active file.
     range: Option<(u64, u64)>,
-    /// The open file; `None` for a segment name that is not a regular file (not read).
+    /// The active file, opened first (see [`log_files`]); segments are opened one at a time
+    /// when they are read (a long log has thousands).
     file: Option<File>,
+}
+
+impl LogFile {
+    /// The file to read: the open active file, or the segment opened now; `None` for a
+    /// segment name that is not a regular file (not read).
+    fn open(&mut self) -> Result<Option<File>, AuditFileError> {
+        match self.file.take() {
+            Some(file) => Ok(Some(file)),
+            None => open_regular(&self.path, false).map_err(|source| AuditFileError::Open {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
 }
 
 /// Opens `path` for reading if it is a regular file (`Ok(None)` otherwise: nothing else is
@@ -303,15 +317,13 @@ fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
     let mut files = Vec::with_capacity(segments.len() + 1);
     let mut active_listed = false;
     for segment in segments {
-        let file = open_regular(&segment.path, false).map_err(open_err(&segment.path))?;
-        if let (Some(f), Some(am)) = (&file, &active_meta) {
-            let m = f.metadata().map_err(read_err(&segment.path))?;
-            active_listed |= (m.dev(), m.ino()) == (am.dev(), am.ino());
+        if let Some(am) = &active_meta {
+            active_listed |= same_file(&segment.path, am);
         }
         files.push(LogFile {
             path: segment.path,
             range: Some((segment.first, segment.last)),
-            file,
+            file: None,
         });
     }
     if let (Some(file), false) = (active, active_listed) {
@@ -611,9 +623,10 @@ fn scan(
     let (files, active_missing) = log_files(path)?;
     checker.report.active_missing = active_missing;
     let mut buf = Vec::with_capacity(1024);
-    for (index, log_file) in files.into_iter().enumerate() {
+    for (index, mut log_file) in files.into_iter().enumerate() {
+        let file = log_file.open()?;
         checker.start_file(index, &log_file.path);
-        let Some(file) = log_file.file else {
+        let Some(file) = file else {
             checker.line_no = 1;
             checker.problem(
                 ProblemKind::Malformed,

@@ -634,3 +634,69 @@ fn hex_bytes(hex: &str) -> [u8; 32] {
     }
     out
 }
+
+#[tokio::test]
+async fn verify_holds_one_segment_open_at_a_time() {
+    let (_dir, path) = rolled_log(1200).await;
+    assert!(segments(&path).len() > 100);
+    // Fewer descriptors than segments (nextest runs each test in its own process; the old
+    // limit is restored for a runner that does not).
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    let low = rustix::process::Rlimit {
+        current: Some(64),
+        maximum: before.maximum,
+    };
+    setrlimit(Resource::Nofile, low).unwrap();
+    let report = verify(&path);
+    setrlimit(Resource::Nofile, before).unwrap();
+    let report = report.unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(report.last_seq, Some(1200));
+}
+
+#[tokio::test]
+async fn the_next_file_keeps_the_logs_group_and_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    drop(FileAuditLog::open(&path, Durability::Strict).unwrap());
+    // A log shipper reads it through its group (root may give it any group).
+    let gid = if rustix::process::geteuid().is_root() {
+        4242
+    } else {
+        rustix::process::getegid().as_raw()
+    };
+    rustix::fs::chown(&path, None, Some(rustix::fs::Gid::from_raw(gid))).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    append(&log, 0, 50).await;
+    drop(log);
+    assert!(!segments(&path).is_empty());
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o640, gid));
+}
+
+#[tokio::test]
+async fn a_directory_that_cannot_take_a_rollover_is_refused_at_open() {
+    let (dir, path) = one_file_log(5).await;
+    // Something in the way of the probe (root cannot write through a directory either).
+    std::fs::create_dir(dir.path().join("audit.log.probe")).unwrap();
+    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            phiseal_audit_file::AuditFileError::RolloverUnsupported { .. }
+        ) && err.to_string().contains("rollover is on"),
+        "{err}"
+    );
+    // Without a rollover size nothing is probed.
+    drop(FileAuditLog::open(&path, Durability::Strict).unwrap());
+    std::fs::remove_dir(dir.path().join("audit.log.probe")).unwrap();
+    drop(FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.contains("probe"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

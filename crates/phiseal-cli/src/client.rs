@@ -236,8 +236,8 @@ pub(crate) fn status_error(what: &str, status: &Status) -> CliError {
     }
     if kind == "segment_too_large" {
         message.push_str(
-            " (the daemon's limits.max_stream_segment_bytes, 1 MiB by default; encrypt-file \
-             writes 64 KiB segments)",
+            " (the daemon's limits.max_stream_segment_bytes, 1 MiB by default: an operator \
+             raises it; encrypt-file writes 64 KiB segments)",
         );
     } else if status.code() == Code::OutOfRange {
         // Refused by the gRPC layer (either side) for its size.

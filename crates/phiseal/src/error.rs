@@ -35,8 +35,8 @@ pub enum Error {
     /// looked up or any segment buffer allocated.
     #[error(
         "stream segments of {segment_size} bytes are larger than this service accepts \
-         ({max} bytes): encrypt the document again with a smaller segment size (the default \
-         is 65536)"
+         ({max} bytes): its limit must be raised to at least {segment_size} to decrypt this \
+         stream (streams encrypted with the default segment size, 65536, need no change)"
     )]
     SegmentTooLarge {
         /// The segment size the stream's header declares.
