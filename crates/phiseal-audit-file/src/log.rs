@@ -300,7 +300,7 @@ struct Shared {
 /// shutdown or from `spawn_blocking`. In `Interval` and `Strict` modes `append` does one
 /// `write(2)` to the page cache on the calling thread and never waits for an fdatasync on it
 /// (Strict mode awaits a [`tokio::sync::watch`] channel fed by a dedicated thread), except
-/// the `append` whose write completes a rollover: it runs two fdatasyncs and a directory fsync
+/// the `append` whose write completes a rollover: it runs two fdatasyncs and two directory fsyncs
 /// (once per [`LogOptions::rollover_at`] bytes; in `Buffered` mode on the writer thread); in
 /// `Buffered` mode it does no I/O. Call [`AuditSink::flush`] on shutdown.
 #[derive(Debug)]
@@ -1541,7 +1541,7 @@ fn install_continuation(
 /// active file its segment name `<log>.<first>-<last>` (a hard link: from then on the segment
 /// is final, and a crash before the rename is finished forward by the next open); rename
 /// `<log>.next` over `<log>`; fsync the directory. Under the writer lock, on the appending
-/// thread (two fdatasyncs and a directory fsync, once per rollover size). A failure poisons
+/// thread (two fdatasyncs and two directory fsyncs, once per rollover size). A failure poisons
 /// the log (fail closed).
 fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
     let path = &shared.path;
