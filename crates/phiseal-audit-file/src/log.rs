@@ -1519,7 +1519,14 @@ fn install_continuation(
                 source,
             })?;
         lock_exclusive(&next, &file)?;
-        copy_access(closing, &file).map_err(io_err(&next, "giving it the log's mode and group"))?;
+        // The log's group and mode, so that a log shipper keeps reading; if the log's group
+        // was changed since the open (which checked this) to one the writer is not in, the
+        // new file stays 0600 in the writer's group: narrower, and no record is lost.
+        match copy_access(closing, &file) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {}
+            Err(e) => return Err(io_err(&next, "giving it the log's mode and group")(e)),
+        }
         let (head, len) = write_header(&next, &file, log_id, after, prev)?;
         let sync_file = file.try_clone().map_err(io_err(&next, "dup"))?;
         before_rename()?;

@@ -243,13 +243,27 @@ struct LogFile {
     file: Option<File>,
 }
 
+/// A file of the log, opened when its turn comes.
+enum Opened {
+    /// Ready to read.
+    File(File),
+    /// The name is not a regular file (not read).
+    NotRegular,
+    /// The name was listed but is gone (removed while the log was being read).
+    Gone,
+}
+
 impl LogFile {
-    /// The file to read: the open active file, or the segment opened now; `None` for a
-    /// segment name that is not a regular file (not read).
-    fn open(&mut self) -> Result<Option<File>, AuditFileError> {
-        match self.file.take() {
-            Some(file) => Ok(Some(file)),
-            None => open_regular(&self.path, false).map_err(|source| AuditFileError::Open {
+    /// The file to read: the active file (opened first), or the segment opened now.
+    fn open(&mut self) -> Result<Opened, AuditFileError> {
+        if let Some(file) = self.file.take() {
+            return Ok(Opened::File(file));
+        }
+        match open_regular(&self.path, false) {
+            Ok(Some(file)) => Ok(Opened::File(file)),
+            Ok(None) => Ok(Opened::NotRegular),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Opened::Gone),
+            Err(source) => Err(AuditFileError::Open {
                 path: self.path.clone(),
                 source,
             }),
@@ -315,18 +329,20 @@ fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
     // Told apart from a log whose active file is missing by the caller (`active_missing`).
     let active_missing = active.is_none();
     let mut files = Vec::with_capacity(segments.len() + 1);
-    let mut active_listed = false;
+    let mut active = active;
     for segment in segments {
-        if let Some(am) = &active_meta {
-            active_listed |= same_file(&segment.path, am);
-        }
+        // The active file under a segment name (a rollover in progress): read through the
+        // descriptor opened first, under that name, once.
+        let is_active = active_meta
+            .as_ref()
+            .is_some_and(|am| same_file(&segment.path, am));
         files.push(LogFile {
             path: segment.path,
             range: Some((segment.first, segment.last)),
-            file: None,
+            file: if is_active { active.take() } else { None },
         });
     }
-    if let (Some(file), false) = (active, active_listed) {
+    if let Some(file) = active {
         files.push(LogFile {
             path: path.to_owned(),
             range: None,
@@ -624,17 +640,24 @@ fn scan(
     checker.report.active_missing = active_missing;
     let mut buf = Vec::with_capacity(1024);
     for (index, mut log_file) in files.into_iter().enumerate() {
-        let file = log_file.open()?;
+        let opened = log_file.open()?;
         checker.start_file(index, &log_file.path);
-        let Some(file) = file else {
-            checker.line_no = 1;
-            checker.problem(
-                ProblemKind::Malformed,
-                "not a regular file (a symlink, a directory, a device …): not read",
-            );
-            checker.prev = None;
-            each(checker, None)?;
-            continue;
+        let file = match opened {
+            Opened::File(file) => file,
+            Opened::NotRegular | Opened::Gone => {
+                checker.line_no = 1;
+                checker.problem(
+                    ProblemKind::Malformed,
+                    if matches!(opened, Opened::Gone) {
+                        "the segment was removed while the log was being read: not read"
+                    } else {
+                        "not a regular file (a symlink, a directory, a device …): not read"
+                    },
+                );
+                checker.prev = None;
+                each(checker, None)?;
+                continue;
+            }
         };
         let mut reader = BufReader::with_capacity(256 * 1024, file);
         let mut torn = None;

@@ -639,18 +639,41 @@ fn hex_bytes(hex: &str) -> [u8; 32] {
 async fn verify_holds_one_segment_open_at_a_time() {
     let (_dir, path) = rolled_log(1200).await;
     assert!(segments(&path).len() > 100);
-    // Fewer descriptors than segments (nextest runs each test in its own process; the old
-    // limit is restored for a runner that does not).
+    // The descriptor limit is per process: the check runs in a child process (this test
+    // binary, running only the test below) with fewer descriptors than segments.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "verify_with_64_descriptors",
+            "--ignored",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD_LOG, &path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Where [`verify_with_64_descriptors`] finds the log to verify.
+const CHILD_LOG: &str = "PHISEAL_TEST_ROLLED_LOG";
+
+#[test]
+#[ignore = "run in its own process by verify_holds_one_segment_open_at_a_time"]
+fn verify_with_64_descriptors() {
     use rustix::process::{Resource, getrlimit, setrlimit};
-    let before = getrlimit(Resource::Nofile);
+    let path = PathBuf::from(std::env::var_os(CHILD_LOG).expect("run by its parent test"));
     let low = rustix::process::Rlimit {
         current: Some(64),
-        maximum: before.maximum,
+        maximum: getrlimit(Resource::Nofile).maximum,
     };
     setrlimit(Resource::Nofile, low).unwrap();
-    let report = verify(&path);
-    setrlimit(Resource::Nofile, before).unwrap();
-    let report = report.unwrap();
+    let report = verify(&path).unwrap();
     assert!(report.is_intact(), "{:?}", report.problems);
     assert_eq!(report.last_seq, Some(1200));
 }
