@@ -71,6 +71,14 @@ fn segments(log: &Path) -> Vec<(u64, u64, PathBuf)> {
     out
 }
 
+/// Verifies the log: intact, ending at record `last_seq`.
+fn assert_intact(path: &Path, last_seq: u64) -> VerifyReport {
+    let report = verify(path).unwrap();
+    assert!(report.is_intact(), "{:?}", report.problems);
+    assert_eq!(report.last_seq, Some(last_seq));
+    report
+}
+
 fn kinds(report: &VerifyReport) -> Vec<ProblemKind> {
     report.problems.iter().map(|p| p.kind).collect()
 }
@@ -343,9 +351,7 @@ async fn an_interrupted_rollover_is_finished_when_the_log_is_opened() {
     assert_eq!(std::fs::metadata(&named).unwrap().nlink(), 1);
     append(&log, 5, 60).await;
     drop(log);
-    let report = verify(&path).unwrap();
-    assert!(report.is_intact(), "{:?}", report.problems);
-    assert_eq!(report.last_seq, Some(60));
+    assert_intact(&path, 60);
     let segs = segments(&path);
     assert_eq!(segs[0], (1, 5, named.clone()));
     assert!(segs.len() >= 2, "rolled over again after record 5");
@@ -367,31 +373,28 @@ async fn a_second_name_that_does_not_match_the_active_file_is_refused() {
     drop(FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap());
 }
 
+fn refused_as_orphan(path: &Path) {
+    let err = FileAuditLog::open_with(path, Durability::Strict, options()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            phiseal_audit_file::AuditFileError::OrphanSegments { .. }
+        ),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_new_log_is_refused_next_to_an_earlier_logs_segments() {
     let (dir, path) = rolled_log(100).await;
     let moved = dir.path().join("damaged.log");
     std::fs::rename(&path, &moved).unwrap();
-    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            phiseal_audit_file::AuditFileError::OrphanSegments { .. }
-        ),
-        "{err}"
-    );
+    refused_as_orphan(&path);
     assert!(!path.exists(), "the empty file it created is removed");
     // An empty log file someone created there is refused too (and left alone).
     std::fs::write(&path, b"").unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            phiseal_audit_file::AuditFileError::OrphanSegments { .. }
-        ),
-        "{err}"
-    );
+    refused_as_orphan(&path);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     std::fs::remove_file(&path).unwrap();
     // Archived segments without their active file verify as one chain, reported as such:
@@ -422,9 +425,7 @@ async fn a_segment_copy_that_lost_its_hard_link_is_refused() {
     let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
     append(&log, 5, 10).await;
     drop(log);
-    let report = verify(&path).unwrap();
-    assert!(report.is_intact(), "{:?}", report.problems);
-    assert_eq!(report.last_seq, Some(10));
+    assert_intact(&path, 10);
 }
 
 #[tokio::test]
@@ -673,9 +674,7 @@ fn verify_with_64_descriptors() {
         maximum: getrlimit(Resource::Nofile).maximum,
     };
     setrlimit(Resource::Nofile, low).unwrap();
-    let report = verify(&path).unwrap();
-    assert!(report.is_intact(), "{:?}", report.problems);
-    assert_eq!(report.last_seq, Some(1200));
+    assert_intact(&path, 1200);
 }
 
 #[tokio::test]
