@@ -243,6 +243,10 @@ struct Shared {
     /// [`LogOptions::rollover_bytes`].
     rollover_bytes: Option<u64>,
     sync_state: Mutex<SyncState>,
+    /// Held around every fdatasync of the log (see [`gated_sync`]).
+    sync_gate: Mutex<()>,
+    /// An fdatasync of the log failed: none may run again.
+    sync_failed: std::sync::atomic::AtomicBool,
     sync_cv: Condvar,
     status: watch::Sender<SyncStatus>,
     /// Buffered mode only.
@@ -597,7 +601,22 @@ impl FileAuditLog {
             });
         }
         if let Some(segment) = pending {
-            // The active file already has its segment name: finish that rollover.
+            // The active file already has its segment name: finish that rollover — unless
+            // later segments exist (then `<log>` is an earlier segment put back in its place).
+            if let Some(later) = closed_segments(path)?
+                .into_iter()
+                .find(|s| s.first > segment.last)
+            {
+                return Err(AuditFileError::SegmentConflict {
+                    path: path.to_owned(),
+                    segment: later.path,
+                    reason: format!(
+                        "the log file is the closed segment {} but this later segment exists: \
+                         the log file was replaced by an earlier segment; restore the real one",
+                        segment.path.display()
+                    ),
+                });
+            }
             let last = head.next_seq.saturating_sub(1);
             if (segment.first, segment.last) != (first, last) {
                 return Err(AuditFileError::SegmentConflict {
@@ -668,6 +687,8 @@ impl FileAuditLog {
             sync_file: Mutex::new(Arc::new(sync_file)),
             rollover_bytes: options.rollover_bytes,
             sync_state: Mutex::new(SyncState::default()),
+            sync_gate: Mutex::new(()),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             sync_cv: Condvar::new(),
             status: watch::Sender::new(SyncStatus {
                 written: head.next_seq,
@@ -1582,8 +1603,7 @@ fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
         }
     };
     // Everything in the closed file is on disk before it gets its segment name.
-    w.file
-        .sync_data()
+    gated_sync(shared, &w.file)
         .map_err(io_err(path, "fdatasync before rollover"))
         .map_err(|e| fail(e, false))?;
     shared
@@ -1608,6 +1628,18 @@ fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
             });
         }
         std::fs::hard_link(path, &segment).map_err(io_err(&segment, "link"))?;
+        // `<log>` could have been replaced between the check and the link: the name must be
+        // the closed file's.
+        if !same_file(&segment, &closing) {
+            let _ = std::fs::remove_file(&segment);
+            return Err(AuditFileError::Io {
+                path: path.clone(),
+                op: "rollover",
+                source: std::io::Error::other(
+                    "the file at this path was replaced while it was being closed",
+                ),
+            });
+        }
         linked = true;
         // The name is durable before the rename can be.
         sync_parent_dir(&segment)
@@ -1776,15 +1808,40 @@ fn sync_failure(shared: &Shared, e: &std::io::Error) -> String {
 }
 
 fn do_sync(shared: &Shared) -> std::io::Result<()> {
-    #[cfg(test)]
-    if shared.fail_next_sync.swap(false, Ordering::Relaxed) {
-        return Err(std::io::Error::other("injected fdatasync failure"));
-    }
     let file = match shared.sync_file.lock() {
         Ok(g) => Arc::clone(&g),
         Err(_) => return Err(std::io::Error::other("internal lock poisoned")),
     };
-    file.sync_data()
+    gated_sync(shared, &file)
+}
+
+/// One fdatasync of the log's active file, by the fdatasync thread or a rollover. Linux
+/// reports a write-back error to one fdatasync per open file only, and the writer's and the
+/// fdatasync thread's descriptors share theirs: so fdatasyncs run one at a time, and once one
+/// failed none runs again (the others get an error too) — a later one would succeed and cover
+/// records the failed one may have lost.
+fn gated_sync(shared: &Shared, file: &File) -> std::io::Result<()> {
+    let _gate = shared
+        .sync_gate
+        .lock()
+        .map_err(|_| std::io::Error::other("internal lock poisoned"))?;
+    if shared.sync_failed.load(Ordering::SeqCst) {
+        return Err(std::io::Error::other(
+            "an earlier fdatasync of this log failed",
+        ));
+    }
+    #[cfg(test)]
+    let result = if shared.fail_next_sync.swap(false, Ordering::Relaxed) {
+        Err(std::io::Error::other("injected fdatasync failure"))
+    } else {
+        file.sync_data()
+    };
+    #[cfg(not(test))]
+    let result = file.sync_data();
+    if result.is_err() {
+        shared.sync_failed.store(true, Ordering::SeqCst);
+    }
+    result
 }
 
 impl Drop for FileAuditLog {
@@ -2075,6 +2132,21 @@ mod tests {
         assert!(report.is_intact(), "{:?}", report.problems);
         assert_eq!(report.last_seq, Some(20_000));
         assert_eq!(report.files.len(), segments.len() + 1);
+    }
+
+    #[test]
+    fn after_a_failed_fdatasync_no_other_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+        let file = File::open(&path).unwrap();
+        assert!(gated_sync(&log.shared, &file).is_ok());
+        log.shared.fail_next_sync.store(true, Ordering::Relaxed);
+        assert!(gated_sync(&log.shared, &file).is_err());
+        // The next one (the rollover's or the fdatasync thread's) does not run: it could
+        // succeed on a file whose failed write-back it never sees.
+        let err = gated_sync(&log.shared, &file).unwrap_err();
+        assert!(err.to_string().contains("earlier fdatasync"), "{err}");
     }
 
     #[tokio::test]

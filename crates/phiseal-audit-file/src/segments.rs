@@ -50,8 +50,13 @@ pub(crate) fn next_path(log: &Path) -> PathBuf {
 
 /// The seq range in a segment's file name, if `name` is `<log name>.<20 digits>-<20 digits>`.
 fn parse_name(log_name: &OsString, name: &OsString) -> Option<(u64, u64)> {
-    let log_name = log_name.to_str()?;
-    let rest = name.to_str()?.strip_prefix(log_name)?.strip_prefix('.')?;
+    use std::os::unix::ffi::OsStrExt;
+    // Bytes: a log name need not be UTF-8; the suffix is ASCII.
+    let rest = name
+        .as_bytes()
+        .strip_prefix(log_name.as_bytes())?
+        .strip_prefix(b".")?;
+    let rest = std::str::from_utf8(rest).ok()?;
     let (first, last) = rest.split_once('-')?;
     let digits = |s: &str| s.len() == SEQ_DIGITS && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(first) || !digits(last) {

@@ -330,12 +330,15 @@ fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
     let active_missing = active.is_none();
     let mut files = Vec::with_capacity(segments.len() + 1);
     let mut active = active;
-    for segment in segments {
-        // The active file under a segment name (a rollover in progress): read through the
-        // descriptor opened first, under that name, once.
-        let is_active = active_meta
-            .as_ref()
-            .is_some_and(|am| same_file(&segment.path, am));
+    let count = segments.len();
+    for (i, segment) in segments.into_iter().enumerate() {
+        // The active file under the last segment's name (a rollover in progress): read
+        // through the descriptor opened first, under that name, once. Under an earlier
+        // segment's name it is read again at the end, where the chain shows it.
+        let is_active = i + 1 == count
+            && active_meta
+                .as_ref()
+                .is_some_and(|am| same_file(&segment.path, am));
         files.push(LogFile {
             path: segment.path,
             range: Some((segment.first, segment.last)),
@@ -567,6 +570,16 @@ impl Checker {
         if self.file_index == 0 {
             self.log_id = Some(log_id);
             if p.seq == 0 {
+                if let Some(a) = self.after {
+                    self.problem(
+                        ProblemKind::MissingHeader,
+                        format!(
+                            "the log starts at its origin, not after the given record {}: not \
+                             the log whose segments were removed?",
+                            a.last_seq
+                        ),
+                    );
+                }
                 return;
             }
             self.report.starts_after = Some(p.seq);

@@ -722,3 +722,50 @@ async fn a_directory_that_cannot_take_a_rollover_is_refused_at_open() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[tokio::test]
+async fn an_earlier_segment_put_back_as_the_log_file_is_refused_and_does_not_verify() {
+    let (_dir, path) = rolled_log(200).await;
+    let segs = segments(&path);
+    assert!(segs.len() >= 3);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::hard_link(&segs[0].2, &path).unwrap();
+    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            phiseal_audit_file::AuditFileError::SegmentConflict { .. }
+        ) && err.to_string().contains("later segment"),
+        "{err}"
+    );
+    let report = verify(&path).unwrap();
+    assert!(!report.is_intact(), "{:?}", report.files);
+    assert!(kinds(&report).contains(&ProblemKind::ChainBreak));
+}
+
+#[tokio::test]
+async fn an_after_anchor_for_a_log_that_starts_at_its_origin_is_a_problem() {
+    let (_dir, path) = rolled_log(100).await;
+    let anchor = phiseal_audit_file::Anchor {
+        last_seq: segments(&path)[0].1,
+        hash: [1; 32],
+    };
+    let options = phiseal_audit_file::VerifyOptions::default().after(anchor);
+    let report = phiseal_audit_file::verify_with(&path, options).unwrap();
+    assert_eq!(kinds(&report), [ProblemKind::MissingHeader]);
+    assert!(report.problems[0].detail.contains("origin"));
+}
+
+#[tokio::test]
+async fn a_log_name_that_is_not_utf8_still_finds_its_segments() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"audit-\xff.log"));
+    let log = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap();
+    append(&log, 0, 100).await;
+    drop(log);
+    let report = assert_intact(&path, 100);
+    assert!(report.files.len() > 2, "{:?}", report.files);
+}
