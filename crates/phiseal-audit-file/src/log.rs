@@ -752,11 +752,13 @@ impl FileAuditLog {
     /// that were not written. Must not be called with the writer or queue lock held.
     fn poisoned(&self) -> AuditFileError {
         let shared = &*self.shared;
-        let mut reason = shared
-            .poison
-            .get()
-            .cloned()
-            .unwrap_or_else(|| "internal lock poisoned".to_owned());
+        let mut reason = shared.poison.get().cloned().unwrap_or_else(|| {
+            if shared.sync_failed.load(Ordering::SeqCst) {
+                "an fdatasync of the log failed".to_owned()
+            } else {
+                "internal lock poisoned".to_owned()
+            }
+        });
         if let Some(buf) = &shared.buffer {
             // Once the poison is set nothing more is queued (appends check it under the queue
             // lock) or written (the writer checks it under the writer lock, which this waits
@@ -1148,8 +1150,9 @@ impl Shared {
 
     /// See [`FileAuditLog::mark_dirty`]; `None` if the log or the lock is poisoned.
     fn mark_dirty(&self, ticket: bool) -> Option<u64> {
-        // A poisoned log takes no more tickets: nothing could be acknowledged with them.
-        if self.poison.get().is_some() {
+        // A poisoned log takes no more tickets: nothing could be acknowledged with them. Nor
+        // does one whose fdatasync failed (the poison follows as soon as its message is made).
+        if self.poison.get().is_some() || self.sync_failed.load(Ordering::SeqCst) {
             return None;
         }
         let mut st = lock(&self.sync_state)?;
@@ -1602,10 +1605,20 @@ fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
             reason,
         }
     };
-    // Everything in the closed file is on disk before it gets its segment name.
-    gated_sync(shared, &w.file)
-        .map_err(io_err(path, "fdatasync before rollover"))
-        .map_err(|e| fail(e, false))?;
+    // Everything in the closed file is on disk before it gets its segment name. If that
+    // fdatasync fails (or an earlier one did), the records since the last good one are at risk:
+    // the poison says which.
+    if let Err(e) = gated_sync(shared, &w.file) {
+        let reason = format!(
+            "rollover of the audit log failed: {}",
+            sync_failure_at(shared, &e, Some(w.head.next_seq))
+        );
+        shared.set_poison(reason.clone());
+        return Err(AuditFileError::Poisoned {
+            path: path.clone(),
+            reason,
+        });
+    }
     shared
         .synced_seq
         .fetch_max(w.head.next_seq, Ordering::Relaxed);
@@ -1632,6 +1645,7 @@ fn roll_over(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
         // the closed file's.
         if !same_file(&segment, &closing) {
             let _ = std::fs::remove_file(&segment);
+            let _ = sync_parent_dir(&segment);
             return Err(AuditFileError::Io {
                 path: path.clone(),
                 op: "rollover",
@@ -1790,8 +1804,13 @@ fn written_seq(shared: &Shared) -> Option<u64> {
 /// The poison message of a failed fdatasync: which written records it may have lost (those
 /// since the last fdatasync that succeeded), so that an incident can be scoped.
 fn sync_failure(shared: &Shared, e: &std::io::Error) -> String {
+    sync_failure_at(shared, e, written_seq(shared))
+}
+
+/// [`sync_failure`] with the writer's position given (by a caller that holds the writer lock).
+fn sync_failure_at(shared: &Shared, e: &std::io::Error, written: Option<u64>) -> String {
     let synced = shared.synced_seq.load(Ordering::Relaxed);
-    match written_seq(shared) {
+    match written {
         Some(written) if written > synced => format!(
             "fdatasync failed: {e}; the {} records written since the last successful fdatasync \
              (seq {synced} to {}) may not be on disk (the kernel can drop pages it failed to \
@@ -2147,6 +2166,36 @@ mod tests {
         // succeed on a file whose failed write-back it never sees.
         let err = gated_sync(&log.shared, &file).unwrap_err();
         assert!(err.to_string().contains("earlier fdatasync"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fdatasync_before_a_rollover_names_the_records_at_risk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = FileAuditLog::open_with(
+            &path,
+            Durability::Interval(Duration::from_secs(3600)),
+            LogOptions::default().rollover_at(4096),
+        )
+        .unwrap();
+        log.shared.fail_next_sync.store(true, Ordering::Relaxed);
+        let mut failed = None;
+        for i in 1..200 {
+            if let Err(e) = log.append_events(&[event(i)]).await {
+                failed = Some((i, e));
+                break;
+            }
+        }
+        let (at, err) = failed.expect("the rollover's fdatasync failed");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("rollover") && msg.contains(&format!("(seq 1 to {at})")),
+            "{msg}"
+        );
+        assert!(msg.contains("may not be on disk"), "{msg}");
+        // Nothing more is acknowledged, and no other fdatasync runs.
+        assert!(log.append_events(&[event(999)]).await.is_err());
+        assert!(log.flush_log().await.is_err());
     }
 
     #[tokio::test]

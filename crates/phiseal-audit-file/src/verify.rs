@@ -332,13 +332,14 @@ fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
     let mut active = active;
     let count = segments.len();
     for (i, segment) in segments.into_iter().enumerate() {
-        // The active file under the last segment's name (a rollover in progress): read
-        // through the descriptor opened first, under that name, once. Under an earlier
-        // segment's name it is read again at the end, where the chain shows it.
-        let is_active = i + 1 == count
-            && active_meta
-                .as_ref()
-                .is_some_and(|am| same_file(&segment.path, am));
+        // The active file under a segment's name: read through the descriptor opened first,
+        // under that name, once — when it is the last segment (a rollover in progress), or
+        // when `<log>` is another file by now (rolled over while this listed the directory).
+        // An earlier segment that is still `<log>` (put back in its place) is read again at
+        // the end, where the chain shows it.
+        let is_active = active_meta.as_ref().is_some_and(|am| {
+            same_file(&segment.path, am) && (i + 1 == count || !same_file(path, am))
+        });
         files.push(LogFile {
             path: segment.path,
             range: Some((segment.first, segment.last)),
