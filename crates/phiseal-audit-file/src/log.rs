@@ -1293,7 +1293,10 @@ fn write_batch(shared: &Shared, batch: &QueuedEvents, first_seq: u64) -> bool {
     }
     shared.status.send_modify(|s| s.written = written);
     if shared.mark_dirty(false).is_none() {
-        shared.set_poison("internal lock poisoned".to_owned());
+        // A failed fdatasync: its thread sets the poison, with the records at risk.
+        if !shared.sync_failed.load(Ordering::SeqCst) {
+            shared.set_poison("internal lock poisoned".to_owned());
+        }
         return false;
     }
     true
