@@ -247,6 +247,8 @@ struct Shared {
     sync_gate: Mutex<()>,
     /// An fdatasync of the log failed: none may run again.
     sync_failed: std::sync::atomic::AtomicBool,
+    /// What that fdatasync reported, for the errors of the ones refused after it.
+    first_sync_error: OnceLock<String>,
     sync_cv: Condvar,
     status: watch::Sender<SyncStatus>,
     /// Buffered mode only.
@@ -689,6 +691,7 @@ impl FileAuditLog {
             sync_state: Mutex::new(SyncState::default()),
             sync_gate: Mutex::new(()),
             sync_failed: std::sync::atomic::AtomicBool::new(false),
+            first_sync_error: OnceLock::new(),
             sync_cv: Condvar::new(),
             status: watch::Sender::new(SyncStatus {
                 written: head.next_seq,
@@ -792,7 +795,7 @@ impl FileAuditLog {
     fn write_events(&self, events: &[AuditEvent]) -> Result<(), AuditFileError> {
         let shared = &*self.shared;
         let mut guard = lock(&shared.writer).ok_or_else(|| self.poisoned())?;
-        if shared.poison.get().is_some() {
+        if shared.out_of_service() {
             drop(guard);
             return Err(self.poisoned());
         }
@@ -847,7 +850,7 @@ impl FileAuditLog {
         let mut q = lock(&buf.queue).ok_or_else(|| self.poisoned())?;
         // Checked under the queue lock, which `set_poison` holds: nothing is acknowledged after
         // the log was poisoned.
-        if self.shared.poison.get().is_some() {
+        if self.shared.out_of_service() {
             drop(q);
             return Err(self.poisoned());
         }
@@ -943,7 +946,7 @@ impl FileAuditLog {
     /// Forces an fdatasync of everything appended so far and waits for it (in Buffered mode,
     /// first waits for the writer thread to write everything queued).
     pub async fn flush_log(&self) -> Result<(), AuditFileError> {
-        if self.shared.poison.get().is_some() {
+        if self.shared.out_of_service() {
             return Err(self.poisoned());
         }
         if let Some(buf) = &self.shared.buffer {
@@ -1135,6 +1138,12 @@ fn write_out(shared: &Shared, w: &mut Writer) -> Result<(), AuditFileError> {
 }
 
 impl Shared {
+    /// Poisoned, or an fdatasync failed (its poison follows as soon as its message is made):
+    /// nothing more is written or acknowledged.
+    fn out_of_service(&self) -> bool {
+        self.poison.get().is_some() || self.sync_failed.load(Ordering::SeqCst)
+    }
+
     /// Poisons the log (the first failure is kept; a later one changes nothing) and wakes
     /// whoever waits on the status. In Buffered mode under the queue lock, so that no append is
     /// acknowledged after the failure. Must not be called with the queue lock held.
@@ -1152,7 +1161,7 @@ impl Shared {
     fn mark_dirty(&self, ticket: bool) -> Option<u64> {
         // A poisoned log takes no more tickets: nothing could be acknowledged with them. Nor
         // does one whose fdatasync failed (the poison follows as soon as its message is made).
-        if self.poison.get().is_some() || self.sync_failed.load(Ordering::SeqCst) {
+        if self.out_of_service() {
             return None;
         }
         let mut st = lock(&self.sync_state)?;
@@ -1269,8 +1278,8 @@ fn write_batch(shared: &Shared, batch: &QueuedEvents, first_seq: u64) -> bool {
         return false;
     };
     // Checked under the writer lock, which `FileAuditLog::poisoned` takes to count the lost
-    // records: nothing is written after the log was poisoned.
-    if shared.poison.get().is_some() {
+    // records: nothing is written after the log was poisoned (or an fdatasync failed).
+    if shared.out_of_service() {
         return false;
     }
     if w.head.next_seq != first_seq {
@@ -1848,9 +1857,10 @@ fn gated_sync(shared: &Shared, file: &File) -> std::io::Result<()> {
         .lock()
         .map_err(|_| std::io::Error::other("internal lock poisoned"))?;
     if shared.sync_failed.load(Ordering::SeqCst) {
-        return Err(std::io::Error::other(
-            "an earlier fdatasync of this log failed",
-        ));
+        let first = shared.first_sync_error.get().map_or("", String::as_str);
+        return Err(std::io::Error::other(format!(
+            "an earlier fdatasync of this log failed: {first}"
+        )));
     }
     #[cfg(test)]
     let result = if shared.fail_next_sync.swap(false, Ordering::Relaxed) {
@@ -1860,7 +1870,8 @@ fn gated_sync(shared: &Shared, file: &File) -> std::io::Result<()> {
     };
     #[cfg(not(test))]
     let result = file.sync_data();
-    if result.is_err() {
+    if let Err(e) = &result {
+        let _ = shared.first_sync_error.set(e.to_string());
         shared.sync_failed.store(true, Ordering::SeqCst);
     }
     result
@@ -2156,11 +2167,11 @@ mod tests {
         assert_eq!(report.files.len(), segments.len() + 1);
     }
 
-    #[test]
-    fn after_a_failed_fdatasync_no_other_runs() {
+    #[tokio::test]
+    async fn after_a_failed_fdatasync_no_other_runs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+        let log = FileAuditLog::open(&path, Durability::buffered()).unwrap();
         let file = File::open(&path).unwrap();
         assert!(gated_sync(&log.shared, &file).is_ok());
         log.shared.fail_next_sync.store(true, Ordering::Relaxed);
@@ -2168,7 +2179,14 @@ mod tests {
         // The next one (the rollover's or the fdatasync thread's) does not run: it could
         // succeed on a file whose failed write-back it never sees.
         let err = gated_sync(&log.shared, &file).unwrap_err();
-        assert!(err.to_string().contains("earlier fdatasync"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("an earlier fdatasync of this log failed: injected"),
+            "{err}"
+        );
+        // Nothing more is acknowledged, even before the poison message is set.
+        assert!(log.append_events(&[event(1)]).await.is_err());
+        assert!(log.flush_log().await.is_err());
     }
 
     #[tokio::test]

@@ -741,6 +741,11 @@ async fn an_earlier_segment_put_back_as_the_log_file_is_refused_and_does_not_ver
     let report = verify(&path).unwrap();
     assert!(!report.is_intact(), "{:?}", report.files);
     assert!(kinds(&report).contains(&ProblemKind::ChainBreak));
+    // The same through a symlink (which the writer refuses to open): not intact either.
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&segs[0].2, &path).unwrap();
+    let report = verify(&path).unwrap();
+    assert!(!report.is_intact(), "{:?}", report.files);
 }
 
 #[tokio::test]
