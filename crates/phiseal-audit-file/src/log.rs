@@ -245,10 +245,9 @@ struct Shared {
     sync_state: Mutex<SyncState>,
     /// Held around every fdatasync of the log (see [`gated_sync`]).
     sync_gate: Mutex<()>,
-    /// An fdatasync of the log failed: none may run again.
-    sync_failed: std::sync::atomic::AtomicBool,
-    /// What that fdatasync reported, for the errors of the ones refused after it.
-    first_sync_error: OnceLock<String>,
+    /// Set when an fdatasync of the log failed (what it reported, for the errors of the ones
+    /// refused after it): none may run again.
+    sync_failed: OnceLock<String>,
     sync_cv: Condvar,
     status: watch::Sender<SyncStatus>,
     /// Buffered mode only.
@@ -690,8 +689,7 @@ impl FileAuditLog {
             rollover_bytes: options.rollover_bytes,
             sync_state: Mutex::new(SyncState::default()),
             sync_gate: Mutex::new(()),
-            sync_failed: std::sync::atomic::AtomicBool::new(false),
-            first_sync_error: OnceLock::new(),
+            sync_failed: OnceLock::new(),
             sync_cv: Condvar::new(),
             status: watch::Sender::new(SyncStatus {
                 written: head.next_seq,
@@ -756,7 +754,7 @@ impl FileAuditLog {
     fn poisoned(&self) -> AuditFileError {
         let shared = &*self.shared;
         let mut reason = shared.poison.get().cloned().unwrap_or_else(|| {
-            if shared.sync_failed.load(Ordering::SeqCst) {
+            if shared.sync_failed.get().is_some() {
                 "an fdatasync of the log failed".to_owned()
             } else {
                 "internal lock poisoned".to_owned()
@@ -1141,7 +1139,7 @@ impl Shared {
     /// Poisoned, or an fdatasync failed (its poison follows as soon as its message is made):
     /// nothing more is written or acknowledged.
     fn out_of_service(&self) -> bool {
-        self.poison.get().is_some() || self.sync_failed.load(Ordering::SeqCst)
+        self.poison.get().is_some() || self.sync_failed.get().is_some()
     }
 
     /// Poisons the log (the first failure is kept; a later one changes nothing) and wakes
@@ -1303,7 +1301,7 @@ fn write_batch(shared: &Shared, batch: &QueuedEvents, first_seq: u64) -> bool {
     shared.status.send_modify(|s| s.written = written);
     if shared.mark_dirty(false).is_none() {
         // A failed fdatasync: its thread sets the poison, with the records at risk.
-        if !shared.sync_failed.load(Ordering::SeqCst) {
+        if shared.sync_failed.get().is_none() {
             shared.set_poison("internal lock poisoned".to_owned());
         }
         return false;
@@ -1856,8 +1854,7 @@ fn gated_sync(shared: &Shared, file: &File) -> std::io::Result<()> {
         .sync_gate
         .lock()
         .map_err(|_| std::io::Error::other("internal lock poisoned"))?;
-    if shared.sync_failed.load(Ordering::SeqCst) {
-        let first = shared.first_sync_error.get().map_or("", String::as_str);
+    if let Some(first) = shared.sync_failed.get() {
         return Err(std::io::Error::other(format!(
             "an earlier fdatasync of this log failed: {first}"
         )));
@@ -1871,8 +1868,7 @@ fn gated_sync(shared: &Shared, file: &File) -> std::io::Result<()> {
     #[cfg(not(test))]
     let result = file.sync_data();
     if let Err(e) = &result {
-        let _ = shared.first_sync_error.set(e.to_string());
-        shared.sync_failed.store(true, Ordering::SeqCst);
+        let _ = shared.sync_failed.set(e.to_string());
     }
     result
 }
