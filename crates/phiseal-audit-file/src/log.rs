@@ -22,7 +22,10 @@ use crate::format::{
     encode_recovery, finish_line, max_event_line_len, parse_line,
 };
 use crate::queued::QueuedEvents;
-use crate::segments::{closed_segments, interrupted_rollover, next_path, same_file, segment_path};
+use crate::segments::{
+    beside, closed_segments, interrupted_rollover, next_path, remove_if_exists, same_file,
+    segment_path,
+};
 
 /// When `append` returns, and what a crash can lose.
 ///
@@ -530,23 +533,24 @@ impl FileAuditLog {
                 path: path.to_owned(),
             });
         }
+        let segments = closed_segments(path)?;
         // A new chain (an empty file: created now, or left empty) next to an earlier log's
         // segments would interleave with them.
         if meta.len() == 0
-            && let Some(earlier) = closed_segments(path)?.into_iter().next()
+            && let Some(earlier) = segments.first()
         {
             if created {
                 let _ = std::fs::remove_file(path);
             }
             return Err(AuditFileError::OrphanSegments {
                 path: path.to_owned(),
-                segment: earlier.path,
+                segment: earlier.path.clone(),
             });
         }
         if options.rollover_bytes.is_some() {
             probe_rollover(path, &meta)?;
         }
-        let (next_removed, pending) = interrupted_rollover(path, &meta)?;
+        let (next_removed, pending) = interrupted_rollover(path, &meta, &segments)?;
         if created || next_removed {
             sync_parent_dir(path)?;
         }
@@ -583,16 +587,14 @@ impl FileAuditLog {
         };
         let first = header.after.saturating_add(1);
         if pending.is_none()
-            && let Some(copy) = closed_segments(path)?
-                .into_iter()
-                .find(|s| s.first == first)
+            && let Some(copy) = segments.iter().find(|s| s.first == first)
         {
             // Not this file, yet holding its first record: e.g. an interrupted rollover's
             // state copied without its hard link. Writing on would give two files the same
             // records.
             return Err(AuditFileError::SegmentConflict {
                 path: path.to_owned(),
-                segment: copy.path,
+                segment: copy.path.clone(),
                 reason: format!(
                     "both start at record {first}, but they are not the same file (a copy \
                      that lost a hard link?): compare them; if the segment holds everything \
@@ -604,13 +606,10 @@ impl FileAuditLog {
         if let Some(segment) = pending {
             // The active file already has its segment name: finish that rollover — unless
             // later segments exist (then `<log>` is an earlier segment put back in its place).
-            if let Some(later) = closed_segments(path)?
-                .into_iter()
-                .find(|s| s.first > segment.last)
-            {
+            if let Some(later) = segments.iter().find(|s| s.first > segment.last) {
                 return Err(AuditFileError::SegmentConflict {
                     path: path.to_owned(),
-                    segment: later.path,
+                    segment: later.path.clone(),
                     reason: format!(
                         "the log file is the closed segment {} but this later segment exists: \
                          the log file was replaced by an earlier segment; restore the real one",
@@ -622,7 +621,7 @@ impl FileAuditLog {
             if (segment.first, segment.last) != (first, last) {
                 return Err(AuditFileError::SegmentConflict {
                     path: path.to_owned(),
-                    segment: segment.path,
+                    segment: segment.path.clone(),
                     reason: format!(
                         "it is a second name of the log file but names records {}-{}, and \
                          the file holds {first}-{last}: move that name away",
@@ -1313,13 +1312,11 @@ fn write_batch(shared: &Shared, batch: &QueuedEvents, first_seq: u64) -> bool {
 /// are saved: `<log>.torn-<offset>` in the log's first file (as before rollover existed),
 /// `<log>.torn-<after>-<offset>` in a continuation file, so that files do not share names.
 fn torn_path(path: &Path, after: u64, offset: u64) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
     if after == 0 {
-        s.push(format!(".torn-{offset}"));
+        beside(path, &format!(".torn-{offset}"))
     } else {
-        s.push(format!(".torn-{after}-{offset}"));
+        beside(path, &format!(".torn-{after}-{offset}"))
     }
-    PathBuf::from(s)
 }
 
 /// Copies `len` bytes at `offset` of `file` to `saved_to` (created 0600, fsynced), or checks
@@ -1537,11 +1534,7 @@ fn install_continuation(
 ) -> Result<(File, File, Head, u64), AuditFileError> {
     let next = next_path(path);
     let prepared = (|| {
-        match std::fs::remove_file(&next) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&next, "remove")(e)),
-        }
+        remove_if_exists(&next).map_err(io_err(&next, "remove"))?;
         let file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -1695,20 +1688,13 @@ fn copy_access(from: &std::fs::Metadata, to: &File) -> std::io::Result<()> {
 /// and hard-link it (not every file system can). Uses `<log>.probe` and `<log>.probe-link`,
 /// removed afterwards (and first, if a crash left them).
 fn probe_rollover(path: &Path, active: &std::fs::Metadata) -> Result<(), AuditFileError> {
-    let mut probe = path.as_os_str().to_owned();
-    probe.push(".probe");
-    let probe = PathBuf::from(probe);
-    let mut link = probe.clone().into_os_string();
-    link.push("-link");
-    let link = PathBuf::from(link);
+    let probe = beside(path, ".probe");
+    let link = beside(path, ".probe-link");
     let failed = |step: &'static str| {
         let path = path.to_owned();
         move |source| AuditFileError::RolloverUnsupported { path, step, source }
     };
-    let remove = |p: &Path| match std::fs::remove_file(p) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    };
+    let remove = |p: &Path| remove_if_exists(p).map(|_| ());
     remove(&link).map_err(failed("removing a file"))?;
     remove(&probe).map_err(failed("removing a file"))?;
     let result = (|| {

@@ -34,18 +34,30 @@ pub(crate) struct Segment {
     pub(crate) path: PathBuf,
 }
 
+/// `<log><suffix>`: a file next to the log, named after it.
+pub(crate) fn beside(log: &Path, suffix: &str) -> PathBuf {
+    let mut s = log.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 /// `<log>.<first>-<last>`.
 pub(crate) fn segment_path(log: &Path, first: u64, last: u64) -> PathBuf {
-    let mut s = log.as_os_str().to_owned();
-    s.push(format!(".{first:020}-{last:020}"));
-    PathBuf::from(s)
+    beside(log, &format!(".{first:020}-{last:020}"))
 }
 
 /// `<log>.next`: the next active file while a rollover prepares it.
 pub(crate) fn next_path(log: &Path) -> PathBuf {
-    let mut s = log.as_os_str().to_owned();
-    s.push(".next");
-    PathBuf::from(s)
+    beside(log, ".next")
+}
+
+/// Removes `path` if it exists; whether it did.
+pub(crate) fn remove_if_exists(path: &Path) -> std::io::Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The seq range in a segment's file name, if `name` is `<log name>.<20 digits>-<20 digits>`.
@@ -100,40 +112,41 @@ pub(crate) fn closed_segments(log: &Path) -> Result<Vec<Segment>, AuditFileError
 
 /// What an interrupted rollover of the log at `log` left, found when the log is opened (with
 /// the active file's lock held): removes `<log>.next` (it holds only a header: records go to
-/// a new file only after it became `<log>`), and returns the segment name that is a second
-/// link to the active file `active`, if any — the rollover was interrupted after the closed
-/// file got its (final) name and before the rename; the caller finishes it. Returns whether
-/// `<log>.next` was removed, and that segment.
-pub(crate) fn interrupted_rollover(
+/// a new file only after it became `<log>`), and returns the one of `segments` that is a
+/// second link to the active file `active`, if any — the rollover was interrupted after the
+/// closed file got its (final) name and before the rename; the caller finishes it. Returns
+/// whether `<log>.next` was removed, and that segment.
+pub(crate) fn interrupted_rollover<'a>(
     log: &Path,
     active: &std::fs::Metadata,
-) -> Result<(bool, Option<Segment>), AuditFileError> {
+    segments: &'a [Segment],
+) -> Result<(bool, Option<&'a Segment>), AuditFileError> {
     let next = next_path(log);
-    let removed = match std::fs::remove_file(&next) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(source) => {
-            return Err(AuditFileError::Io {
-                path: next,
-                op: "removing an interrupted rollover's next file",
-                source,
-            });
-        }
+    let removed = remove_if_exists(&next).map_err(|source| AuditFileError::Io {
+        path: next,
+        op: "removing an interrupted rollover's next file",
+        source,
+    })?;
+    let pending = if active.nlink() > 1 {
+        segments.iter().rfind(|s| same_file(&s.path, active))
+    } else {
+        None
     };
-    let mut pending = None;
-    if active.nlink() > 1 {
-        for segment in closed_segments(log)? {
-            if same_file(&segment.path, active) {
-                pending = Some(segment);
-            }
-        }
-    }
     Ok((removed, pending))
 }
 
 /// Whether `path` (not followed if a symlink) is the file `meta` describes.
 pub(crate) fn same_file(path: &Path, meta: &std::fs::Metadata) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
+    std::fs::symlink_metadata(path).is_ok_and(|m| same_inode(&m, meta))
+}
+
+/// Whether `path`, followed if a symlink, is the file `meta` describes.
+pub(crate) fn names_file(path: &Path, meta: &std::fs::Metadata) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| same_inode(&m, meta))
+}
+
+fn same_inode(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
 }
 
 #[cfg(test)]

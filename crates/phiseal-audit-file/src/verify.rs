@@ -11,7 +11,7 @@ use phiseal::crypto::ct_eq;
 
 use crate::error::AuditFileError;
 use crate::format::{Kind, MAX_LINE, Parsed, encode_export, parse_line};
-use crate::segments::{closed_segments, same_file};
+use crate::segments::{closed_segments, names_file, same_file};
 
 /// At most this many problems are kept in a [`VerifyReport`]; the rest are only counted.
 pub const MAX_PROBLEMS: usize = 1000;
@@ -296,12 +296,6 @@ fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<File>> {
     Ok(file.metadata()?.is_file().then_some(file))
 }
 
-/// Whether `path` (followed, as it was opened) still names the file `meta` describes.
-fn still_names(path: &Path, meta: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
-}
-
 /// The files of the log at `path`: its closed segments by first seq, then `path` itself.
 ///
 /// `path` is opened first, so that a rollover while the segments are listed and read cannot
@@ -344,7 +338,7 @@ fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
         // An earlier segment that is still `<log>` (put back in its place) is read again at
         // the end, where the chain shows it.
         let is_active = active_meta.as_ref().is_some_and(|am| {
-            same_file(&segment.path, am) && (i + 1 == count || !still_names(path, am))
+            same_file(&segment.path, am) && (i + 1 == count || !names_file(path, am))
         });
         files.push(LogFile {
             path: segment.path,
