@@ -248,6 +248,17 @@ impl Daemon {
         let signal = async move {
             shutdown.await;
             tracing::info!("shutdown requested: refusing new calls, draining in-flight calls");
+            // Health watchers (load balancers, supervisors) learn of the drain before the
+            // connections go: the server as a whole ("") and each service stop serving.
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            health
+                .set_not_serving::<FieldServiceServer<FieldApi>>()
+                .await;
+            health
+                .set_not_serving::<AdminServiceServer<AdminApi>>()
+                .await;
             let _ = draining_tx.send(());
         };
         // Deadlines are enforced per call by the services (DEADLINE_EXCEEDED with a kind).

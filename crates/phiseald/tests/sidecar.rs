@@ -835,6 +835,38 @@ async fn sigterm_during_load_drains_and_loses_no_audit_record() {
 }
 
 #[tokio::test]
+async fn health_watchers_see_not_serving_when_the_drain_starts() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut d = Daemon::embedded();
+    let channel = d.channel().await;
+    let mut watches = Vec::new();
+    for service in ["", "phiseal.v1.FieldService", "phiseal.v1.AdminService"] {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let mut stream = ok(health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await);
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.status, ServingStatus::Serving as i32, "{service:?}");
+        watches.push((service, stream));
+    }
+    d.sigterm();
+    for (service, mut stream) in watches {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("{service:?}: no status within 10 s of SIGTERM"));
+        let next = next
+            .unwrap_or_else(|e| panic!("{service:?}: stream failed before NOT_SERVING: {e}"))
+            .unwrap_or_else(|| panic!("{service:?}: stream ended before NOT_SERVING"));
+        assert_eq!(next.status, ServingStatus::NotServing as i32, "{service:?}");
+    }
+    let status = d.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "exit {status}: {}", d.stderr());
+    assert!(!d.socket.exists());
+}
+
+#[tokio::test]
 async fn idle_metrics_connections_are_capped_and_timed_out() {
     use std::io::Read;
     let port = free_port();
