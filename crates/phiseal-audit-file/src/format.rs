@@ -159,6 +159,8 @@ pub(crate) struct RecordView<'a> {
     pub(crate) record: Option<&'a str>,
     pub(crate) key_version: Option<u32>,
     pub(crate) key_source: Option<&'a str>,
+    /// Optional: written only when present (`AuditEvent::root_key`).
+    pub(crate) root_key: Option<&'a str>,
     pub(crate) result: &'a str,
     pub(crate) request_id: &'a str,
 }
@@ -177,6 +179,7 @@ impl<'a> RecordView<'a> {
             record: e.record.as_deref(),
             key_version: e.key_version,
             key_source: e.key_source.map(|k| k.as_str()),
+            root_key: e.root_key.as_deref(),
             result: e.outcome.as_str(),
             request_id: &e.request_id,
         }
@@ -207,6 +210,7 @@ struct Hoisted {
     record: bool,
     key_version: bool,
     key_source: bool,
+    root_key: bool,
     result: bool,
     request_id: bool,
 }
@@ -222,6 +226,7 @@ impl Hoisted {
         record: true,
         key_version: true,
         key_source: true,
+        root_key: true,
         result: true,
         request_id: true,
     };
@@ -248,6 +253,7 @@ impl Hoisted {
             h.record &= same_opt(e.record, first.record);
             h.key_version &= e.key_version == first.key_version;
             h.key_source &= same_opt(e.key_source, first.key_source);
+            h.root_key &= same_opt(e.root_key, first.root_key);
             h.result &= same(e.result, first.result);
             h.request_id &= same(e.request_id, first.request_id);
         }
@@ -257,8 +263,9 @@ impl Hoisted {
 
 /// Appends the members of `r` that are (`line_level`) or are not (record level) in `h`, in
 /// the fixed order of an event line: `time`, `actor`, `uid`, `pid`, `action`, `tenant`,
-/// `field`, `record`, `key_version`, `key_source`, `result`, `request_id`. At line level each
-/// member is preceded by a comma; at record level all but the first.
+/// `field`, `record`, `key_version`, `key_source`, `root_key`, `result`, `request_id`. At line
+/// level each member is preceded by a comma; at record level all but the first. `root_key` is
+/// optional: written only where present (a record without one has no such member).
 fn push_members(line: &mut String, r: &RecordView<'_>, h: Hoisted, line_level: bool) {
     let mut comma = line_level;
     let mut name = |line: &mut String, name: &str| {
@@ -307,6 +314,10 @@ fn push_members(line: &mut String, r: &RecordView<'_>, h: Hoisted, line_level: b
     if h.key_source == line_level {
         name(line, "key_source");
         push_opt_str(line, r.key_source);
+    }
+    if let (true, Some(root_key)) = (h.root_key == line_level, r.root_key) {
+        name(line, "root_key");
+        push_json_str(line, root_key);
     }
     if h.result == line_level {
         name(line, "result");
@@ -365,7 +376,12 @@ fn encode_batch(
     // decided once, before the line is cut to size. A record keeps at least one member of its
     // own (`record` if nothing differs), so that each has an object with content.
     let mut hoisted = Hoisted::over(first, rest);
-    if hoisted == Hoisted::ALL {
+    // (`root_key` is optional: a record may not have it, so it cannot be the one kept.)
+    let mandatory_all_shared = Hoisted {
+        root_key: true,
+        ..hoisted
+    } == Hoisted::ALL;
+    if mandatory_all_shared {
         hoisted.record = false;
     }
     line.clear();
@@ -414,6 +430,7 @@ pub(crate) fn max_event_line_len(e: &AuditEvent) -> usize {
         e.field.as_deref().map_or(0, str::len),
         e.record.as_deref().map_or(0, str::len),
         e.key_source.map_or(0, |k| k.as_str().len()),
+        e.root_key.as_deref().map_or(0, str::len),
         e.outcome.as_str().len(),
         e.request_id.len(),
     ]
@@ -547,6 +564,11 @@ impl RecordLine {
             record: nullable(&own.record, &line.record)?,
             key_version: own.key_version.or(line.key_version)?,
             key_source: nullable(&own.key_source, &line.key_source)?,
+            root_key: own
+                .root_key
+                .as_ref()
+                .or(line.root_key.as_ref())
+                .and_then(Option::as_deref),
             result: text(&own.result, &line.result)?,
             request_id: text(&own.request_id, &line.request_id)?,
         })
@@ -629,6 +651,9 @@ struct Members {
     key_version: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
     key_source: Option<Option<String>>,
+    /// Optional: absent when the record has none (never `null`).
+    #[serde(default, deserialize_with = "present")]
+    root_key: Option<Option<String>>,
     #[serde(default)]
     result: Option<String>,
     #[serde(default)]
@@ -692,6 +717,21 @@ fn record_line(line: Members, records: Vec<Members>, what: &str) -> Result<Recor
             }
             (false, _) => return Err(format!("{what} without '{name}'")),
         }
+    }
+    // The optional member: on the line, or in any of the records, never both; never `null`.
+    let root_keys = records.iter().filter_map(|r| r.root_key.as_ref());
+    if line
+        .root_key
+        .iter()
+        .chain(root_keys.clone())
+        .any(Option::is_none)
+    {
+        return Err(format!("{what} with a null 'root_key'"));
+    }
+    if line.root_key.is_some() && root_keys.count() > 0 {
+        return Err(format!(
+            "{what} with 'root_key' both on the line and in a record"
+        ));
     }
     let times = records
         .iter()
@@ -847,6 +887,7 @@ mod tests {
             record: Some(Arc::from(s)),
             key_version: Some(u32::MAX),
             key_source: Some(KeySource::Cache),
+            root_key: Some(Arc::from(s)),
             outcome: Outcome::Error("some_error_kind"),
             request_id: Arc::from(s),
         }

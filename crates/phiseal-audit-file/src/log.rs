@@ -274,7 +274,8 @@ struct Shared {
 /// one record; a **batch line** holds several written together (the records of one batch
 /// call, or in `Buffered` mode whatever was queued): every member all its records share once
 /// on the line, every other member in each record's object in `records`; its records have the
-/// sequence numbers `seq`, `seq + 1`, …:
+/// sequence numbers `seq`, `seq + 1`, …. The optional `root_key` member (after `key_source`)
+/// is written only for records that have one (`unwrap_key`, `rewrap_root_key`):
 ///
 /// ```text
 /// {"seq":0,"kind":"header","log_id":"<32 hex>","created":"<RFC 3339>","prev":"000…0","hash":"…"}
@@ -1925,6 +1926,7 @@ mod tests {
             record: Some(Arc::from(format!("r{i}"))),
             key_version: Some(1),
             key_source: None,
+            root_key: None,
             outcome: Outcome::Ok,
             request_id: Arc::from("req"),
         }

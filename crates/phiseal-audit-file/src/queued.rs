@@ -33,6 +33,7 @@ struct QueuedEvent {
     tenant: Option<Span>,
     field: Option<Span>,
     record: Option<Span>,
+    root_key: Option<Span>,
     request_id: Span,
 }
 
@@ -90,6 +91,7 @@ impl QueuedEvents {
             tenant: e.tenant.as_ref().map(|t| self.span(t.as_str())),
             field: e.field.as_deref().map(|f| self.span(f)),
             record: e.record.as_deref().map(|r| self.span(r)),
+            root_key: e.root_key.as_deref().map(|k| self.span(k)),
             request_id: self.span(&e.request_id),
         };
         self.events.push(queued);
@@ -123,6 +125,7 @@ impl QueuedEvents {
                 record: e.record.map(text),
                 key_version: e.key_version,
                 key_source: e.key_source,
+                root_key: e.root_key.map(text),
                 result: e.result,
                 request_id: text(e.request_id),
             })
@@ -158,6 +161,7 @@ mod tests {
             record: full.then(|| Arc::from(format!("r\"{i}é"))),
             key_version: full.then_some(3),
             key_source: full.then_some(KeySource::Stale),
+            root_key: None,
             outcome: if full {
                 Outcome::Error("key_destroyed")
             } else {

@@ -34,6 +34,7 @@ fn event(tenant: &str, i: u64, time: Timestamp) -> AuditEvent {
         record: Some(Arc::from(format!("patient-{i}"))),
         key_version: Some(3),
         key_source: Some(KeySource::Cache),
+        root_key: None,
         outcome: Outcome::Ok,
         request_id: Arc::from(format!("req-{i}")),
     }
@@ -503,6 +504,139 @@ async fn export_expands_batch_lines_into_records() {
     // Every exported line has the members of an event line, in its order.
     for line in text.lines() {
         assert_member_order(line, &EVENT_MEMBERS);
+    }
+}
+
+fn with_root_key(mut e: AuditEvent, root_key: &str) -> AuditEvent {
+    e.root_key = Some(Arc::from(root_key));
+    e
+}
+
+#[tokio::test]
+async fn root_key_is_written_only_where_present() {
+    for durability in [Durability::Strict, Durability::buffered()] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = FileAuditLog::open(&path, durability).unwrap();
+        // Event lines, with and without.
+        log.append(&[with_root_key(ev(1), "local:old")])
+            .await
+            .unwrap();
+        log.flush().await.unwrap();
+        log.append(&[ev(2)]).await.unwrap();
+        log.flush().await.unwrap();
+        // A call whose records share a root key: it is on the line.
+        let shared: Vec<_> = call_events(&["acme"], 3, "req-shared")
+            .into_iter()
+            .map(|e| with_root_key(e, "local:new"))
+            .collect();
+        log.append(&shared).await.unwrap();
+        log.flush().await.unwrap();
+        // A call where some records have one and others not, and two records that differ
+        // only in it: each record object carries its own, or none.
+        let mut mixed = call_events(&["acme"], 3, "req-mixed");
+        mixed[0].root_key = Some(Arc::from("local:a"));
+        mixed[2].root_key = Some(Arc::from("local:b"));
+        log.append(&mixed).await.unwrap();
+        log.flush().await.unwrap();
+        let e = ev(9);
+        log.append(&[with_root_key(e.clone(), "local:c"), e])
+            .await
+            .unwrap();
+        log.flush().await.unwrap();
+        drop(log);
+
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        let raw = lines(&path);
+        assert_eq!(raw.len(), 6, "{raw:#?}");
+        let mut with_it = EVENT_MEMBERS.to_vec();
+        with_it.insert(with_it.len() - 2, "root_key");
+        assert_member_order(&raw[1], &with_it);
+        assert!(!raw[2].contains("root_key"), "{}", raw[2]);
+        let line = json(&raw[3]);
+        assert_eq!(line["root_key"], "local:new");
+        assert!(!raw[3].contains(r#""root_key":"local:new"}"#), "{}", raw[3]);
+        let line = json(&raw[4]);
+        assert!(line.get("root_key").is_none(), "{}", raw[4]);
+        assert_eq!(line["records"][0]["root_key"], "local:a");
+        assert!(line["records"][1].get("root_key").is_none());
+        assert_eq!(line["records"][2]["root_key"], "local:b");
+        assert_eq!(
+            json(&raw[5])["records"],
+            serde_json::json!([{"record": "patient-9", "root_key": "local:c"}, {"record": "patient-9"}])
+        );
+        let got: Vec<Option<String>> = records(&path)
+            .iter()
+            .map(|r| r.get("root_key").map(|k| k.as_str().unwrap().to_owned()))
+            .collect();
+        let want: Vec<Option<&str>> = vec![
+            Some("local:old"),
+            None,
+            Some("local:new"),
+            Some("local:new"),
+            Some("local:new"),
+            Some("local:a"),
+            None,
+            Some("local:b"),
+            Some("local:c"),
+            None,
+        ];
+        assert_eq!(
+            got,
+            want.iter()
+                .map(|k| k.map(str::to_owned))
+                .collect::<Vec<_>>()
+        );
+
+        // Export writes it where present, in the members' order, and nowhere else.
+        let mut out = Vec::new();
+        export_tenant(&path, "acme", None, None, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let exported: Vec<&str> = text.lines().collect();
+        assert_eq!(exported.len(), want.len());
+        for (line, want) in exported.iter().zip(&want) {
+            match want {
+                Some(k) => {
+                    assert_member_order(line, &with_it);
+                    assert_eq!(json(line)["root_key"], *k);
+                }
+                None => {
+                    assert_member_order(line, &EVENT_MEMBERS);
+                    assert!(!line.contains("root_key"), "{line}");
+                }
+            }
+        }
+
+        // Malformed: `null`, or both on the line and in a record.
+        for (at, bad) in [
+            (
+                1,
+                raw[1].replace(r#""root_key":"local:old""#, r#""root_key":null"#),
+            ),
+            (
+                4,
+                raw[4].replacen(r#""records":["#, r#""root_key":null,"records":["#, 1),
+            ),
+            (
+                4,
+                raw[4].replacen(r#""records":["#, r#""root_key":"local:x","records":["#, 1),
+            ),
+            (
+                3,
+                raw[3].replacen(r#"{"record""#, r#"{"root_key":"local:y","record""#, 1),
+            ),
+        ] {
+            let mut edited = raw.clone();
+            assert_ne!(edited[at], bad);
+            edited[at] = bad;
+            write_lines(&path, &edited);
+            let report = verify(&path).unwrap();
+            assert!(
+                kinds_at(&report, at as u64 + 1).contains(&ProblemKind::Malformed),
+                "line {at}: {report:?}"
+            );
+        }
     }
 }
 

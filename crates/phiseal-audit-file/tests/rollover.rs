@@ -37,6 +37,7 @@ fn event(i: u64) -> AuditEvent {
         record: Some(Arc::from(format!("patient-{i}"))),
         key_version: Some(3),
         key_source: Some(KeySource::Cache),
+        root_key: None,
         outcome: Outcome::Ok,
         request_id: Arc::from(format!("req-{i}")),
     }

@@ -1338,6 +1338,20 @@ impl MemoryAudit {
             })
             .collect()
     }
+
+    /// `(action, outcome, root key)` of every event so far, then forgets them.
+    fn take_root_keys(&self) -> Vec<(String, String, Option<String>)> {
+        std::mem::take(&mut *self.events.lock().unwrap())
+            .into_iter()
+            .map(|e| {
+                (
+                    e.action.as_str().to_owned(),
+                    e.outcome.as_str().to_owned(),
+                    e.root_key.as_deref().map(str::to_owned),
+                )
+            })
+            .collect()
+    }
 }
 
 #[async_trait]
@@ -1726,7 +1740,11 @@ async fn root_key_migration_moves_every_version_and_is_idempotent() {
         matches!(err, Error::Kms { .. }) && err.to_string().contains("not configured here"),
         "{err}"
     );
-    audit.take();
+    // The refused unwrap names the root key the version is wrapped under.
+    let records = audit.take_root_keys();
+    let unwrap = records.iter().find(|r| r.0 == "unwrap_key").unwrap();
+    assert_ne!(unwrap.1, "ok");
+    assert_eq!(unwrap.2.as_deref(), Some(old_ref.as_str()));
 
     let migrating = on(Arc::new(KmsChain::new(new.clone(), vec![old.clone()])));
     let mut planned = None;
@@ -1752,13 +1770,14 @@ async fn root_key_migration_moves_every_version_and_is_idempotent() {
         "{:?}",
         report.still_referenced
     );
-    let records = audit.take();
-    // Each step is audited before (attempt) and after (ok).
+    let records = audit.take_root_keys();
+    // Each step is audited before (attempt, naming the source root key) and after (ok,
+    // naming the target).
     let expected: Vec<_> = (0..4)
         .flat_map(|_| {
             [
-                event("rewrap_root_key", "attempt", None),
-                event("rewrap_root_key", "ok", None),
+                event("rewrap_root_key", "attempt", Some(&old_ref)),
+                event("rewrap_root_key", "ok", Some(&new_ref)),
             ]
         })
         .collect();
@@ -1785,6 +1804,7 @@ async fn root_key_rotation_reports_versions_no_backend_can_unwrap() {
     let new: Arc<dyn Kms> =
         Arc::new(phiseal_kms_local::LocalKms::open(dir.path().join("new-root.key")).unwrap());
     let c = caller();
+    let old_ref = old.current_root_key_ref().await.unwrap();
     let k = Keyring::builder()
         .kms(old)
         .key_store(p.store.clone())
@@ -1793,10 +1813,11 @@ async fn root_key_rotation_reports_versions_no_backend_can_unwrap() {
         .unwrap();
     k.create_tenant(&c, &tenant("a")).await.unwrap();
     // The old root key is not configured: the version is reported and keeps its wrapping.
+    let audit = Arc::new(MemoryAudit::default());
     let k = Keyring::builder()
         .kms(new)
         .key_store(p.store.clone())
-        .danger_disable_audit()
+        .audit(audit.clone())
         .build()
         .unwrap();
     let report = k.rewrap_root_keys(&c, &mut |_| {}).await.unwrap();
@@ -1804,6 +1825,16 @@ async fn root_key_rotation_reports_versions_no_backend_can_unwrap() {
     assert_eq!(report.failed.len(), 1);
     assert_eq!(report.failed[0].tenant, tenant("a"));
     assert_eq!(report.still_referenced.values().sum::<u64>(), 1);
+    // Both records name the source root key: the version is still wrapped under it.
+    let records = audit.take_root_keys();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(
+        records[0],
+        event("rewrap_root_key", "attempt", Some(&old_ref))
+    );
+    assert_eq!(records[1].0, "rewrap_root_key");
+    assert_ne!(records[1].1, "ok");
+    assert_eq!(records[1].2.as_deref(), Some(old_ref.as_str()));
 }
 
 /// Fault injection: a KMS whose unwrap returns another key than it wrapped.

@@ -170,6 +170,11 @@ pub struct AuditEvent {
     pub key_version: Option<u32>,
     /// Where the key came from, for encrypt/decrypt/rewrap.
     pub key_source: Option<KeySource>,
+    /// The root key (its KMS reference, as stored with the wrapped key: not secret) that
+    /// wraps the tenant key version as of this record, for the actions that touch a wrapping:
+    /// `unwrap_key` (the root key asked to unwrap), `rewrap_root_key` (the source on the
+    /// `attempt` and on a failure, the target once re-wrapped). `None` for every other action.
+    pub root_key: Option<Arc<str>>,
     /// How it ended.
     pub outcome: Outcome,
     /// The request id that groups the events of one call.

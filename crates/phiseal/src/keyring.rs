@@ -579,6 +579,7 @@ impl Keyring {
             record: context.and_then(|c| c.record_shared()).cloned(),
             key_version: meta.key_version,
             key_source: meta.key_source,
+            root_key: None,
             outcome,
             request_id: Arc::clone(&caller.request_id),
         }
@@ -861,7 +862,8 @@ impl Keyring {
             .get_or_insert_async(&cache_key, async {
                 unwrapped_here = true;
                 let result = self.unwrap_version_guarded(tenant, key_record).await;
-                self.audit_unwrap(caller, tenant, version, &result).await?;
+                self.audit_unwrap(caller, tenant, key_record, &result)
+                    .await?;
                 result.map(Arc::new)
             })
             .await?;
@@ -942,21 +944,22 @@ impl Keyring {
     }
 
     /// Audits one attempt to get a tenant key version from the KMS.
+    /// `record` is the version's key record: its wrapped key names the root key asked.
     async fn audit_unwrap<T>(
         &self,
         caller: &Caller,
         tenant: &TenantId,
-        version: u32,
+        record: &KeyRecord,
         result: &Result<T, Error>,
     ) -> Result<(), Error> {
         if self.inner.audit.is_none() {
             return Ok(());
         }
         let meta = OpMeta {
-            key_version: Some(version),
+            key_version: Some(record.version),
             key_source: Some(KeySource::Kms),
         };
-        let event = Self::event(
+        let mut event = Self::event(
             caller,
             Action::UnwrapKey,
             Some(tenant),
@@ -964,6 +967,10 @@ impl Keyring {
             &meta,
             outcome_of(result),
         );
+        event.root_key = record
+            .wrapped
+            .as_ref()
+            .map(|w| Arc::from(w.root_key_ref.as_str()));
         self.append(std::slice::from_ref(&event)).await
     }
 

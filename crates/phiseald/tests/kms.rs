@@ -292,9 +292,20 @@ async fn a_migration_from_the_local_kms_to_aws_kms_survives_a_kill_and_needs_no_
     .json();
     assert_eq!(after["under_current"], TENANTS, "{after}");
     assert_eq!(after["others"], serde_json::json!({}), "{after}");
-    // Every version was moved exactly once, across the killed run and the rerun.
+    // Every version was moved exactly once, across the killed run and the rerun; each step's
+    // records name the root key that wraps it: the local one before, AWS KMS after.
+    let old_root = others.keys().next().unwrap().clone();
+    let new_root = format!("aws-kms:{arn}");
     let mut moved = std::collections::BTreeMap::new();
     for r in common::audit_records(&audit_log) {
+        if r["action"] == "rewrap_root_key" {
+            let want = if r["result"] == "ok" {
+                &new_root
+            } else {
+                &old_root
+            };
+            assert_eq!(r["root_key"], want.as_str(), "{r}");
+        }
         if r["action"] == "rewrap_root_key" && r["result"] == "ok" {
             let id = (
                 r["tenant"].as_str().unwrap().to_owned(),
@@ -327,6 +338,31 @@ async fn a_migration_from_the_local_kms_to_aws_kms_survives_a_kill_and_needs_no_
             "{tenant}"
         );
     }
+    // Each key the new daemon fetched (its records follow the local deployment's in the data
+    // directory's log) names the root key that unwrapped it.
+    let records = common::audit_records(&d.audit_log());
+    let started = records
+        .iter()
+        .rposition(|r| r["action"] == "encrypt")
+        .unwrap();
+    let unwraps: Vec<_> = records[started..]
+        .iter()
+        .filter(|r| r["action"] == "unwrap_key")
+        .collect();
+    assert_eq!(unwraps.len(), TENANTS, "{unwraps:?}");
+    assert!(
+        unwraps
+            .iter()
+            .all(|r| r["result"] == "ok" && r["root_key"] == new_root.as_str()),
+        "{unwraps:?}"
+    );
+    // The local deployment's own unwraps, if any, named the local root key.
+    assert!(
+        records[..started]
+            .iter()
+            .filter(|r| r["action"] == "unwrap_key")
+            .all(|r| r["root_key"] == old_root.as_str())
+    );
 }
 
 /// A private SoftHSM2 token directory and configuration (`SOFTHSM2_CONF` is set on the child

@@ -146,7 +146,7 @@ impl Keyring {
             inner
                 .outage
                 .record(&result, Instant::now_without_cache_update());
-            if let Err(e) = self.audit_unwrap(caller, tenant, version, &result).await {
+            if let Err(e) = self.audit_unwrap(caller, tenant, record, &result).await {
                 return Some(Err(e));
             }
             match result {

@@ -12,6 +12,7 @@
 //! error kind), so a step that cannot be audited does not happen.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::{Keyring, OpMeta, binding_mismatch, key_binding, kms_error, outcome_of, store_error};
 use crate::audit::{Action, Outcome};
@@ -121,6 +122,7 @@ impl Keyring {
 
         // Plan: count the work (the store may change meanwhile; each step re-checks).
         let (to_rewrap, _) = self.scan(&tenants, &target).await?;
+        let target_ref: Arc<str> = Arc::from(target.as_str());
         on_event(RootRewrapEvent::Planned {
             to_rewrap: to_rewrap.values().sum(),
         });
@@ -142,7 +144,10 @@ impl Keyring {
                     key_version: Some(version.version),
                     key_source: None,
                 };
-                let attempt = Self::event(
+                // Each record names the root key that wraps the version as of the record:
+                // the source before, the target once re-wrapped (the source if it failed).
+                let source: Arc<str> = Arc::from(wrapped.root_key_ref.as_str());
+                let mut attempt = Self::event(
                     caller,
                     Action::RewrapRootKey,
                     Some(tenant),
@@ -150,11 +155,12 @@ impl Keyring {
                     &meta,
                     Outcome::Attempt,
                 );
+                attempt.root_key = Some(Arc::clone(&source));
                 self.append(std::slice::from_ref(&attempt)).await?;
                 let result = self
                     .rewrap_root_version(tenant, version, wrapped, &target)
                     .await;
-                let done = Self::event(
+                let mut done = Self::event(
                     caller,
                     Action::RewrapRootKey,
                     Some(tenant),
@@ -162,6 +168,10 @@ impl Keyring {
                     &meta,
                     outcome_of(&result),
                 );
+                done.root_key = Some(match result {
+                    Ok(()) => Arc::clone(&target_ref),
+                    Err(_) => source,
+                });
                 self.append(std::slice::from_ref(&done)).await?;
                 match result {
                     Ok(()) => {
