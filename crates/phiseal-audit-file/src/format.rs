@@ -9,7 +9,8 @@ use serde::Deserialize;
 
 /// Longest line (including its newline) the writer produces and `verify` accepts. Records are
 /// bounded by the core crate's limits (names ≤ 128 bytes, record ids ≤ 512 bytes); only an
-/// absurd actor identity or request id could come near this.
+/// absurd actor identity, request id or root-key reference (read from the key store) could
+/// come near this, and then the append fails closed (`RecordTooLarge`).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
 
 /// `prev` of the header record.
@@ -518,7 +519,8 @@ pub(crate) enum Kind {
 }
 
 /// The records of an event or batch line, checked: each member is on the line or in every
-/// record. An event line is read as a line holding every member, with one record that has
+/// record (the optional `root_key`: on the line, or in the records that have one, or
+/// nowhere). An event line is read as a line holding every member, with one record that has
 /// none of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RecordLine {

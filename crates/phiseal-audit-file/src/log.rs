@@ -275,7 +275,8 @@ struct Shared {
 /// call, or in `Buffered` mode whatever was queued): every member all its records share once
 /// on the line, every other member in each record's object in `records`; its records have the
 /// sequence numbers `seq`, `seq + 1`, …. The optional `root_key` member (after `key_source`)
-/// is written only for records that have one (`unwrap_key`, `rewrap_root_key`):
+/// is written only for records that have one (`unwrap_key`, `rewrap_root_key`, a successful
+/// `create_tenant` or `rotate_key`):
 ///
 /// ```text
 /// {"seq":0,"kind":"header","log_id":"<32 hex>","created":"<RFC 3339>","prev":"000…0","hash":"…"}

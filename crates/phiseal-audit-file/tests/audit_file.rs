@@ -620,6 +620,10 @@ async fn root_key_is_written_only_where_present() {
             ),
             (
                 4,
+                raw[4].replace(r#""root_key":"local:a""#, r#""root_key":null"#),
+            ),
+            (
+                4,
                 raw[4].replacen(r#""records":["#, r#""root_key":"local:x","records":["#, 1),
             ),
             (

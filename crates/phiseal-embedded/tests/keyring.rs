@@ -1728,7 +1728,24 @@ async fn root_key_migration_moves_every_version_and_is_idempotent() {
     ciphertexts.push(("b", ct));
     before.create_tenant(&c, &tenant("gone")).await.unwrap();
     before.shred(&c, &tenant("gone")).await.unwrap();
-    audit.take();
+    // (A creation that fails after its key was wrapped names none: no version exists.)
+    assert!(matches!(
+        before.create_tenant(&c, &tenant("a")).await,
+        Err(Error::TenantExists { .. })
+    ));
+    // A created or rotated version's result record, and each unwrap, names the root key
+    // that wraps the version; no other record names one.
+    let records = audit.take_root_keys();
+    let named: Vec<_> = records.iter().filter(|r| r.2.is_some()).collect();
+    assert_eq!(named.len(), 5 + 4, "{records:?}");
+    for (action, outcome, root_key) in &records {
+        let creates = ["create_tenant", "rotate_key"].contains(&action.as_str());
+        if (creates && outcome == "ok") || action == "unwrap_key" {
+            assert_eq!(root_key.as_deref(), Some(old_ref.as_str()), "{action}");
+        } else {
+            assert_eq!(*root_key, None, "{action} {outcome}");
+        }
+    }
 
     // The new key alone cannot read the old wrapping.
     let only_new = on(new.clone());
@@ -1788,6 +1805,17 @@ async fn root_key_migration_moves_every_version_and_is_idempotent() {
     for (t, ct) in &ciphertexts {
         only_new.decrypt(&c, &ctx(t, "f", None), ct).await.unwrap();
     }
+    // Its unwraps (one per version) name the new root key.
+    let unwraps: Vec<_> = audit
+        .take_root_keys()
+        .into_iter()
+        .filter(|r| r.0 == "unwrap_key")
+        .collect();
+    assert_eq!(
+        unwraps,
+        vec![event("unwrap_key", "ok", Some(&new_ref)); 4],
+        "{unwraps:?}"
+    );
     // Running again changes nothing.
     let again = migrating.rewrap_root_keys(&c, &mut |_| {}).await.unwrap();
     assert_eq!(

@@ -170,10 +170,12 @@ pub struct AuditEvent {
     pub key_version: Option<u32>,
     /// Where the key came from, for encrypt/decrypt/rewrap.
     pub key_source: Option<KeySource>,
-    /// The root key (its KMS reference, as stored with the wrapped key: not secret) that
-    /// wraps the tenant key version as of this record, for the actions that touch a wrapping:
-    /// `unwrap_key` (the root key asked to unwrap), `rewrap_root_key` (the source on the
-    /// `attempt` and on a failure, the target once re-wrapped). `None` for every other action.
+    /// The root key (its KMS reference, as stored with the wrapped key: not secret) of the
+    /// wrapping a record is about, for the records that touch one: `unwrap_key` (the root
+    /// key the version is wrapped under, whether or not the KMS was reached), the `ok`
+    /// result of `create_tenant` and `rotate_key` (the new version's), `rewrap_root_key` (the
+    /// source — the wrapping the step found — on the `attempt` and on a failure, the target
+    /// once re-wrapped). `None` on every other record.
     pub root_key: Option<Arc<str>>,
     /// How it ended.
     pub outcome: Outcome,

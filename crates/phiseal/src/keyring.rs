@@ -337,6 +337,10 @@ const MIN_REFRESH_AGE: coarsetime::Duration = coarsetime::Duration::from_millis(
 /// A field operation's result and what it touched.
 type FieldOutcome<T> = (Result<T, Error>, OpMeta);
 
+/// An admin operation's result, its record's metadata, and the root key that wraps the key
+/// version it created (for its result record, `AuditEvent::root_key`).
+type AdminOutcome<T> = (Result<T, Error>, OpMeta, Option<Arc<str>>);
+
 /// What one field operation touched, for its audit record.
 #[derive(Default)]
 struct OpMeta {
@@ -526,6 +530,14 @@ fn key_binding(tenant: &TenantId, version: u32) -> KeyBinding {
     }
 }
 
+/// The root key a key record is wrapped under, for its audit records.
+fn root_key_of(record: &KeyRecord) -> Option<Arc<str>> {
+    record
+        .wrapped
+        .as_ref()
+        .map(|w| Arc::from(w.root_key_ref.as_str()))
+}
+
 /// The error for key bytes that are not the key `binding` names (tampering or a mix-up).
 fn binding_mismatch(binding: &KeyBinding) -> Error {
     Error::KeyBindingMismatch {
@@ -689,7 +701,7 @@ impl Keyring {
         caller: &Caller,
         action: Action,
         tenant: &TenantId,
-        op: impl std::future::Future<Output = FieldOutcome<T>>,
+        op: impl std::future::Future<Output = AdminOutcome<T>>,
     ) -> Result<T, Error> {
         let none = OpMeta::default();
         let attempt = Self::event(caller, action, Some(tenant), None, &none, Outcome::Attempt);
@@ -702,9 +714,9 @@ impl Keyring {
             keyring: self,
             tenant,
         };
-        let (result, meta) = op.await;
+        let (result, meta, root_key) = op.await;
         drop(invalidate);
-        let done = Self::event(
+        let mut done = Self::event(
             caller,
             action,
             Some(tenant),
@@ -712,6 +724,7 @@ impl Keyring {
             &meta,
             outcome_of(&result),
         );
+        done.root_key = root_key;
         match (self.append(std::slice::from_ref(&done)).await, result) {
             (Ok(()), result) => result,
             // Done but not recorded: say so, or a retry would repeat it (a second rotation).
@@ -967,10 +980,7 @@ impl Keyring {
             &meta,
             outcome_of(result),
         );
-        event.root_key = record
-            .wrapped
-            .as_ref()
-            .map(|w| Arc::from(w.root_key_ref.as_str()));
+        event.root_key = root_key_of(record);
         self.append(std::slice::from_ref(&event)).await
     }
 
@@ -1440,8 +1450,10 @@ impl Keyring {
                 key_version: Some(1),
                 key_source: None,
             };
+            let mut root_key = None;
             let result = async {
                 let record = self.new_key_record(tenant, 1).await?;
+                let wrapped_under = root_key_of(&record);
                 let store = &*self.inner.store;
                 store
                     .create_tenant(tenant, record)
@@ -1453,10 +1465,11 @@ impl Keyring {
                         _ => store_error(store, e),
                     })?;
                 self.inner.tenants.remove(tenant);
+                root_key = wrapped_under;
                 Ok(())
             }
             .await;
-            (result, meta)
+            (result, meta, root_key)
         };
         self.admin(caller, Action::CreateTenant, tenant, op).await
     }
@@ -1488,6 +1501,7 @@ impl Keyring {
     ) -> Result<u32, Error> {
         let op = async {
             let mut meta = OpMeta::default();
+            let mut root_key = None;
             let result = async {
                 self.inner.tenants.remove(tenant);
                 let view = self
@@ -1511,11 +1525,15 @@ impl Keyring {
                 }
                 meta.key_version = Some(next);
                 let record = self.new_key_record(tenant, next).await?;
+                let wrapped_under = root_key_of(&record);
                 let store = &*self.inner.store;
                 let inserted = store.insert_version(tenant, latest, record).await;
                 self.inner.tenants.remove(tenant);
                 match inserted {
-                    Ok(()) => Ok(next),
+                    Ok(()) => {
+                        root_key = wrapped_under;
+                        Ok(next)
+                    }
                     Err(e) if e.kind() == BackendErrorKind::Conflict => {
                         // Lost the compare-and-set: to another rotation, or to a shred.
                         let now = store
@@ -1537,7 +1555,7 @@ impl Keyring {
                 }
             }
             .await;
-            (result, meta)
+            (result, meta, root_key)
         };
         self.admin(caller, Action::RotateKey, tenant, op).await
     }
@@ -1577,7 +1595,7 @@ impl Keyring {
                 result.map_err(|e| store_error(store, e))
             }
             .await;
-            (result, meta)
+            (result, meta, None)
         };
         self.admin(caller, Action::SetMinDecryptVersion, tenant, op)
             .await
@@ -1612,7 +1630,7 @@ impl Keyring {
                 result.map_err(|e| store_error(store, e))
             }
             .await;
-            (result, OpMeta::default())
+            (result, OpMeta::default(), None)
         };
         self.admin(caller, Action::ShredTenant, tenant, op).await
     }
