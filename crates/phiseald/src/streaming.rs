@@ -167,7 +167,9 @@ async fn send_output(
     sent
 }
 
-/// Admits the call and parses and authorizes the first message's context.
+/// Admits the call, parses and authorizes the first message's context, then takes one of
+/// the `limits.max_streams` slots: a caller the policy refuses, or one that never sends its
+/// first message, holds no slot (only its call, until the deadline).
 async fn open<M>(
     s: &Sidecar,
     rpc: &'static str,
@@ -177,18 +179,6 @@ async fn open<M>(
     context_of: impl FnOnce(M) -> Option<pb::Context>,
 ) -> Result<(Call, Streaming<M>, EncryptionContext, OwnedSemaphorePermit), Status> {
     let call = s.admit_as(rpc, action, &request).await?;
-    let Ok(permit) = Arc::clone(&s.streams).try_acquire_owned() else {
-        s.metrics.refuse("too_many_streams");
-        let status = status::status(
-            Code::ResourceExhausted,
-            "too_many_streams",
-            "too many streams open (limits.max_streams): retry later",
-        );
-        return Err(s
-            .reply(&call, Err::<(), _>(status))
-            .err()
-            .unwrap_or_else(|| status::status(Code::Internal, "internal", "internal error")));
-    };
     let mut inbound = request.into_inner();
     let opened = s
         .within(&call, async {
@@ -200,11 +190,19 @@ async fn open<M>(
             })?;
             let context = first_context(context_of(first))?;
             s.authorize_field_as(&call, op, action, &context).await?;
-            Ok(context)
+            let Ok(permit) = Arc::clone(&s.streams).try_acquire_owned() else {
+                s.metrics.refuse("too_many_streams");
+                return Err(status::status(
+                    Code::ResourceExhausted,
+                    "too_many_streams",
+                    "too many streams open (limits.max_streams): retry later",
+                ));
+            };
+            Ok((context, permit))
         })
         .await;
     match opened {
-        Ok(context) => Ok((call, inbound, context, permit)),
+        Ok((context, permit)) => Ok((call, inbound, context, permit)),
         Err(status) => Err(s
             .reply(&call, Err::<(), _>(status))
             .err()

@@ -912,6 +912,37 @@ async fn streams_beyond_limits_max_streams_are_refused() {
 }
 
 #[tokio::test]
+async fn a_stream_holds_no_slot_before_its_first_message_is_authorized() {
+    let d = Daemon::with_config(&config(&format!(
+        "{ALL}[limits]
+max_streams = 1
+"
+    )));
+    create_tenant(&d, "clinic").await;
+    // Streams that never send their first message (the call stays open until its deadline).
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::EncryptStreamRequest>(1);
+        let mut client = d.fields().await;
+        let call = tokio::spawn(async move {
+            client
+                .encrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        idle.push((tx, call));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A stream of another caller (here: the same uid) still gets the one slot.
+    let sealed = encrypt_stream(&d, vec![b"referral letter".to_vec()]).await;
+    assert!(!sealed.is_empty());
+    for (tx, call) in idle {
+        assert!(!call.is_finished(), "an idle stream was answered");
+        drop(tx);
+        call.abort();
+    }
+}
+
+#[tokio::test]
 async fn decrypt_streams_with_segments_over_the_limit_are_refused_and_audited() {
     let d = Daemon::with_config(&config(&format!(
         "{ALL}[limits]\nmax_stream_segment_bytes = 4096\n"
