@@ -83,9 +83,9 @@ pub(crate) enum CliError {
     /// `rewrap` processed every line but some items failed (each was reported on stderr).
     #[error("rewrap: {failed} of {lines} lines failed and were written unchanged")]
     RewrapFailed {
-        /// Lines that failed.
+        /// Lines that failed (in earlier runs of a resumed output included).
         failed: u64,
-        /// Lines processed in this run.
+        /// Lines in the output (those of earlier runs of a resumed output included).
         lines: u64,
     },
     /// `root rotate` / `root migrate` went through every version but some failed.

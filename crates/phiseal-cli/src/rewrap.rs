@@ -18,6 +18,10 @@ use phiseal_proto::v1::{Context, RewrapItem, RewrapRequest, RewrapResult, rewrap
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+mod failures;
+
+use failures::FailureList;
+
 use crate::cli::{GlobalArgs, RewrapArgs};
 use crate::client::{Daemon, error_kind};
 use crate::error::CliError;
@@ -411,11 +415,14 @@ fn fd_file_id(fd: std::os::fd::BorrowedFd<'_>) -> Option<FileId> {
 }
 
 /// Opens (or creates, mode 0600) `--output`; returns it with the number of input lines it
-/// already holds (0 without `--resume`, where a non-empty file is refused).
+/// already holds (0 without `--resume`, where a non-empty file is refused). With `--resume`,
+/// those lines of `input` are read and checked against the output's ([`skip_lines`]) before
+/// anything in the output changes: only then is a torn last line cut off.
 fn open_output(
     path: &Path,
     resume: bool,
-    input: Option<FileId>,
+    input_id: Option<FileId>,
+    input: &mut dyn BufRead,
     json: bool,
 ) -> Result<(File, u64), CliError> {
     let shown = path.display();
@@ -434,7 +441,7 @@ fn open_output(
             "output {shown} is not a regular file (omit --output to write to stdout)"
         )));
     };
-    if input == Some(id) {
+    if input_id == Some(id) {
         return Err(CliError::Usage(format!(
             "the input and the output are the same file ({shown})"
         )));
@@ -460,6 +467,7 @@ fn open_output(
     }
     let (lines, end) =
         complete_lines(&mut &file).map_err(CliError::io(format!("cannot read output {shown}")))?;
+    skip_lines(input, lines, path)?;
     if end < meta.len() {
         file.set_len(end)
             .and_then(|()| file.sync_all())
@@ -724,6 +732,8 @@ impl Stats {
 struct Rewrapper {
     daemon: Daemon,
     sink: Sink,
+    /// The failure list of an `--output` run (none on stdout).
+    failures: Option<FailureList>,
     progress: ProgressBar,
     stats: Stats,
     /// Failed lines are reported as JSON objects.
@@ -734,6 +744,17 @@ impl Rewrapper {
     /// Rewraps one batch, writes and commits its lines, then reports its failures.
     async fn batch(&mut self, lines: &[Line]) -> Result<(), CliError> {
         let outcomes = self.rewrap(lines).await?;
+        if let Some(list) = &mut self.failures {
+            let failed: Vec<(u64, &str)> = lines
+                .iter()
+                .zip(&outcomes)
+                .filter_map(|(line, outcome)| match outcome {
+                    Outcome::Failed(f) => Some((line.number, f.kind.as_str())),
+                    _ => None,
+                })
+                .collect();
+            list.record(&failed)?;
+        }
         for (line, outcome) in lines.iter().zip(&outcomes) {
             self.sink.write(&render(line, outcome))?;
         }
@@ -791,7 +812,8 @@ fn progress_bar(start: u64) -> ProgressBar {
 }
 
 /// The summary on stderr (JSON with `--json`).
-fn summary(stats: &Stats, skipped: u64, json: bool) -> String {
+/// `earlier_failed`: lines among the `skipped` ones that failed in earlier runs.
+fn summary(stats: &Stats, skipped: u64, earlier_failed: u64, json: bool) -> String {
     if json {
         return serde_json::json!({
             "lines": stats.lines,
@@ -800,6 +822,7 @@ fn summary(stats: &Stats, skipped: u64, json: bool) -> String {
             "failed": stats.failed,
             "empty": stats.empty,
             "skipped": skipped,
+            "earlier_failed": earlier_failed,
         })
         .to_string();
     }
@@ -809,7 +832,8 @@ fn summary(stats: &Stats, skipped: u64, json: bool) -> String {
     );
     if skipped > 0 {
         text.push_str(&format!(
-            " ({skipped} lines skipped: already in the output)"
+            " ({skipped} lines skipped: already in the output, {earlier_failed} of them failed \
+             in earlier runs)"
         ));
     }
     text
@@ -823,13 +847,18 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         record: args.record.clone(),
     };
     let (mut input, input_id) = open_input(args.input.as_deref())?;
-    let (sink, skipped) = match &args.output {
+    let (sink, skipped, failures) = match &args.output {
         Some(path) => {
-            let (file, done) = open_output(path, args.resume, input_id, global.json)?;
-            skip_lines(&mut *input, done, path)?;
+            let (file, done) = open_output(path, args.resume, input_id, &mut *input, global.json)?;
+            // (Under the output's lock, like the list.)
+            let failures = if done > 0 {
+                FailureList::resume(path, done)?
+            } else {
+                FailureList::start(path)?
+            };
             let writer = BufWriter::with_capacity(256 * 1024, file);
             let path = path.clone();
-            (Sink::File { writer, path }, done)
+            (Sink::File { writer, path }, done, Some(failures))
         }
         None => {
             if input_id.is_some() && fd_file_id(io::stdout().as_fd()) == input_id {
@@ -837,16 +866,21 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
                     "standard output is the input file: write to another file (--output)".into(),
                 ));
             }
-            (Sink::Stdout(BufWriter::new(io::stdout())), 0)
+            (Sink::Stdout(BufWriter::new(io::stdout())), 0, None)
         }
     };
+    let earlier_failed = failures.as_ref().map_or(0, FailureList::earlier);
     if skipped > 0 {
         stderr_note(
             global.json,
             &format!(
-                "rewrap: resuming after line {skipped}; lines that failed in earlier runs were \
-             left unchanged and are not counted again: check the whole output afterwards \
-             (docs/OPERATIONS.md, \"Check progress\")"
+                "rewrap: resuming after line {skipped}; {earlier_failed} of those lines failed in \
+                 earlier runs (left unchanged, listed in {}) and count as failed again",
+                args.output
+                    .as_deref()
+                    .map(FailureList::path_for)
+                    .unwrap_or_default()
+                    .display()
             ),
         );
     }
@@ -854,6 +888,7 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
     let mut run = Rewrapper {
         daemon,
         sink,
+        failures,
         progress: progress_bar(skipped),
         stats: Stats::default(),
         json: global.json,
@@ -882,11 +917,12 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         );
     }
     result?;
-    stderr_line(&summary(&run.stats, skipped, global.json));
-    if run.stats.failed > 0 {
+    stderr_line(&summary(&run.stats, skipped, earlier_failed, global.json));
+    let failed = run.stats.failed + earlier_failed;
+    if failed > 0 {
         return Err(CliError::RewrapFailed {
-            failed: run.stats.failed,
-            lines: run.stats.lines,
+            failed,
+            lines: run.stats.lines + skipped,
         });
     }
     Ok(())
@@ -1192,13 +1228,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
         std::fs::write(&out, b"one\ntwo\nthr").unwrap();
-        let (file, done) = open_output(&out, true, None, false).unwrap();
+        // An input that does not correspond (another line shape): refused, and the output's
+        // torn last line is left as it was.
+        let mut other: &[u8] = b"{\"a\":1}\n{\"a\":2}\n";
+        let err = open_output(&out, true, None, &mut other, false).unwrap_err();
+        assert!(err.to_string().contains("does not correspond"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"one\ntwo\nthr");
+
+        let mut input: &[u8] = b"1\n2\n3\n4";
+        let (file, done) = open_output(&out, true, None, &mut input, false).unwrap();
         drop(file);
         assert_eq!(done, 2);
         assert_eq!(std::fs::read(&out).unwrap(), b"one\ntwo\n");
-
-        let mut input: &[u8] = b"1\n2\n3\n4";
-        skip_lines(&mut input, done, &out).unwrap();
         let batch = BatchReader::new(&mut input, done, 1 << 20)
             .batch(10, &defaults(None))
             .unwrap();
@@ -1260,7 +1301,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
         std::fs::write(&out, b"x\n").unwrap();
-        let err = open_output(&out, false, None, false)
+        let err = open_output(&out, false, None, &mut &b""[..], false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("--resume"), "{err}");
@@ -1272,13 +1313,13 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("new.txt");
-        let (file, done) = open_output(&out, false, None, false).unwrap();
+        let (file, done) = open_output(&out, false, None, &mut &b""[..], false).unwrap();
         assert_eq!(done, 0);
         let meta = file.metadata().unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let id = file_id(&meta);
         drop(file);
-        assert!(open_output(&out, true, id, false).is_err());
+        assert!(open_output(&out, true, id, &mut &b""[..], false).is_err());
     }
 
     #[test]
@@ -1327,14 +1368,14 @@ mod tests {
     fn a_second_run_on_the_same_output_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
-        let (first, _) = open_output(&out, false, None, false).unwrap();
+        let (first, _) = open_output(&out, false, None, &mut &b""[..], false).unwrap();
         for resume in [false, true] {
-            let err = open_output(&out, resume, None, false)
+            let err = open_output(&out, resume, None, &mut &b""[..], false)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("in use by another rewrap run"), "{err}");
         }
         drop(first);
-        open_output(&out, true, None, false).unwrap();
+        open_output(&out, true, None, &mut &b""[..], false).unwrap();
     }
 }

@@ -816,7 +816,7 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     assert_eq!(
         lines[4],
         json!({"lines": 5, "rewrapped": 3, "already_current": 0, "failed": 2, "empty": 0,
-               "skipped": 3})
+               "skipped": 3, "earlier_failed": 0})
     );
     assert_eq!(lines[5]["error"]["exit_code"], 7, "{}", run.stderr);
     assert_eq!(lines[5]["error"]["kind"], "partly_failed", "{}", run.stderr);
@@ -824,8 +824,16 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     assert!(output.starts_with(&kept), "the lines done before are kept");
     check_rewrap_output(&d, &cases, &output);
 
-    // Everything is done: another resume has nothing to do.
-    let run = d.cli(&resumed, b"").expect(0);
+    // The failed lines are listed next to the output (numbers and kinds only).
+    let list = std::fs::read_to_string(format!("{o}.failed")).unwrap();
+    assert_eq!(
+        list,
+        "{\"kind\":\"malformed_ciphertext\",\"line\":5}\n{\"kind\":\"decryption_failed\",\"line\":6}\n"
+    );
+
+    // Everything is done: another resume has nothing to do, but still counts the two lines
+    // that failed (exit 7: the output is not entirely under the primary version).
+    let run = d.cli(&resumed, b"").expect(7);
     assert_eq!(std::fs::read_to_string(&output_file).unwrap(), output);
     let summary = run
         .stderr
@@ -835,7 +843,7 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     assert_eq!(
         serde_json::from_str::<Value>(summary).unwrap(),
         json!({"lines": 0, "rewrapped": 0, "already_current": 0, "failed": 0, "empty": 0,
-               "skipped": 8})
+               "skipped": 8, "earlier_failed": 2})
     );
 
     // A fresh output file is created with mode 0600.

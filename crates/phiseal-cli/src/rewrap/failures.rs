@@ -1,0 +1,190 @@
+//! The failure list of a `rewrap --output` run: `<output>.failed`, one JSON line per input line
+//! that failed (`{"line":N,"kind":"…"}`; line numbers and error kinds only, never content).
+//!
+//! A failed line is written to the output unchanged, so a run resumed after it skips it like
+//! any other line already done. The list lets the resumed run still count it: its summary and
+//! exit code (7) cover the failures of the runs before it. Each batch's failures are appended
+//! and fsynced before the batch's output lines are written, so the list never misses a failed
+//! line that the output holds; entries past the output's end (a crash between the two) belong
+//! to lines the resumed run does again, and each line counts once.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::CliError;
+
+/// One entry of the list.
+#[derive(Deserialize)]
+struct Entry {
+    line: u64,
+}
+
+/// The failure list next to an output file.
+pub(super) struct FailureList {
+    path: PathBuf,
+    /// Opened on the first failure of this run.
+    file: Option<File>,
+    /// Distinct lines of earlier runs that failed, among those the output already holds.
+    earlier: u64,
+}
+
+impl FailureList {
+    /// The list's path: the output's with `.failed` appended.
+    pub(super) fn path_for(output: &Path) -> PathBuf {
+        let mut name = OsString::from(output.as_os_str());
+        name.push(".failed");
+        PathBuf::from(name)
+    }
+
+    /// For a run into a new (empty) output: a list left from an earlier output of that name
+    /// no longer describes anything and is removed.
+    pub(super) fn start(output: &Path) -> Result<Self, CliError> {
+        let path = Self::path_for(output);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(CliError::io(format!(
+                    "cannot remove the stale failure list {}",
+                    path.display()
+                ))(e));
+            }
+        }
+        Ok(Self {
+            path,
+            file: None,
+            earlier: 0,
+        })
+    }
+
+    /// For a run resumed after `done` lines: counts the earlier failures among them. No list
+    /// means that no earlier run recorded a failure.
+    pub(super) fn resume(output: &Path, done: u64) -> Result<Self, CliError> {
+        let path = Self::path_for(output);
+        let shown = path.display().to_string();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self {
+                    path,
+                    file: None,
+                    earlier: 0,
+                });
+            }
+            Err(e) => return Err(CliError::io(format!("cannot open {shown}"))(e)),
+        };
+        let mut lines = BTreeSet::new();
+        let mut reader = BufReader::new(file);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            let n = reader
+                .read_until(b'\n', &mut raw)
+                .map_err(CliError::io(format!("cannot read {shown}")))?;
+            if n == 0 {
+                break;
+            }
+            match serde_json::from_slice::<Entry>(&raw) {
+                Ok(entry) => {
+                    if (1..=done).contains(&entry.line) {
+                        lines.insert(entry.line);
+                    }
+                }
+                // A torn last entry (a crash while it was written): its batch never reached
+                // the output, and the resumed run does those lines again.
+                Err(_) if raw.last() != Some(&b'\n') => break,
+                Err(_) => {
+                    return Err(CliError::Failed(format!(
+                        "{shown} is not a rewrap failure list (a line is not \
+                         {{\"line\":N,\"kind\":\"…\"}}): move it away to resume without \
+                         counting earlier failures"
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            path,
+            file: None,
+            earlier: lines.len() as u64,
+        })
+    }
+
+    /// Lines that failed in earlier runs (see [`FailureList::resume`]).
+    pub(super) fn earlier(&self) -> u64 {
+        self.earlier
+    }
+
+    /// Appends a batch's failures (line number, error kind) and makes them durable.
+    pub(super) fn record(&mut self, failures: &[(u64, &str)]) -> Result<(), CliError> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let shown = self.path.display().to_string();
+        let mut text = String::new();
+        for (line, kind) in failures {
+            text.push_str(&serde_json::json!({ "line": line, "kind": kind }).to_string());
+            text.push('\n');
+        }
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(
+                OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o600)
+                    .open(&self.path)
+                    .map_err(CliError::io(format!("cannot open {shown}")))?,
+            ),
+        };
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_data())
+            .map_err(CliError::io(format!("cannot write {shown}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn earlier_failures_are_counted_once_and_only_within_the_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.jsonl");
+        assert_eq!(FailureList::resume(&out, 10).unwrap().earlier(), 0);
+
+        let mut list = FailureList::start(&out).unwrap();
+        list.record(&[(3, "decryption_failed"), (7, "too_large")])
+            .unwrap();
+        list.record(&[]).unwrap();
+        // A crash between the list and the output: line 12 is recorded but not in the output;
+        // the resumed run records it again.
+        list.record(&[(12, "permission_denied")]).unwrap();
+        drop(list);
+        assert_eq!(FailureList::resume(&out, 10).unwrap().earlier(), 2);
+        let mut again = FailureList::resume(&out, 11).unwrap();
+        again.record(&[(12, "permission_denied")]).unwrap();
+        drop(again);
+        assert_eq!(FailureList::resume(&out, 12).unwrap().earlier(), 3);
+        assert_eq!(FailureList::resume(&out, 2).unwrap().earlier(), 0);
+
+        // A torn last entry is ignored; garbage before the end is refused.
+        let path = FailureList::path_for(&out);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"line\":9,\"ki");
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(FailureList::resume(&out, 12).unwrap().earlier(), 3);
+        std::fs::write(&path, format!("garbage\n{text}")).unwrap();
+        assert!(FailureList::resume(&out, 12).is_err());
+
+        // A new run removes the stale list.
+        FailureList::start(&out).unwrap();
+        assert!(!path.exists());
+    }
+}
