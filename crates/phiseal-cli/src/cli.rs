@@ -209,8 +209,8 @@ starting with `{`; a missing field or record falls back to --field or --record; 
 are kept in order with their values unchanged; whitespace between members is not kept in a
 rewritten line). Output line N always corresponds to input line N, in the
 same shape. Empty lines are passed through. A line that fails is written unchanged and
-reported on stderr as `line N: <kind>: <message>`; the exit code is then 7. A line longer
-than --max-call-bytes is not sent (`too_large`).
+reported on stderr as `line N: <kind>: <message>`; the exit code is then 7. A line whose
+item (ciphertext and context) is larger than --max-call-bytes is not sent (`too_large`).
 
 The output is flushed and fsynced after every batch. With --output FILE --resume, the lines
 already in FILE are skipped in the input (a torn last line is cut off) and the rest is
@@ -383,9 +383,10 @@ pub(crate) struct RewrapArgs {
         value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000)
     )]
     pub(crate) batch: usize,
-    /// Input bytes per Rewrap call at most (4096 to 64 MiB; default 1 MiB, well within the
-    /// daemon's default 4 MiB message limit). A longer line is written back unchanged and
-    /// reported (`too_large`).
+    /// Bytes of items per Rewrap call at most — each item's ciphertext and context (tenant,
+    /// field, record, from its line or the flags) plus 32 bytes of framing (4096 to 64 MiB;
+    /// default 1 MiB, well within the daemon's default 4 MiB message limit). A line whose item
+    /// is larger on its own is written back unchanged and reported (`too_large`).
     #[arg(
         long,
         value_name = "BYTES",

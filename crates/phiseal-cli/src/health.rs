@@ -33,7 +33,7 @@ pub(crate) async fn health(global: &GlobalArgs) -> Result<(), CliError> {
     }
     report(
         global.json,
-        &json!({ "serving": true, "socket": global.socket }),
+        &json!({ "serving": true, "socket": global.socket.display().to_string() }),
         &format!("phiseald at {} is serving", global.socket.display()),
     )
 }

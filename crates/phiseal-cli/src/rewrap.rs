@@ -118,6 +118,38 @@ struct Line {
     parsed: Parsed,
 }
 
+/// Room for an item's protobuf framing in a call: field tags and length prefixes of the
+/// item, its context and their members (at most ~20 bytes; generous).
+const ITEM_FRAMING: usize = 32;
+
+impl Line {
+    /// What the line adds to a rewrap call: its ciphertext and its context (from the line or
+    /// the flags), with room for the framing; nothing for a line that is not sent.
+    fn call_bytes(&self) -> usize {
+        match &self.parsed {
+            Parsed::Item {
+                context,
+                ciphertext,
+                ..
+            } => item_bytes(context, ciphertext),
+            Parsed::Blank | Parsed::Invalid(_) => 0,
+        }
+    }
+}
+
+/// The bytes an item takes in a call (see [`Line::call_bytes`]).
+fn item_bytes(context: &Context, ciphertext: &[u8]) -> usize {
+    [
+        ciphertext.len(),
+        context.tenant.len(),
+        context.field.len(),
+        context.record.as_ref().map_or(0, String::len),
+        ITEM_FRAMING,
+    ]
+    .into_iter()
+    .fold(0, usize::saturating_add)
+}
+
 /// What happened to a line.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
@@ -617,7 +649,7 @@ impl<'a> BatchReader<'a> {
                     None => break,
                 },
             };
-            let size = line.raw.len();
+            let size = line.call_bytes();
             if !lines.is_empty() && bytes.saturating_add(size) > self.max_bytes {
                 self.pending = Some(line);
                 break;
@@ -651,19 +683,24 @@ impl<'a> BatchReader<'a> {
                 self.last - 1
             )));
         }
-        let parsed = if raw.len() > self.max_bytes {
-            Parsed::Invalid(Failure::new(
-                "too_large",
-                format!(
-                    "the line is {} bytes, over --max-call-bytes ({}): left unchanged; rewrap \
-                     it with a larger --max-call-bytes (within the daemon's \
-                     limits.max_message_bytes)",
-                    raw.len(),
-                    self.max_bytes
-                ),
-            ))
-        } else {
-            parse_line(&raw, defaults)
+        let parsed = match parse_line(&raw, defaults) {
+            Parsed::Item {
+                context,
+                ciphertext,
+                ..
+            } if item_bytes(&context, &ciphertext) > self.max_bytes => {
+                Parsed::Invalid(Failure::new(
+                    "too_large",
+                    format!(
+                        "the line's item is {} bytes with its context, over --max-call-bytes \
+                         ({}): left unchanged; rewrap it with a larger --max-call-bytes (within \
+                         the daemon's limits.max_message_bytes)",
+                        item_bytes(&context, &ciphertext),
+                        self.max_bytes
+                    ),
+                ))
+            }
+            parsed => parsed,
         };
         Ok(Some(Line {
             number: self.last,
@@ -1338,29 +1375,53 @@ mod tests {
 
     #[test]
     fn batches_respect_the_byte_budget_and_long_lines_are_not_sent() {
-        // Budget 10 bytes: "aaaa" + "bbbb" fit (8), "cccc" starts the next call; the 12-byte
-        // line is over the budget on its own: reported, not sent, and its neighbours go on.
-        let mut input: &[u8] = b"aaaa\nbbbb\ncccc\nxxxxxxxxxxxx\ndd";
-        let d = defaults(None);
-        let mut reader = BatchReader::new(&mut input, 0, 10);
-        let mut batches = Vec::new();
-        loop {
-            let batch = reader.batch(100, &d).unwrap();
-            if batch.is_empty() {
-                break;
+        // Each line is an item of 47 + 4 + 3 + 9 (ciphertext, and tenant, field and record
+        // from the flags) + 32 (framing) = 95 bytes. Budget 200: two fit, the third starts the
+        // next call.
+        let lines: Vec<String> = (1..=5).map(|i| text(1, i)).collect();
+        let input = lines.join("\n");
+        let d = defaults(Some("ssn"));
+        let batches = |input: &str, d: &Defaults| {
+            let mut input = input.as_bytes();
+            let mut reader = BatchReader::new(&mut input, 0, 200);
+            let mut batches = Vec::new();
+            loop {
+                let batch = reader.batch(100, d).unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                batches.push(batch);
             }
-            batches.push(batch);
-        }
-        let numbers: Vec<Vec<u64>> = batches
+            batches
+        };
+        let got = batches(&input, &d);
+        let numbers: Vec<Vec<u64>> = got
             .iter()
             .map(|b| b.iter().map(|l| l.number).collect())
             .collect();
-        assert_eq!(numbers, [vec![1, 2], vec![3], vec![4], vec![5]]);
-        let long = &batches[2][0];
-        assert_eq!(long.raw, b"xxxxxxxxxxxx");
-        match &long.parsed {
-            Parsed::Invalid(f) => assert_eq!(f.kind, "too_large"),
-            other => panic!("{other:?}"),
+        assert_eq!(numbers, [vec![1, 2], vec![3, 4], vec![5]]);
+        assert_eq!(got[0][0].call_bytes(), 95);
+
+        // With a 150-byte record id from the flags, an item is over the budget on its own
+        // although its line (68 bytes) is not: reported, not sent (it takes no room in a
+        // call); the blank line and the rest go on.
+        let long = Defaults {
+            record: Some("r".repeat(150)),
+            ..d
+        };
+        let got = batches(&format!("{}\n\n{}", lines[0], lines[1]), &long);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].len(), 3);
+        for line in [&got[0][0], &got[0][2]] {
+            assert!(line.raw.len() < 200);
+            assert_eq!(line.call_bytes(), 0);
+            match &line.parsed {
+                Parsed::Invalid(f) => {
+                    assert_eq!(f.kind, "too_large");
+                    assert!(f.message.contains("is 236 bytes"), "{}", f.message);
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 

@@ -102,7 +102,7 @@ fn summarize(
         "destroyed": r.destroyed,
         "failed": r.failed.len(),
         "still_referenced": r.still_referenced,
-        "audit_log": audit_log,
+        "audit_log": audit_log.display().to_string(),
     });
     let mut human = format!(
         "root key {}: {} key versions re-wrapped, {} already under it, {} destroyed (nothing to \

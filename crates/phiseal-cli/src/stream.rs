@@ -229,7 +229,7 @@ async fn run<M: Send + 'static>(
     output.commit()?;
     report(
         global.json,
-        &json!({ "input_bytes": read, "output_bytes": written, "output": args.output }),
+        &json!({ "input_bytes": read, "output_bytes": written, "output": args.output.display().to_string() }),
         &format!(
             "{what}: {read} bytes in, {written} bytes written to {}",
             args.output.display()
