@@ -3,12 +3,15 @@
 //! - The socket's directory is created with mode 0750 (owner + socket group) if missing. An
 //!   existing directory must be a real directory (not a symlink) owned by the daemon's uid
 //!   and not writable by group or others, or nobody else could be prevented from replacing
-//!   the socket.
+//!   the socket. Every directory above it — on the configured path and on the path it
+//!   resolves to — must be owned by root or the daemon's uid and not writable by group or
+//!   others unless sticky (`/tmp`): whoever can write there could rename the socket's
+//!   directory and put one of their own, with their own socket, in its place.
 //! - An existing path is removed only if it is a socket nobody answers on (stale, left by a
 //!   crash). A live socket (another daemon) or anything that is not a socket is refused.
 //! - The socket gets mode 0660 and the configured group: only the owner and that group can
-//!   connect. (Between `bind` and `chmod` it has the umask's mode, never wider than 0660
-//!   under the 0750 directory for anyone outside the group.)
+//!   connect. It is bound under a umask of 0117, so it is never wider than 0660, also before
+//!   the `chmod` and in a directory that others may search.
 //! - At exit the socket is removed if it is still the one this process created.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -61,6 +64,40 @@ pub fn resolve_group(group: &str) -> Result<u32, String> {
         })
         .next()
         .ok_or_else(|| format!("group '{group}' not found in /etc/group"))
+}
+
+/// Checks the directories above the socket's `dir` (see the module docs).
+fn check_ancestors(path: &Path, dir: &Path, uid: u32) -> Result<(), DaemonError> {
+    let resolved = std::fs::canonicalize(dir)
+        .map_err(|e| socket_error(path, format!("cannot resolve {}: {e}", dir.display())))?;
+    for ancestor in dir.ancestors().skip(1).chain(resolved.ancestors().skip(1)) {
+        if ancestor.as_os_str().is_empty() {
+            continue;
+        }
+        // Followed: a symlink on the configured path (/var/run -> /run) is judged by its
+        // target, whose own ancestors are on the resolved path; the directory holding the
+        // link is the next ancestor checked.
+        let meta = std::fs::metadata(ancestor)
+            .map_err(|e| socket_error(path, format!("cannot stat {}: {e}", ancestor.display())))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let owner_ok = meta.uid() == 0 || meta.uid() == uid;
+        let shared_writable = mode & 0o022 != 0 && mode & 0o1000 == 0;
+        if !owner_ok || shared_writable {
+            return Err(socket_error(
+                path,
+                format!(
+                    "{} (above the socket's directory) is owned by uid {} with mode \
+                     {mode:04o}: whoever can write there could rename the socket's directory \
+                     and put their own socket in its place; put the socket under directories \
+                     owned by root or the daemon (uid {uid}) and not writable by group or \
+                     others (or sticky, like /tmp)",
+                    ancestor.display(),
+                    meta.uid()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn prepare_directory(path: &Path, dir: &Path, gid: Option<u32>) -> Result<(), DaemonError> {
@@ -123,7 +160,7 @@ fn prepare_directory(path: &Path, dir: &Path, gid: Option<u32>) -> Result<(), Da
             ),
         ));
     }
-    Ok(())
+    check_ancestors(path, dir, uid)
 }
 
 fn remove_stale(path: &Path) -> Result<(), DaemonError> {
@@ -166,8 +203,12 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, BoundSock
         .ok_or_else(|| socket_error(path, "must be an absolute path inside a directory"))?;
     prepare_directory(path, dir, gid)?;
     remove_stale(path)?;
-    let listener =
-        UnixListener::bind(path).map_err(|e| socket_error(path, format!("bind: {e}")))?;
+    // The umask is the process's: it is narrowed only around `bind` (which creates no
+    // directory; files created meanwhile by other threads only get narrower modes).
+    let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(umask);
+    let listener = bound.map_err(|e| socket_error(path, format!("bind: {e}")))?;
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| socket_error(path, format!("stat after bind: {e}")))?;
     let guard = BoundSocket {
@@ -208,6 +249,56 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("chmod"), "{msg}");
+    }
+
+    #[test]
+    fn writable_directories_above_the_socket_are_refused_unless_sticky() {
+        let dir = tempfile::tempdir().unwrap();
+        let outer = dir.path().join("outer");
+        let run = outer.join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let sock = run.join("d.sock");
+        for (mode, refused) in [
+            (0o777, true),
+            (0o775, true),
+            (0o755, false),
+            (0o1777, false),
+        ] {
+            std::fs::set_permissions(&outer, std::fs::Permissions::from_mode(mode)).unwrap();
+            let result = prepare_directory(&sock, &run, None);
+            assert_eq!(result.is_err(), refused, "{mode:o}: {result:?}");
+            if let Err(e) = result {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&outer.display().to_string()) && msg.contains("rename"),
+                    "{msg}"
+                );
+            }
+        }
+        // Through a symlink: the directory holding the link, and the target's, are checked.
+        std::fs::set_permissions(&outer, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let safe = dir.path().join("safe");
+        std::fs::create_dir(&safe).unwrap();
+        std::os::unix::fs::symlink(&outer, safe.join("link")).unwrap();
+        let via_link = safe.join("link/run");
+        assert!(prepare_directory(&via_link.join("d.sock"), &via_link, None).is_err());
+        std::fs::set_permissions(&outer, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_directory(&via_link.join("d.sock"), &via_link, None).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_restores_the_umask_and_binds_0660_under_any() {
+        // Even with a permissive umask the socket is never wider than 0660.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/d.sock");
+        let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0));
+        let bound = bind(&path, None);
+        let after = rustix::process::umask(old);
+        let (_l, _g) = bound.unwrap();
+        assert_eq!(after.bits(), 0, "bind restores the umask");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
     }
 
     #[tokio::test]
