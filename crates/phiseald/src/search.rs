@@ -198,6 +198,10 @@ impl Sidecar {
                     }
                 }
                 .map_err(|e| status::from_error(&e))?;
+                // One term per live key version: how many there are is known only now (the
+                // work is done and audited), but the caller still gets a clear refusal rather
+                // than gRPC's bare OUT_OF_RANGE.
+                self.check_answer_size(terms.iter().map(|t| t.value.len()))?;
                 Ok(pb::SearchTermsResponse {
                     terms: terms.into_iter().map(term).collect(),
                 })

@@ -912,6 +912,44 @@ async fn streams_beyond_limits_max_streams_are_refused() {
 }
 
 #[tokio::test]
+async fn search_terms_answers_over_the_message_limit_are_refused_with_a_kind() {
+    let d = Daemon::with_config(&config(&format!(
+        "{ALL}[limits]\nmax_message_bytes = 2048\n"
+    )));
+    create_tenant(&d, "clinic").await;
+    let query = || pb::SearchTermsRequest {
+        context: ctx("clinic", "mrn", None),
+        value: vec![b'7'; 700],
+        kind: Some(pb::search_terms_request::Kind::Deterministic(
+            pb::DeterministicTerms {},
+        )),
+    };
+    // One live version: one ~720-byte term fits.
+    let mut fields = d.fields().await;
+    let terms = fields
+        .search_terms(query())
+        .await
+        .unwrap()
+        .into_inner()
+        .terms;
+    assert_eq!(terms.len(), 1);
+    // Three: the answer could exceed 2048 bytes.
+    for _ in 0..2 {
+        d.admin()
+            .await
+            .rotate_tenant_key(pb::RotateTenantKeyRequest {
+                tenant: "clinic".into(),
+                expected_latest_version: None,
+            })
+            .await
+            .unwrap();
+    }
+    let err = fields.search_terms(query()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert_eq!(common::kind(&err), "response_too_large");
+}
+
+#[tokio::test]
 async fn a_stream_holds_no_slot_before_its_first_message_is_authorized() {
     let d = Daemon::with_config(&config(&format!(
         "{ALL}[limits]
