@@ -14,11 +14,12 @@ Exit codes:
   0  success
   1  other failure (invalid argument, decryption failed, internal error, I/O error)
   2  usage error (bad command line; shred without confirmation and without a terminal; an
-     encrypt-file/decrypt-file --output that already exists)
+     encrypt-file/decrypt-file --output that already exists; a non-empty rewrap --output
+     without --resume, or a rewrap whose output or stdout is its input)
   3  denied (PERMISSION_DENIED, UNAUTHENTICATED)
   4  not found (NOT_FOUND)
-  5  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, or the socket cannot be
-     reached)
+  5  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNKNOWN: the connection
+     broke mid-call, or the socket cannot be reached)
   6  key destroyed or retired (FAILED_PRECONDITION)
   7  rewrap or root rotate/migrate finished, but some items failed
   8  the audit log has problems

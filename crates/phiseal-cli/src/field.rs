@@ -108,12 +108,32 @@ fn parse_ciphertext(input: &[u8]) -> Result<Vec<u8>, CliError> {
 
 /// The plaintext as shown on a terminal: invalid UTF-8 replaced, control characters other
 /// than newline and tab escaped (`\u{1b}`: a decrypted value must not drive the operator's
-/// terminal), and a final newline so that the prompt does not run into it. Wiped on drop.
+/// terminal), and a final newline so that the prompt does not run into it. Wiped on drop; sized
+/// before it is filled, so that no grown-out-of buffer is left behind unwiped.
 fn terminal_view(plaintext: &[u8]) -> Zeroizing<String> {
-    let text = Zeroizing::new(String::from_utf8_lossy(plaintext).into_owned());
-    let mut shown = Zeroizing::new(String::with_capacity(text.len() + 1));
-    for c in text.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
+    // What `String::from_utf8_lossy` would give, without its intermediate copy.
+    let chars = || {
+        plaintext.utf8_chunks().flat_map(|chunk| {
+            let invalid = !chunk.invalid().is_empty();
+            chunk
+                .valid()
+                .chars()
+                .chain(invalid.then_some(char::REPLACEMENT_CHARACTER))
+        })
+    };
+    let escaped = |c: char| c.is_control() && c != '\n' && c != '\t';
+    let len = chars()
+        .map(|c| {
+            if escaped(c) {
+                c.escape_unicode().len()
+            } else {
+                c.len_utf8()
+            }
+        })
+        .fold(1, usize::saturating_add);
+    let mut shown = Zeroizing::new(String::with_capacity(len));
+    for c in chars() {
+        if escaped(c) {
             shown.extend(c.escape_unicode());
         } else {
             shown.push(c);
@@ -139,12 +159,17 @@ pub(crate) async fn decrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), 
         .await?;
     let plaintext = Zeroizing::new(response.plaintext);
     if global.json {
-        // Built by hand (base64 needs no JSON escaping) so the only copies are wiped.
-        let line = Zeroizing::new(format!(
-            "{{\"plaintext_base64\":\"{}\",\"key_version\":{}}}\n",
-            Zeroizing::new(STANDARD.encode(&*plaintext)).as_str(),
-            response.key_version
+        // Built by hand (base64 needs no JSON escaping) in buffers of their final size, so
+        // that the only copies are the wiped ones.
+        let encoded = Zeroizing::new(STANDARD.encode(&*plaintext));
+        let version = response.key_version.to_string();
+        let (head, middle, tail) = ("{\"plaintext_base64\":\"", "\",\"key_version\":", "}\n");
+        let mut line = Zeroizing::new(String::with_capacity(
+            head.len() + encoded.len() + middle.len() + version.len() + tail.len(),
         ));
+        for piece in [head, encoded.as_str(), middle, &version, tail] {
+            line.push_str(piece);
+        }
         stdout_bytes(line.as_bytes())
     } else if std::io::stdout().is_terminal() {
         stdout_bytes(terminal_view(&plaintext).as_bytes())
@@ -181,6 +206,28 @@ mod tests {
         );
         assert_eq!(terminal_view(b"line\n").as_str(), "line\n");
         assert_eq!(terminal_view(b"").as_str(), "\n");
+        // As from_utf8_lossy would replace, in a buffer that never had to grow.
+        for input in [
+            &b"\xf0\x9f\x98"[..],
+            b"a\xe2\x82b\xc0\xafc\xed\xa0\x80\x01",
+            "é😀\u{1}\u{9b}".as_bytes(),
+            b"\xff\xfe\n",
+        ] {
+            let view = terminal_view(input);
+            let mut want = String::new();
+            for c in String::from_utf8_lossy(input).chars() {
+                if c.is_control() && c != '\n' && c != '\t' {
+                    want.extend(c.escape_unicode());
+                } else {
+                    want.push(c);
+                }
+            }
+            if !want.ends_with('\n') {
+                want.push('\n');
+            }
+            assert_eq!(view.as_str(), want, "{input:?}");
+            assert!(view.capacity() <= view.len() + 1, "{input:?}: it grew");
+        }
     }
 
     #[test]

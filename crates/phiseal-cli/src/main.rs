@@ -13,10 +13,10 @@
 //! | ---- | ------- |
 //! | 0 | success |
 //! | 1 | other failure: invalid argument, decryption failed, internal error, I/O error |
-//! | 2 | usage error (clap's own; also `shred` without confirmation and without a terminal) |
+//! | 2 | usage error (clap's own; `shred` without confirmation and without a terminal; an existing `encrypt-file` / `decrypt-file` output; a non-empty `rewrap --output` without `--resume`, or a `rewrap` whose output or stdout is its input) |
 //! | 3 | denied: `PERMISSION_DENIED`, `UNAUTHENTICATED`, or the socket's permissions keep this user out |
 //! | 4 | not found: `NOT_FOUND` |
-//! | 5 | unavailable: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, or the socket cannot be reached |
+//! | 5 | unavailable: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `UNKNOWN` (the connection broke mid-call), or the socket cannot be reached |
 //! | 6 | key destroyed or retired: `FAILED_PRECONDITION` |
 //! | 7 | `rewrap` or `root rotate` / `root migrate` finished, but some items failed |
 //! | 8 | the audit log has problems (verification failed, broken chain, torn tail) |

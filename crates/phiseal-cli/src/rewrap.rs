@@ -211,11 +211,17 @@ fn parse_json(text: &str, defaults: &Defaults) -> Result<Parsed, Failure> {
         .ok_or_else(|| Failure::invalid("no \"ciphertext\" member"))?;
     let ciphertext_text = string_member(&members, ciphertext_at, "ciphertext")?
         .ok_or_else(|| Failure::invalid("\"ciphertext\" is null"))?;
+    // A line's own "field" wins over --field; a null one is an error (no field means no
+    // context), not a fall-back to the flag.
     let field = match find_member(&members, "field")? {
-        Some(at) => string_member(&members, at, "field")?,
-        None => defaults.field.clone(),
-    }
-    .ok_or_else(|| Failure::invalid("no \"field\" member and no --field"))?;
+        Some(at) => string_member(&members, at, "field")?.ok_or_else(|| {
+            Failure::invalid("\"field\" is null (--field applies only to lines without one)")
+        })?,
+        None => defaults
+            .field
+            .clone()
+            .ok_or_else(|| Failure::invalid("no \"field\" member and no --field"))?,
+    };
     let record = match find_member(&members, "record")? {
         Some(at) => string_member(&members, at, "record")?,
         None => defaults.record.clone(),
@@ -838,9 +844,15 @@ impl Rewrapper {
     }
 }
 
-/// A spinner with the number of lines done, on stderr (hidden when stderr is no terminal).
-fn progress_bar(start: u64) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+/// A spinner with the number of lines done, on stderr (hidden when stderr is no terminal, and
+/// with `--json`, whose stderr is JSON lines).
+fn progress_bar(start: u64, json: bool) -> ProgressBar {
+    let target = if json {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
+    let bar = ProgressBar::with_draw_target(None, target);
     if let Ok(style) = ProgressStyle::with_template("{spinner} rewrap: {human_pos} lines done") {
         bar.set_style(style);
     }
@@ -926,7 +938,7 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         daemon,
         sink,
         failures,
-        progress: progress_bar(skipped),
+        progress: progress_bar(skipped, global.json),
         stats: Stats::default(),
         json: global.json,
     };
@@ -1423,6 +1435,21 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_null_field_is_an_error_not_the_flag() {
+        let d = defaults(Some("ssn"));
+        let raw = format!("{{\"field\":null,\"ciphertext\":\"{}\"}}", text(1, 1));
+        match parse_line(raw.as_bytes(), &d) {
+            Parsed::Invalid(f) => assert!(f.message.contains("\"field\" is null"), "{}", f.message),
+            other => panic!("{other:?}"),
+        }
+        let raw = format!("{{\"ciphertext\":\"{}\"}}", text(1, 1));
+        assert!(matches!(
+            parse_line(raw.as_bytes(), &d),
+            Parsed::Item { .. }
+        ));
     }
 
     #[test]

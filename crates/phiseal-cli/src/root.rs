@@ -29,7 +29,15 @@ pub(crate) async fn run(command: RootCommand, global: &GlobalArgs) -> Result<(),
     let opened =
         phiseald::offline::open_root_keyring(&args.config, to, args.audit_log.clone()).await?;
     let caller = phiseald::offline::operator();
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    // (Hidden with --json: its stderr is JSON lines.)
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if global.json {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
     if let Ok(style) =
         ProgressStyle::with_template("{bar:30} {human_pos}/{human_len} key versions re-wrapped")
     {

@@ -7,7 +7,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::TryRngCore;
 use rand::rngs::OsRng;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -69,23 +68,52 @@ fn config_snippet(name: &str, hash: &str) -> String {
     format!("[[tokens]]\nname = \"{name}\"\nsha256 = \"{hash}\"\n")
 }
 
+/// `pieces` concatenated in a wiped buffer of their final size (never grown: no unwiped
+/// copy of the token is left behind).
+fn joined(pieces: &[&str]) -> Zeroizing<String> {
+    let len = pieces
+        .iter()
+        .map(|p| p.len())
+        .fold(0, usize::saturating_add);
+    let mut text = Zeroizing::new(String::with_capacity(len));
+    for piece in pieces {
+        text.push_str(piece);
+    }
+    text
+}
+
+/// The `--json` output line (members in `serde_json`'s order). The token needs no JSON
+/// escaping (`phst_` and base64url); the other members are not secret.
+fn json_line(
+    name: &str,
+    token: &str,
+    hash: &str,
+    snippet: &str,
+) -> Result<Zeroizing<String>, CliError> {
+    let quoted =
+        |s: &str| serde_json::to_string(s).map_err(|e| CliError::Failed(format!("JSON: {e}")));
+    let (snippet, name) = (quoted(snippet)?, quoted(name)?);
+    Ok(joined(&[
+        "{\"config_toml\":",
+        &snippet,
+        ",\"name\":",
+        &name,
+        ",\"sha256\":\"",
+        hash,
+        "\",\"token\":\"",
+        token,
+        "\"}\n",
+    ]))
+}
+
 fn new_token(name: &str, json: bool) -> Result<(), CliError> {
     let token = generate()?;
     let hash = token_hash(&token);
     let snippet = config_snippet(name, &hash);
     let text = if json {
-        Zeroizing::new(
-            json!({
-                "name": name,
-                "token": token.as_str(),
-                "sha256": hash,
-                "config_toml": snippet,
-            })
-            .to_string()
-                + "\n",
-        )
+        json_line(name, &token, &hash, &snippet)?
     } else {
-        Zeroizing::new(format!("{}\n\n{snippet}", token.as_str()))
+        joined(&[&token, "\n\n", &snippet])
     };
     stdout_bytes(text.as_bytes())?;
     stderr_note(
@@ -124,6 +152,22 @@ mod tests {
         let body_only = token_hash(token.strip_prefix(TOKEN_PREFIX).unwrap());
         assert_ne!(token_hash(&token), body_only);
         assert_eq!(token_hash(&token).len(), 64);
+    }
+
+    #[test]
+    fn json_line_is_the_json_object() {
+        let token = generate().unwrap();
+        let snippet = config_snippet("billing", "00ff");
+        let line = json_line("billing", &token, "00ff", &snippet).unwrap();
+        assert!(line.ends_with('\n'));
+        assert_eq!(line.capacity(), line.len(), "sized once");
+        let want = serde_json::json!({
+            "name": "billing",
+            "token": token.as_str(),
+            "sha256": "00ff",
+            "config_toml": snippet,
+        });
+        assert_eq!(line.trim_end(), want.to_string());
     }
 
     #[test]
