@@ -324,10 +324,16 @@ impl Sidecar {
                     reason = failure.message(),
                     "unauthenticated call refused"
                 );
-                self.keyring
+                if let Err(e) = self
+                    .keyring
                     .audit_refusal(&caller, action, "unauthenticated", None, &[])
                     .await
-                    .map_err(|e| with_request_id(status::from_error(&e), &caller.request_id))?;
+                {
+                    let status = status::from_error(&e);
+                    self.metrics
+                        .observe_call(rpc, status.code(), started.elapsed());
+                    return Err(with_request_id(status, &caller.request_id));
+                }
                 let status =
                     status::status(Code::Unauthenticated, "unauthenticated", failure.message());
                 self.metrics
