@@ -129,6 +129,9 @@ pub async fn migrate(config: &Config) -> Result<u32, DaemonError> {
 impl Daemon {
     /// Opens the backends and assembles everything; nothing listens yet.
     pub async fn build(config: Config) -> Result<Self, DaemonError> {
+        // The socket's directory is checked (and created) first, so that a start refused for
+        // it creates nothing in the data directory (no root key, key store or audit log).
+        transport::check_directory(&config.socket, config.socket_group.as_deref())?;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
         let durability = match config.audit.durability {

@@ -191,8 +191,11 @@ fn remove_stale(path: &Path) -> Result<(), DaemonError> {
     }
 }
 
-/// Binds the socket safely (see the module docs).
-pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, BoundSocket), DaemonError> {
+/// The socket's directory, created if missing and checked (see the module docs); its group.
+fn socket_directory<'a>(
+    path: &'a Path,
+    group: Option<&str>,
+) -> Result<(&'a Path, Option<u32>), DaemonError> {
     let gid = group
         .map(resolve_group)
         .transpose()
@@ -202,6 +205,18 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, BoundSock
         .filter(|d| !d.as_os_str().is_empty())
         .ok_or_else(|| socket_error(path, "must be an absolute path inside a directory"))?;
     prepare_directory(path, dir, gid)?;
+    Ok((dir, gid))
+}
+
+/// Checks the socket's directory (creating it if missing) before anything else starts;
+/// [`bind`] checks it again.
+pub fn check_directory(path: &Path, group: Option<&str>) -> Result<(), DaemonError> {
+    socket_directory(path, group).map(drop)
+}
+
+/// Binds the socket safely (see the module docs).
+pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, BoundSocket), DaemonError> {
+    let (_, gid) = socket_directory(path, group)?;
     remove_stale(path)?;
     // The umask is the process's: it is narrowed only around `bind` (which creates no
     // directory; files created meanwhile by other threads only get narrower modes).

@@ -447,6 +447,35 @@ fn a_relative_socket_path_is_refused() {
 }
 
 #[test]
+fn a_start_refused_for_its_socket_directory_creates_nothing_in_the_data_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let data = dir.path().join("data");
+    let run = phiseald(
+        &[
+            "--socket".as_ref(),
+            run_dir.join("phiseald.sock").as_os_str(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+        ],
+        &[],
+    );
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("could replace the socket"),
+        "{}",
+        run.stderr
+    );
+    let created: Vec<_> = std::fs::read_dir(&data)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(created.is_empty(), "created {created:?}");
+}
+
+#[test]
 fn data_dir_without_config_uses_the_embedded_default() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
