@@ -1609,6 +1609,17 @@ async fn kms_refusal_is_never_served_from_a_stale_key() {
 
 #[tokio::test]
 async fn once_the_kms_refuses_no_other_stale_key_serves() {
+    no_stale_key_serves_after(BackendErrorKind::Denied).await;
+}
+
+/// A backend's "no such key" (a root key deleted meanwhile: AWS `NotFoundException`, Key
+/// Vault 404, classified as misconfigured) is an answer from the KMS too.
+#[tokio::test]
+async fn once_the_kms_has_no_such_key_no_other_stale_key_serves() {
+    no_stale_key_serves_after(BackendErrorKind::Misconfigured).await;
+}
+
+async fn no_stale_key_serves_after(refusal: BackendErrorKind) {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let kms = SwitchableKms::over(&p);
@@ -1628,7 +1639,7 @@ async fn once_the_kms_refuses_no_other_stale_key_serves() {
     // At the next retry the KMS refuses (a disabled root key). While that call is in flight,
     // u's key is still served stale (the outage is presumed to last)…
     tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;
-    kms.fail_with(Some(BackendErrorKind::Denied));
+    kms.fail_with(Some(refusal));
     kms.hold.store(true, Ordering::SeqCst);
     let (k2, c2, t2, ct) = (k.clone(), c.clone(), t.clone(), cts[0].clone());
     let before = kms.unwraps.load(Ordering::SeqCst);

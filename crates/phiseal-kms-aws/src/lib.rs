@@ -459,6 +459,11 @@ fn credentials_failure(
             BackendErrorKind::Misconfigured,
             "no usable credentials are configured",
         ),
+        CredentialsError::ProviderError(_) if phiseal::kms::caused_by_local_file_error(c) => (
+            BackendErrorKind::Misconfigured,
+            "the credentials provider cannot read its token or credentials file (missing or \
+             not readable)",
+        ),
         CredentialsError::ProviderError(_) if caused_by_io(c) => (
             BackendErrorKind::Unavailable,
             "the credentials provider could not be reached",

@@ -261,6 +261,28 @@ async fn credential_failures_are_refusals_or_outages_as_they_are() {
             .await,
         BackendErrorKind::Unavailable
     );
+    // A web-identity token file that is missing or not readable: configuration, not an
+    // outage that stale keys would bridge.
+    let unreadable: [fn() -> CredentialsError; 2] = [
+        || {
+            CredentialsError::provider_error(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+            ))
+        },
+        || {
+            CredentialsError::provider_error(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+            ))
+        },
+    ];
+    for failure in unreadable {
+        assert_eq!(
+            kind_when_credentials_fail(failure).await,
+            BackendErrorKind::Misconfigured
+        );
+    }
     // No credentials at all: a configuration problem.
     assert_eq!(
         kind_when_credentials_fail(|| CredentialsError::not_loaded("none in the chain")).await,

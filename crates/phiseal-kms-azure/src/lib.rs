@@ -933,11 +933,15 @@ fn sdk_error(err: &azure_core::Error, op: Op, what: &str) -> BackendError {
         .with_source(Cause(cause_text(err)))
 }
 
-/// A failure to obtain a token (azure_identity reports them all as `Credential`): an outage if
-/// what failed underneath was the network or an overloaded identity endpoint (connection,
-/// I/O, HTTP 408, 429 or 5xx), else a refusal (a wrong secret, a disabled principal, an
-/// unknown tenant).
+/// A failure to obtain a token (azure_identity reports them all as `Credential`): a
+/// configuration problem if a local file could not be read (a missing or forbidden
+/// workload-identity token file); an outage if what failed underneath was the network or an
+/// overloaded identity endpoint (connection, I/O, HTTP 408, 429 or 5xx); else a refusal (a
+/// wrong secret, a disabled principal, an unknown tenant).
 fn classify_credential(err: &azure_core::Error) -> BackendErrorKind {
+    if phiseal::kms::caused_by_local_file_error(err) {
+        return BackendErrorKind::Misconfigured;
+    }
     let mut current = std::error::Error::source(err);
     while let Some(e) = current {
         let outage = e.is::<std::io::Error>()
@@ -1085,6 +1089,21 @@ mod tests {
                 classify_credential(&token_failure(outage)),
                 K::Unavailable,
                 "{shown}"
+            );
+        }
+        // A token file that is missing or not readable: configuration, not an outage.
+        for kind in [
+            std::io::ErrorKind::NotFound,
+            std::io::ErrorKind::PermissionDenied,
+        ] {
+            let unreadable = azure_core::Error::new(
+                ErrorKind::Io,
+                std::io::Error::new(kind, "AZURE_FEDERATED_TOKEN_FILE"),
+            );
+            assert_eq!(
+                classify_credential(&token_failure(unreadable)),
+                K::Misconfigured,
+                "{kind:?}"
             );
         }
     }

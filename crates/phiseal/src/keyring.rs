@@ -949,11 +949,7 @@ impl Keyring {
         if !inner.outage.may_call(Instant::now_without_cache_update()) {
             return Err(inner.outage.error(inner.kms.name()));
         }
-        let result = self.unwrap_version(tenant, record).await;
-        inner
-            .outage
-            .record(&result, Instant::now_without_cache_update());
-        result
+        self.unwrap_version(tenant, record).await
     }
 
     /// Audits one attempt to get a tenant key version from the KMS.
@@ -1016,14 +1012,16 @@ impl Keyring {
                 ),
             ));
         }
-        let key = inner
-            .kms
-            .unwrap(wrapped, &binding)
-            .await
-            .map_err(|source| match source.kind() {
-                BackendErrorKind::InvalidData => binding_mismatch(&binding),
-                _ => kms_error(&*inner.kms, source),
-            })?;
+        let unwrapped = inner.kms.unwrap(wrapped, &binding).await;
+        // Only the outcome of a real KMS call moves the outage state (the checks above
+        // decided without the KMS).
+        inner
+            .outage
+            .record(&unwrapped, Instant::now_without_cache_update());
+        let key = unwrapped.map_err(|source| match source.kind() {
+            BackendErrorKind::InvalidData => binding_mismatch(&binding),
+            _ => kms_error(&*inner.kms, source),
+        })?;
         let check = key_check(inner.provider, &key, &binding);
         if !ct_eq(&check, &record.key_check) {
             return Err(binding_mismatch(&binding));

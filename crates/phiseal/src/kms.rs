@@ -47,6 +47,21 @@ pub struct WrappedKey {
     pub ciphertext: Vec<u8>,
 }
 
+/// Whether `err`'s chain of causes holds an I/O error of reading a local file — missing or
+/// forbidden, such as a workload-identity token file or a credentials file —, for backends
+/// classifying a failure to obtain credentials: that is a configuration problem
+/// ([`crate::BackendErrorKind::Misconfigured`]), never an outage that stale keys may bridge.
+pub fn caused_by_local_file_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            )
+        })
+    })
+}
+
 /// A KMS backend holding the root key.
 #[async_trait]
 pub trait Kms: Send + Sync + std::fmt::Debug {

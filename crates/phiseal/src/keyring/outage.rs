@@ -55,25 +55,17 @@ impl KmsOutage {
         }
     }
 
-    /// Records the outcome of an attempt to unwrap through the KMS that ended at `now`:
-    /// unavailable starts (or extends) the outage; an answer from the KMS — a key, a refusal,
-    /// or bytes it found invalid — ends it. Failures decided before any KMS call (a destroyed
-    /// key, a root key not configured here) change nothing.
-    pub(super) fn record<T>(&self, result: &Result<T, Error>, now: Instant) {
+    /// Records the outcome of a KMS unwrap call that ended at `now`: unavailable starts (or
+    /// extends) the outage; any answer from the KMS — a key, a refusal, a key it does not
+    /// have, bytes it found invalid — ends it. Called only around real KMS calls: failures
+    /// decided before one (a destroyed key, a root key not configured here) change nothing.
+    pub(super) fn record<T>(&self, result: &Result<T, BackendError>, now: Instant) {
         match result {
-            Err(e) if e.is_kms_unavailable() => {
+            Err(e) if e.kind() == BackendErrorKind::Unavailable => {
                 let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
                 self.retry_at.store(next.max(1), Ordering::Release);
             }
-            Ok(_) | Err(Error::KeyBindingMismatch { .. }) => {
-                self.retry_at.store(0, Ordering::Release)
-            }
-            Err(Error::Kms { source, .. })
-                if source.kind() != crate::error::BackendErrorKind::Misconfigured =>
-            {
-                self.retry_at.store(0, Ordering::Release)
-            }
-            Err(_) => {}
+            Ok(_) | Err(_) => self.retry_at.store(0, Ordering::Release),
         }
     }
 
@@ -143,9 +135,6 @@ impl Keyring {
         }
         if inner.outage.may_call(now) {
             let result = self.unwrap_version(tenant, record).await;
-            inner
-                .outage
-                .record(&result, Instant::now_without_cache_update());
             if let Err(e) = self.audit_unwrap(caller, tenant, record, &result).await {
                 return Some(Err(e));
             }
