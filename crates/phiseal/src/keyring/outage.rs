@@ -133,6 +133,13 @@ impl Keyring {
             self.forget(tenant, version, &stale);
             return None;
         }
+        // Not through a view an invalidation (a shred) has overtaken: the KMS would unwrap,
+        // and the log record, a key of a tenant that may be gone.
+        if inner.generations.current(view.shard) != view.generation
+            && let Err(e) = self.recheck_after_invalidation(tenant, version).await
+        {
+            return Some(Err(e));
+        }
         if inner.outage.may_call(now) {
             let result = self.unwrap_version(tenant, record).await;
             if let Err(e) = self.audit_unwrap(caller, tenant, record, &result).await {
@@ -243,6 +250,9 @@ impl Keyring {
 
     /// Drops `key` from the cache if it is still the cached one.
     fn forget(&self, tenant: &crate::context::TenantId, version: u32, key: &Arc<VersionKey>) {
+        // A tenant view's hot-key memo may still hold this key: past its TTL it serves only
+        // while degraded, which ends here.
+        key.degrade_until(Instant::from_ticks(0));
         self.inner
             .keys
             .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, key));
