@@ -16,7 +16,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rand::RngCore;
 use zeroize::Zeroize;
 
 use crate::context::EncryptionContext;
@@ -342,10 +341,10 @@ impl VersionKey {
                 )
             }
             Algorithm::XChaCha20Poly1305 => {
-                let mut nonce = [0u8; 24];
-                // A random 192-bit nonce per message. The thread RNG (ChaCha12, reseeded from
-                // the OS) panics only if the OS RNG fails at its first seeding.
-                rand::rng().fill_bytes(&mut nonce);
+                // A random 192-bit nonce per message, from the OS: a user-space generator's
+                // state would be copied into a child by `fork()` (rand's thread RNG is not
+                // reseeded then), and the two would draw the same nonces under one key.
+                let nonce: [u8; 24] = os_random(self.provider)?;
                 seal(
                     self.provider,
                     algorithm,
