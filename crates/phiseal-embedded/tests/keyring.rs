@@ -1608,6 +1608,39 @@ async fn kms_refusal_is_never_served_from_a_stale_key() {
 }
 
 #[tokio::test]
+async fn an_encryption_overtaken_by_a_rotation_uses_the_new_primary() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let setup = switchable_keyring(&kms, &p, CacheSettings::default(), None);
+    let c = caller();
+    setup.create_tenant(&c, &tenant("t")).await.unwrap();
+    // A keyring with cold caches: its encryption reads the metadata (primary v1), then waits
+    // in the KMS for v1's key …
+    let k = switchable_keyring(&kms, &p, CacheSettings::default(), None);
+    kms.hold.store(true, Ordering::SeqCst);
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    let (k2, c2) = (k.clone(), c.clone());
+    let encryption = tokio::spawn(async move { k2.encrypt(&c2, &ctx("t", "f", None), b"v").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kms.unwraps.load(Ordering::SeqCst) == before {
+        assert!(std::time::Instant::now() < deadline, "no unwrap started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // … while the same keyring rotates to v2 (its own KMS calls are not held).
+    kms.hold.store(false, Ordering::SeqCst);
+    assert_eq!(k.rotate(&c, &tenant("t")).await.unwrap(), 2);
+    kms.gate.add_permits(1);
+    let ct = encryption.await.unwrap().unwrap();
+    // Nothing is encrypted under the old primary once `rotate` has returned.
+    assert_eq!(phiseal::format::parse(&ct).unwrap().key_version, 2);
+    assert_eq!(
+        &k.decrypt(&c, &ctx("t", "f", None), &ct).await.unwrap()[..],
+        b"v"
+    );
+}
+
+#[tokio::test]
 async fn once_the_kms_refuses_no_other_stale_key_serves() {
     no_stale_key_serves_after(BackendErrorKind::Denied).await;
 }

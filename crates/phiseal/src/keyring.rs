@@ -910,7 +910,7 @@ impl Keyring {
         &self,
         tenant: &TenantId,
         version: u32,
-    ) -> Result<(), Error> {
+    ) -> Result<Arc<TenantView>, Error> {
         let fresh = self
             .tenant_view(tenant, Instant::now_without_cache_update())
             .await?;
@@ -934,7 +934,7 @@ impl Keyring {
                 min,
             });
         }
-        Ok(())
+        Ok(fresh)
     }
 
     /// [`Keyring::unwrap_version`] unless a KMS outage is in progress and its next attempt is
@@ -1088,15 +1088,40 @@ impl Keyring {
         version: u32,
         op: impl FnOnce() -> T,
     ) -> Result<T, Error> {
+        match self.use_key_as(view, version, false, op).await? {
+            Some(done) => Ok(done),
+            // (Only a `primary` use gives way to a newer version.)
+            None => Err(Error::KeyVersionNotFound {
+                tenant: view.record.tenant.clone(),
+                version,
+            }),
+        }
+    }
+
+    /// [`Keyring::use_key`]; with `primary` (an encryption), the version must also still be
+    /// the tenant's primary after an invalidation: `None` when a rotation (through this
+    /// keyring, or seen from another process) made another version primary meanwhile, so that
+    /// nothing is encrypted under the old primary once `rotate` has returned.
+    async fn use_key_as<T>(
+        &self,
+        view: &TenantView,
+        version: u32,
+        primary: bool,
+        op: impl FnOnce() -> T,
+    ) -> Result<Option<T>, Error> {
         let generations = &self.inner.generations;
         let mut generation = view.generation;
         for _ in 0..3 {
             if let Some(_in_use) = generations.enter(view.shard, generation) {
-                return Ok(op());
+                return Ok(Some(op()));
             }
             generation = generations.current(view.shard);
-            self.recheck_after_invalidation(&view.record.tenant, version)
+            let fresh = self
+                .recheck_after_invalidation(&view.record.tenant, version)
                 .await?;
+            if primary && fresh.record.primary().map(|p| p.version) != Some(version) {
+                return Ok(None);
+            }
         }
         // Fail closed under a storm of invalidations rather than use an unchecked key.
         Err(store_error(
@@ -1156,22 +1181,37 @@ impl Keyring {
     ) -> FieldOutcome<Vec<u8>> {
         let mut meta = OpMeta::default();
         let result = async {
-            let view = self.tenant_view(context.tenant(), now).await?;
-            let primary = view
-                .record
-                .primary()
-                .ok_or_else(|| Error::KeyDestroyed {
-                    tenant: context.tenant().clone(),
-                })?
-                .version;
-            meta.key_version = Some(primary);
-            let (key, source) = self.version_key(caller, &view, primary, now).await?;
-            view.remember(&key);
-            meta.key_source = Some(source);
-            self.use_key(&view, primary, || {
-                key.encrypt(self.inner.algorithm, context, plaintext)
-            })
-            .await?
+            // Again with the new primary if a rotation overtook the lookup (twice at most).
+            for _ in 0..3 {
+                let view = self.tenant_view(context.tenant(), now).await?;
+                let primary = view
+                    .record
+                    .primary()
+                    .ok_or_else(|| Error::KeyDestroyed {
+                        tenant: context.tenant().clone(),
+                    })?
+                    .version;
+                meta.key_version = Some(primary);
+                let (key, source) = self.version_key(caller, &view, primary, now).await?;
+                view.remember(&key);
+                meta.key_source = Some(source);
+                let sealed = self
+                    .use_key_as(&view, primary, true, || {
+                        key.encrypt(self.inner.algorithm, context, plaintext)
+                    })
+                    .await?;
+                if let Some(sealed) = sealed {
+                    return sealed;
+                }
+            }
+            Err(store_error(
+                &*self.inner.store,
+                BackendError::new(
+                    BackendErrorKind::Conflict,
+                    "the tenant's primary key version changed repeatedly during the \
+                     encryption; retry",
+                ),
+            ))
         }
         .await;
         (result, meta)
