@@ -1608,6 +1608,35 @@ async fn kms_refusal_is_never_served_from_a_stale_key() {
 }
 
 #[tokio::test]
+async fn expired_keys_leave_the_cache_without_a_next_use() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let cache = CacheSettings {
+        key_ttl: Duration::from_millis(300),
+        metadata_ttl: Duration::from_millis(300),
+        ..CacheSettings::default()
+    };
+    let k = keyring_on(&p, cache);
+    let c = caller();
+    for t in ["a", "b"] {
+        k.create_tenant(&c, &tenant(t)).await.unwrap();
+        k.encrypt(&c, &ctx(t, "f", None), b"v").await.unwrap();
+    }
+    // Within the TTL nothing leaves.
+    assert_eq!(k.evict_expired(), 0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Past it, both tenants' keys leave although neither was used again.
+    assert_eq!(k.evict_expired(), 2);
+    assert_eq!(k.evict_expired(), 0);
+    // A later use unwraps again and works.
+    let ct = k.encrypt(&c, &ctx("a", "f", None), b"w").await.unwrap();
+    assert_eq!(
+        &k.decrypt(&c, &ctx("a", "f", None), &ct).await.unwrap()[..],
+        b"w"
+    );
+}
+
+#[tokio::test]
 async fn an_encryption_overtaken_by_a_rotation_uses_the_new_primary() {
     let dir = private_tempdir();
     let p = parts(dir.path());

@@ -812,6 +812,28 @@ impl Keyring {
         self.inner.keys.retain(|(t, _), _| t != tenant);
     }
 
+    /// Drops cached unwrapped keys past their lifetime (`key_ttl` + `max_stale`), also from
+    /// the tenants' hot-key memos, and tenant metadata past `metadata_ttl`: expiry is
+    /// otherwise noticed only at a tenant's next use, and an idle tenant's unwrapped keys would
+    /// stay in memory until then. They zeroize once no operation uses them. Cheap enough to
+    /// call every few seconds; the sidecar calls it every 60 s. Returns how many keys left the
+    /// key cache.
+    pub fn evict_expired(&self) -> usize {
+        let inner = &self.inner;
+        let now = Instant::now_without_cache_update();
+        let alive = |key: &VersionKey| now.duration_since(key.loaded_at) <= inner.max_age;
+        let before = inner.keys.len();
+        inner.keys.retain(|_, key| alive(key));
+        let evicted = before.saturating_sub(inner.keys.len());
+        inner.tenants.retain(|_, view| {
+            if let Ok(mut hot) = view.hot.write() {
+                hot.retain(|key| alive(key));
+            }
+            now.duration_since(view.fetched_at) <= inner.metadata_ttl
+        });
+        evicted
+    }
+
     /// Drops every tenant's cached metadata and unwrapped keys: for a process that may have
     /// missed change notifications (a shared key store's listener reconnecting).
     pub fn invalidate_all(&self) {

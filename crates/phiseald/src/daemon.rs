@@ -215,14 +215,19 @@ impl Daemon {
                 stop_rx.clone(),
             ))
         });
-        let limiter_sidecar = Arc::clone(&self.sidecar);
-        let mut limiter_stop = stop_rx.clone();
-        let limiter_task = tokio::spawn(async move {
+        // Housekeeping every 60 s: idle identities leave the rate limiter, and expired keys
+        // leave the key cache (zeroized) even for tenants nobody uses any more.
+        let housekeeping_sidecar = Arc::clone(&self.sidecar);
+        let mut housekeeping_stop = stop_rx.clone();
+        let housekeeping_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => limiter_sidecar.limiter.forget_idle(),
-                    _ = limiter_stop.changed() => return,
+                    _ = tick.tick() => {
+                        housekeeping_sidecar.limiter.forget_idle();
+                        housekeeping_sidecar.keyring.evict_expired();
+                    }
+                    _ = housekeeping_stop.changed() => return,
                 }
             }
         });
@@ -305,7 +310,7 @@ impl Daemon {
         // The rotation schedule and the other background tasks stop before the final flush,
         // so that their last audit records are in it (a rotation already running finishes,
         // within the drain limit).
-        for task in [metrics_task, rotation_task, Some(limiter_task)]
+        for task in [metrics_task, rotation_task, Some(housekeeping_task)]
             .into_iter()
             .flatten()
         {
