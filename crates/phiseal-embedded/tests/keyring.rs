@@ -1327,27 +1327,26 @@ struct MemoryAudit {
 impl MemoryAudit {
     /// `(action, outcome, key source)` of every event so far, then forgets them.
     fn take(&self) -> Vec<(String, String, Option<String>)> {
-        std::mem::take(&mut *self.events.lock().unwrap())
-            .into_iter()
-            .map(|e| {
-                (
-                    e.action.as_str().to_owned(),
-                    e.outcome.as_str().to_owned(),
-                    e.key_source.map(|s| s.as_str().to_owned()),
-                )
-            })
-            .collect()
+        self.take_with(|e| e.key_source.map(|s| s.as_str().to_owned()))
     }
 
     /// `(action, outcome, root key)` of every event so far, then forgets them.
     fn take_root_keys(&self) -> Vec<(String, String, Option<String>)> {
+        self.take_with(|e| e.root_key.as_deref().map(str::to_owned))
+    }
+
+    /// `(action, outcome, third(event))` of every event so far, then forgets them.
+    fn take_with(
+        &self,
+        third: impl Fn(&AuditEvent) -> Option<String>,
+    ) -> Vec<(String, String, Option<String>)> {
         std::mem::take(&mut *self.events.lock().unwrap())
-            .into_iter()
+            .iter()
             .map(|e| {
                 (
                     e.action.as_str().to_owned(),
                     e.outcome.as_str().to_owned(),
-                    e.root_key.as_deref().map(str::to_owned),
+                    third(e),
                 )
             })
             .collect()
