@@ -245,8 +245,19 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// The umask is the process's: tests that create files or directories, or change it,
+    /// run one at a time (`cargo test` runs a binary's tests on several threads).
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn umask_lock() -> std::sync::MutexGuard<'static, ()> {
+        UMASK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     #[test]
     fn a_writable_socket_directory_is_refused_with_safe_advice() {
+        let _umask = umask_lock();
         let dir = tempfile::tempdir().unwrap();
         let own = dir.path().join("own");
         let shared = dir.path().join("shared");
@@ -268,6 +279,7 @@ mod tests {
 
     #[test]
     fn writable_directories_above_the_socket_are_refused_unless_sticky() {
+        let _umask = umask_lock();
         let dir = tempfile::tempdir().unwrap();
         let outer = dir.path().join("outer");
         let run = outer.join("run");
@@ -304,6 +316,7 @@ mod tests {
 
     #[tokio::test]
     async fn bind_restores_the_umask_and_binds_0660_under_any() {
+        let _umask = umask_lock();
         // Even with a permissive umask the socket is never wider than 0660.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/d.sock");
@@ -318,6 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn binds_0660_and_removes_at_drop() {
+        let _umask = umask_lock();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/d.sock");
         let (listener, guard) = bind(&path, None).unwrap();
@@ -338,6 +352,7 @@ mod tests {
 
     #[tokio::test]
     async fn stale_socket_removed_other_files_refused() {
+        let _umask = umask_lock();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.sock");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -352,6 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn insecure_directory_refused() {
+        let _umask = umask_lock();
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = bind(&dir.path().join("d.sock"), None)

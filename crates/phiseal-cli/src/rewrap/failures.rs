@@ -5,10 +5,10 @@
 //! any other line already done. The list lets the resumed run still count it: its summary and
 //! exit code (7) cover the failures of the runs before it. Each batch's failures are appended
 //! and fsynced before the batch's output lines are written, so the list never misses a failed
-//! line that the output holds; entries past the output's end (a crash between the two) belong
-//! to lines the resumed run does again, and each line counts once.
+//! line that the output holds. A resumed run first rewrites the list with only the entries of
+//! lines the output holds (entries past its end, from a crash between the two, belong to lines
+//! it does again; a torn last entry is dropped), each line once.
 
-use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -17,12 +17,24 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::sync_parent;
 use crate::error::CliError;
 
 /// One entry of the list.
 #[derive(Deserialize)]
 struct Entry {
     line: u64,
+    kind: String,
+}
+
+/// The list's lines for `entries`.
+fn entries_text(entries: &[(u64, &str)]) -> String {
+    let mut text = String::new();
+    for (line, kind) in entries {
+        text.push_str(&serde_json::json!({ "line": line, "kind": kind }).to_string());
+        text.push('\n');
+    }
+    text
 }
 
 /// The failure list next to an output file.
@@ -63,8 +75,9 @@ impl FailureList {
         })
     }
 
-    /// For a run resumed after `done` lines: counts the earlier failures among them. No list
-    /// means that no earlier run recorded a failure.
+    /// For a run resumed after `done` lines: keeps (and counts) the earlier failures among
+    /// them, rewriting the list with only those. No list means that no earlier run recorded
+    /// a failure.
     pub(super) fn resume(output: &Path, done: u64) -> Result<Self, CliError> {
         let path = Self::path_for(output);
         let shown = path.display().to_string();
@@ -79,7 +92,7 @@ impl FailureList {
             }
             Err(e) => return Err(CliError::io(format!("cannot open {shown}"))(e)),
         };
-        let mut lines = BTreeSet::new();
+        let mut lines = std::collections::BTreeMap::new();
         let mut reader = BufReader::new(file);
         let mut raw = Vec::new();
         loop {
@@ -93,7 +106,7 @@ impl FailureList {
             match serde_json::from_slice::<Entry>(&raw) {
                 Ok(entry) => {
                     if (1..=done).contains(&entry.line) {
-                        lines.insert(entry.line);
+                        lines.insert(entry.line, entry.kind);
                     }
                 }
                 // A torn last entry (a crash while it was written): its batch never reached
@@ -108,11 +121,39 @@ impl FailureList {
                 }
             }
         }
-        Ok(Self {
+        let earlier = lines.len() as u64;
+        let kept: Vec<(u64, &str)> = lines.iter().map(|(l, k)| (*l, k.as_str())).collect();
+        let mut list = Self {
             path,
             file: None,
-            earlier: lines.len() as u64,
-        })
+            earlier,
+        };
+        list.rewrite(&kept)?;
+        Ok(list)
+    }
+
+    /// Replaces the list with `entries` (a new file renamed over it, both made durable).
+    fn rewrite(&mut self, entries: &[(u64, &str)]) -> Result<(), CliError> {
+        let mut name = OsString::from(self.path.as_os_str());
+        name.push(".new");
+        let fresh = PathBuf::from(name);
+        let shown = fresh.display().to_string();
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&fresh)
+            .map_err(CliError::io(format!("cannot create {shown}")))?;
+        file.write_all(entries_text(entries).as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(CliError::io(format!("cannot write {shown}")))?;
+        std::fs::rename(&fresh, &self.path).map_err(CliError::io(format!(
+            "cannot replace {} with {shown}",
+            self.path.display()
+        )))?;
+        sync_parent(&self.path);
+        Ok(())
     }
 
     /// Lines that failed in earlier runs (see [`FailureList::resume`]).
@@ -126,21 +167,20 @@ impl FailureList {
             return Ok(());
         }
         let shown = self.path.display().to_string();
-        let mut text = String::new();
-        for (line, kind) in failures {
-            text.push_str(&serde_json::json!({ "line": line, "kind": kind }).to_string());
-            text.push('\n');
-        }
+        let text = entries_text(failures);
         let file = match &mut self.file {
             Some(f) => f,
-            None => self.file.insert(
-                OpenOptions::new()
+            None => {
+                let file = OpenOptions::new()
                     .append(true)
                     .create(true)
                     .mode(0o600)
                     .open(&self.path)
-                    .map_err(CliError::io(format!("cannot open {shown}")))?,
-            ),
+                    .map_err(CliError::io(format!("cannot open {shown}")))?;
+                // Its directory entry, too, must survive a crash that the output survives.
+                sync_parent(&self.path);
+                self.file.insert(file)
+            }
         };
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_data())
@@ -172,14 +212,29 @@ mod tests {
         again.record(&[(12, "permission_denied")]).unwrap();
         drop(again);
         assert_eq!(FailureList::resume(&out, 12).unwrap().earlier(), 3);
-        assert_eq!(FailureList::resume(&out, 2).unwrap().earlier(), 0);
-
-        // A torn last entry is ignored; garbage before the end is refused.
         let path = FailureList::path_for(&out);
+        // Each resume keeps only the entries of lines the output holds, once each.
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"kind\":\"decryption_failed\",\"line\":3}\n{\"kind\":\"too_large\",\"line\":7}\n\
+             {\"kind\":\"permission_denied\",\"line\":12}\n"
+        );
+        // A resume after a crash that lost line 12's output (it failed before, and succeeds
+        // when done again): its entry goes, and a later resume does not count it.
+        assert_eq!(FailureList::resume(&out, 11).unwrap().earlier(), 2);
+        assert_eq!(FailureList::resume(&out, 12).unwrap().earlier(), 2);
+
+        // A torn last entry is dropped, and entries appended after it stay readable.
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str("{\"line\":9,\"ki");
         std::fs::write(&path, &text).unwrap();
-        assert_eq!(FailureList::resume(&out, 12).unwrap().earlier(), 3);
+        let mut list = FailureList::resume(&out, 12).unwrap();
+        assert_eq!(list.earlier(), 2);
+        list.record(&[(13, "decryption_failed")]).unwrap();
+        drop(list);
+        assert_eq!(FailureList::resume(&out, 13).unwrap().earlier(), 3);
+        // Garbage before the end is refused.
+        let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, format!("garbage\n{text}")).unwrap();
         assert!(FailureList::resume(&out, 12).is_err());
 
