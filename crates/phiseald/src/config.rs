@@ -17,6 +17,11 @@ use crate::policy::Rule;
 /// Where the daemon listens when neither the file nor `--socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/phiseal/phiseald.sock";
 
+/// The default of `socket_check_parents`.
+fn checked() -> bool {
+    true
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +33,11 @@ pub struct Config {
     /// primary group.
     #[serde(default, deserialize_with = "name_or_number")]
     pub socket_group: Option<String>,
+    /// Whether every directory above the socket's own must be owned by root or the daemon and
+    /// not writable by group or others unless sticky (default). `false` only where those
+    /// directories are shared with trusted parties alone (a Kubernetes `emptyDir`).
+    #[serde(default = "checked")]
+    pub socket_check_parents: bool,
     /// `development` (default) or `production` (refuses the local development KMS).
     #[serde(default)]
     pub profile: ProfileName,
@@ -746,6 +756,7 @@ impl Config {
         Self {
             socket: socket.to_owned(),
             socket_group: None,
+            socket_check_parents: true,
             profile: ProfileName::Development,
             data_dir: data_dir.to_owned(),
             audit: AuditConfig::default(),

@@ -131,7 +131,11 @@ impl Daemon {
     pub async fn build(config: Config) -> Result<Self, DaemonError> {
         // The socket's directory is checked (and created) first, so that a start refused for
         // it creates nothing in the data directory (no root key, key store or audit log).
-        transport::check_directory(&config.socket, config.socket_group.as_deref())?;
+        transport::check_directory(
+            &config.socket,
+            config.socket_group.as_deref(),
+            config.socket_check_parents,
+        )?;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
         let durability = match config.audit.durability {
@@ -197,8 +201,11 @@ impl Daemon {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), DaemonError> {
         let config = &self.config;
-        let (listener, socket_guard) =
-            transport::bind(&config.socket, config.socket_group.as_deref())?;
+        let (listener, socket_guard) = transport::bind(
+            &config.socket,
+            config.socket_group.as_deref(),
+            config.socket_check_parents,
+        )?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
         let metrics_task = match config.metrics.listen {

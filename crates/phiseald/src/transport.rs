@@ -100,7 +100,14 @@ fn check_ancestors(path: &Path, dir: &Path, uid: u32) -> Result<(), DaemonError>
     Ok(())
 }
 
-fn prepare_directory(path: &Path, dir: &Path, gid: Option<u32>) -> Result<(), DaemonError> {
+/// Creates (if missing) and checks the socket's directory, and with `check_parents` the
+/// directories above it.
+fn prepare_directory(
+    path: &Path,
+    dir: &Path,
+    gid: Option<u32>,
+    check_parents: bool,
+) -> Result<(), DaemonError> {
     let uid = rustix::process::getuid().as_raw();
     if !dir.exists() {
         std::fs::DirBuilder::new()
@@ -160,7 +167,10 @@ fn prepare_directory(path: &Path, dir: &Path, gid: Option<u32>) -> Result<(), Da
             ),
         ));
     }
-    check_ancestors(path, dir, uid)
+    if check_parents {
+        check_ancestors(path, dir, uid)?;
+    }
+    Ok(())
 }
 
 fn remove_stale(path: &Path) -> Result<(), DaemonError> {
@@ -195,6 +205,7 @@ fn remove_stale(path: &Path) -> Result<(), DaemonError> {
 fn socket_directory<'a>(
     path: &'a Path,
     group: Option<&str>,
+    check_parents: bool,
 ) -> Result<(&'a Path, Option<u32>), DaemonError> {
     let gid = group
         .map(resolve_group)
@@ -204,19 +215,27 @@ fn socket_directory<'a>(
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .ok_or_else(|| socket_error(path, "must be an absolute path inside a directory"))?;
-    prepare_directory(path, dir, gid)?;
+    prepare_directory(path, dir, gid, check_parents)?;
     Ok((dir, gid))
 }
 
 /// Checks the socket's directory (creating it if missing) before anything else starts;
 /// [`bind`] checks it again.
-pub fn check_directory(path: &Path, group: Option<&str>) -> Result<(), DaemonError> {
-    socket_directory(path, group).map(drop)
+pub fn check_directory(
+    path: &Path,
+    group: Option<&str>,
+    check_parents: bool,
+) -> Result<(), DaemonError> {
+    socket_directory(path, group, check_parents).map(drop)
 }
 
 /// Binds the socket safely (see the module docs).
-pub fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, BoundSocket), DaemonError> {
-    let (_, gid) = socket_directory(path, group)?;
+pub fn bind(
+    path: &Path,
+    group: Option<&str>,
+    check_parents: bool,
+) -> Result<(UnixListener, BoundSocket), DaemonError> {
+    let (_, gid) = socket_directory(path, group, check_parents)?;
     remove_stale(path)?;
     // The umask is the process's: it is narrowed only around `bind` (which creates no
     // directory; files created meanwhile by other threads only get narrower modes).
@@ -265,10 +284,10 @@ mod tests {
             std::fs::create_dir(d).unwrap();
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).unwrap();
         }
-        let err = prepare_directory(&own.join("d.sock"), &own, None).unwrap_err();
+        let err = prepare_directory(&own.join("d.sock"), &own, None, true).unwrap_err();
         assert!(err.to_string().contains("run `chmod go-w"), "{err}");
         // Never advise `chmod go-w /tmp`: a sticky directory is shared by design.
-        let err = prepare_directory(&shared.join("d.sock"), &shared, None).unwrap_err();
+        let err = prepare_directory(&shared.join("d.sock"), &shared, None, true).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("mode 1777") && msg.contains("a directory of its own"),
@@ -293,7 +312,7 @@ mod tests {
             (0o1777, false),
         ] {
             std::fs::set_permissions(&outer, std::fs::Permissions::from_mode(mode)).unwrap();
-            let result = prepare_directory(&sock, &run, None);
+            let result = prepare_directory(&sock, &run, None, true);
             assert_eq!(result.is_err(), refused, "{mode:o}: {result:?}");
             if let Err(e) = result {
                 let msg = e.to_string();
@@ -305,13 +324,15 @@ mod tests {
         }
         // Through a symlink: the directory holding the link, and the target's, are checked.
         std::fs::set_permissions(&outer, std::fs::Permissions::from_mode(0o777)).unwrap();
+        // (Unless the configuration trusts them: socket_check_parents = false.)
+        prepare_directory(&sock, &run, None, false).unwrap();
         let safe = dir.path().join("safe");
         std::fs::create_dir(&safe).unwrap();
         std::os::unix::fs::symlink(&outer, safe.join("link")).unwrap();
         let via_link = safe.join("link/run");
-        assert!(prepare_directory(&via_link.join("d.sock"), &via_link, None).is_err());
+        assert!(prepare_directory(&via_link.join("d.sock"), &via_link, None, true).is_err());
         std::fs::set_permissions(&outer, std::fs::Permissions::from_mode(0o755)).unwrap();
-        prepare_directory(&via_link.join("d.sock"), &via_link, None).unwrap();
+        prepare_directory(&via_link.join("d.sock"), &via_link, None, true).unwrap();
     }
 
     #[tokio::test]
@@ -321,7 +342,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/d.sock");
         let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0));
-        let bound = bind(&path, None);
+        let bound = bind(&path, None, true);
         let after = rustix::process::umask(old);
         let (_l, _g) = bound.unwrap();
         assert_eq!(after.bits(), 0, "bind restores the umask");
@@ -334,7 +355,7 @@ mod tests {
         let _umask = umask_lock();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/d.sock");
-        let (listener, guard) = bind(&path, None).unwrap();
+        let (listener, guard) = bind(&path, None, true).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
         let dmode = std::fs::metadata(path.parent().unwrap())
@@ -343,7 +364,7 @@ mod tests {
             .mode();
         assert_eq!(dmode & 0o777, 0o750);
         // A second daemon on the same socket is refused while the first listens.
-        let e = bind(&path, None).unwrap_err().to_string();
+        let e = bind(&path, None, true).unwrap_err().to_string();
         assert!(e.contains("another daemon"), "{e}");
         drop(listener);
         drop(guard);
@@ -358,10 +379,10 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         // A stale socket: bound, then its listener closed without removing the path.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        let (_l, _g) = bind(&path, None).unwrap();
+        let (_l, _g) = bind(&path, None, true).unwrap();
         drop((_l, _g));
         std::fs::write(&path, b"not a socket").unwrap();
-        let e = bind(&path, None).unwrap_err().to_string();
+        let e = bind(&path, None, true).unwrap_err().to_string();
         assert!(e.contains("not a socket"), "{e}");
     }
 
@@ -370,7 +391,7 @@ mod tests {
         let _umask = umask_lock();
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = bind(&dir.path().join("d.sock"), None)
+        let e = bind(&dir.path().join("d.sock"), None, true)
             .unwrap_err()
             .to_string();
         assert!(e.contains("could replace the socket"), "{e}");
@@ -379,7 +400,9 @@ mod tests {
         let real = dir.path().join("real");
         std::fs::create_dir(&real).unwrap();
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        let e = bind(&link.join("d.sock"), None).unwrap_err().to_string();
+        let e = bind(&link.join("d.sock"), None, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("symlinks are refused"), "{e}");
     }
 }
