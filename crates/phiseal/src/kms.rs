@@ -37,14 +37,27 @@ impl KeyBinding {
 }
 
 /// A tenant key wrapped by a root key: opaque bytes plus the reference to the exact root-key
-/// version that made them, so wraps made before a root-key rotation still unwrap.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// version that made them, so wraps made before a root-key rotation still unwrap. Its `Debug`
+/// shows the reference and the length of the wrapped bytes, not the bytes.
+#[derive(Clone, PartialEq, Eq)]
 pub struct WrappedKey {
     /// Backend-specific reference to the root key version, e.g. `local:3f2a…` or a full Key
     /// Vault key id. Not secret.
     pub root_key_ref: String,
     /// The wrapped bytes. Not secret (useless without the root key), but never logged.
     pub ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappedKey")
+            .field("root_key_ref", &self.root_key_ref)
+            .field(
+                "ciphertext",
+                &format_args!("[{} bytes]", self.ciphertext.len()),
+            )
+            .finish()
+    }
 }
 
 /// Whether `err`'s chain of causes holds an I/O error of reading a local file — missing or

@@ -40,8 +40,9 @@ impl KeyState {
     }
 }
 
-/// One stored tenant key version.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One stored tenant key version. Its `Debug` leaves out the wrapped bytes (see
+/// [`WrappedKey`]) and the key-check MAC.
+#[derive(Clone, PartialEq, Eq)]
 pub struct KeyRecord {
     /// Version number, from 1.
     pub version: u32,
@@ -53,6 +54,18 @@ pub struct KeyRecord {
     pub key_check: [u8; 32],
     /// When this version was created.
     pub created_at: Timestamp,
+}
+
+impl std::fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("version", &self.version)
+            .field("state", &self.state)
+            .field("wrapped", &self.wrapped)
+            .field("key_check", &format_args!("[32 bytes]"))
+            .field("created_at", &self.created_at)
+            .finish()
+    }
 }
 
 impl KeyRecord {
@@ -332,6 +345,28 @@ mod tests {
     )]
 
     use super::*;
+
+    #[test]
+    fn debug_leaves_out_wrapped_bytes_and_the_key_check() {
+        let r = KeyRecord {
+            version: 3,
+            state: KeyState::Primary,
+            wrapped: Some(WrappedKey {
+                root_key_ref: "local:3f2a".into(),
+                ciphertext: vec![0xab; 60],
+            }),
+            key_check: [0xcd; 32],
+            created_at: Timestamp::UNIX_EPOCH,
+        };
+        let shown = format!("{r:?}");
+        assert!(
+            shown.contains("local:3f2a") && shown.contains("[60 bytes]"),
+            "{shown}"
+        );
+        for leaked in ["171", "205", "ab", "cd"] {
+            assert!(!shown.contains(leaked), "{leaked} in {shown}");
+        }
+    }
 
     fn record(version: u32) -> KeyRecord {
         KeyRecord {
