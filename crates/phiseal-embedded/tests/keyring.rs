@@ -1635,37 +1635,74 @@ async fn expired_keys_leave_the_cache_without_a_next_use() {
     );
 }
 
+/// What kind of encryption the rotation overtakes.
+#[derive(Clone, Copy, Debug)]
+enum Sealing {
+    Field,
+    Deterministic,
+    Stream,
+}
+
+impl Sealing {
+    /// Encrypts under `k` and returns the key version the output names.
+    async fn version(self, k: &Keyring, c: &Caller) -> u32 {
+        let cx = ctx("t", "f", None);
+        match self {
+            Sealing::Field => {
+                let ct = k.encrypt(c, &cx, b"v").await.unwrap();
+                assert_eq!(&k.decrypt(c, &cx, &ct).await.unwrap()[..], b"v");
+                phiseal::format::parse(&ct).unwrap().key_version
+            }
+            Sealing::Deterministic => {
+                let ct = k.encrypt_deterministic(c, &cx, b"v").await.unwrap();
+                phiseal::format::parse(&ct).unwrap().key_version
+            }
+            Sealing::Stream => {
+                let mut out = Vec::new();
+                let summary = k.encrypt_stream(c, &cx, &b"v"[..], &mut out).await.unwrap();
+                assert_eq!(
+                    phiseal::stream::StreamHeader::parse(&out)
+                        .unwrap()
+                        .key_version(),
+                    summary.key_version
+                );
+                summary.key_version
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_encryption_overtaken_by_a_rotation_uses_the_new_primary() {
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let kms = SwitchableKms::over(&p);
-    let setup = switchable_keyring(&kms, &p, CacheSettings::default(), None);
-    let c = caller();
-    setup.create_tenant(&c, &tenant("t")).await.unwrap();
-    // A keyring with cold caches: its encryption reads the metadata (primary v1), then waits
-    // in the KMS for v1's key …
-    let k = switchable_keyring(&kms, &p, CacheSettings::default(), None);
-    kms.hold.store(true, Ordering::SeqCst);
-    let before = kms.unwraps.load(Ordering::SeqCst);
-    let (k2, c2) = (k.clone(), c.clone());
-    let encryption = tokio::spawn(async move { k2.encrypt(&c2, &ctx("t", "f", None), b"v").await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while kms.unwraps.load(Ordering::SeqCst) == before {
-        assert!(std::time::Instant::now() < deadline, "no unwrap started");
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    for sealing in [Sealing::Field, Sealing::Deterministic, Sealing::Stream] {
+        let dir = private_tempdir();
+        let p = parts(dir.path());
+        let kms = SwitchableKms::over(&p);
+        let setup = switchable_keyring(&kms, &p, CacheSettings::default(), None);
+        let c = caller();
+        setup.create_tenant(&c, &tenant("t")).await.unwrap();
+        // A keyring with cold caches: its encryption reads the metadata (primary v1), then
+        // waits in the KMS for v1's key …
+        let k = switchable_keyring(&kms, &p, CacheSettings::default(), None);
+        kms.hold.store(true, Ordering::SeqCst);
+        let before = kms.unwraps.load(Ordering::SeqCst);
+        let (k2, c2) = (k.clone(), c.clone());
+        let encryption = tokio::spawn(async move { sealing.version(&k2, &c2).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while kms.unwraps.load(Ordering::SeqCst) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{sealing:?}: no unwrap"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // … while the same keyring rotates to v2 (its own KMS calls are not held).
+        kms.hold.store(false, Ordering::SeqCst);
+        assert_eq!(k.rotate(&c, &tenant("t")).await.unwrap(), 2);
+        kms.gate.add_permits(1);
+        // Nothing is encrypted under the old primary once `rotate` has returned.
+        assert_eq!(encryption.await.unwrap(), 2, "{sealing:?}");
     }
-    // … while the same keyring rotates to v2 (its own KMS calls are not held).
-    kms.hold.store(false, Ordering::SeqCst);
-    assert_eq!(k.rotate(&c, &tenant("t")).await.unwrap(), 2);
-    kms.gate.add_permits(1);
-    let ct = encryption.await.unwrap().unwrap();
-    // Nothing is encrypted under the old primary once `rotate` has returned.
-    assert_eq!(phiseal::format::parse(&ct).unwrap().key_version, 2);
-    assert_eq!(
-        &k.decrypt(&c, &ctx("t", "f", None), &ct).await.unwrap()[..],
-        b"v"
-    );
 }
 
 #[tokio::test]

@@ -530,6 +530,17 @@ fn key_binding(tenant: &TenantId, version: u32) -> KeyBinding {
     }
 }
 
+/// The error of an operation under the primary version that rotations overtook three times.
+fn primary_kept_changing(store: &dyn KeyStore) -> Error {
+    store_error(
+        store,
+        BackendError::new(
+            BackendErrorKind::Conflict,
+            "the tenant's primary key version changed repeatedly during the operation; retry",
+        ),
+    )
+}
+
 /// The root key a key record is wrapped under, for its audit records.
 fn root_key_of(record: &KeyRecord) -> Option<Arc<str>> {
     record
@@ -1226,14 +1237,7 @@ impl Keyring {
                     return sealed;
                 }
             }
-            Err(store_error(
-                &*self.inner.store,
-                BackendError::new(
-                    BackendErrorKind::Conflict,
-                    "the tenant's primary key version changed repeatedly during the \
-                     encryption; retry",
-                ),
-            ))
+            Err(primary_kept_changing(&*self.inner.store))
         }
         .await;
         (result, meta)

@@ -16,6 +16,7 @@ use coarsetime::Instant;
 
 use super::{
     Caller, FieldOutcome, Keyring, MIN_REFRESH_AGE, OpMeta, STALE_RETRY_INTERVAL, TenantView,
+    primary_kept_changing,
 };
 use crate::audit::Action;
 use crate::context::EncryptionContext;
@@ -123,20 +124,44 @@ impl Keyring {
         now: Instant,
         op: impl Fn(&VersionKey) -> Result<T, Error>,
     ) -> FieldOutcome<T> {
+        let (result, meta) = self
+            .with_version_key_as(caller, view, version, false, now, op)
+            .await;
+        let result = result.and_then(|done| {
+            // (Only a `primary` use gives way to a newer version.)
+            done.ok_or_else(|| Error::KeyVersionNotFound {
+                tenant: view.record.tenant.clone(),
+                version,
+            })
+        });
+        (result, meta)
+    }
+
+    /// [`Keyring::with_version_key`]; with `primary`, `Ok(None)` when a rotation made another
+    /// version primary while the key was looked up (see `Keyring::use_key_as`).
+    async fn with_version_key_as<T>(
+        &self,
+        caller: &Caller,
+        view: &TenantView,
+        version: u32,
+        primary: bool,
+        now: Instant,
+        op: impl Fn(&VersionKey) -> Result<T, Error>,
+    ) -> FieldOutcome<Option<T>> {
         let mut meta = OpMeta {
             key_version: Some(version),
             key_source: None,
         };
         if let Some((result, source)) = self.with_cached_key(view, version, now, &op) {
             meta.key_source = Some(source);
-            return (result, meta);
+            return (result.map(Some), meta);
         }
         match self.version_key(caller, view, version, now).await {
             Ok((key, source)) => {
                 view.remember(&key);
                 meta.key_source = Some(source);
-                let result = self.use_key(view, version, || op(&key)).await;
-                (result.and_then(|r| r), meta)
+                let result = self.use_key_as(view, version, primary, || op(&key)).await;
+                (result.and_then(|r| r.transpose()), meta)
             }
             Err(e) => (Err(e), meta),
         }
@@ -153,20 +178,33 @@ impl Keyring {
             return (Err(record_refused()), OpMeta::default());
         }
         let now = Instant::now_without_cache_update();
-        let view = match self.search_view(context, now).await {
-            Ok(view) => view,
-            Err(e) => return (Err(e), OpMeta::default()),
-        };
-        let primary = match (view.record.shredded_at, view.record.primary()) {
-            (None, Some(primary)) => primary.version,
-            _ => {
-                let e = Error::KeyDestroyed {
-                    tenant: context.tenant().clone(),
-                };
-                return (Err(e), OpMeta::default());
+        let mut meta = OpMeta::default();
+        // Again with the new primary if a rotation overtook the lookup (twice at most).
+        for _ in 0..3 {
+            let view = match self.search_view(context, now).await {
+                Ok(view) => view,
+                Err(e) => return (Err(e), meta),
+            };
+            let primary = match (view.record.shredded_at, view.record.primary()) {
+                (None, Some(primary)) => primary.version,
+                _ => {
+                    let e = Error::KeyDestroyed {
+                        tenant: context.tenant().clone(),
+                    };
+                    return (Err(e), meta);
+                }
+            };
+            let (result, used) = self
+                .with_version_key_as(caller, &view, primary, true, now, &op)
+                .await;
+            meta = used;
+            match result {
+                Ok(Some(done)) => return (Ok(done), meta),
+                Ok(None) => continue,
+                Err(e) => return (Err(e), meta),
             }
-        };
-        self.with_version_key(caller, &view, primary, now, op).await
+        }
+        (Err(primary_kept_changing(&*self.inner.store)), meta)
     }
 
     /// Runs `op` under every live key version, primary first; audits one record per version

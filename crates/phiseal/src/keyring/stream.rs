@@ -45,7 +45,7 @@ use coarsetime::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Caller, Keyring, MIN_REFRESH_AGE, OpMeta};
+use super::{Caller, Keyring, MIN_REFRESH_AGE, OpMeta, primary_kept_changing};
 use crate::audit::{Action, AuditEvent, KeySource, Outcome};
 use crate::context::EncryptionContext;
 use crate::crypto::TAG_LEN;
@@ -398,47 +398,57 @@ impl Keyring {
         context: &EncryptionContext,
         version: Option<u32>,
         audit: &mut StreamAudit,
-        derive: impl FnOnce(&VersionKey) -> Result<T, Error>,
+        derive: impl Fn(&VersionKey) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let now = Instant::now_without_cache_update();
         let tenant = context.tenant();
-        let mut view = self.tenant_view(tenant, now).await?;
-        let version = match version {
-            None => {
-                view.record
-                    .primary()
-                    .ok_or_else(|| Error::KeyDestroyed {
-                        tenant: tenant.clone(),
-                    })?
-                    .version
-            }
-            Some(version) => {
-                if version > view.record.latest_version()
-                    && view.record.shredded_at.is_none()
-                    && now.duration_since(view.fetched_at) >= MIN_REFRESH_AGE
-                {
-                    // Possibly rotated by another process (see `decrypt_slow`).
-                    self.inner
-                        .tenants
-                        .remove_if(tenant, |v| Arc::ptr_eq(v, &view));
-                    view = self.tenant_view(tenant, now).await?;
+        // An encryption (no version given: the primary) starts again with the new primary if
+        // a rotation overtook the lookup (twice at most).
+        for _ in 0..3 {
+            let now = Instant::now_without_cache_update();
+            let mut view = self.tenant_view(tenant, now).await?;
+            let chosen = match version {
+                None => {
+                    view.record
+                        .primary()
+                        .ok_or_else(|| Error::KeyDestroyed {
+                            tenant: tenant.clone(),
+                        })?
+                        .version
                 }
-                let min = view.record.min_decrypt_version;
-                if version < min && view.record.shredded_at.is_none() {
-                    return Err(Error::KeyVersionRetired {
-                        tenant: tenant.clone(),
-                        version,
-                        min,
-                    });
+                Some(version) => {
+                    if version > view.record.latest_version()
+                        && view.record.shredded_at.is_none()
+                        && now.duration_since(view.fetched_at) >= MIN_REFRESH_AGE
+                    {
+                        // Possibly rotated by another process (see `decrypt_slow`).
+                        self.inner
+                            .tenants
+                            .remove_if(tenant, |v| Arc::ptr_eq(v, &view));
+                        view = self.tenant_view(tenant, now).await?;
+                    }
+                    let min = view.record.min_decrypt_version;
+                    if version < min && view.record.shredded_at.is_none() {
+                        return Err(Error::KeyVersionRetired {
+                            tenant: tenant.clone(),
+                            version,
+                            min,
+                        });
+                    }
+                    version
                 }
-                version
+            };
+            audit.key_version = Some(chosen);
+            let (key, source) = self.version_key(caller, &view, chosen, now).await?;
+            view.remember(&key);
+            audit.key_source = Some(source);
+            let derived = self
+                .use_key_as(&view, chosen, version.is_none(), || derive(&key))
+                .await?;
+            if let Some(derived) = derived {
+                return derived;
             }
-        };
-        audit.key_version = Some(version);
-        let (key, source) = self.version_key(caller, &view, version, now).await?;
-        view.remember(&key);
-        audit.key_source = Some(source);
-        self.use_key(&view, version, || derive(&key)).await?
+        }
+        Err(primary_kept_changing(&*self.inner.store))
     }
 
     /// Parses a stream header, refuses segments over `max_segment_size`, prepares its
