@@ -544,6 +544,95 @@ async fn keys_follow_rotation_minimum_version_and_shredding() {
 }
 
 #[tokio::test]
+async fn a_shred_stops_the_tenants_running_streams() {
+    let dir = private_tempdir();
+    let (k, sink) = recorded(dir.path()).await;
+    let c = caller();
+    let t = TenantId::new("t").unwrap();
+    let cx = ctx("t", "scan", None);
+    let plaintext = data(3 * SEG + 5);
+    let sealed = encrypt(&k, &cx, &plaintext).await;
+    // Another tenant's stream is not affected.
+    k.create_tenant(&c, &TenantId::new("u").unwrap())
+        .await
+        .unwrap();
+    let other = ctx("u", "scan", None);
+    let mut bystander = k
+        .start_encrypt_stream(&c, &other, StreamOptions::default())
+        .await
+        .unwrap();
+    // A decryption that has released its first segment, and an encryption that has sealed
+    // one …
+    let mut reading = k.start_decrypt_stream(&c, &cx);
+    let mut out = Vec::new();
+    let first = STREAM_HEADER_LEN + 2 * (SEG + TAG);
+    reading.push(&sealed[..first], &mut out).await.unwrap();
+    assert_eq!(out, plaintext[..SEG]);
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut written = Vec::new();
+    writing.push(&plaintext[..SEG + 1], &mut written).unwrap();
+    assert!(written.len() > STREAM_HEADER_LEN);
+    sink.clear();
+    // … then the tenant is shredded: neither seals nor opens another segment.
+    k.shred(&c, &t).await.unwrap();
+    out.clear();
+    let err = reading.push(&sealed[first..], &mut out).await.unwrap_err();
+    assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
+    assert!(out.is_empty(), "plaintext released after the shred");
+    written.clear();
+    let err = writing
+        .push(&plaintext[SEG + 1..], &mut written)
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
+    assert!(written.is_empty());
+    writing.abort("cancelled").await.unwrap();
+    let mut rest = Vec::new();
+    bystander.push(&plaintext, &mut rest).unwrap();
+    bystander.finish(&mut rest).await.unwrap();
+    let outcomes: Vec<Outcome> = sink.streams().into_iter().map(|(_, o, _)| o).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Error("key_destroyed"),
+            Outcome::Error("key_destroyed"),
+            Outcome::Ok
+        ],
+        "both streams recorded as failed, the other tenant's as ok"
+    );
+}
+
+#[tokio::test]
+async fn a_shred_by_another_process_stops_streams_once_the_tenant_is_read_again() {
+    let dir = private_tempdir();
+    let (k, _sink) = recorded(dir.path()).await;
+    let c = caller();
+    let cx = ctx("t", "scan", None);
+    let plaintext = data(3 * SEG + 5);
+    let sealed = encrypt(&k, &cx, &plaintext).await;
+    let mut reading = k.start_decrypt_stream(&c, &cx);
+    let mut out = Vec::new();
+    let first = STREAM_HEADER_LEN + 2 * (SEG + TAG);
+    reading.push(&sealed[..first], &mut out).await.unwrap();
+    // Another process (another keyring on the same store) shreds the tenant. This keyring
+    // learns of it when it reads the tenant again: the sidecar does on the key store's
+    // change notification.
+    let other = phiseal_embedded::builder(dir.path(), &EmbeddedOptions::default())
+        .unwrap()
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    other.shred(&c, &TenantId::new("t").unwrap()).await.unwrap();
+    k.recheck_streams(None).await.unwrap();
+    out.clear();
+    let err = reading.push(&sealed[first..], &mut out).await.unwrap_err();
+    assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
+    assert!(out.is_empty());
+}
+
+#[tokio::test]
 async fn auditing_fails_closed_and_abandoned_streams_are_recorded() {
     let dir = private_tempdir();
     let (k, sink) = recorded(dir.path()).await;

@@ -1,7 +1,9 @@
 //! The keyring: the API a Rust service calls. Assembled by [`KeyringBuilder`] from a KMS
 //! backend, a key store, an audit sink and cache settings.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use coarsetime::Instant;
@@ -322,6 +324,7 @@ impl KeyringBuilder {
                 max_age: (c.key_ttl.saturating_add(c.max_stale)).into(),
                 tenants: quick_cache::sync::Cache::new(c.capacity),
                 keys: quick_cache::sync::Cache::new(c.capacity),
+                streams: std::sync::Mutex::default(),
                 generations: Generations::default(),
                 outage: outage::KmsOutage::default(),
                 query_refresh_paused_until: std::sync::atomic::AtomicU64::new(0),
@@ -479,6 +482,9 @@ struct Inner {
     max_age: coarsetime::Duration,
     tenants: quick_cache::sync::Cache<TenantId, Arc<TenantView>>,
     keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
+    /// The revocation flags of the streams running per tenant (`crate::stream`): set when
+    /// the tenant is found shredded, so that a running stream stops at its next segment.
+    streams: std::sync::Mutex<HashMap<TenantId, Vec<Weak<AtomicBool>>>>,
     /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`,
     /// `invalidate_all`).
     generations: Generations,
@@ -777,6 +783,10 @@ impl Keyring {
                 ),
             ));
         }
+        if record.shredded_at.is_some() {
+            // Shredded, perhaps by another process: its running streams stop.
+            self.revoke_streams(tenant);
+        }
         Ok(Arc::new(TenantView::new(
             record, shard, generation, fetched_at,
         )))
@@ -843,6 +853,57 @@ impl Keyring {
             now.duration_since(view.fetched_at) <= inner.metadata_ttl
         });
         evicted
+    }
+
+    /// A revocation flag for a stream of `tenant` starting now (see `Inner::streams`).
+    pub(crate) fn register_stream(&self, tenant: &TenantId) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        if let Ok(mut streams) = self.inner.streams.lock() {
+            let running = streams.entry(tenant.clone()).or_default();
+            running.retain(|f| f.strong_count() > 0);
+            running.push(Arc::downgrade(&flag));
+        } else {
+            // Fail closed: a stream that could not be registered could not be revoked.
+            flag.store(true, Ordering::Release);
+        }
+        flag
+    }
+
+    /// Stops the running streams of `tenant` at their next segment (it was shredded).
+    fn revoke_streams(&self, tenant: &TenantId) {
+        let running = match self.inner.streams.lock() {
+            Ok(mut streams) => streams.remove(tenant).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        for flag in running.iter().filter_map(Weak::upgrade) {
+            flag.store(true, Ordering::Release);
+        }
+    }
+
+    /// Re-reads from the key store the tenants with running streams (`tenant` only, if
+    /// given) and stops the streams of those found shredded: for a process told by a change
+    /// notification that another process changed them. Store errors are returned; streams of
+    /// tenants already read keep running.
+    pub async fn recheck_streams(&self, tenant: Option<&TenantId>) -> Result<(), Error> {
+        let tenants: Vec<TenantId> = match self.inner.streams.lock() {
+            Ok(mut streams) => {
+                streams.retain(|_, running| {
+                    running.retain(|f| f.strong_count() > 0);
+                    !running.is_empty()
+                });
+                streams
+                    .keys()
+                    .filter(|t| tenant.is_none_or(|wanted| *t == wanted))
+                    .cloned()
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for t in &tenants {
+            // `load_view` revokes the streams of a shredded tenant.
+            self.load_view(t).await?;
+        }
+        Ok(())
     }
 
     /// Drops every tenant's cached metadata and unwrapped keys: for a process that may have
@@ -1669,8 +1730,8 @@ impl Keyring {
     /// purged (and zeroized), and its ciphertexts fail with [`Error::KeyDestroyed`] forever.
     /// Returns once no field operation of this keyring that checked the tenant before the
     /// shred is still using its key (those finish; every later one is refused); streams
-    /// already started keep their own key until they end. Irreversible. Audited (attempt and
-    /// result).
+    /// already started stop before their next segment ([`Error::KeyDestroyed`]).
+    /// Irreversible. Audited (attempt and result).
     pub async fn shred(&self, caller: &Caller, tenant: &TenantId) -> Result<(), Error> {
         let op = async {
             let result = async {
@@ -1691,6 +1752,10 @@ impl Keyring {
                 self.inner
                     .generations
                     .wait_for_key_uses(Generations::shard_of(tenant));
+                // Running streams (registered under the key-use guard, so none is missed)
+                // stop before their next segment. Also if the store reported an error: the
+                // shred may have committed, and stopping them is the safe side.
+                self.revoke_streams(tenant);
                 result.map_err(|e| store_error(store, e))
             }
             .await;

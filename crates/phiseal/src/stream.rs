@@ -36,12 +36,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use zeroize::Zeroize;
 
-use crate::context::EncryptionContext;
+use crate::context::{EncryptionContext, TenantId};
 use crate::crypto::{AeadKey, CryptoProvider, TAG_LEN, os_random};
 use crate::error::{Error, FormatError};
 use crate::secret::TenantKey;
@@ -306,6 +308,9 @@ fn too_many_segments() -> Error {
 /// associated data), the per-stream key, and the counts behind [`StreamSummary`].
 struct StreamState {
     key: Box<dyn AeadKey>,
+    /// Set by the keyring when the stream's tenant is shredded (with the tenant, for the
+    /// error): no segment is sealed or opened after that.
+    revoked: Option<(Arc<AtomicBool>, TenantId)>,
     header: StreamHeader,
     header_bytes: [u8; STREAM_HEADER_LEN],
     /// Counter of the next segment.
@@ -315,9 +320,21 @@ struct StreamState {
 }
 
 impl StreamState {
+    /// Fails with [`Error::KeyDestroyed`] once the keyring revoked the stream (its tenant was
+    /// shredded).
+    fn check_not_revoked(&self) -> Result<(), Error> {
+        match &self.revoked {
+            Some((flag, tenant)) if flag.load(Ordering::Acquire) => Err(Error::KeyDestroyed {
+                tenant: tenant.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn new(key: Box<dyn AeadKey>, header: StreamHeader, ciphertext_bytes: u64) -> Self {
         Self {
             key,
+            revoked: None,
             header_bytes: header.to_bytes(),
             header,
             next_segment: 0,
@@ -413,6 +430,12 @@ impl std::fmt::Debug for StreamEncryptor {
 }
 
 impl StreamEncryptor {
+    /// Makes the stream stop (with [`Error::KeyDestroyed`] naming `tenant`) before its next
+    /// segment once `flag` is set: the keyring sets it when the tenant is shredded.
+    pub(crate) fn revocable(&mut self, flag: Arc<AtomicBool>, tenant: TenantId) {
+        self.state.revoked = Some((flag, tenant));
+    }
+
     /// A new stream under `tenant_key` (version `key_version`) and `context`, with a fresh
     /// random salt and nonce prefix from the operating system.
     pub fn new(
@@ -531,6 +554,7 @@ impl StreamEncryptor {
         last: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
+        self.state.check_not_revoked()?;
         let nonce = self.next_nonce(last)?;
         let start = out.len();
         let data = plaintext.unwrap_or(self.pending.filled());
@@ -603,6 +627,7 @@ impl StreamEncryptor {
         {
             return Err(misuse("whole-segment sealing out of order"));
         }
+        self.state.check_not_revoked()?;
         let nonce = self.next_nonce(last)?;
         match self
             .state
@@ -656,6 +681,12 @@ impl std::fmt::Debug for StreamDecryptor {
 }
 
 impl StreamDecryptor {
+    /// See [`StreamEncryptor::revocable`]: no segment is opened (no more plaintext released)
+    /// once `flag` is set.
+    pub(crate) fn revocable(&mut self, flag: Arc<AtomicBool>, tenant: TenantId) {
+        self.state.revoked = Some((flag, tenant));
+    }
+
     /// A decryptor for the stream with `header` under `tenant_key` (the version the header
     /// names) and `context`.
     pub fn new(
@@ -707,6 +738,7 @@ impl StreamDecryptor {
         last: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
+        self.state.check_not_revoked()?;
         let nonce = match self.state.next_nonce(MAX_SEGMENTS, last) {
             Ok(nonce) => nonce,
             Err(e) => {

@@ -106,9 +106,29 @@ fn watch_shared_store(
     keyring: &Keyring,
 ) -> Result<ChangeWatcher, DaemonError> {
     let keyring = keyring.clone();
-    Ok(store.watch_changes(move |change| match change {
-        Change::Tenant(tenant) => keyring.invalidate_tenant(&tenant),
-        _ => keyring.invalidate_all(),
+    Ok(store.watch_changes(move |change| {
+        let tenant = match change {
+            Change::Tenant(tenant) => {
+                keyring.invalidate_tenant(&tenant);
+                Some(tenant)
+            }
+            _ => {
+                keyring.invalidate_all();
+                None
+            }
+        };
+        // A running stream of a tenant another process shredded stops once the tenant is
+        // read again (the callback runs on the watcher's task: the read gets its own).
+        let keyring = keyring.clone();
+        tokio::spawn(async move {
+            if let Err(e) = keyring.recheck_streams(tenant.as_ref()).await {
+                tracing::warn!(
+                    error = %e,
+                    "could not re-read changed tenants for their running streams; they stop \
+                     at the next read of the tenant"
+                );
+            }
+        });
     })?)
 }
 

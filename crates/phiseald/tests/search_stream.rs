@@ -912,6 +912,71 @@ async fn streams_beyond_limits_max_streams_are_refused() {
 }
 
 #[tokio::test]
+async fn a_shred_stops_an_open_decrypt_stream() {
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let document: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let sealed = encrypt_stream(&d, vec![document.clone()]).await;
+    // The header and two 64 KiB segments (the first is released once the second arrives).
+    let first = phiseal::stream::STREAM_HEADER_LEN + 2 * (65_536 + 16);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-7")).unwrap(),
+        )),
+    })
+    .await
+    .unwrap();
+    tx.send(pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Chunk(
+            sealed[..first].to_vec(),
+        )),
+    })
+    .await
+    .unwrap();
+    let mut answers = d
+        .fields()
+        .await
+        .decrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let piece = answers.message().await.unwrap().unwrap().chunk;
+    assert_eq!(piece, document[..piece.len()]);
+    d.admin()
+        .await
+        .shred_tenant(pb::ShredTenantRequest {
+            tenant: "clinic".into(),
+            confirm_tenant: "clinic".into(),
+        })
+        .await
+        .unwrap();
+    tx.send(pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Chunk(
+            sealed[first..].to_vec(),
+        )),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let (rest, ended) = read_answers(&mut answers).await;
+    assert!(
+        rest.is_empty(),
+        "{} bytes released after the shred",
+        rest.len()
+    );
+    let err = ended.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(common::kind(&err), "key_destroyed");
+    let results: Vec<String> = common::audit_records(&d.audit_log())
+        .iter()
+        .filter(|r| r["action"] == "decrypt_stream")
+        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(results, ["attempt", "key_destroyed"]);
+}
+
+#[tokio::test]
 async fn search_terms_answers_over_the_message_limit_are_refused_with_a_kind() {
     let d = Daemon::with_config(&config(&format!(
         "{ALL}[limits]\nmax_message_bytes = 2048\n"

@@ -36,8 +36,13 @@
 //! already written). Call `finish` or `abort` to record deterministically.
 //!
 //! **Lifetime of keys.** A stream derives its own key when it starts and keeps it (zeroized
-//! when the stream object is dropped); a rotation, minimum-version change or shred made while a
-//! stream runs applies to the next stream, not to the running one.
+//! when the stream object is dropped); a rotation or minimum-version change made while a
+//! stream runs applies to the next stream, not to the running one. A shred stops the running
+//! streams of the tenant: each fails with [`Error::KeyDestroyed`] before its next segment is
+//! sealed or opened (no more plaintext released) — at once for a shred through this keyring,
+//! and for one by another process once this keyring reads the tenant again
+//! ([`Keyring::recheck_streams`], which the sidecar calls on the key store's change
+//! notifications).
 
 use std::sync::Arc;
 
@@ -473,7 +478,14 @@ impl Keyring {
         let provider = self.inner.provider;
         let decryptor = self
             .with_stream_key(caller, context, Some(header.key_version()), audit, |key| {
-                StreamDecryptor::new(provider, key.tenant_key(), context, &header)
+                let mut decryptor =
+                    StreamDecryptor::new(provider, key.tenant_key(), context, &header)?;
+                // Registered under the key-use guard: a shred that waits for it revokes it.
+                decryptor.revocable(
+                    self.register_stream(context.tenant()),
+                    context.tenant().clone(),
+                );
+                Ok(decryptor)
             })
             .await?;
         audit.attempt().await?;
@@ -494,13 +506,19 @@ impl Keyring {
             let provider = self.inner.provider;
             let encryptor = self
                 .with_stream_key(caller, context, None, &mut audit, |key| {
-                    StreamEncryptor::new(
+                    let mut encryptor = StreamEncryptor::new(
                         provider,
                         key.tenant_key(),
                         key.version(),
                         context,
                         options,
-                    )
+                    )?;
+                    // Registered under the key-use guard: a shred that waits for it revokes it.
+                    encryptor.revocable(
+                        self.register_stream(context.tenant()),
+                        context.tenant().clone(),
+                    );
+                    Ok(encryptor)
                 })
                 .await?;
             audit.attempt().await?;
