@@ -122,6 +122,25 @@ async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
         .into_inner();
     assert_eq!(back.plaintext, b"v");
 
+    // An EncryptStream open on b, one segment sealed.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    for part in [
+        pb::encrypt_stream_request::Part::Context(ctx("acme", "scan", None).unwrap()),
+        pb::encrypt_stream_request::Part::Chunk(vec![7u8; 70_000]),
+    ] {
+        tx.send(pb::EncryptStreamRequest { part: Some(part) })
+            .await
+            .unwrap();
+    }
+    let mut answers = b
+        .fields()
+        .await
+        .encrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!answers.message().await.unwrap().unwrap().chunk.is_empty());
+
     a.admin()
         .await
         .shred_tenant(pb::ShredTenantRequest {
@@ -130,6 +149,25 @@ async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
         })
         .await
         .unwrap();
+    // Without any call to b, its stream stops: the notification makes b re-read the tenant.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tx.send(pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Chunk(vec![7u8; 70_000])),
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let ended = loop {
+        match answers.message().await {
+            Ok(Some(chunk)) => assert!(chunk.chunk.is_empty(), "sealed after the shred"),
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        }
+    };
+    let err = ended.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(kind(&err), "key_destroyed");
+
     let refused = within(Duration::from_secs(2), async || {
         let r = b
             .fields()
