@@ -568,6 +568,11 @@ async fn a_shred_stops_the_tenants_running_streams() {
     let first = STREAM_HEADER_LEN + 2 * (SEG + TAG);
     reading.push(&sealed[..first], &mut out).await.unwrap();
     assert_eq!(out, plaintext[..SEG]);
+    // A reader that has handed out part of its first segment.
+    let mut reader = k.decrypting_reader(&c, &cx, &sealed[..]).await.unwrap();
+    let mut start = vec![0u8; 100];
+    reader.read_exact(&mut start).await.unwrap();
+    assert_eq!(start, plaintext[..100]);
     let mut writing = k
         .start_encrypt_stream(&c, &cx, StreamOptions::default())
         .await
@@ -582,6 +587,13 @@ async fn a_shred_stops_the_tenants_running_streams() {
     let err = reading.push(&sealed[first..], &mut out).await.unwrap_err();
     assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
     assert!(out.is_empty(), "plaintext released after the shred");
+    // The reader withholds the rest of the segment it had opened.
+    let mut rest_of_segment = vec![0u8; 100];
+    let err = reader.read_exact(&mut rest_of_segment).await.unwrap_err();
+    assert!(err.to_string().contains("destroyed"), "{err}");
+    drop(reader);
+    // (Its failure is recorded by a task the drop spawns.)
+    wait_for(|| sink.streams().len() == 2).await;
     written.clear();
     let err = writing
         .push(&plaintext[SEG + 1..], &mut written)
@@ -598,9 +610,10 @@ async fn a_shred_stops_the_tenants_running_streams() {
         vec![
             Outcome::Error("key_destroyed"),
             Outcome::Error("key_destroyed"),
+            Outcome::Error("key_destroyed"),
             Outcome::Ok
         ],
-        "both streams recorded as failed, the other tenant's as ok"
+        "the three streams recorded as failed, the other tenant's as ok"
     );
 }
 

@@ -47,7 +47,10 @@
 //! }
 //! ```
 //! Keep the returned [`ChangeWatcher`] for as long as the keyring is used (dropping it stops
-//! the listener). How fresh another process's view is:
+//! the listener). A process that runs streams also calls `Keyring::recheck_streams` after an
+//! invalidation (from a task: the callback must not block), so that its running streams of a
+//! tenant another process shredded stop; `phiseald` does. How fresh another process's view
+//! is:
 //! - **while the listener is connected** ([`ChangeWatcher::is_listening`]), a committed change
 //!   is seen by every other watching process as soon as its notification arrives: typically
 //!   milliseconds after the commit;

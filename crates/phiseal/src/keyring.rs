@@ -825,7 +825,8 @@ impl Keyring {
 
     /// Drops cached metadata and unwrapped keys of `tenant` (they zeroize once no operation
     /// uses them). The next operation re-reads the key store. Call it when another process
-    /// is known to have rotated or shredded the tenant.
+    /// is known to have rotated or shredded the tenant, then [`Keyring::recheck_streams`]
+    /// so that its running streams stop if it was shredded.
     pub fn invalidate_tenant(&self, tenant: &TenantId) {
         // Bump first: an unwrap in flight through an older view will not keep its key.
         self.inner.generations.bump_tenant(tenant);
@@ -846,6 +847,11 @@ impl Keyring {
         let before = inner.keys.len();
         inner.keys.retain(|_, key| alive(key));
         let evicted = before.saturating_sub(inner.keys.len());
+        // Tenants whose streams have all ended leave the stream registry.
+        self.running_streams().retain(|_, running| {
+            running.retain(|f| f.strong_count() > 0);
+            !running.is_empty()
+        });
         inner.tenants.retain(|_, view| {
             if let Ok(mut hot) = view.hot.write() {
                 hot.retain(|key| alive(key));
@@ -858,23 +864,27 @@ impl Keyring {
     /// A revocation flag for a stream of `tenant` starting now (see `Inner::streams`).
     pub(crate) fn register_stream(&self, tenant: &TenantId) -> Arc<AtomicBool> {
         let flag = Arc::new(AtomicBool::new(false));
-        if let Ok(mut streams) = self.inner.streams.lock() {
-            let running = streams.entry(tenant.clone()).or_default();
-            running.retain(|f| f.strong_count() > 0);
-            running.push(Arc::downgrade(&flag));
-        } else {
-            // Fail closed: a stream that could not be registered could not be revoked.
-            flag.store(true, Ordering::Release);
-        }
+        let mut streams = self.running_streams();
+        let running = streams.entry(tenant.clone()).or_default();
+        running.retain(|f| f.strong_count() > 0);
+        running.push(Arc::downgrade(&flag));
         flag
+    }
+
+    /// The registry of running streams. A panic elsewhere while it was locked leaves it
+    /// consistent (each change is one map operation), so a poisoned lock is used as is.
+    fn running_streams(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<TenantId, Vec<Weak<AtomicBool>>>> {
+        self.inner
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Stops the running streams of `tenant` at their next segment (it was shredded).
     fn revoke_streams(&self, tenant: &TenantId) {
-        let running = match self.inner.streams.lock() {
-            Ok(mut streams) => streams.remove(tenant).unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
+        let running = self.running_streams().remove(tenant).unwrap_or_default();
         for flag in running.iter().filter_map(Weak::upgrade) {
             flag.store(true, Ordering::Release);
         }
@@ -885,25 +895,27 @@ impl Keyring {
     /// notification that another process changed them. Store errors are returned; streams of
     /// tenants already read keep running.
     pub async fn recheck_streams(&self, tenant: Option<&TenantId>) -> Result<(), Error> {
-        let tenants: Vec<TenantId> = match self.inner.streams.lock() {
-            Ok(mut streams) => {
-                streams.retain(|_, running| {
-                    running.retain(|f| f.strong_count() > 0);
-                    !running.is_empty()
-                });
-                streams
-                    .keys()
-                    .filter(|t| tenant.is_none_or(|wanted| *t == wanted))
-                    .cloned()
-                    .collect()
-            }
-            Err(_) => Vec::new(),
+        let tenants: Vec<TenantId> = {
+            let mut streams = self.running_streams();
+            streams.retain(|_, running| {
+                running.retain(|f| f.strong_count() > 0);
+                !running.is_empty()
+            });
+            streams
+                .keys()
+                .filter(|t| tenant.is_none_or(|wanted| *t == wanted))
+                .cloned()
+                .collect()
         };
+        // Every tenant is read, also after a failed read; the first error is returned.
+        let mut first_error = None;
         for t in &tenants {
             // `load_view` revokes the streams of a shredded tenant.
-            self.load_view(t).await?;
+            if let Err(e) = self.load_view(t).await {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Drops every tenant's cached metadata and unwrapped keys: for a process that may have
@@ -1277,6 +1289,8 @@ impl Keyring {
         let result = async {
             // Again with the new primary if a rotation overtook the lookup (twice at most).
             for _ in 0..3 {
+                // (A failed retry is not recorded with the overtaken attempt's key.)
+                meta = OpMeta::default();
                 let view = self.tenant_view(context.tenant(), now).await?;
                 let primary = view
                     .record

@@ -1158,6 +1158,12 @@ impl<R: AsyncRead + Unpin> AsyncRead for DecryptingReader<R> {
                 ReaderState::Reading | ReaderState::Eof => {}
             }
             if let Some(rest) = this.out.get(this.read..).filter(|r| !r.is_empty()) {
+                // A segment opened before the stream was revoked (its tenant shredded) is not
+                // handed out after it: wiped instead.
+                if let Err(e) = this.decryptor.state.check_not_revoked() {
+                    this.fail(e.kind());
+                    return Poll::Ready(Err(io_error(e)));
+                }
                 let n = rest.len().min(buf.remaining());
                 buf.put_slice(rest.get(..n).unwrap_or_default());
                 this.read += n;

@@ -73,15 +73,16 @@ pub struct Config {
     /// Who may do what. Empty means nobody may do anything (default deny).
     #[serde(default)]
     pub policy: Vec<Rule>,
-    /// The access-control keys (`policy`, `tokens`, `socket_group`) that environment variables
-    /// set (logged as a warning at start; refused under `profile = "production"`).
+    /// The access-control keys (`policy`, `tokens`, `socket_group`, `socket_check_parents`)
+    /// that environment variables set (logged as a warning at start; refused under
+    /// `profile = "production"`).
     #[serde(skip)]
     pub access_from_env: Vec<String>,
 }
 
 /// Configuration keys that decide who may do what: set from the environment, they replace
 /// the (root-owned) file's, so they are reported, and refused in production.
-const ACCESS_KEYS: [&str; 3] = ["POLICY", "TOKENS", "SOCKET_GROUP"];
+const ACCESS_KEYS: [&str; 4] = ["POLICY", "TOKENS", "SOCKET_GROUP", "SOCKET_CHECK_PARENTS"];
 
 /// The setting a `PHISEALD_*` variable names (the part after the prefix, which is matched
 /// without case), or `None` for another variable.

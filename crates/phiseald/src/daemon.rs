@@ -124,8 +124,8 @@ fn watch_shared_store(
             if let Err(e) = keyring.recheck_streams(tenant.as_ref()).await {
                 tracing::warn!(
                     error = %e,
-                    "could not re-read changed tenants for their running streams; they stop \
-                     at the next read of the tenant"
+                    "could not re-read changed tenants for their running streams; retried \
+                     within 60 s"
                 );
             }
         });
@@ -242,8 +242,9 @@ impl Daemon {
                 stop_rx.clone(),
             ))
         });
-        // Housekeeping every 60 s: idle identities leave the rate limiter, and expired keys
-        // leave the key cache (zeroized) even for tenants nobody uses any more.
+        // Housekeeping every 60 s: idle identities leave the rate limiter, expired keys leave
+        // the key cache (zeroized) even for tenants nobody uses any more, and tenants with
+        // running streams are read again (a shred whose notification was missed stops them).
         let housekeeping_sidecar = Arc::clone(&self.sidecar);
         let mut housekeeping_stop = stop_rx.clone();
         let housekeeping_task = tokio::spawn(async move {
@@ -253,6 +254,12 @@ impl Daemon {
                     _ = tick.tick() => {
                         housekeeping_sidecar.limiter.forget_idle();
                         housekeeping_sidecar.keyring.evict_expired();
+                        if let Err(e) = housekeeping_sidecar.keyring.recheck_streams(None).await {
+                            tracing::warn!(
+                                error = %e,
+                                "could not re-read tenants with running streams (retried in 60 s)"
+                            );
+                        }
                     }
                     _ = housekeeping_stop.changed() => return,
                 }

@@ -124,6 +124,13 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(&config) {
         return report(&e);
     }
+    if !config.socket_check_parents {
+        tracing::warn!(
+            socket = %config.socket.display(),
+            "socket_check_parents = false: the directories above the socket's own are not \
+             checked (whoever can write to them could replace the socket's directory)"
+        );
+    }
     if !config.access_from_env.is_empty() {
         tracing::warn!(
             variables = %config.access_from_env.join(", "),

@@ -3,10 +3,11 @@
 //! - The socket's directory is created with mode 0750 (owner + socket group) if missing. An
 //!   existing directory must be a real directory (not a symlink) owned by the daemon's uid
 //!   and not writable by group or others, or nobody else could be prevented from replacing
-//!   the socket. Every directory above it — on the configured path and on the path it
-//!   resolves to — must be owned by root or the daemon's uid and not writable by group or
-//!   others unless sticky (`/tmp`): whoever can write there could rename the socket's
-//!   directory and put one of their own, with their own socket, in its place.
+//!   the socket. Unless `socket_check_parents = false` (a Kubernetes `emptyDir`), every
+//!   directory above it — on the configured path and on the path it resolves to — must be
+//!   owned by root or the daemon's uid and not writable by group or others unless sticky
+//!   (`/tmp`): whoever can write there could rename the socket's directory and put one of
+//!   their own, with their own socket, in its place.
 //! - An existing path is removed only if it is a socket nobody answers on (stale, left by a
 //!   crash). A live socket (another daemon) or anything that is not a socket is refused.
 //! - The socket gets mode 0660 and the configured group: only the owner and that group can

@@ -181,6 +181,8 @@ impl Keyring {
         let mut meta = OpMeta::default();
         // Again with the new primary if a rotation overtook the lookup (twice at most).
         for _ in 0..3 {
+            // (A failed retry is not recorded with the overtaken attempt's key.)
+            meta = OpMeta::default();
             let view = match self.search_view(context, now).await {
                 Ok(view) => view,
                 Err(e) => return (Err(e), meta),

@@ -39,10 +39,11 @@
 //! when the stream object is dropped); a rotation or minimum-version change made while a
 //! stream runs applies to the next stream, not to the running one. A shred stops the running
 //! streams of the tenant: each fails with [`Error::KeyDestroyed`] before its next segment is
-//! sealed or opened (no more plaintext released) — at once for a shred through this keyring,
-//! and for one by another process once this keyring reads the tenant again
+//! sealed or opened (the reader adapter also withholds the rest of a segment it opened
+//! before; output the caller already received stays with it) — at once for a shred through
+//! this keyring, and for one by another process once this keyring reads the tenant again
 //! ([`Keyring::recheck_streams`], which the sidecar calls on the key store's change
-//! notifications).
+//! notifications and every 60 s).
 
 use std::sync::Arc;
 
@@ -409,6 +410,9 @@ impl Keyring {
         // An encryption (no version given: the primary) starts again with the new primary if
         // a rotation overtook the lookup (twice at most).
         for _ in 0..3 {
+            // (A failed retry is not recorded with the overtaken attempt's key.)
+            audit.key_version = version;
+            audit.key_source = None;
             let now = Instant::now_without_cache_update();
             let mut view = self.tenant_view(tenant, now).await?;
             let chosen = match version {
@@ -450,6 +454,13 @@ impl Keyring {
                 .use_key_as(&view, chosen, version.is_none(), || derive(&key))
                 .await?;
             if let Some(derived) = derived {
+                // The stream registered for revocation under the key-use guard. If the
+                // tenant's keys changed since (another process's shred, whose notification
+                // may have looked for running streams just before this one registered),
+                // read the tenant again: that revokes the stream if it was shredded.
+                if self.inner.generations.current(view.shard) != view.generation {
+                    self.load_view(tenant).await?;
+                }
                 return derived;
             }
         }
