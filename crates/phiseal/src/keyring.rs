@@ -547,6 +547,22 @@ fn primary_kept_changing(store: &dyn KeyStore) -> Error {
     )
 }
 
+/// Stops the running streams of `tenant` when dropped while `armed`: a `shred` whose future
+/// was dropped after it reached the key store (it may have committed).
+struct RevokeStreamsOnDrop<'a> {
+    keyring: &'a Keyring,
+    tenant: &'a TenantId,
+    armed: bool,
+}
+
+impl Drop for RevokeStreamsOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.keyring.revoke_streams(self.tenant);
+        }
+    }
+}
+
 /// The root key a key record is wrapped under, for its audit records.
 fn root_key_of(record: &KeyRecord) -> Option<Arc<str>> {
     record
@@ -1744,8 +1760,10 @@ impl Keyring {
     /// purged (and zeroized), and its ciphertexts fail with [`Error::KeyDestroyed`] forever.
     /// Returns once no field operation of this keyring that checked the tenant before the
     /// shred is still using its key (those finish; every later one is refused); streams
-    /// already started stop before their next segment ([`Error::KeyDestroyed`]).
-    /// Irreversible. Audited (attempt and result).
+    /// already started stop before their next segment ([`Error::KeyDestroyed`]; if the key
+    /// store reports an error the tenant is read again and they stop if it was shredded; if
+    /// this future is dropped once the store was asked, they stop). Irreversible. Audited
+    /// (attempt and result).
     pub async fn shred(&self, caller: &Caller, tenant: &TenantId) -> Result<(), Error> {
         let op = async {
             let result = async {
@@ -1759,6 +1777,13 @@ impl Keyring {
                         tenant: tenant.clone(),
                     });
                 }
+                // If this future is dropped from here on, the shred may commit (or have
+                // committed): the running streams are stopped then too.
+                let mut undecided = RevokeStreamsOnDrop {
+                    keyring: self,
+                    tenant,
+                    armed: true,
+                };
                 let result = store.shred_tenant(tenant, Timestamp::now()).await;
                 self.invalidate_tenant(tenant);
                 // Operations that checked the tenant before the invalidation finish before
@@ -1767,9 +1792,16 @@ impl Keyring {
                     .generations
                     .wait_for_key_uses(Generations::shard_of(tenant));
                 // Running streams (registered under the key-use guard, so none is missed)
-                // stop before their next segment. Also if the store reported an error: the
-                // shred may have committed, and stopping them is the safe side.
-                self.revoke_streams(tenant);
+                // stop before their next segment. If the store reported an error, the shred
+                // may still have committed: the tenant is read again, which revokes them if
+                // so (if that read fails too, the sidecar's 60 s recheck does it later).
+                match &result {
+                    Ok(()) => self.revoke_streams(tenant),
+                    Err(_) => {
+                        let _ = self.load_view(tenant).await;
+                    }
+                }
+                undecided.armed = false;
                 result.map_err(|e| store_error(store, e))
             }
             .await;
