@@ -96,6 +96,45 @@ pub(crate) async fn open_key_store(config: &Config) -> Result<OpenedStore, Daemo
     }
 }
 
+/// The local KMS creates its `root.key` when the file is missing. That is refused while the key
+/// store holds tenants, whatever the store (the SQLite store in the data directory is also
+/// checked by `phiseal_embedded::open_local_kms`; a shared PostgreSQL store only here): their
+/// keys are wrapped under the lost root key, and a new one would serve new tenants only on
+/// this host while every existing one failed.
+async fn refuse_a_new_local_root_key(
+    config: &Config,
+    store: &dyn KeyStore,
+) -> Result<(), DaemonError> {
+    let local = |kms: &crate::config::KmsConfig| kms.kind == crate::config::KmsKind::Local;
+    if !local(&config.kms) && !config.kms.previous.as_deref().is_some_and(local) {
+        return Ok(());
+    }
+    let root_key = phiseal_embedded::EmbeddedPaths::new(&config.data_dir).root_key;
+    let missing = matches!(
+        std::fs::symlink_metadata(&root_key),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    );
+    if !missing {
+        return Ok(());
+    }
+    let tenants = store.list_tenants().await.map_err(|source| {
+        DaemonError::Keyring(phiseal::Error::Store {
+            backend: store.name().to_owned(),
+            source,
+        })
+    })?;
+    if tenants.is_empty() {
+        return Ok(());
+    }
+    Err(DaemonError::Config(format!(
+        "data_dir: the local KMS's root key {} is missing, but the key store holds {} \
+         tenant(s) whose keys are wrapped under it: restore root.key from its backup (a new \
+         root key would not unwrap them); if they are to be abandoned, use another key store",
+        root_key.display(),
+        tenants.len()
+    )))
+}
+
 /// Keeps this daemon's caches in step with other daemons on a shared store: a change they
 /// commit (rotation, minimum version, shred) drops the tenant's cached keys here within
 /// milliseconds; after the listener (re)connects, everything cached is dropped, since
@@ -169,9 +208,10 @@ impl Daemon {
             audit_rollover_bytes: Some(config.audit.rollover_bytes).filter(|&b| b > 0),
         };
         let audit = phiseal_embedded::open_audit(&config.data_dir, &options)?;
+        let opened = open_key_store(&config).await?;
+        refuse_a_new_local_root_key(&config, &*opened.store).await?;
         let kms = crate::kms::open_kms(&config).await?;
         tracing::info!(backend = kms.name(), "KMS");
-        let opened = open_key_store(&config).await?;
         let cache = CacheSettings {
             capacity: config.cache.capacity,
             key_ttl: config.cache.key_ttl,

@@ -187,6 +187,52 @@ async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
 }
 
 /// One database, three daemons (their own sockets and audit logs).
+#[tokio::test]
+async fn a_missing_local_root_key_is_not_replaced_while_the_shared_store_holds_tenants() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.psql_admin("CREATE DATABASE keys");
+    let url = cluster.url("keys");
+    let shared = tempfile::tempdir().unwrap();
+    let data = shared.path().join("data");
+    let mut d = Daemon::with_config(&config(data.to_str().unwrap(), &url));
+    create_tenant(&d, "acme").await;
+    d.stop();
+    // The root key file is lost (an unmounted volume, a wiped host): the daemon must not make
+    // a new one while PostgreSQL holds tenants wrapped under the old one.
+    std::fs::remove_file(data.join("root.key")).unwrap();
+    let stderr_path = d.dir.path().join("refused.stderr");
+    let mut child = std::process::Command::new(bin("phiseald"))
+        .arg("--config")
+        .arg(d.dir.path().join("phiseald.toml"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("phiseald started with a new root key instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("root key") && stderr.contains("is missing") && stderr.contains("1 tenant"),
+        "{stderr}"
+    );
+    assert!(
+        !data.join("root.key").exists(),
+        "a new root key was created"
+    );
+}
+
 fn three_daemons(
     cluster: &Cluster,
     shared: &tempfile::TempDir,
