@@ -896,6 +896,9 @@ struct CountingStore {
     stall_next_load: std::sync::atomic::AtomicBool,
     stalled: tokio::sync::Notify,
     release: tokio::sync::Notify,
+    /// `shred_tenant` fails: 0 never, 1 after the inner store committed, 2 without shredding,
+    /// 3 without shredding and with every load failing from then on.
+    fail_shred: std::sync::atomic::AtomicU8,
 }
 
 #[async_trait]
@@ -928,7 +931,19 @@ impl KeyStore for CountingStore {
         self.inner.set_min_decrypt_version(t, m).await
     }
     async fn shred_tenant(&self, t: &TenantId, at: jiff::Timestamp) -> Result<(), BackendError> {
-        self.inner.shred_tenant(t, at).await
+        let injected = || BackendError::new(BackendErrorKind::Unavailable, "injected failure");
+        match self.fail_shred.load(Ordering::SeqCst) {
+            1 => {
+                self.inner.shred_tenant(t, at).await?;
+                Err(injected())
+            }
+            2 => Err(injected()),
+            3 => {
+                self.fail_loads.store(true, Ordering::SeqCst);
+                Err(injected())
+            }
+            _ => self.inner.shred_tenant(t, at).await,
+        }
     }
     async fn list_tenants(&self) -> Result<Vec<TenantId>, BackendError> {
         self.inner.list_tenants().await
@@ -953,6 +968,7 @@ fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
         stall_next_load: false.into(),
         stalled: tokio::sync::Notify::new(),
         release: tokio::sync::Notify::new(),
+        fail_shred: 0.into(),
     });
     let k = Keyring::builder()
         .kms(p.kms.clone())
@@ -961,6 +977,37 @@ fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
         .build()
         .unwrap();
     (k, store)
+}
+
+#[tokio::test]
+async fn a_shred_the_store_reports_as_failed_stops_streams_only_if_it_may_have_committed() {
+    let c = caller();
+    // (failure mode, the stream must stop): committed; not committed; not committed and the
+    // tenant cannot be read again (nothing says it is alive: fail closed).
+    for (mode, stopped) in [(1, true), (2, false), (3, true)] {
+        let dir = private_tempdir();
+        let p = parts(dir.path());
+        let (k, store) = keyring_on_counting_store(&p);
+        k.create_tenant(&c, &tenant("t")).await.unwrap();
+        let cx = ctx("t", "f", None);
+        let mut stream = k
+            .start_encrypt_stream(&c, &cx, StreamOptions::default())
+            .await
+            .unwrap();
+        let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+        let mut out = Vec::new();
+        stream.push(&segment, &mut out).unwrap();
+        store.fail_shred.store(mode, Ordering::SeqCst);
+        assert!(k.shred(&c, &tenant("t")).await.is_err());
+        store.fail_loads.store(false, Ordering::SeqCst);
+        // The next push completes a segment: sealed only if the stream was not stopped.
+        let pushed = stream.push(&segment, &mut out);
+        assert_eq!(
+            matches!(pushed, Err(Error::KeyDestroyed { .. })),
+            stopped,
+            "mode {mode}: {pushed:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1797,8 +1797,12 @@ impl Keyring {
                 // so (if that read fails too, the sidecar's 60 s recheck does it later).
                 match &result {
                     Ok(()) => self.revoke_streams(tenant),
+                    // Read again (revokes them if the shred committed); if that fails too,
+                    // nothing says the tenant is alive: stop them (fail closed).
                     Err(_) => {
-                        let _ = self.load_view(tenant).await;
+                        if self.load_view(tenant).await.is_err() {
+                            self.revoke_streams(tenant);
+                        }
                     }
                 }
                 undecided.armed = false;

@@ -1162,6 +1162,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for DecryptingReader<R> {
                 // handed out after it: wiped instead.
                 if let Err(e) = this.decryptor.state.check_not_revoked() {
                     this.fail(e.kind());
+                    this.summary = None;
                     return Poll::Ready(Err(io_error(e)));
                 }
                 let n = rest.len().min(buf.remaining());

@@ -128,8 +128,10 @@ async fn refuse_a_new_local_root_key(
     }
     Err(DaemonError::Config(format!(
         "data_dir: the local KMS's root key {} is missing, but the key store holds {} \
-         tenant(s) whose keys are wrapped under it: restore root.key from its backup (a new \
-         root key would not unwrap them); if they are to be abandoned, use another key store",
+         tenant(s) whose keys may be wrapped under it: restore root.key from its backup (a \
+         new root key would not unwrap them); if a `phiseal root migrate` away from the local \
+         KMS has finished (`phiseal root status` shows no local: reference), remove \
+         [kms.previous] instead; if the tenants are to be abandoned, use another key store",
         root_key.display(),
         tenants.len()
     )))
@@ -294,11 +296,18 @@ impl Daemon {
                     _ = tick.tick() => {
                         housekeeping_sidecar.limiter.forget_idle();
                         housekeeping_sidecar.keyring.evict_expired();
-                        if let Err(e) = housekeeping_sidecar.keyring.recheck_streams(None).await {
-                            tracing::warn!(
-                                error = %e,
-                                "could not re-read tenants with running streams (retried in 60 s)"
-                            );
+                        // A slow key store does not hold up the shutdown.
+                        tokio::select! {
+                            result = housekeeping_sidecar.keyring.recheck_streams(None) => {
+                                if let Err(e) = result {
+                                    tracing::warn!(
+                                        error = %e,
+                                        "could not re-read tenants with running streams \
+                                         (retried in 60 s)"
+                                    );
+                                }
+                            }
+                            _ = housekeeping_stop.changed() => return,
                         }
                     }
                     _ = housekeeping_stop.changed() => return,

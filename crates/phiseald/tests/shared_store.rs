@@ -186,7 +186,6 @@ async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
     );
 }
 
-/// One database, three daemons (their own sockets and audit logs).
 #[tokio::test]
 async fn a_missing_local_root_key_is_not_replaced_while_the_shared_store_holds_tenants() {
     let cluster = Cluster::start(ClusterOptions::default());
@@ -233,6 +232,7 @@ async fn a_missing_local_root_key_is_not_replaced_while_the_shared_store_holds_t
     );
 }
 
+/// One database, three daemons (their own sockets and audit logs).
 fn three_daemons(
     cluster: &Cluster,
     shared: &tempfile::TempDir,

@@ -457,7 +457,8 @@ impl Keyring {
                 // The stream registered for revocation under the key-use guard. If the
                 // tenant's keys changed since (another process's shred, whose notification
                 // may have looked for running streams just before this one registered),
-                // read the tenant again: that revokes the stream if it was shredded.
+                // read the tenant again: that revokes the stream if it was shredded (if the
+                // read fails, the stream does not start: fail closed).
                 if self.inner.generations.current(view.shard) != view.generation {
                     self.load_view(tenant).await?;
                 }
