@@ -21,7 +21,8 @@ Exit codes:
   5  unavailable (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNKNOWN: the connection
      broke mid-call, or the socket cannot be reached)
   6  key destroyed or retired (FAILED_PRECONDITION)
-  7  rewrap or root rotate/migrate finished, but some items failed
+  7  rewrap or root rotate/migrate finished, but some items failed (for rewrap, also in
+     earlier runs of a resumed output)
   8  the audit log has problems
 
 Errors go to stderr as `phiseal: <what failed>: <message> (<kind>)`.
@@ -214,13 +215,16 @@ reported on stderr as `line N: <kind>: <message>`; the exit code is then 7. A li
 item (ciphertext and context) is larger than --max-call-bytes is not sent (`too_large`).
 
 The output is flushed and fsynced after every batch. With --output FILE --resume, the lines
-already in FILE are skipped in the input (a torn last line is cut off) and the rest is
-appended: rerun the same command after an interruption. One run at a time per output file
-(a second one is refused); the output must not be the input, nor may stdout be.
+already in FILE are skipped in the input and the rest is appended: rerun the same command
+after an interruption. The skipped lines are checked against FILE first (same shape, same
+JSON members but for the ciphertext): a mismatch is refused and nothing is written; then a
+torn last line is cut off. Failed lines are listed in FILE.failed, so a resumed run still
+counts those of earlier runs (exit 7). One run at a time per output file (a second one is
+refused); the output must not be the input, nor may stdout be.
 
-A progress line is shown on stderr when it is a terminal. At the end, a summary goes to stderr
-(lines, rewrapped, already current, failed, empty, skipped); with --json it is one JSON
-object.";
+A progress line is shown on stderr when it is a terminal (not with --json). At the end, a
+summary goes to stderr (lines, rewrapped, already current, failed, empty, skipped, earlier
+failed); with --json it is one JSON object.";
 
 /// `tenant` subcommands.
 #[derive(Debug, Subcommand)]
@@ -373,7 +377,8 @@ pub(crate) struct RewrapArgs {
     /// Write to this file (created with mode 0600) instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
-    /// Continue an interrupted run: skip the input lines already in --output.
+    /// Continue an interrupted run: skip the input lines already in --output (checked against
+    /// it first), counting the failures of earlier runs listed in OUTPUT.failed.
     #[arg(long, requires = "output")]
     pub(crate) resume: bool,
     /// Lines per Rewrap call (1 to 10000).

@@ -18,7 +18,7 @@
 //! | 4 | not found: `NOT_FOUND` |
 //! | 5 | unavailable: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `UNKNOWN` (the connection broke mid-call), or the socket cannot be reached |
 //! | 6 | key destroyed or retired: `FAILED_PRECONDITION` |
-//! | 7 | `rewrap` or `root rotate` / `root migrate` finished, but some items failed |
+//! | 7 | `rewrap` or `root rotate` / `root migrate` finished, but some items failed (for `rewrap`, also in earlier runs of a resumed output) |
 //! | 8 | the audit log has problems (verification failed, broken chain, torn tail) |
 //!
 //! Errors are printed on stderr as `phiseal: <what failed>: <message> (<kind>)`. No error

@@ -1761,9 +1761,9 @@ impl Keyring {
     /// Returns once no field operation of this keyring that checked the tenant before the
     /// shred is still using its key (those finish; every later one is refused); streams
     /// already started stop before their next segment ([`Error::KeyDestroyed`]; if the key
-    /// store reports an error the tenant is read again and they stop if it was shredded; if
-    /// this future is dropped once the store was asked, they stop). Irreversible. Audited
-    /// (attempt and result).
+    /// store reports an error the tenant is read again and they stop if it was shredded or
+    /// cannot be read; if this future is dropped once the store was asked, they stop).
+    /// Irreversible. Audited (attempt and result).
     pub async fn shred(&self, caller: &Caller, tenant: &TenantId) -> Result<(), Error> {
         let op = async {
             let result = async {
@@ -1794,7 +1794,7 @@ impl Keyring {
                 // Running streams (registered under the key-use guard, so none is missed)
                 // stop before their next segment. If the store reported an error, the shred
                 // may still have committed: the tenant is read again, which revokes them if
-                // so (if that read fails too, the sidecar's 60 s recheck does it later).
+                // so.
                 match &result {
                     Ok(()) => self.revoke_streams(tenant),
                     // Read again (revokes them if the shred committed); if that fails too,
