@@ -831,6 +831,13 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<Parsed, String> {
             if records.is_empty() {
                 return Err("batch line with no records".to_owned());
             }
+            // The writer puts at most this many records on a line.
+            if records.len() > MAX_BATCH_RECORDS {
+                return Err(format!(
+                    "batch line with {} records (at most {MAX_BATCH_RECORDS})",
+                    records.len()
+                ));
+            }
             Kind::Records(Box::new(record_line(raw.members, records, "batch record")?))
         }
         Some(_) => return Err("unknown record 'kind'".to_owned()),

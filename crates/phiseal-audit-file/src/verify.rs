@@ -13,6 +13,9 @@ use crate::error::AuditFileError;
 use crate::format::{Kind, MAX_LINE, Parsed, encode_export, parse_line};
 use crate::segments::{closed_segments, names_file, same_file};
 
+/// Export output is handed to the writer in pieces of about this size.
+const EXPORT_CHUNK: usize = 64 * 1024;
+
 /// At most this many problems are kept in a [`VerifyReport`]; the rest are only counted.
 pub const MAX_PROBLEMS: usize = 1000;
 
@@ -710,7 +713,7 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuditFileError + '_ {
 }
 
 /// Verifies a log file from start to end: every hash, every chain link, the sequence, the
-/// header, and the tail. Streams the file with constant memory; never panics on any bytes.
+/// header, and the tail. Streams the file, holding one line (at most 64 KiB) at a time, plus the list of segment files; never panics on any bytes.
 ///
 /// An `Err` means the file could not be read at all; everything wrong *inside* the file is in
 /// the report's `problems` and `torn_tail`. Run on a live log, a torn tail at the very end may
@@ -756,7 +759,7 @@ pub fn verify_with(
 /// `request_id` — without `prev` and `hash`, which chain the log's lines, not single records.
 ///
 /// On a chain problem it stops with [`AuditFileError::ChainBroken`]: what was already written
-/// to `out` is incomplete and must be discarded (the export streams with constant memory, so
+/// to `out` is incomplete and must be discarded (the export streams, holding one line and at most about 64 KiB of output at a time, so
 /// it cannot hold output back). A torn tail at the end is not exported and is reported in
 /// [`ExportReport::torn_tail`]. Header and recovery records belong to no tenant and are not
 /// exported.
@@ -818,6 +821,13 @@ pub fn export_tenant_with(
             if record.tenant == Some(tenant) && in_range {
                 encode_export(&mut text, seq, &record);
                 report.exported += 1;
+                // Written as it grows: a batch line's records, each with the line's shared
+                // members repeated, can expand far beyond the line itself.
+                if text.len() >= EXPORT_CHUNK {
+                    out.write_all(text.as_bytes())
+                        .map_err(output_err(path, "write export"))?;
+                    text.clear();
+                }
             }
         }
         out.write_all(text.as_bytes())

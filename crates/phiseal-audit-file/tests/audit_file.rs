@@ -437,8 +437,11 @@ async fn tampered_batch_lines_are_detected() {
 
     // A batch line without records, with a record lacking a member, or with a member both on
     // the line and in a record, is malformed.
+    let too_many = vec![r#"{"record":"r"}"#; 1025].join(",");
     for bad in [
         r#""records":[]"#.to_owned(),
+        // More records than the writer ever puts on one line.
+        format!(r#""records":[{too_many}]"#),
         good[1].replace(r#""key_source":"cache","#, ""),
         good[1].replacen(
             r#"{"record""#,
