@@ -570,7 +570,8 @@ impl FileAuditLog {
                 // A save file named after the current length: `recover_torn_tail` cut the tail
                 // off but crashed before its chained record (it resumes from here).
                 let saved_to = torn_path(path, header.after, meta.len());
-                if saved_to.exists() {
+                // (Only a regular file: recovery never makes anything else, nor follows a link.)
+                if std::fs::symlink_metadata(&saved_to).is_ok_and(|m| m.is_file()) {
                     return Err(AuditFileError::RecoveryInterrupted {
                         path: path.to_owned(),
                         saved_to,
@@ -1009,8 +1010,9 @@ impl FileAuditLog {
             Tail::Line { .. } => {
                 // Resume an interrupted recovery: truncated, but the record is missing.
                 let saved_to = torn_path(path, header.after, file_len);
-                match std::fs::metadata(&saved_to) {
-                    Ok(m) => {
+                // (A symlink there is not followed: only a save file this recovery made.)
+                match std::fs::symlink_metadata(&saved_to) {
+                    Ok(m) if m.is_file() => {
                         let seq = append_recovery(path, file, file_len, m.len(), &saved_to)?;
                         return Ok(Some(RecoveryReport {
                             offset: file_len,
@@ -1019,7 +1021,7 @@ impl FileAuditLog {
                             seq,
                         }));
                     }
-                    Err(_) => return Ok(None),
+                    _ => return Ok(None),
                 }
             }
         };
@@ -1358,7 +1360,11 @@ fn save_torn(
                 path: path.to_owned(),
                 saved_to: saved_to.to_owned(),
             };
-            let mut existing = File::open(saved_to).map_err(io_err(saved_to, "open"))?;
+            // Only a regular file, not through a symlink (a FIFO would block, a device never
+            // end).
+            let mut existing = crate::verify::open_regular(saved_to, false)
+                .map_err(io_err(saved_to, "open"))?
+                .ok_or_else(conflict)?;
             let meta = existing.metadata().map_err(io_err(saved_to, "stat"))?;
             if meta.len() != len {
                 return Err(conflict());
@@ -1470,8 +1476,27 @@ fn append_recovery(
             });
         }
     };
-    // The saved bytes' hash goes into the chain: a later change to the save file shows.
-    let saved = std::fs::read(saved_to).map_err(io_err(saved_to, "read of the saved bytes"))?;
+    // The saved bytes' hash goes into the chain: a later change to the save file shows. Only
+    // a regular file is read (no symlink followed: not a device or a FIFO planted there), and
+    // only the `len` bytes the record states.
+    let not_saved = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the save file of the torn bytes is not a regular file of the expected length",
+        )
+    };
+    let mut saved = Vec::new();
+    crate::verify::open_regular(saved_to, false)
+        .and_then(|f| f.ok_or_else(not_saved))
+        .and_then(|f| f.take(len.saturating_add(1)).read_to_end(&mut saved))
+        .and_then(|n| {
+            if n as u64 == len {
+                Ok(())
+            } else {
+                Err(not_saved())
+            }
+        })
+        .map_err(io_err(saved_to, "read of the saved bytes"))?;
     let saved_sha256 = phiseal::crypto::default_provider().sha256.digest(&[&saved]);
     let mut line = String::with_capacity(512);
     encode_recovery(

@@ -276,7 +276,7 @@ impl LogFile {
 
 /// Opens `path` for reading if it is a regular file (`Ok(None)` otherwise: nothing else is
 /// opened, so no FIFO blocks and no device is touched), following a symlink only if `follow`.
-fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<File>> {
+pub(crate) fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<File>> {
     use rustix::fs::{Mode, OFlags};
     let meta = if follow {
         std::fs::metadata(path)?

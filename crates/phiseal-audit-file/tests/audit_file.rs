@@ -1074,6 +1074,22 @@ async fn interrupted_recovery_resumes() {
         matches!(err, AuditFileError::TornFileConflict { .. }),
         "{err}"
     );
+    // Nor is a symlink there followed (to a device that never ends, a FIFO that blocks).
+    let save = format!("{}.torn-{off}", path2.display());
+    std::fs::remove_file(&save).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &save).unwrap();
+    let err = FileAuditLog::recover_torn_tail(&path2).unwrap_err();
+    assert!(
+        matches!(err, AuditFileError::TornFileConflict { .. }),
+        "{err}"
+    );
+    // An interrupted recovery is resumed only from a regular save file: a symlink in its
+    // place is neither read nor taken for one.
+    let (_dir3, path3) = log_with(1).await;
+    let len = std::fs::metadata(&path3).unwrap().len();
+    std::os::unix::fs::symlink("/dev/zero", format!("{}.torn-{len}", path3.display())).unwrap();
+    assert!(FileAuditLog::recover_torn_tail(&path3).unwrap().is_none());
+    drop(FileAuditLog::open(&path3, Durability::Strict).unwrap());
 }
 
 #[tokio::test]
