@@ -864,10 +864,7 @@ impl Keyring {
         inner.keys.retain(|_, key| alive(key));
         let evicted = before.saturating_sub(inner.keys.len());
         // Tenants whose streams have all ended leave the stream registry.
-        self.running_streams().retain(|_, running| {
-            running.retain(|f| f.strong_count() > 0);
-            !running.is_empty()
-        });
+        drop(self.live_streams());
         inner.tenants.retain(|_, view| {
             if let Ok(mut hot) = view.hot.write() {
                 hot.retain(|key| alive(key));
@@ -898,6 +895,17 @@ impl Keyring {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The registry of running streams, without the streams that have ended and the tenants
+    /// left with none.
+    fn live_streams(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Vec<Weak<AtomicBool>>>> {
+        let mut streams = self.running_streams();
+        streams.retain(|_, running| {
+            running.retain(|f| f.strong_count() > 0);
+            !running.is_empty()
+        });
+        streams
+    }
+
     /// Stops the running streams of `tenant` at their next segment (it was shredded).
     fn revoke_streams(&self, tenant: &TenantId) {
         let running = self.running_streams().remove(tenant).unwrap_or_default();
@@ -912,11 +920,7 @@ impl Keyring {
     /// tenants already read keep running.
     pub async fn recheck_streams(&self, tenant: Option<&TenantId>) -> Result<(), Error> {
         let tenants: Vec<TenantId> = {
-            let mut streams = self.running_streams();
-            streams.retain(|_, running| {
-                running.retain(|f| f.strong_count() > 0);
-                !running.is_empty()
-            });
+            let streams = self.live_streams();
             streams
                 .keys()
                 .filter(|t| tenant.is_none_or(|wanted| *t == wanted))
