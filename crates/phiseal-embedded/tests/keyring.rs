@@ -12,7 +12,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -56,13 +56,25 @@ fn open(dir: &Path) -> Keyring {
 
 /// A KMS wrapper that counts unwraps (the real local KMS does the work). With a `gate`, each
 /// unwrap waits for a permit (to hold an operation inside its KMS call); without, it sleeps
-/// 20 ms.
+/// 20 ms. With `refuse` set, unwraps fail as access denied (after the wait).
 #[derive(Debug)]
 struct CountingKms {
     inner: Arc<dyn Kms>,
     /// Unwraps started so far.
     unwraps: AtomicUsize,
     gate: Option<tokio::sync::Semaphore>,
+    refuse: AtomicBool,
+}
+
+impl CountingKms {
+    fn new(inner: Arc<dyn Kms>, gate: Option<tokio::sync::Semaphore>) -> Self {
+        Self {
+            inner,
+            unwraps: AtomicUsize::new(0),
+            gate,
+            refuse: AtomicBool::new(false),
+        }
+    }
 }
 
 #[async_trait]
@@ -85,6 +97,12 @@ impl Kms for CountingKms {
             Some(gate) => gate.acquire().await.unwrap().forget(),
             // Widen the window in which concurrent misses could race.
             None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+        if self.refuse.load(Ordering::SeqCst) {
+            return Err(BackendError::new(
+                BackendErrorKind::Denied,
+                "counting: access denied to the root key",
+            ));
         }
         self.inner.unwrap(w, b).await
     }
@@ -122,11 +140,7 @@ fn parts(dir: &Path) -> Parts {
     let paths = EmbeddedPaths::new(dir);
     let local = phiseal_kms_local::LocalKms::open(&paths.root_key).unwrap();
     Parts {
-        kms: Arc::new(CountingKms {
-            inner: Arc::new(local),
-            unwraps: AtomicUsize::new(0),
-            gate: None,
-        }),
+        kms: Arc::new(CountingKms::new(Arc::new(local), None)),
         store: Arc::new(phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap()),
     }
 }
@@ -465,6 +479,46 @@ async fn concurrent_misses_make_one_kms_call() {
     assert_eq!(p.kms.unwraps.load(Ordering::SeqCst) - before, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_on_a_refused_key_share_one_kms_call() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let writer = keyring_on(&p, CacheSettings::default());
+    writer.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let ct = writer.encrypt(&c, &cx, b"cold").await.unwrap();
+    // The KMS now refuses the key: 100 concurrent decrypts on a cold cache wait on one
+    // unwrap and all get its refusal, rather than each calling the KMS in turn.
+    p.kms.refuse.store(true, Ordering::SeqCst);
+    let reader = keyring_on(&p, CacheSettings::default());
+    let before = p.kms.unwraps.load(Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (reader, cx, ct, c) = (reader.clone(), cx.clone(), ct.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            reader.decrypt(&c, &cx, &ct).await.map(|p| p.to_vec())
+        }));
+    }
+    for task in tasks {
+        match task.await.unwrap() {
+            Err(Error::Kms { source, .. }) => {
+                assert_eq!(source.kind(), BackendErrorKind::Denied);
+                assert!(source.to_string().contains("access denied"), "{source}");
+            }
+            other => panic!("expected the KMS refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst) - before, 1);
+    // A request that starts after the failure asks the KMS again (no negative caching).
+    p.kms.refuse.store(false, Ordering::SeqCst);
+    assert_eq!(
+        reader.decrypt(&c, &cx, &ct).await.unwrap().to_vec(),
+        b"cold"
+    );
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst) - before, 2);
+}
+
 #[tokio::test]
 async fn cache_max_uses_and_ttl_force_unwrap() {
     let dir = private_tempdir();
@@ -556,11 +610,7 @@ async fn builder_refuses_inconsistent_combinations() {
         .contains("max_uses")
     );
     // The production profile also refuses a disabled audit log (with a non-dev KMS).
-    let not_dev = Arc::new(CountingKms {
-        inner: local,
-        unwraps: AtomicUsize::new(0),
-        gate: None,
-    });
+    let not_dev = Arc::new(CountingKms::new(local, None));
     assert!(
         msg(Keyring::builder()
             .kms(not_dev)
@@ -1082,11 +1132,7 @@ async fn production_refuses_a_buffered_audit_log_unless_allowed() {
         )
         .unwrap(),
     );
-    let not_dev = Arc::new(CountingKms {
-        inner: p.kms.inner.clone(),
-        unwraps: AtomicUsize::new(0),
-        gate: None,
-    });
+    let not_dev = Arc::new(CountingKms::new(p.kms.inner.clone(), None));
     let build = |allow: bool| {
         let b = Keyring::builder()
             .kms(not_dev.clone())
@@ -2067,11 +2113,10 @@ async fn a_new_key_whose_wrapping_does_not_unwrap_is_never_stored() {
 async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
     let dir = private_tempdir();
     let paths = EmbeddedPaths::new(dir.path());
-    let kms = Arc::new(CountingKms {
-        inner: Arc::new(phiseal_kms_local::LocalKms::open(&paths.root_key).unwrap()),
-        unwraps: AtomicUsize::new(0),
-        gate: Some(tokio::sync::Semaphore::new(0)),
-    });
+    let kms = Arc::new(CountingKms::new(
+        Arc::new(phiseal_kms_local::LocalKms::open(&paths.root_key).unwrap()),
+        Some(tokio::sync::Semaphore::new(0)),
+    ));
     let gate = kms.gate.as_ref().unwrap();
     let store: Arc<dyn KeyStore> =
         Arc::new(phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap());

@@ -187,6 +187,27 @@ impl Error {
         matches!(self, Error::Kms { source, .. } if source.kind() == BackendErrorKind::Unavailable)
     }
 
+    /// A copy of an error a failed key unwrap can return, for the requests that waited on
+    /// that unwrap (`None` for the other kinds). A backend error keeps its kind and its full
+    /// message (its causes included), not the cause objects themselves.
+    pub(crate) fn duplicate(&self) -> Option<Error> {
+        Some(match self {
+            Error::Kms { backend, source } => Error::Kms {
+                backend: backend.clone(),
+                source: BackendError::new(source.kind(), source.to_string()),
+            },
+            Error::KeyBindingMismatch { tenant, version } => Error::KeyBindingMismatch {
+                tenant: tenant.clone(),
+                version: *version,
+            },
+            Error::KeyDestroyed { tenant } => Error::KeyDestroyed {
+                tenant: tenant.clone(),
+            },
+            Error::Crypto { provider, what } => Error::Crypto { provider, what },
+            _ => return None,
+        })
+    }
+
     /// A short stable name for the error kind, for audit records and metrics.
     pub fn kind(&self) -> &'static str {
         match self {

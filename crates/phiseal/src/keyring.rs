@@ -26,6 +26,7 @@ pub use rootkey::{RootKeyUsage, RootRewrapEvent, RootRewrapFailure, RootRewrapRe
 mod stream;
 pub use stream::{AuditedStreamDecryptor, AuditedStreamEncryptor};
 mod search;
+mod unwrap_failures;
 
 /// Where the keyring runs. `Production` refuses development-only parts (the local file KMS,
 /// a disabled audit log).
@@ -327,6 +328,7 @@ impl KeyringBuilder {
                 streams: std::sync::Mutex::default(),
                 generations: Generations::default(),
                 outage: outage::KmsOutage::default(),
+                unwrap_failures: unwrap_failures::UnwrapFailures::default(),
                 query_refresh_paused_until: std::sync::atomic::AtomicU64::new(0),
             }),
         })
@@ -490,6 +492,8 @@ struct Inner {
     generations: Generations,
     /// Whether the KMS is in an outage, and when to try it again.
     outage: outage::KmsOutage,
+    /// Failed unwraps, for the requests that were waiting on them.
+    unwrap_failures: unwrap_failures::UnwrapFailures,
     /// Coarse-clock ticks until which queries do not try to re-read tenant metadata (the key
     /// store failed the last attempt; `keyring::search`); 0 when they may.
     query_refresh_paused_until: std::sync::atomic::AtomicU64,
@@ -996,11 +1000,20 @@ impl Keyring {
         }
         let cache_key = (tenant.clone(), version);
         let mut unwrapped_here = false;
+        let ticket = inner.unwrap_failures.ticket();
         let key = inner
             .keys
             .get_or_insert_async(&cache_key, async {
+                // An unwrap this request waited on failed: its failure, not one more KMS call
+                // (each waiter would otherwise call the KMS in turn).
+                if let Some(failure) = inner.unwrap_failures.since(&cache_key, ticket) {
+                    return Err(failure);
+                }
                 unwrapped_here = true;
                 let result = self.unwrap_version_guarded(tenant, key_record).await;
+                if let Err(e) = &result {
+                    inner.unwrap_failures.record(&cache_key, e);
+                }
                 self.audit_unwrap(caller, tenant, key_record, &result)
                     .await?;
                 result.map(Arc::new)
