@@ -48,7 +48,10 @@ pub struct CacheSettings {
     pub capacity: usize,
     /// How long an unwrapped key is used before it is unwrapped again.
     pub key_ttl: Duration,
-    /// Operations served by one unwrapped key before it is unwrapped again.
+    /// Operations served by one unwrapped key before it is unwrapped again. The requests
+    /// that waited on one unwrap all use the key they waited for, so a burst of concurrent
+    /// misses can pass it by the number of those requests. (Nonce safety does not rest on it:
+    /// an encryption epoch refuses to pass its own limit, `field::EPOCH_MESSAGE_LIMIT`.)
     pub max_uses: u64,
     /// How long tenant metadata (primary version, minimum version, shred state) is trusted
     /// before it is re-read from the key store: the bound within which a rotation, minimum
