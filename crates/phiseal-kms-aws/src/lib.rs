@@ -21,6 +21,12 @@
 //!   exactly 32 bytes. To unwrap keys wrapped under another KMS key (provider migration,
 //!   retargeted alias), build a second `AwsKms` for that key.
 //!
+//! ## Transport
+//! Requests go over https only, or plain http to a loopback address (a local emulator): an
+//! interceptor checks the URI of every request after the SDK resolved the endpoint (config,
+//! `AWS_ENDPOINT_URL_KMS`, profile) and refuses anything else as `Misconfigured` before it is
+//! sent. `Encrypt` and `Decrypt` carry tenant keys; SigV4 signs but does not encrypt.
+//!
 //! ## Resilience
 //! Every call has an operation timeout of [`OPERATION_TIMEOUT`] (all attempts together), an
 //! attempt timeout of [`ATTEMPT_TIMEOUT`] and a connect timeout of [`CONNECT_TIMEOUT`]. The
@@ -65,6 +71,7 @@ use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::{BackendError, BackendErrorKind, TENANT_KEY_LEN, TenantKey};
 use zeroize::Zeroizing;
 
+mod https_only;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
@@ -102,7 +109,8 @@ pub struct AwsKmsConfig {
     /// The AWS region of the key, e.g. `eu-central-1`.
     pub region: String,
     /// A custom endpoint (VPC endpoint, FIPS endpoint, or an emulator in tests). `None` uses
-    /// the standard endpoint of the region.
+    /// the standard endpoint of the region. Must be https, or plain http to a loopback
+    /// address.
     pub endpoint_url: Option<String>,
 }
 
@@ -170,6 +178,7 @@ impl AwsKms {
             .to_builder()
             .timeout_config(timeout_config())
             .retry_config(retry_config())
+            .interceptor(https_only::HttpsOnly)
             .build();
         let client = aws_sdk_kms::Client::from_conf(conf);
         let described = client
@@ -485,6 +494,13 @@ fn causes<'a>(
     std::iter::successors(Some(err), |e| e.source())
 }
 
+/// The refusal of [`https_only::HttpsOnly`], if it is among the causes of `err`.
+fn insecure_endpoint<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a https_only::InsecureEndpoint> {
+    causes(err).find_map(|e| e.downcast_ref::<https_only::InsecureEndpoint>())
+}
+
 /// Whether an I/O error (a connection that failed) is among the causes of `err`.
 fn caused_by_io(err: &(dyn std::error::Error + 'static)) -> bool {
     causes(err).skip(1).any(|e| e.is::<std::io::Error>())
@@ -512,6 +528,11 @@ where
         SdkError::DispatchFailure(d) if d.is_io() => (
             BackendErrorKind::Unavailable,
             "could not connect to the KMS endpoint".to_owned(),
+        ),
+        // Refused before it was sent: the endpoint is plain http to another machine.
+        SdkError::DispatchFailure(_) if insecure_endpoint(&err).is_some() => (
+            BackendErrorKind::Misconfigured,
+            insecure_endpoint(&err).map_or_else(String::new, ToString::to_string),
         ),
         SdkError::DispatchFailure(d) if d.is_user() => (
             BackendErrorKind::Misconfigured,

@@ -237,6 +237,42 @@ async fn kind_when_credentials_fail(
 }
 
 #[tokio::test]
+async fn a_plain_http_endpoint_off_this_machine_is_refused_before_anything_is_sent() {
+    // Hosts off this machine that answer nothing (a name that does not resolve, an address
+    // reserved for documentation): a request that were sent would fail as a connection
+    // error (Unavailable) after the connect timeout, not as this immediate refusal.
+    for endpoint in ["http://kms-proxy.invalid:8080", "http://192.0.2.1:9"] {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "AKIDEXAMPLE",
+                "not-a-secret",
+                None,
+                None,
+                "test",
+            ))
+            .load()
+            .await;
+        let started = std::time::Instant::now();
+        let err = AwsKms::from_client(
+            aws_sdk_kms::Client::new(&conf),
+            "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{err}");
+        let message = err.to_string();
+        assert!(message.contains("unencrypted"), "{message}");
+        // Refused at once: no connection attempt (192.0.2.1 would take the connect timeout).
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{message}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn credential_failures_are_refusals_or_outages_as_they_are() {
     use aws_credential_types::provider::error::CredentialsError;
     // A refused role, token or key is a refusal: never served from stale keys.

@@ -233,6 +233,7 @@ pub struct AwsKmsSection {
     /// The key's region, e.g. `eu-central-1`.
     pub region: String,
     /// A custom endpoint (VPC or FIPS endpoint); default: the region's standard endpoint.
+    /// https only (plain http is refused unless the host is a loopback address).
     #[serde(default)]
     pub endpoint_url: Option<String>,
 }
