@@ -38,8 +38,8 @@
 //! ## Error mapping
 //! | KMS says | kind |
 //! |---|---|
-//! | `InvalidCiphertextException`, `IncorrectKeyException`; `AccessDeniedException` from `Decrypt` with no message (moto's answer for a ciphertext made by another key) or saying *the ciphertext refers to a customer master key that does not exist …* | `InvalidData` |
-//! | other `AccessDeniedException` (IAM / key policy), `DisabledException`, `KMSInvalidStateException`, invalid or expired credentials, a credentials provider that refuses (role trust policy, rejected web-identity token) | `Denied` |
+//! | `InvalidCiphertextException`, `IncorrectKeyException`; `AccessDeniedException` from `Decrypt` with no message (moto's answer for a ciphertext made by another key) | `InvalidData` |
+//! | other `AccessDeniedException` (IAM / key policy / grants, including *the ciphertext refers to a customer master key that does not exist … or you are not allowed to access*), `DisabledException`, `KMSInvalidStateException`, invalid or expired credentials, a credentials provider that refuses (role trust policy, rejected web-identity token) | `Denied` |
 //! | throttling, `KMSInternalException`, `DependencyTimeoutException`, `KeyUnavailableException`, any 5xx, timeouts, connection failures, a credentials provider that cannot be reached or times out | `Unavailable` |
 //! | `NotFoundException`, `InvalidKeyUsageException`, `InvalidArnException`, a request that cannot be built, no credentials configured | `Misconfigured` |
 //! | anything else | `Other` |
@@ -447,11 +447,6 @@ impl std::error::Error for SdkCause {
     }
 }
 
-/// The message with which KMS answers `Decrypt` with `AccessDeniedException` when the
-/// ciphertext names a key that does not exist or is not accessible (moto's code has it too,
-/// but its HTTP answer drops the message).
-const FOREIGN_CIPHERTEXT_MESSAGE: &str = "The ciphertext refers to a customer master key";
-
 /// The kind and description of a failure to obtain credentials, if `err` is one (anywhere in
 /// its chain of causes).
 fn credentials_failure(
@@ -622,14 +617,12 @@ fn classify(op: Op, code: &str, message: &str, status: u16) -> BackendErrorKind 
     match code {
         "InvalidCiphertextException" | "IncorrectKeyException" => BackendErrorKind::InvalidData,
         // moto reports a Decrypt whose KeyId is not the key that made the ciphertext as
-        // AccessDeniedException without a message (real AWS: IncorrectKeyException, or
-        // AccessDeniedException with this message for a ciphertext naming an inaccessible
-        // key). A real IAM or key-policy denial always carries a message ("User: … is not
-        // authorized to perform: kms:Decrypt …") and stays Denied.
-        "AccessDeniedException"
-            if op == Op::Decrypt
-                && (message.is_empty() || message.starts_with(FOREIGN_CIPHERTEXT_MESSAGE)) =>
-        {
+        // AccessDeniedException without a message (real AWS: IncorrectKeyException). A real
+        // denial always carries a message and stays Denied — also "The ciphertext refers to a
+        // customer master key that does not exist, does not exist in this region, or you are
+        // not allowed to access": AWS answers so when a key policy or grant does not let this
+        // principal decrypt (e.g. after an account move), which is no tampered key record.
+        "AccessDeniedException" if op == Op::Decrypt && message.is_empty() => {
             BackendErrorKind::InvalidData
         }
         "AccessDeniedException"
@@ -694,6 +687,8 @@ mod tests {
             c(Op::Decrypt, "IncorrectKeyException", "", 400),
             K::InvalidData
         );
+        // A key policy or grant that does not let this principal decrypt: a refusal, not
+        // a tampered record.
         assert_eq!(
             c(
                 Op::Decrypt,
@@ -701,6 +696,11 @@ mod tests {
                 "The ciphertext refers to a customer master key that does not exist, …",
                 400
             ),
+            K::Denied
+        );
+        // moto's answer for a ciphertext of another key (real AWS: IncorrectKeyException).
+        assert_eq!(
+            c(Op::Decrypt, "AccessDeniedException", "", 400),
             K::InvalidData
         );
         assert_eq!(
@@ -712,15 +712,7 @@ mod tests {
             ),
             K::Denied
         );
-        assert_eq!(
-            c(
-                Op::Encrypt,
-                "AccessDeniedException",
-                FOREIGN_CIPHERTEXT_MESSAGE,
-                400
-            ),
-            K::Denied
-        );
+        assert_eq!(c(Op::Encrypt, "AccessDeniedException", "", 400), K::Denied);
         assert_eq!(c(Op::Encrypt, "DisabledException", "", 400), K::Denied);
         assert_eq!(
             c(Op::Decrypt, "KMSInvalidStateException", "", 400),

@@ -45,13 +45,18 @@
 //! refuses anything else, naming the attribute.
 //!
 //! ## Root-key rotation
-//! An HSM key's material never changes, so rotation means a new key with a new label:
+//! An HSM key's material never changes, so rotation means a new key with a new label. With
+//! several daemons on one key store, in two rounds of restarts, so that no daemon meets a key
+//! wrapped under a root key it does not know (`docs/KMS.md`):
 //! 1. create it (`generate_root_key(&config, "phiseal-root-2")`);
-//! 2. set `key_label` to the new label and add the old label to `previous_key_labels`;
-//! 3. restart, and run `phiseal root rotate`: it re-wraps every stored tenant key whose
-//!    reference differs from [`Kms::current_root_key_ref`];
+//! 2. add the new label to `previous_key_labels` on every daemon and restart them all (they
+//!    can unwrap under it and still wrap under the old key);
+//! 3. set `key_label` to the new label and `previous_key_labels` to the old one, restart them
+//!    all, and run `phiseal root rotate`: it re-wraps every stored tenant key whose reference
+//!    differs from [`Kms::current_root_key_ref`];
 //! 4. when no stored key names the old reference any more, remove the old label from
-//!    `previous_key_labels` and destroy the old key on the token.
+//!    `previous_key_labels`; destroy the old key on the token only once no backup of the key
+//!    store made before the rotation can be restored.
 //!
 //! ## Sessions, login and threads
 //! PKCS#11 calls block, so each runs on Tokio's blocking thread pool
