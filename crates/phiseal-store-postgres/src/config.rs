@@ -114,21 +114,29 @@ pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStor
     if config.connect_timeout.is_zero() {
         return Err(config_error("connect_timeout must be greater than zero"));
     }
-    let mut pg: tokio_postgres::Config = config.database_url.expose_secret().parse().map_err(
-        |e: tokio_postgres::Error| {
-            // The parser's messages can quote characters of the string (and so of a
-            // password); only the fixed "invalid value for option `name`" form is passed on.
-            let detail = std::error::Error::source(&e)
-                .map(ToString::to_string)
-                .filter(|d| d.starts_with("invalid value for option `"))
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default();
-            config_error(format!(
-                "database_url is not a valid PostgreSQL connection URL or key=value string{detail} \
+    let url = config.database_url.expose_secret();
+    if credentials_after_authority(url) {
+        // The driver takes everything before the first '@' as user and password, wherever
+        // it is: `postgresql://db/keys?password=a@b` would parse with the host and most of
+        // the query as the user name (printed in every message) and `b` as the host.
+        return Err(config_error(
+            "database_url has an '@' after its host part (in the database name or a query \
+             parameter such as password=…): percent-encode it as %40",
+        ));
+    }
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+        // The parser's messages can quote characters of the string (and so of a
+        // password); only the fixed "invalid value for option `name`" form is passed on.
+        let detail = std::error::Error::source(&e)
+            .map(ToString::to_string)
+            .filter(|d| d.starts_with("invalid value for option `"))
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
+        config_error(format!(
+            "database_url is not a valid PostgreSQL connection URL or key=value string{detail} \
                  (the string itself is not shown: it may contain a password)"
-            ))
-        },
-    )?;
+        ))
+    })?;
     if pg.get_hosts().is_empty() {
         return Err(config_error(
             "database_url names no host: give a host name, an IP address or a Unix-socket \
@@ -188,6 +196,42 @@ pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStor
     };
     let target = describe(&pg);
     Ok(Parsed { pg, target, tls })
+}
+
+/// Whether `url` (the URL form) has its first '@' after the end of its authority (the first
+/// '/' or '?' after the scheme): the driver would take the text before it as credentials.
+fn credentials_after_authority(url: &str) -> bool {
+    let Some(rest) = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|prefix| url.strip_prefix(prefix))
+    else {
+        return false;
+    };
+    match (rest.find('@'), rest.find(['/', '?'])) {
+        (Some(at), Some(end)) => at > end,
+        _ => false,
+    }
+}
+
+/// Whether every connection `config` makes stays on this machine: each host is a Unix-socket
+/// directory, `localhost` or a loopback address (and so is each `hostaddr`, if given). Plain
+/// connections ([`TlsMode::Disable`]) to anything else cross a network, where a key-store
+/// answer could be read or replayed (an old tenant record brought back after a shred).
+pub fn connects_only_to_this_host(
+    config: &PostgresStoreConfig,
+) -> Result<bool, PostgresStoreError> {
+    let pg = parse(config)?.pg;
+    let local_ip = |ip: &std::net::IpAddr| ip.is_loopback();
+    let hosts_local = pg.get_hosts().iter().all(|host| match host {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| local_ip(&ip))
+        }
+    });
+    Ok(hosts_local && pg.get_hostaddrs().iter().all(local_ip))
 }
 
 /// `user@host:port/dbname` (several hosts separated by commas), for messages and `Debug`.
@@ -364,6 +408,10 @@ mod tests {
             // An unescaped '@' in the password.
             "postgresql://u:Pa55@w0rd-NEVER-SHOWN@db/keys".to_owned(),
             "postgresql://u:Pa55@w0rd:5432@NEVER-SHOWN/keys".to_owned(),
+            // An '@' in a password given as a query parameter (no credentials part).
+            "postgresql://db.internal/keys?user=u&password=Pa55@w0rdNEVER-SHOWN".to_owned(),
+            "postgresql://db.internal:5432/keys?password=Pa55@NEVER-SHOWN".to_owned(),
+            "postgresql://db.internal?password=Pa55@NEVER-SHOWN".to_owned(),
         ] {
             let err = match parse_url(&url) {
                 Ok(_) => panic!("accepted {url}"),
@@ -379,6 +427,40 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("`sslmode`"), "{err}");
+    }
+
+    #[test]
+    fn an_at_sign_after_the_credentials_part_is_kept_as_text() {
+        let parsed = parse_url("postgresql://u:pw@db/keys?application_name=a@b").unwrap();
+        assert_eq!(parsed.pg.get_user(), Some("u"));
+        assert_eq!(parsed.pg.get_application_name(), Some("a@b"));
+        assert_eq!(parsed.target, "u@db:5432/keys");
+    }
+
+    #[test]
+    fn only_unix_sockets_localhost_and_loopback_addresses_are_this_host() {
+        let local = |url: &str| connects_only_to_this_host(&PostgresStoreConfig::new(url));
+        for url in [
+            "postgresql://u@localhost/keys",
+            "postgresql://u@127.0.0.1:5433/keys",
+            "postgresql://u@[::1]/keys",
+            "postgresql://u@%2Fvar%2Frun%2Fpostgresql/keys",
+            "host=/var/run/postgresql user=u dbname=keys",
+            "postgresql://u@localhost,127.0.0.2/keys",
+            "host=localhost hostaddr=127.0.0.1 user=u",
+        ] {
+            assert!(local(url).unwrap(), "{url}");
+        }
+        for url in [
+            "postgresql://u@db.internal/keys",
+            "postgresql://u@10.0.0.7/keys",
+            "postgresql://u@localhost,db.internal/keys",
+            "host=localhost hostaddr=10.0.0.7 user=u",
+            "postgresql://u@localhost.example.com/keys",
+        ] {
+            assert!(!local(url).unwrap(), "{url}");
+        }
+        assert!(local("postgresql://u@db:notaport/keys").is_err());
     }
 
     #[test]

@@ -183,7 +183,10 @@ use phiseal::{BackendError, BackendErrorKind};
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
 
-pub use config::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, PostgresStoreConfig, TlsMode};
+pub use config::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, PostgresStoreConfig, TlsMode,
+    connects_only_to_this_host,
+};
 pub use error::{DatabaseError, PostgresStoreError};
 pub use schema::SCHEMA_VERSION;
 pub use watch::{CHANGES_CHANNEL, Change, ChangeWatcher, RECONNECT_DELAY_MAX};

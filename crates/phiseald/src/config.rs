@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use phiseal_store_postgres::{PostgresStoreConfig, TlsMode};
 use serde::{Deserialize, Serialize};
 
 use crate::error::DaemonError;
@@ -408,6 +409,30 @@ pub struct KeyStoreConfig {
     /// For `postgres` with `tls = "require"`: the CA file to trust (default: the platform's
     /// trust store).
     pub ca_file: Option<PathBuf>,
+    /// For `postgres` with `tls = "disable"` under `profile = "production"`: allow a database
+    /// on another host (default false: only a Unix socket, `localhost` or a loopback address).
+    /// Set it only when something else encrypts and authenticates the path (a service mesh's
+    /// mutual TLS): without, the key store's answers could be read or replayed on the way.
+    pub allow_plaintext_network: bool,
+}
+
+impl KeyStoreConfig {
+    /// The PostgreSQL store's settings (kind `postgres`).
+    pub(crate) fn postgres(&self) -> Result<PostgresStoreConfig, DaemonError> {
+        let url = self.database_url.as_ref().ok_or_else(|| {
+            DaemonError::Config("key_store.database_url: required with kind = \"postgres\"".into())
+        })?;
+        let mut pg = PostgresStoreConfig::new(url.0.clone());
+        pg.max_connections = self.max_connections;
+        pg.connect_timeout = self.connect_timeout;
+        pg.tls = match self.tls {
+            DatabaseTls::Disable => TlsMode::Disable,
+            DatabaseTls::Require => TlsMode::Require {
+                ca_file: self.ca_file.clone(),
+            },
+        };
+        Ok(pg)
+    }
 }
 
 impl Default for KeyStoreConfig {
@@ -419,6 +444,7 @@ impl Default for KeyStoreConfig {
             connect_timeout: Duration::from_secs(5),
             tls: DatabaseTls::Disable,
             ca_file: None,
+            allow_plaintext_network: false,
         }
     }
 }
@@ -919,6 +945,34 @@ impl Config {
         }
         if store.ca_file.is_some() && store.tls != DatabaseTls::Require {
             return bad("key_store.ca_file", "only used with tls = \"require\"");
+        }
+        if store.allow_plaintext_network
+            && (store.kind != KeyStoreKind::Postgres || store.tls != DatabaseTls::Disable)
+        {
+            return bad(
+                "key_store.allow_plaintext_network",
+                "only used with kind = \"postgres\" and tls = \"disable\"",
+            );
+        }
+        if self.profile == ProfileName::Production
+            && store.kind == KeyStoreKind::Postgres
+            && store.tls == DatabaseTls::Disable
+            && !store.allow_plaintext_network
+        {
+            match phiseal_store_postgres::connects_only_to_this_host(&store.postgres()?) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return bad(
+                        "key_store.tls",
+                        "production refuses tls = \"disable\" to a database on another host: \
+                         its answers (tenant records, shreds, minimum versions) could be read \
+                         or replayed on the way; set tls = \"require\" (docs/DEPLOYMENT.md), \
+                         or allow_plaintext_network = true if a service mesh's mutual TLS \
+                         protects the path",
+                    );
+                }
+                Err(e) => return bad("key_store.database_url", &e.to_string()),
+            }
         }
         if self.audit.path.as_ref().is_some_and(|p| !p.is_absolute()) {
             return bad("audit.path", "must be an absolute path");

@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::config::{Config, DatabaseTls, DurabilityName, KeyStoreKind, ProfileName};
+use crate::config::{Config, DurabilityName, KeyStoreKind, ProfileName};
 use crate::error::DaemonError;
 use crate::instrument::{MeteredAudit, MeteredKms};
 use crate::limits::CallLimiter;
@@ -27,9 +27,7 @@ use crate::policy::Policy;
 use crate::service::{AdminApi, FieldApi, Sidecar};
 use crate::{rotation, transport};
 use phiseal::store::KeyStore;
-use phiseal_store_postgres::{
-    Change, ChangeWatcher, PostgresKeyStore, PostgresStoreConfig, TlsMode,
-};
+use phiseal_store_postgres::{Change, ChangeWatcher, PostgresKeyStore};
 
 /// How long shutdown waits for in-flight calls beyond the request timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -47,24 +45,6 @@ pub struct Daemon {
     registry: Arc<Registry>,
     /// The shared key store's change listener (stops when the daemon is dropped).
     _watcher: Option<ChangeWatcher>,
-}
-
-/// The PostgreSQL store's settings from `[key_store]` (kind `postgres`).
-fn postgres_config(config: &Config) -> Result<PostgresStoreConfig, DaemonError> {
-    let store = &config.key_store;
-    let url = store.database_url.as_ref().ok_or_else(|| {
-        DaemonError::Config("key_store.database_url: required with kind = \"postgres\"".into())
-    })?;
-    let mut pg = PostgresStoreConfig::new(url.0.clone());
-    pg.max_connections = store.max_connections;
-    pg.connect_timeout = store.connect_timeout;
-    pg.tls = match store.tls {
-        DatabaseTls::Disable => TlsMode::Disable,
-        DatabaseTls::Require => TlsMode::Require {
-            ca_file: store.ca_file.clone(),
-        },
-    };
-    Ok(pg)
 }
 
 /// The opened key store; for PostgreSQL also the store itself, to watch its changes.
@@ -86,7 +66,7 @@ pub(crate) async fn open_key_store(config: &Config) -> Result<OpenedStore, Daemo
             })
         }
         KeyStoreKind::Postgres => {
-            let store = Arc::new(PostgresKeyStore::open(&postgres_config(config)?).await?);
+            let store = Arc::new(PostgresKeyStore::open(&config.key_store.postgres()?).await?);
             tracing::info!(database = store.target(), "key store: PostgreSQL");
             Ok(OpenedStore {
                 store: Arc::clone(&store) as Arc<dyn KeyStore>,
@@ -183,7 +163,7 @@ pub async fn migrate(config: &Config) -> Result<u32, DaemonError> {
         ));
     }
     // `open` applies what is pending (under an advisory lock: safe with daemons starting).
-    let store = PostgresKeyStore::open(&postgres_config(config)?).await?;
+    let store = PostgresKeyStore::open(&config.key_store.postgres()?).await?;
     Ok(store.schema_version().await?)
 }
 

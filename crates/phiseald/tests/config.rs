@@ -615,6 +615,66 @@ fn key_store_settings_are_checked() {
 }
 
 #[test]
+fn production_refuses_a_plaintext_key_store_connection_off_this_host() {
+    let production = "profile = \"production\"\n";
+    let aws =
+        "[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"alias/phiseal\"\nregion = \"us-east-1\"\n";
+    let config = |store: &str| {
+        format!("{production}{MINIMAL}{aws}[key_store]\nkind = \"postgres\"\n{store}")
+    };
+    let url = |u: &'static str| [("PHISEALD_KEY_STORE__DATABASE_URL", u)];
+    let refused =
+        "key_store.tls: production refuses tls = \"disable\" to a database on another host";
+    check_text(
+        &config(""),
+        &url("postgresql://app:secret-pw@db.internal/keys"),
+    )
+    .fails_with(refused);
+    check_text(
+        &config("tls = \"disable\"\n"),
+        &url("host=localhost hostaddr=10.0.0.7 user=app"),
+    )
+    .fails_with(refused);
+    // On this host (Unix socket, localhost, loopback), with TLS, or explicitly allowed.
+    for local in [
+        "postgresql://app@localhost/keys",
+        "postgresql://app@127.0.0.1:5433/keys",
+        "host=/var/run/postgresql user=app dbname=keys",
+    ] {
+        check_text(&config(""), &url(local)).ok();
+    }
+    check_text(
+        &config("tls = \"require\"\n"),
+        &url("postgresql://app@db.internal/keys"),
+    )
+    .ok();
+    check_text(
+        &config("allow_plaintext_network = true\n"),
+        &url("postgresql://app@db.internal/keys"),
+    )
+    .ok();
+    // Development keeps the old default.
+    check_text(
+        &format!("{MINIMAL}[key_store]\nkind = \"postgres\"\n"),
+        &url("postgresql://app@db.internal/keys"),
+    )
+    .ok();
+    // The opt-in only where it means something.
+    check_text(
+        &config("tls = \"require\"\nallow_plaintext_network = true\n"),
+        &url("postgresql://app@db.internal/keys"),
+    )
+    .fails_with("key_store.allow_plaintext_network: only used with kind = \"postgres\" and tls = \"disable\"");
+    // A URL that cannot be judged is named, not quoted.
+    let run = check_text(
+        &config(""),
+        &url("postgresql://app:secret-pw@db:notaport/keys"),
+    );
+    run.fails_with("key_store.database_url:");
+    assert!(!run.stderr.contains("secret-pw"), "{}", run.stderr);
+}
+
+#[test]
 fn a_secret_of_the_wrong_type_is_named_but_never_echoed() {
     // An unquoted PIN is a TOML integer: figment's own message would print it.
     let pkcs11 = "[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\n\
