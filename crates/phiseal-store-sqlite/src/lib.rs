@@ -6,7 +6,9 @@
 //!
 //! ## Durability and concurrency
 //! - The file is created with mode `0600`; SQLite gives its `-wal` and `-shm` files the same
-//!   permissions.
+//!   permissions. An existing file is refused if it is a symlink or not a regular file, or if
+//!   group or others may write it or others may read it (0640 is accepted, for a backup agent's
+//!   group).
 //! - `journal_mode=WAL` and `synchronous=FULL`: every committed transaction (a rotation, a
 //!   shred) is fsynced before the call returns, so it survives a crash or power loss.
 //! - Every write runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single write
@@ -142,6 +144,19 @@ pub enum SqliteStoreError {
         /// `PRAGMA user_version` of the file.
         found: i64,
     },
+    /// An existing database file that is not a regular file, or that group or others may
+    /// write or others may read.
+    #[error(
+        "sqlite key store: '{path}' {problem}: its records decide which tenant keys exist (a \
+         copy of its wrapped keys written back could undo a shred); make it a regular file \
+         with mode 0600 owned by the daemon's user (`chmod 600`)"
+    )]
+    InsecureFile {
+        /// The database path.
+        path: PathBuf,
+        /// What is wrong (`is a symlink`, `has mode 0644` …).
+        problem: String,
+    },
     /// A previous call panicked while holding the connection.
     #[error(
         "sqlite key store: the connection is unusable after an internal panic: restart the \
@@ -186,6 +201,7 @@ impl SqliteStoreError {
     pub fn kind(&self) -> BackendErrorKind {
         match self {
             SqliteStoreError::Io { .. }
+            | SqliteStoreError::InsecureFile { .. }
             | SqliteStoreError::Pragma { .. }
             | SqliteStoreError::SchemaTooNew { .. } => BackendErrorKind::Misconfigured,
             SqliteStoreError::Sqlite { source, .. } => sqlite_kind(source),
@@ -248,6 +264,33 @@ impl std::fmt::Debug for SqliteKeyStore {
     }
 }
 
+/// An existing database must be a regular file (not a symlink) that group and others cannot
+/// write and others cannot read (0640 lets a backup agent read it through the group).
+fn check_existing_file(path: &Path) -> Result<(), SqliteStoreError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|source| SqliteStoreError::Io {
+        action: "inspect the database file",
+        path: path.to_owned(),
+        source,
+    })?;
+    let insecure = |problem: String| SqliteStoreError::InsecureFile {
+        path: path.to_owned(),
+        problem,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(insecure("is a symlink".into()));
+    }
+    if !meta.file_type().is_file() {
+        return Err(insecure("is not a regular file".into()));
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+    if mode & 0o026 != 0 {
+        return Err(insecure(format!(
+            "has mode {mode:04o} (group or others may write it, or others may read it)"
+        )));
+    }
+    Ok(())
+}
+
 impl SqliteKeyStore {
     /// Opens (creating with mode `0600` if needed) the key store at `path`, sets the PRAGMAs
     /// described in the crate docs and creates or checks the schema.
@@ -267,7 +310,7 @@ impl SqliteKeyStore {
                 // comes with the first fsynced transaction below.
                 drop(file);
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_existing_file(&path)?,
             Err(source) => {
                 return Err(SqliteStoreError::Io {
                     action: "create the database file",

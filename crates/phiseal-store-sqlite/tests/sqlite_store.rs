@@ -97,6 +97,42 @@ async fn round_trip_of_every_method() {
     assert_eq!(store.load_tenant(&tid("acme")).await.unwrap(), before);
 }
 
+#[test]
+fn an_existing_file_others_may_write_or_read_or_a_symlink_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    drop(SqliteKeyStore::open(&path).unwrap());
+    for (mode, accepted) in [
+        (0o644, false),
+        (0o660, false),
+        (0o602, false),
+        (0o640, true),
+        (0o600, true),
+    ] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        match SqliteKeyStore::open(&path) {
+            Ok(_) => assert!(accepted, "mode {mode:o} accepted"),
+            Err(e) => {
+                assert!(!accepted, "mode {mode:o} refused: {e}");
+                assert!(
+                    e.to_string().contains(&format!("has mode {mode:04o}")),
+                    "{e}"
+                );
+                assert_eq!(
+                    phiseal::BackendError::from(e).kind(),
+                    BackendErrorKind::Misconfigured
+                );
+            }
+        }
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let err = SqliteKeyStore::open(&link).unwrap_err();
+    assert!(err.to_string().contains("is a symlink"), "{err}");
+}
+
 #[tokio::test]
 async fn create_twice_is_a_conflict() {
     let dir = tempfile::tempdir().unwrap();
@@ -143,11 +179,22 @@ async fn concurrent_tasks_on_two_handles_never_duplicate_a_version() {
         .unwrap();
 
     let successes = Arc::new(AtomicU32::new(0));
+    // Which task created each version; each task writes bytes of its own.
+    let authors = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let by_task = |task: u32, version: u32| {
+        let mut r = record("busy", version);
+        r.wrapped = Some(WrappedKey {
+            root_key_ref: "test".into(),
+            ciphertext: marker(&format!("busy-task{task}"), version),
+        });
+        r
+    };
     let mut tasks = Vec::new();
     for i in 0..TASKS {
         let store = handles[(i % 2) as usize].clone();
         let t = t.clone();
         let successes = Arc::clone(&successes);
+        let authors = Arc::clone(&authors);
         tasks.push(tokio::spawn(async move {
             for _ in 0..ATTEMPTS {
                 let latest = store
@@ -157,11 +204,13 @@ async fn concurrent_tasks_on_two_handles_never_duplicate_a_version() {
                     .unwrap()
                     .latest_version();
                 match store
-                    .insert_version(&t, latest, record("busy", latest + 1))
+                    .insert_version(&t, latest, by_task(i, latest + 1))
                     .await
                 {
                     Ok(()) => {
                         successes.fetch_add(1, Ordering::SeqCst);
+                        let earlier = authors.lock().unwrap().insert(latest + 1, i);
+                        assert_eq!(earlier, None, "version {} created twice", latest + 1);
                     }
                     Err(e) => assert_eq!(e.kind(), BackendErrorKind::Conflict, "{e}"),
                 }
@@ -178,11 +227,15 @@ async fn concurrent_tasks_on_two_handles_never_duplicate_a_version() {
     assert!(ok >= ATTEMPTS, "every round has a winner: {ok}");
     assert_eq!(ok, n - 1);
     assert_clean_history(&rec, n);
-    // Each stored record is the one its inserter built.
-    for r in &rec.versions {
+    // Each stored record is the one the task told of its success built.
+    let authors = authors.lock().unwrap();
+    for r in rec.versions.iter().filter(|r| r.version > 1) {
+        let author = authors[&r.version];
         assert_eq!(
             r.wrapped.as_ref().unwrap().ciphertext,
-            marker("busy", r.version)
+            marker(&format!("busy-task{author}"), r.version),
+            "version {}",
+            r.version
         );
     }
 }
@@ -492,6 +545,8 @@ async fn not_a_database_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
     std::fs::write(&path, vec![0x5a; 4096]).unwrap();
+    // Private, as a key store must be (a readable one is refused before it is read).
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let err = SqliteKeyStore::open(&path).unwrap_err();
     let backend: phiseal::BackendError = err.into();
     assert_eq!(backend.kind(), BackendErrorKind::Misconfigured, "{backend}");
