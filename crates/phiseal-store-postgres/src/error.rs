@@ -252,8 +252,8 @@ impl DatabaseError {
         match self.kind {
             BackendErrorKind::Unavailable => {
                 " (the database is unreachable, shutting down, overloaded or not answering in \
-                 time: check that it is running and reachable; calls are retried on new \
-                 connections)"
+                 time: check that it is running and reachable; the call was not retried, \
+                 the next one uses a new connection)"
             }
             BackendErrorKind::Denied => {
                 " (the database refused: check the role's password and privileges)"

@@ -214,13 +214,18 @@ async fn a_dropped_or_stopped_watcher_is_silent_and_closes_its_connection() {
     let db = TestDb::new("watchdrop").await;
     let writer = db.open().await;
     let reader = db.open().await;
+    // The listener's session: its last statement is `LISTEN …` or, after the first
+    // heartbeat (every 10 s), the heartbeat's `SELECT 1`, which the pools never send.
     let listeners = async || -> i64 {
         db.raw()
             .await
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND query = $1",
-                &[&format!("LISTEN {CHANGES_CHANNEL}")],
+                 WHERE datname = current_database() AND query = ANY($1)",
+                &[&vec![
+                    format!("LISTEN {CHANGES_CHANNEL}"),
+                    "SELECT 1".to_owned(),
+                ]],
             )
             .await
             .unwrap()

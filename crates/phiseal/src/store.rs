@@ -1,5 +1,6 @@
 //! The key store trait: persists wrapped tenant-key records, allocates versions by
-//! compare-and-set. Implementations: an embedded SQLite file, later PostgreSQL.
+//! compare-and-set. Implementations: an embedded SQLite file (`phiseal-store-sqlite`) and a
+//! shared PostgreSQL database (`phiseal-store-postgres`).
 
 use async_trait::async_trait;
 use jiff::Timestamp;

@@ -236,10 +236,11 @@ pub async fn key_store(store: Arc<dyn KeyStore>) {
     let c = TenantId::new("conformance-concurrent").unwrap();
     store.create_tenant(&c, record(1, 1)).await.unwrap();
     let mut tasks = Vec::new();
-    for _ in 0..8 {
+    // Each task writes bytes of its own (fill 10 + its number) and says which versions it won.
+    for task in 0..8u8 {
         let (store, c) = (Arc::clone(&store), c.clone());
         tasks.push(tokio::spawn(async move {
-            let mut won = 0u32;
+            let mut won = Vec::new();
             for _ in 0..10 {
                 let latest = store
                     .load_tenant(&c)
@@ -248,20 +249,25 @@ pub async fn key_store(store: Arc<dyn KeyStore>) {
                     .unwrap()
                     .latest_version();
                 match store
-                    .insert_version(&c, latest, record(latest + 1, 7))
+                    .insert_version(&c, latest, record(latest + 1, 10 + task))
                     .await
                 {
-                    Ok(()) => won += 1,
+                    Ok(()) => won.push(latest + 1),
                     // Losing a race is a conflict, never another failure.
                     Err(e) => assert_eq!(e.kind(), BackendErrorKind::Conflict, "{e}"),
                 }
             }
-            won
+            (task, won)
         }));
     }
     let mut won = 0;
+    let mut author = std::collections::BTreeMap::new();
     for task in tasks {
-        won += task.await.unwrap();
+        let (task, versions) = task.await.unwrap();
+        won += versions.len() as u32;
+        for v in versions {
+            assert!(author.insert(v, task).is_none(), "{name}: v{v} won twice");
+        }
     }
     // Each lost attempt of one task was lost to a distinct win of another (its attempts are
     // sequential), so the ten attempts of any task imply at least ten wins in all.
@@ -282,6 +288,17 @@ pub async fn key_store(store: Arc<dyn KeyStore>) {
         1,
         "{name}: exactly one primary"
     );
+    // Each stored version is the record its winner wrote.
+    for v in loaded.versions.iter().filter(|v| v.version > 1) {
+        let fill = 10 + author[&v.version];
+        assert_eq!(v.key_check, [fill; 32], "{name}: v{} record", v.version);
+        assert_eq!(
+            v.wrapped.as_ref().map(|w| w.ciphertext.clone()),
+            Some(vec![fill; 60]),
+            "{name}: v{} wrapped bytes",
+            v.version
+        );
+    }
 
     store.shred_tenant(&t, Timestamp::now()).await.unwrap();
     let loaded = store.load_tenant(&t).await.unwrap().unwrap();
