@@ -318,8 +318,11 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
         min: u32,
     ) -> Result<(), BackendError>;
 
-    /// Shreds a tenant: every version becomes destroyed and its wrapped bytes are erased from
-    /// storage (not only unlinked); the tombstone stays so the tenant id is never reused.
+    /// Shreds a tenant: every version becomes destroyed and no later call returns its wrapped
+    /// bytes; the tombstone stays so the tenant id is never reused. Each store also does what
+    /// it can to remove the old bytes from its files (SQLite: `secure_delete` and a WAL
+    /// checkpoint; PostgreSQL: a `VACUUM`, with limits its crate documents) — copies outside
+    /// the live store (backups, WAL archives, replicas) are beyond it.
     async fn shred_tenant(&self, tenant: &TenantId, at: Timestamp) -> Result<(), BackendError>;
 
     /// Every tenant id, for root-key rotation and migration.
