@@ -40,7 +40,7 @@
 //! |---|---|
 //! | `InvalidCiphertextException`, `IncorrectKeyException`; `AccessDeniedException` from `Decrypt` with no message (moto's answer for a ciphertext made by another key) | `InvalidData` |
 //! | other `AccessDeniedException` (IAM / key policy / grants, including *the ciphertext refers to a customer master key that does not exist … or you are not allowed to access*), `DisabledException`, `KMSInvalidStateException`, invalid or expired credentials, a credentials provider that refuses (role trust policy, rejected web-identity token) | `Denied` |
-//! | throttling, `KMSInternalException`, `DependencyTimeoutException`, `KeyUnavailableException`, any 5xx, timeouts, connection failures, a credentials provider that cannot be reached or times out | `Unavailable` |
+//! | throttling, `KMSInternalException`, `DependencyTimeoutException`, `KeyUnavailableException`, any 5xx, timeouts, connection failures, a credentials provider that cannot be reached, times out or answers throttled / 429 / 5xx (STS incl. `IDPCommunicationError`, instance metadata, the ECS / EKS agent; `credentials.rs`) | `Unavailable` |
 //! | `NotFoundException`, `InvalidKeyUsageException`, `InvalidArnException`, a request that cannot be built, no credentials configured | `Misconfigured` |
 //! | anything else | `Other` |
 //!
@@ -71,6 +71,7 @@ use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::{BackendError, BackendErrorKind, TENANT_KEY_LEN, TenantKey};
 use zeroize::Zeroizing;
 
+mod credentials;
 mod https_only;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -468,10 +469,14 @@ fn credentials_failure(
             "the credentials provider cannot read its token or credentials file (missing or \
              not readable)",
         ),
-        CredentialsError::ProviderError(_) if caused_by_io(c) => (
-            BackendErrorKind::Unavailable,
-            "the credentials provider could not be reached",
-        ),
+        CredentialsError::ProviderError(_) | CredentialsError::Unhandled(_)
+            if credentials::transient(c) =>
+        {
+            (
+                BackendErrorKind::Unavailable,
+                "the credentials provider could not be reached, timed out or is overloaded",
+            )
+        }
         CredentialsError::ProviderError(_) => (
             BackendErrorKind::Denied,
             "the credentials provider refused (role, token or keys invalid, expired or \
@@ -483,7 +488,7 @@ fn credentials_failure(
 }
 
 /// `err` and its chain of causes.
-fn causes<'a>(
+pub(crate) fn causes<'a>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
     std::iter::successors(Some(err), |e| e.source())
@@ -494,11 +499,6 @@ fn insecure_endpoint<'a>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a https_only::InsecureEndpoint> {
     causes(err).find_map(|e| e.downcast_ref::<https_only::InsecureEndpoint>())
-}
-
-/// Whether an I/O error (a connection that failed) is among the causes of `err`.
-fn caused_by_io(err: &(dyn std::error::Error + 'static)) -> bool {
-    causes(err).skip(1).any(|e| e.is::<std::io::Error>())
 }
 
 /// Maps an SDK error to a [`BackendError`] naming the backend, the operation, the key and the
@@ -634,22 +634,33 @@ fn classify(op: Op, code: &str, message: &str, status: u16) -> BackendErrorKind 
         | "ExpiredTokenException"
         | "InvalidClientTokenId"
         | "InvalidGrantTokenException" => BackendErrorKind::Denied,
-        "ThrottlingException"
-        | "Throttling"
-        | "ThrottledException"
-        | "TooManyRequestsException"
-        | "RequestLimitExceeded"
-        | "KMSInternalException"
-        | "DependencyTimeoutException"
-        | "KeyUnavailableException"
-        | "ServiceUnavailable"
-        | "InternalFailure" => BackendErrorKind::Unavailable,
+        _ if transient_answer(code, status) => BackendErrorKind::Unavailable,
         "NotFoundException" | "InvalidKeyUsageException" | "InvalidArnException" => {
             BackendErrorKind::Misconfigured
         }
-        _ if status >= 500 || status == 429 => BackendErrorKind::Unavailable,
         _ => BackendErrorKind::Other,
     }
+}
+
+/// Whether an AWS service's error answer (its code and HTTP status) says "later": throttled,
+/// overloaded, an internal or upstream failure (KMS, and STS when it refreshes credentials).
+pub(crate) fn transient_answer(code: &str, status: u16) -> bool {
+    matches!(
+        code,
+        "ThrottlingException"
+            | "Throttling"
+            | "ThrottledException"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded"
+            | "KMSInternalException"
+            | "DependencyTimeoutException"
+            | "KeyUnavailableException"
+            | "ServiceUnavailable"
+            | "InternalFailure"
+            // STS could not reach the web identity's issuer (its own docs: "often transient").
+            | "IDPCommunicationError"
+    ) || status >= 500
+        || status == 429
 }
 
 #[cfg(test)]

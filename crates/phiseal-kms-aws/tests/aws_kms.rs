@@ -325,3 +325,164 @@ async fn credential_failures_are_refusals_or_outages_as_they_are() {
         BackendErrorKind::Misconfigured
     );
 }
+
+/// A stand-in for the EC2 instance-metadata service (no emulator of it installs here): hands
+/// out a session token, then answers the credentials request with `status`. One request per
+/// connection (`Connection: close`).
+async fn instance_metadata_answering(status: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = if request.starts_with(b"PUT /latest/api/token") {
+                    "HTTP/1.1 200 OK\r\nx-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\
+                     Content-Length: 5\r\nConnection: close\r\n\r\ntoken"
+                        .to_owned()
+                } else {
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                };
+                let _ = conn.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn an_instance_metadata_service_answering_503_is_an_outage() {
+    for (status, expected) in [
+        ("503 Service Unavailable", BackendErrorKind::Unavailable),
+        ("403 Forbidden", BackendErrorKind::Denied),
+    ] {
+        let endpoint = instance_metadata_answering(status).await;
+        let imds = aws_config::imds::Client::builder()
+            .endpoint(&endpoint)
+            .unwrap()
+            .max_attempts(1)
+            .build();
+        let provider = aws_config::imds::credentials::ImdsCredentialsProvider::builder()
+            .imds_client(imds)
+            .build();
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url("http://127.0.0.1:9")
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(provider)
+            .load()
+            .await;
+        let err = AwsKms::from_client(
+            aws_sdk_kms::Client::new(&conf),
+            "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), expected, "{status}: {err}");
+    }
+}
+
+/// The error a web-identity (IRSA) refresh fails with when STS answers `status` with `code`:
+/// the SDK's own types, as `aws-config` wraps them.
+fn sts_answer(code: &str, status: u16) -> aws_credential_types::provider::error::CredentialsError {
+    use aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityError;
+    let error = AssumeRoleWithWebIdentityError::generic(
+        aws_sdk_sts::error::ErrorMetadata::builder()
+            .code(code)
+            .message("from the test")
+            .build(),
+    );
+    let raw = aws_sdk_sts::config::http::HttpResponse::new(
+        aws_smithy_runtime_api::http::StatusCode::try_from(status).unwrap(),
+        aws_smithy_types::body::SdkBody::empty(),
+    );
+    aws_credential_types::provider::error::CredentialsError::provider_error(
+        aws_sdk_sts::error::SdkError::service_error(error, raw),
+    )
+}
+
+#[tokio::test]
+async fn a_throttled_or_failing_credentials_refresh_is_an_outage_a_refused_one_is_not() {
+    use aws_credential_types::provider::error::CredentialsError;
+    use aws_sdk_sts::error::{ConnectorError, SdkError};
+    use aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityError;
+    type StsError = SdkError<AssumeRoleWithWebIdentityError>;
+    let cases: [(fn() -> CredentialsError, BackendErrorKind); 11] = [
+        // STS (web identity / IRSA) throttles, fails inside, cannot reach the issuer, or
+        // answers 5xx: later.
+        (
+            || sts_answer("Throttling", 400),
+            BackendErrorKind::Unavailable,
+        ),
+        (
+            || sts_answer("InternalFailure", 500),
+            BackendErrorKind::Unavailable,
+        ),
+        (
+            || sts_answer("IDPCommunicationError", 400),
+            BackendErrorKind::Unavailable,
+        ),
+        (|| sts_answer("", 503), BackendErrorKind::Unavailable),
+        (
+            || CredentialsError::provider_error(StsError::timeout_error("attempt timed out")),
+            BackendErrorKind::Unavailable,
+        ),
+        (
+            || {
+                CredentialsError::provider_error(StsError::dispatch_failure(ConnectorError::io(
+                    "connection refused".into(),
+                )))
+            },
+            BackendErrorKind::Unavailable,
+        ),
+        // STS refuses the role or the token: a refusal.
+        (|| sts_answer("AccessDenied", 403), BackendErrorKind::Denied),
+        (
+            || sts_answer("InvalidIdentityToken", 400),
+            BackendErrorKind::Denied,
+        ),
+        // The ECS / EKS Pod Identity agent answers 503, or 403.
+        (
+            || {
+                CredentialsError::provider_error(
+                    "Non-success status from HTTP credential provider: 503",
+                )
+            },
+            BackendErrorKind::Unavailable,
+        ),
+        (
+            || {
+                CredentialsError::provider_error(
+                    "Non-success status from HTTP credential provider: 403",
+                )
+            },
+            BackendErrorKind::Denied,
+        ),
+        // The agent cannot be reached (the SDK reports it as "unhandled").
+        (
+            || {
+                CredentialsError::unhandled(StsError::dispatch_failure(ConnectorError::timeout(
+                    "connect timed out".into(),
+                )))
+            },
+            BackendErrorKind::Unavailable,
+        ),
+    ];
+    for (i, (failure, expected)) in cases.into_iter().enumerate() {
+        assert_eq!(
+            kind_when_credentials_fail(failure).await,
+            expected,
+            "case {i}"
+        );
+    }
+}
