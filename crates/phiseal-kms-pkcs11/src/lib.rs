@@ -83,7 +83,7 @@
 //! ## Error mapping
 //! | PKCS#11 says | kind |
 //! |---|---|
-//! | `CKR_ENCRYPTED_DATA_INVALID`, `CKR_ENCRYPTED_DATA_LEN_RANGE`, and `CKR_GENERAL_ERROR` from `C_Decrypt` (SoftHSM2's answer to a GCM tag mismatch) | `InvalidData` |
+//! | `CKR_ENCRYPTED_DATA_INVALID`, `CKR_ENCRYPTED_DATA_LEN_RANGE`, and — from a SoftHSM2 token only (manufacturer `SoftHSM project`) — `CKR_GENERAL_ERROR` from `C_Decrypt` (its answer to a GCM tag mismatch; from any other token a device failure: `Other`) | `InvalidData` |
 //! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED`, `CKR_KEY_HANDLE_INVALID` and `CKR_OBJECT_HANDLE_INVALID` (the root key object was destroyed — or the HSM restarted: the handles are resolved at connect, so restart the daemon) | `Denied` |
 //! | `CKR_FUNCTION_FAILED` from `C_Decrypt` (some HSMs' answer to a GCM tag mismatch) | `Other` |
 //! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_HOST_MEMORY`, other `CKR_FUNCTION_FAILED`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, a timeout | `Unavailable` |
@@ -147,6 +147,8 @@ pub const TAG_LEN: usize = 16;
 pub const WRAPPED_LEN: usize = 1 + IV_LEN + TENANT_KEY_LEN + TAG_LEN;
 /// Length of the root key in bytes (AES-256).
 pub const ROOT_KEY_LEN: usize = 32;
+/// The manufacturer id SoftHSM2 tokens report (its `CKR_GENERAL_ERROR` quirk).
+const SOFTHSM_MANUFACTURER: &str = "SoftHSM project";
 /// PKCS#11 limits token labels to 32 bytes.
 const MAX_TOKEN_LABEL_LEN: usize = 32;
 
@@ -204,6 +206,9 @@ struct Inner {
     current: RootKey,
     previous: Vec<RootKey>,
     in_flight: Arc<Semaphore>,
+    /// The token is SoftHSM2, which answers a GCM tag mismatch in `C_Decrypt` with
+    /// `CKR_GENERAL_ERROR`; from any other token that code is a device failure.
+    general_error_is_tag_mismatch: bool,
 }
 
 /// A resolved root key: its label, its object handle and its reference.
@@ -447,13 +452,25 @@ impl Kms for Pkcs11Kms {
         );
         let task_what = what.clone();
         let handle = root.handle;
+        let tag_quirk = self.inner.general_error_is_tag_mismatch;
         let plaintext = self
             .call(&what, move |session| {
                 let params = gcm_params(&mut iv, &aad).map_err(|e| ck_error(e, &task_what))?;
                 session
                     .decrypt(&Mechanism::AesGcm(params), handle, &sealed)
                     .map(Zeroizing::new)
-                    .map_err(|e| ck_error(e, &task_what))
+                    .map_err(|e| {
+                        let tag_mismatch = tag_quirk
+                            && matches!(
+                                e,
+                                CkError::Pkcs11(RvError::GeneralError, Function::Decrypt)
+                            );
+                        ck_error_as(
+                            e,
+                            &task_what,
+                            tag_mismatch.then_some(BackendErrorKind::InvalidData),
+                        )
+                    })
             })
             .await?;
         if plaintext.len() != TENANT_KEY_LEN {
@@ -589,12 +606,19 @@ fn connect_blocking(config: &Pkcs11Config) -> Result<Inner, BackendError> {
         })
     };
     let current = resolve(&config.key_label)?;
+    let manufacturer = ctx
+        .get_token_info(slot)
+        .map_err(|e| ck_error(e, &format!("connect: read the info of token '{token}'")))?
+        .manufacturer_id()
+        .trim_end_matches(' ')
+        .to_owned();
     let previous = config
         .previous_key_labels
         .iter()
         .map(|l| resolve(l))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Inner {
+        general_error_is_tag_mismatch: manufacturer == SOFTHSM_MANUFACTURER,
         pool: Mutex::new(Vec::new()),
         _login_session: Mutex::new(session),
         ctx,
@@ -895,9 +919,15 @@ async fn within<T>(
 /// names the token and key) and the PKCS#11 function and return code. cryptoki's error text
 /// never contains PINs, key bytes or data.
 fn ck_error(err: CkError, what: &str) -> BackendError {
+    ck_error_as(err, what, None)
+}
+
+/// [`ck_error`], with the kind of a PKCS#11 return code decided by the caller when it knows
+/// better (a token's known quirk).
+fn ck_error_as(err: CkError, what: &str, kind: Option<BackendErrorKind>) -> BackendError {
     let (kind, cause) = match &err {
         CkError::Pkcs11(rv, function) => (
-            classify(*rv, *function),
+            kind.unwrap_or_else(|| classify(*rv, *function)),
             format!("C_{function:?} returned {}", rv_name(*rv)),
         ),
         CkError::LibraryLoading(_) => (
@@ -935,8 +965,6 @@ fn classify(rv: RvError, function: Function) -> BackendErrorKind {
     use BackendErrorKind as K;
     match rv {
         RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange => K::InvalidData,
-        // SoftHSM2 answers a GCM tag mismatch with CKR_GENERAL_ERROR.
-        RvError::GeneralError if matches!(function, Function::Decrypt) => K::InvalidData,
         RvError::PinIncorrect
         | RvError::PinInvalid
         | RvError::PinLenRange
@@ -1010,10 +1038,9 @@ mod tests {
     #[test]
     fn classification() {
         use BackendErrorKind as K;
-        assert_eq!(
-            classify(RvError::GeneralError, Function::Decrypt),
-            K::InvalidData
-        );
+        // A device failure in general; only SoftHSM2's unwrap reads it as a tag mismatch
+        // (`general_error_is_tag_mismatch`, tested in tests/softhsm.rs).
+        assert_eq!(classify(RvError::GeneralError, Function::Decrypt), K::Other);
         assert_eq!(classify(RvError::GeneralError, Function::Encrypt), K::Other);
         assert_eq!(
             classify(RvError::EncryptedDataInvalid, Function::Decrypt),
