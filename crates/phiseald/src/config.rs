@@ -550,6 +550,14 @@ pub struct LimitsConfig {
     /// Largest segment size a `DecryptStream` may declare in its header, in bytes: the writer
     /// chooses it, and the daemon holds up to two segments of each stream in memory.
     pub max_stream_segment_bytes: u32,
+    /// Connections to the socket open at once, all callers together; beyond it, new
+    /// connections wait until one closes (`connections.rs`).
+    pub max_connections: usize,
+    /// Connections one peer uid may have open at once; one more is closed at once.
+    pub max_connections_per_uid: usize,
+    /// Calls being received or served at once, all connections together (each may hold a
+    /// message of up to `max_message_bytes` while it arrives); beyond it, calls wait.
+    pub max_requests_in_flight: usize,
 }
 
 impl Default for LimitsConfig {
@@ -562,6 +570,9 @@ impl Default for LimitsConfig {
             rate_burst: 2_000,
             max_streams: 16,
             max_stream_segment_bytes: 1024 * 1024,
+            max_connections: 1024,
+            max_connections_per_uid: 256,
+            max_requests_in_flight: 1024,
         }
     }
 }
@@ -826,6 +837,21 @@ impl Config {
             return bad(
                 "limits.max_stream_segment_bytes",
                 "must be between 4096 and 16777216",
+            );
+        }
+        if !(1..=65_536).contains(&l.max_connections) {
+            return bad("limits.max_connections", "must be between 1 and 65536");
+        }
+        if !(1..=l.max_connections).contains(&l.max_connections_per_uid) {
+            return bad(
+                "limits.max_connections_per_uid",
+                "must be between 1 and limits.max_connections",
+            );
+        }
+        if !(1..=65_536).contains(&l.max_requests_in_flight) {
+            return bad(
+                "limits.max_requests_in_flight",
+                "must be between 1 and 65536",
             );
         }
         if !(1..=1_000_000).contains(&l.max_batch_items) {

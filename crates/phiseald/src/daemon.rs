@@ -29,6 +29,15 @@ use crate::{rotation, transport};
 use phiseal::store::KeyStore;
 use phiseal_store_postgres::{Change, ChangeWatcher, PostgresKeyStore};
 
+/// HTTP/2 streams (calls) one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Beyond `limits.request_timeout`, how long a unary call may take to arrive and be answered
+/// before the server drops it (the services' own deadline answers first).
+const RECEIVE_GRACE: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on an idle connection, and how long an answer may take: a peer that vanished
+/// without closing its socket frees its connection slot.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for in-flight calls beyond the request timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// After the last call finished, how long its response gets to reach the socket before the
@@ -313,7 +322,12 @@ impl Daemon {
             profile = ?config.profile,
             "phiseald listening"
         );
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let limits = &config.limits;
+        let incoming = crate::connections::limit(
+            listener,
+            limits.max_connections,
+            limits.max_connections_per_uid,
+        );
         let drain_limit = config.limits.request_timeout.saturating_add(DRAIN_GRACE);
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
@@ -333,7 +347,17 @@ impl Daemon {
             let _ = draining_tx.send(());
         };
         // Deadlines are enforced per call by the services (DEADLINE_EXCEEDED with a kind).
+        // What runs before them is bounded here: streams per connection, calls in flight
+        // (each may hold a message while it arrives), and the time to receive and answer a
+        // call (a stream's handler answers at once; its messages have their own idle limit).
         let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .timeout(limits.request_timeout.saturating_add(RECEIVE_GRACE))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                limits.max_requests_in_flight,
+            ))
             .add_service(health_service)
             .add_service(fields)
             .add_service(admin)

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod daemon;
 mod error;
 pub mod hardening;

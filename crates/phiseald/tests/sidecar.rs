@@ -1240,3 +1240,105 @@ async fn the_audit_log_rolls_over_and_the_cli_reads_all_of_its_files() {
         report.files[2].display().to_string()
     );
 }
+
+/// Whether the daemon serves `conn`: an HTTP/2 server speaks first (its SETTINGS frame),
+/// a connection closed at once reads end-of-file, one not accepted yet reads nothing.
+#[derive(Debug, PartialEq)]
+enum Greeting {
+    Served,
+    Closed,
+    Silent,
+}
+
+fn greeting(conn: &mut std::os::unix::net::UnixStream) -> Greeting {
+    use std::io::Read;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match conn.read(&mut buf) {
+        Ok(0) => Greeting::Closed,
+        Ok(_) => Greeting::Served,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Greeting::Closed,
+        Err(_) => Greeting::Silent,
+    }
+}
+
+fn connect(d: &Daemon) -> std::os::unix::net::UnixStream {
+    std::os::unix::net::UnixStream::connect(&d.socket).unwrap()
+}
+
+#[test]
+fn a_uid_over_its_connection_cap_is_closed_and_a_freed_slot_is_reused() {
+    let d = Daemon::with_config(
+        r#"
+socket = "{socket}"
+data_dir = "{data_dir}"
+[limits]
+max_connections = 10
+max_connections_per_uid = 2
+"#,
+    );
+    let mut first = connect(&d);
+    assert_eq!(greeting(&mut first), Greeting::Served);
+    // (The start-up probe's connection may hold the other slot for a moment.)
+    let _second = served_connection(&d);
+    // The third connection of this uid is closed as soon as it is accepted.
+    let mut third = connect(&d);
+    assert_eq!(greeting(&mut third), Greeting::Closed);
+    assert!(
+        d.stderr().contains("limits.max_connections_per_uid"),
+        "{}",
+        d.stderr()
+    );
+    // A closed connection frees its slot.
+    drop(first);
+    let _again = served_connection(&d);
+}
+
+/// A new connection the daemon serves, once it does (within 10 s).
+fn served_connection(d: &Daemon) -> std::os::unix::net::UnixStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = connect(d);
+        match greeting(&mut c) {
+            Greeting::Served => return c,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "no connection slot came free: {other:?}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn over_the_global_connection_cap_new_connections_wait_for_a_slot() {
+    let d = Daemon::with_config(
+        r#"
+socket = "{socket}"
+data_dir = "{data_dir}"
+[limits]
+max_connections = 2
+max_connections_per_uid = 2
+"#,
+    );
+    let mut first = connect(&d);
+    assert_eq!(greeting(&mut first), Greeting::Served);
+    let second = served_connection(&d);
+    // Not accepted (it waits in the backlog): no answer, and not closed either.
+    let mut third = connect(&d);
+    assert_eq!(greeting(&mut third), Greeting::Silent);
+    drop(first);
+    // Once a slot is free, the waiting connection is accepted and served.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match greeting(&mut third) {
+            Greeting::Served => break,
+            Greeting::Closed => panic!("the waiting connection was closed"),
+            Greeting::Silent => assert!(
+                std::time::Instant::now() < deadline,
+                "the waiting connection was never accepted"
+            ),
+        }
+    }
+    drop(second);
+}
