@@ -750,6 +750,10 @@ impl Config {
                 Figment::new().merge(Serialized::defaults(Self::embedded(&socket, &data_dir)))
             }
         };
+        // The environment may raise the file's profile to production, never lower it: the
+        // production locks (access control only from the file, no local KMS, …) would go too.
+        let file_says_production =
+            figment.extract_inner::<ProfileName>("profile").ok() == Some(ProfileName::Production);
         // (`filter` sees the keys after `split`: `kms.pkcs11.pin`, compared without case.)
         let mut figment = figment.merge(
             Env::prefixed("PHISEALD_")
@@ -785,6 +789,13 @@ impl Config {
             .extract()
             .map_err(|e| DaemonError::Config(describe_figment_error(e)))?;
         config.access_from_env = access_variables();
+        if file_says_production && config.profile != ProfileName::Production {
+            return Err(DaemonError::Config(
+                "profile: the config file says \"production\"; the environment \
+                 (PHISEALD_PROFILE) may not lower it"
+                    .into(),
+            ));
+        }
         config.validate()?;
         Ok(config)
     }

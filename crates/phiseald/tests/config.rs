@@ -422,6 +422,30 @@ fn access_control_from_the_environment_is_refused_in_production() {
     );
     // In development it is allowed (and logged as a warning at start).
     check_text(MINIMAL, &[("PHISEALD_POLICY", policy)]).ok();
+    // The environment cannot lower the file's production profile to get there (or to the
+    // local KMS) …
+    check_text(
+        &text,
+        &[
+            ("PHISEALD_PROFILE", "development"),
+            ("PHISEALD_POLICY", policy),
+        ],
+    )
+    .fails_with(
+        "profile: the config file says \"production\"; the environment (PHISEALD_PROFILE) may \
+         not lower it",
+    );
+    // … but may raise a file's development profile (and keeping it is no change).
+    check_text(&text, &[("PHISEALD_PROFILE", "production")]).ok();
+    check_text(
+        &format!(
+            "{MINIMAL}[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"k\"\nregion = \"us-east-1\"\n"
+        ),
+        &[("PHISEALD_PROFILE", "production")],
+    )
+    .ok();
+    check_text(MINIMAL, &[("PHISEALD_PROFILE", "production")])
+        .fails_with("profile: production refuses the local development KMS");
 }
 
 #[test]
