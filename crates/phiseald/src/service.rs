@@ -18,7 +18,7 @@ use tonic::{Code, Request, Response, Status};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::auth::{Authenticator, Identity};
-use crate::limits::CallLimiter;
+use crate::limits::{CallLimiter, RefusalBudget};
 use crate::metrics::Metrics;
 use crate::policy::{Operation, Policy};
 use crate::status;
@@ -617,6 +617,35 @@ impl Sidecar {
             }
         }
         if !denied.is_empty() {
+            // Each refused item is an audit record: they are rate-limited one by one, so a
+            // caller without a grant cannot write thousands of records per call.
+            let budget = self
+                .limiter
+                .admit_refusals(&call.identity.name, denied.len());
+            if budget != RefusalBudget::Admitted {
+                for (_, data) in &mut allowed {
+                    data.zeroize();
+                }
+                self.metrics.refuse("rate_limited");
+                let why = match budget {
+                    RefusalBudget::TooManyAtOnce => "more than limits.rate_burst",
+                    _ => "over the rate limit",
+                };
+                return Err(with_request_id(
+                    status::status(
+                        Code::ResourceExhausted,
+                        "rate_limited",
+                        format!(
+                            "{} items of this batch are refused by the policy for {}, {why} \
+                             (each refusal is audited): check the policy, or send smaller \
+                             batches",
+                            denied.len(),
+                            call.identity.name
+                        ),
+                    ),
+                    &call.caller.request_id,
+                ));
+            }
             self.metrics.refuse("permission_denied");
             tracing::info!(
                 rpc = call.rpc,

@@ -1342,3 +1342,86 @@ max_connections_per_uid = 2
     }
     drop(second);
 }
+
+#[tokio::test]
+async fn batch_items_are_authorized_by_their_own_tenant_and_refusals_are_rate_limited() {
+    // uid 0 (the test) may encrypt "ssn" of tenant "acme" only; one call per second, bursts
+    // of 5 — refused batch items count one by one against a like allowance of their own.
+    let uid = rustix::process::getuid().as_raw();
+    let d = Daemon::with_config(&format!(
+        r#"
+socket = "{{socket}}"
+data_dir = "{{data_dir}}"
+[limits]
+rate_per_second = 1
+rate_burst = 5
+[[policy]]
+uids = [{uid}]
+operations = ["admin"]
+tenants = ["*"]
+[[policy]]
+uids = [{uid}]
+operations = ["encrypt"]
+tenants = ["acme"]
+fields = ["ssn"]
+"#
+    ));
+    for tenant in ["acme", "globex"] {
+        create_tenant(&d, tenant).await;
+    }
+    let mut fields = d.fields().await;
+    let item = |tenant: &str, record: &str| pb::EncryptRequest {
+        context: ctx(tenant, "ssn", Some(record)),
+        plaintext: b"078-05-1120".to_vec(),
+    };
+    let denials = || {
+        audit_records(&d.audit_log())
+            .into_iter()
+            .filter(|r| r["result"] == "permission_denied")
+            .count()
+    };
+    // Same field, alternating tenants: each item is judged by its own tenant.
+    let batch = ok(fields
+        .encrypt_batch(pb::EncryptBatchRequest {
+            items: vec![
+                item("acme", "r1"),
+                item("globex", "r2"),
+                item("acme", "r3"),
+                item("globex", "r4"),
+            ],
+        })
+        .await);
+    let outcomes: Vec<bool> = batch
+        .results
+        .iter()
+        .map(|r| matches!(r.result, Some(pb::encrypt_result::Result::Ok(_))))
+        .collect();
+    assert_eq!(outcomes, [true, false, true, false]);
+    assert_eq!(denials(), 2, "each refused item is audited");
+    // Refused items count one by one: six in one call are more than the burst (5), four
+    // more than the 3 left — each such call is refused as a whole, and audits nothing.
+    let globex_batch = |n: usize| pb::EncryptBatchRequest {
+        items: (0..n).map(|i| item("globex", &format!("x{i}"))).collect(),
+    };
+    for (n, why) in [
+        (6, "more than limits.rate_burst"),
+        (4, "over the rate limit"),
+    ] {
+        let e = fields.encrypt_batch(globex_batch(n)).await.unwrap_err();
+        assert_eq!(
+            (e.code(), kind(&e).as_str()),
+            (Code::ResourceExhausted, "rate_limited")
+        );
+        assert!(e.message().contains(why), "{e:?}");
+    }
+    assert_eq!(
+        denials(),
+        2,
+        "a batch refused as a whole writes no refusal records"
+    );
+    // Three fit what is left: refused item by item, and audited. (After a second: this is
+    // the sixth call, over the call burst of 5.)
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ok(fields.encrypt_batch(globex_batch(3)).await);
+    assert_eq!(denials(), 5);
+}
