@@ -815,11 +815,13 @@ impl pb::field_service_server::FieldService for FieldApi {
         let result = s
             .within(&call, async {
                 let body = request.into_inner();
-                s.check_answer_size(std::iter::once(plaintext.len()))?;
                 let context =
                     parse_context(body.context.as_ref()).map_err(|e| status::from_error(&e))?;
+                // Authorized first: a caller without the grant is refused (and audited) as
+                // such, whatever the size of its plaintext.
                 s.authorize_field(&call, Operation::Encrypt, &context)
                     .await?;
+                s.check_answer_size(std::iter::once(plaintext.len()))?;
                 let keyring = s.keyring.clone();
                 let caller = call.caller.clone();
                 let done = s

@@ -342,7 +342,12 @@ pub(crate) async fn encrypt_stream(
         request,
         |m| match m.part {
             Some(P::Context(c)) => Some(c),
-            _ => None,
+            // Plaintext sent before the context: refused, and wiped rather than just dropped.
+            Some(P::Chunk(mut plaintext)) => {
+                plaintext.zeroize();
+                None
+            }
+            None => None,
         },
     )
     .await?;
