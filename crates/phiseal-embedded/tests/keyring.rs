@@ -934,6 +934,31 @@ async fn queries_ride_out_a_store_outage_without_waiting_on_it_each_time() {
     assert_eq!(store.loads.load(Ordering::SeqCst), before + 1);
 }
 
+#[tokio::test]
+async fn a_query_whose_tenant_record_fails_its_checks_fails_rather_than_answer_from_cache() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let (k, store) = keyring_on_counting_store(&p);
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "mrn", None);
+    k.deterministic_query(&c, &cx, b"MRN-1").await.unwrap();
+    // Not an outage: this tenant's record. The query fails (no terms from a view it could
+    // not refresh), and queries are not paused: the next one reads the store again.
+    store.corrupt_loads.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    match k.deterministic_query(&c, &cx, b"MRN-1").await {
+        Err(Error::Store { source, .. }) => {
+            assert_eq!(source.kind(), BackendErrorKind::InvalidData)
+        }
+        other => panic!("expected the store's error, got {other:?}"),
+    }
+    store.corrupt_loads.store(false, Ordering::SeqCst);
+    let before = store.loads.load(Ordering::SeqCst);
+    k.deterministic_query(&c, &cx, b"MRN-1").await.unwrap();
+    assert_eq!(store.loads.load(Ordering::SeqCst), before + 1);
+}
+
 /// A key store wrapper that counts `load_tenant` calls and can stall the next one after it
 /// has read (the real SQLite store does the work): it then signals `stalled` and returns only
 /// once `release` is signalled.
@@ -943,6 +968,8 @@ struct CountingStore {
     loads: AtomicUsize,
     /// While set, every load fails as `Unavailable` (a store outage).
     fail_loads: std::sync::atomic::AtomicBool,
+    /// While set, every load fails as `InvalidData` (a record that fails its checks).
+    corrupt_loads: std::sync::atomic::AtomicBool,
     stall_next_load: std::sync::atomic::AtomicBool,
     stalled: tokio::sync::Notify,
     release: tokio::sync::Notify,
@@ -965,6 +992,12 @@ impl KeyStore for CountingStore {
             return Err(BackendError::new(
                 BackendErrorKind::Unavailable,
                 "injected store outage",
+            ));
+        }
+        if self.corrupt_loads.load(Ordering::SeqCst) {
+            return Err(BackendError::new(
+                BackendErrorKind::InvalidData,
+                "injected corrupt record",
             ));
         }
         let record = self.inner.load_tenant(t).await;
@@ -1015,6 +1048,7 @@ fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
         inner: p.store.clone(),
         loads: AtomicUsize::new(0),
         fail_loads: false.into(),
+        corrupt_loads: false.into(),
         stall_next_load: false.into(),
         stalled: tokio::sync::Notify::new(),
         release: tokio::sync::Notify::new(),

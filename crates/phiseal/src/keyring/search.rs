@@ -40,8 +40,9 @@ fn live_versions(record: &TenantRecord) -> Result<Vec<u32>, Error> {
         .filter(|v| {
             v.version != primary
                 && v.version >= record.min_decrypt_version
+                // (A live version without its wrapped key is not skipped: the query then fails
+                // on it as a whole, rather than answer without that version's term.)
                 && v.state != KeyState::Destroyed
-                && v.wrapped.is_some()
         })
         .map(|v| v.version)
         .collect();
@@ -70,10 +71,10 @@ impl Keyring {
     /// older than `MIN_REFRESH_AGE` is read again from the key store first. Another process
     /// may have rotated the tenant and written under the new primary; a term list without
     /// that version would silently miss those rows (and invite duplicates) for up to
-    /// `metadata_ttl`. If the store cannot be read, the cached view serves (within
+    /// `metadata_ttl`. If the store is unavailable, the cached view serves (within
     /// `metadata_ttl`), as for every other operation during a store outage, and queries stop
     /// trying for [`STALE_RETRY_INTERVAL`] (each would otherwise wait for the store's time
-    /// limit first).
+    /// limit first). Any other store failure fails the query.
     async fn query_view(
         &self,
         context: &EncryptionContext,
@@ -103,7 +104,13 @@ impl Keyring {
                 }
                 Ok(fresh)
             }
-            Err(Error::Store { .. }) => {
+            // An outage of the store (every tenant's reads fail alike): serve the cached view
+            // and pause the refreshes. Any other failure (a record that fails its checks) is
+            // this tenant's, and the query fails rather than answer from a view it could not
+            // refresh.
+            Err(Error::Store { source, .. })
+                if source.kind() == crate::error::BackendErrorKind::Unavailable =>
+            {
                 let retry = Instant::now_without_cache_update()
                     .saturating_add(STALE_RETRY_INTERVAL.into())
                     .as_ticks();
