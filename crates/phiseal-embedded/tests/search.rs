@@ -407,7 +407,33 @@ async fn searches_are_audited_without_plaintext() {
     let report = phiseal_audit_file::verify(&log).unwrap();
     assert!(report.is_intact(), "{report:?}");
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(!text.contains("PLAINTEXT") && !text.contains("078051120"));
+    // Not as text, nor encoded as hex or base64 (standard or URL-safe, at any alignment).
+    for value in ["PLAINTEXT", "078051120"] {
+        use base64::Engine as _;
+        let mut forms = vec![
+            value.to_owned(),
+            hex::encode(value),
+            hex::encode_upper(value),
+        ];
+        for skip in 0..3 {
+            // A base64 run of a value inside longer bytes starts at one of three alignments;
+            // the middle of each encoding (whole 3-byte groups) is what would show.
+            let bytes = &value.as_bytes()[skip..];
+            let whole = bytes.len() / 3 * 3;
+            for engine in [
+                &base64::engine::general_purpose::STANDARD_NO_PAD,
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            ] {
+                forms.push(engine.encode(&bytes[..whole]));
+            }
+        }
+        for form in forms {
+            assert!(
+                !text.contains(&form),
+                "the audit log contains {form} ({value})"
+            );
+        }
+    }
     // One line per record (the records of one batch call share a log line): the export.
     let mut out = Vec::new();
     phiseal_audit_file::export_tenant(&log, "t", None, None, &mut out).unwrap();

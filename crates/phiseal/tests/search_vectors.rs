@@ -12,6 +12,8 @@
     clippy::panic
 )]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use phiseal::crypto::{CryptoProvider, aws_lc, rust_crypto};
@@ -103,7 +105,13 @@ fn aes_256_siv_vectors() {
             "{file}#{name}: header"
         );
         let aad = hex_of(case, "aad");
-        assert!(aad.starts_with(&expected[..6]), "{file}#{name}: aad");
+        let mut spec_aad = expected[..6].to_vec();
+        spec_aad.extend(common::context_encoding(&ctx));
+        assert_eq!(
+            hex::encode(&aad),
+            hex::encode(&spec_aad),
+            "{file}#{name}: aad = header ‖ context (FORMAT.md §4)"
+        );
         for provider in PROVIDERS {
             let sealed =
                 testkit::seal_deterministic(provider, &key, version, &ctx, &plaintext).unwrap();
@@ -126,8 +134,9 @@ fn aes_256_siv_vectors() {
             "{file}#{name}"
         );
         // The debugging aid `siv_key` (64 bytes): the providers' HKDF emits 32 bytes, which
-        // are the first HKDF-Expand block and so the first half of the 64-byte output (the
-        // seal check above covers the whole key).
+        // are the first HKDF-Expand block and so the first half of the 64-byte output; the
+        // second half is the second block, T2 = HMAC(PRK, T1 ‖ info ‖ 0x02) (RFC 5869), with
+        // PRK = HMAC(32 zero bytes, tenant key) for the empty salt.
         let siv_key = hex_of(case, "siv_key");
         assert_eq!(siv_key.len(), 64, "{file}#{name}: siv_key length");
         let mut info = b"phiseal v1 aes-256-siv key".to_vec();
@@ -140,6 +149,16 @@ fn aes_256_siv_vectors() {
                 &first[..],
                 &siv_key[..32],
                 "{file}#{name} [{}]: siv_key",
+                provider.name
+            );
+            let prk = provider.hmac_sha256.sign(&[0u8; 32], &[key.expose()]);
+            let second = provider
+                .hmac_sha256
+                .sign(&prk, &[&first[..], &info, &[0x02]]);
+            assert_eq!(
+                &second[..],
+                &siv_key[32..],
+                "{file}#{name} [{}]: siv_key, second half",
                 provider.name
             );
             let opened = testkit::open(provider, &key, &ctx, &expected).unwrap();

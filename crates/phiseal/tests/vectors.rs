@@ -10,6 +10,8 @@
     clippy::panic
 )]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -150,9 +152,12 @@ fn check_positive(doc: &Value, algorithm: Algorithm, file: &str) -> usize {
             &nonce_material[..],
             "{file}#{name}: nonce material"
         );
-        assert!(
-            aad.starts_with(header),
-            "{file}#{name}: aad must start with the header"
+        let mut spec_aad = header.to_vec();
+        spec_aad.extend(common::context_encoding(&ctx));
+        assert_eq!(
+            hex::encode(&aad),
+            hex::encode(&spec_aad),
+            "{file}#{name}: aad = header ‖ context (FORMAT.md §4)"
         );
 
         assert_eq!(
