@@ -4,7 +4,7 @@
 use phiseal::EncryptionContext;
 
 /// `docs/FORMAT.md` §4: `u8 len(T) ‖ T ‖ u8 len(F) ‖ F ‖ (0x00 | 0x01 ‖ u16be len(R) ‖ R)`.
-pub fn context_encoding(ctx: &EncryptionContext) -> Vec<u8> {
+pub(crate) fn context_encoding(ctx: &EncryptionContext) -> Vec<u8> {
     let mut out = Vec::new();
     for name in [ctx.tenant().as_str(), ctx.field()] {
         out.push(u8::try_from(name.len()).unwrap());
