@@ -1248,3 +1248,80 @@ async fn streams_open_at_shutdown_are_ended_and_audited_before_the_final_flush()
         .collect();
     assert_eq!(results, ["attempt", "shutdown"]);
 }
+
+#[tokio::test]
+async fn streams_the_policy_refuses_are_denied_and_audited_with_the_identity() {
+    // uid 0 may encrypt and decrypt field "referral" of tenant "clinic" only.
+    let d = Daemon::with_config(&config(
+        "[[policy]]\nuids = [0]\noperations = [\"admin\"]\ntenants = [\"*\"]\n\
+         [[policy]]\nuids = [0]\noperations = [\"encrypt\", \"decrypt\"]\n\
+         tenants = [\"clinic\"]\nfields = [\"referral\"]\n",
+    ));
+    create_tenant(&d, "clinic").await;
+    create_tenant(&d, "other").await;
+    let sealed = encrypt_stream(&d, vec![b"a referral letter".to_vec()]).await;
+    let context = |tenant: &str, field: &str| ctx(tenant, field, Some("doc-7")).unwrap();
+    for (tenant, field) in [("other", "referral"), ("clinic", "notes")] {
+        let encrypt = vec![
+            pb::EncryptStreamRequest {
+                part: Some(pb::encrypt_stream_request::Part::Context(context(
+                    tenant, field,
+                ))),
+            },
+            pb::EncryptStreamRequest {
+                part: Some(pb::encrypt_stream_request::Part::Chunk(b"PHI".to_vec())),
+            },
+        ];
+        let err = d
+            .fields()
+            .await
+            .encrypt_stream(tokio_stream::iter(encrypt))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), common::kind(&err).as_str()),
+            (tonic::Code::PermissionDenied, "permission_denied"),
+            "{tenant}/{field}"
+        );
+        let decrypt = vec![
+            pb::DecryptStreamRequest {
+                part: Some(pb::decrypt_stream_request::Part::Context(context(
+                    tenant, field,
+                ))),
+            },
+            pb::DecryptStreamRequest {
+                part: Some(pb::decrypt_stream_request::Part::Chunk(sealed.clone())),
+            },
+        ];
+        let err = d
+            .fields()
+            .await
+            .decrypt_stream(tokio_stream::iter(decrypt))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code(), common::kind(&err).as_str()),
+            (tonic::Code::PermissionDenied, "permission_denied"),
+            "{tenant}/{field}"
+        );
+    }
+    let denied: Vec<(String, String, String, String)> = common::audit_records(&d.audit_log())
+        .iter()
+        .filter(|r| r["result"] == "permission_denied")
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            (text("action"), text("tenant"), text("field"), text("actor"))
+        })
+        .collect();
+    let uid = format!("uid:{}", rustix::process::getuid().as_raw());
+    let expected: Vec<(String, String, String, String)> = [
+        ("encrypt_stream", "other", "referral"),
+        ("decrypt_stream", "other", "referral"),
+        ("encrypt_stream", "clinic", "notes"),
+        ("decrypt_stream", "clinic", "notes"),
+    ]
+    .iter()
+    .map(|(a, t, f)| (a.to_string(), t.to_string(), f.to_string(), uid.clone()))
+    .collect();
+    assert_eq!(denied, expected);
+}
