@@ -23,15 +23,19 @@ pub struct Identity {
     pub pid: Option<u32>,
     /// The name of the token the caller presented, if any.
     pub token: Option<Arc<str>>,
-    /// `token:NAME` or `uid:UID`: the audit identity and the rate-limit key.
+    /// `token:NAME` or `uid:UID`: the audit identity.
     pub name: Arc<str>,
+    /// `uid:UID` or `uid:UID/token:NAME`: the rate-limit key. Always the peer's uid, so that
+    /// one uid's calls cannot spread over the allowances of every token in sight, nor a
+    /// token shared by several uids make them share one allowance.
+    pub rate_key: Arc<str>,
 }
 
 impl Identity {
     fn new(uid: u32, gid: u32, pid: Option<u32>, token: Option<Arc<str>>) -> Self {
-        let name = match &token {
-            Some(t) => format!("token:{t}"),
-            None => format!("uid:{uid}"),
+        let (name, rate_key) = match &token {
+            Some(t) => (format!("token:{t}"), format!("uid:{uid}/token:{t}")),
+            None => (format!("uid:{uid}"), format!("uid:{uid}")),
         };
         Self {
             uid,
@@ -39,6 +43,7 @@ impl Identity {
             pid,
             token,
             name: name.into(),
+            rate_key: rate_key.into(),
         }
     }
 
@@ -175,5 +180,10 @@ mod tests {
     fn identity_names() {
         assert_eq!(&*Identity::for_tests(5, 5, None).name, "uid:5");
         assert_eq!(&*Identity::for_tests(5, 5, Some("b")).name, "token:b");
+        assert_eq!(&*Identity::for_tests(5, 5, None).rate_key, "uid:5");
+        assert_eq!(
+            &*Identity::for_tests(5, 5, Some("b")).rate_key,
+            "uid:5/token:b"
+        );
     }
 }

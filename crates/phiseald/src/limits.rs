@@ -1,5 +1,5 @@
-//! Per-identity rate limiting (governor's keyed GCRA limiter): each identity (`uid:N` or
-//! `token:NAME`) may make `rate_per_second` calls per second sustained, with bursts of
+//! Per-caller rate limiting (governor's keyed GCRA limiter): each caller (`uid:N`, or
+//! `uid:N/token:NAME` with a token; `auth::Identity::rate_key`) may make `rate_per_second` calls per second sustained, with bursts of
 //! `rate_burst`. A call over the limit is refused before it runs, with RESOURCE_EXHAUSTED.
 //! Batch items the policy refuses count separately, one by one, at the same rate: each is an
 //! audit record.

@@ -341,8 +341,8 @@ impl Sidecar {
                 return Err(with_request_id(status, &caller.request_id));
             }
         };
-        if !self.limiter.admit(&identity.name) {
-            return Err(self.rate_limited(rpc, started, &identity.name, id.as_deref()));
+        if !self.limiter.admit(&identity.rate_key) {
+            return Err(self.rate_limited(rpc, started, &identity.rate_key, id.as_deref()));
         }
         let actor = identity.actor();
         let caller = match id {
@@ -621,7 +621,7 @@ impl Sidecar {
             // caller without a grant cannot write thousands of records per call.
             let budget = self
                 .limiter
-                .admit_refusals(&call.identity.name, denied.len());
+                .admit_refusals(&call.identity.rate_key, denied.len());
             if budget != RefusalBudget::Admitted {
                 for (_, data) in &mut allowed {
                     data.zeroize();
