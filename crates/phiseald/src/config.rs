@@ -547,6 +547,9 @@ pub struct LimitsConfig {
     /// Streams (`EncryptStream`, `DecryptStream`) open at once, all callers together: each
     /// holds buffers of up to a few segments and messages.
     pub max_streams: usize,
+    /// Streams one caller (peer uid and token) may have open at once, so that one caller
+    /// cannot hold every one of `max_streams`; not set: half of `max_streams`, rounded up.
+    pub max_streams_per_caller: Option<usize>,
     /// Largest segment size a `DecryptStream` may declare in its header, in bytes: the writer
     /// chooses it, and the daemon holds up to two segments of each stream in memory.
     pub max_stream_segment_bytes: u32,
@@ -560,6 +563,14 @@ pub struct LimitsConfig {
     pub max_requests_in_flight: usize,
 }
 
+impl LimitsConfig {
+    /// `max_streams_per_caller`, or its default: half of `max_streams`, rounded up.
+    pub fn streams_per_caller(&self) -> usize {
+        self.max_streams_per_caller
+            .unwrap_or(self.max_streams.div_ceil(2))
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -569,6 +580,7 @@ impl Default for LimitsConfig {
             rate_per_second: 20_000,
             rate_burst: 2_000,
             max_streams: 16,
+            max_streams_per_caller: None,
             max_stream_segment_bytes: 1024 * 1024,
             max_connections: 1024,
             max_connections_per_uid: 256,
@@ -841,6 +853,14 @@ impl Config {
         }
         if !(1..=10_000).contains(&l.max_streams) {
             return bad("limits.max_streams", "must be between 1 and 10000");
+        }
+        if l.max_streams_per_caller
+            .is_some_and(|n| !(1..=l.max_streams).contains(&n))
+        {
+            return bad(
+                "limits.max_streams_per_caller",
+                "must be between 1 and limits.max_streams",
+            );
         }
         if !(phiseal::stream::MIN_SEGMENT_SIZE..=phiseal::stream::MAX_SEGMENT_SIZE)
             .contains(&l.max_stream_segment_bytes)

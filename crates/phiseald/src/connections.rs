@@ -9,11 +9,10 @@
 //! one local user cannot take every slot). The daemon caps the rest on each connection
 //! (`daemon.rs`): concurrent streams, requests in flight, the time to receive a request.
 
-use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,64 +21,18 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
+use crate::slots::{KeyedSlot, KeyedSlots};
+
 /// How long the accept loop pauses after `accept` failed (out of file descriptors, …).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// At most one warning about refused connections per this interval.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Connections open per peer uid.
-#[derive(Debug, Default)]
-struct PerUid {
-    open: Mutex<HashMap<u32, usize>>,
-}
-
-impl PerUid {
-    /// Counts one more connection of `uid`, unless it has `max` open.
-    fn try_open(self: &Arc<Self>, uid: u32, max: usize) -> Option<UidSlot> {
-        let mut open = self
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = open.entry(uid).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(UidSlot {
-            counts: Arc::clone(self),
-            uid,
-        })
-    }
-}
-
-/// One counted connection of a uid; uncounted when dropped.
-#[derive(Debug)]
-struct UidSlot {
-    counts: Arc<PerUid>,
-    uid: u32,
-}
-
-impl Drop for UidSlot {
-    fn drop(&mut self) {
-        let mut open = self
-            .counts
-            .open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&self.uid) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.remove(&self.uid);
-            }
-        }
-    }
-}
-
 /// An accepted connection holding its slots (global and per uid) while it is open.
 #[derive(Debug)]
 pub struct LimitedConnection {
     stream: UnixStream,
-    _slot: UidSlot,
+    _slot: KeyedSlot<u32>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -170,7 +123,7 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<LimitedConnection>>,
 ) {
     let slots = Arc::new(Semaphore::new(max));
-    let per = Arc::new(PerUid::default());
+    let per = Arc::new(KeyedSlots::<u32>::default());
     let started = Instant::now();
     // Milliseconds since `started` of the last warning, plus one (0: none yet).
     let last_warning = AtomicU64::new(0);
@@ -206,7 +159,7 @@ async fn accept_loop(
             // No peer credentials: nobody to authorize; close it.
             continue;
         };
-        let Some(slot) = per.try_open(uid, per_uid) else {
+        let Some(slot) = per.try_take(&uid, per_uid) else {
             warn(
                 "a uid reached limits.max_connections_per_uid: its new connection was closed",
                 Some(uid),
@@ -221,27 +174,5 @@ async fn accept_loop(
         if tx.send(Ok(connection)).await.is_err() {
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn per_uid_slots_are_counted_and_freed() {
-        let per = Arc::new(PerUid::default());
-        let a = per.try_open(1, 2).unwrap();
-        let b = per.try_open(1, 2).unwrap();
-        assert!(per.try_open(1, 2).is_none());
-        assert!(
-            per.try_open(2, 2).is_some(),
-            "another uid has its own slots"
-        );
-        drop(a);
-        let c = per.try_open(1, 2);
-        assert!(c.is_some());
-        drop((b, c));
-        assert!(per.open.lock().unwrap().get(&1).is_none(), "no entry left");
     }
 }

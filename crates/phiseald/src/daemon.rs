@@ -236,6 +236,8 @@ impl Daemon {
             metrics,
             tasks: TaskTracker::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_streams)),
+            stream_slots: Arc::default(),
+            max_streams_per_caller: config.limits.streams_per_caller(),
             stop_streams: tokio_util::sync::CancellationToken::new(),
         };
         Ok(Self {

@@ -26,6 +26,7 @@ pub mod policy;
 pub mod rotation;
 pub mod search;
 pub mod service;
+pub mod slots;
 pub mod status;
 pub mod streaming;
 pub mod transport;

@@ -49,6 +49,10 @@ pub struct Sidecar {
     pub max_stream_segment_bytes: u32,
     /// Streams open at once (`limits.max_streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Streams open per caller (`auth::Identity::rate_key`).
+    pub stream_slots: Arc<crate::slots::KeyedSlots<Arc<str>>>,
+    /// Most streams one caller may have open (`limits.max_streams_per_caller`).
+    pub max_streams_per_caller: usize,
     /// Cancelled when shutdown ends the streams still open after the drain time.
     pub stop_streams: tokio_util::sync::CancellationToken,
 }

@@ -27,6 +27,8 @@ use phiseal::{AuditedStreamDecryptor, AuditedStreamEncryptor, EncryptionContext}
 use phiseal_proto::REQUEST_ID_HEADER;
 use phiseal_proto::v1 as pb;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use crate::slots::KeyedSlot;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use zeroize::Zeroize;
@@ -167,9 +169,18 @@ async fn send_output(
     sent
 }
 
+/// A stream's slots: one of `limits.max_streams` and one of its caller's
+/// `limits.max_streams_per_caller`, given back when the stream ends.
+#[derive(Debug)]
+struct StreamSlot {
+    _stream: OwnedSemaphorePermit,
+    _caller: KeyedSlot<Arc<str>>,
+}
+
 /// Admits the call, parses and authorizes the first message's context, then takes one of
-/// the `limits.max_streams` slots: a caller the policy refuses, or one that never sends its
-/// first message, holds no slot (only its call, until the deadline).
+/// the `limits.max_streams` slots and one of its caller's: a caller the policy refuses, or
+/// one that never sends its first message, holds no slot (only its call, until the
+/// deadline).
 async fn open<M>(
     s: &Sidecar,
     rpc: &'static str,
@@ -177,7 +188,7 @@ async fn open<M>(
     action: Action,
     request: Request<Streaming<M>>,
     context_of: impl FnOnce(M) -> Option<pb::Context>,
-) -> Result<(Call, Streaming<M>, EncryptionContext, OwnedSemaphorePermit), Status> {
+) -> Result<(Call, Streaming<M>, EncryptionContext, StreamSlot), Status> {
     let call = s.admit_as(rpc, action, &request).await?;
     let mut inbound = request.into_inner();
     let opened = s
@@ -190,13 +201,28 @@ async fn open<M>(
             })?;
             let context = first_context(context_of(first))?;
             s.authorize_field_as(&call, op, action, &context).await?;
-            let Ok(permit) = Arc::clone(&s.streams).try_acquire_owned() else {
+            let too_many = |message: String| {
                 s.metrics.refuse("too_many_streams");
-                return Err(status::status(
-                    Code::ResourceExhausted,
-                    "too_many_streams",
-                    "too many streams open (limits.max_streams): retry later",
+                status::status(Code::ResourceExhausted, "too_many_streams", message)
+            };
+            // The caller's own cap first: one caller cannot hold every stream slot.
+            let Some(caller) = s
+                .stream_slots
+                .try_take(&call.identity.rate_key, s.max_streams_per_caller)
+            else {
+                return Err(too_many(format!(
+                    "{} has limits.max_streams_per_caller ({}) streams open: retry later",
+                    call.identity.rate_key, s.max_streams_per_caller
+                )));
+            };
+            let Ok(stream) = Arc::clone(&s.streams).try_acquire_owned() else {
+                return Err(too_many(
+                    "too many streams open (limits.max_streams): retry later".to_owned(),
                 ));
+            };
+            let permit = StreamSlot {
+                _stream: stream,
+                _caller: caller,
             };
             Ok((context, permit))
         })
@@ -412,7 +438,7 @@ pub(crate) async fn decrypt_stream(
 fn serve<M: Send + 'static, W: Worker>(
     s: &Arc<Sidecar>,
     call: Call,
-    permit: OwnedSemaphorePermit,
+    permit: StreamSlot,
     inbound: Streaming<M>,
     worker: W,
     part: fn(M) -> Option<Part>,

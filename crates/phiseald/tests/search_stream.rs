@@ -1325,3 +1325,54 @@ async fn streams_the_policy_refuses_are_denied_and_audited_with_the_identity() {
     .collect();
     assert_eq!(denied, expected);
 }
+
+#[tokio::test]
+async fn one_caller_cannot_hold_every_stream_slot() {
+    let d = Daemon::with_config(&config(&format!(
+        "{ALL}[limits]\nmax_streams = 4\nmax_streams_per_caller = 2\n"
+    )));
+    create_tenant(&d, "clinic").await;
+    // Streams held open (their requests never end) by this caller (uid 0, no token).
+    let open = || async {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::EncryptStreamRequest {
+            part: Some(pb::encrypt_stream_request::Part::Context(
+                ctx("clinic", "referral", None).unwrap(),
+            )),
+        })
+        .await
+        .unwrap();
+        let answers = d
+            .fields()
+            .await
+            .encrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        (tx, answers)
+    };
+    let (first_tx, first) = open().await;
+    let (_second_tx, second) = open().await;
+    assert!(first.is_ok() && second.is_ok());
+    let (_, third) = open().await;
+    let err = third.unwrap_err();
+    assert_eq!(
+        (err.code(), common::kind(&err).as_str()),
+        (tonic::Code::ResourceExhausted, "too_many_streams")
+    );
+    assert!(err.message().contains("max_streams_per_caller"), "{err:?}");
+    // A stream that ends gives its slot back.
+    drop(first_tx);
+    let mut first = first.unwrap().into_inner();
+    while let Some(Ok(_)) = tokio_stream::StreamExt::next(&mut first).await {}
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_tx, again) = open().await;
+        match again {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert_eq!(common::kind(&e), "too_many_streams");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the slot was not given back: {e:?}"),
+        }
+    }
+}
