@@ -33,7 +33,11 @@
 //! SDK's *standard* retry mode retries throttling, 5xx responses, timeouts and connection
 //! failures, up to 3 attempts with exponential backoff and full jitter; other errors are not
 //! retried. When all attempts fail the error is [`BackendErrorKind::Unavailable`] and its
-//! message names the backend (`aws-kms`), the operation, the key and the cause.
+//! message names the backend (`aws-kms`), the operation, the key and the cause. The SDK
+//! resolves credentials inside each attempt; [`AwsKms::connect`] (through
+//! [`AwsKms::from_sdk_config`]) runs a credentials refresh in a task of its own, so an attempt
+//! that times out during a slow refresh does not cancel it and the next attempt joins it
+//! (`detached.rs`).
 //!
 //! ## Error mapping
 //! | KMS says | kind |
@@ -72,6 +76,7 @@ use phiseal::{BackendError, BackendErrorKind, TENANT_KEY_LEN, TenantKey};
 use zeroize::Zeroizing;
 
 mod credentials;
+mod detached;
 mod https_only;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -164,7 +169,24 @@ impl AwsKms {
             loader = loader.endpoint_url(url);
         }
         let sdk_config = loader.load().await;
-        Self::from_client(aws_sdk_kms::Client::new(&sdk_config), &config.key_id).await
+        Self::from_sdk_config(&sdk_config, &config.key_id).await
+    }
+
+    /// Builds the client from `sdk_config` (its region, endpoint and credentials provider)
+    /// and pins `key_id` like [`AwsKms::from_client`]. The credentials provider is wrapped so
+    /// that a refresh runs in a task of its own: a KMS attempt that times out
+    /// ([`ATTEMPT_TIMEOUT`]) while credentials are being refreshed (STS on a slow day) does
+    /// not cancel the refresh, and the next attempt waits for the same one instead of
+    /// starting over. [`AwsKms::connect`] goes through here.
+    pub async fn from_sdk_config(
+        sdk_config: &aws_config::SdkConfig,
+        key_id: &str,
+    ) -> Result<AwsKms, BackendError> {
+        let mut builder = aws_sdk_kms::config::Builder::from(sdk_config);
+        if let Some(credentials) = sdk_config.credentials_provider() {
+            builder = builder.credentials_provider(detached::DetachedCredentials::new(credentials));
+        }
+        Self::from_client(aws_sdk_kms::Client::from_conf(builder.build()), key_id).await
     }
 
     /// Uses an existing SDK client (its region, endpoint and credentials), with this crate's

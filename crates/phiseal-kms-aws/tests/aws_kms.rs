@@ -216,7 +216,9 @@ impl aws_credential_types::provider::ProvideCredentials for FailingCredentials {
     }
 }
 
-/// The kind of error `AwsKms::from_client` reports when obtaining credentials fails so.
+/// The kind of error the backend reports when obtaining credentials fails so — the same
+/// through `from_client` (the provider as given) and `from_sdk_config` (the path `connect`
+/// takes: the provider's refresh runs detached, and its error reaches the call as a copy).
 async fn kind_when_credentials_fail(
     failure: fn() -> aws_credential_types::provider::error::CredentialsError,
 ) -> BackendErrorKind {
@@ -226,14 +228,16 @@ async fn kind_when_credentials_fail(
         .credentials_provider(FailingCredentials(failure))
         .load()
         .await;
-    let err = AwsKms::from_client(
-        aws_sdk_kms::Client::new(&conf),
-        "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000",
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("aws-kms"), "{err}");
-    err.kind()
+    let arn = "arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000";
+    let direct = AwsKms::from_client(aws_sdk_kms::Client::new(&conf), arn)
+        .await
+        .unwrap_err();
+    let detached = AwsKms::from_sdk_config(&conf, arn).await.unwrap_err();
+    for err in [&direct, &detached] {
+        assert!(err.to_string().contains("aws-kms"), "{err}");
+    }
+    assert_eq!(direct.kind(), detached.kind(), "{direct} / {detached}");
+    direct.kind()
 }
 
 #[tokio::test]
@@ -485,4 +489,54 @@ async fn a_throttled_or_failing_credentials_refresh_is_an_outage_a_refused_one_i
             "case {i}"
         );
     }
+}
+
+/// Credentials that take `delay` to load (a slow STS), counting the loads started.
+#[derive(Debug)]
+struct SlowCredentials {
+    delay: Duration,
+    loads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl aws_credential_types::provider::ProvideCredentials for SlowCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::new(async move {
+            self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            Ok(aws_credential_types::Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "slow-test",
+            ))
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_credentials_refresh_slower_than_one_attempt_is_not_cancelled_by_it() {
+    // 3 s to load credentials: longer than one attempt (2 s), shorter than the call (5 s).
+    // The first attempt times out while waiting; the next one waits for the same refresh
+    // instead of starting it again (which would time out again, every attempt).
+    let moto = Moto::start();
+    let arn = create_key(&client(&moto.url()).await).await;
+    let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(moto.url())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(SlowCredentials {
+            delay: Duration::from_secs(3),
+            loads: Arc::clone(&loads),
+        })
+        .load()
+        .await;
+    let kms = AwsKms::from_sdk_config(&sdk_config, &arn).await;
+    assert!(kms.is_ok(), "{kms:?}");
+    assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
