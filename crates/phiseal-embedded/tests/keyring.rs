@@ -1010,8 +1010,13 @@ impl KeyStore for CountingStore {
     async fn insert_version(&self, t: &TenantId, l: u32, n: KeyRecord) -> Result<(), BackendError> {
         self.inner.insert_version(t, l, n).await
     }
-    async fn set_min_decrypt_version(&self, t: &TenantId, m: u32) -> Result<(), BackendError> {
-        self.inner.set_min_decrypt_version(t, m).await
+    async fn set_min_decrypt_version(
+        &self,
+        t: &TenantId,
+        e: u32,
+        m: u32,
+    ) -> Result<(), BackendError> {
+        self.inner.set_min_decrypt_version(t, e, m).await
     }
     async fn shred_tenant(&self, t: &TenantId, at: jiff::Timestamp) -> Result<(), BackendError> {
         let injected = || BackendError::new(BackendErrorKind::Unavailable, "injected failure");
@@ -1040,6 +1045,41 @@ impl KeyStore for CountingStore {
     ) -> Result<(), BackendError> {
         self.inner.replace_wrapped(t, v, e, r).await
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minimum_version_change_that_overtook_another_makes_it_fail_not_undo_it() {
+    // Operator A lowers the minimum to 2 (read: 1); while A's request is between its read and
+    // its write, operator B (another daemon) raises it to 3 to retire a version. A's write
+    // must fail, not silently bring version 2 back.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let (a, store) = keyring_on_counting_store(&p);
+    let b = keyring_on(&p, CacheSettings::default());
+    let t = tenant("t");
+    a.create_tenant(&c, &t).await.unwrap();
+    a.rotate(&c, &t).await.unwrap();
+    a.rotate(&c, &t).await.unwrap();
+    store.stall_next_load.store(true, Ordering::SeqCst);
+    let lowering = {
+        let (a, c, t) = (a.clone(), c.clone(), t.clone());
+        tokio::spawn(async move { a.set_min_decrypt_version(&c, &t, 2).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), store.stalled.notified())
+        .await
+        .expect("A never read the tenant");
+    b.set_min_decrypt_version(&c, &t, 3).await.unwrap();
+    store.release.notify_one();
+    match lowering.await.unwrap() {
+        Err(e @ Error::ConcurrentChange { .. }) => {
+            assert!(e.to_string().contains("minimum decryption version"), "{e}");
+            assert_eq!(e.kind(), "concurrent_change");
+        }
+        other => panic!("expected a concurrent change, got {other:?}"),
+    }
+    let status = b.key_status(&c, &t).await.unwrap();
+    assert_eq!(status.min_decrypt_version, 3, "B's change stands");
 }
 
 /// A keyring (audit off) whose key store counts and can stall its reads.

@@ -777,7 +777,12 @@ impl Inner {
             .map_err(self.db("commit the new key version"))
     }
 
-    async fn set_min(&self, tenant: &TenantId, min: u32) -> Result<(), PostgresStoreError> {
+    async fn set_min(
+        &self,
+        tenant: &TenantId,
+        expected_min: u32,
+        min: u32,
+    ) -> Result<(), PostgresStoreError> {
         let action = "update the minimum decryption version";
         let mut client = self.client(action).await?;
         let tx = client.transaction().await.map_err(self.db(action))?;
@@ -785,12 +790,26 @@ impl Inner {
         let latest = self.latest_version(&tx, tenant).await?;
         StoreRefusal::check_min_decrypt_version(tenant, min, latest)?;
         let stmt = tx
-            .prepare_cached("UPDATE tenants SET min_decrypt_version = $2 WHERE tenant = $1")
+            .prepare_cached(
+                "UPDATE tenants SET min_decrypt_version = $2
+                 WHERE tenant = $1 AND min_decrypt_version = $3",
+            )
             .await
             .map_err(self.db(action))?;
-        tx.execute(&stmt, &[&tenant.as_str(), &i64::from(min)])
+        let updated = tx
+            .execute(
+                &stmt,
+                &[&tenant.as_str(), &i64::from(min), &i64::from(expected_min)],
+            )
             .await
             .map_err(self.db(action))?;
+        if updated != 1 {
+            return Err(StoreRefusal::MinVersionChanged {
+                tenant: tenant.clone(),
+                expected: expected_min,
+            }
+            .into());
+        }
         self.notify(&tx, tenant).await?;
         tx.commit()
             .await
@@ -1022,13 +1041,14 @@ impl KeyStore for PostgresKeyStore {
     async fn set_min_decrypt_version(
         &self,
         tenant: &TenantId,
+        expected_min: u32,
         min: u32,
     ) -> Result<(), BackendError> {
         let inner = &self.inner;
         Ok(inner
             .timed(
                 "update the minimum decryption version",
-                inner.set_min(tenant, min),
+                inner.set_min(tenant, expected_min, min),
             )
             .await?)
     }

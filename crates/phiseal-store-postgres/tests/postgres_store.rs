@@ -469,7 +469,7 @@ async fn shred_erases_wrapped_bytes_and_blocks_reuse() {
             .unwrap_err();
         assert_eq!(err.kind(), BackendErrorKind::Conflict);
         assert!(err.to_string().contains("never reused"), "{err}");
-        let err = store.set_min_decrypt_version(&t, 2).await.unwrap_err();
+        let err = store.set_min_decrypt_version(&t, 1, 2).await.unwrap_err();
         assert_eq!(err.kind(), BackendErrorKind::Conflict);
         let err = store
             .replace_wrapped(&t, 1, &rewrapped, rewrapped.clone())

@@ -80,7 +80,7 @@ async fn committed_writes_notify_other_processes_and_rolled_back_ones_do_not() {
         .await
         .unwrap();
     expect(&mut changes, tenant("acme"), DELIVERY).await;
-    writer.set_min_decrypt_version(&t, 2).await.unwrap();
+    writer.set_min_decrypt_version(&t, 1, 2).await.unwrap();
     expect(&mut changes, tenant("acme"), DELIVERY).await;
     let current = record("acme", 2).wrapped.unwrap();
     let rewrapped = WrappedKey {
@@ -103,7 +103,7 @@ async fn committed_writes_notify_other_processes_and_rolled_back_ones_do_not() {
         .replace_wrapped(&t, 2, &current, rewrapped.clone())
         .await
         .unwrap_err();
-    writer.set_min_decrypt_version(&t, 9).await.unwrap_err();
+    writer.set_min_decrypt_version(&t, 2, 9).await.unwrap_err();
     writer
         .create_tenant(&t, record("acme", 1))
         .await

@@ -708,6 +708,7 @@ fn insert_version_sync(
 fn set_min_sync(
     conn: &mut Connection,
     tenant: &TenantId,
+    expected_min: u32,
     min: u32,
 ) -> Result<(), SqliteStoreError> {
     let tx = conn
@@ -716,13 +717,22 @@ fn set_min_sync(
     live_tenant(&tx, tenant)?;
     let latest = latest_version(&tx, tenant)?;
     StoreRefusal::check_min_decrypt_version(tenant, min, latest)?;
-    tx.execute(
-        "UPDATE tenants SET min_decrypt_version = ?2 WHERE tenant = ?1",
-        params![tenant.as_str(), i64::from(min)],
-    )
-    .map_err(SqliteStoreError::sqlite(
-        "update the minimum decryption version",
-    ))?;
+    let updated = tx
+        .execute(
+            "UPDATE tenants SET min_decrypt_version = ?2
+             WHERE tenant = ?1 AND min_decrypt_version = ?3",
+            params![tenant.as_str(), i64::from(min), i64::from(expected_min)],
+        )
+        .map_err(SqliteStoreError::sqlite(
+            "update the minimum decryption version",
+        ))?;
+    if updated != 1 {
+        return Err(StoreRefusal::MinVersionChanged {
+            tenant: tenant.clone(),
+            expected: expected_min,
+        }
+        .into());
+    }
     tx.commit().map_err(SqliteStoreError::sqlite(
         "commit the minimum decryption version",
     ))
@@ -892,11 +902,12 @@ impl KeyStore for SqliteKeyStore {
     async fn set_min_decrypt_version(
         &self,
         tenant: &TenantId,
+        expected_min: u32,
         min: u32,
     ) -> Result<(), BackendError> {
         let tenant = tenant.clone();
         Ok(self
-            .run(move |conn, _| set_min_sync(conn, &tenant, min))
+            .run(move |conn, _| set_min_sync(conn, &tenant, expected_min, min))
             .await?)
     }
 

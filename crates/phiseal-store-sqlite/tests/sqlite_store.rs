@@ -396,7 +396,7 @@ async fn shred_erases_wrapped_bytes_and_blocks_reuse() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Conflict);
-    let err = store.set_min_decrypt_version(&t, 2).await.unwrap_err();
+    let err = store.set_min_decrypt_version(&t, 1, 2).await.unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Conflict);
     let err = store
         .replace_wrapped(

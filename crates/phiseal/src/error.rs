@@ -114,6 +114,18 @@ pub enum Error {
         /// The version both tried to create.
         version: u32,
     },
+    /// An admin change lost its compare-and-set: someone else changed the same setting
+    /// between this call's read and its write (the other change stands).
+    #[error(
+        "the {what} of tenant '{tenant}' changed concurrently (another operator or daemon): \
+         nothing was changed; re-read the key status and decide again"
+    )]
+    ConcurrentChange {
+        /// The tenant.
+        tenant: TenantId,
+        /// What changed (`minimum decryption version`).
+        what: &'static str,
+    },
     /// The KMS backend failed.
     #[error("KMS '{backend}' failed: {source}")]
     Kms {
@@ -223,6 +235,7 @@ impl Error {
             Error::KeyDestroyed { .. } => "key_destroyed",
             Error::KeyBindingMismatch { .. } => "key_binding_mismatch",
             Error::RotationConflict { .. } => "rotation_conflict",
+            Error::ConcurrentChange { .. } => "concurrent_change",
             Error::Kms { .. } => "kms",
             Error::Store { .. } => "key_store",
             Error::Audit { .. } => "audit",

@@ -1764,10 +1764,33 @@ impl Keyring {
                         reason: "must be between 1 and the primary key version",
                     });
                 }
+                // A compare-and-set on the value just read: a concurrent change (another
+                // operator, another daemon) fails this one rather than being undone by it.
                 let store = &*self.inner.store;
-                let result = store.set_min_decrypt_version(tenant, min).await;
+                let expected = view.record.min_decrypt_version;
+                let result = store.set_min_decrypt_version(tenant, expected, min).await;
                 self.inner.tenants.remove(tenant);
-                result.map_err(|e| store_error(store, e))
+                match result {
+                    Ok(()) => Ok(()),
+                    // Lost the compare-and-set: to a shred, or to another change of the
+                    // minimum (which stands). Read again to say which.
+                    Err(e) if e.kind() == BackendErrorKind::Conflict => {
+                        let now = self
+                            .tenant_view(tenant, Instant::now_without_cache_update())
+                            .await?;
+                        Err(if now.record.shredded_at.is_some() {
+                            Error::KeyDestroyed {
+                                tenant: tenant.clone(),
+                            }
+                        } else {
+                            Error::ConcurrentChange {
+                                tenant: tenant.clone(),
+                                what: "minimum decryption version",
+                            }
+                        })
+                    }
+                    Err(e) => Err(store_error(store, e)),
+                }
             }
             .await;
             (result, meta, None)

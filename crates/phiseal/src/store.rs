@@ -167,6 +167,17 @@ pub enum StoreRefusal {
         /// The latest version.
         latest: u32,
     },
+    /// The compare-and-set of `set_min_decrypt_version` lost: another change came first.
+    #[error(
+        "the minimum decryption version of tenant '{tenant}' changed concurrently (it is no \
+         longer {expected}): re-read the key status and decide again"
+    )]
+    MinVersionChanged {
+        /// The tenant.
+        tenant: TenantId,
+        /// The value the caller read.
+        expected: u32,
+    },
     /// The compare-and-set of `replace_wrapped` lost.
     #[error(
         "wrapped key of tenant '{tenant}' version {version} changed since it was read (or the \
@@ -190,6 +201,7 @@ impl StoreRefusal {
             StoreRefusal::TenantExists { .. }
             | StoreRefusal::VersionConflict { .. }
             | StoreRefusal::Shredded { .. }
+            | StoreRefusal::MinVersionChanged { .. }
             | StoreRefusal::WrappedChanged { .. } => BackendErrorKind::Conflict,
             StoreRefusal::InvalidRecord { .. } | StoreRefusal::MinVersionOutOfRange { .. } => {
                 BackendErrorKind::InvalidData
@@ -311,10 +323,15 @@ pub trait KeyStore: Send + Sync + std::fmt::Debug {
         next: KeyRecord,
     ) -> Result<(), BackendError>;
 
-    /// Sets the minimum decryption version (1..=latest).
+    /// Sets the minimum decryption version (1..=latest) if it is still `expected_min` (the
+    /// value the caller read: a compare-and-set, so that of two concurrent changes — one
+    /// operator raising it, another lowering it — the second fails instead of silently
+    /// undoing the first). Otherwise fails with [`crate::BackendErrorKind::Conflict`] and
+    /// changes nothing.
     async fn set_min_decrypt_version(
         &self,
         tenant: &TenantId,
+        expected_min: u32,
         min: u32,
     ) -> Result<(), BackendError>;
 

@@ -16,7 +16,7 @@ pub fn code_of(error: &Error) -> Code {
         Error::TenantNotFound { .. } | Error::KeyVersionNotFound { .. } => Code::NotFound,
         Error::TenantExists { .. } => Code::AlreadyExists,
         Error::KeyVersionRetired { .. } | Error::KeyDestroyed { .. } => Code::FailedPrecondition,
-        Error::RotationConflict { .. } => Code::Aborted,
+        Error::RotationConflict { .. } | Error::ConcurrentChange { .. } => Code::Aborted,
         // The operation was done but its audit record is lost: never retried automatically.
         Error::KeyBindingMismatch { .. } | Error::AuditAfterCommit { .. } => Code::DataLoss,
         Error::Kms { .. } | Error::Store { .. } | Error::Audit { .. } => Code::Unavailable,

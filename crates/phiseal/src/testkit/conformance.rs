@@ -196,7 +196,7 @@ pub async fn key_store(store: Arc<dyn KeyStore>) {
     assert_eq!(loaded.version(1).unwrap().state, KeyState::DecryptOnly);
     assert_eq!(loaded.primary().unwrap().version, 2);
 
-    store.set_min_decrypt_version(&t, 2).await.unwrap();
+    store.set_min_decrypt_version(&t, 1, 2).await.unwrap();
     assert_eq!(
         store
             .load_tenant(&t)
@@ -207,7 +207,7 @@ pub async fn key_store(store: Arc<dyn KeyStore>) {
         2
     );
     assert!(
-        store.set_min_decrypt_version(&t, 3).await.is_err(),
+        store.set_min_decrypt_version(&t, 2, 3).await.is_err(),
         "{name}: min > latest"
     );
 
@@ -386,8 +386,8 @@ pub async fn key_store_methods(store: &dyn KeyStore) -> Option<TenantRecord> {
     assert_eq!(rec.primary().unwrap(), &method_record("acme", 2));
     assert_eq!(rec.version(1).unwrap().wrapped, first.wrapped);
 
-    // set_min_decrypt_version: 1..=latest.
-    store.set_min_decrypt_version(&t, 2).await.unwrap();
+    // set_min_decrypt_version: 1..=latest, compare-and-set on the current value.
+    store.set_min_decrypt_version(&t, 1, 2).await.unwrap();
     assert_eq!(
         store
             .load_tenant(&t)
@@ -397,9 +397,22 @@ pub async fn key_store_methods(store: &dyn KeyStore) -> Option<TenantRecord> {
             .min_decrypt_version,
         2
     );
-    store.set_min_decrypt_version(&t, 1).await.unwrap();
+    // A caller that read 1 (before the change above) loses, and changes nothing.
+    let err = store.set_min_decrypt_version(&t, 1, 1).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Conflict, "{err}");
+    assert!(err.to_string().contains("changed concurrently"), "{err}");
+    assert_eq!(
+        store
+            .load_tenant(&t)
+            .await
+            .unwrap()
+            .unwrap()
+            .min_decrypt_version,
+        2
+    );
+    store.set_min_decrypt_version(&t, 2, 1).await.unwrap();
     for bad in [0, 3, u32::MAX] {
-        let err = store.set_min_decrypt_version(&t, bad).await.unwrap_err();
+        let err = store.set_min_decrypt_version(&t, 1, bad).await.unwrap_err();
         assert_eq!(err.kind(), BackendErrorKind::InvalidData, "{err}");
         assert!(err.to_string().contains("out of range"), "{err}");
     }
@@ -413,7 +426,7 @@ pub async fn key_store_methods(store: &dyn KeyStore) -> Option<TenantRecord> {
         1
     );
     let err = store
-        .set_min_decrypt_version(&tenant_id("nobody"), 1)
+        .set_min_decrypt_version(&tenant_id("nobody"), 1, 1)
         .await
         .unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Other);
