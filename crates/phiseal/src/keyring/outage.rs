@@ -120,11 +120,18 @@ impl Keyring {
         let _single_flight = holder.refresh.lock().await;
         let now = Instant::now_without_cache_update();
         // Refreshed, or kept in service, by another request while this one waited.
-        if let Some(current) = inner.keys.get(&KeyRef(tenant, version))
-            && !Arc::ptr_eq(&current, &stale)
-            && let Some(source) = self.serve(&current, now)
-        {
-            return Some(Ok((current, source)));
+        match inner.keys.get(&KeyRef(tenant, version)) {
+            Some(current) if Arc::ptr_eq(&current, &stale) => {}
+            Some(current) => {
+                if let Some(source) = self.serve(&current, now) {
+                    return Some(Ok((current, source)));
+                }
+                return None;
+            }
+            // No longer cached: the request that held the lock found it refused by the KMS
+            // (or too old) and dropped it. It must not come back as a stale key, even if
+            // the KMS is found unavailable from here on: the ordinary miss path decides.
+            None => return None,
         }
         if let Some(source) = self.serve(&stale, now) {
             return Some(Ok((stale, source)));
