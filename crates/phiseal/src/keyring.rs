@@ -1081,13 +1081,16 @@ impl Keyring {
 
     /// [`Keyring::unwrap_version`] unless a KMS outage is in progress and its next attempt is
     /// not due (then it fails at once, naming the backend and the last cause); records the
-    /// outcome for the outage policy.
+    /// outcome for the outage policy. A record refused without the KMS (destroyed, or under a
+    /// root key not configured here) is refused before the outage is consulted: taking the
+    /// due retry and then not calling would hold every other key off the KMS for longer.
     async fn unwrap_version_guarded(
         &self,
         tenant: &TenantId,
         record: &KeyRecord,
     ) -> Result<VersionKey, Error> {
         let inner = &self.inner;
+        self.refuse_without_kms(tenant, record)?;
         if !inner.outage.may_call(Instant::now_without_cache_update()) {
             return Err(inner.outage.error(inner.kms.name()));
         }
@@ -1122,12 +1125,13 @@ impl Keyring {
         self.append(std::slice::from_ref(&event)).await
     }
 
-    /// Unwraps one version through the KMS and checks its binding.
-    async fn unwrap_version(
+    /// The wrapped key of `record`, or the refusal decided without the KMS: a destroyed
+    /// version, or one wrapped under a root key this keyring is not configured with.
+    fn refuse_without_kms<'r>(
         &self,
         tenant: &TenantId,
-        record: &KeyRecord,
-    ) -> Result<VersionKey, Error> {
+        record: &'r KeyRecord,
+    ) -> Result<&'r crate::kms::WrappedKey, Error> {
         let inner = &self.inner;
         let destroyed = || Error::KeyDestroyed {
             tenant: tenant.clone(),
@@ -1136,7 +1140,6 @@ impl Keyring {
             return Err(destroyed());
         }
         let wrapped = record.wrapped.as_ref().ok_or_else(destroyed)?;
-        let binding = key_binding(tenant, record.version);
         if !inner.kms.can_unwrap(&wrapped.root_key_ref) {
             // Wrapped under a root key this keyring is not configured with (a migration whose
             // old backend is not configured as previous): a configuration problem, not tampering.
@@ -1154,6 +1157,18 @@ impl Keyring {
                 ),
             ));
         }
+        Ok(wrapped)
+    }
+
+    /// Unwraps one version through the KMS and checks its binding.
+    async fn unwrap_version(
+        &self,
+        tenant: &TenantId,
+        record: &KeyRecord,
+    ) -> Result<VersionKey, Error> {
+        let inner = &self.inner;
+        let wrapped = self.refuse_without_kms(tenant, record)?;
+        let binding = key_binding(tenant, record.version);
         let unwrapped = inner.kms.unwrap(wrapped, &binding).await;
         // Only the outcome of a real KMS call moves the outage state (the checks above
         // decided without the KMS).
