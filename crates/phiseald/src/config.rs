@@ -774,7 +774,12 @@ impl Config {
         );
         // Secrets are taken verbatim: the generic provider would read a PIN `0123` as the
         // number 123, or a password starting with `[` as an array.
-        for (name, value) in std::env::vars() {
+        // (`vars_os`: `vars` panics on a variable that is not UTF-8, anywhere in the
+        // environment; such a variable cannot be one of ours.)
+        let utf8 = |(name, value): (std::ffi::OsString, std::ffi::OsString)| {
+            Some((name.into_string().ok()?, value.into_string().ok()?))
+        };
+        for (name, value) in std::env::vars_os().filter_map(utf8) {
             let Some(var) = setting_of(&name) else {
                 continue;
             };

@@ -793,3 +793,28 @@ fn the_kms_section_names_what_is_missing_or_misplaced() {
     )
     .ok();
 }
+
+#[test]
+fn a_variable_that_is_not_utf8_anywhere_in_the_environment_is_no_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("phiseald.toml");
+    std::fs::write(&file, MINIMAL).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_phiseald"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&file)
+        .env(
+            "SOME_OTHER_TOOLS_SETTING",
+            std::ffi::OsStr::from_bytes(b"caf\xe9"),
+        )
+        .env(
+            std::ffi::OsStr::from_bytes(b"LEGACY_\xff"),
+            std::ffi::OsStr::from_bytes(b"x"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("configuration ok"), "{stderr}");
+}
