@@ -3,10 +3,10 @@
 
 use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use phiseal_audit_file::{
-    FileAuditLog, VerifyOptions, VerifyReport, export_tenant_with, verify_with,
+    AuditFileError, FileAuditLog, VerifyOptions, VerifyReport, export_tenant_with, verify_with,
 };
 use serde_json::json;
 
@@ -83,6 +83,27 @@ fn log_path_from_env(args: &LogArgs) -> PathBuf {
     log_path(args, std::env::var_os(DATA_DIR_ENV))
 }
 
+/// A log that cannot be opened because it does not exist, in a directory that does (and
+/// holds none of its closed segments, or it would have been read): it may have been deleted,
+/// which is a problem of the log (exit 8), not a wrong path (a missing directory: exit 1).
+fn deleted_log(path: &Path, error: AuditFileError) -> CliError {
+    let missing = matches!(
+        &error,
+        AuditFileError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound
+    );
+    match path.parent() {
+        Some(dir) if missing && dir.is_dir() => CliError::AuditProblems {
+            path: path.to_owned(),
+            detail: format!(
+                "does not exist, although its directory {} does: the log may have been \
+                 deleted (if the log is elsewhere, give --log or --data-dir)",
+                dir.display()
+            ),
+        },
+        _ => CliError::Audit(error),
+    }
+}
+
 fn verify_log(args: &VerifyArgs, json: bool) -> Result<(), CliError> {
     let path = log_path_from_env(&args.log);
     let mut options = VerifyOptions::default();
@@ -92,7 +113,7 @@ fn verify_log(args: &VerifyArgs, json: bool) -> Result<(), CliError> {
     if let Some(after) = args.after {
         options = options.after(after);
     }
-    let report_ = verify_with(&path, options)?;
+    let report_ = verify_with(&path, options).map_err(|e| deleted_log(&path, e))?;
     report(
         json,
         &verify_json(&path, &report_, args.segments_only),
@@ -235,7 +256,8 @@ fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
         args.until,
         options,
         &mut out,
-    )?;
+    )
+    .map_err(|e| deleted_log(&path, e))?;
     out.flush().map_err(CliError::io("writing to stdout"))?;
     let segments_only = if result.active_missing {
         "; closed segments only: the active log file is missing"
@@ -256,6 +278,15 @@ fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
             result.head_hash.as_deref().unwrap_or("none"),
         ),
     );
+    if result.active_missing && !args.segments_only {
+        return Err(CliError::AuditProblems {
+            path,
+            detail: "has no active log file, only closed segments: the export lacks whatever \
+                     was in the active file (it could have been deleted); for an archive of \
+                     closed segments, run again with --segments-only"
+                .to_owned(),
+        });
+    }
     match result.torn_tail {
         None => Ok(()),
         Some((offset, len)) => Err(CliError::AuditProblems {

@@ -490,6 +490,10 @@ pub(crate) struct ExportArgs {
     /// after this record (as for `audit verify --after`).
     #[arg(long, value_name = "SEQ:HASH", value_parser = parse_anchor)]
     pub(crate) after: Option<phiseal_audit_file::Anchor>,
+    /// Accept a log whose active file is missing: an archive of its closed segments. Without
+    /// it, a missing active file fails the export (exit 8): the newest records could be gone.
+    #[arg(long)]
+    pub(crate) segments_only: bool,
     /// Where the log is.
     #[command(flatten)]
     pub(crate) log: LogArgs,

@@ -1202,11 +1202,22 @@ fn audit_verify_and_export_on_the_daemon_log() {
         again.out()
     );
 
-    // The daemon's own log was never touched; a missing log is an error, not a problem.
+    // The daemon's own log was never touched. A log in a directory that does not exist is a
+    // wrong path (exit 1); one missing from a directory that exists may have been deleted
+    // (exit 8, the audit-problem code), for verify and export alike.
     d.cli(&["audit", "verify", "--data-dir", data_dir], b"")
         .expect(0);
     d.cli(&["audit", "verify", "--log", "/nonexistent/audit.log"], b"")
         .expect(1);
+    let emptied = tempfile::tempdir().unwrap();
+    let gone = emptied.path().to_str().unwrap();
+    for args in [
+        vec!["audit", "verify", "--data-dir", gone],
+        vec!["audit", "export", "--tenant", "acme", "--data-dir", gone],
+    ] {
+        let run = d.cli(&args, b"").expect(8);
+        assert!(run.stderr.contains("may have been deleted"), "{run:?}");
+    }
 }
 
 fn sha256_hex(text: &str) -> String {

@@ -1184,6 +1184,28 @@ async fn the_audit_log_rolls_over_and_the_cli_reads_all_of_its_files() {
         )
         .expect(0);
     assert!(run.out().ends_with("result: intact\n"), "{}", run.out());
+    // The same for export: without --segments-only the export lacks the active file's
+    // records, and says so with exit 8.
+    let run = d
+        .cli(
+            &["audit", "export", "--tenant", "acme", "--log", archived],
+            b"",
+        )
+        .expect(8);
+    assert!(run.stderr.contains("--segments-only"), "{run:?}");
+    d.cli(
+        &[
+            "audit",
+            "export",
+            "--tenant",
+            "acme",
+            "--log",
+            archived,
+            "--segments-only",
+        ],
+        b"",
+    )
+    .expect(0);
 
     // The first segment archived and removed: verify and export need --after with its end.
     let pruned = tempfile::tempdir().unwrap();
