@@ -171,13 +171,17 @@ pub(crate) enum RootCommand {
     /// Show which root keys the stored tenant key versions are wrapped under (read-only).
     ///
     /// Names the config's current root key and counts the versions under it and under every
-    /// other root key: check it before retiring an old root key. No key material is read.
+    /// other root key: check it before retiring an old root key. No tenant key is unwrapped
+    /// and nothing in the key store changes (but the KMS and the run's audit log are opened
+    /// as for `root rotate`: the local KMS reads root.key, PKCS#11 logs in).
     Status(RootArgs),
     /// Create a new AES-256 root key on the PKCS#11 token of the config's [kms.pkcs11].
     ///
     /// The key is a token object: private, sensitive, non-extractable, encrypt/decrypt only.
-    /// A label already in use is refused. To rotate: create a key, set key_label to it and
-    /// move the old label to previous_key_labels, restart the daemons, run `root rotate`.
+    /// A label already in use is refused. To rotate, in two rounds of restarts (docs/KMS.md):
+    /// add the new label to previous_key_labels on every daemon and restart them all; then
+    /// set key_label to it (the old one in previous_key_labels), restart them all, and run
+    /// `root rotate`.
     NewHsmKey {
         /// The daemon config naming the token (module, token_label, pin).
         #[arg(long, value_name = "FILE")]

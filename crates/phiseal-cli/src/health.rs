@@ -14,8 +14,25 @@ use crate::output::report;
 /// The service whose status is asked: the data plane.
 const SERVICE: &str = "phiseal.v1.FieldService";
 
-/// Exit 0 if the daemon serves [`SERVICE`]; 5 if it cannot be reached or does not serve it.
+/// Exit 0 if the daemon serves [`SERVICE`]; 5 for every failure (it cannot be reached, may
+/// not be reached by this user, does not serve it, or the token settings cannot be read):
+/// probes test for exactly that.
 pub(crate) async fn health(global: &GlobalArgs) -> Result<(), CliError> {
+    check(global).await.map_err(|e| match e {
+        CliError::Status {
+            code: tonic::Code::Unavailable,
+            ..
+        } => e,
+        other => CliError::Status {
+            what: "check the daemon's health".to_owned(),
+            code: tonic::Code::Unavailable,
+            kind: other.kind().to_owned(),
+            message: other.to_string(),
+        },
+    })
+}
+
+async fn check(global: &GlobalArgs) -> Result<(), CliError> {
     let daemon = Daemon::connect(global).await?;
     let request = HealthCheckRequest {
         service: SERVICE.to_owned(),

@@ -1400,6 +1400,10 @@ fn health_says_whether_the_daemon_serves() {
     );
     // Nothing audited: a health check is no access to keys or data.
     assert_eq!(audit_records(&d.audit_log()).len(), before);
+    // Every failure is exit 5, also token settings that cannot be read (exit 1 elsewhere).
+    let mut cmd = cli_command(&bin("phiseal"), &d.socket);
+    cmd.args(["--token-file", "/nonexistent/token", "health"]);
+    run_cli(&mut cmd, b"").expect(5);
     // A stopped daemon (and a stale socket file, as a killed one leaves): exit 5.
     d.stop();
     drop(std::os::unix::net::UnixListener::bind(&d.socket).unwrap());
