@@ -51,12 +51,22 @@ use crate::error::CliError;
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        // Under --json a usage error is a JSON line too (--help and --version print as usual).
-        Err(e) if e.use_stderr() && json_requested() => {
-            let usage = CliError::Usage(e.render().to_string().trim_end().to_owned());
-            output::stderr_line(&usage.to_json().to_string());
+        Err(e) if e.use_stderr() => {
+            // clap's message quotes what it could not use, which may be a value — PHI typed
+            // on the command line by mistake — on its way to a log: not repeated here.
+            let usage = CliError::Usage(
+                output::usage_without_values(&e)
+                    .unwrap_or_else(|| e.render().to_string().trim_end().to_owned()),
+            );
+            // Under --json a usage error is a JSON line too.
+            if json_requested() {
+                output::stderr_line(&usage.to_json().to_string());
+            } else {
+                output::stderr_line(&format!("phiseal: {usage}"));
+            }
             return ExitCode::from(usage.exit_code());
         }
+        // --help and --version print as usual.
         Err(e) => e.exit(),
     };
     let json = cli.global.json;

@@ -59,6 +59,52 @@ pub(crate) fn printable(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// A usage error's message without the text clap could not use, for the errors whose message
+/// would quote it (an unexpected argument, an invalid value or subcommand): that text may be
+/// a value, such as PHI typed where a flag was expected. A flag name (`--tenat`) is kept;
+/// `None` for the other errors (clap's own message then).
+pub(crate) fn usage_without_values(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let context = |kind| match error.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let hint = "run with --help for the usage";
+    match error.kind() {
+        ErrorKind::UnknownArgument => {
+            let arg = context(ContextKind::InvalidArg).unwrap_or_default();
+            // A flag is named (without any `=value`); anything else may be a value.
+            Some(match arg.strip_prefix('-') {
+                Some(_) => format!(
+                    "unexpected argument '{}' ({hint})",
+                    arg.split('=').next().unwrap_or_default()
+                ),
+                None => format!(
+                    "unexpected argument (not shown: it could be a value; values go on stdin \
+                     or in files) ({hint})"
+                ),
+            })
+        }
+        ErrorKind::InvalidSubcommand => Some(format!(
+            "unrecognized subcommand (not shown: it could be a value) ({hint})"
+        )),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation => {
+            let arg = context(ContextKind::InvalidArg).unwrap_or_else(|| "an argument".into());
+            let value = context(ContextKind::InvalidValue).unwrap_or_default();
+            // The parser's reason, unless it repeats the value.
+            let reason = std::error::Error::source(error)
+                .map(ToString::to_string)
+                .filter(|r| value.is_empty() || !r.contains(&value))
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            Some(format!(
+                "invalid value for {arg} (not shown){reason} ({hint})"
+            ))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

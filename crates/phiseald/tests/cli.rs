@@ -1669,3 +1669,49 @@ fn another_user_is_refused_by_the_policy_not_by_file_permissions() {
         run.stderr
     );
 }
+
+#[test]
+fn a_value_typed_where_an_argument_was_expected_is_not_echoed() {
+    // The mistake `phiseal encrypt … 078-05-1120` (the value belongs on stdin): clap would
+    // quote it in its error, on its way to cron or CI logs.
+    let nowhere = Path::new("/nonexistent/phiseald.sock");
+    for args in [
+        vec!["encrypt", "--tenant", "t", "--field", "ssn", "078-05-1120"],
+        vec![
+            "--json",
+            "encrypt",
+            "--tenant",
+            "t",
+            "--field",
+            "ssn",
+            "078-05-1120",
+        ],
+        vec!["078-05-1120"],
+        vec![
+            "key",
+            "min-version",
+            "--tenant",
+            "t",
+            "--version",
+            "078-05-1120",
+        ],
+        vec![
+            "encrypt",
+            "--tenant",
+            "t",
+            "--field",
+            "ssn",
+            "--recrd=078-05-1120",
+        ],
+    ] {
+        let mut cmd = cli_command(&bin("phiseal"), nowhere);
+        cmd.args(&args);
+        let run = run_cli(&mut cmd, b"").expect(2);
+        assert!(!run.stderr.contains("078"), "{args:?}: {}", run.stderr);
+    }
+    // A mistyped flag is still named.
+    let mut cmd = cli_command(&bin("phiseal"), nowhere);
+    cmd.args(["encrypt", "--tenat", "t", "--field", "ssn"]);
+    let run = run_cli(&mut cmd, b"").expect(2);
+    assert!(run.stderr.contains("'--tenat'"), "{}", run.stderr);
+}
