@@ -1339,10 +1339,14 @@ impl Keyring {
         let mut meta = OpMeta::default();
         let result = async {
             // Again with the new primary if a rotation overtook the lookup (twice at most).
+            let mut now = now;
             for _ in 0..3 {
                 // (A failed retry is not recorded with the overtaken attempt's key.)
                 meta = OpMeta::default();
                 let view = self.tenant_view(context.tenant(), now).await?;
+                // Key age (TTL, max_stale) is judged at the time of use, not before the
+                // awaits on the key store (or, on a retry, the KMS) that came first.
+                now = Instant::now_without_cache_update();
                 let primary = view
                     .record
                     .primary()
@@ -1438,6 +1442,8 @@ impl Keyring {
                     min,
                 });
             }
+            // Key age is judged now, after the awaits on the key store above.
+            let now = Instant::now_without_cache_update();
             let (key, source) = self.version_key(caller, &view, version, now).await?;
             view.remember(&key);
             meta.key_source = Some(source);
