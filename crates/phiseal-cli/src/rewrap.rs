@@ -452,6 +452,35 @@ fn fd_file_id(fd: std::os::fd::BorrowedFd<'_>) -> Option<FileId> {
     file.metadata().ok().as_ref().and_then(file_id)
 }
 
+/// `O_NOFOLLOW`: the files rewrap writes are never reached through a symlink (someone could
+/// have planted one in a shared directory).
+pub(crate) fn no_follow() -> i32 {
+    // The flag's bits fit an `int` (as `open(2)` takes it).
+    i32::try_from(rustix::fs::OFlags::NOFOLLOW.bits()).unwrap_or(0)
+}
+
+/// An existing file rewrap writes must be this user's, and not writable by group or others:
+/// a file someone else created in a shared directory (`/tmp`) would let them read and change
+/// the output during the run.
+pub(crate) fn check_own_private(meta: &std::fs::Metadata, shown: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(CliError::Failed(format!(
+            "{shown} belongs to uid {}, not to this user ({me}): write to a file of your own",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(CliError::Failed(format!(
+            "{shown} has mode {:04o}: group or others could change it; chmod go-w, or write a \
+             new file",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 /// Opens (or creates, mode 0600) `--output`; returns it with the number of input lines it
 /// already holds (0 without `--resume`, where a non-empty file is refused). With `--resume`,
 /// those lines of `input` are read and checked against the output's ([`skip_lines`]) before
@@ -469,8 +498,11 @@ fn open_output(
         .append(true)
         .create(true)
         .mode(0o600)
+        .custom_flags(no_follow())
         .open(path)
-        .map_err(CliError::io(format!("cannot open output {shown}")))?;
+        .map_err(CliError::io(format!(
+            "cannot open output {shown} (a symlink is not followed)"
+        )))?;
     let meta = file
         .metadata()
         .map_err(CliError::io(format!("cannot stat output {shown}")))?;
@@ -479,6 +511,7 @@ fn open_output(
             "output {shown} is not a regular file (omit --output to write to stdout)"
         )));
     };
+    check_own_private(&meta, &shown.to_string())?;
     if input_id == Some(id) {
         return Err(CliError::Usage(format!(
             "the input and the output are the same file ({shown})"
@@ -1368,7 +1401,40 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let id = file_id(&meta);
         drop(file);
-        assert!(open_output(&out, true, id, &mut &b""[..], false).is_err());
+        match open_output(&out, true, id, &mut &b""[..], false) {
+            Err(e @ CliError::Usage(_)) => assert!(e.to_string().contains("same file"), "{e}"),
+            other => panic!(
+                "expected the same-file usage error, got {:?}",
+                other.map(|r| r.1)
+            ),
+        }
+    }
+
+    #[test]
+    fn an_output_reached_by_a_symlink_or_others_may_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let open = |path: &Path| open_output(path, true, None, &mut &b""[..], false).map(|_| ());
+        // A symlink (planted in a shared directory) is not followed.
+        let target = dir.path().join("target.txt");
+        std::fs::write(&target, b"").unwrap();
+        let link = dir.path().join("link.txt");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = open(&link).unwrap_err();
+        assert!(err.to_string().contains("symlink is not followed"), "{err}");
+        // Group- or world-writable: refused; this user's and private: accepted.
+        for (mode, accepted) in [(0o622, false), (0o660, false), (0o600, true), (0o644, true)] {
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(open(&target).is_ok(), accepted, "mode {mode:o}");
+        }
+        // Another user's file (root only can make one here).
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.path().join("theirs.txt");
+            std::fs::write(&theirs, b"").unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = open(&theirs).unwrap_err();
+            assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+        }
     }
 
     #[test]

@@ -138,11 +138,19 @@ impl FailureList {
         name.push(".new");
         let fresh = PathBuf::from(name);
         let shown = fresh.display().to_string();
+        // A leftover of an interrupted run (or anything planted there) is removed, not
+        // followed: the new list is a file this run creates.
+        match std::fs::remove_file(&fresh) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CliError::io(format!("cannot remove {shown}"))(e));
+            }
+            _ => {}
+        }
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(super::no_follow())
             .open(&fresh)
             .map_err(CliError::io(format!("cannot create {shown}")))?;
         file.write_all(entries_text(entries).as_bytes())
@@ -175,8 +183,15 @@ impl FailureList {
                     .append(true)
                     .create(true)
                     .mode(0o600)
+                    .custom_flags(super::no_follow())
                     .open(&self.path)
-                    .map_err(CliError::io(format!("cannot open {shown}")))?;
+                    .map_err(CliError::io(format!(
+                        "cannot open {shown} (a symlink is not followed)"
+                    )))?;
+                let meta = file
+                    .metadata()
+                    .map_err(CliError::io(format!("cannot stat {shown}")))?;
+                super::check_own_private(&meta, &shown)?;
                 // Its directory entry, too, must survive a crash that the output survives.
                 sync_parent(&self.path);
                 self.file.insert(file)
