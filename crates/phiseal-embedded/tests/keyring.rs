@@ -748,7 +748,10 @@ async fn every_operation_is_audited_without_plaintext() {
             vec![(&cx, b"PLAINTEXT-b1"), (&cx, b"PLAINTEXT-b2")];
         k.encrypt_batch(&c, &items).await.unwrap();
         k.rotate(&c, &t).await.unwrap();
-        k.rewrap(&c, &cx, &ct).await.unwrap();
+        let rewrapped = k.rewrap(&c, &cx, &ct).await.unwrap();
+        // Already current; and a rewrap whose decrypt fails (wrong field).
+        k.rewrap(&c, &cx, &rewrapped).await.unwrap();
+        let _ = k.rewrap(&c, &ctx("t", "other", None), &ct).await;
         k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
         k.shred(&c, &t).await.unwrap();
         k.flush_audit().await.unwrap();
@@ -773,9 +776,24 @@ async fn every_operation_is_audited_without_plaintext() {
         "one per field, batches included"
     );
     assert_eq!(count(r#""action":"decrypt""#), 2);
-    assert_eq!(count(r#""result":"decryption_failed""#), 1);
     assert_eq!(count(r#""action":"rotate_key""#), 2);
-    assert_eq!(count(r#""action":"rewrap""#), 1);
+    assert_eq!(count(r#""action":"rewrap""#), 3);
+    // Each rewrap record names a key version: the new one, the current one (with where its
+    // key came from), and for the failed one the version its decrypt tried (1).
+    let rewraps: Vec<&str> = records
+        .lines()
+        .filter(|l| l.contains(r#""action":"rewrap""#))
+        .collect();
+    assert!(
+        rewraps.iter().all(|l| l.contains(r#""key_version":"#)),
+        "{rewraps:?}"
+    );
+    let failed = rewraps
+        .iter()
+        .find(|l| l.contains(r#""result":"decryption_failed""#))
+        .unwrap();
+    assert!(failed.contains(r#""key_version":1"#), "{failed}");
+    assert_eq!(count(r#""result":"decryption_failed""#), 2);
     assert_eq!(count(r#""action":"set_min_decrypt_version""#), 2);
     assert_eq!(count(r#""action":"shred_tenant""#), 2);
     assert!(

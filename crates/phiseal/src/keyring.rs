@@ -1460,10 +1460,11 @@ impl Keyring {
         context: &EncryptionContext,
         ciphertext: &[u8],
     ) -> FieldOutcome<Vec<u8>> {
-        let (plaintext, _) = self.decrypt_one(caller, context, ciphertext).await;
+        // A failed decrypt is recorded with the version and key source it tried.
+        let (plaintext, decrypted) = self.decrypt_one(caller, context, ciphertext).await;
         let plaintext = match plaintext {
             Ok(p) => p,
-            Err(e) => return (Err(e), OpMeta::default()),
+            Err(e) => return (Err(e), decrypted),
         };
         // A deterministic ciphertext stays deterministic (its column is searched by equality).
         let deterministic =
@@ -1482,11 +1483,8 @@ impl Keyring {
                 .ok()
                 .and_then(|v| v.record.primary().map(|p| p.version));
             if primary == Some(parsed.key_version) && parsed.algorithm == target {
-                let meta = OpMeta {
-                    key_version: primary,
-                    key_source: Some(KeySource::Cache),
-                };
-                return (Ok(ciphertext.to_vec()), meta);
+                // Already current: the record says where the decrypt's key came from.
+                return (Ok(ciphertext.to_vec()), decrypted);
             }
         }
         if deterministic {
