@@ -42,6 +42,10 @@ CHANNEL_OPTIONS = (
     # 4 MiB default (the daemon refuses larger ones itself: response_too_large).
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    # A daemon that stops answering (stopped, wedged) is noticed on an open stream too: a
+    # ping every 30 s, 10 s to answer.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
 )
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 

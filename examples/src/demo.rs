@@ -304,6 +304,14 @@ async fn run(socket: PathBuf) -> Result<()> {
         .await?;
     println!(" 9. ShredTenant {tenant}: every key version destroyed, irreversibly");
     let gone = decrypt_all(&mut fields, &tenant, &current).await?;
+    if gone.len() != PATIENT.len() {
+        return Err(format!(
+            "DecryptBatch after the shred answered {} results for {} fields",
+            gone.len(),
+            PATIENT.len()
+        )
+        .into());
+    }
     let mut refused = 0;
     for r in &gone {
         match &r.result {
