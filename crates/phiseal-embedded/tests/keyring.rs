@@ -454,6 +454,90 @@ async fn key_check_alone_detects_a_swap() {
     );
 }
 
+/// A test KMS that ignores the binding entirely — the wrapping is the key XOR a constant,
+/// with no tenant or version in it (hand-written: it stands for a KMS without AAD, the case
+/// the key-check MAC exists for; no real KMS is that careless, so no emulator exists).
+#[derive(Debug)]
+struct BindingBlindKms;
+
+#[async_trait]
+impl Kms for BindingBlindKms {
+    fn name(&self) -> &str {
+        "binding-blind"
+    }
+    async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+        Ok("blind:1".into())
+    }
+    fn can_unwrap(&self, root_key_ref: &str) -> bool {
+        root_key_ref == "blind:1"
+    }
+    async fn wrap(&self, key: &TenantKey, _: &KeyBinding) -> Result<WrappedKey, BackendError> {
+        Ok(WrappedKey {
+            root_key_ref: "blind:1".into(),
+            ciphertext: key.expose().iter().map(|b| b ^ 0x5a).collect(),
+        })
+    }
+    async fn unwrap(&self, w: &WrappedKey, _: &KeyBinding) -> Result<TenantKey, BackendError> {
+        let bytes: Vec<u8> = w.ciphertext.iter().map(|b| b ^ 0x5a).collect();
+        Ok(TenantKey::from_bytes(bytes.try_into().unwrap()))
+    }
+}
+
+#[tokio::test]
+async fn the_key_check_binds_tenant_and_version_when_the_kms_does_not() {
+    // A whole key record (wrapped key, root key reference, key check) copied from tenant a to
+    // tenant b, under a KMS that unwraps it for b without complaint: only the key-check MAC,
+    // computed over (tenant, version), can refuse it — as a binding mismatch, before the
+    // wrong key decrypts or encrypts anything for b.
+    let dir = private_tempdir();
+    let c = caller();
+    let paths = EmbeddedPaths::new(dir.path());
+    let keyring = || {
+        Keyring::builder()
+            .kms(Arc::new(BindingBlindKms))
+            .key_store(Arc::new(
+                phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap(),
+            ))
+            .danger_disable_audit()
+            .build()
+            .unwrap()
+    };
+    let b_ct = {
+        let k = keyring();
+        for t in ["a", "b", "v"] {
+            k.create_tenant(&c, &tenant(t)).await.unwrap();
+        }
+        k.rotate(&c, &tenant("v")).await.unwrap();
+        k.encrypt(&c, &ctx("b", "f", None), b"x").await.unwrap()
+    };
+    copy_record(
+        &paths.key_store,
+        ("a", 1),
+        ("b", 1),
+        "root_key_ref, wrapped, key_check",
+    );
+    copy_record(
+        &paths.key_store,
+        ("v", 1),
+        ("v", 2),
+        "root_key_ref, wrapped, key_check",
+    );
+    let k = keyring();
+    for (t, version) in [("b", 1), ("v", 2)] {
+        let err = k.encrypt(&c, &ctx(t, "f", None), b"x").await.unwrap_err();
+        assert!(
+            matches!(&err, Error::KeyBindingMismatch { version: v, .. } if *v == version),
+            "{t}: {err}"
+        );
+    }
+    let err = k
+        .decrypt(&c, &ctx("b", "f", None), &b_ct)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyBindingMismatch { .. }), "{err}");
+    assert!(k.encrypt(&c, &ctx("a", "f", None), b"x").await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_make_one_kms_call() {
     let dir = private_tempdir();
