@@ -86,6 +86,20 @@ pub enum LocalKmsError {
         /// The path.
         path: PathBuf,
     },
+    /// The root key file belongs to another user than the process's.
+    #[error(
+        "local KMS: root key file '{path}' belongs to uid {owner}, not to this process (uid \
+         {me}): refusing it (another user could have put a key of their choosing there); use \
+         a root key file of the daemon's user"
+    )]
+    WrongOwner {
+        /// The root key file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
     /// The root key file changed between the permission check and opening it.
     #[error(
         "local KMS: root key file '{path}' was replaced while being opened: make sure no other \
@@ -165,6 +179,7 @@ impl From<LocalKmsError> for BackendError {
             | LocalKmsError::InsecurePermissions { .. }
             | LocalKmsError::NotRegularFile { .. }
             | LocalKmsError::FileChanged { .. }
+            | LocalKmsError::WrongOwner { .. }
             | LocalKmsError::WrongLength { .. } => BackendErrorKind::Misconfigured,
             LocalKmsError::RootKeyMismatch { .. }
             | LocalKmsError::WrongWrappedLength { .. }
@@ -212,8 +227,9 @@ impl LocalKms {
     /// Opens the root key file at `path`, creating it (mode `0600`, 32 bytes from the OS RNG,
     /// fsynced together with its directory) if it does not exist.
     ///
-    /// Refuses a file that is not a regular file (symlinks included), has any group/other
-    /// permission bit set, or is not exactly 32 bytes long.
+    /// Refuses a file that is not a regular file (symlinks included), belongs to another user,
+    /// has any group/other permission bit set, or is not exactly 32 bytes long. A file another
+    /// process created a moment before is used once its directory entry is fsynced.
     ///
     /// **INSECURE, development only**: logs a warning on every call.
     pub fn open(path: impl AsRef<Path>) -> Result<LocalKms, LocalKmsError> {
@@ -227,8 +243,14 @@ impl LocalKms {
             Ok(_) => read_root_key(path)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => match create_root_key(path)? {
                 Some(key) => key,
-                // Another process created the file first: use theirs.
-                None => read_root_key(path)?,
+                // Another process created the file first: use theirs — once its name is
+                // durable (its creator may not have synced the directory yet), or a crash could
+                // lose the key this process is about to wrap tenant keys under.
+                None => {
+                    let key = read_root_key(path)?;
+                    sync_dir(&parent_dir(path))?;
+                    key
+                }
             },
             Err(source) => {
                 return Err(LocalKmsError::Io {
@@ -403,7 +425,20 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> LocalK
 fn read_root_key(path: &Path) -> Result<TenantKey, LocalKmsError> {
     let before = fs::symlink_metadata(path).map_err(io_err("inspect the root key file", path))?;
     check_metadata(path, &before)?;
-    let mut file = File::open(path).map_err(io_err("open the root key file", path))?;
+    // Never through a symlink, and without blocking on a FIFO swapped in after the check.
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(i32::try_from(flags.bits()).unwrap_or(0))
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => {
+                LocalKmsError::NotRegularFile {
+                    path: path.to_owned(),
+                }
+            }
+            _ => io_err("open the root key file", path)(e),
+        })?;
     let after = file
         .metadata()
         .map_err(io_err("inspect the root key file", path))?;
@@ -434,6 +469,14 @@ fn check_metadata(path: &Path, meta: &fs::Metadata) -> Result<(), LocalKmsError>
             path: path.to_owned(),
         });
     }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(LocalKmsError::WrongOwner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            me,
+        });
+    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(LocalKmsError::InsecurePermissions {
@@ -449,10 +492,7 @@ fn check_metadata(path: &Path, meta: &fs::Metadata) -> Result<(), LocalKmsError>
 /// link fails if `path` exists, so a concurrent creator never has its key replaced, and no
 /// reader ever sees a partially written key file. Returns `None` if another process won.
 fn create_root_key(path: &Path) -> Result<Option<TenantKey>, LocalKmsError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let dir = parent_dir(path);
     let file_name = path
         .file_name()
         .ok_or_else(|| LocalKmsError::NotRegularFile {
@@ -505,6 +545,14 @@ fn write_and_link(tmp: &Path, path: &Path, dir: &Path, key: &[u8]) -> Result<boo
             path: path.to_owned(),
             source,
         }),
+    }
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
     }
 }
 

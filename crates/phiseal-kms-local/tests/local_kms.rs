@@ -88,6 +88,31 @@ async fn refuses_group_or_world_accessible_file() {
 }
 
 #[tokio::test]
+async fn refuses_a_key_file_of_another_user() {
+    // Another user could have put there a private 32-byte file holding a key they know.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root.key");
+    LocalKms::open(&path).unwrap();
+    let me = rustix::process::geteuid().as_raw();
+    // Only root can give a file away; as another user the check is unreachable here.
+    assert_eq!(me, 0, "this test needs root (CI runs as root)");
+    std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+    let err = LocalKms::open(&path).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LocalKmsError::WrongOwner {
+                owner: 65534,
+                me: 0,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("uid 65534"), "{err}");
+}
+
+#[tokio::test]
 async fn refuses_symlink() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("root.key");
