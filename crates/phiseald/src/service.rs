@@ -630,6 +630,19 @@ impl Sidecar {
                 for (_, data) in &mut allowed {
                     data.zeroize();
                 }
+                // Still one record for the call (its first refused item), so that no policy
+                // refusal goes unaudited; calls are rate-limited, so these are bounded.
+                let first: Vec<&EncryptionContext> = denied.iter().take(1).collect();
+                self.keyring
+                    .audit_refusal(
+                        &call.caller,
+                        map_action(op),
+                        "permission_denied",
+                        None,
+                        &first,
+                    )
+                    .await
+                    .map_err(|e| status::from_error(&e))?;
                 self.metrics.refuse("rate_limited");
                 let why = match budget {
                     RefusalBudget::TooManyAtOnce => "more than limits.rate_burst",
