@@ -29,12 +29,37 @@ pub(crate) fn body_hash(prefix: &[u8]) -> [u8; 32] {
         .digest(&[prefix, b"}"])
 }
 
-/// Appends `s` as a JSON string literal (RFC 8259): `"` and `\` escaped, control characters as
-/// `\uXXXX` (or their short forms); everything else is copied as UTF-8.
+/// Characters that change how a line looks without showing themselves — C1 controls, bidi
+/// overrides and isolates, zero-width and other format characters, line and paragraph
+/// separators — written as `\uXXXX` so that a record id (any text without C0 controls)
+/// cannot disguise itself or another member in the log or an export, nor split a line for
+/// tools that break on U+2028.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{80}'..='\u{9f}'
+            | '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+    )
+}
+
+/// Appends `s` as a JSON string literal (RFC 8259): `"` and `\` escaped, control characters
+/// and [`invisible`] ones as `\uXXXX` (or their short forms); everything else is copied as
+/// UTF-8.
 pub(crate) fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
-    // Fast path: names, ids and kinds almost never need escaping.
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    // Fast path: names, ids and kinds almost never need escaping (nor hold non-ASCII).
+    if !s
+        .bytes()
+        .any(|b| b < 0x20 || b == b'"' || b == b'\\' || b >= 0x80)
+    {
         out.push_str(s);
         out.push('"');
         return;
@@ -47,7 +72,7 @@ pub(crate) fn push_json_str(out: &mut String, s: &str) {
             '\n' => Some("\\n"),
             '\r' => Some("\\r"),
             '\t' => Some("\\t"),
-            c if (c as u32) < 0x20 => None,
+            c if (c as u32) < 0x20 || invisible(c) => None,
             _ => continue,
         };
         out.push_str(s.get(run_start..i).unwrap_or_default());
@@ -873,6 +898,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn invisible_characters_are_escaped_and_the_rest_kept() {
+        let mut out = String::new();
+        push_json_str(&mut out, "rec-\u{202e}fdp.exe\u{2028}x\u{200b}é✓\u{85}");
+        assert_eq!(out, "\"rec-\\u202efdp.exe\\u2028x\\u200bé✓\\u0085\"");
+        let mut plain = String::new();
+        push_json_str(&mut plain, "pt-7f3c9a52");
+        assert_eq!(plain, "\"pt-7f3c9a52\"");
+    }
+
+    #[test]
     fn hex_matches_the_hex_crate() {
         let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37));
         let mut out = String::new();
@@ -906,7 +941,7 @@ mod tests {
     fn max_event_line_len_is_an_upper_bound() {
         let mut line = String::new();
         let ctl: String = std::iter::repeat_n('\u{1}', 300).collect();
-        let mixed = "a\"\\\n\u{0}😀é".repeat(50);
+        let mixed = "a\"\\\n\u{0}😀é\u{85}\u{202e}\u{feff}".repeat(50);
         for s in ["", "x", ctl.as_str(), mixed.as_str()] {
             for time in [Timestamp::MIN, Timestamp::MAX, Timestamp::now()] {
                 let e = worst_event(s, time);
@@ -932,7 +967,7 @@ mod tests {
         for c in (0u32..0x200).filter_map(char::from_u32) {
             all.push(c);
         }
-        all.push_str("\u{2028}\u{2029}😀\u{10FFFF}\"\\");
+        all.push_str("\u{2028}\u{2029}\u{202e}\u{2066}\u{200b}\u{feff}😀\u{10FFFF}\"\\");
         for s in [all.as_str(), "", "plain", "\"", "\\", "\u{0}", "a\u{7f}b"] {
             let mut out = String::new();
             push_json_str(&mut out, s);
