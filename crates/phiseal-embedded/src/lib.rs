@@ -148,7 +148,8 @@ pub fn open_parts(
     data_dir: &Path,
     options: &EmbeddedOptions,
 ) -> Result<EmbeddedParts, EmbeddedError> {
-    let (kms, audit) = open_kms_and_audit(data_dir, options)?;
+    let kms = open_local_kms(data_dir)?;
+    let audit = open_audit(data_dir, options)?;
     let store = SqliteKeyStore::open(EmbeddedPaths::new(data_dir).key_store)?;
     Ok(EmbeddedParts {
         kms,
@@ -157,21 +158,13 @@ pub fn open_parts(
     })
 }
 
-/// Opens the local KMS and the audit log in `data_dir`, for a process that keeps its tenant
-/// keys in another key store (a shared database).
-pub fn open_kms_and_audit(
-    data_dir: &Path,
-    options: &EmbeddedOptions,
-) -> Result<(Arc<LocalKms>, Arc<FileAuditLog>), EmbeddedError> {
-    let kms = open_local_kms(data_dir)?;
-    let audit = open_audit(data_dir, options)?;
-    Ok((kms, audit))
-}
-
 /// Opens (creating on first use) the local development KMS's root key in `data_dir`. A
 /// missing root key is created only if the data directory's key store holds no tenant
 /// ([`EmbeddedError::RootKeyMissing`] otherwise): a lost or unmounted `root.key` must stop the
-/// start, not be silently replaced.
+/// start, not be silently replaced. Only the SQLite store in `data_dir` is checked: a process
+/// whose tenant keys are in another store (a shared database) must check that one itself
+/// before calling this — a new root key next to existing tenants makes them all unreadable
+/// (`phiseald` does, for PostgreSQL).
 pub fn open_local_kms(data_dir: &Path) -> Result<Arc<LocalKms>, EmbeddedError> {
     prepare_data_dir(data_dir)?;
     let paths = EmbeddedPaths::new(data_dir);
