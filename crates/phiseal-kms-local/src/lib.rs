@@ -260,6 +260,7 @@ impl LocalKms {
                 });
             }
         };
+        remove_stale_staging_links(path);
         let root_key_ref = key_ref(&root_key);
         let root_key = default_provider()
             .aes_256_gcm
@@ -545,6 +546,32 @@ fn write_and_link(tmp: &Path, path: &Path, dir: &Path, key: &[u8]) -> Result<boo
             path: path.to_owned(),
             source,
         }),
+    }
+}
+
+/// Removes `<file>.tmp-*` names that are second links to the root key file: a creation that
+/// crashed between linking the key into place and removing its staging name leaves one, and
+/// deleting `root.key` later would not destroy the key. (A staging file that is *not* the root
+/// key — another process creating one right now — is left alone.) Best effort.
+fn remove_stale_staging_links(path: &Path) {
+    let (Some(name), Ok(key)) = (path.file_name(), fs::symlink_metadata(path)) else {
+        return;
+    };
+    let mut prefix = name.to_owned();
+    prefix.push(".tmp-");
+    let Ok(entries) = fs::read_dir(parent_dir(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let staging = entry
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(prefix.as_encoded_bytes());
+        let same_file = fs::symlink_metadata(entry.path())
+            .is_ok_and(|m| m.is_file() && m.dev() == key.dev() && m.ino() == key.ino());
+        if staging && same_file {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -113,6 +113,24 @@ async fn refuses_a_key_file_of_another_user() {
 }
 
 #[tokio::test]
+async fn a_staging_link_left_by_a_crashed_creation_is_removed() {
+    // A creation that crashed after linking the key into place kept a second name for it:
+    // deleting root.key would not destroy the key.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("root.key");
+    LocalKms::open(&path).unwrap();
+    let left = dir.path().join("root.key.tmp-0123456789abcdef");
+    fs::hard_link(&path, &left).unwrap();
+    // Someone else's file that merely looks like one is not the key: it stays.
+    let other = dir.path().join("root.key.tmp-fedcba9876543210");
+    fs::write(&other, [0u8; 32]).unwrap();
+    LocalKms::open(&path).unwrap();
+    assert!(!left.exists(), "the second name of the root key is gone");
+    assert!(other.exists());
+    assert!(path.exists());
+}
+
+#[tokio::test]
 async fn refuses_symlink() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("root.key");
