@@ -60,7 +60,10 @@ use crate::segments::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// `append` returns after the `write(2)`; a background thread fdatasyncs at most once per
-    /// interval, and only when something was written.
+    /// interval, and only when something was written. If the fdatasync falls behind (a
+    /// stalled disk) so that a write 10 intervals old (at least 1 s) is still not covered by
+    /// a completed one, appends wait for it as in [`Durability::Strict`] until it catches up:
+    /// what is acknowledged but not yet on disk stays bounded in time.
     Interval(Duration),
     /// `append` returns after an fdatasync covering its records. Concurrent appenders share one
     /// fdatasync (group commit), so throughput is not capped at one record per fdatasync.
@@ -112,6 +115,11 @@ const WRITE_CHUNK: usize = 1 << 20;
 /// Buffered mode: initial capacity of the queue; a drained batch with more than
 /// `16 * QUEUE_CAPACITY` is freed rather than reused, so a burst does not pin memory.
 const QUEUE_CAPACITY: usize = 1024;
+/// Interval mode: when writes older than this many intervals are still not covered by a
+/// completed fdatasync (the disk stalls), appends wait for it.
+const STALL_INTERVALS: u32 = 10;
+/// Interval mode: the stall limit is never shorter than this.
+const MIN_STALL_LIMIT: Duration = Duration::from_secs(1);
 
 /// Options of [`FileAuditLog::open_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -177,6 +185,10 @@ struct Writer {
 struct SyncState {
     /// Something was written since the last fdatasync began.
     dirty: bool,
+    /// When the oldest write not covered by a started fdatasync was made (while `dirty`).
+    dirty_since: Option<Instant>,
+    /// When the oldest write covered by the fdatasync in progress was made (while one runs).
+    syncing_since: Option<Instant>,
     /// Highest ticket handed out (a ticket = "an fdatasync starting after now is needed").
     requested: u64,
     /// Highest ticket covered by an fdatasync that has started.
@@ -259,11 +271,17 @@ struct Shared {
     /// through [`Shared::set_poison`].
     poison: OnceLock<String>,
     syncs: AtomicU64,
+    /// Interval mode: how old an unsynced write may get before appends wait for the fdatasync
+    /// ([`STALL_INTERVALS`] intervals, at least [`MIN_STALL_LIMIT`]); `None` in the other modes.
+    stall_limit: Option<Duration>,
     /// Every record with a lower seq was written before an fdatasync that succeeded (or was
     /// in the file when it was opened): what a failed fdatasync cannot have lost.
     synced_seq: AtomicU64,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
+    /// While set, every fdatasync hangs (a stalled disk).
+    #[cfg(test)]
+    stall_syncs: std::sync::atomic::AtomicBool,
 }
 
 /// A hash-chained JSON-lines audit log in one local file, implementing [`AuditSink`].
@@ -700,9 +718,17 @@ impl FileAuditLog {
             buffer,
             poison: OnceLock::new(),
             syncs: AtomicU64::new(0),
+            stall_limit: match durability {
+                Durability::Interval(d) => {
+                    Some(d.saturating_mul(STALL_INTERVALS).max(MIN_STALL_LIMIT))
+                }
+                Durability::Strict | Durability::Buffered { .. } => None,
+            },
             synced_seq: AtomicU64::new(head.next_seq),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            stall_syncs: std::sync::atomic::AtomicBool::new(false),
         });
         let interval = match durability {
             Durability::Interval(d) => Some(d),
@@ -808,8 +834,9 @@ impl FileAuditLog {
     }
 
     /// Marks the file dirty and, if `ticket`, asks for an fdatasync starting after now and
-    /// returns its ticket.
-    fn mark_dirty(&self, ticket: bool) -> Result<u64, AuditFileError> {
+    /// returns its ticket. Also returned, with `true`, when the caller must wait for that
+    /// fdatasync although it did not ask: Interval mode during a sync stall.
+    fn mark_dirty(&self, ticket: bool) -> Result<(u64, bool), AuditFileError> {
         self.shared
             .mark_dirty(ticket)
             .ok_or_else(|| self.poisoned())
@@ -933,11 +960,15 @@ impl FileAuditLog {
         self.write_events(events)?;
         match self.shared.durability {
             Durability::Interval(_) | Durability::Buffered { .. } => {
-                self.mark_dirty(false)?;
-                Ok(())
+                match self.mark_dirty(false)? {
+                    // The fdatasync thread has not covered writes older than the stall limit:
+                    // wait for it rather than acknowledge more that may not reach the disk.
+                    (ticket, true) => self.wait_synced(ticket).await,
+                    (_, false) => Ok(()),
+                }
             }
             Durability::Strict => {
-                let ticket = self.mark_dirty(true)?;
+                let (ticket, _) = self.mark_dirty(true)?;
                 self.wait_synced(ticket).await
             }
         }
@@ -958,7 +989,7 @@ impl FileAuditLog {
             buf.wake.notify_one();
             self.wait_status(|s| s.written >= target).await?;
         }
-        let ticket = self.mark_dirty(true)?;
+        let (ticket, _) = self.mark_dirty(true)?;
         self.wait_synced(ticket).await
     }
 
@@ -1159,7 +1190,7 @@ impl Shared {
     }
 
     /// See [`FileAuditLog::mark_dirty`]; `None` if the log or the lock is poisoned.
-    fn mark_dirty(&self, ticket: bool) -> Option<u64> {
+    fn mark_dirty(&self, ticket: bool) -> Option<(u64, bool)> {
         // A poisoned log takes no more tickets: nothing could be acknowledged with them. Nor
         // does one whose fdatasync failed (the poison follows as soon as its message is made).
         if self.out_of_service() {
@@ -1168,17 +1199,27 @@ impl Shared {
         let mut st = lock(&self.sync_state)?;
         let was_dirty = st.dirty;
         st.dirty = true;
-        let t = if ticket {
+        let now = Instant::now();
+        let since = *st.dirty_since.get_or_insert(now);
+        // Interval mode: an fdatasync that has not covered writes this old (a stalled disk)
+        // turns this append into a waiting one, so that what is acknowledged but unsynced
+        // stays bounded in time (see `Durability::Interval`).
+        let oldest = st.syncing_since.map_or(since, |s| s.min(since));
+        let stalled = self
+            .stall_limit
+            .is_some_and(|limit| now.duration_since(oldest) > limit);
+        let t = if ticket || stalled {
             st.requested += 1;
             st.requested
         } else {
             st.requested
         };
+        let ticket = ticket || stalled;
         drop(st);
         if ticket || !was_dirty {
             self.sync_cv.notify_one();
         }
-        Some(t)
+        Some((t, ticket))
     }
 
     /// Asks the fdatasync thread to sync what is dirty and stop.
@@ -1764,6 +1805,7 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
             let ticket = st.requested;
             st.taken = ticket;
             st.dirty = false;
+            st.syncing_since = st.dirty_since.take();
             drop(st);
             // Records written before this point are what the fdatasync covers.
             let covered = written_seq(shared);
@@ -1793,6 +1835,7 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
                     return;
                 }
             };
+            st.syncing_since = None;
             continue;
         }
         if st.shutdown {
@@ -1871,6 +1914,10 @@ fn gated_sync(shared: &Shared, file: &File) -> std::io::Result<()> {
         return Err(std::io::Error::other(format!(
             "an earlier fdatasync of this log failed: {first}"
         )));
+    }
+    #[cfg(test)]
+    while shared.stall_syncs.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(5));
     }
     #[cfg(test)]
     let result = if shared.fail_next_sync.swap(false, Ordering::Relaxed) {
@@ -2006,6 +2053,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn interval_appends_wait_for_a_stalled_fdatasync_once_writes_are_too_old() {
+        // 20 ms interval: the stall limit is its floor, 1 s.
+        let dir = tempfile::tempdir().unwrap();
+        let log = FileAuditLog::open(
+            dir.path().join("audit.log"),
+            Durability::Interval(Duration::from_millis(20)),
+        )
+        .unwrap();
+        // A healthy disk: appends after an idle second return at once.
+        log.append_events(&[event(1)]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::timeout(Duration::from_millis(200), log.append_events(&[event(2)]))
+            .await
+            .expect("an append waited although every fdatasync completes")
+            .unwrap();
+        // The disk stalls: appends are acknowledged after write(2) as long as the oldest
+        // unsynced write is younger than the limit …
+        log.shared.stall_syncs.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await; // a sync has begun and hangs
+        log.append_events(&[event(3)]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // … then they wait for the fdatasync (the caller's deadline applies) …
+        let fourth = [event(4)];
+        let mut waiting = Box::pin(log.append_events(&fourth));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+                .await
+                .is_err(),
+            "acknowledged although writes 1.3 s old are unsynced"
+        );
+        // … and return once the disk is back and a sync covered them.
+        log.shared.stall_syncs.store(false, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("still waiting after the disk came back")
+            .unwrap();
+        log.append_events(&[event(5)]).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_failed_fdatasync_is_never_followed_by_an_acknowledgement() {
         // Linux reports a writeback error to one fdatasync only: a later one succeeds although
         // pages written before the failure may be gone. A record whose covering fdatasync
@@ -2014,7 +2101,7 @@ mod tests {
         let log = FileAuditLog::open(dir.path().join("audit.log"), Durability::Strict).unwrap();
         log.write_events(&[event(1)]).unwrap();
         log.shared.fail_next_sync.store(true, Ordering::Relaxed);
-        let first = log.mark_dirty(true).unwrap();
+        let (first, _) = log.mark_dirty(true).unwrap();
         // The fdatasync thread takes that ticket, fails and poisons the log.
         let mut rx = log.shared.status.subscribe();
         tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.failed.is_some()))
@@ -2022,7 +2109,7 @@ mod tests {
             .unwrap()
             .unwrap();
         // Another appender, which wrote before it could see the poison, asks for a sync.
-        if let Ok(second) = log.mark_dirty(true) {
+        if let Ok((second, _)) = log.mark_dirty(true) {
             // Give such a sync every chance to run (and succeed).
             let _ = tokio::time::timeout(
                 Duration::from_millis(500),
