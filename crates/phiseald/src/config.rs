@@ -617,6 +617,44 @@ impl Default for LogConfig {
     }
 }
 
+/// The crates whose events a bare `log.level` applies to in full (tracing targets).
+const OWN_TARGETS: [&str; 11] = [
+    "phiseal",
+    "phiseald",
+    "phiseal_cli",
+    "phiseal_embedded",
+    "phiseal_audit_file",
+    "phiseal_kms_local",
+    "phiseal_kms_aws",
+    "phiseal_kms_azure",
+    "phiseal_kms_pkcs11",
+    "phiseal_store_sqlite",
+    "phiseal_store_postgres",
+];
+
+impl LogConfig {
+    /// The tracing filter for `level`. A bare `debug` or `trace` applies to phiseal's own
+    /// crates only; the libraries below (the AWS and Azure SDKs, h2, hyper, tonic, the
+    /// PostgreSQL driver) stay at `info`: at debug and trace levels some of them log request
+    /// and response details, and a KMS response carries a tenant key. Name a library's target
+    /// explicitly to go further (`h2=debug,info`); any filter with a directive of its own
+    /// (`=` or `,`) is taken as written.
+    pub fn filter(&self) -> String {
+        let level = self.level.trim();
+        let bare_verbose = ["debug", "trace"]
+            .iter()
+            .any(|v| level.eq_ignore_ascii_case(v));
+        if !bare_verbose {
+            return level.to_owned();
+        }
+        let mut filter = String::from("info");
+        for target in OWN_TARGETS {
+            filter.push_str(&format!(",{target}={level}"));
+        }
+        filter
+    }
+}
+
 /// Log output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -937,7 +975,7 @@ impl Config {
         if self.cache.max_stale > MAX_STALE_LIMIT {
             return bad("cache.max_stale", "must be at most 24h");
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(self.log.filter()) {
             return bad("log.level", &format!("not a valid filter: {e}"));
         }
         if let Some(group) = &self.socket_group
@@ -1128,4 +1166,29 @@ fn describe_figment_error(error: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogConfig;
+
+    #[test]
+    fn a_bare_verbose_level_stops_at_info_for_the_libraries() {
+        let filter = |level: &str| {
+            LogConfig {
+                level: level.into(),
+                ..LogConfig::default()
+            }
+            .filter()
+        };
+        let trace = filter("trace");
+        assert!(trace.starts_with("info,"), "{trace}");
+        assert!(trace.contains(",phiseald=trace") && trace.contains(",phiseal_kms_aws=trace"));
+        assert!(!trace.contains("h2") && !trace.contains("aws_smithy"));
+        assert!(filter(" DEBUG ").contains("phiseal=DEBUG"));
+        // Anything else as written: plain levels, and filters with directives of their own.
+        for written in ["info", "warn", "off", "h2=debug,info", "debug,h2=info"] {
+            assert_eq!(filter(written), written);
+        }
+    }
 }

@@ -55,7 +55,7 @@ fn load(args: &Args) -> Result<Config, phiseald::DaemonError> {
 }
 
 fn init_logging(config: &Config) -> Result<(), phiseald::DaemonError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+    let filter = tracing_subscriber::EnvFilter::try_new(config.log.filter())
         .map_err(|e| phiseald::DaemonError::Config(format!("log.level: {e}")))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
