@@ -296,7 +296,6 @@ impl Sidecar {
         let identity = match self.auth.identify(request) {
             Ok(identity) => identity,
             Err(failure) => {
-                self.metrics.refuse("unauthenticated");
                 // Audit the refusal under the peer's uid (the credentials are still known).
                 let peer = request
                     .extensions()
@@ -317,6 +316,8 @@ impl Sidecar {
                 if !self.limiter.admit(&actor.identity) {
                     return Err(self.rate_limited(rpc, started, &actor.identity, id.as_deref()));
                 }
+                // Counted once per call: as rate_limited above, or as unauthenticated here.
+                self.metrics.refuse("unauthenticated");
                 let caller = match id {
                     Some(id) => Caller::with_request_id(actor, id),
                     None => Caller::new(actor),
