@@ -573,3 +573,35 @@ async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
         .json();
     assert_eq!(rerun["rewrapped"], 0, "{rerun}");
 }
+
+#[tokio::test]
+async fn the_daemons_own_deadline_answers_a_call_stuck_on_the_kms() {
+    // No client deadline: whatever answers is the daemon's limits.request_timeout (500 ms),
+    // long before the KMS call's own time limit (5 s).
+    let moto = Moto::start();
+    let client = moto::client(&moto.url()).await;
+    let arn = moto::create_key(&client).await;
+    let config = format!(
+        "socket = \"{{socket}}\"\ndata_dir = \"{{data_dir}}\"\n{}[cache]\nkey_ttl = \"1s\"\n\
+         metadata_ttl = \"1s\"\n[limits]\nrequest_timeout = \"500ms\"\n{POLICY}",
+        aws_kms_section(&moto, &arn)
+    );
+    let d = Daemon::start(Some(&config), aws_env);
+    create_tenant(&d, "t").await;
+    let ct = encrypt(&d, "t", b"value").await;
+    // The cached key expires; the next decrypt needs the KMS, which hangs.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    moto.suspend();
+    let started = Instant::now();
+    let status = decrypt(&d, "t", &ct).await.unwrap_err();
+    let took = started.elapsed();
+    moto.resume();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert_eq!(common::kind(&status), "deadline_exceeded", "{status:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The KMS back, the same call succeeds.
+    assert_eq!(decrypt(&d, "t", &ct).await.unwrap(), b"value");
+}
