@@ -611,10 +611,13 @@ async fn policy_tokens_and_refusals_are_audited() {
 async fn bad_tokens_are_rate_limited_before_they_are_audited() {
     // Each refused call with a wrong token writes an audit record; the peer's uid has a rate
     // limit for them, so a flood of bad tokens cannot grow the audit log without bound.
-    let d = Daemon::with_config(
+    let port = free_port();
+    let d = Daemon::with_config(&format!(
         r#"
-socket = "{socket}"
-data_dir = "{data_dir}"
+socket = "{{socket}}"
+data_dir = "{{data_dir}}"
+[metrics]
+listen = "127.0.0.1:{port}"
 [limits]
 rate_per_second = 1
 rate_burst = 3
@@ -622,8 +625,8 @@ rate_burst = 3
 uids = [0]
 operations = ["*"]
 tenants = ["*"]
-"#,
-    );
+"#
+    ));
     let mut fields = d.fields().await;
     let mut codes = Vec::new();
     for _ in 0..10 {
@@ -656,6 +659,16 @@ tenants = ["*"]
     let answered = codes.iter().filter(|c| **c == unauthenticated).count();
     assert_eq!(audited, answered, "{codes:?}");
     assert!(audited < 10, "{codes:?}");
+    // Each call counted once, by what it was answered.
+    let body = http_get(format!("127.0.0.1:{port}").parse().unwrap(), "/metrics");
+    let limited_count = codes.iter().filter(|c| **c == limited).count();
+    for (reason, n) in [
+        ("unauthenticated", answered),
+        ("rate_limited", limited_count),
+    ] {
+        let line = format!("phiseal_refused_total{{reason=\"{reason}\"}} {n}\n");
+        assert!(body.contains(&line), "{line:?} in {body}");
+    }
 }
 
 #[tokio::test]
