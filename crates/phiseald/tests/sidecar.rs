@@ -1460,3 +1460,60 @@ fields = ["ssn"]
     ok(fields.encrypt_batch(globex_batch(3)).await);
     assert_eq!(denials(), 7);
 }
+
+#[tokio::test]
+async fn a_unary_call_whose_message_never_finishes_arriving_is_cut_off() {
+    // No phiseal code runs before a call's message is complete, so the daemon's own deadline
+    // cannot end this call: the server's receive limit (request_timeout + 5 s) must.
+    let d = Daemon::with_config(
+        r#"
+socket = "{socket}"
+data_dir = "{data_dir}"
+[limits]
+request_timeout = "100ms"
+[[policy]]
+uids = [0]
+operations = ["*"]
+tenants = ["*"]
+"#,
+    );
+    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (client, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/phiseal.v1.FieldService/Encrypt")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    // A gRPC frame header announcing 1000 bytes, then 10 of them, and nothing more.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xe8]), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0; 10]), false)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(20), response)
+        .await
+        .expect("the daemon kept waiting for the rest of the message")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    // gRPC's CANCELLED ("Timeout expired"), as a trailers-only answer.
+    assert_eq!(
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        Some("1".to_owned()),
+        "{response:?}"
+    );
+    drop(body);
+}
