@@ -1477,25 +1477,7 @@ operations = ["*"]
 tenants = ["*"]
 "#,
     );
-    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
-    let (client, connection) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut client = client.ready().await.unwrap();
-    let request = http::Request::builder()
-        .method("POST")
-        .uri("http://localhost/phiseal.v1.FieldService/Encrypt")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut body) = client.send_request(request, false).unwrap();
-    // A gRPC frame header announcing 1000 bytes, then 10 of them, and nothing more.
-    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xe8]), false)
-        .unwrap();
-    body.send_data(bytes::Bytes::from_static(&[0; 10]), false)
-        .unwrap();
+    let (response, body) = stuck_unary_call(&d).await;
     let started = std::time::Instant::now();
     let response = tokio::time::timeout(Duration::from_secs(20), response)
         .await
@@ -1516,4 +1498,79 @@ tenants = ["*"]
         "{response:?}"
     );
     drop(body);
+}
+
+/// Opens an `Encrypt` call on a connection of its own (a raw HTTP/2 client) whose message
+/// never finishes arriving: a gRPC frame header announcing 1000 bytes, then 10 of them.
+/// Returns the future of the answer, and the request body (the call stays open while held).
+async fn stuck_unary_call(
+    d: &Daemon,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (client, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/phiseal.v1.FieldService/Encrypt")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xe8]), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0; 10]), false)
+        .unwrap();
+    (response, body)
+}
+
+#[tokio::test]
+async fn calls_beyond_max_requests_in_flight_wait_for_a_slot() {
+    // One call in flight at most: while a stuck call holds the slot, any other call (a health
+    // check here) waits; once the stuck one is cut off (request_timeout + 5 s), it is served.
+    let d = Daemon::with_config(
+        r#"
+socket = "{socket}"
+data_dir = "{data_dir}"
+[limits]
+request_timeout = "100ms"
+max_requests_in_flight = 1
+"#,
+    );
+    let (stuck, _body) = stuck_unary_call(&d).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(d.channel().await);
+    let check = health.check(tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    });
+    tokio::pin!(check);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), &mut check)
+            .await
+            .is_err(),
+        "answered while the only slot was taken"
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(15), check)
+        .await
+        .expect("never served after the slot came free")
+        .unwrap();
+    assert_eq!(
+        answer.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // The stuck call was the one cut off.
+    let stuck = tokio::time::timeout(Duration::from_secs(5), stuck)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stuck
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        Some("1".to_owned())
+    );
 }
