@@ -1090,11 +1090,11 @@ impl Keyring {
         record: &KeyRecord,
     ) -> Result<VersionKey, Error> {
         let inner = &self.inner;
-        self.refuse_without_kms(tenant, record)?;
+        let wrapped = self.refuse_without_kms(tenant, record)?;
         if !inner.outage.may_call(Instant::now_without_cache_update()) {
             return Err(inner.outage.error(inner.kms.name()));
         }
-        self.unwrap_version(tenant, record).await
+        self.unwrap_wrapped(tenant, record, wrapped).await
     }
 
     /// Audits one attempt to get a tenant key version from the KMS.
@@ -1166,8 +1166,18 @@ impl Keyring {
         tenant: &TenantId,
         record: &KeyRecord,
     ) -> Result<VersionKey, Error> {
-        let inner = &self.inner;
         let wrapped = self.refuse_without_kms(tenant, record)?;
+        self.unwrap_wrapped(tenant, record, wrapped).await
+    }
+
+    /// [`Keyring::unwrap_version`] once [`Keyring::refuse_without_kms`] let `wrapped` through.
+    async fn unwrap_wrapped(
+        &self,
+        tenant: &TenantId,
+        record: &KeyRecord,
+        wrapped: &crate::kms::WrappedKey,
+    ) -> Result<VersionKey, Error> {
+        let inner = &self.inner;
         let binding = key_binding(tenant, record.version);
         let unwrapped = inner.kms.unwrap(wrapped, &binding).await;
         // Only the outcome of a real KMS call moves the outage state (the checks above
