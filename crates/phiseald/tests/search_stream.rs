@@ -876,11 +876,14 @@ async fn a_stream_message_without_a_chunk_is_refused_for_what_it_is() {
     }
 }
 
-#[tokio::test]
-async fn streams_beyond_limits_max_streams_are_refused() {
-    let d = Daemon::with_config(&config(&format!("{ALL}[limits]\nmax_streams = 1\n")));
-    create_tenant(&d, "clinic").await;
-    // One stream held open (its requests never end).
+/// An `EncryptStream` of tenant `clinic` held open: its context is sent, and its requests end
+/// only when the returned sender is dropped.
+async fn held_stream(
+    d: &Daemon,
+) -> (
+    tokio::sync::mpsc::Sender<pb::EncryptStreamRequest>,
+    Result<tonic::Response<tonic::Streaming<pb::StreamChunk>>, tonic::Status>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::EncryptStreamRequest {
         part: Some(pb::encrypt_stream_request::Part::Context(
@@ -889,12 +892,21 @@ async fn streams_beyond_limits_max_streams_are_refused() {
     })
     .await
     .unwrap();
-    let _open = d
+    let answers = d
         .fields()
         .await
         .encrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap();
+        .await;
+    (tx, answers)
+}
+
+#[tokio::test]
+async fn streams_beyond_limits_max_streams_are_refused() {
+    let d = Daemon::with_config(&config(&format!("{ALL}[limits]\nmax_streams = 1\n")));
+    create_tenant(&d, "clinic").await;
+    // One stream held open (its requests never end).
+    let (tx, open) = held_stream(&d).await;
+    let _open = open.unwrap();
     let second = vec![pb::EncryptStreamRequest {
         part: Some(pb::encrypt_stream_request::Part::Context(
             ctx("clinic", "referral", None).unwrap(),
@@ -1333,22 +1345,7 @@ async fn one_caller_cannot_hold_every_stream_slot() {
     )));
     create_tenant(&d, "clinic").await;
     // Streams held open (their requests never end) by this caller (uid 0, no token).
-    let open = || async {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(pb::EncryptStreamRequest {
-            part: Some(pb::encrypt_stream_request::Part::Context(
-                ctx("clinic", "referral", None).unwrap(),
-            )),
-        })
-        .await
-        .unwrap();
-        let answers = d
-            .fields()
-            .await
-            .encrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await;
-        (tx, answers)
-    };
+    let open = || held_stream(&d);
     let (first_tx, first) = open().await;
     let (_second_tx, second) = open().await;
     assert!(first.is_ok() && second.is_ok());
