@@ -26,6 +26,8 @@ use crate::error::PostgresStoreError;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 8;
 /// Default for [`PostgresStoreConfig::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for [`PostgresStoreConfig::schema`].
+pub const DEFAULT_SCHEMA: &str = "phiseal";
 /// `application_name` reported to the server unless the connection string sets one.
 const APPLICATION_NAME: &str = "phiseal";
 
@@ -51,6 +53,12 @@ pub struct PostgresStoreConfig {
     pub connect_timeout: Duration,
     /// Whether connections use TLS.
     pub tls: TlsMode,
+    /// The PostgreSQL schema that holds the store's tables (default [`DEFAULT_SCHEMA`]):
+    /// 1 to 63 characters of `[a-z0-9_]`, not starting with a digit or `pg_`. Created on the first
+    /// migration if it does not exist. Every session runs with `search_path = "<schema>"`,
+    /// whatever the role's own `search_path` says (PostgreSQL still looks in `pg_catalog`
+    /// first), so no other schema can put a table or function in the store's way.
+    pub schema: String,
 }
 
 impl PostgresStoreConfig {
@@ -62,6 +70,7 @@ impl PostgresStoreConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls: TlsMode::Disable,
+            schema: DEFAULT_SCHEMA.to_owned(),
         }
     }
 }
@@ -73,6 +82,7 @@ impl fmt::Debug for PostgresStoreConfig {
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("tls", &self.tls)
+            .field("schema", &self.schema)
             .finish()
     }
 }
@@ -95,6 +105,8 @@ pub enum TlsMode {
 /// A validated configuration: the driver's config, a printable description of the target and
 /// the TLS connector (if any).
 pub(crate) struct Parsed {
+    /// The checked schema name (see [`PostgresStoreConfig::schema`]).
+    pub(crate) schema: String,
     pub(crate) pg: tokio_postgres::Config,
     pub(crate) target: String,
     pub(crate) tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
@@ -114,6 +126,7 @@ pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStor
     if config.connect_timeout.is_zero() {
         return Err(config_error("connect_timeout must be greater than zero"));
     }
+    check_schema_name(&config.schema)?;
     let url = config.database_url.expose_secret();
     if credentials_after_authority(url) {
         // The driver takes everything before the first '@' as user and password, wherever
@@ -195,7 +208,35 @@ pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStor
         }
     };
     let target = describe(&pg);
-    Ok(Parsed { pg, target, tls })
+    Ok(Parsed {
+        schema: config.schema.clone(),
+        pg,
+        target,
+        tls,
+    })
+}
+
+/// Checks a [`PostgresStoreConfig::schema`] value: refuses a name that would need quoting
+/// rules to be safe, or that names a system schema.
+pub fn check_schema_name(schema: &str) -> Result<(), PostgresStoreError> {
+    let well_formed = (1..=63).contains(&schema.len())
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if !well_formed {
+        return Err(config_error(format!(
+            "schema {schema:?} is not 1 to 63 characters of a-z, 0-9 and _ (not starting with \
+             a digit)"
+        )));
+    }
+    if schema.starts_with("pg_") || schema == "information_schema" {
+        return Err(config_error(format!(
+            "schema {schema:?} is reserved for PostgreSQL's system catalogs: choose another \
+             (the default is {DEFAULT_SCHEMA:?})"
+        )));
+    }
+    Ok(())
 }
 
 /// Whether `url` (the URL form) has its first '@' after the end of its authority (the first

@@ -64,6 +64,17 @@ pub enum PostgresStoreError {
         /// The highest version in `schema_migrations` (0: none).
         found: u32,
     },
+    /// The store's schema is not safe to use as it is (see
+    /// [`crate::PostgresStoreConfig::schema`]).
+    #[error("postgres key store at {target}: schema \"{schema}\": {problem}")]
+    UnsafeSchema {
+        /// `user@host:port/dbname`.
+        target: String,
+        /// The configured schema.
+        schema: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
     /// The call would break a key-store invariant (see [`StoreRefusal`]).
     #[error(transparent)]
     Refused(#[from] StoreRefusal),
@@ -101,7 +112,8 @@ impl PostgresStoreError {
             PostgresStoreError::Config { .. }
             | PostgresStoreError::Tls { .. }
             | PostgresStoreError::SchemaTooNew { .. }
-            | PostgresStoreError::SchemaOutdated { .. } => BackendErrorKind::Misconfigured,
+            | PostgresStoreError::SchemaOutdated { .. }
+            | PostgresStoreError::UnsafeSchema { .. } => BackendErrorKind::Misconfigured,
             PostgresStoreError::Database { source, .. } => source.kind(),
             PostgresStoreError::Refused(refusal) => refusal.kind(),
             PostgresStoreError::Corrupt { .. } => BackendErrorKind::InvalidData,

@@ -129,10 +129,24 @@
 //! [`PostgresKeyStore::open`] applies pending ones (each in one transaction, serialized across
 //! processes by an advisory lock); [`PostgresKeyStore::connect`] only checks the version.
 //! A database whose schema is newer than this build is refused
-//! ([`PostgresStoreError::SchemaTooNew`]). The tables live in the first schema of the role's
-//! `search_path`: give phiseal its own database (or its own schema via `search_path`). The
-//! role that runs the store should own the tables (it does if the store created them), so that
-//! it can `VACUUM` after a shred. Schema version 1:
+//! ([`PostgresStoreError::SchemaTooNew`]).
+//!
+//! The tables live in one PostgreSQL schema, [`PostgresStoreConfig::schema`] (default
+//! `phiseal`), which the first migration creates if it does not exist. Every session of the
+//! store runs with `search_path` set to that schema alone, whatever the role's own setting, so
+//! a table, type or function another role puts in some other schema is never used in its
+//! place (the class of CVE-2018-1058). Opening the store also refuses
+//! ([`PostgresStoreError::UnsafeSchema`]):
+//! - a schema in which every role may create objects (`CREATE` granted to `PUBLIC`, as on the
+//!   `public` schema before PostgreSQL 15): another role could create the store's tables
+//!   there first, owned by it;
+//! - an empty schema while the role's own search path finds the key tables in another schema
+//!   (where builds before this setting created them): the store would otherwise start empty
+//!   next to them. Set the schema to theirs, or move the tables.
+//!
+//! The role that runs the store should own the tables (it does if the store created them), so
+//! that it can `VACUUM` after a shred; a role with only `SELECT, INSERT, UPDATE` on the tables
+//! also needs `USAGE` on the schema. Schema version 1:
 //! ```sql
 //! CREATE TABLE tenants (
 //!     tenant text PRIMARY KEY CHECK (tenant ~ '^[A-Za-z0-9._:-]{1,128}$'),
@@ -184,8 +198,8 @@ use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
 
 pub use config::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, PostgresStoreConfig, TlsMode,
-    connects_only_to_this_host,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEMA, PostgresStoreConfig, TlsMode,
+    check_schema_name, connects_only_to_this_host,
 };
 pub use error::{DatabaseError, PostgresStoreError};
 pub use schema::SCHEMA_VERSION;
@@ -212,6 +226,8 @@ pub struct PostgresKeyStore {
 pub(crate) struct Inner {
     pool: Pool,
     target: Arc<str>,
+    /// The schema holding the tables, first after `pg_catalog` in every session's search path.
+    schema: Arc<str>,
     connect_timeout: Duration,
     tls: bool,
     /// What a [`ChangeWatcher`]'s dedicated connection is opened with.
@@ -244,6 +260,7 @@ impl PostgresKeyStore {
     pub async fn connect(config: &PostgresStoreConfig) -> Result<Self, PostgresStoreError> {
         let store = Self::build(config)?;
         let found = store.inner.schema_version().await?;
+        store.inner.check_placement(found).await?;
         let target = store.inner.target.to_string();
         if found > SCHEMA_VERSION {
             return Err(PostgresStoreError::SchemaTooNew { target, found });
@@ -291,12 +308,16 @@ impl PostgresKeyStore {
             Some(connector) => Manager::from_config(parsed.pg, connector, manager_config),
             None => Manager::from_config(parsed.pg, tokio_postgres::NoTls, manager_config),
         };
+        // The search path is the store's schema alone, whatever the role's own: PostgreSQL
+        // looks in pg_catalog first (and in the session's own temporary schema, where the
+        // store creates nothing), so no other schema can hold an object in the store's way.
         let session = format!(
             "SET statement_timeout = {}; SET lock_timeout = {}; \
-             SET idle_in_transaction_session_timeout = {}",
+             SET idle_in_transaction_session_timeout = {}; SET search_path = \"{}\"",
             STATEMENT_TIMEOUT.as_millis(),
             LOCK_TIMEOUT.as_millis(),
-            OPERATION_TIMEOUT.as_millis()
+            OPERATION_TIMEOUT.as_millis(),
+            parsed.schema,
         );
         let session: Arc<str> = Arc::from(session);
         let pool = Pool::builder(manager)
@@ -322,6 +343,7 @@ impl PostgresKeyStore {
             inner: Arc::new(Inner {
                 pool,
                 target,
+                schema: Arc::from(parsed.schema),
                 connect_timeout: config.connect_timeout,
                 tls,
                 listen,

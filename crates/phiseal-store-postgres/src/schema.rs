@@ -96,6 +96,7 @@ impl Inner {
     /// returns the versions applied (empty if the schema was current).
     pub(crate) async fn migrate(&self) -> Result<Vec<u32>, PostgresStoreError> {
         let found = self.schema_version().await?;
+        self.check_placement(found).await?;
         if found > SCHEMA_VERSION {
             return Err(PostgresStoreError::SchemaTooNew {
                 target: self.target.to_string(),
@@ -113,6 +114,74 @@ impl Inner {
         Ok(applied)
     }
 
+    /// Refuses a store schema that every role may create objects in, and, while the store's
+    /// schema holds no tables yet (`found` is 0), key tables that an earlier build left where
+    /// the role's own search path put them: starting an empty store next to them would look
+    /// as if every tenant had vanished.
+    pub(crate) async fn check_placement(&self, found: u32) -> Result<(), PostgresStoreError> {
+        let action = "check the store's schema";
+        let unsafe_schema = |problem: String| PostgresStoreError::UnsafeSchema {
+            target: self.target.to_string(),
+            schema: self.schema.to_string(),
+            problem,
+        };
+        self.timed(action, async {
+            let mut client = self.client(action).await?;
+            let row = client
+                .query_one(
+                    "SELECT COALESCE((SELECT has_schema_privilege('public', oid, 'CREATE')
+                                      FROM pg_namespace WHERE nspname = $1), false)",
+                    &[&&*self.schema],
+                )
+                .await
+                .map_err(self.db(action))?;
+            if row.try_get::<_, bool>(0).map_err(self.db(action))? {
+                return Err(unsafe_schema(format!(
+                    "every role may create objects in it (CREATE is granted to PUBLIC), so \
+                     another role could create the store's tables there first, owned by it; \
+                     run REVOKE CREATE ON SCHEMA {} FROM PUBLIC",
+                    self.schema
+                )));
+            }
+            if found != 0 {
+                return Ok(());
+            }
+            // Where the role's own search path (the session's default, before the store set
+            // its own) finds the key tables, if anywhere.
+            let tx = client.transaction().await.map_err(self.db(action))?;
+            tx.batch_execute("SET LOCAL search_path TO DEFAULT")
+                .await
+                .map_err(self.db(action))?;
+            let row = tx
+                .query_opt(
+                    "SELECT n.nspname::text FROM pg_class c
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.oid = to_regclass('key_versions')",
+                    &[],
+                )
+                .await
+                .map_err(self.db(action))?;
+            tx.rollback().await.map_err(self.db(action))?;
+            let elsewhere: Option<String> = row
+                .map(|r| r.try_get(0))
+                .transpose()
+                .map_err(self.db(action))?;
+            match elsewhere {
+                Some(other) if other != *self.schema => Err(unsafe_schema(format!(
+                    "it holds no key tables yet, but the role's search path finds them in \
+                     schema \"{other}\" (where builds without the schema setting created \
+                     them); refusing to start an empty key store next to them: set the store's \
+                     schema to \"{other}\", or move the three tables (ALTER TABLE \
+                     {other}.schema_migrations SET SCHEMA {schema}; likewise tenants and \
+                     key_versions)",
+                    schema = self.schema
+                ))),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
     /// Applies the next pending migration; `None` if there is none.
     async fn migrate_one(&self) -> Result<Option<u32>, PostgresStoreError> {
         let action = "migrate the schema";
@@ -122,6 +191,20 @@ impl Inner {
             tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await
                 .map_err(self.db("take the schema migration lock"))?;
+            let row = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    &[&&*self.schema],
+                )
+                .await
+                .map_err(self.db("look up the store's schema"))?;
+            if !row.try_get::<_, bool>(0).map_err(self.db(action))? {
+                // Created (and so owned) by this role; a schema an administrator created
+                // beforehand is used as it is.
+                tx.batch_execute(&format!("CREATE SCHEMA \"{}\"", self.schema))
+                    .await
+                    .map_err(self.db("create the store's schema"))?;
+            }
             tx.batch_execute(CREATE_MIGRATIONS_TABLE)
                 .await
                 .map_err(self.db("create the schema_migrations table"))?;

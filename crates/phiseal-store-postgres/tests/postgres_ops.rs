@@ -345,6 +345,7 @@ async fn a_role_that_cannot_vacuum_is_told_the_shred_is_incomplete() {
     raw.batch_execute(
         "CREATE EXTENSION pageinspect;
          CREATE ROLE phiseal_app LOGIN;
+         GRANT USAGE ON SCHEMA phiseal TO phiseal_app;
          GRANT SELECT, INSERT, UPDATE ON tenants, key_versions TO phiseal_app;
          GRANT SELECT ON schema_migrations TO phiseal_app;",
     )

@@ -788,7 +788,7 @@ async fn a_foreign_table_in_the_way_is_a_clear_error() {
     let db = TestDb::new("foreign").await;
     db.raw()
         .await
-        .batch_execute("CREATE TABLE key_versions (id int)")
+        .batch_execute("CREATE SCHEMA phiseal; CREATE TABLE phiseal.key_versions (id int)")
         .await
         .unwrap();
     let err = PostgresKeyStore::open(&db.config()).await.unwrap_err();
@@ -800,10 +800,168 @@ async fn a_foreign_table_in_the_way_is_a_clear_error() {
     let exists: bool = db
         .raw()
         .await
-        .query_one("SELECT to_regclass('tenants') IS NOT NULL", &[])
+        .query_one("SELECT to_regclass('phiseal.tenants') IS NOT NULL", &[])
         .await
         .unwrap()
         .get(0);
     assert!(!exists);
+    db.drop_database().await;
+}
+
+/// The schema that holds `relation` in `db`, if the relation exists (qualified name).
+async fn schema_of(raw: &tokio_postgres::Client, relation: &str) -> Option<String> {
+    raw.query_opt(
+        "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = to_regclass($1)",
+        &[&relation],
+    )
+    .await
+    .unwrap()
+    .map(|row| row.get(0))
+}
+
+#[tokio::test]
+async fn the_tables_live_in_the_store_schema_and_other_schemas_cannot_stand_in() {
+    let db = TestDb::new("schemapath").await;
+    let raw = db.raw_default_path().await;
+    // The role's own search path puts a schema ahead of everything else.
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {} SET search_path = decoy, public",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let store = db.open().await;
+    let t = tid("acme");
+    store.create_tenant(&t, record("acme", 1)).await.unwrap();
+    for table in ["schema_migrations", "tenants", "key_versions"] {
+        assert_eq!(
+            schema_of(&raw, &format!("phiseal.{table}"))
+                .await
+                .as_deref(),
+            Some("phiseal"),
+            "{table}"
+        );
+        assert_eq!(schema_of(&raw, &format!("public.{table}")).await, None);
+    }
+
+    // Later, tables appear in that first schema: a tombstone for the tenant, and a key
+    // version of another tenant.
+    raw.batch_execute(
+        "CREATE SCHEMA decoy;
+         CREATE TABLE decoy.tenants (LIKE phiseal.tenants INCLUDING ALL);
+         CREATE TABLE decoy.key_versions (LIKE phiseal.key_versions INCLUDING ALL);
+         INSERT INTO decoy.tenants VALUES ('acme', 1, now(), now()), ('mallory', 1, NULL, now());
+         INSERT INTO decoy.key_versions
+             SELECT 'mallory', 1, 'primary', 'test', '\\x00', key_check, now()
+             FROM phiseal.key_versions;",
+    )
+    .await
+    .unwrap();
+    // New sessions (a new pool) still read and write the store's own tables.
+    drop(store);
+    let store = db.open().await;
+    let rec = store.load_tenant(&t).await.unwrap().unwrap();
+    assert!(rec.shredded_at.is_none(), "read the decoy tombstone");
+    assert_eq!(versions(&rec), vec![1]);
+    assert!(store.load_tenant(&tid("mallory")).await.unwrap().is_none());
+    assert_eq!(store.list_tenants().await.unwrap(), vec![t.clone()]);
+    store
+        .insert_version(&t, 1, record("acme", 2))
+        .await
+        .unwrap();
+    let in_store: i64 = raw
+        .query_one("SELECT count(*) FROM phiseal.key_versions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_store, 2);
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_schema_every_role_may_create_in_is_refused() {
+    let db = TestDb::new("schemapublic").await;
+    let raw = db.raw_default_path().await;
+    raw.batch_execute("CREATE SCHEMA phiseal; GRANT CREATE ON SCHEMA phiseal TO PUBLIC;")
+        .await
+        .unwrap();
+    for result in [
+        PostgresKeyStore::open(&db.config()).await,
+        PostgresKeyStore::connect(&db.config()).await,
+    ] {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, PostgresStoreError::UnsafeSchema { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), BackendErrorKind::Misconfigured);
+        let text = err.to_string();
+        assert!(text.contains("schema \"phiseal\""), "{text}");
+        assert!(text.contains("CREATE is granted to PUBLIC"), "{text}");
+        assert!(
+            text.contains("REVOKE CREATE ON SCHEMA phiseal FROM PUBLIC"),
+            "{text}"
+        );
+    }
+    // Nothing was created in it.
+    assert_eq!(schema_of(&raw, "phiseal.schema_migrations").await, None);
+    raw.batch_execute("REVOKE CREATE ON SCHEMA phiseal FROM PUBLIC")
+        .await
+        .unwrap();
+    let store = db.open().await;
+    store
+        .create_tenant(&tid("acme"), record("acme", 1))
+        .await
+        .unwrap();
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn key_tables_where_an_earlier_build_put_them_are_not_replaced_by_an_empty_store() {
+    let db = TestDb::new("schemalegacy").await;
+    // Earlier builds created the tables in the first schema of the role's search path
+    // (here `public`); the `schema` setting reproduces that layout.
+    let mut legacy = db.config();
+    legacy.schema = "public".into();
+    let old = PostgresKeyStore::open(&legacy).await.unwrap();
+    old.create_tenant(&tid("acme"), record("acme", 1))
+        .await
+        .unwrap();
+    drop(old);
+
+    for result in [
+        PostgresKeyStore::open(&db.config()).await,
+        PostgresKeyStore::connect(&db.config()).await,
+    ] {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, PostgresStoreError::UnsafeSchema { .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("finds them in schema \"public\""), "{text}");
+        assert!(
+            text.contains("ALTER TABLE public.schema_migrations SET SCHEMA phiseal"),
+            "{text}"
+        );
+    }
+    let raw = db.raw_default_path().await;
+    assert_eq!(schema_of(&raw, "phiseal.schema_migrations").await, None);
+
+    // Either remedy works: name the old schema, or move the tables.
+    let store = PostgresKeyStore::open(&legacy).await.unwrap();
+    assert!(store.load_tenant(&tid("acme")).await.unwrap().is_some());
+    drop(store);
+    raw.batch_execute(
+        "CREATE SCHEMA phiseal;
+         ALTER TABLE public.schema_migrations SET SCHEMA phiseal;
+         ALTER TABLE public.tenants SET SCHEMA phiseal;
+         ALTER TABLE public.key_versions SET SCHEMA phiseal;",
+    )
+    .await
+    .unwrap();
+    let store = db.open().await;
+    assert!(store.load_tenant(&tid("acme")).await.unwrap().is_some());
     db.drop_database().await;
 }

@@ -414,6 +414,9 @@ pub struct KeyStoreConfig {
     /// Set it only when something else encrypts and authenticates the path (a service mesh's
     /// mutual TLS): without, the key store's answers could be read or replayed on the way.
     pub allow_plaintext_network: bool,
+    /// For `postgres`: the PostgreSQL schema holding the tables (default `phiseal`; created
+    /// by the first migration if missing). Every session's `search_path` is set to it alone.
+    pub schema: Option<String>,
 }
 
 impl KeyStoreConfig {
@@ -425,6 +428,9 @@ impl KeyStoreConfig {
         let mut pg = PostgresStoreConfig::new(url.0.clone());
         pg.max_connections = self.max_connections;
         pg.connect_timeout = self.connect_timeout;
+        if let Some(schema) = &self.schema {
+            pg.schema.clone_from(schema);
+        }
         pg.tls = match self.tls {
             DatabaseTls::Disable => TlsMode::Disable,
             DatabaseTls::Require => TlsMode::Require {
@@ -445,6 +451,7 @@ impl Default for KeyStoreConfig {
             tls: DatabaseTls::Disable,
             ca_file: None,
             allow_plaintext_network: false,
+            schema: None,
         }
     }
 }
@@ -1039,6 +1046,18 @@ impl Config {
                 );
             }
             _ => {}
+        }
+        if let Some(schema) = &store.schema {
+            if store.kind != KeyStoreKind::Postgres {
+                return bad("key_store.schema", "only used with kind = \"postgres\"");
+            }
+            match phiseal_store_postgres::check_schema_name(schema) {
+                Ok(()) => {}
+                Err(phiseal_store_postgres::PostgresStoreError::Config { reason }) => {
+                    return bad("key_store.schema", &reason);
+                }
+                Err(e) => return bad("key_store.schema", &e.to_string()),
+            }
         }
         if !(1..=1000).contains(&store.max_connections) {
             return bad("key_store.max_connections", "must be between 1 and 1000");

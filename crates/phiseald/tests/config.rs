@@ -818,3 +818,22 @@ fn a_variable_that_is_not_utf8_anywhere_in_the_environment_is_no_panic() {
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("configuration ok"), "{stderr}");
 }
+
+#[test]
+fn the_key_store_schema_is_checked_and_only_for_postgres() {
+    let url = [(
+        "PHISEALD_KEY_STORE__DATABASE_URL",
+        "postgresql://app@localhost/keys",
+    )];
+    let postgres = |schema: &str| {
+        format!("{MINIMAL}[key_store]\nkind = \"postgres\"\nschema = \"{schema}\"\n")
+    };
+    check_text(&postgres("phiseal_prod"), &url).ok();
+    check_text(&postgres("Phiseal"), &url)
+        .fails_with("key_store.schema: schema \"Phiseal\" is not 1 to 63 characters of a-z");
+    check_text(&postgres("x; DROP TABLE y"), &url).fails_with("key_store.schema: schema");
+    check_text(&postgres("pg_keys"), &url)
+        .fails_with("key_store.schema: schema \"pg_keys\" is reserved");
+    check_text(&format!("{MINIMAL}[key_store]\nschema = \"keys\"\n"), &[])
+        .fails_with("key_store.schema: only used with kind = \"postgres\"");
+}

@@ -128,8 +128,19 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("open the store: {e}"))
     }
 
-    /// A raw driver connection to this database.
+    /// A raw driver connection to this database, with the store's default schema first in
+    /// its search path (so the test's own SQL names the store's tables unqualified).
     pub async fn raw(&self) -> tokio_postgres::Client {
+        let client = raw(&self.url).await;
+        client
+            .batch_execute("SET search_path = phiseal, public")
+            .await
+            .unwrap_or_else(|e| panic!("set the test connection's search path: {e}"));
+        client
+    }
+
+    /// A raw driver connection to this database with the role's own search path.
+    pub async fn raw_default_path(&self) -> tokio_postgres::Client {
         raw(&self.url).await
     }
 
