@@ -28,6 +28,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 8;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for [`PostgresStoreConfig::schema`].
 pub const DEFAULT_SCHEMA: &str = "phiseal";
+/// The longest [`PostgresStoreConfig::schema`]: its change channel, `<schema>_key_changes`,
+/// must fit PostgreSQL's 63-byte identifiers.
+pub const MAX_SCHEMA_LEN: usize = 48;
 /// `application_name` reported to the server unless the connection string sets one.
 const APPLICATION_NAME: &str = "phiseal";
 
@@ -54,11 +57,22 @@ pub struct PostgresStoreConfig {
     /// Whether connections use TLS.
     pub tls: TlsMode,
     /// The PostgreSQL schema that holds the store's tables (default [`DEFAULT_SCHEMA`]):
-    /// 1 to 63 characters of `[a-z0-9_]`, not starting with a digit or `pg_`. Created on the first
-    /// migration if it does not exist. Every session runs with `search_path = "<schema>"`,
-    /// whatever the role's own `search_path` says (PostgreSQL still looks in `pg_catalog`
-    /// first), so no other schema can put a table or function in the store's way.
+    /// 1 to [`MAX_SCHEMA_LEN`] characters of `[a-z0-9_]`, not starting with a digit or `pg_`,
+    /// not `information_schema`. Created on the first migration if it does not exist. Every
+    /// session runs with `search_path = "<schema>", pg_temp`, whatever the role's own
+    /// `search_path` says (PostgreSQL still looks in `pg_catalog` first), so no other schema
+    /// can put a table or function in the store's way. Change notifications use the channel
+    /// [`crate::changes_channel`] of the schema, so deployments in different schemas of one
+    /// database do not see each other's.
     pub schema: String,
+    /// The role trusted to own [`Self::schema`] and its objects besides the store's own role:
+    /// a least-privilege set-up, where an administrator's role owns the schema and the tables
+    /// and the store's role only has `USAGE` on the schema and `SELECT, INSERT, UPDATE` on the
+    /// tables (and `SELECT` on `schema_migrations`). `None` (the default): the schema must be
+    /// owned by the store's role itself (membership in the owner does not count: a superuser
+    /// is a member of every role), or be `public` owned by `pg_database_owner` in a database
+    /// the store's role owns.
+    pub schema_owner: Option<String>,
 }
 
 impl PostgresStoreConfig {
@@ -71,6 +85,7 @@ impl PostgresStoreConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls: TlsMode::Disable,
             schema: DEFAULT_SCHEMA.to_owned(),
+            schema_owner: None,
         }
     }
 }
@@ -83,6 +98,7 @@ impl fmt::Debug for PostgresStoreConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("tls", &self.tls)
             .field("schema", &self.schema)
+            .field("schema_owner", &self.schema_owner)
             .finish()
     }
 }
@@ -107,6 +123,8 @@ pub enum TlsMode {
 pub(crate) struct Parsed {
     /// The checked schema name (see [`PostgresStoreConfig::schema`]).
     pub(crate) schema: String,
+    /// See [`PostgresStoreConfig::schema_owner`].
+    pub(crate) schema_owner: Option<String>,
     pub(crate) pg: tokio_postgres::Config,
     pub(crate) target: String,
     pub(crate) tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
@@ -127,6 +145,13 @@ pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStor
         return Err(config_error("connect_timeout must be greater than zero"));
     }
     check_schema_name(&config.schema)?;
+    if let Some(owner) = &config.schema_owner
+        && (owner.is_empty() || owner.len() > 63 || owner.chars().any(char::is_control))
+    {
+        return Err(config_error(
+            "schema_owner must be a role name of 1 to 63 bytes without control characters",
+        ));
+    }
     let url = config.database_url.expose_secret();
     if credentials_after_authority(url) {
         // The driver takes everything before the first '@' as user and password, wherever
@@ -210,6 +235,7 @@ pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStor
     let target = describe(&pg);
     Ok(Parsed {
         schema: config.schema.clone(),
+        schema_owner: config.schema_owner.clone(),
         pg,
         target,
         tls,
@@ -219,15 +245,15 @@ pub(crate) fn parse(config: &PostgresStoreConfig) -> Result<Parsed, PostgresStor
 /// Checks a [`PostgresStoreConfig::schema`] value: refuses a name that would need quoting
 /// rules to be safe, or that names a system schema.
 pub fn check_schema_name(schema: &str) -> Result<(), PostgresStoreError> {
-    let well_formed = (1..=63).contains(&schema.len())
+    let well_formed = (1..=MAX_SCHEMA_LEN).contains(&schema.len())
         && schema
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !schema.starts_with(|c: char| c.is_ascii_digit());
     if !well_formed {
         return Err(config_error(format!(
-            "schema {schema:?} is not 1 to 63 characters of a-z, 0-9 and _ (not starting with \
-             a digit)"
+            "schema {schema:?} is not 1 to {MAX_SCHEMA_LEN} characters of a-z, 0-9 and _ \
+             (not starting with a digit)"
         )));
     }
     if schema.starts_with("pg_") || schema == "information_schema" {

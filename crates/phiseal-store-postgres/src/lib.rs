@@ -25,7 +25,8 @@
 //! ## Change notifications and cache freshness
 //! Every write that changes what a cached reader may use — `create_tenant`, `insert_version`
 //! (rotation), `set_min_decrypt_version`, `shred_tenant` and `replace_wrapped` — runs
-//! `SELECT pg_notify('phiseal_key_changes', '<tenant id>')` ([`CHANGES_CHANNEL`]) inside its
+//! `SELECT pg_notify('<schema>_key_changes', '<tenant id>')` ([`changes_channel`];
+//! [`CHANGES_CHANNEL`], `phiseal_key_changes`, for the default schema) inside its
 //! own transaction, so PostgreSQL delivers the notification if and only if the change
 //! commits (a failed or losing compare-and-set notifies nobody). Tenant ids are at most 128
 //! ASCII bytes, well within a notification's payload limit.
@@ -135,18 +136,30 @@
 //! `phiseal`), which the first migration creates if it does not exist. Every session of the
 //! store runs with `search_path` set to that schema alone, whatever the role's own setting, so
 //! a table, type or function another role puts in some other schema is never used in its
-//! place (the class of CVE-2018-1058). Opening the store also refuses
-//! ([`PostgresStoreError::UnsafeSchema`]):
-//! - a schema in which every role may create objects (`CREATE` granted to `PUBLIC`, as on the
-//!   `public` schema before PostgreSQL 15): another role could create the store's tables
-//!   there first, owned by it;
+//! place (the class of CVE-2018-1058). Change notifications use the schema's own channel
+//! ([`changes_channel`]). Opening the store (and every migration, again under its lock)
+//! refuses ([`PostgresStoreError::UnsafeSchema`]):
+//! - a schema owned by a role other than the store's own (membership does not count: a
+//!   superuser is a member of every role) or [`PostgresStoreConfig::schema_owner`] (`public`
+//!   owned by `pg_database_owner` is accepted when the store's role owns the database): that
+//!   role could replace the store's tables;
+//! - a schema the store's role may not use (no `USAGE`): PostgreSQL would silently leave it
+//!   out of the search path;
+//! - a schema in which any role but its owner may create objects (`CREATE` granted to
+//!   `PUBLIC`, as on the `public` schema before PostgreSQL 15, or to another role): it could
+//!   create the store's tables there first, owned by it, or objects in their way;
+//! - a schema holding objects (tables, functions, operators, types) owned by a role other
+//!   than those;
 //! - an empty schema while the role's own search path finds the key tables in another schema
 //!   (where builds before this setting created them): the store would otherwise start empty
-//!   next to them. Set the schema to theirs, or move the tables.
+//!   next to them. Set the schema to theirs, or move the tables. Only the fully qualified
+//!   `pg_catalog.current_schemas(false)` runs under the role's own search path: operators or
+//!   functions another role put on it are never resolved.
 //!
 //! The role that runs the store should own the tables (it does if the store created them), so
 //! that it can `VACUUM` after a shred; a role with only `SELECT, INSERT, UPDATE` on the tables
-//! also needs `USAGE` on the schema. Schema version 1:
+//! (and `SELECT` on `schema_migrations`) also needs `USAGE` on the schema, and the schema's
+//! owner named in [`PostgresStoreConfig::schema_owner`]. Schema version 1:
 //! ```sql
 //! CREATE TABLE tenants (
 //!     tenant text PRIMARY KEY CHECK (tenant ~ '^[A-Za-z0-9._:-]{1,128}$'),
@@ -198,12 +211,12 @@ use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checked};
 
 pub use config::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEMA, PostgresStoreConfig, TlsMode,
-    check_schema_name, connects_only_to_this_host,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEMA, MAX_SCHEMA_LEN,
+    PostgresStoreConfig, TlsMode, check_schema_name, connects_only_to_this_host,
 };
 pub use error::{DatabaseError, PostgresStoreError};
 pub use schema::SCHEMA_VERSION;
-pub use watch::{CHANGES_CHANNEL, Change, ChangeWatcher, RECONNECT_DELAY_MAX};
+pub use watch::{CHANGES_CHANNEL, Change, ChangeWatcher, RECONNECT_DELAY_MAX, changes_channel};
 
 /// Server-side limit on one statement (`statement_timeout` of every connection).
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -228,6 +241,10 @@ pub(crate) struct Inner {
     target: Arc<str>,
     /// The schema holding the tables, first after `pg_catalog` in every session's search path.
     schema: Arc<str>,
+    /// See [`PostgresStoreConfig::schema_owner`].
+    schema_owner: Option<Arc<str>>,
+    /// The change channel of the schema ([`changes_channel`]).
+    channel: Arc<str>,
     connect_timeout: Duration,
     tls: bool,
     /// What a [`ChangeWatcher`]'s dedicated connection is opened with.
@@ -291,7 +308,9 @@ impl PostgresKeyStore {
         let parsed = config::parse(config)?;
         let tls = parsed.tls.is_some();
         let target: Arc<str> = Arc::from(parsed.target);
+        let channel: Arc<str> = Arc::from(changes_channel(&parsed.schema));
         let listen = Arc::new(watch::ListenParams {
+            channel: Arc::clone(&channel),
             pg: parsed.pg.clone(),
             tls: parsed.tls.clone(),
             target: Arc::clone(&target),
@@ -309,11 +328,12 @@ impl PostgresKeyStore {
             None => Manager::from_config(parsed.pg, tokio_postgres::NoTls, manager_config),
         };
         // The search path is the store's schema alone, whatever the role's own: PostgreSQL
-        // looks in pg_catalog first (and in the session's own temporary schema, where the
-        // store creates nothing), so no other schema can hold an object in the store's way.
+        // looks in pg_catalog first, and in the session's own temporary schema (where the
+        // store creates nothing) last, so no other schema can hold an object in its way.
         let session = format!(
             "SET statement_timeout = {}; SET lock_timeout = {}; \
-             SET idle_in_transaction_session_timeout = {}; SET search_path = \"{}\"",
+             SET idle_in_transaction_session_timeout = {}; \
+             SET search_path = \"{}\", pg_temp",
             STATEMENT_TIMEOUT.as_millis(),
             LOCK_TIMEOUT.as_millis(),
             OPERATION_TIMEOUT.as_millis(),
@@ -344,6 +364,8 @@ impl PostgresKeyStore {
                 pool,
                 target,
                 schema: Arc::from(parsed.schema),
+                schema_owner: parsed.schema_owner.map(Arc::from),
+                channel,
                 connect_timeout: config.connect_timeout,
                 tls,
                 listen,
@@ -683,7 +705,7 @@ impl Inner {
         })
     }
 
-    /// Queues `NOTIFY phiseal_key_changes, '<tenant>'` in `tx`: PostgreSQL delivers it to the
+    /// Queues `NOTIFY <schema>_key_changes, '<tenant>'` in `tx`: PostgreSQL delivers it to the
     /// listeners when (and only if) `tx` commits.
     async fn notify(
         &self,
@@ -695,7 +717,7 @@ impl Inner {
             .prepare_cached("SELECT pg_notify($1, $2)")
             .await
             .map_err(self.db(action))?;
-        tx.execute(&stmt, &[&CHANGES_CHANNEL, &tenant.as_str()])
+        tx.execute(&stmt, &[&&*self.channel, &tenant.as_str()])
             .await
             .map_err(self.db(action))?;
         Ok(())
@@ -909,8 +931,9 @@ impl Inner {
                     format!(
                         "role '{}' may not vacuum it (only the table's owner, the database's \
                          owner or a superuser may): make the store's role own the tables \
-                         (ALTER TABLE key_versions OWNER TO ...)",
-                        truncate(&role)
+                         (ALTER TABLE {}.key_versions OWNER TO ...)",
+                        truncate(&role),
+                        self.schema
                     ),
                     BackendErrorKind::Misconfigured,
                 ));

@@ -114,72 +114,198 @@ impl Inner {
         Ok(applied)
     }
 
-    /// Refuses a store schema that every role may create objects in, and, while the store's
-    /// schema holds no tables yet (`found` is 0), key tables that an earlier build left where
-    /// the role's own search path put them: starting an empty store next to them would look
-    /// as if every tenant had vanished.
+    /// Refuses a store schema that is not safe to use ([`Inner::check_rights`]) and, while it
+    /// holds no tables yet (`found` is 0), key tables that an earlier build left where the
+    /// role's own search path put them: starting an empty store next to them would look as
+    /// if every tenant had vanished.
     pub(crate) async fn check_placement(&self, found: u32) -> Result<(), PostgresStoreError> {
         let action = "check the store's schema";
-        let unsafe_schema = |problem: String| PostgresStoreError::UnsafeSchema {
-            target: self.target.to_string(),
-            schema: self.schema.to_string(),
-            problem,
-        };
         self.timed(action, async {
             let mut client = self.client(action).await?;
-            let row = client
-                .query_one(
-                    "SELECT COALESCE((SELECT has_schema_privilege('public', oid, 'CREATE')
-                                      FROM pg_namespace WHERE nspname = $1), false)",
-                    &[&&*self.schema],
-                )
-                .await
-                .map_err(self.db(action))?;
-            if row.try_get::<_, bool>(0).map_err(self.db(action))? {
-                return Err(unsafe_schema(format!(
-                    "every role may create objects in it (CREATE is granted to PUBLIC), so \
-                     another role could create the store's tables there first, owned by it; \
-                     run REVOKE CREATE ON SCHEMA {} FROM PUBLIC",
-                    self.schema
-                )));
-            }
+            let tx = client.transaction().await.map_err(self.db(action))?;
+            self.check_rights(&tx).await?;
             if found != 0 {
                 return Ok(());
             }
-            // Where the role's own search path (the session's default, before the store set
-            // its own) finds the key tables, if anywhere.
-            let tx = client.transaction().await.map_err(self.db(action))?;
+            // The role's own search path, as the session had it before the store set its own.
+            // Nothing but this fully qualified call runs under it: another role's objects on
+            // that path (an operator, a function) must never be resolved by the store.
             tx.batch_execute("SET LOCAL search_path TO DEFAULT")
                 .await
                 .map_err(self.db(action))?;
             let row = tx
-                .query_opt(
-                    "SELECT n.nspname::text FROM pg_class c
-                     JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE c.oid = to_regclass('key_versions')",
+                .query_one("SELECT pg_catalog.current_schemas(false)", &[])
+                .await
+                .map_err(self.db(action))?;
+            let path: Vec<String> = row.try_get(0).map_err(self.db(action))?;
+            tx.batch_execute("SET LOCAL search_path = pg_catalog, pg_temp")
+                .await
+                .map_err(self.db(action))?;
+            let rows = tx
+                .query(
+                    "SELECT n.nspname FROM pg_catalog.pg_class c
+                     JOIN pg_catalog.pg_namespace n
+                       ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                     WHERE c.relname OPERATOR(pg_catalog.=) 'key_versions'",
                     &[],
                 )
                 .await
                 .map_err(self.db(action))?;
             tx.rollback().await.map_err(self.db(action))?;
-            let elsewhere: Option<String> = row
-                .map(|r| r.try_get(0))
-                .transpose()
+            let holding = rows
+                .iter()
+                .map(|r| r.try_get::<_, String>(0))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(self.db(action))?;
-            match elsewhere {
-                Some(other) if other != *self.schema => Err(unsafe_schema(format!(
-                    "it holds no key tables yet, but the role's search path finds them in \
-                     schema \"{other}\" (where builds without the schema setting created \
-                     them); refusing to start an empty key store next to them: set the store's \
-                     schema to \"{other}\", or move the three tables (ALTER TABLE \
-                     {other}.schema_migrations SET SCHEMA {schema}; likewise tenants and \
-                     key_versions)",
-                    schema = self.schema
-                ))),
-                _ => Ok(()),
-            }
+            let Some(other) = path
+                .iter()
+                .find(|s| **s != *self.schema && holding.contains(s))
+            else {
+                return Ok(());
+            };
+            let other = ident(other);
+            Err(self.unsafe_schema(format!(
+                "it holds no key tables yet, but the role's search path finds them in schema \
+                 {other} (where builds without the schema setting created them); refusing to \
+                 start an empty key store next to them: set the store's schema to {other}, or \
+                 move the three tables (CREATE SCHEMA {schema}; ALTER TABLE \
+                 {other}.schema_migrations SET SCHEMA {schema}; likewise tenants and \
+                 key_versions)",
+                schema = self.schema
+            )))
         })
         .await
+    }
+
+    fn unsafe_schema(&self, problem: String) -> PostgresStoreError {
+        PostgresStoreError::UnsafeSchema {
+            target: self.target.to_string(),
+            schema: self.schema.to_string(),
+            problem,
+        }
+    }
+
+    /// Refuses the store's schema, if it exists, unless: its owner is the store's role itself,
+    /// the configured `schema_owner`, or `pg_database_owner` with the store's role owning the
+    /// database (the `public` schema); the store's role may use it; no role but its owner may
+    /// create objects in it; and every object in it belongs to one of those trusted roles.
+    /// Any other role that could create or own objects there could put its own tables (or
+    /// triggers, functions, operators) in the store's way. Membership in another role does
+    /// not count (a superuser is a member of every role). Fully qualified throughout.
+    async fn check_rights(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), PostgresStoreError> {
+        let action = "check the rights on the store's schema";
+        let db = |e| self.db(action)(e);
+        let row = tx
+            .query_opt(
+                "SELECT n.oid, n.nspowner,
+                        pg_catalog.pg_get_userbyid(n.nspowner)::pg_catalog.text,
+                        pg_catalog.has_schema_privilege(n.oid, 'USAGE'),
+                        current_user::pg_catalog.text,
+                        (SELECT pg_catalog.pg_get_userbyid(d.datdba)::pg_catalog.text
+                         FROM pg_catalog.pg_database d
+                         WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()),
+                        ARRAY(SELECT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid
+                                          THEN NULL
+                                          ELSE pg_catalog.pg_get_userbyid(a.grantee)::pg_catalog.text
+                                     END
+                              FROM pg_catalog.aclexplode(n.nspacl) AS a
+                              WHERE a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+                                AND a.grantee OPERATOR(pg_catalog.<>) n.nspowner)
+                 FROM pg_catalog.pg_namespace n
+                 WHERE n.nspname OPERATOR(pg_catalog.=) $1",
+                &[&&*self.schema],
+            )
+            .await
+            .map_err(db)?;
+        // A schema that does not exist yet is created by the migration (which checks again).
+        let Some(row) = row else {
+            return Ok(());
+        };
+        let oid: u32 = row.try_get(0).map_err(db)?;
+        let owner_oid: u32 = row.try_get(1).map_err(db)?;
+        let owner: String = row.try_get(2).map_err(db)?;
+        let usage: bool = row.try_get(3).map_err(db)?;
+        let role: String = row.try_get(4).map_err(db)?;
+        let database_owner: Option<String> = row.try_get(5).map_err(db)?;
+        let creators: Vec<Option<String>> = row.try_get(6).map_err(db)?;
+        let trusted = |name: &str| name == role || self.schema_owner.as_deref() == Some(name);
+        let schema = &self.schema;
+        let owner_trusted = trusted(&owner)
+            || (owner == "pg_database_owner" && database_owner.as_deref() == Some(role.as_str()));
+        if !owner_trusted {
+            return Err(self.unsafe_schema(format!(
+                "it is owned by role {}, not by the store's role ({}), so that role could \
+                 replace the store's tables; make the store's role own it (ALTER SCHEMA \
+                 {schema} OWNER TO {}), or, in a least-privilege set-up where an \
+                 administrator's role owns the schema and its tables, name that role in the \
+                 schema_owner setting",
+                ident(&owner),
+                ident(&role),
+                ident(&role)
+            )));
+        }
+        if !usage {
+            return Err(self.unsafe_schema(format!(
+                "the store's role ({}) may not use it: GRANT USAGE ON SCHEMA {schema} TO {}",
+                ident(&role),
+                ident(&role)
+            )));
+        }
+        if !creators.is_empty() {
+            let names = creators
+                .iter()
+                .map(|c| c.as_deref().map_or_else(|| "PUBLIC".to_owned(), ident))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(self.unsafe_schema(format!(
+                "roles other than its owner may create objects in it (CREATE is granted to \
+                 {names}), so they could create the store's tables there first, or objects \
+                 in their way; run REVOKE CREATE ON SCHEMA {schema} FROM {names}"
+            )));
+        }
+        let objects = tx
+            .query(
+                "SELECT o.name, pg_catalog.pg_get_userbyid(o.owner)::pg_catalog.text FROM (
+                     SELECT c.relname::pg_catalog.text AS name, c.relowner AS owner
+                     FROM pg_catalog.pg_class c WHERE c.relnamespace OPERATOR(pg_catalog.=) $1
+                     UNION ALL
+                     SELECT p.proname::pg_catalog.text, p.proowner
+                     FROM pg_catalog.pg_proc p WHERE p.pronamespace OPERATOR(pg_catalog.=) $1
+                     UNION ALL
+                     SELECT o.oprname::pg_catalog.text, o.oprowner
+                     FROM pg_catalog.pg_operator o WHERE o.oprnamespace OPERATOR(pg_catalog.=) $1
+                     UNION ALL
+                     SELECT t.typname::pg_catalog.text, t.typowner
+                     FROM pg_catalog.pg_type t WHERE t.typnamespace OPERATOR(pg_catalog.=) $1
+                 ) AS o
+                 WHERE o.owner OPERATOR(pg_catalog.<>) $2
+                 LIMIT 100",
+                &[&oid, &owner_oid],
+            )
+            .await
+            .map_err(db)?;
+        let mut foreign = Vec::new();
+        for object in &objects {
+            let name: String = object.try_get(0).map_err(db)?;
+            let object_owner: String = object.try_get(1).map_err(db)?;
+            if !trusted(&object_owner) && object_owner != owner {
+                foreign.push(format!("{} (owner {})", ident(&name), ident(&object_owner)));
+            }
+        }
+        if !foreign.is_empty() {
+            foreign.sort();
+            foreign.truncate(5);
+            return Err(self.unsafe_schema(format!(
+                "it holds objects that belong to neither its owner nor the store's role ({}), \
+                 whose owners could change what the store reads and writes; drop them, or \
+                 give them to the schema's owner",
+                foreign.join(", ")
+            )));
+        }
+        Ok(())
     }
 
     /// Applies the next pending migration; `None` if there is none.
@@ -193,7 +319,8 @@ impl Inner {
                 .map_err(self.db("take the schema migration lock"))?;
             let row = tx
                 .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace
+                                    WHERE nspname OPERATOR(pg_catalog.=) $1)",
                     &[&&*self.schema],
                 )
                 .await
@@ -205,6 +332,9 @@ impl Inner {
                     .await
                     .map_err(self.db("create the store's schema"))?;
             }
+            // Again under the lock, in this transaction: the schema may have appeared (or
+            // changed) since the check before the migration.
+            self.check_rights(&tx).await?;
             tx.batch_execute(CREATE_MIGRATIONS_TABLE)
                 .await
                 .map_err(self.db("create the schema_migrations table"))?;
@@ -243,6 +373,21 @@ impl Inner {
         })
         .await
     }
+}
+
+/// `name` as a double-quoted SQL identifier for messages: `"` doubled, control characters
+/// escaped, at most 64 characters (names read from the database are not ours).
+fn ident(name: &str) -> String {
+    let mut out = String::from("\"");
+    for c in name.chars().take(64) {
+        match c {
+            '"' => out.push_str("\"\""),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]

@@ -19,9 +19,17 @@ use tokio_postgres::{AsyncMessage, Notification, Socket};
 use crate::PostgresKeyStore;
 use crate::error::{DatabaseError, PostgresStoreError};
 
-/// The `LISTEN`/`NOTIFY` channel on which every committed write that changes what a cached
-/// reader may use (create, rotation, minimum version, shred, rewrap) announces its tenant id.
+/// The `LISTEN`/`NOTIFY` channel of a store in the default schema ([`crate::DEFAULT_SCHEMA`]):
+/// every committed write that changes what a cached reader may use (create, rotation, minimum
+/// version, shred, rewrap) announces its tenant id on it. See [`changes_channel`].
 pub const CHANGES_CHANNEL: &str = "phiseal_key_changes";
+
+/// The change channel of a store in `schema`: `<schema>_key_changes` ([`CHANGES_CHANNEL`] for
+/// the default schema), so that deployments in different schemas of one database do not
+/// receive each other's tenant ids.
+pub fn changes_channel(schema: &str) -> String {
+    format!("{schema}_key_changes")
+}
 
 /// The longest wait between two attempts to re-establish a lost listener connection.
 pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(5);
@@ -66,6 +74,8 @@ impl Change {
 
 /// What the listener's dedicated connection is opened with: the store's own settings.
 pub(crate) struct ListenParams {
+    /// The store's change channel ([`changes_channel`]).
+    pub(crate) channel: Arc<str>,
     pub(crate) pg: tokio_postgres::Config,
     pub(crate) tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     pub(crate) target: Arc<str>,
@@ -329,7 +339,7 @@ where
         }
     }));
 
-    let listen = format!("LISTEN {CHANGES_CHANNEL}");
+    let listen = format!("LISTEN \"{}\"", params.channel);
     match tokio::time::timeout(QUERY_TIMEOUT, client.batch_execute(&listen)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return not_listening(DatabaseError::from_driver(&e)),
@@ -358,7 +368,7 @@ where
         tokio::select! {
             item = notifications.recv() => match item {
                 Some(Ok(notification)) => {
-                    let change = if notification.channel() == CHANGES_CHANNEL {
+                    let change = if notification.channel() == &*params.channel {
                         Change::from_payload(notification.payload())
                     } else {
                         Change::All

@@ -343,22 +343,50 @@ async fn a_role_that_cannot_vacuum_is_told_the_shred_is_incomplete() {
     let owner = db.open().await;
     let raw = db.raw().await;
     raw.batch_execute(
-        "CREATE EXTENSION pageinspect;
+        "CREATE EXTENSION pageinspect SCHEMA public;
          CREATE ROLE phiseal_app LOGIN;
-         GRANT USAGE ON SCHEMA phiseal TO phiseal_app;
          GRANT SELECT, INSERT, UPDATE ON tenants, key_versions TO phiseal_app;
          GRANT SELECT ON schema_migrations TO phiseal_app;",
     )
     .await
     .unwrap();
-    // Schema current: opening needs no DDL privilege.
-    let app = PostgresKeyStore::open(&PostgresStoreConfig::new(format!(
+    let admin: String = raw
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut app_config = PostgresStoreConfig::new(format!(
         "postgresql://phiseal_app@127.0.0.1:{}/{}",
         cluster.port(),
         db.name
-    )))
-    .await
-    .unwrap();
+    ));
+    // The schema belongs to the administrator's role: trusted only once named.
+    let err = PostgresKeyStore::open(&app_config).await.unwrap_err();
+    assert!(
+        matches!(err, PostgresStoreError::UnsafeSchema { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "is owned by role \"{admin}\", not by the store's role"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("schema_owner setting"), "{text}");
+    app_config.schema_owner = Some(admin);
+    // Without USAGE on the schema PostgreSQL would just not find the tables: say so.
+    let err = PostgresKeyStore::open(&app_config).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("may not use it: GRANT USAGE ON SCHEMA phiseal TO \"phiseal_app\""),
+        "{text}"
+    );
+    raw.batch_execute("GRANT USAGE ON SCHEMA phiseal TO phiseal_app")
+        .await
+        .unwrap();
+    // Schema current: opening needs no DDL privilege.
+    let app = PostgresKeyStore::open(&app_config).await.unwrap();
     let t = tid("doomed");
     app.create_tenant(&t, record("doomed", 1)).await.unwrap();
     app.insert_version(&t, 1, record("doomed", 2))

@@ -367,7 +367,7 @@ async fn shred_erases_wrapped_bytes_and_blocks_reuse() {
     // pageinspect shows the dead row versions MVCC leaves behind; it needs a superuser, which
     // a throwaway cluster always has. Without it the test fails rather than check less.
     if let Err(e) = raw
-        .batch_execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pageinspect SCHEMA public")
         .await
     {
         panic!(
@@ -920,6 +920,12 @@ async fn a_schema_every_role_may_create_in_is_refused() {
 #[tokio::test]
 async fn key_tables_where_an_earlier_build_put_them_are_not_replaced_by_an_empty_store() {
     let db = TestDb::new("schemalegacy").await;
+    // (Before PostgreSQL 15 every role may create in `public`: the store would refuse it.)
+    db.raw_default_path()
+        .await
+        .batch_execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        .await
+        .unwrap();
     // Earlier builds created the tables in the first schema of the role's search path
     // (here `public`); the `schema` setting reproduces that layout.
     let mut legacy = db.config();
@@ -942,7 +948,9 @@ async fn key_tables_where_an_earlier_build_put_them_are_not_replaced_by_an_empty
         let text = err.to_string();
         assert!(text.contains("finds them in schema \"public\""), "{text}");
         assert!(
-            text.contains("ALTER TABLE public.schema_migrations SET SCHEMA phiseal"),
+            text.contains(
+                "CREATE SCHEMA phiseal; ALTER TABLE \"public\".schema_migrations SET SCHEMA phiseal"
+            ),
             "{text}"
         );
     }
@@ -963,5 +971,119 @@ async fn key_tables_where_an_earlier_build_put_them_are_not_replaced_by_an_empty
     .unwrap();
     let store = db.open().await;
     assert!(store.load_tenant(&tid("acme")).await.unwrap().is_some());
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn looking_for_earlier_tables_runs_nothing_on_the_roles_search_path() {
+    let db = TestDb::new("schemahostile").await;
+    // Another role's operator on the role's own search path, an exact match for comparing
+    // an oid with a regclass: whoever resolves it runs that role's function (which counts
+    // its calls in a sequence: sequences are not rolled back).
+    db.raw_default_path()
+        .await
+        .batch_execute(
+            "CREATE SEQUENCE public.hijacked;
+             CREATE FUNCTION public.hostile_eq(oid, regclass) RETURNS boolean
+                 LANGUAGE plpgsql AS $$
+                 BEGIN PERFORM pg_catalog.nextval('public.hijacked'); RETURN false; END $$;
+             CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = regclass,
+                                       FUNCTION = public.hostile_eq);",
+        )
+        .await
+        .unwrap();
+    // The first open of an empty database looks for an earlier build's tables.
+    let store = db.open().await;
+    store
+        .create_tenant(&tid("acme"), record("acme", 1))
+        .await
+        .unwrap();
+    let called: bool = db
+        .raw_default_path()
+        .await
+        .query_one("SELECT is_called FROM public.hijacked", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!called, "the store ran another role's function");
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_schema_another_role_owns_or_may_change_is_refused() {
+    let db = TestDb::new("schemarights").await;
+    let raw = db.raw_default_path().await;
+    let other = format!("other_{}", db.name);
+    raw.batch_execute(&format!(
+        "CREATE ROLE {other}; CREATE SCHEMA phiseal AUTHORIZATION {other}"
+    ))
+    .await
+    .unwrap();
+    let refused = |result: Result<PostgresKeyStore, PostgresStoreError>| {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, PostgresStoreError::UnsafeSchema { .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), BackendErrorKind::Misconfigured);
+        err.to_string()
+    };
+    // Owned by another role.
+    let text = refused(PostgresKeyStore::open(&db.config()).await);
+    assert!(
+        text.contains(&format!(
+            "is owned by role \"{other}\", not by the store's role"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("ALTER SCHEMA phiseal OWNER TO"), "{text}");
+    assert_eq!(schema_of(&raw, "phiseal.schema_migrations").await, None);
+
+    // Owned by the store's role, but another role may create in it.
+    raw.batch_execute(&format!(
+        "ALTER SCHEMA phiseal OWNER TO current_user;
+         GRANT CREATE ON SCHEMA phiseal TO {other}"
+    ))
+    .await
+    .unwrap();
+    for result in [
+        PostgresKeyStore::open(&db.config()).await,
+        PostgresKeyStore::connect(&db.config()).await,
+    ] {
+        let text = refused(result);
+        assert!(
+            text.contains(&format!("CREATE is granted to \"{other}\"")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("REVOKE CREATE ON SCHEMA phiseal FROM \"{other}\"")),
+            "{text}"
+        );
+    }
+
+    // No one else may create, but an object in it belongs to another role.
+    raw.batch_execute(&format!(
+        "REVOKE CREATE ON SCHEMA phiseal FROM {other};
+         CREATE FUNCTION phiseal.lookalike() RETURNS int LANGUAGE sql AS 'SELECT 1';
+         ALTER FUNCTION phiseal.lookalike() OWNER TO {other}"
+    ))
+    .await
+    .unwrap();
+    let text = refused(PostgresKeyStore::open(&db.config()).await);
+    assert!(
+        text.contains(&format!(
+            "belong to neither its owner nor the store's role (\"lookalike\" (owner \"{other}\"))"
+        )),
+        "{text}"
+    );
+
+    raw.batch_execute("DROP FUNCTION phiseal.lookalike()")
+        .await
+        .unwrap();
+    let store = db.open().await;
+    store
+        .create_tenant(&tid("acme"), record("acme", 1))
+        .await
+        .unwrap();
     db.drop_database().await;
 }

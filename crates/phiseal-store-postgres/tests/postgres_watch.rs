@@ -20,7 +20,8 @@ use jiff::Timestamp;
 use phiseal::kms::WrappedKey;
 use phiseal::store::KeyStore;
 use phiseal_store_postgres::{
-    CHANGES_CHANNEL, Change, ChangeWatcher, PostgresKeyStore, PostgresStoreError, TlsMode,
+    CHANGES_CHANNEL, Change, ChangeWatcher, DEFAULT_SCHEMA, PostgresKeyStore, PostgresStoreError,
+    TlsMode, changes_channel,
 };
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -223,7 +224,7 @@ async fn a_dropped_or_stopped_watcher_is_silent_and_closes_its_connection() {
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND query = ANY($1)",
                 &[&vec![
-                    format!("LISTEN {CHANGES_CHANNEL}"),
+                    format!("LISTEN \"{CHANGES_CHANNEL}\""),
                     "SELECT 1".to_owned(),
                 ]],
             )
@@ -417,7 +418,7 @@ async fn the_watcher_uses_tls_when_the_store_does() {
         .query_one(
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
              WHERE a.datname = current_database() AND a.query = $1",
-            &[&format!("LISTEN {CHANGES_CHANNEL}")],
+            &[&format!("LISTEN \"{CHANGES_CHANNEL}\"")],
         )
         .await
         .unwrap()
@@ -428,4 +429,38 @@ async fn the_watcher_uses_tls_when_the_store_does() {
         .await
         .unwrap();
     expect(&mut changes, tenant("acme"), DELIVERY).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_in_different_schemas_of_one_database_do_not_see_each_others_changes() {
+    assert_eq!(changes_channel(DEFAULT_SCHEMA), CHANGES_CHANNEL);
+    let db = TestDb::new("watchschemas").await;
+    let mut other_config = db.config();
+    other_config.schema = "other_deployment".into();
+    let default = db.open().await;
+    let other = PostgresKeyStore::open(&other_config).await.unwrap();
+    let (_default_watcher, mut default_changes) = watch(&default);
+    let (_other_watcher, mut other_changes) = watch(&other);
+    expect(&mut default_changes, Change::All, Duration::from_secs(10)).await;
+    expect(&mut other_changes, Change::All, Duration::from_secs(10)).await;
+
+    // One tenant id in both deployments: each write reaches only its own deployment.
+    other
+        .create_tenant(&tid("acme"), record("acme", 1))
+        .await
+        .unwrap();
+    expect(&mut other_changes, tenant("acme"), DELIVERY).await;
+    default
+        .create_tenant(&tid("acme"), record("acme", 1))
+        .await
+        .unwrap();
+    expect(&mut default_changes, tenant("acme"), DELIVERY).await;
+    other
+        .create_tenant(&tid("sentinel"), record("sentinel", 1))
+        .await
+        .unwrap();
+    // The other deployment's next change is its own sentinel, not the default's "acme".
+    expect(&mut other_changes, tenant("sentinel"), DELIVERY).await;
+    assert_eq!(next(&mut default_changes, DELIVERY).await, None);
+    db.drop_database().await;
 }

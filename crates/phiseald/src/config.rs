@@ -417,6 +417,9 @@ pub struct KeyStoreConfig {
     /// For `postgres`: the PostgreSQL schema holding the tables (default `phiseal`; created
     /// by the first migration if missing). Every session's `search_path` is set to it alone.
     pub schema: Option<String>,
+    /// For `postgres`: the role trusted to own the schema and its tables when it is not the
+    /// daemon's database role itself: a least-privilege set-up.
+    pub schema_owner: Option<String>,
 }
 
 impl KeyStoreConfig {
@@ -431,6 +434,7 @@ impl KeyStoreConfig {
         if let Some(schema) = &self.schema {
             pg.schema.clone_from(schema);
         }
+        pg.schema_owner.clone_from(&self.schema_owner);
         pg.tls = match self.tls {
             DatabaseTls::Disable => TlsMode::Disable,
             DatabaseTls::Require => TlsMode::Require {
@@ -452,6 +456,7 @@ impl Default for KeyStoreConfig {
             ca_file: None,
             allow_plaintext_network: false,
             schema: None,
+            schema_owner: None,
         }
     }
 }
@@ -1058,6 +1063,12 @@ impl Config {
                 }
                 Err(e) => return bad("key_store.schema", &e.to_string()),
             }
+        }
+        if store.schema_owner.is_some() && store.kind != KeyStoreKind::Postgres {
+            return bad(
+                "key_store.schema_owner",
+                "only used with kind = \"postgres\"",
+            );
         }
         if !(1..=1000).contains(&store.max_connections) {
             return bad("key_store.max_connections", "must be between 1 and 1000");

@@ -830,10 +830,31 @@ fn the_key_store_schema_is_checked_and_only_for_postgres() {
     };
     check_text(&postgres("phiseal_prod"), &url).ok();
     check_text(&postgres("Phiseal"), &url)
-        .fails_with("key_store.schema: schema \"Phiseal\" is not 1 to 63 characters of a-z");
+        .fails_with("key_store.schema: schema \"Phiseal\" is not 1 to 48 characters of a-z");
     check_text(&postgres("x; DROP TABLE y"), &url).fails_with("key_store.schema: schema");
     check_text(&postgres("pg_keys"), &url)
         .fails_with("key_store.schema: schema \"pg_keys\" is reserved");
     check_text(&format!("{MINIMAL}[key_store]\nschema = \"keys\"\n"), &[])
         .fails_with("key_store.schema: only used with kind = \"postgres\"");
+    check_text(&postgres("information_schema"), &url)
+        .fails_with("key_store.schema: schema \"information_schema\" is reserved");
+    check_text(&postgres(&"s".repeat(48)), &url).ok();
+    check_text(&postgres(&"s".repeat(49)), &url).fails_with("key_store.schema: schema \"sssssssss");
+    // From the environment too.
+    let minimal_postgres = format!("{MINIMAL}[key_store]\nkind = \"postgres\"\n");
+    check_text(
+        &minimal_postgres,
+        &[url[0], ("PHISEALD_KEY_STORE__SCHEMA", "Bad-Name")],
+    )
+    .fails_with("key_store.schema: schema \"Bad-Name\" is not");
+    check_text(
+        &format!("{minimal_postgres}schema_owner = \"phiseal_admin\"\n"),
+        &url,
+    )
+    .ok();
+    check_text(
+        &format!("{MINIMAL}[key_store]\nschema_owner = \"phiseal_admin\"\n"),
+        &[],
+    )
+    .fails_with("key_store.schema_owner: only used with kind = \"postgres\"");
 }

@@ -133,7 +133,10 @@ impl TestDb {
     pub async fn raw(&self) -> tokio_postgres::Client {
         let client = raw(&self.url).await;
         client
-            .batch_execute("SET search_path = phiseal, public")
+            .batch_execute(&format!(
+                "SET search_path = {}, public",
+                phiseal_store_postgres::DEFAULT_SCHEMA
+            ))
             .await
             .unwrap_or_else(|e| panic!("set the test connection's search path: {e}"));
         client
