@@ -184,6 +184,8 @@ pub(crate) struct RecordView<'a> {
     pub(crate) field: Option<&'a str>,
     pub(crate) record: Option<&'a str>,
     pub(crate) key_version: Option<u32>,
+    /// Optional: written only when present (`AuditEvent::from_key_version`).
+    pub(crate) from_key_version: Option<u32>,
     pub(crate) key_source: Option<&'a str>,
     /// Optional: written only when present (`AuditEvent::root_key`).
     pub(crate) root_key: Option<&'a str>,
@@ -204,6 +206,7 @@ impl<'a> RecordView<'a> {
             field: e.field.as_deref(),
             record: e.record.as_deref(),
             key_version: e.key_version,
+            from_key_version: e.from_key_version,
             key_source: e.key_source.map(|k| k.as_str()),
             root_key: e.root_key.as_deref(),
             result: e.outcome.as_str(),
@@ -235,6 +238,7 @@ struct Hoisted {
     field: bool,
     record: bool,
     key_version: bool,
+    from_key_version: bool,
     key_source: bool,
     root_key: bool,
     result: bool,
@@ -251,6 +255,7 @@ impl Hoisted {
         field: true,
         record: true,
         key_version: true,
+        from_key_version: true,
         key_source: true,
         root_key: true,
         result: true,
@@ -278,6 +283,7 @@ impl Hoisted {
             h.field &= same_opt(e.field, first.field);
             h.record &= same_opt(e.record, first.record);
             h.key_version &= e.key_version == first.key_version;
+            h.from_key_version &= e.from_key_version == first.from_key_version;
             h.key_source &= same_opt(e.key_source, first.key_source);
             h.root_key &= same_opt(e.root_key, first.root_key);
             h.result &= same(e.result, first.result);
@@ -289,9 +295,10 @@ impl Hoisted {
 
 /// Appends the members of `r` that are (`line_level`) or are not (record level) in `h`, in
 /// the fixed order of an event line: `time`, `actor`, `uid`, `pid`, `action`, `tenant`,
-/// `field`, `record`, `key_version`, `key_source`, `root_key`, `result`, `request_id`. At line
-/// level each member is preceded by a comma; at record level all but the first. `root_key` is
-/// optional: written only where present (a record without one has no such member).
+/// `field`, `record`, `key_version`, `from_key_version`, `key_source`, `root_key`, `result`,
+/// `request_id`. At line level each member is preceded by a comma; at record level all but
+/// the first. `from_key_version` and `root_key` are optional: written only where present (a
+/// record without one has no such member).
 fn push_members(line: &mut String, r: &RecordView<'_>, h: Hoisted, line_level: bool) {
     let mut comma = line_level;
     let mut name = |line: &mut String, name: &str| {
@@ -336,6 +343,10 @@ fn push_members(line: &mut String, r: &RecordView<'_>, h: Hoisted, line_level: b
     if h.key_version == line_level {
         name(line, "key_version");
         push_opt_u32(line, r.key_version);
+    }
+    if let (true, Some(from)) = (h.from_key_version == line_level, r.from_key_version) {
+        name(line, "from_key_version");
+        push_u64(line, u64::from(from));
     }
     if h.key_source == line_level {
         name(line, "key_source");
@@ -402,8 +413,9 @@ fn encode_batch(
     // decided once, before the line is cut to size. A record keeps at least one member of its
     // own (`record` if nothing differs), so that each has an object with content.
     let mut hoisted = Hoisted::over(first, rest);
-    // (`root_key` is optional: a record may not have it, so it cannot be the one kept.)
+    // (The optional members: a record may not have them, so they cannot be the one kept.)
     let mandatory_all_shared = Hoisted {
+        from_key_version: true,
         root_key: true,
         ..hoisted
     } == Hoisted::ALL;
@@ -544,8 +556,8 @@ pub(crate) enum Kind {
 }
 
 /// The records of an event or batch line, checked: each member is on the line or in every
-/// record (the optional `root_key`: on the line, or in the records that have one, or
-/// nowhere). An event line is read as a line holding every member, with one record that has
+/// record (the optional `from_key_version` and `root_key`: on the line, or in the records
+/// that have one, or nowhere). An event line is read as a line holding every member, with one record that has
 /// none of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RecordLine {
@@ -590,6 +602,7 @@ impl RecordLine {
             field: nullable(&own.field, &line.field)?,
             record: nullable(&own.record, &line.record)?,
             key_version: own.key_version.or(line.key_version)?,
+            from_key_version: own.from_key_version.or(line.from_key_version).flatten(),
             key_source: nullable(&own.key_source, &line.key_source)?,
             root_key: own
                 .root_key
@@ -676,6 +689,9 @@ struct Members {
     record: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     key_version: Option<Option<u32>>,
+    /// Optional: absent when the record has none (never `null`).
+    #[serde(default, deserialize_with = "present")]
+    from_key_version: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
     key_source: Option<Option<String>>,
     /// Optional: absent when the record has none (never `null`).
@@ -723,6 +739,26 @@ impl Members {
     }
 }
 
+/// Checks an optional member (written only where present): never `null`, and on the line or
+/// in records, never both.
+fn optional_member<'a, T: 'a>(
+    what: &str,
+    name: &str,
+    on_line: &'a Option<Option<T>>,
+    in_records: impl Iterator<Item = &'a Option<Option<T>>> + Clone,
+) -> Result<(), String> {
+    let mut present = in_records.flatten();
+    if on_line.iter().chain(present.clone()).any(Option::is_none) {
+        return Err(format!("{what} with a null '{name}'"));
+    }
+    if on_line.is_some() && present.next().is_some() {
+        return Err(format!(
+            "{what} with '{name}' both on the line and in a record"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an event or batch line: each member is either on the line (shared by all records) or
 /// in every record, never both (`what` names the line kind in errors).
 fn record_line(line: Members, records: Vec<Members>, what: &str) -> Result<RecordLine, String> {
@@ -745,21 +781,19 @@ fn record_line(line: Members, records: Vec<Members>, what: &str) -> Result<Recor
             (false, _) => return Err(format!("{what} without '{name}'")),
         }
     }
-    // The optional member: on the line, or in any of the records, never both; never `null`.
-    let root_keys = records.iter().filter_map(|r| r.root_key.as_ref());
-    if line
-        .root_key
-        .iter()
-        .chain(root_keys.clone())
-        .any(Option::is_none)
-    {
-        return Err(format!("{what} with a null 'root_key'"));
-    }
-    if line.root_key.is_some() && root_keys.count() > 0 {
-        return Err(format!(
-            "{what} with 'root_key' both on the line and in a record"
-        ));
-    }
+    // The optional members: on the line, or in any of the records, never both; never `null`.
+    optional_member(
+        what,
+        "from_key_version",
+        &line.from_key_version,
+        records.iter().map(|r| &r.from_key_version),
+    )?;
+    optional_member(
+        what,
+        "root_key",
+        &line.root_key,
+        records.iter().map(|r| &r.root_key),
+    )?;
     let times = records
         .iter()
         .map(|r| parse_time("time", r.time.as_deref().or(line.time.as_deref())))
@@ -930,6 +964,7 @@ mod tests {
             field: Some(Arc::from(s)),
             record: Some(Arc::from(s)),
             key_version: Some(u32::MAX),
+            from_key_version: None,
             key_source: Some(KeySource::Cache),
             root_key: Some(Arc::from(s)),
             outcome: Outcome::Error("some_error_kind"),

@@ -292,9 +292,10 @@ struct Shared {
 /// one record; a **batch line** holds several written together (the records of one batch
 /// call, or in `Buffered` mode whatever was queued): every member all its records share once
 /// on the line, every other member in each record's object in `records`; its records have the
-/// sequence numbers `seq`, `seq + 1`, …. The optional `root_key` member (after `key_source`)
-/// is written only for records that have one (`unwrap_key`, `rewrap_root_key`, a successful
-/// `create_tenant` or `rotate_key`):
+/// sequence numbers `seq`, `seq + 1`, …. The optional members are written only for records
+/// that have one: `from_key_version` (after `key_version`; `rewrap`) and `root_key` (after
+/// `key_source`; `unwrap_key`, `rewrap_root_key`, a successful `create_tenant` or
+/// `rotate_key`):
 ///
 /// ```text
 /// {"seq":0,"kind":"header","log_id":"<32 hex>","created":"<RFC 3339>","prev":"000…0","hash":"…"}
@@ -1998,6 +1999,7 @@ mod tests {
             field: Some(Arc::from("ssn")),
             record: Some(Arc::from(format!("r{i}"))),
             key_version: Some(1),
+            from_key_version: None,
             key_source: None,
             root_key: None,
             outcome: Outcome::Ok,

@@ -33,6 +33,7 @@ fn event(tenant: &str, i: u64, time: Timestamp) -> AuditEvent {
         field: Some(Arc::from("ssn")),
         record: Some(Arc::from(format!("patient-{i}"))),
         key_version: Some(3),
+        from_key_version: None,
         key_source: Some(KeySource::Cache),
         root_key: None,
         outcome: Outcome::Ok,
@@ -632,6 +633,119 @@ async fn root_key_is_written_only_where_present() {
             (
                 3,
                 raw[3].replacen(r#"{"record""#, r#"{"root_key":"local:y","record""#, 1),
+            ),
+        ] {
+            let mut edited = raw.clone();
+            assert_ne!(edited[at], bad);
+            edited[at] = bad;
+            write_lines(&path, &edited);
+            let report = verify(&path).unwrap();
+            assert!(
+                kinds_at(&report, at as u64 + 1).contains(&ProblemKind::Malformed),
+                "line {at}: {report:?}"
+            );
+        }
+    }
+}
+
+/// A rewrap record of a ciphertext under `from`.
+fn rewrapped_from(mut e: AuditEvent, from: u32) -> AuditEvent {
+    e.action = Action::Rewrap;
+    e.from_key_version = Some(from);
+    e
+}
+
+#[tokio::test]
+async fn from_key_version_is_written_only_where_present() {
+    for durability in [Durability::Strict, Durability::buffered()] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = FileAuditLog::open(&path, durability).unwrap();
+        log.append(&[rewrapped_from(ev(1), 1)]).await.unwrap();
+        log.flush().await.unwrap();
+        log.append(&[ev(2)]).await.unwrap();
+        log.flush().await.unwrap();
+        // A batch whose records share it (on the line), and one where they differ.
+        let shared: Vec<_> = call_events(&["acme"], 3, "req-shared")
+            .into_iter()
+            .map(|e| rewrapped_from(e, 2))
+            .collect();
+        log.append(&shared).await.unwrap();
+        log.flush().await.unwrap();
+        let mut mixed: Vec<_> = call_events(&["acme"], 3, "req-mixed")
+            .into_iter()
+            .map(|e| rewrapped_from(e, 1))
+            .collect();
+        mixed[1].from_key_version = Some(4);
+        mixed[2].from_key_version = None;
+        log.append(&mixed).await.unwrap();
+        log.flush().await.unwrap();
+        drop(log);
+
+        let report = verify(&path).unwrap();
+        assert!(report.is_intact(), "{report:?}");
+        let raw = lines(&path);
+        assert_eq!(raw.len(), 5, "{raw:#?}");
+        let mut with_it = EVENT_MEMBERS.to_vec();
+        with_it.insert(10, "from_key_version");
+        assert_member_order(&raw[1], &with_it);
+        assert_eq!(json(&raw[1])["from_key_version"], 1);
+        assert!(!raw[2].contains("from_key_version"), "{}", raw[2]);
+        assert_eq!(json(&raw[3])["from_key_version"], 2);
+        let line = json(&raw[4]);
+        assert!(line.get("from_key_version").is_none(), "{}", raw[4]);
+        assert_eq!(line["records"][0]["from_key_version"], 1);
+        assert_eq!(line["records"][1]["from_key_version"], 4);
+        assert!(line["records"][2].get("from_key_version").is_none());
+        let got: Vec<Option<u64>> = records(&path)
+            .iter()
+            .map(|r| r.get("from_key_version").map(|v| v.as_u64().unwrap()))
+            .collect();
+        let want = vec![
+            Some(1),
+            None,
+            Some(2),
+            Some(2),
+            Some(2),
+            Some(1),
+            Some(4),
+            None,
+        ];
+        assert_eq!(got, want);
+
+        // Export writes it where present, in the members' order.
+        let mut out = Vec::new();
+        export_tenant(&path, "acme", None, None, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let exported: Vec<&str> = text.lines().collect();
+        assert_eq!(exported.len(), want.len());
+        for (line, want) in exported.iter().zip(&want) {
+            match want {
+                Some(v) => {
+                    assert_member_order(line, &with_it);
+                    assert_eq!(json(line)["from_key_version"], *v);
+                }
+                None => assert!(!line.contains("from_key_version"), "{line}"),
+            }
+        }
+
+        // Malformed: `null`, or both on the line and in a record.
+        for (at, bad) in [
+            (
+                1,
+                raw[1].replace(r#""from_key_version":1"#, r#""from_key_version":null"#),
+            ),
+            (
+                4,
+                raw[4].replace(r#""from_key_version":4"#, r#""from_key_version":null"#),
+            ),
+            (
+                4,
+                raw[4].replacen(r#""records":["#, r#""from_key_version":7,"records":["#, 1),
+            ),
+            (
+                3,
+                raw[3].replacen(r#"{"record""#, r#"{"from_key_version":7,"record""#, 1),
             ),
         ] {
             let mut edited = raw.clone();

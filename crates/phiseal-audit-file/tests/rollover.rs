@@ -36,6 +36,7 @@ fn event(i: u64) -> AuditEvent {
         field: Some(Arc::from("ssn")),
         record: Some(Arc::from(format!("patient-{i}"))),
         key_version: Some(3),
+        from_key_version: None,
         key_source: Some(KeySource::Cache),
         root_key: None,
         outcome: Outcome::Ok,

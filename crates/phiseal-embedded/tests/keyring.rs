@@ -877,6 +877,24 @@ async fn every_operation_is_audited_without_plaintext() {
         .find(|l| l.contains(r#""result":"decryption_failed""#))
         .unwrap();
     assert!(failed.contains(r#""key_version":1"#), "{failed}");
+    // And each names the version the ciphertext was under: 1 for the moved one (now under
+    // 2) and the failed one, 2 for the one already current.
+    let number = |l: &str, member: &str| -> Option<u64> {
+        let at = l.find(&format!("\"{member}\":"))? + member.len() + 3;
+        let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    let got: Vec<(Option<u64>, Option<u64>)> = rewraps
+        .iter()
+        .map(|l| (number(l, "from_key_version"), number(l, "key_version")))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(Some(1), Some(2)), (Some(2), Some(2)), (Some(1), Some(1))],
+        "{rewraps:?}"
+    );
+    // No other record has one.
+    assert_eq!(count(r#""from_key_version":"#), 3);
     assert_eq!(count(r#""result":"decryption_failed""#), 2);
     assert_eq!(count(r#""action":"set_min_decrypt_version""#), 2);
     assert_eq!(count(r#""action":"shred_tenant""#), 2);

@@ -166,8 +166,12 @@ pub struct AuditEvent {
     pub field: Option<Arc<str>>,
     /// Which record (the context's record id), if any.
     pub record: Option<Arc<str>>,
-    /// Which tenant key version (for rewrap: the target version).
+    /// Which tenant key version (for rewrap: the target version; on a rewrap that failed
+    /// before re-encrypting, the version whose use failed).
     pub key_version: Option<u32>,
+    /// For rewrap: the key version the ciphertext was under (decrypted with), when its header
+    /// could be read. `None` on every other record.
+    pub from_key_version: Option<u32>,
     /// Where the key came from, for encrypt/decrypt/rewrap.
     pub key_source: Option<KeySource>,
     /// The root key (its KMS reference, as stored with the wrapped key: not secret) of the

@@ -354,6 +354,8 @@ type AdminOutcome<T> = (Result<T, Error>, OpMeta, Option<Arc<str>>);
 struct OpMeta {
     key_version: Option<u32>,
     key_source: Option<KeySource>,
+    /// For rewrap: the version the ciphertext was under.
+    from_key_version: Option<u32>,
 }
 
 struct TenantView {
@@ -630,6 +632,7 @@ impl Keyring {
             field: context.map(|c| Arc::clone(c.field_shared())),
             record: context.and_then(|c| c.record_shared()).cloned(),
             key_version: meta.key_version,
+            from_key_version: meta.from_key_version,
             key_source: meta.key_source,
             root_key: None,
             outcome,
@@ -1112,6 +1115,7 @@ impl Keyring {
         let meta = OpMeta {
             key_version: Some(record.version),
             key_source: Some(KeySource::Kms),
+            from_key_version: None,
         };
         let mut event = Self::event(
             caller,
@@ -1321,6 +1325,7 @@ impl Keyring {
         let meta = OpMeta {
             key_version: Some(version),
             key_source: Some(source),
+            from_key_version: None,
         };
         Some((result, meta))
     }
@@ -1402,6 +1407,7 @@ impl Keyring {
         let meta = OpMeta {
             key_version: Some(version),
             key_source: Some(source),
+            from_key_version: None,
         };
         Some((result, meta))
     }
@@ -1464,7 +1470,20 @@ impl Keyring {
         (result, meta)
     }
 
+    /// [`Keyring::rewrap_inner`], its record naming the version the ciphertext was under
+    /// (`from_key_version`) whatever the outcome, when its header could be read.
     async fn rewrap_one(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        ciphertext: &[u8],
+    ) -> FieldOutcome<Vec<u8>> {
+        let (result, mut meta) = self.rewrap_inner(caller, context, ciphertext).await;
+        meta.from_key_version = format::parse(ciphertext).ok().map(|p| p.key_version);
+        (result, meta)
+    }
+
+    async fn rewrap_inner(
         &self,
         caller: &Caller,
         context: &EncryptionContext,
@@ -1653,6 +1672,7 @@ impl Keyring {
             let meta = OpMeta {
                 key_version: Some(1),
                 key_source: None,
+                from_key_version: None,
             };
             let mut root_key = None;
             let result = async {
@@ -1776,6 +1796,7 @@ impl Keyring {
             let meta = OpMeta {
                 key_version: Some(min),
                 key_source: None,
+                from_key_version: None,
             };
             let result = async {
                 self.inner.tenants.remove(tenant);

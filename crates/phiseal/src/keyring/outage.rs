@@ -224,6 +224,7 @@ impl Keyring {
         let meta = OpMeta {
             key_version: Some(version),
             key_source: decision.is_ok().then_some(KeySource::Stale),
+            from_key_version: None,
         };
         let event = Self::event(
             caller,

@@ -143,6 +143,7 @@ impl Keyring {
                 let meta = OpMeta {
                     key_version: Some(version.version),
                     key_source: None,
+                    from_key_version: None,
                 };
                 // Each record names the root key that wraps the version as of the record:
                 // the source before, the target once re-wrapped (the source if it failed).

@@ -158,6 +158,7 @@ impl Keyring {
         let mut meta = OpMeta {
             key_version: Some(version),
             key_source: None,
+            from_key_version: None,
         };
         if let Some((result, source)) = self.with_cached_key(view, version, now, &op) {
             meta.key_source = Some(source);

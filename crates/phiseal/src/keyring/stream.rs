@@ -104,6 +104,7 @@ impl StreamAudit {
         let meta = OpMeta {
             key_version: self.key_version,
             key_source: self.key_source,
+            from_key_version: None,
         };
         Keyring::event(
             &self.caller,
