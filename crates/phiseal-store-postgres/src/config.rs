@@ -70,7 +70,7 @@ pub struct PostgresStoreConfig {
     /// and the store's role only has `USAGE` on the schema and `SELECT, INSERT, UPDATE` on the
     /// tables (and `SELECT` on `schema_migrations`). `None` (the default): the schema must be
     /// owned by the store's role itself (membership in the owner does not count: a superuser
-    /// is a member of every role), or be `public` owned by `pg_database_owner` in a database
+    /// is a member of every role), or by `pg_database_owner` (as `public` is) in a database
     /// the store's role owns.
     pub schema_owner: Option<String>,
 }

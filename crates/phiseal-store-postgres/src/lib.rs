@@ -138,7 +138,7 @@
 //! a table, type or function another role puts in some other schema is never used in its
 //! place (the class of CVE-2018-1058). Change notifications use the schema's own channel
 //! ([`changes_channel`]). Opening the store (and every migration, again under its lock)
-//! refuses ([`PostgresStoreError::UnsafeSchema`]):
+//! refuses ([`PostgresStoreError::UnsafeSchema`]), before it reads anything in the schema:
 //! - a schema owned by a role other than the store's own (membership does not count: a
 //!   superuser is a member of every role) or [`PostgresStoreConfig::schema_owner`] (`public`
 //!   owned by `pg_database_owner` is accepted when the store's role owns the database): that
@@ -149,8 +149,11 @@
 //!   `PUBLIC`, as on the `public` schema before PostgreSQL 15, or to another role): it could
 //!   create the store's tables there first, owned by it, or objects in their way;
 //! - a schema holding objects (tables, functions, operators, types) owned by a role other
-//!   than those;
-//! - an empty schema while the role's own search path finds the key tables in another schema
+//!   than those, tables other roles may change (`INSERT`, `UPDATE`, `DELETE`, `TRUNCATE`,
+//!   `TRIGGER`, `REFERENCES`; `SELECT` may be granted), or tables with triggers (the store
+//!   creates none);
+//! - with the default schema, while it is empty: the three key tables found in another schema
+//!   by the role's own search path
 //!   (where builds before this setting created them): the store would otherwise start empty
 //!   next to them. Set the schema to theirs, or move the tables. Only the fully qualified
 //!   `pg_catalog.current_schemas(false)` runs under the role's own search path: operators or
@@ -276,8 +279,7 @@ impl PostgresKeyStore {
     /// [`Self::migrate`] may change the schema.
     pub async fn connect(config: &PostgresStoreConfig) -> Result<Self, PostgresStoreError> {
         let store = Self::build(config)?;
-        let found = store.inner.schema_version().await?;
-        store.inner.check_placement(found).await?;
+        let found = store.inner.checked_schema_version().await?;
         let target = store.inner.target.to_string();
         if found > SCHEMA_VERSION {
             return Err(PostgresStoreError::SchemaTooNew { target, found });
@@ -933,7 +935,7 @@ impl Inner {
                          owner or a superuser may): make the store's role own the tables \
                          (ALTER TABLE {}.key_versions OWNER TO ...)",
                         truncate(&role),
-                        self.schema
+                        schema::ident(&self.schema)
                     ),
                     BackendErrorKind::Misconfigured,
                 ));

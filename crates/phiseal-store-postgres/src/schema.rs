@@ -1,7 +1,7 @@
 //! The embedded, versioned schema and the migration runner.
 
-use crate::Inner;
 use crate::error::PostgresStoreError;
+use crate::{DEFAULT_SCHEMA, Inner};
 
 /// The schema version this build creates and reads (the highest `schema_migrations.version`).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -67,7 +67,10 @@ impl Inner {
         self.timed(action, async {
             let client = self.client(action).await?;
             let row = client
-                .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+                .query_one(
+                    "SELECT pg_catalog.to_regclass('schema_migrations') IS NOT NULL",
+                    &[],
+                )
                 .await
                 .map_err(self.db(action))?;
             let exists: bool = row.try_get(0).map_err(self.db(action))?;
@@ -95,8 +98,7 @@ impl Inner {
     /// Applies every pending migration, each in its own transaction under an advisory lock, and
     /// returns the versions applied (empty if the schema was current).
     pub(crate) async fn migrate(&self) -> Result<Vec<u32>, PostgresStoreError> {
-        let found = self.schema_version().await?;
-        self.check_placement(found).await?;
+        let found = self.checked_schema_version().await?;
         if found > SCHEMA_VERSION {
             return Err(PostgresStoreError::SchemaTooNew {
                 target: self.target.to_string(),
@@ -114,19 +116,39 @@ impl Inner {
         Ok(applied)
     }
 
-    /// Refuses a store schema that is not safe to use ([`Inner::check_rights`]) and, while it
-    /// holds no tables yet (`found` is 0), key tables that an earlier build left where the
-    /// role's own search path put them: starting an empty store next to them would look as
-    /// if every tenant had vanished.
-    pub(crate) async fn check_placement(&self, found: u32) -> Result<(), PostgresStoreError> {
+    /// The schema version, read only once the schema passed [`Inner::check_rights`] (nothing
+    /// in an unchecked schema is ever resolved: a view there could run another role's code as
+    /// the store's role), and, when it holds no tables yet, after
+    /// [`Inner::check_earlier_layout`].
+    pub(crate) async fn checked_schema_version(&self) -> Result<u32, PostgresStoreError> {
         let action = "check the store's schema";
         self.timed(action, async {
             let mut client = self.client(action).await?;
             let tx = client.transaction().await.map_err(self.db(action))?;
             self.check_rights(&tx).await?;
-            if found != 0 {
-                return Ok(());
-            }
+            tx.rollback().await.map_err(self.db(action))
+        })
+        .await?;
+        let found = self.schema_version().await?;
+        if found == 0 {
+            self.check_earlier_layout().await?;
+        }
+        Ok(found)
+    }
+
+    /// With the default schema, while it holds no tables: refuses to start an empty store if
+    /// the role's own search path finds the three tables of an earlier build in another schema
+    /// (builds before the schema setting created them in the first schema of that path), which
+    /// would look as if every tenant had vanished. A schema chosen explicitly is taken as
+    /// meant (another deployment of the same role may be found on its path).
+    async fn check_earlier_layout(&self) -> Result<(), PostgresStoreError> {
+        if *self.schema != *DEFAULT_SCHEMA {
+            return Ok(());
+        }
+        let action = "look for an earlier build's tables";
+        self.timed(action, async {
+            let mut client = self.client(action).await?;
+            let tx = client.transaction().await.map_err(self.db(action))?;
             // The role's own search path, as the session had it before the store set its own.
             // Nothing but this fully qualified call runs under it: another role's objects on
             // that path (an operator, a function) must never be resolved by the store.
@@ -143,10 +165,12 @@ impl Inner {
                 .map_err(self.db(action))?;
             let rows = tx
                 .query(
-                    "SELECT n.nspname FROM pg_catalog.pg_class c
-                     JOIN pg_catalog.pg_namespace n
-                       ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-                     WHERE c.relname OPERATOR(pg_catalog.=) 'key_versions'",
+                    "SELECT n.nspname FROM pg_catalog.pg_namespace n
+                     WHERE (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class c
+                            WHERE c.relnamespace OPERATOR(pg_catalog.=) n.oid
+                              AND c.relname OPERATOR(pg_catalog.=) ANY (ARRAY[
+                                  'schema_migrations', 'tenants', 'key_versions'
+                              ]::pg_catalog.name[])) OPERATOR(pg_catalog.=) 3",
                     &[],
                 )
                 .await
@@ -163,15 +187,14 @@ impl Inner {
             else {
                 return Ok(());
             };
-            let other = ident(other);
+            let (other, schema) = (ident(other), ident(&self.schema));
             Err(self.unsafe_schema(format!(
                 "it holds no key tables yet, but the role's search path finds them in schema \
                  {other} (where builds without the schema setting created them); refusing to \
                  start an empty key store next to them: set the store's schema to {other}, or \
-                 move the three tables (CREATE SCHEMA {schema}; ALTER TABLE \
-                 {other}.schema_migrations SET SCHEMA {schema}; likewise tenants and \
-                 key_versions)",
-                schema = self.schema
+                 move the three tables (CREATE SCHEMA {schema} AUTHORIZATION <the store's \
+                 role>; ALTER TABLE {other}.schema_migrations SET SCHEMA {schema}; likewise \
+                 tenants and key_versions)"
             )))
         })
         .await
@@ -187,11 +210,13 @@ impl Inner {
 
     /// Refuses the store's schema, if it exists, unless: its owner is the store's role itself,
     /// the configured `schema_owner`, or `pg_database_owner` with the store's role owning the
-    /// database (the `public` schema); the store's role may use it; no role but its owner may
-    /// create objects in it; and every object in it belongs to one of those trusted roles.
-    /// Any other role that could create or own objects there could put its own tables (or
-    /// triggers, functions, operators) in the store's way. Membership in another role does
-    /// not count (a superuser is a member of every role). Fully qualified throughout.
+    /// database; the store's role may use it; only trusted roles (those, and each table's
+    /// owner) may create objects in it or change its tables (`INSERT`, `UPDATE`, `DELETE`,
+    /// `TRUNCATE`, `TRIGGER`, `REFERENCES`); its tables have no triggers (the store creates
+    /// none); and every object in it belongs to a trusted role. Any other role that could
+    /// create, own or trigger on objects there could put its own code in the store's way.
+    /// Membership in another role does not count (a superuser is a member of every role).
+    /// Fully qualified throughout.
     async fn check_rights(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -200,7 +225,7 @@ impl Inner {
         let db = |e| self.db(action)(e);
         let row = tx
             .query_opt(
-                "SELECT n.oid, n.nspowner,
+                "SELECT n.oid,
                         pg_catalog.pg_get_userbyid(n.nspowner)::pg_catalog.text,
                         pg_catalog.has_schema_privilege(n.oid, 'USAGE'),
                         current_user::pg_catalog.text,
@@ -225,28 +250,30 @@ impl Inner {
             return Ok(());
         };
         let oid: u32 = row.try_get(0).map_err(db)?;
-        let owner_oid: u32 = row.try_get(1).map_err(db)?;
-        let owner: String = row.try_get(2).map_err(db)?;
-        let usage: bool = row.try_get(3).map_err(db)?;
-        let role: String = row.try_get(4).map_err(db)?;
-        let database_owner: Option<String> = row.try_get(5).map_err(db)?;
-        let creators: Vec<Option<String>> = row.try_get(6).map_err(db)?;
-        let trusted = |name: &str| name == role || self.schema_owner.as_deref() == Some(name);
-        let schema = &self.schema;
-        let owner_trusted = trusted(&owner)
+        let owner: String = row.try_get(1).map_err(db)?;
+        let usage: bool = row.try_get(2).map_err(db)?;
+        let role: String = row.try_get(3).map_err(db)?;
+        let database_owner: Option<String> = row.try_get(4).map_err(db)?;
+        let creators: Vec<Option<String>> = row.try_get(5).map_err(db)?;
+        let owner_trusted = owner == role
+            || self.schema_owner.as_deref() == Some(owner.as_str())
             || (owner == "pg_database_owner" && database_owner.as_deref() == Some(role.as_str()));
+        let schema = ident(&self.schema);
         if !owner_trusted {
             return Err(self.unsafe_schema(format!(
                 "it is owned by role {}, not by the store's role ({}), so that role could \
                  replace the store's tables; make the store's role own it (ALTER SCHEMA \
-                 {schema} OWNER TO {}), or, in a least-privilege set-up where an \
-                 administrator's role owns the schema and its tables, name that role in the \
-                 schema_owner setting",
+                 {schema} OWNER TO {}), or, if that role is an administrator's that owns the \
+                 schema and its tables (a least-privilege set-up, or `public` owned by its \
+                 bootstrap superuser or pg_database_owner), name it in the schema_owner \
+                 setting",
                 ident(&owner),
                 ident(&role),
                 ident(&role)
             )));
         }
+        let mut trusted = vec![role.clone(), owner];
+        trusted.extend(self.schema_owner.as_deref().map(str::to_owned));
         if !usage {
             return Err(self.unsafe_schema(format!(
                 "the store's role ({}) may not use it: GRANT USAGE ON SCHEMA {schema} TO {}",
@@ -254,19 +281,21 @@ impl Inner {
                 ident(&role)
             )));
         }
+        let creators: Vec<String> = creators
+            .iter()
+            .filter(|c| c.as_ref().is_none_or(|c| !trusted.contains(c)))
+            .map(|c| c.as_deref().map_or_else(|| "PUBLIC".to_owned(), ident))
+            .collect();
         if !creators.is_empty() {
-            let names = creators
-                .iter()
-                .map(|c| c.as_deref().map_or_else(|| "PUBLIC".to_owned(), ident))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let names = creators.join(", ");
             return Err(self.unsafe_schema(format!(
                 "roles other than its owner may create objects in it (CREATE is granted to \
                  {names}), so they could create the store's tables there first, or objects \
                  in their way; run REVOKE CREATE ON SCHEMA {schema} FROM {names}"
             )));
         }
-        let objects = tx
+        // Objects of untrusted roles (the table owners are checked with them).
+        let rows = tx
             .query(
                 "SELECT o.name, pg_catalog.pg_get_userbyid(o.owner)::pg_catalog.text FROM (
                      SELECT c.relname::pg_catalog.text AS name, c.relowner AS owner
@@ -281,28 +310,92 @@ impl Inner {
                      SELECT t.typname::pg_catalog.text, t.typowner
                      FROM pg_catalog.pg_type t WHERE t.typnamespace OPERATOR(pg_catalog.=) $1
                  ) AS o
-                 WHERE o.owner OPERATOR(pg_catalog.<>) $2
-                 LIMIT 100",
-                &[&oid, &owner_oid],
+                 WHERE pg_catalog.pg_get_userbyid(o.owner)::pg_catalog.text
+                       OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.text[])
+                 ORDER BY 1 LIMIT 5",
+                &[&oid, &trusted],
             )
             .await
             .map_err(db)?;
-        let mut foreign = Vec::new();
-        for object in &objects {
-            let name: String = object.try_get(0).map_err(db)?;
-            let object_owner: String = object.try_get(1).map_err(db)?;
-            if !trusted(&object_owner) && object_owner != owner {
-                foreign.push(format!("{} (owner {})", ident(&name), ident(&object_owner)));
-            }
-        }
+        let foreign = rows
+            .iter()
+            .map(|r| -> Result<String, PostgresStoreError> {
+                let name: String = r.try_get(0).map_err(db)?;
+                let owner: String = r.try_get(1).map_err(db)?;
+                Ok(format!("{} (owner {})", ident(&name), ident(&owner)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if !foreign.is_empty() {
-            foreign.sort();
-            foreign.truncate(5);
             return Err(self.unsafe_schema(format!(
                 "it holds objects that belong to neither its owner nor the store's role ({}), \
                  whose owners could change what the store reads and writes; drop them, or \
                  give them to the schema's owner",
                 foreign.join(", ")
+            )));
+        }
+        // Rights to change the tables (or to put triggers on them) held by untrusted roles.
+        let rows = tx
+            .query(
+                "SELECT c.relname::pg_catalog.text,
+                        CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN NULL
+                             ELSE pg_catalog.pg_get_userbyid(a.grantee)::pg_catalog.text END,
+                        a.privilege_type
+                 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) AS a
+                 WHERE c.relnamespace OPERATOR(pg_catalog.=) $1
+                   AND a.privilege_type OPERATOR(pg_catalog.=) ANY (ARRAY[
+                       'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER', 'REFERENCES'
+                   ]::pg_catalog.text[])
+                   AND (a.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid
+                        OR pg_catalog.pg_get_userbyid(a.grantee)::pg_catalog.text
+                           OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.text[]))
+                 ORDER BY 1, 2, 3 LIMIT 5",
+                &[&oid, &trusted],
+            )
+            .await
+            .map_err(db)?;
+        let grants = rows
+            .iter()
+            .map(|r| -> Result<String, PostgresStoreError> {
+                let table: String = r.try_get(0).map_err(db)?;
+                let grantee: Option<String> = r.try_get(1).map_err(db)?;
+                let privilege: String = r.try_get(2).map_err(db)?;
+                let grantee = grantee
+                    .as_deref()
+                    .map_or_else(|| "PUBLIC".to_owned(), ident);
+                Ok(format!("{privilege} on {} to {grantee}", ident(&table)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !grants.is_empty() {
+            return Err(self.unsafe_schema(format!(
+                "other roles may change the store's tables or put triggers on them ({}); \
+                 revoke those rights (only SELECT may be granted to other roles)",
+                grants.join(", ")
+            )));
+        }
+        let rows = tx
+            .query(
+                "SELECT c.relname::pg_catalog.text, t.tgname::pg_catalog.text
+                 FROM pg_catalog.pg_trigger t
+                 JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.tgrelid
+                 WHERE c.relnamespace OPERATOR(pg_catalog.=) $1 AND NOT t.tgisinternal
+                 ORDER BY 1, 2 LIMIT 5",
+                &[&oid],
+            )
+            .await
+            .map_err(db)?;
+        let triggers = rows
+            .iter()
+            .map(|r| -> Result<String, PostgresStoreError> {
+                let table: String = r.try_get(0).map_err(db)?;
+                let trigger: String = r.try_get(1).map_err(db)?;
+                Ok(format!("{} on {}", ident(&trigger), ident(&table)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !triggers.is_empty() {
+            return Err(self.unsafe_schema(format!(
+                "its tables have triggers ({}), which would run their functions on the \
+                 store's writes; the store creates none: drop them",
+                triggers.join(", ")
             )));
         }
         Ok(())
@@ -314,9 +407,12 @@ impl Inner {
         self.timed(action, async {
             let mut client = self.client(action).await?;
             let tx = client.transaction().await.map_err(self.db(action))?;
-            tx.query_one("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-                .await
-                .map_err(self.db("take the schema migration lock"))?;
+            tx.query_one(
+                "SELECT pg_catalog.pg_advisory_xact_lock($1::pg_catalog.int8)",
+                &[&MIGRATION_LOCK],
+            )
+            .await
+            .map_err(self.db("take the schema migration lock"))?;
             let row = tx
                 .query_one(
                     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace
@@ -377,7 +473,7 @@ impl Inner {
 
 /// `name` as a double-quoted SQL identifier for messages: `"` doubled, control characters
 /// escaped, at most 64 characters (names read from the database are not ours).
-fn ident(name: &str) -> String {
+pub(crate) fn ident(name: &str) -> String {
     let mut out = String::from("\"");
     for c in name.chars().take(64) {
         match c {

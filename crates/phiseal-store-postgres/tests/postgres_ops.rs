@@ -379,7 +379,7 @@ async fn a_role_that_cannot_vacuum_is_told_the_shred_is_incomplete() {
     let err = PostgresKeyStore::open(&app_config).await.unwrap_err();
     let text = err.to_string();
     assert!(
-        text.contains("may not use it: GRANT USAGE ON SCHEMA phiseal TO \"phiseal_app\""),
+        text.contains("may not use it: GRANT USAGE ON SCHEMA \"phiseal\" TO \"phiseal_app\""),
         "{text}"
     );
     raw.batch_execute("GRANT USAGE ON SCHEMA phiseal TO phiseal_app")

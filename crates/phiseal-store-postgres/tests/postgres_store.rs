@@ -900,7 +900,7 @@ async fn a_schema_every_role_may_create_in_is_refused() {
         assert!(text.contains("schema \"phiseal\""), "{text}");
         assert!(text.contains("CREATE is granted to PUBLIC"), "{text}");
         assert!(
-            text.contains("REVOKE CREATE ON SCHEMA phiseal FROM PUBLIC"),
+            text.contains("REVOKE CREATE ON SCHEMA \"phiseal\" FROM PUBLIC"),
             "{text}"
         );
     }
@@ -949,13 +949,18 @@ async fn key_tables_where_an_earlier_build_put_them_are_not_replaced_by_an_empty
         assert!(text.contains("finds them in schema \"public\""), "{text}");
         assert!(
             text.contains(
-                "CREATE SCHEMA phiseal; ALTER TABLE \"public\".schema_migrations SET SCHEMA phiseal"
+                "CREATE SCHEMA \"phiseal\" AUTHORIZATION <the store's role>; \
+                 ALTER TABLE \"public\".schema_migrations SET SCHEMA \"phiseal\""
             ),
             "{text}"
         );
     }
     let raw = db.raw_default_path().await;
     assert_eq!(schema_of(&raw, "phiseal.schema_migrations").await, None);
+    // A schema chosen explicitly is taken as meant (another deployment of the same role).
+    let mut explicit = db.config();
+    explicit.schema = "second_deployment".into();
+    PostgresKeyStore::open(&explicit).await.unwrap();
 
     // Either remedy works: name the old schema, or move the tables.
     let store = PostgresKeyStore::open(&legacy).await.unwrap();
@@ -1014,8 +1019,13 @@ async fn a_schema_another_role_owns_or_may_change_is_refused() {
     let db = TestDb::new("schemarights").await;
     let raw = db.raw_default_path().await;
     let other = format!("other_{}", db.name);
+    // The schema is another role's, and holds a `schema_migrations` view whose reading runs
+    // a function (counted in a sequence: sequences are not rolled back).
     raw.batch_execute(&format!(
-        "CREATE ROLE {other}; CREATE SCHEMA phiseal AUTHORIZATION {other}"
+        "CREATE ROLE {other}; CREATE SCHEMA phiseal AUTHORIZATION {other};
+         CREATE SEQUENCE public.viewed;
+         CREATE VIEW phiseal.schema_migrations AS
+             SELECT pg_catalog.nextval('public.viewed') AS version;"
     ))
     .await
     .unwrap();
@@ -1036,8 +1046,19 @@ async fn a_schema_another_role_owns_or_may_change_is_refused() {
         )),
         "{text}"
     );
-    assert!(text.contains("ALTER SCHEMA phiseal OWNER TO"), "{text}");
-    assert_eq!(schema_of(&raw, "phiseal.schema_migrations").await, None);
+    assert!(text.contains("ALTER SCHEMA \"phiseal\" OWNER TO"), "{text}");
+    let viewed: bool = raw
+        .query_one("SELECT is_called FROM public.viewed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !viewed,
+        "the store read a view in a schema it had not checked"
+    );
+    raw.batch_execute("DROP VIEW phiseal.schema_migrations")
+        .await
+        .unwrap();
 
     // Owned by the store's role, but another role may create in it.
     raw.batch_execute(&format!(
@@ -1056,7 +1077,9 @@ async fn a_schema_another_role_owns_or_may_change_is_refused() {
             "{text}"
         );
         assert!(
-            text.contains(&format!("REVOKE CREATE ON SCHEMA phiseal FROM \"{other}\"")),
+            text.contains(&format!(
+                "REVOKE CREATE ON SCHEMA \"phiseal\" FROM \"{other}\""
+            )),
             "{text}"
         );
     }
@@ -1085,5 +1108,48 @@ async fn a_schema_another_role_owns_or_may_change_is_refused() {
         .create_tenant(&tid("acme"), record("acme", 1))
         .await
         .unwrap();
+    drop(store);
+
+    // Another role may change a table: refused; SELECT alone is fine.
+    raw.batch_execute(&format!(
+        "GRANT SELECT, UPDATE ON phiseal.key_versions TO {other}"
+    ))
+    .await
+    .unwrap();
+    let text = refused(PostgresKeyStore::open(&db.config()).await);
+    assert!(
+        text.contains(&format!(
+            "other roles may change the store's tables or put triggers on them (UPDATE on \"key_versions\" to \"{other}\")"
+        )),
+        "{text}"
+    );
+    raw.batch_execute(&format!(
+        "REVOKE UPDATE ON phiseal.key_versions FROM {other}"
+    ))
+    .await
+    .unwrap();
+    db.open().await;
+
+    // A trigger on a table: refused.
+    raw.batch_execute(
+        "CREATE FUNCTION public.noop() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RETURN NEW; END $$;
+         CREATE TRIGGER watcher BEFORE UPDATE ON phiseal.key_versions
+             FOR EACH ROW EXECUTE FUNCTION public.noop();",
+    )
+    .await
+    .unwrap();
+    let text = refused(PostgresKeyStore::open(&db.config()).await);
+    assert!(
+        text.contains("its tables have triggers (\"watcher\" on \"key_versions\")"),
+        "{text}"
+    );
+    raw.batch_execute(&format!(
+        "DROP TRIGGER watcher ON phiseal.key_versions;
+         REVOKE ALL ON phiseal.key_versions FROM {other}; DROP ROLE {other}"
+    ))
+    .await
+    .unwrap();
+    db.open().await;
     db.drop_database().await;
 }

@@ -1064,11 +1064,19 @@ impl Config {
                 Err(e) => return bad("key_store.schema", &e.to_string()),
             }
         }
-        if store.schema_owner.is_some() && store.kind != KeyStoreKind::Postgres {
-            return bad(
-                "key_store.schema_owner",
-                "only used with kind = \"postgres\"",
-            );
+        if let Some(owner) = &store.schema_owner {
+            if store.kind != KeyStoreKind::Postgres {
+                return bad(
+                    "key_store.schema_owner",
+                    "only used with kind = \"postgres\"",
+                );
+            }
+            if owner.is_empty() || owner.len() > 63 || owner.chars().any(char::is_control) {
+                return bad(
+                    "key_store.schema_owner",
+                    "must be a role name of 1 to 63 bytes without control characters",
+                );
+            }
         }
         if !(1..=1000).contains(&store.max_connections) {
             return bad("key_store.max_connections", "must be between 1 and 1000");

@@ -857,4 +857,6 @@ fn the_key_store_schema_is_checked_and_only_for_postgres() {
         &[],
     )
     .fails_with("key_store.schema_owner: only used with kind = \"postgres\"");
+    check_text(&format!("{minimal_postgres}schema_owner = \"\"\n"), &url)
+        .fails_with("key_store.schema_owner: must be a role name");
 }
