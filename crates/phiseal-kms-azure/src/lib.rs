@@ -54,11 +54,11 @@
 //! ## Error mapping
 //! | Key Vault says | kind |
 //! |---|---|
-//! | 400 (`BadParameter`: undecryptable input, wrong version) from `unwrapKey`; a response naming another key version; a result that is not 64 bytes or whose binding hash does not match; a reference to another vault or key | `InvalidData` |
+//! | 400 with error code `BadParameter` (undecryptable input, wrong version) from `unwrapKey`; a result that is not 64 bytes or whose binding hash does not match; a reference to another vault or key | `InvalidData` |
 //! | 401 (`Unauthorized`: no or invalid token), 403 (`Forbidden`: missing permission, disabled key), a credential that cannot obtain a token, a key that is disabled at connect time | `Denied` |
 //! | 408, 429, any 5xx, the [`OPERATION_TIMEOUT`], connection and I/O failures | `Unavailable` |
 //! | 404 (`KeyNotFound`), 400 from any other operation (e.g. an algorithm the key does not support), a key of the wrong type, size or permitted operations, an invalid vault URL or key name, a credential that cannot be built | `Misconfigured` |
-//! | anything else (an unexpected response shape, …) | `Other` |
+//! | another 400 from `unwrapKey` (an unsupported algorithm or API version: not the record's fault); an unwrap result naming another key version; anything else (an unexpected response shape, …) | `Other` |
 //!
 //! Every message names the backend (`azure-kv`), the operation, the vault and key, and the
 //! cause: the HTTP status, Key Vault's error code and message, or the transport failure. The
@@ -445,7 +445,8 @@ impl AzureKeyVaultKms {
                 BackendErrorKind::Unavailable,
                 format!(
                     "{NAME}: {op} with {} failed: timed out after {OPERATION_TIMEOUT:?} (all \
-                     attempts); Key Vault is unreachable or overloaded, retry later",
+                     attempts, the access token included); Key Vault or the identity endpoint \
+                     is unreachable or overloaded, retry later",
                     self.describe()
                 ),
             )),
@@ -616,10 +617,11 @@ impl Kms for AzureKeyVaultKms {
         let plaintext = Zeroizing::new(result.result.take().unwrap_or_default());
         let kid = result.kid.as_deref().unwrap_or_default();
         if self.version_of_response_kid(kid).as_deref() != Some(version) {
-            return Err(BackendError::invalid_data(
-                NAME,
+            // A vault (or proxy) anomaly, not a tampered record: `Other`, as for wrap and get.
+            return Err(BackendError::new(
+                BackendErrorKind::Other,
                 format!(
-                    "UnwrapKey with {d} version '{version}' for tenant '{}' version {} \
+                    "{NAME}: UnwrapKey with {d} version '{version}' for tenant '{}' version {} \
                      answered with key id '{}': refusing the result",
                     binding.tenant,
                     binding.version,
@@ -959,8 +961,17 @@ fn classify_credential(err: &azure_core::Error) -> BackendErrorKind {
 
 fn classify(op: Op, kind: &ErrorKind) -> BackendErrorKind {
     match kind {
-        ErrorKind::HttpResponse { status, .. } => match *status {
-            StatusCode::BadRequest if op == Op::Unwrap => BackendErrorKind::InvalidData,
+        ErrorKind::HttpResponse {
+            status, error_code, ..
+        } => match *status {
+            // Only Key Vault's "this input cannot be unwrapped" says the record is bad; any
+            // other 400 (an unsupported algorithm or API version) is not the record's fault.
+            StatusCode::BadRequest
+                if op == Op::Unwrap && error_code.as_deref() == Some("BadParameter") =>
+            {
+                BackendErrorKind::InvalidData
+            }
+            StatusCode::BadRequest if op == Op::Unwrap => BackendErrorKind::Other,
             StatusCode::BadRequest | StatusCode::NotFound => BackendErrorKind::Misconfigured,
             StatusCode::Unauthorized | StatusCode::Forbidden => BackendErrorKind::Denied,
             StatusCode::RequestTimeout | StatusCode::TooManyRequests => {
@@ -1026,9 +1037,16 @@ mod tests {
             error_code: None,
             raw_response: None,
         };
+        let bad_parameter = ErrorKind::HttpResponse {
+            status: StatusCode::BadRequest,
+            error_code: Some("BadParameter".into()),
+            raw_response: None,
+        };
+        // Only BadParameter from unwrapKey blames the record; another 400 does not.
+        assert_eq!(classify(Op::Unwrap, &bad_parameter), K::InvalidData);
         assert_eq!(
             classify(Op::Unwrap, &http(StatusCode::BadRequest)),
-            K::InvalidData
+            K::Other
         );
         assert_eq!(
             classify(Op::Wrap, &http(StatusCode::BadRequest)),

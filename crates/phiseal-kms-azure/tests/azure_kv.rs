@@ -484,6 +484,52 @@ async fn a_disabled_key_is_denied_and_works_again_when_re_enabled() {
     kms.wrap(&key, &b).await.unwrap();
 }
 
+/// Sets the permitted operations of a key version.
+async fn set_key_ops(client: &KeyClient, name: &str, version: &str, ops: Vec<KeyOperation>) {
+    let params = UpdateKeyPropertiesParameters {
+        key_ops: Some(ops),
+        ..Default::default()
+    };
+    let options = KeyClientUpdateKeyPropertiesOptions {
+        key_version: Some(version.to_owned()),
+        ..Default::default()
+    };
+    client
+        .update_key_properties(name, params.try_into().unwrap(), Some(options))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_operation_the_key_no_longer_permits_is_denied_not_a_bad_record() {
+    let double = Double::start();
+    let admin = client(&double);
+    let version = create_key(&admin, "kek", KeyType::Rsa, 2048).await;
+    let kms = kms_for(&double, "kek", WrapAlgorithm::RsaOaep256).await;
+    let key = TenantKey::from_bytes([6; 32]);
+    let b = binding("acme", 1);
+    let wrapped = kms.wrap(&key, &b).await.unwrap();
+
+    // After connect, the key's unwrapKey permission is taken away (Key Vault answers 403
+    // Forbidden, KeyOperationForbidden): a refusal, never "the record was tampered with".
+    set_key_ops(&admin, "kek", &version, vec![KeyOperation::WrapKey]).await;
+    let err = kms.unwrap(&wrapped, &b).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
+    assert!(err.to_string().contains("HTTP 403 Forbidden"), "{err}");
+
+    set_key_ops(
+        &admin,
+        "kek",
+        &version,
+        vec![KeyOperation::WrapKey, KeyOperation::UnwrapKey],
+    )
+    .await;
+    assert_eq!(
+        kms.unwrap(&wrapped, &b).await.unwrap().expose(),
+        key.expose()
+    );
+}
+
 #[tokio::test]
 async fn unsuitable_keys_are_misconfigured_at_connect() {
     let double = Double::start();

@@ -34,9 +34,10 @@ What it models:
   that version.
 - Base64url without padding in both directions (padding is tolerated on input).
 - Errors as `{"error":{"code":…,"message":…}}`: 400 BadParameter (missing api-version, bad
-  JSON, unknown or unsuitable algorithm, an operation not in the key's key_ops, undecryptable
-  input, e.g. a ciphertext made by another version), 401 Unauthorized, 403 Forbidden
-  (wrapKey/unwrapKey on a disabled key version), 404 KeyNotFound (unknown key or version),
+  JSON, unknown or unsuitable algorithm, undecryptable input, e.g. a ciphertext made by
+  another version), 401 Unauthorized, 403 Forbidden (wrapKey/unwrapKey on a disabled key
+  version; an operation not in the key's key_ops, with innererror KeyOperationForbidden, as
+  Key Vault answers), 404 KeyNotFound (unknown key or version),
   405 for unknown routes.
 
 What it does NOT model: RBAC and access policies (one token can do everything), real Entra ID
@@ -89,9 +90,9 @@ def b64url_decode(text: str) -> bytes:
 
 
 class KvError(Exception):
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, inner: str | None = None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.inner = status, code, message, inner
 
 
 def bad(message: str) -> KvError:
@@ -332,7 +333,13 @@ class Vault:
             if not v["enabled"]:
                 raise KvError(403, "Forbidden", f"Operation {op} is not allowed on a disabled key.")
             if op not in v["key_ops"]:
-                raise bad(f"Operation {op} is not permitted on this key.")
+                # As Key Vault answers: 403 Forbidden, inner error KeyOperationForbidden.
+                raise KvError(
+                    403,
+                    "Forbidden",
+                    f"Operation {op} is not permitted on this key.",
+                    inner="KeyOperationForbidden",
+                )
             private, kty = v["private"], v["kty"]
         alg = body.get("alg")
         try:
@@ -398,7 +405,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, e: KvError, headers=None) -> None:
-        self._send(e.status, {"error": {"code": e.code, "message": e.message}}, headers)
+        error = {"code": e.code, "message": e.message}
+        if e.inner:
+            error["innererror"] = {"code": e.inner}
+        self._send(e.status, {"error": error}, headers)
 
     def _handle(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)

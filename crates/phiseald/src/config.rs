@@ -290,9 +290,10 @@ pub enum AzureCredentialName {
     WorkloadIdentity,
     /// A service principal's secret (`tenant_id`, `client_id`, `client_secret`).
     ClientSecret,
-    /// The Azure CLI's signed-in account (development).
+    /// The Azure CLI's signed-in account (development; refused by the production profile).
     AzureCli,
-    /// The Azure CLI, then the Azure Developer CLI (development).
+    /// The Azure CLI, then the Azure Developer CLI (development; refused by the production
+    /// profile).
     DeveloperTools,
 }
 
@@ -1018,6 +1019,30 @@ impl Config {
                      environment would replace the file's policy, tokens or socket group)",
                     self.access_from_env.join(", ")
                 ),
+            );
+        }
+        let developer_credential = |kms: &KmsConfig| {
+            kms.kind == KmsKind::Azure
+                && kms.azure.as_ref().is_some_and(|a| {
+                    matches!(
+                        a.credential,
+                        AzureCredentialName::AzureCli | AzureCredentialName::DeveloperTools
+                    )
+                })
+        };
+        if self.profile == ProfileName::Production
+            && (developer_credential(&self.kms)
+                || self
+                    .kms
+                    .previous
+                    .as_deref()
+                    .is_some_and(developer_credential))
+        {
+            return bad(
+                "kms.azure.credential",
+                "production refuses the developer credentials \"azure-cli\" and \
+                 \"developer-tools\" (they run the az / azd command-line tools under a person's \
+                 sign-in, slowly): use managed-identity, workload-identity or client-secret",
             );
         }
         if self.profile == ProfileName::Production && self.kms.kind == KmsKind::Local {

@@ -860,3 +860,30 @@ fn the_key_store_schema_is_checked_and_only_for_postgres() {
     check_text(&format!("{minimal_postgres}schema_owner = \"\"\n"), &url)
         .fails_with("key_store.schema_owner: must be a role name");
 }
+
+#[test]
+fn production_refuses_the_azure_developer_credentials() {
+    let azure = |credential: &str| {
+        format!(
+            "[kms]\nkind = \"azure\"\n[kms.azure]\nvault_url = \"https://v.vault.azure.net\"\n\
+             key_name = \"k\"\ncredential = \"{credential}\"\n"
+        )
+    };
+    for credential in ["azure-cli", "developer-tools"] {
+        check_text(
+            &format!("profile = \"production\"\n{MINIMAL}{}", azure(credential)),
+            &[],
+        )
+        .fails_with("kms.azure.credential: production refuses the developer credentials");
+        // Development keeps them.
+        check_text(&format!("{MINIMAL}{}", azure(credential)), &[]).ok();
+    }
+    check_text(
+        &format!(
+            "profile = \"production\"\n{MINIMAL}{}",
+            azure("managed-identity")
+        ),
+        &[],
+    )
+    .ok();
+}
