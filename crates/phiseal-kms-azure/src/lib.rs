@@ -51,6 +51,14 @@
 //! this one), but the timeout applies to it too. The timeout needs a Tokio runtime with the
 //! time driver, as `azure_core`'s retry delays do.
 //!
+//! The token request is the one part that does not end with the call: `connect` wraps the
+//! credential in a [`DetachedTokenCredential`], which refreshes in a task of its own shared by
+//! all callers and, while it runs, hands out the last token as long as it stays valid for
+//! [`USABLE_FOR`]. So a slow identity endpoint (managed identity retries for up to a minute)
+//! delays nothing while a valid token is at hand, and a refresh is never cancelled by a
+//! call's timeout and started over. A refresh unanswered after [`REFRESH_LIMIT`] fails as an
+//! outage, and the next call starts another.
+//!
 //! ## Error mapping
 //! | Key Vault says | kind |
 //! |---|---|
@@ -80,6 +88,10 @@
 //! bytes, tokens or secrets.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+mod detached;
+
+pub use detached::{DetachedTokenCredential, FRESH_FOR, REFRESH_LIMIT, USABLE_FOR};
 
 use std::fmt;
 use std::future::Future;
@@ -247,7 +259,7 @@ impl AzureKeyVaultKms {
     pub async fn connect(config: &AzureKeyVaultConfig) -> Result<AzureKeyVaultKms, BackendError> {
         let vault = normalize_vault_url(&config.vault_url)?;
         validate_key_name(&config.key_name)?;
-        let credential = build_credential(&config.credential)?;
+        let credential = DetachedTokenCredential::new(build_credential(&config.credential)?);
         let options = KeyClientOptions {
             client_options: client_options(),
             ..Default::default()

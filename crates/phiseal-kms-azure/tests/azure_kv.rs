@@ -35,7 +35,8 @@ use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::testkit::conformance;
 use phiseal::{BackendErrorKind, TenantKey};
 use phiseal_kms_azure::{
-    AzureCredentialConfig, AzureKeyVaultConfig, AzureKeyVaultKms, OPERATION_TIMEOUT, WrapAlgorithm,
+    AzureCredentialConfig, AzureKeyVaultConfig, AzureKeyVaultKms, DetachedTokenCredential,
+    OPERATION_TIMEOUT, WrapAlgorithm,
 };
 
 const INSTALL_HINT: &str = "PHISEAL_PYTHON is not set: the Azure Key Vault tests run \
@@ -172,8 +173,44 @@ impl TokenCredential for StaticToken {
     }
 }
 
+/// A credential whose first token expires in 4 minutes (inside the bearer-token policy's
+/// 5-minute refresh window) and whose every later token takes longer than
+/// [`OPERATION_TIMEOUT`] to come (a slow managed-identity endpoint); counts its calls.
+#[derive(Debug, Default)]
+struct SlowRefresh {
+    calls: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for SlowRefresh {
+    async fn get_token(
+        &self,
+        _scopes: &[&str],
+        _options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let now = azure_core::time::OffsetDateTime::now_utc();
+        if call == 0 {
+            return Ok(AccessToken::new(
+                TOKEN,
+                now + azure_core::time::Duration::minutes(4),
+            ));
+        }
+        tokio::time::sleep(OPERATION_TIMEOUT + Duration::from_secs(1)).await;
+        Ok(AccessToken::new(
+            TOKEN,
+            azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::hours(1),
+        ))
+    }
+}
+
 /// An SDK client for the double that trusts only its CA and presents `token`.
 fn client_with(double: &Double, token: Option<&'static str>) -> KeyClient {
+    client_with_credential(double, Arc::new(StaticToken(token)))
+}
+
+/// An SDK client for the double that trusts only its CA and uses `credential`.
+fn client_with_credential(double: &Double, credential: Arc<dyn TokenCredential>) -> KeyClient {
     let ca = std::fs::read(double.ca_pem()).unwrap();
     let http = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
@@ -187,7 +224,7 @@ fn client_with(double: &Double, token: Option<&'static str>) -> KeyClient {
         verify_challenge_resource: Some(false),
         ..Default::default()
     };
-    KeyClient::new(&double.url(), Arc::new(StaticToken(token)), Some(options)).unwrap()
+    KeyClient::new(&double.url(), credential, Some(options)).unwrap()
 }
 
 fn client(double: &Double) -> KeyClient {
@@ -528,6 +565,59 @@ async fn an_operation_the_key_no_longer_permits_is_denied_not_a_bad_record() {
         kms.unwrap(&wrapped, &b).await.unwrap().expose(),
         key.expose()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_token_refresh_delays_nothing_while_the_token_is_valid() {
+    let double = Double::start();
+    create_key(&client(&double), "kek", KeyType::Rsa, 2048).await;
+    let key = TenantKey::from_bytes([8; 32]);
+    let b = binding("acme", 1);
+
+    // Without the detached credential, the SDK refreshes inside the call once the token is
+    // in its refresh window, and a refresh slower than the call's timeout fails the call
+    // although the token in hand is still valid for minutes.
+    let direct = AzureKeyVaultKms::from_client(
+        client_with_credential(&double, Arc::new(SlowRefresh::default())),
+        &double.url(),
+        "kek",
+        WrapAlgorithm::RsaOaep256,
+    )
+    .await
+    .unwrap();
+    let err = direct.wrap(&key, &b).await.unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Unavailable, "{err}");
+
+    // With it, calls go on with the valid token while one refresh runs for all of them.
+    let slow = Arc::new(SlowRefresh::default());
+    let credential = DetachedTokenCredential::new(slow.clone());
+    let kms = AzureKeyVaultKms::from_client(
+        client_with_credential(&double, credential),
+        &double.url(),
+        "kek",
+        WrapAlgorithm::RsaOaep256,
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut wrapped = Vec::new();
+    for _ in 0..5 {
+        wrapped.push(kms.wrap(&key, &b).await.unwrap());
+    }
+    for w in &wrapped {
+        assert_eq!(kms.unwrap(w, &b).await.unwrap().expose(), key.expose());
+    }
+    assert!(
+        started.elapsed() < OPERATION_TIMEOUT,
+        "{:?}",
+        started.elapsed()
+    );
+    // One refresh for all those calls (the first token, then the slow one), which ends on its
+    // own; calls after it use its token.
+    assert_eq!(slow.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    tokio::time::sleep(OPERATION_TIMEOUT + Duration::from_secs(2)).await;
+    kms.wrap(&key, &b).await.unwrap();
+    assert_eq!(slow.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
