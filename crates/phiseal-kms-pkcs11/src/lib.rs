@@ -12,7 +12,8 @@
 //!   resolves every configured key label ([`Pkcs11Config::key_label`] and
 //!   [`Pkcs11Config::previous_key_labels`]) to exactly one secret-key object. Each key must be
 //!   an AES key of 32 bytes with `CKA_ENCRYPT` and `CKA_DECRYPT` set, `CKA_TOKEN`,
-//!   `CKA_PRIVATE` and `CKA_SENSITIVE` true and `CKA_EXTRACTABLE` false; anything else is
+//!   `CKA_PRIVATE` and `CKA_SENSITIVE` true and `CKA_EXTRACTABLE` and `CKA_DERIVE` false (a
+//!   derivable key could be carried off the token through a derived key); anything else is
 //!   refused as `Misconfigured` before the first use. (`CKA_ALWAYS_SENSITIVE` /
 //!   `CKA_NEVER_EXTRACTABLE` are not required, so that a root key restored into an HSM from a
 //!   wrapped backup is accepted.)
@@ -70,9 +71,18 @@
 //! when its last session closes. The backend therefore keeps its login session open for its
 //! whole life. A second backend on the same token in the same process finds the user already
 //! logged in (`CKR_USER_ALREADY_LOGGED_IN`, accepted): in that case the token does not check
-//! its PIN again. If the token logs the application out behind the backend's back (token
-//! removed and re-inserted), calls fail with `Denied` or `Unavailable`; build the backend
-//! again.
+//! its PIN again.
+//!
+//! If the token drops the session or the login behind the backend's back (a token removed
+//! and re-inserted, an HSM restart or failover, an idle session closed), the call's error is
+//! one of `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`, `CKR_USER_NOT_LOGGED_IN`,
+//! `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_CRYPTOKI_NOT_INITIALIZED`,
+//! `CKR_KEY_HANDLE_INVALID` or `CKR_OBJECT_HANDLE_INVALID`. The backend then reconnects, once,
+//! shared by the calls that need it: module, token, a new login session with the PIN, every
+//! root key looked up by label and checked again (so a stale handle never names another
+//! object) — and retries the call once. If the reconnection fails, a token no longer present
+//! (or not answering) is `Unavailable`, a refused PIN `Denied`, and a root key no longer on the
+//! token `Denied` (destroyed: revoked).
 //!
 //! ## Timeouts
 //! PKCS#11 has no timeouts. Every call is bounded by [`OPERATION_TIMEOUT`] ([`CONNECT_TIMEOUT`]
@@ -83,10 +93,10 @@
 //! ## Error mapping
 //! | PKCS#11 says | kind |
 //! |---|---|
-//! | `CKR_ENCRYPTED_DATA_INVALID`, `CKR_ENCRYPTED_DATA_LEN_RANGE`, and — from a SoftHSM2 token only (manufacturer `SoftHSM project`) — `CKR_GENERAL_ERROR` from `C_Decrypt` (its answer to a GCM tag mismatch; from any other token a device failure: `Other`) | `InvalidData` |
-//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED`, `CKR_KEY_HANDLE_INVALID` and `CKR_OBJECT_HANDLE_INVALID` (the root key object was destroyed — or the HSM restarted: the handles are resolved at connect, so restart the daemon) | `Denied` |
-//! | `CKR_FUNCTION_FAILED` from `C_Decrypt` (some HSMs' answer to a GCM tag mismatch) | `Other` |
-//! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_HOST_MEMORY`, other `CKR_FUNCTION_FAILED`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, a timeout | `Unavailable` |
+//! | `CKR_ENCRYPTED_DATA_INVALID`, `CKR_ENCRYPTED_DATA_LEN_RANGE`, and — from a SoftHSM2 token only (manufacturer `SoftHSM project`) — `CKR_GENERAL_ERROR` from `C_Decrypt` (its answer to a GCM tag mismatch) | `InvalidData` |
+//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED`, and `CKR_USER_NOT_LOGGED_IN`, `CKR_KEY_HANDLE_INVALID` or `CKR_OBJECT_HANDLE_INVALID` still returned after a reconnection; after a lost session or login, a root key no longer on the token | `Denied` |
+//! | `CKR_FUNCTION_FAILED` or `CKR_GENERAL_ERROR` from `C_Decrypt` of another token (some HSMs' answer to a GCM tag mismatch) | `Other` |
+//! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_HOST_MEMORY`, other `CKR_FUNCTION_FAILED` and `CKR_GENERAL_ERROR`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, `CKR_SLOT_ID_INVALID`, a timeout; after a lost session or login, a token no longer present | `Unavailable` |
 //! | a module that cannot be loaded, no token or several tokens with the label, a key label with no or several keys, a key with the wrong type, length, usage or protection, `CKR_MECHANISM_INVALID`, `CKR_MECHANISM_PARAM_INVALID`, `CKR_KEY_TYPE_INCONSISTENT`, `CKR_KEY_SIZE_RANGE`, `CKR_TEMPLATE_INCOMPLETE`, `CKR_TEMPLATE_INCONSISTENT`, `CKR_ATTRIBUTE_VALUE_INVALID`, `CKR_TOKEN_WRITE_PROTECTED` | `Misconfigured` |
 //! | a label that already exists ([`generate_root_key`]) | `Conflict` |
 //! | anything else | `Other` |
@@ -99,7 +109,8 @@
 //! handed to `C_Encrypt` from there. The plaintext from `C_Decrypt` is moved into a zeroizing
 //! buffer at once, copied into a [`TenantKey`] and wiped. What the PKCS#11 module does with its
 //! own copies is up to the module. The PIN is held as a [`SecretString`] (zeroized on drop,
-//! redacted in `Debug`) and only while connecting. Error messages and `Debug` output never
+//! redacted in `Debug`) for the backend's life, to log in again after a lost login. Error
+//! messages and `Debug` output never
 //! contain the PIN, key bytes or wrapped bytes.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -190,7 +201,20 @@ impl fmt::Debug for Pkcs11Config {
 /// Its `Debug` output shows the token and key labels, never the PIN or key bytes.
 #[derive(Clone)]
 pub struct Pkcs11Kms {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+}
+
+/// What outlives a reconnection: the configuration (the PIN included, to log in again), the
+/// connection in use, and the limits.
+struct Shared {
+    config: Pkcs11Config,
+    /// The `pkcs11:<token>/<key_label>` reference of the current key.
+    key_ref: String,
+    /// The connection in use; replaced by [`Pkcs11Kms::reconnect`].
+    inner: std::sync::RwLock<Arc<Inner>>,
+    /// Held while reconnecting: one reconnection at a time, shared by the calls that need it.
+    reconnecting: tokio::sync::Mutex<()>,
+    in_flight: Arc<Semaphore>,
 }
 
 struct Inner {
@@ -205,7 +229,6 @@ struct Inner {
     token_label: String,
     current: RootKey,
     previous: Vec<RootKey>,
-    in_flight: Arc<Semaphore>,
     /// The token is SoftHSM2, which answers a GCM tag mismatch in `C_Decrypt` with
     /// `CKR_GENERAL_ERROR`; from any other token that code is a device failure.
     general_error_is_tag_mismatch: bool,
@@ -221,18 +244,11 @@ struct RootKey {
 
 impl fmt::Debug for Pkcs11Kms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let config = &self.shared.config;
         f.debug_struct("Pkcs11Kms")
-            .field("token_label", &self.inner.token_label)
-            .field("key_label", &self.inner.current.label)
-            .field(
-                "previous_key_labels",
-                &self
-                    .inner
-                    .previous
-                    .iter()
-                    .map(|k| k.label.as_str())
-                    .collect::<Vec<_>>(),
-            )
+            .field("token_label", &config.token_label)
+            .field("key_label", &config.key_label)
+            .field("previous_key_labels", &config.previous_key_labels)
             .finish_non_exhaustive()
     }
 }
@@ -249,33 +265,84 @@ impl Pkcs11Kms {
         validate_config(config)?;
         let config = config.clone();
         let what = format!("connect to token '{}'", config.token_label);
-        let inner = blocking(CONNECT_TIMEOUT, &what, move || connect_blocking(&config)).await?;
-        Ok(Pkcs11Kms {
-            inner: Arc::new(inner),
+        let kept = config.clone();
+        let inner = blocking(CONNECT_TIMEOUT, &what, move || {
+            connect_blocking(&config, Mode::Connect)
         })
+        .await?;
+        Ok(Pkcs11Kms {
+            shared: Arc::new(Shared {
+                key_ref: key_ref(&kept.token_label, &kept.key_label),
+                config: kept,
+                inner: std::sync::RwLock::new(Arc::new(inner)),
+                reconnecting: tokio::sync::Mutex::new(()),
+                in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            }),
+        })
+    }
+
+    /// The connection in use.
+    fn inner(&self) -> Arc<Inner> {
+        Arc::clone(
+            &self
+                .shared
+                .inner
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces `failed` (whose session or login the token dropped: `cause`) by a new
+    /// connection — module, token, login, root keys looked up and checked again — unless
+    /// another call did so meanwhile. If that fails, the token is taken as unavailable (gone,
+    /// or not answering), its PIN as refused, a root key no longer found as revoked.
+    async fn reconnect(
+        &self,
+        failed: &Arc<Inner>,
+        cause: BackendError,
+    ) -> Result<Arc<Inner>, BackendError> {
+        let _one_at_a_time = self.shared.reconnecting.lock().await;
+        let current = self.inner();
+        if !Arc::ptr_eq(&current, failed) {
+            return Ok(current);
+        }
+        let config = self.shared.config.clone();
+        let what = format!("reconnect to token '{}'", config.token_label);
+        let inner = blocking(CONNECT_TIMEOUT, &what, move || {
+            connect_blocking(&config, Mode::Reconnect)
+        })
+        .await
+        .map_err(|e| e.with_source(cause))?;
+        let inner = Arc::new(inner);
+        *self
+            .shared
+            .inner
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&inner);
+        Ok(inner)
     }
 
     /// The token's label.
     pub fn token_label(&self) -> &str {
-        &self.inner.token_label
+        &self.shared.config.token_label
     }
 
     /// The reference this instance writes into [`WrappedKey::root_key_ref`]:
     /// `pkcs11:<token label>/<key label>`.
     pub fn root_key_ref(&self) -> &str {
-        &self.inner.current.key_ref
+        &self.shared.key_ref
     }
 
     /// Runs `f` with a pooled session on a blocking thread, within [`OPERATION_TIMEOUT`] and
     /// the [`MAX_IN_FLIGHT`] limit. `what` describes the operation for error messages. The
     /// session goes back to the pool only if `f` succeeded.
-    async fn call<T, F>(&self, what: &str, f: F) -> Result<T, BackendError>
+    async fn call<T, F>(&self, inner: &Arc<Inner>, what: &str, f: F) -> Result<T, BackendError>
     where
         T: Send + 'static,
         F: FnOnce(&Session) -> Result<T, BackendError> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        let semaphore = Arc::clone(&self.inner.in_flight);
+        let inner = Arc::clone(inner);
+        let semaphore = Arc::clone(&self.shared.in_flight);
         let run = async move {
             let permit = semaphore.acquire_owned().await.map_err(|_| {
                 BackendError::new(
@@ -297,16 +364,16 @@ impl Pkcs11Kms {
         };
         within(OPERATION_TIMEOUT, what, run).await
     }
-
-    /// The configured root key that `key_ref` names, if any.
-    fn key_for_ref(&self, key_ref: &str) -> Option<&RootKey> {
-        std::iter::once(&self.inner.current)
-            .chain(self.inner.previous.iter())
-            .find(|k| k.key_ref == key_ref)
-    }
 }
 
 impl Inner {
+    /// The configured root key that `key_ref` names, if any.
+    fn key_for_ref(&self, key_ref: &str) -> Option<&RootKey> {
+        std::iter::once(&self.current)
+            .chain(self.previous.iter())
+            .find(|k| k.key_ref == key_ref)
+    }
+
     /// A session from the pool, or a new read-only one. Sessions opened after the login are
     /// logged in too (the login state is the application's).
     fn take_session(&self) -> Result<Session, BackendError> {
@@ -342,12 +409,12 @@ impl Kms for Pkcs11Kms {
 
     /// `pkcs11:<token label>/<key_label>`: changes only when `key_label` is changed (rotation).
     async fn current_root_key_ref(&self) -> Result<String, BackendError> {
-        Ok(self.inner.current.key_ref.clone())
+        Ok(self.shared.key_ref.clone())
     }
 
     /// The current key's reference or one of `previous_key_labels`'.
     fn can_unwrap(&self, root_key_ref: &str) -> bool {
-        self.key_for_ref(root_key_ref).is_some()
+        self.inner().key_for_ref(root_key_ref).is_some()
     }
 
     async fn wrap(
@@ -355,10 +422,44 @@ impl Kms for Pkcs11Kms {
         key: &TenantKey,
         binding: &KeyBinding,
     ) -> Result<WrappedKey, BackendError> {
-        let root = self.inner.current.clone();
+        let inner = self.inner();
+        match self.wrap_with(&inner, key, binding).await {
+            Err(e) if session_lost(&e) => {
+                let inner = self.reconnect(&inner, e).await?;
+                self.wrap_with(&inner, key, binding).await
+            }
+            done => done,
+        }
+    }
+
+    async fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        binding: &KeyBinding,
+    ) -> Result<TenantKey, BackendError> {
+        let inner = self.inner();
+        match self.unwrap_with(&inner, wrapped, binding).await {
+            Err(e) if session_lost(&e) => {
+                let inner = self.reconnect(&inner, e).await?;
+                self.unwrap_with(&inner, wrapped, binding).await
+            }
+            done => done,
+        }
+    }
+}
+
+impl Pkcs11Kms {
+    /// [`Kms::wrap`] over the connection `inner`.
+    async fn wrap_with(
+        &self,
+        inner: &Arc<Inner>,
+        key: &TenantKey,
+        binding: &KeyBinding,
+    ) -> Result<WrappedKey, BackendError> {
+        let root = inner.current.clone();
         let what = format!(
             "wrap (C_Encrypt) with key '{}' on token '{}' for tenant '{}' version {}",
-            root.label, self.inner.token_label, binding.tenant, binding.version
+            root.label, inner.token_label, binding.tenant, binding.version
         );
         let mut iv = [0u8; IV_LEN];
         rand::rngs::OsRng.try_fill_bytes(&mut iv).map_err(|e| {
@@ -374,7 +475,7 @@ impl Kms for Pkcs11Kms {
         let task_what = what.clone();
         let handle = root.handle;
         let (iv, sealed) = self
-            .call(&what, move |session| {
+            .call(inner, &what, move |session| {
                 let mut iv = iv;
                 let sealed = {
                     let params = gcm_params(&mut iv, &aad).map_err(|e| ck_error(e, &task_what))?;
@@ -406,12 +507,14 @@ impl Kms for Pkcs11Kms {
         })
     }
 
-    async fn unwrap(
+    /// [`Kms::unwrap`] over the connection `inner`.
+    async fn unwrap_with(
         &self,
+        inner: &Arc<Inner>,
         wrapped: &WrappedKey,
         binding: &KeyBinding,
     ) -> Result<TenantKey, BackendError> {
-        let Some(root) = self.key_for_ref(&wrapped.root_key_ref).cloned() else {
+        let Some(root) = inner.key_for_ref(&wrapped.root_key_ref).cloned() else {
             return Err(BackendError::invalid_data(
                 NAME,
                 format!(
@@ -421,9 +524,9 @@ impl Kms for Pkcs11Kms {
                     binding.tenant,
                     binding.version,
                     wrapped.root_key_ref,
-                    self.inner.token_label,
-                    self.inner.current.label,
-                    self.inner
+                    inner.token_label,
+                    inner.current.label,
+                    inner
                         .previous
                         .iter()
                         .map(|k| k.label.as_str())
@@ -448,13 +551,13 @@ impl Kms for Pkcs11Kms {
         let aad = binding.to_aad();
         let what = format!(
             "unwrap (C_Decrypt) with key '{}' on token '{}' for tenant '{}' version {}",
-            root.label, self.inner.token_label, binding.tenant, binding.version
+            root.label, inner.token_label, binding.tenant, binding.version
         );
         let task_what = what.clone();
         let handle = root.handle;
-        let tag_quirk = self.inner.general_error_is_tag_mismatch;
+        let tag_quirk = inner.general_error_is_tag_mismatch;
         let plaintext = self
-            .call(&what, move |session| {
+            .call(inner, &what, move |session| {
                 let params = gcm_params(&mut iv, &aad).map_err(|e| ck_error(e, &task_what))?;
                 session
                     .decrypt(&Mechanism::AesGcm(params), handle, &sealed)
@@ -528,7 +631,7 @@ pub async fn generate_root_key(config: &Pkcs11Config, label: &str) -> Result<(),
         config.token_label
     );
     blocking(CONNECT_TIMEOUT, &what.clone(), move || {
-        let (ctx, slot) = load(&config)?;
+        let (ctx, slot) = load(&config, Mode::Connect)?;
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| ck_error(e, &format!("{what}: open a read-write session")))?;
@@ -590,15 +693,24 @@ pub async fn generate_root_key(config: &Pkcs11Config, label: &str) -> Result<(),
     .await
 }
 
-fn connect_blocking(config: &Pkcs11Config) -> Result<Inner, BackendError> {
-    let (ctx, slot) = load(config)?;
+/// Why [`connect_blocking`] runs: the first connection, or a reconnection after the token
+/// dropped the session or login. A token or root key missing then was there before: the
+/// token is gone for now (unavailable), the key was destroyed (revoked: denied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Connect,
+    Reconnect,
+}
+
+fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendError> {
+    let (ctx, slot) = load(config, mode)?;
     let token = &config.token_label;
     let session = ctx
         .open_ro_session(slot)
         .map_err(|e| ck_error(e, &format!("connect: open a session on token '{token}'")))?;
     login(&session, config)?;
     let resolve = |label: &str| -> Result<RootKey, BackendError> {
-        let handle = find_key(&session, label, token)?;
+        let handle = find_key(&session, label, token, mode)?;
         Ok(RootKey {
             label: label.to_owned(),
             handle,
@@ -626,12 +738,11 @@ fn connect_blocking(config: &Pkcs11Config) -> Result<Inner, BackendError> {
         token_label: token.clone(),
         current,
         previous,
-        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
     })
 }
 
 /// Loads and initializes the module and finds the token's slot.
-fn load(config: &Pkcs11Config) -> Result<(Pkcs11, Slot), BackendError> {
+fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot), BackendError> {
     let module = config.module.display();
     let ctx = Pkcs11::new(&config.module).map_err(|e| {
         BackendError::misconfigured(
@@ -648,12 +759,12 @@ fn load(config: &Pkcs11Config) -> Result<(Pkcs11, Slot), BackendError> {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(ck_error(e, &format!("initialize the module '{module}'"))),
     }
-    let slot = find_slot(&ctx, &config.token_label)?;
+    let slot = find_slot(&ctx, &config.token_label, mode)?;
     Ok((ctx, slot))
 }
 
 /// The one slot holding a token labelled `label`.
-fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, BackendError> {
+fn find_slot(ctx: &Pkcs11, label: &str, mode: Mode) -> Result<Slot, BackendError> {
     let what = format!("find token '{label}'");
     let slots = ctx.get_slots_with_token().map_err(|e| ck_error(e, &what))?;
     let mut seen = Vec::new();
@@ -668,6 +779,13 @@ fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, BackendError> {
     }
     match matching.as_slice() {
         [slot] => Ok(*slot),
+        [] if mode == Mode::Reconnect => Err(BackendError::new(
+            BackendErrorKind::Unavailable,
+            format!(
+                "{NAME}: token '{label}' is no longer present (removed, or the HSM restarted): \
+                 retry later"
+            ),
+        )),
         [] => Err(BackendError::misconfigured(
             NAME,
             format!(
@@ -704,7 +822,12 @@ fn find_secret_keys(session: &Session, label: &str) -> Result<Vec<ObjectHandle>,
 }
 
 /// The one secret key labelled `label`, checked by [`check_key`].
-fn find_key(session: &Session, label: &str, token: &str) -> Result<ObjectHandle, BackendError> {
+fn find_key(
+    session: &Session,
+    label: &str,
+    token: &str,
+    mode: Mode,
+) -> Result<ObjectHandle, BackendError> {
     let found = find_secret_keys(session, label).map_err(|e| {
         ck_error(
             e,
@@ -716,6 +839,13 @@ fn find_key(session: &Session, label: &str, token: &str) -> Result<ObjectHandle,
             check_key(session, *handle, label, token)?;
             Ok(*handle)
         }
+        [] if mode == Mode::Reconnect => Err(BackendError::new(
+            BackendErrorKind::Denied,
+            format!(
+                "{NAME}: root key '{label}' is no longer on token '{token}' (destroyed, or no \
+                 longer visible to the user): a refusal"
+            ),
+        )),
         [] => Err(BackendError::misconfigured(
             NAME,
             format!(
@@ -755,6 +885,7 @@ fn check_key(
                 AttributeType::Extractable,
                 AttributeType::Encrypt,
                 AttributeType::Decrypt,
+                AttributeType::Derive,
             ],
         )
         .map_err(|e| {
@@ -766,6 +897,7 @@ fn check_key(
     let (mut key_type, mut len) = (None, None);
     let (mut on_token, mut private, mut sensitive, mut extractable, mut encrypt, mut decrypt) =
         (None, None, None, None, None, None);
+    let mut derive = None;
     for attr in attrs {
         match attr {
             Attribute::KeyType(t) => key_type = Some(t),
@@ -776,6 +908,7 @@ fn check_key(
             Attribute::Extractable(b) => extractable = Some(b),
             Attribute::Encrypt(b) => encrypt = Some(b),
             Attribute::Decrypt(b) => decrypt = Some(b),
+            Attribute::Derive(b) => derive = Some(b),
             _ => {}
         }
     }
@@ -813,6 +946,13 @@ fn check_key(
         return refuse(format!(
             "CKA_ENCRYPT is {encrypt:?} and CKA_DECRYPT is {decrypt:?}: both must be true"
         ));
+    }
+    if derive != Some(false) {
+        return refuse(
+            "CKA_DERIVE is not false: keys derived from it (e.g. CKM_XOR_BASE_AND_DATA) could \
+             carry its value off the token"
+                .to_owned(),
+        );
     }
     Ok(())
 }
@@ -954,11 +1094,47 @@ fn ck_error_as(err: CkError, what: &str, kind: Option<BackendErrorKind>) -> Back
     };
     let error = BackendError::new(kind, format!("{NAME}: {what} failed: {cause}{hint}"));
     match err {
+        // The token dropped the session or the login (or the module was finalized): the
+        // backend reconnects once (`Pkcs11Kms::reconnect`).
+        CkError::Pkcs11(rv, _) if drops_session(rv) => error.with_source(SessionLost),
         // The return code is in the message; cryptoki's long spec text for it (e.g. "Some
         // horrible, unrecoverable error …" for a GCM tag mismatch) would only mislead.
         CkError::Pkcs11(..) => error,
         other => error.with_source(other),
     }
+}
+
+/// Return codes after which the session, the login or the object handles may be gone, while
+/// the token and its keys may be back: a reconnection decides.
+fn drops_session(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::UserNotLoggedIn
+            | RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::CryptokiNotInitialized
+            | RvError::KeyHandleInvalid
+            | RvError::ObjectHandleInvalid
+    )
+}
+
+/// Marks an error after which [`Pkcs11Kms::reconnect`] is tried.
+#[derive(Debug)]
+struct SessionLost;
+
+impl fmt::Display for SessionLost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the token dropped the session or the login")
+    }
+}
+
+impl std::error::Error for SessionLost {}
+
+/// Whether `error` (from a call on one connection) calls for a reconnection.
+fn session_lost(error: &BackendError) -> bool {
+    std::error::Error::source(error).is_some_and(|s| s.is::<SessionLost>())
 }
 
 fn classify(rv: RvError, function: Function) -> BackendErrorKind {
@@ -974,12 +1150,14 @@ fn classify(rv: RvError, function: Function) -> BackendErrorKind {
         | RvError::UserPinNotInitialized
         | RvError::UserTypeInvalid
         | RvError::KeyFunctionNotPermitted
-        // The root key object is gone (destroyed, i.e. revoked — or the HSM restarted and
-        // the handle is stale: restart the daemon). A refusal, never an outage: no stale keys.
+        // Still so after a reconnection (`drops_session`): the root key object is gone
+        // (destroyed, i.e. revoked). A refusal, never an outage: no stale keys.
         | RvError::KeyHandleInvalid
         | RvError::ObjectHandleInvalid => K::Denied,
         // Some HSMs answer a GCM tag mismatch (altered wrapped bytes) this way: not an outage.
-        RvError::FunctionFailed if matches!(function, Function::Decrypt) => K::Other,
+        RvError::FunctionFailed | RvError::GeneralError if matches!(function, Function::Decrypt) => {
+            K::Other
+        }
         RvError::DeviceError
         | RvError::DeviceMemory
         | RvError::DeviceRemoved
@@ -991,7 +1169,10 @@ fn classify(rv: RvError, function: Function) -> BackendErrorKind {
         | RvError::HostMemory
         | RvError::FunctionFailed
         | RvError::FunctionCanceled
-        | RvError::CryptokiNotInitialized => K::Unavailable,
+        | RvError::CryptokiNotInitialized
+        // A device failure, or a hot-plug slot that went away.
+        | RvError::GeneralError
+        | RvError::SlotIdInvalid => K::Unavailable,
         RvError::MechanismInvalid
         | RvError::MechanismParamInvalid
         | RvError::KeyTypeInconsistent
@@ -1041,7 +1222,18 @@ mod tests {
         // A device failure in general; only SoftHSM2's unwrap reads it as a tag mismatch
         // (`general_error_is_tag_mismatch`, tested in tests/softhsm.rs).
         assert_eq!(classify(RvError::GeneralError, Function::Decrypt), K::Other);
-        assert_eq!(classify(RvError::GeneralError, Function::Encrypt), K::Other);
+        // Elsewhere a device failure: an outage, as is a slot that went away.
+        assert_eq!(
+            classify(RvError::GeneralError, Function::Encrypt),
+            K::Unavailable
+        );
+        assert_eq!(
+            classify(RvError::SlotIdInvalid, Function::OpenSession),
+            K::Unavailable
+        );
+        assert!(drops_session(RvError::UserNotLoggedIn));
+        assert!(drops_session(RvError::KeyHandleInvalid));
+        assert!(!drops_session(RvError::PinIncorrect));
         assert_eq!(
             classify(RvError::EncryptedDataInvalid, Function::Decrypt),
             K::InvalidData

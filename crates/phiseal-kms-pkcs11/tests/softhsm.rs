@@ -302,7 +302,17 @@ fn weak_keys_are_refused() {
                 Attribute::Decrypt(true),
             ]
         };
-        let variants: [(&str, Vec<Attribute>); 5] = [
+        let variants: [(&str, Vec<Attribute>); 6] = [
+            (
+                "derivable",
+                vec![
+                    Attribute::ValueLen(32u64.into()),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Private(true),
+                    Attribute::Derive(true),
+                ],
+            ),
             (
                 "extractable",
                 vec![
@@ -360,6 +370,7 @@ fn weak_keys_are_refused() {
             ("not-sensitive", "CKA_SENSITIVE"),
             ("aes-128", "CKA_VALUE_LEN"),
             ("public", "CKA_PRIVATE"),
+            ("derivable", "CKA_DERIVE"),
         ] {
             let err = Pkcs11Kms::connect(&config("weak", label, &[]))
                 .await
@@ -457,4 +468,55 @@ fn debug_shows_no_pin() {
         }
         assert!(format!("{c:?}").contains("[REDACTED]"));
     });
+}
+
+#[test]
+fn a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal() {
+    softhsm_test(
+        "a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal",
+        &["relogin"],
+        || async {
+            let cfg = config("relogin", "root-1", &[]);
+            generate_root_key(&cfg, "root-1").await.unwrap();
+            let kms = connect(&cfg).await;
+            let key = TenantKey::from_bytes([0x24; 32]);
+            let b = binding("tenant-a", 1);
+            let wrapped = kms.wrap(&key, &b).await.unwrap();
+
+            // Another session of this process logs the application out (as a token removed
+            // and re-inserted, or an HSM restart, does): the backend logs in again by itself.
+            let ctx = Pkcs11::new(module()).unwrap();
+            let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+            let slot = ctx
+                .get_slots_with_token()
+                .unwrap()
+                .into_iter()
+                .find(|s| ctx.get_token_info(*s).unwrap().label() == "relogin")
+                .unwrap();
+            let session = ctx.open_rw_session(slot).unwrap();
+            session.logout().unwrap();
+            assert_eq!(
+                kms.unwrap(&wrapped, &b).await.unwrap().expose(),
+                &[0x24; 32]
+            );
+            session.logout().unwrap();
+            let again = kms.wrap(&key, &b).await.unwrap();
+            assert_eq!(kms.unwrap(&again, &b).await.unwrap().expose(), &[0x24; 32]);
+
+            // The root key destroyed on the token: a refusal, not an outage (no stale keys).
+            let found = session
+                .find_objects(&[Attribute::Label(b"root-1".to_vec())])
+                .unwrap();
+            assert_eq!(found.len(), 1);
+            session.destroy_object(found[0]).unwrap();
+            let err = kms.unwrap(&wrapped, &b).await.unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
+            assert!(
+                err.to_string().contains("no longer on token 'relogin'"),
+                "{err}"
+            );
+            let err = kms.wrap(&key, &b).await.unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
+        },
+    );
 }
