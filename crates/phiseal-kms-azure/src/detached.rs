@@ -96,11 +96,18 @@ impl DetachedTokenCredential {
                 let (tx, rx) = watch::channel(None);
                 let inner = Arc::clone(&self.inner);
                 let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
-                tokio::spawn(async move {
-                    let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
-                    let outcome =
-                        match tokio::time::timeout(REFRESH_LIMIT, inner.get_token(&scopes, None))
-                            .await
+                let tx = AnswerOnDrop(Some(tx));
+                // Without a Tokio runtime no task can run: `tx` is dropped unanswered, which
+                // answers a failed refresh.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        let mut tx = tx;
+                        let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+                        let outcome = match tokio::time::timeout(
+                            REFRESH_LIMIT,
+                            inner.get_token(&scopes, None),
+                        )
+                        .await
                         {
                             Ok(outcome) => outcome,
                             Err(_) => Err(azure_core::Error::new(
@@ -115,8 +122,9 @@ impl DetachedTokenCredential {
                             )),
                         }
                         .map_err(Arc::new);
-                    let _ = tx.send(Some(outcome));
-                });
+                        tx.answer(outcome);
+                    });
+                }
                 entry.refresh = Some(rx.clone());
                 rx
             }
@@ -144,13 +152,40 @@ impl TokenCredential for DetachedTokenCredential {
         match outcome {
             Some(Ok(token)) => Ok(token),
             Some(Err(e)) => Err(azure_core::Error::new(e.kind().clone(), SharedCause(e))),
-            // The task ended without an answer (it panicked).
-            None => Err(azure_core::Error::with_message(
-                azure_core::error::ErrorKind::Credential,
-                "the token refresh task ended without an answer",
-            )),
+            // (Cannot happen: the task answers even when it fails or is dropped.)
+            None => Err(no_answer("the refresh task ended without an answer")),
         }
     }
+}
+
+/// The refresh's sender: answers a failed refresh if the task ends (panics, or its runtime
+/// shuts down) before it answered, so that the next call starts another refresh instead of
+/// waiting on one that is gone.
+struct AnswerOnDrop(Option<watch::Sender<Outcome>>);
+
+impl AnswerOnDrop {
+    fn answer(&mut self, outcome: Result<AccessToken, Arc<azure_core::Error>>) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Some(outcome));
+        }
+    }
+}
+
+impl Drop for AnswerOnDrop {
+    fn drop(&mut self) {
+        self.answer(Err(Arc::new(no_answer(
+            "the refresh task ended without an answer",
+        ))));
+    }
+}
+
+/// A refresh that gave no answer: an outage (its cause is an I/O error, which the backend's
+/// error classification reads as the identity endpoint being unavailable), never a refusal.
+fn no_answer(why: &str) -> azure_core::Error {
+    azure_core::Error::new(
+        azure_core::error::ErrorKind::Credential,
+        std::io::Error::other(format!("token refresh: {why}")),
+    )
 }
 
 /// A caller's copy of a shared refresh error: the original's text, and its causes behind it
@@ -167,5 +202,53 @@ impl std::fmt::Display for SharedCause {
 impl std::error::Error for SharedCause {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         std::error::Error::source(&*self.0)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// Panics on its first call (the refresh task dies), then hands out tokens.
+    #[derive(Debug, Default)]
+    struct DiesOnce {
+        calls: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl TokenCredential for DiesOnce {
+        async fn get_token(
+            &self,
+            _scopes: &[&str],
+            _options: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("test credential: the refresh task dies");
+            }
+            Ok(AccessToken::new(
+                "t",
+                OffsetDateTime::now_utc() + Duration::hours(1),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refresh_that_dies_fails_as_an_outage_and_the_next_call_starts_another() {
+        let inner = Arc::new(DiesOnce::default());
+        let credential = DetachedTokenCredential::new(inner.clone());
+        let err = credential.get_token(&["scope"], None).await.unwrap_err();
+        assert_eq!(
+            crate::classify_credential(&err),
+            phiseal::BackendErrorKind::Unavailable,
+            "{err}"
+        );
+        credential.get_token(&["scope"], None).await.unwrap();
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+        // A fresh token is handed out without another refresh.
+        credential.get_token(&["scope"], None).await.unwrap();
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
     }
 }

