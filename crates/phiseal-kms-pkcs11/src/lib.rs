@@ -76,25 +76,37 @@
 //! If the token drops the session or the login behind the backend's back (a token removed
 //! and re-inserted, an HSM restart or failover, an idle session closed), the call's error is
 //! one of `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`, `CKR_USER_NOT_LOGGED_IN`,
-//! `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_CRYPTOKI_NOT_INITIALIZED`,
-//! `CKR_KEY_HANDLE_INVALID` or `CKR_OBJECT_HANDLE_INVALID`. The backend then reconnects, once,
-//! shared by the calls that need it: module, token, a new login session with the PIN, every
-//! root key looked up by label and checked again (so a stale handle never names another
-//! object) — and retries the call once. If the reconnection fails, a token no longer present
-//! (or not answering) is `Unavailable`, a refused PIN `Denied`, and a root key no longer on the
-//! token `Denied` (destroyed: revoked).
+//! `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`,
+//! `CKR_SLOT_ID_INVALID`, `CKR_CRYPTOKI_NOT_INITIALIZED`, `CKR_KEY_HANDLE_INVALID` or
+//! `CKR_OBJECT_HANDLE_INVALID`. The backend then reconnects — module, token, a new login
+//! session with the PIN, every root key looked up by label and checked again (so a stale
+//! handle never names another object) — and retries the call once. The reconnection runs in
+//! a task of its own, one at a time for all the calls that need it, on a blocking thread that
+//! holds an in-flight permit, within [`CONNECT_TIMEOUT`]; a call waits for it at most
+//! [`OPERATION_TIMEOUT`] (then `Unavailable`), so a call can take up to twice that. If it
+//! fails, a token no longer present (or not answering) is `Unavailable`, the current root key
+//! no longer on the token `Denied` (destroyed: revoked); calls then get that answer without
+//! another reconnection for [`RECONNECT_BACKOFF`]. A previous root key no longer on the token
+//! is taken as revoked: only its wraps are refused (`Denied`). A PIN the token refuses on a
+//! reconnection (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …) stops reconnecting for the
+//! backend's life — every call is then `Denied` until the daemon is restarted with the right
+//! PIN — so that retries never use up the PIN's attempts. The connection replaced is
+//! dropped without closing its sessions (after the module is initialized again their handle
+//! numbers may name the new connection's): a reconnection leaks at most [`MAX_IN_FLIGHT`]` +
+//! 1` sessions on the token.
 //!
 //! ## Timeouts
 //! PKCS#11 has no timeouts. Every call is bounded by [`OPERATION_TIMEOUT`] ([`CONNECT_TIMEOUT`]
 //! for connecting and key generation) and fails with `Unavailable` when it elapses — but a
 //! hung token keeps the blocking thread (and its session and in-flight slot) until the call
-//! returns, if ever. The [`MAX_IN_FLIGHT`] limit bounds how many threads a hung token can hold.
+//! returns, if ever. The [`MAX_IN_FLIGHT`] limit, which reconnections count against too,
+//! bounds how many threads a hung token can hold.
 //!
 //! ## Error mapping
 //! | PKCS#11 says | kind |
 //! |---|---|
 //! | `CKR_ENCRYPTED_DATA_INVALID`, `CKR_ENCRYPTED_DATA_LEN_RANGE`, and — from a SoftHSM2 token only (manufacturer `SoftHSM project`) — `CKR_GENERAL_ERROR` from `C_Decrypt` (its answer to a GCM tag mismatch) | `InvalidData` |
-//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_NOT_LOGGED_IN`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED`, and `CKR_USER_NOT_LOGGED_IN`, `CKR_KEY_HANDLE_INVALID` or `CKR_OBJECT_HANDLE_INVALID` still returned after a reconnection; after a lost session or login, a root key no longer on the token | `Denied` |
+//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED`, and `CKR_USER_NOT_LOGGED_IN`, `CKR_KEY_HANDLE_INVALID` or `CKR_OBJECT_HANDLE_INVALID` still returned after a reconnection; after a lost session or login, a root key no longer on the token | `Denied` |
 //! | `CKR_FUNCTION_FAILED` or `CKR_GENERAL_ERROR` from `C_Decrypt` of another token (some HSMs' answer to a GCM tag mismatch) | `Other` |
 //! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_HOST_MEMORY`, other `CKR_FUNCTION_FAILED` and `CKR_GENERAL_ERROR`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, `CKR_SLOT_ID_INVALID`, a timeout; after a lost session or login, a token no longer present | `Unavailable` |
 //! | a module that cannot be loaded, no token or several tokens with the label, a key label with no or several keys, a key with the wrong type, length, usage or protection, `CKR_MECHANISM_INVALID`, `CKR_MECHANISM_PARAM_INVALID`, `CKR_KEY_TYPE_INCONSISTENT`, `CKR_KEY_SIZE_RANGE`, `CKR_TEMPLATE_INCOMPLETE`, `CKR_TEMPLATE_INCONSISTENT`, `CKR_ATTRIBUTE_VALUE_INVALID`, `CKR_TOKEN_WRITE_PROTECTED` | `Misconfigured` |
@@ -134,7 +146,7 @@ use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::{BackendError, BackendErrorKind, TENANT_KEY_LEN, TenantKey};
 use rand::TryRngCore;
 use secrecy::SecretString;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use zeroize::Zeroizing;
 
 /// The backend's name, as returned by [`Kms::name`] and used in every error message.
@@ -148,6 +160,9 @@ pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Maximum number of PKCS#11 calls (and so sessions and blocking threads) in flight at once.
 pub const MAX_IN_FLIGHT: usize = 16;
+/// After a failed reconnection, calls fail with its error for this long before another is
+/// tried.
+pub const RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// The first byte of every wrapped key made by this backend.
 pub const WRAP_FORMAT: u8 = 0x01;
 /// Length of the AES-GCM IV in the wrapped bytes.
@@ -212,9 +227,46 @@ struct Shared {
     key_ref: String,
     /// The connection in use; replaced by [`Pkcs11Kms::reconnect`].
     inner: std::sync::RwLock<Arc<Inner>>,
-    /// Held while reconnecting: one reconnection at a time, shared by the calls that need it.
-    reconnecting: tokio::sync::Mutex<()>,
+    /// The reconnection in progress and what the last ones found.
+    reconnect: Mutex<ReconnectState>,
+    /// Every blocking PKCS#11 thread holds a permit, reconnections included.
     in_flight: Arc<Semaphore>,
+}
+
+/// See [`Pkcs11Kms::reconnect`].
+#[derive(Default)]
+struct ReconnectState {
+    /// The reconnection in progress (a task of its own), or the last one (then answered).
+    running: Option<Reconnection>,
+    /// The last failed reconnection: when, and what it found. None is tried again before
+    /// [`RECONNECT_BACKOFF`] has passed.
+    failed: Option<(std::time::Instant, Failure)>,
+    /// The token refused the PIN on a reconnection: the backend never logs in again (each try
+    /// would use up one of the PIN's attempts until the token locks it).
+    pin_refused: Option<Failure>,
+}
+
+/// A reconnection's answer, awaited by every caller that needs it.
+type Reconnection = watch::Receiver<Option<Result<Arc<Inner>, Failure>>>;
+
+/// A reconnection's error, for every caller that waited on it.
+#[derive(Debug, Clone)]
+struct Failure {
+    kind: BackendErrorKind,
+    message: String,
+}
+
+impl Failure {
+    fn of(error: &BackendError) -> Self {
+        Self {
+            kind: error.kind(),
+            message: error.to_string(),
+        }
+    }
+
+    fn error(&self) -> BackendError {
+        BackendError::new(self.kind, self.message.clone())
+    }
 }
 
 struct Inner {
@@ -223,7 +275,11 @@ struct Inner {
     // A `Session` is `Send` but not `Sync`: the mutexes make `Inner` shareable.
     pool: Mutex<Vec<Session>>,
     /// Never used after connecting; open so that the login lasts.
-    _login_session: Mutex<Session>,
+    login_session: Mutex<Option<Session>>,
+    /// Replaced by a reconnection: its sessions are forgotten, not closed, when it is dropped
+    /// (after the module was initialized again, their handle numbers may name the new
+    /// connection's sessions).
+    retired: std::sync::atomic::AtomicBool,
     ctx: Pkcs11,
     slot: Slot,
     token_label: String,
@@ -238,8 +294,24 @@ struct Inner {
 #[derive(Debug, Clone)]
 struct RootKey {
     label: String,
-    handle: ObjectHandle,
+    /// `None`: a previous key no longer on the token when reconnecting (revoked).
+    handle: Option<ObjectHandle>,
     key_ref: String,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(PoisonError::into_inner));
+            pool.into_iter().for_each(std::mem::forget);
+            let login = self
+                .login_session
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            login.into_iter().for_each(std::mem::forget);
+        }
+    }
 }
 
 impl fmt::Debug for Pkcs11Kms {
@@ -258,8 +330,8 @@ impl Pkcs11Kms {
     /// configured root key (see the crate documentation).
     ///
     /// Fails with `Misconfigured` if the module cannot be loaded, the token or a key is not
-    /// found (or found more than once) or a key is not a sensitive, non-extractable AES-256
-    /// encrypt/decrypt key; `Denied` if the PIN is wrong or locked; `Unavailable` if the token
+    /// found (or found more than once) or a key is not a sensitive, non-extractable,
+    /// non-derivable AES-256 encrypt/decrypt key; `Denied` if the PIN is wrong or locked; `Unavailable` if the token
     /// does not answer within [`CONNECT_TIMEOUT`].
     pub async fn connect(config: &Pkcs11Config) -> Result<Pkcs11Kms, BackendError> {
         validate_config(config)?;
@@ -275,7 +347,7 @@ impl Pkcs11Kms {
                 key_ref: key_ref(&kept.token_label, &kept.key_label),
                 config: kept,
                 inner: std::sync::RwLock::new(Arc::new(inner)),
-                reconnecting: tokio::sync::Mutex::new(()),
+                reconnect: Mutex::default(),
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             }),
         })
@@ -292,34 +364,106 @@ impl Pkcs11Kms {
         )
     }
 
-    /// Replaces `failed` (whose session or login the token dropped: `cause`) by a new
-    /// connection — module, token, login, root keys looked up and checked again — unless
-    /// another call did so meanwhile. If that fails, the token is taken as unavailable (gone,
-    /// or not answering), its PIN as refused, a root key no longer found as revoked.
-    async fn reconnect(
-        &self,
-        failed: &Arc<Inner>,
-        cause: BackendError,
-    ) -> Result<Arc<Inner>, BackendError> {
-        let _one_at_a_time = self.shared.reconnecting.lock().await;
-        let current = self.inner();
-        if !Arc::ptr_eq(&current, failed) {
-            return Ok(current);
+    /// Replaces `failed` (whose session or login the token dropped) by a new connection —
+    /// module, token, login, root keys looked up and checked again — unless another call did
+    /// so meanwhile. The reconnection runs in a task of its own, one at a time, on a blocking
+    /// thread that holds an in-flight permit, within [`CONNECT_TIMEOUT`]; callers wait for it
+    /// at most [`OPERATION_TIMEOUT`]. If it fails, the token is taken as unavailable (gone, or
+    /// not answering), the current root key no longer found as revoked (`Denied`), and no
+    /// other reconnection starts for [`RECONNECT_BACKOFF`]; a refused PIN stops reconnecting
+    /// for the backend's life (`Denied`), so that retries never lock the PIN.
+    async fn reconnect(&self, failed: &Arc<Inner>) -> Result<Arc<Inner>, BackendError> {
+        let mut running = {
+            let mut state = self
+                .shared
+                .reconnect
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let current = self.inner();
+            if !Arc::ptr_eq(&current, failed) {
+                return Ok(current);
+            }
+            if let Some(refused) = &state.pin_refused {
+                return Err(refused.error());
+            }
+            if let Some((at, failure)) = &state.failed
+                && at.elapsed() < RECONNECT_BACKOFF
+            {
+                return Err(failure.error());
+            }
+            let answered_or_gone =
+                |rx: &Reconnection| rx.borrow().is_some() || rx.has_changed().is_err();
+            match state.running.as_ref().filter(|rx| !answered_or_gone(rx)) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let rx = self.start_reconnect(failed);
+                    state.running = Some(rx.clone());
+                    rx
+                }
+            }
+        };
+        let token = &self.shared.config.token_label;
+        match tokio::time::timeout(OPERATION_TIMEOUT, running.wait_for(Option::is_some)).await {
+            Ok(Ok(answer)) => match answer.clone() {
+                Some(Ok(inner)) => Ok(inner),
+                Some(Err(failure)) => Err(failure.error()),
+                None => Err(reconnect_pending(token)),
+            },
+            Ok(Err(_)) | Err(_) => Err(reconnect_pending(token)),
         }
-        let config = self.shared.config.clone();
-        let what = format!("reconnect to token '{}'", config.token_label);
-        let inner = blocking(CONNECT_TIMEOUT, &what, move || {
-            connect_blocking(&config, Mode::Reconnect)
-        })
-        .await
-        .map_err(|e| e.with_source(cause))?;
-        let inner = Arc::new(inner);
-        *self
-            .shared
-            .inner
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::clone(&inner);
-        Ok(inner)
+    }
+
+    /// Starts a reconnection task; see [`Pkcs11Kms::reconnect`].
+    fn start_reconnect(&self, failed: &Arc<Inner>) -> Reconnection {
+        let (tx, rx) = watch::channel(None);
+        let shared = Arc::clone(&self.shared);
+        let failed = Arc::clone(failed);
+        tokio::spawn(async move {
+            let what = format!("reconnect to token '{}'", shared.config.token_label);
+            let connected = match Arc::clone(&shared.in_flight).acquire_owned().await {
+                Ok(permit) => {
+                    let config = shared.config.clone();
+                    blocking(CONNECT_TIMEOUT, &what, move || {
+                        // Held until the PKCS#11 calls return, even if the task gave up.
+                        let _permit = permit;
+                        connect_blocking(&config, Mode::Reconnect)
+                    })
+                    .await
+                }
+                Err(_) => Err(BackendError::new(
+                    BackendErrorKind::Other,
+                    format!("{NAME}: {what} failed: the in-flight limiter was closed"),
+                )),
+            };
+            let mut state = shared
+                .reconnect
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let answer = match connected {
+                Ok(inner) => {
+                    let inner = Arc::new(inner);
+                    failed
+                        .retired
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    *shared.inner.write().unwrap_or_else(PoisonError::into_inner) =
+                        Arc::clone(&inner);
+                    state.failed = None;
+                    Ok(inner)
+                }
+                Err(e) => {
+                    let failure = Failure::of(&e);
+                    if marked::<PinRefused>(&e) {
+                        state.pin_refused = Some(failure.clone());
+                    } else {
+                        state.failed = Some((std::time::Instant::now(), failure.clone()));
+                    }
+                    Err(failure)
+                }
+            };
+            drop(state);
+            let _ = tx.send(Some(answer));
+        });
+        rx
     }
 
     /// The token's label.
@@ -424,8 +568,8 @@ impl Kms for Pkcs11Kms {
     ) -> Result<WrappedKey, BackendError> {
         let inner = self.inner();
         match self.wrap_with(&inner, key, binding).await {
-            Err(e) if session_lost(&e) => {
-                let inner = self.reconnect(&inner, e).await?;
+            Err(e) if marked::<SessionLost>(&e) => {
+                let inner = self.reconnect(&inner).await?;
                 self.wrap_with(&inner, key, binding).await
             }
             done => done,
@@ -439,8 +583,8 @@ impl Kms for Pkcs11Kms {
     ) -> Result<TenantKey, BackendError> {
         let inner = self.inner();
         match self.unwrap_with(&inner, wrapped, binding).await {
-            Err(e) if session_lost(&e) => {
-                let inner = self.reconnect(&inner, e).await?;
+            Err(e) if marked::<SessionLost>(&e) => {
+                let inner = self.reconnect(&inner).await?;
                 self.unwrap_with(&inner, wrapped, binding).await
             }
             done => done,
@@ -473,7 +617,9 @@ impl Pkcs11Kms {
         // Copied straight from the key into the heap (no stack temporary); wiped on drop.
         let plaintext = Zeroizing::new(key.expose().to_vec());
         let task_what = what.clone();
-        let handle = root.handle;
+        let handle = root
+            .handle
+            .ok_or_else(|| key_gone(&root.label, &inner.token_label))?;
         let (iv, sealed) = self
             .call(inner, &what, move |session| {
                 let mut iv = iv;
@@ -554,7 +700,9 @@ impl Pkcs11Kms {
             root.label, inner.token_label, binding.tenant, binding.version
         );
         let task_what = what.clone();
-        let handle = root.handle;
+        let handle = root
+            .handle
+            .ok_or_else(|| key_gone(&root.label, &inner.token_label))?;
         let tag_quirk = inner.general_error_is_tag_mismatch;
         let plaintext = self
             .call(inner, &what, move |session| {
@@ -713,7 +861,7 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
         let handle = find_key(&session, label, token, mode)?;
         Ok(RootKey {
             label: label.to_owned(),
-            handle,
+            handle: Some(handle),
             key_ref: key_ref(token, label),
         })
     };
@@ -724,15 +872,27 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
         .manufacturer_id()
         .trim_end_matches(' ')
         .to_owned();
+    // On a reconnection, a previous key no longer on the token is revoked (its wraps are
+    // refused); the others, and the current key, keep working.
     let previous = config
         .previous_key_labels
         .iter()
-        .map(|l| resolve(l))
+        .map(|l| match resolve(l) {
+            Err(e) if mode == Mode::Reconnect && e.kind() == BackendErrorKind::Denied => {
+                Ok(RootKey {
+                    label: l.clone(),
+                    handle: None,
+                    key_ref: key_ref(token, l),
+                })
+            }
+            other => other,
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Inner {
         general_error_is_tag_mismatch: manufacturer == SOFTHSM_MANUFACTURER,
         pool: Mutex::new(Vec::new()),
-        _login_session: Mutex::new(session),
+        login_session: Mutex::new(Some(session)),
+        retired: std::sync::atomic::AtomicBool::new(false),
         ctx,
         slot,
         token_label: token.clone(),
@@ -807,10 +967,28 @@ fn find_slot(ctx: &Pkcs11, label: &str, mode: Mode) -> Result<Slot, BackendError
 fn login(session: &Session, config: &Pkcs11Config) -> Result<(), BackendError> {
     match session.login(UserType::User, Some(&config.pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-        Err(e) => Err(ck_error(
-            e,
-            &format!("log in to token '{}' as user", config.token_label),
-        )),
+        Err(e) => {
+            let refused = matches!(
+                e,
+                CkError::Pkcs11(
+                    RvError::PinIncorrect
+                        | RvError::PinInvalid
+                        | RvError::PinLenRange
+                        | RvError::PinExpired
+                        | RvError::PinLocked,
+                    _
+                )
+            );
+            let error = ck_error(
+                e,
+                &format!("log in to token '{}' as user", config.token_label),
+            );
+            Err(if refused {
+                error.with_source(PinRefused)
+            } else {
+                error
+            })
+        }
     }
 }
 
@@ -865,8 +1043,8 @@ fn find_key(
     }
 }
 
-/// Checks that the key is a 32-byte AES token key, private, sensitive, non-extractable, with
-/// encrypt and decrypt allowed.
+/// Checks that the key is a 32-byte AES token key, private, sensitive, non-extractable,
+/// non-derivable, with encrypt and decrypt allowed.
 fn check_key(
     session: &Session,
     handle: ObjectHandle,
@@ -949,8 +1127,9 @@ fn check_key(
     }
     if derive != Some(false) {
         return refuse(
-            "CKA_DERIVE is not false: keys derived from it (e.g. CKM_XOR_BASE_AND_DATA) could \
-             carry its value off the token"
+            "CKA_DERIVE is not false (or not reported): keys derived from it (e.g. \
+             CKM_XOR_BASE_AND_DATA) could carry its value off the token; set it to false \
+             (C_SetAttributeValue, or the HSM vendor's tool)"
                 .to_owned(),
         );
     }
@@ -1117,6 +1296,8 @@ fn drops_session(rv: RvError) -> bool {
             | RvError::CryptokiNotInitialized
             | RvError::KeyHandleInvalid
             | RvError::ObjectHandleInvalid
+            | RvError::SlotIdInvalid
+            | RvError::TokenNotRecognized
     )
 }
 
@@ -1132,9 +1313,44 @@ impl fmt::Display for SessionLost {
 
 impl std::error::Error for SessionLost {}
 
-/// Whether `error` (from a call on one connection) calls for a reconnection.
-fn session_lost(error: &BackendError) -> bool {
-    std::error::Error::source(error).is_some_and(|s| s.is::<SessionLost>())
+/// Marks a login the token refused for the PIN (never retried by a reconnection).
+#[derive(Debug)]
+struct PinRefused;
+
+impl fmt::Display for PinRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the token refused the PIN")
+    }
+}
+
+impl std::error::Error for PinRefused {}
+
+/// Whether `error` carries the marker `M` ([`SessionLost`]: a call on one connection that
+/// calls for a reconnection; [`PinRefused`]).
+fn marked<M: std::error::Error + 'static>(error: &BackendError) -> bool {
+    std::error::Error::source(error).is_some_and(|s| s.is::<M>())
+}
+
+/// A root key of the configuration that a reconnection no longer found on the token.
+fn key_gone(label: &str, token: &str) -> BackendError {
+    BackendError::new(
+        BackendErrorKind::Denied,
+        format!(
+            "{NAME}: root key '{label}' is no longer on token '{token}' (destroyed, or no \
+             longer visible to the user): a refusal"
+        ),
+    )
+}
+
+/// A caller that stopped waiting for a reconnection (or whose reconnection gave no answer).
+fn reconnect_pending(token: &str) -> BackendError {
+    BackendError::new(
+        BackendErrorKind::Unavailable,
+        format!(
+            "{NAME}: the session with token '{token}' was lost and the reconnection did not \
+             finish within {OPERATION_TIMEOUT:?}: the token is unreachable or busy, retry later"
+        ),
+    )
 }
 
 fn classify(rv: RvError, function: Function) -> BackendErrorKind {

@@ -470,51 +470,96 @@ fn debug_shows_no_pin() {
     });
 }
 
+/// A session of this process on `token`, logged in (or already logged in as the backend).
+fn own_session(ctx: &Pkcs11, token: &str) -> cryptoki::session::Session {
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label() == token)
+        .unwrap();
+    let session = ctx.open_rw_session(slot).unwrap();
+    let _ = session.login(UserType::User, Some(&SecretString::from(PIN.to_owned())));
+    session
+}
+
+fn destroy_key(session: &cryptoki::session::Session, label: &str) {
+    let found = session
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap();
+    assert_eq!(found.len(), 1, "{label}");
+    session.destroy_object(found[0]).unwrap();
+}
+
 #[test]
 fn a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal() {
     softhsm_test(
         "a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal",
         &["relogin"],
         || async {
-            let cfg = config("relogin", "root-1", &[]);
-            generate_root_key(&cfg, "root-1").await.unwrap();
-            let kms = connect(&cfg).await;
+            let old_cfg = config("relogin", "root-0", &[]);
+            generate_root_key(&old_cfg, "root-0").await.unwrap();
+            generate_root_key(&old_cfg, "root-1").await.unwrap();
             let key = TenantKey::from_bytes([0x24; 32]);
             let b = binding("tenant-a", 1);
+            let under_old = connect(&old_cfg).await.wrap(&key, &b).await.unwrap();
+            let kms = connect(&config("relogin", "root-1", &["root-0"])).await;
             let wrapped = kms.wrap(&key, &b).await.unwrap();
+            let ctx = Pkcs11::new(module()).unwrap();
 
             // Another session of this process logs the application out (as a token removed
-            // and re-inserted, or an HSM restart, does): the backend logs in again by itself.
-            let ctx = Pkcs11::new(module()).unwrap();
-            let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
-            let slot = ctx
-                .get_slots_with_token()
-                .unwrap()
-                .into_iter()
-                .find(|s| ctx.get_token_info(*s).unwrap().label() == "relogin")
-                .unwrap();
-            let session = ctx.open_rw_session(slot).unwrap();
+            // and re-inserted does): the backend logs in again by itself, and keeps working
+            // once that other session is closed too.
+            let session = own_session(&ctx, "relogin");
             session.logout().unwrap();
             assert_eq!(
                 kms.unwrap(&wrapped, &b).await.unwrap().expose(),
                 &[0x24; 32]
             );
-            session.logout().unwrap();
+            drop(session);
             let again = kms.wrap(&key, &b).await.unwrap();
             assert_eq!(kms.unwrap(&again, &b).await.unwrap().expose(), &[0x24; 32]);
+            assert_eq!(
+                kms.unwrap(&under_old, &b).await.unwrap().expose(),
+                &[0x24; 32]
+            );
 
-            // The root key destroyed on the token: a refusal, not an outage (no stale keys).
-            let found = session
-                .find_objects(&[Attribute::Label(b"root-1".to_vec())])
-                .unwrap();
-            assert_eq!(found.len(), 1);
-            session.destroy_object(found[0]).unwrap();
+            // The module finalized underneath (session handle numbers start again at 1 once it
+            // is initialized again): reconnected, and the old connection's sessions are not
+            // closed by number under the new one.
+            Pkcs11::new(module()).unwrap().finalize().unwrap();
+            assert_eq!(
+                kms.unwrap(&wrapped, &b).await.unwrap().expose(),
+                &[0x24; 32]
+            );
+            for _ in 0..3 {
+                let w = kms.wrap(&key, &b).await.unwrap();
+                assert_eq!(kms.unwrap(&w, &b).await.unwrap().expose(), &[0x24; 32]);
+            }
+
+            // A previous key destroyed: after the next lost login its wraps are refused, the
+            // current key's work on.
+            let session = own_session(&ctx, "relogin");
+            destroy_key(&session, "root-0");
+            session.logout().unwrap();
+            assert_eq!(
+                kms.unwrap(&wrapped, &b).await.unwrap().expose(),
+                &[0x24; 32]
+            );
+            let err = kms.unwrap(&under_old, &b).await.unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
+
+            // The current key destroyed: a refusal, not an outage (no stale keys).
+            let session = own_session(&ctx, "relogin");
+            destroy_key(&session, "root-1");
             let err = kms.unwrap(&wrapped, &b).await.unwrap_err();
             assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
             assert!(
                 err.to_string().contains("no longer on token 'relogin'"),
                 "{err}"
             );
+            // (Within the back-off, the same answer without another reconnection.)
             let err = kms.wrap(&key, &b).await.unwrap_err();
             assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
         },
