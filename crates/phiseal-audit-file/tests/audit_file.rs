@@ -511,6 +511,19 @@ async fn export_expands_batch_lines_into_records() {
     }
 }
 
+/// Writes `raw` with line `at` replaced by `bad` and checks that verify calls it malformed.
+fn assert_edit_is_malformed(path: &Path, raw: &[String], at: usize, bad: String) {
+    let mut edited = raw.to_vec();
+    assert_ne!(edited[at], bad);
+    edited[at] = bad;
+    write_lines(path, &edited);
+    let report = verify(path).unwrap();
+    assert!(
+        kinds_at(&report, at as u64 + 1).contains(&ProblemKind::Malformed),
+        "line {at}: {report:?}"
+    );
+}
+
 fn with_root_key(mut e: AuditEvent, root_key: &str) -> AuditEvent {
     e.root_key = Some(Arc::from(root_key));
     e
@@ -635,15 +648,7 @@ async fn root_key_is_written_only_where_present() {
                 raw[3].replacen(r#"{"record""#, r#"{"root_key":"local:y","record""#, 1),
             ),
         ] {
-            let mut edited = raw.clone();
-            assert_ne!(edited[at], bad);
-            edited[at] = bad;
-            write_lines(&path, &edited);
-            let report = verify(&path).unwrap();
-            assert!(
-                kinds_at(&report, at as u64 + 1).contains(&ProblemKind::Malformed),
-                "line {at}: {report:?}"
-            );
+            assert_edit_is_malformed(&path, &raw, at, bad);
         }
     }
 }
@@ -748,15 +753,7 @@ async fn from_key_version_is_written_only_where_present() {
                 raw[3].replacen(r#"{"record""#, r#"{"from_key_version":7,"record""#, 1),
             ),
         ] {
-            let mut edited = raw.clone();
-            assert_ne!(edited[at], bad);
-            edited[at] = bad;
-            write_lines(&path, &edited);
-            let report = verify(&path).unwrap();
-            assert!(
-                kinds_at(&report, at as u64 + 1).contains(&ProblemKind::Malformed),
-                "line {at}: {report:?}"
-            );
+            assert_edit_is_malformed(&path, &raw, at, bad);
         }
     }
 }

@@ -287,6 +287,16 @@ async fn set_enabled(client: &KeyClient, name: &str, version: &str, enabled: boo
         }),
         ..Default::default()
     };
+    update_key(client, name, version, params).await;
+}
+
+/// Updates the properties of one key version.
+async fn update_key(
+    client: &KeyClient,
+    name: &str,
+    version: &str,
+    params: UpdateKeyPropertiesParameters,
+) {
     let options = KeyClientUpdateKeyPropertiesOptions {
         key_version: Some(version.to_owned()),
         ..Default::default()
@@ -527,14 +537,7 @@ async fn set_key_ops(client: &KeyClient, name: &str, version: &str, ops: Vec<Key
         key_ops: Some(ops),
         ..Default::default()
     };
-    let options = KeyClientUpdateKeyPropertiesOptions {
-        key_version: Some(version.to_owned()),
-        ..Default::default()
-    };
-    client
-        .update_key_properties(name, params.try_into().unwrap(), Some(options))
-        .await
-        .unwrap();
+    update_key(client, name, version, params).await;
 }
 
 #[tokio::test]
