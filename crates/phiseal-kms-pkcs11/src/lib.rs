@@ -82,12 +82,17 @@
 //! session with the PIN, every root key looked up by label and checked again (so a stale
 //! handle never names another object) — and retries the call once. The reconnection runs in
 //! a task of its own, one at a time for all the calls that need it, on a blocking thread that
-//! holds an in-flight permit, within [`CONNECT_TIMEOUT`]; a call waits for it at most
-//! [`OPERATION_TIMEOUT`] (then `Unavailable`), so a call can take up to twice that. If it
-//! fails, a token no longer present (or not answering) is `Unavailable`, the current root key
-//! no longer on the token `Denied` (destroyed: revoked); calls then get that answer without
-//! another reconnection for [`RECONNECT_BACKOFF`]. A previous root key no longer on the token
-//! is taken as revoked: only its wraps are refused (`Denied`). A PIN the token refuses on a
+//! holds an in-flight permit, within [`CONNECT_TIMEOUT`] (permit wait included); a call waits
+//! for it at most [`OPERATION_TIMEOUT`] (then `Unavailable`), so with its first attempt and
+//! the retry a call can take up to three times that. From its start, the connection being
+//! replaced is used by no call (its handles may name other objects once the module is
+//! initialized again): such calls join the reconnection. If it fails, a token no longer
+//! present (or not answering, or dropping the session again) is `Unavailable`, the current
+//! root key no longer found by a logged-in session `Denied` (destroyed: revoked); calls then
+//! get that answer without another reconnection for [`RECONNECT_BACKOFF`], and at most one
+//! reconnection starts per [`RECONNECT_BACKOFF`] even after successes. A session lost again on
+//! the retry is `Unavailable`. A previous root key no longer on the token is taken as
+//! revoked: only its wraps are refused (`Denied`). A PIN the token refuses on a
 //! reconnection (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …) stops reconnecting for the
 //! backend's life — every call is then `Denied` until the daemon is restarted with the right
 //! PIN — so that retries never use up the PIN's attempts. The connection replaced is
@@ -139,7 +144,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::Ulong;
 use phiseal::kms::{KeyBinding, Kms, WrappedKey};
@@ -241,6 +246,9 @@ struct ReconnectState {
     /// The last failed reconnection: when, and what it found. None is tried again before
     /// [`RECONNECT_BACKOFF`] has passed.
     failed: Option<(std::time::Instant, Failure)>,
+    /// When the last reconnection started: at most one starts per [`RECONNECT_BACKOFF`], also
+    /// after a success (a token whose new sessions fail at once is not reconnected in a loop).
+    started: Option<std::time::Instant>,
     /// The token refused the PIN on a reconnection: the backend never logs in again (each try
     /// would use up one of the PIN's attempts until the token locks it).
     pin_refused: Option<Failure>,
@@ -301,7 +309,7 @@ struct RootKey {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.is_retired() {
             let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(PoisonError::into_inner));
             pool.into_iter().for_each(std::mem::forget);
             let login = self
@@ -396,6 +404,19 @@ impl Pkcs11Kms {
             match state.running.as_ref().filter(|rx| !answered_or_gone(rx)) {
                 Some(rx) => rx.clone(),
                 None => {
+                    if let Some(at) = state.started
+                        && at.elapsed() < RECONNECT_BACKOFF
+                    {
+                        return Err(BackendError::new(
+                            BackendErrorKind::Unavailable,
+                            format!(
+                                "{NAME}: the session with token '{}' was lost again less than \
+                                 {RECONNECT_BACKOFF:?} after a reconnection: retry later",
+                                self.shared.config.token_label
+                            ),
+                        ));
+                    }
+                    state.started = Some(std::time::Instant::now());
                     let rx = self.start_reconnect(failed);
                     state.running = Some(rx.clone());
                     rx
@@ -417,24 +438,34 @@ impl Pkcs11Kms {
     fn start_reconnect(&self, failed: &Arc<Inner>) -> Reconnection {
         let (tx, rx) = watch::channel(None);
         let shared = Arc::clone(&self.shared);
-        let failed = Arc::clone(failed);
+        // From now on no call uses the old connection's handles (see `call`).
+        failed
+            .retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             let what = format!("reconnect to token '{}'", shared.config.token_label);
-            let connected = match Arc::clone(&shared.in_flight).acquire_owned().await {
-                Ok(permit) => {
-                    let config = shared.config.clone();
-                    blocking(CONNECT_TIMEOUT, &what, move || {
-                        // Held until the PKCS#11 calls return, even if the task gave up.
-                        let _permit = permit;
-                        connect_blocking(&config, Mode::Reconnect)
-                    })
+            let connect = async {
+                let permit = Arc::clone(&shared.in_flight)
+                    .acquire_owned()
                     .await
-                }
-                Err(_) => Err(BackendError::new(
-                    BackendErrorKind::Other,
-                    format!("{NAME}: {what} failed: the in-flight limiter was closed"),
-                )),
+                    .map_err(|_| {
+                        BackendError::new(
+                            BackendErrorKind::Other,
+                            format!("{NAME}: {what} failed: the in-flight limiter was closed"),
+                        )
+                    })?;
+                let config = shared.config.clone();
+                let task = tokio::task::spawn_blocking(move || {
+                    // Held until the PKCS#11 calls return, even if the task gave up.
+                    let _permit = permit;
+                    connect_blocking(&config, Mode::Reconnect)
+                });
+                task.await.map_err(|e| thread_failed(&what, e))?
             };
+            // A session lost again while reconnecting is an outage, not a refusal.
+            let connected = within(CONNECT_TIMEOUT, &what, connect)
+                .await
+                .map_err(outage_if_session_lost);
             let mut state = shared
                 .reconnect
                 .lock()
@@ -442,9 +473,6 @@ impl Pkcs11Kms {
             let answer = match connected {
                 Ok(inner) => {
                     let inner = Arc::new(inner);
-                    failed
-                        .retired
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
                     *shared.inner.write().unwrap_or_else(PoisonError::into_inner) =
                         Arc::clone(&inner);
                     state.failed = None;
@@ -460,8 +488,10 @@ impl Pkcs11Kms {
                     Err(failure)
                 }
             };
-            drop(state);
+            // Answered before the lock is released: a caller that finds the new connection
+            // failed already never joins this (answered) reconnection by mistake.
             let _ = tx.send(Some(answer));
+            drop(state);
         });
         rx
     }
@@ -497,9 +527,17 @@ impl Pkcs11Kms {
             let task = tokio::task::spawn_blocking(move || {
                 // Held until the PKCS#11 call returns, even if the caller gave up waiting.
                 let _permit = permit;
+                // A connection being replaced: its handles (sessions, keys) may name other
+                // objects once the module is initialized again. Never use them.
+                if inner.is_retired() {
+                    return Err(retired_connection(&inner.token_label));
+                }
                 let session = inner.take_session()?;
                 let result = f(&session);
-                if result.is_ok() {
+                if inner.is_retired() {
+                    // (Closing it by number could close the new connection's session.)
+                    std::mem::forget(session);
+                } else if result.is_ok() {
                     inner.put_session(session);
                 }
                 result
@@ -511,6 +549,11 @@ impl Pkcs11Kms {
 }
 
 impl Inner {
+    /// Whether a reconnection is replacing this connection.
+    fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The configured root key that `key_ref` names, if any.
     fn key_for_ref(&self, key_ref: &str) -> Option<&RootKey> {
         std::iter::once(&self.current)
@@ -570,7 +613,9 @@ impl Kms for Pkcs11Kms {
         match self.wrap_with(&inner, key, binding).await {
             Err(e) if marked::<SessionLost>(&e) => {
                 let inner = self.reconnect(&inner).await?;
-                self.wrap_with(&inner, key, binding).await
+                self.wrap_with(&inner, key, binding)
+                    .await
+                    .map_err(outage_if_session_lost)
             }
             done => done,
         }
@@ -585,7 +630,9 @@ impl Kms for Pkcs11Kms {
         match self.unwrap_with(&inner, wrapped, binding).await {
             Err(e) if marked::<SessionLost>(&e) => {
                 let inner = self.reconnect(&inner).await?;
-                self.unwrap_with(&inner, wrapped, binding).await
+                self.unwrap_with(&inner, wrapped, binding)
+                    .await
+                    .map_err(outage_if_session_lost)
             }
             done => done,
         }
@@ -878,13 +925,11 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
         .previous_key_labels
         .iter()
         .map(|l| match resolve(l) {
-            Err(e) if mode == Mode::Reconnect && e.kind() == BackendErrorKind::Denied => {
-                Ok(RootKey {
-                    label: l.clone(),
-                    handle: None,
-                    key_ref: key_ref(token, l),
-                })
-            }
+            Err(e) if mode == Mode::Reconnect && marked::<KeyGone>(&e) => Ok(RootKey {
+                label: l.clone(),
+                handle: None,
+                key_ref: key_ref(token, l),
+            }),
             other => other,
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -1017,13 +1062,27 @@ fn find_key(
             check_key(session, *handle, label, token)?;
             Ok(*handle)
         }
-        [] if mode == Mode::Reconnect => Err(BackendError::new(
-            BackendErrorKind::Denied,
-            format!(
-                "{NAME}: root key '{label}' is no longer on token '{token}' (destroyed, or no \
-                 longer visible to the user): a refusal"
-            ),
-        )),
+        [] if mode == Mode::Reconnect => {
+            // Only a logged-in session's empty search says the key is gone (a private key is
+            // invisible to a session the token logged out again meanwhile).
+            let logged_in = session.get_session_info().is_ok_and(|info| {
+                matches!(
+                    info.session_state(),
+                    SessionState::RoUser | SessionState::RwUser
+                )
+            });
+            if logged_in {
+                Err(key_gone(label, token).with_source(KeyGone))
+            } else {
+                Err(BackendError::new(
+                    BackendErrorKind::Unavailable,
+                    format!(
+                        "{NAME}: token '{token}' logged the session out again while root key \
+                         '{label}' was looked up: retry later"
+                    ),
+                ))
+            }
+        }
         [] => Err(BackendError::misconfigured(
             NAME,
             format!(
@@ -1329,6 +1388,38 @@ impl std::error::Error for PinRefused {}
 /// calls for a reconnection; [`PinRefused`]).
 fn marked<M: std::error::Error + 'static>(error: &BackendError) -> bool {
     std::error::Error::source(error).is_some_and(|s| s.is::<M>())
+}
+
+/// Marks a root key a reconnection's logged-in session no longer finds on the token.
+#[derive(Debug)]
+struct KeyGone;
+
+impl fmt::Display for KeyGone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the root key is no longer on the token")
+    }
+}
+
+impl std::error::Error for KeyGone {}
+
+/// An error marked [`SessionLost`] where no reconnection follows (while reconnecting, or on
+/// the retry after one): the token is not answering as it should, an outage — never a refusal
+/// (which would drop the keyring's cached keys).
+fn outage_if_session_lost(error: BackendError) -> BackendError {
+    if marked::<SessionLost>(&error) {
+        BackendError::new(BackendErrorKind::Unavailable, error.to_string())
+    } else {
+        error
+    }
+}
+
+/// A call that found its connection being replaced by a reconnection.
+fn retired_connection(token: &str) -> BackendError {
+    BackendError::new(
+        BackendErrorKind::Unavailable,
+        format!("{NAME}: the connection to token '{token}' is being replaced: retry"),
+    )
+    .with_source(SessionLost)
 }
 
 /// A root key of the configuration that a reconnection no longer found on the token.

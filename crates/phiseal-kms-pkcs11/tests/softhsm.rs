@@ -33,7 +33,7 @@ use phiseal::context::TenantId;
 use phiseal::kms::{KeyBinding, Kms, WrappedKey};
 use phiseal::testkit::conformance;
 use phiseal::{BackendErrorKind, TenantKey};
-use phiseal_kms_pkcs11::{Pkcs11Config, Pkcs11Kms, generate_root_key};
+use phiseal_kms_pkcs11::{Pkcs11Config, Pkcs11Kms, RECONNECT_BACKOFF, generate_root_key};
 use secrecy::SecretString;
 
 const INSTALL_HINT: &str = "the PKCS#11 tests need SoftHSM2: install the Debian package \
@@ -527,7 +527,9 @@ fn a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal() {
 
             // The module finalized underneath (session handle numbers start again at 1 once it
             // is initialized again): reconnected, and the old connection's sessions are not
-            // closed by number under the new one.
+            // closed by number under the new one. (At most one reconnection starts per
+            // RECONNECT_BACKOFF: wait it out first.)
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
             Pkcs11::new(module()).unwrap().finalize().unwrap();
             assert_eq!(
                 kms.unwrap(&wrapped, &b).await.unwrap().expose(),
@@ -540,6 +542,7 @@ fn a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal() {
 
             // A previous key destroyed: after the next lost login its wraps are refused, the
             // current key's work on.
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
             let session = own_session(&ctx, "relogin");
             destroy_key(&session, "root-0");
             session.logout().unwrap();
@@ -551,6 +554,7 @@ fn a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal() {
             assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
 
             // The current key destroyed: a refusal, not an outage (no stale keys).
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
             let session = own_session(&ctx, "relogin");
             destroy_key(&session, "root-1");
             let err = kms.unwrap(&wrapped, &b).await.unwrap_err();
