@@ -12,7 +12,9 @@
 //!   crash). A live socket (another daemon) or anything that is not a socket is refused.
 //! - The socket gets mode 0660 and the configured group: only the owner and that group can
 //!   connect. It is bound under a umask of 0117, so it is never wider than 0660, also before
-//!   the `chmod` and in a directory that others may search.
+//!   the `chmod` and in a directory that others may search; and bound under a temporary name
+//!   (`.b<pid>`) in its directory, given its group and mode, then renamed into place (never
+//!   over another socket), so that nobody connects before it has its final group and mode.
 //! - At exit the socket is removed if it is still the one this process created.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -238,12 +240,52 @@ pub fn bind(
 ) -> Result<(UnixListener, BoundSocket), DaemonError> {
     let (_, gid) = socket_directory(path, group, check_parents)?;
     remove_stale(path)?;
+    // Bound under a temporary name in the same (checked, daemon-owned) directory, given its
+    // group and mode, then renamed into place: nobody can connect to the socket before it
+    // has its final group and mode.
+    let staging = staging_path(path);
+    match std::fs::remove_file(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(socket_error(
+                &staging,
+                format!("cannot remove a leftover: {e}"),
+            ));
+        }
+    }
     // The umask is the process's: it is narrowed only around `bind` (which creates no
     // directory; files created meanwhile by other threads only get narrower modes).
     let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&staging);
     rustix::process::umask(umask);
     let listener = bound.map_err(|e| socket_error(path, format!("bind: {e}")))?;
+    let placed = (|| {
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(&staging, None, Some(gid))
+                .map_err(|e| socket_error(path, format!("cannot set its group: {e}")))?;
+        }
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
+            .map_err(|e| socket_error(path, format!("chmod 0660: {e}")))?;
+        // Never over a socket another daemon placed meanwhile.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &staging,
+            rustix::fs::CWD,
+            path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| {
+            socket_error(
+                path,
+                format!("cannot move the bound socket into place: {e} (another daemon?)"),
+            )
+        })
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| socket_error(path, format!("stat after bind: {e}")))?;
     let guard = BoundSocket {
@@ -251,13 +293,13 @@ pub fn bind(
         dev: meta.dev(),
         ino: meta.ino(),
     };
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(|e| socket_error(path, format!("cannot set its group: {e}")))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| socket_error(path, format!("chmod 0660: {e}")))?;
     Ok((listener, guard))
+}
+
+/// The temporary name `bind` binds under, next to the socket: `.b<pid>` (short: a socket
+/// path is limited to 107 bytes).
+fn staging_path(path: &Path) -> PathBuf {
+    path.with_file_name(format!(".b{}", std::process::id()))
 }
 
 #[cfg(test)]
