@@ -95,10 +95,11 @@
 //! revoked: only its wraps are refused (`Denied`). A PIN the token refuses on a
 //! reconnection (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …) stops reconnecting for the
 //! backend's life — every call is then `Denied` until the daemon is restarted with the right
-//! PIN — so that retries never use up the PIN's attempts. The connection replaced is
-//! dropped without closing its sessions (after the module is initialized again their handle
-//! numbers may name the new connection's): a reconnection leaks at most [`MAX_IN_FLIGHT`]` +
-//! 1` sessions on the token.
+//! PIN — so that retries never use up the PIN's attempts. The connection replaced closes its
+//! sessions as usual, unless the reconnection had to initialize the module again (it had been
+//! finalized): then their handle numbers may name the new connection's sessions, and they are
+//! forgotten instead (the token dropped them anyway). A call whose connection is retired
+//! while it runs discards its result and joins the reconnection.
 //!
 //! ## Timeouts
 //! PKCS#11 has no timeouts. Every call is bounded by [`OPERATION_TIMEOUT`] ([`CONNECT_TIMEOUT`]
@@ -111,9 +112,9 @@
 //! | PKCS#11 says | kind |
 //! |---|---|
 //! | `CKR_ENCRYPTED_DATA_INVALID`, `CKR_ENCRYPTED_DATA_LEN_RANGE`, and — from a SoftHSM2 token only (manufacturer `SoftHSM project`) — `CKR_GENERAL_ERROR` from `C_Decrypt` (its answer to a GCM tag mismatch) | `InvalidData` |
-//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED`, and `CKR_USER_NOT_LOGGED_IN`, `CKR_KEY_HANDLE_INVALID` or `CKR_OBJECT_HANDLE_INVALID` still returned after a reconnection; after a lost session or login, a root key no longer on the token | `Denied` |
+//! | `CKR_PIN_INCORRECT`, `CKR_PIN_INVALID`, `CKR_PIN_LEN_RANGE`, `CKR_PIN_EXPIRED`, `CKR_PIN_LOCKED`, `CKR_USER_PIN_NOT_INITIALIZED`, `CKR_USER_TYPE_INVALID`, `CKR_KEY_FUNCTION_NOT_PERMITTED`; after a lost session or login, a root key that a logged-in session no longer finds on the token | `Denied` |
 //! | `CKR_FUNCTION_FAILED` or `CKR_GENERAL_ERROR` from `C_Decrypt` of another token (some HSMs' answer to a GCM tag mismatch) | `Other` |
-//! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_HOST_MEMORY`, other `CKR_FUNCTION_FAILED` and `CKR_GENERAL_ERROR`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, `CKR_SLOT_ID_INVALID`, a timeout; after a lost session or login, a token no longer present | `Unavailable` |
+//! | `CKR_DEVICE_ERROR`, `CKR_DEVICE_MEMORY`, `CKR_DEVICE_REMOVED`, `CKR_TOKEN_NOT_PRESENT`, `CKR_TOKEN_NOT_RECOGNIZED`, `CKR_SESSION_CLOSED`, `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_COUNT`, `CKR_HOST_MEMORY`, other `CKR_FUNCTION_FAILED` and `CKR_GENERAL_ERROR`, `CKR_FUNCTION_CANCELED`, `CKR_CRYPTOKI_NOT_INITIALIZED`, `CKR_SLOT_ID_INVALID`, a timeout; after a lost session or login, a token no longer present, or `CKR_USER_NOT_LOGGED_IN`, `CKR_KEY_HANDLE_INVALID` or `CKR_OBJECT_HANDLE_INVALID` again (while reconnecting, or on the retry) | `Unavailable` |
 //! | a module that cannot be loaded, no token or several tokens with the label, a key label with no or several keys, a key with the wrong type, length, usage or protection, `CKR_MECHANISM_INVALID`, `CKR_MECHANISM_PARAM_INVALID`, `CKR_KEY_TYPE_INCONSISTENT`, `CKR_KEY_SIZE_RANGE`, `CKR_TEMPLATE_INCOMPLETE`, `CKR_TEMPLATE_INCONSISTENT`, `CKR_ATTRIBUTE_VALUE_INVALID`, `CKR_TOKEN_WRITE_PROTECTED` | `Misconfigured` |
 //! | a label that already exists ([`generate_root_key`]) | `Conflict` |
 //! | anything else | `Other` |
@@ -166,7 +167,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Maximum number of PKCS#11 calls (and so sessions and blocking threads) in flight at once.
 pub const MAX_IN_FLIGHT: usize = 16;
 /// After a failed reconnection, calls fail with its error for this long before another is
-/// tried.
+/// tried; and at most one reconnection starts per this interval (counted from the start and
+/// the end of the last one), also after successes: calls that lose the session again
+/// meanwhile fail as `Unavailable`.
 pub const RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// The first byte of every wrapped key made by this backend.
 pub const WRAP_FORMAT: u8 = 0x01;
@@ -284,10 +287,15 @@ struct Inner {
     pool: Mutex<Vec<Session>>,
     /// Never used after connecting; open so that the login lasts.
     login_session: Mutex<Option<Session>>,
-    /// Replaced by a reconnection: its sessions are forgotten, not closed, when it is dropped
-    /// (after the module was initialized again, their handle numbers may name the new
-    /// connection's sessions).
+    /// Being replaced by a reconnection: no call uses its handles any more.
     retired: std::sync::atomic::AtomicBool,
+    /// Its sessions are forgotten, not closed: set when it is retired, and cleared once the
+    /// reconnection finds the module still initialized (after the module was initialized
+    /// again, their handle numbers may name the new connection's sessions; otherwise they are
+    /// closed as usual, and nothing leaks).
+    forget_sessions: std::sync::atomic::AtomicBool,
+    /// Whether connecting initialized the module (it was not initialized before).
+    initialized_module: bool,
     ctx: Pkcs11,
     slot: Slot,
     token_label: String,
@@ -309,7 +317,10 @@ struct RootKey {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if self.is_retired() {
+        if self
+            .forget_sessions
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(PoisonError::into_inner));
             pool.into_iter().for_each(std::mem::forget);
             let login = self
@@ -388,7 +399,8 @@ impl Pkcs11Kms {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let current = self.inner();
-            if !Arc::ptr_eq(&current, failed) {
+            // Replaced meanwhile (by a reconnection that is not itself being replaced).
+            if !Arc::ptr_eq(&current, failed) && !current.is_retired() {
                 return Ok(current);
             }
             if let Some(refused) = &state.pin_refused {
@@ -417,7 +429,7 @@ impl Pkcs11Kms {
                         ));
                     }
                     state.started = Some(std::time::Instant::now());
-                    let rx = self.start_reconnect(failed);
+                    let rx = self.start_reconnect(&current);
                     state.running = Some(rx.clone());
                     rx
                 }
@@ -438,10 +450,15 @@ impl Pkcs11Kms {
     fn start_reconnect(&self, failed: &Arc<Inner>) -> Reconnection {
         let (tx, rx) = watch::channel(None);
         let shared = Arc::clone(&self.shared);
-        // From now on no call uses the old connection's handles (see `call`).
+        // From now on no call uses the old connection's handles (see `call`), and its
+        // sessions are not closed by number until the reconnection tells whether it may.
+        failed
+            .forget_sessions
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         failed
             .retired
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        let failed = Arc::clone(failed);
         tokio::spawn(async move {
             let what = format!("reconnect to token '{}'", shared.config.token_label);
             let connect = async {
@@ -470,8 +487,16 @@ impl Pkcs11Kms {
                 .reconnect
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
+            // The back-off counts from the end too (a reconnection may take CONNECT_TIMEOUT).
+            state.started = Some(std::time::Instant::now());
             let answer = match connected {
                 Ok(inner) => {
+                    if !inner.initialized_module {
+                        // The module stayed initialized: the old handle numbers are not reused.
+                        failed
+                            .forget_sessions
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
+                    }
                     let inner = Arc::new(inner);
                     *shared.inner.write().unwrap_or_else(PoisonError::into_inner) =
                         Arc::clone(&inner);
@@ -516,6 +541,9 @@ impl Pkcs11Kms {
         F: FnOnce(&Session) -> Result<T, BackendError> + Send + 'static,
     {
         let inner = Arc::clone(inner);
+        if inner.is_retired() {
+            return Err(retired_connection(&inner.token_label));
+        }
         let semaphore = Arc::clone(&self.shared.in_flight);
         let run = async move {
             let permit = semaphore.acquire_owned().await.map_err(|_| {
@@ -535,10 +563,14 @@ impl Pkcs11Kms {
                 let session = inner.take_session()?;
                 let result = f(&session);
                 if inner.is_retired() {
-                    // (Closing it by number could close the new connection's session.)
-                    std::mem::forget(session);
-                } else if result.is_ok() {
-                    inner.put_session(session);
+                    // Retired while `f` ran: its handles may have named other objects by
+                    // then, so whatever it returned is not used.
+                    inner.release(session, false);
+                    return Err(retired_connection(&inner.token_label));
+                }
+                match &result {
+                    Ok(_) => inner.put_session(session),
+                    Err(e) => inner.release(session, marked::<SessionLost>(e)),
                 }
                 result
             });
@@ -552,6 +584,21 @@ impl Inner {
     /// Whether a reconnection is replacing this connection.
     fn is_retired(&self) -> bool {
         self.retired.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Lets go of a session of this connection that will not be used again: closed, or
+    /// forgotten when its number may now name another connection's session (see
+    /// `forget_sessions`) or the token dropped it already (`gone`).
+    fn release(&self, session: Session, gone: bool) {
+        if gone
+            || self
+                .forget_sessions
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            std::mem::forget(session);
+        } else {
+            drop(session);
+        }
     }
 
     /// The configured root key that `key_ref` names, if any.
@@ -826,7 +873,7 @@ pub async fn generate_root_key(config: &Pkcs11Config, label: &str) -> Result<(),
         config.token_label
     );
     blocking(CONNECT_TIMEOUT, &what.clone(), move || {
-        let (ctx, slot) = load(&config, Mode::Connect)?;
+        let (ctx, slot, _) = load(&config, Mode::Connect)?;
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| ck_error(e, &format!("{what}: open a read-write session")))?;
@@ -898,7 +945,7 @@ enum Mode {
 }
 
 fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendError> {
-    let (ctx, slot) = load(config, mode)?;
+    let (ctx, slot, initialized_module) = load(config, mode)?;
     let token = &config.token_label;
     let session = ctx
         .open_ro_session(slot)
@@ -938,6 +985,8 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
         pool: Mutex::new(Vec::new()),
         login_session: Mutex::new(Some(session)),
         retired: std::sync::atomic::AtomicBool::new(false),
+        forget_sessions: std::sync::atomic::AtomicBool::new(false),
+        initialized_module,
         ctx,
         slot,
         token_label: token.clone(),
@@ -947,7 +996,9 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
 }
 
 /// Loads and initializes the module and finds the token's slot.
-fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot), BackendError> {
+/// Loads the module, initializes it (`true` if this call did: it was not initialized before,
+/// so handle numbers of earlier connections may be reused) and finds the token's slot.
+fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot, bool), BackendError> {
     let module = config.module.display();
     let ctx = Pkcs11::new(&config.module).map_err(|e| {
         BackendError::misconfigured(
@@ -959,13 +1010,14 @@ fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot), BackendErro
         )
         .with_source(e)
     })?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        // Another backend in this process initialized the module already.
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+    let initialized = match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => true,
+        // Another backend (or connection) in this process initialized the module already.
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
         Err(e) => return Err(ck_error(e, &format!("initialize the module '{module}'"))),
-    }
+    };
     let slot = find_slot(&ctx, &config.token_label, mode)?;
-    Ok((ctx, slot))
+    Ok((ctx, slot, initialized))
 }
 
 /// The one slot holding a token labelled `label`.
@@ -1457,8 +1509,9 @@ fn classify(rv: RvError, function: Function) -> BackendErrorKind {
         | RvError::UserPinNotInitialized
         | RvError::UserTypeInvalid
         | RvError::KeyFunctionNotPermitted
-        // Still so after a reconnection (`drops_session`): the root key object is gone
-        // (destroyed, i.e. revoked). A refusal, never an outage: no stale keys.
+        // These four trigger a reconnection (`drops_session`); a root key that is really gone
+        // is then found so by the reconnection (`KeyGone`), and the codes seen again while
+        // reconnecting or on the retry are an outage (`outage_if_session_lost`).
         | RvError::KeyHandleInvalid
         | RvError::ObjectHandleInvalid => K::Denied,
         // Some HSMs answer a GCM tag mismatch (altered wrapped bytes) this way: not an outage.
