@@ -64,7 +64,8 @@
 //! (`tokio::task::spawn_blocking`). A cryptoki `Session` may move between threads but not be
 //! shared, so the backend keeps a pool of read-only sessions: a call takes one (opening a new
 //! one if the pool is empty), and gives it back afterwards — only after a success; a session
-//! that saw an error is closed. At most [`MAX_IN_FLIGHT`] calls run at once.
+//! that saw an error is closed (or, if the token dropped it or a reconnection retired its
+//! connection, forgotten). At most [`MAX_IN_FLIGHT`] calls run at once.
 //!
 //! The login state belongs to the application and token, not to a session: one `C_Login`
 //! covers every session of the process on that token, and the token logs the application out
@@ -95,11 +96,13 @@
 //! revoked: only its wraps are refused (`Denied`). A PIN the token refuses on a
 //! reconnection (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …) stops reconnecting for the
 //! backend's life — every call is then `Denied` until the daemon is restarted with the right
-//! PIN — so that retries never use up the PIN's attempts. The connection replaced closes its
-//! sessions as usual, unless the reconnection had to initialize the module again (it had been
-//! finalized): then their handle numbers may name the new connection's sessions, and they are
-//! forgotten instead (the token dropped them anyway). A call whose connection is retired
-//! while it runs discards its result and joins the reconnection.
+//! PIN — so that retries never use up the PIN's attempts. The connection replaced does not
+//! close its sessions: their handle numbers may name live sessions by then (of the new
+//! connection, or of another backend on the same module, once the module was initialized
+//! again; or when a token reuses invalidated numbers), so they are forgotten — at most
+//! [`MAX_IN_FLIGHT`]` + 1` per reconnection, and at most one reconnection per
+//! [`RECONNECT_BACKOFF`]. A call whose connection is retired while it runs discards its
+//! result and joins the reconnection.
 //!
 //! ## Timeouts
 //! PKCS#11 has no timeouts. Every call is bounded by [`OPERATION_TIMEOUT`] ([`CONNECT_TIMEOUT`]
@@ -289,13 +292,11 @@ struct Inner {
     login_session: Mutex<Option<Session>>,
     /// Being replaced by a reconnection: no call uses its handles any more.
     retired: std::sync::atomic::AtomicBool,
-    /// Its sessions are forgotten, not closed: set when it is retired, and cleared once the
-    /// reconnection finds the module still initialized (after the module was initialized
-    /// again, their handle numbers may name the new connection's sessions; otherwise they are
-    /// closed as usual, and nothing leaks).
+    /// Its sessions are forgotten, not closed: set when it is retired. Their handle numbers
+    /// may name live sessions by then — of the new connection, or of another backend on the
+    /// same module — once the module was initialized again (by any backend of the process),
+    /// or when the token reuses invalidated numbers; so closing them by number is never safe.
     forget_sessions: std::sync::atomic::AtomicBool,
-    /// Whether connecting initialized the module (it was not initialized before).
-    initialized_module: bool,
     ctx: Pkcs11,
     slot: Slot,
     token_label: String,
@@ -451,14 +452,13 @@ impl Pkcs11Kms {
         let (tx, rx) = watch::channel(None);
         let shared = Arc::clone(&self.shared);
         // From now on no call uses the old connection's handles (see `call`), and its
-        // sessions are not closed by number until the reconnection tells whether it may.
+        // sessions are not closed by number (see `forget_sessions`).
         failed
             .forget_sessions
             .store(true, std::sync::atomic::Ordering::SeqCst);
         failed
             .retired
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let failed = Arc::clone(failed);
         tokio::spawn(async move {
             let what = format!("reconnect to token '{}'", shared.config.token_label);
             let connect = async {
@@ -491,12 +491,6 @@ impl Pkcs11Kms {
             state.started = Some(std::time::Instant::now());
             let answer = match connected {
                 Ok(inner) => {
-                    if !inner.initialized_module {
-                        // The module stayed initialized: the old handle numbers are not reused.
-                        failed
-                            .forget_sessions
-                            .store(false, std::sync::atomic::Ordering::SeqCst);
-                    }
                     let inner = Arc::new(inner);
                     *shared.inner.write().unwrap_or_else(PoisonError::into_inner) =
                         Arc::clone(&inner);
@@ -873,7 +867,7 @@ pub async fn generate_root_key(config: &Pkcs11Config, label: &str) -> Result<(),
         config.token_label
     );
     blocking(CONNECT_TIMEOUT, &what.clone(), move || {
-        let (ctx, slot, _) = load(&config, Mode::Connect)?;
+        let (ctx, slot) = load(&config, Mode::Connect)?;
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| ck_error(e, &format!("{what}: open a read-write session")))?;
@@ -945,7 +939,7 @@ enum Mode {
 }
 
 fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendError> {
-    let (ctx, slot, initialized_module) = load(config, mode)?;
+    let (ctx, slot) = load(config, mode)?;
     let token = &config.token_label;
     let session = ctx
         .open_ro_session(slot)
@@ -986,7 +980,6 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
         login_session: Mutex::new(Some(session)),
         retired: std::sync::atomic::AtomicBool::new(false),
         forget_sessions: std::sync::atomic::AtomicBool::new(false),
-        initialized_module,
         ctx,
         slot,
         token_label: token.clone(),
@@ -996,9 +989,8 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
 }
 
 /// Loads and initializes the module and finds the token's slot.
-/// Loads the module, initializes it (`true` if this call did: it was not initialized before,
-/// so handle numbers of earlier connections may be reused) and finds the token's slot.
-fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot, bool), BackendError> {
+/// Loads and initializes the module and finds the token's slot.
+fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot), BackendError> {
     let module = config.module.display();
     let ctx = Pkcs11::new(&config.module).map_err(|e| {
         BackendError::misconfigured(
@@ -1010,14 +1002,13 @@ fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot, bool), Backe
         )
         .with_source(e)
     })?;
-    let initialized = match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => true,
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         // Another backend (or connection) in this process initialized the module already.
-        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => false,
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(ck_error(e, &format!("initialize the module '{module}'"))),
-    };
+    }
     let slot = find_slot(&ctx, &config.token_label, mode)?;
-    Ok((ctx, slot, initialized))
+    Ok((ctx, slot))
 }
 
 /// The one slot holding a token labelled `label`.

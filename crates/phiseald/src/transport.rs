@@ -13,8 +13,11 @@
 //! - The socket gets mode 0660 and the configured group: only the owner and that group can
 //!   connect. It is bound under a umask of 0117, so it is never wider than 0660, also before
 //!   the `chmod` and in a directory that others may search; and bound under a temporary name
-//!   (`.b<pid>`) in its directory, given its group and mode, then renamed into place (never
-//!   over another socket), so that nobody connects before it has its final group and mode.
+//!   (`.b` and 8 hex digits) in its directory, given its group and mode, then renamed into
+//!   place (never over another file), so that nobody connects before it has its final group
+//!   and mode. A crash between the bind and the rename leaves that hidden file behind (it is
+//!   never removed by name: it may be another process's). Two daemons started at once on one
+//!   stale socket are not told apart: the stale check is not atomic with the removal.
 //! - At exit the socket is removed if it is still the one this process created.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -244,22 +247,25 @@ pub fn bind(
     // group and mode, then renamed into place: nobody can connect to the socket before it
     // has its final group and mode.
     let staging = staging_path(path);
-    match std::fs::remove_file(&staging) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(socket_error(
-                &staging,
-                format!("cannot remove a leftover: {e}"),
-            ));
-        }
+    if staging.as_os_str().len() > 107 {
+        return Err(socket_error(
+            path,
+            format!(
+                "the temporary name it is bound under, {}, is longer than a socket path may \
+                 be (107 bytes): use a shorter socket path",
+                staging.display()
+            ),
+        ));
     }
     // The umask is the process's: it is narrowed only around `bind` (which creates no
     // directory; files created meanwhile by other threads only get narrower modes).
     let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o117));
     let bound = UnixListener::bind(&staging);
     rustix::process::umask(umask);
-    let listener = bound.map_err(|e| socket_error(path, format!("bind: {e}")))?;
+    // (An existing file at the temporary name fails the bind: it is never removed here, as
+    // it may be another process's.)
+    let listener =
+        bound.map_err(|e| socket_error(path, format!("bind (as {}): {e}", staging.display())))?;
     let placed = (|| {
         if let Some(gid) = gid {
             std::os::unix::fs::chown(&staging, None, Some(gid))
@@ -267,6 +273,9 @@ pub fn bind(
         }
         std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660))
             .map_err(|e| socket_error(path, format!("chmod 0660: {e}")))?;
+        // The guard's identity, taken before the rename (which keeps the inode).
+        let meta = std::fs::symlink_metadata(&staging)
+            .map_err(|e| socket_error(path, format!("stat after bind: {e}")))?;
         // Never over a socket another daemon placed meanwhile.
         rustix::fs::renameat_with(
             rustix::fs::CWD,
@@ -276,18 +285,28 @@ pub fn bind(
             rustix::fs::RenameFlags::NOREPLACE,
         )
         .map_err(|e| {
+            let why = if e == rustix::io::Errno::EXIST {
+                "something was placed there meanwhile (another daemon?)".to_owned()
+            } else {
+                format!(
+                    "{e} (a file system without atomic no-replace renames? put the socket on \
+                     a local file system such as /run)"
+                )
+            };
             socket_error(
                 path,
-                format!("cannot move the bound socket into place: {e} (another daemon?)"),
+                format!("cannot move the bound socket into place: {why}"),
             )
-        })
+        })?;
+        Ok(meta)
     })();
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(e);
-    }
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| socket_error(path, format!("stat after bind: {e}")))?;
+    let meta = match placed {
+        Ok(meta) => meta,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staging);
+            return Err(e);
+        }
+    };
     let guard = BoundSocket {
         path: path.to_owned(),
         dev: meta.dev(),
@@ -296,10 +315,15 @@ pub fn bind(
     Ok((listener, guard))
 }
 
-/// The temporary name `bind` binds under, next to the socket: `.b<pid>` (short: a socket
-/// path is limited to 107 bytes).
+/// The temporary name `bind` binds under, next to the socket: `.b` and 8 hex digits of the
+/// process id and the clock (short: a socket path is limited to 107 bytes; distinct between
+/// processes that share the directory, even with equal process ids in other containers).
 fn staging_path(path: &Path) -> PathBuf {
-    path.with_file_name(format!(".b{}", std::process::id()))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tag = std::process::id().rotate_left(16) ^ nanos;
+    path.with_file_name(format!(".b{tag:08x}"))
 }
 
 #[cfg(test)]
