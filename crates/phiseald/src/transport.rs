@@ -16,8 +16,10 @@
 //!   (`.b` and 8 hex digits) in its directory, given its group and mode, then renamed into
 //!   place (never over another file), so that nobody connects before it has its final group
 //!   and mode. A crash between the bind and the rename leaves that hidden file behind (it is
-//!   never removed by name: it may be another process's). Two daemons started at once on one
-//!   stale socket are not told apart: the stale check is not atomic with the removal.
+//!   never removed by name: it may be another process's).
+//! - One daemon per socket path: the daemon holds an exclusive lock on `.<socket name>.lock`
+//!   next to the socket for its life, taken before a stale socket is checked and removed, so
+//!   two daemons started at once cannot remove each other's fresh socket.
 //! - At exit the socket is removed if it is still the one this process created.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -33,6 +35,8 @@ pub struct BoundSocket {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    /// The socket's lock (see [`lock_socket`]), released after the socket is removed.
+    _lock: std::fs::File,
 }
 
 impl Drop for BoundSocket {
@@ -242,6 +246,7 @@ pub fn bind(
     check_parents: bool,
 ) -> Result<(UnixListener, BoundSocket), DaemonError> {
     let (_, gid) = socket_directory(path, group, check_parents)?;
+    let lock = lock_socket(path)?;
     remove_stale(path)?;
     // Bound under a temporary name in the same (checked, daemon-owned) directory, given its
     // group and mode, then renamed into place: nobody can connect to the socket before it
@@ -311,8 +316,44 @@ pub fn bind(
         path: path.to_owned(),
         dev: meta.dev(),
         ino: meta.ino(),
+        _lock: lock,
     };
     Ok((listener, guard))
+}
+
+/// Takes the socket's lock, `.<socket name>.lock` next to it (mode 0600, kept after exit),
+/// for the daemon's life: one daemon per socket path, so that checking for a stale socket,
+/// removing it and placing the new one cannot interleave with another daemon's start.
+fn lock_socket(path: &Path) -> Result<std::fs::File, DaemonError> {
+    use rustix::fs::{FlockOperation, Mode, OFlags};
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lock_path = path.with_file_name(format!(".{name}.lock"));
+    let fd = rustix::fs::open(
+        &lock_path,
+        OFlags::CREATE | OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| {
+        socket_error(
+            path,
+            format!("cannot open its lock {}: {e}", lock_path.display()),
+        )
+    })?;
+    match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(std::fs::File::from(fd)),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(socket_error(
+            path,
+            "another daemon is starting or listening on it (its lock is held): stop it first \
+             or choose another socket",
+        )),
+        Err(e) => Err(socket_error(
+            path,
+            format!("cannot lock {}: {e}", lock_path.display()),
+        )),
+    }
 }
 
 /// The temporary name `bind` binds under, next to the socket: `.b` and 8 hex digits of the
@@ -436,6 +477,26 @@ mod tests {
         drop(listener);
         drop(guard);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_daemon_holding_the_lock_keeps_its_socket_even_when_it_looks_stale() {
+        let _umask = umask_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/d.sock");
+        let (listener, guard) = bind(&path, None, true).unwrap();
+        // Not accepting (yet, or any more): to a stale check the socket looks stale. Another
+        // start is refused by the lock, and leaves the socket in place.
+        drop(listener);
+        let e = bind(&path, None, true).unwrap_err().to_string();
+        assert!(e.contains("its lock is held"), "{e}");
+        assert!(path.exists());
+        let lock = path.with_file_name(".d.sock.lock");
+        let mode = std::fs::metadata(&lock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Once the first one is gone, the socket is free again.
+        drop(guard);
+        let (_l, _g) = bind(&path, None, true).unwrap();
     }
 
     #[tokio::test]
