@@ -650,16 +650,8 @@ impl Kms for Pkcs11Kms {
         key: &TenantKey,
         binding: &KeyBinding,
     ) -> Result<WrappedKey, BackendError> {
-        let inner = self.inner();
-        match self.wrap_with(&inner, key, binding).await {
-            Err(e) if marked::<SessionLost>(&e) => {
-                let inner = self.reconnect(&inner).await?;
-                self.wrap_with(&inner, key, binding)
-                    .await
-                    .map_err(outage_if_session_lost)
-            }
-            done => done,
-        }
+        self.with_reconnect(|inner| async move { self.wrap_with(&inner, key, binding).await })
+            .await
     }
 
     async fn unwrap(
@@ -667,20 +659,32 @@ impl Kms for Pkcs11Kms {
         wrapped: &WrappedKey,
         binding: &KeyBinding,
     ) -> Result<TenantKey, BackendError> {
-        let inner = self.inner();
-        match self.unwrap_with(&inner, wrapped, binding).await {
-            Err(e) if marked::<SessionLost>(&e) => {
-                let inner = self.reconnect(&inner).await?;
-                self.unwrap_with(&inner, wrapped, binding)
-                    .await
-                    .map_err(outage_if_session_lost)
-            }
-            done => done,
-        }
+        self.with_reconnect(|inner| async move { self.unwrap_with(&inner, wrapped, binding).await })
+            .await
     }
 }
 
 impl Pkcs11Kms {
+    /// Runs `op` on the connection in use; if the token dropped the session or the login,
+    /// reconnects ([`Pkcs11Kms::reconnect`]) and runs it once more, a session lost again then
+    /// being an outage.
+    async fn with_reconnect<T, Fut>(
+        &self,
+        op: impl Fn(Arc<Inner>) -> Fut,
+    ) -> Result<T, BackendError>
+    where
+        Fut: Future<Output = Result<T, BackendError>>,
+    {
+        let inner = self.inner();
+        match op(Arc::clone(&inner)).await {
+            Err(e) if marked::<SessionLost>(&e) => {
+                let inner = self.reconnect(&inner).await?;
+                op(inner).await.map_err(outage_if_session_lost)
+            }
+            done => done,
+        }
+    }
+
     /// [`Kms::wrap`] over the connection `inner`.
     async fn wrap_with(
         &self,
