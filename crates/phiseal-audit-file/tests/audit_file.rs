@@ -511,6 +511,33 @@ async fn export_expands_batch_lines_into_records() {
     }
 }
 
+/// Exports tenant `acme` from `path` and checks each record's line: `member` (in the order of
+/// `with_it`) with the value `want` gives, or no `member` (in the event line's order).
+fn assert_exported_member(
+    path: &Path,
+    member: &str,
+    with_it: &[&str],
+    want: &[Option<serde_json::Value>],
+) {
+    let mut out = Vec::new();
+    export_tenant(path, "acme", None, None, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let exported: Vec<&str> = text.lines().collect();
+    assert_eq!(exported.len(), want.len());
+    for (line, want) in exported.iter().zip(want) {
+        match want {
+            Some(v) => {
+                assert_member_order(line, with_it);
+                assert_eq!(json(line)[member], *v);
+            }
+            None => {
+                assert_member_order(line, &EVENT_MEMBERS);
+                assert!(!line.contains(&format!("\"{member}\"")), "{line}");
+            }
+        }
+    }
+}
+
 /// Writes `raw` with line `at` replaced by `bad` and checks that verify calls it malformed.
 fn assert_edit_is_malformed(path: &Path, raw: &[String], at: usize, bad: String) {
     let mut edited = raw.to_vec();
@@ -607,23 +634,11 @@ async fn root_key_is_written_only_where_present() {
         );
 
         // Export writes it where present, in the members' order, and nowhere else.
-        let mut out = Vec::new();
-        export_tenant(&path, "acme", None, None, &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        let exported: Vec<&str> = text.lines().collect();
-        assert_eq!(exported.len(), want.len());
-        for (line, want) in exported.iter().zip(&want) {
-            match want {
-                Some(k) => {
-                    assert_member_order(line, &with_it);
-                    assert_eq!(json(line)["root_key"], *k);
-                }
-                None => {
-                    assert_member_order(line, &EVENT_MEMBERS);
-                    assert!(!line.contains("root_key"), "{line}");
-                }
-            }
-        }
+        let want: Vec<_> = want
+            .iter()
+            .map(|k| k.map(serde_json::Value::from))
+            .collect();
+        assert_exported_member(&path, "root_key", &with_it, &want);
 
         // Malformed: `null`, or both on the line and in a record.
         for (at, bad) in [
@@ -719,20 +734,11 @@ async fn from_key_version_is_written_only_where_present() {
         assert_eq!(got, want);
 
         // Export writes it where present, in the members' order.
-        let mut out = Vec::new();
-        export_tenant(&path, "acme", None, None, &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        let exported: Vec<&str> = text.lines().collect();
-        assert_eq!(exported.len(), want.len());
-        for (line, want) in exported.iter().zip(&want) {
-            match want {
-                Some(v) => {
-                    assert_member_order(line, &with_it);
-                    assert_eq!(json(line)["from_key_version"], *v);
-                }
-                None => assert!(!line.contains("from_key_version"), "{line}"),
-            }
-        }
+        let want: Vec<_> = want
+            .iter()
+            .map(|v| v.map(serde_json::Value::from))
+            .collect();
+        assert_exported_member(&path, "from_key_version", &with_it, &want);
 
         // Malformed: `null`, or both on the line and in a record.
         for (at, bad) in [
