@@ -2,7 +2,8 @@
 //!
 //! * `roundtrip/*`: encrypt + decrypt of one field per iteration, at 64 B, 1 KiB, 64 KiB and
 //!   1 MiB: the bare aws-lc-rs and RustCrypto AES-256-GCM primitives (fixed nonce, no format,
-//!   key set up once) next to the keyring with a cached key, audit off and on, per provider.
+//!   key set up once) next to the keyring with a cached key, audit off and on, per provider,
+//!   and a `TenantKeyring` (`Keyring::tenant`: no per-call tenant lookup), default provider.
 //! * `nonce_scheme/*`: the per-message cost of the two nonce-safe candidates at 64 B.
 //! * `searchable/*`: deterministic encryption (AES-256-SIV) and blind indexes of a 64 B value
 //!   through the keyring (aws-lc provider, audit off, key cached), next to the default
@@ -170,6 +171,37 @@ fn roundtrip(c: &mut Criterion) {
                             let k = &setup.keyring;
                             let ct = k.encrypt(&setup.caller, &setup.context, pt).await.unwrap();
                             let back = k.decrypt(&setup.caller, &setup.context, &ct).await.unwrap();
+                            black_box(&back);
+                        }
+                        start.elapsed()
+                    })
+                });
+                rt.block_on(setup.keyring.flush_audit()).unwrap();
+            });
+        }
+        // The same through a `TenantKeyring` (no per-call tenant lookup), default provider.
+        for (name, audit) in [
+            ("tenant-keyring-aws-lc-audit-off", None),
+            (
+                "tenant-keyring-aws-lc-audit-buffered",
+                Some(Durability::buffered()),
+            ),
+        ] {
+            group.bench_with_input(BenchmarkId::new(name, size), &plaintext, |b, pt| {
+                let setup = keyring(&rt, aws_lc, audit);
+                let handle = setup.keyring.tenant(setup.context.tenant());
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            let ct = handle
+                                .encrypt(&setup.caller, &setup.context, pt)
+                                .await
+                                .unwrap();
+                            let back = handle
+                                .decrypt(&setup.caller, &setup.context, &ct)
+                                .await
+                                .unwrap();
                             black_box(&back);
                         }
                         start.elapsed()

@@ -339,6 +339,68 @@ async fn batches_report_per_item() {
 }
 
 #[tokio::test]
+async fn a_batch_of_several_tenants_uses_each_tenants_own_key() {
+    let dir = private_tempdir();
+    let k = open(dir.path());
+    let c = caller();
+    for t in ["t", "u"] {
+        k.create_tenant(&c, &tenant(t)).await.unwrap();
+    }
+    // Warm both tenants' caches, so that every item below takes the fast path.
+    let (t, u) = (ctx("t", "a", None), ctx("u", "a", None));
+    k.encrypt(&c, &t, b"warm").await.unwrap();
+    k.encrypt(&c, &u, b"warm").await.unwrap();
+    // Runs of one tenant and switches between them, with a tenant key version per tenant:
+    // rotated, t is at v2 and u at v1.
+    k.rotate(&c, &tenant("t")).await.unwrap();
+    let items: Vec<(&EncryptionContext, &[u8])> = vec![
+        (&t, b"t1"),
+        (&t, b"t2"),
+        (&u, b"u1"),
+        (&t, b"t3"),
+        (&u, b"u2"),
+    ];
+    let out: Vec<Vec<u8>> = k
+        .encrypt_batch(&c, &items)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let versions: Vec<u32> = out
+        .iter()
+        .map(|ct| phiseal::format::parse(ct).unwrap().key_version)
+        .collect();
+    assert_eq!(versions, [2, 2, 1, 2, 1]);
+    // Each decrypts under its own tenant, one by one and in a mixed batch, and never under
+    // the other (the batch's remembered tenant metadata follows the items' tenants).
+    for ((cx, plaintext), ct) in items.iter().zip(&out) {
+        assert_eq!(&*k.decrypt(&c, cx, ct).await.unwrap(), *plaintext);
+    }
+    let back: Vec<(&EncryptionContext, &[u8])> = items
+        .iter()
+        .zip(&out)
+        .map(|((cx, _), ct)| (*cx, ct.as_slice()))
+        .collect();
+    let plain = k.decrypt_batch(&c, &back).await.unwrap();
+    for ((_, expected), got) in items.iter().zip(&plain) {
+        assert_eq!(&**got.as_ref().unwrap(), *expected);
+    }
+    // t's first field (v2) under u, which has no v2; u's first field (v1) under t's v1.
+    let swapped: Vec<(&EncryptionContext, &[u8])> = vec![(&u, &out[0]), (&t, &out[2])];
+    let refused = k.decrypt_batch(&c, &swapped).await.unwrap();
+    assert!(
+        matches!(
+            refused[0],
+            Err(Error::KeyVersionNotFound { version: 2, .. })
+        ),
+        "{:?}",
+        refused[0].as_ref().err()
+    );
+    assert!(matches!(refused[1], Err(Error::DecryptionFailed)));
+}
+
+#[tokio::test]
 async fn shred_destroys_forever() {
     let dir = private_tempdir();
     let c = caller();
@@ -2567,4 +2629,233 @@ async fn shred_returns_only_after_operations_using_the_key_have_finished() {
         k.encrypt(&c, &cx, b"after").await,
         Err(Error::KeyDestroyed { .. })
     ));
+}
+
+/// The key version a ciphertext names in its header.
+fn version_of(ct: &[u8]) -> u32 {
+    phiseal::format::parse(ct).unwrap().key_version
+}
+
+#[tokio::test]
+async fn a_tenant_keyring_serves_and_refuses_exactly_as_the_keyring() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let k = keyring_on(&p, CacheSettings::default());
+    let t = tenant("t");
+    k.create_tenant(&c, &t).await.unwrap();
+    k.create_tenant(&c, &tenant("u")).await.unwrap();
+    let handle = k.tenant(&t);
+    assert_eq!(handle.tenant_id(), &t);
+    let cx = ctx("t", "ssn", Some("r1"));
+    // Interchangeable with the keyring's own calls.
+    let ct = handle.encrypt(&c, &cx, b"123-45-6789").await.unwrap();
+    assert_eq!(&*k.decrypt(&c, &cx, &ct).await.unwrap(), b"123-45-6789");
+    let by_keyring = k.encrypt(&c, &cx, b"other").await.unwrap();
+    assert_eq!(
+        &*handle.decrypt(&c, &cx, &by_keyring).await.unwrap(),
+        b"other"
+    );
+    // The context is authenticated as always.
+    for wrong in [ctx("t", "dob", Some("r1")), ctx("t", "ssn", Some("r2"))] {
+        assert!(matches!(
+            handle.decrypt(&c, &wrong, &ct).await,
+            Err(Error::DecryptionFailed)
+        ));
+    }
+    assert!(matches!(
+        handle.decrypt(&c, &cx, &ct[..ct.len() - 1]).await,
+        Err(Error::DecryptionFailed | Error::Format(_))
+    ));
+    // A context of another tenant goes the keyring's ordinary way: it works, under that
+    // tenant's key, and cannot decrypt this tenant's ciphertexts.
+    let other = ctx("u", "ssn", Some("r1"));
+    let ct_u = handle.encrypt(&c, &other, b"u's").await.unwrap();
+    assert_eq!(&*k.decrypt(&c, &other, &ct_u).await.unwrap(), b"u's");
+    assert!(matches!(
+        handle.decrypt(&c, &other, &ct).await,
+        Err(Error::DecryptionFailed)
+    ));
+    // A tenant that does not exist fails at the first call, clearly.
+    let ghost = ctx("ghost", "ssn", None);
+    assert!(matches!(
+        k.tenant(&tenant("ghost")).encrypt(&c, &ghost, b"x").await,
+        Err(Error::TenantNotFound { .. })
+    ));
+
+    // Rotation, a minimum version and a shred made through the keyring are seen by the
+    // handle at its next call.
+    assert_eq!(version_of(&ct), 1);
+    k.rotate(&c, &t).await.unwrap();
+    let ct2 = handle.encrypt(&c, &cx, b"v2").await.unwrap();
+    assert_eq!(
+        version_of(&ct2),
+        2,
+        "encrypts under the new primary at once"
+    );
+    assert_eq!(
+        &*handle.decrypt(&c, &cx, &ct).await.unwrap(),
+        b"123-45-6789"
+    );
+    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    assert!(matches!(
+        handle.decrypt(&c, &cx, &ct).await,
+        Err(Error::KeyVersionRetired {
+            version: 1,
+            min: 2,
+            ..
+        })
+    ));
+    assert_eq!(&*handle.decrypt(&c, &cx, &ct2).await.unwrap(), b"v2");
+    k.shred(&c, &t).await.unwrap();
+    assert!(matches!(
+        handle.encrypt(&c, &cx, b"x").await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+    assert!(matches!(
+        handle.decrypt(&c, &cx, &ct2).await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_tenant_keyring_sees_another_process_rotation_as_the_keyring_does() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let a = keyring_on(&p, slow_metadata());
+    let t = tenant("t");
+    a.create_tenant(&c, &t).await.unwrap();
+    let handle = a.tenant(&t);
+    let cx = ctx("t", "f", None);
+    assert_eq!(version_of(&handle.encrypt(&c, &cx, b"x").await.unwrap()), 1);
+    // Another process (its own keyring on the same store) rotates. Within the metadata TTL,
+    // and until this one is told, the handle, like the keyring, still encrypts under v1 …
+    let b = keyring_on(&p, CacheSettings::default());
+    b.rotate(&c, &t).await.unwrap();
+    assert_eq!(version_of(&handle.encrypt(&c, &cx, b"x").await.unwrap()), 1);
+    // … but decrypts what the other process wrote under v2 (an unknown newer version
+    // refreshes the metadata) …
+    let v2 = b.encrypt(&c, &cx, b"new").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(&*handle.decrypt(&c, &cx, &v2).await.unwrap(), b"new");
+    // … and, once told (the sidecar's change listener, or the caller) after a rotation it
+    // had not seen, encrypts under v2.
+    b.rotate(&c, &t).await.unwrap();
+    a.invalidate_tenant(&t);
+    assert_eq!(version_of(&handle.encrypt(&c, &cx, b"x").await.unwrap()), 3);
+    // Untold, a handle picks a rotation up within the metadata TTL, as the keyring does
+    // (its remembered metadata is still cached, but too old to use).
+    let fast = keyring_on(
+        &p,
+        CacheSettings {
+            metadata_ttl: Duration::from_millis(100),
+            ..CacheSettings::default()
+        },
+    );
+    let fast_handle = fast.tenant(&t);
+    assert_eq!(
+        version_of(&fast_handle.encrypt(&c, &cx, b"x").await.unwrap()),
+        3
+    );
+    b.rotate(&c, &t).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        version_of(&fast_handle.encrypt(&c, &cx, b"x").await.unwrap()),
+        4
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_keyring_counts_key_uses_and_never_keeps_metadata_alive() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let cache = CacheSettings {
+        max_uses: 3,
+        ..CacheSettings::default()
+    };
+    let k = keyring_on(&p, cache);
+    let t = tenant("t");
+    k.create_tenant(&c, &t).await.unwrap();
+    let handle = k.tenant(&t);
+    assert!(
+        !phiseal::testkit::remembers_metadata(&handle),
+        "nothing before its first call"
+    );
+    let cx = ctx("t", "f", None);
+    let ct = handle.encrypt(&c, &cx, b"x").await.unwrap(); // unwrap #2, use 1
+    assert!(phiseal::testkit::remembers_metadata(&handle));
+    for _ in 0..8 {
+        handle.decrypt(&c, &cx, &ct).await.unwrap();
+    }
+    // Max uses hold through the handle as through the keyring: 9 operations, 3 per unwrap.
+    assert_eq!(p.kms.unwraps.load(Ordering::SeqCst), 1 + 3);
+    // The handle holds the keyring's metadata (and with it the hot keys) only weakly: once
+    // the keyring drops it, it is gone, whatever handles exist.
+    k.invalidate_tenant(&t);
+    assert!(!phiseal::testkit::remembers_metadata(&handle));
+    assert_eq!(&*handle.decrypt(&c, &cx, &ct).await.unwrap(), b"x");
+    assert!(
+        phiseal::testkit::remembers_metadata(&handle),
+        "refreshed by the call that missed"
+    );
+    k.invalidate_all();
+    assert!(!phiseal::testkit::remembers_metadata(&handle));
+    handle.decrypt(&c, &cx, &ct).await.unwrap();
+    k.shred(&c, &t).await.unwrap();
+    assert!(!phiseal::testkit::remembers_metadata(&handle));
+}
+
+#[tokio::test]
+async fn a_tenant_keyring_audits_like_the_keyring() {
+    let dir = private_tempdir();
+    let c = Caller::with_request_id(Actor::named("svc-h"), "req-h");
+    {
+        let k = open(dir.path());
+        let t = tenant("t");
+        k.create_tenant(&c, &t).await.unwrap();
+        let handle = k.tenant(&t);
+        let cx = ctx("t", "dob", Some("rec-1"));
+        // A miss (first call), then cache hits, then a failure.
+        let ct = handle.encrypt(&c, &cx, b"PLAINTEXT-1").await.unwrap();
+        handle.encrypt(&c, &cx, b"PLAINTEXT-2").await.unwrap();
+        handle.decrypt(&c, &cx, &ct).await.unwrap();
+        let _ = handle.decrypt(&c, &ctx("t", "other", None), &ct).await;
+        k.flush_audit().await.unwrap();
+    }
+    let log = EmbeddedPaths::new(dir.path()).audit_log;
+    assert!(phiseal_audit_file::verify(&log).unwrap().is_intact());
+    let mut out = Vec::new();
+    phiseal_audit_file::export_tenant(&log, "t", None, None, &mut out).unwrap();
+    let records = String::from_utf8(out).unwrap();
+    assert!(!records.contains("PLAINTEXT"));
+    let fields: Vec<&str> = records
+        .lines()
+        .filter(|l| l.contains(r#""action":"encrypt""#) || l.contains(r#""action":"decrypt""#))
+        .collect();
+    assert_eq!(fields.len(), 4, "{records}");
+    for (line, (action, result)) in fields.iter().zip([
+        ("encrypt", "ok"),
+        ("encrypt", "ok"),
+        ("decrypt", "ok"),
+        ("decrypt", "decryption_failed"),
+    ]) {
+        assert!(line.contains(&format!(r#""action":"{action}""#)), "{line}");
+        assert!(line.contains(&format!(r#""result":"{result}""#)), "{line}");
+        assert!(line.contains(r#""actor":"svc-h""#), "{line}");
+        assert!(line.contains(r#""request_id":"req-h""#), "{line}");
+        assert!(line.contains(r#""key_version":1"#), "{line}");
+    }
+    // The first encrypt unwrapped the key; the later calls were served from the cache.
+    assert!(
+        fields[1].contains(r#""key_source":"cache""#),
+        "{}",
+        fields[1]
+    );
+    assert!(
+        fields[2].contains(r#""key_source":"cache""#),
+        "{}",
+        fields[2]
+    );
 }

@@ -26,6 +26,8 @@ pub use rootkey::{RootKeyUsage, RootRewrapEvent, RootRewrapFailure, RootRewrapRe
 mod stream;
 pub use stream::{AuditedStreamDecryptor, AuditedStreamEncryptor};
 mod search;
+mod tenant;
+pub use tenant::TenantKeyring;
 mod unwrap_failures;
 
 /// Where the keyring runs. `Production` refuses development-only parts (the local file KMS,
@@ -390,6 +392,32 @@ impl TenantView {
             hot.push(Arc::clone(key));
         }
     }
+}
+
+/// The cached metadata of the tenant a batch's previous item used: consecutive items of one
+/// tenant (the usual batch) look it up once. Each item still checks it at its own time of
+/// use ([`Keyring::view_serves_fields`]), and the batch holds it only while it runs.
+#[derive(Default)]
+struct BatchView(Option<Arc<TenantView>>);
+
+impl BatchView {
+    /// The cached metadata of `tenant` the fast path may use at `now`, if any.
+    fn get(&mut self, keyring: &Keyring, tenant: &TenantId, now: Instant) -> Option<&TenantView> {
+        let reusable = self.0.as_ref().is_some_and(|view| {
+            view.record.tenant == *tenant && keyring.view_serves_fields(view, now)
+        });
+        if !reusable {
+            self.0 = keyring.cached_view(tenant, now);
+        }
+        self.0.as_deref()
+    }
+}
+
+/// The contexts of a batch's items, for its audit records.
+fn contexts_of<'a>(
+    items: &'a [(&'a EncryptionContext, &'a [u8])],
+) -> impl Iterator<Item = &'a EncryptionContext> {
+    items.iter().map(|(context, _)| *context)
 }
 
 /// Invalidation counters: one epoch for `invalidate_all` and one counter per shard of
@@ -1307,7 +1335,13 @@ impl Keyring {
     /// The cached, fresh metadata of a live tenant; `None` sends the caller to the slow path.
     fn cached_view(&self, tenant: &TenantId, now: Instant) -> Option<Arc<TenantView>> {
         let view = self.inner.tenants.get(tenant)?;
-        (self.view_is_current(&view, now) && view.record.shredded_at.is_none()).then_some(view)
+        self.view_serves_fields(&view, now).then_some(view)
+    }
+
+    /// Whether the per-field fast path may use `view`: current (see
+    /// [`Keyring::view_is_current`]) and of a tenant not shredded.
+    fn view_serves_fields(&self, view: &TenantView, now: Instant) -> bool {
+        self.view_is_current(view, now) && view.record.shredded_at.is_none()
     }
 
     /// Encrypts from the caches alone (no await); `None` when something is not cached.
@@ -1318,8 +1352,20 @@ impl Keyring {
         now: Instant,
     ) -> Option<FieldOutcome<Vec<u8>>> {
         let view = self.cached_view(context.tenant(), now)?;
+        self.encrypt_in_view(&view, context, plaintext, now)
+    }
+
+    /// [`Keyring::encrypt_cached`] with the tenant's view in hand (one that
+    /// [`Keyring::view_serves_fields`] accepted at `now`).
+    fn encrypt_in_view(
+        &self,
+        view: &TenantView,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+        now: Instant,
+    ) -> Option<FieldOutcome<Vec<u8>>> {
         let version = view.record.primary()?.version;
-        let (result, source) = self.with_cached_key(&view, version, now, |key| {
+        let (result, source) = self.with_cached_key(view, version, now, |key| {
             key.encrypt(self.inner.algorithm, context, plaintext)
         })?;
         let meta = OpMeta {
@@ -1330,14 +1376,20 @@ impl Keyring {
         Some((result, meta))
     }
 
+    /// One field of a batch (or of a rewrap), not yet audited; `view` carries the tenant's
+    /// cached metadata from the batch's previous item.
     async fn encrypt_one(
         &self,
+        view: &mut BatchView,
         caller: &Caller,
         context: &EncryptionContext,
         plaintext: &[u8],
     ) -> FieldOutcome<Vec<u8>> {
         let now = Instant::now_without_cache_update();
-        match self.encrypt_cached(context, plaintext, now) {
+        let cached = view
+            .get(self, context.tenant(), now)
+            .and_then(|view| self.encrypt_in_view(view, context, plaintext, now));
+        match cached {
             Some(outcome) => outcome,
             None => self.encrypt_slow(caller, context, plaintext, now).await,
         }
@@ -1397,13 +1449,25 @@ impl Keyring {
         now: Instant,
     ) -> Option<FieldOutcome<Plaintext>> {
         let parsed = format::parse(ciphertext).ok()?;
-        let version = parsed.key_version;
         let view = self.cached_view(context.tenant(), now)?;
+        self.decrypt_in_view(&view, &parsed, context, now)
+    }
+
+    /// [`Keyring::decrypt_cached`] with the ciphertext parsed and the tenant's view in hand
+    /// (one that [`Keyring::view_serves_fields`] accepted at `now`).
+    fn decrypt_in_view(
+        &self,
+        view: &TenantView,
+        parsed: &format::ParsedCiphertext<'_>,
+        context: &EncryptionContext,
+        now: Instant,
+    ) -> Option<FieldOutcome<Plaintext>> {
+        let version = parsed.key_version;
         if version < view.record.min_decrypt_version {
             return None;
         }
         let (result, source) =
-            self.with_cached_key(&view, version, now, |key| key.decrypt(&parsed, context))?;
+            self.with_cached_key(view, version, now, |key| key.decrypt(parsed, context))?;
         let meta = OpMeta {
             key_version: Some(version),
             key_source: Some(source),
@@ -1412,14 +1476,20 @@ impl Keyring {
         Some((result, meta))
     }
 
+    /// [`Keyring::encrypt_one`] for decryption.
     async fn decrypt_one(
         &self,
+        view: &mut BatchView,
         caller: &Caller,
         context: &EncryptionContext,
         ciphertext: &[u8],
     ) -> FieldOutcome<Plaintext> {
         let now = Instant::now_without_cache_update();
-        match self.decrypt_cached(context, ciphertext, now) {
+        let cached = format::parse(ciphertext).ok().and_then(|parsed| {
+            let view = view.get(self, context.tenant(), now)?;
+            self.decrypt_in_view(view, &parsed, context, now)
+        });
+        match cached {
             Some(outcome) => outcome,
             None => self.decrypt_slow(caller, context, ciphertext, now).await,
         }
@@ -1474,23 +1544,25 @@ impl Keyring {
     /// (`from_key_version`) whatever the outcome, when its header could be read.
     async fn rewrap_one(
         &self,
+        view: &mut BatchView,
         caller: &Caller,
         context: &EncryptionContext,
         ciphertext: &[u8],
     ) -> FieldOutcome<Vec<u8>> {
-        let (result, mut meta) = self.rewrap_inner(caller, context, ciphertext).await;
+        let (result, mut meta) = self.rewrap_inner(view, caller, context, ciphertext).await;
         meta.from_key_version = format::parse(ciphertext).ok().map(|p| p.key_version);
         (result, meta)
     }
 
     async fn rewrap_inner(
         &self,
+        view: &mut BatchView,
         caller: &Caller,
         context: &EncryptionContext,
         ciphertext: &[u8],
     ) -> FieldOutcome<Vec<u8>> {
         // A failed decrypt is recorded with the version and key source it tried.
-        let (plaintext, decrypted) = self.decrypt_one(caller, context, ciphertext).await;
+        let (plaintext, decrypted) = self.decrypt_one(view, caller, context, ciphertext).await;
         let plaintext = match plaintext {
             Ok(p) => p,
             Err(e) => return (Err(e), decrypted),
@@ -1521,7 +1593,7 @@ impl Keyring {
                 .encrypt_deterministic_one(caller, context, &plaintext)
                 .await;
         }
-        self.encrypt_one(caller, context, &plaintext).await
+        self.encrypt_one(view, caller, context, &plaintext).await
     }
 
     /// Encrypts one field under the tenant's primary key version. Audited.
@@ -1532,7 +1604,28 @@ impl Keyring {
         plaintext: &[u8],
     ) -> Result<Vec<u8>, Error> {
         let now = Instant::now_without_cache_update();
-        let outcome = match self.encrypt_cached(context, plaintext, now) {
+        match self.encrypt_cached(context, plaintext, now) {
+            // (Returned here rather than in `complete_encrypt`: the fast path's result is not
+            // moved through another future.)
+            Some(outcome) if self.inner.audit.is_none() => outcome.0,
+            cached => {
+                self.complete_encrypt(caller, context, plaintext, now, cached)
+                    .await
+            }
+        }
+    }
+
+    /// Completes [`Keyring::encrypt`] from the fast path's outcome, or from the slow path when
+    /// the caches missed (`cached` is `None`), and audits it.
+    async fn complete_encrypt(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+        now: Instant,
+        cached: Option<FieldOutcome<Vec<u8>>>,
+    ) -> Result<Vec<u8>, Error> {
+        let outcome = match cached {
             Some(outcome) if self.inner.audit.is_none() => return outcome.0,
             Some(outcome) => outcome,
             None => self.encrypt_slow(caller, context, plaintext, now).await,
@@ -1548,7 +1641,27 @@ impl Keyring {
         ciphertext: &[u8],
     ) -> Result<Plaintext, Error> {
         let now = Instant::now_without_cache_update();
-        let outcome = match self.decrypt_cached(context, ciphertext, now) {
+        match self.decrypt_cached(context, ciphertext, now) {
+            // (Returned here rather than in `complete_decrypt`: the fast path's result is not
+            // moved through another future.)
+            Some(outcome) if self.inner.audit.is_none() => outcome.0,
+            cached => {
+                self.complete_decrypt(caller, context, ciphertext, now, cached)
+                    .await
+            }
+        }
+    }
+
+    /// Completes [`Keyring::decrypt`] like [`Keyring::complete_encrypt`].
+    async fn complete_decrypt(
+        &self,
+        caller: &Caller,
+        context: &EncryptionContext,
+        ciphertext: &[u8],
+        now: Instant,
+        cached: Option<FieldOutcome<Plaintext>>,
+    ) -> Result<Plaintext, Error> {
+        let outcome = match cached {
             Some(outcome) if self.inner.audit.is_none() => return outcome.0,
             Some(outcome) => outcome,
             None => self.decrypt_slow(caller, context, ciphertext, now).await,
@@ -1565,27 +1678,10 @@ impl Keyring {
         context: &EncryptionContext,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        let outcome = self.rewrap_one(caller, context, ciphertext).await;
+        let outcome = self
+            .rewrap_one(&mut BatchView::default(), caller, context, ciphertext)
+            .await;
         self.finish(caller, Action::Rewrap, context, outcome).await
-    }
-
-    /// Runs `one` for every item, in order, then audits the whole batch with one append.
-    async fn batch<'a, T, Fut>(
-        &'a self,
-        caller: &'a Caller,
-        action: Action,
-        items: &'a [(&'a EncryptionContext, &'a [u8])],
-        one: impl Fn(&'a EncryptionContext, &'a [u8]) -> Fut,
-    ) -> Result<Vec<Result<T, Error>>, Error>
-    where
-        Fut: std::future::Future<Output = FieldOutcome<T>>,
-    {
-        let mut results = Vec::with_capacity(items.len());
-        for (context, data) in items {
-            results.push(one(context, data).await);
-        }
-        let contexts = items.iter().map(|(c, _)| *c);
-        self.finish_batch(caller, action, contexts, results).await
     }
 
     /// Encrypts many fields; one result per item, in order (a bad item does not fail the
@@ -1595,10 +1691,16 @@ impl Keyring {
         caller: &Caller,
         items: &[(&EncryptionContext, &[u8])],
     ) -> Result<Vec<Result<Vec<u8>, Error>>, Error> {
-        self.batch(caller, Action::Encrypt, items, |c, p| {
-            self.encrypt_one(caller, c, p)
-        })
-        .await
+        let mut view = BatchView::default();
+        let mut results = Vec::with_capacity(items.len());
+        for (context, plaintext) in items {
+            results.push(
+                self.encrypt_one(&mut view, caller, context, plaintext)
+                    .await,
+            );
+        }
+        self.finish_batch(caller, Action::Encrypt, contexts_of(items), results)
+            .await
     }
 
     /// Decrypts many fields; one result per item, in order. See [`Keyring::encrypt_batch`].
@@ -1607,10 +1709,16 @@ impl Keyring {
         caller: &Caller,
         items: &[(&EncryptionContext, &[u8])],
     ) -> Result<Vec<Result<Plaintext, Error>>, Error> {
-        self.batch(caller, Action::Decrypt, items, |c, ct| {
-            self.decrypt_one(caller, c, ct)
-        })
-        .await
+        let mut view = BatchView::default();
+        let mut results = Vec::with_capacity(items.len());
+        for (context, ciphertext) in items {
+            results.push(
+                self.decrypt_one(&mut view, caller, context, ciphertext)
+                    .await,
+            );
+        }
+        self.finish_batch(caller, Action::Decrypt, contexts_of(items), results)
+            .await
     }
 
     /// Rewraps many ciphertexts; one result per item, in order. See [`Keyring::rewrap`].
@@ -1619,10 +1727,16 @@ impl Keyring {
         caller: &Caller,
         items: &[(&EncryptionContext, &[u8])],
     ) -> Result<Vec<Result<Vec<u8>, Error>>, Error> {
-        self.batch(caller, Action::Rewrap, items, |c, ct| {
-            self.rewrap_one(caller, c, ct)
-        })
-        .await
+        let mut view = BatchView::default();
+        let mut results = Vec::with_capacity(items.len());
+        for (context, ciphertext) in items {
+            results.push(
+                self.rewrap_one(&mut view, caller, context, ciphertext)
+                    .await,
+            );
+        }
+        self.finish_batch(caller, Action::Rewrap, contexts_of(items), results)
+            .await
     }
 
     // ----- key management ------------------------------------------------------------------

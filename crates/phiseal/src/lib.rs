@@ -38,7 +38,7 @@ pub use format::Algorithm;
 pub use keyring::{
     AuditedStreamDecryptor, AuditedStreamEncryptor, CacheSettings, Caller, Keyring, KeyringBuilder,
     Profile, RootKeyUsage, RootRewrapEvent, RootRewrapFailure, RootRewrapReport,
-    STALE_RETRY_INTERVAL, TenantStatus, VersionStatus,
+    STALE_RETRY_INTERVAL, TenantKeyring, TenantStatus, VersionStatus,
 };
 pub use search::{BlindIndexSpec, Normalization, SearchTerm};
 pub use secret::{Plaintext, TENANT_KEY_LEN, TenantKey, reserve_wiped};

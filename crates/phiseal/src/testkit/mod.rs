@@ -97,3 +97,9 @@ pub fn blind_index(
 }
 
 pub mod conformance;
+
+/// Whether `handle` still reaches its keyring's cached metadata of the tenant (it holds it
+/// weakly: false once the keyring has dropped it, until the handle's next call refreshes it).
+pub fn remembers_metadata(handle: &crate::TenantKeyring) -> bool {
+    handle.remembers_metadata()
+}
