@@ -346,13 +346,13 @@ async fn a_batch_of_several_tenants_uses_each_tenants_own_key() {
     for t in ["t", "u"] {
         k.create_tenant(&c, &tenant(t)).await.unwrap();
     }
-    // Warm both tenants' caches, so that every item below takes the fast path.
+    // Rotated, t is at v2 and u at v1; both tenants' keys are cached (the warm-up calls),
+    // so the items below take the fast path.
     let (t, u) = (ctx("t", "a", None), ctx("u", "a", None));
+    k.rotate(&c, &tenant("t")).await.unwrap();
     k.encrypt(&c, &t, b"warm").await.unwrap();
     k.encrypt(&c, &u, b"warm").await.unwrap();
-    // Runs of one tenant and switches between them, with a tenant key version per tenant:
-    // rotated, t is at v2 and u at v1.
-    k.rotate(&c, &tenant("t")).await.unwrap();
+    // Runs of one tenant and switches between them.
     let items: Vec<(&EncryptionContext, &[u8])> = vec![
         (&t, b"t1"),
         (&t, b"t2"),
@@ -2808,6 +2808,67 @@ async fn a_tenant_keyring_counts_key_uses_and_never_keeps_metadata_alive() {
 }
 
 #[tokio::test]
+async fn a_tenant_keyring_whose_metadata_is_held_alive_refuses_what_the_keyring_refuses() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    // Long TTLs: nothing below is refused for its age.
+    let k = keyring_on(&p, slow_metadata());
+    let t = tenant("t");
+    k.create_tenant(&c, &t).await.unwrap();
+    let handle = k.tenant(&t);
+    let cx = ctx("t", "f", None);
+    let v1 = handle.encrypt(&c, &cx, b"one").await.unwrap();
+    // Each step holds the handle's metadata alive (as a concurrent call or batch would), so
+    // only the handle's own checks stand between it and the old metadata.
+    let held = phiseal::testkit::hold_metadata(&handle).unwrap();
+    k.rotate(&c, &t).await.unwrap();
+    assert_eq!(version_of(&handle.encrypt(&c, &cx, b"x").await.unwrap()), 2);
+    drop(held);
+    let held = phiseal::testkit::hold_metadata(&handle).unwrap();
+    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    assert!(matches!(
+        handle.decrypt(&c, &cx, &v1).await,
+        Err(Error::KeyVersionRetired { version: 1, .. })
+    ));
+    drop(held);
+    // Another process shreds the tenant; this keyring learns it from the store without any
+    // invalidation (a ciphertext naming an unknown newer version makes it re-read the
+    // tenant): from then on the handle refuses too, though its old metadata is alive.
+    let v2 = handle.encrypt(&c, &cx, b"two").await.unwrap();
+    let held = phiseal::testkit::hold_metadata(&handle).unwrap();
+    let other = keyring_on(&p, CacheSettings::default());
+    other.shred(&c, &t).await.unwrap();
+    assert_eq!(
+        &*handle.decrypt(&c, &cx, &v2).await.unwrap(),
+        b"two",
+        "not told yet"
+    );
+    let mut newer = v2.clone();
+    newer[2..6].copy_from_slice(&9u32.to_be_bytes());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(matches!(
+        k.decrypt(&c, &cx, &newer).await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+    assert!(matches!(
+        handle.decrypt(&c, &cx, &v2).await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+    assert!(matches!(
+        handle.encrypt(&c, &cx, b"x").await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+    // And so does a batch.
+    let items: Vec<(&EncryptionContext, &[u8])> = vec![(&cx, &v2)];
+    assert!(matches!(
+        k.decrypt_batch(&c, &items).await.unwrap()[0],
+        Err(Error::KeyDestroyed { .. })
+    ));
+    drop(held);
+}
+
+#[tokio::test]
 async fn a_tenant_keyring_audits_like_the_keyring() {
     let dir = private_tempdir();
     let c = Caller::with_request_id(Actor::named("svc-h"), "req-h");
@@ -2848,6 +2909,7 @@ async fn a_tenant_keyring_audits_like_the_keyring() {
         assert!(line.contains(r#""key_version":1"#), "{line}");
     }
     // The first encrypt unwrapped the key; the later calls were served from the cache.
+    assert!(fields[0].contains(r#""key_source":"kms""#), "{}", fields[0]);
     assert!(
         fields[1].contains(r#""key_source":"cache""#),
         "{}",

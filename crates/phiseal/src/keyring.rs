@@ -29,6 +29,7 @@ mod search;
 mod tenant;
 pub use tenant::TenantKeyring;
 mod unwrap_failures;
+mod views;
 
 /// Where the keyring runs. `Production` refuses development-only parts (the local file KMS,
 /// a disabled audit log).
@@ -328,7 +329,7 @@ impl KeyringBuilder {
                 key_ttl: c.key_ttl.into(),
                 metadata_ttl: c.metadata_ttl.into(),
                 max_age: (c.key_ttl.saturating_add(c.max_stale)).into(),
-                tenants: quick_cache::sync::Cache::new(c.capacity),
+                tenants: views::TenantViews::new(c.capacity),
                 keys: quick_cache::sync::Cache::new(c.capacity),
                 streams: std::sync::Mutex::default(),
                 generations: Generations::default(),
@@ -373,6 +374,8 @@ struct TenantView {
     /// not two. A memo over `Inner::keys` (which does the coalescing): it dies with the view,
     /// and every entry is still checked for TTL and max uses before use.
     hot: std::sync::RwLock<Vec<Arc<VersionKey>>>,
+    /// Set when it leaves the keyring's cache (`views`): it then serves no more fields.
+    superseded: AtomicBool,
 }
 
 impl TenantView {
@@ -383,6 +386,7 @@ impl TenantView {
             shard,
             generation,
             hot: std::sync::RwLock::new(Vec::new()),
+            superseded: AtomicBool::new(false),
         }
     }
 
@@ -396,7 +400,8 @@ impl TenantView {
 
 /// The cached metadata of the tenant a batch's previous item used: consecutive items of one
 /// tenant (the usual batch) look it up once. Each item still checks it at its own time of
-/// use ([`Keyring::view_serves_fields`]), and the batch holds it only while it runs.
+/// use ([`Keyring::view_serves_fields`]: current, and not dropped or replaced by the keyring
+/// since), and the batch holds it only until its last item is done.
 #[derive(Default)]
 struct BatchView(Option<Arc<TenantView>>);
 
@@ -515,7 +520,7 @@ struct Inner {
     metadata_ttl: coarsetime::Duration,
     /// `key_ttl + max_stale`: no key is used longer after its unwrap, outage or not.
     max_age: coarsetime::Duration,
-    tenants: quick_cache::sync::Cache<TenantId, Arc<TenantView>>,
+    tenants: views::TenantViews,
     keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
     /// The revocation flags of the streams running per tenant (`crate::stream`): set when
     /// the tenant is found shredded, so that a running stream stops at its next segment.
@@ -863,18 +868,14 @@ impl Keyring {
                 if self.view_is_current(&view, now) {
                     return Ok(view);
                 }
-                tenants.remove_if(tenant, |v| Arc::ptr_eq(v, &view));
+                tenants.remove_if_same(tenant, &view);
             }
-            let view = tenants
-                .get_or_insert_async(tenant, self.load_view(tenant))
-                .await?;
+            let view = tenants.get_or_load(tenant, self.load_view(tenant)).await?;
             if view.generation == self.inner.generations.current(view.shard) {
                 return Ok(view);
             }
         }
-        tenants
-            .get_or_insert_async(tenant, self.load_view(tenant))
-            .await
+        tenants.get_or_load(tenant, self.load_view(tenant)).await
     }
 
     /// Drops cached metadata and unwrapped keys of `tenant` (they zeroize once no operation
@@ -903,7 +904,7 @@ impl Keyring {
         let evicted = before.saturating_sub(inner.keys.len());
         // Tenants whose streams have all ended leave the stream registry.
         drop(self.live_streams());
-        inner.tenants.retain(|_, view| {
+        inner.tenants.retain(|view| {
             if let Ok(mut hot) = view.hot.write() {
                 hot.retain(|key| alive(key));
             }
@@ -1339,9 +1340,12 @@ impl Keyring {
     }
 
     /// Whether the per-field fast path may use `view`: current (see
-    /// [`Keyring::view_is_current`]) and of a tenant not shredded.
+    /// [`Keyring::view_is_current`]), still the keyring's view of its tenant (not superseded
+    /// by a fresher read, `views`) and of a tenant not shredded.
     fn view_serves_fields(&self, view: &TenantView, now: Instant) -> bool {
-        self.view_is_current(view, now) && view.record.shredded_at.is_none()
+        self.view_is_current(view, now)
+            && !view.is_superseded()
+            && view.record.shredded_at.is_none()
     }
 
     /// Encrypts from the caches alone (no await); `None` when something is not cached.
@@ -1515,9 +1519,7 @@ impl Keyring {
             {
                 // Possibly rotated by another process since we cached the metadata. At most
                 // one store read per MIN_REFRESH_AGE, so forged versions cannot hammer the store.
-                self.inner
-                    .tenants
-                    .remove_if(context.tenant(), |v| Arc::ptr_eq(v, &view));
+                self.inner.tenants.remove_if_same(context.tenant(), &view);
                 view = self.tenant_view(context.tenant(), now).await?;
             }
             let min = view.record.min_decrypt_version;
@@ -1699,6 +1701,8 @@ impl Keyring {
                     .await,
             );
         }
+        // (Not held through the audit write: a shred's keys are freed as soon as possible.)
+        drop(view);
         self.finish_batch(caller, Action::Encrypt, contexts_of(items), results)
             .await
     }
@@ -1717,6 +1721,8 @@ impl Keyring {
                     .await,
             );
         }
+        // (Not held through the audit write: a shred's keys are freed as soon as possible.)
+        drop(view);
         self.finish_batch(caller, Action::Decrypt, contexts_of(items), results)
             .await
     }
@@ -1735,6 +1741,8 @@ impl Keyring {
                     .await,
             );
         }
+        // (Not held through the audit write: a shred's keys are freed as soon as possible.)
+        drop(view);
         self.finish_batch(caller, Action::Rewrap, contexts_of(items), results)
             .await
     }

@@ -97,9 +97,12 @@ impl Keyring {
                 // insert (a shred) must not leave the old record cached.
                 let tenants = &self.inner.tenants;
                 if self.view_is_current(&fresh, now) {
-                    tenants.insert(tenant.clone(), std::sync::Arc::clone(&fresh));
+                    // (A view another task cached meanwhile is as fresh and is kept.)
+                    tenants.remove_if_same(tenant, &cached);
+                    let inserted = std::sync::Arc::clone(&fresh);
+                    tenants.get_or_load(tenant, async { Ok(inserted) }).await?;
                     if !self.view_is_current(&fresh, now) {
-                        tenants.remove_if(tenant, |v| std::sync::Arc::ptr_eq(v, &fresh));
+                        tenants.remove_if_same(tenant, &fresh);
                     }
                 }
                 Ok(fresh)

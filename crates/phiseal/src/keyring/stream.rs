@@ -45,8 +45,6 @@
 //! ([`Keyring::recheck_streams`], which the sidecar calls on the key store's change
 //! notifications and every 60 s).
 
-use std::sync::Arc;
-
 use coarsetime::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::{Zeroize, Zeroizing};
@@ -431,9 +429,7 @@ impl Keyring {
                         && now.duration_since(view.fetched_at) >= MIN_REFRESH_AGE
                     {
                         // Possibly rotated by another process (see `decrypt_slow`).
-                        self.inner
-                            .tenants
-                            .remove_if(tenant, |v| Arc::ptr_eq(v, &view));
+                        self.inner.tenants.remove_if_same(tenant, &view);
                         view = self.tenant_view(tenant, now).await?;
                     }
                     let min = view.record.min_decrypt_version;

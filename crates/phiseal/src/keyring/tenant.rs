@@ -3,11 +3,12 @@
 //!
 //! [`Keyring::encrypt`] and [`Keyring::decrypt`] find the tenant's cached metadata in a
 //! concurrent hash map on every call. A service that encrypts many fields of one tenant can
-//! hold a `TenantKeyring` instead (as a Tink primitive is held for its keyset): it remembers
-//! which cached metadata it last used, weakly, and checks it on every call exactly as the
-//! keyring checks what it finds in its map — metadata TTL, invalidations (rotation, minimum
-//! version, shred, [`Keyring::invalidate_tenant`]), shredding, key TTL and max uses. Results,
-//! errors and audit records are those of the keyring's own calls.
+//! hold a `TenantKeyring` instead (as a Tink primitive is held for its keyset): it remembers,
+//! weakly, the cached metadata it last used, and checks it on every call as the keyring
+//! checks what it finds in its map — metadata TTL, invalidations (rotation, minimum version,
+//! shred, [`Keyring::invalidate_tenant`]), shredding, key TTL and max uses — and also that the
+//! keyring has not dropped or replaced it since (`views`: a fresher read of the store, an
+//! eviction). Results, errors and audit records are those of the keyring's own calls.
 
 use std::sync::{Arc, RwLock, Weak};
 
@@ -23,9 +24,10 @@ use crate::secret::Plaintext;
 /// tenant's cached metadata (see [`Keyring::tenant`]). Cheap to create; share one per tenant
 /// (it is `Send + Sync`).
 ///
-/// It never keeps a tenant's keys or metadata alive: it holds only a weak reference to the
-/// keyring's cached metadata, so what the keyring evicts, invalidates or shreds is gone for
-/// it too. A context of another tenant is served through the keyring's ordinary path.
+/// It never keeps a tenant's keys or metadata alive (it holds the keyring's cached metadata
+/// only weakly), and never uses metadata the keyring has dropped or replaced, even while an
+/// operation in flight keeps it alive. A context of another tenant is served through the
+/// keyring's ordinary path.
 pub struct TenantKeyring {
     keyring: Keyring,
     tenant: TenantId,
@@ -136,7 +138,12 @@ impl TenantKeyring {
     /// The remembered metadata, if it is still alive and the keyring's fast path would use
     /// it at `now`.
     fn usable_view(&self, now: Instant) -> Option<Arc<TenantView>> {
-        let view = self.view.read().ok()?.upgrade()?;
+        // The slot guards no invariant, so a panic while it was held leaves nothing to fear.
+        let view = self
+            .view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .upgrade()?;
         self.keyring.view_serves_fields(&view, now).then_some(view)
     }
 
@@ -144,6 +151,17 @@ impl TenantKeyring {
     #[cfg(feature = "testkit")]
     pub(crate) fn remembers_metadata(&self) -> bool {
         self.view.read().is_ok_and(|view| view.upgrade().is_some())
+    }
+
+    /// Keeps what it remembers alive, as an operation in flight would (for `crate::testkit`).
+    #[cfg(feature = "testkit")]
+    pub(crate) fn hold_metadata(&self) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        let view = self
+            .view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .upgrade()?;
+        Some(Box::new(view))
     }
 
     /// Remembers the keyring's cached metadata of the tenant (after a call that took the
@@ -155,8 +173,9 @@ impl TenantKeyring {
             .tenants
             .get(&self.tenant)
             .map_or_else(Weak::new, |view| Arc::downgrade(&view));
-        if let Ok(mut slot) = self.view.write() {
-            *slot = view;
-        }
+        *self
+            .view
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
     }
 }

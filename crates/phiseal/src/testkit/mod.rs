@@ -103,3 +103,11 @@ pub mod conformance;
 pub fn remembers_metadata(handle: &crate::TenantKeyring) -> bool {
     handle.remembers_metadata()
 }
+
+/// Keeps the metadata `handle` remembers alive until the result is dropped, as an operation
+/// in flight (or a running batch) would; `None` if it remembers none.
+pub fn hold_metadata(
+    handle: &crate::TenantKeyring,
+) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+    handle.hold_metadata()
+}
