@@ -189,6 +189,10 @@ pub(crate) enum RootCommand {
         /// The new key's label (CKA_LABEL).
         #[arg(long)]
         label: String,
+        /// Where the audit records of the creation go (default:
+        /// DATA_DIR/audit-root-keys.log of --config, as for `root rotate`).
+        #[arg(long, value_name = "FILE")]
+        audit_log: Option<PathBuf>,
     },
 }
 

@@ -16,13 +16,25 @@ pub(crate) async fn run(command: RootCommand, global: &GlobalArgs) -> Result<(),
         RootCommand::Status(args) => return status(args, global).await,
         RootCommand::Rotate(args) => (args, None),
         RootCommand::Migrate { from, to } => (from, Some(to.as_path())),
-        RootCommand::NewHsmKey { config, label } => {
-            phiseald::offline::generate_pkcs11_root_key(config, label).await?;
+        RootCommand::NewHsmKey {
+            config,
+            label,
+            audit_log,
+        } => {
+            let log = phiseald::offline::generate_pkcs11_root_key(config, label, audit_log.clone())
+                .await?;
             let shown = printable(label);
             return report(
                 global.json,
-                &json!({ "label": label, "created": true }),
-                &format!("root key '{shown}' created on the token"),
+                &json!({
+                    "label": label,
+                    "created": true,
+                    "audit_log": log.display().to_string(),
+                }),
+                &format!(
+                    "root key '{shown}' created on the token\naudit records: {}",
+                    log.display()
+                ),
             );
         }
     };

@@ -1246,6 +1246,12 @@ fn key_ref(token: &str, label: &str) -> String {
     format!("{REF_PREFIX}{token}/{label}")
 }
 
+/// The reference (`pkcs11:<token label>/<key label>`) that wrapped keys under the root key
+/// `key_label` of the token `token_label` carry, as in audit records.
+pub fn root_key_ref_of(token_label: &str, key_label: &str) -> String {
+    key_ref(token_label, key_label)
+}
+
 fn validate_config(config: &Pkcs11Config) -> Result<(), BackendError> {
     validate_token_label(&config.token_label)?;
     validate_key_label(&config.key_label)?;

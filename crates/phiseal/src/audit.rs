@@ -77,6 +77,9 @@ pub enum Action {
     /// One stream was decrypted: one record at its end; truncation or tampering detected at
     /// any point is recorded as failed.
     DecryptStream,
+    /// A root key was created in the KMS (`phiseal root new-hsm-key`): an `attempt` before,
+    /// the result after, both naming the new key in `root_key`.
+    CreateRootKey,
 }
 
 impl Action {
@@ -98,6 +101,7 @@ impl Action {
             Action::BlindIndex => "blind_index",
             Action::DeterministicQuery => "deterministic_query",
             Action::BlindIndexQuery => "blind_index_query",
+            Action::CreateRootKey => "create_root_key",
             Action::EncryptStream => "encrypt_stream",
             Action::DecryptStream => "decrypt_stream",
         }

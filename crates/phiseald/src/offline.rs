@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use phiseal::audit::{Action, AuditEvent, AuditSink, Outcome};
 use phiseal::kms::{Kms, KmsChain};
 use phiseal::{Actor, Caller, Keyring, Profile};
 use phiseal_audit_file::{Durability, FileAuditLog};
@@ -125,15 +126,74 @@ pub fn operator() -> Caller {
 
 /// Creates a new AES-256 root key labelled `label` on the token of `config_file`'s
 /// `[kms.pkcs11]` (sensitive, non-extractable, encrypt/decrypt only); refuses a label in use.
-pub async fn generate_pkcs11_root_key(config_file: &Path, label: &str) -> Result<(), DaemonError> {
+///
+/// Audited in the root-key commands' log (`audit_log`, default `DATA_DIR/audit-root-keys.log`,
+/// each record fsynced): a `create_root_key` `attempt` before — nothing is created if it
+/// cannot be written — and the result after, both naming the key in `root_key`. Returns the
+/// log's path.
+pub async fn generate_pkcs11_root_key(
+    config_file: &Path,
+    label: &str,
+    audit_log: Option<PathBuf>,
+) -> Result<PathBuf, DaemonError> {
     let config = Config::load(Source::File(config_file), &Overrides::default())?;
     let section = config.kms.pkcs11.as_ref().ok_or_else(|| {
         DaemonError::Config("kms.pkcs11: the config has no PKCS#11 token to create a key on".into())
     })?;
-    phiseal_kms_pkcs11::generate_root_key(&pkcs11_config(section), label)
+    let pkcs11 = pkcs11_config(section);
+    let audit_log = audit_log.unwrap_or_else(|| config.data_dir.join(ROOT_AUDIT_LOG));
+    let audit = phiseal_embedded::open_audit(
+        &config.data_dir,
+        &phiseal_embedded::EmbeddedOptions {
+            durability: Durability::Strict,
+            audit_log: Some(audit_log.clone()),
+            audit_rollover_bytes: None,
+            ..Default::default()
+        },
+    )?;
+    let caller = operator();
+    let root_key: Arc<str> = phiseal_kms_pkcs11::root_key_ref_of(&pkcs11.token_label, label).into();
+    let record = |outcome| AuditEvent {
+        time: jiff::Timestamp::now(),
+        actor: caller.actor.clone(),
+        action: Action::CreateRootKey,
+        tenant: None,
+        field: None,
+        record: None,
+        key_version: None,
+        from_key_version: None,
+        key_source: None,
+        root_key: Some(Arc::clone(&root_key)),
+        outcome,
+        request_id: Arc::clone(&caller.request_id),
+    };
+    let audit_error = |source| {
+        DaemonError::Keyring(phiseal::Error::Audit {
+            backend: "file".into(),
+            source,
+        })
+    };
+    audit
+        .append(&[record(Outcome::Attempt)])
+        .await
+        .map_err(audit_error)?;
+    let created = phiseal_kms_pkcs11::generate_root_key(&pkcs11, label)
         .await
         .map_err(|source| DaemonError::Kms {
             kind: "pkcs11",
             source,
-        })
+        });
+    let outcome = match &created {
+        Ok(()) => Outcome::Ok,
+        Err(_) => Outcome::Error("kms"),
+    };
+    let recorded = audit.append(&[record(outcome)]).await;
+    created?;
+    recorded.map_err(|source| {
+        DaemonError::Config(format!(
+            "the root key '{label}' WAS created on the token, but its audit record could not              be written to {} ({source}): record the creation by hand; do not create it again",
+            audit_log.display()
+        ))
+    })?;
+    Ok(audit_log)
 }

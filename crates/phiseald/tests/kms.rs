@@ -463,6 +463,29 @@ async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
     ]);
     assert_eq!(again.code, 1, "{}", again.stderr);
     assert!(again.stderr.contains("root-1"), "{}", again.stderr);
+    // Both are on the record, in the root-key commands' log: an attempt before each, then
+    // the creation and the refusal, each naming the key.
+    let root_log = hsm.dir.path().join("data").join("audit-root-keys.log");
+    let key = format!("pkcs11:{TOKEN}/root-1");
+    let created: Vec<(String, String, String)> = common::audit_records(&root_log)
+        .iter()
+        .filter(|r| r["action"] == "create_root_key")
+        .map(|r| {
+            (
+                r["result"].as_str().unwrap().to_owned(),
+                r["root_key"].as_str().unwrap().to_owned(),
+                r["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let uid = format!("uid:{}", rustix::process::getuid().as_raw());
+    let expected: Vec<(String, String, String)> = ["attempt", "ok", "attempt", "kms"]
+        .into_iter()
+        .map(|result| (result.to_owned(), key.clone(), uid.clone()))
+        .collect();
+    assert_eq!(created, expected);
+    hsm.cli(&["audit", "verify", "--log", root_log.to_str().unwrap()])
+        .expect(0);
 
     let mut d = Daemon::start(Some(&hsm.config("{socket}", "root-1", &[])), |c| hsm.env(c));
     // Enough key versions that the rotation (one fsynced audit record per re-wrapped version)
