@@ -790,6 +790,89 @@ const SECRET_VARIABLES: [(&str, &str); 5] = [
     ("KMS__PREVIOUS__PKCS11__PIN", "kms.previous.pkcs11.pin"),
 ];
 
+/// Refuses a config file that someone other than this process's user (or root) could change
+/// — it grants access to PHI and names the KMS and the key store — and one that holds a secret
+/// others could read. Like sshd's `StrictModes`: the file and every directory above it must
+/// belong to this user or root and not be writable by group or others (a directory with the
+/// sticky bit, such as `/tmp`, may be: others cannot replace what is in it); a file holding a
+/// secret (`SECRET_VARIABLES`) must not be readable by group or others.
+fn check_config_file(path: &Path, file: &Figment) -> Result<(), DaemonError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    let shown = path.display();
+    let refuse = |what: String| DaemonError::Config(format!("config file {shown}: {what}"));
+    let canonical =
+        std::fs::canonicalize(path).map_err(|e| refuse(format!("cannot resolve its path: {e}")))?;
+    let mut checked = Some(canonical.as_path());
+    while let Some(at) = checked {
+        let meta = std::fs::metadata(at)
+            .map_err(|e| refuse(format!("cannot read {}: {e}", at.display())))?;
+        let mode = meta.mode();
+        let what = if at == canonical {
+            "it".to_owned()
+        } else {
+            format!("its directory {}", at.display())
+        };
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(refuse(format!(
+                "{what} belongs to uid {}, neither this process's user ({me}) nor root: another \
+                 user could change who may decrypt; chown it",
+                meta.uid()
+            )));
+        }
+        let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+        if mode & 0o022 != 0 && !sticky_dir {
+            return Err(refuse(format!(
+                "{what} is writable by group or others (mode {:04o}): anyone who can write it \
+                 could change who may decrypt; chmod go-w",
+                mode & 0o7777
+            )));
+        }
+        checked = at.parent();
+    }
+    let mode = std::fs::metadata(&canonical)
+        .map_err(|e| refuse(format!("cannot read it: {e}")))?
+        .mode();
+    let secrets: Vec<&str> = SECRET_VARIABLES
+        .iter()
+        .filter(|(_, key)| {
+            file.find_value(key)
+                .is_ok_and(|value| *key != "key_store.database_url" || url_has_password(&value))
+        })
+        .map(|(_, key)| *key)
+        .collect();
+    if !secrets.is_empty() && mode & 0o044 != 0 {
+        let variables: Vec<String> = SECRET_VARIABLES
+            .iter()
+            .filter(|(_, key)| secrets.contains(key))
+            .map(|(variable, _)| format!("PHISEALD_{variable}"))
+            .collect();
+        return Err(refuse(format!(
+            "it holds {} and is readable by group or others (mode {:04o}): chmod 600, or \
+             move the secret to {}",
+            secrets.join(", "),
+            mode & 0o7777,
+            variables.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a `database_url` value carries a password (`user:password@`, or `password=`).
+fn url_has_password(value: &figment::value::Value) -> bool {
+    let Some(url) = value.as_str() else {
+        // Not a string (refused later, without echoing it): treat it as a secret.
+        return true;
+    };
+    let authority = url
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
+    let user_has_password = authority
+        .rsplit_once('@')
+        .is_some_and(|(user_info, _)| user_info.contains(':'));
+    user_has_password || url.to_ascii_lowercase().contains("password=")
+}
+
 impl Config {
     /// Reads and validates the configuration: the file (or the embedded default), then
     /// `PHISEALD_*` environment variables, then the command-line overrides.
@@ -802,7 +885,9 @@ impl Config {
                         path.display()
                     )));
                 }
-                Figment::new().merge(Toml::file(path))
+                let figment = Figment::new().merge(Toml::file(path));
+                check_config_file(path, &figment)?;
+                figment
             }
             Source::Embedded => {
                 let data_dir = overrides.data_dir.clone().unwrap_or_default();

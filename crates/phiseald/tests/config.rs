@@ -35,7 +35,7 @@ impl Run {
 
     /// Asserts failure (exit 1) with `message` after the common prefix.
     #[track_caller]
-    fn fails_with(&self, message: &str) {
+    fn fails_with(&self, message: &str) -> &Self {
         assert_eq!(self.code, 1, "exit code; stderr: {}", self.stderr);
         assert!(
             self.stderr.starts_with("phiseald: configuration: "),
@@ -47,6 +47,7 @@ impl Run {
             "expected {message:?} in {:?}",
             self.stderr
         );
+        self
     }
 }
 
@@ -82,11 +83,18 @@ fn check_file(file: &Path, env: &[(&str, &str)]) -> Run {
     )
 }
 
-/// `phiseald --check-config --config <a file holding text>`.
+/// `phiseald --check-config --config <a file holding text>` (mode 0600: it may hold secrets).
 fn check_text(text: &str, env: &[(&str, &str)]) -> Run {
+    check_text_with_mode(text, 0o600, env)
+}
+
+/// [`check_text`] with the file's mode set to `mode`, in a private directory.
+fn check_text_with_mode(text: &str, mode: u32, env: &[(&str, &str)]) -> Run {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("phiseald.toml");
     std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
     check_file(&file, env)
 }
 
@@ -886,4 +894,62 @@ fn production_refuses_the_azure_developer_credentials() {
         &[],
     )
     .ok();
+}
+
+#[test]
+fn a_config_file_others_could_change_or_read_secrets_from_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    // Writable by group or others: anyone could grant themselves access.
+    for mode in [0o664, 0o646, 0o666] {
+        check_text_with_mode(MINIMAL, mode, &[])
+            .fails_with("is writable by group or others")
+            .fails_with("chmod go-w");
+    }
+    check_text_with_mode(MINIMAL, 0o644, &[]).ok();
+    // A secret in the file: only if no one else can read it.
+    let pkcs11 = "[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\n\
+                  module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\n\
+                  key_label = \"k\"\npin = \"pin-7362\"\n";
+    let with_pin = format!("{MINIMAL}{pkcs11}");
+    for mode in [0o644, 0o640, 0o604] {
+        let run = check_text_with_mode(&with_pin, mode, &[]);
+        run.fails_with("holds kms.pkcs11.pin and is readable by group or others")
+            .fails_with("PHISEALD_KMS__PKCS11__PIN");
+        assert!(!run.stderr.contains("pin-7362"), "{}", run.stderr);
+    }
+    check_text_with_mode(&with_pin, 0o600, &[]).ok();
+    // A database URL is a secret only with a password in it.
+    let url = |url: &str| {
+        format!("{MINIMAL}[key_store]\nkind = \"postgres\"\ndatabase_url = \"{url}\"\n")
+    };
+    check_text_with_mode(&url("postgresql://phiseal@db:5432/keys"), 0o644, &[]).ok();
+    for secret in [
+        "postgresql://phiseal:pw-6628@db:5432/keys",
+        "host=db user=phiseal password=pw-6628",
+    ] {
+        let run = check_text_with_mode(&url(secret), 0o644, &[]);
+        run.fails_with("holds key_store.database_url and is readable");
+        assert!(!run.stderr.contains("pw-6628"), "{}", run.stderr);
+    }
+    // A directory above it that others may write (without the sticky bit) could have the
+    // file replaced; with the sticky bit (as /tmp) it could not.
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let file = shared.join("phiseald.toml");
+    std::fs::write(&file, MINIMAL).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    check_file(&file, &[])
+        .fails_with("its directory")
+        .fails_with("is writable by group or others");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    check_file(&file, &[]).ok();
+    // Another user's file (only root can make one here: the suite runs as root in CI).
+    if rustix::process::geteuid().is_root() {
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+        check_file(&file, &[])
+            .fails_with("belongs to uid 65534")
+            .fails_with("chown it");
+    }
 }
