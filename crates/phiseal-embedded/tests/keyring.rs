@@ -2847,10 +2847,22 @@ async fn a_tenant_keyring_whose_metadata_is_held_alive_refuses_what_the_keyring_
     let mut newer = v2.clone();
     newer[2..6].copy_from_slice(&9u32.to_be_bytes());
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(matches!(
-        k.decrypt(&c, &cx, &newer).await,
-        Err(Error::KeyDestroyed { .. })
-    ));
+    // Learnt in the middle of a batch: the items after it are refused too, though the batch
+    // started on the old metadata.
+    let items: Vec<(&EncryptionContext, &[u8])> = vec![(&cx, &v2), (&cx, &newer), (&cx, &v2)];
+    let results = k.decrypt_batch(&c, &items).await.unwrap();
+    assert_eq!(
+        &results[0].as_ref().unwrap()[..],
+        b"two",
+        "before it learnt"
+    );
+    for result in &results[1..] {
+        assert!(
+            matches!(result, Err(Error::KeyDestroyed { .. })),
+            "{:?}",
+            result.as_ref().err()
+        );
+    }
     assert!(matches!(
         handle.decrypt(&c, &cx, &v2).await,
         Err(Error::KeyDestroyed { .. })
@@ -2859,10 +2871,52 @@ async fn a_tenant_keyring_whose_metadata_is_held_alive_refuses_what_the_keyring_
         handle.encrypt(&c, &cx, b"x").await,
         Err(Error::KeyDestroyed { .. })
     ));
-    // And so does a batch.
-    let items: Vec<(&EncryptionContext, &[u8])> = vec![(&cx, &v2)];
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_tenant_keyring_whose_metadata_was_evicted_for_space_refuses_what_the_keyring_refuses() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    // Room for two tenants' metadata: using other tenants evicts t's.
+    let k = keyring_on(
+        &p,
+        CacheSettings {
+            capacity: 2,
+            ..slow_metadata()
+        },
+    );
+    let t = tenant("t");
+    k.create_tenant(&c, &t).await.unwrap();
+    let others = ["u1", "u2", "u3", "u4", "u5", "u6"];
+    for u in others {
+        k.create_tenant(&c, &tenant(u)).await.unwrap();
+    }
+    let handle = k.tenant(&t);
+    let cx = ctx("t", "f", None);
+    let ct = handle.encrypt(&c, &cx, b"t's").await.unwrap();
+    let held = phiseal::testkit::hold_metadata(&handle).unwrap();
+    // t is shredded by another process; this keyring evicts t's metadata for the other
+    // tenants', then re-reads t's from the store and refuses …
+    keyring_on(&p, CacheSettings::default())
+        .shred(&c, &t)
+        .await
+        .unwrap();
+    for u in others {
+        for _ in 0..3 {
+            k.encrypt(&c, &ctx(u, "f", None), b"u's").await.unwrap();
+        }
+    }
+    let after = k.decrypt(&c, &cx, &ct).await;
+    assert!(
+        matches!(after, Err(Error::KeyDestroyed { .. })),
+        "t's metadata was evicted and re-read: {:?}",
+        after.as_ref().err()
+    );
+    // … and so does the handle, though its evicted metadata is still alive.
     assert!(matches!(
-        k.decrypt_batch(&c, &items).await.unwrap()[0],
+        handle.decrypt(&c, &cx, &ct).await,
         Err(Error::KeyDestroyed { .. })
     ));
     drop(held);

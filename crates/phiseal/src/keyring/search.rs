@@ -97,7 +97,8 @@ impl Keyring {
                 // insert (a shred) must not leave the old record cached.
                 let tenants = &self.inner.tenants;
                 if self.view_is_current(&fresh, now) {
-                    // (A view another task cached meanwhile is as fresh and is kept.)
+                    // (A view another task cached meanwhile is kept — its read overlapped this
+                    // one —, and this query uses the fresh one.)
                     tenants.remove_if_same(tenant, &cached);
                     let inserted = std::sync::Arc::clone(&fresh);
                     tenants.get_or_load(tenant, async { Ok(inserted) }).await?;

@@ -25,8 +25,9 @@ use crate::secret::Plaintext;
 /// (it is `Send + Sync`).
 ///
 /// It never keeps a tenant's keys or metadata alive (it holds the keyring's cached metadata
-/// only weakly), and never uses metadata the keyring has dropped or replaced, even while an
-/// operation in flight keeps it alive. A context of another tenant is served through the
+/// only weakly), and starts no call with metadata the keyring has dropped or replaced, even
+/// while an operation in flight keeps it alive (a call already past that check finishes, as a
+/// call of the keyring's own does). A context of another tenant is served through the
 /// keyring's ordinary path.
 pub struct TenantKeyring {
     keyring: Keyring,

@@ -34,7 +34,8 @@ impl Lifecycle<TenantId, Arc<TenantView>> for SupersedeOnEvict {
     }
 }
 
-/// The tenants' cached metadata (see the module docs). Every way out marks the view.
+/// The tenants' cached metadata (see the module docs). Every way out marks the view, and so
+/// does a load whose view could not get in (an invalidation removed its placeholder).
 pub(super) struct TenantViews {
     cache: quick_cache::sync::Cache<
         TenantId,
@@ -64,14 +65,25 @@ impl TenantViews {
         self.cache.get(tenant)
     }
 
-    /// The cached view of `tenant`, or the one `load` returns (cached; one load at a time
-    /// per tenant, the others wait for it).
+    /// The cached view of `tenant`, or the one `load` returns, cached (one load at a time per
+    /// tenant, the others wait for it). A loaded view that could not be cached — an
+    /// invalidation removed the load's placeholder meanwhile — is returned superseded: it
+    /// serves the call that loaded it (and its waiters) through the slow path, and no fast path.
     pub(super) async fn get_or_load(
         &self,
         tenant: &TenantId,
         load: impl Future<Output = Result<Arc<TenantView>, Error>>,
     ) -> Result<Arc<TenantView>, Error> {
-        self.cache.get_or_insert_async(tenant, load).await
+        match self.cache.get_value_or_guard_async(tenant).await {
+            Ok(view) => Ok(view),
+            Err(placeholder) => {
+                let view = load.await?;
+                if let Err(rejected) = placeholder.insert(Arc::clone(&view)) {
+                    rejected.supersede();
+                }
+                Ok(view)
+            }
+        }
     }
 
     /// Drops the cached view of `tenant`.
