@@ -280,6 +280,23 @@ fn credentials_after_authority(url: &str) -> bool {
     }
 }
 
+/// Whether a `database_url` may carry a password: as the PostgreSQL client reads it (URL user
+/// info, a `password` query parameter, a `password=` key-value pair, in any of their
+/// spellings), or a `:` before the URL's last `@` (a password holding `/`, which the client
+/// reads differently and this store refuses). A value that does not parse counts as carrying
+/// one: a caller deciding how carefully to keep the value must not be told it is harmless
+/// when unsure.
+pub fn database_url_has_password(database_url: &str) -> bool {
+    let by_client = database_url
+        .parse::<tokio_postgres::Config>()
+        .map_or(true, |pg| pg.get_password().is_some());
+    let user_info_with_colon = database_url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .is_some_and(|(user_info, _)| user_info.contains(':'));
+    by_client || user_info_with_colon
+}
+
 /// Whether every connection `config` makes stays on this machine: each host is a Unix-socket
 /// directory, `localhost` or a loopback address (and so is each `hostaddr`, if given). Plain
 /// connections ([`TlsMode::Disable`]) to anything else cross a network, where a key-store

@@ -790,29 +790,40 @@ const SECRET_VARIABLES: [(&str, &str); 5] = [
     ("KMS__PREVIOUS__PKCS11__PIN", "kms.previous.pkcs11.pin"),
 ];
 
-/// Refuses a config file that someone other than this process's user (or root) could change
-/// — it grants access to PHI and names the KMS and the key store — and one that holds a secret
-/// others could read. Like sshd's `StrictModes`: the file and every directory above it must
-/// belong to this user or root and not be writable by group or others (a directory with the
-/// sticky bit, such as `/tmp`, may be: others cannot replace what is in it); a file holding a
-/// secret (`SECRET_VARIABLES`) must not be readable by group or others.
-fn check_config_file(path: &Path, file: &Figment) -> Result<(), DaemonError> {
+/// The config file's text, read once after its checks (`read_config_file`); named a file in
+/// error messages, as `Toml::file` would be.
+struct ConfigFileText(String);
+
+impl figment::Provider for ConfigFileText {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("TOML file")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Toml::string(&self.0).data()
+    }
+}
+
+/// Reads the config file, refusing one that someone other than this process's user (or root)
+/// could change — it grants access to PHI and names the KMS and the key store — and one that
+/// holds a secret others could read. Like sshd's `StrictModes`: the file and every directory
+/// above it (along the path as given and along its resolved path, so also the directories
+/// holding symlinks on the way) must belong to this user or root and not be writable by group
+/// or others, except a directory with the sticky bit (such as `/tmp`: others cannot replace
+/// what is in it) or on a read-only mount (a Kubernetes ConfigMap's 0777 directory). A file
+/// holding a secret (`SECRET_VARIABLES`) must not be readable by others, nor by its group
+/// unless that is this process's group. The owner and mode checked are those of the open file
+/// the text is read from.
+fn read_config_file(path: &Path) -> Result<String, DaemonError> {
+    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let me = rustix::process::geteuid().as_raw();
     let shown = path.display();
     let refuse = |what: String| DaemonError::Config(format!("config file {shown}: {what}"));
-    let canonical =
-        std::fs::canonicalize(path).map_err(|e| refuse(format!("cannot resolve its path: {e}")))?;
-    let mut checked = Some(canonical.as_path());
-    while let Some(at) = checked {
-        let meta = std::fs::metadata(at)
-            .map_err(|e| refuse(format!("cannot read {}: {e}", at.display())))?;
+    let check_owner_and_writers = |at: &Path, what: &str, meta: &std::fs::Metadata| {
         let mode = meta.mode();
-        let what = if at == canonical {
-            "it".to_owned()
-        } else {
-            format!("its directory {}", at.display())
-        };
         if meta.uid() != me && meta.uid() != 0 {
             return Err(refuse(format!(
                 "{what} belongs to uid {}, neither this process's user ({me}) nor root: another \
@@ -821,56 +832,82 @@ fn check_config_file(path: &Path, file: &Figment) -> Result<(), DaemonError> {
             )));
         }
         let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
-        if mode & 0o022 != 0 && !sticky_dir {
+        let read_only = rustix::fs::statvfs(at)
+            .is_ok_and(|fs| fs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+        if mode & 0o022 != 0 && !sticky_dir && !read_only {
             return Err(refuse(format!(
                 "{what} is writable by group or others (mode {:04o}): anyone who can write it \
                  could change who may decrypt; chmod go-w",
                 mode & 0o7777
             )));
         }
-        checked = at.parent();
-    }
-    let mode = std::fs::metadata(&canonical)
-        .map_err(|e| refuse(format!("cannot read it: {e}")))?
-        .mode();
-    let secrets: Vec<&str> = SECRET_VARIABLES
-        .iter()
-        .filter(|(_, key)| {
-            file.find_value(key)
-                .is_ok_and(|value| *key != "key_store.database_url" || url_has_password(&value))
-        })
-        .map(|(_, key)| *key)
-        .collect();
-    if !secrets.is_empty() && mode & 0o044 != 0 {
-        let variables: Vec<String> = SECRET_VARIABLES
-            .iter()
-            .filter(|(_, key)| secrets.contains(key))
-            .map(|(variable, _)| format!("PHISEALD_{variable}"))
-            .collect();
-        return Err(refuse(format!(
-            "it holds {} and is readable by group or others (mode {:04o}): chmod 600, or \
-             move the secret to {}",
-            secrets.join(", "),
-            mode & 0o7777,
-            variables.join(", ")
-        )));
-    }
-    Ok(())
-}
-
-/// Whether a `database_url` value carries a password (`user:password@`, or `password=`).
-fn url_has_password(value: &figment::value::Value) -> bool {
-    let Some(url) = value.as_str() else {
-        // Not a string (refused later, without echoing it): treat it as a secret.
-        return true;
+        Ok(())
     };
-    let authority = url
-        .split_once("://")
-        .map_or("", |(_, rest)| rest.split('/').next().unwrap_or(""));
-    let user_has_password = authority
-        .rsplit_once('@')
-        .is_some_and(|(user_info, _)| user_info.contains(':'));
-    user_has_password || url.to_ascii_lowercase().contains("password=")
+    let absolute =
+        std::path::absolute(path).map_err(|e| refuse(format!("cannot resolve its path: {e}")))?;
+    let canonical =
+        std::fs::canonicalize(path).map_err(|e| refuse(format!("cannot resolve its path: {e}")))?;
+    let directories = absolute
+        .parent()
+        .into_iter()
+        .flat_map(Path::ancestors)
+        .chain(canonical.parent().into_iter().flat_map(Path::ancestors));
+    for dir in directories {
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| refuse(format!("cannot read its directory {}: {e}", dir.display())))?;
+        check_owner_and_writers(dir, &format!("its directory {}", dir.display()), &meta)?;
+    }
+    let mut file =
+        std::fs::File::open(&canonical).map_err(|e| refuse(format!("cannot open it: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    check_owner_and_writers(&canonical, "it", &meta)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    let readers = if meta.gid() == rustix::process::getegid().as_raw() {
+        0o004
+    } else {
+        0o044
+    };
+    if meta.mode() & readers != 0 {
+        let parsed = Figment::new().merge(Toml::string(&text));
+        let secrets: Vec<&(&str, &str)> = SECRET_VARIABLES
+            .iter()
+            .filter(|(_, key)| {
+                parsed.find_value(key).is_ok_and(|value| {
+                    *key != "key_store.database_url"
+                        || value
+                            .as_str()
+                            .is_none_or(phiseal_store_postgres::database_url_has_password)
+                })
+            })
+            .collect();
+        if !secrets.is_empty() {
+            let keys: Vec<&str> = secrets.iter().map(|(_, key)| *key).collect();
+            let variables: Vec<String> = secrets
+                .iter()
+                .map(|(variable, _)| format!("PHISEALD_{variable}"))
+                .collect();
+            return Err(refuse(format!(
+                "it holds {} and is readable by {} (mode {:04o}): chmod 600, or move the secret \
+                 to {}",
+                keys.join(", "),
+                if readers == 0o004 {
+                    "others"
+                } else {
+                    "group or others"
+                },
+                meta.mode() & 0o7777,
+                variables.join(", ")
+            )));
+        }
+    }
+    Ok(text)
 }
 
 impl Config {
@@ -885,9 +922,7 @@ impl Config {
                         path.display()
                     )));
                 }
-                let figment = Figment::new().merge(Toml::file(path));
-                check_config_file(path, &figment)?;
-                figment
+                Figment::new().merge(ConfigFileText(read_config_file(path)?))
             }
             Source::Embedded => {
                 let data_dir = overrides.data_dir.clone().unwrap_or_default();

@@ -51,6 +51,22 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// Something was done (`done`) but its audit record could not be written: say so, or a
+    /// retry would repeat it.
+    #[error(
+        "{done}, but its audit record could not be written to {} ({source}): record it by hand; \
+         do not do it again",
+        log.display()
+    )]
+    NotAudited {
+        /// What was done.
+        done: String,
+        /// The audit log that refused the record.
+        log: PathBuf,
+        /// Why.
+        #[source]
+        source: phiseal::BackendError,
+    },
     /// Another I/O failure.
     #[error("{what}: {source}")]
     Io {

@@ -141,16 +141,34 @@ pub async fn generate_pkcs11_root_key(
         DaemonError::Config("kms.pkcs11: the config has no PKCS#11 token to create a key on".into())
     })?;
     let pkcs11 = pkcs11_config(section);
-    let audit_log = audit_log.unwrap_or_else(|| config.data_dir.join(ROOT_AUDIT_LOG));
-    let audit = phiseal_embedded::open_audit(
-        &config.data_dir,
-        &phiseal_embedded::EmbeddedOptions {
-            durability: Durability::Strict,
-            audit_log: Some(audit_log.clone()),
-            audit_rollover_bytes: None,
-            ..Default::default()
-        },
-    )?;
+    // With --audit-log the data directory is not needed (the key may be made before the
+    // daemon's first start); by default the log is in it, prepared as for `root rotate`.
+    let (audit, audit_log) = match audit_log {
+        Some(path) => (
+            Arc::new(
+                FileAuditLog::open_with(
+                    &path,
+                    Durability::Strict,
+                    phiseal_audit_file::LogOptions::default(),
+                )
+                .map_err(phiseal_embedded::EmbeddedError::from)?,
+            ),
+            path,
+        ),
+        None => {
+            let path = config.data_dir.join(ROOT_AUDIT_LOG);
+            let options = phiseal_embedded::EmbeddedOptions {
+                durability: Durability::Strict,
+                audit_log: Some(path.clone()),
+                audit_rollover_bytes: None,
+                ..Default::default()
+            };
+            (
+                phiseal_embedded::open_audit(&config.data_dir, &options)?,
+                path,
+            )
+        }
+    };
     let caller = operator();
     let root_key: Arc<str> = phiseal_kms_pkcs11::root_key_ref_of(&pkcs11.token_label, label).into();
     let record = |outcome| AuditEvent {
@@ -189,11 +207,10 @@ pub async fn generate_pkcs11_root_key(
     };
     let recorded = audit.append(&[record(outcome)]).await;
     created?;
-    recorded.map_err(|source| {
-        DaemonError::Config(format!(
-            "the root key '{label}' WAS created on the token, but its audit record could not              be written to {} ({source}): record the creation by hand; do not create it again",
-            audit_log.display()
-        ))
+    recorded.map_err(|source| DaemonError::NotAudited {
+        done: format!("the root key '{label}' was created on the token"),
+        log: audit_log.clone(),
+        source,
     })?;
     Ok(audit_log)
 }

@@ -911,13 +911,16 @@ fn a_config_file_others_could_change_or_read_secrets_from_is_refused() {
                   module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\n\
                   key_label = \"k\"\npin = \"pin-7362\"\n";
     let with_pin = format!("{MINIMAL}{pkcs11}");
-    for mode in [0o644, 0o640, 0o604] {
+    for mode in [0o644, 0o604] {
         let run = check_text_with_mode(&with_pin, mode, &[]);
-        run.fails_with("holds kms.pkcs11.pin and is readable by group or others")
+        run.fails_with("holds kms.pkcs11.pin and is readable by others")
             .fails_with("PHISEALD_KMS__PKCS11__PIN");
         assert!(!run.stderr.contains("pin-7362"), "{}", run.stderr);
     }
     check_text_with_mode(&with_pin, 0o600, &[]).ok();
+    // Readable by its group only if that is the daemon's own group (root:phiseal 0640: the
+    // daemon reads it and cannot change it).
+    check_text_with_mode(&with_pin, 0o640, &[]).ok();
     // A database URL is a secret only with a password in it.
     let url = |url: &str| {
         format!("{MINIMAL}[key_store]\nkind = \"postgres\"\ndatabase_url = \"{url}\"\n")
@@ -925,7 +928,10 @@ fn a_config_file_others_could_change_or_read_secrets_from_is_refused() {
     check_text_with_mode(&url("postgresql://phiseal@db:5432/keys"), 0o644, &[]).ok();
     for secret in [
         "postgresql://phiseal:pw-6628@db:5432/keys",
+        "postgresql://phiseal:pw/6628@db:5432/keys",
+        "postgresql://db:5432/keys?user=phiseal&password=pw-6628",
         "host=db user=phiseal password=pw-6628",
+        "host=db user=phiseal password = pw-6628",
     ] {
         let run = check_text_with_mode(&url(secret), 0o644, &[]);
         run.fails_with("holds key_store.database_url and is readable");
@@ -944,10 +950,27 @@ fn a_config_file_others_could_change_or_read_secrets_from_is_refused() {
         .fails_with("is writable by group or others");
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     check_file(&file, &[]).ok();
-    // Another user's file (only root can make one here: the suite runs as root in CI).
+    // A symlink to a good file, in a directory others may write: they could point it at
+    // another file.
+    let elsewhere = dir.path().join("link-dir");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = elsewhere.join("phiseald.toml");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    check_file(&link, &[]).ok();
+    std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o777)).unwrap();
+    check_file(&link, &[])
+        .fails_with(&format!("its directory {}", elsewhere.display()))
+        .fails_with("is writable by group or others");
+    // Another user's file, or a secret readable by another group (only root can make them
+    // here: the suite runs as root in CI).
     if rustix::process::geteuid().is_root() {
-        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+        std::os::unix::fs::chown(&file, None, Some(65534)).unwrap();
+        std::fs::write(&file, &with_pin).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        check_file(&file, &[])
+            .fails_with("holds kms.pkcs11.pin and is readable by group or others");
+        std::os::unix::fs::chown(&file, Some(65534), Some(0)).unwrap();
         check_file(&file, &[])
             .fails_with("belongs to uid 65534")
             .fails_with("chown it");

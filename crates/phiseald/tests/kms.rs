@@ -443,6 +443,23 @@ impl SoftHsm {
 async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
     let hsm = SoftHsm::init();
     let first = hsm.config_file("first.toml", "root-1", &[]);
+    // Where its audit record cannot be written, no key is made (the label stays free).
+    let unrecorded = hsm.cli(&[
+        "root",
+        "new-hsm-key",
+        "--config",
+        first.to_str().unwrap(),
+        "--label",
+        "root-1",
+        "--audit-log",
+        "/nonexistent/audit.log",
+    ]);
+    assert_eq!(unrecorded.code, 1, "{}", unrecorded.stderr);
+    assert!(
+        unrecorded.stderr.contains("/nonexistent/audit.log"),
+        "{}",
+        unrecorded.stderr
+    );
     hsm.cli(&[
         "root",
         "new-hsm-key",
