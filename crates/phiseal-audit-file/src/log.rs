@@ -1404,7 +1404,7 @@ fn save_torn(
             };
             // Only a regular file, not through a symlink (a FIFO would block, a device never
             // end).
-            let mut existing = crate::verify::open_regular(saved_to, false)
+            let mut existing = crate::verify::open_regular(saved_to)
                 .map_err(io_err(saved_to, "open"))?
                 .ok_or_else(conflict)?;
             let meta = existing.metadata().map_err(io_err(saved_to, "stat"))?;
@@ -1528,7 +1528,7 @@ fn append_recovery(
         )
     };
     let mut saved = Vec::new();
-    crate::verify::open_regular(saved_to, false)
+    crate::verify::open_regular(saved_to)
         .and_then(|f| f.ok_or_else(not_saved))
         .and_then(|f| f.take(len.saturating_add(1)).read_to_end(&mut saved))
         .and_then(|n| {

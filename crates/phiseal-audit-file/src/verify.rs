@@ -262,7 +262,7 @@ impl LogFile {
         if let Some(file) = self.file.take() {
             return Ok(Opened::File(file));
         }
-        match open_regular(&self.path, false) {
+        match open_regular(&self.path) {
             Ok(Some(file)) => Ok(Opened::File(file)),
             Ok(None) => Ok(Opened::NotRegular),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Opened::Gone),
@@ -275,21 +275,13 @@ impl LogFile {
 }
 
 /// Opens `path` for reading if it is a regular file (`Ok(None)` otherwise: nothing else is
-/// opened, so no FIFO blocks and no device is touched), following a symlink only if `follow`.
-pub(crate) fn open_regular(path: &Path, follow: bool) -> std::io::Result<Option<File>> {
+/// opened, so no FIFO blocks and no device is touched); a symlink is not followed.
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
     use rustix::fs::{Mode, OFlags};
-    let meta = if follow {
-        std::fs::metadata(path)?
-    } else {
-        std::fs::symlink_metadata(path)?
-    };
-    if !meta.is_file() {
+    if !std::fs::symlink_metadata(path)?.is_file() {
         return Ok(None);
     }
-    let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    if !follow {
-        flags |= OFlags::NOFOLLOW;
-    }
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOFOLLOW;
     let file = match rustix::fs::open(path, flags, Mode::empty()) {
         Ok(fd) => File::from(fd),
         // A symlink with NOFOLLOW.
@@ -311,8 +303,18 @@ fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
         let path = path.to_owned();
         move |source| AuditFileError::Open { path, source }
     };
-    let active = match open_regular(path, true) {
+    // A symlink at `path` is reported, not followed, as a segment's would be: the writer
+    // refuses to open one, so it is not the log's active file (someone else put it there).
+    let active_is_link =
+        std::fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_symlink());
+    let opened = if active_is_link {
+        Ok(None)
+    } else {
+        open_regular(path)
+    };
+    let active = match opened {
         Ok(Some(file)) => Some(file),
+        Ok(None) if active_is_link => None,
         Ok(None) => {
             return Err(AuditFileError::NotAFile {
                 path: path.to_owned(),
@@ -326,11 +328,11 @@ fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
         None => None,
     };
     let segments = closed_segments(path)?;
-    if active.is_none() && segments.is_empty() {
+    if active.is_none() && segments.is_empty() && !active_is_link {
         return Err(open_err(path)(std::io::ErrorKind::NotFound.into()));
     }
     // Told apart from a log whose active file is missing by the caller (`active_missing`).
-    let active_missing = active.is_none();
+    let active_missing = active.is_none() && !active_is_link;
     let mut files = Vec::with_capacity(segments.len() + 1);
     let mut active = active;
     let count = segments.len();
@@ -349,11 +351,12 @@ fn log_files(path: &Path) -> Result<(Vec<LogFile>, bool), AuditFileError> {
             file: if is_active { active.take() } else { None },
         });
     }
-    if let Some(file) = active {
+    if active.is_some() || active_is_link {
+        // (A symlink: `LogFile::open` reports it as not a regular file.)
         files.push(LogFile {
             path: path.to_owned(),
             range: None,
-            file: Some(file),
+            file: active,
         });
     }
     Ok((files, active_missing))

@@ -1460,3 +1460,25 @@ fn an_existing_log_must_be_a_private_regular_file() {
     assert!(matches!(err, AuditFileError::NotAFile { .. }), "{err}");
     FileAuditLog::open(&path, Durability::default()).unwrap();
 }
+
+#[tokio::test]
+async fn a_symlink_at_the_active_path_is_reported_not_followed() {
+    // The writer never opens a symlink, so one at the log's path was put there by someone
+    // else: verify says so rather than vouch for whatever it points to.
+    let (_dir, log) = log_with(3).await;
+    assert!(verify(&log).unwrap().is_intact());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let link = elsewhere.path().join("audit.log");
+    std::os::unix::fs::symlink(&log, &link).unwrap();
+    let report = verify(&link).unwrap();
+    assert!(!report.is_intact(), "{report:?}");
+    assert_eq!(report.records, 0, "not read: {report:?}");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.path == link && p.detail.contains("not a regular file")),
+        "{:?}",
+        report.problems
+    );
+}
