@@ -14,7 +14,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use phiseal::{CacheSettings, Keyring, KeyringBuilder};
+use phiseal::{CacheSettings, Keyring, KeyringBuilder, Profile};
 use phiseal_audit_file::{Durability, FileAuditLog, LogOptions};
 use phiseal_kms_local::LocalKms;
 use phiseal_store_sqlite::SqliteKeyStore;
@@ -213,6 +213,8 @@ pub fn builder(
 ) -> Result<KeyringBuilder, EmbeddedError> {
     let parts = open_parts(data_dir, options)?;
     Ok(Keyring::builder()
+        // The local KMS is for development only.
+        .profile(Profile::Development)
         .kms(parts.kms)
         .key_store(parts.store)
         .audit(parts.audit)

@@ -147,6 +147,7 @@ fn parts(dir: &Path) -> Parts {
 
 fn keyring_on(p: &Parts, cache: CacheSettings) -> Keyring {
     Keyring::builder()
+        .profile(Profile::Development)
         .kms(p.kms.clone())
         .key_store(p.store.clone())
         .danger_disable_audit()
@@ -556,6 +557,7 @@ async fn the_key_check_binds_tenant_and_version_when_the_kms_does_not() {
     let paths = EmbeddedPaths::new(dir.path());
     let keyring = || {
         Keyring::builder()
+            .profile(Profile::Development)
             .kms(Arc::new(BindingBlindKms))
             .key_store(Arc::new(
                 phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap(),
@@ -713,10 +715,17 @@ async fn builder_refuses_inconsistent_combinations() {
         Err(Error::Config(m)) => m,
         other => panic!("expected a config error, got {other:?}"),
     };
-    assert!(msg(Keyring::builder().build()).contains("KMS"));
-    assert!(msg(Keyring::builder().kms(local.clone()).build()).contains("key store"));
+    assert!(msg(Keyring::builder().profile(Profile::Development).build()).contains("KMS"));
     assert!(
         msg(Keyring::builder()
+            .profile(Profile::Development)
+            .kms(local.clone())
+            .build())
+        .contains("key store")
+    );
+    assert!(
+        msg(Keyring::builder()
+            .profile(Profile::Development)
             .kms(local.clone())
             .key_store(p.store.clone())
             .build())
@@ -729,12 +738,27 @@ async fn builder_refuses_inconsistent_combinations() {
         .profile(Profile::Production)
         .build());
     assert!(production.contains("development only"), "{production}");
+    // Production is the default: without a profile the same is refused, and so is a disabled
+    // audit log.
+    let default = msg(Keyring::builder()
+        .kms(local.clone())
+        .key_store(p.store.clone())
+        .audit(Arc::new(FailingAudit))
+        .build());
+    assert!(default.contains("development only"), "{default}");
+    let default = msg(Keyring::builder()
+        .kms(p.kms.clone())
+        .key_store(p.store.clone())
+        .danger_disable_audit()
+        .build());
+    assert!(default.contains("requires an audit sink"), "{default}");
     let zero = CacheSettings {
         capacity: 0,
         ..CacheSettings::default()
     };
     assert!(
         msg(Keyring::builder()
+            .profile(Profile::Development)
             .kms(local.clone())
             .key_store(p.store.clone())
             .danger_disable_audit()
@@ -748,6 +772,7 @@ async fn builder_refuses_inconsistent_combinations() {
     };
     assert!(
         msg(Keyring::builder()
+            .profile(Profile::Development)
             .kms(local.clone())
             .key_store(p.store.clone())
             .danger_disable_audit()
@@ -778,6 +803,7 @@ async fn audit_failure_fails_closed() {
     let cx = ctx("t", "f", None);
     let ct = ok.encrypt(&c, &cx, b"x").await.unwrap();
     let k = Keyring::builder()
+        .profile(Profile::Development)
         .kms(p.kms.clone())
         .key_store(p.store.clone())
         .audit(Arc::new(FailingAudit))
@@ -843,6 +869,7 @@ async fn an_admin_change_whose_result_record_fails_says_it_was_done() {
     let c = caller();
     let sink = Arc::new(AuditThenFail::default());
     let k = Keyring::builder()
+        .profile(Profile::Development)
         .kms(p.kms.clone())
         .key_store(p.store.clone())
         .audit(sink.clone())
@@ -1277,6 +1304,7 @@ fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
         fail_shred: 0.into(),
     });
     let k = Keyring::builder()
+        .profile(Profile::Development)
         .kms(p.kms.clone())
         .key_store(store.clone())
         .danger_disable_audit()
@@ -1416,6 +1444,7 @@ async fn algorithms_and_providers_interoperate() {
     let c = caller();
     let build = |provider: &'static phiseal::crypto::CryptoProvider, alg: Algorithm| {
         Keyring::builder()
+            .profile(Profile::Development)
             .kms(p.kms.clone())
             .key_store(p.store.clone())
             .danger_disable_audit()
@@ -1537,6 +1566,7 @@ async fn decrypt_never_panics_on_mutated_or_random_input() {
     for alg_keyring in [
         k.clone(),
         Keyring::builder()
+            .profile(Profile::Development)
             .kms(p.kms.clone())
             .key_store(p.store.clone())
             .danger_disable_audit()
@@ -1639,6 +1669,7 @@ fn switchable_keyring(
     audit: Option<&Arc<MemoryAudit>>,
 ) -> Keyring {
     let builder = Keyring::builder()
+        .profile(Profile::Development)
         .kms(kms.clone())
         .key_store(p.store.clone())
         .cache(cache);
@@ -1774,6 +1805,7 @@ async fn a_stream_starting_on_a_stale_key_while_a_shred_commits_is_refused() {
         ..CacheSettings::default()
     };
     let k = Keyring::builder()
+        .profile(Profile::Development)
         .kms(kms.clone())
         .key_store(p.store.clone())
         .audit(audit.clone())
@@ -2174,6 +2206,7 @@ async fn root_key_migration_moves_every_version_and_is_idempotent() {
     let audit = Arc::new(MemoryAudit::default());
     let on = |kms: Arc<dyn Kms>| {
         Keyring::builder()
+            .profile(Profile::Development)
             .kms(kms)
             .key_store(p.store.clone())
             .audit(audit.clone())
@@ -2305,6 +2338,7 @@ async fn root_key_rotation_reports_versions_no_backend_can_unwrap() {
     let c = caller();
     let old_ref = old.current_root_key_ref().await.unwrap();
     let k = Keyring::builder()
+        .profile(Profile::Development)
         .kms(old)
         .key_store(p.store.clone())
         .danger_disable_audit()
@@ -2314,6 +2348,7 @@ async fn root_key_rotation_reports_versions_no_backend_can_unwrap() {
     // The old root key is not configured: the version is reported and keeps its wrapping.
     let audit = Arc::new(MemoryAudit::default());
     let k = Keyring::builder()
+        .profile(Profile::Development)
         .kms(new)
         .key_store(p.store.clone())
         .audit(audit.clone())
@@ -2364,6 +2399,7 @@ async fn a_new_key_whose_wrapping_does_not_unwrap_is_never_stored() {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let k = Keyring::builder()
+        .profile(Profile::Development)
         .kms(Arc::new(LyingKms(p.kms.inner.clone())))
         .key_store(p.store.clone())
         .danger_disable_audit()
@@ -2390,6 +2426,7 @@ async fn an_operation_waiting_on_the_kms_when_a_shred_commits_is_refused() {
     let store: Arc<dyn KeyStore> =
         Arc::new(phiseal_store_sqlite::SqliteKeyStore::open(&paths.key_store).unwrap());
     let k = Keyring::builder()
+        .profile(Profile::Development)
         .kms(kms.clone())
         .key_store(store)
         .danger_disable_audit()

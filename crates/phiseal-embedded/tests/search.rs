@@ -16,8 +16,8 @@ use std::path::Path;
 
 use phiseal::format::{self, Algorithm};
 use phiseal::{
-    Actor, BlindIndexSpec, Caller, EncryptionContext, Error, Keyring, Normalization, SearchTerm,
-    TenantId,
+    Actor, BlindIndexSpec, Caller, EncryptionContext, Error, Keyring, Normalization, Profile,
+    SearchTerm, TenantId,
 };
 use phiseal_embedded::{EmbeddedOptions, EmbeddedPaths};
 
@@ -364,6 +364,7 @@ async fn the_default_algorithm_cannot_be_deterministic() {
     let dir = private_tempdir();
     let parts = phiseal_embedded::open_parts(dir.path(), &EmbeddedOptions::default()).unwrap();
     let refused = Keyring::builder()
+        .profile(Profile::Development)
         .kms(parts.kms)
         .key_store(parts.store)
         .audit(parts.audit)

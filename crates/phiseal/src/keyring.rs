@@ -31,14 +31,16 @@ pub use tenant::TenantKeyring;
 mod unwrap_failures;
 mod views;
 
-/// Where the keyring runs. `Production` refuses development-only parts (the local file KMS,
-/// a disabled audit log).
+/// Where the keyring runs. `Production`, the default, refuses development-only parts (the
+/// local file KMS, a disabled audit log, an audit sink that acknowledges before writing unless
+/// allowed); `Development` must be asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Profile {
     /// Development and tests: every part allowed.
-    #[default]
     Development,
-    /// Production: refuses `Kms::is_dev_only` backends and a disabled audit log.
+    /// Production (the default): refuses `Kms::is_dev_only` backends and a disabled audit
+    /// log.
+    #[default]
     Production,
 }
 
@@ -177,13 +179,13 @@ impl Default for KeyringBuilder {
 
 impl KeyringBuilder {
     /// A builder with the default provider, algorithm (AES-256-GCM with HKDF subkeys), cache
-    /// settings and the development profile.
+    /// settings and profile (production).
     pub fn new() -> Self {
         Self {
             kms: None,
             store: None,
             audit: AuditChoice::Unset,
-            profile: Profile::Development,
+            profile: Profile::default(),
             provider: default_provider(),
             algorithm: Algorithm::Aes256GcmHkdf,
             cache: CacheSettings::default(),
@@ -224,7 +226,7 @@ impl KeyringBuilder {
         self
     }
 
-    /// The deployment profile.
+    /// The deployment profile (default: [`Profile::Production`]).
     pub fn profile(mut self, profile: Profile) -> Self {
         self.profile = profile;
         self
