@@ -165,6 +165,8 @@ impl CliError {
             CliError::Failed(_) => "failed",
             CliError::Io { .. } => "io",
             CliError::RewrapFailed { .. } | CliError::RootFailed { .. } => "partly_failed",
+            // Done (a root key created) but not recorded: the daemon's kind for the same.
+            CliError::Backends(phiseald::DaemonError::NotAudited { .. }) => "audit_after_commit",
             CliError::Backends(_) => "backends",
             CliError::AuditProblems { .. } | CliError::Audit(_) => "audit_log",
         }

@@ -812,10 +812,10 @@ impl figment::Provider for ConfigFileText {
 /// above it (along the path as given and along its resolved path, so also the directories
 /// holding symlinks on the way) must belong to this user or root and not be writable by group
 /// or others, except a directory with the sticky bit (such as `/tmp`: others cannot replace
-/// what is in it) or on a read-only mount (a Kubernetes ConfigMap's 0777 directory). A file
-/// holding a secret (`SECRET_VARIABLES`) must not be readable by others, nor by its group
-/// unless that is this process's group. The owner and mode checked are those of the open file
-/// the text is read from.
+/// what is in it) or the root of a read-only mount (a Kubernetes ConfigMap's 0777 volume; not
+/// a directory read-only only in this process's view, as systemd's `ProtectSystem` makes
+/// them). A file holding a secret (`SECRET_VARIABLES`) must not be readable by group or
+/// others. The owner and mode checked are those of the open file the text is read from.
 fn read_config_file(path: &Path) -> Result<String, DaemonError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
@@ -832,9 +832,16 @@ fn read_config_file(path: &Path) -> Result<String, DaemonError> {
             )));
         }
         let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
-        let read_only = rustix::fs::statvfs(at)
-            .is_ok_and(|fs| fs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
-        if mode & 0o022 != 0 && !sticky_dir && !read_only {
+        // Only the root of a read-only mount (a ConfigMap volume): not a directory that is
+        // read-only in this process's view alone (systemd's ProtectSystem=strict makes /etc
+        // so, while it stays writable on the host).
+        let read_only_mount = meta.is_dir()
+            && at
+                .parent()
+                .is_some_and(|up| std::fs::metadata(up).is_ok_and(|up| up.dev() != meta.dev()))
+            && rustix::fs::statvfs(at)
+                .is_ok_and(|fs| fs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+        if mode & 0o022 != 0 && !sticky_dir && !read_only_mount {
             return Err(refuse(format!(
                 "{what} is writable by group or others (mode {:04o}): anyone who can write it \
                  could change who may decrypt; chmod go-w",
@@ -869,12 +876,7 @@ fn read_config_file(path: &Path) -> Result<String, DaemonError> {
     let mut text = String::new();
     file.read_to_string(&mut text)
         .map_err(|e| refuse(format!("cannot read it: {e}")))?;
-    let readers = if meta.gid() == rustix::process::getegid().as_raw() {
-        0o004
-    } else {
-        0o044
-    };
-    if meta.mode() & readers != 0 {
+    if meta.mode() & 0o044 != 0 {
         let parsed = Figment::new().merge(Toml::string(&text));
         let secrets: Vec<&(&str, &str)> = SECRET_VARIABLES
             .iter()
@@ -894,14 +896,9 @@ fn read_config_file(path: &Path) -> Result<String, DaemonError> {
                 .map(|(variable, _)| format!("PHISEALD_{variable}"))
                 .collect();
             return Err(refuse(format!(
-                "it holds {} and is readable by {} (mode {:04o}): chmod 600, or move the secret \
-                 to {}",
+                "it holds {} and is readable by group or others (mode {:04o}): chmod 600, or \
+                 better move the secret to {} (root-owned, e.g. a systemd EnvironmentFile)",
                 keys.join(", "),
-                if readers == 0o004 {
-                    "others"
-                } else {
-                    "group or others"
-                },
                 meta.mode() & 0o7777,
                 variables.join(", ")
             )));
@@ -1320,6 +1317,23 @@ impl Config {
 /// profile prefix so they match the file. For a key that holds a secret (a PIN, a client
 /// secret, a database URL) the message never repeats the value found: figment's would
 /// (``invalid type: found unsigned int `123456` ``).
+/// A TOML parse error without the lines of the file it quotes (`9 | pin = "…"` and the
+/// caret line under it): the line may hold a secret. Line, column and cause stay.
+fn without_source_lines(message: &str) -> String {
+    let quotes_the_file = |line: &&str| {
+        let line = line.trim_start();
+        line.starts_with('|')
+            || line.split_once(" |").is_some_and(|(number, _)| {
+                !number.is_empty() && number.chars().all(|c| c.is_ascii_digit())
+            })
+    };
+    message
+        .lines()
+        .filter(|line| !quotes_the_file(line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn describe_figment_error(error: figment::Error) -> String {
     use figment::error::Kind;
     error
@@ -1344,7 +1358,7 @@ fn describe_figment_error(error: figment::Error) -> String {
                  string, or set it in the environment"
                     .to_owned()
             } else {
-                e.kind.to_string()
+                without_source_lines(&e.kind.to_string())
             };
             if key.is_empty() {
                 format!("{kind}{origin}")
