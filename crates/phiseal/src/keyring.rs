@@ -38,8 +38,9 @@ mod views;
 pub enum Profile {
     /// Development and tests: every part allowed.
     Development,
-    /// Production (the default): refuses `Kms::is_dev_only` backends and a disabled audit
-    /// log.
+    /// Production (the default): refuses `Kms::is_dev_only` backends, a disabled audit log
+    /// and an audit sink that acknowledges before writing (unless
+    /// [`KeyringBuilder::danger_allow_buffered_audit`]).
     #[default]
     Production,
 }
