@@ -2668,6 +2668,32 @@ async fn shred_returns_only_after_operations_using_the_key_have_finished() {
     ));
 }
 
+/// Embedded parts in a fresh directory, a keyring on them (audit off), tenant "t" created,
+/// and the keyring's handle for it.
+struct OnTenant {
+    _dir: tempfile::TempDir,
+    p: Parts,
+    k: Keyring,
+    t: TenantId,
+    handle: phiseal::TenantKeyring,
+}
+
+async fn tenant_keyring_on(cache: CacheSettings) -> OnTenant {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let k = keyring_on(&p, cache);
+    let t = tenant("t");
+    k.create_tenant(&caller(), &t).await.unwrap();
+    let handle = k.tenant(&t);
+    OnTenant {
+        _dir: dir,
+        p,
+        k,
+        t,
+        handle,
+    }
+}
+
 /// The key version a ciphertext names in its header.
 fn version_of(ct: &[u8]) -> u32 {
     phiseal::format::parse(ct).unwrap().key_version
@@ -2675,14 +2701,11 @@ fn version_of(ct: &[u8]) -> u32 {
 
 #[tokio::test]
 async fn a_tenant_keyring_serves_and_refuses_exactly_as_the_keyring() {
-    let dir = private_tempdir();
-    let p = parts(dir.path());
+    let OnTenant {
+        _dir, k, t, handle, ..
+    } = tenant_keyring_on(CacheSettings::default()).await;
     let c = caller();
-    let k = keyring_on(&p, CacheSettings::default());
-    let t = tenant("t");
-    k.create_tenant(&c, &t).await.unwrap();
     k.create_tenant(&c, &tenant("u")).await.unwrap();
-    let handle = k.tenant(&t);
     assert_eq!(handle.tenant_id(), &t);
     let cx = ctx("t", "ssn", Some("r1"));
     // Interchangeable with the keyring's own calls.
@@ -2757,13 +2780,14 @@ async fn a_tenant_keyring_serves_and_refuses_exactly_as_the_keyring() {
 
 #[tokio::test]
 async fn a_tenant_keyring_sees_another_process_rotation_as_the_keyring_does() {
-    let dir = private_tempdir();
-    let p = parts(dir.path());
+    let OnTenant {
+        _dir,
+        p,
+        k: a,
+        t,
+        handle,
+    } = tenant_keyring_on(slow_metadata()).await;
     let c = caller();
-    let a = keyring_on(&p, slow_metadata());
-    let t = tenant("t");
-    a.create_tenant(&c, &t).await.unwrap();
-    let handle = a.tenant(&t);
     let cx = ctx("t", "f", None);
     assert_eq!(version_of(&handle.encrypt(&c, &cx, b"x").await.unwrap()), 1);
     // Another process (its own keyring on the same store) rotates. Within the metadata TTL,
@@ -2805,17 +2829,18 @@ async fn a_tenant_keyring_sees_another_process_rotation_as_the_keyring_does() {
 
 #[tokio::test]
 async fn a_tenant_keyring_counts_key_uses_and_never_keeps_metadata_alive() {
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let c = caller();
-    let cache = CacheSettings {
+    let OnTenant {
+        _dir,
+        p,
+        k,
+        t,
+        handle,
+    } = tenant_keyring_on(CacheSettings {
         max_uses: 3,
         ..CacheSettings::default()
-    };
-    let k = keyring_on(&p, cache);
-    let t = tenant("t");
-    k.create_tenant(&c, &t).await.unwrap();
-    let handle = k.tenant(&t);
+    })
+    .await;
+    let c = caller();
     assert!(
         !phiseal::testkit::remembers_metadata(&handle),
         "nothing before its first call"
@@ -2846,14 +2871,15 @@ async fn a_tenant_keyring_counts_key_uses_and_never_keeps_metadata_alive() {
 
 #[tokio::test]
 async fn a_tenant_keyring_whose_metadata_is_held_alive_refuses_what_the_keyring_refuses() {
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let c = caller();
     // Long TTLs: nothing below is refused for its age.
-    let k = keyring_on(&p, slow_metadata());
-    let t = tenant("t");
-    k.create_tenant(&c, &t).await.unwrap();
-    let handle = k.tenant(&t);
+    let OnTenant {
+        _dir,
+        p,
+        k,
+        t,
+        handle,
+    } = tenant_keyring_on(slow_metadata()).await;
+    let c = caller();
     let cx = ctx("t", "f", None);
     let v1 = handle.encrypt(&c, &cx, b"one").await.unwrap();
     // Each step holds the handle's metadata alive (as a concurrent call or batch would), so
@@ -2913,24 +2939,23 @@ async fn a_tenant_keyring_whose_metadata_is_held_alive_refuses_what_the_keyring_
 
 #[tokio::test]
 async fn a_tenant_keyring_whose_metadata_was_evicted_for_space_refuses_what_the_keyring_refuses() {
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let c = caller();
     // Room for two tenants' metadata: using other tenants evicts t's.
-    let k = keyring_on(
-        &p,
-        CacheSettings {
-            capacity: 2,
-            ..slow_metadata()
-        },
-    );
-    let t = tenant("t");
-    k.create_tenant(&c, &t).await.unwrap();
+    let OnTenant {
+        _dir,
+        p,
+        k,
+        t,
+        handle,
+    } = tenant_keyring_on(CacheSettings {
+        capacity: 2,
+        ..slow_metadata()
+    })
+    .await;
+    let c = caller();
     let others = ["u1", "u2", "u3", "u4", "u5", "u6"];
     for u in others {
         k.create_tenant(&c, &tenant(u)).await.unwrap();
     }
-    let handle = k.tenant(&t);
     let cx = ctx("t", "f", None);
     let ct = handle.encrypt(&c, &cx, b"t's").await.unwrap();
     let held = phiseal::testkit::hold_metadata(&handle).unwrap();
