@@ -443,41 +443,29 @@ impl SoftHsm {
 async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
     let hsm = SoftHsm::init();
     let first = hsm.config_file("first.toml", "root-1", &[]);
+    let new_hsm_key = |label: &str, more: &[&str]| {
+        let mut args = vec![
+            "root",
+            "new-hsm-key",
+            "--config",
+            first.to_str().unwrap(),
+            "--label",
+        ];
+        args.push(label);
+        args.extend_from_slice(more);
+        hsm.cli(&args)
+    };
     // Where its audit record cannot be written, no key is made (the label stays free).
-    let unrecorded = hsm.cli(&[
-        "root",
-        "new-hsm-key",
-        "--config",
-        first.to_str().unwrap(),
-        "--label",
-        "root-1",
-        "--audit-log",
-        "/nonexistent/audit.log",
-    ]);
+    let unrecorded = new_hsm_key("root-1", &["--audit-log", "/nonexistent/audit.log"]);
     assert_eq!(unrecorded.code, 1, "{}", unrecorded.stderr);
     assert!(
         unrecorded.stderr.contains("/nonexistent/audit.log"),
         "{}",
         unrecorded.stderr
     );
-    hsm.cli(&[
-        "root",
-        "new-hsm-key",
-        "--config",
-        first.to_str().unwrap(),
-        "--label",
-        "root-1",
-    ])
-    .expect(0);
+    new_hsm_key("root-1", &[]).expect(0);
     // A label in use is refused.
-    let again = hsm.cli(&[
-        "root",
-        "new-hsm-key",
-        "--config",
-        first.to_str().unwrap(),
-        "--label",
-        "root-1",
-    ]);
+    let again = new_hsm_key("root-1", &[]);
     assert_eq!(again.code, 1, "{}", again.stderr);
     assert!(again.stderr.contains("root-1"), "{}", again.stderr);
     // Both are on the record, in the root-key commands' log: an attempt before each, then
@@ -532,15 +520,7 @@ async fn an_hsm_root_key_rotation_rewraps_every_key_while_the_daemon_serves() {
     d.stop();
 
     // Rotation: a new key, the old one kept as previous while the daemon serves.
-    hsm.cli(&[
-        "root",
-        "new-hsm-key",
-        "--config",
-        first.to_str().unwrap(),
-        "--label",
-        "root-2",
-    ])
-    .expect(0);
+    new_hsm_key("root-2", &[]).expect(0);
     let rotating = hsm.config_file("rotating.toml", "root-2", &["root-1"]);
     // Short cache lifetimes: the daemon keeps unwrapping through the HSM (and re-reading the
     // key store) while the rotation replaces the wrapped keys under it.
