@@ -139,30 +139,29 @@ impl TenantKeyring {
     /// The remembered metadata, if it is still alive and the keyring's fast path would use
     /// it at `now`.
     fn usable_view(&self, now: Instant) -> Option<Arc<TenantView>> {
+        let view = self.remembered()?;
+        self.keyring.view_serves_fields(&view, now).then_some(view)
+    }
+
+    /// The remembered metadata, if anything still keeps it alive.
+    fn remembered(&self) -> Option<Arc<TenantView>> {
         // The slot guards no invariant, so a panic while it was held leaves nothing to fear.
-        let view = self
-            .view
+        self.view
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .upgrade()?;
-        self.keyring.view_serves_fields(&view, now).then_some(view)
+            .upgrade()
     }
 
     /// Whether it still reaches the keyring's cached metadata (for `crate::testkit`).
     #[cfg(feature = "testkit")]
     pub(crate) fn remembers_metadata(&self) -> bool {
-        self.view.read().is_ok_and(|view| view.upgrade().is_some())
+        self.remembered().is_some()
     }
 
     /// Keeps what it remembers alive, as an operation in flight would (for `crate::testkit`).
     #[cfg(feature = "testkit")]
     pub(crate) fn hold_metadata(&self) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-        let view = self
-            .view
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .upgrade()?;
-        Some(Box::new(view))
+        Some(Box::new(self.remembered()?))
     }
 
     /// Remembers the keyring's cached metadata of the tenant (after a call that took the
