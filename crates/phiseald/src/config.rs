@@ -790,6 +790,39 @@ const SECRET_VARIABLES: [(&str, &str); 5] = [
     ("KMS__PREVIOUS__PKCS11__PIN", "kms.previous.pkcs11.pin"),
 ];
 
+/// Every directory a lookup of `path` passes through: the ancestors of the path as given and,
+/// each time a component is a symlink, the ancestors of the path it leads to (so each
+/// directory holding a link on the way, however many links are chained). At most 40 links.
+fn directories_on_the_way(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut current = std::path::absolute(path)?;
+    let mut directories: Vec<PathBuf> = Vec::new();
+    for _ in 0..=40 {
+        for dir in current.parent().into_iter().flat_map(Path::ancestors) {
+            if !directories.iter().any(|known| known == dir) {
+                directories.push(dir.to_owned());
+            }
+        }
+        // The first component that is a symlink: replace it by its target.
+        let link = current
+            .ancestors()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .find(|prefix| {
+                std::fs::symlink_metadata(prefix).is_ok_and(|meta| meta.file_type().is_symlink())
+            })
+            .map(Path::to_owned);
+        let Some(link) = link else {
+            return Ok(directories);
+        };
+        let target = std::fs::read_link(&link)?;
+        let rest = current.strip_prefix(&link).map_err(std::io::Error::other)?;
+        let base = link.parent().unwrap_or(Path::new("/"));
+        current = base.join(target).join(rest);
+    }
+    Err(std::io::Error::other("more than 40 symlinks on the way"))
+}
+
 /// The config file's text, read once after its checks (`read_config_file`); named a file in
 /// error messages, as `Toml::file` would be.
 struct ConfigFileText(String);
@@ -809,8 +842,8 @@ impl figment::Provider for ConfigFileText {
 /// Reads the config file, refusing one that someone other than this process's user (or root)
 /// could change — it grants access to PHI and names the KMS and the key store — and one that
 /// holds a secret others could read. Like sshd's `StrictModes`: the file and every directory
-/// above it (along the path as given and along its resolved path, so also the directories
-/// holding symlinks on the way) must belong to this user or root and not be writable by group
+/// above it (along the path as given, along each path a symlink on the way leads to, and along
+/// the resolved path: `directories_on_the_way`) must belong to this user or root and not be writable by group
 /// or others, except a directory with the sticky bit (such as `/tmp`: others cannot replace
 /// what is in it) or the root of a read-only mount (a Kubernetes ConfigMap's 0777 volume; not
 /// a directory read-only only in this process's view, as systemd's `ProtectSystem` makes
@@ -850,16 +883,14 @@ fn read_config_file(path: &Path) -> Result<String, DaemonError> {
         }
         Ok(())
     };
-    let absolute =
-        std::path::absolute(path).map_err(|e| refuse(format!("cannot resolve its path: {e}")))?;
     let canonical =
         std::fs::canonicalize(path).map_err(|e| refuse(format!("cannot resolve its path: {e}")))?;
-    let directories = absolute
-        .parent()
-        .into_iter()
-        .flat_map(Path::ancestors)
-        .chain(canonical.parent().into_iter().flat_map(Path::ancestors));
-    for dir in directories {
+    for dir in directories_on_the_way(path)
+        .map_err(|e| refuse(format!("cannot resolve its path: {e}")))?
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(canonical.parent().into_iter().flat_map(Path::ancestors))
+    {
         let meta = std::fs::metadata(dir)
             .map_err(|e| refuse(format!("cannot read its directory {}: {e}", dir.display())))?;
         check_owner_and_writers(dir, &format!("its directory {}", dir.display()), &meta)?;

@@ -979,6 +979,23 @@ fn a_config_file_others_could_change_or_read_secrets_from_is_refused() {
     check_file(&link, &[])
         .fails_with(&format!("its directory {}", elsewhere.display()))
         .fails_with("is writable by group or others");
+    // A chain of links: the directory holding the middle one counts too.
+    let (first, middle, last) = (
+        dir.path().join("first"),
+        dir.path().join("middle"),
+        dir.path().join("last"),
+    );
+    for d in [&first, &middle, &last] {
+        std::fs::create_dir(d).unwrap();
+    }
+    std::fs::write(last.join("phiseald.toml"), MINIMAL).unwrap();
+    std::os::unix::fs::symlink(last.join("phiseald.toml"), middle.join("link")).unwrap();
+    std::os::unix::fs::symlink(middle.join("link"), first.join("link")).unwrap();
+    check_file(&first.join("link"), &[]).ok();
+    std::fs::set_permissions(&middle, std::fs::Permissions::from_mode(0o777)).unwrap();
+    check_file(&first.join("link"), &[])
+        .fails_with(&format!("its directory {}", middle.display()))
+        .fails_with("is writable by group or others");
     // Another user's file, or a secret readable by another group (only root can make them
     // here: the suite runs as root in CI).
     if rustix::process::geteuid().is_root() {
