@@ -384,6 +384,21 @@ impl KmsConfig {
             previous
                 .validate()
                 .map_err(|problem| problem.replace("kms.", "kms.previous."))?;
+            // One token, one user PIN: logged in with the current PIN, the token never checks
+            // the previous one, so a wrong one would surface only once the current key is gone.
+            if let (Some(current), Some(earlier)) = (&self.pkcs11, &previous.pkcs11) {
+                let same_token =
+                    current.module == earlier.module && current.token_label == earlier.token_label;
+                if same_token && current.pin.0 != earlier.pin.0 {
+                    return Err(
+                        "kms.previous.pkcs11.pin: differs from kms.pkcs11.pin for the same token \
+                         (module and token_label): a token has one user PIN, and the token \
+                         would never check this one while the current key is in use; use the \
+                         same PIN (or list the old key in kms.pkcs11.previous_key_labels)"
+                            .into(),
+                    );
+                }
+            }
         }
         Ok(())
     }

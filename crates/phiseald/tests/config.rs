@@ -1010,3 +1010,35 @@ fn a_config_file_others_could_change_or_read_secrets_from_is_refused() {
             .fails_with("chown it");
     }
 }
+
+#[test]
+fn a_previous_pkcs11_key_on_the_same_token_must_use_the_same_pin() {
+    let section = |table: &str, token: &str, key: &str, pin: &str| {
+        format!(
+            "[{table}]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"{token}\"\n\
+             key_label = \"{key}\"\npin = \"{pin}\"\n"
+        )
+    };
+    let config = |previous_token: &str, previous_pin: &str| {
+        format!(
+            "{MINIMAL}[kms]\nkind = \"pkcs11\"\n{}[kms.previous]\nkind = \"pkcs11\"\n{}",
+            section("kms.pkcs11", "hsm", "root-2", "pin-4411"),
+            section(
+                "kms.previous.pkcs11",
+                previous_token,
+                "root-1",
+                previous_pin
+            ),
+        )
+    };
+    let run = check_text(&config("hsm", "pin-9922"), &[]);
+    run.fails_with("kms.previous.pkcs11.pin: differs from kms.pkcs11.pin for the same token");
+    assert!(
+        !run.stderr.contains("pin-4411") && !run.stderr.contains("pin-9922"),
+        "{}",
+        run.stderr
+    );
+    check_text(&config("hsm", "pin-4411"), &[]).ok();
+    // Another token has a PIN of its own.
+    check_text(&config("older-hsm", "pin-9922"), &[]).ok();
+}
