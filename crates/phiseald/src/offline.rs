@@ -51,15 +51,7 @@ pub async fn open_root_keyring(
         }
     };
     let store = open_key_store(&config).await?.store;
-    let audit_log = audit_log.unwrap_or_else(|| config.data_dir.join(ROOT_AUDIT_LOG));
-    let options = phiseal_embedded::EmbeddedOptions {
-        durability: Durability::Strict,
-        audit_log: Some(audit_log.clone()),
-        // One run's log: small, never rolled over.
-        audit_rollover_bytes: None,
-        ..Default::default()
-    };
-    let audit: Arc<FileAuditLog> = phiseal_embedded::open_audit(&config.data_dir, &options)?;
+    let (audit, audit_log) = open_root_audit_log(&config, audit_log, true)?;
     let keyring = Keyring::builder()
         .kms(kms)
         .key_store(store)
@@ -72,6 +64,41 @@ pub async fn open_root_keyring(
         })
         .build()?;
     Ok(RootKeyring { keyring, audit_log })
+}
+
+/// The audit log of a root-key command (fsynced per record; one run's log: small, never
+/// rolled over): `audit_log` as given, or `DATA_DIR/audit-root-keys.log` of `config`. The
+/// data directory is prepared as the daemon's (created 0700 if missing, refused if others can
+/// enter it) whenever the log is in it or `uses_data_dir` (the command reads its key store);
+/// a root key may be made with an explicit log before the daemon's first start.
+fn open_root_audit_log(
+    config: &Config,
+    audit_log: Option<PathBuf>,
+    uses_data_dir: bool,
+) -> Result<(Arc<FileAuditLog>, PathBuf), DaemonError> {
+    let path = match audit_log {
+        Some(path) if !uses_data_dir => {
+            let log = FileAuditLog::open_with(
+                &path,
+                Durability::Strict,
+                phiseal_audit_file::LogOptions::default(),
+            )
+            .map_err(phiseal_embedded::EmbeddedError::from)?;
+            return Ok((Arc::new(log), path));
+        }
+        Some(path) => path,
+        None => config.data_dir.join(ROOT_AUDIT_LOG),
+    };
+    let options = phiseal_embedded::EmbeddedOptions {
+        durability: Durability::Strict,
+        audit_log: Some(path.clone()),
+        audit_rollover_bytes: None,
+        ..Default::default()
+    };
+    Ok((
+        phiseal_embedded::open_audit(&config.data_dir, &options)?,
+        path,
+    ))
 }
 
 /// Refuses a source whose embedded parts do not exist: the key store file of
@@ -141,34 +168,7 @@ pub async fn generate_pkcs11_root_key(
         DaemonError::Config("kms.pkcs11: the config has no PKCS#11 token to create a key on".into())
     })?;
     let pkcs11 = pkcs11_config(section);
-    // With --audit-log the data directory is not needed (the key may be made before the
-    // daemon's first start); by default the log is in it, prepared as for `root rotate`.
-    let (audit, audit_log) = match audit_log {
-        Some(path) => (
-            Arc::new(
-                FileAuditLog::open_with(
-                    &path,
-                    Durability::Strict,
-                    phiseal_audit_file::LogOptions::default(),
-                )
-                .map_err(phiseal_embedded::EmbeddedError::from)?,
-            ),
-            path,
-        ),
-        None => {
-            let path = config.data_dir.join(ROOT_AUDIT_LOG);
-            let options = phiseal_embedded::EmbeddedOptions {
-                durability: Durability::Strict,
-                audit_log: Some(path.clone()),
-                audit_rollover_bytes: None,
-                ..Default::default()
-            };
-            (
-                phiseal_embedded::open_audit(&config.data_dir, &options)?,
-                path,
-            )
-        }
-    };
+    let (audit, audit_log) = open_root_audit_log(&config, audit_log, false)?;
     let caller = operator();
     let root_key: Arc<str> = phiseal_kms_pkcs11::root_key_ref_of(&pkcs11.token_label, label).into();
     let record = |outcome| AuditEvent {

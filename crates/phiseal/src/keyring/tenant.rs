@@ -87,17 +87,15 @@ impl TenantKeyring {
             .and_then(|view| self.keyring.encrypt_in_view(&view, context, plaintext, now));
         match cached {
             Some(outcome) if self.keyring.inner.audit.is_none() => outcome.0,
-            Some(outcome) => {
-                self.keyring
-                    .complete_encrypt(caller, context, plaintext, now, Some(outcome))
-                    .await
-            }
-            None => {
+            cached => {
+                let missed = cached.is_none();
                 let result = self
                     .keyring
-                    .complete_encrypt(caller, context, plaintext, now, None)
+                    .complete_encrypt(caller, context, plaintext, now, cached)
                     .await;
-                self.refresh();
+                if missed {
+                    self.refresh();
+                }
                 result
             }
         }
@@ -120,17 +118,15 @@ impl TenantKeyring {
         });
         match cached {
             Some(outcome) if self.keyring.inner.audit.is_none() => outcome.0,
-            Some(outcome) => {
-                self.keyring
-                    .complete_decrypt(caller, context, ciphertext, now, Some(outcome))
-                    .await
-            }
-            None => {
+            cached => {
+                let missed = cached.is_none();
                 let result = self
                     .keyring
-                    .complete_decrypt(caller, context, ciphertext, now, None)
+                    .complete_decrypt(caller, context, ciphertext, now, cached)
                     .await;
-                self.refresh();
+                if missed {
+                    self.refresh();
+                }
                 result
             }
         }
