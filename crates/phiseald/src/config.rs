@@ -39,7 +39,8 @@ pub struct Config {
     /// directories are shared with trusted parties alone (a Kubernetes `emptyDir`).
     #[serde(default = "checked")]
     pub socket_check_parents: bool,
-    /// `development` (default) or `production` (refuses the local development KMS).
+    /// `production` (the default in a config file: refuses the local development KMS and the
+    /// other development-only parts) or `development` (the embedded default without a file).
     #[serde(default)]
     pub profile: ProfileName,
     /// The embedded backends: local KMS, SQLite key store, file audit log in one directory.
@@ -128,10 +129,10 @@ fn name_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Strin
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProfileName {
-    /// Development: the local KMS is allowed.
-    #[default]
+    /// Development: the local KMS is allowed. Must be asked for in a config file.
     Development,
-    /// Production: development-only parts are refused.
+    /// Production (the default of a config file): development-only parts are refused.
+    #[default]
     Production,
 }
 
@@ -978,8 +979,10 @@ impl Config {
         };
         // The environment may raise the file's profile to production, never lower it: the
         // production locks (access control only from the file, no local KMS, …) would go too.
+        // A file that names no profile is production (the default); the embedded default
+        // (no file) is development.
         let file_says_production =
-            figment.extract_inner::<ProfileName>("profile").ok() == Some(ProfileName::Production);
+            figment.extract_inner::<ProfileName>("profile").ok() != Some(ProfileName::Development);
         // (`filter` sees the keys after `split`: `kms.pkcs11.pin`, compared without case.)
         let mut figment = figment.merge(
             Env::prefixed("PHISEALD_")
@@ -1022,8 +1025,9 @@ impl Config {
         config.access_from_env = access_variables();
         if file_says_production && config.profile != ProfileName::Production {
             return Err(DaemonError::Config(
-                "profile: the config file says \"production\"; the environment \
-                 (PHISEALD_PROFILE) may not lower it"
+                "profile: the config file says \"production\" (or names no profile: \
+                 production is the default); the environment (PHISEALD_PROFILE) may not lower \
+                 it — write profile = \"development\" in the file for a development setup"
                     .into(),
             ));
         }
@@ -1216,8 +1220,10 @@ impl Config {
         if self.profile == ProfileName::Production && self.kms.kind == KmsKind::Local {
             return bad(
                 "profile",
-                "production refuses the local development KMS: set kms.kind to aws, azure or \
-                 pkcs11 (see docs/KMS.md), or use profile = \"development\"",
+                "production refuses the local development KMS (a config file is production \
+                 unless it says profile = \"development\"): set kms.kind to aws, azure or \
+                 pkcs11 (see docs/KMS.md), or write profile = \"development\" in the file for \
+                 a development setup",
             );
         }
         let too_short = |p: &Duration| *p < Duration::from_secs(1);

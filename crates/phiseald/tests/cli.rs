@@ -1418,7 +1418,7 @@ fn root_status_on_a_missing_or_empty_key_store_concludes_nothing() {
         std::fs::write(
             &config,
             format!(
-                "socket = \"{}\"\ndata_dir = \"{}\"\n",
+                "profile = \"development\"\nsocket = \"{}\"\ndata_dir = \"{}\"\n",
                 dir.path().join("run/d.sock").display(),
                 data_dir.display()
             ),

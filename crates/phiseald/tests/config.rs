@@ -98,9 +98,17 @@ fn check_text_with_mode(text: &str, mode: u32, env: &[(&str, &str)]) -> Run {
     check_file(&file, env)
 }
 
-/// The smallest valid file.
+/// The two required settings, without a profile (so production, the file default).
+const SITE: &str = r#"
+socket = "/run/phiseal/phiseald.sock"
+data_dir = "/var/lib/phiseal"
+"#;
+
+/// The smallest valid file: the local KMS (the default `[kms]`) needs the development
+/// profile, which a file must ask for.
 const MINIMAL: &str = r#"
 socket = "/run/phiseal/phiseald.sock"
+profile = "development"
 data_dir = "/var/lib/phiseal"
 "#;
 
@@ -422,7 +430,7 @@ fn policy_patterns_that_match_nothing_or_too_much_are_refused() {
 fn access_control_from_the_environment_is_refused_in_production() {
     let policy = "[{uids=[0],operations=[\"*\"],tenants=[\"*\"]}]";
     let text = format!(
-        "profile = \"production\"\n{MINIMAL}\n[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"alias/phiseal\"\nregion = \"us-east-1\"\n"
+        "profile = \"production\"\n{SITE}\n[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"alias/phiseal\"\nregion = \"us-east-1\"\n"
     );
     check_text(&text, &[]).ok();
     check_text(&text, &[("PHISEALD_POLICY", policy)]).fails_with(
@@ -440,8 +448,8 @@ fn access_control_from_the_environment_is_refused_in_production() {
         ],
     )
     .fails_with(
-        "profile: the config file says \"production\"; the environment (PHISEALD_PROFILE) may \
-         not lower it",
+        "profile: the config file says \"production\" (or names no profile: production is the \
+         default); the environment (PHISEALD_PROFILE) may not lower it",
     );
     // … but may raise a file's development profile (and keeping it is no change).
     check_text(&text, &[("PHISEALD_PROFILE", "production")]).ok();
@@ -454,6 +462,30 @@ fn access_control_from_the_environment_is_refused_in_production() {
     .ok();
     check_text(MINIMAL, &[("PHISEALD_PROFILE", "production")])
         .fails_with("profile: production refuses the local development KMS");
+}
+
+#[test]
+fn a_config_file_is_production_unless_it_says_development() {
+    // No profile named: the production locks hold …
+    check_text(SITE, &[]).fails_with(
+        "profile: production refuses the local development KMS (a config file is production \
+         unless it says profile = \"development\")",
+    );
+    let aws = format!(
+        "{SITE}[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"alias/phiseal\"\nregion = \"us-east-1\"\n"
+    );
+    check_text(&aws, &[]).ok();
+    check_text(&aws, &[("PHISEALD_TOKENS", "[]")]).fails_with(
+        "production takes access control only from the config file: unset PHISEALD_TOKENS",
+    );
+    // … and the environment cannot lower them …
+    check_text(SITE, &[("PHISEALD_PROFILE", "development")]).fails_with(
+        "profile: the config file says \"production\" (or names no profile: production is the \
+         default); the environment (PHISEALD_PROFILE) may not lower it",
+    );
+    // … only the file can.
+    check_text(MINIMAL, &[]).ok();
+    check_text(MINIMAL, &[("PHISEALD_TOKENS", "[]")]).ok();
 }
 
 #[test]
@@ -578,7 +610,7 @@ fn what_only_start_used_to_catch_is_checked_too() {
         &[],
     )
     .fails_with("socket_group: group 'no-such-group-here' not found in /etc/group");
-    check_text(&format!("profile = \"production\"\n{MINIMAL}"), &[])
+    check_text(&format!("profile = \"production\"\n{SITE}"), &[])
         .fails_with("profile: production refuses the local development KMS");
     check_text(&format!("{MINIMAL}[cache]\nkey_ttl = \"0s\"\n"), &[])
         .fails_with("cache.key_ttl: must be more than 0");
@@ -601,7 +633,11 @@ fn the_command_line_wins_and_may_stand_in_for_the_file() {
     // A file without socket and data_dir is complete with --socket and --data-dir.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("phiseald.toml");
-    std::fs::write(&file, "[limits]\nmax_batch_items = 5\n").unwrap();
+    std::fs::write(
+        &file,
+        "profile = \"development\"\n[limits]\nmax_batch_items = 5\n",
+    )
+    .unwrap();
     let socket = dir.path().join("run/d.sock");
     let data = dir.path().join("data");
     let args = |with_socket: bool| {
@@ -651,9 +687,8 @@ fn production_refuses_a_plaintext_key_store_connection_off_this_host() {
     let production = "profile = \"production\"\n";
     let aws =
         "[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"alias/phiseal\"\nregion = \"us-east-1\"\n";
-    let config = |store: &str| {
-        format!("{production}{MINIMAL}{aws}[key_store]\nkind = \"postgres\"\n{store}")
-    };
+    let config =
+        |store: &str| format!("{production}{SITE}{aws}[key_store]\nkind = \"postgres\"\n{store}");
     let url = |u: &'static str| [("PHISEALD_KEY_STORE__DATABASE_URL", u)];
     let refused =
         "key_store.tls: production refuses tls = \"disable\" to a database on another host";
@@ -785,7 +820,7 @@ fn the_kms_section_names_what_is_missing_or_misplaced() {
     // The PIN may come from the environment only.
     check_text(
         &format!(
-            "profile = \"production\"\n{MINIMAL}[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\n\
+            "profile = \"production\"\n{SITE}[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\n\
              module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\n"
         ),
         &[("PHISEALD_KMS__PKCS11__PIN", "0123")],
@@ -804,7 +839,7 @@ fn the_kms_section_names_what_is_missing_or_misplaced() {
     check_text(MINIMAL, &[("PHISEALD_KMS__PKCS11__PIN", "0123")]).ok();
     check_text(
         &format!(
-            "profile = \"production\"\n{MINIMAL}[kms]\nkind = \"aws\"\n[kms.aws]\n\
+            "profile = \"production\"\n{SITE}[kms]\nkind = \"aws\"\n[kms.aws]\n\
              key_id = \"alias/phiseal\"\nregion = \"eu-central-1\"\n[kms.previous]\nkind = \"local\"\n"
         ),
         &[],
@@ -813,7 +848,7 @@ fn the_kms_section_names_what_is_missing_or_misplaced() {
     // Production accepts a non-local KMS.
     check_text(
         &format!(
-            "profile = \"production\"\n{MINIMAL}[kms]\nkind = \"aws\"\n[kms.aws]\n\
+            "profile = \"production\"\n{SITE}[kms]\nkind = \"aws\"\n[kms.aws]\n\
              key_id = \"alias/phiseal\"\nregion = \"eu-central-1\"\n"
         ),
         &[],
@@ -898,7 +933,7 @@ fn production_refuses_the_azure_developer_credentials() {
     };
     for credential in ["azure-cli", "developer-tools"] {
         check_text(
-            &format!("profile = \"production\"\n{MINIMAL}{}", azure(credential)),
+            &format!("profile = \"production\"\n{SITE}{}", azure(credential)),
             &[],
         )
         .fails_with("kms.azure.credential: production refuses the developer credentials");
@@ -907,7 +942,7 @@ fn production_refuses_the_azure_developer_credentials() {
     }
     check_text(
         &format!(
-            "profile = \"production\"\n{MINIMAL}{}",
+            "profile = \"production\"\n{SITE}{}",
             azure("managed-identity")
         ),
         &[],

@@ -42,6 +42,16 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// `toml` with `profile = "development"` in front unless it names a profile: a config file
+/// is production by default, which refuses the local KMS that most tests run on.
+pub fn development(toml: &str) -> String {
+    if toml.contains("profile =") {
+        toml.to_owned()
+    } else {
+        format!("profile = \"development\"\n{toml}")
+    }
+}
+
 impl Daemon {
     /// The embedded default: `--socket --data-dir`, no config file.
     pub fn embedded() -> Self {
@@ -49,6 +59,7 @@ impl Daemon {
     }
 
     /// With a config file; `{socket}` and `{data_dir}` and `{dir}` in `toml` are replaced.
+    /// A file that names no profile gets `profile = "development"` (see [`development`]).
     pub fn with_config(toml: &str) -> Self {
         Self::start(Some(toml), |_| {})
     }
@@ -68,7 +79,7 @@ impl Daemon {
                     .arg(&data_dir);
             }
             Some(text) => {
-                let text = text
+                let text = development(text)
                     .replace("{socket}", socket.to_str().unwrap())
                     .replace("{data_dir}", data_dir.to_str().unwrap())
                     .replace("{dir}", dir.path().to_str().unwrap());
