@@ -625,6 +625,23 @@ impl FileAuditLog {
                 ),
             });
         }
+        if pending.is_none()
+            && let Some(later) = segments.iter().find(|s| s.last >= first)
+        {
+            // A closed segment holds records from after this file's start: the log file is an
+            // earlier segment moved back into its place (the later records would be written
+            // again under the same numbers).
+            return Err(AuditFileError::SegmentConflict {
+                path: path.to_owned(),
+                segment: later.path.clone(),
+                reason: format!(
+                    "the log file starts at record {first}, but this closed segment holds \
+                     records up to {}: the log file was replaced by an earlier segment; \
+                     restore the real one",
+                    later.last
+                ),
+            });
+        }
         if let Some(segment) = pending {
             // The active file already has its segment name: finish that rollover — unless
             // later segments exist (then `<log>` is an earlier segment put back in its place).
@@ -1810,7 +1827,9 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
             drop(st);
             // Records written before this point are what the fdatasync covers.
             let covered = written_seq(shared);
-            let res = do_sync(shared);
+            let res = do_sync(shared)
+                .map_err(|e| sync_failure(shared, &e))
+                .and_then(|()| still_at_its_path(shared));
             shared.syncs.fetch_add(1, Ordering::Relaxed);
             last_sync = Instant::now();
             match res {
@@ -1824,8 +1843,9 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
                 // file can no longer be trusted to hold what was written (fail closed). And
                 // no fdatasync may follow: Linux reports the error once, so the next one would
                 // succeed and `done` would cover the records the failed one did not.
-                Err(e) => {
-                    fail(sync_failure(shared, &e));
+                // Likewise once the file is no longer at the log's path.
+                Err(reason) => {
+                    fail(reason);
                     return;
                 }
             }
@@ -1861,6 +1881,33 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
             }
         };
     }
+}
+
+/// Checks, after an fdatasync and before it acknowledges anything, that the file being
+/// written is still the one at the log's path: one removed (`rm`), moved away or replaced
+/// (`mv` over it) would take every record written since — acknowledged too, in any
+/// durability — out of the log without a trace in it, and a restart would begin a new log.
+/// Checked under the writer lock, so never in the middle of a rollover (which checks the same
+/// while it renames). The error is the poison message.
+fn still_at_its_path(shared: &Shared) -> Result<(), String> {
+    let Some(w) = lock(&shared.writer) else {
+        return Err("internal lock poisoned".into());
+    };
+    let active = w
+        .file
+        .metadata()
+        .map_err(|e| format!("cannot stat the file being written: {e}"))?;
+    if same_file(&shared.path, &active) {
+        return Ok(());
+    }
+    Err(format!(
+        "the file being written is no longer at this path (removed, moved or replaced): \
+         records from seq {} on, acknowledged ones included, are not in the log; keep the \
+         service stopped, put the file back from where it went (the open descriptors of this \
+         process still reach it: /proc/{}/fd) and run `audit verify`",
+        w.first_seq,
+        std::process::id()
+    ))
 }
 
 /// The seq of the next record to be written (every lower one was: `write(2)` returned).
@@ -2032,6 +2079,41 @@ mod tests {
         let report = verify(&path).unwrap();
         assert!(report.is_intact(), "{report:?}");
         assert_eq!(report.last_seq, Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_log_file_removed_or_replaced_while_open_fails_closed() {
+        // Removed (interval mode): the write lands in the unlinked file, and the next
+        // fdatasync's check poisons the log before anything later is acknowledged.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log =
+            FileAuditLog::open(&path, Durability::Interval(Duration::from_millis(10))).unwrap();
+        log.append_events(&[event(1)]).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let _ = log.append_events(&[event(2)]).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let err = log.append_events(&[event(3)]).await.unwrap_err();
+        assert!(matches!(err, AuditFileError::Poisoned { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("no longer at this path (removed, moved or replaced)")
+                && err.to_string().contains("records from seq 1 on"),
+            "{err}"
+        );
+        drop(log);
+
+        // Replaced (strict mode): the record written into the displaced file is never
+        // acknowledged.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+        log.append_events(&[event(1)]).await.unwrap();
+        std::fs::write(dir.path().join("other"), b"").unwrap();
+        std::fs::rename(dir.path().join("other"), &path).unwrap();
+        let err = log.append_events(&[event(2)]).await.unwrap_err();
+        assert!(err.to_string().contains("no longer at this path"), "{err}");
+        assert!(log.append_events(&[event(3)]).await.is_err());
     }
 
     #[tokio::test]

@@ -751,6 +751,30 @@ async fn an_earlier_segment_put_back_as_the_log_file_is_refused_and_does_not_ver
 }
 
 #[tokio::test]
+async fn an_earlier_segment_moved_back_as_the_log_file_is_refused() {
+    // Moved (`mv`), not linked: the segment's own name is gone, so no rollover is pending,
+    // but the later segments are still there.
+    let (_dir, path) = rolled_log(200).await;
+    let segs = segments(&path);
+    assert!(segs.len() >= 3);
+    std::fs::rename(&segs[0].2, &path).unwrap();
+    let err = FileAuditLog::open_with(&path, Durability::Strict, options()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            phiseal_audit_file::AuditFileError::SegmentConflict { .. }
+        ) && err
+            .to_string()
+            .contains("the log file was replaced by an earlier segment"),
+        "{err}"
+    );
+    // Nothing was appended to it.
+    assert_eq!(segments(&path).len(), segs.len() - 1);
+    let report = verify(&path).unwrap();
+    assert!(!report.is_intact(), "{:?}", report.files);
+}
+
+#[tokio::test]
 async fn an_after_anchor_for_a_log_that_starts_at_its_origin_is_a_problem() {
     let (_dir, path) = rolled_log(100).await;
     let anchor = phiseal_audit_file::Anchor {
