@@ -77,7 +77,10 @@
 //!   store recovers by itself once the database is back.
 //! - Every connection runs with `statement_timeout` = [`STATEMENT_TIMEOUT`] and `lock_timeout`
 //!   = [`LOCK_TIMEOUT`]; every call as a whole is bounded by [`OPERATION_TIMEOUT`], connecting by
-//!   [`PostgresStoreConfig::connect_timeout`].
+//!   [`PostgresStoreConfig::connect_timeout`]. A role or database default of
+//!   `synchronous_commit = off` is raised to `on` in the store's sessions (a committed shred
+//!   must survive a server crash); with asynchronous replication a failover can still lose
+//!   the last commits — use synchronous replication for the key store.
 //! - Unreachable database, refused or lost connection, shutdown, time-outs →
 //!   [`BackendErrorKind::Unavailable`]; the message names the database as
 //!   `user@host:port/dbname`, never the password. An `Unavailable` error from a *write* does
@@ -266,6 +269,19 @@ impl fmt::Debug for PostgresKeyStore {
 }
 
 impl PostgresKeyStore {
+    /// The value of the server setting `name` in a session of the store's pool (for tests of
+    /// the session configuration).
+    #[cfg(feature = "testkit")]
+    pub async fn session_setting(&self, name: &str) -> Result<String, PostgresStoreError> {
+        let inner = &self.inner;
+        let client = inner.client("read a session setting").await?;
+        client
+            .query_one("SELECT pg_catalog.current_setting($1)", &[&name])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(inner.db("read a session setting"))
+    }
+
     /// Connects to the database, applies pending schema migrations and returns the store.
     /// Needs a Tokio runtime (with the time driver).
     pub async fn open(config: &PostgresStoreConfig) -> Result<Self, PostgresStoreError> {
@@ -355,7 +371,25 @@ impl PostgresKeyStore {
                     client
                         .batch_execute(&session)
                         .await
-                        .map_err(HookError::Backend)
+                        .map_err(HookError::Backend)?;
+                    // A shred or a raised minimum version reported done must survive a crash
+                    // of the server: a role or database default of `synchronous_commit = off`
+                    // is raised to `on` (a stricter remote setting is kept).
+                    let commit: String = client
+                        .query_one(
+                            "SELECT pg_catalog.current_setting('synchronous_commit')",
+                            &[],
+                        )
+                        .await
+                        .and_then(|row| row.try_get(0))
+                        .map_err(HookError::Backend)?;
+                    if commit == "off" {
+                        client
+                            .batch_execute("SET synchronous_commit = on")
+                            .await
+                            .map_err(HookError::Backend)?;
+                    }
+                    Ok(())
                 })
             }))
             .build()

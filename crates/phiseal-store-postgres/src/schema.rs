@@ -333,22 +333,37 @@ impl Inner {
                 foreign.join(", ")
             )));
         }
-        // Rights to change the tables (or to put triggers on them) held by untrusted roles.
+        // Rights to change the tables (or to put triggers on them) held by untrusted roles:
+        // on a whole table (`relacl`) or on some of its columns (`attacl`: `GRANT UPDATE
+        // (min_decrypt_version) ON tenants TO …` would let a role lower a minimum version).
         let rows = tx
             .query(
-                "SELECT c.relname::pg_catalog.text,
-                        CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN NULL
-                             ELSE pg_catalog.pg_get_userbyid(a.grantee)::pg_catalog.text END,
-                        a.privilege_type
-                 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) AS a
-                 WHERE c.relnamespace OPERATOR(pg_catalog.=) $1
-                   AND a.privilege_type OPERATOR(pg_catalog.=) ANY (ARRAY[
+                "SELECT g.tab, g.col,
+                        CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN NULL
+                             ELSE pg_catalog.pg_get_userbyid(g.grantee)::pg_catalog.text END,
+                        g.privilege_type
+                 FROM (
+                     SELECT c.relname::pg_catalog.text AS tab, NULL::pg_catalog.text AS col,
+                            a.grantee, a.privilege_type
+                     FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) AS a
+                     WHERE c.relnamespace OPERATOR(pg_catalog.=) $1
+                     UNION ALL
+                     SELECT c.relname::pg_catalog.text, t.attname::pg_catalog.text,
+                            a.grantee, a.privilege_type
+                     FROM pg_catalog.pg_class c
+                     JOIN pg_catalog.pg_attribute t
+                       ON t.attrelid OPERATOR(pg_catalog.=) c.oid
+                     , pg_catalog.aclexplode(t.attacl) AS a
+                     WHERE c.relnamespace OPERATOR(pg_catalog.=) $1
+                       AND t.attnum OPERATOR(pg_catalog.>) 0 AND NOT t.attisdropped
+                 ) AS g
+                 WHERE g.privilege_type OPERATOR(pg_catalog.=) ANY (ARRAY[
                        'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'TRIGGER', 'REFERENCES'
                    ]::pg_catalog.text[])
-                   AND (a.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid
-                        OR pg_catalog.pg_get_userbyid(a.grantee)::pg_catalog.text
+                   AND (g.grantee OPERATOR(pg_catalog.=) 0::pg_catalog.oid
+                        OR pg_catalog.pg_get_userbyid(g.grantee)::pg_catalog.text
                            OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.text[]))
-                 ORDER BY 1, 2, 3 LIMIT 5",
+                 ORDER BY 1, 2 NULLS FIRST, 3, 4 LIMIT 5",
                 &[&oid, &trusted],
             )
             .await
@@ -357,12 +372,17 @@ impl Inner {
             .iter()
             .map(|r| -> Result<String, PostgresStoreError> {
                 let table: String = r.try_get(0).map_err(db)?;
-                let grantee: Option<String> = r.try_get(1).map_err(db)?;
-                let privilege: String = r.try_get(2).map_err(db)?;
+                let column: Option<String> = r.try_get(1).map_err(db)?;
+                let grantee: Option<String> = r.try_get(2).map_err(db)?;
+                let privilege: String = r.try_get(3).map_err(db)?;
                 let grantee = grantee
                     .as_deref()
                     .map_or_else(|| "PUBLIC".to_owned(), ident);
-                Ok(format!("{privilege} on {} to {grantee}", ident(&table)))
+                let what = match column {
+                    Some(column) => format!("{}({})", ident(&table), ident(&column)),
+                    None => ident(&table),
+                };
+                Ok(format!("{privilege} on {what} to {grantee}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if !grants.is_empty() {

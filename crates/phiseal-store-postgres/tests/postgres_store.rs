@@ -821,6 +821,44 @@ async fn schema_of(raw: &tokio_postgres::Client, relation: &str) -> Option<Strin
 }
 
 #[tokio::test]
+async fn sessions_commit_synchronously_and_keep_their_limits_whatever_the_defaults() {
+    let db = TestDb::new("sessions").await;
+    let raw = db.raw_default_path().await;
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {} SET synchronous_commit = off; \
+         ALTER DATABASE {} SET statement_timeout = 0",
+        db.name, db.name
+    ))
+    .await
+    .unwrap();
+    let store = db.open().await;
+    let setting = |name: &'static str| {
+        let store = &store;
+        async move { store.session_setting(name).await.unwrap() }
+    };
+    // (A committed shred must survive a server crash.)
+    assert_eq!(setting("synchronous_commit").await, "on");
+    assert_eq!(
+        setting("statement_timeout").await,
+        format!("{}s", phiseal_store_postgres::STATEMENT_TIMEOUT.as_secs())
+    );
+    assert_eq!(setting("search_path").await, "phiseal, pg_temp");
+    // A stricter setting is kept.
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {} SET synchronous_commit = remote_apply",
+        db.name
+    ))
+    .await
+    .unwrap();
+    drop(store);
+    let store = db.open().await;
+    assert_eq!(
+        store.session_setting("synchronous_commit").await.unwrap(),
+        "remote_apply"
+    );
+}
+
+#[tokio::test]
 async fn the_tables_live_in_the_store_schema_and_other_schemas_cannot_stand_in() {
     let db = TestDb::new("schemapath").await;
     let raw = db.raw_default_path().await;
@@ -1125,6 +1163,26 @@ async fn a_schema_another_role_owns_or_may_change_is_refused() {
     );
     raw.batch_execute(&format!(
         "REVOKE UPDATE ON phiseal.key_versions FROM {other}"
+    ))
+    .await
+    .unwrap();
+    db.open().await;
+
+    // … also on one column (enough to lower a minimum decryption version): refused.
+    raw.batch_execute(&format!(
+        "GRANT UPDATE (min_decrypt_version) ON phiseal.tenants TO {other}"
+    ))
+    .await
+    .unwrap();
+    let text = refused(PostgresKeyStore::open(&db.config()).await);
+    assert!(
+        text.contains(&format!(
+            "(UPDATE on \"tenants\"(\"min_decrypt_version\") to \"{other}\")"
+        )),
+        "{text}"
+    );
+    raw.batch_execute(&format!(
+        "REVOKE UPDATE (min_decrypt_version) ON phiseal.tenants FROM {other}"
     ))
     .await
     .unwrap();

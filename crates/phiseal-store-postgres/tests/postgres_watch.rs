@@ -60,6 +60,26 @@ fn tenant(name: &str) -> Change {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_idle_session_timeout_does_not_end_the_listener() {
+    let db = TestDb::new("idlewatch").await;
+    let raw = db.raw_default_path().await;
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {} SET idle_session_timeout = '1s'",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let store = db.open().await;
+    let (watcher, mut changes) = watch(&store);
+    expect(&mut changes, Change::All, Duration::from_secs(10)).await;
+    // Several idle timeouts later (and before the 10 s heartbeat): still the first session,
+    // and no second "everything changed".
+    assert_eq!(next(&mut changes, Duration::from_secs(4)).await, None);
+    assert!(watcher.is_listening());
+    assert_eq!(watcher.sessions(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_writes_notify_other_processes_and_rolled_back_ones_do_not() {
     let db = TestDb::new("watch").await;
     let writer = db.open().await;
