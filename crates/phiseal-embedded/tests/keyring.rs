@@ -1039,6 +1039,64 @@ async fn concurrent_rotations_never_duplicate_a_version() {
 
 /// Cache settings that trust tenant metadata (and keys) for a minute: another process's
 /// changes reach a keyring with them only through the paths that re-read on their own.
+#[tokio::test]
+async fn a_change_elsewhere_drops_metadata_and_only_the_keys_it_refused() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let k = keyring_on(&p, slow_metadata());
+    let other = keyring_on(&p, slow_metadata());
+    let c = caller();
+    let (t, u) = (tenant("t"), tenant("u"));
+    for x in [&t, &u] {
+        k.create_tenant(&c, x).await.unwrap();
+    }
+    let (cx_t, cx_u) = (ctx("t", "f", None), ctx("u", "f", None));
+    let old_t = k.encrypt(&c, &cx_t, b"t1").await.unwrap();
+    k.encrypt(&c, &cx_u, b"u1").await.unwrap();
+    assert_eq!(phiseal::testkit::cached_keys(&k), 2);
+    let unwraps = || p.kms.unwraps.load(Ordering::SeqCst);
+
+    // A notification that changed nothing (or was forged): metadata is read again, no key
+    // is unwrapped again.
+    let before = unwraps();
+    k.forget_metadata(None);
+    k.forget_metadata(Some(&u));
+    k.recheck_tenants(None).await.unwrap();
+    k.encrypt(&c, &cx_t, b"t").await.unwrap();
+    k.encrypt(&c, &cx_u, b"u").await.unwrap();
+    assert_eq!(unwraps(), before, "a notification cost a KMS call");
+    assert_eq!(phiseal::testkit::cached_keys(&k), 2);
+
+    // Another process rotates t and retires version 1: what the fresh read refuses goes,
+    // the rest stays.
+    other.rotate(&c, &t).await.unwrap();
+    other.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    k.forget_metadata(Some(&t));
+    k.recheck_tenants(Some(&t)).await.unwrap();
+    assert_eq!(
+        phiseal::testkit::cached_keys(&k),
+        1,
+        "t's version 1 left the cache, u's stayed"
+    );
+    assert!(matches!(
+        k.decrypt(&c, &cx_t, &old_t).await,
+        Err(Error::KeyVersionRetired { version: 1, .. })
+    ));
+    // Another process shreds u: refused at once (the metadata was dropped), and its key is
+    // gone after the fresh read — here the operation's own.
+    other.shred(&c, &u).await.unwrap();
+    k.forget_metadata(Some(&u));
+    assert!(matches!(
+        k.encrypt(&c, &cx_u, b"x").await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+    assert_eq!(
+        phiseal::testkit::cached_keys(&k),
+        0,
+        "u's key left the cache"
+    );
+}
+
 fn slow_metadata() -> CacheSettings {
     CacheSettings {
         metadata_ttl: Duration::from_secs(60),

@@ -37,21 +37,23 @@
 //! use phiseal::Keyring;
 //! use phiseal_store_postgres::{Change, ChangeWatcher, PostgresKeyStore, PostgresStoreError};
 //!
-//! fn invalidate_on_changes(
+//! fn follow_changes(
 //!     store: &PostgresKeyStore,
 //!     keyring: Keyring,
 //! ) -> Result<ChangeWatcher, PostgresStoreError> {
 //!     store.watch_changes(move |change| match change {
-//!         Change::Tenant(tenant) => keyring.invalidate_tenant(&tenant),
-//!         _ => keyring.invalidate_all(),
+//!         Change::Tenant(tenant) => keyring.forget_metadata(Some(&tenant)),
+//!         _ => keyring.forget_metadata(None),
 //!     })
 //! }
 //! ```
 //! Keep the returned [`ChangeWatcher`] for as long as the keyring is used (dropping it stops
-//! the listener). A process that runs streams also calls `Keyring::recheck_streams` after an
-//! invalidation (from a task: the callback must not block), so that its running streams of a
-//! tenant another process shredded stop; `phiseald` does. How fresh another process's view
-//! is:
+//! the listener). `forget_metadata` keeps the unwrapped keys: any role that can connect to
+//! the database can send notifications on the channel, and must not be able to empty the key
+//! cache. A process then calls `Keyring::recheck_tenants` (from a task, coalesced: the
+//! callback must not block) to drop at once the keys a change destroyed and stop its running
+//! streams of a tenant another process shredded; `phiseald` does (`changes.rs`). How fresh
+//! another process's view is:
 //! - **while the listener is connected** ([`ChangeWatcher::is_listening`]), a committed change
 //!   is seen by every other watching process as soon as its notification arrives: typically
 //!   milliseconds after the commit;

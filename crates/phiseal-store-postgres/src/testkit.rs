@@ -310,10 +310,19 @@ impl Cluster {
 
     /// Runs SQL as the superuser through psql (for set-up outside any Tokio runtime).
     pub fn psql_admin(&self, sql: &str) {
+        self.psql(&self.admin_url(), sql);
+    }
+
+    /// Runs SQL as the superuser through psql in database `dbname`.
+    pub fn psql_in(&self, dbname: &str, sql: &str) {
+        self.psql(&self.url(dbname), sql);
+    }
+
+    fn psql(&self, url: &str, sql: &str) {
         run(
             Command::new(self.bin.join("psql"))
                 .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-                .arg(self.admin_url())
+                .arg(url)
                 .arg("-c")
                 .arg(sql),
             "psql",

@@ -55,12 +55,13 @@ const NOTIFICATION_BUFFER: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Change {
-    /// The tenant's keys or lifecycle state changed: drop whatever is cached about it (e.g.
-    /// `phiseal::Keyring::invalidate_tenant`).
+    /// The tenant's keys or lifecycle state changed: read it again before using what is cached
+    /// about it (`phiseal::Keyring::forget_metadata`). Anyone who can connect to the database
+    /// can send one.
     Tenant(TenantId),
     /// Anything may have changed (the watcher has just (re)connected, so notifications may have
-    /// been missed, or a notification was not understood): drop everything cached (e.g.
-    /// `phiseal::Keyring::invalidate_all`).
+    /// been missed, or a notification was not understood): read every tenant again before
+    /// using what is cached about it (`phiseal::Keyring::forget_metadata(None)`).
     All,
 }
 

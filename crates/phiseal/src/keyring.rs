@@ -849,9 +849,28 @@ impl Keyring {
             // Shredded, perhaps by another process: its running streams stop.
             self.revoke_streams(tenant);
         }
+        self.drop_refused_keys(&record);
         Ok(Arc::new(TenantView::new(
             record, shard, generation, fetched_at,
         )))
+    }
+
+    /// Drops the cached unwrapped keys of versions that `record`, freshly read, no longer lets
+    /// serve — all of a shredded tenant's, destroyed ones, those below the minimum decryption
+    /// version — perhaps changed by another process: they are zeroized once no operation
+    /// uses them, rather than when their TTL ends.
+    fn drop_refused_keys(&self, record: &TenantRecord) {
+        let shredded = record.shredded_at.is_some();
+        for version in &record.versions {
+            if shredded
+                || version.state == KeyState::Destroyed
+                || version.version < record.min_decrypt_version
+            {
+                self.inner
+                    .keys
+                    .remove(&(record.tenant.clone(), version.version));
+            }
+        }
     }
 
     /// Whether a cached view may be used: younger than `metadata_ttl` at `now`, and loaded
@@ -882,9 +901,10 @@ impl Keyring {
     }
 
     /// Drops cached metadata and unwrapped keys of `tenant` (they zeroize once no operation
-    /// uses them). The next operation re-reads the key store. Call it when another process
-    /// is known to have rotated or shredded the tenant, then [`Keyring::recheck_streams`]
-    /// so that its running streams stop if it was shredded.
+    /// uses them). The next operation re-reads the key store and unwraps through the KMS.
+    /// For a change another process made, [`Keyring::forget_metadata`] is enough (and keeps
+    /// the keys the change still allows); this is for keys that must go whatever the store
+    /// says.
     pub fn invalidate_tenant(&self, tenant: &TenantId) {
         // Bump first: an unwrap in flight through an older view will not keep its key.
         self.inner.generations.bump_tenant(tenant);
@@ -969,10 +989,33 @@ impl Keyring {
                 .cloned()
                 .collect()
         };
-        // Every tenant is read, also after a failed read; the first error is returned.
+        self.reread(&tenants).await
+    }
+
+    /// Re-reads from the key store `tenant` — or, given `None`, every tenant with cached
+    /// unwrapped keys or running streams — after [`Keyring::forget_metadata`]: drops the keys
+    /// their records no longer let serve (a shred, destroyed versions, a raised minimum
+    /// decryption version) and stops the streams of shredded ones. Store errors are returned
+    /// (the first); every tenant is read. Keys the records still allow stay cached.
+    pub async fn recheck_tenants(&self, tenant: Option<&TenantId>) -> Result<(), Error> {
+        let tenants: Vec<TenantId> = match tenant {
+            Some(tenant) => vec![tenant.clone()],
+            None => {
+                let mut tenants: Vec<TenantId> = self.live_streams().keys().cloned().collect();
+                tenants.extend(self.inner.keys.iter().map(|((tenant, _), _)| tenant));
+                tenants.sort_unstable();
+                tenants.dedup();
+                tenants
+            }
+        };
+        self.reread(&tenants).await
+    }
+
+    /// Reads `tenants` from the key store (`load_view`: drops refused keys, stops the streams
+    /// of shredded tenants), also after a failed read; the first error is returned.
+    async fn reread(&self, tenants: &[TenantId]) -> Result<(), Error> {
         let mut first_error = None;
-        for t in &tenants {
-            // `load_view` revokes the streams of a shredded tenant.
+        for t in tenants {
             if let Err(e) = self.load_view(t).await {
                 first_error.get_or_insert(e);
             }
@@ -980,8 +1023,37 @@ impl Keyring {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Drops every tenant's cached metadata and unwrapped keys: for a process that may have
-    /// missed change notifications (a shared key store's listener reconnecting).
+    /// How many unwrapped key versions the key cache holds (for `crate::testkit`).
+    #[cfg(feature = "testkit")]
+    pub(crate) fn cached_key_count(&self) -> usize {
+        self.inner.keys.len()
+    }
+
+    /// Drops the cached metadata of `tenant` — of every tenant, given `None` — but keeps the
+    /// unwrapped keys: for a change another process made through a shared key store (its
+    /// change notification). The next operation on the tenant reads the store again and
+    /// refuses what the change no longer allows, without a KMS call for keys it still allows —
+    /// unlike [`Keyring::invalidate_tenant`], so that notifications (which anyone able to
+    /// connect to the database can send) cannot empty the key cache, nor throw away the keys
+    /// that serve through a KMS outage. Follow it with [`Keyring::recheck_tenants`], which
+    /// drops the keys the change destroyed at once.
+    pub fn forget_metadata(&self, tenant: Option<&TenantId>) {
+        let inner = &self.inner;
+        match tenant {
+            Some(tenant) => {
+                inner.generations.bump_tenant(tenant);
+                inner.tenants.remove(tenant);
+            }
+            None => {
+                inner.generations.bump_all();
+                inner.tenants.clear();
+            }
+        }
+    }
+
+    /// Drops every tenant's cached metadata and unwrapped keys. After missed change
+    /// notifications (a shared key store's listener reconnecting),
+    /// [`Keyring::forget_metadata`]`(None)` is enough.
     pub fn invalidate_all(&self) {
         self.inner.generations.bump_all();
         self.inner.tenants.clear();

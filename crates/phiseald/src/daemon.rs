@@ -18,6 +18,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::changes::{SharedStoreWatch, watch_shared_store};
 use crate::config::{Config, DurabilityName, KeyStoreKind, ProfileName};
 use crate::error::DaemonError;
 use crate::instrument::{MeteredAudit, MeteredKms};
@@ -27,7 +28,7 @@ use crate::policy::Policy;
 use crate::service::{AdminApi, FieldApi, Sidecar};
 use crate::{rotation, transport};
 use phiseal::store::KeyStore;
-use phiseal_store_postgres::{Change, ChangeWatcher, PostgresKeyStore};
+use phiseal_store_postgres::PostgresKeyStore;
 
 /// HTTP/2 streams (calls) one connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
@@ -53,7 +54,7 @@ pub struct Daemon {
     sidecar: Arc<Sidecar>,
     registry: Arc<Registry>,
     /// The shared key store's change listener (stops when the daemon is dropped).
-    _watcher: Option<ChangeWatcher>,
+    _watcher: Option<SharedStoreWatch>,
 }
 
 /// The opened key store; for PostgreSQL also the store itself, to watch its changes.
@@ -124,42 +125,6 @@ async fn refuse_a_new_local_root_key(
         root_key.display(),
         tenants.len()
     )))
-}
-
-/// Keeps this daemon's caches in step with other daemons on a shared store: a change they
-/// commit (rotation, minimum version, shred) drops the tenant's cached keys here within
-/// milliseconds; after the listener (re)connects, everything cached is dropped, since
-/// notifications may have been missed. While it is disconnected, `cache.metadata_ttl` bounds
-/// staleness.
-fn watch_shared_store(
-    store: &PostgresKeyStore,
-    keyring: &Keyring,
-) -> Result<ChangeWatcher, DaemonError> {
-    let keyring = keyring.clone();
-    Ok(store.watch_changes(move |change| {
-        let tenant = match change {
-            Change::Tenant(tenant) => {
-                keyring.invalidate_tenant(&tenant);
-                Some(tenant)
-            }
-            _ => {
-                keyring.invalidate_all();
-                None
-            }
-        };
-        // A running stream of a tenant another process shredded stops once the tenant is
-        // read again (the callback runs on the watcher's task: the read gets its own).
-        let keyring = keyring.clone();
-        tokio::spawn(async move {
-            if let Err(e) = keyring.recheck_streams(tenant.as_ref()).await {
-                tracing::warn!(
-                    error = %e,
-                    "could not re-read changed tenants for their running streams; retried \
-                     within 60 s"
-                );
-            }
-        });
-    })?)
 }
 
 /// `phiseald --migrate`: applies the PostgreSQL key store's pending schema migrations and

@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+mod changes;
 pub mod config;
 pub mod connections;
 pub mod daemon;

@@ -187,6 +187,63 @@ async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
 }
 
 #[tokio::test]
+async fn forged_notifications_cost_no_kms_call() {
+    // Anyone who can connect to the database can NOTIFY on the store's channel.
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.psql_admin("CREATE DATABASE keys");
+    let url = cluster.url("keys");
+    let shared = tempfile::tempdir().unwrap();
+    let data = shared.path().join("data");
+    let d = Daemon::with_config(&config(data.to_str().unwrap(), &url));
+    create_tenant(&d, "acme").await;
+    assert_eq!(encrypt(&d, "acme").await.unwrap(), 1);
+    let audit = d.dir.path().join("audit.log");
+    let unwraps = || {
+        std::fs::read_to_string(&audit)
+            .unwrap()
+            .matches("\"key_source\":\"kms\"")
+            .count()
+    };
+    let before = unwraps();
+    assert!(before >= 1);
+    // A flood naming the tenant, and payloads that name none (read as "everything
+    // changed").
+    let mut sql = String::new();
+    for i in 0..200 {
+        sql.push_str("SELECT pg_notify('phiseal_key_changes', 'acme');");
+        sql.push_str(&format!(
+            "SELECT pg_notify('phiseal_key_changes', 'not a tenant {i}');"
+        ));
+    }
+    cluster.psql_in("keys", &sql);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..3 {
+        assert_eq!(encrypt(&d, "acme").await.unwrap(), 1);
+    }
+    assert_eq!(
+        unwraps(),
+        before,
+        "a forged notification dropped the cached key"
+    );
+    // The daemon still follows real changes made elsewhere (another daemon's rotation).
+    let other = Daemon::with_config(&config(data.to_str().unwrap(), &url));
+    other
+        .admin()
+        .await
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant: "acme".into(),
+            expected_latest_version: None,
+        })
+        .await
+        .unwrap();
+    let seen = within(Duration::from_secs(2), async || {
+        encrypt(&d, "acme").await.unwrap() == 2
+    })
+    .await;
+    assert!(seen.is_some(), "the rotation was not seen");
+}
+
+#[tokio::test]
 async fn a_missing_local_root_key_is_not_replaced_while_the_shared_store_holds_tenants() {
     let cluster = Cluster::start(ClusterOptions::default());
     cluster.psql_admin("CREATE DATABASE keys");

@@ -104,6 +104,11 @@ pub fn remembers_metadata(handle: &crate::TenantKeyring) -> bool {
     handle.remembers_metadata()
 }
 
+/// How many unwrapped key versions `keyring` holds in its key cache.
+pub fn cached_keys(keyring: &crate::Keyring) -> usize {
+    keyring.cached_key_count()
+}
+
 /// Keeps the metadata `handle` remembers alive until the result is dropped, as an operation
 /// in flight (or a running batch) would; `None` if it remembers none.
 pub fn hold_metadata(
