@@ -23,6 +23,10 @@ const HTTP_PROVIDER_STATUS: &str = "Non-success status from HTTP credential prov
 /// Whether a credentials failure `err` (anywhere in its chain of causes) is one that may pass
 /// by itself.
 pub(crate) fn transient(err: &(dyn std::error::Error + 'static)) -> bool {
+    // (A credentials endpoint whose certificate is rejected is no outage either.)
+    if crate::certificate_rejected(err) {
+        return false;
+    }
     causes(err).skip(1).any(|cause| {
         if let Some(c) = cause.downcast_ref::<ConnectorError>() {
             return c.is_io() || c.is_timeout();

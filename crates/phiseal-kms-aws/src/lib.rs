@@ -516,6 +516,16 @@ pub(crate) fn causes<'a>(
     std::iter::successors(Some(err), |e| e.source())
 }
 
+/// Whether the TLS handshake rejected the endpoint's certificate (or got none): a wrong
+/// endpoint, a TLS-intercepting proxy, a CA missing from the trust store — a configuration
+/// problem (or an attack), never an outage that stale keys may bridge.
+pub(crate) fn certificate_rejected(err: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        phiseal::kms::find_cause::<rustls::Error>(err),
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+    )
+}
+
 /// The refusal of [`https_only::HttpsOnly`], if it is among the causes of `err`.
 fn insecure_endpoint<'a>(
     err: &'a (dyn std::error::Error + 'static),
@@ -541,6 +551,12 @@ where
         SdkError::DispatchFailure(d) if d.is_timeout() => (
             BackendErrorKind::Unavailable,
             "timed out connecting or waiting for the response".to_owned(),
+        ),
+        SdkError::DispatchFailure(_) if certificate_rejected(&err) => (
+            BackendErrorKind::Misconfigured,
+            "the KMS endpoint's TLS certificate was rejected (a wrong endpoint_url, a \
+             TLS-intercepting proxy, or its CA missing from the trust store)"
+                .to_owned(),
         ),
         SdkError::DispatchFailure(d) if d.is_io() => (
             BackendErrorKind::Unavailable,
@@ -607,9 +623,21 @@ where
     })
 }
 
-/// A one-line description of the cause. Not the SDK's `DisplayErrorContext`: that ends in the
-/// `Debug` form of the raw HTTP response (headers and body).
+/// The most characters of a cause kept in an error message.
+const MAX_CAUSE_LEN: usize = 600;
+
+/// A one-line description of the cause, at most [`MAX_CAUSE_LEN`] characters, control
+/// characters replaced: the chain can hold what a credential process printed on its stderr.
+/// Not the SDK's `DisplayErrorContext`: that ends in the `Debug` form of the raw HTTP
+/// response (headers and body).
 fn cause_text<E>(err: &SdkError<E, aws_sdk_kms::config::http::HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    phiseal::kms::printable(&full_cause_text(err), MAX_CAUSE_LEN)
+}
+
+fn full_cause_text<E>(err: &SdkError<E, aws_sdk_kms::config::http::HttpResponse>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {

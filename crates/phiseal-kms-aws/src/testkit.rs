@@ -38,6 +38,7 @@ const INSTALL_HINT: &str = "PHISEAL_MOTO_SERVER is not set: the AWS KMS tests ne
 pub struct Moto {
     child: Option<Child>,
     pub port: u16,
+    tls: bool,
 }
 
 impl Moto {
@@ -51,10 +52,29 @@ impl Moto {
     }
 
     pub fn start_on(port: u16) -> Moto {
+        Moto::start_with(port, false)
+    }
+
+    /// A moto serving HTTPS with a certificate of its own making, which no client trusts
+    /// ([`Moto::url`] is then `https://`).
+    pub fn start_tls() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Moto::start_with(port, true)
+    }
+
+    fn start_with(port: u16, tls: bool) -> Moto {
         let exe =
             std::env::var_os("PHISEAL_MOTO_SERVER").unwrap_or_else(|| panic!("{INSTALL_HINT}"));
-        let child = Command::new(&exe)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut command = Command::new(&exe);
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        if tls {
+            command.arg("--ssl");
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -63,6 +83,7 @@ impl Moto {
         let mut moto = Moto {
             child: Some(child),
             port,
+            tls,
         };
         moto.wait_ready();
         moto
@@ -87,7 +108,8 @@ impl Moto {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Stops the process without killing it (SIGSTOP): connections are accepted by the

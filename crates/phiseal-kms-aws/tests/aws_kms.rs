@@ -119,6 +119,22 @@ async fn unknown_key_is_misconfigured() {
 }
 
 #[tokio::test]
+async fn a_rejected_tls_certificate_is_misconfigured_not_an_outage() {
+    // An endpoint whose certificate is not trusted (a wrong endpoint, a TLS-intercepting
+    // proxy): a configuration problem that stale keys must not bridge.
+    let moto = Moto::start_tls();
+    let err = AwsKms::from_client(client(&moto.url()).await, "alias/phiseal")
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{err}");
+    assert!(
+        err.to_string()
+            .contains("the KMS endpoint's TLS certificate was rejected"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn empty_config_is_refused_without_network() {
     let config = AwsKmsConfig {
         key_id: String::new(),

@@ -843,15 +843,7 @@ fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
 /// A value from outside (a reference or key id) for a message: at most 300 characters,
 /// control characters replaced.
 fn printable(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(300)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.chars().count() > 300 {
-        out.push('…');
-    }
-    out
+    phiseal::kms::printable(s, 300)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -909,26 +901,23 @@ fn cause_text(err: &azure_core::Error) -> String {
         }
         current = e.source();
     }
-    let text = parts.join(": ");
-    let mut out: String = text
-        .chars()
-        .take(MAX_CAUSE_LEN)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if text.chars().count() > MAX_CAUSE_LEN {
-        out.push('…');
-    }
-    out
+    phiseal::kms::printable(&parts.join(": "), MAX_CAUSE_LEN)
 }
 
 /// Maps an SDK error to a [`BackendError`] naming the backend, the operation, the vault and
 /// key, and the cause.
 fn sdk_error(err: &azure_core::Error, op: Op, what: &str) -> BackendError {
     let kind = match err.kind() {
+        // The vault's or the identity endpoint's: no outage that stale keys may bridge.
+        _ if certificate_rejected(err) => BackendErrorKind::Misconfigured,
         ErrorKind::Credential => classify_credential(err),
         kind => classify(op, kind),
     };
     let hint = match kind {
+        _ if certificate_rejected(err) => {
+            " (the server's TLS certificate was rejected: check the vault URL and authority \
+             host, a TLS-intercepting proxy, and the trust store)"
+        }
         BackendErrorKind::Unavailable => " (Key Vault is unreachable or overloaded, retry later)",
         BackendErrorKind::Denied => {
             " (check the credential, that the key version is enabled, and that this identity \
@@ -945,6 +934,16 @@ fn sdk_error(err: &azure_core::Error, op: Op, what: &str) -> BackendError {
     // `BackendError`'s Display appends the source: "<message>: <cause>".
     BackendError::new(kind, format!("{NAME}: {op} with {what} failed{hint}"))
         .with_source(Cause(cause_text(err)))
+}
+
+/// Whether the TLS handshake rejected the server's certificate (or got none): a wrong vault
+/// URL or authority host, a TLS-intercepting proxy, a CA missing from the trust store — a
+/// configuration problem (or an attack), never an outage.
+fn certificate_rejected(err: &azure_core::Error) -> bool {
+    matches!(
+        phiseal::kms::find_cause::<rustls::Error>(err),
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+    )
 }
 
 /// A failure to obtain a token (azure_identity reports them all as `Credential`): a

@@ -211,7 +211,16 @@ fn client_with(double: &Double, token: Option<&'static str>) -> KeyClient {
 
 /// An SDK client for the double that trusts only its CA and uses `credential`.
 fn client_with_credential(double: &Double, credential: Arc<dyn TokenCredential>) -> KeyClient {
-    let ca = std::fs::read(double.ca_pem()).unwrap();
+    client_trusting(double, &double.ca_pem(), credential)
+}
+
+/// An SDK client for the double that trusts only the CA in `ca_pem` and uses `credential`.
+fn client_trusting(
+    double: &Double,
+    ca_pem: &std::path::Path,
+    credential: Arc<dyn TokenCredential>,
+) -> KeyClient {
+    let ca = std::fs::read(ca_pem).unwrap();
     let http = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
         .build()
@@ -712,6 +721,29 @@ async fn missing_or_wrong_token_is_denied() {
     let err = kms.unwrap(&wrapped, &b).await.unwrap_err();
     assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
     assert!(!format!("{err} {err:?}").contains(TOKEN), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_rejected_tls_certificate_is_misconfigured_not_an_outage() {
+    // A vault whose certificate this client does not trust (here: signed by another test
+    // CA; as with a wrong URL or a TLS-intercepting proxy).
+    let vault = Double::start();
+    create_key(&client(&vault), "kek", KeyType::Rsa, 2048).await;
+    let stranger = Double::start();
+    let client = client_trusting(
+        &vault,
+        &stranger.ca_pem(),
+        Arc::new(StaticToken(Some(TOKEN))),
+    );
+    let err = AzureKeyVaultKms::from_client(client, &vault.url(), "kek", WrapAlgorithm::RsaOaep256)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), BackendErrorKind::Misconfigured, "{err}");
+    assert!(
+        err.to_string()
+            .contains("the server's TLS certificate was rejected"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -1260,7 +1260,7 @@ impl Keyring {
                          not configured here: configure its backend (as [kms.previous] during a \
                          migration) or finish `phiseal root rotate`",
                         record.version,
-                        printable_ref(&wrapped.root_key_ref)
+                        crate::kms::printable(&wrapped.root_key_ref, 300)
                     ),
                 ),
             ));
@@ -2241,16 +2241,6 @@ impl quick_cache::Equivalent<(TenantId, u32)> for KeyRef<'_> {
     fn equivalent(&self, key: &(TenantId, u32)) -> bool {
         *self.0 == key.0 && self.1 == key.1
     }
-}
-
-/// A root-key reference from the key store, safe to put in a message: control characters
-/// replaced, at most 300 characters.
-fn printable_ref(root_key_ref: &str) -> String {
-    root_key_ref
-        .chars()
-        .take(300)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
 }
 
 fn outcome_of<T>(result: &Result<T, Error>) -> Outcome {

@@ -75,6 +75,43 @@ pub fn caused_by_local_file_error(err: &(dyn std::error::Error + 'static)) -> bo
     })
 }
 
+/// The first error of type `T` in `err`'s chain of causes, looking also inside I/O errors
+/// that wrap another error, however deep (an I/O error's `source` skips the error it wraps):
+/// for backends classifying what their SDK reports, e.g. a TLS library's certificate error
+/// under two layers of connection errors.
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    std::iter::successors(Some(err), |e| e.source()).find_map(|mut e| {
+        loop {
+            if let Some(found) = e.downcast_ref::<T>() {
+                return Some(found);
+            }
+            e = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+        }
+    })
+}
+
+/// `text` from outside (a cause from an SDK, a reference read from a store) made safe for an
+/// error message or a log line: at most `max_chars` characters (`…` marks a cut), line breaks
+/// and tabs as spaces, other control characters as `?` (no forged log lines, no terminal
+/// escapes).
+pub fn printable(text: &str, max_chars: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max_chars)
+        .map(|c| match c {
+            '\n' | '\r' | '\t' => ' ',
+            c if c.is_control() => '?',
+            c => c,
+        })
+        .collect();
+    if text.chars().nth(max_chars).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// A KMS backend holding the root key.
 #[async_trait]
 pub trait Kms: Send + Sync + std::fmt::Debug {
@@ -183,5 +220,33 @@ impl Kms for KmsChain {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_caps_and_neutralizes_control_characters() {
+        assert_eq!(printable("ok", 5), "ok");
+        assert_eq!(printable("abcdef", 3), "abc…");
+        assert_eq!(printable("abc", 3), "abc");
+        assert_eq!(
+            printable("line\nforged: ok\r\t\u{1b}[31m", 100),
+            "line forged: ok  ?[31m"
+        );
+    }
+
+    #[test]
+    fn find_cause_looks_inside_nested_io_errors() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("the real cause")]
+        struct Real;
+        let nested =
+            std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, Real));
+        assert!(find_cause::<Real>(&nested).is_some());
+        let plain = std::io::Error::other("no such cause");
+        assert!(find_cause::<Real>(&plain).is_none());
     }
 }
