@@ -7,9 +7,13 @@
 //! every attempt would time out until STS got faster: a slow credential refresh would become a
 //! KMS outage. Here the refresh runs in a spawned task; a caller whose attempt ends only stops
 //! waiting, and the next attempt (or any other call) waits for the same refresh. The SDK's
-//! identity cache in front still decides when to refresh; failures are not cached.
+//! identity cache in front still decides when to refresh; failures are not cached. A refresh
+//! still unanswered after [`REFRESH_LIMIT`] fails as timed out (an outage), so that a hung
+//! provider — a `credential_process` that never exits — does not hold every later call: the
+//! next call starts another.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::error::CredentialsError;
@@ -18,12 +22,17 @@ use tokio::sync::watch;
 
 type Outcome = Option<Result<Credentials, Arc<CredentialsError>>>;
 
+/// The longest a credentials refresh may take (as the Azure backend's token refresh).
+pub(crate) const REFRESH_LIMIT: Duration = Duration::from_secs(120);
+
 /// Wraps a credentials provider; see the module docs.
 #[derive(Debug)]
 pub(crate) struct DetachedCredentials {
     inner: SharedCredentialsProvider,
     /// The refresh in progress, or the last one (then finished).
     current: Mutex<Option<watch::Receiver<Outcome>>>,
+    /// [`REFRESH_LIMIT`] (shorter in tests).
+    limit: Duration,
 }
 
 impl DetachedCredentials {
@@ -31,6 +40,7 @@ impl DetachedCredentials {
         Self {
             inner,
             current: Mutex::new(None),
+            limit: REFRESH_LIMIT,
         }
     }
 
@@ -45,8 +55,12 @@ impl DetachedCredentials {
         }
         let (tx, rx) = watch::channel(None);
         let inner = self.inner.clone();
+        let limit = self.limit;
         tokio::spawn(async move {
-            let outcome = inner.provide_credentials().await.map_err(Arc::new);
+            let outcome = tokio::time::timeout(limit, inner.provide_credentials())
+                .await
+                .unwrap_or_else(|_| Err(CredentialsError::provider_timed_out(limit)))
+                .map_err(Arc::new);
             let _ = tx.send(Some(outcome));
         });
         *current = Some(rx.clone());
@@ -113,5 +127,47 @@ impl std::fmt::Display for SharedCause {
 impl std::error::Error for SharedCause {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         std::error::Error::source(&*self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A provider that never answers (a hung `credential_process`), counting its calls.
+    #[derive(Debug, Default)]
+    struct Hung(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl ProvideCredentials for Hung {
+        fn provide_credentials<'a>(&'a self) -> provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            provider::future::ProvideCredentials::new(std::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hung_refresh_times_out_and_the_next_call_starts_another() {
+        let calls_made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let detached = DetachedCredentials {
+            limit: Duration::from_millis(200),
+            ..DetachedCredentials::new(SharedCredentialsProvider::new(Hung(Arc::clone(
+                &calls_made,
+            ))))
+        };
+        for calls in 1..=2 {
+            let err = tokio::time::timeout(Duration::from_secs(5), detached.load())
+                .await
+                .expect("a hung refresh held the call")
+                .unwrap_err();
+            assert!(
+                matches!(err, CredentialsError::ProviderTimedOut(_)),
+                "{err:?}"
+            );
+            assert_eq!(calls_made.load(std::sync::atomic::Ordering::SeqCst), calls);
+        }
     }
 }
