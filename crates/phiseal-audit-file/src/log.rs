@@ -1384,6 +1384,11 @@ fn torn_path(path: &Path, after: u64, offset: u64) -> PathBuf {
 
 /// Copies `len` bytes at `offset` of `file` to `saved_to` (created 0600, fsynced), or checks
 /// that an existing `saved_to` holds exactly those bytes.
+///
+/// The copy is made under a temporary name (`<saved_to>.partial`) and linked to its own only
+/// once complete and on disk: a crash during the copy leaves no partial save file under the
+/// final name — which a resumed recovery would find different from the torn bytes —, only
+/// the temporary one, which the next attempt replaces.
 fn save_torn(
     path: &Path,
     file: &File,
@@ -1391,65 +1396,98 @@ fn save_torn(
     len: u64,
     saved_to: &Path,
 ) -> Result<(), AuditFileError> {
+    if std::fs::symlink_metadata(saved_to).is_ok() {
+        // A previous, interrupted recovery: reuse the file only if identical.
+        return check_saved_copy(path, file, offset, len, saved_to);
+    }
+    let partial = beside(saved_to, ".partial");
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&partial, "remove")(e)),
+    }
+    let copied = copy_torn(path, file, offset, len, &partial)
+        .map(|()| std::fs::hard_link(&partial, saved_to));
+    let _ = std::fs::remove_file(&partial);
+    match copied? {
+        Ok(()) => sync_parent_dir(saved_to),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            check_saved_copy(path, file, offset, len, saved_to)
+        }
+        Err(e) => Err(io_err(saved_to, "link")(e)),
+    }
+}
+
+/// Copies `len` bytes at `offset` of `file` to the new file `to` (0600), fsynced.
+fn copy_torn(
+    path: &Path,
+    file: &File,
+    offset: u64,
+    len: u64,
+    to: &Path,
+) -> Result<(), AuditFileError> {
     let mut src = file;
     src.seek(SeekFrom::Start(offset))
         .map_err(io_err(path, "seek"))?;
-    match OpenOptions::new()
+    let mut dst = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(saved_to)
-    {
-        Ok(mut dst) => {
-            let copied = std::io::copy(&mut src.take(len), &mut dst)
-                .map_err(io_err(saved_to, "copy of the torn bytes"))?;
-            if copied != len {
-                return Err(AuditFileError::Io {
-                    path: path.to_owned(),
-                    op: "read of the torn bytes",
-                    source: std::io::ErrorKind::UnexpectedEof.into(),
-                });
-            }
-            dst.sync_all().map_err(io_err(saved_to, "fsync"))?;
-            sync_parent_dir(saved_to)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // A previous, interrupted recovery: reuse the file only if identical.
-            let conflict = || AuditFileError::TornFileConflict {
-                path: path.to_owned(),
-                saved_to: saved_to.to_owned(),
-            };
-            // Only a regular file, not through a symlink (a FIFO would block, a device never
-            // end).
-            let mut existing = crate::verify::open_regular(saved_to)
-                .map_err(io_err(saved_to, "open"))?
-                .ok_or_else(conflict)?;
-            let meta = existing.metadata().map_err(io_err(saved_to, "stat"))?;
-            if meta.len() != len {
-                return Err(conflict());
-            }
-            let mut a = vec![0u8; 64 * 1024];
-            let mut b = vec![0u8; 64 * 1024];
-            let mut src = src.take(len);
-            loop {
-                let n = src.read(&mut a).map_err(io_err(path, "read"))?;
-                if n == 0 {
-                    break;
-                }
-                let (ac, bc) = (a.get(..n), b.get_mut(..n));
-                let (Some(ac), Some(bc)) = (ac, bc) else {
-                    return Err(conflict());
-                };
-                existing.read_exact(bc).map_err(io_err(saved_to, "read"))?;
-                if ac != bc {
-                    return Err(conflict());
-                }
-            }
-            existing.sync_all().map_err(io_err(saved_to, "fsync"))?;
-            Ok(())
-        }
-        Err(e) => Err(io_err(saved_to, "create")(e)),
+        .open(to)
+        .map_err(io_err(to, "create"))?;
+    let copied = std::io::copy(&mut src.take(len), &mut dst)
+        .map_err(io_err(to, "copy of the torn bytes"))?;
+    if copied != len {
+        return Err(AuditFileError::Io {
+            path: path.to_owned(),
+            op: "read of the torn bytes",
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        });
     }
+    dst.sync_all().map_err(io_err(to, "fsync"))
+}
+
+/// Checks that the existing `saved_to` holds exactly the `len` bytes at `offset` of `file`.
+fn check_saved_copy(
+    path: &Path,
+    file: &File,
+    offset: u64,
+    len: u64,
+    saved_to: &Path,
+) -> Result<(), AuditFileError> {
+    let conflict = || AuditFileError::TornFileConflict {
+        path: path.to_owned(),
+        saved_to: saved_to.to_owned(),
+    };
+    // Only a regular file, not through a symlink (a FIFO would block, a device never end).
+    let mut existing = crate::verify::open_regular(saved_to)
+        .map_err(io_err(saved_to, "open"))?
+        .ok_or_else(conflict)?;
+    let meta = existing.metadata().map_err(io_err(saved_to, "stat"))?;
+    if meta.len() != len {
+        return Err(conflict());
+    }
+    let mut src = file;
+    src.seek(SeekFrom::Start(offset))
+        .map_err(io_err(path, "seek"))?;
+    let mut a = vec![0u8; 64 * 1024];
+    let mut b = vec![0u8; 64 * 1024];
+    let mut src = src.take(len);
+    loop {
+        let n = src.read(&mut a).map_err(io_err(path, "read"))?;
+        if n == 0 {
+            break;
+        }
+        let (ac, bc) = (a.get(..n), b.get_mut(..n));
+        let (Some(ac), Some(bc)) = (ac, bc) else {
+            return Err(conflict());
+        };
+        existing.read_exact(bc).map_err(io_err(saved_to, "read"))?;
+        if ac != bc {
+            return Err(conflict());
+        }
+    }
+    existing.sync_all().map_err(io_err(saved_to, "fsync"))
 }
 
 /// What the header (the first line) of a log file says.
@@ -1544,19 +1582,14 @@ fn append_recovery(
             "the save file of the torn bytes is not a regular file of the expected length",
         )
     };
-    let mut saved = Vec::new();
+    // (Hashed as it is read: a torn tail can be gigabytes of zeros after a crash.)
+    let mut hasher = sha2::Sha256::default();
     crate::verify::open_regular(saved_to)
         .and_then(|f| f.ok_or_else(not_saved))
-        .and_then(|f| f.take(len.saturating_add(1)).read_to_end(&mut saved))
-        .and_then(|n| {
-            if n as u64 == len {
-                Ok(())
-            } else {
-                Err(not_saved())
-            }
-        })
+        .and_then(|f| std::io::copy(&mut f.take(len.saturating_add(1)), &mut hasher))
+        .and_then(|n| if n == len { Ok(()) } else { Err(not_saved()) })
         .map_err(io_err(saved_to, "read of the saved bytes"))?;
-    let saved_sha256 = phiseal::crypto::default_provider().sha256.digest(&[&saved]);
+    let saved_sha256: [u8; 32] = sha2::Digest::finalize(hasher).into();
     let mut line = String::with_capacity(512);
     encode_recovery(
         &mut line,

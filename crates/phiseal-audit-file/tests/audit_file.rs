@@ -1179,6 +1179,25 @@ async fn interrupted_recovery_resumes() {
     // Once recorded, the log opens (the save file stays, named after an older length).
     drop(FileAuditLog::open(&path, Durability::Strict).unwrap());
 
+    // A crash during the copy of the torn bytes leaves only the temporary copy (never a
+    // partial save file under the final name): the next recovery replaces and removes it.
+    let (_dir4, path4) = log_with(1).await;
+    let mut bytes = std::fs::read(&path4).unwrap();
+    let off = bytes.len();
+    bytes.extend_from_slice(b"{\"seq\":2,\"time\":\"20");
+    std::fs::write(&path4, &bytes).unwrap();
+    let saved = format!("{}.torn-{off}", path4.display());
+    let partial = format!("{saved}.partial");
+    std::fs::write(&partial, b"{\"seq\":2").unwrap();
+    let rec = FileAuditLog::recover_torn_tail(&path4).unwrap().unwrap();
+    assert_eq!(rec.saved_to.to_str(), Some(saved.as_str()));
+    assert_eq!(std::fs::read(&saved).unwrap(), b"{\"seq\":2,\"time\":\"20");
+    assert!(
+        !std::path::Path::new(&partial).exists(),
+        "the temporary copy stayed"
+    );
+    assert!(verify(&path4).unwrap().is_intact());
+
     // A save file that differs from the torn bytes is never overwritten.
     let (_dir2, path2) = log_with(1).await;
     let mut bytes = std::fs::read(&path2).unwrap();
