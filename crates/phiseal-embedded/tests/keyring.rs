@@ -1696,6 +1696,8 @@ struct SwitchableKms {
     inner: Arc<dyn Kms>,
     /// None: working; Some(kind): every unwrap fails with that kind.
     failure: std::sync::Mutex<Option<BackendErrorKind>>,
+    /// The failure is decided without calling the service (a record the backend cannot send).
+    before_calling: std::sync::atomic::AtomicBool,
     unwraps: AtomicUsize,
     /// While set, an unwrap waits for a permit of `gate` (a KMS call in flight).
     hold: std::sync::atomic::AtomicBool,
@@ -1708,6 +1710,7 @@ impl SwitchableKms {
         Arc::new(Self {
             inner: p.kms.inner.clone(),
             failure: std::sync::Mutex::new(None),
+            before_calling: std::sync::atomic::AtomicBool::new(false),
             unwraps: AtomicUsize::new(0),
             hold: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::Semaphore::new(0),
@@ -1760,6 +1763,9 @@ impl Kms for SwitchableKms {
         }
         let failure = *self.failure.lock().unwrap();
         match failure {
+            Some(kind) if self.before_calling.load(Ordering::SeqCst) => {
+                Err(BackendError::new(kind, "injected local refusal").refused_before_calling())
+            }
             Some(kind) => Err(BackendError::new(kind, "injected failure")),
             None => self.inner.unwrap(w, b).await,
         }
@@ -2167,6 +2173,36 @@ async fn once_the_kms_refuses_no_other_stale_key_serves() {
 #[tokio::test]
 async fn once_the_kms_has_no_such_key_no_other_stale_key_serves() {
     no_stale_key_serves_after(BackendErrorKind::Misconfigured).await;
+}
+
+/// A refusal the backend decides without calling its service (a damaged record it cannot
+/// send) says nothing about the outage: other stale keys keep serving.
+#[tokio::test]
+async fn a_refusal_made_before_calling_the_kms_does_not_end_the_outage() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let k = switchable_keyring(&kms, &p, stale_after_200_ms(), None);
+    let c = caller();
+    let (t, u) = (ctx("t", "f", None), ctx("u", "f", None));
+    let mut cts = Vec::new();
+    for cx in [&t, &u] {
+        k.create_tenant(&c, cx.tenant()).await.unwrap();
+        cts.push(k.encrypt(&c, cx, b"v").await.unwrap());
+    }
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    k.decrypt(&c, &t, &cts[0]).await.unwrap();
+    k.decrypt(&c, &u, &cts[1]).await.unwrap();
+    // At the next retry, t's attempt is refused by the backend itself.
+    tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;
+    kms.before_calling.store(true, Ordering::SeqCst);
+    kms.fail_with(Some(BackendErrorKind::InvalidData));
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    assert!(k.decrypt(&c, &t, &cts[0]).await.is_err());
+    assert_eq!(kms.unwraps.load(Ordering::SeqCst), before + 1);
+    // The outage goes on: u's stale key still serves.
+    assert_eq!(&*k.decrypt(&c, &u, &cts[1]).await.unwrap(), b"v");
 }
 
 async fn no_stale_key_serves_after(refusal: BackendErrorKind) {

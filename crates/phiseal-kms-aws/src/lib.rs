@@ -342,7 +342,8 @@ impl Kms for AwsKms {
                      this backend uses '{}': configure a backend for that key to unwrap it",
                     binding.tenant, binding.version, wrapped.root_key_ref, self.root_key_ref
                 ),
-            ));
+            )
+            .refused_before_calling());
         }
         if wrapped.ciphertext.is_empty() || wrapped.ciphertext.len() > MAX_CIPHERTEXT_LEN {
             return Err(BackendError::invalid_data(
@@ -354,7 +355,8 @@ impl Kms for AwsKms {
                     binding.version,
                     wrapped.ciphertext.len()
                 ),
-            ));
+            )
+            .refused_before_calling());
         }
         let out = self
             .client

@@ -601,6 +601,7 @@ impl Kms for AzureKeyVaultKms {
                     self.kid_prefix
                 ),
             )
+            .refused_before_calling()
         })?;
         if wrapped.ciphertext.is_empty() || wrapped.ciphertext.len() > MAX_WRAPPED_LEN {
             return Err(BackendError::invalid_data(
@@ -612,7 +613,8 @@ impl Kms for AzureKeyVaultKms {
                     binding.version,
                     wrapped.ciphertext.len()
                 ),
-            ));
+            )
+            .refused_before_calling());
         }
         let params = self.params(wrapped.ciphertext.clone())?;
         let response = self

@@ -770,7 +770,8 @@ impl Pkcs11Kms {
                         .map(|k| k.label.as_str())
                         .collect::<Vec<_>>()
                 ),
-            ));
+            )
+            .refused_before_calling());
         };
         let (iv, sealed) = parse_wrapped(&wrapped.ciphertext).ok_or_else(|| {
             BackendError::invalid_data(
@@ -783,6 +784,7 @@ impl Pkcs11Kms {
                     wrapped.ciphertext.len()
                 ),
             )
+            .refused_before_calling()
         })?;
         let mut iv = iv;
         let sealed = sealed.to_vec();

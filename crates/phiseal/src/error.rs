@@ -306,6 +306,8 @@ struct BackendErrorInner {
     kind: BackendErrorKind,
     message: String,
     source: Option<BoxError>,
+    /// False when the backend refused before calling its service.
+    called: bool,
 }
 
 impl BackendError {
@@ -315,7 +317,21 @@ impl BackendError {
             kind,
             message: message.into(),
             source: None,
+            called: true,
         }))
+    }
+
+    /// Marks it as decided by the backend before calling its service (a record it cannot
+    /// even send, a key it knows is gone): it says nothing about the service being up or
+    /// down, so it neither starts nor ends the keyring's KMS outage state.
+    pub fn refused_before_calling(mut self) -> Self {
+        self.0.called = false;
+        self
+    }
+
+    /// Whether the service was called (see [`BackendError::refused_before_calling`]).
+    pub fn called_the_service(&self) -> bool {
+        self.0.called
     }
 
     /// Keeps the underlying error as `source()`.

@@ -58,9 +58,12 @@ impl KmsOutage {
     /// Records the outcome of a KMS unwrap call that ended at `now`: unavailable starts (or
     /// extends) the outage; any answer from the KMS — a key, a refusal, a key it does not
     /// have, bytes it found invalid — ends it. Called only around real KMS calls: failures
-    /// decided before one (a destroyed key, a root key not configured here) change nothing.
+    /// decided before one (a destroyed key, a root key not configured here) change nothing,
+    /// nor do those the backend decided without calling its service
+    /// ([`BackendError::refused_before_calling`]: a damaged record it cannot send).
     pub(super) fn record<T>(&self, result: &Result<T, BackendError>, now: Instant) {
         match result {
+            Err(e) if !e.called_the_service() => {}
             Err(e) if e.kind() == BackendErrorKind::Unavailable => {
                 let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
                 self.retry_at.store(next.max(1), Ordering::Release);
