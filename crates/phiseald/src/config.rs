@@ -1280,6 +1280,19 @@ impl Config {
         if !(1..=1000).contains(&store.max_connections) {
             return bad("key_store.max_connections", "must be between 1 and 1000");
         }
+        // (Beyond the store's whole-call limit a connection attempt serves no call; the change
+        // listener would hang that long on an unreachable host before trying again.)
+        if !(Duration::from_millis(100)..=phiseal_store_postgres::OPERATION_TIMEOUT)
+            .contains(&store.connect_timeout)
+        {
+            return bad(
+                "key_store.connect_timeout",
+                &format!(
+                    "must be between 100ms and {}s",
+                    phiseal_store_postgres::OPERATION_TIMEOUT.as_secs()
+                ),
+            );
+        }
         if store.ca_file.is_some() && store.tls != DatabaseTls::Require {
             return bad("key_store.ca_file", "only used with tls = \"require\"");
         }

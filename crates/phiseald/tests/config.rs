@@ -680,6 +680,18 @@ fn key_store_settings_are_checked() {
         &[],
     )
     .fails_with("key_store.ca_file: only used with tls = \"require\"");
+    for timeout in ["0s", "10m"] {
+        check_text(
+            &format!("{MINIMAL}[key_store]\nconnect_timeout = \"{timeout}\"\n"),
+            &[],
+        )
+        .fails_with("key_store.connect_timeout: must be between 100ms and 30s");
+    }
+    check_text(
+        &format!("{MINIMAL}[key_store]\nconnect_timeout = \"30s\"\n"),
+        &[],
+    )
+    .ok();
 }
 
 #[test]
