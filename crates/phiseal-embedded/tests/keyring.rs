@@ -1097,6 +1097,62 @@ async fn a_change_elsewhere_drops_metadata_and_only_the_keys_it_refused() {
     );
 }
 
+#[tokio::test]
+async fn a_recheck_that_learns_of_a_shred_stops_the_cached_metadata_too() {
+    // The sidecar's 60 s recheck after a missed notification: no `forget_metadata` first.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let k = keyring_on(&p, slow_metadata());
+    let other = keyring_on(&p, slow_metadata());
+    let c = caller();
+    let t = tenant("t");
+    let cx = ctx("t", "f", None);
+    k.create_tenant(&c, &t).await.unwrap();
+    k.encrypt(&c, &cx, b"v").await.unwrap();
+    other.shred(&c, &t).await.unwrap();
+    k.recheck_tenants(Some(&t)).await.unwrap();
+    assert_eq!(phiseal::testkit::cached_keys(&k), 0);
+    assert!(matches!(
+        k.encrypt(&c, &cx, b"x").await,
+        Err(Error::KeyDestroyed { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_cached_key_never_serves_another_key_under_its_version() {
+    // A failover that lost a rotation (or a store restored from a backup), then another
+    // rotation: version 2 is now another key. The cached copy of the lost one must not serve.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let k = keyring_on(&p, slow_metadata());
+    let other = keyring_on(&p, slow_metadata());
+    let c = caller();
+    let t = tenant("t");
+    let cx = ctx("t", "f", None);
+    k.create_tenant(&c, &t).await.unwrap();
+    k.rotate(&c, &t).await.unwrap();
+    assert_eq!(version_of(&k.encrypt(&c, &cx, b"lost").await.unwrap()), 2);
+    {
+        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
+        conn.execute_batch(
+            "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+             UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+        )
+        .unwrap();
+    }
+    other.rotate(&c, &t).await.unwrap();
+    // (The notification of a shared store's listener reconnecting.)
+    k.forget_metadata(None);
+    k.recheck_tenants(None).await.unwrap();
+    let ct = k.encrypt(&c, &cx, b"kept").await.unwrap();
+    assert_eq!(version_of(&ct), 2);
+    assert_eq!(
+        &*other.decrypt(&c, &cx, &ct).await.unwrap(),
+        b"kept",
+        "encrypted under the lost key"
+    );
+}
+
 fn slow_metadata() -> CacheSettings {
     CacheSettings {
         metadata_ttl: Duration::from_secs(60),

@@ -213,6 +213,10 @@ pub(crate) struct VersionKey {
     provider: &'static CryptoProvider,
     version: u32,
     tenant_key: TenantKey,
+    /// The key-check MAC of the key record it was unwrapped from (checked then): a cached key
+    /// serves a record only if the record still has it (a store restored from a backup, or a
+    /// failover that lost a rotation, can hold another key under the same version).
+    pub(crate) key_check: [u8; 32],
     /// This load's encryption epoch (immutable but for its counter).
     epoch: Epoch,
     xchacha: SharedAeadKey,
@@ -238,6 +242,7 @@ impl VersionKey {
         provider: &'static CryptoProvider,
         version: u32,
         tenant_key: TenantKey,
+        key_check: [u8; 32],
     ) -> Result<Self, Error> {
         let epoch = Self::new_epoch(provider, &tenant_key)?;
         let xchacha = derive_xchacha_key(provider, &tenant_key)?;
@@ -249,6 +254,7 @@ impl VersionKey {
             subkeys: quick_cache::sync::Cache::new(SUBKEY_CACHE_CAPACITY),
             search: crate::search::FieldKeys::default(),
             tenant_key,
+            key_check,
             // The operation that unwrapped it is its first use.
             uses: AtomicU64::new(1),
             loaded_at: coarsetime::Instant::now_without_cache_update(),
@@ -430,6 +436,7 @@ mod tests {
             crate::crypto::default_provider(),
             3,
             TenantKey::from_bytes([7; 32]),
+            [0; 32],
         )
         .unwrap()
     }

@@ -857,19 +857,33 @@ impl Keyring {
 
     /// Drops the cached unwrapped keys of versions that `record`, freshly read, no longer lets
     /// serve — all of a shredded tenant's, destroyed ones, those below the minimum decryption
-    /// version — perhaps changed by another process: they are zeroized once no operation
-    /// uses them, rather than when their TTL ends.
+    /// version, and any whose record now has another key check (another key under the same
+    /// version: a store restored from a backup, a failover that lost a rotation) — perhaps
+    /// changed by another process: they are zeroized once no operation uses them, rather than
+    /// when their TTL ends. If it dropped any, the tenant's cached metadata goes too.
     fn drop_refused_keys(&self, record: &TenantRecord) {
         let shredded = record.shredded_at.is_some();
+        let keys = &self.inner.keys;
+        let mut dropped = false;
         for version in &record.versions {
-            if shredded
+            let cache_key = KeyRef(&record.tenant, version.version);
+            let Some(cached) = keys.get(&cache_key) else {
+                continue;
+            };
+            let refused = shredded
                 || version.state == KeyState::Destroyed
                 || version.version < record.min_decrypt_version
-            {
-                self.inner
-                    .keys
-                    .remove(&(record.tenant.clone(), version.version));
+                || !ct_eq(&cached.key_check, &version.key_check);
+            if refused {
+                dropped |= keys
+                    .remove_if(&cache_key, |key| Arc::ptr_eq(key, &cached))
+                    .is_some();
             }
+        }
+        if dropped {
+            // The cached metadata (and the views' hot keys) predate what was just learned:
+            // the next operation reads the store again.
+            self.forget_metadata(Some(&record.tenant));
         }
     }
 
@@ -1081,6 +1095,15 @@ impl Keyring {
                 tenant: tenant.clone(),
                 version,
             })?;
+        if let Some(key) = inner.keys.get(&KeyRef(tenant, version))
+            && !ct_eq(&key.key_check, &key_record.key_check)
+        {
+            // Another key under the same version now (a store restored, a failover that lost
+            // a rotation): the cached one must not serve it.
+            inner
+                .keys
+                .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
+        }
         if let Some(key) = inner.keys.get(&KeyRef(tenant, version)) {
             if let Some(source) = self.serve(&key, now) {
                 return Ok((key, source));
@@ -1301,7 +1324,7 @@ impl Keyring {
         if !ct_eq(&check, &record.key_check) {
             return Err(binding_mismatch(&binding));
         }
-        VersionKey::new(inner.provider, record.version, key)
+        VersionKey::new(inner.provider, record.version, key, record.key_check)
     }
 
     // ----- field operations ----------------------------------------------------------------
