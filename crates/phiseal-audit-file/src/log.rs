@@ -1930,16 +1930,25 @@ fn still_at_its_path(shared: &Shared) -> Result<(), String> {
         .file
         .metadata()
         .map_err(|e| format!("cannot stat the file being written: {e}"))?;
-    if same_file(&shared.path, &active) {
-        return Ok(());
+    match std::fs::symlink_metadata(&shared.path) {
+        Ok(at_path) if (at_path.dev(), at_path.ino()) == (active.dev(), active.ino()) => {
+            return Ok(());
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Not known to be gone (a transient error of a network file system): checked again
+        // after the next fdatasync.
+        Err(_) => return Ok(()),
     }
     Err(format!(
         "the file being written is no longer at this path (removed, moved or replaced): \
-         records from seq {} on, acknowledged ones included, are not in the log; keep the \
-         service stopped, put the file back from where it went (the open descriptors of this \
-         process still reach it: /proc/{}/fd) and run `audit verify`",
+         records from seq {} on, acknowledged ones included, are not in the log; do not stop \
+         this process yet — if the file was removed, its only copy is reachable through it: \
+         copy /proc/{}/fd/{} out first, then stop the service, put the file back and run \
+         `audit verify`",
         w.first_seq,
-        std::process::id()
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&w.file)
     ))
 }
 
@@ -2131,7 +2140,10 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("no longer at this path (removed, moved or replaced)")
-                && err.to_string().contains("records from seq 1 on"),
+                && err.to_string().contains("records from seq 1 on")
+                && err
+                    .to_string()
+                    .contains(&format!("/proc/{}/fd/", std::process::id())),
             "{err}"
         );
         drop(log);

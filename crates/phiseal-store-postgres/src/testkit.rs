@@ -319,14 +319,23 @@ impl Cluster {
     }
 
     fn psql(&self, url: &str, sql: &str) {
-        run(
-            Command::new(self.bin.join("psql"))
-                .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-                .arg(url)
-                .arg("-c")
-                .arg(sql),
-            "psql",
-        );
+        run(&mut self.psql_command(url, sql), "psql");
+    }
+
+    /// The psql command that runs SQL as the superuser in database `dbname` (to run it in the
+    /// background).
+    pub fn psql_in_command(&self, dbname: &str, sql: &str) -> Command {
+        self.psql_command(&self.url(dbname), sql)
+    }
+
+    fn psql_command(&self, url: &str, sql: &str) -> Command {
+        let mut command = Command::new(self.bin.join("psql"));
+        command
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(url)
+            .arg("-c")
+            .arg(sql);
+        command
     }
 }
 

@@ -343,14 +343,21 @@ where
     // A server's `idle_session_timeout` (PostgreSQL 14+) shorter than the heartbeat would
     // end this session again and again, and each new one reports everything changed: the
     // listener is exempt (an older server does not know the setting, and needs nothing).
-    if let Ok(Err(e)) = tokio::time::timeout(
+    match tokio::time::timeout(
         QUERY_TIMEOUT,
         client.batch_execute("SET idle_session_timeout = 0"),
     )
     .await
-        && e.code() != Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT)
     {
-        return not_listening(DatabaseError::from_driver(&e));
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {}
+        Ok(Err(e)) => return not_listening(DatabaseError::from_driver(&e)),
+        Err(_) => {
+            return not_listening(DatabaseError::timeout(
+                "for the listener's session setting",
+                QUERY_TIMEOUT,
+            ));
+        }
     }
     let listen = format!("LISTEN \"{}\"", params.channel);
     match tokio::time::timeout(QUERY_TIMEOUT, client.batch_execute(&listen)).await {

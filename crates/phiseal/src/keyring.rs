@@ -529,7 +529,7 @@ struct Inner {
     /// the tenant is found shredded, so that a running stream stops at its next segment.
     streams: std::sync::Mutex<HashMap<TenantId, Vec<Weak<AtomicBool>>>>,
     /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`,
-    /// `invalidate_all`).
+    /// `invalidate_all`, `forget_metadata`).
     generations: Generations,
     /// Whether the KMS is in an outage, and when to try it again.
     outage: outage::KmsOutage,
@@ -1006,23 +1006,22 @@ impl Keyring {
         self.reread(&tenants).await
     }
 
-    /// Re-reads from the key store `tenant` — or, given `None`, every tenant with cached
-    /// unwrapped keys or running streams — after [`Keyring::forget_metadata`]: drops the keys
-    /// their records no longer let serve (a shred, destroyed versions, a raised minimum
-    /// decryption version) and stops the streams of shredded ones. Store errors are returned
-    /// (the first); every tenant is read. Keys the records still allow stay cached.
-    pub async fn recheck_tenants(&self, tenant: Option<&TenantId>) -> Result<(), Error> {
-        let tenants: Vec<TenantId> = match tenant {
-            Some(tenant) => vec![tenant.clone()],
-            None => {
-                let mut tenants: Vec<TenantId> = self.live_streams().keys().cloned().collect();
-                tenants.extend(self.inner.keys.iter().map(|((tenant, _), _)| tenant));
-                tenants.sort_unstable();
-                tenants.dedup();
-                tenants
-            }
-        };
-        self.reread(&tenants).await
+    /// Re-reads from the key store those of `tenants` — every tenant, given `None` — of which
+    /// this keyring holds unwrapped keys or running streams (for the others there is nothing
+    /// to drop), after [`Keyring::forget_metadata`]: drops the keys their records no longer
+    /// let serve (a shred, destroyed versions, a raised minimum decryption version, another
+    /// key under the same version) and stops the streams of shredded ones. Store errors are
+    /// returned (the first); every tenant is read. Keys the records still allow stay cached.
+    pub async fn recheck_tenants(&self, tenants: Option<&[TenantId]>) -> Result<(), Error> {
+        let mut held: Vec<TenantId> = self.live_streams().keys().cloned().collect();
+        held.extend(self.inner.keys.iter().map(|((tenant, _), _)| tenant));
+        held.sort_unstable();
+        held.dedup();
+        if let Some(wanted) = tenants {
+            let wanted: std::collections::HashSet<&TenantId> = wanted.iter().collect();
+            held.retain(|t| wanted.contains(t));
+        }
+        self.reread(&held).await
     }
 
     /// Reads `tenants` from the key store (`load_view`: drops refused keys, stops the streams
@@ -1611,14 +1610,19 @@ impl Keyring {
             let version = parsed.key_version;
             meta.key_version = Some(version);
             let mut view = self.tenant_view(context.tenant(), now).await?;
-            if version > view.record.latest_version()
-                && view.record.shredded_at.is_none()
-                && now.duration_since(view.fetched_at) >= MIN_REFRESH_AGE
-            {
-                // Possibly rotated by another process since we cached the metadata. At most
-                // one store read per MIN_REFRESH_AGE, so forged versions cannot hammer the store.
+            if version > view.record.latest_version() && view.record.shredded_at.is_none() {
+                // Possibly rotated by another process since we cached the metadata (just
+                // before, perhaps, its notification arrives). At most one store read per
+                // MIN_REFRESH_AGE, so forged versions cannot hammer the store: metadata younger
+                // than that is waited out first (a forged version costs its sender that wait).
+                let age = Instant::now_without_cache_update().duration_since(view.fetched_at);
+                if age < MIN_REFRESH_AGE {
+                    tokio::time::sleep((MIN_REFRESH_AGE - age).into()).await;
+                }
                 self.inner.tenants.remove_if_same(context.tenant(), &view);
-                view = self.tenant_view(context.tenant(), now).await?;
+                view = self
+                    .tenant_view(context.tenant(), Instant::now_without_cache_update())
+                    .await?;
             }
             let min = view.record.min_decrypt_version;
             if version < min && view.record.shredded_at.is_none() {

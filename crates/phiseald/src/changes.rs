@@ -2,17 +2,21 @@
 //! its change notifications.
 //!
 //! A notification (rotation, minimum version, shred committed by another daemon) drops the
-//! tenant's cached *metadata* at once, so the next operation on it reads the store and
-//! refuses what the change no longer allows; after the listener (re)connects — notifications
-//! may have been missed — every tenant's. The unwrapped keys stay cached: anyone who can
-//! connect to the database can send notifications on the channel (PostgreSQL does not
-//! restrict `NOTIFY`), and they must not be able to empty the key cache — a KMS call for
-//! every tenant, and during a KMS outage the loss of the keys that serve through it. A
-//! background task then reads the changed tenants and drops the keys their records no
-//! longer allow (a shred, destroyed versions, a raised minimum version) and stops the
-//! streams of shredded tenants. Its work is coalesced: a tenant waits at most once, and a
-//! pass over every tenant with cached keys runs at most once per [`FULL_RECHECK_SPACING`].
-//! While the listener is disconnected, `cache.metadata_ttl` bounds staleness.
+//! tenant's cached *metadata*, so the next operation on it reads the store and refuses what
+//! the change no longer allows; after the listener (re)connects — notifications may have
+//! been missed — every tenant's. The unwrapped keys stay cached: anyone who can connect to
+//! the database can send notifications on the channel (PostgreSQL does not restrict
+//! `NOTIFY`), and they must not be able to empty the key cache — a KMS call for every
+//! tenant, and during a KMS outage the loss of the keys that serve through it. Nor may a
+//! flood of them keep every cached view stale: the metadata is dropped at most once per
+//! [`FORGET_SPACING`] (what arrives in between is dropped at the end of it), so staleness
+//! grows by that much at most. A second task then reads the changed tenants this daemon
+//! holds keys or streams of, and drops the keys their records no longer allow (a shred,
+//! destroyed versions, a raised minimum version, another key under the same version) and
+//! stops the streams of shredded tenants: named tenants first, then — after a reconnection
+//! or a notification naming no tenant — every tenant, at most once per
+//! [`FULL_RECHECK_SPACING`]. While the listener is disconnected, `cache.metadata_ttl` bounds
+//! staleness.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,53 +29,64 @@ use tokio::task::JoinHandle;
 
 use crate::error::DaemonError;
 
-/// Tenants waiting to be read again; beyond this many, one pass over every tenant replaces
-/// them (a flood of notifications naming tenants this daemon may not even know).
+/// Tenants waiting for their metadata to be dropped, or to be read again; beyond this many,
+/// every tenant is (a flood of notifications naming tenants this daemon may not even know).
 const MAX_PENDING_TENANTS: usize = 1024;
+/// Least time between two drops of cached metadata caused by notifications.
+const FORGET_SPACING: Duration = Duration::from_millis(20);
 /// Least time between two passes over every tenant with cached keys.
 const FULL_RECHECK_SPACING: Duration = Duration::from_secs(1);
 
-/// The listener and the task that re-reads changed tenants; both stop when it is dropped.
+/// The listener and the tasks that apply its changes; all stop when it is dropped.
 #[derive(Debug)]
 pub(crate) struct SharedStoreWatch {
     _watcher: ChangeWatcher,
-    rechecks: JoinHandle<()>,
+    tasks: [JoinHandle<()>; 2],
 }
 
 impl Drop for SharedStoreWatch {
     fn drop(&mut self) {
-        self.rechecks.abort();
-    }
-}
-
-/// What the re-reading task still has to do.
-#[derive(Default)]
-struct Pending {
-    tenants: HashSet<TenantId>,
-    /// Every tenant with cached keys or running streams.
-    all: bool,
-}
-
-impl Pending {
-    fn add(&mut self, change: Change) {
-        match change {
-            Change::Tenant(tenant) if !self.all => {
-                self.tenants.insert(tenant);
-                if self.tenants.len() > MAX_PENDING_TENANTS {
-                    self.all = true;
-                    self.tenants.clear();
-                }
-            }
-            Change::Tenant(_) => {}
-            _ => {
-                self.all = true;
-                self.tenants.clear();
-            }
+        for task in &self.tasks {
+            task.abort();
         }
     }
 }
 
-/// The pending work; it is a plain set and flag, consistent whatever a panic interrupted.
+/// Tenants named by changes, or all of them.
+#[derive(Default)]
+struct Changed {
+    tenants: HashSet<TenantId>,
+    all: bool,
+}
+
+impl Changed {
+    fn add(&mut self, change: Change) {
+        match change {
+            Change::Tenant(tenant) => self.add_tenant(tenant),
+            _ => self.all = true,
+        }
+    }
+
+    /// Named tenants are kept under `all` too (they are read first), up to the cap.
+    fn add_tenant(&mut self, tenant: TenantId) {
+        if self.tenants.len() < MAX_PENDING_TENANTS {
+            self.tenants.insert(tenant);
+        } else {
+            self.all = true;
+        }
+    }
+}
+
+/// What the two tasks still have to do.
+#[derive(Default)]
+struct Pending {
+    /// Metadata to drop.
+    forget: Changed,
+    /// Tenants to read again.
+    recheck: Changed,
+}
+
+/// The pending work: plain sets and flags, consistent whatever a panic interrupted.
 fn lock(pending: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
     pending
         .lock()
@@ -84,45 +99,81 @@ pub(crate) fn watch_shared_store(
     keyring: &Keyring,
 ) -> Result<SharedStoreWatch, DaemonError> {
     let pending = Arc::new(Mutex::new(Pending::default()));
-    let wake = Arc::new(Notify::new());
-    let rechecks = tokio::spawn(recheck_changed(
-        keyring.clone(),
-        Arc::clone(&pending),
-        Arc::clone(&wake),
-    ));
-    let keyring = keyring.clone();
+    let (forget_wake, recheck_wake) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let tasks = [
+        tokio::spawn(forget_changed(
+            keyring.clone(),
+            Arc::clone(&pending),
+            Arc::clone(&forget_wake),
+            Arc::clone(&recheck_wake),
+        )),
+        tokio::spawn(recheck_changed(
+            keyring.clone(),
+            Arc::clone(&pending),
+            recheck_wake,
+        )),
+    ];
     let watcher = store.watch_changes(move |change| {
-        keyring.forget_metadata(match &change {
-            Change::Tenant(tenant) => Some(tenant),
-            _ => None,
-        });
-        lock(&pending).add(change);
-        wake.notify_one();
+        lock(&pending).forget.add(change);
+        forget_wake.notify_one();
     });
     match watcher {
         Ok(watcher) => Ok(SharedStoreWatch {
             _watcher: watcher,
-            rechecks,
+            tasks,
         }),
         Err(e) => {
-            rechecks.abort();
+            for task in &tasks {
+                task.abort();
+            }
             Err(e.into())
         }
     }
 }
 
-/// The re-reading task: reads what [`Pending`] names, whenever there is something.
+/// Drops the cached metadata that changes name, at most once per [`FORGET_SPACING`], and
+/// hands the tenants on to be read again.
+async fn forget_changed(
+    keyring: Keyring,
+    pending: Arc<Mutex<Pending>>,
+    wake: Arc<Notify>,
+    recheck_wake: Arc<Notify>,
+) {
+    loop {
+        wake.notified().await;
+        let Changed { tenants, all } = std::mem::take(&mut lock(&pending).forget);
+        if all {
+            keyring.forget_metadata(None);
+        } else {
+            for tenant in &tenants {
+                keyring.forget_metadata(Some(tenant));
+            }
+        }
+        {
+            let mut pending = lock(&pending);
+            pending.recheck.all |= all;
+            for tenant in tenants {
+                pending.recheck.add_tenant(tenant);
+            }
+        }
+        recheck_wake.notify_one();
+        tokio::time::sleep(FORGET_SPACING).await;
+    }
+}
+
+/// Reads the changed tenants again: the named ones first, then, if due, every tenant (at
+/// most once per [`FULL_RECHECK_SPACING`]).
 async fn recheck_changed(keyring: Keyring, pending: Arc<Mutex<Pending>>, wake: Arc<Notify>) {
     loop {
         wake.notified().await;
-        let Pending { tenants, all } = std::mem::take(&mut *lock(&pending));
+        let Changed { tenants, all } = std::mem::take(&mut lock(&pending).recheck);
+        if !tenants.is_empty() {
+            let tenants: Vec<TenantId> = tenants.into_iter().collect();
+            report(keyring.recheck_tenants(Some(&tenants)).await);
+        }
         if all {
             report(keyring.recheck_tenants(None).await);
             tokio::time::sleep(FULL_RECHECK_SPACING).await;
-            continue;
-        }
-        for tenant in &tenants {
-            report(keyring.recheck_tenants(Some(tenant)).await);
         }
     }
 }

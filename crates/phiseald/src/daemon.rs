@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::changes::{SharedStoreWatch, watch_shared_store};
-use crate::config::{Config, DurabilityName, KeyStoreKind, ProfileName};
+use crate::config::{Config, DurabilityName, KeyStoreKind, KmsKind, ProfileName};
 use crate::error::DaemonError;
 use crate::instrument::{MeteredAudit, MeteredKms};
 use crate::limits::CallLimiter;
@@ -289,6 +289,16 @@ impl Daemon {
             profile = ?config.profile,
             "phiseald listening"
         );
+        if config.profile == ProfileName::Development && config.kms.kind != KmsKind::Local {
+            // A development line kept from the example after [kms] was switched to a real KMS.
+            tracing::warn!(
+                kms = config.kms.kind.as_str(),
+                "profile = \"development\" with a production KMS: the production checks \
+                 (access control only from the file, no developer credentials, TLS to a \
+                 remote key store, an audit log that writes before it acknowledges) are off; \
+                 remove the profile line unless this is a development set-up"
+            );
+        }
         let limits = &config.limits;
         let incoming = crate::connections::limit(
             listener,

@@ -624,4 +624,12 @@ async fn the_daemons_own_deadline_answers_a_call_stuck_on_the_kms() {
     );
     // The KMS back, the same call succeeds.
     assert_eq!(decrypt(&d, "t", &ct).await.unwrap(), b"value");
+    // (The test harness gave this config profile = "development": with a real KMS, that is
+    // worth a warning.)
+    assert!(
+        d.stderr()
+            .contains("profile = \"development\" with a production KMS"),
+        "{}",
+        d.stderr()
+    );
 }

@@ -42,8 +42,8 @@
 //! sealed or opened (the reader adapter also withholds the rest of a segment it opened
 //! before; output the caller already received stays with it) — at once for a shred through
 //! this keyring, and for one by another process once this keyring reads the tenant again
-//! ([`Keyring::recheck_streams`], which the sidecar calls on the key store's change
-//! notifications and every 60 s).
+//! ([`Keyring::recheck_tenants`], which the sidecar calls on the key store's change
+//! notifications, and [`Keyring::recheck_streams`], every 60 s).
 
 use coarsetime::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
