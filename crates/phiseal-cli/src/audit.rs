@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::cli::{AuditCommand, ExportArgs, GlobalArgs, LogArgs, VerifyArgs};
 use crate::error::CliError;
 use crate::output::{printable, report, stderr_note};
+use crate::partial::Partial;
 
 /// The data directory when neither `--data-dir` nor `PHISEAL_DATA_DIR` is given.
 pub(crate) const DEFAULT_DATA_DIR: &str = "/var/lib/phiseal";
@@ -243,8 +244,22 @@ fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
             "audit export: --since must be before --until".to_owned(),
         ));
     }
+    match &args.output {
+        // Complete or not at all: a failure found late in the log (a torn tail, a missing
+        // active file, a problem in the last segment) leaves no plausible-looking partial file.
+        Some(target) => {
+            let mut file = Partial::create(target)?;
+            export_to(args, json, &mut file)?;
+            file.commit()
+        }
+        None => export_to(args, json, &mut std::io::stdout().lock()),
+    }
+}
+
+/// [`export`] into `out`.
+fn export_to(args: &ExportArgs, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     let path = log_path_from_env(&args.log);
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut out = BufWriter::new(out);
     let mut options = VerifyOptions::default();
     if let Some(after) = args.after {
         options = options.after(after);
@@ -258,7 +273,7 @@ fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
         &mut out,
     )
     .map_err(|e| deleted_log(&path, e))?;
-    out.flush().map_err(CliError::io("writing to stdout"))?;
+    out.flush().map_err(CliError::io("writing the export"))?;
     let segments_only = if result.active_missing {
         "; closed segments only: the active log file is missing"
     } else {

@@ -502,6 +502,10 @@ pub(crate) struct ExportArgs {
     /// it, a missing active file fails the export (exit 8): the newest records could be gone.
     #[arg(long)]
     pub(crate) segments_only: bool,
+    /// Write the records to FILE (which must not exist; mode 0600) instead of stdout, and
+    /// only if the whole export succeeds: written to FILE.partial, renamed when complete.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
     /// Where the log is.
     #[command(flatten)]
     pub(crate) log: LogArgs,

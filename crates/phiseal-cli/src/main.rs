@@ -33,6 +33,7 @@ mod error;
 mod field;
 mod health;
 mod output;
+mod partial;
 mod rewrap;
 mod root;
 mod search;

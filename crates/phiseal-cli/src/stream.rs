@@ -4,10 +4,9 @@
 //! is fsynced and renamed to `OUTPUT` only when the call ends with OK. On any failure the
 //! partial file is removed: a truncated or altered stream leaves no output behind.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
 
 use phiseal_proto::v1::{
     DecryptStreamRequest, EncryptStreamRequest, decrypt_stream_request, encrypt_stream_request,
@@ -20,84 +19,12 @@ use crate::cli::{FileArgs, GlobalArgs};
 use crate::client::{Daemon, status_error};
 use crate::error::CliError;
 use crate::output::report;
+use crate::partial::Partial;
 
 /// Bytes per request message.
 const CHUNK: usize = 64 * 1024;
 /// Request messages buffered ahead of the daemon.
 const AHEAD: usize = 4;
-
-/// The output file being written, removed unless [`Partial::commit`] ran.
-struct Partial {
-    path: PathBuf,
-    target: PathBuf,
-    file: Option<File>,
-}
-
-impl Partial {
-    fn create(target: &Path) -> Result<Partial, CliError> {
-        if target.exists() {
-            return Err(CliError::Usage(format!(
-                "{} exists: refusing to overwrite it",
-                target.display()
-            )));
-        }
-        let mut name = target.as_os_str().to_owned();
-        name.push(".partial");
-        let path = PathBuf::from(name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(CliError::io(format!("creating {}", path.display())))?;
-        Ok(Partial {
-            path,
-            target: target.to_owned(),
-            file: Some(file),
-        })
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> Result<(), CliError> {
-        match &mut self.file {
-            Some(file) => file
-                .write_all(bytes)
-                .map_err(CliError::io(format!("writing {}", self.path.display()))),
-            None => Ok(()),
-        }
-    }
-
-    /// fsync, then link to the target — which fails if a file appeared there meanwhile
-    /// (never overwritten) — then remove the partial name and fsync the directory.
-    fn commit(mut self) -> Result<(), CliError> {
-        if let Some(file) = self.file.take() {
-            file.sync_all()
-                .map_err(CliError::io(format!("syncing {}", self.path.display())))?;
-        }
-        std::fs::hard_link(&self.path, &self.target).map_err(CliError::io(format!(
-            "moving {} to {} (which must not exist)",
-            self.path.display(),
-            self.target.display()
-        )))?;
-        let _ = std::fs::remove_file(&self.path);
-        self.path.clear();
-        let dir = match self.target.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(CliError::io(format!("syncing directory {}", dir.display())))
-    }
-}
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
-            self.file = None;
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
 
 /// The input reader thread: the bytes it read (all of the input), or why it stopped early.
 type Reader = std::thread::JoinHandle<Result<u64, CliError>>;
@@ -198,7 +125,7 @@ async fn run<M: Send + 'static>(
         tokio::select! {
             answer = answers.message() => match answer {
                 Ok(Some(mut chunk)) => {
-                    output.write(&chunk.chunk)?;
+                    output.append(&chunk.chunk)?;
                     written += chunk.chunk.len() as u64;
                     if wipe_answers {
                         chunk.chunk.zeroize();

@@ -1166,6 +1166,75 @@ fn audit_verify_and_export_on_the_daemon_log() {
         "{}",
         run.stderr
     );
+    // With --output, such an export leaves no file (nor its .partial) behind …
+    let exported_file = d.dir.path().join("acme-export.jsonl");
+    let exported_arg = exported_file.to_str().unwrap();
+    d.cli(
+        &[
+            "audit",
+            "export",
+            "--tenant",
+            "acme",
+            "--log",
+            torn_arg,
+            "--output",
+            exported_arg,
+        ],
+        b"",
+    )
+    .expect(8);
+    assert!(!exported_file.exists());
+    assert!(!d.dir.path().join("acme-export.jsonl.partial").exists());
+    // … and a complete one the same records as stdout, in a file only the owner can read.
+    let log = d.audit_log();
+    let log_arg = log.to_str().unwrap();
+    let complete = d
+        .cli(
+            &[
+                "audit",
+                "export",
+                "--tenant",
+                "acme",
+                "--log",
+                log_arg,
+                "--output",
+                exported_arg,
+            ],
+            b"",
+        )
+        .expect(0);
+    assert!(complete.out().is_empty());
+    let on_stdout = d
+        .cli(
+            &["audit", "export", "--tenant", "acme", "--log", log_arg],
+            b"",
+        )
+        .expect(0)
+        .out();
+    assert_eq!(std::fs::read_to_string(&exported_file).unwrap(), on_stdout);
+    assert_eq!(
+        std::fs::metadata(&exported_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    // An existing file is never overwritten.
+    d.cli(
+        &[
+            "audit",
+            "export",
+            "--tenant",
+            "acme",
+            "--log",
+            log_arg,
+            "--output",
+            exported_arg,
+        ],
+        b"",
+    )
+    .expect(2);
 
     // `audit recover` saves the torn bytes, cuts them off and records that in the chain.
     std::fs::set_permissions(&torn, std::fs::Permissions::from_mode(0o600)).unwrap();
