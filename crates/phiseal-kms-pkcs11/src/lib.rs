@@ -300,6 +300,9 @@ struct Inner {
     ctx: Pkcs11,
     slot: Slot,
     token_label: String,
+    /// The token's serial number at the first connection: a reconnection logs in (sends the
+    /// PIN) only to the token with this serial, not to another that took its label.
+    token_serial: String,
     current: RootKey,
     previous: Vec<RootKey>,
     /// The token is SoftHSM2, which answers a GCM tag mismatch in `C_Decrypt` with
@@ -359,7 +362,7 @@ impl Pkcs11Kms {
         let what = format!("connect to token '{}'", config.token_label);
         let kept = config.clone();
         let inner = blocking(CONNECT_TIMEOUT, &what, move || {
-            connect_blocking(&config, Mode::Connect)
+            connect_blocking(&config, Mode::Connect, None)
         })
         .await?;
         Ok(Pkcs11Kms {
@@ -459,6 +462,7 @@ impl Pkcs11Kms {
         failed
             .retired
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        let failed_serial = failed.token_serial.clone();
         tokio::spawn(async move {
             let what = format!("reconnect to token '{}'", shared.config.token_label);
             let connect = async {
@@ -472,10 +476,11 @@ impl Pkcs11Kms {
                         )
                     })?;
                 let config = shared.config.clone();
+                let serial = failed_serial.clone();
                 let task = tokio::task::spawn_blocking(move || {
                     // Held until the PKCS#11 calls return, even if the task gave up.
                     let _permit = permit;
-                    connect_blocking(&config, Mode::Reconnect)
+                    connect_blocking(&config, Mode::Reconnect, Some(&serial))
                 });
                 task.await.map_err(|e| thread_failed(&what, e))?
             };
@@ -944,9 +949,35 @@ enum Mode {
     Reconnect,
 }
 
-fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendError> {
+/// Connects to the configured token and finds its root keys; a reconnection (`expected_serial`
+/// given) only to the token with that serial number.
+fn connect_blocking(
+    config: &Pkcs11Config,
+    mode: Mode,
+    expected_serial: Option<&str>,
+) -> Result<Inner, BackendError> {
     let (ctx, slot) = load(config, mode)?;
     let token = &config.token_label;
+    let info = ctx
+        .get_token_info(slot)
+        .map_err(|e| ck_error(e, &format!("connect: read the info of token '{token}'")))?;
+    let token_serial = info.serial_number().trim_end_matches(' ').to_owned();
+    let manufacturer = info.manufacturer_id().trim_end_matches(' ').to_owned();
+    if let Some(expected) = expected_serial
+        && token_serial != expected
+    {
+        // Before the login: the PIN goes to no other token.
+        return Err(BackendError::new(
+            BackendErrorKind::Denied,
+            format!(
+                "{NAME}: token '{token}' now has serial number '{}', not '{}' as when the \
+                 daemon connected: another token took its label; not logged in to it (restart \
+                 the daemon if the token was replaced on purpose)",
+                phiseal::kms::printable(&token_serial, 64),
+                phiseal::kms::printable(expected, 64)
+            ),
+        ));
+    }
     let session = ctx
         .open_ro_session(slot)
         .map_err(|e| ck_error(e, &format!("connect: open a session on token '{token}'")))?;
@@ -960,12 +991,6 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
         })
     };
     let current = resolve(&config.key_label)?;
-    let manufacturer = ctx
-        .get_token_info(slot)
-        .map_err(|e| ck_error(e, &format!("connect: read the info of token '{token}'")))?
-        .manufacturer_id()
-        .trim_end_matches(' ')
-        .to_owned();
     // On a reconnection, a previous key no longer on the token is revoked (its wraps are
     // refused); the others, and the current key, keep working.
     let previous = config
@@ -989,6 +1014,7 @@ fn connect_blocking(config: &Pkcs11Config, mode: Mode) -> Result<Inner, BackendE
         ctx,
         slot,
         token_label: token.clone(),
+        token_serial,
         current,
         previous,
     })

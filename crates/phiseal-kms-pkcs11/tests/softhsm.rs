@@ -492,6 +492,58 @@ fn destroy_key(session: &cryptoki::session::Session, label: &str) {
     session.destroy_object(found[0]).unwrap();
 }
 
+/// Runs the SoftHSM2 token tool (in the child process, whose `SOFTHSM2_CONF` it inherits).
+fn token_tool(args: &[&str]) {
+    let util = std::env::var_os("PHISEAL_SOFTHSM2_UTIL").unwrap_or_else(|| "softhsm2-util".into());
+    let out = Command::new(&util).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "softhsm2-util {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_reconnection_logs_in_only_to_the_token_it_connected_to() {
+    softhsm_test(
+        "a_reconnection_logs_in_only_to_the_token_it_connected_to",
+        &["swap"],
+        || async {
+            let cfg = config("swap", "root", &[]);
+            generate_root_key(&cfg, "root").await.unwrap();
+            let kms = connect(&cfg).await;
+            let key = TenantKey::from_bytes([0x31; 32]);
+            let b = binding("tenant-a", 1);
+            let wrapped = kms.wrap(&key, &b).await.unwrap();
+            // The connection is lost, and meanwhile another token took the label (with a key
+            // of the same label): no PIN for it, a refusal.
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
+            Pkcs11::new(module()).unwrap().finalize().unwrap();
+            token_tool(&["--delete-token", "--token", "swap"]);
+            token_tool(&[
+                "--init-token",
+                "--free",
+                "--label",
+                "swap",
+                "--pin",
+                PIN,
+                "--so-pin",
+                SO_PIN,
+            ]);
+            generate_root_key(&cfg, "root").await.unwrap();
+            let err = kms.unwrap(&wrapped, &b).await.unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
+            assert!(
+                err.to_string().contains("another token took its label"),
+                "{err}"
+            );
+            let err = kms.wrap(&key, &b).await.unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
+        },
+    );
+}
+
 #[test]
 fn a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal() {
     softhsm_test(
