@@ -277,6 +277,9 @@ struct Shared {
     /// Every record with a lower seq was written before an fdatasync that succeeded (or was
     /// in the file when it was opened): what a failed fdatasync cannot have lost.
     synced_seq: AtomicU64,
+    /// fdatasyncs in a row after which the log's path could not be examined
+    /// ([`still_at_its_path`]).
+    path_unexamined: std::sync::atomic::AtomicU32,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
     /// While set, every fdatasync hangs (a stalled disk).
@@ -743,6 +746,7 @@ impl FileAuditLog {
                 Durability::Strict | Durability::Buffered { .. } => None,
             },
             synced_seq: AtomicU64::new(head.next_seq),
+            path_unexamined: std::sync::atomic::AtomicU32::new(0),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
@@ -1396,20 +1400,34 @@ fn save_torn(
     len: u64,
     saved_to: &Path,
 ) -> Result<(), AuditFileError> {
-    if std::fs::symlink_metadata(saved_to).is_ok() {
-        // A previous, interrupted recovery: reuse the file only if identical.
-        return check_saved_copy(path, file, offset, len, saved_to);
-    }
+    // (Also one left by a crash between the link and its removal.)
     let partial = beside(saved_to, ".partial");
     match std::fs::remove_file(&partial) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&partial, "remove")(e)),
     }
+    if std::fs::symlink_metadata(saved_to).is_ok() {
+        // A previous, interrupted recovery: reuse the file only if identical.
+        return check_saved_copy(path, file, offset, len, saved_to);
+    }
     let copied = copy_torn(path, file, offset, len, &partial)
         .map(|()| std::fs::hard_link(&partial, saved_to));
+    let linked = match copied {
+        // A file system without hard links: a rename (this process holds the log's lock, and
+        // the name was free a moment ago).
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
+            ) && std::fs::symlink_metadata(saved_to).is_err() =>
+        {
+            Ok(std::fs::rename(&partial, saved_to))
+        }
+        other => other,
+    };
     let _ = std::fs::remove_file(&partial);
-    match copied? {
+    match linked? {
         Ok(()) => sync_parent_dir(saved_to),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             check_saved_copy(path, file, offset, len, saved_to)
@@ -1916,6 +1934,10 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
     }
 }
 
+/// After this many fdatasyncs in a row whose check could not examine the log's path (an error
+/// other than "not found"), the log is poisoned.
+const UNEXAMINED_SYNCS_LIMIT: u32 = 10;
+
 /// Checks, after an fdatasync and before it acknowledges anything, that the file being
 /// written is still the one at the log's path: one removed (`rm`), moved away or replaced
 /// (`mv` over it) would take every record written since — acknowledged too, in any
@@ -1932,13 +1954,29 @@ fn still_at_its_path(shared: &Shared) -> Result<(), String> {
         .map_err(|e| format!("cannot stat the file being written: {e}"))?;
     match std::fs::symlink_metadata(&shared.path) {
         Ok(at_path) if (at_path.dev(), at_path.ino()) == (active.dev(), active.ino()) => {
+            shared.path_unexamined.store(0, Ordering::Relaxed);
             return Ok(());
         }
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) || e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {}
         // Not known to be gone (a transient error of a network file system): checked again
-        // after the next fdatasync.
-        Err(_) => return Ok(()),
+        // after the next fdatasync — but a path that stays unexaminable is not trusted.
+        Err(e) => {
+            let times = shared.path_unexamined.fetch_add(1, Ordering::Relaxed) + 1;
+            if times < UNEXAMINED_SYNCS_LIMIT {
+                return Ok(());
+            }
+            return Err(format!(
+                "the log's path could not be examined after {times} fdatasyncs in a row ({e}): \
+                 whether records from seq {} on are still in the log is unknown; check the \
+                 directory's permissions and mounts, then run `audit verify`",
+                w.first_seq
+            ));
+        }
     }
     Err(format!(
         "the file being written is no longer at this path (removed, moved or replaced): \
@@ -2159,6 +2197,18 @@ mod tests {
         let err = log.append_events(&[event(2)]).await.unwrap_err();
         assert!(err.to_string().contains("no longer at this path"), "{err}");
         assert!(log.append_events(&[event(3)]).await.is_err());
+        drop(log);
+
+        // Its directory moved away and a file put in its place (ENOTDIR): gone too.
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir(base.path().join("logs")).unwrap();
+        let path = base.path().join("logs/audit.log");
+        let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+        log.append_events(&[event(1)]).await.unwrap();
+        std::fs::rename(base.path().join("logs"), base.path().join("moved")).unwrap();
+        std::fs::write(base.path().join("logs"), b"").unwrap();
+        let err = log.append_events(&[event(2)]).await.unwrap_err();
+        assert!(err.to_string().contains("no longer at this path"), "{err}");
     }
 
     #[tokio::test]

@@ -1498,6 +1498,23 @@ async fn forged_versions_do_not_reach_the_store_on_every_call() {
         let err = k.decrypt(&c, &cx, &ct).await.unwrap_err();
         assert!(matches!(err, Error::KeyVersionNotFound { .. }), "{err}");
     }
+    // A batch of them (and one good item) is answered at once, item by item.
+    let good = k.encrypt(&c, &cx, b"good").await.unwrap();
+    let mut items: Vec<(&EncryptionContext, &[u8])> = vec![(&cx, &ct); 100];
+    items.push((&cx, &good));
+    let batch_started = std::time::Instant::now();
+    let results = k.decrypt_batch(&c, &items).await.unwrap();
+    assert!(
+        batch_started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        batch_started.elapsed()
+    );
+    assert_eq!(&**results[100].as_ref().unwrap(), b"good");
+    assert!(
+        results[..100]
+            .iter()
+            .all(|r| matches!(r, Err(Error::KeyVersionNotFound { .. })))
+    );
     // Many at once: they share the refresh.
     let calls: Vec<_> = (0..50)
         .map(|_| {
@@ -1788,8 +1805,9 @@ struct SwitchableKms {
     inner: Arc<dyn Kms>,
     /// None: working; Some(kind): every unwrap fails with that kind.
     failure: std::sync::Mutex<Option<BackendErrorKind>>,
-    /// The failure is decided without calling the service (a record the backend cannot send).
-    before_calling: std::sync::atomic::AtomicBool,
+    /// This tenant's unwraps are refused without calling the service (a damaged record the
+    /// backend cannot send); the others fail as `failure` says.
+    refused_locally: std::sync::Mutex<Option<String>>,
     unwraps: AtomicUsize,
     /// While set, an unwrap waits for a permit of `gate` (a KMS call in flight).
     hold: std::sync::atomic::AtomicBool,
@@ -1802,7 +1820,7 @@ impl SwitchableKms {
         Arc::new(Self {
             inner: p.kms.inner.clone(),
             failure: std::sync::Mutex::new(None),
-            before_calling: std::sync::atomic::AtomicBool::new(false),
+            refused_locally: std::sync::Mutex::new(None),
             unwraps: AtomicUsize::new(0),
             hold: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::Semaphore::new(0),
@@ -1853,11 +1871,14 @@ impl Kms for SwitchableKms {
         if self.hold.load(Ordering::SeqCst) {
             self.gate.acquire().await.unwrap().forget();
         }
+        if self.refused_locally.lock().unwrap().as_deref() == Some(b.tenant.as_str()) {
+            return Err(
+                BackendError::new(BackendErrorKind::InvalidData, "injected local refusal")
+                    .refused_before_calling(),
+            );
+        }
         let failure = *self.failure.lock().unwrap();
         match failure {
-            Some(kind) if self.before_calling.load(Ordering::SeqCst) => {
-                Err(BackendError::new(kind, "injected local refusal").refused_before_calling())
-            }
             Some(kind) => Err(BackendError::new(kind, "injected failure")),
             None => self.inner.unwrap(w, b).await,
         }
@@ -2286,15 +2307,21 @@ async fn a_refusal_made_before_calling_the_kms_does_not_end_the_outage() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     k.decrypt(&c, &t, &cts[0]).await.unwrap();
     k.decrypt(&c, &u, &cts[1]).await.unwrap();
-    // At the next retry, t's attempt is refused by the backend itself.
+    // At the next retry, t's attempt is refused by the backend itself (t's record is
+    // damaged)…
     tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;
-    kms.before_calling.store(true, Ordering::SeqCst);
-    kms.fail_with(Some(BackendErrorKind::InvalidData));
+    *kms.refused_locally.lock().unwrap() = Some("t".to_owned());
     let before = kms.unwraps.load(Ordering::SeqCst);
     assert!(k.decrypt(&c, &t, &cts[0]).await.is_err());
     assert_eq!(kms.unwraps.load(Ordering::SeqCst), before + 1);
-    // The outage goes on: u's stale key still serves.
+    // … which says nothing about the KMS: the retry t's call had claimed is due again, so u's
+    // next call probes the KMS (still down) — and the outage goes on: u's stale key serves.
     assert_eq!(&*k.decrypt(&c, &u, &cts[1]).await.unwrap(), b"v");
+    assert_eq!(
+        kms.unwraps.load(Ordering::SeqCst),
+        before + 2,
+        "the retry was used up by a call that never reached the KMS"
+    );
 }
 
 async fn no_stale_key_serves_after(refusal: BackendErrorKind) {

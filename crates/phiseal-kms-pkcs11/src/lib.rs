@@ -716,7 +716,7 @@ impl Pkcs11Kms {
         let task_what = what.clone();
         let handle = root
             .handle
-            .ok_or_else(|| key_gone(&root.label, &inner.token_label))?;
+            .ok_or_else(|| key_gone(&root.label, &inner.token_label).refused_before_calling())?;
         let (iv, sealed) = self
             .call(inner, &what, move |session| {
                 let mut iv = iv;
@@ -801,7 +801,8 @@ impl Pkcs11Kms {
         let task_what = what.clone();
         let handle = root
             .handle
-            .ok_or_else(|| key_gone(&root.label, &inner.token_label))?;
+            // (Learnt at the last reconnection; the token is not called now.)
+            .ok_or_else(|| key_gone(&root.label, &inner.token_label).refused_before_calling())?;
         let tag_quirk = inner.general_error_is_tag_mismatch;
         let plaintext = self
             .call(inner, &what, move |session| {

@@ -379,6 +379,9 @@ struct TenantView {
     hot: std::sync::RwLock<Vec<Arc<VersionKey>>>,
     /// Set when it leaves the keyring's cache (`views`): it then serves no more fields.
     superseded: AtomicBool,
+    /// Set when it was read because a ciphertext named a version newer than the metadata
+    /// before it: such a read is not repeated within `MIN_REFRESH_AGE`.
+    read_for_unknown_version: AtomicBool,
 }
 
 impl TenantView {
@@ -390,6 +393,7 @@ impl TenantView {
             generation,
             hot: std::sync::RwLock::new(Vec::new()),
             superseded: AtomicBool::new(false),
+            read_for_unknown_version: AtomicBool::new(false),
         }
     }
 
@@ -1382,30 +1386,32 @@ impl Keyring {
     async fn use_key<T>(
         &self,
         view: &TenantView,
-        version: u32,
+        key: &VersionKey,
         op: impl FnOnce() -> T,
     ) -> Result<T, Error> {
-        match self.use_key_as(view, version, false, op).await? {
+        match self.use_key_as(view, key, false, op).await? {
             Some(done) => Ok(done),
             // (Only a `primary` use gives way to a newer version.)
             None => Err(Error::KeyVersionNotFound {
                 tenant: view.record.tenant.clone(),
-                version,
+                version: key.version(),
             }),
         }
     }
 
     /// [`Keyring::use_key`]; with `primary` (an encryption), the version must also still be
-    /// the tenant's primary after an invalidation: `None` when a rotation (through this
-    /// keyring, or seen from another process) made another version primary meanwhile, so that
-    /// nothing is encrypted under the old primary once `rotate` has returned.
+    /// the tenant's primary after an invalidation, with `key`'s key check: `None` when a
+    /// rotation (through this keyring, or seen from another process) made another version
+    /// primary meanwhile, so that nothing is encrypted under the old primary once `rotate` has
+    /// returned — or when the version now has another key (a failover that lost a rotation).
     async fn use_key_as<T>(
         &self,
         view: &TenantView,
-        version: u32,
+        key: &VersionKey,
         primary: bool,
         op: impl FnOnce() -> T,
     ) -> Result<Option<T>, Error> {
+        let version = key.version();
         let generations = &self.inner.generations;
         let mut generation = view.generation;
         for _ in 0..3 {
@@ -1416,7 +1422,13 @@ impl Keyring {
             let fresh = self
                 .recheck_after_invalidation(&view.record.tenant, version)
                 .await?;
-            if primary && fresh.record.primary().map(|p| p.version) != Some(version) {
+            let still_this_key = fresh
+                .record
+                .version(version)
+                .is_some_and(|r| ct_eq(&r.key_check, &key.key_check));
+            if primary
+                && (fresh.record.primary().map(|p| p.version) != Some(version) || !still_this_key)
+            {
                 return Ok(None);
             }
         }
@@ -1527,7 +1539,7 @@ impl Keyring {
                 view.remember(&key);
                 meta.key_source = Some(source);
                 let sealed = self
-                    .use_key_as(&view, primary, true, || {
+                    .use_key_as(&view, &key, true, || {
                         key.encrypt(self.inner.algorithm, context, plaintext)
                     })
                     .await?;
@@ -1610,19 +1622,18 @@ impl Keyring {
             let version = parsed.key_version;
             meta.key_version = Some(version);
             let mut view = self.tenant_view(context.tenant(), now).await?;
-            if version > view.record.latest_version() && view.record.shredded_at.is_none() {
-                // Possibly rotated by another process since we cached the metadata (just
-                // before, perhaps, its notification arrives). At most one store read per
-                // MIN_REFRESH_AGE, so forged versions cannot hammer the store: metadata younger
-                // than that is waited out first (a forged version costs its sender that wait).
-                let age = Instant::now_without_cache_update().duration_since(view.fetched_at);
-                if age < MIN_REFRESH_AGE {
-                    tokio::time::sleep((MIN_REFRESH_AGE - age).into()).await;
-                }
+            if version > view.record.latest_version()
+                && view.record.shredded_at.is_none()
+                && (!view.read_for_unknown_version.load(Ordering::Acquire)
+                    || now.duration_since(view.fetched_at) >= MIN_REFRESH_AGE)
+            {
+                // Possibly rotated by another process since we cached the metadata (perhaps
+                // just before its notification arrives): read it again — at once, unless the
+                // metadata in hand is itself such a re-read younger than MIN_REFRESH_AGE, so
+                // that forged versions cause at most one store read per MIN_REFRESH_AGE.
                 self.inner.tenants.remove_if_same(context.tenant(), &view);
-                view = self
-                    .tenant_view(context.tenant(), Instant::now_without_cache_update())
-                    .await?;
+                view = self.tenant_view(context.tenant(), now).await?;
+                view.read_for_unknown_version.store(true, Ordering::Release);
             }
             let min = view.record.min_decrypt_version;
             if version < min && view.record.shredded_at.is_none() {
@@ -1637,7 +1648,7 @@ impl Keyring {
             let (key, source) = self.version_key(caller, &view, version, now).await?;
             view.remember(&key);
             meta.key_source = Some(source);
-            self.use_key(&view, version, || key.decrypt(&parsed, context))
+            self.use_key(&view, &key, || key.decrypt(&parsed, context))
                 .await?
         }
         .await;

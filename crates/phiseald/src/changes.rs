@@ -9,8 +9,8 @@
 //! `NOTIFY`), and they must not be able to empty the key cache — a KMS call for every
 //! tenant, and during a KMS outage the loss of the keys that serve through it. Nor may a
 //! flood of them keep every cached view stale: the metadata is dropped at most once per
-//! [`FORGET_SPACING`] (what arrives in between is dropped at the end of it), so staleness
-//! grows by that much at most. A second task then reads the changed tenants this daemon
+//! [`FORGET_SPACING`] (what arrives in between is dropped at the end of it), and every
+//! tenant's at most once per [`FORGET_ALL_SPACING`], so staleness grows by that much at most. A second task then reads the changed tenants this daemon
 //! holds keys or streams of, and drops the keys their records no longer allow (a shred,
 //! destroyed versions, a raised minimum version, another key under the same version) and
 //! stops the streams of shredded tenants: named tenants first, then — after a reconnection
@@ -34,6 +34,9 @@ use crate::error::DaemonError;
 const MAX_PENDING_TENANTS: usize = 1024;
 /// Least time between two drops of cached metadata caused by notifications.
 const FORGET_SPACING: Duration = Duration::from_millis(20);
+/// Least time between two drops of *every* tenant's cached metadata (a reconnection, or a
+/// notification naming no tenant — which anyone who can connect to the database can send).
+const FORGET_ALL_SPACING: Duration = Duration::from_secs(1);
 /// Least time between two passes over every tenant with cached keys.
 const FULL_RECHECK_SPACING: Duration = Duration::from_secs(1);
 
@@ -139,19 +142,27 @@ async fn forget_changed(
     wake: Arc<Notify>,
     recheck_wake: Arc<Notify>,
 ) {
+    let mut last_all: Option<tokio::time::Instant> = None;
     loop {
         wake.notified().await;
         let Changed { tenants, all } = std::mem::take(&mut lock(&pending).forget);
-        if all {
+        let all_due = all && last_all.is_none_or(|at| at.elapsed() >= FORGET_ALL_SPACING);
+        if all_due {
             keyring.forget_metadata(None);
+            last_all = Some(tokio::time::Instant::now());
         } else {
             for tenant in &tenants {
                 keyring.forget_metadata(Some(tenant));
             }
+            if all {
+                // Not yet: kept, and looked at again after the spacing below.
+                lock(&pending).forget.all = true;
+                wake.notify_one();
+            }
         }
         {
             let mut pending = lock(&pending);
-            pending.recheck.all |= all;
+            pending.recheck.all |= all_due;
             for tenant in tenants {
                 pending.recheck.add_tenant(tenant);
             }

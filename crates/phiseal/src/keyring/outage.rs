@@ -63,7 +63,13 @@ impl KmsOutage {
     /// ([`BackendError::refused_before_calling`]: a damaged record it cannot send).
     pub(super) fn record<T>(&self, result: &Result<T, BackendError>, now: Instant) {
         match result {
-            Err(e) if !e.called_the_service() => {}
+            // (The retry this call may have claimed is due again at once, for the next one.)
+            Err(e) if !e.called_the_service() => {
+                if self.is_active() {
+                    self.retry_at
+                        .store(now.as_ticks().max(1), Ordering::Release);
+                }
+            }
             Err(e) if e.kind() == BackendErrorKind::Unavailable => {
                 let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
                 self.retry_at.store(next.max(1), Ordering::Release);

@@ -172,7 +172,7 @@ impl Keyring {
             Ok((key, source)) => {
                 view.remember(&key);
                 meta.key_source = Some(source);
-                let result = self.use_key_as(view, version, primary, || op(&key)).await;
+                let result = self.use_key_as(view, &key, primary, || op(&key)).await;
                 (result.and_then(|r| r.transpose()), meta)
             }
             Err(e) => (Err(e), meta),

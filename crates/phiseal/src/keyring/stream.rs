@@ -448,7 +448,7 @@ impl Keyring {
             view.remember(&key);
             audit.key_source = Some(source);
             let derived = self
-                .use_key_as(&view, chosen, version.is_none(), || derive(&key))
+                .use_key_as(&view, &key, version.is_none(), || derive(&key))
                 .await?;
             if let Some(derived) = derived {
                 // The stream registered for revocation under the key-use guard. If the
