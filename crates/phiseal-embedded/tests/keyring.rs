@@ -1102,14 +1102,14 @@ async fn a_change_elsewhere_drops_metadata_and_only_the_keys_it_refused() {
 #[tokio::test]
 async fn a_recheck_that_learns_of_a_shred_stops_the_cached_metadata_too() {
     // The sidecar's 60 s recheck after a missed notification: no `forget_metadata` first.
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let k = keyring_on(&p, slow_metadata());
-    let other = keyring_on(&p, slow_metadata());
-    let c = caller();
-    let t = tenant("t");
-    let cx = ctx("t", "f", None);
-    k.create_tenant(&c, &t).await.unwrap();
+    let TwoKeyrings {
+        dir: _dir,
+        k,
+        other,
+        c,
+        t,
+        cx,
+    } = two_keyrings_with_tenant_t().await;
     k.encrypt(&c, &cx, b"v").await.unwrap();
     other.shred(&c, &t).await.unwrap();
     k.recheck_tenants(Some(std::slice::from_ref(&t)))
@@ -1126,14 +1126,14 @@ async fn a_recheck_that_learns_of_a_shred_stops_the_cached_metadata_too() {
 async fn a_cached_key_never_serves_another_key_under_its_version() {
     // A failover that lost a rotation (or a store restored from a backup), then another
     // rotation: version 2 is now another key. The cached copy of the lost one must not serve.
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let k = keyring_on(&p, slow_metadata());
-    let other = keyring_on(&p, slow_metadata());
-    let c = caller();
-    let t = tenant("t");
-    let cx = ctx("t", "f", None);
-    k.create_tenant(&c, &t).await.unwrap();
+    let TwoKeyrings {
+        dir,
+        k,
+        other,
+        c,
+        t,
+        cx,
+    } = two_keyrings_with_tenant_t().await;
     k.rotate(&c, &t).await.unwrap();
     assert_eq!(version_of(&k.encrypt(&c, &cx, b"lost").await.unwrap()), 2);
     {
@@ -1155,6 +1155,35 @@ async fn a_cached_key_never_serves_another_key_under_its_version() {
         b"kept",
         "encrypted under the lost key"
     );
+}
+
+/// Two keyrings (this process's and "another process's") on one store, tenant "t" created.
+struct TwoKeyrings {
+    dir: tempfile::TempDir,
+    k: Keyring,
+    other: Keyring,
+    c: Caller,
+    t: TenantId,
+    cx: EncryptionContext,
+}
+
+async fn two_keyrings_with_tenant_t() -> TwoKeyrings {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let k = keyring_on(&p, slow_metadata());
+    let other = keyring_on(&p, slow_metadata());
+    let c = caller();
+    let t = tenant("t");
+    let cx = ctx("t", "f", None);
+    k.create_tenant(&c, &t).await.unwrap();
+    TwoKeyrings {
+        dir,
+        k,
+        other,
+        c,
+        t,
+        cx,
+    }
 }
 
 fn slow_metadata() -> CacheSettings {
@@ -1466,14 +1495,14 @@ async fn a_shred_the_store_reports_as_failed_stops_streams_only_if_it_may_have_c
 async fn a_version_rotated_elsewhere_a_moment_ago_decrypts() {
     // Another process rotates right after this keyring read the tenant (before its
     // notification, if any, arrives): the newer version is found, not refused.
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let k = keyring_on(&p, slow_metadata());
-    let other = keyring_on(&p, slow_metadata());
-    let c = caller();
-    let t = tenant("t");
-    let cx = ctx("t", "f", None);
-    k.create_tenant(&c, &t).await.unwrap();
+    let TwoKeyrings {
+        dir: _dir,
+        k,
+        other,
+        c,
+        t,
+        cx,
+    } = two_keyrings_with_tenant_t().await;
     k.encrypt(&c, &cx, b"v1").await.unwrap();
     other.rotate(&c, &t).await.unwrap();
     let ct = other.encrypt(&c, &cx, b"v2").await.unwrap();
@@ -2288,10 +2317,19 @@ async fn once_the_kms_has_no_such_key_no_other_stale_key_serves() {
     no_stale_key_serves_after(BackendErrorKind::Misconfigured).await;
 }
 
-/// A refusal the backend decides without calling its service (a damaged record it cannot
-/// send) says nothing about the outage: other stale keys keep serving.
-#[tokio::test]
-async fn a_refusal_made_before_calling_the_kms_does_not_end_the_outage() {
+/// Tenants t and u, each with one ciphertext, in a KMS outage past the key TTL: both keys
+/// serve stale.
+struct Outage {
+    _dir: tempfile::TempDir,
+    kms: Arc<SwitchableKms>,
+    k: Keyring,
+    c: Caller,
+    t: EncryptionContext,
+    u: EncryptionContext,
+    cts: Vec<Vec<u8>>,
+}
+
+async fn two_tenants_served_stale() -> Outage {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let kms = SwitchableKms::over(&p);
@@ -2307,6 +2345,30 @@ async fn a_refusal_made_before_calling_the_kms_does_not_end_the_outage() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     k.decrypt(&c, &t, &cts[0]).await.unwrap();
     k.decrypt(&c, &u, &cts[1]).await.unwrap();
+    Outage {
+        _dir: dir,
+        kms,
+        k,
+        c,
+        t,
+        u,
+        cts,
+    }
+}
+
+/// A refusal the backend decides without calling its service (a damaged record it cannot
+/// send) says nothing about the outage: other stale keys keep serving.
+#[tokio::test]
+async fn a_refusal_made_before_calling_the_kms_does_not_end_the_outage() {
+    let Outage {
+        _dir,
+        kms,
+        k,
+        c,
+        t,
+        u,
+        cts,
+    } = two_tenants_served_stale().await;
     // At the next retry, t's attempt is refused by the backend itself (t's record is
     // damaged)…
     tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;
@@ -2325,22 +2387,15 @@ async fn a_refusal_made_before_calling_the_kms_does_not_end_the_outage() {
 }
 
 async fn no_stale_key_serves_after(refusal: BackendErrorKind) {
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let kms = SwitchableKms::over(&p);
-    let k = switchable_keyring(&kms, &p, stale_after_200_ms(), None);
-    let c = caller();
-    let (t, u) = (ctx("t", "f", None), ctx("u", "f", None));
-    let mut cts = Vec::new();
-    for cx in [&t, &u] {
-        k.create_tenant(&c, cx.tenant()).await.unwrap();
-        cts.push(k.encrypt(&c, cx, b"v").await.unwrap());
-    }
-    // An outage past the TTL: both keys serve stale.
-    kms.fail_with(Some(BackendErrorKind::Unavailable));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    k.decrypt(&c, &t, &cts[0]).await.unwrap();
-    k.decrypt(&c, &u, &cts[1]).await.unwrap();
+    let Outage {
+        _dir,
+        kms,
+        k,
+        c,
+        t,
+        u,
+        cts,
+    } = two_tenants_served_stale().await;
     // At the next retry the KMS refuses (a disabled root key). While that call is in flight,
     // u's key is still served stale (the outage is presumed to last)…
     tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;

@@ -40,6 +40,17 @@ tenants = ["*"]
     )
 }
 
+/// A throwaway cluster with the database `keys` (and its URL), and the data directory of
+/// daemons sharing it (in a temporary directory kept alive by the third value).
+fn cluster_with_keys_database() -> (Cluster, String, tempfile::TempDir, std::path::PathBuf) {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.psql_admin("CREATE DATABASE keys");
+    let url = cluster.url("keys");
+    let shared = tempfile::tempdir().unwrap();
+    let data = shared.path().join("data");
+    (cluster, url, shared, data)
+}
+
 async fn encrypt(d: &Daemon, tenant: &str) -> Result<u32, tonic::Status> {
     d.fields()
         .await
@@ -65,11 +76,7 @@ async fn within(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Dur
 
 #[tokio::test]
 async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.psql_admin("CREATE DATABASE keys");
-    let url = cluster.url("keys");
-    let shared = tempfile::tempdir().unwrap();
-    let data = shared.path().join("data");
+    let (_cluster, url, _shared, data) = cluster_with_keys_database();
     let data = data.to_str().unwrap();
     let a = Daemon::with_config(&config(data, &url));
     let b = Daemon::with_config(&config(data, &url));
@@ -189,11 +196,7 @@ async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
 #[tokio::test]
 async fn forged_notifications_cost_no_kms_call() {
     // Anyone who can connect to the database can NOTIFY on the store's channel.
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.psql_admin("CREATE DATABASE keys");
-    let url = cluster.url("keys");
-    let shared = tempfile::tempdir().unwrap();
-    let data = shared.path().join("data");
+    let (cluster, url, _shared, data) = cluster_with_keys_database();
     let d = Daemon::with_config(&config(data.to_str().unwrap(), &url));
     create_tenant(&d, "acme").await;
     assert_eq!(encrypt(&d, "acme").await.unwrap(), 1);
@@ -259,11 +262,7 @@ async fn forged_notifications_cost_no_kms_call() {
 
 #[tokio::test]
 async fn a_missing_local_root_key_is_not_replaced_while_the_shared_store_holds_tenants() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.psql_admin("CREATE DATABASE keys");
-    let url = cluster.url("keys");
-    let shared = tempfile::tempdir().unwrap();
-    let data = shared.path().join("data");
+    let (_cluster, url, _shared, data) = cluster_with_keys_database();
     let mut d = Daemon::with_config(&config(data.to_str().unwrap(), &url));
     create_tenant(&d, "acme").await;
     d.stop();
@@ -436,11 +435,7 @@ async fn daemons_rotating_and_encrypting_at_once_never_clash() {
 
 #[tokio::test]
 async fn a_database_restart_under_load_loses_nothing() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.psql_admin("CREATE DATABASE keys");
-    let url = cluster.url("keys");
-    let shared = tempfile::tempdir().unwrap();
-    let data = shared.path().join("data");
+    let (cluster, url, _shared, data) = cluster_with_keys_database();
     let d = Daemon::with_config(&config(data.to_str().unwrap(), &url));
     create_tenant(&d, "steady").await;
     let mut fields = d.fields().await;
