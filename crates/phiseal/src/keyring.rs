@@ -334,6 +334,7 @@ impl KeyringBuilder {
                 max_age: (c.key_ttl.saturating_add(c.max_stale)).into(),
                 tenants: views::TenantViews::new(c.capacity),
                 keys: quick_cache::sync::Cache::new(c.capacity),
+                unknown_version_reads: quick_cache::sync::Cache::new(c.capacity),
                 streams: std::sync::Mutex::default(),
                 generations: Generations::default(),
                 outage: outage::KmsOutage::default(),
@@ -344,8 +345,8 @@ impl KeyringBuilder {
     }
 }
 
-/// A ciphertext naming an unknown (newer) key version re-reads the tenant's metadata only if
-/// the cached copy is at least this old.
+/// A ciphertext naming an unknown (newer) key version re-reads the tenant's metadata at most
+/// once per this interval per tenant (`Inner::unknown_version_reads`).
 const MIN_REFRESH_AGE: coarsetime::Duration = coarsetime::Duration::from_millis(100);
 
 /// A field operation's result and what it touched.
@@ -379,9 +380,6 @@ struct TenantView {
     hot: std::sync::RwLock<Vec<Arc<VersionKey>>>,
     /// Set when it leaves the keyring's cache (`views`): it then serves no more fields.
     superseded: AtomicBool,
-    /// Set when it was read because a ciphertext named a version newer than the metadata
-    /// before it: such a read is not repeated within `MIN_REFRESH_AGE`.
-    read_for_unknown_version: AtomicBool,
 }
 
 impl TenantView {
@@ -393,7 +391,6 @@ impl TenantView {
             generation,
             hot: std::sync::RwLock::new(Vec::new()),
             superseded: AtomicBool::new(false),
-            read_for_unknown_version: AtomicBool::new(false),
         }
     }
 
@@ -529,6 +526,10 @@ struct Inner {
     max_age: coarsetime::Duration,
     tenants: views::TenantViews,
     keys: quick_cache::sync::Cache<(TenantId, u32), Arc<VersionKey>>,
+    /// When (coarse-clock ticks) each tenant was last read again because a ciphertext named a
+    /// version newer than its cached metadata: not again within `MIN_REFRESH_AGE`, whatever
+    /// replaced the metadata meanwhile.
+    unknown_version_reads: quick_cache::sync::Cache<TenantId, u64>,
     /// The revocation flags of the streams running per tenant (`crate::stream`): set when
     /// the tenant is found shredded, so that a running stream stops at its next segment.
     streams: std::sync::Mutex<HashMap<TenantId, Vec<Weak<AtomicBool>>>>,
@@ -1038,6 +1039,19 @@ impl Keyring {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Whether `tenant` may be read again at `now` for a ciphertext naming an unknown newer
+    /// version (see `Inner::unknown_version_reads`); if so, that read is noted.
+    fn may_read_for_unknown_version(&self, tenant: &TenantId, now: Instant) -> bool {
+        let reads = &self.inner.unknown_version_reads;
+        let due = reads
+            .get(tenant)
+            .is_none_or(|last| now.duration_since(Instant::from_ticks(last)) >= MIN_REFRESH_AGE);
+        if due {
+            reads.insert(tenant.clone(), now.as_ticks());
+        }
+        due
     }
 
     /// How many unwrapped key versions the key cache holds (for `crate::testkit`).
@@ -1624,16 +1638,14 @@ impl Keyring {
             let mut view = self.tenant_view(context.tenant(), now).await?;
             if version > view.record.latest_version()
                 && view.record.shredded_at.is_none()
-                && (!view.read_for_unknown_version.load(Ordering::Acquire)
-                    || now.duration_since(view.fetched_at) >= MIN_REFRESH_AGE)
+                && self.may_read_for_unknown_version(context.tenant(), now)
             {
                 // Possibly rotated by another process since we cached the metadata (perhaps
-                // just before its notification arrives): read it again — at once, unless the
-                // metadata in hand is itself such a re-read younger than MIN_REFRESH_AGE, so
-                // that forged versions cause at most one store read per MIN_REFRESH_AGE.
+                // just before its notification arrives): read it again at once — at most once
+                // per MIN_REFRESH_AGE per tenant, so that forged versions cannot hammer the
+                // store.
                 self.inner.tenants.remove_if_same(context.tenant(), &view);
                 view = self.tenant_view(context.tenant(), now).await?;
-                view.read_for_unknown_version.store(true, Ordering::Release);
             }
             let min = view.record.min_decrypt_version;
             if version < min && view.record.shredded_at.is_none() {

@@ -63,11 +63,18 @@ impl KmsOutage {
     /// ([`BackendError::refused_before_calling`]: a damaged record it cannot send).
     pub(super) fn record<T>(&self, result: &Result<T, BackendError>, now: Instant) {
         match result {
-            // (The retry this call may have claimed is due again at once, for the next one.)
+            // The retry this call claimed (`may_call` moved it two intervals out; a failure
+            // recorded since moves it one) is due again at once, for the next caller.
             Err(e) if !e.called_the_service() => {
-                if self.is_active() {
-                    self.retry_at
-                        .store(now.as_ticks().max(1), Ordering::Release);
+                let claimed = self.retry_at.load(Ordering::Acquire);
+                let one_interval = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
+                if claimed > one_interval {
+                    let _ = self.retry_at.compare_exchange(
+                        claimed,
+                        now.as_ticks().max(1),
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
                 }
             }
             Err(e) if e.kind() == BackendErrorKind::Unavailable => {
