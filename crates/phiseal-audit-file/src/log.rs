@@ -280,6 +280,8 @@ struct Shared {
     /// fdatasyncs in a row after which the log's path could not be examined
     /// ([`still_at_its_path`]).
     path_unexamined: std::sync::atomic::AtomicU32,
+    /// Since when the log's path could not be examined (with `path_unexamined`).
+    path_unexamined_since: Mutex<Option<Instant>>,
     #[cfg(test)]
     fail_next_sync: std::sync::atomic::AtomicBool,
     /// While set, every fdatasync hangs (a stalled disk).
@@ -747,6 +749,7 @@ impl FileAuditLog {
             },
             synced_seq: AtomicU64::new(head.next_seq),
             path_unexamined: std::sync::atomic::AtomicU32::new(0),
+            path_unexamined_since: Mutex::new(None),
             #[cfg(test)]
             fail_next_sync: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
@@ -1935,8 +1938,15 @@ fn sync_loop(shared: &Shared, interval: Option<Duration>) {
 }
 
 /// After this many fdatasyncs in a row whose check could not examine the log's path (an error
-/// other than "not found"), the log is poisoned.
+/// other than "not found"), over at least [`UNEXAMINED_TIME_LIMIT`], the log is poisoned.
 const UNEXAMINED_SYNCS_LIMIT: u32 = 10;
+/// See [`UNEXAMINED_SYNCS_LIMIT`].
+const UNEXAMINED_TIME_LIMIT: Duration = Duration::from_secs(10);
+
+/// The guarded value even if a panic poisoned the mutex (a plain value, always consistent).
+fn lock_or_recover<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Checks, after an fdatasync and before it acknowledges anything, that the file being
 /// written is still the one at the log's path: one removed (`rm`), moved away or replaced
@@ -1955,6 +1965,7 @@ fn still_at_its_path(shared: &Shared) -> Result<(), String> {
     match std::fs::symlink_metadata(&shared.path) {
         Ok(at_path) if (at_path.dev(), at_path.ino()) == (active.dev(), active.ino()) => {
             shared.path_unexamined.store(0, Ordering::Relaxed);
+            *lock_or_recover(&shared.path_unexamined_since) = None;
             return Ok(());
         }
         Ok(_) => {}
@@ -1967,7 +1978,10 @@ fn still_at_its_path(shared: &Shared) -> Result<(), String> {
         // after the next fdatasync — but a path that stays unexaminable is not trusted.
         Err(e) => {
             let times = shared.path_unexamined.fetch_add(1, Ordering::Relaxed) + 1;
-            if times < UNEXAMINED_SYNCS_LIMIT {
+            let since =
+                *lock_or_recover(&shared.path_unexamined_since).get_or_insert_with(Instant::now);
+            // (Both: strict mode's group commits can make ten fdatasyncs in milliseconds.)
+            if times < UNEXAMINED_SYNCS_LIMIT || since.elapsed() < UNEXAMINED_TIME_LIMIT {
                 return Ok(());
             }
             return Err(format!(

@@ -1197,6 +1197,19 @@ async fn interrupted_recovery_resumes() {
         "the temporary copy stayed"
     );
     assert!(verify(&path4).unwrap().is_intact());
+    // A crash between the link and the removal of the temporary name: both names hold the
+    // torn bytes; the next recovery uses the save file and removes the other.
+    let (_dir5, path5) = log_with(1).await;
+    let mut bytes = std::fs::read(&path5).unwrap();
+    let off = bytes.len();
+    bytes.extend_from_slice(b"{\"seq\":2,\"ti");
+    std::fs::write(&path5, &bytes).unwrap();
+    let saved = format!("{}.torn-{off}", path5.display());
+    std::fs::write(&saved, b"{\"seq\":2,\"ti").unwrap();
+    std::fs::write(format!("{saved}.partial"), b"{\"seq\":2,\"ti").unwrap();
+    FileAuditLog::recover_torn_tail(&path5).unwrap().unwrap();
+    assert!(!std::path::Path::new(&format!("{saved}.partial")).exists());
+    assert!(verify(&path5).unwrap().is_intact());
 
     // A save file that differs from the torn bytes is never overwritten.
     let (_dir2, path2) = log_with(1).await;
