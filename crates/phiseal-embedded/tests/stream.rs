@@ -544,6 +544,27 @@ async fn keys_follow_rotation_minimum_version_and_shredding() {
 }
 
 #[tokio::test]
+async fn a_stream_under_a_version_rotated_elsewhere_a_moment_ago_decrypts() {
+    // Another process rotates right after this keyring read the tenant: the stream names a
+    // version its cached metadata does not know yet; the tenant is read again, not refused.
+    let dir = private_tempdir();
+    let (k, _) = recorded(dir.path()).await;
+    let other = phiseal_embedded::builder(dir.path(), &EmbeddedOptions::default())
+        .unwrap()
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    let cx = ctx("t", "scan", None);
+    encrypt(&k, &cx, &data(10)).await;
+    other
+        .rotate(&caller(), &TenantId::new("t").unwrap())
+        .await
+        .unwrap();
+    let stream = encrypt(&other, &cx, &data(70_000)).await;
+    assert_eq!(decrypt(&k, &cx, &stream).await.unwrap(), data(70_000));
+}
+
+#[tokio::test]
 async fn a_shred_stops_the_tenants_running_streams() {
     let dir = private_tempdir();
     let (k, sink) = recorded(dir.path()).await;

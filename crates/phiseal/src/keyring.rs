@@ -1041,6 +1041,26 @@ impl Keyring {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// `view`, or — when `version` is newer than any it knows, perhaps rotated by another
+    /// process just before its notification arrives — the tenant read again at once: at most
+    /// once per `MIN_REFRESH_AGE` per tenant, so that forged versions cannot hammer the store.
+    async fn view_knowing(
+        &self,
+        view: Arc<TenantView>,
+        version: u32,
+        now: Instant,
+    ) -> Result<Arc<TenantView>, Error> {
+        let tenant = &view.record.tenant;
+        if version > view.record.latest_version()
+            && view.record.shredded_at.is_none()
+            && self.may_read_for_unknown_version(tenant, now)
+        {
+            self.inner.tenants.remove_if_same(tenant, &view);
+            return self.tenant_view(tenant, now).await;
+        }
+        Ok(view)
+    }
+
     /// Whether `tenant` may be read again at `now` for a ciphertext naming an unknown newer
     /// version (see `Inner::unknown_version_reads`); if so, that read is noted.
     fn may_read_for_unknown_version(&self, tenant: &TenantId, now: Instant) -> bool {
@@ -1635,18 +1655,8 @@ impl Keyring {
             let parsed = format::parse(ciphertext)?;
             let version = parsed.key_version;
             meta.key_version = Some(version);
-            let mut view = self.tenant_view(context.tenant(), now).await?;
-            if version > view.record.latest_version()
-                && view.record.shredded_at.is_none()
-                && self.may_read_for_unknown_version(context.tenant(), now)
-            {
-                // Possibly rotated by another process since we cached the metadata (perhaps
-                // just before its notification arrives): read it again at once — at most once
-                // per MIN_REFRESH_AGE per tenant, so that forged versions cannot hammer the
-                // store.
-                self.inner.tenants.remove_if_same(context.tenant(), &view);
-                view = self.tenant_view(context.tenant(), now).await?;
-            }
+            let view = self.tenant_view(context.tenant(), now).await?;
+            let view = self.view_knowing(view, version, now).await?;
             let min = view.record.min_decrypt_version;
             if version < min && view.record.shredded_at.is_none() {
                 return Err(Error::KeyVersionRetired {

@@ -49,7 +49,7 @@ use coarsetime::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Caller, Keyring, MIN_REFRESH_AGE, OpMeta, primary_kept_changing};
+use super::{Caller, Keyring, OpMeta, primary_kept_changing};
 use crate::audit::{Action, AuditEvent, KeySource, Outcome};
 use crate::context::EncryptionContext;
 use crate::crypto::TAG_LEN;
@@ -424,14 +424,7 @@ impl Keyring {
                         .version
                 }
                 Some(version) => {
-                    if version > view.record.latest_version()
-                        && view.record.shredded_at.is_none()
-                        && now.duration_since(view.fetched_at) >= MIN_REFRESH_AGE
-                    {
-                        // Possibly rotated by another process (see `decrypt_slow`).
-                        self.inner.tenants.remove_if_same(tenant, &view);
-                        view = self.tenant_view(tenant, now).await?;
-                    }
+                    view = self.view_knowing(view, version, now).await?;
                     let min = view.record.min_decrypt_version;
                     if version < min && view.record.shredded_at.is_none() {
                         return Err(Error::KeyVersionRetired {
