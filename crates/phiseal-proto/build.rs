@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let well_known = protoc_bin_vendored::include_path()?;
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
-    tonic_prost_build::configure().compile_with_config(
+    // The services decode with `codec::BoundedCodec`: prost's, plus a field count limit.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::BoundedCodec")
+        .compile_with_config(
         config,
         &[&proto],
         &[&proto_root, &well_known],

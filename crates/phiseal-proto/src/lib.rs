@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod codec;
+
 /// `phiseal.v1`: messages, the `FieldService` and `AdminService` clients and servers.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod v1 {

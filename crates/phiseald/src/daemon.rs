@@ -30,6 +30,9 @@ use crate::{rotation, transport};
 use phiseal::store::KeyStore;
 use phiseal_store_postgres::PostgresKeyStore;
 
+/// The fewest top-level fields a request may have before it is decoded, whatever
+/// `limits.max_batch_items` is (a request that is not a batch has up to five).
+const MIN_TOP_LEVEL_FIELDS: usize = 64;
 /// HTTP/2 streams (calls) one connection may have open at once.
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Beyond `limits.request_timeout`, how long a unary call may take to arrive and be answered
@@ -274,6 +277,24 @@ impl Daemon {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<FieldServiceServer<FieldApi>>().await;
         health.set_serving::<AdminServiceServer<AdminApi>>().await;
+
+        // A batch's items are decoded before any check of ours runs, at ~50 times their size
+        // on the wire (an empty item: 2 bytes, ~100 in memory): count them first, so that a
+        // message of tiny items cannot make the daemon allocate hundreds of megabytes. Every
+        // request's repeated field is top-level; no other request has more than a few fields.
+        let max_items = config.limits.max_batch_items;
+        let refusals = Arc::clone(&self.sidecar.metrics);
+        let limited = phiseal_proto::codec::limit_top_level_fields(
+            max_items.max(MIN_TOP_LEVEL_FIELDS),
+            move || {
+                refusals.refuse("batch_too_large");
+                crate::service::batch_too_large(&format!("more than {max_items}"), max_items)
+            },
+        );
+        if !limited {
+            // (One daemon per process: only a second `run` in one process gets here.)
+            tracing::warn!("the request field limit was set before: kept as it was");
+        }
 
         let max = config.limits.max_message_bytes;
         let fields = FieldServiceServer::new(FieldApi(Arc::clone(&self.sidecar)))

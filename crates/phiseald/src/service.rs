@@ -543,17 +543,23 @@ impl Sidecar {
     fn check_batch_size(&self, len: usize) -> Result<(), Status> {
         if len > self.max_batch_items {
             self.metrics.refuse("batch_too_large");
-            return Err(status::status(
-                Code::ResourceExhausted,
-                "batch_too_large",
-                format!(
-                    "batch of {len} items exceeds limits.max_batch_items ({}): split it",
-                    self.max_batch_items
-                ),
+            return Err(batch_too_large(
+                &len.to_string(),
+                self.max_batch_items,
             ));
         }
         Ok(())
     }
+}
+
+/// RESOURCE_EXHAUSTED `batch_too_large`: a batch of `len` items (a number, or "more than N"
+/// when refused before decoding, `daemon.rs`) over `limits.max_batch_items` (`max`).
+pub fn batch_too_large(len: &str, max: usize) -> Status {
+    status::status(
+        Code::ResourceExhausted,
+        "batch_too_large",
+        format!("batch of {len} items exceeds limits.max_batch_items ({max}): split it"),
+    )
 }
 
 /// Items of a batch after parsing and authorization: per index, either an early error or a

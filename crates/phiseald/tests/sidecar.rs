@@ -1574,3 +1574,109 @@ max_requests_in_flight = 1
         Some("1".to_owned())
     );
 }
+
+/// Sends one gRPC message (`message`, already encoded) to `path` on a connection of its own (a
+/// raw HTTP/2 client, so that no client-side type has to hold it decoded) and returns the
+/// answer's `grpc-status` and `phiseal-error-kind`.
+async fn raw_call(d: &Daemon, path: &str, message: &[u8]) -> (Option<String>, Option<String>) {
+    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (client, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(message);
+    // Sent in pieces the flow-control window admits.
+    let mut rest = bytes::Bytes::from(frame);
+    while !rest.is_empty() {
+        body.reserve_capacity(rest.len());
+        let granted = std::future::poll_fn(|cx| body.poll_capacity(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        let piece = rest.split_to(granted.min(rest.len()));
+        body.send_data(piece, rest.is_empty()).unwrap();
+    }
+    let response = response.await.unwrap();
+    let header = |map: &http::HeaderMap, name: &str| {
+        map.get(name).map(|v| v.to_str().unwrap().to_owned())
+    };
+    let (parts, mut answer) = response.into_parts();
+    if let Some(code) = header(&parts.headers, "grpc-status") {
+        return (Some(code), header(&parts.headers, "phiseal-error-kind"));
+    }
+    while let Some(data) = answer.data().await {
+        let data = data.unwrap();
+        let _ = answer.flow_control().release_capacity(data.len());
+    }
+    let trailers = answer.trailers().await.unwrap().unwrap_or_default();
+    (
+        header(&trailers, "grpc-status"),
+        header(&trailers, "phiseal-error-kind"),
+    )
+}
+
+/// The daemon's peak resident memory (`VmHWM`) in KiB, reset to the current one first when
+/// `reset` (`/proc/PID/clear_refs`).
+fn peak_rss_kib(pid: i32, reset: bool) -> u64 {
+    if reset {
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap()
+        .to_owned();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_of_tiny_items_is_refused_before_it_is_decoded() {
+    // Two million empty items are 4 MB on the wire (within max_message_bytes) but ~100 bytes
+    // each once decoded: the daemon counts them before decoding and refuses the batch
+    // without allocating for them, as it refuses any batch over max_batch_items.
+    let d = Daemon::embedded();
+    create_tenant(&d, "clinic").await;
+    let mut fields = d.fields().await;
+    let one = pb::EncryptBatchRequest {
+        items: vec![pb::EncryptRequest {
+            context: ctx("clinic", "ssn", None),
+            plaintext: b"x".to_vec(),
+        }],
+    };
+    fields.encrypt_batch(one).await.unwrap();
+    let before = peak_rss_kib(d.pid(), true);
+    let batch = [0x0a, 0x00].repeat(2_000_000);
+    for rpc in ["EncryptBatch", "DecryptBatch", "Rewrap"] {
+        let (code, kind) = raw_call(&d, &format!("/phiseal.v1.FieldService/{rpc}"), &batch).await;
+        assert_eq!(
+            (code.as_deref(), kind.as_deref()),
+            (Some("8"), Some("batch_too_large")),
+            "{rpc}"
+        );
+    }
+    let grown = peak_rss_kib(d.pid(), false).saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "the daemon's peak memory grew by {grown} KiB for 4 MB batches"
+    );
+    // A batch within the limit is served as before.
+    let (code, _) = raw_call(
+        &d,
+        "/phiseal.v1.FieldService/EncryptBatch",
+        &[0x0a, 0x00].repeat(10),
+    )
+    .await;
+    assert_eq!(code.as_deref(), Some("0"));
+}
