@@ -18,11 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The services decode with `codec::BoundedCodec`: prost's, plus a field count limit.
     tonic_prost_build::configure()
         .codec_path("crate::codec::BoundedCodec")
-        .compile_with_config(
-        config,
-        &[&proto],
-        &[&proto_root, &well_known],
-    )?;
+        .compile_with_config(config, &[&proto], &[&proto_root, &well_known])?;
     println!("cargo:rerun-if-changed={}", proto.display());
     Ok(())
 }

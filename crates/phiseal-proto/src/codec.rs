@@ -151,8 +151,8 @@ mod tests {
     fn counts_top_level_fields_of_every_wire_type() {
         // field 1 varint 150, field 2 bytes "hi", field 3 fixed64, field 4 fixed32.
         let message = [
-            0x08, 0x96, 0x01, 0x12, 0x02, b'h', b'i', 0x19, 1, 2, 3, 4, 5, 6, 7, 8, 0x25, 1, 2,
-            3, 4,
+            0x08, 0x96, 0x01, 0x12, 0x02, b'h', b'i', 0x19, 1, 2, 3, 4, 5, 6, 7, 8, 0x25, 1, 2, 3,
+            4,
         ];
         assert!(!has_more_fields_than(&message, 4));
         assert!(has_more_fields_than(&message, 3));
@@ -174,7 +174,9 @@ mod tests {
             &[0x0a, 0x05, 1][..],
             &[0x08, 0x80][..],
             &[0x0b][..],
-            &[0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01][..],
+            &[
+                0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+            ][..],
             &[0x80; 11][..],
         ] {
             assert!(!has_more_fields_than(bad, 5));

@@ -590,9 +590,20 @@ pub struct LimitsConfig {
     /// Calls being received or served at once, all connections together (each may hold a
     /// message of up to `max_message_bytes` while it arrives); beyond it, calls wait.
     pub max_requests_in_flight: usize,
+    /// Calls in flight one peer uid may have at once, so that one local user cannot hold
+    /// every one of `max_requests_in_flight` (`inflight.rs`); beyond it, its calls wait.
+    /// Not set: half of `max_requests_in_flight`, rounded up.
+    pub max_requests_in_flight_per_uid: Option<usize>,
 }
 
 impl LimitsConfig {
+    /// `max_requests_in_flight_per_uid`, or its default: half of `max_requests_in_flight`,
+    /// rounded up.
+    pub fn requests_in_flight_per_uid(&self) -> usize {
+        self.max_requests_in_flight_per_uid
+            .unwrap_or(self.max_requests_in_flight.div_ceil(2))
+    }
+
     /// `max_streams_per_caller`, or its default: half of `max_streams`, rounded up.
     pub fn streams_per_caller(&self) -> usize {
         self.max_streams_per_caller
@@ -614,6 +625,7 @@ impl Default for LimitsConfig {
             max_connections: 1024,
             max_connections_per_uid: 256,
             max_requests_in_flight: 1024,
+            max_requests_in_flight_per_uid: None,
         }
     }
 }
@@ -1106,6 +1118,14 @@ impl Config {
             return bad(
                 "limits.max_requests_in_flight",
                 "must be between 1 and 65536",
+            );
+        }
+        if l.max_requests_in_flight_per_uid
+            .is_some_and(|n| !(1..=l.max_requests_in_flight).contains(&n))
+        {
+            return bad(
+                "limits.max_requests_in_flight_per_uid",
+                "must be between 1 and limits.max_requests_in_flight",
             );
         }
         if !(1..=1_000_000).contains(&l.max_batch_items) {

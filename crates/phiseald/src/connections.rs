@@ -6,8 +6,9 @@
 //! `limits.max_connections` open at once, all callers together (once reached, the daemon stops
 //! accepting until one closes: new clients wait in the socket's backlog), and
 //! `limits.max_connections_per_uid` per peer uid (a connection beyond it is closed at once, so
-//! one local user cannot take every slot). The daemon caps the rest on each connection
-//! (`daemon.rs`): concurrent streams, requests in flight, the time to receive a request.
+//! one local user cannot take every slot). The daemon caps the rest: calls in flight, all and
+//! per uid (`inflight.rs`), and on each connection (`daemon.rs`) concurrent streams and the
+//! time to receive a request.
 
 use std::io;
 use std::pin::Pin;

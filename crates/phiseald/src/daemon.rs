@@ -345,16 +345,17 @@ impl Daemon {
             let _ = draining_tx.send(());
         };
         // Deadlines are enforced per call by the services (DEADLINE_EXCEEDED with a kind).
-        // What runs before them is bounded here: streams per connection, calls in flight
-        // (each may hold a message while it arrives), and the time to receive and answer a
+        // What runs before them is bounded here: streams per connection, calls in flight,
+        // all and per uid (each may hold a message while it arrives), and the time to receive and answer a
         // call (a stream's handler answers at once; its messages have their own idle limit).
         let server = tonic::transport::Server::builder()
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .timeout(limits.request_timeout.saturating_add(RECEIVE_GRACE))
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            .layer(crate::inflight::InFlightLayer::new(
                 limits.max_requests_in_flight,
+                limits.requests_in_flight_per_uid(),
             ))
             .add_service(health_service)
             .add_service(fields)

@@ -5,7 +5,8 @@
 //! [`config`] (TOML + environment, validated) → [`daemon`] (assembles and runs) →
 //! [`transport`] (the socket) → [`auth`] (peer credentials, tokens → identity) → [`policy`]
 //! (identity × operation × tenant × field) → [`service`] (the gRPC methods, calling the
-//! keyring). Around them: [`kms`] (the configured KMS backend), [`limits`], [`metrics`]
+//! keyring). Around them: [`connections`] and [`inflight`] (caps before any call's code runs),
+//! [`kms`] (the configured KMS backend), [`limits`], [`metrics`]
 //! (+ [`instrument`]), [`rotation`], [`status`] (error → gRPC status), [`hardening`], and
 //! [`offline`] (a config's backends for the CLI's root-key commands).
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod connections;
 pub mod daemon;
 mod error;
 pub mod hardening;
+pub mod inflight;
 pub mod instrument;
 pub mod kms;
 pub mod limits;

@@ -543,10 +543,7 @@ impl Sidecar {
     fn check_batch_size(&self, len: usize) -> Result<(), Status> {
         if len > self.max_batch_items {
             self.metrics.refuse("batch_too_large");
-            return Err(batch_too_large(
-                &len.to_string(),
-                self.max_batch_items,
-            ));
+            return Err(batch_too_large(&len.to_string(), self.max_batch_items));
         }
         Ok(())
     }

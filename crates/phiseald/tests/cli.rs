@@ -1615,6 +1615,21 @@ fn assert_others_can_reach(path: &Path) {
 
 const NOBODY: u32 = 65534;
 
+/// A copy of the binary `name` in a directory of `d`'s that uid 65534 can reach (the target
+/// directory may be under /root).
+fn nobody_can_run(d: &Daemon, name: &str) -> PathBuf {
+    let bin_dir = d.dir.path().join("nobody-bin");
+    if !bin_dir.exists() {
+        std::fs::create_dir(&bin_dir).unwrap();
+        std::fs::set_permissions(&bin_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let program = bin_dir.join(name);
+    std::fs::copy(bin(name), &program).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_others_can_reach(&program);
+    program
+}
+
 /// A daemon config: socket group `nogroup`, uid 0 may do everything, plus `extra`.
 fn nogroup_config(data_dir: &str, extra: &str) -> String {
     format!(
@@ -1629,6 +1644,59 @@ operations = ["*"]
 tenants = ["*"]
 {extra}"#
     )
+}
+
+#[test]
+fn one_uid_cannot_hold_every_call_slot() {
+    // Four calls in flight in all, two per uid. uid 0 opens four calls whose messages never
+    // finish arriving (held until the server's receive limit, 35 s here): two hold slots, two
+    // wait for uid 0's own slots without taking shared ones. uid 65534's call is served at
+    // once from the two shared slots left (before: uid 0 held all four, and it waited 35 s).
+    assert_eq!(
+        rustix::process::getuid().as_raw(),
+        0,
+        "this test runs the CLI as uid {NOBODY} (nobody), which needs root"
+    );
+    let d = Daemon::with_config(&nogroup_config(
+        "{data_dir}",
+        &format!(
+            "\n[[policy]]\nuids = [{NOBODY}]\noperations = [\"encrypt\"]\ntenants = [\"clinic\"]\n\
+             \n[limits]\nrequest_timeout = \"30s\"\nmax_requests_in_flight = 4\n\
+             max_requests_in_flight_per_uid = 2\n"
+        ),
+    ));
+    d.cli(&["tenant", "create", "clinic"], b"").expect(0);
+    let program = nobody_can_run(&d, "phiseal");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _stuck: Vec<_> = runtime.block_on(async {
+        let mut calls = Vec::new();
+        for _ in 0..4 {
+            calls.push(stuck_unary_call(&d).await);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        calls
+    });
+    let mut cmd = cli_command(&program, &d.socket);
+    cmd.args(field_args("encrypt", "clinic", "ssn", None))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .current_dir("/");
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdin.take());
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("uid {NOBODY}'s call waited for the slots uid 0 holds");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
@@ -1648,14 +1716,7 @@ fn another_user_is_refused_by_the_policy_not_by_file_permissions() {
     assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, NOBODY));
     a.cli(&["tenant", "create", "clinic"], b"").expect(0);
 
-    // The CLI in a directory uid 65534 can reach (the target dir may be under /root).
-    let bin_dir = a.dir.path().join("nobody-bin");
-    std::fs::create_dir(&bin_dir).unwrap();
-    std::fs::set_permissions(&bin_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let program = bin_dir.join("phiseal");
-    std::fs::copy(bin("phiseal"), &program).unwrap();
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
-    assert_others_can_reach(&program);
+    let program = nobody_can_run(&a, "phiseal");
     let as_nobody = |socket: &PathBuf, args: &[&str], stdin: &[u8]| {
         let mut cmd = cli_command(&program, socket);
         cmd.args(args).uid(NOBODY).gid(NOBODY).current_dir("/");

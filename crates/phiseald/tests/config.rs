@@ -279,6 +279,21 @@ fn a_wrong_type_from_the_environment_is_named() {
 fn out_of_range_values_are_named() {
     check_text(&format!("{MINIMAL}[limits]\nmax_batch_items = 0\n"), &[])
         .fails_with("limits.max_batch_items: must be between 1 and 1000000");
+    for per_uid in ["0", "1025"] {
+        check_text(
+            MINIMAL,
+            &[("PHISEALD_LIMITS__MAX_REQUESTS_IN_FLIGHT_PER_UID", per_uid)],
+        )
+        .fails_with(
+            "limits.max_requests_in_flight_per_uid: must be between 1 and \
+             limits.max_requests_in_flight",
+        );
+    }
+    check_text(
+        MINIMAL,
+        &[("PHISEALD_LIMITS__MAX_REQUESTS_IN_FLIGHT_PER_UID", "1024")],
+    )
+    .ok();
     check_text(MINIMAL, &[("PHISEALD_LIMITS__MAX_MESSAGE_BYTES", "100")])
         .fails_with("limits.max_message_bytes: must be between 1024 and 268435456");
     for size in ["1", "65535", "1099511627777"] {

@@ -1500,33 +1500,6 @@ tenants = ["*"]
     drop(body);
 }
 
-/// Opens an `Encrypt` call on a connection of its own (a raw HTTP/2 client) whose message
-/// never finishes arriving: a gRPC frame header announcing 1000 bytes, then 10 of them.
-/// Returns the future of the answer, and the request body (the call stays open while held).
-async fn stuck_unary_call(
-    d: &Daemon,
-) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
-    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
-    let (client, connection) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut client = client.ready().await.unwrap();
-    let request = http::Request::builder()
-        .method("POST")
-        .uri("http://localhost/phiseal.v1.FieldService/Encrypt")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut body) = client.send_request(request, false).unwrap();
-    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xe8]), false)
-        .unwrap();
-    body.send_data(bytes::Bytes::from_static(&[0; 10]), false)
-        .unwrap();
-    (response, body)
-}
-
 #[tokio::test]
 async fn calls_beyond_max_requests_in_flight_wait_for_a_slot() {
     // One call in flight at most: while a stuck call holds the slot, any other call (a health
@@ -1608,9 +1581,8 @@ async fn raw_call(d: &Daemon, path: &str, message: &[u8]) -> (Option<String>, Op
         body.send_data(piece, rest.is_empty()).unwrap();
     }
     let response = response.await.unwrap();
-    let header = |map: &http::HeaderMap, name: &str| {
-        map.get(name).map(|v| v.to_str().unwrap().to_owned())
-    };
+    let header =
+        |map: &http::HeaderMap, name: &str| map.get(name).map(|v| v.to_str().unwrap().to_owned());
     let (parts, mut answer) = response.into_parts();
     if let Some(code) = header(&parts.headers, "grpc-status") {
         return (Some(code), header(&parts.headers, "phiseal-error-kind"));

@@ -355,3 +355,30 @@ pub fn run_cli(cmd: &mut Command, stdin: &[u8]) -> CliRun {
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// Opens an `Encrypt` call on a connection of its own (a raw HTTP/2 client) whose message
+/// never finishes arriving: a gRPC frame header announcing 1000 bytes, then 10 of them.
+/// Returns the future of the answer, and the request body (the call stays open while held).
+pub async fn stuck_unary_call(
+    d: &Daemon,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (client, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/phiseal.v1.FieldService/Encrypt")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xe8]), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0; 10]), false)
+        .unwrap();
+    (response, body)
+}
