@@ -81,10 +81,10 @@ impl Sidecar {
             request,
             split,
             async |call, context, plaintext, _| {
-                self.check_answer_size(std::iter::once(plaintext.len()))?;
                 // Equal values give equal ciphertexts: whoever may write them can compare
                 // values with a deterministic column, so they need `search` as well (as
-                // deterministic `SearchTerms` need `encrypt`).
+                // deterministic `SearchTerms` need `encrypt`). Authorized first, as every
+                // call: a caller without the grant is refused (and audited) as such.
                 for operation in [Operation::Encrypt, Operation::Search] {
                     self.authorize_field_as(
                         call,
@@ -94,6 +94,7 @@ impl Sidecar {
                     )
                     .await?;
                 }
+                self.check_answer_size(std::iter::once(plaintext.len()))?;
                 let ciphertext = self
                     .inline(
                         self.keyring
@@ -123,9 +124,9 @@ impl Sidecar {
             request,
             split,
             async |call, context, value, body| {
-                let spec = spec(body.spec.as_ref())?;
                 self.authorize_field_as(call, Operation::Search, Action::BlindIndex, &context)
                     .await?;
+                let spec = spec(body.spec.as_ref())?;
                 let index = self
                     .inline(
                         self.keyring
@@ -161,9 +162,9 @@ impl Sidecar {
             request,
             split,
             async |call, context, value, body| {
-                let (action, spec) = match &body.kind {
+                let (action, requested) = match &body.kind {
                     Some(Kind::Deterministic(_)) => (Action::DeterministicQuery, None),
-                    Some(Kind::BlindIndex(s)) => (Action::BlindIndexQuery, Some(spec(Some(s))?)),
+                    Some(Kind::BlindIndex(s)) => (Action::BlindIndexQuery, Some(s)),
                     None => {
                         return Err(status::from_error(&phiseal::Error::InvalidInput {
                             what: "kind",
@@ -173,6 +174,7 @@ impl Sidecar {
                 };
                 self.authorize_field_as(call, Operation::Search, action, &context)
                     .await?;
+                let spec = requested.map(|s| spec(Some(s))).transpose()?;
                 if spec.is_none() {
                     // Deterministic terms are valid ciphertexts of a chosen value: whoever may
                     // ask for them could write them, so they need `encrypt` as well.

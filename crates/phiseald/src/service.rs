@@ -15,7 +15,7 @@ use phiseal::{Caller, EncryptionContext, Keyring, TenantId};
 use phiseal_proto::REQUEST_ID_HEADER;
 use phiseal_proto::v1 as pb;
 use tonic::{Code, Request, Response, Status};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::auth::{Authenticator, Identity};
 use crate::limits::{CallLimiter, RefusalBudget};
@@ -129,27 +129,25 @@ struct BatchRpc {
     answer_grows: bool,
 }
 
-/// Batch items (context, data) whose data — plaintexts, for encrypt — is wiped when dropped,
-/// on every path, refusals included.
-struct WipeItems(Vec<(Option<pb::Context>, Vec<u8>)>);
-
-impl Drop for WipeItems {
-    fn drop(&mut self) {
-        for (_, data) in &mut self.0 {
-            data.zeroize();
-        }
-    }
-}
+/// A batch item's data — a plaintext, for encrypt —, wiped when dropped: on every path,
+/// refusals, errors and a call dropped halfway (deadline, client gone) included.
+type ItemData = Zeroizing<Vec<u8>>;
 
 /// Splits a batch request into its head (metadata and connection info, for admission) and
-/// its items as (context, data), wiped when dropped.
+/// its items as (context, data).
 fn split_batch<B, I>(
     request: Request<B>,
     items: impl FnOnce(B) -> Vec<I>,
     item: impl Fn(I) -> (Option<pb::Context>, Vec<u8>),
-) -> (Request<()>, WipeItems) {
+) -> (Request<()>, Vec<(Option<pb::Context>, ItemData)>) {
     let (metadata, extensions, body) = request.into_parts();
-    let items = WipeItems(items(body).into_iter().map(item).collect());
+    let items = items(body)
+        .into_iter()
+        .map(|i| {
+            let (context, data) = item(i);
+            (context, Zeroizing::new(data))
+        })
+        .collect();
     (Request::from_parts(metadata, extensions, ()), items)
 }
 
@@ -565,7 +563,7 @@ struct Sorted {
     /// Per request item: `Err(item error)` or `Ok(index into allowed)`.
     slots: Vec<Result<usize, pb::ItemError>>,
     /// Contexts and data the keyring will process, in order.
-    allowed: Vec<(EncryptionContext, Vec<u8>)>,
+    allowed: Vec<(EncryptionContext, ItemData)>,
 }
 
 impl Sidecar {
@@ -574,7 +572,7 @@ impl Sidecar {
         &self,
         call: &Call,
         op: Operation,
-        items: impl Iterator<Item = (Option<pb::Context>, Vec<u8>)>,
+        items: impl Iterator<Item = (Option<pb::Context>, ItemData)>,
     ) -> Result<Sorted, Status> {
         let mut slots = Vec::new();
         let mut allowed = Vec::new();
@@ -604,12 +602,10 @@ impl Sidecar {
                     (c, allowed)
                 }),
             };
-            let mut data = data;
             let (context, ok) = match parsed {
                 Ok(p) => p,
                 Err(e) => {
-                    // A refused item's data (a plaintext, for encrypt) is wiped, not just dropped.
-                    data.zeroize();
+                    // (A refused item's data is wiped as it is dropped.)
                     slots.push(Err(status::item_error(&e)));
                     continue;
                 }
@@ -619,7 +615,7 @@ impl Sidecar {
                 slots.push(Ok(allowed.len()));
                 allowed.push((context, data));
             } else {
-                data.zeroize();
+                drop(data);
                 slots.push(Err(status::item_denied()));
                 denied.push(context);
             }
@@ -631,9 +627,8 @@ impl Sidecar {
                 .limiter
                 .admit_refusals(&call.identity.rate_key, denied.len());
             if budget != RefusalBudget::Admitted {
-                for (_, data) in &mut allowed {
-                    data.zeroize();
-                }
+                // Nothing runs: wipe what would have (plaintexts, for encrypt) at once.
+                drop(allowed);
                 // Still one record for the call (its first refused item), so that no policy
                 // refusal goes unaudited; calls are rate-limited, so these are bounded.
                 let first: Vec<&EncryptionContext> = denied.iter().take(1).collect();
@@ -687,10 +682,6 @@ impl Sidecar {
                 )
                 .await;
             if let Err(e) = audited {
-                // Nothing runs: wipe what would have (plaintexts, for encrypt).
-                for (_, data) in &mut allowed {
-                    data.zeroize();
-                }
                 return Err(status::from_error(&e));
             }
         }
@@ -734,7 +725,7 @@ impl Sidecar {
         &self,
         kind: BatchRpc,
         head: Request<()>,
-        mut items: WipeItems,
+        items: Vec<(Option<pb::Context>, ItemData)>,
         op: impl AsyncFnOnce(
             Keyring,
             Caller,
@@ -750,12 +741,11 @@ impl Sidecar {
         let call = self.admit(rpc, operation, &head).await?;
         let result = self
             .within(&call, async {
-                self.check_batch_size(items.0.len())?;
+                self.check_batch_size(items.len())?;
                 if answer_grows {
-                    self.check_answer_size(items.0.iter().map(|(_, data)| data.len()))?;
+                    self.check_answer_size(items.iter().map(|(_, data)| data.len()))?;
                 }
-                let items = std::mem::take(&mut items.0);
-                let mut sorted = self.sort_batch(&call, operation, items.into_iter()).await?;
+                let sorted = self.sort_batch(&call, operation, items.into_iter()).await?;
                 let pairs: Vec<(&EncryptionContext, &[u8])> = sorted
                     .allowed
                     .iter()
@@ -765,9 +755,7 @@ impl Sidecar {
                     .inline(op(self.keyring.clone(), call.caller.clone(), &pairs))
                     .await?;
                 drop(pairs);
-                for (_, data) in &mut sorted.allowed {
-                    data.zeroize();
-                }
+                drop(sorted.allowed);
                 let results = results.map_err(|e| status::from_error(&e))?;
                 Ok(merge(sorted.slots, results, &wrap))
             })

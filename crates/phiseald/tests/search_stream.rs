@@ -252,6 +252,38 @@ async fn search_needs_its_own_grant() {
         let err = terms(&d, "ssn", b"078051120", kind).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     }
+    // Refused as such (and audited) whatever else is wrong with the call: a plaintext whose
+    // answer could exceed the message limit, a spec that is not valid.
+    let err = fields
+        .encrypt_deterministic(pb::EncryptRequest {
+            context: ctx("clinic", "ssn", None),
+            plaintext: vec![b'x'; 4 * 1024 * 1024 - 40],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let bad_spec = pb::BlindIndexSpec {
+        normalization: pb::Normalization::Exact as i32,
+        bits: 7,
+    };
+    let err = fields
+        .blind_index(pb::BlindIndexRequest {
+            context: ctx("clinic", "ssn", None),
+            value: b"078051120".to_vec(),
+            spec: Some(bad_spec),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = terms(
+        &d,
+        "ssn",
+        b"078051120",
+        pb::search_terms_request::Kind::BlindIndex(bad_spec),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     let refused = refused_actions(&d);
     assert_eq!(
         refused,
@@ -259,7 +291,10 @@ async fn search_needs_its_own_grant() {
             "blind_index",
             "encrypt_deterministic",
             "blind_index_query",
-            "deterministic_query"
+            "deterministic_query",
+            "encrypt_deterministic",
+            "blind_index",
+            "blind_index_query"
         ],
         "each refusal is audited under its own action"
     );
