@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 use crate::cli::{EncryptArgs, FieldArgs, GlobalArgs};
 use crate::client::Daemon;
 use crate::error::CliError;
-use crate::output::{stdout_bytes, stdout_json};
+use crate::output::{stdout_bytes, stdout_json, stdout_secret};
 
 impl FieldArgs {
     /// The encryption context named by the arguments.
@@ -170,11 +170,11 @@ pub(crate) async fn decrypt(args: FieldArgs, global: &GlobalArgs) -> Result<(), 
         for piece in [head, encoded.as_str(), middle, &version, tail] {
             line.push_str(piece);
         }
-        stdout_bytes(line.as_bytes())
+        stdout_secret(line.as_bytes())
     } else if std::io::stdout().is_terminal() {
-        stdout_bytes(terminal_view(&plaintext).as_bytes())
+        stdout_secret(terminal_view(&plaintext).as_bytes())
     } else {
-        stdout_bytes(&plaintext)
+        stdout_secret(&plaintext)
     }
 }
 

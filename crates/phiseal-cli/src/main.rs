@@ -95,6 +95,10 @@ fn json_requested() -> bool {
 
 /// Runs one command: the offline ones directly, the others on a single-threaded runtime.
 fn run(cli: Cli) -> Result<(), CliError> {
+    // The CLI holds what the daemon does — decrypted values, tokens, and for the root-key
+    // commands every tenant key and the KMS credentials: no core dump of it, and no ptrace
+    // by other processes of the same user.
+    phiseald::hardening::disable_core_dumps()?;
     let global = &cli.global;
     match cli.command {
         Command::Audit(cmd) => audit::run(cmd, global),

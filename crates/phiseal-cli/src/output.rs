@@ -13,6 +13,29 @@ pub(crate) fn stdout_bytes(bytes: &[u8]) -> Result<(), CliError> {
         .map_err(CliError::io("writing to stdout"))
 }
 
+/// Writes `secret` (a decrypted value, or a line holding one) to stdout without the standard
+/// library's stdout buffer, which would keep a copy of its tail until the process exits:
+/// straight to file descriptor 1, after flushing what is buffered before it.
+pub(crate) fn stdout_secret(secret: &[u8]) -> Result<(), CliError> {
+    use std::os::fd::AsFd;
+    let mut out = std::io::stdout().lock();
+    out.flush().map_err(CliError::io("writing to stdout"))?;
+    let mut rest = secret;
+    while !rest.is_empty() {
+        match rustix::io::write(out.as_fd(), rest) {
+            Ok(0) => {
+                return Err(CliError::io("writing to stdout")(
+                    std::io::ErrorKind::WriteZero.into(),
+                ));
+            }
+            Ok(written) => rest = rest.get(written..).unwrap_or_default(),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(CliError::io("writing to stdout")(e.into())),
+        }
+    }
+    Ok(())
+}
+
 /// Writes `value` as one line of compact JSON to stdout.
 pub(crate) fn stdout_json(value: &serde_json::Value) -> Result<(), CliError> {
     let mut line = value.to_string();

@@ -1647,6 +1647,46 @@ tenants = ["*"]
 }
 
 #[test]
+fn the_cli_cannot_dump_core() {
+    // It holds decrypted values, tokens and (root-key commands) every tenant key: its core
+    // size limit is 0 whatever it inherited, from the start (here while it reads stdin).
+    let d = Daemon::embedded();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -c unlimited && exec \"$0\" \"$@\"")
+        .arg(bin("phiseal"))
+        .args(["--socket", d.socket.to_str().unwrap()])
+        .args(field_args("decrypt", "clinic", "ssn", None))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let limits = format!("/proc/{}/limits", child.id());
+    let core_limit = || {
+        let text = std::fs::read_to_string(&limits).unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(4)
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+    };
+    let started = Instant::now();
+    let mut seen = core_limit();
+    while seen.as_deref() != Some("0 0") && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+        seen = core_limit();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen.as_deref(), Some("0 0"), "core size limit (soft, hard)");
+}
+
+#[test]
 fn one_uid_cannot_hold_every_call_slot() {
     // Four calls in flight in all, two per uid. uid 0 opens four calls whose messages never
     // finish arriving (held until the server's receive limit, 35 s here): two hold slots, two
