@@ -59,6 +59,8 @@ struct Recording {
     events: Mutex<Vec<AuditEvent>>,
     refuse_streams: AtomicBool,
     refuse_stream_results: AtomicBool,
+    /// Stream result records wait forever (an audit log that stopped answering).
+    stall_stream_results: AtomicBool,
 }
 
 impl Recording {
@@ -95,6 +97,10 @@ impl AuditSink for Recording {
                 BackendErrorKind::Unavailable,
                 "disk full",
             ));
+        }
+        let result = |e: &AuditEvent| stream(&e) && e.outcome != Outcome::Attempt;
+        if self.stall_stream_results.load(Ordering::SeqCst) && events.iter().any(result) {
+            std::future::pending::<()>().await;
         }
         self.events.lock().unwrap().extend_from_slice(events);
         Ok(())
@@ -664,6 +670,41 @@ async fn a_shred_by_another_process_stops_streams_once_the_tenant_is_read_again(
     let err = reading.push(&sealed[first..], &mut out).await.unwrap_err();
     assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
     assert!(out.is_empty());
+}
+
+#[tokio::test]
+async fn a_result_record_cut_off_by_a_timeout_is_still_written() {
+    // A caller's timeout drops `push` while it writes the failure record of a tampered
+    // stream (the audit log stalls): the record was not written, so `abort` (or the drop)
+    // writes it. Before, the stream counted as recorded once the record was handed over.
+    let dir = private_tempdir();
+    let (k, sink) = recorded(dir.path()).await;
+    let cx = ctx("t", "scan", None);
+    let mut tampered = encrypt(&k, &cx, &data(2 * SEG + 1)).await;
+    // A byte of the first segment: `push` finds it when that segment completes.
+    tampered[STREAM_HEADER_LEN + 10] ^= 1;
+    sink.clear();
+    for abandon in ["abort", "drop"] {
+        sink.stall_stream_results.store(true, Ordering::SeqCst);
+        let mut d = k.start_decrypt_stream(&caller(), &cx);
+        let mut out = Vec::new();
+        let cut = tokio::time::timeout(Duration::from_millis(200), d.push(&tampered, &mut out));
+        assert!(cut.await.is_err(), "the stalled record held the call");
+        assert!(out.is_empty());
+        sink.stall_stream_results.store(false, Ordering::SeqCst);
+        if abandon == "abort" {
+            d.abort("cancelled").await.unwrap();
+        } else {
+            drop(d);
+        }
+        wait_for(|| {
+            sink.streams()
+                .iter()
+                .any(|(_, outcome, _)| matches!(outcome, Outcome::Error(_)))
+        })
+        .await;
+        sink.clear();
+    }
 }
 
 #[tokio::test]

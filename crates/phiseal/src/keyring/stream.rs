@@ -33,7 +33,10 @@
 //! finished is recorded as failed with the kind `incomplete` (or the error that stopped it) by
 //! a task spawned on the current tokio runtime — best effort: without a runtime, or if the
 //! runtime shuts down first, that result record is lost (the stream's `attempt` record is
-//! already written). Call `finish` or `abort` to record deterministically.
+//! already written). Call `finish` or `abort` to record deterministically. A result record
+//! whose writing was cut off — a timeout or a cancelled task dropped the `push` or `finish`
+//! that was writing it — counts as not written: `abort`, or the drop, writes one (so a stream
+//! may end with two result records when the cut-off one had reached the log after all).
 //!
 //! **Lifetime of keys.** A stream derives its own key when it starts and keeps it (zeroized
 //! when the stream object is dropped); a rotation or minimum-version change made while a
@@ -44,6 +47,9 @@
 //! this keyring, and for one by another process once this keyring reads the tenant again
 //! ([`Keyring::recheck_tenants`], which the sidecar calls on the key store's change
 //! notifications, and [`Keyring::recheck_streams`], every 60 s).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use coarsetime::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -74,8 +80,12 @@ struct StreamAudit {
     key_source: Option<KeySource>,
     /// Why the stream failed, if it did (recorded on drop).
     failure: Option<&'static str>,
-    /// The record was written (or handed to a future that writes it).
+    /// Its result record was handed to a future: the stream takes no more input.
     done: bool,
+    /// That future ran to its end (the record written, or the audit log's error returned).
+    /// A future dropped before — a caller's timeout around `push` or `finish`, a cancelled
+    /// task — leaves it unset, and the drop of the stream (or `abort`) writes the record.
+    recorded: Arc<AtomicBool>,
 }
 
 impl StreamAudit {
@@ -94,6 +104,7 @@ impl StreamAudit {
             key_source: None,
             failure: None,
             done: false,
+            recorded: Arc::default(),
         }
     }
 
@@ -114,12 +125,22 @@ impl StreamAudit {
         )
     }
 
-    /// The result record of this stream (written once), as a future that owns what it needs.
+    /// The result record of this stream, as a future that owns what it needs.
     fn record(&mut self, outcome: Outcome) -> AuditFuture {
         self.done = true;
         let event = self.event(outcome);
         let keyring = self.keyring.clone();
-        Box::pin(async move { keyring.append(std::slice::from_ref(&event)).await })
+        let recorded = Arc::clone(&self.recorded);
+        Box::pin(async move {
+            let written = keyring.append(std::slice::from_ref(&event)).await;
+            recorded.store(true, Ordering::Release);
+            written
+        })
+    }
+
+    /// Whether a result record was written (or its writing failed with the audit log).
+    fn recorded(&self) -> bool {
+        self.recorded.load(Ordering::Acquire)
     }
 
     /// Writes the stream's `attempt` record (its key version and source known, the stream not
@@ -169,7 +190,7 @@ impl StreamAuditHook for StreamAudit {
 
 impl Drop for StreamAudit {
     fn drop(&mut self) {
-        if self.done {
+        if self.recorded() {
             return;
         }
         let record = self.record(Outcome::Error(self.failure.unwrap_or(INCOMPLETE)));
@@ -382,7 +403,7 @@ impl AuditedStreamDecryptor {
     /// Abandons the stream and records it as failed with `reason` (e.g. `cancelled`). Any
     /// plaintext already released must be discarded by the caller.
     pub async fn abort(mut self, reason: &'static str) -> Result<(), Error> {
-        if self.audit.done {
+        if self.audit.recorded() {
             return Ok(());
         }
         let kind = self.audit.failure.unwrap_or(reason);
