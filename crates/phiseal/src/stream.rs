@@ -304,6 +304,31 @@ fn too_many_segments() -> Error {
     misuse("the stream reached its maximum of 2^32 segments")
 }
 
+/// Whether a running stream was revoked by its keyring (its tenant shredded); the default
+/// is a stream that cannot be (one not started through a keyring).
+#[derive(Debug, Clone, Default)]
+pub struct Revocation(Option<(Arc<AtomicBool>, TenantId)>);
+
+impl Revocation {
+    /// Fails with [`Error::KeyDestroyed`] once the stream was revoked.
+    pub fn check(&self) -> Result<(), Error> {
+        match &self.0 {
+            Some((flag, tenant)) => revoked_check(flag, tenant),
+            None => Ok(()),
+        }
+    }
+}
+
+/// [`Error::KeyDestroyed`] for `tenant` once `flag` is set.
+fn revoked_check(flag: &AtomicBool, tenant: &TenantId) -> Result<(), Error> {
+    if flag.load(Ordering::Acquire) {
+        return Err(Error::KeyDestroyed {
+            tenant: tenant.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// What both directions of a stream keep: the header (its encoding is every segment's
 /// associated data), the per-stream key, and the counts behind [`StreamSummary`].
 struct StreamState {
@@ -324,10 +349,8 @@ impl StreamState {
     /// shredded).
     fn check_not_revoked(&self) -> Result<(), Error> {
         match &self.revoked {
-            Some((flag, tenant)) if flag.load(Ordering::Acquire) => Err(Error::KeyDestroyed {
-                tenant: tenant.clone(),
-            }),
-            _ => Ok(()),
+            Some((flag, tenant)) => revoked_check(flag, tenant),
+            None => Ok(()),
         }
     }
 
@@ -681,6 +704,13 @@ impl std::fmt::Debug for StreamDecryptor {
 }
 
 impl StreamDecryptor {
+    /// The stream's revocation by the keyring (its tenant shredded), checkable after this
+    /// decryptor is gone: a caller holding plaintext it released can check it before passing
+    /// that plaintext on.
+    pub fn revocation(&self) -> Revocation {
+        Revocation(self.state.revoked.clone())
+    }
+
     /// See [`StreamEncryptor::revocable`]: no segment is opened (no more plaintext released)
     /// once `flag` is set.
     pub(crate) fn revocable(&mut self, flag: Arc<AtomicBool>, tenant: TenantId) {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use phiseal::audit::Action;
-use phiseal::stream::StreamOptions;
+use phiseal::stream::{Revocation, StreamOptions};
 use phiseal::{AuditedStreamDecryptor, AuditedStreamEncryptor, EncryptionContext};
 use phiseal_proto::REQUEST_ID_HEADER;
 use phiseal_proto::v1 as pb;
@@ -139,31 +139,58 @@ fn answer_room(max_message_bytes: usize) -> usize {
     max_message_bytes.saturating_sub(16).max(1)
 }
 
+/// How [`send_output`] ended.
+enum Sent {
+    /// Every answer is queued.
+    All,
+    /// The client went away, stopped reading, or the daemon is shutting down (as [`send`]).
+    Gone,
+    /// `allowed` refused it when there was room for an answer (the stream's tenant was
+    /// shredded while it waited): the rest was not sent.
+    Refused(phiseal::Error),
+}
+
 /// Sends `out` as one answer, or as several of at most `room` bytes each when it is larger (a
 /// push of a whole message's worth of plaintext grows by the segments' tags; a writer may
-/// have chosen segments over the limit), so that no answer exceeds the message limit. When
-/// `wipe`, a buffer that was split is wiped once its pieces are copied out. `false` as for
-/// [`send`].
+/// have chosen segments over the limit), so that no answer exceeds the message limit. Each
+/// answer is queued only if `allowed` still says so once there is room for it (waiting for a
+/// slow reader may take the idle limit). When `wipe`, `out` is wiped once its pieces are
+/// copied out, or when it is not sent.
 async fn send_output(
     tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
     idle: Duration,
     stop: &CancellationToken,
-    mut out: Vec<u8>,
+    out: Vec<u8>,
     room: usize,
     wipe: bool,
-) -> bool {
-    if out.len() <= room {
-        return send(tx, idle, stop, Ok(pb::StreamChunk { chunk: out })).await;
-    }
-    let mut sent = true;
-    for piece in out.chunks(room) {
-        let chunk = piece.to_vec();
-        if !send(tx, idle, stop, Ok(pb::StreamChunk { chunk })).await {
-            sent = false;
+    allowed: impl Fn() -> Result<(), phiseal::Error>,
+) -> Sent {
+    let mut out = out;
+    let pieces = out.len().div_ceil(room).max(1);
+    let mut sent = Sent::All;
+    for i in 0..pieces {
+        let room_for_one = tokio::select! {
+            biased;
+            permit = tokio::time::timeout(idle, tx.reserve()) => permit.ok().and_then(Result::ok),
+            () = stop.cancelled() => None,
+        };
+        let Some(permit) = room_for_one else {
+            sent = Sent::Gone;
+            break;
+        };
+        if let Err(e) = allowed() {
+            sent = Sent::Refused(e);
             break;
         }
+        let chunk = if pieces == 1 {
+            std::mem::take(&mut out)
+        } else {
+            out.chunks(room).nth(i).unwrap_or_default().to_vec()
+        };
+        permit.send(Ok(pb::StreamChunk { chunk }));
     }
     if wipe {
+        // What was split into pieces, or not sent.
         out.zeroize();
     }
     sent
@@ -320,6 +347,9 @@ trait Worker: Send + 'static {
     fn finish(self, out: &mut Vec<u8>) -> impl Future<Output = Result<(), phiseal::Error>> + Send;
     /// Records the stream as failed (a no-op if it already was).
     fn abort(self, reason: &'static str) -> impl Future<Output = ()> + Send;
+    /// The stream's revocation (its tenant shredded), checked before each answer holding
+    /// plaintext is queued.
+    fn revocation(&self) -> Revocation;
     /// Whether inputs (plaintext) are wiped after use.
     const WIPE_INPUT: bool;
     /// Whether unsent outputs (plaintext) are wiped.
@@ -336,6 +366,10 @@ impl Worker for AuditedStreamEncryptor {
     async fn abort(self, reason: &'static str) {
         let _ = AuditedStreamEncryptor::abort(self, reason).await;
     }
+    fn revocation(&self) -> Revocation {
+        // Its answers are ciphertext: nothing to hold back.
+        Revocation::default()
+    }
     const WIPE_INPUT: bool = true;
     const WIPE_OUTPUT: bool = false;
 }
@@ -349,6 +383,9 @@ impl Worker for AuditedStreamDecryptor {
     }
     async fn abort(self, reason: &'static str) {
         let _ = AuditedStreamDecryptor::abort(self, reason).await;
+    }
+    fn revocation(&self) -> Revocation {
+        AuditedStreamDecryptor::revocation(self)
     }
     const WIPE_INPUT: bool = false;
     const WIPE_OUTPUT: bool = true;
@@ -522,6 +559,7 @@ async fn run<M, W: Worker>(
                 }
             }
             Ok(None) => {
+                let revocation = worker.revocation();
                 if let Err(e) = worker.finish(&mut out).await {
                     if W::WIPE_OUTPUT {
                         out.zeroize();
@@ -530,22 +568,39 @@ async fn run<M, W: Worker>(
                     let _ = send(tx, idle, stop, Err(status.clone())).await;
                     return Err(status);
                 }
-                return if send_output(tx, idle, stop, out, room, W::WIPE_OUTPUT).await {
-                    Ok(())
-                } else {
-                    Err(gone())
+                let check = || revocation.check();
+                return match send_output(tx, idle, stop, out, room, W::WIPE_OUTPUT, check).await {
+                    Sent::All => Ok(()),
+                    Sent::Gone => Err(gone()),
+                    // (Recorded `ok`: the stream was complete and authentic when the tenant was
+                    // shredded, but its last answer is not sent.)
+                    Sent::Refused(e) => {
+                        let status = status::from_error(&e);
+                        let _ = send(tx, idle, stop, Err(status.clone())).await;
+                        Err(status)
+                    }
                 };
             }
         }
-        if !out.is_empty() && !send_output(tx, idle, stop, out, room, W::WIPE_OUTPUT).await {
-            // (The unsent answer is dropped with the failed send, unwiped, like any message
-            // the gRPC layer drops.)
-            if stop.is_cancelled() {
+        if out.is_empty() {
+            continue;
+        }
+        let revocation = worker.revocation();
+        let check = || revocation.check();
+        match send_output(tx, idle, stop, out, room, W::WIPE_OUTPUT, check).await {
+            Sent::All => {}
+            Sent::Gone if stop.is_cancelled() => {
                 worker.abort(SHUTDOWN).await;
                 return Err(shutting_down());
             }
-            worker.abort("cancelled").await;
-            return Err(gone());
+            Sent::Gone => {
+                worker.abort("cancelled").await;
+                return Err(gone());
+            }
+            Sent::Refused(e) => {
+                let status = status::from_error(&e);
+                return failed(worker, status, e.kind()).await;
+            }
         }
     }
 }

@@ -1024,6 +1024,84 @@ async fn a_shred_stops_an_open_decrypt_stream() {
 }
 
 #[tokio::test]
+async fn a_shred_holds_back_the_answer_waiting_for_a_slow_reader() {
+    // The client reads nothing (a 64 KiB HTTP/2 window): the daemon queues four answers,
+    // the gRPC layers hold two, and the daemon waits with the next answer's plaintext in hand. A
+    // shred meanwhile: that answer is not sent (before, it went out once the reader caught
+    // up), only what was queued before the shred.
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let document: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let sealed = encrypt_stream(
+        &d,
+        document.chunks(1024 * 1024).map(<[u8]>::to_vec).collect(),
+    )
+    .await;
+    let socket = d.socket.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_stream_window_size(65_535)
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut requests = vec![pb::DecryptStreamRequest {
+        part: Some(pb::decrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-7")).unwrap(),
+        )),
+    }];
+    requests.extend(
+        sealed
+            .chunks(1024 * 1024)
+            .map(|c| pb::DecryptStreamRequest {
+                part: Some(pb::decrypt_stream_request::Part::Chunk(c.to_vec())),
+            }),
+    );
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&taken);
+    let requests = tokio_stream::StreamExt::map(tokio_stream::iter(requests), move |r| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
+    });
+    let mut answers = pb::field_service_client::FieldServiceClient::new(channel)
+        .max_decoding_message_size(8 * 1024 * 1024)
+        .decrypt_stream(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    // Until the daemon is blocked on the reader: it takes no more requests for 500 ms.
+    let mut seen = 0;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = taken.load(std::sync::atomic::Ordering::SeqCst);
+        if now == seen && now > 1 {
+            break;
+        }
+        seen = now;
+    }
+    d.admin()
+        .await
+        .shred_tenant(pb::ShredTenantRequest {
+            tenant: "clinic".into(),
+            confirm_tenant: "clinic".into(),
+        })
+        .await
+        .unwrap();
+    let (pieces, ended) = read_answer_pieces(&mut answers).await;
+    let err = ended.unwrap_err();
+    assert_eq!(common::kind(&err), "key_destroyed", "{err:?}");
+    // Two answers taken by the gRPC layers (tonic's encoder, HTTP/2) and the four queued;
+    // none after them (before: seven).
+    assert_eq!(pieces.len(), 6, "answers delivered");
+    let released = pieces.concat();
+    assert_eq!(released, document[..released.len()]);
+}
+
+#[tokio::test]
 async fn search_terms_answers_over_the_message_limit_are_refused_with_a_kind() {
     let d = Daemon::with_config(&config(&format!(
         "{ALL}[limits]\nmax_message_bytes = 2048\n"

@@ -62,9 +62,9 @@ use crate::crypto::TAG_LEN;
 use crate::error::{Error, FormatError};
 use crate::field::VersionKey;
 use crate::stream::{
-    AuditFuture, DecryptingReader, EncryptingWriter, MAX_SEGMENT_SIZE, STREAM_HEADER_LEN,
-    SegmentBuf, StreamAuditHook, StreamDecryptor, StreamEncryptor, StreamHeader, StreamOptions,
-    StreamSummary,
+    AuditFuture, DecryptingReader, EncryptingWriter, MAX_SEGMENT_SIZE, Revocation,
+    STREAM_HEADER_LEN, SegmentBuf, StreamAuditHook, StreamDecryptor, StreamEncryptor, StreamHeader,
+    StreamOptions, StreamSummary,
 };
 
 /// The outcome recorded for a stream object dropped before it finished.
@@ -304,6 +304,16 @@ impl std::fmt::Debug for AuditedStreamDecryptor {
 }
 
 impl AuditedStreamDecryptor {
+    /// The stream's revocation when its tenant is shredded (see the module docs), checkable
+    /// after this object is gone: check it before passing on plaintext released earlier — a
+    /// service that queues answers for a slow reader, say —, so that none leaves after the
+    /// shred. (Before the header arrived, a stream that released nothing: never revoked.)
+    pub fn revocation(&self) -> Revocation {
+        self.inner
+            .as_ref()
+            .map_or_else(Revocation::default, StreamDecryptor::revocation)
+    }
+
     /// Refuses a stream whose header declares segments larger than `max` bytes, with
     /// [`Error::SegmentTooLarge`] (audited like any failure), before its key is looked up or
     /// a segment buffer is allocated. The writer of a stream chooses its segment size, up to
