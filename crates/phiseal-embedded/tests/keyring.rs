@@ -1440,6 +1440,14 @@ async fn a_minimum_version_change_that_overtook_another_makes_it_fail_not_undo_i
 
 /// A keyring (audit off) whose key store counts and can stall its reads.
 fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
+    keyring_on_counting_store_with(p, CacheSettings::default())
+}
+
+/// [`keyring_on_counting_store`] with `cache`.
+fn keyring_on_counting_store_with(
+    p: &Parts,
+    cache: CacheSettings,
+) -> (Keyring, Arc<CountingStore>) {
     let store = Arc::new(CountingStore {
         inner: p.store.clone(),
         loads: AtomicUsize::new(0),
@@ -1455,9 +1463,73 @@ fn keyring_on_counting_store(p: &Parts) -> (Keyring, Arc<CountingStore>) {
         .kms(p.kms.clone())
         .key_store(store.clone())
         .danger_disable_audit()
+        .cache(cache)
         .build()
         .unwrap();
     (k, store)
+}
+
+#[tokio::test]
+async fn streams_stop_once_their_tenant_cannot_be_read_for_longer_than_a_key_may_serve() {
+    // The key store is unreachable: a running stream's tenant may have been shredded by
+    // another process meanwhile, so the stream stops once the tenant could not be read for
+    // longer than key_ttl + max_stale (1 s here), as a field operation would have failed.
+    // Before, it ran on for as long as its client kept sending.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        ..CacheSettings::default()
+    };
+    let (k, store) = keyring_on_counting_store_with(&p, cache);
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let options = StreamOptions::default();
+    let segment = vec![1u8; options.segment_size as usize];
+    let mut sealed = Vec::new();
+    let mut writing = k.start_encrypt_stream(&c, &cx, options).await.unwrap();
+    for _ in 0..4 {
+        writing.push(&segment, &mut sealed).unwrap();
+    }
+    writing.finish(&mut sealed).await.unwrap();
+
+    let mut writing = k.start_encrypt_stream(&c, &cx, options).await.unwrap();
+    let mut reading = k.start_decrypt_stream(&c, &cx);
+    let (mut ciphertext, mut plaintext) = (Vec::new(), Vec::new());
+    let piece = sealed.len() / 4;
+    reading
+        .push(&sealed[..piece], &mut plaintext)
+        .await
+        .unwrap();
+    store.fail_loads.store(true, Ordering::SeqCst);
+    // Within the limit: the failed re-read is reported, and the streams go on.
+    assert!(k.recheck_streams(None).await.is_err());
+    writing.push(&segment, &mut ciphertext).unwrap();
+    reading
+        .push(&sealed[piece..2 * piece], &mut plaintext)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(k.recheck_streams(None).await.is_err());
+    let pushed = writing.push(&segment, &mut ciphertext);
+    assert!(matches!(pushed, Err(Error::Store { .. })), "{pushed:?}");
+    plaintext.clear();
+    let pushed = reading.push(&sealed[2 * piece..], &mut plaintext).await;
+    assert!(matches!(pushed, Err(Error::Store { .. })), "{pushed:?}");
+    assert!(plaintext.is_empty(), "plaintext released after the stop");
+    // A tenant read again in time keeps its streams (the limit runs from the last read).
+    store.fail_loads.store(false, Ordering::SeqCst);
+    let mut writing = k.start_encrypt_stream(&c, &cx, options).await.unwrap();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        k.recheck_streams(None).await.unwrap();
+    }
+    store.fail_loads.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(k.recheck_streams(None).await.is_err());
+    writing.push(&segment, &mut ciphertext).unwrap();
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! backend, a key store, an audit sink and cache settings.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use crate::format::{self, Algorithm};
 use crate::kms::{KeyBinding, Kms};
 use crate::secret::{Plaintext, TenantKey};
 use crate::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
+use crate::stream::{StopReason, StreamStop};
 
 mod outage;
 mod rootkey;
@@ -530,9 +531,10 @@ struct Inner {
     /// version newer than its cached metadata: not again within `MIN_REFRESH_AGE`, whatever
     /// replaced the metadata meanwhile.
     unknown_version_reads: quick_cache::sync::Cache<TenantId, u64>,
-    /// The revocation flags of the streams running per tenant (`crate::stream`): set when
-    /// the tenant is found shredded, so that a running stream stops at its next segment.
-    streams: std::sync::Mutex<HashMap<TenantId, Vec<Weak<AtomicBool>>>>,
+    /// The stop flags of the streams running per tenant (`crate::stream`): set when the
+    /// tenant is found shredded, or cannot be read for longer than `max_age`, so that a
+    /// running stream stops at its next segment.
+    streams: std::sync::Mutex<HashMap<TenantId, TenantStreams>>,
     /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`,
     /// `invalidate_all`, `forget_metadata`).
     generations: Generations,
@@ -543,6 +545,14 @@ struct Inner {
     /// Coarse-clock ticks until which queries do not try to re-read tenant metadata (the key
     /// store failed the last attempt; `keyring::search`); 0 when they may.
     query_refresh_paused_until: std::sync::atomic::AtomicU64,
+}
+
+/// The running streams of one tenant (`Inner::streams`).
+struct TenantStreams {
+    running: Vec<Weak<StreamStop>>,
+    /// When the tenant's record was last read (or its first stream registered): its streams
+    /// stop once that is older than `key_ttl + max_stale` and a read fails.
+    confirmed_at: Instant,
 }
 
 /// Per-tenant envelope encryption of fields. Cheap to clone; share one per process.
@@ -853,6 +863,8 @@ impl Keyring {
         if record.shredded_at.is_some() {
             // Shredded, perhaps by another process: its running streams stop.
             self.revoke_streams(tenant);
+        } else {
+            self.confirm_streams(tenant, fetched_at);
         }
         self.drop_refused_keys(&record);
         Ok(Arc::new(TenantView::new(
@@ -955,21 +967,29 @@ impl Keyring {
         evicted
     }
 
-    /// A revocation flag for a stream of `tenant` starting now (see `Inner::streams`).
-    pub(crate) fn register_stream(&self, tenant: &TenantId) -> Arc<AtomicBool> {
-        let flag = Arc::new(AtomicBool::new(false));
+    /// A stop flag for a stream of `tenant` starting now, its tenant just read (see
+    /// `Inner::streams`).
+    pub(crate) fn register_stream(&self, tenant: &TenantId) -> Arc<StreamStop> {
+        let stop = Arc::new(StreamStop::default());
+        let now = Instant::now_without_cache_update();
         let mut streams = self.running_streams();
-        let running = streams.entry(tenant.clone()).or_default();
-        running.retain(|f| f.strong_count() > 0);
-        running.push(Arc::downgrade(&flag));
-        flag
+        let entry = streams
+            .entry(tenant.clone())
+            .or_insert_with(|| TenantStreams {
+                running: Vec::new(),
+                confirmed_at: now,
+            });
+        entry.running.retain(|f| f.strong_count() > 0);
+        if entry.running.is_empty() {
+            entry.confirmed_at = now;
+        }
+        entry.running.push(Arc::downgrade(&stop));
+        stop
     }
 
     /// The registry of running streams. A panic elsewhere while it was locked leaves it
     /// consistent (each change is one map operation), so a poisoned lock is used as is.
-    fn running_streams(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<TenantId, Vec<Weak<AtomicBool>>>> {
+    fn running_streams(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, TenantStreams>> {
         self.inner
             .streams
             .lock()
@@ -978,20 +998,55 @@ impl Keyring {
 
     /// The registry of running streams, without the streams that have ended and the tenants
     /// left with none.
-    fn live_streams(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Vec<Weak<AtomicBool>>>> {
+    fn live_streams(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, TenantStreams>> {
         let mut streams = self.running_streams();
-        streams.retain(|_, running| {
-            running.retain(|f| f.strong_count() > 0);
-            !running.is_empty()
+        streams.retain(|_, entry| {
+            entry.running.retain(|f| f.strong_count() > 0);
+            !entry.running.is_empty()
         });
         streams
     }
 
+    /// Stops the running streams of `tenant` at their next segment, for `reason`.
+    fn stop_streams(&self, tenant: &TenantId, reason: impl Fn() -> StopReason) {
+        let entry = self.running_streams().remove(tenant);
+        for stop in entry
+            .iter()
+            .flat_map(|e| &e.running)
+            .filter_map(Weak::upgrade)
+        {
+            stop.stop(reason());
+        }
+    }
+
     /// Stops the running streams of `tenant` at their next segment (it was shredded).
     fn revoke_streams(&self, tenant: &TenantId) {
-        let running = self.running_streams().remove(tenant).unwrap_or_default();
-        for flag in running.iter().filter_map(Weak::upgrade) {
-            flag.store(true, Ordering::Release);
+        self.stop_streams(tenant, || StopReason::Shredded);
+    }
+
+    /// Notes that `tenant`'s record was read at `now` (its streams may go on).
+    fn confirm_streams(&self, tenant: &TenantId, now: Instant) {
+        if let Some(entry) = self.running_streams().get_mut(tenant) {
+            entry.confirmed_at = now;
+        }
+    }
+
+    /// After a failed read of `tenant`: stops its running streams if its record was last
+    /// read longer ago than a key may serve without one (`key_ttl + max_stale`), since
+    /// whether it was shredded meanwhile is unknown (fail closed).
+    fn stop_unconfirmed_streams(&self, tenant: &TenantId, now: Instant) {
+        let confirmed_at = match self.running_streams().get(tenant) {
+            Some(entry) => entry.confirmed_at,
+            None => return,
+        };
+        let unconfirmed = now.duration_since(confirmed_at);
+        if unconfirmed > self.inner.max_age {
+            // (Each stream then fails, audited, with the error `Revocation::check` gives.)
+            let backend = self.inner.store.name().to_owned();
+            self.stop_streams(tenant, || StopReason::Unconfirmed {
+                backend: backend.clone(),
+                for_secs: unconfirmed.as_secs(),
+            });
         }
     }
 
@@ -1030,11 +1085,13 @@ impl Keyring {
     }
 
     /// Reads `tenants` from the key store (`load_view`: drops refused keys, stops the streams
-    /// of shredded tenants), also after a failed read; the first error is returned.
+    /// of shredded tenants), also after a failed read; the first error is returned. A tenant
+    /// that could not be read for longer than `key_ttl + max_stale` gets its streams stopped.
     async fn reread(&self, tenants: &[TenantId]) -> Result<(), Error> {
         let mut first_error = None;
         for t in tenants {
             if let Err(e) = self.load_view(t).await {
+                self.stop_unconfirmed_streams(t, Instant::now_without_cache_update());
                 first_error.get_or_insert(e);
             }
         }

@@ -37,7 +37,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -304,38 +303,75 @@ fn too_many_segments() -> Error {
     misuse("the stream reached its maximum of 2^32 segments")
 }
 
-/// Whether a running stream was revoked by its keyring (its tenant shredded); the default
-/// is a stream that cannot be (one not started through a keyring).
-#[derive(Debug, Clone, Default)]
-pub struct Revocation(Option<(Arc<AtomicBool>, TenantId)>);
+/// Why a keyring stopped a running stream.
+#[derive(Debug)]
+pub(crate) enum StopReason {
+    /// Its tenant was shredded.
+    Shredded,
+    /// Its tenant could not be read from the key store for longer than the keyring lets a
+    /// key serve without confirmation (`key_ttl + max_stale`): whether it was shredded
+    /// meanwhile is unknown, so the stream fails closed.
+    Unconfirmed {
+        /// The key store's name.
+        backend: String,
+        /// Since when the tenant was last read, in seconds.
+        for_secs: u64,
+    },
+}
 
-impl Revocation {
-    /// Fails with [`Error::KeyDestroyed`] once the stream was revoked.
-    pub fn check(&self) -> Result<(), Error> {
-        match &self.0 {
-            Some((flag, tenant)) => revoked_check(flag, tenant),
-            None => Ok(()),
-        }
+/// Set by a keyring to stop its running streams of one tenant (the first reason stays).
+#[derive(Debug, Default)]
+pub(crate) struct StreamStop(std::sync::OnceLock<StopReason>);
+
+impl StreamStop {
+    /// Stops the streams holding it, for `reason` (unless they were stopped already).
+    pub(crate) fn stop(&self, reason: StopReason) {
+        let _ = self.0.set(reason);
     }
 }
 
-/// [`Error::KeyDestroyed`] for `tenant` once `flag` is set.
-fn revoked_check(flag: &AtomicBool, tenant: &TenantId) -> Result<(), Error> {
-    if flag.load(Ordering::Acquire) {
-        return Err(Error::KeyDestroyed {
-            tenant: tenant.clone(),
-        });
+/// Whether a running stream was stopped by its keyring (its tenant shredded, or not
+/// confirmed by the key store for too long), checkable after the stream object is gone; the
+/// default is a stream that cannot be (one not started through a keyring).
+#[derive(Debug, Clone, Default)]
+pub struct Revocation(Option<(Arc<StreamStop>, TenantId)>);
+
+impl Revocation {
+    /// Fails once the stream was stopped: [`Error::KeyDestroyed`] (shredded), or
+    /// [`Error::Store`] (the tenant could not be re-read for too long; retry once the key
+    /// store is reachable).
+    pub fn check(&self) -> Result<(), Error> {
+        let Some((stop, tenant)) = &self.0 else {
+            return Ok(());
+        };
+        match stop.0.get() {
+            None => Ok(()),
+            Some(StopReason::Shredded) => Err(Error::KeyDestroyed {
+                tenant: tenant.clone(),
+            }),
+            Some(StopReason::Unconfirmed { backend, for_secs }) => Err(Error::Store {
+                backend: backend.clone(),
+                source: crate::BackendError::new(
+                    crate::BackendErrorKind::Unavailable,
+                    format!(
+                        "tenant '{tenant}' could not be re-read for {for_secs} s, longer than \
+                         a key serves without it (cache key_ttl + max_stale): the stream is \
+                         stopped, since the tenant may have been shredded; retry once the key \
+                         store is reachable"
+                    ),
+                ),
+            }),
+        }
     }
-    Ok(())
 }
 
 /// What both directions of a stream keep: the header (its encoding is every segment's
 /// associated data), the per-stream key, and the counts behind [`StreamSummary`].
 struct StreamState {
     key: Box<dyn AeadKey>,
-    /// Set by the keyring when the stream's tenant is shredded (with the tenant, for the
-    /// error): no segment is sealed or opened after that.
-    revoked: Option<(Arc<AtomicBool>, TenantId)>,
+    /// Set by the keyring when the stream's tenant is shredded (or cannot be confirmed): no
+    /// segment is sealed or opened after that.
+    revoked: Revocation,
     header: StreamHeader,
     header_bytes: [u8; STREAM_HEADER_LEN],
     /// Counter of the next segment.
@@ -348,16 +384,13 @@ impl StreamState {
     /// Fails with [`Error::KeyDestroyed`] once the keyring revoked the stream (its tenant was
     /// shredded).
     fn check_not_revoked(&self) -> Result<(), Error> {
-        match &self.revoked {
-            Some((flag, tenant)) => revoked_check(flag, tenant),
-            None => Ok(()),
-        }
+        self.revoked.check()
     }
 
     fn new(key: Box<dyn AeadKey>, header: StreamHeader, ciphertext_bytes: u64) -> Self {
         Self {
             key,
-            revoked: None,
+            revoked: Revocation::default(),
             header_bytes: header.to_bytes(),
             header,
             next_segment: 0,
@@ -453,10 +486,10 @@ impl std::fmt::Debug for StreamEncryptor {
 }
 
 impl StreamEncryptor {
-    /// Makes the stream stop (with [`Error::KeyDestroyed`] naming `tenant`) before its next
-    /// segment once `flag` is set: the keyring sets it when the tenant is shredded.
-    pub(crate) fn revocable(&mut self, flag: Arc<AtomicBool>, tenant: TenantId) {
-        self.state.revoked = Some((flag, tenant));
+    /// Makes the stream stop (with [`Revocation::check`]'s error, naming `tenant`) before its
+    /// next segment once `stop` is set: the keyring sets it when the tenant is shredded.
+    pub(crate) fn revocable(&mut self, stop: Arc<StreamStop>, tenant: TenantId) {
+        self.state.revoked = Revocation(Some((stop, tenant)));
     }
 
     /// A new stream under `tenant_key` (version `key_version`) and `context`, with a fresh
@@ -708,13 +741,13 @@ impl StreamDecryptor {
     /// decryptor is gone: a caller holding plaintext it released can check it before passing
     /// that plaintext on.
     pub fn revocation(&self) -> Revocation {
-        Revocation(self.state.revoked.clone())
+        self.state.revoked.clone()
     }
 
     /// See [`StreamEncryptor::revocable`]: no segment is opened (no more plaintext released)
-    /// once `flag` is set.
-    pub(crate) fn revocable(&mut self, flag: Arc<AtomicBool>, tenant: TenantId) {
-        self.state.revoked = Some((flag, tenant));
+    /// once `stop` is set.
+    pub(crate) fn revocable(&mut self, stop: Arc<StreamStop>, tenant: TenantId) {
+        self.state.revoked = Revocation(Some((stop, tenant)));
     }
 
     /// A decryptor for the stream with `header` under `tenant_key` (the version the header
