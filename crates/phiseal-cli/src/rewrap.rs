@@ -180,12 +180,15 @@ fn parse_line(raw: &[u8], defaults: &Defaults) -> Parsed {
     parsed.unwrap_or_else(Parsed::Invalid)
 }
 
+/// The failure kind of a plain line without `--field`: a usage error that stops the run.
+const NEEDS_FIELD: &str = "needs_field";
+
 /// A plain `phs1:` line: the context comes from the flags.
 fn parse_plain(text: &str, defaults: &Defaults) -> Result<Parsed, Failure> {
     let field = defaults
         .field
         .clone()
-        .ok_or_else(|| Failure::invalid("a plain ciphertext line needs --field"))?;
+        .ok_or_else(|| Failure::new(NEEDS_FIELD, "a plain ciphertext line needs --field"))?;
     Ok(Parsed::Item {
         context: context(defaults, field, defaults.record.clone()),
         ciphertext: decode_ciphertext(text)?,
@@ -372,6 +375,35 @@ fn match_results(lines: &[Line], results: Vec<RewrapResult>) -> Result<Vec<Outco
             ),
         })
         .collect())
+}
+
+/// Item errors that say the same of every line of the run — the tenant (always the flag's)
+/// does not exist or was shredded, or the caller may not rewrap in it — rather than of one
+/// line.
+const WHOLE_RUN_KINDS: [&str; 3] = ["tenant_not_found", "key_destroyed", "permission_denied"];
+
+/// The error that stops the run when every item of a batch failed with one of
+/// [`WHOLE_RUN_KINDS`]: exit 4, 6 or 3 with nothing of the batch written (resumable), rather
+/// than a copy of the whole input and exit 7. (A batch where some fields are allowed and
+/// others not goes on line by line.)
+fn whole_run_failure(what: &str, results: &[RewrapResult]) -> Option<CliError> {
+    let error = |r: &RewrapResult| match &r.result {
+        Some(rewrap_result::Result::Error(e)) => Some(e.clone()),
+        _ => None,
+    };
+    let first = error(results.first()?)?;
+    let same = results
+        .iter()
+        .all(|r| error(r).is_some_and(|e| e.kind == first.kind));
+    if !same || !WHOLE_RUN_KINDS.contains(&first.kind.as_str()) {
+        return None;
+    }
+    Some(CliError::Status {
+        what: format!("{what}: every item"),
+        code: tonic::Code::from_i32(first.code),
+        kind: first.kind.clone(),
+        message: printable(&first.message).into_owned(),
+    })
 }
 
 /// The outcome of one item's result. A returned ciphertext is checked before it replaces
@@ -723,6 +755,13 @@ impl<'a> BatchReader<'a> {
             )));
         }
         let parsed = match parse_line(&raw, defaults) {
+            Parsed::Invalid(failure) if failure.kind == NEEDS_FIELD => {
+                return Err(CliError::Usage(format!(
+                    "line {} is a plain ciphertext line, which takes its field from --field: \
+                     give --field, or write JSON lines with a \"field\" member",
+                    self.last
+                )));
+            }
             Parsed::Item {
                 context,
                 ciphertext,
@@ -858,7 +897,9 @@ impl Rewrapper {
         Ok(())
     }
 
-    /// Sends the batch's items (if any) and pairs the results with the lines.
+    /// Sends the batch's items (if any) and pairs the results with the lines. A batch whose
+    /// every item failed for the tenant or the caller (see [`whole_run_failure`]) stops the
+    /// run, as a failed call does.
     async fn rewrap(&self, lines: &[Line]) -> Result<Vec<Outcome>, CliError> {
         let items = request_items(lines);
         let results = match (items.is_empty(), lines.first()) {
@@ -866,10 +907,15 @@ impl Rewrapper {
                 let what = format!("rewrap (batch starting at line {})", first.number);
                 let request = RewrapRequest { items };
                 let mut client = self.daemon.field();
-                self.daemon
+                let results = self
+                    .daemon
                     .call(&what, client.rewrap(request))
                     .await?
-                    .results
+                    .results;
+                if let Some(stop) = whole_run_failure(&what, &results) {
+                    return Err(stop);
+                }
+                results
             }
             _ => Vec::new(),
         };
@@ -987,8 +1033,8 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         }
     };
     run.progress.finish_and_clear();
-    if let (Err(_), Some(path)) = (&result, &args.output) {
-        stderr_note(
+    match (&result, &args.output) {
+        (Err(_), Some(path)) => stderr_note(
             global.json,
             &format!(
                 "rewrap: stopped after {} complete lines in {}; fix the cause, then rerun the same \
@@ -996,7 +1042,16 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
                 skipped + run.stats.lines,
                 path.display()
             ),
-        );
+        ),
+        (Err(_), None) => stderr_note(
+            global.json,
+            &format!(
+                "rewrap: stopped after {} complete lines on standard output, which is therefore \
+                 partial (only the exit code says so); a run with --output FILE can be resumed",
+                run.stats.lines
+            ),
+        ),
+        (Ok(()), _) => {}
     }
     result?;
     stderr_line(&summary(&run.stats, skipped, earlier_failed, global.json));

@@ -873,6 +873,49 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
 }
 
 #[test]
+fn rewrap_stops_with_the_exit_code_of_a_failure_every_line_shares() {
+    // A mistyped tenant, a shredded tenant, a plain line without --field: every line would
+    // fail the same way, so the run stops with that error's exit code and writes nothing,
+    // rather than copying the input and exiting 7 (some lines failed).
+    let d = Daemon::embedded();
+    d.cli(&["tenant", "create", "acme"], b"").expect(0);
+    let line = format!("{}\n", encrypt(&d, "acme", "ssn", None, b"v"));
+    let lines = line.repeat(3);
+    let run = d
+        .cli(
+            &["rewrap", "--tenant", "acmee", "--field", "ssn"],
+            lines.as_bytes(),
+        )
+        .expect(4);
+    assert!(run.stdout.is_empty(), "{}", run.out());
+    assert!(run.stderr.contains("(tenant_not_found)"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("stopped after 0 complete lines"),
+        "{}",
+        run.stderr
+    );
+    let run = d
+        .cli(&["rewrap", "--tenant", "acme"], lines.as_bytes())
+        .expect(2);
+    assert!(run.stdout.is_empty());
+    assert!(
+        run.stderr.contains("line 1 is a plain ciphertext line"),
+        "{}",
+        run.stderr
+    );
+    d.cli(&["shred", "--tenant", "acme", "--yes"], b"")
+        .expect(0);
+    let run = d
+        .cli(
+            &["rewrap", "--tenant", "acme", "--field", "ssn"],
+            lines.as_bytes(),
+        )
+        .expect(6);
+    assert!(run.stdout.is_empty());
+    assert!(run.stderr.contains("(key_destroyed)"), "{}", run.stderr);
+}
+
+#[test]
 fn shred_needs_confirmation_then_destroys_every_key() {
     let d = Daemon::embedded();
     d.cli(&["tenant", "create", "acme"], b"").expect(0);
