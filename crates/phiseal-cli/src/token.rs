@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::cli::{GlobalArgs, TokenCommand};
 use crate::error::CliError;
-use crate::output::{stderr_note, stdout_bytes};
+use crate::output::{stderr_note, stdout_secret};
 
 /// The prefix of every service token.
 pub(crate) const TOKEN_PREFIX: &str = "phst_";
@@ -115,7 +115,8 @@ fn new_token(name: &str, json: bool) -> Result<(), CliError> {
     } else {
         joined(&[&token, "\n\n", &snippet])
     };
-    stdout_bytes(text.as_bytes())?;
+    // (Unbuffered: no copy of the token stays in the standard library's stdout buffer.)
+    stdout_secret(text.as_bytes())?;
     stderr_note(
         json,
         "phiseal: the token is shown only this once: give it to the service in a file only its \

@@ -44,12 +44,16 @@ pub fn limit_top_level_fields(
 }
 
 /// Whether `message` has more than `max` top-level fields. A message that is not well-formed
-/// protobuf is counted up to where it stops being so (the decoder then reports it).
+/// protobuf is counted up to where it stops being so (the decoder then refuses it, at that
+/// point: nothing after it is decoded). A group (wire types 3 and 4, which proto3 does not
+/// use but a decoder skips as an unknown field) counts as one field, its content skipped.
 pub fn has_more_fields_than(message: &[u8], max: usize) -> bool {
     let mut rest = message;
     let mut count = 0usize;
+    // Groups open around the current position: a field inside one is not top-level.
+    let mut depth = 0usize;
     while !rest.is_empty() {
-        if count == max {
+        if depth == 0 && count == max {
             return true;
         }
         let Some(key) = varint(&mut rest) else {
@@ -65,15 +69,31 @@ pub fn has_more_fields_than(message: &[u8], max: usize) -> bool {
                 Some(len) => len,
                 None => return false,
             },
+            3 => {
+                depth += 1;
+                continue;
+            }
+            4 => match depth.checked_sub(1) {
+                Some(outer) => {
+                    depth = outer;
+                    if depth == 0 {
+                        count += 1;
+                    }
+                    continue;
+                }
+                // An end without a start: the decoder refuses it here.
+                None => return false,
+            },
             5 => 4,
-            // Groups (3, 4) are not used by proto3; anything else is malformed.
             _ => return false,
         };
         match rest.get(skip..) {
             Some(after) => rest = after,
             None => return false,
         }
-        count += 1;
+        if depth == 0 {
+            count += 1;
+        }
     }
     false
 }
@@ -160,6 +180,20 @@ mod tests {
     }
 
     #[test]
+    fn a_group_counts_as_one_field_and_does_not_end_the_count() {
+        // An empty group of field 3 (which a decoder skips as unknown), then many items:
+        // still counted (before, the scan stopped at the group and let them be decoded).
+        let mut message = vec![0x1b, 0x1c];
+        message.extend([0x0a, 0x00].repeat(100));
+        assert!(has_more_fields_than(&message, 100));
+        assert!(!has_more_fields_than(&message, 101));
+        // Nested groups with fields inside: one top-level field.
+        let nested = [0x1b, 0x08, 0x01, 0x23, 0x24, 0x12, 0x00, 0x1c, 0x0a, 0x00];
+        assert!(!has_more_fields_than(&nested, 2));
+        assert!(has_more_fields_than(&nested, 1));
+    }
+
+    #[test]
     fn a_batch_of_empty_items_is_counted_without_decoding() {
         // `repeated EncryptRequest items = 1`, two million empty items: 4 MB on the wire.
         let batch: Vec<u8> = [0x0a, 0x00].repeat(2_000_000);
@@ -169,11 +203,12 @@ mod tests {
 
     #[test]
     fn malformed_input_stops_the_count_without_panicking() {
-        // A length past the end, an unterminated varint, a group tag, a huge length.
+        // A length past the end, an unterminated varint, an end-group without a start, a
+        // huge length, an overlong varint.
         for bad in [
             &[0x0a, 0x05, 1][..],
             &[0x08, 0x80][..],
-            &[0x0b][..],
+            &[0x0c][..],
             &[
                 0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
             ][..],
@@ -182,6 +217,6 @@ mod tests {
             assert!(!has_more_fields_than(bad, 5));
         }
         // Counted up to where it breaks: two good fields, then garbage.
-        assert!(has_more_fields_than(&[0x08, 1, 0x08, 2, 0x0b], 1));
+        assert!(has_more_fields_than(&[0x08, 1, 0x08, 2, 0x0c], 1));
     }
 }

@@ -1094,8 +1094,9 @@ async fn a_shred_holds_back_the_answer_waiting_for_a_slow_reader() {
     let (pieces, ended) = read_answer_pieces(&mut answers).await;
     let err = ended.unwrap_err();
     assert_eq!(common::kind(&err), "key_destroyed", "{err:?}");
-    // Two answers taken by the gRPC layers (tonic's encoder, HTTP/2) and the four queued;
-    // none after them (before: seven).
+    // Two answers taken by the gRPC layers (each 1 MiB answer is over tonic's 32 KiB
+    // gathering threshold, so its encoder takes one at a time, and HTTP/2 holds one more) and
+    // the four queued; none after them (before: seven).
     assert_eq!(pieces.len(), 6, "answers delivered");
     let released = pieces.concat();
     assert_eq!(released, document[..released.len()]);

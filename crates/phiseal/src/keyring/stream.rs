@@ -157,7 +157,9 @@ impl StreamAudit {
     /// Records the failure `error` now; returns it, or the audit error if it could not be
     /// recorded.
     async fn fail_now(&mut self, error: Error) -> Error {
-        let kind = self.failure.unwrap_or(error.kind());
+        // Kept first: if this record's writing is cut off, the one `abort` or the drop writes
+        // names the same failure (tampering stays tampering, not a timeout).
+        let kind = *self.failure.get_or_insert(error.kind());
         match self.record(Outcome::Error(kind)).await {
             Ok(()) => error,
             Err(audit) => audit,
