@@ -122,6 +122,12 @@ struct Line {
 /// item, its context and their members (at most ~20 bytes; generous).
 const ITEM_FRAMING: usize = 32;
 
+/// What the daemon adds to each item's ciphertext when it bounds a call's answer before any
+/// work (`phiseald`'s `ANSWER_ITEM_GROWTH`), and to the answer as a whole (`ANSWER_FRAMING`):
+/// a call must fit both ways, or it is refused as `response_too_large`.
+const ANSWER_ITEM_GROWTH: usize = 64;
+const ANSWER_FRAMING: usize = 16;
+
 impl Line {
     /// What the line adds to a rewrap call: its ciphertext and its context (from the line or
     /// the flags), with room for the framing; nothing for a line that is not sent.
@@ -137,17 +143,21 @@ impl Line {
     }
 }
 
-/// The bytes an item takes in a call (see [`Line::call_bytes`]).
+/// The bytes an item takes in a call (see [`Line::call_bytes`]): in the request (its
+/// ciphertext, context and framing) or in the daemon's bound on the answer (its ciphertext
+/// and 64), whichever is larger.
 fn item_bytes(context: &Context, ciphertext: &[u8]) -> usize {
-    [
-        ciphertext.len(),
+    let request = [
         context.tenant.len(),
         context.field.len(),
         context.record.as_ref().map_or(0, String::len),
         ITEM_FRAMING,
     ]
     .into_iter()
-    .fold(0, usize::saturating_add)
+    .fold(0, usize::saturating_add);
+    ciphertext
+        .len()
+        .saturating_add(request.max(ANSWER_ITEM_GROWTH))
 }
 
 /// What happened to a line.
@@ -185,13 +195,15 @@ const NEEDS_FIELD: &str = "needs_field";
 
 /// A plain `phs1:` line: the context comes from the flags.
 fn parse_plain(text: &str, defaults: &Defaults) -> Result<Parsed, Failure> {
+    // (A line that is no ciphertext at all is reported as such, with or without --field.)
+    let ciphertext = decode_ciphertext(text)?;
     let field = defaults
         .field
         .clone()
         .ok_or_else(|| Failure::new(NEEDS_FIELD, "a plain ciphertext line needs --field"))?;
     Ok(Parsed::Item {
         context: context(defaults, field, defaults.record.clone()),
-        ciphertext: decode_ciphertext(text)?,
+        ciphertext,
         shape: Shape::Plain,
     })
 }
@@ -707,11 +719,11 @@ impl<'a> BatchReader<'a> {
         }
     }
 
-    /// Up to `max_lines` lines and, but for a single line, at most `max_bytes` of them; empty
-    /// at the end of the input.
+    /// Up to `max_lines` lines and, but for a single line, at most `max_bytes` of them (with
+    /// the answer's own framing); empty at the end of the input.
     fn batch(&mut self, max_lines: usize, defaults: &Defaults) -> Result<Vec<Line>, CliError> {
         let mut lines = Vec::new();
-        let mut bytes = 0usize;
+        let mut bytes = ANSWER_FRAMING;
         while lines.len() < max_lines {
             let line = match self.pending.take() {
                 Some(line) => line,
@@ -766,7 +778,9 @@ impl<'a> BatchReader<'a> {
                 context,
                 ciphertext,
                 ..
-            } if item_bytes(&context, &ciphertext) > self.max_bytes => {
+            } if item_bytes(&context, &ciphertext)
+                > self.max_bytes.saturating_sub(ANSWER_FRAMING) =>
+            {
                 Parsed::Invalid(Failure::new(
                     "too_large",
                     format!(
@@ -1136,9 +1150,18 @@ mod tests {
 
     #[test]
     fn plain_line_without_field_fails() {
+        // (The reader turns it into a usage error that stops the run.)
         let parsed = parse_line(text(1, 7).as_bytes(), &defaults(None));
-        assert_eq!(failure(&parsed).kind, "invalid_input");
+        assert_eq!(failure(&parsed).kind, NEEDS_FIELD);
         assert!(failure(&parsed).message.contains("--field"));
+        let mut input = text(1, 7).into_bytes();
+        input.push(b'\n');
+        let mut input = &input[..];
+        let mut reader = BatchReader::new(&mut input, 0, 1 << 20);
+        assert!(matches!(
+            reader.batch(10, &defaults(None)),
+            Err(CliError::Usage(_))
+        ));
     }
 
     #[test]
@@ -1508,15 +1531,16 @@ mod tests {
 
     #[test]
     fn batches_respect_the_byte_budget_and_long_lines_are_not_sent() {
-        // Each line is an item of 47 + 4 + 3 + 9 (ciphertext, and tenant, field and record
-        // from the flags) + 32 (framing) = 95 bytes. Budget 200: two fit, the third starts the
-        // next call.
+        // Each line is an item of 47 (ciphertext) + the larger of 4 + 3 + 9 + 32 (tenant,
+        // field and record from the flags, framing: 48) and 64 (what the daemon's bound on the
+        // answer adds) = 111 bytes. Budget 250, 16 of them the answer's framing: two fit, the
+        // third starts the next call.
         let lines: Vec<String> = (1..=5).map(|i| text(1, i)).collect();
         let input = lines.join("\n");
         let d = defaults(Some("ssn"));
         let batches = |input: &str, d: &Defaults| {
             let mut input = input.as_bytes();
-            let mut reader = BatchReader::new(&mut input, 0, 200);
+            let mut reader = BatchReader::new(&mut input, 0, 250);
             let mut batches = Vec::new();
             loop {
                 let batch = reader.batch(100, d).unwrap();
@@ -1533,7 +1557,28 @@ mod tests {
             .map(|b| b.iter().map(|l| l.number).collect())
             .collect();
         assert_eq!(numbers, [vec![1, 2], vec![3, 4], vec![5]]);
-        assert_eq!(got[0][0].call_bytes(), 95);
+        assert_eq!(got[0][0].call_bytes(), 111);
+        // The daemon's bound on each call's answer holds (16 + the ciphertexts + 64 each),
+        // also where the context is shorter than that growth (before: three such items per
+        // call, whose answer bound of 349 bytes the daemon refused).
+        let short = Defaults {
+            tenant: "a".into(),
+            field: Some("f".into()),
+            record: None,
+        };
+        let mut got = got;
+        got.extend(batches(&input, &short));
+        for batch in &got {
+            let answer_bound: usize = batch
+                .iter()
+                .map(|l| match &l.parsed {
+                    Parsed::Item { ciphertext, .. } => ciphertext.len() + 64,
+                    _ => 0,
+                })
+                .sum::<usize>()
+                + 16;
+            assert!(answer_bound <= 250, "{answer_bound}");
+        }
 
         // With a 150-byte record id from the flags, an item is over the budget on its own
         // although its line (68 bytes) is not: reported, not sent (it takes no room in a
@@ -1546,7 +1591,7 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].len(), 3);
         for line in [&got[0][0], &got[0][2]] {
-            assert!(line.raw.len() < 200);
+            assert!(line.raw.len() < 250);
             assert_eq!(line.call_bytes(), 0);
             match &line.parsed {
                 Parsed::Invalid(f) => {
