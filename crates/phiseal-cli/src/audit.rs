@@ -246,18 +246,60 @@ fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
     }
     match &args.output {
         // Complete or not at all: a failure found late in the log (a torn tail, a missing
-        // active file, a problem in the last segment) leaves no plausible-looking partial file.
+        // active file, a problem in the last segment), or a signal, leaves no
+        // plausible-looking partial file; the summary is printed once the file is in place.
         Some(target) => {
-            let mut file = Partial::create(target)?;
-            export_to(args, json, &mut file)?;
-            file.commit()
+            let file = Partial::create(target)?;
+            let partial = file.path().to_owned();
+            let work_args = args.clone();
+            crate::block_on(async move {
+                let interrupted = crate::partial::interruption();
+                let work = tokio::task::spawn_blocking(move || {
+                    let mut file = file;
+                    let mut note = None;
+                    export_to(&work_args, &mut file, &mut note)?;
+                    file.commit()?;
+                    Ok::<_, CliError>(note)
+                });
+                tokio::select! {
+                    biased;
+                    done = work => {
+                        let note = done.map_err(|_| {
+                            CliError::Failed("audit export: the export failed".to_owned())
+                        })??;
+                        if let Some(note) = note {
+                            stderr_note(json, &note);
+                        }
+                        Ok(())
+                    }
+                    () = interrupted => {
+                        // (The export thread ends with the process; its file is gone.)
+                        let _ = std::fs::remove_file(&partial);
+                        Err(CliError::Failed(
+                            "audit export: interrupted; no output written".to_owned(),
+                        ))
+                    }
+                }
+            })
         }
-        None => export_to(args, json, &mut std::io::stdout().lock()),
+        None => {
+            let mut note = None;
+            let result = export_to(args, &mut std::io::stdout().lock(), &mut note);
+            if let Some(note) = note {
+                stderr_note(json, &note);
+            }
+            result
+        }
     }
 }
 
-/// [`export`] into `out`.
-fn export_to(args: &ExportArgs, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+/// [`export`] into `out`; `note` gets the summary once the records are written (before the
+/// checks that may still fail the export).
+fn export_to(
+    args: &ExportArgs,
+    out: &mut dyn Write,
+    note: &mut Option<String>,
+) -> Result<(), CliError> {
     let path = log_path_from_env(&args.log);
     let mut out = BufWriter::new(out);
     let mut options = VerifyOptions::default();
@@ -279,20 +321,17 @@ fn export_to(args: &ExportArgs, json: bool, out: &mut dyn Write) -> Result<(), C
     } else {
         ""
     };
-    stderr_note(
-        json,
-        &format!(
-            "audit export: {} records of tenant '{}' exported; {} records verified (last seq \
+    *note = Some(format!(
+        "audit export: {} records of tenant '{}' exported; {} records verified (last seq \
              {}, head hash {}){segments_only}",
-            result.exported,
-            printable(&args.tenant),
-            result.records_scanned,
-            result
-                .last_seq
-                .map_or_else(|| "none".to_owned(), |s| s.to_string()),
-            result.head_hash.as_deref().unwrap_or("none"),
-        ),
-    );
+        result.exported,
+        printable(&args.tenant),
+        result.records_scanned,
+        result
+            .last_seq
+            .map_or_else(|| "none".to_owned(), |s| s.to_string()),
+        result.head_hash.as_deref().unwrap_or("none"),
+    ));
     if result.active_missing && !args.segments_only {
         return Err(CliError::AuditProblems {
             path,

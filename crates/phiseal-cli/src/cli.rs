@@ -435,7 +435,7 @@ pub(crate) enum AuditCommand {
 }
 
 /// Where the audit log is.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct LogArgs {
     /// The daemon's data directory; the log is DIR/audit.log [default: env PHISEAL_DATA_DIR,
     /// else /var/lib/phiseal].
@@ -483,7 +483,7 @@ fn parse_anchor(text: &str) -> Result<phiseal_audit_file::Anchor, String> {
 }
 
 /// `audit export` arguments.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct ExportArgs {
     /// The tenant id.
     #[arg(long)]

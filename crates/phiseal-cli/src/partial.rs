@@ -17,9 +17,9 @@ pub(crate) struct Partial {
 }
 
 impl Partial {
-    /// Starts `target`, which must not exist.
+    /// Starts `target`, which must not exist (not even as a dangling symlink).
     pub(crate) fn create(target: &Path) -> Result<Partial, CliError> {
-        if target.exists() {
+        if std::fs::symlink_metadata(target).is_ok() {
             return Err(CliError::Usage(format!(
                 "{} exists: refusing to overwrite it",
                 target.display()
@@ -33,12 +33,25 @@ impl Partial {
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(CliError::io(format!("creating {}", path.display())))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => CliError::Usage(format!(
+                    "{} exists: an earlier run was interrupted (SIGKILL, a crash) or is still \
+                     running; once none runs, remove it (it holds an incomplete output) and run \
+                     again",
+                    path.display()
+                )),
+                _ => CliError::io(format!("creating {}", path.display()))(e),
+            })?;
         Ok(Partial {
             path,
             target: target.to_owned(),
             file: Some(file),
         })
+    }
+
+    /// The temporary name it is written under (`OUTPUT.partial`).
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Appends `bytes`.
@@ -96,6 +109,31 @@ impl Write for Partial {
         match &mut self.file {
             Some(file) => file.flush(),
             None => Ok(()),
+        }
+    }
+}
+
+/// Installs SIGINT, SIGTERM and SIGHUP handlers now (so that no signal from here on is
+/// missed: a handler created later would not see it) and resolves on any of them (never, if
+/// they cannot be installed). SIGHUP: a terminal or SSH session that goes away must not leave
+/// the `.partial` file behind.
+pub(crate) fn interruption() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let handlers = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    );
+    async move {
+        match handlers {
+            (Ok(mut int), Ok(mut term), Ok(mut hup)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                    _ = hup.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
         }
     }
 }

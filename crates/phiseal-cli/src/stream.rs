@@ -108,7 +108,7 @@ async fn run<M: Send + 'static>(
     let daemon = Daemon::connect(global).await?;
     // From here on SIGINT/SIGTERM end the run through the normal path, so that the partial
     // output is removed (a SIGKILL cannot be caught: the `.partial` file then stays).
-    let interrupt = interruption();
+    let interrupt = crate::partial::interruption();
     tokio::pin!(interrupt);
     let stopped = || CliError::Failed(format!("{what}: interrupted; no output written"));
     let mut output = Partial::create(&args.output)?;
@@ -162,31 +162,6 @@ async fn run<M: Send + 'static>(
             args.output.display()
         ),
     )
-}
-
-/// Installs SIGINT, SIGTERM and SIGHUP handlers now (so that no signal from here on is
-/// missed: a handler created later would not see it) and resolves on any of them (never, if
-/// they cannot be installed). SIGHUP: a terminal or SSH session that goes away must not leave
-/// the `.partial` file behind.
-fn interruption() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let handlers = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    );
-    async move {
-        match handlers {
-            (Ok(mut int), Ok(mut term), Ok(mut hup)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                    _ = hup.recv() => {}
-                }
-            }
-            _ => std::future::pending().await,
-        }
-    }
 }
 
 /// A streaming RPC of the field client.

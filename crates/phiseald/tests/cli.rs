@@ -1209,25 +1209,63 @@ fn audit_verify_and_export_on_the_daemon_log() {
         "{}",
         run.stderr
     );
-    // With --output, such an export leaves no file (nor its .partial) behind …
+    // With --output, such an export leaves no file (nor its .partial) behind, and says
+    // nothing was exported …
     let exported_file = d.dir.path().join("acme-export.jsonl");
     let exported_arg = exported_file.to_str().unwrap();
-    d.cli(
-        &[
-            "audit",
-            "export",
-            "--tenant",
-            "acme",
-            "--log",
-            torn_arg,
-            "--output",
-            exported_arg,
-        ],
-        b"",
-    )
-    .expect(8);
+    let failed = d
+        .cli(
+            &[
+                "audit",
+                "export",
+                "--tenant",
+                "acme",
+                "--log",
+                torn_arg,
+                "--output",
+                exported_arg,
+            ],
+            b"",
+        )
+        .expect(8);
     assert!(!exported_file.exists());
-    assert!(!d.dir.path().join("acme-export.jsonl.partial").exists());
+    let partial = d.dir.path().join("acme-export.jsonl.partial");
+    assert!(!partial.exists());
+    assert!(
+        !failed.stderr.contains("records of tenant"),
+        "{}",
+        failed.stderr
+    );
+    // … refuses a dangling symlink at the target before writing anything, and names a
+    // .partial left by a killed run (exit 2, not "File exists") …
+    let export_to = |log: &str| {
+        d.cli(
+            &[
+                "audit",
+                "export",
+                "--tenant",
+                "acme",
+                "--log",
+                log,
+                "--output",
+                exported_arg,
+            ],
+            b"",
+        )
+    };
+    std::os::unix::fs::symlink(d.dir.path().join("nowhere"), &exported_file).unwrap();
+    let run = export_to(torn_arg).expect(2);
+    assert!(run.stderr.contains("exists: refusing"), "{}", run.stderr);
+    std::fs::remove_file(&exported_file).unwrap();
+    std::fs::write(&partial, b"killed halfway").unwrap();
+    let run = export_to(torn_arg).expect(2);
+    assert!(
+        run.stderr.contains("an earlier run was interrupted"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read(&partial).unwrap(), b"killed halfway");
+    std::fs::remove_file(&partial).unwrap();
     // … and a complete one the same records as stdout, in a file only the owner can read.
     let log = d.audit_log();
     let log_arg = log.to_str().unwrap();
