@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufWriter, Read, Seek, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -582,7 +582,7 @@ fn open_output(
     }
     let (lines, end) =
         complete_lines(&mut &file).map_err(CliError::io(format!("cannot read output {shown}")))?;
-    skip_lines(input, lines, path)?;
+    skip_lines(input, lines, &file, path)?;
     if end < meta.len() {
         file.set_len(end)
             .and_then(|()| file.sync_all())
@@ -615,11 +615,20 @@ fn sync_parent(path: &Path) {
 /// Skips the `count` input lines that a resumed output already holds, checking that each of
 /// them corresponds to its output line: an output made from another input would otherwise be
 /// continued, its first lines belonging to other rows.
-fn skip_lines(input: &mut dyn BufRead, count: u64, output: &Path) -> Result<(), CliError> {
-    let file = File::open(output).map_err(CliError::io(format!(
-        "reading {} to resume",
-        output.display()
-    )))?;
+fn skip_lines(
+    input: &mut dyn BufRead,
+    count: u64,
+    file: &File,
+    output: &Path,
+) -> Result<(), CliError> {
+    // The open, locked file itself (not its path again: a path swapped meanwhile would be
+    // checked while the run appends to the file it holds); appends ignore the read offset.
+    let mut file = file;
+    file.seek(io::SeekFrom::Start(0))
+        .map_err(CliError::io(format!(
+            "reading {} to resume",
+            output.display()
+        )))?;
     let mut written = io::BufReader::new(file);
     let (mut line, mut out_line) = (Vec::new(), Vec::new());
     for done in 0..count {
@@ -666,8 +675,10 @@ fn corresponds(input: &[u8], output: &[u8]) -> bool {
             .map(str::to_owned)
     };
     let (Some(input), Some(output)) = (text(input), text(output)) else {
-        // A line that is not UTF-8 is written back unchanged.
-        return input == output;
+        // A line that is not UTF-8 is written back unchanged — with a line end, which the
+        // input's last line may lack.
+        let line = |raw: &'_ [u8]| raw.strip_suffix(b"\n").unwrap_or(raw).to_vec();
+        return line(input) == line(output);
     };
     let members = |line: &str| {
         serde_json::from_str::<OrderedObject>(line)
@@ -1407,7 +1418,19 @@ mod tests {
         assert_eq!(numbers, [3, 4]);
 
         let mut short: &[u8] = b"1\n";
-        assert!(skip_lines(&mut short, 2, &out).is_err());
+        assert!(skip_lines(&mut short, 2, &File::open(&out).unwrap(), &out).is_err());
+    }
+
+    #[test]
+    fn resume_accepts_a_last_line_that_is_not_utf8_and_has_no_line_end() {
+        // Written back unchanged with a line end: the finished output of such an input.
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.txt");
+        std::fs::write(&out, b"\n\xff\n").unwrap();
+        let mut input: &[u8] = b"\n\xff";
+        skip_lines(&mut input, 2, &File::open(&out).unwrap(), &out).unwrap();
+        let mut other: &[u8] = b"\n\xfe";
+        assert!(skip_lines(&mut other, 2, &File::open(&out).unwrap(), &out).is_err());
     }
 
     #[test]
@@ -1431,7 +1454,7 @@ mod tests {
             ct(2)
         );
         let mut rest = same.as_bytes();
-        skip_lines(&mut rest, 3, &out).unwrap();
+        skip_lines(&mut rest, 3, &File::open(&out).unwrap(), &out).unwrap();
         assert_eq!(
             rest, b"{\"id\":3}\n",
             "the lines after the output's are left to read"
@@ -1443,7 +1466,8 @@ mod tests {
             format!("\n{{\"id\":1,\"ciphertext\":\"{}\"}}\n", ct(1)),
         ] {
             let other = format!("{other}{{\"id\":2,\"ciphertext\":\"{}\"}}\n", ct(2));
-            let err = skip_lines(&mut other.as_bytes(), 3, &out).unwrap_err();
+            let err =
+                skip_lines(&mut other.as_bytes(), 3, &File::open(&out).unwrap(), &out).unwrap_err();
             assert!(err.to_string().contains("does not correspond"), "{err}");
         }
         // Only the last line differs.
@@ -1452,7 +1476,8 @@ mod tests {
             ct(1),
             ct(2)
         );
-        let err = skip_lines(&mut last.as_bytes(), 3, &out).unwrap_err();
+        let err =
+            skip_lines(&mut last.as_bytes(), 3, &File::open(&out).unwrap(), &out).unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
     }
 
