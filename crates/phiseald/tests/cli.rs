@@ -1213,31 +1213,6 @@ fn audit_verify_and_export_on_the_daemon_log() {
     // nothing was exported …
     let exported_file = d.dir.path().join("acme-export.jsonl");
     let exported_arg = exported_file.to_str().unwrap();
-    let failed = d
-        .cli(
-            &[
-                "audit",
-                "export",
-                "--tenant",
-                "acme",
-                "--log",
-                torn_arg,
-                "--output",
-                exported_arg,
-            ],
-            b"",
-        )
-        .expect(8);
-    assert!(!exported_file.exists());
-    let partial = d.dir.path().join("acme-export.jsonl.partial");
-    assert!(!partial.exists());
-    assert!(
-        !failed.stderr.contains("records of tenant"),
-        "{}",
-        failed.stderr
-    );
-    // … refuses a dangling symlink at the target before writing anything, and names a
-    // .partial left by a killed run (exit 2, not "File exists") …
     let export_to = |log: &str| {
         d.cli(
             &[
@@ -1253,6 +1228,17 @@ fn audit_verify_and_export_on_the_daemon_log() {
             b"",
         )
     };
+    let failed = export_to(torn_arg).expect(8);
+    assert!(!exported_file.exists());
+    let partial = d.dir.path().join("acme-export.jsonl.partial");
+    assert!(!partial.exists());
+    assert!(
+        !failed.stderr.contains("records of tenant"),
+        "{}",
+        failed.stderr
+    );
+    // … refuses a dangling symlink at the target before writing anything, and names a
+    // .partial left by a killed run (exit 2, not "File exists") …
     std::os::unix::fs::symlink(d.dir.path().join("nowhere"), &exported_file).unwrap();
     let run = export_to(torn_arg).expect(2);
     assert!(run.stderr.contains("exists: refusing"), "{}", run.stderr);
@@ -1269,21 +1255,7 @@ fn audit_verify_and_export_on_the_daemon_log() {
     // … and a complete one the same records as stdout, in a file only the owner can read.
     let log = d.audit_log();
     let log_arg = log.to_str().unwrap();
-    let complete = d
-        .cli(
-            &[
-                "audit",
-                "export",
-                "--tenant",
-                "acme",
-                "--log",
-                log_arg,
-                "--output",
-                exported_arg,
-            ],
-            b"",
-        )
-        .expect(0);
+    let complete = export_to(log_arg).expect(0);
     assert!(complete.out().is_empty());
     let on_stdout = d
         .cli(
@@ -1302,20 +1274,7 @@ fn audit_verify_and_export_on_the_daemon_log() {
         0o600
     );
     // An existing file is never overwritten.
-    d.cli(
-        &[
-            "audit",
-            "export",
-            "--tenant",
-            "acme",
-            "--log",
-            log_arg,
-            "--output",
-            exported_arg,
-        ],
-        b"",
-    )
-    .expect(2);
+    export_to(log_arg).expect(2);
 
     // `audit recover` saves the torn bytes, cuts them off and records that in the chain.
     std::fs::set_permissions(&torn, std::fs::Permissions::from_mode(0o600)).unwrap();

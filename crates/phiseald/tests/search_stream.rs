@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{Daemon, create_tenant, ctx};
+use common::{Daemon, create_tenant, ctx, shred_tenant};
 use phiseal_proto::v1 as pb;
 use std::time::Duration;
 
@@ -990,14 +990,7 @@ async fn a_shred_stops_an_open_decrypt_stream() {
         .into_inner();
     let piece = answers.message().await.unwrap().unwrap().chunk;
     assert_eq!(piece, document[..piece.len()]);
-    d.admin()
-        .await
-        .shred_tenant(pb::ShredTenantRequest {
-            tenant: "clinic".into(),
-            confirm_tenant: "clinic".into(),
-        })
-        .await
-        .unwrap();
+    shred_tenant(&d, "clinic").await;
     tx.send(pb::DecryptStreamRequest {
         part: Some(pb::decrypt_stream_request::Part::Chunk(
             sealed[first..].to_vec(),
@@ -1083,14 +1076,7 @@ async fn a_shred_holds_back_the_answer_waiting_for_a_slow_reader() {
         }
         seen = now;
     }
-    d.admin()
-        .await
-        .shred_tenant(pb::ShredTenantRequest {
-            tenant: "clinic".into(),
-            confirm_tenant: "clinic".into(),
-        })
-        .await
-        .unwrap();
+    shred_tenant(&d, "clinic").await;
     let (pieces, ended) = read_answer_pieces(&mut answers).await;
     let err = ended.unwrap_err();
     assert_eq!(common::kind(&err), "key_destroyed", "{err:?}");

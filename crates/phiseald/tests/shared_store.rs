@@ -148,14 +148,7 @@ async fn a_rotation_and_a_shred_on_one_daemon_reach_the_other_through_notify() {
         .into_inner();
     assert!(!answers.message().await.unwrap().unwrap().chunk.is_empty());
 
-    a.admin()
-        .await
-        .shred_tenant(pb::ShredTenantRequest {
-            tenant: "acme".into(),
-            confirm_tenant: "acme".into(),
-        })
-        .await
-        .unwrap();
+    shred_tenant(&a, "acme").await;
     // Without any call to b, its stream stops: the notification makes b re-read the tenant.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     tx.send(pb::EncryptStreamRequest {

@@ -1552,20 +1552,7 @@ max_requests_in_flight = 1
 /// raw HTTP/2 client, so that no client-side type has to hold it decoded) and returns the
 /// answer's `grpc-status` and `phiseal-error-kind`.
 async fn raw_call(d: &Daemon, path: &str, message: &[u8]) -> (Option<String>, Option<String>) {
-    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
-    let (client, connection) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let mut client = client.ready().await.unwrap();
-    let request = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://localhost{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let (response, mut body) = client.send_request(request, false).unwrap();
+    let (response, mut body) = raw_grpc_call(d, path).await;
     let mut frame = vec![0u8];
     frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
     frame.extend_from_slice(message);

@@ -264,6 +264,18 @@ pub async fn create_tenant(d: &Daemon, tenant: &str) {
         .unwrap();
 }
 
+/// Shreds `tenant` through the admin API (confirmed).
+pub async fn shred_tenant(d: &Daemon, tenant: &str) {
+    d.admin()
+        .await
+        .shred_tenant(pb::ShredTenantRequest {
+            tenant: tenant.into(),
+            confirm_tenant: tenant.into(),
+        })
+        .await
+        .unwrap();
+}
+
 /// GET over plain HTTP/1.0; returns the body.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
@@ -356,11 +368,11 @@ pub fn run_cli(cmd: &mut Command, stdin: &[u8]) -> CliRun {
     }
 }
 
-/// Opens an `Encrypt` call on a connection of its own (a raw HTTP/2 client) whose message
-/// never finishes arriving: a gRPC frame header announcing 1000 bytes, then 10 of them.
-/// Returns the future of the answer, and the request body (the call stays open while held).
-pub async fn stuck_unary_call(
+/// Opens a gRPC call to `path` on a connection of its own (a raw HTTP/2 client), its
+/// message not sent yet: the future of the answer, and the request body to send it on.
+pub async fn raw_grpc_call(
     d: &Daemon,
+    path: &str,
 ) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
     let (client, connection) = h2::client::handshake(io).await.unwrap();
@@ -370,12 +382,21 @@ pub async fn stuck_unary_call(
     let mut client = client.ready().await.unwrap();
     let request = http::Request::builder()
         .method("POST")
-        .uri("http://localhost/phiseal.v1.FieldService/Encrypt")
+        .uri(format!("http://localhost{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
         .unwrap();
-    let (response, mut body) = client.send_request(request, false).unwrap();
+    client.send_request(request, false).unwrap()
+}
+
+/// Opens an `Encrypt` call on a connection of its own (a raw HTTP/2 client) whose message
+/// never finishes arriving: a gRPC frame header announcing 1000 bytes, then 10 of them.
+/// Returns the future of the answer, and the request body (the call stays open while held).
+pub async fn stuck_unary_call(
+    d: &Daemon,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let (response, mut body) = raw_grpc_call(d, "/phiseal.v1.FieldService/Encrypt").await;
     body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0x03, 0xe8]), false)
         .unwrap();
     body.send_data(bytes::Bytes::from_static(&[0; 10]), false)
