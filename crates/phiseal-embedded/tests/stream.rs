@@ -341,6 +341,52 @@ async fn a_decryptor_refuses_segments_over_its_limit_before_the_key_lookup() {
 }
 
 #[tokio::test]
+async fn a_keyring_wide_segment_limit_applies_to_every_decryption_entry_point() {
+    // `max_stream_segment_size` on the builder: `decrypt_stream` and `decrypting_reader`
+    // (which take no per-stream limit) refuse a larger header before the key lookup, and it
+    // is the push API's default (a per-stream limit still overrides it).
+    let dir = private_tempdir();
+    let (k, _sink) = recorded(dir.path()).await;
+    let c = caller();
+    let cx = ctx("t", "scan", None);
+    let plaintext = data(2 * SEG + 7);
+    let stream = encrypt(&k, &cx, &plaintext).await;
+    let limited = phiseal_embedded::builder(dir.path(), &EmbeddedOptions::default())
+        .unwrap()
+        .danger_disable_audit()
+        .max_stream_segment_size(SEG as u32 - 1)
+        .build()
+        .unwrap();
+    let too_large = |r: Result<(), Error>| matches!(r, Err(Error::SegmentTooLarge { .. }));
+    let mut out = Vec::new();
+    let whole = limited.decrypt_stream(&c, &cx, &stream[..], &mut out).await;
+    assert!(too_large(whole.map(drop)));
+    assert!(out.is_empty());
+    let reader = limited.decrypting_reader(&c, &cx, &stream[..]).await;
+    assert!(too_large(reader.map(drop)));
+    let mut pushed = limited.start_decrypt_stream(&c, &cx);
+    assert!(too_large(pushed.push(&stream, &mut out).await));
+    let mut pushed = limited
+        .start_decrypt_stream(&c, &cx)
+        .with_max_segment_size(SEG as u32);
+    pushed.push(&stream, &mut out).await.unwrap();
+    pushed.finish(&mut out).await.unwrap();
+    assert!(out == plaintext);
+    // Within the format's range only.
+    for bad in [
+        phiseal::stream::MIN_SEGMENT_SIZE - 1,
+        phiseal::stream::MAX_SEGMENT_SIZE + 1,
+    ] {
+        let built = phiseal_embedded::builder(dir.path(), &EmbeddedOptions::default())
+            .unwrap()
+            .danger_disable_audit()
+            .max_stream_segment_size(bad)
+            .build();
+        assert!(matches!(built, Err(Error::Config(_))), "{bad}");
+    }
+}
+
+#[tokio::test]
 async fn tampering_truncation_and_wrong_context_fail_and_are_audited() {
     let dir = private_tempdir();
     let (k, sink) = recorded(dir.path()).await;

@@ -171,6 +171,7 @@ pub struct KeyringBuilder {
     algorithm: Algorithm,
     cache: CacheSettings,
     allow_buffered_audit: bool,
+    max_stream_segment_size: u32,
 }
 
 impl Default for KeyringBuilder {
@@ -192,6 +193,7 @@ impl KeyringBuilder {
             algorithm: Algorithm::Aes256GcmHkdf,
             cache: CacheSettings::default(),
             allow_buffered_audit: false,
+            max_stream_segment_size: crate::stream::MAX_SEGMENT_SIZE,
         }
     }
 
@@ -251,6 +253,19 @@ impl KeyringBuilder {
     /// Key-cache settings.
     pub fn cache(mut self, cache: CacheSettings) -> Self {
         self.cache = cache;
+        self
+    }
+
+    /// The largest segment size a stream to decrypt may declare in its header (default
+    /// [`crate::stream::MAX_SEGMENT_SIZE`], 16 MiB: every size the format allows), for
+    /// [`Keyring::decrypt_stream`], [`Keyring::decrypting_reader`] and
+    /// [`Keyring::start_decrypt_stream`] (which
+    /// [`AuditedStreamDecryptor::with_max_segment_size`] can lower or raise per stream). A
+    /// decryptor holds about three segments: a service decrypting streams from writers it does
+    /// not fully trust bounds that memory here; a larger header is refused with
+    /// [`Error::SegmentTooLarge`] before its key is looked up.
+    pub fn max_stream_segment_size(mut self, max: u32) -> Self {
+        self.max_stream_segment_size = max;
         self
     }
 
@@ -317,6 +332,15 @@ impl KeyringBuilder {
                 crate::field::EPOCH_MESSAGE_LIMIT
             )));
         }
+        if !(crate::stream::MIN_SEGMENT_SIZE..=crate::stream::MAX_SEGMENT_SIZE)
+            .contains(&self.max_stream_segment_size)
+        {
+            return Err(Error::Config(format!(
+                "max_stream_segment_size must be between {} and {} bytes",
+                crate::stream::MIN_SEGMENT_SIZE,
+                crate::stream::MAX_SEGMENT_SIZE
+            )));
+        }
         if c.metadata_ttl > c.key_ttl {
             return Err(Error::Config(
                 "cache metadata_ttl must not exceed key_ttl".into(),
@@ -341,6 +365,7 @@ impl KeyringBuilder {
                 outage: outage::KmsOutage::default(),
                 unwrap_failures: unwrap_failures::UnwrapFailures::default(),
                 query_refresh_paused_until: std::sync::atomic::AtomicU64::new(0),
+                max_stream_segment_size: self.max_stream_segment_size,
             }),
         })
     }
@@ -545,6 +570,8 @@ struct Inner {
     /// Coarse-clock ticks until which queries do not try to re-read tenant metadata (the key
     /// store failed the last attempt; `keyring::search`); 0 when they may.
     query_refresh_paused_until: std::sync::atomic::AtomicU64,
+    /// The largest segment size a stream to decrypt may declare (`KeyringBuilder`).
+    max_stream_segment_size: u32,
 }
 
 /// The running streams of one tenant (`Inner::streams`).

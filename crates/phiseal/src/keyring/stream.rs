@@ -64,9 +64,8 @@ use crate::crypto::TAG_LEN;
 use crate::error::{Error, FormatError};
 use crate::field::VersionKey;
 use crate::stream::{
-    AuditFuture, DecryptingReader, EncryptingWriter, MAX_SEGMENT_SIZE, Revocation,
-    STREAM_HEADER_LEN, SegmentBuf, StreamAuditHook, StreamDecryptor, StreamEncryptor, StreamHeader,
-    StreamOptions, StreamSummary,
+    AuditFuture, DecryptingReader, EncryptingWriter, Revocation, STREAM_HEADER_LEN, SegmentBuf,
+    StreamAuditHook, StreamDecryptor, StreamEncryptor, StreamHeader, StreamOptions, StreamSummary,
 };
 
 /// The outcome recorded for a stream object dropped before it finished.
@@ -321,7 +320,7 @@ impl AuditedStreamDecryptor {
     /// Refuses a stream whose header declares segments larger than `max` bytes, with
     /// [`Error::SegmentTooLarge`] (audited like any failure), before its key is looked up or
     /// a segment buffer is allocated. The writer of a stream chooses its segment size, up to
-    /// [`MAX_SEGMENT_SIZE`] (16 MiB), and a decryptor holds up to two segments before the first
+    /// [`MAX_SEGMENT_SIZE`](crate::stream::MAX_SEGMENT_SIZE) (16 MiB), and a decryptor holds up to two segments before the first
     /// tag is checked: a service decrypting streams from callers it does not fully trust bounds
     /// that memory here. Without it, every size the format allows is accepted.
     #[must_use]
@@ -578,7 +577,7 @@ impl Keyring {
         AuditedStreamDecryptor {
             header: [0; STREAM_HEADER_LEN],
             header_len: 0,
-            max_segment_size: MAX_SEGMENT_SIZE,
+            max_segment_size: self.inner.max_stream_segment_size,
             inner: None,
             audit: StreamAudit::new(self, caller, context, Action::DecryptStream),
         }
@@ -621,7 +620,7 @@ impl Keyring {
                 caller,
                 context,
                 header.filled(),
-                MAX_SEGMENT_SIZE,
+                self.inner.max_stream_segment_size,
                 &mut audit,
             )
             .await
@@ -664,7 +663,9 @@ impl Keyring {
     }
 
     /// Decrypts the stream `reader` yields into `writer` (then flushed, not shut down), in
-    /// constant memory (about three segments), each segment written only after it
+    /// constant memory (about three segments: a header declaring segments larger than the
+    /// keyring's [`KeyringBuilder::max_stream_segment_size`](crate::KeyringBuilder::max_stream_segment_size)
+    /// is refused before its key is looked up), each segment written only after it
     /// authenticated. **What was written is provisional until this returns `Ok`**: on any error
     /// (tampering, truncation detected at the end, I/O, audit) the caller must discard it —
     /// e.g. write to a temporary file and rename it into place only on success. Audited with
@@ -688,7 +689,7 @@ impl Keyring {
                     caller,
                     context,
                     header.filled(),
-                    MAX_SEGMENT_SIZE,
+                    self.inner.max_stream_segment_size,
                     &mut audit,
                 )
                 .await?;
