@@ -1470,6 +1470,39 @@ fn keyring_on_counting_store_with(
 }
 
 #[tokio::test]
+async fn a_batch_naming_many_unknown_tenants_makes_few_store_reads() {
+    // 100 items of made-up tenants (one call, one rate-limit unit in the sidecar): 16 are
+    // looked up and not found, the rest refused without a store read. Items of a known,
+    // cached tenant are still served. Before: 100 key-store reads.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let (k, store) = keyring_on_counting_store(&p);
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let known = ctx("t", "f", None);
+    let ct = k.encrypt(&c, &known, b"x").await.unwrap();
+    let ghosts: Vec<EncryptionContext> = (0..100)
+        .map(|i| ctx(&format!("ghost-{i}"), "f", None))
+        .collect();
+    let mut items: Vec<(&EncryptionContext, &[u8])> =
+        ghosts.iter().map(|cx| (cx, ct.as_slice())).collect();
+    items.push((&known, ct.as_slice()));
+    let before = store.loads.load(Ordering::SeqCst);
+    let results = k.decrypt_batch(&c, &items).await.unwrap();
+    assert_eq!(store.loads.load(Ordering::SeqCst) - before, 16);
+    for (i, result) in results.iter().enumerate().take(100) {
+        match (i < 16, result) {
+            (true, Err(Error::TenantNotFound { .. })) => {}
+            (false, Err(e @ Error::InvalidInput { what: "batch", .. })) => {
+                assert!(e.to_string().contains("do not exist"), "{e}");
+            }
+            (_, other) => panic!("item {i}: {other:?}"),
+        }
+    }
+    assert_eq!(&**results[100].as_ref().unwrap(), b"x");
+}
+
+#[tokio::test]
 async fn streams_stop_once_their_tenant_cannot_be_read_for_longer_than_a_key_may_serve() {
     // The key store is unreachable: a running stream's tenant may have been shredded by
     // another process meanwhile, so the stream stops once the tenant could not be read for

@@ -432,19 +432,52 @@ impl TenantView {
 /// tenant (the usual batch) look it up once. Each item still checks it at its own time of
 /// use ([`Keyring::view_serves_fields`]: current, and not dropped or replaced by the keyring
 /// since), and the batch holds it only until its last item is done.
+///
+/// It also counts the batch's items whose tenant the key store did not have: past
+/// [`MAX_UNKNOWN_TENANTS_PER_BATCH`], the batch's further items that miss the caches are
+/// refused without a store read, so that one call naming thousands of made-up tenants (a
+/// caller granted `clinic-*`, say) cannot make thousands of key-store queries.
 #[derive(Default)]
-struct BatchView(Option<Arc<TenantView>>);
+struct BatchView {
+    view: Option<Arc<TenantView>>,
+    unknown_tenants: usize,
+}
+
+/// Items of one batch whose tenant may be looked up in vain (see [`BatchView`]).
+const MAX_UNKNOWN_TENANTS_PER_BATCH: usize = 16;
 
 impl BatchView {
     /// The cached metadata of `tenant` the fast path may use at `now`, if any.
     fn get(&mut self, keyring: &Keyring, tenant: &TenantId, now: Instant) -> Option<&TenantView> {
-        let reusable = self.0.as_ref().is_some_and(|view| {
+        let reusable = self.view.as_ref().is_some_and(|view| {
             view.record.tenant == *tenant && keyring.view_serves_fields(view, now)
         });
         if !reusable {
-            self.0 = keyring.cached_view(tenant, now);
+            self.view = keyring.cached_view(tenant, now);
         }
-        self.0.as_deref()
+        self.view.as_deref()
+    }
+
+    /// Runs an item's slow path (`slow`: key store and KMS), unless the batch already named
+    /// too many tenants the store does not have; counts one more if this one is.
+    async fn slow_path<T>(
+        &mut self,
+        slow: impl Future<Output = FieldOutcome<T>>,
+    ) -> FieldOutcome<T> {
+        if self.unknown_tenants >= MAX_UNKNOWN_TENANTS_PER_BATCH {
+            let refused = Error::InvalidInput {
+                what: "batch",
+                reason: "more than 16 of its items name tenants that do not exist: the rest \
+                         were not looked up (check the tenant ids, or send those items again \
+                         in another call)",
+            };
+            return (Err(refused), OpMeta::default());
+        }
+        let outcome = slow.await;
+        if matches!(outcome.0, Err(Error::TenantNotFound { .. })) {
+            self.unknown_tenants += 1;
+        }
+        outcome
     }
 }
 
@@ -1622,7 +1655,10 @@ impl Keyring {
             .and_then(|view| self.encrypt_in_view(view, context, plaintext, now));
         match cached {
             Some(outcome) => outcome,
-            None => self.encrypt_slow(caller, context, plaintext, now).await,
+            None => {
+                view.slow_path(self.encrypt_slow(caller, context, plaintext, now))
+                    .await
+            }
         }
     }
 
@@ -1722,7 +1758,10 @@ impl Keyring {
         });
         match cached {
             Some(outcome) => outcome,
-            None => self.decrypt_slow(caller, context, ciphertext, now).await,
+            None => {
+                view.slow_path(self.decrypt_slow(caller, context, ciphertext, now))
+                    .await
+            }
         }
     }
 
