@@ -1471,9 +1471,9 @@ fn keyring_on_counting_store_with(
 
 #[tokio::test]
 async fn a_batch_naming_many_unknown_tenants_makes_few_store_reads() {
-    // 100 items of made-up tenants (one call, one rate-limit unit in the sidecar): 16 are
-    // looked up and not found, the rest refused without a store read. Items of a known,
-    // cached tenant are still served. Before: 100 key-store reads.
+    // 100 items of distinct made-up tenants (one call, one rate-limit unit in the sidecar):
+    // 16 are looked up and not found, the rest refused without a store read. Items of a
+    // known tenant whose key is cached are still served. Before: 100 key-store reads.
     let dir = private_tempdir();
     let p = parts(dir.path());
     let c = caller();
@@ -1500,19 +1500,31 @@ async fn a_batch_naming_many_unknown_tenants_makes_few_store_reads() {
         }
     }
     assert_eq!(&**results[100].as_ref().unwrap(), b"x");
+    // One unknown tenant named by every item (a mistyped tenant): one read, every item
+    // tenant_not_found (not refused: the caller learns what is wrong with all of them).
+    let typo = ctx("acmee", "f", None);
+    let items: Vec<(&EncryptionContext, &[u8])> = (0..50).map(|_| (&typo, ct.as_slice())).collect();
+    let before = store.loads.load(Ordering::SeqCst);
+    let results = k.decrypt_batch(&c, &items).await.unwrap();
+    assert_eq!(store.loads.load(Ordering::SeqCst) - before, 1);
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(Error::TenantNotFound { .. })))
+    );
 }
 
 #[tokio::test]
 async fn streams_stop_once_their_tenant_cannot_be_read_for_longer_than_a_key_may_serve() {
     // The key store is unreachable: a running stream's tenant may have been shredded by
     // another process meanwhile, so the stream stops once the tenant could not be read for
-    // longer than key_ttl + max_stale (1 s here), as a field operation would have failed.
-    // Before, it ran on for as long as its client kept sending.
+    // longer than key_ttl + max_stale (2 s here), as cached keys stop serving in a KMS
+    // outage. Before, it ran on for as long as its client kept sending.
     let dir = private_tempdir();
     let p = parts(dir.path());
     let c = caller();
     let cache = CacheSettings {
-        key_ttl: Duration::from_secs(1),
+        key_ttl: Duration::from_secs(2),
         metadata_ttl: Duration::from_millis(500),
         ..CacheSettings::default()
     };
@@ -1544,7 +1556,7 @@ async fn streams_stop_once_their_tenant_cannot_be_read_for_longer_than_a_key_may
         .push(&sealed[piece..2 * piece], &mut plaintext)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
     assert!(k.recheck_streams(None).await.is_err());
     let pushed = writing.push(&segment, &mut ciphertext);
     assert!(matches!(pushed, Err(Error::Store { .. })), "{pushed:?}");

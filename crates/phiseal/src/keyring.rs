@@ -263,7 +263,9 @@ impl KeyringBuilder {
     /// [`AuditedStreamDecryptor::with_max_segment_size`] can lower or raise per stream). A
     /// decryptor holds about three segments: a service decrypting streams from writers it does
     /// not fully trust bounds that memory here; a larger header is refused with
-    /// [`Error::SegmentTooLarge`] before its key is looked up.
+    /// [`Error::SegmentTooLarge`] before its key is looked up. It applies to decryption only:
+    /// a stream this keyring encrypts has the segment size of its [`crate::stream::StreamOptions`]
+    /// (keep that within the limit of every keyring that will read it).
     pub fn max_stream_segment_size(mut self, max: u32) -> Self {
         self.max_stream_segment_size = max;
         self
@@ -433,17 +435,18 @@ impl TenantView {
 /// use ([`Keyring::view_serves_fields`]: current, and not dropped or replaced by the keyring
 /// since), and the batch holds it only until its last item is done.
 ///
-/// It also counts the batch's items whose tenant the key store did not have: past
-/// [`MAX_UNKNOWN_TENANTS_PER_BATCH`], the batch's further items that miss the caches are
-/// refused without a store read, so that one call naming thousands of made-up tenants (a
-/// caller granted `clinic-*`, say) cannot make thousands of key-store queries.
+/// It also remembers the tenants of the batch that the key store did not have: their further
+/// items are answered without another read, and once [`MAX_UNKNOWN_TENANTS_PER_BATCH`]
+/// distinct tenants were not found, the batch's items that miss the caches are refused
+/// without a store read, so that one call naming thousands of made-up tenants (a caller
+/// granted `clinic-*`, say) cannot make thousands of key-store queries.
 #[derive(Default)]
 struct BatchView {
     view: Option<Arc<TenantView>>,
-    unknown_tenants: usize,
+    unknown_tenants: Vec<TenantId>,
 }
 
-/// Items of one batch whose tenant may be looked up in vain (see [`BatchView`]).
+/// Distinct tenants of one batch that may be looked up in vain (see [`BatchView`]).
 const MAX_UNKNOWN_TENANTS_PER_BATCH: usize = 16;
 
 impl BatchView {
@@ -458,24 +461,33 @@ impl BatchView {
         self.view.as_deref()
     }
 
-    /// Runs an item's slow path (`slow`: key store and KMS), unless the batch already named
-    /// too many tenants the store does not have; counts one more if this one is.
+    /// Runs an item's slow path (`slow`, which reads the key store for `tenant` when
+    /// `reads_store`), unless the batch already found `tenant` missing, or found too many
+    /// tenants missing; remembers `tenant` if it is.
     async fn slow_path<T>(
         &mut self,
+        tenant: &TenantId,
+        reads_store: bool,
         slow: impl Future<Output = FieldOutcome<T>>,
     ) -> FieldOutcome<T> {
-        if self.unknown_tenants >= MAX_UNKNOWN_TENANTS_PER_BATCH {
+        if self.unknown_tenants.contains(tenant) {
+            let missing = Error::TenantNotFound {
+                tenant: tenant.clone(),
+            };
+            return (Err(missing), OpMeta::default());
+        }
+        if reads_store && self.unknown_tenants.len() >= MAX_UNKNOWN_TENANTS_PER_BATCH {
             let refused = Error::InvalidInput {
                 what: "batch",
-                reason: "more than 16 of its items name tenants that do not exist: the rest \
-                         were not looked up (check the tenant ids, or send those items again \
-                         in another call)",
+                reason: "more than 16 of the tenants it names do not exist: the items of \
+                         other tenants not in the cache were not looked up (check the tenant \
+                         ids, or send those items again in another call)",
             };
             return (Err(refused), OpMeta::default());
         }
         let outcome = slow.await;
         if matches!(outcome.0, Err(Error::TenantNotFound { .. })) {
-            self.unknown_tenants += 1;
+            self.unknown_tenants.push(tenant.clone());
         }
         outcome
     }
@@ -1027,21 +1039,20 @@ impl Keyring {
         evicted
     }
 
-    /// A stop flag for a stream of `tenant` starting now, its tenant just read (see
-    /// `Inner::streams`).
-    pub(crate) fn register_stream(&self, tenant: &TenantId) -> Arc<StreamStop> {
+    /// A stop flag for a stream of `tenant` starting now, from metadata read at `read_at`
+    /// (see `Inner::streams`).
+    pub(crate) fn register_stream(&self, tenant: &TenantId, read_at: Instant) -> Arc<StreamStop> {
         let stop = Arc::new(StreamStop::default());
-        let now = Instant::now_without_cache_update();
         let mut streams = self.running_streams();
         let entry = streams
             .entry(tenant.clone())
             .or_insert_with(|| TenantStreams {
                 running: Vec::new(),
-                confirmed_at: now,
+                confirmed_at: read_at,
             });
         entry.running.retain(|f| f.strong_count() > 0);
         if entry.running.is_empty() {
-            entry.confirmed_at = now;
+            entry.confirmed_at = read_at;
         }
         entry.running.push(Arc::downgrade(&stop));
         stop
@@ -1084,26 +1095,38 @@ impl Keyring {
         self.stop_streams(tenant, || StopReason::Shredded);
     }
 
-    /// Notes that `tenant`'s record was read at `now` (its streams may go on).
-    fn confirm_streams(&self, tenant: &TenantId, now: Instant) {
+    /// Notes that `tenant`'s record was read at `read_at` (its streams may go on).
+    fn confirm_streams(&self, tenant: &TenantId, read_at: Instant) {
         if let Some(entry) = self.running_streams().get_mut(tenant) {
-            entry.confirmed_at = now;
+            entry.confirmed_at = entry.confirmed_at.max(read_at);
         }
     }
 
     /// After a failed read of `tenant`: stops its running streams if its record was last
-    /// read longer ago than a key may serve without one (`key_ttl + max_stale`), since
-    /// whether it was shredded meanwhile is unknown (fail closed).
+    /// read longer ago than a key may serve without its backing service (`key_ttl +
+    /// max_stale`, as cached keys during a KMS outage), since whether it was shredded
+    /// meanwhile is unknown (fail closed).
     fn stop_unconfirmed_streams(&self, tenant: &TenantId, now: Instant) {
-        let confirmed_at = match self.running_streams().get(tenant) {
-            Some(entry) => entry.confirmed_at,
-            None => return,
+        // Checked and removed under one lock: a read that confirms the tenant meanwhile wins.
+        let (stopped, unconfirmed) = {
+            let mut streams = self.running_streams();
+            let Some(entry) = streams.get(tenant) else {
+                return;
+            };
+            let unconfirmed = now.duration_since(entry.confirmed_at);
+            if unconfirmed <= self.inner.max_age {
+                return;
+            }
+            (streams.remove(tenant), unconfirmed)
         };
-        let unconfirmed = now.duration_since(confirmed_at);
-        if unconfirmed > self.inner.max_age {
-            // (Each stream then fails, audited, with the error `Revocation::check` gives.)
-            let backend = self.inner.store.name().to_owned();
-            self.stop_streams(tenant, || StopReason::Unconfirmed {
+        // (Each stream then fails, audited, with the error `Revocation::check` gives.)
+        let backend = self.inner.store.name().to_owned();
+        for stop in stopped
+            .iter()
+            .flat_map(|e| &e.running)
+            .filter_map(Weak::upgrade)
+        {
+            stop.stop(StopReason::Unconfirmed {
                 backend: backend.clone(),
                 for_secs: unconfirmed.as_secs(),
             });
@@ -1656,8 +1679,8 @@ impl Keyring {
         match cached {
             Some(outcome) => outcome,
             None => {
-                view.slow_path(self.encrypt_slow(caller, context, plaintext, now))
-                    .await
+                let slow = self.encrypt_slow(caller, context, plaintext, now);
+                view.slow_path(context.tenant(), true, slow).await
             }
         }
     }
@@ -1759,8 +1782,10 @@ impl Keyring {
         match cached {
             Some(outcome) => outcome,
             None => {
-                view.slow_path(self.decrypt_slow(caller, context, ciphertext, now))
-                    .await
+                // (A ciphertext that does not parse fails before any store read.)
+                let reads_store = format::parse(ciphertext).is_ok();
+                let slow = self.decrypt_slow(caller, context, ciphertext, now);
+                view.slow_path(context.tenant(), reads_store, slow).await
             }
         }
     }

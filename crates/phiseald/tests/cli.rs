@@ -880,7 +880,8 @@ fn rewrap_stops_with_the_exit_code_of_a_failure_every_line_shares() {
     let d = Daemon::embedded();
     d.cli(&["tenant", "create", "acme"], b"").expect(0);
     let line = format!("{}\n", encrypt(&d, "acme", "ssn", None, b"v"));
-    let lines = line.repeat(3);
+    // More lines than a batch may name missing tenants (16): still one failure for all.
+    let lines = line.repeat(20);
     let run = d
         .cli(
             &["rewrap", "--tenant", "acmee", "--field", "ssn"],

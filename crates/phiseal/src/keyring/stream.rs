@@ -320,9 +320,11 @@ impl AuditedStreamDecryptor {
     /// Refuses a stream whose header declares segments larger than `max` bytes, with
     /// [`Error::SegmentTooLarge`] (audited like any failure), before its key is looked up or
     /// a segment buffer is allocated. The writer of a stream chooses its segment size, up to
-    /// [`MAX_SEGMENT_SIZE`](crate::stream::MAX_SEGMENT_SIZE) (16 MiB), and a decryptor holds up to two segments before the first
-    /// tag is checked: a service decrypting streams from callers it does not fully trust bounds
-    /// that memory here. Without it, every size the format allows is accepted.
+    /// [`MAX_SEGMENT_SIZE`](crate::stream::MAX_SEGMENT_SIZE) (16 MiB), and a decryptor holds
+    /// about three segments: a service decrypting streams from callers it does not fully
+    /// trust bounds that memory here. Without it, the keyring's
+    /// [`KeyringBuilder::max_stream_segment_size`](crate::KeyringBuilder::max_stream_segment_size)
+    /// applies (by default every size the format allows).
     #[must_use]
     pub fn with_max_segment_size(mut self, max: u32) -> Self {
         self.max_segment_size = max;
@@ -437,7 +439,7 @@ impl Keyring {
         context: &EncryptionContext,
         version: Option<u32>,
         audit: &mut StreamAudit,
-        derive: impl Fn(&VersionKey) -> Result<T, Error>,
+        derive: impl Fn(&VersionKey, Instant) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let tenant = context.tenant();
         // An encryption (no version given: the primary) starts again with the new primary if
@@ -475,7 +477,9 @@ impl Keyring {
             view.remember(&key);
             audit.key_source = Some(source);
             let derived = self
-                .use_key_as(&view, &key, version.is_none(), || derive(&key))
+                .use_key_as(&view, &key, version.is_none(), || {
+                    derive(&key, view.fetched_at)
+                })
                 .await?;
             if let Some(derived) = derived {
                 // The stream registered for revocation under the key-use guard. If the
@@ -513,16 +517,22 @@ impl Keyring {
         }
         let provider = self.inner.provider;
         let decryptor = self
-            .with_stream_key(caller, context, Some(header.key_version()), audit, |key| {
-                let mut decryptor =
-                    StreamDecryptor::new(provider, key.tenant_key(), context, &header)?;
-                // Registered under the key-use guard: a shred that waits for it revokes it.
-                decryptor.revocable(
-                    self.register_stream(context.tenant()),
-                    context.tenant().clone(),
-                );
-                Ok(decryptor)
-            })
+            .with_stream_key(
+                caller,
+                context,
+                Some(header.key_version()),
+                audit,
+                |key, read_at| {
+                    let mut decryptor =
+                        StreamDecryptor::new(provider, key.tenant_key(), context, &header)?;
+                    // Registered under the key-use guard: a shred that waits for it revokes it.
+                    decryptor.revocable(
+                        self.register_stream(context.tenant(), read_at),
+                        context.tenant().clone(),
+                    );
+                    Ok(decryptor)
+                },
+            )
             .await?;
         audit.attempt().await?;
         Ok(decryptor)
@@ -541,7 +551,7 @@ impl Keyring {
         let started = async {
             let provider = self.inner.provider;
             let encryptor = self
-                .with_stream_key(caller, context, None, &mut audit, |key| {
+                .with_stream_key(caller, context, None, &mut audit, |key, read_at| {
                     let mut encryptor = StreamEncryptor::new(
                         provider,
                         key.tenant_key(),
@@ -551,7 +561,7 @@ impl Keyring {
                     )?;
                     // Registered under the key-use guard: a shred that waits for it revokes it.
                     encryptor.revocable(
-                        self.register_stream(context.tenant()),
+                        self.register_stream(context.tenant(), read_at),
                         context.tenant().clone(),
                     );
                     Ok(encryptor)
