@@ -261,6 +261,17 @@ impl DatabaseError {
 
     /// A short, kind-specific hint appended to [`PostgresStoreError::Database`] messages.
     fn kind_hint(&self) -> &'static str {
+        // A connection the server opened read-only (the driver asks for a writable session),
+        // or a write refused as read-only: an outage while a standby is promoted, else a
+        // setting to fix.
+        if self.code.as_deref() == Some("25006")
+            || self.message.ends_with("database does not allow writes")
+        {
+            return " (the server does not allow writes: it is a standby, or \
+                    default_transaction_read_only is on for this role or database; the key \
+                    store needs the writable primary: point key_store.url at it, or turn that \
+                    default off)";
+        }
         match self.kind {
             BackendErrorKind::Unavailable => {
                 " (the database is unreachable, shutting down, overloaded or not answering in \

@@ -821,6 +821,29 @@ async fn schema_of(raw: &tokio_postgres::Client, relation: &str) -> Option<Strin
 }
 
 #[tokio::test]
+async fn a_read_only_default_is_named_in_the_error() {
+    // The store asks for a writable session; a database whose default is read-only (or a
+    // standby) is refused at connect. Before, the error read like an unreachable server.
+    let db = TestDb::new("readonly").await;
+    db.open().await;
+    let raw = db.raw_default_path().await;
+    raw.batch_execute(&format!(
+        "ALTER DATABASE {} SET default_transaction_read_only = on",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let err = phiseal_store_postgres::PostgresKeyStore::open(&db.config())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not allow writes") && err.contains("default_transaction_read_only"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn sessions_commit_synchronously_and_keep_their_limits_whatever_the_defaults() {
     let db = TestDb::new("sessions").await;
     let raw = db.raw_default_path().await;
