@@ -883,7 +883,7 @@ pub async fn generate_root_key(config: &Pkcs11Config, label: &str) -> Result<(),
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| ck_error(e, &format!("{what}: open a read-write session")))?;
-        login(&session, &config)?;
+        login(&ctx, slot, &session, &config)?;
         let existing = session
             .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
             .map_err(|e| ck_error(e, &format!("{what}: C_FindObjects")))?;
@@ -982,7 +982,7 @@ fn connect_blocking(
     let session = ctx
         .open_ro_session(slot)
         .map_err(|e| ck_error(e, &format!("connect: open a session on token '{token}'")))?;
-    login(&session, config)?;
+    login(&ctx, slot, &session, config)?;
     let resolve = |label: &str| -> Result<RootKey, BackendError> {
         let handle = find_key(&session, label, token, mode)?;
         Ok(RootKey {
@@ -1084,8 +1084,56 @@ fn find_slot(ctx: &Pkcs11, label: &str, mode: Mode) -> Result<Slot, BackendError
     }
 }
 
-/// Logs the normal user in; an application that is logged in already is accepted.
-fn login(session: &Session, config: &Pkcs11Config) -> Result<(), BackendError> {
+/// The user-PIN state a token reports, as far as a login attempt is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PinState {
+    /// `CKF_USER_PIN_FINAL_TRY`: one more wrong PIN locks it.
+    final_try: bool,
+    /// `CKF_USER_PIN_LOCKED`.
+    locked: bool,
+}
+
+/// Refuses to try the configured PIN on a token whose user PIN is locked, or that allows
+/// one more attempt only: a wrong PIN in the configuration (a daemon restarting in a loop
+/// with it, say) must not be what locks the token for every service that uses it. A PIN that
+/// is right would reset the counter, but that cannot be known without spending the try.
+fn check_pin_state(state: PinState, token: &str) -> Result<(), BackendError> {
+    let reason = if state.locked {
+        "its user PIN is locked (too many wrong PINs): have the token's security officer \
+         unlock or reset it"
+    } else if state.final_try {
+        "one more wrong user PIN would lock it, and phiseal does not spend that try: check the \
+         configured PIN (PHISEALD_KMS__PKCS11__PIN), then log in once with the vendor's tool, \
+         which resets the counter when the PIN is right"
+    } else {
+        return Ok(());
+    };
+    Err(BackendError::new(
+        BackendErrorKind::Denied,
+        format!("{NAME}: token '{token}': not logging in: {reason}"),
+    )
+    .with_source(PinRefused))
+}
+
+/// Logs the normal user in (unless the token's PIN state forbids trying, see
+/// [`check_pin_state`]); an application that is logged in already is accepted.
+fn login(
+    ctx: &Pkcs11,
+    slot: Slot,
+    session: &Session,
+    config: &Pkcs11Config,
+) -> Result<(), BackendError> {
+    let token = &config.token_label;
+    let info = ctx
+        .get_token_info(slot)
+        .map_err(|e| ck_error(e, &format!("read the PIN state of token '{token}'")))?;
+    check_pin_state(
+        PinState {
+            final_try: info.user_pin_final_try(),
+            locked: info.user_pin_locked(),
+        },
+        token,
+    )?;
     match session.login(UserType::User, Some(&config.pin)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
         Err(e) => {
@@ -1595,6 +1643,26 @@ fn rv_name(rv: RvError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_locked_pin_or_its_final_try_is_not_spent() {
+        let state = |final_try, locked| PinState { final_try, locked };
+        assert!(check_pin_state(state(false, false), "t").is_ok());
+        for (s, words) in [
+            (state(true, false), "one more wrong user PIN would lock it"),
+            (state(false, true), "its user PIN is locked"),
+            (state(true, true), "its user PIN is locked"),
+        ] {
+            let err = check_pin_state(s, "t").unwrap_err();
+            assert_eq!(err.kind(), BackendErrorKind::Denied);
+            assert!(err.to_string().contains(words), "{err}");
+            assert!(
+                std::error::Error::source(&err)
+                    .is_some_and(|c| c.downcast_ref::<PinRefused>().is_some()),
+                "marked as a PIN refusal (never retried)"
+            );
+        }
+    }
 
     #[test]
     fn return_code_names() {
