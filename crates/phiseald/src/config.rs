@@ -84,7 +84,7 @@ pub struct Config {
 
 /// Configuration keys that decide who may do what: set from the environment, they replace
 /// the (root-owned) file's, so they are reported, and refused in production.
-const ACCESS_KEYS: [&str; 4] = ["POLICY", "TOKENS", "SOCKET_GROUP", "SOCKET_CHECK_PARENTS"];
+const ACCESS_KEYS: [&str; 4] = ["policy", "tokens", "socket_group", "socket_check_parents"];
 
 /// The setting a `PHISEALD_*` variable names (the part after the prefix, which is matched
 /// without case), or `None` for another variable.
@@ -95,19 +95,19 @@ fn setting_of(variable: &str) -> Option<&str> {
         .and_then(|_| variable.get(9..))
 }
 
-/// The `PHISEALD_*` variables that set an access-control key (or a key inside one).
-fn access_variables() -> Vec<String> {
-    std::env::vars_os()
-        .filter_map(|(name, _)| name.into_string().ok())
-        .filter(|name| {
-            setting_of(name).is_some_and(|key| {
-                let key = key.to_ascii_uppercase();
-                ACCESS_KEYS.iter().any(|k| {
-                    key.strip_prefix(k)
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with("__"))
-                })
+/// The access-control keys (or keys inside one) that `PHISEALD_*` variables set, as the
+/// environment provider reads them — it trims names and ignores case, so that
+/// `" PHISEALD_POLICY"` sets `policy` too —, named as their canonical variables.
+fn access_variables(env: &Env) -> Vec<String> {
+    env.iter()
+        .map(|(key, _)| key.as_str().to_ascii_lowercase())
+        .filter(|key| {
+            ACCESS_KEYS.iter().any(|k| {
+                key.strip_prefix(k)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
             })
         })
+        .map(|key| format!("PHISEALD_{}", key.to_ascii_uppercase().replace('.', "__")))
         .collect()
 }
 
@@ -996,11 +996,11 @@ impl Config {
         let file_says_production =
             figment.extract_inner::<ProfileName>("profile").ok() != Some(ProfileName::Development);
         // (`filter` sees the keys after `split`: `kms.pkcs11.pin`, compared without case.)
-        let mut figment = figment.merge(
-            Env::prefixed("PHISEALD_")
-                .split("__")
-                .filter(|key| !SECRET_VARIABLES.iter().any(|(_, path)| key == *path)),
-        );
+        let env = Env::prefixed("PHISEALD_")
+            .split("__")
+            .filter(|key| !SECRET_VARIABLES.iter().any(|(_, path)| key == *path));
+        let access_from_env = access_variables(&env);
+        let mut figment = figment.merge(env);
         // Secrets are taken verbatim: the generic provider would read a PIN `0123` as the
         // number 123, or a password starting with `[` as an array.
         // (`vars_os`: `vars` panics on a variable that is not UTF-8, anywhere in the
@@ -1034,7 +1034,7 @@ impl Config {
         let mut config: Config = figment
             .extract()
             .map_err(|e| DaemonError::Config(describe_figment_error(e)))?;
-        config.access_from_env = access_variables();
+        config.access_from_env = access_from_env;
         if file_says_production && config.profile != ProfileName::Production {
             return Err(DaemonError::Config(
                 "profile: the config file says \"production\" (or names no profile: \

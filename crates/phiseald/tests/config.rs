@@ -451,6 +451,12 @@ fn access_control_from_the_environment_is_refused_in_production() {
     check_text(&text, &[("PHISEALD_POLICY", policy)]).fails_with(
         "production takes access control only from the config file: unset PHISEALD_POLICY",
     );
+    // Also under a name the environment provider trims or folds (it still reads them).
+    for name in ["PHISEALD_POLICY ", " phiseald_policy", "PHISEALD_Policy"] {
+        check_text(&text, &[(name, policy)]).fails_with(
+            "production takes access control only from the config file: unset PHISEALD_POLICY",
+        );
+    }
     // In development it is allowed (and logged as a warning at start).
     check_text(MINIMAL, &[("PHISEALD_POLICY", policy)]).ok();
     // The environment cannot lower the file's production profile to get there (or to the
