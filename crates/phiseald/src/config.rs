@@ -674,25 +674,31 @@ const OWN_TARGETS: [&str; 11] = [
 ];
 
 impl LogConfig {
-    /// The tracing filter for `level`. A bare `debug` or `trace` applies to phiseal's own
-    /// crates only; the libraries below (the AWS and Azure SDKs, h2, hyper, tonic, the
-    /// PostgreSQL driver) stay at `info`: at debug and trace levels some of them log request
-    /// and response details, and a KMS response carries a tenant key. Name a library's target
-    /// explicitly to go further (`h2=debug,info`); any filter with a directive of its own
-    /// (`=` or `,`) is taken as written.
+    /// The tracing filter for `level`. A bare `debug` or `trace` — alone or as one directive
+    /// of a list (`debug,h2=info`) — applies to phiseal's own crates only; the libraries
+    /// (the AWS and Azure SDKs, h2, hyper, tonic, the PostgreSQL driver) stay at `info`: at
+    /// debug and trace levels some of them log request and response details, and a KMS
+    /// response carries a tenant key. Name a library's target explicitly to go further
+    /// (`h2=debug`); every directive naming a target is kept as written.
     pub fn filter(&self) -> String {
-        let level = self.level.trim();
-        let bare_verbose = ["debug", "trace"]
-            .iter()
-            .any(|v| level.eq_ignore_ascii_case(v));
-        if !bare_verbose {
-            return level.to_owned();
+        let mut directives = Vec::new();
+        for directive in self
+            .level
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+        {
+            let bare_verbose = ["debug", "trace"]
+                .iter()
+                .any(|v| directive.eq_ignore_ascii_case(v));
+            if bare_verbose {
+                directives.push("info".to_owned());
+                directives.extend(OWN_TARGETS.iter().map(|t| format!("{t}={directive}")));
+            } else {
+                directives.push(directive.to_owned());
+            }
         }
-        let mut filter = String::from("info");
-        for target in OWN_TARGETS {
-            filter.push_str(&format!(",{target}={level}"));
-        }
-        filter
+        directives.join(",")
     }
 }
 
@@ -1473,8 +1479,25 @@ mod tests {
         assert!(trace.contains(",phiseald=trace") && trace.contains(",phiseal_kms_aws=trace"));
         assert!(!trace.contains("h2") && !trace.contains("aws_smithy"));
         assert!(filter(" DEBUG ").contains("phiseal=DEBUG"));
-        // Anything else as written: plain levels, and filters with directives of their own.
-        for written in ["info", "warn", "off", "h2=debug,info", "debug,h2=info"] {
+        // Also as one directive of a list (before: any list was taken as written, so
+        // `debug,h2=info` raised every other library to debug).
+        for list in ["debug,h2=info", "info,debug", "h2=info, trace"] {
+            let got = filter(list);
+            assert!(
+                !got.split(',').any(|d| d == "debug" || d == "trace"),
+                "{list} -> {got}"
+            );
+            assert!(got.contains(",phiseald="), "{got}");
+        }
+        assert!(filter("debug,h2=info").ends_with(",h2=info"));
+        // Anything else as written: plain levels, and directives naming a target.
+        for written in [
+            "info",
+            "warn",
+            "off",
+            "h2=debug,info",
+            "aws_smithy_runtime=debug",
+        ] {
             assert_eq!(filter(written), written);
         }
     }
