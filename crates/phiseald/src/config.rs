@@ -827,7 +827,7 @@ const SECRET_VARIABLES: [(&str, &str); 5] = [
 /// Every directory a lookup of `path` passes through: the ancestors of the path as given and,
 /// each time a component is a symlink, the ancestors of the path it leads to (so each
 /// directory holding a link on the way, however many links are chained). At most 40 links.
-fn directories_on_the_way(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+pub(crate) fn directories_on_the_way(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut current = std::path::absolute(path)?;
     let mut directories: Vec<PathBuf> = Vec::new();
     for _ in 0..=40 {

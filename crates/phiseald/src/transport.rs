@@ -78,15 +78,17 @@ pub fn resolve_group(group: &str) -> Result<u32, String> {
 
 /// Checks the directories above the socket's `dir` (see the module docs).
 fn check_ancestors(path: &Path, dir: &Path, uid: u32) -> Result<(), DaemonError> {
-    let resolved = std::fs::canonicalize(dir)
+    // Every directory the path goes through, following each symlink on it — those holding
+    // the links of a chain (a -> b -> c) included, not only the configured path's and the
+    // resolved one's: someone who can write to any of them can repoint the socket.
+    let on_the_way = crate::config::directories_on_the_way(dir)
         .map_err(|e| socket_error(path, format!("cannot resolve {}: {e}", dir.display())))?;
-    for ancestor in dir.ancestors().skip(1).chain(resolved.ancestors().skip(1)) {
+    for ancestor in on_the_way.iter().map(PathBuf::as_path) {
         if ancestor.as_os_str().is_empty() {
             continue;
         }
         // Followed: a symlink on the configured path (/var/run -> /run) is judged by its
-        // target, whose own ancestors are on the resolved path; the directory holding the
-        // link is the next ancestor checked.
+        // target, whose directories are on the list too.
         let meta = std::fs::metadata(ancestor)
             .map_err(|e| socket_error(path, format!("cannot stat {}: {e}", ancestor.display())))?;
         let mode = meta.permissions().mode() & 0o7777;
@@ -441,6 +443,21 @@ mod tests {
         assert!(prepare_directory(&via_link.join("d.sock"), &via_link, None, true).is_err());
         std::fs::set_permissions(&outer, std::fs::Permissions::from_mode(0o755)).unwrap();
         prepare_directory(&via_link.join("d.sock"), &via_link, None, true).unwrap();
+        // A chain of links: the directory holding the middle one is checked too (before:
+        // only the configured path's and the resolved path's directories).
+        let evil = dir.path().join("evil");
+        std::fs::create_dir(&evil).unwrap();
+        std::os::unix::fs::symlink(&outer, evil.join("l2")).unwrap();
+        std::os::unix::fs::symlink(evil.join("l2"), safe.join("l1")).unwrap();
+        let via_chain = safe.join("l1/run");
+        std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_directory(&via_chain.join("d.sock"), &via_chain, None, true).unwrap();
+        std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let err = prepare_directory(&via_chain.join("d.sock"), &via_chain, None, true).unwrap_err();
+        assert!(
+            err.to_string().contains(&evil.display().to_string()),
+            "{err}"
+        );
     }
 
     #[tokio::test]
