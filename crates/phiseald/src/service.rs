@@ -557,6 +557,15 @@ pub fn batch_too_large(len: &str, max: usize) -> Status {
     )
 }
 
+/// What the policy grants the caller for one tenant and field of a batch: the batch's
+/// operation, and `search` where the operation needs it too (rewrapping a deterministic
+/// ciphertext; `true` for the other operations).
+#[derive(Debug, Clone, Copy)]
+struct Grants {
+    op: bool,
+    search: bool,
+}
+
 /// Items of a batch after parsing and authorization: per index, either an early error or a
 /// slot in the list handed to the keyring.
 struct Sorted {
@@ -578,8 +587,8 @@ impl Sidecar {
         let mut allowed = Vec::new();
         let mut denied = Vec::new();
         // The items of a batch usually share tenant and field: reuse the previous item's
-        // parsed names and policy decision when they match.
-        let mut previous: Option<(EncryptionContext, bool)> = None;
+        // parsed names and policy decisions when they match.
+        let mut previous: Option<(EncryptionContext, Grants)> = None;
         for (context, data) in items {
             let same = match (&previous, &context) {
                 (Some((prev, _)), Some(c)) => {
@@ -588,21 +597,30 @@ impl Sidecar {
                 _ => false,
             };
             let parsed = match (&previous, same, &context) {
-                (Some((prev, allowed)), true, Some(c)) => match &c.record {
-                    None => Ok((prev.without_record(), *allowed)),
-                    Some(r) => prev.without_record().with_record(r).map(|p| (p, *allowed)),
+                (Some((prev, grants)), true, Some(c)) => match &c.record {
+                    None => Ok((prev.without_record(), *grants)),
+                    Some(r) => prev.without_record().with_record(r).map(|p| (p, *grants)),
                 },
                 _ => parse_context(context.as_ref()).map(|c| {
-                    let allowed = self.policy.allows(
-                        &call.identity,
-                        op,
-                        c.tenant().as_str(),
-                        Some(c.field()),
-                    );
-                    (c, allowed)
+                    let allows = |operation| {
+                        self.policy.allows(
+                            &call.identity,
+                            operation,
+                            c.tenant().as_str(),
+                            Some(c.field()),
+                        )
+                    };
+                    let grants = Grants {
+                        op: allows(op),
+                        // Rewrapping a deterministic ciphertext gives what
+                        // EncryptDeterministic would under the primary version: values of
+                        // two versions become comparable, which is what `search` grants.
+                        search: op != Operation::Rewrap || allows(Operation::Search),
+                    };
+                    (c, grants)
                 }),
             };
-            let (context, ok) = match parsed {
+            let (context, grants) = match parsed {
                 Ok(p) => p,
                 Err(e) => {
                     // (A refused item's data is wiped as it is dropped.)
@@ -610,7 +628,10 @@ impl Sidecar {
                     continue;
                 }
             };
-            previous = Some((context.without_record(), ok));
+            previous = Some((context.without_record(), grants));
+            let deterministic =
+                || phiseal::format::parse(&data).is_ok_and(|p| p.algorithm.is_deterministic());
+            let ok = grants.op && (grants.search || !deterministic());
             if ok {
                 slots.push(Ok(allowed.len()));
                 allowed.push((context, data));

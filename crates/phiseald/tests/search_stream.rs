@@ -300,6 +300,71 @@ async fn search_needs_its_own_grant() {
     );
 }
 
+#[tokio::test]
+async fn rewrapping_a_deterministic_ciphertext_needs_search_too() {
+    // It gives what EncryptDeterministic would under the primary version: an identity with
+    // `rewrap` alone could make an old backup's values comparable with the current table.
+    let mut d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let deterministic = ssn_deterministic(&d).await.unwrap();
+    let randomized = d
+        .fields()
+        .await
+        .encrypt(pb::EncryptRequest {
+            context: ctx("clinic", "ssn", None),
+            plaintext: b"078051120".to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ciphertext;
+    d.admin()
+        .await
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant: "clinic".into(),
+            expected_latest_version: None,
+        })
+        .await
+        .unwrap();
+    let data_dir = d.data_dir.to_str().unwrap().to_owned();
+    d.stop();
+    let rewrap_only = Daemon::with_config(&format!(
+        "socket = \"{{socket}}\"\ndata_dir = \"{data_dir}\"\n[[policy]]\nuids = [0]\n\
+         operations = [\"rewrap\"]\ntenants = [\"*\"]\n"
+    ));
+    let results = rewrap_only
+        .fields()
+        .await
+        .rewrap(pb::RewrapRequest {
+            items: [deterministic, randomized]
+                .into_iter()
+                .map(|ciphertext| pb::RewrapItem {
+                    context: ctx("clinic", "ssn", None),
+                    ciphertext,
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    match &results[0].result {
+        Some(pb::rewrap_result::Result::Error(e)) => assert_eq!(e.kind, "permission_denied"),
+        other => panic!("{other:?}"),
+    }
+    match &results[1].result {
+        Some(pb::rewrap_result::Result::Ok(ok)) => assert_eq!(ok.key_version, 2),
+        other => panic!("{other:?}"),
+    }
+    let refused: Vec<String> =
+        common::audit_records(&std::path::Path::new(&data_dir).join("audit.log"))
+            .iter()
+            .filter(|r| r["result"] == "permission_denied")
+            .map(|r| r["action"].as_str().unwrap_or_default().to_owned())
+            .collect();
+    assert_eq!(refused, ["rewrap"]);
+}
+
 /// `EncryptDeterministic` of an SSN in field `ssn` of tenant `clinic`: the ciphertext.
 async fn ssn_deterministic(d: &Daemon) -> Result<Vec<u8>, tonic::Status> {
     d.fields()
