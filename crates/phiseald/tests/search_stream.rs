@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{Daemon, create_tenant, ctx, shred_tenant};
+use common::{Daemon, create_tenant, ctx, rotate_tenant, shred_tenant};
 use phiseal_proto::v1 as pb;
 use std::time::Duration;
 
@@ -117,14 +117,7 @@ async fn searchable_fields_are_found_across_a_rotation() {
 
     // Rotate: queries return the terms under both versions, primary first; the stored v1
     // values are among them.
-    d.admin()
-        .await
-        .rotate_tenant_key(pb::RotateTenantKeyRequest {
-            tenant: "clinic".into(),
-            expected_latest_version: None,
-        })
-        .await
-        .unwrap();
+    rotate_tenant(&d, "clinic").await;
     let terms = fields
         .search_terms(pb::SearchTermsRequest {
             context: ctx("clinic", "mrn", None),
@@ -318,14 +311,7 @@ async fn rewrapping_a_deterministic_ciphertext_needs_search_too() {
         .unwrap()
         .into_inner()
         .ciphertext;
-    d.admin()
-        .await
-        .rotate_tenant_key(pb::RotateTenantKeyRequest {
-            tenant: "clinic".into(),
-            expected_latest_version: None,
-        })
-        .await
-        .unwrap();
+    rotate_tenant(&d, "clinic").await;
     let data_dir = d.data_dir.to_str().unwrap().to_owned();
     d.stop();
     let rewrap_only = Daemon::with_config(&format!(
@@ -1177,14 +1163,7 @@ async fn search_terms_answers_over_the_message_limit_are_refused_with_a_kind() {
     assert_eq!(terms.len(), 1);
     // Three: the answer could exceed 2048 bytes.
     for _ in 0..2 {
-        d.admin()
-            .await
-            .rotate_tenant_key(pb::RotateTenantKeyRequest {
-                tenant: "clinic".into(),
-                expected_latest_version: None,
-            })
-            .await
-            .unwrap();
+        rotate_tenant(&d, "clinic").await;
     }
     let err = fields.search_terms(query()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");

@@ -264,6 +264,18 @@ pub async fn create_tenant(d: &Daemon, tenant: &str) {
         .unwrap();
 }
 
+/// Rotates the key of `tenant` through the admin API.
+pub async fn rotate_tenant(d: &Daemon, tenant: &str) {
+    d.admin()
+        .await
+        .rotate_tenant_key(pb::RotateTenantKeyRequest {
+            tenant: tenant.into(),
+            expected_latest_version: None,
+        })
+        .await
+        .unwrap();
+}
+
 /// Shreds `tenant` through the admin API (confirmed).
 pub async fn shred_tenant(d: &Daemon, tenant: &str) {
     d.admin()
