@@ -873,6 +873,91 @@ impl figment::Provider for ConfigFileText {
     }
 }
 
+/// Refuses `meta` (of `at`, described as `what` in the message) unless it belongs to this
+/// process's user or root and is not writable by group or others — but for a sticky directory
+/// (such as `/tmp`: others cannot replace what is in it) and the root of a read-only mount (a
+/// Kubernetes ConfigMap's 0777 volume). `stake`: what a writer could change.
+fn check_owner_and_writers(
+    at: &Path,
+    what: &str,
+    meta: &std::fs::Metadata,
+    stake: &str,
+    refuse: &dyn Fn(String) -> DaemonError,
+) -> Result<(), DaemonError> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    let mode = meta.mode();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(refuse(format!(
+            "{what} belongs to uid {}, neither this process's user ({me}) nor root: another \
+             user could change {stake}; chown it",
+            meta.uid()
+        )));
+    }
+    let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
+    // Only the root of a read-only mount (a ConfigMap volume): not a directory that is
+    // read-only in this process's view alone (systemd's ProtectSystem=strict makes /etc so,
+    // while it stays writable on the host).
+    let read_only_mount = meta.is_dir()
+        && at
+            .parent()
+            .is_some_and(|up| std::fs::metadata(up).is_ok_and(|up| up.dev() != meta.dev()))
+        && rustix::fs::statvfs(at)
+            .is_ok_and(|fs| fs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+    if mode & 0o022 != 0 && !sticky_dir && !read_only_mount {
+        return Err(refuse(format!(
+            "{what} is writable by group or others (mode {:04o}): anyone who can write it \
+             could change {stake}; chmod go-w",
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Checks every directory on the way to `path` (along the path as given, each path a symlink
+/// on the way leads to, and the resolved path) with [`check_owner_and_writers`]; returns the
+/// resolved path.
+fn check_directories_on_the_way(
+    path: &Path,
+    stake: &str,
+    refuse: &dyn Fn(String) -> DaemonError,
+) -> Result<PathBuf, DaemonError> {
+    let canonical =
+        std::fs::canonicalize(path).map_err(|e| refuse(format!("cannot resolve its path: {e}")))?;
+    for dir in directories_on_the_way(path)
+        .map_err(|e| refuse(format!("cannot resolve its path: {e}")))?
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(canonical.parent().into_iter().flat_map(Path::ancestors))
+    {
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| refuse(format!("cannot read its directory {}: {e}", dir.display())))?;
+        check_owner_and_writers(
+            dir,
+            &format!("its directory {}", dir.display()),
+            &meta,
+            stake,
+            refuse,
+        )?;
+    }
+    Ok(canonical)
+}
+
+/// Refuses a file the daemon trusts — the PKCS#11 module it loads into itself, the CA it
+/// trusts for the key store — that another user could replace (see
+/// [`check_owner_and_writers`]); `key` names the setting. A missing file is left to the
+/// component that opens it.
+fn check_trusted_file(key: &str, path: &Path, stake: &str) -> Result<(), DaemonError> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    let shown = path.display();
+    let refuse = |what: String| DaemonError::Config(format!("{key} {shown}: {what}"));
+    let canonical = check_directories_on_the_way(path, stake, &refuse)?;
+    let meta = std::fs::metadata(&canonical).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+    check_owner_and_writers(&canonical, "it", &meta, stake, &refuse)
+}
+
 /// Reads the config file, refusing one that someone other than this process's user (or root)
 /// could change — it grants access to PHI and names the KMS and the key store — and one that
 /// holds a secret others could read. Like sshd's `StrictModes`: the file and every directory
@@ -886,49 +971,9 @@ impl figment::Provider for ConfigFileText {
 fn read_config_file(path: &Path) -> Result<String, DaemonError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
-    let me = rustix::process::geteuid().as_raw();
     let shown = path.display();
     let refuse = |what: String| DaemonError::Config(format!("config file {shown}: {what}"));
-    let check_owner_and_writers = |at: &Path, what: &str, meta: &std::fs::Metadata| {
-        let mode = meta.mode();
-        if meta.uid() != me && meta.uid() != 0 {
-            return Err(refuse(format!(
-                "{what} belongs to uid {}, neither this process's user ({me}) nor root: another \
-                 user could change who may decrypt; chown it",
-                meta.uid()
-            )));
-        }
-        let sticky_dir = meta.is_dir() && mode & 0o1000 != 0;
-        // Only the root of a read-only mount (a ConfigMap volume): not a directory that is
-        // read-only in this process's view alone (systemd's ProtectSystem=strict makes /etc
-        // so, while it stays writable on the host).
-        let read_only_mount = meta.is_dir()
-            && at
-                .parent()
-                .is_some_and(|up| std::fs::metadata(up).is_ok_and(|up| up.dev() != meta.dev()))
-            && rustix::fs::statvfs(at)
-                .is_ok_and(|fs| fs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
-        if mode & 0o022 != 0 && !sticky_dir && !read_only_mount {
-            return Err(refuse(format!(
-                "{what} is writable by group or others (mode {:04o}): anyone who can write it \
-                 could change who may decrypt; chmod go-w",
-                mode & 0o7777
-            )));
-        }
-        Ok(())
-    };
-    let canonical =
-        std::fs::canonicalize(path).map_err(|e| refuse(format!("cannot resolve its path: {e}")))?;
-    for dir in directories_on_the_way(path)
-        .map_err(|e| refuse(format!("cannot resolve its path: {e}")))?
-        .iter()
-        .map(PathBuf::as_path)
-        .chain(canonical.parent().into_iter().flat_map(Path::ancestors))
-    {
-        let meta = std::fs::metadata(dir)
-            .map_err(|e| refuse(format!("cannot read its directory {}: {e}", dir.display())))?;
-        check_owner_and_writers(dir, &format!("its directory {}", dir.display()), &meta)?;
-    }
+    let canonical = check_directories_on_the_way(path, "who may decrypt", &refuse)?;
     let mut file =
         std::fs::File::open(&canonical).map_err(|e| refuse(format!("cannot open it: {e}")))?;
     let meta = file
@@ -937,7 +982,7 @@ fn read_config_file(path: &Path) -> Result<String, DaemonError> {
     if !meta.is_file() {
         return Err(refuse("not a regular file".into()));
     }
-    check_owner_and_writers(&canonical, "it", &meta)?;
+    check_owner_and_writers(&canonical, "it", &meta, "who may decrypt", &refuse)?;
     let mut text = String::new();
     file.read_to_string(&mut text)
         .map_err(|e| refuse(format!("cannot read it: {e}")))?;
@@ -1050,7 +1095,35 @@ impl Config {
             ));
         }
         config.validate()?;
+        config.check_trusted_files()?;
         Ok(config)
+    }
+
+    /// Refuses a PKCS#11 module (the daemon runs its code, with every tenant key and the PIN)
+    /// or a key-store CA file (it decides which server is trusted with the wrapped keys) that
+    /// another user could replace.
+    fn check_trusted_files(&self) -> Result<(), DaemonError> {
+        let mut kms = Some(&self.kms);
+        let mut key = String::from("kms");
+        while let Some(section) = kms {
+            if let Some(pkcs11) = &section.pkcs11 {
+                check_trusted_file(
+                    &format!("{key}.pkcs11.module"),
+                    &pkcs11.module,
+                    "the code the daemon runs with every tenant key",
+                )?;
+            }
+            kms = section.previous.as_deref();
+            key.push_str(".previous");
+        }
+        if let Some(ca) = &self.key_store.ca_file {
+            check_trusted_file(
+                "key_store.ca_file",
+                ca,
+                "which database server is trusted with the wrapped keys",
+            )?;
+        }
+        Ok(())
     }
 
     /// The embedded default: everything default, and one rule letting the daemon's own uid

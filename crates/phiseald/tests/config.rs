@@ -775,6 +775,50 @@ fn production_refuses_a_plaintext_key_store_connection_off_this_host() {
 }
 
 #[test]
+fn a_pkcs11_module_or_ca_file_others_could_replace_is_refused() {
+    // The daemon runs the module's code with every tenant key and the PIN, and the CA file
+    // decides which database server it trusts: like the config file, they must not be
+    // replaceable by another user (before: not checked at all).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let module = shared.join("libvendor.so");
+    let ca = shared.join("ca.pem");
+    std::fs::write(&module, b"not really a library").unwrap();
+    std::fs::write(&ca, b"-----").unwrap();
+    let pkcs11 = |module: &std::path::Path| {
+        format!(
+            "{MINIMAL}[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\nmodule = \"{}\"\n\
+             token_label = \"t\"\nkey_label = \"k\"\n",
+            module.display()
+        )
+    };
+    let with_ca = |ca: &std::path::Path| {
+        format!(
+            "{MINIMAL}[key_store]\nkind = \"postgres\"\ntls = \"require\"\nca_file = \"{}\"\n",
+            ca.display()
+        )
+    };
+    let url = [(
+        "PHISEALD_KEY_STORE__DATABASE_URL",
+        "postgres://phiseal@db.internal/keys",
+    )];
+    let pin = [("PHISEALD_KMS__PKCS11__PIN", "1234")];
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    check_text(&pkcs11(&module), &pin).ok();
+    check_text(&with_ca(&ca), &url).ok();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    check_text(&pkcs11(&module), &pin)
+        .fails_with("kms.pkcs11.module")
+        .fails_with("is writable by group or others (mode 0777)");
+    check_text(&with_ca(&ca), &url).fails_with("key_store.ca_file");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&module, std::fs::Permissions::from_mode(0o666)).unwrap();
+    check_text(&pkcs11(&module), &pin).fails_with("it is writable by group or others");
+}
+
+#[test]
 fn a_secret_of_the_wrong_type_is_named_but_never_echoed() {
     // An unquoted PIN is a TOML integer: figment's own message would print it.
     let pkcs11 = "[kms]\nkind = \"pkcs11\"\n[kms.pkcs11]\n\
