@@ -18,7 +18,8 @@ use crate::policy::Rule;
 /// Where the daemon listens when neither the file nor `--socket` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/phiseal/phiseald.sock";
 
-/// The default of `socket_check_parents`.
+/// The default of `socket_check_parents`, `kms.pkcs11.check_module` and
+/// `key_store.check_ca_file`.
 fn checked() -> bool {
     true
 }
@@ -314,6 +315,11 @@ pub struct Pkcs11KmsSection {
     pub previous_key_labels: Vec<String>,
     /// The user PIN. Prefer the environment variable `PHISEALD_KMS__PKCS11__PIN`.
     pub pin: SecretText,
+    /// Refuse a module that another user could replace (its file or a directory on its
+    /// path; `Config::check_trusted_files`). `false` trusts them, for a platform that makes
+    /// the module's directory group-writable (an init container's `emptyDir`).
+    #[serde(default = "checked")]
+    pub check_module: bool,
 }
 
 impl KmsConfig {
@@ -370,6 +376,11 @@ impl KmsConfig {
             }
         }
         if let Some(p) = &self.pkcs11 {
+            // A bare name would be looked up by the dynamic loader's search path, which the
+            // checks on the module's directories cannot cover.
+            if !p.module.is_absolute() {
+                return Err("kms.pkcs11.module: must be an absolute path".into());
+            }
             blank("kms.pkcs11.token_label", &p.token_label)?;
             blank("kms.pkcs11.key_label", &p.key_label)?;
             blank("kms.pkcs11.pin", &p.pin.0)?;
@@ -426,6 +437,8 @@ pub struct KeyStoreConfig {
     /// For `postgres` with `tls = "require"`: the CA file to trust (default: the platform's
     /// trust store).
     pub ca_file: Option<PathBuf>,
+    /// Refuse a `ca_file` that another user could replace (as `kms.pkcs11.check_module`).
+    pub check_ca_file: bool,
     /// For `postgres` with `tls = "disable"` under `profile = "production"`: allow a database
     /// on another host (default false: only a Unix socket, `localhost` or a loopback address).
     /// Set it only when something else encrypts and authenticates the path (a service mesh's
@@ -472,6 +485,7 @@ impl Default for KeyStoreConfig {
             tls: DatabaseTls::Disable,
             ca_file: None,
             allow_plaintext_network: false,
+            check_ca_file: true,
             schema: None,
             schema_owner: None,
         }
@@ -688,9 +702,10 @@ impl LogConfig {
             .map(str::trim)
             .filter(|d| !d.is_empty())
         {
-            let bare_verbose = ["debug", "trace"]
-                .iter()
-                .any(|v| directive.eq_ignore_ascii_case(v));
+            // A level with no target, by name or number ("4" is debug, "5" trace).
+            let bare_verbose = directive
+                .parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_ok_and(|level| level >= tracing_subscriber::filter::LevelFilter::DEBUG);
             if bare_verbose {
                 directives.push("info".to_owned());
                 directives.extend(OWN_TARGETS.iter().map(|t| format!("{t}={directive}")));
@@ -1106,7 +1121,7 @@ impl Config {
         let mut kms = Some(&self.kms);
         let mut key = String::from("kms");
         while let Some(section) = kms {
-            if let Some(pkcs11) = &section.pkcs11 {
+            if let Some(pkcs11) = section.pkcs11.as_ref().filter(|p| p.check_module) {
                 check_trusted_file(
                     &format!("{key}.pkcs11.module"),
                     &pkcs11.module,
@@ -1116,7 +1131,12 @@ impl Config {
             kms = section.previous.as_deref();
             key.push_str(".previous");
         }
-        if let Some(ca) = &self.key_store.ca_file {
+        if let Some(ca) = self
+            .key_store
+            .ca_file
+            .as_ref()
+            .filter(|_| self.key_store.check_ca_file)
+        {
             check_trusted_file(
                 "key_store.ca_file",
                 ca,
@@ -1254,8 +1274,29 @@ impl Config {
         if self.cache.max_stale > MAX_STALE_LIMIT {
             return bad("cache.max_stale", "must be at most 24h");
         }
+        if self.log.level.split(',').all(|d| d.trim().is_empty()) {
+            return bad(
+                "log.level",
+                "must not be empty (it would log nothing, warnings included)",
+            );
+        }
+        if self.log.level.contains('[') && self.log.level.contains(']') {
+            return bad(
+                "log.level",
+                "span directives ([span]=level) are not supported: they would raise every \
+                 library inside the span; name a target (phiseald=debug)",
+            );
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(self.log.filter()) {
             return bad("log.level", &format!("not a valid filter: {e}"));
+        }
+        if self
+            .key_store
+            .ca_file
+            .as_ref()
+            .is_some_and(|ca| !ca.is_absolute())
+        {
+            return bad("key_store.ca_file", "must be an absolute path");
         }
         if let Some(group) = &self.socket_group
             && let Err(e) = crate::transport::resolve_group(group)
@@ -1563,6 +1604,15 @@ mod tests {
             assert!(got.contains(",phiseald="), "{got}");
         }
         assert!(filter("debug,h2=info").ends_with(",h2=info"));
+        // Levels by number too ("4" is debug, "5" trace).
+        for numeric in ["4", "5", "info,5"] {
+            let got = filter(numeric);
+            assert!(
+                got.starts_with("info,") || got.starts_with("info,info,"),
+                "{numeric} -> {got}"
+            );
+            assert!(!got.split(',').any(|d| d == "4" || d == "5"), "{got}");
+        }
         // Anything else as written: plain levels, and directives naming a target.
         for written in [
             "info",
