@@ -8,7 +8,6 @@
 //! a top-level field, so counting those bounds what decoding allocates. The count is a scan of
 //! the message's bytes (tags and lengths only), without allocating.
 
-use std::marker::PhantomData;
 use std::sync::OnceLock;
 
 use prost::Message;
@@ -136,13 +135,13 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        BoundedDecoder(self.0.decoder(), PhantomData)
+        BoundedDecoder(self.0.decoder())
     }
 }
 
 /// prost's decoder with the check of [`limit_top_level_fields`] before decoding.
 #[derive(Debug, Clone)]
-pub struct BoundedDecoder<U>(ProstDecoder<U>, PhantomData<U>);
+pub struct BoundedDecoder<U>(ProstDecoder<U>);
 
 impl<U: Message + Default> Decoder for BoundedDecoder<U> {
     type Item = U;

@@ -1078,21 +1078,31 @@ impl Keyring {
         streams
     }
 
-    /// Stops the running streams of `tenant` at their next segment, for `reason`.
-    fn stop_streams(&self, tenant: &TenantId, reason: impl Fn() -> StopReason) {
-        let entry = self.running_streams().remove(tenant);
-        for stop in entry
-            .iter()
-            .flat_map(|e| &e.running)
-            .filter_map(Weak::upgrade)
-        {
-            stop.stop(reason());
+    /// Stops the running streams of `tenant` at their next segment, for the reason `decide`
+    /// gives from their registry entry (`None`: they go on). Decided and removed under one
+    /// lock, so that a read confirming the tenant meanwhile wins.
+    fn stop_streams(
+        &self,
+        tenant: &TenantId,
+        decide: impl FnOnce(&TenantStreams) -> Option<StopReason>,
+    ) {
+        let stopped = {
+            let mut streams = self.running_streams();
+            let Some(reason) = streams.get(tenant).and_then(decide) else {
+                return;
+            };
+            streams.remove(tenant).map(|entry| (entry, reason))
+        };
+        if let Some((entry, reason)) = stopped {
+            for stop in entry.running.iter().filter_map(Weak::upgrade) {
+                stop.stop(reason.clone());
+            }
         }
     }
 
     /// Stops the running streams of `tenant` at their next segment (it was shredded).
     fn revoke_streams(&self, tenant: &TenantId) {
-        self.stop_streams(tenant, || StopReason::Shredded);
+        self.stop_streams(tenant, |_| Some(StopReason::Shredded));
     }
 
     /// Notes that `tenant`'s record was read at `read_at` (its streams may go on).
@@ -1107,30 +1117,14 @@ impl Keyring {
     /// max_stale`, as cached keys during a KMS outage), since whether it was shredded
     /// meanwhile is unknown (fail closed).
     fn stop_unconfirmed_streams(&self, tenant: &TenantId, now: Instant) {
-        // Checked and removed under one lock: a read that confirms the tenant meanwhile wins.
-        let (stopped, unconfirmed) = {
-            let mut streams = self.running_streams();
-            let Some(entry) = streams.get(tenant) else {
-                return;
-            };
-            let unconfirmed = now.duration_since(entry.confirmed_at);
-            if unconfirmed <= self.inner.max_age {
-                return;
-            }
-            (streams.remove(tenant), unconfirmed)
-        };
         // (Each stream then fails, audited, with the error `Revocation::check` gives.)
-        let backend = self.inner.store.name().to_owned();
-        for stop in stopped
-            .iter()
-            .flat_map(|e| &e.running)
-            .filter_map(Weak::upgrade)
-        {
-            stop.stop(StopReason::Unconfirmed {
-                backend: backend.clone(),
+        self.stop_streams(tenant, |entry| {
+            let unconfirmed = now.duration_since(entry.confirmed_at);
+            (unconfirmed > self.inner.max_age).then(|| StopReason::Unconfirmed {
+                backend: self.inner.store.name().to_owned(),
                 for_secs: unconfirmed.as_secs(),
-            });
-        }
+            })
+        });
     }
 
     /// Re-reads from the key store the tenants with running streams (`tenant` only, if

@@ -304,7 +304,7 @@ fn too_many_segments() -> Error {
 }
 
 /// Why a keyring stopped a running stream.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum StopReason {
     /// Its tenant was shredded.
     Shredded,
