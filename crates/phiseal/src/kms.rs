@@ -153,6 +153,11 @@ pub trait Kms: Send + Sync + std::fmt::Debug {
 /// order) whose [`Kms::can_unwrap`] accepts the wrapped key's reference. A daemon configured
 /// with the new backend as current and the old one as previous serves every tenant while
 /// `phiseal root rotate` moves the stored keys, after which the previous one can be removed.
+///
+/// The members must not claim one another's root-key references unless they hold the same
+/// key: a reference goes to the first member that claims it. (References name keys uniquely
+/// for the local, AWS and Azure backends; PKCS#11 ones only by token and key label, which
+/// another HSM may repeat: `phiseald`'s config check refuses that.)
 #[derive(Debug)]
 pub struct KmsChain {
     current: Arc<dyn Kms>,

@@ -410,10 +410,75 @@ impl KmsConfig {
                             .into(),
                     );
                 }
+                distinct_pkcs11_root_keys(
+                    ("kms.pkcs11", current),
+                    ("kms.previous.pkcs11", earlier),
+                )?;
             }
         }
         Ok(())
     }
+
+    /// Its PKCS#11 sections (current, then previous) with their names in the file.
+    fn pkcs11_sections(&self) -> impl Iterator<Item = (&'static str, &Pkcs11KmsSection)> {
+        let current = self.pkcs11.as_ref().map(|p| ("kms.pkcs11", p));
+        let previous = self
+            .previous
+            .as_ref()
+            .and_then(|p| p.pkcs11.as_ref())
+            .map(|p| ("kms.previous.pkcs11", p));
+        current.into_iter().chain(previous)
+    }
+}
+
+impl Pkcs11KmsSection {
+    /// The references (`pkcs11:<token label>/<key label>`) of the root keys it unwraps.
+    fn root_key_refs(&self) -> impl Iterator<Item = String> + '_ {
+        std::iter::once(&self.key_label)
+            .chain(&self.previous_key_labels)
+            .map(|label| phiseal_kms_pkcs11::root_key_ref_of(&self.token_label, label))
+    }
+}
+
+/// Refuses two PKCS#11 backends on different modules whose root keys carry the same
+/// reference. A wrapped key names its root key only by token and key label, and the first
+/// backend that claims a reference unwraps it: during a migration from one HSM to another
+/// with alike labels, every old key would go to the new HSM and fail, `root rotate` would
+/// count them as already under the new key, and retiring the old HSM would lose them.
+/// (On the same module, one token label is one token, and the reference one key.)
+fn distinct_pkcs11_root_keys(
+    (a_name, a): (&str, &Pkcs11KmsSection),
+    (b_name, b): (&str, &Pkcs11KmsSection),
+) -> Result<(), String> {
+    if a.module == b.module {
+        return Ok(());
+    }
+    match a
+        .root_key_refs()
+        .find(|r| b.root_key_refs().any(|other| other == *r))
+    {
+        None => Ok(()),
+        Some(shared) => Err(format!(
+            "{b_name}: a root key of {a_name} (on another module) has the same reference \
+             '{shared}': wrapped keys name their root key only by token and key label, so \
+             the two could not be told apart (old keys would be sent to the new HSM); give \
+             the new HSM's token or key another label"
+        )),
+    }
+}
+
+/// [`distinct_pkcs11_root_keys`] across the KMS configurations of a migration's target and
+/// source (`phiseal root migrate --to`), which one keyring uses together.
+pub fn distinct_root_keys_across(target: &KmsConfig, source: &KmsConfig) -> Result<(), String> {
+    for (target_name, t) in target.pkcs11_sections() {
+        for (source_name, s) in source.pkcs11_sections() {
+            distinct_pkcs11_root_keys(
+                (&format!("source {source_name}"), s),
+                (&format!("target {target_name}"), t),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// `[key_store]`.
@@ -1577,7 +1642,34 @@ fn describe_figment_error(error: figment::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::LogConfig;
+    use super::{KmsConfig, LogConfig, distinct_root_keys_across};
+
+    /// `root migrate --to`: the target's and the source's PKCS#11 keys are checked against
+    /// each other as a daemon's current and previous ones are (`Config::load` of each file
+    /// checks only its own pair).
+    #[test]
+    fn a_migration_target_on_another_module_needs_root_key_references_of_its_own() {
+        let kms = |module: &str, key: &str| -> KmsConfig {
+            toml::from_str(&format!(
+                "kind = \"pkcs11\"\n[pkcs11]\nmodule = \"{module}\"\ntoken_label = \"phiseal\"\n\
+                 key_label = \"{key}\"\npin = \"1234\"\n"
+            ))
+            .unwrap()
+        };
+        let source = kms("/opt/old-hsm/lib.so", "phiseal-root-1");
+        let refused =
+            distinct_root_keys_across(&kms("/opt/new-hsm/lib.so", "phiseal-root-1"), &source)
+                .unwrap_err();
+        assert!(
+            refused.starts_with(
+                "target kms.pkcs11: a root key of source kms.pkcs11 (on another module)"
+            ),
+            "{refused}"
+        );
+        assert!(!refused.contains("1234"), "{refused}");
+        distinct_root_keys_across(&kms("/opt/new-hsm/lib.so", "phiseal-root-2"), &source).unwrap();
+        distinct_root_keys_across(&kms("/opt/old-hsm/lib.so", "phiseal-root-1"), &source).unwrap();
+    }
 
     #[test]
     fn a_bare_verbose_level_stops_at_info_for_the_libraries() {

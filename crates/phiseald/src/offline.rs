@@ -45,6 +45,8 @@ pub async fn open_root_keyring(
         None => open_kms(&config).await?,
         Some(to) => {
             let target = Config::load(Source::File(to), &Overrides::default())?;
+            crate::config::distinct_root_keys_across(&target.kms, &config.kms)
+                .map_err(DaemonError::Config)?;
             let target_kms = open_kms_chain(&target.kms, &target.data_dir).await?;
             let source_kms = open_kms(&config).await?;
             Arc::new(KmsChain::new(target_kms, vec![source_kms]))

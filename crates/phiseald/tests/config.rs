@@ -1185,3 +1185,40 @@ fn a_previous_pkcs11_key_on_the_same_token_must_use_the_same_pin() {
     // Another token has a PIN of its own.
     check_text(&config("older-hsm", "pin-9922"), &[]).ok();
 }
+
+#[test]
+fn a_previous_pkcs11_key_on_another_module_needs_a_reference_of_its_own() {
+    // Two paths of one library stand for two vendors' modules (the check compares paths).
+    let section = |table: &str, module: &str, key: &str, previous: &str| {
+        format!(
+            "[{table}]\nmodule = \"{module}\"\ntoken_label = \"phiseal\"\n\
+             key_label = \"{key}\"\nprevious_key_labels = [{previous}]\npin = \"pin-4411\"\n"
+        )
+    };
+    let new_hsm = "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so";
+    let old_hsm = "/usr/lib/softhsm/libsofthsm2.so";
+    let config = |current_module: &str, current_key: &str, current_previous: &str| {
+        format!(
+            "{MINIMAL}[kms]\nkind = \"pkcs11\"\n{}[kms.previous]\nkind = \"pkcs11\"\n{}",
+            section("kms.pkcs11", current_module, current_key, current_previous),
+            section("kms.previous.pkcs11", old_hsm, "phiseal-root-1", ""),
+        )
+    };
+    // A new HSM whose key has the old HSM's labels: the old keys would go to the new one.
+    check_text(&config(new_hsm, "phiseal-root-1", ""), &[])
+        .fails_with("kms.previous.pkcs11: a root key of kms.pkcs11 (on another module)")
+        .fails_with("'pkcs11:phiseal/phiseal-root-1'");
+    // Also through the new HSM's list of earlier labels.
+    check_text(
+        &config(new_hsm, "phiseal-root-2", "\"phiseal-root-1\""),
+        &[],
+    )
+    .fails_with("same reference 'pkcs11:phiseal/phiseal-root-1'");
+    // Another label on the new HSM tells them apart; on one module, one label is one key.
+    check_text(&config(new_hsm, "phiseal-root-2", ""), &[]).ok();
+    check_text(
+        &config(old_hsm, "phiseal-root-2", "\"phiseal-root-1\""),
+        &[],
+    )
+    .ok();
+}
