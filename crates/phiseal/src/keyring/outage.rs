@@ -163,7 +163,9 @@ impl Keyring {
         {
             return Some(Err(e));
         }
-        if inner.outage.may_call(now) {
+        // A record refused here (destroyed, root key not configured) fails without a KMS call,
+        // so it must not claim the outage's one retry and hold every other key off the KMS.
+        if self.refuse_without_kms(tenant, record).is_err() || inner.outage.may_call(now) {
             let result = self.unwrap_version(tenant, record).await;
             if let Err(e) = self.audit_unwrap(caller, tenant, record, &result).await {
                 return Some(Err(e));
