@@ -560,6 +560,12 @@ where
              TLS-intercepting proxy, or its CA missing from the trust store)"
                 .to_owned(),
         ),
+        SdkError::DispatchFailure(_) if phiseal::kms::caused_by_permission_denied(&err) => (
+            BackendErrorKind::Misconfigured,
+            "this host refused the connection to the KMS endpoint (permission denied: a \
+             firewall rule or security policy)"
+                .to_owned(),
+        ),
         SdkError::DispatchFailure(d) if d.is_io() => (
             BackendErrorKind::Unavailable,
             "could not connect to the KMS endpoint".to_owned(),
@@ -718,6 +724,26 @@ pub(crate) fn transient_answer(code: &str, status: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_this_host_refuses_fails_closed_and_a_refused_one_is_an_outage() {
+        use aws_sdk_kms::operation::decrypt::DecryptError;
+        use aws_smithy_runtime_api::client::result::ConnectorError;
+        let connect_error = |io: std::io::Error| {
+            let err: SdkError<DecryptError, aws_sdk_kms::config::http::HttpResponse> =
+                SdkError::dispatch_failure(ConnectorError::io(Box::new(io)));
+            sdk_error(err, Op::Decrypt, "arn:aws:kms:us-east-1:1:key/k").kind()
+        };
+        // EPERM: what a firewall rule (iptables REJECT/DROP on OUTPUT) answers connect() with.
+        assert_eq!(
+            connect_error(std::io::Error::from_raw_os_error(1)),
+            BackendErrorKind::Misconfigured
+        );
+        assert_eq!(
+            connect_error(std::io::ErrorKind::ConnectionRefused.into()),
+            BackendErrorKind::Unavailable
+        );
+    }
 
     #[test]
     fn key_arns() {

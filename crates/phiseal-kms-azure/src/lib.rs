@@ -912,6 +912,8 @@ fn sdk_error(err: &azure_core::Error, op: Op, what: &str) -> BackendError {
     let kind = match err.kind() {
         // The vault's or the identity endpoint's: no outage that stale keys may bridge.
         _ if certificate_rejected(err) => BackendErrorKind::Misconfigured,
+        // This host refused the connection (a firewall rule answering EPERM): on purpose.
+        _ if phiseal::kms::caused_by_permission_denied(err) => BackendErrorKind::Misconfigured,
         ErrorKind::Credential => classify_credential(err),
         kind => classify(op, kind),
     };
@@ -1003,6 +1005,27 @@ fn classify(op: Op, kind: &ErrorKind) -> BackendErrorKind {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_this_host_refuses_fails_closed_and_a_refused_one_is_an_outage() {
+        let connect_error = |io: std::io::Error| {
+            sdk_error(
+                &azure_core::Error::new(ErrorKind::Io, io),
+                Op::Unwrap,
+                "phiseal-root",
+            )
+            .kind()
+        };
+        // EPERM: what a firewall rule (iptables REJECT/DROP on OUTPUT) answers connect() with.
+        assert_eq!(
+            connect_error(std::io::Error::from_raw_os_error(1)),
+            BackendErrorKind::Misconfigured
+        );
+        assert_eq!(
+            connect_error(std::io::ErrorKind::ConnectionRefused.into()),
+            BackendErrorKind::Unavailable
+        );
+    }
 
     #[test]
     fn vault_urls() {

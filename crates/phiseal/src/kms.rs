@@ -75,6 +75,26 @@ pub fn caused_by_local_file_error(err: &(dyn std::error::Error + 'static)) -> bo
     })
 }
 
+/// Whether `err`'s causes hold an I/O error "permission denied" (looking also inside I/O
+/// errors that wrap another error): on a connection to a KMS, this host refused it — a
+/// firewall rule that answers `EPERM`, a security policy —, which is a configuration
+/// decision ([`crate::BackendErrorKind::Misconfigured`]), never an outage that stale keys may
+/// bridge (a host cut off on purpose must stop serving keys).
+pub fn caused_by_permission_denied(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source()).any(|mut e| {
+        while let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::PermissionDenied {
+                return true;
+            }
+            match io.get_ref() {
+                Some(inner) => e = inner,
+                None => return false,
+            }
+        }
+        false
+    })
+}
+
 /// The first error of type `T` in `err`'s chain of causes, looking also inside I/O errors
 /// that wrap another error, however deep (an I/O error's `source` skips the error it wraps):
 /// for backends classifying what their SDK reports, e.g. a TLS library's certificate error
@@ -241,6 +261,16 @@ mod tests {
             printable("line\nforged: ok\r\t\u{1b}[31m", 100),
             "line forged: ok  ?[31m"
         );
+    }
+
+    #[test]
+    fn a_connection_this_host_refused_is_found_however_deep() {
+        let refused = std::io::Error::from_raw_os_error(1); // EPERM, as a firewall answers
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+        let wrapped = std::io::Error::other(std::io::Error::other(refused));
+        assert!(caused_by_permission_denied(&wrapped));
+        let down = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!caused_by_permission_denied(&std::io::Error::other(down)));
     }
 
     #[test]
