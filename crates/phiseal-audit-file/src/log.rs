@@ -1081,6 +1081,9 @@ impl FileAuditLog {
                 }
             }
         };
+        // The record before the torn bytes must take the recovery record after it: checked
+        // before anything is saved or cut, so a refused recovery leaves the file as it was.
+        head_before(path, &file, offset)?;
         let saved_to = torn_path(path, header.after, offset);
         save_torn(path, &file, offset, len, &saved_to)?;
         file.set_len(offset).map_err(io_err(path, "truncate"))?;
@@ -1567,6 +1570,26 @@ fn read_header(path: &Path, file: &File) -> Result<FileHeader, AuditFileError> {
     }
 }
 
+/// The chain's head at `offset` (the end of the intact records before a torn tail): the
+/// last complete record there must be intact, or nothing can be appended after it.
+fn head_before(path: &Path, file: &File, offset: u64) -> Result<Head, AuditFileError> {
+    match find_tail(file, offset).map_err(io_err(path, "read"))? {
+        Tail::Line { start, end } => head_from_tail(path, file, start, end),
+        Tail::Empty => Err(AuditFileError::DamagedTail {
+            path: path.to_owned(),
+            end: 0,
+            reason: "no complete record before the torn bytes (not even a header): move the \
+                     file away and start a new log"
+                .into(),
+        }),
+        Tail::Torn { offset, len } => Err(AuditFileError::TornTail {
+            path: path.to_owned(),
+            offset,
+            len,
+        }),
+    }
+}
+
 /// Appends (and fsyncs) the recovery record to a log that ends with a newline at `offset`.
 fn append_recovery(
     path: &Path,
@@ -1575,25 +1598,7 @@ fn append_recovery(
     len: u64,
     saved_to: &Path,
 ) -> Result<u64, AuditFileError> {
-    let head = match find_tail(&file, offset).map_err(io_err(path, "read"))? {
-        Tail::Line { start, end } => head_from_tail(path, &file, start, end)?,
-        Tail::Empty => {
-            return Err(AuditFileError::DamagedTail {
-                path: path.to_owned(),
-                end: 0,
-                reason: "no complete record before the torn bytes (not even a header): \
-                         move the file away and start a new log"
-                    .into(),
-            });
-        }
-        Tail::Torn { offset, len } => {
-            return Err(AuditFileError::TornTail {
-                path: path.to_owned(),
-                offset,
-                len,
-            });
-        }
-    };
+    let head = head_before(path, &file, offset)?;
     // The saved bytes' hash goes into the chain: a later change to the save file shows. Only
     // a regular file is read (no symlink followed: not a device or a FIFO planted there), and
     // only the `len` bytes the record states.

@@ -1155,6 +1155,37 @@ async fn torn_tail_is_refused_reported_and_recovered() {
 }
 
 #[tokio::test]
+async fn a_recovery_refused_for_a_damaged_last_record_changes_nothing() {
+    let (_dir, path) = log_with(4).await;
+    let mut full = std::fs::read(&path).unwrap();
+    let intact_len = lines(&path)[..4].iter().map(|l| l.len() + 1).sum::<usize>();
+    // The last complete record edited (one byte of its JSON), then a torn one after it.
+    let last_start = intact_len - lines(&path)[3].len() - 1;
+    full[last_start + 5] ^= 0x01;
+    let cut = intact_len + 30;
+    std::fs::write(&path, &full[..cut]).unwrap();
+
+    let err = FileAuditLog::recover_torn_tail(&path).unwrap_err();
+    assert!(
+        matches!(err, AuditFileError::DamagedTail { .. }),
+        "expected DamagedTail, got {err}"
+    );
+    // Nothing saved, nothing cut: the evidence is as the crash (or the attacker) left it.
+    assert_eq!(std::fs::read(&path).unwrap(), &full[..cut]);
+    let saved: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("torn"))
+        .collect();
+    assert!(saved.is_empty(), "{saved:?}");
+    // And the log is refused for its torn tail, not for an interrupted recovery.
+    assert!(matches!(
+        FileAuditLog::open(&path, Durability::Strict).unwrap_err(),
+        AuditFileError::TornTail { .. }
+    ));
+}
+
+#[tokio::test]
 async fn interrupted_recovery_resumes() {
     let (_dir, path) = log_with(2).await;
     let full = std::fs::read(&path).unwrap();
