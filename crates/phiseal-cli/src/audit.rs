@@ -237,6 +237,10 @@ fn verify_text(path: &std::path::Path, r: &VerifyReport, segments_only: bool) ->
 }
 
 fn export(args: &ExportArgs, json: bool) -> Result<(), CliError> {
+    // A tenant id no tenant can have exports nothing, which must not read as "no access".
+    if let Err(e) = phiseal::TenantId::new(&args.tenant) {
+        return Err(CliError::Usage(format!("audit export: --tenant: {e}")));
+    }
     if let (Some(since), Some(until)) = (args.since, args.until)
         && since >= until
     {
@@ -316,6 +320,12 @@ fn export_to(
     )
     .map_err(|e| deleted_log(&path, e))?;
     out.flush().map_err(CliError::io("writing the export"))?;
+    let none_found = if result.exported == 0 {
+        "; no record in this range names this tenant (ids are case-sensitive: check the \
+         spelling)"
+    } else {
+        ""
+    };
     let segments_only = if result.active_missing {
         "; closed segments only: the active log file is missing"
     } else {
@@ -323,7 +333,7 @@ fn export_to(
     };
     *note = Some(format!(
         "audit export: {} records of tenant '{}' exported; {} records verified (last seq \
-             {}, head hash {}){segments_only}",
+             {}, head hash {}){none_found}{segments_only}",
         result.exported,
         printable(&args.tenant),
         result.records_scanned,

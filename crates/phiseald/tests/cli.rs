@@ -1102,6 +1102,36 @@ fn audit_verify_and_export_on_the_daemon_log() {
             n - 1
         )
     );
+    // A misspelt id exports nothing and says so; an id no tenant can have is a usage error.
+    let run = cli_env(
+        &d,
+        &["audit", "export", "--tenant", "ACME"],
+        b"",
+        &[("PHISEAL_DATA_DIR", data_dir)],
+    )
+    .expect(0);
+    assert_eq!(run.out(), "");
+    assert!(
+        run.stderr
+            .starts_with("audit export: 0 records of tenant 'ACME' exported;")
+            && run
+                .stderr
+                .contains("); no record in this range names this tenant (ids are case-sensitive"),
+        "{}",
+        run.stderr
+    );
+    let run = cli_env(
+        &d,
+        &["audit", "export", "--tenant", ""],
+        b"",
+        &[("PHISEAL_DATA_DIR", data_dir)],
+    )
+    .expect(2);
+    assert!(
+        run.stderr.contains("audit export: --tenant:"),
+        "{}",
+        run.stderr
+    );
     // --since (inclusive) and --until (exclusive) select by time.
     let time = |l: &str| -> jiff::Timestamp {
         serde_json::from_str::<Value>(l).unwrap()["time"]
