@@ -1332,6 +1332,9 @@ struct CountingStore {
     /// `shred_tenant` fails: 0 never, 1 after the inner store committed, 2 without shredding,
     /// 3 without shredding and with every load failing from then on.
     fail_shred: std::sync::atomic::AtomicU8,
+    /// While set, `create_tenant` fails as a serialization failure would (`Conflict`,
+    /// nothing created), as a shared store can report under concurrent writes.
+    conflict_creates: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -1340,6 +1343,12 @@ impl KeyStore for CountingStore {
         "counting"
     }
     async fn create_tenant(&self, t: &TenantId, first: KeyRecord) -> Result<(), BackendError> {
+        if self.conflict_creates.load(Ordering::SeqCst) {
+            return Err(BackendError::new(
+                BackendErrorKind::Conflict,
+                "injected serialization failure",
+            ));
+        }
         self.inner.create_tenant(t, first).await
     }
     async fn load_tenant(&self, t: &TenantId) -> Result<Option<TenantRecord>, BackendError> {
@@ -1403,6 +1412,32 @@ impl KeyStore for CountingStore {
     }
 }
 
+#[tokio::test]
+async fn a_conflict_creating_a_tenant_the_store_does_not_hold_is_not_reported_as_existing() {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let (k, store) = keyring_on_counting_store(&p);
+    let t = tenant("new-clinic");
+    store.conflict_creates.store(true, Ordering::SeqCst);
+    match k.create_tenant(&c, &t).await {
+        Err(Error::Store { source, .. }) => assert_eq!(source.kind(), BackendErrorKind::Conflict),
+        other => panic!("expected the store's conflict (retry), got {other:?}"),
+    }
+    // Retried, it is created; created, it exists (also when the store reports a conflict).
+    store.conflict_creates.store(false, Ordering::SeqCst);
+    k.create_tenant(&c, &t).await.unwrap();
+    assert!(matches!(
+        k.create_tenant(&c, &t).await,
+        Err(Error::TenantExists { .. })
+    ));
+    store.conflict_creates.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        k.create_tenant(&c, &t).await,
+        Err(Error::TenantExists { .. })
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minimum_version_change_that_overtook_another_makes_it_fail_not_undo_it() {
     // Operator A lowers the minimum to 2 (read: 1); while A's request is between its read and
@@ -1457,6 +1492,7 @@ fn keyring_on_counting_store_with(
         stalled: tokio::sync::Notify::new(),
         release: tokio::sync::Notify::new(),
         fail_shred: 0.into(),
+        conflict_creates: false.into(),
     });
     let k = Keyring::builder()
         .profile(Profile::Development)

@@ -348,12 +348,16 @@ impl PostgresKeyStore {
             Some(connector) => Manager::from_config(parsed.pg, connector, manager_config),
             None => Manager::from_config(parsed.pg, tokio_postgres::NoTls, manager_config),
         };
-        // The search path is the store's schema alone, whatever the role's own: PostgreSQL
+        // Read committed, whatever the role's or database's default: the compare-and-sets are
+        // written for it (row locks, then a fresh read), and a stricter level would only add
+        // serialization failures. The search path is the store's schema alone, whatever the
+        // role's own: PostgreSQL
         // looks in pg_catalog first, and in the session's own temporary schema (where the
         // store creates nothing) last, so no other schema can hold an object in its way.
         let session = format!(
             "SET statement_timeout = {}; SET lock_timeout = {}; \
              SET idle_in_transaction_session_timeout = {}; \
+             SET default_transaction_isolation = 'read committed'; \
              SET search_path = \"{}\", pg_temp",
             STATEMENT_TIMEOUT.as_millis(),
             LOCK_TIMEOUT.as_millis(),

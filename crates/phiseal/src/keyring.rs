@@ -2078,15 +2078,21 @@ impl Keyring {
                 let record = self.new_key_record(tenant, 1).await?;
                 let wrapped_under = root_key_of(&record);
                 let store = &*self.inner.store;
-                store
-                    .create_tenant(tenant, record)
-                    .await
-                    .map_err(|e| match e.kind() {
-                        BackendErrorKind::Conflict => Error::TenantExists {
-                            tenant: tenant.clone(),
-                        },
-                        _ => store_error(store, e),
-                    })?;
+                match store.create_tenant(tenant, record).await {
+                    Ok(()) => {}
+                    // A conflict is "exists" only if the store holds the tenant (or its
+                    // tombstone): a shared store's serialization failure or deadlock is a
+                    // conflict too, after which the id is still free (retry).
+                    Err(e) if e.kind() == BackendErrorKind::Conflict => {
+                        return Err(match store.load_tenant(tenant).await {
+                            Ok(Some(_)) => Error::TenantExists {
+                                tenant: tenant.clone(),
+                            },
+                            Ok(None) | Err(_) => store_error(store, e),
+                        });
+                    }
+                    Err(e) => return Err(store_error(store, e)),
+                }
                 self.inner.tenants.remove(tenant);
                 root_key = wrapped_under;
                 Ok(())
