@@ -274,6 +274,7 @@ async fn run(socket: PathBuf) -> Result<()> {
         .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
             tenant: tenant.clone(),
             min_version: v2,
+            ..Default::default()
         })
         .await?;
     let old = fields

@@ -75,6 +75,8 @@ async fn min_version(args: &MinVersionArgs, global: &GlobalArgs) -> Result<(), C
     let request = SetMinDecryptionVersionRequest {
         tenant: args.tenant.clone(),
         min_version: args.version,
+        expected_min_version: args.if_current,
+        allow_lower: args.allow_lower,
     };
     let what = format!(
         "set the minimum decryption version of tenant '{}'",

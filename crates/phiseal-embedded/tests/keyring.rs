@@ -301,9 +301,30 @@ async fn rotation_rewrap_min_version_and_progress() {
     assert_eq!(status.min_decrypt_version, 2);
     assert_eq!(status.versions.len(), 2);
     assert!(!status.versions[0].decrypts && status.versions[1].decrypts);
-    // Lowering it again re-enables v1.
-    k.set_min_decrypt_version(&c, &t, 1).await.unwrap();
+    // Lowering it again re-enables v1: only when asked for, and only from the minimum the
+    // caller saw.
+    assert!(matches!(
+        k.set_min_decrypt_version(&c, &t, 1).await,
+        Err(Error::InvalidInput { .. })
+    ));
+    assert!(k.decrypt(&c, &cx, &old).await.is_err());
+    let lower = |expected| phiseal::MinVersionGuard {
+        expected,
+        allow_lower: true,
+    };
+    assert!(matches!(
+        k.set_min_decrypt_version_with(&c, &t, 1, lower(Some(1)))
+            .await,
+        Err(Error::ConcurrentChange { .. })
+    ));
+    k.set_min_decrypt_version_with(&c, &t, 1, lower(Some(2)))
+        .await
+        .unwrap();
     assert!(k.decrypt(&c, &cx, &old).await.is_ok());
+    // Raising it needs no permission; setting the same value changes nothing.
+    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    assert_eq!(k.key_status(&c, &t).await.unwrap().min_decrypt_version, 2);
 }
 
 #[tokio::test]

@@ -243,7 +243,13 @@ async fn searchable_values_are_found_across_a_rotation() {
         Err(Error::KeyVersionRetired { .. })
     ));
     // Lowering the minimum brings v2 back (v2 live again, v1 still retired).
-    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    let lower = phiseal::MinVersionGuard {
+        allow_lower: true,
+        ..Default::default()
+    };
+    k.set_min_decrypt_version_with(&c, &t, 2, lower)
+        .await
+        .unwrap();
     let q = k.deterministic_query(&c, &cx, b"078051120").await.unwrap();
     assert_eq!(versions(&q), [3, 2]);
 }

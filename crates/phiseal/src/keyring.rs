@@ -711,6 +711,19 @@ fn binding_mismatch(binding: &KeyBinding) -> Error {
     }
 }
 
+/// Conditions of a change of the minimum decryption version
+/// ([`Keyring::set_min_decrypt_version_with`]). The default is the plain
+/// [`Keyring::set_min_decrypt_version`]: any current minimum, never lowered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MinVersionGuard {
+    /// Change it only if the current minimum is this one (as a key status showed it): a change
+    /// made since fails with [`Error::ConcurrentChange`], so a stale decision never undoes it.
+    pub expected: Option<u32>,
+    /// Allow a minimum below the current one. Lowering it brings retired key versions back
+    /// into service (their old ciphertexts decrypt again), so it must be asked for.
+    pub allow_lower: bool,
+}
+
 impl Keyring {
     /// A builder.
     pub fn builder() -> KeyringBuilder {
@@ -2190,12 +2203,28 @@ impl Keyring {
     }
 
     /// Sets the minimum decryption version: ciphertexts under older versions then fail with
-    /// [`Error::KeyVersionRetired`]. Must be between 1 and the primary version. Audited.
+    /// [`Error::KeyVersionRetired`]. Must be between 1 and the primary version, and not below
+    /// the current minimum (lowering it brings retired versions back into service: see
+    /// [`Keyring::set_min_decrypt_version_with`]). Audited.
     pub async fn set_min_decrypt_version(
         &self,
         caller: &Caller,
         tenant: &TenantId,
         min: u32,
+    ) -> Result<(), Error> {
+        self.set_min_decrypt_version_with(caller, tenant, min, MinVersionGuard::default())
+            .await
+    }
+
+    /// [`Keyring::set_min_decrypt_version`] with `guard`'s conditions: the minimum the
+    /// caller read ([`Error::ConcurrentChange`], and nothing changed, if another change came
+    /// since), and whether it may be lowered. Audited.
+    pub async fn set_min_decrypt_version_with(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        min: u32,
+        guard: MinVersionGuard,
     ) -> Result<(), Error> {
         let op = async {
             let meta = OpMeta {
@@ -2219,10 +2248,25 @@ impl Keyring {
                         reason: "must be between 1 and the primary key version",
                     });
                 }
+                let current = view.record.min_decrypt_version;
+                if guard.expected.is_some_and(|expected| expected != current) {
+                    return Err(Error::ConcurrentChange {
+                        tenant: tenant.clone(),
+                        what: "minimum decryption version",
+                    });
+                }
+                if min < current && !guard.allow_lower {
+                    return Err(Error::InvalidInput {
+                        what: "minimum decryption version",
+                        reason: "is below the current minimum, which would bring retired key \
+                                 versions back into service: ask for it explicitly (allow_lower; \
+                                 `phiseal key min-version --allow-lower`)",
+                    });
+                }
                 // A compare-and-set on the value just read: a concurrent change (another
                 // operator, another daemon) fails this one rather than being undone by it.
                 let store = &*self.inner.store;
-                let expected = view.record.min_decrypt_version;
+                let expected = current;
                 let result = store.set_min_decrypt_version(tenant, expected, min).await;
                 self.inner.tenants.remove(tenant);
                 match result {

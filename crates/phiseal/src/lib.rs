@@ -37,7 +37,7 @@ pub use field::{EPOCH_MESSAGE_LIMIT, key_check};
 pub use format::Algorithm;
 pub use keyring::{
     AuditedStreamDecryptor, AuditedStreamEncryptor, CacheSettings, Caller, Keyring, KeyringBuilder,
-    Profile, RootKeyUsage, RootRewrapEvent, RootRewrapFailure, RootRewrapReport,
+    MinVersionGuard, Profile, RootKeyUsage, RootRewrapEvent, RootRewrapFailure, RootRewrapReport,
     STALE_RETRY_INTERVAL, TenantKeyring, TenantStatus, VersionStatus,
 };
 pub use search::{BlindIndexSpec, Normalization, SearchTerm};

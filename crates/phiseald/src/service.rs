@@ -1128,7 +1128,14 @@ impl pb::admin_service_server::AdminService for AdminApi {
             request,
             |r| &r.tenant,
             |k, c, t, r| async move {
-                mapped(k.set_min_decrypt_version(&c, &t, r.min_version).await)?;
+                let guard = phiseal::MinVersionGuard {
+                    expected: r.expected_min_version,
+                    allow_lower: r.allow_lower,
+                };
+                mapped(
+                    k.set_min_decrypt_version_with(&c, &t, r.min_version, guard)
+                        .await,
+                )?;
                 Ok(pb::SetMinDecryptionVersionResponse {})
             },
         )

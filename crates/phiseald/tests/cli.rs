@@ -196,6 +196,48 @@ fn tenant_create_and_key_commands() {
         b"",
     )
     .expect(2);
+    // Lowering it (bringing version 1 back) must be asked for; --if-current guards against
+    // a change made since the operator looked.
+    let run = d
+        .cli(
+            &["key", "min-version", "--tenant", "acme", "--version", "1"],
+            b"",
+        )
+        .expect(1);
+    assert!(
+        run.stderr.contains("is below the current minimum")
+            && run.stderr.ends_with("(invalid_input)\n"),
+        "{}",
+        run.stderr
+    );
+    let lower = |current: &str| {
+        d.cli(
+            &[
+                "key",
+                "min-version",
+                "--tenant",
+                "acme",
+                "--version",
+                "1",
+                "--allow-lower",
+                "--if-current",
+                current,
+            ],
+            b"",
+        )
+    };
+    let run = lower("1").expect(1);
+    assert!(
+        run.stderr.ends_with("(concurrent_change)\n"),
+        "{}",
+        run.stderr
+    );
+    lower("2").expect(0);
+    d.cli(
+        &["key", "min-version", "--tenant", "acme", "--version", "2"],
+        b"",
+    )
+    .expect(0);
 
     let status = d
         .cli(&["key", "status", "--tenant", "acme", "--json"], b"")

@@ -225,6 +225,7 @@ async fn every_rpc_on_the_embedded_default() {
         .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
             tenant: "acme".into(),
             min_version: 2,
+            ..Default::default()
         })
         .await);
     let retired = fields
@@ -242,10 +243,42 @@ async fn every_rpc_on_the_embedded_default() {
         .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
             tenant: "acme".into(),
             min_version: 9,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(bad_min.code(), Code::InvalidArgument);
+    // Lowering it brings version 1 back: refused unless asked for, and refused if the
+    // minimum is no longer what the caller saw.
+    let lower = |expected_min_version, allow_lower| pb::SetMinDecryptionVersionRequest {
+        tenant: "acme".into(),
+        min_version: 1,
+        expected_min_version,
+        allow_lower,
+    };
+    let refused = admin
+        .set_min_decryption_version(lower(None, false))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), kind(&refused).as_str()),
+        (Code::InvalidArgument, "invalid_input")
+    );
+    let stale = admin
+        .set_min_decryption_version(lower(Some(1), true))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (stale.code(), kind(&stale).as_str()),
+        (Code::Aborted, "concurrent_change")
+    );
+    ok(admin.set_min_decryption_version(lower(Some(2), true)).await);
+    ok(fields
+        .decrypt(pb::DecryptRequest {
+            context: ctx("acme", "ssn", Some("p1")),
+            ciphertext: enc.ciphertext.clone(),
+        })
+        .await);
 
     // Shred: the confirmation must match; then the tenant's data is gone for good.
     let unconfirmed = admin
