@@ -71,9 +71,13 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionB
 pub const SCHEMA_VERSION: i64 = 1;
 /// How long a call waits for another connection's lock before failing as unavailable.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a shred tries the WAL checkpoint while readers block it. Each attempt itself
-/// waits up to [`BUSY_TIMEOUT`] for the readers.
+/// How often a shred tries the WAL checkpoint while readers block it.
 const CHECKPOINT_ATTEMPTS: u32 = 3;
+/// How long each checkpoint attempt waits for the readers. Short: the attempt holds the
+/// store's one connection (every call of this process waits) and, while it waits, the
+/// database's write lock (every writer of every process waits); a reader that stays (a
+/// backup tool's long read transaction) would hold both for the whole [`BUSY_TIMEOUT`].
+const CHECKPOINT_BUSY_TIMEOUT: Duration = Duration::from_millis(250);
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tenants (
@@ -770,6 +774,22 @@ fn shred_sync(
 
     // Move the zeroed pages into the main file and truncate the WAL so that no old page with
     // the wrapped keys remains in it. Readers on an older snapshot block a full checkpoint.
+    conn.busy_timeout(CHECKPOINT_BUSY_TIMEOUT)
+        .map_err(SqliteStoreError::sqlite("set the busy timeout"))?;
+    let checkpointed = checkpoint_truncate(conn);
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(SqliteStoreError::sqlite("set the busy timeout"))?;
+    if checkpointed? {
+        return Ok(());
+    }
+    Err(SqliteStoreError::CheckpointIncomplete {
+        tenant: tenant.clone(),
+        path: path.to_owned(),
+    })
+}
+
+/// Tries a truncating WAL checkpoint [`CHECKPOINT_ATTEMPTS`] times; whether one completed.
+fn checkpoint_truncate(conn: &Connection) -> Result<bool, SqliteStoreError> {
     for attempt in 0..CHECKPOINT_ATTEMPTS {
         let (busy, _log, _checkpointed): (i64, i64, i64) = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
@@ -777,16 +797,13 @@ fn shred_sync(
             })
             .map_err(SqliteStoreError::sqlite("checkpoint the write-ahead log"))?;
         if busy == 0 {
-            return Ok(());
+            return Ok(true);
         }
         if attempt + 1 < CHECKPOINT_ATTEMPTS {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    Err(SqliteStoreError::CheckpointIncomplete {
-        tenant: tenant.clone(),
-        path: path.to_owned(),
-    })
+    Ok(false)
 }
 
 fn list_sync(conn: &mut Connection) -> Result<Vec<TenantId>, SqliteStoreError> {

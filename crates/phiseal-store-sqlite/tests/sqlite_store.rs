@@ -433,6 +433,46 @@ async fn shred_erases_wrapped_bytes_and_blocks_reuse() {
     assert_eq!(kept.versions, vec![record("kept", 1)]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stays_makes_a_shred_report_its_checkpoint_soon_not_hold_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let store = Arc::new(SqliteKeyStore::open(&path).unwrap());
+    let (t, other) = (tid("doomed"), tid("other"));
+    store.create_tenant(&t, record("doomed", 1)).await.unwrap();
+    store
+        .create_tenant(&other, record("other", 1))
+        .await
+        .unwrap();
+    // Another process's long read transaction (a backup tool's), on a snapshot from before.
+    let reader = rusqlite::Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let n: i64 = reader
+        .query_row("SELECT count(*) FROM tenants", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2);
+
+    let at = Timestamp::from_second(1_800_000_000).unwrap();
+    let started = std::time::Instant::now();
+    let err = store.shred_tenant(&t, at).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(err.to_string().contains("run the shred again"), "{err}");
+    assert_eq!(err.kind(), BackendErrorKind::Unavailable);
+    // Before, each of its three attempts waited the 10 s busy timeout, holding the store's
+    // connection (and the database's write lock) for 30 s.
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    // The shred itself committed; the store serves other calls at once.
+    assert_eq!(
+        store.load_tenant(&t).await.unwrap().unwrap().shredded_at,
+        Some(at)
+    );
+    store.load_tenant(&other).await.unwrap().unwrap();
+    // Once the reader is gone, shredding again completes the checkpoint.
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    store.shred_tenant(&t, at).await.unwrap();
+}
+
 /// Applies raw SQL (bypassing CHECK constraints), then expects `load` to fail cleanly.
 async fn corrupt_and_load(sql: &str) -> phiseal::BackendError {
     let dir = tempfile::tempdir().unwrap();
