@@ -182,7 +182,7 @@ pub(crate) fn open(
         // Deterministic AES-SIV has its own open (`crate::search`).
         Algorithm::Aes256Siv => None,
     }
-    .ok_or(Error::DecryptionFailed)?;
+    .ok_or_else(|| Error::DecryptionFailed)?;
     let mut out = Plaintext::zeroed(parsed.ciphertext.len());
     with_aad(parsed.header, context, |aad| {
         key.open(
@@ -402,7 +402,7 @@ impl VersionKey {
                     .nonce_material
                     .get(..KEY_SALT_LEN)
                     .and_then(|s| s.try_into().ok())
-                    .ok_or(Error::DecryptionFailed)?;
+                    .ok_or_else(|| Error::DecryptionFailed)?;
                 if self.epoch.salt == salt {
                     return open(parsed, &*self.epoch.key, context);
                 }

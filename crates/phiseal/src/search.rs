@@ -319,7 +319,7 @@ fn open_siv(
     let header = parsed
         .header
         .get(..FIXED_HEADER_LEN)
-        .ok_or(Error::DecryptionFailed)?;
+        .ok_or_else(|| Error::DecryptionFailed)?;
     let tag: [u8; SIV_LEN] = parsed
         .nonce_material
         .try_into()
