@@ -102,7 +102,10 @@
 //! again; or when a token reuses invalidated numbers), so they are forgotten — at most
 //! [`MAX_IN_FLIGHT`]` + 1` per reconnection, and at most one reconnection per
 //! [`RECONNECT_BACKOFF`]. A call whose connection is retired while it runs discards its
-//! result and joins the reconnection.
+//! result and joins the reconnection. Every backend of the process on one module shares the
+//! module's state: when one of them initializes the module again (after a reset), every
+//! connection made before — of any backend on that module — is retired at its next call,
+//! before it uses a handle number that may now name another backend's session or root key.
 //!
 //! ## Timeouts
 //! PKCS#11 has no timeouts. Every call is bounded by [`OPERATION_TIMEOUT`] ([`CONNECT_TIMEOUT`]
@@ -136,9 +139,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -297,6 +301,9 @@ struct Inner {
     /// same module — once the module was initialized again (by any backend of the process),
     /// or when the token reuses invalidated numbers; so closing them by number is never safe.
     forget_sessions: std::sync::atomic::AtomicBool,
+    /// Its module (canonical path) and how many times the process had initialized it when
+    /// this connection was made (see [`MODULE_INITIALIZATIONS`]).
+    module: (PathBuf, u64),
     ctx: Pkcs11,
     slot: Slot,
     token_label: String,
@@ -321,10 +328,7 @@ struct RootKey {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if self
-            .forget_sessions
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.must_forget_sessions() {
             let pool = std::mem::take(self.pool.get_mut().unwrap_or_else(PoisonError::into_inner));
             pool.into_iter().for_each(std::mem::forget);
             let login = self
@@ -580,20 +584,34 @@ impl Pkcs11Kms {
 }
 
 impl Inner {
-    /// Whether a reconnection is replacing this connection.
+    /// Whether a reconnection is replacing this connection, or its module was initialized
+    /// again since it was made (by any backend of the process): its session and object
+    /// handle numbers may then name another connection's sessions and keys — another
+    /// backend's root key on the same module, say — so it must not use them (its next call
+    /// joins a reconnection).
     fn is_retired(&self) -> bool {
-        self.retired.load(std::sync::atomic::Ordering::SeqCst)
+        self.retired.load(std::sync::atomic::Ordering::SeqCst) || self.module_reinitialized()
+    }
+
+    /// Whether its module was initialized again since this connection was made.
+    fn module_reinitialized(&self) -> bool {
+        let (module, initialization) = &self.module;
+        module_initializations(module) != *initialization
+    }
+
+    /// Whether its sessions must be forgotten rather than closed by number (see
+    /// `forget_sessions`).
+    fn must_forget_sessions(&self) -> bool {
+        self.forget_sessions
+            .load(std::sync::atomic::Ordering::SeqCst)
+            || self.module_reinitialized()
     }
 
     /// Lets go of a session of this connection that will not be used again: closed, or
     /// forgotten when its number may now name another connection's session (see
     /// `forget_sessions`) or the token dropped it already (`gone`).
     fn release(&self, session: Session, gone: bool) {
-        if gone
-            || self
-                .forget_sessions
-                .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        if gone || self.must_forget_sessions() {
             std::mem::forget(session);
         } else {
             drop(session);
@@ -879,7 +897,7 @@ pub async fn generate_root_key(config: &Pkcs11Config, label: &str) -> Result<(),
         config.token_label
     );
     blocking(CONNECT_TIMEOUT, &what.clone(), move || {
-        let (ctx, slot) = load(&config, Mode::Connect)?;
+        let (ctx, slot, _) = load(&config, Mode::Connect)?;
         let session = ctx
             .open_rw_session(slot)
             .map_err(|e| ck_error(e, &format!("{what}: open a read-write session")))?;
@@ -957,7 +975,7 @@ fn connect_blocking(
     mode: Mode,
     expected_serial: Option<&str>,
 ) -> Result<Inner, BackendError> {
-    let (ctx, slot) = load(config, mode)?;
+    let (ctx, slot, module) = load(config, mode)?;
     let token = &config.token_label;
     let info = ctx
         .get_token_info(slot)
@@ -1012,6 +1030,7 @@ fn connect_blocking(
         login_session: Mutex::new(Some(session)),
         retired: std::sync::atomic::AtomicBool::new(false),
         forget_sessions: std::sync::atomic::AtomicBool::new(false),
+        module,
         ctx,
         slot,
         token_label: token.clone(),
@@ -1021,9 +1040,26 @@ fn connect_blocking(
     })
 }
 
-/// Loads and initializes the module and finds the token's slot.
-/// Loads and initializes the module and finds the token's slot.
-fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot), BackendError> {
+/// How many times this process initialized each module (`C_Initialize` answered OK, keyed
+/// by the module's canonical path): every backend of the process on one module shares its
+/// state, so an initialization after a reset (the module answered
+/// `CKR_CRYPTOKI_NOT_INITIALIZED` to one of them) invalidates every earlier connection's
+/// handles, and the numbers it hands out next may be the ones those connections still hold.
+static MODULE_INITIALIZATIONS: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+/// [`MODULE_INITIALIZATIONS`] of `module`.
+fn module_initializations(module: &Path) -> u64 {
+    MODULE_INITIALIZATIONS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(module)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Loads and initializes the module and finds the token's slot; also the module's canonical
+/// path and its count of initializations once this one is counted.
+fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot, (PathBuf, u64)), BackendError> {
     let module = config.module.display();
     let ctx = Pkcs11::new(&config.module).map_err(|e| {
         BackendError::misconfigured(
@@ -1035,13 +1071,24 @@ fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot), BackendErro
         )
         .with_source(e)
     })?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        // Another backend (or connection) in this process initialized the module already.
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(ck_error(e, &format!("initialize the module '{module}'"))),
-    }
+    let canonical = std::fs::canonicalize(&config.module).unwrap_or_else(|_| config.module.clone());
+    let initializations = {
+        // (Held across C_Initialize, so that no connection is made between an initialization
+        // and its count.)
+        let mut counts = MODULE_INITIALIZATIONS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(canonical.clone()).or_insert(0);
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) => *count += 1,
+            // Another backend (or connection) in this process initialized the module already.
+            Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(ck_error(e, &format!("initialize the module '{module}'"))),
+        }
+        *count
+    };
     let slot = find_slot(&ctx, &config.token_label, mode)?;
-    Ok((ctx, slot))
+    Ok((ctx, slot, (canonical, initializations)))
 }
 
 /// The one slot holding a token labelled `label`.

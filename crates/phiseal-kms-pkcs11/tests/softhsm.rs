@@ -545,6 +545,50 @@ fn a_reconnection_logs_in_only_to_the_token_it_connected_to() {
 }
 
 #[test]
+fn a_module_initialized_again_by_one_backend_retires_the_handles_of_the_others() {
+    softhsm_test(
+        "a_module_initialized_again_by_one_backend_retires_the_handles_of_the_others",
+        &["beta", "alpha"],
+        || async {
+            // Two backends on one module (a migration between two tokens of one HSM): the
+            // second one's handle numbers are the higher ones.
+            let beta_cfg = config("beta", "root-b", &[]);
+            let alpha_cfg = config("alpha", "root-a", &[]);
+            generate_root_key(&beta_cfg, "root-b").await.unwrap();
+            generate_root_key(&alpha_cfg, "root-a").await.unwrap();
+            let beta = connect(&beta_cfg).await;
+            let alpha = connect(&alpha_cfg).await;
+            let key = TenantKey::from_bytes([0x5b; 32]);
+            let b = binding("tenant-a", 1);
+            beta.wrap(&key, &b).await.unwrap();
+            alpha.wrap(&key, &b).await.unwrap();
+
+            // The module is reset; alpha notices first and initializes it again, so the
+            // numbers it is handed from then on start again at the bottom, where beta's
+            // handles are.
+            tokio::time::sleep(RECONNECT_BACKOFF).await;
+            Pkcs11::new(module()).unwrap().finalize().unwrap();
+            for _ in 0..3 {
+                let w = alpha.wrap(&key, &b).await.unwrap();
+                assert_eq!(alpha.unwrap(&w, &b).await.unwrap().expose(), &[0x5b; 32]);
+            }
+            // beta must not wrap through whatever its old numbers name now: what it wraps is
+            // under beta's own root key, as a fresh connection to beta confirms.
+            let wrapped = beta.wrap(&key, &b).await.unwrap();
+            let fresh = connect(&beta_cfg).await;
+            assert_eq!(
+                fresh.unwrap(&wrapped, &b).await.unwrap().expose(),
+                &[0x5b; 32]
+            );
+            assert_eq!(
+                beta.unwrap(&wrapped, &b).await.unwrap().expose(),
+                &[0x5b; 32]
+            );
+        },
+    );
+}
+
+#[test]
 fn a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal() {
     softhsm_test(
         "a_lost_login_is_restored_and_a_destroyed_key_is_a_refusal",
