@@ -225,7 +225,7 @@ pub(crate) fn encode_export(out: &mut String, seq: u64, r: &RecordView<'_>) {
 }
 
 /// Most records one batch line holds (it also stays within [`MAX_LINE`]).
-const MAX_BATCH_RECORDS: usize = 1024;
+pub(crate) const MAX_BATCH_RECORDS: usize = 1024;
 
 /// Which members a batch line holds once, at line level, instead of in each record: those
 /// equal in all its records. `actor` stands for `actor`, `uid` and `pid` together.
@@ -821,6 +821,14 @@ fn parse_time(what: &str, s: Option<&str>) -> Result<Timestamp, String> {
     }
     s.parse::<Timestamp>()
         .map_err(|_| format!("'{what}' is not an RFC 3339 UTC time"))
+}
+
+/// The stored hash of a line that may not parse as a record (its hash member is split off
+/// structurally, last and of fixed length), if it can be read.
+pub(crate) fn stored_hash(line: &[u8]) -> Option<[u8; 32]> {
+    let suffix = line.get(line.len().checked_sub(HASH_SUFFIX_LEN)?..)?;
+    let hex_part = suffix.strip_prefix(HASH_OPEN)?.strip_suffix(HASH_CLOSE)?;
+    decode_hash("hash", hex_part).ok()
 }
 
 /// Parses one line (without its newline). `Err` carries a short description for

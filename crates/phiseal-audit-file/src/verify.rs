@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use phiseal::crypto::ct_eq;
 
 use crate::error::AuditFileError;
-use crate::format::{Kind, MAX_LINE, Parsed, encode_export, parse_line};
+use crate::format::{Kind, MAX_LINE, Parsed, encode_export, parse_line, stored_hash};
 use crate::segments::{closed_segments, names_file, same_file};
 
 /// Export output is handed to the writer in pieces of about this size.
@@ -378,8 +378,12 @@ struct Checker {
     file_last: Option<u64>,
     /// The log's id, from the first file's header.
     log_id: Option<[u8; 16]>,
-    /// Hash and seq of the previous line, `None` after a malformed line (unknown).
+    /// Hash and seq of the last well-formed line.
     prev: Option<([u8; 32], u64)>,
+    /// Malformed lines since that one: how many, and the last one's stored hash when its
+    /// hash member could still be read. The next well-formed line is checked against them,
+    /// so that records deleted behind a damaged line still show.
+    damaged: Option<(u64, Option<[u8; 32]>)>,
     /// A head to find, and whether a well-formed line matched it.
     anchor: Option<(Anchor, bool)>,
     /// Where the first file may start ([`VerifyOptions::after`]).
@@ -398,6 +402,7 @@ impl Checker {
             file_last: None,
             log_id: None,
             prev: None,
+            damaged: None,
             anchor: None,
             after: None,
         }
@@ -488,7 +493,8 @@ impl Checker {
                 if self.line_no == 1 {
                     self.problem(ProblemKind::MissingHeader, "the first line is not a header");
                 }
-                self.prev = None;
+                let lines = self.damaged.map_or(0, |(n, _)| n);
+                self.damaged = Some((lines.saturating_add(1), stored_hash(bytes)));
                 None
             }
             Ok(p) => {
@@ -498,6 +504,7 @@ impl Checker {
                 }
                 self.report.records += p.last_seq - p.seq;
                 self.prev = Some((p.hash, p.last_seq));
+                self.damaged = None;
                 self.file_last = Some(p.last_seq);
                 self.report.last_seq = Some(p.last_seq);
                 self.report.head_hash = Some(hex::encode(p.hash));
@@ -536,25 +543,33 @@ impl Checker {
                 ),
             );
         }
-        if let Some((prev_hash, prev_seq)) = self.prev {
-            if !ct_eq(&p.prev, &prev_hash) {
+        if let Some(link) = self.link() {
+            if link.hash.is_some_and(|h| !ct_eq(&p.prev, &h)) {
                 self.problem(
                     ProblemKind::ChainBreak,
-                    "'prev' is not the hash of the previous line: a record was deleted, \
-                     inserted or moved",
+                    format!(
+                        "'prev' is not the hash of the previous line{}: a record was deleted, \
+                         inserted or moved",
+                        link.after_damage()
+                    ),
                 );
             }
-            match prev_seq.checked_add(1) {
-                Some(next) if p.seq == next => {}
+            match link.prev_seq.checked_add(1) {
+                Some(next) if p.seq >= next && p.seq - next <= link.slack => {}
                 Some(next) if p.seq > next => self.problem(
                     ProblemKind::SeqGap,
-                    format!("seq {} follows {prev_seq}: records are missing", p.seq),
+                    format!(
+                        "seq {} follows {}{}: records are missing",
+                        p.seq,
+                        link.prev_seq,
+                        link.after_damage()
+                    ),
                 ),
                 _ => self.problem(
                     ProblemKind::SeqOutOfOrder,
                     format!(
-                        "seq {} follows {prev_seq}: records were inserted or reordered",
-                        p.seq
+                        "seq {} follows {}: records were inserted or reordered",
+                        p.seq, link.prev_seq
                     ),
                 ),
             }
@@ -562,7 +577,50 @@ impl Checker {
     }
 }
 
+/// What the next well-formed line must link to (see [`Checker::link`]).
+struct Link {
+    /// The hash its `prev` must be: the previous line's, or the stored hash of the damaged
+    /// line before it; `None` when that line's hash could not be read either.
+    hash: Option<[u8; 32]>,
+    /// The seq of the last well-formed line.
+    prev_seq: u64,
+    /// Records the damaged lines since could have held: the next seq may be that much
+    /// further on (0 without damage).
+    slack: u64,
+    /// Damaged lines since the last well-formed one.
+    damaged_lines: u64,
+}
+
+impl Link {
+    /// Words for messages: which line the link skips.
+    fn after_damage(&self) -> String {
+        match self.damaged_lines {
+            0 => String::new(),
+            n => format!(" (beyond the {n} damaged line(s) before it)"),
+        }
+    }
+}
+
 impl Checker {
+    /// The link the next well-formed line must make, if a well-formed line came before.
+    fn link(&self) -> Option<Link> {
+        let (prev_hash, prev_seq) = self.prev?;
+        Some(match self.damaged {
+            None => Link {
+                hash: Some(prev_hash),
+                prev_seq,
+                slack: 0,
+                damaged_lines: 0,
+            },
+            Some((lines, hash)) => Link {
+                hash,
+                prev_seq,
+                slack: lines.saturating_mul(crate::format::MAX_BATCH_RECORDS as u64),
+                damaged_lines: lines,
+            },
+        })
+    }
+
     /// A file's first line: the log's origin (first file), or a continuation header that
     /// links to the previous file's last line (seq and hash) under the same `log_id`.
     fn check_file_header(&mut self, p: &Parsed) {
@@ -619,21 +677,26 @@ impl Checker {
                 "this file belongs to another log (another log_id)",
             );
         }
-        if let Some((prev_hash, prev_seq)) = self.prev {
-            if !ct_eq(&p.prev, &prev_hash) {
+        if let Some(link) = self.link() {
+            let prev_seq = link.prev_seq;
+            if link.hash.is_some_and(|h| !ct_eq(&p.prev, &h)) {
                 self.problem(
                     ProblemKind::ChainBreak,
-                    "the file's header does not link to the previous file's last line: a file \
-                     is missing, or was replaced or edited",
+                    format!(
+                        "the file's header does not link to the previous file's last line{}: a \
+                         file is missing, or was replaced or edited",
+                        link.after_damage()
+                    ),
                 );
             }
-            if p.seq > prev_seq {
+            if p.seq > prev_seq && p.seq - prev_seq > link.slack {
                 self.problem(
                     ProblemKind::SeqGap,
                     format!(
-                        "the file continues after record {}, the previous one ends at {prev_seq}: \
+                        "the file continues after record {}, the previous one ends at {prev_seq}{}: \
                          records are missing",
-                        p.seq
+                        p.seq,
+                        link.after_damage()
                     ),
                 );
             } else if p.seq < prev_seq {

@@ -470,6 +470,69 @@ async fn tampered_batch_lines_are_detected() {
     }
 }
 
+/// `n` single-event records without an fsync each (the default durability).
+async fn quick_log_with(n: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let log = FileAuditLog::open(&path, Durability::default()).unwrap();
+    for i in 1..=n {
+        log.append(&[ev(i)]).await.unwrap();
+    }
+    log.flush().await.unwrap();
+    drop(log);
+    (dir, path)
+}
+
+fn all_kinds(report: &phiseal_audit_file::VerifyReport) -> Vec<ProblemKind> {
+    report.problems.iter().map(|p| p.kind).collect()
+}
+
+#[tokio::test]
+async fn records_deleted_behind_a_damaged_line_still_show() {
+    let (_dir, path) = quick_log_with(3000).await;
+    let good = lines(&path);
+    assert_eq!(good.len(), 3001, "a header and one line per record");
+
+    // One byte of a record's JSON flipped, nothing deleted: that line alone is reported.
+    let mut damaged = good.clone();
+    damaged[100] = damaged[100].replacen("\"seq\":", "\"seq\";", 1);
+    write_lines(&path, &damaged);
+    let report = verify(&path).unwrap();
+    assert_eq!(all_kinds(&report), [ProblemKind::Malformed], "{report:?}");
+
+    // The same, and the five records after it deleted: the next line does not link to the
+    // damaged one's stored hash.
+    let mut cut = damaged.clone();
+    cut.drain(101..106);
+    write_lines(&path, &cut);
+    let report = verify(&path).unwrap();
+    assert_eq!(
+        kinds_at(&report, 101),
+        [ProblemKind::Malformed],
+        "{report:?}"
+    );
+    assert!(
+        kinds_at(&report, 102).contains(&ProblemKind::ChainBreak),
+        "{report:?}"
+    );
+
+    // 2 400 records replaced by one line of garbage (no hash to link to): more than one
+    // damaged line can hold, so the gap shows.
+    let mut garbage = good.clone();
+    garbage.splice(100..2500, ["garbage".to_owned()]);
+    write_lines(&path, &garbage);
+    let report = verify(&path).unwrap();
+    assert_eq!(
+        kinds_at(&report, 101),
+        [ProblemKind::Malformed],
+        "{report:?}"
+    );
+    assert!(
+        kinds_at(&report, 102).contains(&ProblemKind::SeqGap),
+        "{report:?}"
+    );
+}
+
 #[tokio::test]
 async fn export_expands_batch_lines_into_records() {
     let dir = tempfile::tempdir().unwrap();
