@@ -2034,8 +2034,13 @@ struct SwitchableKms {
 impl SwitchableKms {
     /// `p`'s local KMS, working until [`SwitchableKms::fail_with`] says otherwise.
     fn over(p: &Parts) -> Arc<Self> {
+        Self::over_kms(p.kms.inner.clone())
+    }
+
+    /// `inner`, working until [`SwitchableKms::fail_with`] says otherwise.
+    fn over_kms(inner: Arc<dyn Kms>) -> Arc<Self> {
         Arc::new(Self {
-            inner: p.kms.inner.clone(),
+            inner,
             failure: std::sync::Mutex::new(None),
             refused_locally: std::sync::Mutex::new(None),
             unwraps: AtomicUsize::new(0),
@@ -2611,6 +2616,54 @@ async fn no_stale_key_serves_after(refusal: BackendErrorKind) {
         matches!(&err, Error::Kms { .. }) && !err.is_kms_unavailable(),
         "u's stale key served after the KMS refused: {err:?}"
     );
+}
+
+#[tokio::test]
+async fn during_a_migration_one_backends_outage_does_not_hold_the_other_off() {
+    use phiseal::kms::KmsChain;
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let old = SwitchableKms::over(&p);
+    let new = SwitchableKms::over_kms(Arc::new(
+        phiseal_kms_local::LocalKms::open(dir.path().join("new-root.key")).unwrap(),
+    ));
+    let c = caller();
+    let (o, n) = (ctx("o", "f", None), ctx("n", "f", None));
+    let before = switchable_keyring(&old, &p, CacheSettings::default(), None);
+    before.create_tenant(&c, o.tenant()).await.unwrap();
+    let under_old = before.encrypt(&c, &o, b"old").await.unwrap();
+    let after = switchable_keyring(&new, &p, CacheSettings::default(), None);
+    after.create_tenant(&c, n.tenant()).await.unwrap();
+    let under_new = after.encrypt(&c, &n, b"new").await.unwrap();
+
+    // A daemon mid-migration (new current, old previous), its caches cold; the old KMS down.
+    let migrating = Keyring::builder()
+        .profile(Profile::Development)
+        .kms(Arc::new(KmsChain::new(
+            new.clone() as Arc<dyn Kms>,
+            vec![old.clone() as Arc<dyn Kms>],
+        )))
+        .key_store(p.store.clone())
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    old.fail_with(Some(BackendErrorKind::Unavailable));
+    assert!(
+        migrating
+            .decrypt(&c, &o, &under_old)
+            .await
+            .unwrap_err()
+            .is_kms_unavailable()
+    );
+    // The new KMS is still asked (it works) …
+    let back = migrating.decrypt(&c, &n, &under_new).await.unwrap();
+    assert_eq!(back.as_bytes(), b"new");
+    // … and its answer does not end the old one's outage: not called again before its retry.
+    let calls = old.unwraps.load(Ordering::SeqCst);
+    let err = migrating.decrypt(&c, &o, &under_old).await.unwrap_err();
+    assert!(err.is_kms_unavailable(), "{err}");
+    assert!(err.to_string().contains("not called"), "{err}");
+    assert_eq!(old.unwraps.load(Ordering::SeqCst), calls);
 }
 
 #[tokio::test]

@@ -234,6 +234,9 @@ pub(crate) struct VersionKey {
     /// Held by the one request that tries the KMS for a fresh copy once this key is past its
     /// TTL (single flight per key version, without taking the key out of the cache).
     pub(crate) refresh: tokio::sync::Mutex<()>,
+    /// The KMS backend that unwrapped it ([`crate::kms::Kms::backend_for`]), whose outage
+    /// state decides whether it may serve past its TTL.
+    kms_backend: usize,
 }
 
 impl VersionKey {
@@ -260,7 +263,19 @@ impl VersionKey {
             loaded_at: coarsetime::Instant::now_without_cache_update(),
             degraded_until: AtomicU64::new(0),
             refresh: tokio::sync::Mutex::new(()),
+            kms_backend: 0,
         })
+    }
+
+    /// Records which KMS backend unwrapped it ([`crate::kms::Kms::backend_for`]).
+    pub(crate) fn unwrapped_by(mut self, kms_backend: usize) -> Self {
+        self.kms_backend = kms_backend;
+        self
+    }
+
+    /// The KMS backend that unwrapped it.
+    pub(crate) fn kms_backend(&self) -> usize {
+        self.kms_backend
     }
 
     /// Lets the key serve past its TTL until `until` (the next KMS retry).

@@ -75,7 +75,7 @@ pub struct CacheSettings {
 }
 
 /// During a KMS outage the KMS is tried again this often: one request of the whole keyring
-/// makes the attempt (and requests for that key version wait for it, up to the backend's time
+/// (per KMS backend, during a migration) makes the attempt (and requests for that key version wait for it, up to the backend's time
 /// limit); meanwhile stale keys serve and keys that are not cached fail at once.
 pub const STALE_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -276,6 +276,7 @@ impl KeyringBuilder {
         let kms = self
             .kms
             .ok_or_else(|| Error::Config("no KMS backend: call .kms(…)".into()))?;
+        let kms_backends = kms.backend_count();
         let store = self
             .store
             .ok_or_else(|| Error::Config("no key store: call .key_store(…)".into()))?;
@@ -364,7 +365,7 @@ impl KeyringBuilder {
                 unknown_version_reads: quick_cache::sync::Cache::new(c.capacity),
                 streams: std::sync::Mutex::default(),
                 generations: Generations::default(),
-                outage: outage::KmsOutage::default(),
+                outages: outage::KmsOutages::new(kms_backends),
                 unwrap_failures: unwrap_failures::UnwrapFailures::default(),
                 query_refresh_paused_until: std::sync::atomic::AtomicU64::new(0),
                 max_stream_segment_size: self.max_stream_segment_size,
@@ -608,8 +609,8 @@ struct Inner {
     /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`,
     /// `invalidate_all`, `forget_metadata`).
     generations: Generations,
-    /// Whether the KMS is in an outage, and when to try it again.
-    outage: outage::KmsOutage,
+    /// Whether each KMS backend is in an outage, and when to try it again.
+    outages: outage::KmsOutages,
     /// Failed unwraps, for the requests that were waiting on them.
     unwrap_failures: unwrap_failures::UnwrapFailures,
     /// Coarse-clock ticks until which queries do not try to re-read tenant metadata (the key
@@ -1403,10 +1404,10 @@ impl Keyring {
         tenant: &TenantId,
         record: &KeyRecord,
     ) -> Result<VersionKey, Error> {
-        let inner = &self.inner;
         let wrapped = self.refuse_without_kms(tenant, record)?;
-        if !inner.outage.may_call(Instant::now_without_cache_update()) {
-            return Err(inner.outage.error(inner.kms.name()));
+        let (outage, backend) = self.backend_of(&wrapped.root_key_ref);
+        if !outage.may_call(Instant::now_without_cache_update()) {
+            return Err(outage.error(backend));
         }
         self.unwrap_wrapped(tenant, record, wrapped).await
     }
@@ -1496,19 +1497,27 @@ impl Keyring {
         let binding = key_binding(tenant, record.version);
         let unwrapped = inner.kms.unwrap(wrapped, &binding).await;
         // Only the outcome of a real KMS call moves the outage state (the checks above
-        // decided without the KMS).
+        // decided without the KMS), and only the state of the backend that was called.
+        let index = inner.kms.backend_for(&wrapped.root_key_ref).unwrap_or(0);
         inner
-            .outage
+            .outages
+            .of(index)
             .record(&unwrapped, Instant::now_without_cache_update());
         let key = unwrapped.map_err(|source| match source.kind() {
             BackendErrorKind::InvalidData => binding_mismatch(&binding),
-            _ => kms_error(&*inner.kms, source),
+            _ => Error::Kms {
+                backend: inner.kms.backend_name(index).to_owned(),
+                source,
+            },
         })?;
         let check = key_check(inner.provider, &key, &binding);
         if !ct_eq(&check, &record.key_check) {
             return Err(binding_mismatch(&binding));
         }
-        VersionKey::new(inner.provider, record.version, key, record.key_check)
+        Ok(
+            VersionKey::new(inner.provider, record.version, key, record.key_check)?
+                .unwrapped_by(index),
+        )
     }
 
     // ----- field operations ----------------------------------------------------------------
@@ -1523,7 +1532,10 @@ impl Keyring {
         let age = now.duration_since(key.loaded_at);
         let source = if age <= inner.key_ttl {
             KeySource::Cache
-        } else if age <= inner.max_age && key.is_degraded_at(now) && inner.outage.is_active() {
+        } else if age <= inner.max_age
+            && key.is_degraded_at(now)
+            && self.backend_of_key(key).0.is_active()
+        {
             KeySource::Stale
         } else {
             return None;

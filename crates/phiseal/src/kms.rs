@@ -154,6 +154,25 @@ pub trait Kms: Send + Sync + std::fmt::Debug {
     /// the KMS; [`KmsChain`] routes unwraps by it.
     fn can_unwrap(&self, root_key_ref: &str) -> bool;
 
+    /// How many backends answer for this one: 1, or a [`KmsChain`]'s members. The keyring
+    /// keeps each one's outage state apart: one backend down does not hold the others off,
+    /// nor do the others' answers end its outage.
+    fn backend_count(&self) -> usize {
+        1
+    }
+
+    /// Which of them ([`Kms::backend_count`]) unwraps keys wrapped under `root_key_ref`: 0
+    /// for a single backend; `None` if none does.
+    fn backend_for(&self, root_key_ref: &str) -> Option<usize> {
+        self.can_unwrap(root_key_ref).then_some(0)
+    }
+
+    /// The name of backend `index` ([`Kms::backend_for`]), for errors and metrics.
+    fn backend_name(&self, index: usize) -> &str {
+        let _ = index;
+        self.name()
+    }
+
     /// Wraps `key` under the current root key version, bound to `binding`.
     async fn wrap(&self, key: &TenantKey, binding: &KeyBinding)
     -> Result<WrappedKey, BackendError>;
@@ -213,6 +232,20 @@ impl Kms for KmsChain {
 
     fn can_unwrap(&self, root_key_ref: &str) -> bool {
         self.backends().any(|k| k.can_unwrap(root_key_ref))
+    }
+
+    fn backend_count(&self) -> usize {
+        1 + self.previous.len()
+    }
+
+    fn backend_for(&self, root_key_ref: &str) -> Option<usize> {
+        self.backends().position(|k| k.can_unwrap(root_key_ref))
+    }
+
+    fn backend_name(&self, index: usize) -> &str {
+        self.backends()
+            .nth(index)
+            .map_or_else(|| self.current.name(), |k| k.name())
     }
 
     async fn wrap(

@@ -37,9 +37,16 @@ impl MeteredKms {
         Self { inner, metrics }
     }
 
-    fn record<T>(&self, op: &'static str, started: Instant, result: &Result<T, BackendError>) {
+    /// Counts a call of backend `backend` ([`Kms::backend_for`]; 0 is the current one).
+    fn record<T>(
+        &self,
+        backend: usize,
+        op: &'static str,
+        started: Instant,
+        result: &Result<T, BackendError>,
+    ) {
         let labels = KmsLabels {
-            backend: self.inner.name().to_owned(),
+            backend: self.inner.backend_name(backend).to_owned(),
             op,
             result: match result {
                 Ok(_) => "ok",
@@ -68,10 +75,22 @@ impl Kms for MeteredKms {
         self.inner.can_unwrap(root_key_ref)
     }
 
+    fn backend_count(&self) -> usize {
+        self.inner.backend_count()
+    }
+
+    fn backend_for(&self, root_key_ref: &str) -> Option<usize> {
+        self.inner.backend_for(root_key_ref)
+    }
+
+    fn backend_name(&self, index: usize) -> &str {
+        self.inner.backend_name(index)
+    }
+
     async fn current_root_key_ref(&self) -> Result<String, BackendError> {
         let started = Instant::now();
         let result = self.inner.current_root_key_ref().await;
-        self.record("current_root_key_ref", started, &result);
+        self.record(0, "current_root_key_ref", started, &result);
         result
     }
 
@@ -82,7 +101,7 @@ impl Kms for MeteredKms {
     ) -> Result<WrappedKey, BackendError> {
         let started = Instant::now();
         let result = self.inner.wrap(key, binding).await;
-        self.record("wrap", started, &result);
+        self.record(0, "wrap", started, &result);
         result
     }
 
@@ -93,7 +112,8 @@ impl Kms for MeteredKms {
     ) -> Result<TenantKey, BackendError> {
         let started = Instant::now();
         let result = self.inner.unwrap(wrapped, binding).await;
-        self.record("unwrap", started, &result);
+        let backend = self.inner.backend_for(&wrapped.root_key_ref).unwrap_or(0);
+        self.record(backend, "unwrap", started, &result);
         result
     }
 }

@@ -22,7 +22,33 @@ use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::field::VersionKey;
 use crate::store::KeyRecord;
 
-/// Whether the KMS is in an outage. Shared by every key of a keyring.
+/// The outage state of each KMS backend of a keyring ([`crate::kms::Kms::backend_count`]: one,
+/// or a migration chain's members): a backend's keys follow its own state only.
+#[derive(Debug)]
+pub(super) struct KmsOutages {
+    first: KmsOutage,
+    rest: Box<[KmsOutage]>,
+}
+
+impl KmsOutages {
+    /// One state per backend (at least one).
+    pub(super) fn new(backends: usize) -> Self {
+        Self {
+            first: KmsOutage::default(),
+            rest: (1..backends).map(|_| KmsOutage::default()).collect(),
+        }
+    }
+
+    /// Backend `index`'s state (the first backend's for an index out of range).
+    pub(super) fn of(&self, index: usize) -> &KmsOutage {
+        match index.checked_sub(1) {
+            Some(i) => self.rest.get(i).unwrap_or(&self.first),
+            None => &self.first,
+        }
+    }
+}
+
+/// Whether one KMS backend is in an outage. Shared by every key it unwrapped.
 #[derive(Debug, Default)]
 pub(super) struct KmsOutage {
     /// Coarse-clock ticks until which the KMS is not called; 0 when there is no outage.
@@ -117,6 +143,23 @@ impl KmsOutage {
 }
 
 impl Keyring {
+    /// The outage state and name of the KMS backend that unwraps keys wrapped under
+    /// `root_key_ref`.
+    pub(super) fn backend_of(&self, root_key_ref: &str) -> (&KmsOutage, &str) {
+        let kms = &*self.inner.kms;
+        let index = kms.backend_for(root_key_ref).unwrap_or(0);
+        (self.inner.outages.of(index), kms.backend_name(index))
+    }
+
+    /// The outage state and name of the KMS backend that unwrapped `key`.
+    pub(super) fn backend_of_key(&self, key: &VersionKey) -> (&KmsOutage, &str) {
+        let index = key.kms_backend();
+        (
+            self.inner.outages.of(index),
+            self.inner.kms.backend_name(index),
+        )
+    }
+
     /// For a cached key past its TTL but within `key_ttl + max_stale`: one request at a time
     /// per key version tries the KMS (the key stays cached meanwhile, so a cancelled attempt
     /// loses nothing); a fresh key replaces it; a refusal removes it and fails; while the KMS
@@ -165,7 +208,11 @@ impl Keyring {
         }
         // A record refused here (destroyed, root key not configured) fails without a KMS call,
         // so it must not claim the outage's one retry and hold every other key off the KMS.
-        if self.refuse_without_kms(tenant, record).is_err() || inner.outage.may_call(now) {
+        let may_call = match self.refuse_without_kms(tenant, record) {
+            Err(_) => true,
+            Ok(wrapped) => self.backend_of(&wrapped.root_key_ref).0.may_call(now),
+        };
+        if may_call {
             let result = self.unwrap_version(tenant, record).await;
             if let Err(e) = self.audit_unwrap(caller, tenant, record, &result).await {
                 return Some(Err(e));
@@ -203,10 +250,11 @@ impl Keyring {
         // The KMS is unavailable: keep the key in service if it is young enough (checked
         // now, after the attempt), auditing the decision before it takes effect.
         let now = Instant::now_without_cache_update();
+        let (outage, backend) = self.backend_of_key(&stale);
         let decision = if self.may_serve_stale(&stale, now) {
             Ok(())
         } else {
-            Err(inner.outage.error(inner.kms.name()))
+            Err(outage.error(backend))
         };
         if let Err(e) = self
             .audit_stale_decision(caller, tenant, version, &decision)
@@ -216,7 +264,7 @@ impl Keyring {
         }
         Some(match decision {
             Ok(()) => {
-                stale.degrade_until(inner.outage.next_retry(now));
+                stale.degrade_until(outage.next_retry(now));
                 stale.uses.fetch_add(1, Ordering::Relaxed);
                 Ok((stale, KeySource::Stale))
             }
@@ -266,10 +314,11 @@ impl Keyring {
     ) -> Result<(), Error> {
         let inner = &self.inner;
         let aged_out = now.duration_since(key.loaded_at) > inner.max_age;
-        if inner.cache.max_stale.is_zero() || !aged_out || !inner.outage.is_active() {
+        let (outage, backend) = self.backend_of_key(key);
+        if inner.cache.max_stale.is_zero() || !aged_out || !outage.is_active() {
             return Ok(());
         }
-        let refused = Err(inner.outage.error(inner.kms.name()));
+        let refused = Err(outage.error(backend));
         self.audit_stale_decision(caller, tenant, key.version(), &refused)
             .await
     }
