@@ -345,6 +345,11 @@ impl BackendError {
         self.0.kind
     }
 
+    /// Its own message, without the underlying error's text that `Display` appends.
+    pub fn message(&self) -> &str {
+        &self.0.message
+    }
+
     /// A [`BackendErrorKind::Misconfigured`] error whose message names the backend:
     /// `"{backend}: {message}"`.
     pub fn misconfigured(backend: &str, message: impl fmt::Display) -> Self {

@@ -392,7 +392,7 @@ impl Sidecar {
                     identity = %call.identity.name,
                     request_id = %call.caller.request_id,
                     code = ?s.code(),
-                    error = s.message(),
+                    error = status::log_detail(s),
                     "call failed"
                 );
             }

@@ -1,6 +1,10 @@
 //! Maps library errors to gRPC statuses with safe messages and a stable kind in the
 //! `phiseal-error-kind` metadata. The core's messages never contain plaintext, ciphertext or
-//! key bytes; the mapping keeps them and adds nothing.
+//! key bytes; the mapping keeps them and adds nothing, except that a KMS failure's underlying
+//! cause — an SDK's text, what a credential helper printed on its stderr, account and role
+//! names — goes to the daemon's log only ([`log_detail`]), not to the caller.
+
+use std::sync::Arc;
 
 use phiseal::Error;
 use phiseal_proto::ERROR_KIND_HEADER;
@@ -36,17 +40,63 @@ pub fn status(code: Code, kind: &'static str, message: impl Into<String>) -> Sta
     status
 }
 
-/// The status for a library error.
+/// The status for a library error; its full text, for the log, in [`log_detail`].
 pub fn from_error(error: &Error) -> Status {
-    status(code_of(error), error.kind(), error.to_string())
+    let mut status = status(code_of(error), error.kind(), client_message(error));
+    status.set_source(Arc::new(LoggedDetail(error.to_string())));
+    status
 }
 
-/// The per-item error for a library error.
+/// What the daemon logs of a failed call: the full text of the library error behind it
+/// (see [`from_error`]), or the status's message.
+pub fn log_detail(status: &Status) -> &str {
+    std::error::Error::source(status)
+        .and_then(|e| e.downcast_ref::<LoggedDetail>())
+        .map_or_else(|| status.message(), |d| d.0.as_str())
+}
+
+/// The full text of a library error, kept with a status for the daemon's log; never sent
+/// (tonic sends a status's code, message and details, not its source).
+#[derive(Debug)]
+struct LoggedDetail(String);
+
+impl std::fmt::Display for LoggedDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LoggedDetail {}
+
+/// What the caller is told of a library error: its message, but for a KMS failure only the
+/// backend's own summary (operation, key, class, what to check), without the underlying
+/// cause, which is logged.
+fn client_message(error: &Error) -> String {
+    match error {
+        Error::Kms { backend, source } if std::error::Error::source(source).is_some() => {
+            format!(
+                "KMS '{backend}' failed: {} (the cause is in the daemon's log, under this \
+                 call's request id)",
+                source.message()
+            )
+        }
+        _ => error.to_string(),
+    }
+}
+
+/// The per-item error for a library error. A KMS failure's cause, which the item's message
+/// leaves out, is logged here (a batch call that succeeds has no failed-call log line);
+/// during an outage only the one item whose KMS call failed carries one.
 pub fn item_error(error: &Error) -> ItemError {
+    if let Error::Kms { source, .. } = error
+        && std::error::Error::source(source).is_some()
+    {
+        tracing::warn!(error = %error, "a batch item's KMS call failed");
+    }
     ItemError {
         code: code_of(error) as i32,
         kind: error.kind().to_owned(),
-        message: error.to_string(),
+        message: client_message(error),
     }
 }
 
@@ -65,6 +115,32 @@ pub const PERMISSION_DENIED: &str = "permission denied: the policy does not allo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kms_failures_cause_goes_to_the_log_not_to_the_caller() {
+        let error = Error::Kms {
+            backend: "aws-kms".into(),
+            source: phiseal::BackendError::new(
+                phiseal::BackendErrorKind::Unavailable,
+                "aws-kms: Decrypt with key 'k' failed: could not connect",
+            )
+            .with_source(std::io::Error::other(
+                "credential helper said: token=s3cr3t for role admin",
+            )),
+        };
+        let status = from_error(&error);
+        assert_eq!(
+            status.message(),
+            "KMS 'aws-kms' failed: aws-kms: Decrypt with key 'k' failed: could not connect (the \
+             cause is in the daemon's log, under this call's request id)"
+        );
+        assert!(log_detail(&status).contains("token=s3cr3t"));
+        assert!(!item_error(&error).message.contains("s3cr3t"));
+        // Other errors are told as they are.
+        let t = phiseal::TenantId::new("t").unwrap_or_else(|_| unreachable!());
+        let plain = from_error(&Error::TenantNotFound { tenant: t });
+        assert_eq!(log_detail(&plain), plain.message());
+    }
 
     #[test]
     fn codes() {
