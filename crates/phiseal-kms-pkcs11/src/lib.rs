@@ -301,9 +301,9 @@ struct Inner {
     /// same module — once the module was initialized again (by any backend of the process),
     /// or when the token reuses invalidated numbers; so closing them by number is never safe.
     forget_sessions: std::sync::atomic::AtomicBool,
-    /// Its module (canonical path) and how many times the process had initialized it when
-    /// this connection was made (see [`MODULE_INITIALIZATIONS`]).
-    module: (PathBuf, u64),
+    /// Its module's shared state, and how many times the process had initialized the module
+    /// when this connection was made (see [`ModuleState`]).
+    module: ModuleCount,
     ctx: Pkcs11,
     slot: Slot,
     token_label: String,
@@ -595,8 +595,11 @@ impl Inner {
 
     /// Whether its module was initialized again since this connection was made.
     fn module_reinitialized(&self) -> bool {
-        let (module, initialization) = &self.module;
-        module_initializations(module) != *initialization
+        let (module, initializations) = &self.module;
+        module
+            .initializations
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != *initializations
     }
 
     /// Whether its sessions must be forgotten rather than closed by number (see
@@ -1040,26 +1043,36 @@ fn connect_blocking(
     })
 }
 
-/// How many times this process initialized each module (`C_Initialize` answered OK, keyed
-/// by the module's canonical path): every backend of the process on one module shares its
-/// state, so an initialization after a reset (the module answered
-/// `CKR_CRYPTOKI_NOT_INITIALIZED` to one of them) invalidates every earlier connection's
-/// handles, and the numbers it hands out next may be the ones those connections still hold.
-static MODULE_INITIALIZATIONS: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
-
-/// [`MODULE_INITIALIZATIONS`] of `module`.
-fn module_initializations(module: &Path) -> u64 {
-    MODULE_INITIALIZATIONS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(module)
-        .copied()
-        .unwrap_or(0)
+/// What the backends of this process share of one module: every backend on a module shares
+/// its state, so an initialization from the uninitialized state (after a reset: the module
+/// answered `CKR_CRYPTOKI_NOT_INITIALIZED` to one of them) invalidates every earlier
+/// connection's handles, and the numbers it hands out next may be the ones those
+/// connections still hold.
+#[derive(Debug, Default)]
+struct ModuleState {
+    /// Held (on a blocking thread) around one initialization, so that it and its count go
+    /// together.
+    init: Mutex<()>,
+    /// Initializations from the uninitialized state so far; read without a lock by every
+    /// call ([`Inner::is_retired`]).
+    initializations: std::sync::atomic::AtomicU64,
 }
 
-/// Loads and initializes the module and finds the token's slot; also the module's canonical
-/// path and its count of initializations once this one is counted.
-fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot, (PathBuf, u64)), BackendError> {
+/// A module's shared state and the count of its initializations a connection saw.
+type ModuleCount = (Arc<ModuleState>, u64);
+
+/// The [`ModuleState`] of each module (by canonical path) this process loaded.
+static MODULES: Mutex<BTreeMap<PathBuf, Arc<ModuleState>>> = Mutex::new(BTreeMap::new());
+
+/// The [`ModuleState`] of the module at `canonical`.
+fn module_state(canonical: &Path) -> Arc<ModuleState> {
+    let mut modules = MODULES.lock().unwrap_or_else(PoisonError::into_inner);
+    Arc::clone(modules.entry(canonical.to_owned()).or_default())
+}
+
+/// Loads and initializes the module and finds the token's slot; also the module's shared
+/// state and its count of initializations once this one is counted.
+fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot, ModuleCount), BackendError> {
     let module = config.module.display();
     let ctx = Pkcs11::new(&config.module).map_err(|e| {
         BackendError::misconfigured(
@@ -1072,23 +1085,30 @@ fn load(config: &Pkcs11Config, mode: Mode) -> Result<(Pkcs11, Slot, (PathBuf, u6
         .with_source(e)
     })?;
     let canonical = std::fs::canonicalize(&config.module).unwrap_or_else(|_| config.module.clone());
+    let state = module_state(&canonical);
     let initializations = {
-        // (Held across C_Initialize, so that no connection is made between an initialization
-        // and its count.)
-        let mut counts = MODULE_INITIALIZATIONS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let count = counts.entry(canonical.clone()).or_insert(0);
+        let _one_at_a_time = state.init.lock().unwrap_or_else(PoisonError::into_inner);
+        // Only an initialization from the uninitialized state hands out numbers afresh. A
+        // module that answers C_GetInfo was initialized already (by another backend or
+        // connection of this process); one that counts its initializations (p11-kit's proxy)
+        // then answers C_Initialize with OK too, which must not retire the others.
+        let uninitialized = matches!(
+            ctx.get_library_info(),
+            Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _))
+        );
         match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) => *count += 1,
-            // Another backend (or connection) in this process initialized the module already.
-            Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(e) => return Err(ck_error(e, &format!("initialize the module '{module}'"))),
         }
-        *count
+        let counted = &state.initializations;
+        if uninitialized {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+        } else {
+            counted.load(std::sync::atomic::Ordering::SeqCst)
+        }
     };
     let slot = find_slot(&ctx, &config.token_label, mode)?;
-    Ok((ctx, slot, (canonical, initializations)))
+    Ok((ctx, slot, (state, initializations)))
 }
 
 /// The one slot holding a token labelled `label`.
