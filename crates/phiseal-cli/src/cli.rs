@@ -286,7 +286,7 @@ pub(crate) struct MinVersionArgs {
     pub(crate) version: u32,
     /// Change it only if the current minimum is still N (as `key status` showed it); else
     /// exit 1 with `concurrent_change` and change nothing.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = RangedU64ValueParser::<u32>::new().range(1..=u64::from(u32::MAX)))]
     pub(crate) if_current: Option<u32>,
     /// Allow a minimum below the current one, which brings retired key versions back into
     /// service (refused without it).

@@ -308,9 +308,10 @@ async fn rotation_rewrap_min_version_and_progress() {
         Err(Error::InvalidInput { .. })
     ));
     assert!(k.decrypt(&c, &cx, &old).await.is_err());
-    let lower = |expected| phiseal::MinVersionGuard {
-        expected,
-        allow_lower: true,
+    let lower = |expected| {
+        phiseal::MinVersionGuard::default()
+            .if_current(expected)
+            .allow_lower(true)
     };
     assert!(matches!(
         k.set_min_decrypt_version_with(&c, &t, 1, lower(Some(1)))
@@ -321,8 +322,15 @@ async fn rotation_rewrap_min_version_and_progress() {
         .await
         .unwrap();
     assert!(k.decrypt(&c, &cx, &old).await.is_ok());
-    // Raising it needs no permission; setting the same value changes nothing.
-    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    // Raising it needs no permission; setting the same value changes nothing, so a repeat of
+    // a conditional call whose first outcome was unknown succeeds.
+    let from_one = phiseal::MinVersionGuard::default().if_current(Some(1));
+    k.set_min_decrypt_version_with(&c, &t, 2, from_one)
+        .await
+        .unwrap();
+    k.set_min_decrypt_version_with(&c, &t, 2, from_one)
+        .await
+        .unwrap();
     k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
     assert_eq!(k.key_status(&c, &t).await.unwrap().min_decrypt_version, 2);
 }

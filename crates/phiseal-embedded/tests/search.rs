@@ -243,10 +243,7 @@ async fn searchable_values_are_found_across_a_rotation() {
         Err(Error::KeyVersionRetired { .. })
     ));
     // Lowering the minimum brings v2 back (v2 live again, v1 still retired).
-    let lower = phiseal::MinVersionGuard {
-        allow_lower: true,
-        ..Default::default()
-    };
+    let lower = phiseal::MinVersionGuard::default().allow_lower(true);
     k.set_min_decrypt_version_with(&c, &t, 2, lower)
         .await
         .unwrap();

@@ -560,12 +560,18 @@ where
              TLS-intercepting proxy, or its CA missing from the trust store)"
                 .to_owned(),
         ),
-        SdkError::DispatchFailure(_) if phiseal::kms::caused_by_permission_denied(&err) => (
-            BackendErrorKind::Misconfigured,
-            "this host refused the connection to the KMS endpoint (permission denied: a \
+        // (A connection error: a credentials file the provider cannot read is a credentials
+        // failure, below.)
+        SdkError::DispatchFailure(d)
+            if d.is_io() && phiseal::kms::caused_by_permission_denied(&err) =>
+        {
+            (
+                BackendErrorKind::Misconfigured,
+                "this host refused the connection to the KMS endpoint (permission denied: a \
              firewall rule or security policy)"
-                .to_owned(),
-        ),
+                    .to_owned(),
+            )
+        }
         SdkError::DispatchFailure(d) if d.is_io() => (
             BackendErrorKind::Unavailable,
             "could not connect to the KMS endpoint".to_owned(),
@@ -734,7 +740,7 @@ mod tests {
                 SdkError::dispatch_failure(ConnectorError::io(Box::new(io)));
             sdk_error(err, Op::Decrypt, "arn:aws:kms:us-east-1:1:key/k").kind()
         };
-        // EPERM: what a firewall rule (iptables REJECT/DROP on OUTPUT) answers connect() with.
+        // EPERM: what connect() gets from a firewall rule dropping the host's own output.
         assert_eq!(
             connect_error(std::io::Error::from_raw_os_error(1)),
             BackendErrorKind::Misconfigured

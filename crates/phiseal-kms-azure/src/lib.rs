@@ -1016,7 +1016,7 @@ mod tests {
             )
             .kind()
         };
-        // EPERM: what a firewall rule (iptables REJECT/DROP on OUTPUT) answers connect() with.
+        // EPERM: what connect() gets from a firewall rule dropping the host's own output.
         assert_eq!(
             connect_error(std::io::Error::from_raw_os_error(1)),
             BackendErrorKind::Misconfigured

@@ -716,13 +716,29 @@ fn binding_mismatch(binding: &KeyBinding) -> Error {
 /// ([`Keyring::set_min_decrypt_version_with`]). The default is the plain
 /// [`Keyring::set_min_decrypt_version`]: any current minimum, never lowered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MinVersionGuard {
     /// Change it only if the current minimum is this one (as a key status showed it): a change
     /// made since fails with [`Error::ConcurrentChange`], so a stale decision never undoes it.
+    /// (A minimum that is already the one asked for is no change: a repeated call succeeds.)
     pub expected: Option<u32>,
     /// Allow a minimum below the current one. Lowering it brings retired key versions back
     /// into service (their old ciphertexts decrypt again), so it must be asked for.
     pub allow_lower: bool,
+}
+
+impl MinVersionGuard {
+    /// Only if the current minimum is `expected` ([`MinVersionGuard::expected`]).
+    pub fn if_current(mut self, expected: Option<u32>) -> Self {
+        self.expected = expected;
+        self
+    }
+
+    /// Whether a lower minimum is allowed ([`MinVersionGuard::allow_lower`]).
+    pub fn allow_lower(mut self, allow: bool) -> Self {
+        self.allow_lower = allow;
+        self
+    }
 }
 
 impl Keyring {
@@ -2261,6 +2277,11 @@ impl Keyring {
                     });
                 }
                 let current = view.record.min_decrypt_version;
+                // Already so: nothing to change (a repeated call whose first outcome was
+                // unknown succeeds, whatever it expected).
+                if min == current {
+                    return Ok(());
+                }
                 if guard.expected.is_some_and(|expected| expected != current) {
                     return Err(Error::ConcurrentChange {
                         tenant: tenant.clone(),

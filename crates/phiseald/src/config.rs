@@ -399,8 +399,8 @@ impl KmsConfig {
             // One token, one user PIN: logged in with the current PIN, the token never checks
             // the previous one, so a wrong one would surface only once the current key is gone.
             if let (Some(current), Some(earlier)) = (&self.pkcs11, &previous.pkcs11) {
-                let same_token =
-                    current.module == earlier.module && current.token_label == earlier.token_label;
+                let same_token = same_module(&current.module, &earlier.module)
+                    && current.token_label == earlier.token_label;
                 if same_token && current.pin.0 != earlier.pin.0 {
                     return Err(
                         "kms.previous.pkcs11.pin: differs from kms.pkcs11.pin for the same token \
@@ -450,7 +450,7 @@ fn distinct_pkcs11_root_keys(
     (a_name, a): (&str, &Pkcs11KmsSection),
     (b_name, b): (&str, &Pkcs11KmsSection),
 ) -> Result<(), String> {
-    if a.module == b.module {
+    if same_module(&a.module, &b.module) {
         return Ok(());
     }
     match a
@@ -465,6 +465,13 @@ fn distinct_pkcs11_root_keys(
              the new HSM's token or key another label"
         )),
     }
+}
+
+/// Whether two module paths name one library (after resolving symlinks, as the loader does;
+/// as written if a path cannot be resolved).
+fn same_module(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    a == b || resolved(a) == resolved(b)
 }
 
 /// [`distinct_pkcs11_root_keys`] across the KMS configurations of a migration's target and

@@ -1128,10 +1128,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
             request,
             |r| &r.tenant,
             |k, c, t, r| async move {
-                let guard = phiseal::MinVersionGuard {
-                    expected: r.expected_min_version,
-                    allow_lower: r.allow_lower,
-                };
+                let guard = phiseal::MinVersionGuard::default()
+                    .if_current(r.expected_min_version)
+                    .allow_lower(r.allow_lower);
                 mapped(
                     k.set_min_decrypt_version_with(&c, &t, r.min_version, guard)
                         .await,

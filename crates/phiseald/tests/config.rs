@@ -1188,14 +1188,17 @@ fn a_previous_pkcs11_key_on_the_same_token_must_use_the_same_pin() {
 
 #[test]
 fn a_previous_pkcs11_key_on_another_module_needs_a_reference_of_its_own() {
-    // Two paths of one library stand for two vendors' modules (the check compares paths).
+    // A copy of the library stands for another vendor's module; a symlink to it is the same.
+    let vendor = tempfile::tempdir().unwrap();
+    let copy = vendor.path().join("libvendor-pkcs11.so");
+    std::fs::copy("/usr/lib/softhsm/libsofthsm2.so", &copy).unwrap();
     let section = |table: &str, module: &str, key: &str, previous: &str| {
         format!(
             "[{table}]\nmodule = \"{module}\"\ntoken_label = \"phiseal\"\n\
              key_label = \"{key}\"\nprevious_key_labels = [{previous}]\npin = \"pin-4411\"\n"
         )
     };
-    let new_hsm = "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so";
+    let new_hsm = copy.to_str().unwrap();
     let old_hsm = "/usr/lib/softhsm/libsofthsm2.so";
     let config = |current_module: &str, current_key: &str, current_previous: &str| {
         format!(
@@ -1218,6 +1221,16 @@ fn a_previous_pkcs11_key_on_another_module_needs_a_reference_of_its_own() {
     check_text(&config(new_hsm, "phiseal-root-2", ""), &[]).ok();
     check_text(
         &config(old_hsm, "phiseal-root-2", "\"phiseal-root-1\""),
+        &[],
+    )
+    .ok();
+    // (Another path to the same library is the same module.)
+    check_text(
+        &config(
+            "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+            "phiseal-root-1",
+            "",
+        ),
         &[],
     )
     .ok();
