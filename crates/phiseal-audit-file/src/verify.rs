@@ -177,6 +177,11 @@ pub struct ExportReport {
     /// Only closed segments were read: the active file does not exist (see
     /// [`VerifyReport::active_missing`]).
     pub active_missing: bool,
+    /// Sequence numbers of the log's torn-tail recovery records (`recovered_torn_tail`, any
+    /// time): records acknowledged before such a crash may be missing, of any tenant — in the
+    /// default durability a record is written before its operation returns but fsynced
+    /// later. An export cannot tell whose records they were.
+    pub recoveries: Vec<u64>,
 }
 
 /// How one call to [`read_line_capped`] ended.
@@ -863,6 +868,14 @@ pub fn export_tenant_with(
                 line: p.line,
                 kind: p.kind,
             });
+        }
+        if let Some(Parsed {
+            seq,
+            kind: Kind::Recovered { .. },
+            ..
+        }) = &parsed
+        {
+            report.recoveries.push(*seq);
         }
         let Some(Parsed {
             seq,

@@ -320,6 +320,20 @@ fn export_to(
     )
     .map_err(|e| deleted_log(&path, e))?;
     out.flush().map_err(CliError::io("writing the export"))?;
+    let recovered = match result.recoveries.as_slice() {
+        [] => String::new(),
+        seqs => format!(
+            "; the log records {} recovery(ies) from a crash (seq {}): records of any tenant \
+             acknowledged just before it may be missing",
+            seqs.len(),
+            seqs.iter()
+                .take(5)
+                .map(u64::to_string)
+                .chain((seqs.len() > 5).then(|| "…".to_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let none_found = if result.exported == 0 {
         "; no record in this range names this tenant (ids are case-sensitive: check the \
          spelling)"
@@ -333,7 +347,7 @@ fn export_to(
     };
     *note = Some(format!(
         "audit export: {} records of tenant '{}' exported; {} records verified (last seq \
-             {}, head hash {}){none_found}{segments_only}",
+             {}, head hash {}){none_found}{recovered}{segments_only}",
         result.exported,
         printable(&args.tenant),
         result.records_scanned,

@@ -1383,6 +1383,25 @@ fn audit_verify_and_export_on_the_daemon_log() {
         "{}",
         again.out()
     );
+    // An export of the recovered log says that records may be missing since the crash.
+    let run = d
+        .cli(
+            &["audit", "export", "--tenant", "acme", "--log", torn_arg],
+            b"",
+        )
+        .expect(0);
+    assert_eq!(
+        run.out(),
+        acme.iter().map(|l| exported(l)).collect::<String>()
+    );
+    assert!(
+        run.stderr.contains(&format!(
+            "; the log records 1 recovery(ies) from a crash (seq {n}): records of any tenant \
+             acknowledged just before it may be missing"
+        )),
+        "{}",
+        run.stderr
+    );
 
     // The daemon's own log was never touched. A log in a directory that does not exist is a
     // wrong path (exit 1); one missing from a directory that exists may have been deleted
