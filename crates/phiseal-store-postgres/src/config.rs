@@ -318,6 +318,21 @@ pub fn connects_only_to_this_host(
     Ok(hosts_local && pg.get_hostaddrs().iter().all(local_ip))
 }
 
+/// The Unix-socket directories `config` connects through (none for TCP hosts). A directory
+/// another user can write lets that user put a socket of their own there while PostgreSQL is
+/// down, and answer in its place: the caller decides whether to accept it.
+pub fn unix_socket_dirs(config: &PostgresStoreConfig) -> Result<Vec<PathBuf>, PostgresStoreError> {
+    Ok(parse(config)?
+        .pg
+        .get_hosts()
+        .iter()
+        .filter_map(|host| match host {
+            Host::Unix(dir) => Some(dir.clone()),
+            Host::Tcp(_) => None,
+        })
+        .collect())
+}
+
 /// `user@host:port/dbname` (several hosts separated by commas), for messages and `Debug`.
 /// Never contains the password.
 pub(crate) fn describe(pg: &tokio_postgres::Config) -> String {

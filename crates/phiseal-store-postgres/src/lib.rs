@@ -221,7 +221,7 @@ use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, accepts, to_sql_checke
 pub use config::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_SCHEMA, MAX_SCHEMA_LEN,
     PostgresStoreConfig, TlsMode, check_schema_name, connects_only_to_this_host,
-    database_url_has_password,
+    database_url_has_password, unix_socket_dirs,
 };
 pub use error::{DatabaseError, PostgresStoreError};
 pub use schema::SCHEMA_VERSION;

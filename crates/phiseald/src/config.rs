@@ -1536,6 +1536,33 @@ impl Config {
                 Err(e) => return bad("key_store.database_url", &e.to_string()),
             }
         }
+        if self.profile == ProfileName::Production
+            && store.kind == KeyStoreKind::Postgres
+            && store.tls == DatabaseTls::Disable
+        {
+            let dirs = match phiseal_store_postgres::unix_socket_dirs(&store.postgres()?) {
+                Ok(dirs) => dirs,
+                Err(e) => return bad("key_store.database_url", &e.to_string()),
+            };
+            for dir in dirs {
+                use std::os::unix::fs::PermissionsExt;
+                let open_to_all =
+                    std::fs::metadata(&dir).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
+                if open_to_all {
+                    return bad(
+                        "key_store.database_url",
+                        &format!(
+                            "production refuses the socket directory {}: every user may \
+                             create files in it, so while PostgreSQL is down any local user \
+                             could put a socket there and answer in its place (receiving the \
+                             password, replaying tenant records); use a directory only \
+                             PostgreSQL's user can write, such as /var/run/postgresql",
+                            dir.display()
+                        ),
+                    );
+                }
+            }
+        }
         if self.audit.path.as_ref().is_some_and(|p| !p.is_absolute()) {
             return bad("audit.path", "must be an absolute path");
         }

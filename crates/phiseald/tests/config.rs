@@ -743,6 +743,10 @@ fn production_refuses_a_plaintext_key_store_connection_off_this_host() {
     ] {
         check_text(&config(""), &url(local)).ok();
     }
+    // Not through a socket directory every user can write (another user's socket could
+    // answer while PostgreSQL is down).
+    check_text(&config(""), &url("host=/tmp user=app dbname=keys"))
+        .fails_with("key_store.database_url: production refuses the socket directory /tmp:");
     check_text(
         &config("tls = \"require\"\n"),
         &url("postgresql://app@db.internal/keys"),
