@@ -268,8 +268,25 @@ impl std::fmt::Debug for SqliteKeyStore {
     }
 }
 
-/// An existing database must be a regular file (not a symlink) that group and others cannot
-/// write and others cannot read (0640 lets a backup agent read it through the group).
+/// An existing database — and its write-ahead log and shared-memory files, which hold the
+/// same pages — must be a regular file (not a symlink) of this process's user that group and
+/// others cannot write and others cannot read (0640 lets a backup agent read it through the
+/// group).
+fn check_existing_files(path: &Path) -> Result<(), SqliteStoreError> {
+    check_existing_file(path)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut companion = path.as_os_str().to_owned();
+        companion.push(suffix);
+        let companion = PathBuf::from(companion);
+        match std::fs::symlink_metadata(&companion) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            _ => check_existing_file(&companion)?,
+        }
+    }
+    Ok(())
+}
+
+/// [`check_existing_files`] for one file.
 fn check_existing_file(path: &Path) -> Result<(), SqliteStoreError> {
     let meta = std::fs::symlink_metadata(path).map_err(|source| SqliteStoreError::Io {
         action: "inspect the database file",
@@ -290,6 +307,14 @@ fn check_existing_file(path: &Path) -> Result<(), SqliteStoreError> {
     if mode & 0o026 != 0 {
         return Err(insecure(format!(
             "has mode {mode:04o} (group or others may write it, or others may read it)"
+        )));
+    }
+    let uid = rustix::process::geteuid().as_raw();
+    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+    if owner != uid {
+        return Err(insecure(format!(
+            "belongs to uid {owner}, not to this process's user (uid {uid}), who could not \
+             keep it from being replaced"
         )));
     }
     Ok(())
@@ -314,7 +339,7 @@ impl SqliteKeyStore {
                 // comes with the first fsynced transaction below.
                 drop(file);
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_existing_file(&path)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_existing_files(&path)?,
             Err(source) => {
                 return Err(SqliteStoreError::Io {
                     action: "create the database file",
@@ -325,7 +350,10 @@ impl SqliteKeyStore {
         }
         let mut conn = Connection::open_with_flags(
             &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            // (No symlink followed: one put there after the checks is refused.)
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW,
         )
         .map_err(SqliteStoreError::sqlite("open the database file"))?;
         configure(&conn)?;

@@ -133,6 +133,33 @@ fn an_existing_file_others_may_write_or_read_or_a_symlink_is_refused() {
     assert!(err.to_string().contains("is a symlink"), "{err}");
 }
 
+#[test]
+fn its_write_ahead_log_and_another_users_file_are_checked_too() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    drop(SqliteKeyStore::open(&path).unwrap());
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    // A write-ahead log others may write (pages written there become the database's).
+    std::fs::write(&wal, b"").unwrap();
+    std::fs::set_permissions(&wal, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = SqliteKeyStore::open(&path).unwrap_err();
+    assert!(err.to_string().contains("-wal' has mode 0666"), "{err}");
+    // … or a symlink to another file.
+    std::fs::remove_file(&wal).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), &wal).unwrap();
+    let err = SqliteKeyStore::open(&path).unwrap_err();
+    assert!(err.to_string().contains("-wal' is a symlink"), "{err}");
+    std::fs::remove_file(&wal).unwrap();
+    drop(SqliteKeyStore::open(&path).unwrap());
+    // A database of another user (only root can make one here: CI runs as root).
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let err = SqliteKeyStore::open(&path).unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+    }
+}
+
 #[tokio::test]
 async fn create_twice_is_a_conflict() {
     let dir = tempfile::tempdir().unwrap();
