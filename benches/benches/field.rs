@@ -24,7 +24,7 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use phiseal::crypto::CryptoProvider;
-use phiseal::{Actor, BlindIndexSpec, Caller, EncryptionContext, Keyring, Normalization, TenantId};
+use phiseal::{Actor, BlindIndexSpec, Caller, EncryptionContext, Keyring, Normalization};
 use phiseal_audit_file::Durability;
 
 const SIZES: [usize; 4] = [64, 1024, 64 * 1024, 1024 * 1024];
@@ -61,11 +61,8 @@ fn keyring(
     }
     let keyring = builder.build().unwrap();
     let caller = Caller::new(Actor::named("bench"));
-    let tenant = TenantId::new("bench-tenant").unwrap();
-    let context = EncryptionContext::new(tenant.clone(), "ssn")
-        .unwrap()
-        .with_record("patient-000042")
-        .unwrap();
+    let context = phiseal_benches::field_context().unwrap();
+    let tenant = context.tenant().clone();
     rt.block_on(async {
         keyring.create_tenant(&caller, &tenant).await.unwrap();
         // Warm the cache.

@@ -118,11 +118,7 @@ fn streams(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = phiseal_benches::private_tempdir().unwrap();
-    let keyring = phiseal_embedded::builder(dir.path(), &Default::default())
-        .unwrap()
-        .danger_disable_audit()
-        .build()
-        .unwrap();
+    let keyring = phiseal_benches::keyring_audit_off(dir.path()).unwrap();
     let caller = Caller::new(Actor::named("bench"));
     rt.block_on(keyring.create_tenant(&caller, cx.tenant()))
         .unwrap();

@@ -24,7 +24,7 @@
 use std::hint::black_box;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use phiseal::{Actor, Caller, EncryptionContext, TenantId};
+use phiseal::{Actor, Caller};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -73,17 +73,10 @@ fn keyring(mode: &str, count: u64, plaintext: &[u8]) {
         .build()
         .unwrap();
     let dir = phiseal_benches::private_tempdir().unwrap();
-    let keyring = phiseal_embedded::builder(dir.path(), &Default::default())
-        .unwrap()
-        .danger_disable_audit()
-        .build()
-        .unwrap();
+    let keyring = phiseal_benches::keyring_audit_off(dir.path()).unwrap();
     let caller = Caller::new(Actor::named("bench"));
-    let tenant = TenantId::new("bench-tenant").unwrap();
-    let context = EncryptionContext::new(tenant.clone(), "ssn")
-        .unwrap()
-        .with_record("patient-000042")
-        .unwrap();
+    let context = phiseal_benches::field_context().unwrap();
+    let tenant = context.tenant().clone();
     let handle = keyring.tenant(&tenant);
     rt.block_on(async {
         keyring.create_tenant(&caller, &tenant).await.unwrap();
