@@ -200,14 +200,25 @@ impl Error {
     }
 
     /// A copy of an error a failed key unwrap can return, for the requests that waited on
-    /// that unwrap (`None` for the other kinds). A backend error keeps its kind and its full
-    /// message (its causes included), not the cause objects themselves.
+    /// that unwrap (`None` for the other kinds). A backend error keeps its kind, its own
+    /// message, whether the service was called, and the text of its causes as its source
+    /// (not the cause objects themselves), so that what is told apart for the first request
+    /// (its message; its causes, for the log only) is told apart for the others too.
     pub(crate) fn duplicate(&self) -> Option<Error> {
         Some(match self {
-            Error::Kms { backend, source } => Error::Kms {
-                backend: backend.clone(),
-                source: BackendError::new(source.kind(), source.to_string()),
-            },
+            Error::Kms { backend, source } => {
+                let mut copy = BackendError::new(source.kind(), source.message());
+                if let Some(cause) = std::error::Error::source(source) {
+                    copy = copy.with_source(CauseText(cause.to_string()));
+                }
+                if !source.called_the_service() {
+                    copy = copy.refused_before_calling();
+                }
+                Error::Kms {
+                    backend: backend.clone(),
+                    source: copy,
+                }
+            }
             Error::KeyBindingMismatch { tenant, version } => Error::KeyBindingMismatch {
                 tenant: tenant.clone(),
                 version: *version,
@@ -245,6 +256,18 @@ impl Error {
         }
     }
 }
+
+/// The text of an error's causes, kept by [`Error::duplicate`] in place of the objects.
+#[derive(Debug)]
+struct CauseText(String);
+
+impl fmt::Display for CauseText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CauseText {}
 
 /// Why bytes or text are not a phiseal v1 ciphertext.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -385,5 +408,33 @@ impl std::error::Error for BackendError {
             .source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_duplicate_keeps_a_kms_errors_message_and_its_causes_apart() {
+        let original = Error::Kms {
+            backend: "aws-kms".into(),
+            source: BackendError::new(BackendErrorKind::Unavailable, "Decrypt failed: timed out")
+                .with_source(std::io::Error::other("helper stderr: token=s3cr3t"))
+                .refused_before_calling(),
+        };
+        let Some(Error::Kms { backend, source }) = original.duplicate() else {
+            panic!("a KMS error is duplicated as one");
+        };
+        assert_eq!(backend, "aws-kms");
+        assert_eq!(source.kind(), BackendErrorKind::Unavailable);
+        assert_eq!(source.message(), "Decrypt failed: timed out");
+        assert!(!source.called_the_service());
+        let cause = std::error::Error::source(&source).map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("helper stderr: token=s3cr3t"));
+        assert_eq!(
+            Error::Kms { backend, source }.to_string(),
+            original.to_string()
+        );
     }
 }

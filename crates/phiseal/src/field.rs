@@ -234,9 +234,10 @@ pub(crate) struct VersionKey {
     /// Held by the one request that tries the KMS for a fresh copy once this key is past its
     /// TTL (single flight per key version, without taking the key out of the cache).
     pub(crate) refresh: tokio::sync::Mutex<()>,
-    /// The KMS backend that unwrapped it ([`crate::kms::Kms::backend_for`]), whose outage
-    /// state decides whether it may serve past its TTL.
-    kms_backend: usize,
+    /// The KMS backend that unwraps its record ([`crate::kms::Kms::backend_for`]), whose
+    /// outage state decides whether it may serve past its TTL: the one that unwrapped it, or
+    /// the one its refresh last asked (a root rotation may have moved the record since).
+    kms_backend: std::sync::atomic::AtomicUsize,
 }
 
 impl VersionKey {
@@ -263,19 +264,24 @@ impl VersionKey {
             loaded_at: coarsetime::Instant::now_without_cache_update(),
             degraded_until: AtomicU64::new(0),
             refresh: tokio::sync::Mutex::new(()),
-            kms_backend: 0,
+            kms_backend: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     /// Records which KMS backend unwrapped it ([`crate::kms::Kms::backend_for`]).
-    pub(crate) fn unwrapped_by(mut self, kms_backend: usize) -> Self {
-        self.kms_backend = kms_backend;
+    pub(crate) fn unwrapped_by(self, kms_backend: usize) -> Self {
+        self.set_kms_backend(kms_backend);
         self
     }
 
-    /// The KMS backend that unwrapped it.
+    /// Records which KMS backend now unwraps its record.
+    pub(crate) fn set_kms_backend(&self, kms_backend: usize) {
+        self.kms_backend.store(kms_backend, Ordering::Relaxed);
+    }
+
+    /// The KMS backend that unwraps its record.
     pub(crate) fn kms_backend(&self) -> usize {
-        self.kms_backend
+        self.kms_backend.load(Ordering::Relaxed)
     }
 
     /// Lets the key serve past its TTL until `until` (the next KMS retry).

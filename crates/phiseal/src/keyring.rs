@@ -291,10 +291,20 @@ impl KeyringBuilder {
         };
         if self.profile == Profile::Production {
             if kms.is_dev_only() {
+                // (A chain is development-only through one of its members: name them all.)
+                let names: Vec<String> = (0..kms.backend_count())
+                    .map(|i| format!("'{}'", kms.backend_name(i)))
+                    .collect();
                 return Err(Error::Config(format!(
-                    "KMS backend '{}' is for development only and is refused by the production \
-                     profile: configure AWS KMS, Azure Key Vault or an HSM",
-                    kms.name()
+                    "KMS backend {} is for development only and is refused by the production \
+                     profile: configure AWS KMS, Azure Key Vault or an HSM{}",
+                    names.join(", "),
+                    if names.len() > 1 {
+                        " (one of these is the local development KMS: finish the migration \
+                         away from it first)"
+                    } else {
+                        ""
+                    }
                 )));
             }
             match &audit {
@@ -1411,7 +1421,7 @@ impl Keyring {
     }
 
     /// [`Keyring::unwrap_version`] unless a KMS outage is in progress and its next attempt is
-    /// not due (then it fails at once, naming the backend and the last cause); records the
+    /// not due (then it fails at once, naming the backend, not the last failure's cause); records the
     /// outcome for the outage policy. A record refused without the KMS (destroyed, or under a
     /// root key not configured here) is refused before the outage is consulted: taking the
     /// due retry and then not calling would hold every other key off the KMS for longer.

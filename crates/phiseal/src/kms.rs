@@ -201,12 +201,31 @@ pub trait Kms: Send + Sync + std::fmt::Debug {
 pub struct KmsChain {
     current: Arc<dyn Kms>,
     previous: Vec<Arc<dyn Kms>>,
+    /// The names of its backends ([`Kms::backend_name`]), members' own backends flattened
+    /// (a member may be a chain itself): a previous member's marked `(previous)`, so that two
+    /// of one kind (an AWS-to-AWS migration) are told apart in errors and metrics.
+    names: Vec<String>,
 }
 
 impl KmsChain {
     /// `current` wraps; `previous` only unwrap.
     pub fn new(current: Arc<dyn Kms>, previous: Vec<Arc<dyn Kms>>) -> Self {
-        Self { current, previous }
+        let mut names = Vec::new();
+        for (i, member) in std::iter::once(&current).chain(&previous).enumerate() {
+            for j in 0..member.backend_count() {
+                let name = member.backend_name(j);
+                names.push(if i == 0 || name.ends_with("(previous)") {
+                    name.to_owned()
+                } else {
+                    format!("{name} (previous)")
+                });
+            }
+        }
+        Self {
+            current,
+            previous,
+            names,
+        }
     }
 
     fn backends(&self) -> impl Iterator<Item = &Arc<dyn Kms>> {
@@ -235,17 +254,26 @@ impl Kms for KmsChain {
     }
 
     fn backend_count(&self) -> usize {
-        1 + self.previous.len()
+        self.backends().map(|k| k.backend_count()).sum()
     }
 
+    /// The backend of the member that unwraps it (the first that claims the reference, as
+    /// [`KmsChain::unwrap`] routes), counted across the members' own backends.
     fn backend_for(&self, root_key_ref: &str) -> Option<usize> {
-        self.backends().position(|k| k.can_unwrap(root_key_ref))
+        let mut offset = 0;
+        for member in self.backends() {
+            if member.can_unwrap(root_key_ref) {
+                return member.backend_for(root_key_ref).map(|i| offset + i);
+            }
+            offset += member.backend_count();
+        }
+        None
     }
 
     fn backend_name(&self, index: usize) -> &str {
-        self.backends()
-            .nth(index)
-            .map_or_else(|| self.current.name(), |k| k.name())
+        self.names
+            .get(index)
+            .map_or_else(|| self.current.name(), String::as_str)
     }
 
     async fn wrap(
@@ -284,6 +312,59 @@ impl Kms for KmsChain {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A backend that only names itself and claims the references `<its name>:…`
+    /// (no key operations: the chain's bookkeeping is under test).
+    #[derive(Debug)]
+    struct Named(&'static str);
+
+    #[async_trait]
+    impl Kms for Named {
+        fn name(&self) -> &str {
+            self.0
+        }
+        async fn current_root_key_ref(&self) -> Result<String, BackendError> {
+            Ok(format!("{}:root", self.0))
+        }
+        fn can_unwrap(&self, root_key_ref: &str) -> bool {
+            root_key_ref.split(':').next() == Some(self.0)
+        }
+        async fn wrap(&self, _: &TenantKey, _: &KeyBinding) -> Result<WrappedKey, BackendError> {
+            Err(BackendError::new(
+                BackendErrorKind::Other,
+                "not in this test",
+            ))
+        }
+        async fn unwrap(&self, _: &WrappedKey, _: &KeyBinding) -> Result<TenantKey, BackendError> {
+            Err(BackendError::new(
+                BackendErrorKind::Other,
+                "not in this test",
+            ))
+        }
+    }
+
+    #[test]
+    fn a_nested_chain_counts_and_names_every_backend() {
+        // As `root migrate --to` builds it: the target's chain, then the source's chain.
+        let target = KmsChain::new(Arc::new(Named("aws")), vec![Arc::new(Named("azure"))]);
+        let source = KmsChain::new(Arc::new(Named("pkcs11")), vec![Arc::new(Named("aws2"))]);
+        let chain = KmsChain::new(Arc::new(target), vec![Arc::new(source)]);
+        assert_eq!(chain.backend_count(), 4);
+        let names: Vec<&str> = (0..4).map(|i| chain.backend_name(i)).collect();
+        assert_eq!(
+            names,
+            [
+                "aws",
+                "azure (previous)",
+                "pkcs11 (previous)",
+                "aws2 (previous)"
+            ]
+        );
+        for (reference, index) in [("aws:k", 0), ("azure:k", 1), ("pkcs11:k", 2), ("aws2:k", 3)] {
+            assert_eq!(chain.backend_for(reference), Some(index), "{reference}");
+        }
+        assert_eq!(chain.backend_for("local:k"), None);
+    }
 
     #[test]
     fn printable_caps_and_neutralizes_control_characters() {

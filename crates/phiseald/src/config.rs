@@ -467,6 +467,24 @@ fn distinct_pkcs11_root_keys(
     }
 }
 
+/// Whether every local user could put a socket in `dir`: it is writable by every user; or it
+/// does not exist and its nearest existing ancestor is (anyone could create it); or it is a
+/// symlink in a directory every user can write (anyone could have made or could replace it).
+fn open_to_every_user(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let open =
+        |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_symlink() => dir.parent().is_some_and(open) || open(dir),
+        Ok(_) => open(dir),
+        Err(_) => dir
+            .ancestors()
+            .skip(1)
+            .find(|a| std::fs::metadata(a).is_ok())
+            .is_some_and(open),
+    }
+}
+
 /// Whether two module paths name one library (after resolving symlinks, as the loader does;
 /// as written if a path cannot be resolved).
 fn same_module(a: &Path, b: &Path) -> bool {
@@ -1545,18 +1563,16 @@ impl Config {
                 Err(e) => return bad("key_store.database_url", &e.to_string()),
             };
             for dir in dirs {
-                use std::os::unix::fs::PermissionsExt;
-                let open_to_all =
-                    std::fs::metadata(&dir).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
-                if open_to_all {
+                if open_to_every_user(&dir) {
                     return bad(
                         "key_store.database_url",
                         &format!(
                             "production refuses the socket directory {}: every user may \
-                             create files in it, so while PostgreSQL is down any local user \
-                             could put a socket there and answer in its place (receiving the \
-                             password, replaying tenant records); use a directory only \
-                             PostgreSQL's user can write, such as /var/run/postgresql",
+                             create files in it (or create it, or replace the symlink it is), \
+                             so while PostgreSQL is down any local user could put a socket \
+                             there and answer in its place (receiving the password, replaying \
+                             tenant records); use a directory only PostgreSQL's user can write, \
+                             such as /var/run/postgresql",
                             dir.display()
                         ),
                     );

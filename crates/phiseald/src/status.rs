@@ -75,8 +75,7 @@ fn client_message(error: &Error) -> String {
     match error {
         Error::Kms { backend, source } if std::error::Error::source(source).is_some() => {
             format!(
-                "KMS '{backend}' failed: {} (the cause is in the daemon's log, under this \
-                 call's request id)",
+                "KMS '{backend}' failed: {} (the cause is in the daemon's log)",
                 source.message()
             )
         }
@@ -132,7 +131,7 @@ mod tests {
         assert_eq!(
             status.message(),
             "KMS 'aws-kms' failed: aws-kms: Decrypt with key 'k' failed: could not connect (the \
-             cause is in the daemon's log, under this call's request id)"
+             cause is in the daemon's log)"
         );
         assert!(log_detail(&status).contains("token=s3cr3t"));
         assert!(!item_error(&error).message.contains("s3cr3t"));

@@ -722,7 +722,9 @@ fn production_refuses_a_plaintext_key_store_connection_off_this_host() {
         "[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"alias/phiseal\"\nregion = \"us-east-1\"\n";
     let config =
         |store: &str| format!("{production}{SITE}{aws}[key_store]\nkind = \"postgres\"\n{store}");
-    let url = |u: &'static str| [("PHISEALD_KEY_STORE__DATABASE_URL", u)];
+    fn url(u: &str) -> [(&'static str, &str); 1] {
+        [("PHISEALD_KEY_STORE__DATABASE_URL", u)]
+    }
     let refused =
         "key_store.tls: production refuses tls = \"disable\" to a database on another host";
     check_text(
@@ -747,6 +749,16 @@ fn production_refuses_a_plaintext_key_store_connection_off_this_host() {
     // answer while PostgreSQL is down).
     check_text(&config(""), &url("host=/tmp user=app dbname=keys"))
         .fails_with("key_store.database_url: production refuses the socket directory /tmp:");
+    // Nor one that anyone could still create there, nor a symlink there to a good one.
+    let missing = format!("/tmp/phiseal-no-such-dir-{}", std::process::id());
+    check_text(&config(""), &url(&format!("host={missing} user=app"))).fails_with(&format!(
+        "production refuses the socket directory {missing}:"
+    ));
+    let link = format!("/tmp/phiseal-pg-link-{}", std::process::id());
+    std::os::unix::fs::symlink("/var/run", &link).unwrap();
+    let run = check_text(&config(""), &url(&format!("host={link} user=app")));
+    std::fs::remove_file(&link).unwrap();
+    run.fails_with(&format!("production refuses the socket directory {link}:"));
     check_text(
         &config("tls = \"require\"\n"),
         &url("postgresql://app@db.internal/keys"),

@@ -210,7 +210,14 @@ impl Keyring {
         // so it must not claim the outage's one retry and hold every other key off the KMS.
         let may_call = match self.refuse_without_kms(tenant, record) {
             Err(_) => true,
-            Ok(wrapped) => self.backend_of(&wrapped.root_key_ref).0.may_call(now),
+            Ok(wrapped) => {
+                // The backend a refresh asks is the record's now (a root rotation may have
+                // moved it since this key was unwrapped): its outage state is the key's.
+                if let Some(index) = inner.kms.backend_for(&wrapped.root_key_ref) {
+                    stale.set_kms_backend(index);
+                }
+                self.backend_of(&wrapped.root_key_ref).0.may_call(now)
+            }
         };
         if may_call {
             let result = self.unwrap_version(tenant, record).await;
