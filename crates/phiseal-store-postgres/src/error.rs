@@ -223,7 +223,11 @@ impl DatabaseError {
         }
         // The driver's text, then its causes (I/O, TLS): none of them carries row data.
         let mut message = err.to_string();
-        let mut kind = None;
+        // An authentication the server failed — a SCRAM exchange whose nonce or signature is
+        // wrong, which is how an impostor (or a server without the password) shows — is
+        // reported through an I/O error, which would read as an outage: it is a refusal, and
+        // the keyring must not bridge it with stale keys.
+        let mut kind = (message == "authentication error").then_some(BackendErrorKind::Denied);
         let mut cause = std::error::Error::source(err);
         while let Some(e) = cause {
             message.push_str(": ");

@@ -1234,3 +1234,60 @@ async fn a_schema_another_role_owns_or_may_change_is_refused() {
     db.open().await;
     db.drop_database().await;
 }
+
+/// A server that is not the database: it asks for SCRAM-SHA-256 and then answers the client's
+/// first message with a nonce that does not extend the client's (as a server that does not
+/// know the password, or an impostor on the socket, must fail the exchange somewhere).
+async fn impostor_answering_scram_with_a_foreign_nonce(listener: tokio::net::TcpListener) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut socket, _) = listener.accept().await.unwrap();
+    // StartupMessage: length (itself included), then the rest.
+    let len = socket.read_u32().await.unwrap();
+    let mut startup = vec![0u8; len as usize - 4];
+    socket.read_exact(&mut startup).await.unwrap();
+    // AuthenticationSASL with one mechanism.
+    let mechanisms = b"SCRAM-SHA-256\0\0";
+    socket.write_u8(b'R').await.unwrap();
+    socket
+        .write_u32(4 + 4 + mechanisms.len() as u32)
+        .await
+        .unwrap();
+    socket.write_u32(10).await.unwrap();
+    socket.write_all(mechanisms).await.unwrap();
+    // The client's SASLInitialResponse.
+    assert_eq!(socket.read_u8().await.unwrap(), b'p');
+    let len = socket.read_u32().await.unwrap();
+    let mut first = vec![0u8; len as usize - 4];
+    socket.read_exact(&mut first).await.unwrap();
+    // AuthenticationSASLContinue with a nonce of its own.
+    let server_first = b"r=not-the-clients-nonce,s=c2FsdHNhbHQ=,i=4096";
+    socket.write_u8(b'R').await.unwrap();
+    socket
+        .write_u32(4 + 4 + server_first.len() as u32)
+        .await
+        .unwrap();
+    socket.write_u32(11).await.unwrap();
+    socket.write_all(server_first).await.unwrap();
+    socket.flush().await.unwrap();
+    // Hold the connection until the client gives up.
+    let mut rest = Vec::new();
+    let _ = socket.read_to_end(&mut rest).await;
+}
+
+#[tokio::test]
+async fn a_server_that_fails_the_scram_exchange_is_a_refusal_not_an_outage() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(impostor_answering_scram_with_a_foreign_nonce(listener));
+    let config = phiseal_store_postgres::PostgresStoreConfig::new(format!(
+        "postgresql://phiseal:not-sent-in-clear@127.0.0.1:{port}/keys"
+    ));
+    let err = phiseal_store_postgres::PostgresKeyStore::open(&config)
+        .await
+        .unwrap_err();
+    let err = phiseal::BackendError::from(err);
+    // Not `Unavailable`: the keyring bridges an outage with stale keys, never a refusal.
+    assert_eq!(err.kind(), BackendErrorKind::Denied, "{err}");
+    assert!(!err.to_string().contains("not-sent-in-clear"), "{err}");
+    server.abort();
+}
