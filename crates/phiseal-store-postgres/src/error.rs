@@ -223,10 +223,11 @@ impl DatabaseError {
         }
         // The driver's text, then its causes (I/O, TLS): none of them carries row data.
         let mut message = err.to_string();
-        // An authentication the server failed — a SCRAM exchange whose nonce or signature is
-        // wrong, which is how an impostor (or a server without the password) shows — is
-        // reported through an I/O error, which would read as an outage: it is a refusal, and
-        // the keyring must not bridge it with stale keys.
+        // An authentication that failed on the server's side — a SCRAM exchange whose nonce
+        // or signature is wrong (a server without the password, or an impostor that tries
+        // SCRAM), an unsupported method — is reported through an I/O error, which would read
+        // as an outage: it is a refusal, and no cached answer may bridge it. (An impostor
+        // that skips SCRAM is stopped only by TLS: docs/DEPLOYMENT.md.)
         let mut kind = (message == "authentication error").then_some(BackendErrorKind::Denied);
         let mut cause = std::error::Error::source(err);
         while let Some(e) = cause {
@@ -248,7 +249,6 @@ impl DatabaseError {
                 | "timeout waiting for server"
                 | "error communicating with the server"
                 | "connection closed" => BackendErrorKind::Unavailable,
-                "authentication error" => BackendErrorKind::Denied,
                 "invalid configuration" | "invalid connection string" => {
                     BackendErrorKind::Misconfigured
                 }

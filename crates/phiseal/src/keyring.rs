@@ -295,17 +295,20 @@ impl KeyringBuilder {
                 let names: Vec<String> = (0..kms.backend_count())
                     .map(|i| format!("'{}'", kms.backend_name(i)))
                     .collect();
-                return Err(Error::Config(format!(
-                    "KMS backend {} is for development only and is refused by the production \
-                     profile: configure AWS KMS, Azure Key Vault or an HSM{}",
-                    names.join(", "),
-                    if names.len() > 1 {
-                        " (one of these is the local development KMS: finish the migration \
-                         away from it first)"
-                    } else {
-                        ""
-                    }
-                )));
+                return Err(Error::Config(if names.len() > 1 {
+                    format!(
+                        "KMS backends {}: one of them is the local development KMS, which the \
+                         production profile refuses: configure AWS KMS, Azure Key Vault or an \
+                         HSM",
+                        names.join(", ")
+                    )
+                } else {
+                    format!(
+                        "KMS backend {} is for development only and is refused by the \
+                         production profile: configure AWS KMS, Azure Key Vault or an HSM",
+                        names.join(", ")
+                    )
+                }));
             }
             match &audit {
                 None => {

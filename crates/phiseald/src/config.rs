@@ -467,22 +467,42 @@ fn distinct_pkcs11_root_keys(
     }
 }
 
-/// Whether every local user could put a socket in `dir`: it is writable by every user; or it
-/// does not exist and its nearest existing ancestor is (anyone could create it); or it is a
-/// symlink in a directory every user can write (anyone could have made or could replace it).
+/// Whether another local user could have made, or could put a socket in, `dir`: as written
+/// or after resolving its symlinks, it or a directory above it is writable by every user
+/// (such as `/tmp`: anyone may create the directory there before PostgreSQL does, or replace
+/// a symlink); for a directory that does not exist (yet), the nearest one that does decides.
 fn open_to_every_user(dir: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let open =
         |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_symlink() => dir.parent().is_some_and(open) || open(dir),
-        Ok(_) => open(dir),
-        Err(_) => dir
+    // Every spelling the path takes on the way: as written, then with each symlink replaced
+    // by its target (a dangling one included: its target may be created by anyone).
+    let mut paths = vec![dir.to_owned()];
+    let mut next = dir.to_owned();
+    for _ in 0..40 {
+        let Some(link) = next
             .ancestors()
-            .skip(1)
-            .find(|a| std::fs::metadata(a).is_ok())
-            .is_some_and(open),
+            .find(|a| std::fs::symlink_metadata(a).is_ok_and(|m| m.file_type().is_symlink()))
+            .map(Path::to_owned)
+        else {
+            break;
+        };
+        let Ok(target) = std::fs::read_link(&link) else {
+            break;
+        };
+        let base = link.parent().map(Path::to_owned).unwrap_or_default();
+        let rest = next
+            .strip_prefix(&link)
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        next = base.join(target).join(rest);
+        paths.push(next.clone());
     }
+    paths.iter().any(|path| {
+        path.ancestors()
+            .filter(|a| std::fs::symlink_metadata(a).is_ok())
+            .any(open)
+    })
 }
 
 /// Whether two module paths name one library (after resolving symlinks, as the loader does;

@@ -84,8 +84,9 @@ fn client_message(error: &Error) -> String {
 }
 
 /// The per-item error for a library error. A KMS failure's cause, which the item's message
-/// leaves out, is logged here (a batch call that succeeds has no failed-call log line);
-/// during an outage only the one item whose KMS call failed carries one.
+/// leaves out, is logged here (a batch call that succeeds has no failed-call log line): for
+/// the item whose KMS call failed and for those that waited on that call; items refused
+/// during an outage without a call carry none.
 pub fn item_error(error: &Error) -> ItemError {
     if let Error::Kms { source, .. } = error
         && std::error::Error::source(source).is_some()

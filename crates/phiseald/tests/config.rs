@@ -717,6 +717,7 @@ fn key_store_settings_are_checked() {
 
 #[test]
 fn production_refuses_a_plaintext_key_store_connection_off_this_host() {
+    use std::os::unix::fs::PermissionsExt;
     let production = "profile = \"production\"\n";
     let aws =
         "[kms]\nkind = \"aws\"\n[kms.aws]\nkey_id = \"alias/phiseal\"\nregion = \"us-east-1\"\n";
@@ -759,6 +760,17 @@ fn production_refuses_a_plaintext_key_store_connection_off_this_host() {
     let run = check_text(&config(""), &url(&format!("host={link} user=app")));
     std::fs::remove_file(&link).unwrap();
     run.fails_with(&format!("production refuses the socket directory {link}:"));
+    // A directory someone created there first (its mode is theirs to choose), with or
+    // without a trailing slash.
+    let made = format!("/tmp/phiseal-pg-made-{}", std::process::id());
+    std::fs::create_dir(&made).unwrap();
+    std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for spelled in [made.clone(), format!("{made}/")] {
+        check_text(&config(""), &url(&format!("host={spelled} user=app"))).fails_with(&format!(
+            "production refuses the socket directory {spelled}"
+        ));
+    }
+    std::fs::remove_dir(&made).unwrap();
     check_text(
         &config("tls = \"require\"\n"),
         &url("postgresql://app@db.internal/keys"),
