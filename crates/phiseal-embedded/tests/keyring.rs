@@ -2675,6 +2675,74 @@ async fn during_a_migration_one_backends_outage_does_not_hold_the_other_off() {
 }
 
 #[tokio::test]
+async fn a_cached_key_whose_record_a_root_rotation_moved_follows_its_new_backends_outage() {
+    use phiseal::kms::KmsChain;
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let old = SwitchableKms::over(&p);
+    let new = SwitchableKms::over_kms(Arc::new(
+        phiseal_kms_local::LocalKms::open(dir.path().join("new-root.key")).unwrap(),
+    ));
+    let c = caller();
+    let cx = ctx("t", "f", None);
+    let before = switchable_keyring(&old, &p, CacheSettings::default(), None);
+    before.create_tenant(&c, cx.tenant()).await.unwrap();
+    let ct = before.encrypt(&c, &cx, b"value").await.unwrap();
+
+    // A daemon mid-migration caches the key, unwrapped by the old backend; then the record
+    // is moved under the new root key (the key itself, and so the cached copy, unchanged).
+    let audit = Arc::new(MemoryAudit::default());
+    let migrating = Keyring::builder()
+        .profile(Profile::Development)
+        .kms(Arc::new(KmsChain::new(
+            new.clone() as Arc<dyn Kms>,
+            vec![old.clone() as Arc<dyn Kms>],
+        )))
+        .key_store(p.store.clone())
+        .audit(audit.clone())
+        .cache(CacheSettings {
+            key_ttl: Duration::from_millis(300),
+            metadata_ttl: Duration::from_millis(300),
+            max_stale: Duration::from_secs(30),
+            ..CacheSettings::default()
+        })
+        .build()
+        .unwrap();
+    migrating.decrypt(&c, &cx, &ct).await.unwrap();
+    let report = migrating.rewrap_root_keys(&c, &mut |_| {}).await.unwrap();
+    assert_eq!(report.rewrapped, 1, "{report:?}");
+
+    // The new backend goes down past the key's TTL: the refresh asks it, finds it
+    // unavailable, and serves the key stale — once decided, until the new backend's next
+    // retry, without another attempt or decision per use.
+    new.fail_with(Some(BackendErrorKind::Unavailable));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    audit.take();
+    let (old_calls, new_calls) = (
+        old.unwraps.load(Ordering::SeqCst),
+        new.unwraps.load(Ordering::SeqCst),
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            migrating.decrypt(&c, &cx, &ct).await.unwrap().as_bytes(),
+            b"value"
+        );
+    }
+    let stale_decisions = audit
+        .take()
+        .iter()
+        .filter(|e| e.0 == "serve_stale_key")
+        .count();
+    assert_eq!(stale_decisions, 1);
+    assert_eq!(
+        old.unwraps.load(Ordering::SeqCst),
+        old_calls,
+        "the old one is not asked"
+    );
+    assert_eq!(new.unwraps.load(Ordering::SeqCst), new_calls + 1);
+}
+
+#[tokio::test]
 async fn without_max_stale_an_outage_fails_closed_at_the_ttl() {
     let dir = private_tempdir();
     let p = parts(dir.path());
