@@ -136,9 +136,17 @@ fn write_lines(path: &Path, lines: &[String]) {
 
 /// A closed log with a header and `n` single-event records.
 async fn log_with(n: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    log_written_with(n, Durability::Strict).await
+}
+
+/// [`log_with`], written in `durability` (the default one spares an fsync per record).
+async fn log_written_with(
+    n: u64,
+    durability: Durability,
+) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
-    let log = FileAuditLog::open(&path, Durability::Strict).unwrap();
+    let log = FileAuditLog::open(&path, durability).unwrap();
     for i in 1..=n {
         log.append(&[ev(i)]).await.unwrap();
     }
@@ -470,26 +478,13 @@ async fn tampered_batch_lines_are_detected() {
     }
 }
 
-/// `n` single-event records without an fsync each (the default durability).
-async fn quick_log_with(n: u64) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
-    let log = FileAuditLog::open(&path, Durability::default()).unwrap();
-    for i in 1..=n {
-        log.append(&[ev(i)]).await.unwrap();
-    }
-    log.flush().await.unwrap();
-    drop(log);
-    (dir, path)
-}
-
 fn all_kinds(report: &phiseal_audit_file::VerifyReport) -> Vec<ProblemKind> {
     report.problems.iter().map(|p| p.kind).collect()
 }
 
 #[tokio::test]
 async fn records_deleted_behind_a_damaged_line_still_show() {
-    let (_dir, path) = quick_log_with(3000).await;
+    let (_dir, path) = log_written_with(3000, Durability::default()).await;
     let good = lines(&path);
     assert_eq!(good.len(), 3001, "a header and one line per record");
 
