@@ -1528,14 +1528,12 @@ impl Keyring {
         // Only the outcome of a real KMS call moves the outage state (the checks above
         // decided without the KMS), and only the state of the backend that was called.
         let index = inner.kms.backend_for(&wrapped.root_key_ref).unwrap_or(0);
-        inner
-            .outages
-            .of(index)
-            .record(&unwrapped, Instant::now_without_cache_update());
+        let (outage, backend) = self.backend(index);
+        outage.record(&unwrapped, Instant::now_without_cache_update());
         let key = unwrapped.map_err(|source| match source.kind() {
             BackendErrorKind::InvalidData => binding_mismatch(&binding),
             _ => Error::Kms {
-                backend: inner.kms.backend_name(index).to_owned(),
+                backend: backend.to_owned(),
                 source,
             },
         })?;

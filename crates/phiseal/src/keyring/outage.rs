@@ -146,14 +146,16 @@ impl Keyring {
     /// The outage state and name of the KMS backend that unwraps keys wrapped under
     /// `root_key_ref`.
     pub(super) fn backend_of(&self, root_key_ref: &str) -> (&KmsOutage, &str) {
-        let kms = &*self.inner.kms;
-        let index = kms.backend_for(root_key_ref).unwrap_or(0);
-        (self.inner.outages.of(index), kms.backend_name(index))
+        self.backend(self.inner.kms.backend_for(root_key_ref).unwrap_or(0))
     }
 
-    /// The outage state and name of the KMS backend that unwrapped `key`.
+    /// The outage state and name of the KMS backend that unwraps `key`'s record.
     pub(super) fn backend_of_key(&self, key: &VersionKey) -> (&KmsOutage, &str) {
-        let index = key.kms_backend();
+        self.backend(key.kms_backend())
+    }
+
+    /// The outage state and name of KMS backend `index` ([`crate::kms::Kms::backend_for`]).
+    pub(super) fn backend(&self, index: usize) -> (&KmsOutage, &str) {
         (
             self.inner.outages.of(index),
             self.inner.kms.backend_name(index),
@@ -216,7 +218,7 @@ impl Keyring {
                 if let Some(index) = inner.kms.backend_for(&wrapped.root_key_ref) {
                     stale.set_kms_backend(index);
                 }
-                self.backend_of(&wrapped.root_key_ref).0.may_call(now)
+                self.backend_of_key(&stale).0.may_call(now)
             }
         };
         if may_call {
