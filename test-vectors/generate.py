@@ -218,6 +218,8 @@ POSITIVE = [
      "acme", "ssn", "patient-0001", 7, 64),
     ("1000-bytes", "1000-byte plaintext",
      "acme", "notes", "patient-0001", 2, 1000),
+    ("5000-bytes", "5000-byte plaintext (phiseal encrypts fields from 4096 bytes up out of place)",
+     "acme", "notes", "patient-0002", 2, 5000),
     ("non-ascii-record", "record id with multi-byte UTF-8 (2-, 3- and 4-byte sequences)",
      "acme", "dob", NON_ASCII_RECORD, 3, 10),
     ("key-version-large", "key version 4000000000 (top bit of u32 set)",

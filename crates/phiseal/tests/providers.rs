@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
 const PROVIDERS: [&CryptoProvider; 2] = [&aws_lc::PROVIDER, &rust_crypto::PROVIDER];
-const SIZES: [usize; 8] = [0, 1, 15, 16, 17, 64, 1024, 65536];
+const SIZES: [usize; 10] = [0, 1, 15, 16, 17, 64, 1024, 4095, 4096, 65536];
 
 fn rng(test: &str) -> StdRng {
     let seed = match std::env::var("PHISEAL_TEST_SEED") {
@@ -61,12 +61,23 @@ fn cross_check_aead(name: &str, aead_of: AeadOf, rng: &mut StdRng) {
             // Every provider seals to the same bytes (AEADs are deterministic given the nonce).
             let mut sealed = Vec::new();
             for provider in PROVIDERS {
+                let k = aead_of(provider).key(&key).unwrap();
                 let mut buf = plaintext.clone();
-                let tag = aead_of(provider)
-                    .key(&key)
-                    .unwrap()
-                    .seal(&nonce, &aad, &mut buf)
-                    .unwrap();
+                let tag = k.seal(&nonce, &aad, &mut buf).unwrap();
+                // The out-of-place seal (large fields) writes the same bytes and tag.
+                let mut into = vec![0x5Au8; size];
+                let into_tag = k.seal_into(&nonce, &aad, &plaintext, &mut into).unwrap();
+                assert!(
+                    into == buf && into_tag == tag,
+                    "{what} [{}]: seal_into differs from seal",
+                    provider.name
+                );
+                let mut short = vec![0u8; size + 1];
+                assert!(
+                    k.seal_into(&nonce, &aad, &plaintext, &mut short).is_err(),
+                    "{what} [{}]: seal_into accepted an output of another length",
+                    provider.name
+                );
                 // Short messages can encrypt to themselves by chance (1 in 256 for one byte).
                 if size >= 16 {
                     assert_ne!(buf, plaintext, "{what} [{}]: not encrypted", provider.name);

@@ -94,6 +94,24 @@ impl AeadKey for AesGcmKey {
         seal_less_safe(&self.0, nonce, aad, in_out)
     }
 
+    fn seal_into(
+        &self,
+        nonce: &[u8],
+        aad: &[u8],
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], CryptoFailure> {
+        if out.len() != plaintext.len() {
+            return Err(CryptoFailure);
+        }
+        let nonce = aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoFailure)?;
+        let mut tag = [0u8; TAG_LEN];
+        self.0
+            .seal_out_of_place_scatter(nonce, aead::Aad::from(aad), plaintext, out, &[], &mut tag)
+            .map_err(|_| CryptoFailure)?;
+        Ok(tag)
+    }
+
     fn open(
         &self,
         nonce: &[u8],

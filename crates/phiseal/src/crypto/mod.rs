@@ -39,6 +39,23 @@ pub trait AeadKey: Send + Sync {
         in_out: &mut [u8],
     ) -> Result<[u8; TAG_LEN], CryptoFailure>;
 
+    /// Encrypts `plaintext` into `out` (same length) and returns the tag. The default copies
+    /// the plaintext into `out` and seals it in place; a provider with an out-of-place
+    /// primitive saves that pass over the data.
+    fn seal_into(
+        &self,
+        nonce: &[u8],
+        aad: &[u8],
+        plaintext: &[u8],
+        out: &mut [u8],
+    ) -> Result<[u8; TAG_LEN], CryptoFailure> {
+        if out.len() != plaintext.len() {
+            return Err(CryptoFailure);
+        }
+        out.copy_from_slice(plaintext);
+        self.seal(nonce, aad, out)
+    }
+
     /// Decrypts `ciphertext` with `tag` into `out` (same length). On failure `out` holds no
     /// plaintext (it is zeroed).
     fn open(
