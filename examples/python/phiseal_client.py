@@ -256,11 +256,17 @@ class Phiseal:
         return [bytes(t.value) for t in self._call(self._field.SearchTerms, request).terms]
 
     def _stream(self, method: Any, request_type: Any, context: Context,
-                chunks: Iterable[bytes]) -> Iterator[bytes]:
+                chunks: Iterable[bytes], end: bool) -> Iterator[bytes]:
         def requests() -> Iterator[Any]:
             yield request_type(context=self._context(context))
+            sent = 0
             for chunk in chunks:
+                sent += len(chunk)
                 yield request_type(chunk=chunk)
+            # Only once `chunks` is exhausted: if it raised instead, the daemon gets no `end`
+            # and refuses to seal what it has as complete.
+            if end:
+                yield request_type(end=self._pb2.StreamEnd(plaintext_bytes=sent))
         # No overall deadline: the daemon limits the time between messages.
         answers = method(requests(), metadata=self._metadata)
         try:
@@ -277,11 +283,11 @@ class Phiseal:
         """Encrypts a large value given as chunks of any size; yields the ciphertext in pieces.
         The ciphertext is complete when the iterator ends without raising."""
         return self._stream(self._field.EncryptStream, self._pb2.EncryptStreamRequest,
-                            context, chunks)
+                            context, chunks, end=True)
 
     def decrypt_stream(self, context: Context, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """Decrypts a stream; yields plaintext of authenticated segments. The plaintext is
         complete and authentic ONLY if the iterator ends without raising: keep it provisional
         until then (a truncated or altered stream raises after the segments before it)."""
         return self._stream(self._field.DecryptStream, self._pb2.DecryptStreamRequest,
-                            context, chunks)
+                            context, chunks, end=False)

@@ -9,7 +9,8 @@ use std::io::Read;
 use std::path::Path;
 
 use phiseal_proto::v1::{
-    DecryptStreamRequest, EncryptStreamRequest, decrypt_stream_request, encrypt_stream_request,
+    DecryptStreamRequest, EncryptStreamRequest, StreamEnd, decrypt_stream_request,
+    encrypt_stream_request,
 };
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -29,17 +30,32 @@ const AHEAD: usize = 4;
 /// The input reader thread: the bytes it read (all of the input), or why it stopped early.
 type Reader = std::thread::JoinHandle<Result<u64, CliError>>;
 
-/// Reads `input` in chunks on a thread, sending each as a request message made by `message`;
-/// the first message (the context) is sent before any chunk. The chunks are moved into the
+/// The request messages of one streaming call.
+struct Requests<M> {
+    /// The first message (the context).
+    first: M,
+    /// A message carrying a chunk of the input.
+    chunk: fn(Vec<u8>) -> M,
+    /// The last message, made of the input's byte count once it has been read to its end
+    /// (`EncryptStream`'s `end`); `None` where the requests just close.
+    end: Option<fn(u64) -> M>,
+}
+
+/// Reads `input` in chunks on a thread, sending the messages of `requests`: the first before
+/// any chunk, the end (if any) after the last, once the input has been read to its end. The chunks are moved into the
 /// messages (the gRPC layer does not wipe its buffers). A read error is reported on `failed`
 /// while the request stream is kept open — closing it would tell the daemon the input ended,
 /// and it would seal a truncated stream — until the caller has cancelled the call and drops
 /// `release`.
 fn spawn_reader<M: Send + 'static>(
     input: &Path,
-    first: M,
-    message: fn(Vec<u8>) -> M,
+    requests: Requests<M>,
 ) -> Result<(mpsc::Receiver<M>, Reader, ReaderFailure), CliError> {
+    let Requests {
+        first,
+        chunk: message,
+        end,
+    } = requests;
     let mut file =
         File::open(input).map_err(CliError::io(format!("opening {}", input.display())))?;
     let shown = input.display().to_string();
@@ -69,6 +85,11 @@ fn spawn_reader<M: Send + 'static>(
                 }
             };
             if n == 0 {
+                if let Some(end) = end
+                    && tx.blocking_send(end(total)).is_err()
+                {
+                    return Err(stopped());
+                }
                 return Ok(total);
             }
             chunk.truncate(n);
@@ -100,8 +121,7 @@ async fn run<M: Send + 'static>(
     what: &str,
     args: &FileArgs,
     global: &GlobalArgs,
-    first: M,
-    message: fn(Vec<u8>) -> M,
+    requests: Requests<M>,
     call: impl AsyncCall<M>,
     wipe_answers: bool,
 ) -> Result<(), CliError> {
@@ -112,7 +132,7 @@ async fn run<M: Send + 'static>(
     tokio::pin!(interrupt);
     let stopped = || CliError::Failed(format!("{what}: interrupted; no output written"));
     let mut output = Partial::create(&args.output)?;
-    let (rx, reader, mut failure) = spawn_reader(&args.input, first, message)?;
+    let (rx, reader, mut failure) = spawn_reader(&args.input, requests)?;
     let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
     let started = tokio::select! {
         started = call.call(&daemon, requests) => started,
@@ -201,22 +221,32 @@ impl AsyncCall<DecryptStreamRequest> for Decrypt {
 
 /// `encrypt-file`.
 pub(crate) async fn encrypt_file(args: FileArgs, global: &GlobalArgs) -> Result<(), CliError> {
-    let first = EncryptStreamRequest {
-        part: Some(encrypt_stream_request::Part::Context(args.field.context())),
+    let requests = Requests {
+        first: EncryptStreamRequest {
+            part: Some(encrypt_stream_request::Part::Context(args.field.context())),
+        },
+        chunk: |bytes| EncryptStreamRequest {
+            part: Some(encrypt_stream_request::Part::Chunk(bytes)),
+        },
+        end: Some(|plaintext_bytes| EncryptStreamRequest {
+            part: Some(encrypt_stream_request::Part::End(StreamEnd {
+                plaintext_bytes,
+            })),
+        }),
     };
-    let chunk = |bytes| EncryptStreamRequest {
-        part: Some(encrypt_stream_request::Part::Chunk(bytes)),
-    };
-    run("encrypt-file", &args, global, first, chunk, Encrypt, false).await
+    run("encrypt-file", &args, global, requests, Encrypt, false).await
 }
 
 /// `decrypt-file`.
 pub(crate) async fn decrypt_file(args: FileArgs, global: &GlobalArgs) -> Result<(), CliError> {
-    let first = DecryptStreamRequest {
-        part: Some(decrypt_stream_request::Part::Context(args.field.context())),
+    let requests = Requests {
+        first: DecryptStreamRequest {
+            part: Some(decrypt_stream_request::Part::Context(args.field.context())),
+        },
+        chunk: |bytes| DecryptStreamRequest {
+            part: Some(decrypt_stream_request::Part::Chunk(bytes)),
+        },
+        end: None,
     };
-    let chunk = |bytes| DecryptStreamRequest {
-        part: Some(decrypt_stream_request::Part::Chunk(bytes)),
-    };
-    run("decrypt-file", &args, global, first, chunk, Decrypt, true).await
+    run("decrypt-file", &args, global, requests, Decrypt, true).await
 }

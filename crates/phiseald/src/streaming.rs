@@ -13,8 +13,15 @@
 //! the client abandons is audited as failed (`cancelled`, or `transport` if its connection broke). At shutdown, streams get the same
 //! drain time as unary calls; those still open then are ended by the daemon — audited as
 //! failed (`shutdown`) before the final flush of the audit log — and their clients get
-//! UNAVAILABLE (`shutting_down`) if they still take answers. Plaintext chunks received are wiped after use; plaintext sent is
-//! handed to the gRPC layer, which does not wipe its buffers (as for unary `Decrypt`).
+//! UNAVAILABLE (`shutting_down`) if they still take answers.
+//!
+//! An `EncryptStream` is sealed as complete only on its `end` message, whose byte count must
+//! match the chunks received: a request stream that merely closes may be a client whose input
+//! failed part way, and sealing it would make a truncated plaintext authentic.
+//!
+//! The plaintext chunks this module decodes are wiped after use; the gRPC layer's receive
+//! buffers that held them are not, and plaintext sent is handed to the gRPC layer, which does
+//! not wipe its buffers either (as for unary `Encrypt` and `Decrypt`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -86,8 +93,28 @@ fn shutting_down() -> Status {
 enum Part {
     Chunk(Vec<u8>),
     Context,
+    /// `EncryptStream`'s last message: the plaintext bytes the client sent.
+    End(u64),
     /// Neither a chunk nor a context (the oneof unset).
     Nothing,
+}
+
+/// An `EncryptStream` whose requests closed without `end`: the input may have failed part way.
+fn missing_end() -> Status {
+    status::from_error(&phiseal::Error::InvalidInput {
+        what: "stream",
+        reason: "the requests ended without an `end` message, so the plaintext may be incomplete: \
+                 nothing was sealed as complete; send the stream again, ending it with `end`",
+    })
+}
+
+/// An `end` whose count differs from the plaintext bytes received.
+fn end_count_mismatch() -> Status {
+    status::from_error(&phiseal::Error::InvalidInput {
+        what: "stream",
+        reason: "the `end` message counts another number of plaintext bytes than the chunks \
+                 carried: nothing was sealed as complete; send the stream again",
+    })
 }
 
 fn empty_message() -> Status {
@@ -350,6 +377,9 @@ trait Worker: Send + 'static {
     /// The stream's revocation (its tenant shredded), checked before each answer holding
     /// plaintext is queued.
     fn revocation(&self) -> Revocation;
+    /// Whether the requests must end with an `end` message (`EncryptStream`: its plaintext
+    /// carries no end marker of its own), rather than just close.
+    const NEEDS_END: bool;
     /// Whether inputs (plaintext) are wiped after use.
     const WIPE_INPUT: bool;
     /// Whether unsent outputs (plaintext) are wiped.
@@ -370,6 +400,7 @@ impl Worker for AuditedStreamEncryptor {
         // Its answers are ciphertext: nothing to hold back.
         Revocation::default()
     }
+    const NEEDS_END: bool = true;
     const WIPE_INPUT: bool = true;
     const WIPE_OUTPUT: bool = false;
 }
@@ -387,6 +418,7 @@ impl Worker for AuditedStreamDecryptor {
     fn revocation(&self) -> Revocation {
         AuditedStreamDecryptor::revocation(self)
     }
+    const NEEDS_END: bool = false;
     const WIPE_INPUT: bool = false;
     const WIPE_OUTPUT: bool = true;
 }
@@ -410,7 +442,7 @@ pub(crate) async fn encrypt_stream(
                 plaintext.zeroize();
                 None
             }
-            None => None,
+            Some(P::End(_)) | None => None,
         },
     )
     .await?;
@@ -434,6 +466,7 @@ pub(crate) async fn encrypt_stream(
         match m.part {
             Some(P::Chunk(bytes)) => Some(Part::Chunk(bytes)),
             Some(P::Context(_)) => Some(Part::Context),
+            Some(P::End(end)) => Some(Part::End(end.plaintext_bytes)),
             None => Some(Part::Nothing),
         }
     }))
@@ -511,6 +544,8 @@ async fn run<M, W: Worker>(
     room: usize,
 ) -> Result<(), Status> {
     let idle = idle_limit(call);
+    // Input bytes taken so far, for `end`'s count.
+    let mut received: u64 = 0;
     let failed = async |worker: W, status: Status, reason: &'static str| {
         worker.abort(reason).await;
         let _ = send(tx, idle, stop, Err(status.clone())).await;
@@ -534,6 +569,7 @@ async fn run<M, W: Worker>(
                 return failed(worker, empty_message(), "invalid_input").await;
             }
             Ok(Some(Part::Chunk(mut chunk))) => {
+                received = received.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
                 // Within the idle limit and ended by shutdown like a read: the first push of
                 // a decryption looks the key up (key store, KMS), which may hang.
                 let pushed = {
@@ -558,29 +594,20 @@ async fn run<M, W: Worker>(
                     return failed(worker, status, reason).await;
                 }
             }
-            Ok(None) => {
-                let revocation = worker.revocation();
-                if let Err(e) = worker.finish(&mut out).await {
-                    if W::WIPE_OUTPUT {
-                        out.zeroize();
-                    }
-                    let status = status::from_error(&e);
-                    let _ = send(tx, idle, stop, Err(status.clone())).await;
-                    return Err(status);
+            Ok(Some(Part::End(count))) if W::NEEDS_END => {
+                if count != received {
+                    return failed(worker, end_count_mismatch(), "invalid_input").await;
                 }
-                let check = || revocation.check();
-                return match send_output(tx, idle, stop, out, room, W::WIPE_OUTPUT, check).await {
-                    Sent::All => Ok(()),
-                    Sent::Gone => Err(gone()),
-                    // (Recorded `ok`: the stream was complete and authentic when the tenant was
-                    // shredded, but its last answer is not sent.)
-                    Sent::Refused(e) => {
-                        let status = status::from_error(&e);
-                        let _ = send(tx, idle, stop, Err(status.clone())).await;
-                        Err(status)
-                    }
-                };
+                return finish(worker, out, tx, idle, stop, room).await;
             }
+            // (Only `EncryptStream` has an `end`.)
+            Ok(Some(Part::End(_))) => {
+                return failed(worker, empty_message(), "invalid_input").await;
+            }
+            Ok(None) if W::NEEDS_END => {
+                return failed(worker, missing_end(), "invalid_input").await;
+            }
+            Ok(None) => return finish(worker, out, tx, idle, stop, room).await,
         }
         if out.is_empty() {
             continue;
@@ -601,6 +628,39 @@ async fn run<M, W: Worker>(
                 let status = status::from_error(&e);
                 return failed(worker, status, e.kind()).await;
             }
+        }
+    }
+}
+
+/// Ends the stream (the worker's `finish`, audited) and sends its last output.
+async fn finish<W: Worker>(
+    worker: W,
+    mut out: Vec<u8>,
+    tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
+    idle: Duration,
+    stop: &CancellationToken,
+    room: usize,
+) -> Result<(), Status> {
+    let revocation = worker.revocation();
+    if let Err(e) = worker.finish(&mut out).await {
+        if W::WIPE_OUTPUT {
+            out.zeroize();
+        }
+        let status = status::from_error(&e);
+        let _ = send(tx, idle, stop, Err(status.clone())).await;
+        return Err(status);
+    }
+    let check = || revocation.check();
+    match send_output(tx, idle, stop, out, room, W::WIPE_OUTPUT, check).await {
+        Sent::All => Ok(()),
+        Sent::Gone if stop.is_cancelled() => Err(shutting_down()),
+        Sent::Gone => Err(gone()),
+        // (Recorded `ok`: the stream was complete and authentic when the tenant was
+        // shredded, but its last answer is not sent.)
+        Sent::Refused(e) => {
+            let status = status::from_error(&e);
+            let _ = send(tx, idle, stop, Err(status.clone())).await;
+            Err(status)
         }
     }
 }

@@ -439,9 +439,15 @@ async fn encrypt_stream_answers(d: &Daemon, chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>
             ctx("clinic", "referral", Some("doc-7")).unwrap(),
         )),
     }];
+    let plaintext_bytes = chunks.iter().map(|c| c.len() as u64).sum();
     requests.extend(chunks.into_iter().map(|c| pb::EncryptStreamRequest {
         part: Some(pb::encrypt_stream_request::Part::Chunk(c)),
     }));
+    requests.push(pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::End(pb::StreamEnd {
+            plaintext_bytes,
+        })),
+    });
     let mut answers = d
         .fields()
         .await
@@ -930,6 +936,80 @@ async fn a_read_error_cancels_the_stream_instead_of_sealing_a_truncated_one() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn an_encrypt_stream_is_sealed_as_complete_only_on_an_end_with_the_right_count() {
+    // A client whose input failed part way may still close its request stream cleanly: the
+    // daemon must not make that truncated plaintext an authentic, complete stream.
+    let d = Daemon::with_config(&config(ALL));
+    create_tenant(&d, "clinic").await;
+    let document: Vec<u8> = (0..150_000u32).map(|i| (i % 241) as u8).collect();
+    let context = || pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Context(
+            ctx("clinic", "referral", Some("doc-7")).unwrap(),
+        )),
+    };
+    let chunk = |bytes: &[u8]| pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Chunk(bytes.to_vec())),
+    };
+    let end = |plaintext_bytes| pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::End(pb::StreamEnd {
+            plaintext_bytes,
+        })),
+    };
+    let cases = [
+        // Closed after 100 000 of the 150 000 bytes, without `end`.
+        (
+            vec![context(), chunk(&document[..100_000])],
+            "without an `end` message",
+        ),
+        // An `end` that counts more than the chunks carried.
+        (
+            vec![context(), chunk(&document[..100_000]), end(150_000)],
+            "another number of plaintext bytes",
+        ),
+    ];
+    for (requests, expected) in cases {
+        let mut answers = d
+            .fields()
+            .await
+            .encrypt_stream(tokio_stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let (sealed, ended) = read_answers(&mut answers).await;
+        let err = ended.expect_err("an unended stream must not end with OK");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(expected), "{err:?}");
+        // Whatever was sent before is not a complete stream: it does not decrypt.
+        let (_, opened) = decrypt_stream(&d, &sealed, 65_536).await;
+        assert_eq!(
+            opened.expect_err("a prefix decrypted as complete").code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+    // With the right count the same stream is complete.
+    let sealed = encrypt_stream(&d, vec![document.clone()]).await;
+    let (plain, opened) = decrypt_stream(&d, &sealed, 65_536).await;
+    opened.unwrap();
+    assert!(plain == document);
+    let results: Vec<String> = common::audit_records(&d.audit_log())
+        .iter()
+        .filter(|r| r["action"] == "encrypt_stream")
+        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        results,
+        [
+            "attempt",
+            "invalid_input",
+            "attempt",
+            "invalid_input",
+            "attempt",
+            "ok"
+        ]
+    );
 }
 
 #[tokio::test]
