@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use zeroize::Zeroize;
+use zeroize::Zeroizing;
 
 use crate::context::EncryptionContext;
 use crate::crypto::{AeadKey, CryptoFailure, CryptoProvider, os_random};
@@ -154,7 +154,10 @@ pub(crate) fn seal(
     }
     .ok_or_else(|| crypto_error(provider))?;
     let total_len = algorithm.overhead() + plaintext.len();
-    let mut out = Vec::with_capacity(total_len);
+    // Wiped when dropped unless handed out sealed: on the in-place path (and a provider's
+    // default `seal_into`) it holds plaintext until the AEAD has run, so a failure, or a
+    // panic in a provider, must not free it unwiped.
+    let mut out = Zeroizing::new(Vec::with_capacity(total_len));
     out.push(FORMAT_V1);
     out.push(algorithm.id());
     out.extend_from_slice(&key_version.to_be_bytes());
@@ -188,14 +191,10 @@ pub(crate) fn seal(
     match sealed {
         Ok(Some(tag)) => {
             out.extend_from_slice(&tag);
-            Ok(out)
+            Ok(std::mem::take(&mut *out))
         }
-        Ok(None) => Ok(out),
-        Err(_) => {
-            // The buffer may hold plaintext (a provider's default `seal_into` copies it first).
-            out.zeroize();
-            Err(crypto_error(provider))
-        }
+        Ok(None) => Ok(std::mem::take(&mut *out)),
+        Err(_) => Err(crypto_error(provider)),
     }
 }
 

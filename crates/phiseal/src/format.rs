@@ -112,8 +112,10 @@ impl Algorithm {
     }
 }
 
-/// A parsed view of a binary v1 ciphertext. Nothing is authenticated yet.
-#[derive(Debug, Clone, Copy)]
+/// A parsed view of a binary v1 ciphertext. Nothing is authenticated yet. Its `Debug` shows
+/// the algorithm, the key version and the lengths, never the bytes (a ciphertext in a log
+/// line is PHI at rest in another place).
+#[derive(Clone, Copy)]
 pub struct ParsedCiphertext<'a> {
     /// The algorithm.
     pub algorithm: Algorithm,
@@ -127,6 +129,16 @@ pub struct ParsedCiphertext<'a> {
     pub ciphertext: &'a [u8],
     /// The tag (empty for [`Algorithm::Aes256Siv`]).
     pub tag: &'a [u8],
+}
+
+impl std::fmt::Debug for ParsedCiphertext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedCiphertext")
+            .field("algorithm", &self.algorithm)
+            .field("key_version", &self.key_version)
+            .field("ciphertext_len", &self.ciphertext.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses a binary v1 ciphertext. Never panics; every malformation is a [`FormatError`].
@@ -227,6 +239,18 @@ mod tests {
         let mut v = vec![FORMAT_V1, alg.id(), 0, 0, 0, 7];
         v.resize(alg.overhead() + pt_len, 0xAB);
         v
+    }
+
+    #[test]
+    fn a_parsed_ciphertext_debugs_without_its_bytes() {
+        let bytes = sample(Algorithm::Aes256GcmHkdf, 5);
+        let shown = format!("{:?}", parse(&bytes).unwrap());
+        assert!(shown.contains("key_version: 7") && shown.contains("ciphertext_len: 5"));
+        // 0xAB = 171: no byte list in any base.
+        assert!(
+            !shown.contains("171") && !shown.to_lowercase().contains("ab"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -583,24 +583,32 @@ impl StreamEncryptor {
         }
     }
 
-    /// The nonce of the next segment; closes the stream when the counters are used up (a
+    /// Closes the stream after an error and wipes the plaintext it still buffers: a failed
+    /// stream takes no more input, so nothing is kept until the encryptor is dropped.
+    fn fail(&mut self, error: Error) -> Error {
+        self.closed = true;
+        self.pending.clear();
+        error
+    }
+
+    /// Checks that the stream was not revoked before a segment is sealed; fails it if it was.
+    fn check_not_revoked(&mut self) -> Result<(), Error> {
+        self.state.check_not_revoked().map_err(|e| self.fail(e))
+    }
+
+    /// The nonce of the next segment; fails the stream when the counters are used up (a
     /// non-final segment must leave a counter for the final one).
     fn next_nonce(&mut self, last: bool) -> Result<[u8; 12], Error> {
         let limit = if last { MAX_SEGMENTS } else { MAX_SEGMENTS - 1 };
-        let nonce = self.state.next_nonce(limit, last);
-        if nonce.is_err() {
-            self.closed = true;
-        }
-        nonce
+        self.state.next_nonce(limit, last).map_err(|e| self.fail(e))
     }
 
-    /// Closes the stream after a failed seal and returns the error.
+    /// Fails the stream after a failed seal and returns the error.
     fn seal_failed(&mut self) -> Error {
-        self.closed = true;
-        Error::Crypto {
+        self.fail(Error::Crypto {
             provider: self.provider.name,
             what: "AEAD seal",
-        }
+        })
     }
 
     /// Seals `plaintext` as the next segment and appends it to `out`.
@@ -610,7 +618,7 @@ impl StreamEncryptor {
         last: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        self.state.check_not_revoked()?;
+        self.check_not_revoked()?;
         let nonce = self.next_nonce(last)?;
         let start = out.len();
         let data = plaintext.unwrap_or(self.pending.filled());
@@ -647,6 +655,8 @@ impl StreamEncryptor {
     /// it is not the last, so up to one segment stays buffered inside.
     pub fn push(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
         if self.closed {
+            // A revoked stream keeps saying so.
+            self.state.check_not_revoked()?;
             return Err(misuse("push after the stream was finished or failed"));
         }
         self.write_header(out);
@@ -657,6 +667,7 @@ impl StreamEncryptor {
     /// appends it (and the header, for an empty stream) to `out`.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<StreamSummary, Error> {
         if self.closed {
+            self.state.check_not_revoked()?;
             return Err(misuse("finish after the stream was finished or failed"));
         }
         self.write_header(out);
@@ -683,7 +694,7 @@ impl StreamEncryptor {
         {
             return Err(misuse("whole-segment sealing out of order"));
         }
-        self.state.check_not_revoked()?;
+        self.check_not_revoked()?;
         let nonce = self.next_nonce(last)?;
         match self
             .state
@@ -1297,6 +1308,26 @@ mod tests {
 
     fn data(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn a_revoked_encryptor_wipes_the_plaintext_it_buffers_at_once() {
+        let mut e =
+            StreamEncryptor::new(&aws_lc::PROVIDER, &key(1), 7, &cx("scan"), options()).unwrap();
+        let stop = Arc::new(StreamStop::default());
+        e.revocable(Arc::clone(&stop), TenantId::new("acme").unwrap());
+        let mut out = Vec::new();
+        // Less than a segment: all of it stays buffered.
+        e.push(&[0xA5; 100], &mut out).unwrap();
+        assert_eq!(e.pending.len, 100);
+        stop.stop(StopReason::Shredded);
+        let err = e.push(&[0xA5; SEG], &mut out).unwrap_err();
+        assert!(matches!(err, Error::KeyDestroyed { .. }), "{err:?}");
+        assert_eq!(e.pending.len, 0);
+        assert!(e.pending.data.iter().all(|&b| b == 0), "plaintext kept");
+        // It stays failed, and says why.
+        let again = e.finish(&mut out).unwrap_err();
+        assert!(matches!(again, Error::KeyDestroyed { .. }), "{again:?}");
     }
 
     /// Encrypts `plaintext` pushed in chunks of `chunk` bytes.
