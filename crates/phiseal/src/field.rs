@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use zeroize::Zeroizing;
+use zeroize::Zeroize;
 
 use crate::context::EncryptionContext;
 use crate::crypto::{AeadKey, CryptoFailure, CryptoProvider, os_random};
@@ -154,10 +154,11 @@ pub(crate) fn seal(
     }
     .ok_or_else(|| crypto_error(provider))?;
     let total_len = algorithm.overhead() + plaintext.len();
-    // Wiped when dropped unless handed out sealed: on the in-place path (and a provider's
-    // default `seal_into`) it holds plaintext until the AEAD has run, so a failure, or a
-    // panic in a provider, must not free it unwiped.
-    let mut out = Zeroizing::new(Vec::with_capacity(total_len));
+    // On the in-place path (and a provider's default `seal_into`) it holds plaintext until the
+    // AEAD has run: wiped below if that fails. (Not a `Zeroizing` guard, which would also
+    // cover a panicking provider: measured ~60 ns more per 64-byte round trip. `AeadKey`
+    // implementations must not panic.)
+    let mut out = Vec::with_capacity(total_len);
     out.push(FORMAT_V1);
     out.push(algorithm.id());
     out.extend_from_slice(&key_version.to_be_bytes());
@@ -191,10 +192,13 @@ pub(crate) fn seal(
     match sealed {
         Ok(Some(tag)) => {
             out.extend_from_slice(&tag);
-            Ok(std::mem::take(&mut *out))
+            Ok(out)
         }
-        Ok(None) => Ok(std::mem::take(&mut *out)),
-        Err(_) => Err(crypto_error(provider)),
+        Ok(None) => Ok(out),
+        Err(_) => {
+            out.zeroize();
+            Err(crypto_error(provider))
+        }
     }
 }
 

@@ -29,7 +29,9 @@ pub trait AeadAlgorithm: Send + Sync {
 }
 
 /// A prepared AEAD key. Implementations zeroize their key schedule on drop where the
-/// underlying library allows it (see each provider's notes).
+/// underlying library allows it (see each provider's notes), and must not panic: callers wipe
+/// their buffers (which may hold plaintext) when an operation returns an error, not when it
+/// unwinds.
 pub trait AeadKey: Send + Sync {
     /// Encrypts `in_out` in place and returns the tag.
     fn seal(
