@@ -917,11 +917,7 @@ async fn a_read_error_cancels_the_stream_instead_of_sealing_a_truncated_one() {
     // Give the daemon a moment to record the end of the cancelled stream (after its attempt).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let results: Vec<String> = common::audit_records(&d.audit_log())
-            .iter()
-            .filter(|r| r["action"] == "encrypt_stream")
-            .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
-            .collect();
+        let results = common::audit_results(&d.audit_log(), "encrypt_stream");
         if results.iter().any(|r| r != "attempt") {
             assert_eq!(
                 results,
@@ -994,11 +990,7 @@ async fn an_encrypt_stream_is_sealed_as_complete_only_on_an_end_with_the_right_c
     let (plain, opened) = decrypt_stream(&d, &sealed, 65_536).await;
     opened.unwrap();
     assert!(plain == document);
-    let results: Vec<String> = common::audit_records(&d.audit_log())
-        .iter()
-        .filter(|r| r["action"] == "encrypt_stream")
-        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let results = common::audit_results(&d.audit_log(), "encrypt_stream");
     assert_eq!(
         results,
         [
@@ -1139,11 +1131,7 @@ async fn a_shred_stops_an_open_decrypt_stream() {
     let err = ended.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert_eq!(common::kind(&err), "key_destroyed");
-    let results: Vec<String> = common::audit_records(&d.audit_log())
-        .iter()
-        .filter(|r| r["action"] == "decrypt_stream")
-        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let results = common::audit_results(&d.audit_log(), "decrypt_stream");
     assert_eq!(results, ["attempt", "key_destroyed"]);
 }
 
@@ -1299,11 +1287,7 @@ async fn decrypt_streams_with_segments_over_the_limit_are_refused_and_audited() 
         "{err:?}"
     );
     assert!(plain.is_empty());
-    let results: Vec<String> = common::audit_records(&d.audit_log())
-        .iter()
-        .filter(|r| r["action"] == "decrypt_stream")
-        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let results = common::audit_results(&d.audit_log(), "decrypt_stream");
     assert_eq!(results, ["segment_too_large"], "refused before any key use");
 
     // The CLI: exit 1 (retrying does not help), the daemon's message, no output left.
@@ -1477,11 +1461,7 @@ async fn streams_open_at_shutdown_are_ended_and_audited_before_the_final_flush()
         report.is_intact() && report.torn_tail.is_none(),
         "{report:?}"
     );
-    let results: Vec<String> = common::audit_records(&d.audit_log())
-        .iter()
-        .filter(|r| r["action"] == "encrypt_stream")
-        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let results = common::audit_results(&d.audit_log(), "encrypt_stream");
     assert_eq!(results, ["attempt", "shutdown"]);
 }
 

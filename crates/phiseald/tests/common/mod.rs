@@ -254,6 +254,15 @@ pub fn audit_records(log: &Path) -> Vec<serde_json::Value> {
     out
 }
 
+/// The `result` of each audit record of `action` on `log`, in order.
+pub fn audit_results(log: &Path, action: &str) -> Vec<String> {
+    audit_records(log)
+        .iter()
+        .filter(|r| r["action"] == action)
+        .map(|r| r["result"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 pub async fn create_tenant(d: &Daemon, tenant: &str) {
     d.admin()
         .await
