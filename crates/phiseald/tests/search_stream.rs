@@ -434,20 +434,46 @@ async fn encrypt_stream(d: &Daemon, chunks: Vec<Vec<u8>>) -> Vec<u8> {
 
 /// Streams `chunks` through EncryptStream; each answer's ciphertext piece.
 async fn encrypt_stream_answers(d: &Daemon, chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-    let mut requests = vec![pb::EncryptStreamRequest {
+    let mut requests = vec![context_message()];
+    let plaintext_bytes = chunks.iter().map(|c| c.len() as u64).sum();
+    requests.extend(chunks.into_iter().map(chunk_message));
+    requests.push(end_message(plaintext_bytes));
+    let (pieces, ended) = encrypt_stream_requests(d, requests).await;
+    ended.unwrap();
+    pieces
+}
+
+/// EncryptStream's first message: tenant `clinic`, field `referral`, record `doc-7`.
+fn context_message() -> pb::EncryptStreamRequest {
+    pb::EncryptStreamRequest {
         part: Some(pb::encrypt_stream_request::Part::Context(
             ctx("clinic", "referral", Some("doc-7")).unwrap(),
         )),
-    }];
-    let plaintext_bytes = chunks.iter().map(|c| c.len() as u64).sum();
-    requests.extend(chunks.into_iter().map(|c| pb::EncryptStreamRequest {
-        part: Some(pb::encrypt_stream_request::Part::Chunk(c)),
-    }));
-    requests.push(pb::EncryptStreamRequest {
+    }
+}
+
+/// An EncryptStream message carrying `bytes` of plaintext.
+fn chunk_message(bytes: Vec<u8>) -> pb::EncryptStreamRequest {
+    pb::EncryptStreamRequest {
+        part: Some(pb::encrypt_stream_request::Part::Chunk(bytes)),
+    }
+}
+
+/// EncryptStream's last message, counting `plaintext_bytes`.
+fn end_message(plaintext_bytes: u64) -> pb::EncryptStreamRequest {
+    pb::EncryptStreamRequest {
         part: Some(pb::encrypt_stream_request::Part::End(pb::StreamEnd {
             plaintext_bytes,
         })),
-    });
+    }
+}
+
+/// Sends `requests` through EncryptStream: each answer's ciphertext piece and how the call
+/// ended.
+async fn encrypt_stream_requests(
+    d: &Daemon,
+    requests: Vec<pb::EncryptStreamRequest>,
+) -> (Vec<Vec<u8>>, Result<(), tonic::Status>) {
     let mut answers = d
         .fields()
         .await
@@ -455,9 +481,7 @@ async fn encrypt_stream_answers(d: &Daemon, chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>
         .await
         .unwrap()
         .into_inner();
-    let (pieces, ended) = read_answer_pieces(&mut answers).await;
-    ended.unwrap();
-    pieces
+    read_answer_pieces(&mut answers).await
 }
 
 /// Streams `ciphertext` through DecryptStream in `chunk`-byte pieces: the plaintext received
@@ -941,40 +965,22 @@ async fn an_encrypt_stream_is_sealed_as_complete_only_on_an_end_with_the_right_c
     let d = Daemon::with_config(&config(ALL));
     create_tenant(&d, "clinic").await;
     let document: Vec<u8> = (0..150_000u32).map(|i| (i % 241) as u8).collect();
-    let context = || pb::EncryptStreamRequest {
-        part: Some(pb::encrypt_stream_request::Part::Context(
-            ctx("clinic", "referral", Some("doc-7")).unwrap(),
-        )),
-    };
-    let chunk = |bytes: &[u8]| pb::EncryptStreamRequest {
-        part: Some(pb::encrypt_stream_request::Part::Chunk(bytes.to_vec())),
-    };
-    let end = |plaintext_bytes| pb::EncryptStreamRequest {
-        part: Some(pb::encrypt_stream_request::Part::End(pb::StreamEnd {
-            plaintext_bytes,
-        })),
-    };
+    let (context, chunk, end) = (context_message, chunk_message, end_message);
     let cases = [
         // Closed after 100 000 of the 150 000 bytes, without `end`.
         (
-            vec![context(), chunk(&document[..100_000])],
+            vec![context(), chunk(document[..100_000].to_vec())],
             "without an `end` message",
         ),
         // An `end` that counts more than the chunks carried.
         (
-            vec![context(), chunk(&document[..100_000]), end(150_000)],
+            vec![context(), chunk(document[..100_000].to_vec()), end(150_000)],
             "another number of plaintext bytes",
         ),
     ];
     for (requests, expected) in cases {
-        let mut answers = d
-            .fields()
-            .await
-            .encrypt_stream(tokio_stream::iter(requests))
-            .await
-            .unwrap()
-            .into_inner();
-        let (sealed, ended) = read_answers(&mut answers).await;
+        let (pieces, ended) = encrypt_stream_requests(&d, requests).await;
+        let sealed = pieces.concat();
         let err = ended.expect_err("an unended stream must not end with OK");
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(expected), "{err:?}");
