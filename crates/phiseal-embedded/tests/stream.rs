@@ -719,6 +719,114 @@ async fn a_shred_by_another_process_stops_streams_once_the_tenant_is_read_again(
 }
 
 #[tokio::test]
+async fn raising_the_minimum_decryption_version_stops_streams_under_older_versions() {
+    let dir = private_tempdir();
+    let (k, sink) = recorded(dir.path()).await;
+    let c = caller();
+    let t = TenantId::new("t").unwrap();
+    let cx = ctx("t", "scan", None);
+    let plaintext = data(3 * SEG + 5);
+    let sealed_v1 = encrypt(&k, &cx, &plaintext).await;
+    // An encryption under version 1 that has sealed a segment …
+    let mut writing_v1 = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut written = Vec::new();
+    writing_v1
+        .push(&plaintext[..SEG + 1], &mut written)
+        .unwrap();
+    k.rotate(&c, &t).await.unwrap();
+    // … a decryption of a version-1 stream that has released its first segment, and an
+    // encryption under the new primary, version 2.
+    let mut reading_v1 = k.start_decrypt_stream(&c, &cx);
+    let mut out = Vec::new();
+    let first = STREAM_HEADER_LEN + 2 * (SEG + TAG);
+    reading_v1
+        .push(&sealed_v1[..first], &mut out)
+        .await
+        .unwrap();
+    assert_eq!(out, plaintext[..SEG]);
+    let mut writing_v2 = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    sink.clear();
+    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    // Version 1 is retired: neither stream under it seals or opens another segment.
+    out.clear();
+    let err = reading_v1
+        .push(&sealed_v1[first..], &mut out)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::KeyVersionRetired {
+                version: 1,
+                min: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(out.is_empty(), "plaintext of a retired version released");
+    written.clear();
+    let err = writing_v1
+        .push(&plaintext[SEG + 1..], &mut written)
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyVersionRetired { .. }), "{err}");
+    writing_v1.abort("cancelled").await.unwrap();
+    // The stream under version 2 goes on.
+    let mut rest = Vec::new();
+    writing_v2.push(&plaintext, &mut rest).unwrap();
+    writing_v2.finish(&mut rest).await.unwrap();
+    let outcomes: Vec<Outcome> = sink.streams().into_iter().map(|(_, o, _)| o).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Error("key_version_retired"),
+            Outcome::Error("key_version_retired"),
+            Outcome::Ok
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_minimum_version_raised_by_another_process_stops_streams_once_the_tenant_is_read_again() {
+    let dir = private_tempdir();
+    let (k, _sink) = recorded(dir.path()).await;
+    let c = caller();
+    let t = TenantId::new("t").unwrap();
+    let cx = ctx("t", "scan", None);
+    let plaintext = data(3 * SEG + 5);
+    let sealed = encrypt(&k, &cx, &plaintext).await;
+    let mut reading = k.start_decrypt_stream(&c, &cx);
+    let mut out = Vec::new();
+    let first = STREAM_HEADER_LEN + 2 * (SEG + TAG);
+    reading.push(&sealed[..first], &mut out).await.unwrap();
+    let other = phiseal_embedded::builder(dir.path(), &EmbeddedOptions::default())
+        .unwrap()
+        .danger_disable_audit()
+        .build()
+        .unwrap();
+    other.rotate(&c, &t).await.unwrap();
+    other.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    // Not known here yet: the stream goes on until this keyring reads the tenant again.
+    out.clear();
+    let second = first + SEG + TAG;
+    reading
+        .push(&sealed[first..second], &mut out)
+        .await
+        .unwrap();
+    k.recheck_streams(None).await.unwrap();
+    out.clear();
+    let err = reading.push(&sealed[second..], &mut out).await.unwrap_err();
+    assert!(matches!(err, Error::KeyVersionRetired { .. }), "{err}");
+    assert!(out.is_empty());
+}
+
+#[tokio::test]
 async fn a_result_record_cut_off_by_a_timeout_is_still_written() {
     // A caller's timeout drops `push` while it writes the failure record of a tampered
     // stream (the audit log stalls): the record was not written, so `abort` (or the drop)

@@ -641,6 +641,15 @@ struct TenantStreams {
     confirmed_at: Instant,
 }
 
+impl TenantStreams {
+    /// Makes those of the streams under key versions below `min` stop.
+    fn retire_below(&self, min: u32) {
+        for stop in self.running.iter().filter_map(Weak::upgrade) {
+            stop.retire_below(min);
+        }
+    }
+}
+
 /// Per-tenant envelope encryption of fields. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Keyring {
@@ -979,7 +988,7 @@ impl Keyring {
             // Shredded, perhaps by another process: its running streams stop.
             self.revoke_streams(tenant);
         } else {
-            self.confirm_streams(tenant, fetched_at);
+            self.confirm_streams(tenant, fetched_at, record.min_decrypt_version);
         }
         self.drop_refused_keys(&record);
         Ok(Arc::new(TenantView::new(
@@ -1148,10 +1157,21 @@ impl Keyring {
         self.stop_streams(tenant, |_| Some(StopReason::Shredded));
     }
 
-    /// Notes that `tenant`'s record was read at `read_at` (its streams may go on).
-    fn confirm_streams(&self, tenant: &TenantId, read_at: Instant) {
+    /// Notes that `tenant`'s record, read at `read_at`, has the minimum decryption version
+    /// `min`: its streams may go on, but those under an older key version stop before their
+    /// next segment.
+    fn confirm_streams(&self, tenant: &TenantId, read_at: Instant, min: u32) {
         if let Some(entry) = self.running_streams().get_mut(tenant) {
             entry.confirmed_at = entry.confirmed_at.max(read_at);
+            entry.retire_below(min);
+        }
+    }
+
+    /// Stops the running streams of `tenant` under key versions below `min` (its minimum
+    /// decryption version was just raised) before their next segment.
+    fn retire_streams(&self, tenant: &TenantId, min: u32) {
+        if let Some(entry) = self.running_streams().get(tenant) {
+            entry.retire_below(min);
         }
     }
 
@@ -2314,7 +2334,10 @@ impl Keyring {
                 let result = store.set_min_decrypt_version(tenant, expected, min).await;
                 self.inner.tenants.remove(tenant);
                 match result {
-                    Ok(()) => Ok(()),
+                    Ok(()) => {
+                        self.retire_streams(tenant, min);
+                        Ok(())
+                    }
                     // Lost the compare-and-set: to a shred, or to another change of the
                     // minimum (which stands). Read again to say which.
                     Err(e) if e.kind() == BackendErrorKind::Conflict => {

@@ -319,33 +319,57 @@ pub(crate) enum StopReason {
     },
 }
 
-/// Set by a keyring to stop its running streams of one tenant (the first reason stays).
+/// Set by a keyring to stop a running stream of one tenant: for a reason (the first stays),
+/// or because its key version fell below the tenant's minimum decryption version.
 #[derive(Debug, Default)]
-pub(crate) struct StreamStop(std::sync::OnceLock<StopReason>);
+pub(crate) struct StreamStop {
+    reason: std::sync::OnceLock<StopReason>,
+    /// The tenant's minimum decryption version as the keyring last saw it (0: none seen).
+    min_version: std::sync::atomic::AtomicU32,
+}
 
 impl StreamStop {
-    /// Stops the streams holding it, for `reason` (unless they were stopped already).
+    /// Stops the stream holding it, for `reason` (unless it was stopped already).
     pub(crate) fn stop(&self, reason: StopReason) {
-        let _ = self.0.set(reason);
+        let _ = self.reason.set(reason);
+    }
+
+    /// Notes the tenant's minimum decryption version: a stream under an older version stops
+    /// before its next segment. Never lowered.
+    pub(crate) fn retire_below(&self, min: u32) {
+        self.min_version
+            .fetch_max(min, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
-/// Whether a running stream was stopped by its keyring (its tenant shredded, or not
-/// confirmed by the key store for too long), checkable after the stream object is gone; the
-/// default is a stream that cannot be (one not started through a keyring).
+/// Whether a running stream was stopped by its keyring (its tenant shredded, its key version
+/// retired, or the tenant not confirmed by the key store for too long), checkable after the
+/// stream object is gone; the default is a stream that cannot be (one not started through a
+/// keyring).
 #[derive(Debug, Clone, Default)]
-pub struct Revocation(Option<(Arc<StreamStop>, TenantId)>);
+pub struct Revocation(Option<(Arc<StreamStop>, TenantId, u32)>);
 
 impl Revocation {
-    /// Fails once the stream was stopped: [`Error::KeyDestroyed`] (shredded), or
-    /// [`Error::Store`] (the tenant could not be re-read for too long; retry once the key
-    /// store is reachable).
+    /// Fails once the stream was stopped: [`Error::KeyDestroyed`] (shredded),
+    /// [`Error::KeyVersionRetired`] (the tenant's minimum decryption version was raised above
+    /// the stream's key version), or [`Error::Store`] (the tenant could not be re-read for too
+    /// long; retry once the key store is reachable).
     pub fn check(&self) -> Result<(), Error> {
-        let Some((stop, tenant)) = &self.0 else {
+        let Some((stop, tenant, version)) = &self.0 else {
             return Ok(());
         };
-        match stop.0.get() {
-            None => Ok(()),
+        match stop.reason.get() {
+            None => {
+                let min = stop.min_version.load(std::sync::atomic::Ordering::Acquire);
+                if *version < min {
+                    return Err(Error::KeyVersionRetired {
+                        tenant: tenant.clone(),
+                        version: *version,
+                        min,
+                    });
+                }
+                Ok(())
+            }
             Some(StopReason::Shredded) => Err(Error::KeyDestroyed {
                 tenant: tenant.clone(),
             }),
@@ -487,9 +511,11 @@ impl std::fmt::Debug for StreamEncryptor {
 
 impl StreamEncryptor {
     /// Makes the stream stop (with [`Revocation::check`]'s error, naming `tenant`) before its
-    /// next segment once `stop` is set: the keyring sets it when the tenant is shredded.
+    /// next segment once `stop` is set: the keyring sets it when the tenant is shredded, or
+    /// raises its minimum decryption version above this stream's key version.
     pub(crate) fn revocable(&mut self, stop: Arc<StreamStop>, tenant: TenantId) {
-        self.state.revoked = Revocation(Some((stop, tenant)));
+        let version = self.state.header.key_version;
+        self.state.revoked = Revocation(Some((stop, tenant, version)));
     }
 
     /// A new stream under `tenant_key` (version `key_version`) and `context`, with a fresh
@@ -758,7 +784,8 @@ impl StreamDecryptor {
     /// See [`StreamEncryptor::revocable`]: no segment is opened (no more plaintext released)
     /// once `stop` is set.
     pub(crate) fn revocable(&mut self, stop: Arc<StreamStop>, tenant: TenantId) {
-        self.state.revoked = Revocation(Some((stop, tenant)));
+        let version = self.state.header.key_version;
+        self.state.revoked = Revocation(Some((stop, tenant, version)));
     }
 
     /// A decryptor for the stream with `header` under `tenant_key` (the version the header

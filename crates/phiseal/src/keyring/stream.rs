@@ -39,9 +39,12 @@
 //! may end with two result records when the cut-off one had reached the log after all).
 //!
 //! **Lifetime of keys.** A stream derives its own key when it starts and keeps it (zeroized
-//! when the stream object is dropped); a rotation or minimum-version change made while a
-//! stream runs applies to the next stream, not to the running one. A shred stops the running
-//! streams of the tenant: each fails with [`Error::KeyDestroyed`] before its next segment is
+//! when the stream object is dropped); a rotation made while a stream runs applies to the
+//! next stream, not to the running one. A raised minimum decryption version stops the running
+//! streams under older key versions, with [`Error::KeyVersionRetired`], as a shred stops them
+//! (below: at once through this keyring, for another process's change once this keyring reads
+//! the tenant again; a minimum lowered again later does not restart them). A shred stops the
+//! running streams of the tenant: each fails with [`Error::KeyDestroyed`] before its next segment is
 //! sealed or opened (the reader adapter also withholds the rest of a segment it opened
 //! before; output the caller already received stays with it) — at once for a shred through
 //! this keyring, and for one by another process once this keyring reads the tenant again
