@@ -1186,6 +1186,67 @@ async fn a_cached_key_never_serves_another_key_under_its_version() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key() {
+    // Without a change notification (a store restored from a backup, a failover that lost a
+    // rotation), one request reads a version's new record while another, through the older
+    // view, is still unwrapping the old record: the first waits on that unwrap, and the key
+    // it gets back must not serve the new record.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let fast_metadata = CacheSettings {
+        metadata_ttl: Duration::from_millis(100),
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, fast_metadata, None);
+    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
+    k.create_tenant(&c, &t).await.unwrap();
+    // Version 2 (its first key) made elsewhere: not cached here.
+    keyring_on(&p, slow_metadata())
+        .rotate(&c, &t)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // An encryption reads version 2's record and waits in the KMS for its key …
+    kms.hold.store(true, Ordering::SeqCst);
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    let (k1, c1, cx1) = (k.clone(), c.clone(), cx.clone());
+    let first = tokio::spawn(async move { k1.encrypt(&c1, &cx1, b"first").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kms.unwraps.load(Ordering::SeqCst) == before {
+        assert!(std::time::Instant::now() < deadline, "no unwrap");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // … while version 2 becomes another key (the rotation lost, then made again).
+    {
+        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
+        conn.execute_batch(
+            "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+             UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+        )
+        .unwrap();
+    }
+    let third = keyring_on(&p, slow_metadata());
+    assert_eq!(third.rotate(&c, &t).await.unwrap(), 2);
+    // Once this keyring's metadata is past its TTL, a second encryption reads the new record
+    // and waits on the first one's unwrap.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
+    let second = tokio::spawn(async move { k2.encrypt(&c2, &cx2, b"second").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kms.hold.store(false, Ordering::SeqCst);
+    kms.gate.add_permits(10);
+    first.await.unwrap().unwrap();
+    let sealed = second.await.unwrap().unwrap();
+    assert_eq!(version_of(&sealed), 2);
+    assert_eq!(
+        &*third.decrypt(&c, &cx, &sealed).await.unwrap(),
+        b"second",
+        "sealed under the old record's key"
+    );
+}
+
 /// Two keyrings (this process's and "another process's") on one store, tenant "t" created.
 struct TwoKeyrings {
     dir: tempfile::TempDir,
@@ -3177,8 +3238,17 @@ impl phiseal::crypto::AeadKey for HeldAesKey {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shred_returns_only_after_operations_using_the_key_have_finished() {
+/// The admin operation [`admin_waits_for_key_uses`] runs, and how to see it committed.
+type AdminOp = fn(Keyring, Caller, TenantId) -> tokio::task::JoinHandle<Result<(), Error>>;
+
+/// Stops an encryption with tenant t's cached primary key in the middle of its seal, runs
+/// `admin` meanwhile, and checks that `admin` commits (`committed` says so of the stored
+/// record) but does not return while the key is in use. Returns the keyring, and the held
+/// encryption's ciphertext.
+async fn admin_waits_for_key_uses(
+    admin: AdminOp,
+    committed: fn(&phiseal::store::TenantRecord) -> bool,
+) -> (tempfile::TempDir, Keyring, Vec<u8>) {
     let held: &'static HeldSeal = Box::leak(Box::new(HeldSeal {
         entered: std::sync::Mutex::new(false),
         released: std::sync::Mutex::new(false),
@@ -3213,19 +3283,18 @@ async fn shred_returns_only_after_operations_using_the_key_have_finished() {
     tokio::task::spawn_blocking(|| held.wait_until(&held.entered))
         .await
         .unwrap();
-    // …while the tenant is shredded: the shred commits, but does not return while the key
-    // is in use.
-    let (k3, c3, t3) = (k.clone(), c.clone(), t.clone());
-    let shred = tokio::spawn(async move { k3.shred(&c3, &t3).await });
-    // Once the shred is committed (seen through a second handle on the store) it has only
-    // the cache invalidation left before it waits; give it ample time to return if it would.
+    // …while the admin operation runs: it commits, but does not return while the key is in
+    // use.
+    let running = admin(k.clone(), c.clone(), t.clone());
+    // Once it is committed (seen through a second handle on the store) it has only the cache
+    // invalidation left before it waits; give it ample time to return if it would.
     let store =
         phiseal_store_sqlite::SqliteKeyStore::open(&EmbeddedPaths::new(dir.path()).key_store)
             .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let committed = loop {
+    let was_committed = loop {
         let record = store.load_tenant(&t).await;
-        if record.is_ok_and(|r| r.is_some_and(|r| r.shredded_at.is_some())) {
+        if record.is_ok_and(|r| r.is_some_and(|r| committed(&r))) {
             break true;
         }
         if std::time::Instant::now() > deadline {
@@ -3233,24 +3302,51 @@ async fn shred_returns_only_after_operations_using_the_key_have_finished() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    if committed {
+    if was_committed {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let waited = !shred.is_finished();
+    let waited = !running.is_finished();
     // (Released before asserting: a failed test must not leave the held seal blocked.)
     held.set(&held.released);
-    assert!(committed, "the shred never committed");
+    assert!(was_committed, "the admin operation never committed");
     assert!(
         waited,
-        "shred returned while an operation was still using the tenant's key"
+        "the admin operation returned while an operation was still using the tenant's key"
     );
-    shred.await.unwrap().unwrap();
-    // The operation that began before the shred completes; nothing after it gets the key.
-    in_use.await.unwrap().unwrap();
+    running.await.unwrap().unwrap();
+    // The operation that began before it completes.
+    let sealed = in_use.await.unwrap().unwrap();
+    (dir, k, sealed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shred_returns_only_after_operations_using_the_key_have_finished() {
+    let (_dir, k, _) = admin_waits_for_key_uses(
+        |k, c, t| tokio::spawn(async move { k.shred(&c, &t).await }),
+        |record| record.shredded_at.is_some(),
+    )
+    .await;
+    // Nothing after it gets the key.
     assert!(matches!(
-        k.encrypt(&c, &cx, b"after").await,
+        k.encrypt(&caller(), &ctx("t", "ssn", None), b"after").await,
         Err(Error::KeyDestroyed { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_returns_only_after_encryptions_under_the_old_primary_have_finished() {
+    let (_dir, k, sealed) = admin_waits_for_key_uses(
+        |k, c, t| tokio::spawn(async move { k.rotate(&c, &t).await.map(drop) }),
+        |record| record.primary().is_some_and(|p| p.version == 2),
+    )
+    .await;
+    // The encryption under way was under the old primary; every one after is under the new.
+    assert_eq!(version_of(&sealed), 1);
+    let after = k
+        .encrypt(&caller(), &ctx("t", "ssn", None), b"after")
+        .await
+        .unwrap();
+    assert_eq!(version_of(&after), 2);
 }
 
 /// Embedded parts in a fresh directory, a keyring on them (audit off), tenant "t" created,

@@ -934,6 +934,12 @@ impl Keyring {
         };
         let (result, meta, root_key) = op.await;
         drop(invalidate);
+        // Operations that checked the tenant before the invalidation (an encryption under the
+        // old primary, a decryption under a version just retired) finish before this returns;
+        // later ones see the change.
+        self.inner
+            .generations
+            .wait_for_key_uses(Generations::shard_of(tenant));
         let mut done = Self::event(
             caller,
             action,
@@ -1329,20 +1335,18 @@ impl Keyring {
                 tenant: tenant.clone(),
                 version,
             })?;
-        if let Some(key) = inner.keys.get(&KeyRef(tenant, version))
-            && !ct_eq(&key.key_check, &key_record.key_check)
-        {
-            // Another key under the same version now (a store restored, a failover that lost
-            // a rotation): the cached one must not serve it.
-            inner
-                .keys
-                .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
-        }
         if let Some(key) = inner.keys.get(&KeyRef(tenant, version)) {
-            if let Some(source) = self.serve(&key, now) {
+            if !ct_eq(&key.key_check, &key_record.key_check) {
+                // Another key under the same version now (a store restored, a failover that
+                // lost a rotation), or this view is the older one: the cached key must not
+                // serve this record. (One lookup: a key inserted after this check is checked
+                // below like any other.)
+                inner
+                    .keys
+                    .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &key));
+            } else if let Some(source) = self.serve(&key, now) {
                 return Ok((key, source));
-            }
-            if self.may_serve_stale(&key, now) {
+            } else if self.may_serve_stale(&key, now) {
                 if let Some(done) = self
                     .refresh_or_serve_stale(caller, view, key_record, key)
                     .await
@@ -1367,25 +1371,49 @@ impl Keyring {
         }
         let cache_key = (tenant.clone(), version);
         let mut unwrapped_here = false;
-        let ticket = inner.unwrap_failures.ticket();
-        let key = inner
-            .keys
-            .get_or_insert_async(&cache_key, async {
-                // An unwrap this request waited on failed: its failure, not one more KMS call
-                // (each waiter would otherwise call the KMS in turn).
-                if let Some(failure) = inner.unwrap_failures.since(&cache_key, ticket) {
-                    return Err(failure);
-                }
-                unwrapped_here = true;
-                let result = self.unwrap_version_guarded(tenant, key_record).await;
-                if let Err(e) = &result {
-                    inner.unwrap_failures.record(&cache_key, e);
-                }
-                self.audit_unwrap(caller, tenant, key_record, &result)
-                    .await?;
-                result.map(Arc::new)
-            })
-            .await?;
+        let mut key = None;
+        // A key another request unwrapped (or cached) meanwhile from another record of this
+        // version — an older view's, or the store's before a restore — must not serve this
+        // one: it is dropped and the lookup made again (once: then the record changed twice).
+        for _ in 0..2 {
+            let ticket = inner.unwrap_failures.ticket();
+            let found = inner
+                .keys
+                .get_or_insert_async(&cache_key, async {
+                    // An unwrap this request waited on failed: its failure, not one more KMS
+                    // call (each waiter would otherwise call the KMS in turn).
+                    if let Some(failure) = inner.unwrap_failures.since(&cache_key, ticket) {
+                        return Err(failure);
+                    }
+                    unwrapped_here = true;
+                    let result = self.unwrap_version_guarded(tenant, key_record).await;
+                    if let Err(e) = &result {
+                        inner.unwrap_failures.record(&cache_key, e);
+                    }
+                    self.audit_unwrap(caller, tenant, key_record, &result)
+                        .await?;
+                    result.map(Arc::new)
+                })
+                .await?;
+            if unwrapped_here || ct_eq(&found.key_check, &key_record.key_check) {
+                key = Some(found);
+                break;
+            }
+            inner
+                .keys
+                .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, &found));
+        }
+        let key = key.ok_or_else(|| {
+            store_error(
+                &*inner.store,
+                BackendError::new(
+                    BackendErrorKind::Conflict,
+                    format!(
+                        "the key record of version {version} of tenant '{tenant}' changed                          during the operation (a key store restored or failed over?); retry"
+                    ),
+                ),
+            )
+        })?;
         let invalidated = inner.generations.current(view.shard) != view.generation;
         let source = if unwrapped_here {
             // An invalidation (shred, rotation, …) since `view` was loaded: the cache must not

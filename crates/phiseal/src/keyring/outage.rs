@@ -18,6 +18,7 @@ use coarsetime::Instant;
 
 use super::{Caller, KeyRef, Keyring, OpMeta, STALE_RETRY_INTERVAL, TenantView, outcome_of};
 use crate::audit::{Action, KeySource};
+use crate::crypto::ct_eq;
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::field::VersionKey;
 use crate::store::KeyRecord;
@@ -183,12 +184,15 @@ impl Keyring {
         // Refreshed, or kept in service, by another request while this one waited.
         match inner.keys.get(&KeyRef(tenant, version)) {
             Some(current) if Arc::ptr_eq(&current, &stale) => {}
-            Some(current) => {
+            // (Only a key of this record: another request may have refreshed it from another
+            // record of the version, an older view's; the miss path then decides.)
+            Some(current) if ct_eq(&current.key_check, &record.key_check) => {
                 if let Some(source) = self.serve(&current, now) {
                     return Some(Ok((current, source)));
                 }
                 return None;
             }
+            Some(_) => return None,
             // No longer cached: the request that held the lock found it refused by the KMS
             // (or too old) and dropped it. It must not come back as a stale key, even if
             // the KMS is found unavailable from here on: the ordinary miss path decides.
@@ -198,7 +202,13 @@ impl Keyring {
             return Some(Ok((stale, source)));
         }
         if !self.may_serve_stale(&stale, now) {
-            self.forget(tenant, version, &stale);
+            // Aged out while this request waited (another one's KMS probe took long): refused
+            // here, and audited as the miss path audits it, once, by whoever removes it.
+            if self.forget(tenant, version, &stale)
+                && let Err(e) = self.audit_stale_expiry(caller, tenant, &stale, now).await
+            {
+                return Some(Err(e));
+            }
             return None;
         }
         // Not through a view an invalidation (a shred) has overtaken: the KMS would unwrap,
@@ -332,13 +342,19 @@ impl Keyring {
             .await
     }
 
-    /// Drops `key` from the cache if it is still the cached one.
-    fn forget(&self, tenant: &crate::context::TenantId, version: u32, key: &Arc<VersionKey>) {
+    /// Drops `key` from the cache if it is still the cached one; whether it was.
+    fn forget(
+        &self,
+        tenant: &crate::context::TenantId,
+        version: u32,
+        key: &Arc<VersionKey>,
+    ) -> bool {
         // A tenant view's hot-key memo may still hold this key: past its TTL it serves only
         // while degraded, which ends here.
         key.degrade_until(Instant::from_ticks(0));
         self.inner
             .keys
-            .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, key));
+            .remove_if(&KeyRef(tenant, version), |k| Arc::ptr_eq(k, key))
+            .is_some()
     }
 }
