@@ -390,14 +390,14 @@ fn match_results(lines: &[Line], results: Vec<RewrapResult>) -> Result<Vec<Outco
 }
 
 /// Item errors that say the same of every line of the run — the tenant (always the flag's)
-/// does not exist or was shredded, or the caller may not rewrap in it — rather than of one
-/// line.
-const WHOLE_RUN_KINDS: [&str; 3] = ["tenant_not_found", "key_destroyed", "permission_denied"];
+/// does not exist or was shredded — rather than of one line. (Not `permission_denied`: grants
+/// name fields, and a deterministic ciphertext needs `search` too, so a batch of one field's
+/// lines can be refused while later lines of other fields are allowed.)
+const WHOLE_RUN_KINDS: [&str; 2] = ["tenant_not_found", "key_destroyed"];
 
 /// The error that stops the run when every item of a batch failed with one of
-/// [`WHOLE_RUN_KINDS`]: exit 4, 6 or 3 with nothing of the batch written (resumable), rather
-/// than a copy of the whole input and exit 7. (A batch where some fields are allowed and
-/// others not goes on line by line.)
+/// [`WHOLE_RUN_KINDS`]: exit 4 or 6 with nothing of the batch written (resumable), rather
+/// than a copy of the whole input and exit 7.
 fn whole_run_failure(what: &str, results: &[RewrapResult]) -> Option<CliError> {
     let error = |r: &RewrapResult| match &r.result {
         Some(rewrap_result::Result::Error(e)) => Some(e.clone()),
@@ -570,6 +570,10 @@ fn open_output(
         )),
         std::fs::TryLockError::Error(e) => CliError::io(format!("cannot lock output {shown}"))(e),
     })?;
+    // Its size again, under the lock: a run that held it may have written since the stat above.
+    let meta = file
+        .metadata()
+        .map_err(CliError::io(format!("cannot stat output {shown}")))?;
     sync_parent(path);
     if !resume {
         if meta.len() > 0 {

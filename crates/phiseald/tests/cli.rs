@@ -959,6 +959,61 @@ fn rewrap_stops_with_the_exit_code_of_a_failure_every_line_shares() {
 }
 
 #[test]
+fn rewrap_goes_on_past_a_batch_of_lines_of_a_field_it_may_not_rewrap() {
+    // Grants name fields: a batch whose every line is of a field this identity may not
+    // rewrap says nothing of the lines of other fields after it.
+    let d = Daemon::with_config(
+        "socket = \"{socket}\"\ndata_dir = \"{data_dir}\"\n\
+         [[policy]]\nuids = [0]\noperations = [\"admin\"]\ntenants = [\"*\"]\n\
+         [[policy]]\nuids = [0]\noperations = [\"encrypt\", \"decrypt\", \"rewrap\"]\n\
+         tenants = [\"acme\"]\nfields = [\"allowed\"]\n\
+         [[policy]]\nuids = [0]\noperations = [\"encrypt\"]\ntenants = [\"acme\"]\n\
+         fields = [\"denied\"]\n",
+    );
+    d.cli(&["tenant", "create", "acme"], b"").expect(0);
+    let line = |field: &str, n: u32| {
+        let ct = encrypt(&d, "acme", field, None, format!("{field} {n}").as_bytes());
+        (
+            ct.clone(),
+            format!("{{\"field\":\"{field}\",\"ciphertext\":\"{ct}\"}}\n"),
+        )
+    };
+    let lines: Vec<(String, String)> =
+        [("denied", 1), ("denied", 2), ("allowed", 3), ("allowed", 4)]
+            .into_iter()
+            .map(|(field, n)| line(field, n))
+            .collect();
+    d.cli(&["key", "rotate", "--tenant", "acme"], b"").expect(0);
+    let input: String = lines.iter().map(|(_, l)| l.as_str()).collect();
+    let run = d
+        .cli(
+            &["rewrap", "--tenant", "acme", "--batch", "2"],
+            input.as_bytes(),
+        )
+        .expect(7);
+    let output = run.out();
+    let out: Vec<&str> = output.lines().collect();
+    assert_eq!(out.len(), 4, "{output}");
+    // The denied field's lines are written back unchanged, the allowed one's rewrapped.
+    assert_eq!(out[..2], [lines[0].1.trim_end(), lines[1].1.trim_end()]);
+    for (i, written) in out[2..].iter().enumerate() {
+        let value: Value = serde_json::from_str(written).unwrap();
+        let ct = value["ciphertext"].as_str().unwrap();
+        assert_eq!(key_version(ct), 2, "{written}");
+        assert_eq!(
+            decrypt(&d, "acme", "allowed", None, ct),
+            format!("allowed {}", i + 3).as_bytes()
+        );
+    }
+    assert!(
+        run.stderr.contains("line 1: permission_denied")
+            && run.stderr.contains("line 2: permission_denied"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
 fn shred_needs_confirmation_then_destroys_every_key() {
     let d = Daemon::embedded();
     d.cli(&["tenant", "create", "acme"], b"").expect(0);
