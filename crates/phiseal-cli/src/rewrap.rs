@@ -4,7 +4,8 @@
 //! the same shape (plain text, or the same JSON object with only `ciphertext` replaced); every
 //! other line (empty, already current, unparsable, failed) is written back byte for byte. The
 //! output is flushed and fsynced after every batch, so `--resume` can count the complete lines
-//! of the output to know how much input is done.
+//! of the output to know how much input is done; its checkpoint (`checkpoint.rs`) makes sure
+//! the input is the one those lines were made from.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -17,9 +18,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phiseal_proto::v1::{Context, RewrapItem, RewrapRequest, RewrapResult, rewrap_result};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 
+mod checkpoint;
 mod failures;
 
+use checkpoint::Checkpoint;
 use failures::FailureList;
 
 use crate::cli::{GlobalArgs, RewrapArgs};
@@ -443,9 +447,10 @@ fn result_outcome(result: RewrapResult) -> Outcome {
     }
 }
 
-/// Counts the complete (newline-terminated) lines of `reader`; returns the count and the byte
-/// length they take, which is where a torn last line starts.
-fn complete_lines(reader: &mut impl Read) -> io::Result<(u64, u64)> {
+/// Counts the complete (newline-terminated) lines of `reader`, at most `at_most` of them;
+/// returns the count and the byte length they take (where a torn last line, or the first line
+/// not counted, starts).
+fn complete_lines(reader: &mut impl Read, at_most: u64) -> io::Result<(u64, u64)> {
     let mut buf = vec![0u8; 64 * 1024];
     let (mut lines, mut offset, mut end) = (0u64, 0u64, 0u64);
     loop {
@@ -457,6 +462,9 @@ fn complete_lines(reader: &mut impl Read) -> io::Result<(u64, u64)> {
         };
         let chunk = buf.get(..n).unwrap_or_default();
         for (i, _) in chunk.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+            if lines == at_most {
+                return Ok((lines, end));
+            }
             lines += 1;
             end = offset + i as u64 + 1;
         }
@@ -526,16 +534,19 @@ pub(crate) fn check_own_private(meta: &std::fs::Metadata, shown: &str) -> Result
 }
 
 /// Opens (or creates, mode 0600) `--output`; returns it with the number of input lines it
-/// already holds (0 without `--resume`, where a non-empty file is refused). With `--resume`,
-/// those lines of `input` are read and checked against the output's ([`skip_lines`]) before
-/// anything in the output changes: only then is a torn last line cut off.
+/// already holds (0 without `--resume`, where a non-empty file is refused) and its
+/// checkpoint. With `--resume`, those lines of `input` are read and checked against the
+/// output's ([`skip_lines`]) and the checkpoint's digest before anything in the output
+/// changes: only then are a torn last line, and the lines of a batch that was not committed,
+/// cut off.
 fn open_output(
     path: &Path,
     resume: bool,
     input_id: Option<FileId>,
     input: &mut dyn BufRead,
+    defaults: &Defaults,
     json: bool,
-) -> Result<(File, u64), CliError> {
+) -> Result<(File, u64, Checkpoint), CliError> {
     let shown = path.display();
     let file = OpenOptions::new()
         .read(true)
@@ -582,26 +593,52 @@ fn open_output(
                  interrupted run into it, or choose another --output"
             )));
         }
-        return Ok((file, 0));
+        return Ok((file, 0, Checkpoint::start(path, defaults)?));
     }
-    let (lines, end) =
-        complete_lines(&mut &file).map_err(CliError::io(format!("cannot read output {shown}")))?;
-    skip_lines(input, lines, &file, path)?;
-    if end < meta.len() {
-        file.set_len(end)
+    let read_error = || CliError::io(format!("cannot read output {shown}"));
+    let (complete, end) = complete_lines(&mut &file, u64::MAX).map_err(read_error())?;
+    let point = Checkpoint::resume_point(path, defaults, complete)?;
+    let mut digest = Sha256::new();
+    skip_lines(input, point.lines, &file, path, &mut digest)?;
+    if !point.matches(&digest) {
+        return Err(CliError::Failed(format!(
+            "--resume: the input's first {} lines are not the ones {shown} was made from \
+             (another input, or the same rows in another order?): nothing was written",
+            point.lines
+        )));
+    }
+    // Lines of a batch that was not committed go (they are done again), then a torn tail.
+    let keep = if point.lines < complete {
+        (&file).seek(io::SeekFrom::Start(0)).map_err(read_error())?;
+        complete_lines(&mut &file, point.lines)
+            .map_err(read_error())?
+            .1
+    } else {
+        end
+    };
+    if keep < meta.len() {
+        file.set_len(keep)
             .and_then(|()| file.sync_all())
             .map_err(CliError::io(format!(
-                "cannot cut the torn last line of {shown}"
+                "cannot cut the unfinished end of {shown}"
             )))?;
-        stderr_note(
-            json,
-            &format!(
+        let note = if point.lines < complete {
+            format!(
+                "rewrap: cut off the {} lines of a batch that was not committed, and any torn \
+                 line after them ({} bytes in all) of {shown}: they are done again",
+                complete - point.lines,
+                meta.len() - keep
+            )
+        } else {
+            format!(
                 "rewrap: cut off a torn last line ({} bytes) of {shown}",
-                meta.len() - end
-            ),
-        );
+                meta.len() - keep
+            )
+        };
+        stderr_note(json, &note);
     }
-    Ok((file, lines))
+    let checkpoint = Checkpoint::resumed(path, defaults, digest, point.lines);
+    Ok((file, point.lines, checkpoint))
 }
 
 /// Makes a newly created output file's directory entry durable (best effort: some file
@@ -616,14 +653,48 @@ fn sync_parent(path: &Path) {
     }
 }
 
+/// Replaces the file at `path` with one holding `contents`: a new file (`path` + `.new`,
+/// mode 0600, created by this call: a leftover or anything planted there is removed, not
+/// followed) made durable, then renamed over it, and the rename made durable.
+fn replace_durably(path: &Path, contents: &[u8]) -> Result<(), CliError> {
+    let mut name = std::ffi::OsString::from(path.as_os_str());
+    name.push(".new");
+    let fresh = PathBuf::from(name);
+    let shown = fresh.display().to_string();
+    match std::fs::remove_file(&fresh) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(CliError::io(format!("cannot remove {shown}"))(e));
+        }
+        _ => {}
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(no_follow())
+        .open(&fresh)
+        .map_err(CliError::io(format!("cannot create {shown}")))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(CliError::io(format!("cannot write {shown}")))?;
+    std::fs::rename(&fresh, path).map_err(CliError::io(format!(
+        "cannot replace {} with {shown}",
+        path.display()
+    )))?;
+    sync_parent(path);
+    Ok(())
+}
+
 /// Skips the `count` input lines that a resumed output already holds, checking that each of
-/// them corresponds to its output line: an output made from another input would otherwise be
-/// continued, its first lines belonging to other rows.
+/// them corresponds to its output line (an output made from another input would otherwise be
+/// continued, its first lines belonging to other rows), and adds each to `digest` (the
+/// checkpoint's check, which also sees rows in another order).
 fn skip_lines(
     input: &mut dyn BufRead,
     count: u64,
     file: &File,
     output: &Path,
+    digest: &mut Sha256,
 ) -> Result<(), CliError> {
     // The open, locked file itself (not its path again: a path swapped meanwhile would be
     // checked while the run appends to the file it holds); appends ignore the read offset.
@@ -654,6 +725,7 @@ fn skip_lines(
             .take(MAX_LINE_BYTES as u64 + 1)
             .read_until(b'\n', &mut out_line)
             .map_err(CliError::io(format!("reading {}", output.display())))?;
+        checkpoint::digest_line(digest, line.strip_suffix(b"\n").unwrap_or(&line));
         if !corresponds(&line, &out_line) {
             return Err(CliError::Failed(format!(
                 "--resume: line {} of {} does not correspond to line {} of the input (a \
@@ -878,6 +950,8 @@ struct Rewrapper {
     sink: Sink,
     /// The failure list of an `--output` run (none on stdout).
     failures: Option<FailureList>,
+    /// The checkpoint of an `--output` run (none on stdout).
+    checkpoint: Option<Checkpoint>,
     progress: ProgressBar,
     stats: Stats,
     /// Failed lines are reported as JSON objects.
@@ -888,6 +962,9 @@ impl Rewrapper {
     /// Rewraps one batch, writes and commits its lines, then reports its failures.
     async fn batch(&mut self, lines: &[Line]) -> Result<(), CliError> {
         let outcomes = self.rewrap(lines).await?;
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.prepare(lines)?;
+        }
         if let Some(list) = &mut self.failures {
             let failed: Vec<(u64, &str)> = lines
                 .iter()
@@ -903,6 +980,9 @@ impl Rewrapper {
             self.sink.write(&render(line, outcome))?;
         }
         self.sink.commit()?;
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.committed();
+        }
         for (line, outcome) in lines.iter().zip(&outcomes) {
             self.stats.count(outcome);
             if let Outcome::Failed(failure) = outcome {
@@ -1004,9 +1084,16 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         record: args.record.clone(),
     };
     let (mut input, input_id) = open_input(args.input.as_deref())?;
-    let (sink, skipped, failures) = match &args.output {
+    let (sink, skipped, failures, checkpoint) = match &args.output {
         Some(path) => {
-            let (file, done) = open_output(path, args.resume, input_id, &mut *input, global.json)?;
+            let (file, done, checkpoint) = open_output(
+                path,
+                args.resume,
+                input_id,
+                &mut *input,
+                &defaults,
+                global.json,
+            )?;
             // (Under the output's lock, like the list.)
             let failures = if done > 0 {
                 FailureList::resume(path, done)?
@@ -1015,7 +1102,12 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
             };
             let writer = BufWriter::with_capacity(256 * 1024, file);
             let path = path.clone();
-            (Sink::File { writer, path }, done, Some(failures))
+            (
+                Sink::File { writer, path },
+                done,
+                Some(failures),
+                Some(checkpoint),
+            )
         }
         None => {
             if input_id.is_some() && fd_file_id(io::stdout().as_fd()) == input_id {
@@ -1023,7 +1115,7 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
                     "standard output is the input file: write to another file (--output)".into(),
                 ));
             }
-            (Sink::Stdout(BufWriter::new(io::stdout())), 0, None)
+            (Sink::Stdout(BufWriter::new(io::stdout())), 0, None, None)
         }
     };
     let earlier_failed = failures.as_ref().map_or(0, FailureList::earlier);
@@ -1046,6 +1138,7 @@ pub(crate) async fn run(args: RewrapArgs, global: &GlobalArgs) -> Result<(), Cli
         daemon,
         sink,
         failures,
+        checkpoint,
         progress: progress_bar(skipped, global.json),
         stats: Stats::default(),
         json: global.json,
@@ -1384,7 +1477,7 @@ mod tests {
 
     #[test]
     fn complete_lines_stop_before_a_torn_tail() {
-        let count = |bytes: &[u8]| complete_lines(&mut &*bytes).unwrap();
+        let count = |bytes: &[u8]| complete_lines(&mut &*bytes, u64::MAX).unwrap();
         assert_eq!(count(b""), (0, 0));
         assert_eq!(count(b"torn"), (0, 0));
         assert_eq!(count(b"a\n"), (1, 2));
@@ -1403,15 +1496,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
         std::fs::write(&out, b"one\ntwo\nthr").unwrap();
+        checkpoint::write_for_test(&out, &defaults(None), &[b"1", b"2"]);
         // An input that does not correspond (another line shape): refused, and the output's
         // torn last line is left as it was.
         let mut other: &[u8] = b"{\"a\":1}\n{\"a\":2}\n";
-        let err = open_output(&out, true, None, &mut other, false).unwrap_err();
+        let err = open_output(&out, true, None, &mut other, &defaults(None), false).unwrap_err();
         assert!(err.to_string().contains("does not correspond"), "{err}");
         assert_eq!(std::fs::read(&out).unwrap(), b"one\ntwo\nthr");
 
         let mut input: &[u8] = b"1\n2\n3\n4";
-        let (file, done) = open_output(&out, true, None, &mut input, false).unwrap();
+        let (file, done, _) =
+            open_output(&out, true, None, &mut input, &defaults(None), false).unwrap();
         drop(file);
         assert_eq!(done, 2);
         assert_eq!(std::fs::read(&out).unwrap(), b"one\ntwo\n");
@@ -1422,7 +1517,52 @@ mod tests {
         assert_eq!(numbers, [3, 4]);
 
         let mut short: &[u8] = b"1\n";
-        assert!(skip_lines(&mut short, 2, &File::open(&out).unwrap(), &out).is_err());
+        assert!(
+            skip_lines(
+                &mut short,
+                2,
+                &File::open(&out).unwrap(),
+                &out,
+                &mut Sha256::new()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn resume_refuses_plain_lines_in_another_order_and_redoes_an_uncommitted_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.txt");
+        let d = defaults(Some("ssn"));
+        // A run wrote lines 1-2 (committed), then the first line of the batch of lines 3-4
+        // before it stopped.
+        let mut checkpoint = Checkpoint::start(&out, &d).unwrap();
+        checkpoint
+            .prepare(&[line(1, "ct-a", &d), line(2, "ct-b", &d)])
+            .unwrap();
+        checkpoint.committed();
+        checkpoint
+            .prepare(&[line(3, "ct-c", &d), line(4, "ct-d", &d)])
+            .unwrap();
+        std::fs::write(&out, b"new-a\nnew-b\nnew-c\n").unwrap();
+        // The same rows in another order: every plain line "corresponds", but the digest
+        // does not match. Nothing is changed.
+        let mut reordered: &[u8] = b"ct-b\nct-a\nct-c\nct-d\n";
+        let err = open_output(&out, true, None, &mut reordered, &d, false).unwrap_err();
+        assert!(err.to_string().contains("not the ones"), "{err}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"new-a\nnew-b\nnew-c\n");
+        // Resumed with other flags: refused.
+        let mut input: &[u8] = b"ct-a\nct-b\nct-c\nct-d\n";
+        let err =
+            open_output(&out, true, None, &mut input, &defaults(Some("name")), false).unwrap_err();
+        assert!(err.to_string().contains("same flags"), "{err}");
+        // The right input: the uncommitted batch's line is cut off and done again.
+        let mut input: &[u8] = b"ct-a\nct-b\nct-c\nct-d\n";
+        let (file, done, _) = open_output(&out, true, None, &mut input, &d, false).unwrap();
+        drop(file);
+        assert_eq!(done, 2);
+        assert_eq!(std::fs::read(&out).unwrap(), b"new-a\nnew-b\n");
+        assert_eq!(input, b"ct-c\nct-d\n");
     }
 
     #[test]
@@ -1432,9 +1572,25 @@ mod tests {
         let out = dir.path().join("out.txt");
         std::fs::write(&out, b"\n\xff\n").unwrap();
         let mut input: &[u8] = b"\n\xff";
-        skip_lines(&mut input, 2, &File::open(&out).unwrap(), &out).unwrap();
+        skip_lines(
+            &mut input,
+            2,
+            &File::open(&out).unwrap(),
+            &out,
+            &mut Sha256::new(),
+        )
+        .unwrap();
         let mut other: &[u8] = b"\n\xfe";
-        assert!(skip_lines(&mut other, 2, &File::open(&out).unwrap(), &out).is_err());
+        assert!(
+            skip_lines(
+                &mut other,
+                2,
+                &File::open(&out).unwrap(),
+                &out,
+                &mut Sha256::new()
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -1458,7 +1614,14 @@ mod tests {
             ct(2)
         );
         let mut rest = same.as_bytes();
-        skip_lines(&mut rest, 3, &File::open(&out).unwrap(), &out).unwrap();
+        skip_lines(
+            &mut rest,
+            3,
+            &File::open(&out).unwrap(),
+            &out,
+            &mut Sha256::new(),
+        )
+        .unwrap();
         assert_eq!(
             rest, b"{\"id\":3}\n",
             "the lines after the output's are left to read"
@@ -1470,8 +1633,14 @@ mod tests {
             format!("\n{{\"id\":1,\"ciphertext\":\"{}\"}}\n", ct(1)),
         ] {
             let other = format!("{other}{{\"id\":2,\"ciphertext\":\"{}\"}}\n", ct(2));
-            let err =
-                skip_lines(&mut other.as_bytes(), 3, &File::open(&out).unwrap(), &out).unwrap_err();
+            let err = skip_lines(
+                &mut other.as_bytes(),
+                3,
+                &File::open(&out).unwrap(),
+                &out,
+                &mut Sha256::new(),
+            )
+            .unwrap_err();
             assert!(err.to_string().contains("does not correspond"), "{err}");
         }
         // Only the last line differs.
@@ -1480,8 +1649,14 @@ mod tests {
             ct(1),
             ct(2)
         );
-        let err =
-            skip_lines(&mut last.as_bytes(), 3, &File::open(&out).unwrap(), &out).unwrap_err();
+        let err = skip_lines(
+            &mut last.as_bytes(),
+            3,
+            &File::open(&out).unwrap(),
+            &out,
+            &mut Sha256::new(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
     }
 
@@ -1490,7 +1665,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
         std::fs::write(&out, b"x\n").unwrap();
-        let err = open_output(&out, false, None, &mut &b""[..], false)
+        let err = open_output(&out, false, None, &mut &b""[..], &defaults(None), false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("--resume"), "{err}");
@@ -1502,13 +1677,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("new.txt");
-        let (file, done) = open_output(&out, false, None, &mut &b""[..], false).unwrap();
+        let (file, done, _) =
+            open_output(&out, false, None, &mut &b""[..], &defaults(None), false).unwrap();
         assert_eq!(done, 0);
         let meta = file.metadata().unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let id = file_id(&meta);
         drop(file);
-        match open_output(&out, true, id, &mut &b""[..], false) {
+        match open_output(&out, true, id, &mut &b""[..], &defaults(None), false) {
             Err(e @ CliError::Usage(_)) => assert!(e.to_string().contains("same file"), "{e}"),
             other => panic!(
                 "expected the same-file usage error, got {:?}",
@@ -1521,7 +1697,9 @@ mod tests {
     fn an_output_reached_by_a_symlink_or_others_may_change_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let open = |path: &Path| open_output(path, true, None, &mut &b""[..], false).map(|_| ());
+        let open = |path: &Path| {
+            open_output(path, true, None, &mut &b""[..], &defaults(None), false).map(|_| ())
+        };
         // A symlink (planted in a shared directory) is not followed.
         let target = dir.path().join("target.txt");
         std::fs::write(&target, b"").unwrap();
@@ -1651,14 +1829,15 @@ mod tests {
     fn a_second_run_on_the_same_output_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.txt");
-        let (first, _) = open_output(&out, false, None, &mut &b""[..], false).unwrap();
+        let (first, _, _) =
+            open_output(&out, false, None, &mut &b""[..], &defaults(None), false).unwrap();
         for resume in [false, true] {
-            let err = open_output(&out, resume, None, &mut &b""[..], false)
+            let err = open_output(&out, resume, None, &mut &b""[..], &defaults(None), false)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("in use by another rewrap run"), "{err}");
         }
         drop(first);
-        open_output(&out, true, None, &mut &b""[..], false).unwrap();
+        open_output(&out, true, None, &mut &b""[..], &defaults(None), false).unwrap();
     }
 }

@@ -511,6 +511,7 @@ fn unknown_tenant_is_exit_4() {
 }
 
 /// One line of the rewrap fixture: the input line and what the output line must be.
+#[derive(Clone)]
 struct Case {
     /// The input line (without its newline).
     input: String,
@@ -789,15 +790,28 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     let output_file = d.dir.path().join("out.txt");
     let (i, o) = (input_file.to_str().unwrap(), output_file.to_str().unwrap());
 
-    // The interrupted run: the first 4 lines were done, the 4th only half written.
-    let first_four = rewrap_input(&cases[..4]);
-    let done = d
-        .cli(
-            &["rewrap", "--tenant", "acme", "--field", "ssn"],
-            first_four.as_bytes(),
-        )
-        .expect(0)
-        .out();
+    // The interrupted run: of the input's first 4 lines, in batches of 3, the first batch
+    // was committed and the second (line 4) only half written when it stopped.
+    let first_four_file = d.dir.path().join("first-four.txt");
+    std::fs::write(&first_four_file, rewrap_input(&cases[..4])).unwrap();
+    d.cli(
+        &[
+            "rewrap",
+            "--tenant",
+            "acme",
+            "--field",
+            "ssn",
+            "--batch",
+            "3",
+            "--input",
+            first_four_file.to_str().unwrap(),
+            "--output",
+            o,
+        ],
+        b"",
+    )
+    .expect(0);
+    let done = std::fs::read_to_string(&output_file).unwrap();
     check_rewrap_output(&d, &cases[..4], &done);
     let done_lines: Vec<&str> = done.lines().collect();
     let kept: String = done_lines[..3].iter().map(|l| format!("{l}\n")).collect();
@@ -909,9 +923,37 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     assert_eq!(mode, 0o600);
     check_rewrap_output(&d, &cases, &std::fs::read_to_string(&fresh).unwrap());
 
-    // The daemon saw 3 items from the first run, 4 from the resumed one (lines 4, 6, 7, 8:
-    // nothing done before was sent again), none from the second resume, 6 from the fresh run.
-    assert_eq!(rewrap_calls(&d), [3, 4, 6]);
+    // The daemon saw 2 + 1 items from the first run's two batches, 4 from the resumed one
+    // (lines 4, 6, 7, 8: nothing committed before was sent again), none from the second
+    // resume, 6 from the fresh run.
+    assert_eq!(rewrap_calls(&d), [2, 1, 4, 6]);
+
+    // The same rows in another order (a re-export without ORDER BY): refused before anything
+    // is written, although each plain line alone would look right.
+    let mut reordered = cases.clone();
+    reordered.swap(0, 2);
+    let reordered_file = d.dir.path().join("reordered.txt");
+    std::fs::write(&reordered_file, rewrap_input(&reordered)).unwrap();
+    let moved = [
+        "rewrap",
+        "--tenant",
+        "acme",
+        "--field",
+        "ssn",
+        "--input",
+        reordered_file.to_str().unwrap(),
+        "--output",
+        o,
+        "--resume",
+    ];
+    let run = d.cli(&moved, b"").expect(1);
+    assert!(
+        run.stderr.contains("are not the ones") && run.stderr.contains("another order"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&output_file).unwrap(), output);
+    assert_eq!(rewrap_calls(&d), [2, 1, 4, 6], "nothing was sent");
 }
 
 #[test]

@@ -134,34 +134,7 @@ impl FailureList {
 
     /// Replaces the list with `entries` (a new file renamed over it, both made durable).
     fn rewrite(&mut self, entries: &[(u64, &str)]) -> Result<(), CliError> {
-        let mut name = OsString::from(self.path.as_os_str());
-        name.push(".new");
-        let fresh = PathBuf::from(name);
-        let shown = fresh.display().to_string();
-        // A leftover of an interrupted run (or anything planted there) is removed, not
-        // followed: the new list is a file this run creates.
-        match std::fs::remove_file(&fresh) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(CliError::io(format!("cannot remove {shown}"))(e));
-            }
-            _ => {}
-        }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(super::no_follow())
-            .open(&fresh)
-            .map_err(CliError::io(format!("cannot create {shown}")))?;
-        file.write_all(entries_text(entries).as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(CliError::io(format!("cannot write {shown}")))?;
-        std::fs::rename(&fresh, &self.path).map_err(CliError::io(format!(
-            "cannot replace {} with {shown}",
-            self.path.display()
-        )))?;
-        sync_parent(&self.path);
-        Ok(())
+        super::replace_durably(&self.path, entries_text(entries).as_bytes())
     }
 
     /// Lines that failed in earlier runs (see [`FailureList::resume`]).
