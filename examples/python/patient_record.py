@@ -151,7 +151,7 @@ def main() -> int:
         try:
             with Phiseal(args.socket, os.environ.get("PHISEAL_TOKEN")) as client:
                 run(client, args.tenant, args.create_tenant)
-        except (PhisealError, CheckFailed) as e:
+        except (PhisealError, CheckFailed, ValueError) as e:
             print(f"FAILED: {e}", file=sys.stderr)
             return 1
     print("python client: ok")

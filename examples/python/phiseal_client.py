@@ -133,6 +133,17 @@ class PhisealError(Exception):
         return cls(code, item.kind or None, item.message, request_id)
 
 
+def _checked_token(token: str) -> str:
+    """The token without surrounding whitespace (a secret written with `echo` ends in a
+    newline), as the `phiseal` CLI takes it; refused, without showing it, unless it is visible
+    ASCII only: gRPC would otherwise put the invalid metadata, token included, in its error."""
+    token = token.strip()
+    if not token or not all(0x21 <= ord(c) <= 0x7E for c in token):
+        raise ValueError("the service token is not valid (only visible ASCII characters are "
+                         "allowed); check PHISEAL_TOKEN")
+    return token
+
+
 class Phiseal:
     """A connection to `phiseald`: the FieldService and AdminService calls used by the examples.
 
@@ -147,7 +158,7 @@ class Phiseal:
         self._channel = grpc.insecure_channel("unix:" + socket_path, options=CHANNEL_OPTIONS)
         self._field = stubs.FieldServiceStub(self._channel)
         self._admin = stubs.AdminServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = (("authorization", f"Bearer {_checked_token(token)}"),) if token else ()
         self._timeout = timeout
 
     def __enter__(self) -> Self:

@@ -50,6 +50,22 @@ fn patient_record_example_round_trips_through_the_daemon() {
         "{stdout}"
     );
     assert_eq!(stdout.lines().last(), Some("python client: ok"), "{stdout}");
+    // A token gRPC cannot send (here non-ASCII) is refused by the client without showing it
+    // (grpc-python's own error would quote the metadata, token included).
+    let refused = Command::new(&python)
+        .arg("examples/python/patient_record.py")
+        .arg("--socket")
+        .arg(&d.socket)
+        .current_dir(&root)
+        .env("PHISEAL_TOKEN", "s3cr3t-t\u{f6}ken")
+        .output()
+        .unwrap();
+    let refused_err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{refused_err}");
+    assert!(
+        refused_err.contains("the service token is not valid") && !refused_err.contains("s3cr3t"),
+        "{refused_err}"
+    );
     // The demo prints ciphertexts, never a plaintext value.
     for value in ["078-05-1120", "Jane Q. Testpatient", "MRN-00417723"] {
         assert!(!stdout.contains(value), "{value} in {stdout}");
