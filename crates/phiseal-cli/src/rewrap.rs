@@ -783,6 +783,11 @@ fn corresponds(input: &[u8], output: &[u8]) -> bool {
 /// stops the run.
 const MAX_LINE_BYTES: usize = 64 << 20;
 
+/// The input bytes one batch holds at most (but for a single line): lines that are not sent
+/// (blank, invalid, too large for a call) are held until the batch is written, and their
+/// size does not count towards a call's.
+const MAX_BATCH_LINE_BYTES: usize = 64 << 20;
+
 /// Reads the input's lines and classifies them, in batches bounded by a line count and a
 /// byte budget per Rewrap call.
 struct BatchReader<'a> {
@@ -807,10 +812,12 @@ impl<'a> BatchReader<'a> {
     }
 
     /// Up to `max_lines` lines and, but for a single line, at most `max_bytes` of them (with
-    /// the answer's own framing); empty at the end of the input.
+    /// the answer's own framing) to send and at most [`MAX_BATCH_LINE_BYTES`] of input held
+    /// (lines not sent count too); empty at the end of the input.
     fn batch(&mut self, max_lines: usize, defaults: &Defaults) -> Result<Vec<Line>, CliError> {
         let mut lines = Vec::new();
         let mut bytes = ANSWER_FRAMING;
+        let mut held = 0usize;
         while lines.len() < max_lines {
             let line = match self.pending.take() {
                 Some(line) => line,
@@ -820,11 +827,14 @@ impl<'a> BatchReader<'a> {
                 },
             };
             let size = line.call_bytes();
-            if !lines.is_empty() && bytes.saturating_add(size) > self.max_bytes {
+            let over = bytes.saturating_add(size) > self.max_bytes
+                || held.saturating_add(line.raw.len()) > MAX_BATCH_LINE_BYTES;
+            if !lines.is_empty() && over {
                 self.pending = Some(line);
                 break;
             }
             bytes = bytes.saturating_add(size);
+            held = held.saturating_add(line.raw.len());
             lines.push(line);
         }
         Ok(lines)
@@ -1734,6 +1744,27 @@ mod tests {
         .collect();
         assert_eq!(sizes, [2, 2, 1]);
         assert_eq!(reader.last, 5);
+    }
+
+    #[test]
+    fn lines_that_are_not_sent_still_bound_what_a_batch_holds() {
+        // Two 33 MiB lines that are not ciphertexts (nothing to send, so no call budget
+        // spent): one per batch, or a batch of 500 of them would hold 16 GiB.
+        let big = vec![b'x'; 33 << 20];
+        let mut input = Vec::new();
+        for _ in 0..2 {
+            input.extend_from_slice(&big);
+            input.push(b'\n');
+        }
+        let mut input = &input[..];
+        let d = defaults(Some("ssn"));
+        let mut reader = BatchReader::new(&mut input, 0, 1 << 20);
+        let sizes: Vec<usize> = std::iter::from_fn(|| {
+            let batch = reader.batch(500, &d).unwrap();
+            (!batch.is_empty()).then_some(batch.len())
+        })
+        .collect();
+        assert_eq!(sizes, [1, 1]);
     }
 
     #[test]
