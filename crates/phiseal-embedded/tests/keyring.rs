@@ -932,6 +932,45 @@ async fn an_admin_change_whose_result_record_fails_says_it_was_done() {
     assert!(matches!(err, Error::Audit { .. }), "{err}");
     let record = p.store.load_tenant(&tenant("t")).await.unwrap().unwrap();
     assert_eq!(record.latest_version(), 2);
+
+    // A root-key rewrap of a version whose result record fails after it was re-wrapped: done,
+    // so `AuditAfterCommit` too (before: `Audit`, "nothing was done").
+    let migrating = Keyring::builder()
+        .profile(Profile::Development)
+        .kms(Arc::new(phiseal::kms::KmsChain::new(
+            Arc::new(phiseal_kms_local::LocalKms::open(dir.path().join("new-root.key")).unwrap())
+                as Arc<dyn Kms>,
+            vec![p.kms.clone() as Arc<dyn Kms>],
+        )))
+        .key_store(p.store.clone())
+        .audit(sink.clone())
+        .build()
+        .unwrap();
+    sink.allowed.store(1, Ordering::SeqCst);
+    let err = migrating
+        .rewrap_root_keys(&c, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::AuditAfterCommit {
+                action: "rewrap_root_key",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let record = p.store.load_tenant(&tenant("t")).await.unwrap().unwrap();
+    let roots: Vec<String> = record
+        .versions
+        .iter()
+        .map(|v| v.wrapped.as_ref().unwrap().root_key_ref.clone())
+        .collect();
+    assert_ne!(
+        roots[0], roots[1],
+        "version 1 was re-wrapped before its result record failed, version 2 not"
+    );
 }
 
 #[tokio::test]

@@ -702,6 +702,29 @@ fn primary_kept_changing(store: &dyn KeyStore) -> Error {
     )
 }
 
+/// The error of an operation of `tenant` whose result record could not be written (`audit`):
+/// [`Error::AuditAfterCommit`] when it succeeded (done, so a retry would repeat it: a second
+/// rotation); the operation's own error when it failed in the key store, which may follow a
+/// commit (so [`Error::Audit`], which says that nothing was done, would mislead; its attempt
+/// record is on the log); else `audit` itself.
+fn unrecorded<T>(
+    action: Action,
+    tenant: &TenantId,
+    audit: Error,
+    result: Result<T, Error>,
+) -> Error {
+    match (audit, result) {
+        (Error::Audit { backend, source }, Ok(_)) => Error::AuditAfterCommit {
+            action: action.as_str(),
+            tenant: tenant.clone(),
+            backend,
+            source,
+        },
+        (Error::Audit { .. }, Err(store @ Error::Store { .. })) => store,
+        (audit, _) => audit,
+    }
+}
+
 /// Stops the running streams of `tenant` when dropped while `armed`: a `shred` whose future
 /// was dropped after it reached the key store (it may have committed).
 struct RevokeStreamsOnDrop<'a> {
@@ -951,14 +974,7 @@ impl Keyring {
         done.root_key = root_key;
         match (self.append(std::slice::from_ref(&done)).await, result) {
             (Ok(()), result) => result,
-            // Done but not recorded: say so, or a retry would repeat it (a second rotation).
-            (Err(Error::Audit { backend, source }), Ok(_)) => Err(Error::AuditAfterCommit {
-                action: action.as_str(),
-                tenant: tenant.clone(),
-                backend,
-                source,
-            }),
-            (Err(e), _) => Err(e),
+            (Err(e), result) => Err(unrecorded(action, tenant, e, result)),
         }
     }
 

@@ -706,6 +706,11 @@ pub struct LimitsConfig {
     /// Largest segment size a `DecryptStream` may declare in its header, in bytes: the writer
     /// chooses it, and the daemon holds up to two segments of each stream in memory.
     pub max_stream_segment_bytes: u32,
+    /// Whether an `EncryptStream` must end with its `end` message (the default) to be sealed
+    /// as complete. `false` also seals one whose requests just close, as daemons did before
+    /// `end` existed — for clients not yet upgraded; unsafe, since a client whose input failed
+    /// part way may close its requests cleanly and get a truncated plaintext sealed.
+    pub require_stream_end: bool,
     /// Connections to the socket open at once, all callers together; beyond it, new
     /// connections wait until one closes (`connections.rs`).
     pub max_connections: usize,
@@ -746,6 +751,7 @@ impl Default for LimitsConfig {
             max_streams: 16,
             max_streams_per_caller: None,
             max_stream_segment_bytes: 1024 * 1024,
+            require_stream_end: true,
             max_connections: 1024,
             max_connections_per_uid: 256,
             max_requests_in_flight: 1024,

@@ -201,6 +201,7 @@ impl Daemon {
             request_timeout: config.limits.request_timeout,
             max_message_bytes: config.limits.max_message_bytes,
             max_stream_segment_bytes: config.limits.max_stream_segment_bytes,
+            require_stream_end: config.limits.require_stream_end,
             metrics,
             tasks: TaskTracker::new(),
             streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_streams)),

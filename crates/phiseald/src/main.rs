@@ -131,6 +131,13 @@ fn main() -> ExitCode {
              checked (whoever can write to them could replace the socket's directory)"
         );
     }
+    if !config.limits.require_stream_end {
+        tracing::warn!(
+            "limits.require_stream_end = false: an EncryptStream whose requests just close is \
+             sealed as complete, so a client whose input failed part way gets a truncated \
+             plaintext sealed; set it back once every client sends `end`"
+        );
+    }
     if !config.access_from_env.is_empty() {
         tracing::warn!(
             variables = %config.access_from_env.join(", "),

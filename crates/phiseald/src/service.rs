@@ -47,6 +47,9 @@ pub struct Sidecar {
     pub tasks: tokio_util::task::TaskTracker,
     /// Largest segment size a `DecryptStream` may declare (`limits.max_stream_segment_bytes`).
     pub max_stream_segment_bytes: u32,
+    /// Whether an `EncryptStream` is sealed only on its `end` message
+    /// (`limits.require_stream_end`).
+    pub require_stream_end: bool,
     /// Streams open at once (`limits.max_streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
     /// Streams open per caller (`auth::Identity::rate_key`).
@@ -704,6 +707,25 @@ impl Sidecar {
                 .await;
             if let Err(e) = audited {
                 return Err(status::from_error(&e));
+            }
+            // Nothing of it may run, and the policy grants this caller the operation on no
+            // field of those tenants at all: refused as a call, as a unary call would be, so
+            // that a client does not take it for failures of single items and go on (its
+            // refusals are audited above).
+            let no_grant = |c: &EncryptionContext| {
+                !self
+                    .policy
+                    .allows(&call.identity, op, c.tenant().as_str(), None)
+            };
+            if allowed.is_empty() && denied.iter().all(no_grant) {
+                return Err(with_request_id(
+                    status::status(
+                        Code::PermissionDenied,
+                        "permission_denied",
+                        status::PERMISSION_DENIED,
+                    ),
+                    &call.caller.request_id,
+                ));
             }
         }
         Ok(Sorted { slots, allowed })

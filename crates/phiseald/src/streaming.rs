@@ -518,9 +518,15 @@ fn serve<M: Send + 'static, W: Worker>(
     let response = respond(&call, rx, Arc::clone(&complete));
     let sidecar = Arc::clone(s);
     let room = answer_room(s.max_message_bytes);
+    let needs_end = W::NEEDS_END && s.require_stream_end;
     s.tasks.spawn(async move {
         let stop = &sidecar.stop_streams;
-        let result = run(&call, inbound, worker, part, &tx, stop, room).await;
+        let requests = Requests {
+            inbound,
+            part,
+            needs_end,
+        };
+        let result = run(&call, requests, worker, &tx, stop, room).await;
         if result.is_ok() {
             // Only now may the end of the answers mean success (see `Answers`).
             complete.store(true, Ordering::Release);
@@ -531,18 +537,31 @@ fn serve<M: Send + 'static, W: Worker>(
     response
 }
 
-/// Feeds the chunks to `worker` and sends its output until the requests end (then finishes
-/// the stream) or something fails or `stop` is cancelled (then records the stream as failed
-/// and ends the call with the error).
+/// The requests of a stream after its first message.
+struct Requests<M> {
+    inbound: Streaming<M>,
+    /// What each message carries.
+    part: fn(M) -> Option<Part>,
+    /// Whether they must end with `end` (else closing ends them).
+    needs_end: bool,
+}
+
+/// Feeds the chunks to `worker` and sends its output until the requests end — with `end`
+/// where `needs_end`, else by closing — (then finishes the stream) or something fails or
+/// `stop` is cancelled (then records the stream as failed and ends the call with the error).
 async fn run<M, W: Worker>(
     call: &Call,
-    mut inbound: Streaming<M>,
+    requests: Requests<M>,
     mut worker: W,
-    part: fn(M) -> Option<Part>,
     tx: &mpsc::Sender<Result<pb::StreamChunk, Status>>,
     stop: &CancellationToken,
     room: usize,
 ) -> Result<(), Status> {
+    let Requests {
+        mut inbound,
+        part,
+        needs_end,
+    } = requests;
     let idle = idle_limit(call);
     // Input bytes taken so far, for `end`'s count.
     let mut received: u64 = 0;
@@ -604,7 +623,7 @@ async fn run<M, W: Worker>(
             Ok(Some(Part::End(_))) => {
                 return failed(worker, empty_message(), "invalid_input").await;
             }
-            Ok(None) if W::NEEDS_END => {
+            Ok(None) if needs_end => {
                 return failed(worker, missing_end(), "invalid_input").await;
             }
             Ok(None) => return finish(worker, out, tx, idle, stop, room).await,

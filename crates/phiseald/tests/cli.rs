@@ -1053,6 +1053,14 @@ fn rewrap_goes_on_past_a_batch_of_lines_of_a_field_it_may_not_rewrap() {
         "{}",
         run.stderr
     );
+    // In a tenant where it may rewrap no field at all, the daemon refuses the call: the run
+    // stops at once (exit 3), nothing written.
+    d.cli(&["tenant", "create", "globex"], b"").expect(0);
+    let run = d
+        .cli(&["rewrap", "--tenant", "globex"], input.as_bytes())
+        .expect(3);
+    assert!(run.stdout.is_empty(), "{}", run.out());
+    assert!(run.stderr.contains("permission_denied"), "{}", run.stderr);
 }
 
 #[test]

@@ -1011,6 +1011,35 @@ async fn an_encrypt_stream_is_sealed_as_complete_only_on_an_end_with_the_right_c
 }
 
 #[tokio::test]
+async fn with_require_stream_end_off_a_stream_that_just_closes_is_sealed_as_before() {
+    // For clients built before `end` existed, during an upgrade.
+    let d = Daemon::with_config(&config(&format!(
+        "{ALL}[limits]\nrequire_stream_end = false\n"
+    )));
+    create_tenant(&d, "clinic").await;
+    let document: Vec<u8> = (0..100_000u32).map(|i| (i % 239) as u8).collect();
+    let old_client = vec![context_message(), chunk_message(document.clone())];
+    let (pieces, ended) = encrypt_stream_requests(&d, old_client).await;
+    ended.unwrap();
+    let (plain, opened) = decrypt_stream(&d, &pieces.concat(), 65_536).await;
+    opened.unwrap();
+    assert!(plain == document);
+    // An `end` is still checked.
+    let wrong = vec![
+        context_message(),
+        chunk_message(document.clone()),
+        end_message(1),
+    ];
+    let (_, ended) = encrypt_stream_requests(&d, wrong).await;
+    assert_eq!(ended.unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert!(
+        d.stderr().contains("limits.require_stream_end = false"),
+        "{}",
+        d.stderr()
+    );
+}
+
+#[tokio::test]
 async fn a_stream_message_without_a_chunk_is_refused_for_what_it_is() {
     let d = Daemon::with_config(&config(ALL));
     create_tenant(&d, "clinic").await;

@@ -1487,10 +1487,15 @@ fields = ["ssn"]
         4,
         "a batch refused as a whole writes one refusal record (its first item), not one per item"
     );
-    // Three fit what is left: refused item by item, and audited. (After a second: this is
-    // the sixth call, over the call burst of 5.)
+    // Three fit what is left: refused item by item, and audited — and, as the policy grants
+    // this caller no encrypt on globex at all, the batch is refused as a call, as a unary
+    // call would be. (After a second: this is the sixth call, over the call burst of 5.)
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    ok(fields.encrypt_batch(globex_batch(3)).await);
+    let e = fields.encrypt_batch(globex_batch(3)).await.unwrap_err();
+    assert_eq!(
+        (e.code(), kind(&e).as_str()),
+        (Code::PermissionDenied, "permission_denied")
+    );
     assert_eq!(denials(), 7);
 }
 

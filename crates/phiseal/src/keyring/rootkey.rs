@@ -173,7 +173,9 @@ impl Keyring {
                     Ok(()) => Arc::clone(&target_ref),
                     Err(_) => source,
                 });
-                self.append(std::slice::from_ref(&done)).await?;
+                if let Err(e) = self.append(std::slice::from_ref(&done)).await {
+                    return Err(super::unrecorded(Action::RewrapRootKey, tenant, e, result));
+                }
                 match result {
                     Ok(()) => {
                         report.rewrapped += 1;
