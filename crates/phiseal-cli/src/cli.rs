@@ -225,8 +225,11 @@ item (ciphertext and context) is larger than --max-call-bytes is not sent (`too_
 The output is flushed and fsynced after every batch. With --output FILE --resume, the lines
 already in FILE are skipped in the input and the rest is appended: rerun the same command
 after an interruption. The skipped lines are checked against FILE first (same shape, same
-JSON members but for the ciphertext): a mismatch is refused and nothing is written; then a
-torn last line is cut off. Failed lines are listed in FILE.failed, so a resumed run still
+JSON members but for the ciphertext) and against FILE.checkpoint (a digest of the input lines
+done and the flags, written before each batch: another input, the same rows in another order,
+or other flags are refused); on a mismatch nothing is written. Then the lines of a batch that
+was not committed and a torn last line are cut off. An output without a checkpoint (from an
+earlier version) cannot be resumed. Failed lines are listed in FILE.failed, so a resumed run still
 counts those of earlier runs (exit 7). One run at a time per output file (a second one is
 refused); the output must not be the input, nor may stdout be.
 

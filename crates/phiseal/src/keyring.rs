@@ -522,10 +522,11 @@ fn contexts_of<'a>(
 ///
 /// Each shard also has a key-use lock: every use of a tenant key version for a field
 /// (encryption, decryption, searchable values) holds it shared, after checking that the
-/// generation it validated the tenant under is still current; `shred` takes it exclusively
-/// once it has committed and invalidated, so it returns only when no operation that checked
-/// the tenant before the shred still uses the key. (The lock is writer-preferring: a waiting
-/// shred is not starved by a stream of new operations.)
+/// generation it validated the tenant under is still current; `shred` and every other admin
+/// operation (rotate, minimum decryption version) take it exclusively once they have
+/// committed and invalidated, so they return only when no operation that checked the tenant
+/// before them still uses the key. (The lock is writer-preferring: a waiting admin operation
+/// is not starved by a stream of new operations.)
 struct Generations {
     all: std::sync::atomic::AtomicU64,
     shards: [std::sync::atomic::AtomicU64; GENERATION_SHARDS],
@@ -1010,7 +1011,11 @@ impl Keyring {
             // Shredded, perhaps by another process: its running streams stop.
             self.revoke_streams(tenant);
         } else {
-            self.confirm_streams(tenant, fetched_at, record.min_decrypt_version);
+            // (A read overtaken by an invalidation — another change of the minimum, which
+            // may have lowered it — does not retire streams: the change does that itself.)
+            let min = (inner.generations.current(shard) == generation)
+                .then_some(record.min_decrypt_version);
+            self.confirm_streams(tenant, fetched_at, min);
         }
         self.drop_refused_keys(&record);
         Ok(Arc::new(TenantView::new(
@@ -1179,13 +1184,15 @@ impl Keyring {
         self.stop_streams(tenant, |_| Some(StopReason::Shredded));
     }
 
-    /// Notes that `tenant`'s record, read at `read_at`, has the minimum decryption version
-    /// `min`: its streams may go on, but those under an older key version stop before their
-    /// next segment.
-    fn confirm_streams(&self, tenant: &TenantId, read_at: Instant, min: u32) {
+    /// Notes that `tenant`'s record was read at `read_at`, with the minimum decryption version
+    /// `min` if that read is still current: its streams may go on, but those under an older
+    /// key version stop before their next segment.
+    fn confirm_streams(&self, tenant: &TenantId, read_at: Instant, min: Option<u32>) {
         if let Some(entry) = self.running_streams().get_mut(tenant) {
             entry.confirmed_at = entry.confirmed_at.max(read_at);
-            entry.retire_below(min);
+            if let Some(min) = min {
+                entry.retire_below(min);
+            }
         }
     }
 
@@ -1425,7 +1432,8 @@ impl Keyring {
                 BackendError::new(
                     BackendErrorKind::Conflict,
                     format!(
-                        "the key record of version {version} of tenant '{tenant}' changed                          during the operation (a key store restored or failed over?); retry"
+                        "the key record of version {version} of tenant '{tenant}' changed \
+                         during the operation (a key store restored or failed over?); retry"
                     ),
                 ),
             )

@@ -280,6 +280,13 @@ impl SegmentBuf {
         self.len = 0;
     }
 
+    /// Wipes the whole buffer (what earlier segments left past the used part too) and empties
+    /// it.
+    pub(crate) fn wipe(&mut self) {
+        self.data.zeroize();
+        self.len = 0;
+    }
+
     /// Empties the buffer without wiping it (it is wiped on drop).
     pub(crate) fn reset(&mut self) {
         self.len = 0;
@@ -613,7 +620,8 @@ impl StreamEncryptor {
     /// stream takes no more input, so nothing is kept until the encryptor is dropped.
     fn fail(&mut self, error: Error) -> Error {
         self.closed = true;
-        self.pending.clear();
+        // The whole buffer: a segment sealed before left its plaintext past `len` (`reset`).
+        self.pending.wipe();
         error
     }
 
@@ -1344,16 +1352,20 @@ mod tests {
         let stop = Arc::new(StreamStop::default());
         e.revocable(Arc::clone(&stop), TenantId::new("acme").unwrap());
         let mut out = Vec::new();
-        // Less than a segment: all of it stays buffered.
-        e.push(&[0xA5; 100], &mut out).unwrap();
+        // In small pieces, so that they are gathered in the buffer: a segment, sealed from the
+        // buffer once more input came (`reset` leaves its plaintext there), then 100 bytes.
+        for piece in [0xA5u8; SEG + 100].chunks(1000) {
+            e.push(piece, &mut out).unwrap();
+        }
         assert_eq!(e.pending.len, 100);
+        assert!(e.pending.data.iter().all(|&b| b == 0xA5));
         stop.stop(StopReason::Shredded);
-        let err = e.push(&[0xA5; SEG], &mut out).unwrap_err();
+        let err = e.finish(&mut out).unwrap_err();
         assert!(matches!(err, Error::KeyDestroyed { .. }), "{err:?}");
         assert_eq!(e.pending.len, 0);
         assert!(e.pending.data.iter().all(|&b| b == 0), "plaintext kept");
         // It stays failed, and says why.
-        let again = e.finish(&mut out).unwrap_err();
+        let again = e.push(&[0xA5; 10], &mut out).unwrap_err();
         assert!(matches!(again, Error::KeyDestroyed { .. }), "{again:?}");
     }
 
