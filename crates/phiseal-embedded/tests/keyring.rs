@@ -961,6 +961,11 @@ async fn an_admin_change_whose_result_record_fails_says_it_was_done() {
         ),
         "{err}"
     );
+    assert!(
+        err.to_string()
+            .contains("running the root-key rotation again is safe"),
+        "{err}"
+    );
     let record = p.store.load_tenant(&tenant("t")).await.unwrap().unwrap();
     let roots: Vec<String> = record
         .versions

@@ -155,11 +155,13 @@ pub enum Error {
     },
     /// An admin operation was done (the key store committed it), but its result record
     /// could not be written. Do not repeat it: its `attempt` record is on the log, and
-    /// `key_status` shows the outcome.
+    /// `key_status` shows the outcome. (A root-key rewrap of a version may be run again:
+    /// versions already under the new root key are skipped.)
     #[error(
         "{action} of tenant '{tenant}' was done, but its result record could not be written to \
-         audit log '{backend}': {source}; do not repeat it (its attempt record is on the log; \
-         check the key status), and repair the audit log"
+         audit log '{backend}': {source}; {} (its attempt record is on the log), and repair \
+         the audit log",
+        repeat_advice(action)
     )]
     AuditAfterCommit {
         /// The operation (`rotate_key`, `shred_tenant` …).
@@ -254,6 +256,17 @@ impl Error {
             Error::Crypto { .. } => "crypto",
             Error::Io { .. } => "io",
         }
+    }
+}
+
+/// What to tell the caller of an operation done but not recorded ([`Error::AuditAfterCommit`])
+/// about repeating it.
+fn repeat_advice(action: &str) -> &'static str {
+    match action {
+        "rewrap_root_key" => {
+            "running the root-key rotation again is safe: versions already moved are skipped"
+        }
+        _ => "do not repeat it; check the key status",
     }
 }
 

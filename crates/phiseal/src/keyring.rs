@@ -643,10 +643,13 @@ struct TenantStreams {
 }
 
 impl TenantStreams {
-    /// Makes those of the streams under key versions below `min` stop.
-    fn retire_below(&self, min: u32) {
+    /// Makes those of the streams under key versions below `min` stop: all of them, or, for
+    /// a minimum read at `read_at`, those that started from metadata no newer than that.
+    fn retire_below(&self, min: u32, read_at: Option<Instant>) {
         for stop in self.running.iter().filter_map(Weak::upgrade) {
-            stop.retire_below(min);
+            if read_at.is_none_or(|at| stop.sees(at)) {
+                stop.retire_below(min);
+            }
         }
     }
 }
@@ -1011,11 +1014,7 @@ impl Keyring {
             // Shredded, perhaps by another process: its running streams stop.
             self.revoke_streams(tenant);
         } else {
-            // (A read overtaken by an invalidation — another change of the minimum, which
-            // may have lowered it — does not retire streams: the change does that itself.)
-            let min = (inner.generations.current(shard) == generation)
-                .then_some(record.min_decrypt_version);
-            self.confirm_streams(tenant, fetched_at, min);
+            self.confirm_streams(tenant, fetched_at, record.min_decrypt_version);
         }
         self.drop_refused_keys(&record);
         Ok(Arc::new(TenantView::new(
@@ -1121,7 +1120,7 @@ impl Keyring {
     /// A stop flag for a stream of `tenant` starting now, from metadata read at `read_at`
     /// (see `Inner::streams`).
     pub(crate) fn register_stream(&self, tenant: &TenantId, read_at: Instant) -> Arc<StreamStop> {
-        let stop = Arc::new(StreamStop::default());
+        let stop = Arc::new(StreamStop::new(read_at));
         let mut streams = self.running_streams();
         let entry = streams
             .entry(tenant.clone())
@@ -1184,15 +1183,14 @@ impl Keyring {
         self.stop_streams(tenant, |_| Some(StopReason::Shredded));
     }
 
-    /// Notes that `tenant`'s record was read at `read_at`, with the minimum decryption version
-    /// `min` if that read is still current: its streams may go on, but those under an older
-    /// key version stop before their next segment.
-    fn confirm_streams(&self, tenant: &TenantId, read_at: Instant, min: Option<u32>) {
+    /// Notes that `tenant`'s record, read at `read_at`, has the minimum decryption version
+    /// `min`: its streams may go on, but those under an older key version stop before their
+    /// next segment — those that started from metadata no newer than this read (a read that
+    /// began before a lowering must not stop a stream that started after it).
+    fn confirm_streams(&self, tenant: &TenantId, read_at: Instant, min: u32) {
         if let Some(entry) = self.running_streams().get_mut(tenant) {
             entry.confirmed_at = entry.confirmed_at.max(read_at);
-            if let Some(min) = min {
-                entry.retire_below(min);
-            }
+            entry.retire_below(min, Some(read_at));
         }
     }
 
@@ -1200,7 +1198,7 @@ impl Keyring {
     /// decryption version was just raised) before their next segment.
     fn retire_streams(&self, tenant: &TenantId, min: u32) {
         if let Some(entry) = self.running_streams().get(tenant) {
-            entry.retire_below(min);
+            entry.retire_below(min, None);
         }
     }
 

@@ -333,9 +333,26 @@ pub(crate) struct StreamStop {
     reason: std::sync::OnceLock<StopReason>,
     /// The tenant's minimum decryption version as the keyring last saw it (0: none seen).
     min_version: std::sync::atomic::AtomicU32,
+    /// When the tenant metadata the stream started from was read: a minimum from an older
+    /// read (one that began before a lowering this stream started after) does not apply.
+    read_at: coarsetime::Instant,
 }
 
 impl StreamStop {
+    /// The stop of a stream that started from tenant metadata read at `read_at`.
+    pub(crate) fn new(read_at: coarsetime::Instant) -> Self {
+        Self {
+            read_at,
+            ..Self::default()
+        }
+    }
+
+    /// Whether a tenant read at `read_at` may set this stream's minimum (it is not older than
+    /// the metadata the stream started from).
+    pub(crate) fn sees(&self, read_at: coarsetime::Instant) -> bool {
+        read_at >= self.read_at
+    }
+
     /// Stops the stream holding it, for `reason` (unless it was stopped already).
     pub(crate) fn stop(&self, reason: StopReason) {
         let _ = self.reason.set(reason);

@@ -644,6 +644,22 @@ impl Sidecar {
                 denied.push(context);
             }
         }
+        // Nothing of it may run, and the policy grants this caller the operation on no field
+        // of those tenants at all: refused as a call, as a unary call would be — one record,
+        // its first item — so that a client does not take it for failures of single items
+        // and go on (nor spend the refused items' allowance on it).
+        let no_grant = |c: &EncryptionContext| {
+            !self
+                .policy
+                .allows(&call.identity, op, c.tenant().as_str(), None)
+        };
+        if allowed.is_empty() && !denied.is_empty() && denied.iter().all(no_grant) {
+            let first: Vec<&EncryptionContext> = denied.iter().take(1).collect();
+            return Err(with_request_id(
+                self.refuse(call, op, None, &first).await,
+                &call.caller.request_id,
+            ));
+        }
         if !denied.is_empty() {
             // Each refused item is an audit record: they are rate-limited one by one, so a
             // caller without a grant cannot write thousands of records per call.
@@ -707,25 +723,6 @@ impl Sidecar {
                 .await;
             if let Err(e) = audited {
                 return Err(status::from_error(&e));
-            }
-            // Nothing of it may run, and the policy grants this caller the operation on no
-            // field of those tenants at all: refused as a call, as a unary call would be, so
-            // that a client does not take it for failures of single items and go on (its
-            // refusals are audited above).
-            let no_grant = |c: &EncryptionContext| {
-                !self
-                    .policy
-                    .allows(&call.identity, op, c.tenant().as_str(), None)
-            };
-            if allowed.is_empty() && denied.iter().all(no_grant) {
-                return Err(with_request_id(
-                    status::status(
-                        Code::PermissionDenied,
-                        "permission_denied",
-                        status::PERMISSION_DENIED,
-                    ),
-                    &call.caller.request_id,
-                ));
             }
         }
         Ok(Sorted { slots, allowed })

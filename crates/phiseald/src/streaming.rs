@@ -626,7 +626,18 @@ async fn run<M, W: Worker>(
             Ok(None) if needs_end => {
                 return failed(worker, missing_end(), "invalid_input").await;
             }
-            Ok(None) => return finish(worker, out, tx, idle, stop, room).await,
+            Ok(None) => {
+                if W::NEEDS_END {
+                    // So that operators see when every client sends `end`.
+                    tracing::info!(
+                        rpc = call.rpc,
+                        identity = %call.identity.name,
+                        request_id = %call.caller.request_id,
+                        "EncryptStream sealed without `end` (limits.require_stream_end = false)"
+                    );
+                }
+                return finish(worker, out, tx, idle, stop, room).await;
+            }
         }
         if out.is_empty() {
             continue;

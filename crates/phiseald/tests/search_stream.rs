@@ -1032,8 +1032,16 @@ async fn with_require_stream_end_off_a_stream_that_just_closes_is_sealed_as_befo
     ];
     let (_, ended) = encrypt_stream_requests(&d, wrong).await;
     assert_eq!(ended.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // Said at start, and for each such stream (so that operators see when every client
+    // sends `end`).
     assert!(
-        d.stderr().contains("limits.require_stream_end = false"),
+        d.stderr()
+            .contains("limits.require_stream_end = false: an EncryptStream"),
+        "{}",
+        d.stderr()
+    );
+    assert!(
+        d.stderr().contains("EncryptStream sealed without `end`"),
         "{}",
         d.stderr()
     );

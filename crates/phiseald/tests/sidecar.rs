@@ -1467,15 +1467,21 @@ fields = ["ssn"]
     assert_eq!(outcomes, [true, false, true, false]);
     assert_eq!(denials(), 2, "each refused item is audited");
     // Refused items count one by one: six in one call are more than the burst (5), four
-    // more than the 3 left — each such call is refused as a whole, with one record.
-    let globex_batch = |n: usize| pb::EncryptBatchRequest {
-        items: (0..n).map(|i| item("globex", &format!("x{i}"))).collect(),
+    // more than the 3 left — each such call is refused as a whole, with one record. (Items of
+    // a field of acme this caller may not encrypt: it may encrypt another.)
+    let dob_batch = |n: usize| pb::EncryptBatchRequest {
+        items: (0..n)
+            .map(|i| pb::EncryptRequest {
+                context: ctx("acme", "dob", Some(&format!("x{i}"))),
+                plaintext: b"1970-01-01".to_vec(),
+            })
+            .collect(),
     };
     for (n, why) in [
         (6, "more than limits.rate_burst"),
         (4, "over the rate limit"),
     ] {
-        let e = fields.encrypt_batch(globex_batch(n)).await.unwrap_err();
+        let e = fields.encrypt_batch(dob_batch(n)).await.unwrap_err();
         assert_eq!(
             (e.code(), kind(&e).as_str()),
             (Code::ResourceExhausted, "rate_limited")
@@ -1487,16 +1493,24 @@ fields = ["ssn"]
         4,
         "a batch refused as a whole writes one refusal record (its first item), not one per item"
     );
-    // Three fit what is left: refused item by item, and audited — and, as the policy grants
-    // this caller no encrypt on globex at all, the batch is refused as a call, as a unary
-    // call would be. (After a second: this is the sixth call, over the call burst of 5.)
+    // Three fit what is left: refused item by item, and audited. (After a second: this is
+    // the sixth call, over the call burst of 5.)
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let e = fields.encrypt_batch(globex_batch(3)).await.unwrap_err();
+    ok(fields.encrypt_batch(dob_batch(3)).await);
+    assert_eq!(denials(), 7);
+    // A batch for a tenant on which the policy grants this caller encrypt for no field at
+    // all is refused as a call, as a unary call would be, with one record — whatever its
+    // size: not as `rate_limited`, and without spending the refused items' allowance.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let globex_batch = pb::EncryptBatchRequest {
+        items: (0..20).map(|i| item("globex", &format!("g{i}"))).collect(),
+    };
+    let e = fields.encrypt_batch(globex_batch).await.unwrap_err();
     assert_eq!(
         (e.code(), kind(&e).as_str()),
         (Code::PermissionDenied, "permission_denied")
     );
-    assert_eq!(denials(), 7);
+    assert_eq!(denials(), 8);
 }
 
 #[tokio::test]
