@@ -262,11 +262,10 @@ impl Error {
 /// What to tell the caller of an operation done but not recorded ([`Error::AuditAfterCommit`])
 /// about repeating it.
 fn repeat_advice(action: &str) -> &'static str {
-    match action {
-        "rewrap_root_key" => {
-            "running the root-key rotation again is safe: versions already moved are skipped"
-        }
-        _ => "do not repeat it; check the key status",
+    if action == crate::audit::Action::RewrapRootKey.as_str() {
+        "`root rotate` or `root migrate` may be run again: versions already moved are skipped"
+    } else {
+        "do not repeat it; check the key status"
     }
 }
 

@@ -654,11 +654,23 @@ impl Sidecar {
                 .allows(&call.identity, op, c.tenant().as_str(), None)
         };
         if allowed.is_empty() && !denied.is_empty() && denied.iter().all(no_grant) {
-            let first: Vec<&EncryptionContext> = denied.iter().take(1).collect();
-            return Err(with_request_id(
-                self.refuse(call, op, None, &first).await,
-                &call.caller.request_id,
-            ));
+            // One record per tenant named (its first item), so that each tenant's export
+            // shows the attempt; more than one spend the refused items' allowance (else the
+            // rate-limited refusal below, with its one record, answers).
+            let mut seen = std::collections::HashSet::new();
+            let firsts: Vec<&EncryptionContext> =
+                denied.iter().filter(|c| seen.insert(c.tenant())).collect();
+            let admitted = firsts.len() == 1
+                || self
+                    .limiter
+                    .admit_refusals(&call.identity.rate_key, firsts.len())
+                    == RefusalBudget::Admitted;
+            if admitted {
+                return Err(with_request_id(
+                    self.refuse(call, op, None, &firsts).await,
+                    &call.caller.request_id,
+                ));
+            }
         }
         if !denied.is_empty() {
             // Each refused item is an audit record: they are rate-limited one by one, so a

@@ -627,7 +627,8 @@ async fn run<M, W: Worker>(
                 return failed(worker, missing_end(), "invalid_input").await;
             }
             Ok(None) => {
-                if W::NEEDS_END {
+                let ended = finish(worker, out, tx, idle, stop, room).await;
+                if W::NEEDS_END && ended.is_ok() {
                     // So that operators see when every client sends `end`.
                     tracing::info!(
                         rpc = call.rpc,
@@ -636,7 +637,7 @@ async fn run<M, W: Worker>(
                         "EncryptStream sealed without `end` (limits.require_stream_end = false)"
                     );
                 }
-                return finish(worker, out, tx, idle, stop, room).await;
+                return ended;
             }
         }
         if out.is_empty() {

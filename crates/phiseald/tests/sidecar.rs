@@ -1511,6 +1511,27 @@ fields = ["ssn"]
         (Code::PermissionDenied, "permission_denied")
     );
     assert_eq!(denials(), 8);
+    // Naming two such tenants: one record for each, so that each tenant's export shows it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let two_tenants = pb::EncryptBatchRequest {
+        items: (0..10)
+            .flat_map(|i| {
+                [
+                    item("globex", &format!("h{i}")),
+                    item("umbrella", &format!("u{i}")),
+                ]
+            })
+            .collect(),
+    };
+    let e = fields.encrypt_batch(two_tenants).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let refused_tenants: Vec<String> = audit_records(&d.audit_log())
+        .into_iter()
+        .filter(|r| r["result"] == "permission_denied")
+        .skip(8)
+        .map(|r| r["tenant"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(refused_tenants, ["globex", "umbrella"]);
 }
 
 #[tokio::test]

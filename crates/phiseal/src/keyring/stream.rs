@@ -43,7 +43,10 @@
 //! next stream, not to the running one. A raised minimum decryption version stops the running
 //! streams under older key versions, with [`Error::KeyVersionRetired`], as a shred stops them
 //! (below: at once through this keyring, for another process's change once this keyring reads
-//! the tenant again; a minimum lowered again later does not restart them). A shred stops the
+//! the tenant again; a minimum lowered again later does not restart them). A minimum is taken
+//! only from a tenant read no older than the metadata a stream started from, by a coarse
+//! clock: a read that started in the same tick as, or just after, a lowering may still see
+//! the older minimum and stop a stream — the safe way to err. A shred stops the
 //! running streams of the tenant: each fails with [`Error::KeyDestroyed`] before its next segment is
 //! sealed or opened (the reader adapter also withholds the rest of a segment it opened
 //! before; output the caller already received stays with it) — at once for a shred through
