@@ -653,6 +653,19 @@ fn sync_parent(path: &Path) {
     }
 }
 
+/// Removes `path`, a file a run into a new (empty) output leaves from an earlier output of
+/// that name (`what` it is, for the error), if there is one.
+fn remove_stale(path: &Path, what: &str) -> Result<(), CliError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CliError::io(format!(
+            "cannot remove the stale {what} {}",
+            path.display()
+        ))(e)),
+    }
+}
+
 /// Replaces the file at `path` with one holding `contents`: a new file (`path` + `.new`,
 /// mode 0600, created by this call: a leftover or anything planted there is removed, not
 /// followed) made durable, then renamed over it, and the rename made durable.

@@ -690,11 +690,22 @@ async fn a_shred_stops_the_tenants_running_streams() {
     );
 }
 
-#[tokio::test]
-async fn a_shred_by_another_process_stops_streams_once_the_tenant_is_read_again() {
+/// What another process does to tenant t in [`another_process_stops_a_stream`].
+#[derive(Clone, Copy)]
+enum OtherProcess {
+    Shreds,
+    RetiresVersion1,
+}
+
+/// A decryption stream of tenant t (version 1) has released its first segment when another
+/// process (another keyring on the same store) makes `change`. This keyring learns of it when
+/// it reads the tenant again — the sidecar does on the key store's change notification —:
+/// until then the stream goes on, and then it stops with the error `stopped` accepts.
+async fn another_process_stops_a_stream(change: OtherProcess, stopped: fn(&Error) -> bool) {
     let dir = private_tempdir();
     let (k, _sink) = recorded(dir.path()).await;
     let c = caller();
+    let t = TenantId::new("t").unwrap();
     let cx = ctx("t", "scan", None);
     let plaintext = data(3 * SEG + 5);
     let sealed = encrypt(&k, &cx, &plaintext).await;
@@ -702,20 +713,46 @@ async fn a_shred_by_another_process_stops_streams_once_the_tenant_is_read_again(
     let mut out = Vec::new();
     let first = STREAM_HEADER_LEN + 2 * (SEG + TAG);
     reading.push(&sealed[..first], &mut out).await.unwrap();
-    // Another process (another keyring on the same store) shreds the tenant. This keyring
-    // learns of it when it reads the tenant again: the sidecar does on the key store's
-    // change notification.
     let other = phiseal_embedded::builder(dir.path(), &EmbeddedOptions::default())
         .unwrap()
         .danger_disable_audit()
         .build()
         .unwrap();
-    other.shred(&c, &TenantId::new("t").unwrap()).await.unwrap();
+    match change {
+        OtherProcess::Shreds => other.shred(&c, &t).await.unwrap(),
+        OtherProcess::RetiresVersion1 => {
+            other.rotate(&c, &t).await.unwrap();
+            other.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+        }
+    }
+    // Not known here yet: the stream goes on.
+    out.clear();
+    let second = first + SEG + TAG;
+    reading
+        .push(&sealed[first..second], &mut out)
+        .await
+        .unwrap();
     k.recheck_streams(None).await.unwrap();
     out.clear();
-    let err = reading.push(&sealed[first..], &mut out).await.unwrap_err();
-    assert!(matches!(err, Error::KeyDestroyed { .. }), "{err}");
+    let err = reading.push(&sealed[second..], &mut out).await.unwrap_err();
+    assert!(stopped(&err), "{err}");
     assert!(out.is_empty());
+}
+
+#[tokio::test]
+async fn a_shred_by_another_process_stops_streams_once_the_tenant_is_read_again() {
+    another_process_stops_a_stream(OtherProcess::Shreds, |e| {
+        matches!(e, Error::KeyDestroyed { .. })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_minimum_version_raised_by_another_process_stops_streams_once_the_tenant_is_read_again() {
+    another_process_stops_a_stream(OtherProcess::RetiresVersion1, |e| {
+        matches!(e, Error::KeyVersionRetired { .. })
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -790,40 +827,6 @@ async fn raising_the_minimum_decryption_version_stops_streams_under_older_versio
             Outcome::Ok
         ]
     );
-}
-
-#[tokio::test]
-async fn a_minimum_version_raised_by_another_process_stops_streams_once_the_tenant_is_read_again() {
-    let dir = private_tempdir();
-    let (k, _sink) = recorded(dir.path()).await;
-    let c = caller();
-    let t = TenantId::new("t").unwrap();
-    let cx = ctx("t", "scan", None);
-    let plaintext = data(3 * SEG + 5);
-    let sealed = encrypt(&k, &cx, &plaintext).await;
-    let mut reading = k.start_decrypt_stream(&c, &cx);
-    let mut out = Vec::new();
-    let first = STREAM_HEADER_LEN + 2 * (SEG + TAG);
-    reading.push(&sealed[..first], &mut out).await.unwrap();
-    let other = phiseal_embedded::builder(dir.path(), &EmbeddedOptions::default())
-        .unwrap()
-        .danger_disable_audit()
-        .build()
-        .unwrap();
-    other.rotate(&c, &t).await.unwrap();
-    other.set_min_decrypt_version(&c, &t, 2).await.unwrap();
-    // Not known here yet: the stream goes on until this keyring reads the tenant again.
-    out.clear();
-    let second = first + SEG + TAG;
-    reading
-        .push(&sealed[first..second], &mut out)
-        .await
-        .unwrap();
-    k.recheck_streams(None).await.unwrap();
-    out.clear();
-    let err = reading.push(&sealed[second..], &mut out).await.unwrap_err();
-    assert!(matches!(err, Error::KeyVersionRetired { .. }), "{err}");
-    assert!(out.is_empty());
 }
 
 #[tokio::test]

@@ -789,28 +789,20 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     std::fs::write(&input_file, rewrap_input(&cases)).unwrap();
     let output_file = d.dir.path().join("out.txt");
     let (i, o) = (input_file.to_str().unwrap(), output_file.to_str().unwrap());
+    // `rewrap` of tenant acme, field ssn, from `input` to `output`.
+    let rewrap = |input: &Path, output: &Path, more: &[&str]| {
+        let mut args = vec!["rewrap", "--tenant", "acme", "--field", "ssn"];
+        args.extend(["--input", input.to_str().unwrap()]);
+        args.extend(["--output", output.to_str().unwrap()]);
+        args.extend(more);
+        d.cli(&args, b"")
+    };
 
     // The interrupted run: of the input's first 4 lines, in batches of 3, the first batch
     // was committed and the second (line 4) only half written when it stopped.
     let first_four_file = d.dir.path().join("first-four.txt");
     std::fs::write(&first_four_file, rewrap_input(&cases[..4])).unwrap();
-    d.cli(
-        &[
-            "rewrap",
-            "--tenant",
-            "acme",
-            "--field",
-            "ssn",
-            "--batch",
-            "3",
-            "--input",
-            first_four_file.to_str().unwrap(),
-            "--output",
-            o,
-        ],
-        b"",
-    )
-    .expect(0);
+    rewrap(&first_four_file, &output_file, &["--batch", "3"]).expect(0);
     let done = std::fs::read_to_string(&output_file).unwrap();
     check_rewrap_output(&d, &cases[..4], &done);
     let done_lines: Vec<&str> = done.lines().collect();
@@ -904,21 +896,7 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
 
     // A fresh output file is created with mode 0600.
     let fresh = d.dir.path().join("fresh.txt");
-    d.cli(
-        &[
-            "rewrap",
-            "--tenant",
-            "acme",
-            "--field",
-            "ssn",
-            "--input",
-            i,
-            "--output",
-            fresh.to_str().unwrap(),
-        ],
-        b"",
-    )
-    .expect(7);
+    rewrap(&input_file, &fresh, &[]).expect(7);
     let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     check_rewrap_output(&d, &cases, &std::fs::read_to_string(&fresh).unwrap());
@@ -934,19 +912,7 @@ fn rewrap_to_a_file_resumes_after_an_interruption() {
     reordered.swap(0, 2);
     let reordered_file = d.dir.path().join("reordered.txt");
     std::fs::write(&reordered_file, rewrap_input(&reordered)).unwrap();
-    let moved = [
-        "rewrap",
-        "--tenant",
-        "acme",
-        "--field",
-        "ssn",
-        "--input",
-        reordered_file.to_str().unwrap(),
-        "--output",
-        o,
-        "--resume",
-    ];
-    let run = d.cli(&moved, b"").expect(1);
+    let run = rewrap(&reordered_file, &output_file, &["--resume"]).expect(1);
     assert!(
         run.stderr.contains("are not the ones") && run.stderr.contains("another order"),
         "{}",

@@ -103,16 +103,7 @@ impl Checkpoint {
     /// name no longer describes anything and is removed.
     pub(super) fn start(output: &Path, defaults: &Defaults) -> Result<Self, CliError> {
         let path = Self::path_for(output);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(CliError::io(format!(
-                    "cannot remove the stale checkpoint {}",
-                    path.display()
-                ))(e));
-            }
-        }
+        super::remove_stale(&path, "checkpoint")?;
         Ok(Self::at(path, defaults, Sha256::new(), 0))
     }
 

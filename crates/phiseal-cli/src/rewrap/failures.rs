@@ -58,16 +58,7 @@ impl FailureList {
     /// no longer describes anything and is removed.
     pub(super) fn start(output: &Path) -> Result<Self, CliError> {
         let path = Self::path_for(output);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(CliError::io(format!(
-                    "cannot remove the stale failure list {}",
-                    path.display()
-                ))(e));
-            }
-        }
+        super::remove_stale(&path, "failure list")?;
         Ok(Self {
             path,
             file: None,
