@@ -1291,6 +1291,33 @@ async fn a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key()
     );
 }
 
+#[tokio::test]
+async fn a_change_that_failed_in_the_store_and_was_not_recorded_is_not_reported_as_nothing_done() {
+    // A shred whose store call reports a failure after it committed (a lost answer), and
+    // whose result record then fails too: the caller gets the store's error, which may
+    // follow a commit — not `Error::Audit`, which says that nothing was done.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let c = caller();
+    let store = counting_store(&p);
+    let sink = Arc::new(AuditThenFail::default());
+    let k = Keyring::builder()
+        .profile(Profile::Development)
+        .kms(p.kms.clone())
+        .key_store(store.clone())
+        .audit(sink.clone())
+        .build()
+        .unwrap();
+    sink.allowed.store(2, Ordering::SeqCst);
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    store.fail_shred.store(1, Ordering::SeqCst);
+    sink.allowed.store(1, Ordering::SeqCst);
+    let err = k.shred(&c, &tenant("t")).await.unwrap_err();
+    assert!(matches!(err, Error::Store { .. }), "{err}");
+    let record = p.store.load_tenant(&tenant("t")).await.unwrap().unwrap();
+    assert!(record.shredded_at.is_some(), "the shred was committed");
+}
+
 /// Two keyrings (this process's and "another process's") on one store, tenant "t" created.
 struct TwoKeyrings {
     dir: tempfile::TempDir,
@@ -1447,6 +1474,21 @@ async fn a_query_whose_tenant_record_fails_its_checks_fails_rather_than_answer_f
     let before = store.loads.load(Ordering::SeqCst);
     k.deterministic_query(&c, &cx, b"MRN-1").await.unwrap();
     assert_eq!(store.loads.load(Ordering::SeqCst), before + 1);
+}
+
+/// `p`'s key store in a [`CountingStore`] that injects nothing yet.
+fn counting_store(p: &Parts) -> Arc<CountingStore> {
+    Arc::new(CountingStore {
+        inner: p.store.clone(),
+        loads: AtomicUsize::new(0),
+        fail_loads: false.into(),
+        corrupt_loads: false.into(),
+        stall_next_load: false.into(),
+        stalled: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+        fail_shred: 0.into(),
+        conflict_creates: false.into(),
+    })
 }
 
 /// A key store wrapper that counts `load_tenant` calls and can stall the next one after it
@@ -1617,17 +1659,7 @@ fn keyring_on_counting_store_with(
     p: &Parts,
     cache: CacheSettings,
 ) -> (Keyring, Arc<CountingStore>) {
-    let store = Arc::new(CountingStore {
-        inner: p.store.clone(),
-        loads: AtomicUsize::new(0),
-        fail_loads: false.into(),
-        corrupt_loads: false.into(),
-        stall_next_load: false.into(),
-        stalled: tokio::sync::Notify::new(),
-        release: tokio::sync::Notify::new(),
-        fail_shred: 0.into(),
-        conflict_creates: false.into(),
-    });
+    let store = counting_store(p);
     let k = Keyring::builder()
         .profile(Profile::Development)
         .kms(p.kms.clone())
