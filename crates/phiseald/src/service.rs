@@ -645,39 +645,42 @@ impl Sidecar {
             }
         }
         // Nothing of it may run, and the policy grants this caller the operation on no field
-        // of those tenants at all: refused as a call, as a unary call would be — one record,
-        // its first item — so that a client does not take it for failures of single items
-        // and go on (nor spend the refused items' allowance on it).
+        // of those tenants at all: refused as a call, as a unary call would be, so that a
+        // client does not take it for failures of single items and go on. One record per
+        // tenant named (its first item), so that each tenant's export shows the attempt: one
+        // tenant spends no allowance, as a unary refusal; several spend one per record, and
+        // if they do not fit, the rate-limited refusal below answers (with its one record).
         let no_grant = |c: &EncryptionContext| {
             !self
                 .policy
                 .allows(&call.identity, op, c.tenant().as_str(), None)
         };
+        let mut checked = None;
         if allowed.is_empty() && !denied.is_empty() && denied.iter().all(no_grant) {
-            // One record per tenant named (its first item), so that each tenant's export
-            // shows the attempt; more than one spend the refused items' allowance (else the
-            // rate-limited refusal below, with its one record, answers).
             let mut seen = std::collections::HashSet::new();
             let firsts: Vec<&EncryptionContext> =
                 denied.iter().filter(|c| seen.insert(c.tenant())).collect();
-            let admitted = firsts.len() == 1
-                || self
-                    .limiter
-                    .admit_refusals(&call.identity.rate_key, firsts.len())
-                    == RefusalBudget::Admitted;
-            if admitted {
+            let budget = match firsts.len() {
+                1 => RefusalBudget::Admitted,
+                n => self.limiter.admit_refusals(&call.identity.rate_key, n),
+            };
+            if budget == RefusalBudget::Admitted {
                 return Err(with_request_id(
                     self.refuse(call, op, None, &firsts).await,
                     &call.caller.request_id,
                 ));
             }
+            checked = Some(budget);
         }
         if !denied.is_empty() {
             // Each refused item is an audit record: they are rate-limited one by one, so a
             // caller without a grant cannot write thousands of records per call.
-            let budget = self
-                .limiter
-                .admit_refusals(&call.identity.rate_key, denied.len());
+            let budget = match checked {
+                Some(budget) => budget,
+                None => self
+                    .limiter
+                    .admit_refusals(&call.identity.rate_key, denied.len()),
+            };
             if budget != RefusalBudget::Admitted {
                 // Nothing runs: wipe what would have (plaintexts, for encrypt) at once.
                 drop(allowed);

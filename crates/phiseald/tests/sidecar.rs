@@ -1532,6 +1532,19 @@ fields = ["ssn"]
         .map(|r| r["tenant"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert_eq!(refused_tenants, ["globex", "umbrella"]);
+    // Naming more such tenants than the refused items' burst (5): their records do not fit,
+    // so it is refused as `rate_limited`, with one record.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let six_tenants = pb::EncryptBatchRequest {
+        items: (0..6).map(|i| item(&format!("t{i}"), "r")).collect(),
+    };
+    let e = fields.encrypt_batch(six_tenants).await.unwrap_err();
+    assert_eq!(
+        (e.code(), kind(&e).as_str()),
+        (Code::ResourceExhausted, "rate_limited")
+    );
+    assert!(e.message().contains("more than limits.rate_burst"), "{e:?}");
+    assert_eq!(denials(), 11);
 }
 
 #[tokio::test]
