@@ -1752,14 +1752,14 @@ async fn streams_stop_once_their_tenant_cannot_be_read_for_longer_than_a_key_may
         .unwrap();
     store.fail_loads.store(true, Ordering::SeqCst);
     // Within the limit: the failed re-read is reported, and the streams go on.
-    assert!(k.recheck_streams(None).await.is_err());
+    assert!(k.recheck_streams(&c, None).await.is_err());
     writing.push(&segment, &mut ciphertext).unwrap();
     reading
         .push(&sealed[piece..2 * piece], &mut plaintext)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2300)).await;
-    assert!(k.recheck_streams(None).await.is_err());
+    assert!(k.recheck_streams(&c, None).await.is_err());
     let pushed = writing.push(&segment, &mut ciphertext);
     assert!(matches!(pushed, Err(Error::Store { .. })), "{pushed:?}");
     plaintext.clear();
@@ -1771,11 +1771,11 @@ async fn streams_stop_once_their_tenant_cannot_be_read_for_longer_than_a_key_may
     let mut writing = k.start_encrypt_stream(&c, &cx, options).await.unwrap();
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        k.recheck_streams(None).await.unwrap();
+        k.recheck_streams(&c, None).await.unwrap();
     }
     store.fail_loads.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(k.recheck_streams(None).await.is_err());
+    assert!(k.recheck_streams(&c, None).await.is_err());
     writing.push(&segment, &mut ciphertext).unwrap();
 }
 
@@ -3793,4 +3793,150 @@ async fn a_tenant_keyring_audits_like_the_keyring() {
         "{}",
         fields[2]
     );
+}
+
+/// A finished stream of four segments under `cx` (to decrypt), and a segment's worth of input.
+async fn sealed_stream(k: &Keyring, c: &Caller, cx: &EncryptionContext) -> (Vec<u8>, Vec<u8>) {
+    let options = StreamOptions::default();
+    let segment = vec![1u8; options.segment_size as usize];
+    let mut sealed = Vec::new();
+    let mut writing = k.start_encrypt_stream(c, cx, options).await.unwrap();
+    for _ in 0..4 {
+        writing.push(&segment, &mut sealed).unwrap();
+    }
+    writing.finish(&mut sealed).await.unwrap();
+    (sealed, segment)
+}
+
+fn refused_by_kms(result: &Result<(), Error>, kind: BackendErrorKind) -> bool {
+    matches!(result, Err(Error::Kms { source, .. }) if source.kind() == kind)
+}
+
+#[tokio::test]
+async fn a_root_key_the_kms_refuses_stops_running_streams_once_their_key_is_due_again() {
+    // Before, a stream kept the key it derived at its start until it ended, whatever the KMS
+    // said meanwhile: revocation reached field operations within key_ttl, running streams
+    // never. Now their key version is confirmed with the KMS as a field operation's would be.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let audit = Arc::new(MemoryAudit::default());
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, cache, Some(&audit));
+    let c = caller();
+    let housekeeper = Caller::new(Actor::named("housekeeping"));
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let (sealed, segment) = sealed_stream(&k, &c, &cx).await;
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut reading = k.start_decrypt_stream(&c, &cx);
+    let (mut ciphertext, mut plaintext) = (Vec::new(), Vec::new());
+    let piece = sealed.len() / 4;
+    reading
+        .push(&sealed[..piece], &mut plaintext)
+        .await
+        .unwrap();
+
+    kms.fail_with(Some(BackendErrorKind::Denied));
+    // Within key_ttl of the unwrap there is nothing to confirm: no KMS call, the streams go on.
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    k.recheck_streams(&housekeeper, None).await.unwrap();
+    assert_eq!(kms.unwraps.load(Ordering::SeqCst), before);
+    writing.push(&segment, &mut ciphertext).unwrap();
+    reading
+        .push(&sealed[piece..2 * piece], &mut plaintext)
+        .await
+        .unwrap();
+
+    // Past key_ttl: one unwrap for the version both use, refused (audited as the
+    // housekeeper's), and both streams stop with the KMS's error before their next segment.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    audit.events.lock().unwrap().clear();
+    let checked = k.recheck_streams(&housekeeper, None).await;
+    assert!(
+        refused_by_kms(&checked, BackendErrorKind::Denied),
+        "{checked:?}"
+    );
+    assert_eq!(kms.unwraps.load(Ordering::SeqCst) - before, 1);
+    {
+        let events = audit.events.lock().unwrap();
+        let unwraps: Vec<_> = events
+            .iter()
+            .filter(|e| e.action.as_str() == "unwrap_key")
+            .map(|e| (e.actor.identity.to_string(), e.outcome.as_str().to_owned()))
+            .collect();
+        assert_eq!(unwraps, [("housekeeping".to_owned(), "kms".to_owned())]);
+    }
+    let pushed = writing.push(&segment, &mut ciphertext);
+    assert!(
+        refused_by_kms(&pushed, BackendErrorKind::Denied),
+        "{pushed:?}"
+    );
+    plaintext.clear();
+    let pushed = reading.push(&sealed[2 * piece..], &mut plaintext).await;
+    assert!(
+        refused_by_kms(&pushed, BackendErrorKind::Denied),
+        "{pushed:?}"
+    );
+    assert!(plaintext.is_empty(), "plaintext released after the stop");
+}
+
+#[tokio::test]
+async fn running_streams_outlast_a_kms_outage_as_cached_keys_do_then_fail_closed() {
+    // key_ttl 1 s + max_stale 2 s: a stream whose key version the KMS cannot confirm goes on
+    // until 3 s after the version's last unwrap, then stops (the key may have been revoked
+    // meanwhile, as a cached key stops serving then).
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        max_stale: Duration::from_secs(2),
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, cache, None);
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    // At 1.2 s the KMS unwraps the version again: the limit runs from there.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    k.recheck_streams(&c, None).await.unwrap();
+    assert_eq!(kms.unwraps.load(Ordering::SeqCst) - before, 1);
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    // At 2.5 s and 3.6 s (more than 3 s after the stream's start, less after the last
+    // unwrap): it goes on, as the key cache serves the version stale.
+    for wait in [1300, 1100] {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        k.recheck_streams(&c, None).await.unwrap();
+        writing.push(&segment, &mut out).unwrap();
+    }
+    // At 4.5 s, more than 3 s after the last unwrap: it fails closed, as an outage.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let checked = k.recheck_streams(&c, None).await;
+    assert!(
+        checked.as_ref().is_err_and(Error::is_kms_unavailable),
+        "{checked:?}"
+    );
+    let pushed = writing.push(&segment, &mut out);
+    assert!(
+        refused_by_kms(&pushed, BackendErrorKind::Unavailable),
+        "{pushed:?}"
+    );
+    let shown = pushed.unwrap_err().to_string();
+    assert!(shown.contains("may have been revoked"), "{shown}");
 }

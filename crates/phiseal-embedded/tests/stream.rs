@@ -732,7 +732,7 @@ async fn another_process_stops_a_stream(change: OtherProcess, stopped: fn(&Error
         .push(&sealed[first..second], &mut out)
         .await
         .unwrap();
-    k.recheck_streams(None).await.unwrap();
+    k.recheck_streams(&c, None).await.unwrap();
     out.clear();
     let err = reading.push(&sealed[second..], &mut out).await.unwrap_err();
     assert!(stopped(&err), "{err}");

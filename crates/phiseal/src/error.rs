@@ -208,19 +208,10 @@ impl Error {
     /// (its message; its causes, for the log only) is told apart for the others too.
     pub(crate) fn duplicate(&self) -> Option<Error> {
         Some(match self {
-            Error::Kms { backend, source } => {
-                let mut copy = BackendError::new(source.kind(), source.message());
-                if let Some(cause) = std::error::Error::source(source) {
-                    copy = copy.with_source(CauseText(cause.to_string()));
-                }
-                if !source.called_the_service() {
-                    copy = copy.refused_before_calling();
-                }
-                Error::Kms {
-                    backend: backend.clone(),
-                    source: copy,
-                }
-            }
+            Error::Kms { backend, source } => Error::Kms {
+                backend: backend.clone(),
+                source: source.duplicate(),
+            },
             Error::KeyBindingMismatch { tenant, version } => Error::KeyBindingMismatch {
                 tenant: tenant.clone(),
                 version: *version,
@@ -231,6 +222,49 @@ impl Error {
             Error::Crypto { provider, what } => Error::Crypto { provider, what },
             _ => return None,
         })
+    }
+
+    /// A copy of an error that stopped a running stream (`crate::stream::StopReason`), for
+    /// every later check of that stream: as [`Error::duplicate`], and also the key store's,
+    /// the audit log's and the key lookup's errors. Anything else (no key lookup returns it)
+    /// becomes a key store error of the kind `Other` naming the original's kind.
+    pub(crate) fn replay(&self) -> Error {
+        if let Some(copy) = self.duplicate() {
+            return copy;
+        }
+        match self {
+            Error::Store { backend, source } => Error::Store {
+                backend: backend.clone(),
+                source: source.duplicate(),
+            },
+            Error::Audit { backend, source } => Error::Audit {
+                backend: backend.clone(),
+                source: source.duplicate(),
+            },
+            Error::KeyVersionNotFound { tenant, version } => Error::KeyVersionNotFound {
+                tenant: tenant.clone(),
+                version: *version,
+            },
+            Error::KeyVersionRetired {
+                tenant,
+                version,
+                min,
+            } => Error::KeyVersionRetired {
+                tenant: tenant.clone(),
+                version: *version,
+                min: *min,
+            },
+            Error::TenantNotFound { tenant } => Error::TenantNotFound {
+                tenant: tenant.clone(),
+            },
+            other => Error::Store {
+                backend: "keyring".into(),
+                source: BackendError::new(
+                    BackendErrorKind::Other,
+                    format!("the stream's key could not be confirmed ({})", other.kind()),
+                ),
+            },
+        }
     }
 
     /// A short stable name for the error kind, for audit records and metrics.
@@ -367,6 +401,19 @@ impl BackendError {
     /// Whether the service was called (see [`BackendError::refused_before_calling`]).
     pub fn called_the_service(&self) -> bool {
         self.0.called
+    }
+
+    /// A copy: the same kind, message and `called_the_service`, with the text of its causes
+    /// as its source (not the cause objects themselves).
+    pub(crate) fn duplicate(&self) -> Self {
+        let mut copy = BackendError::new(self.kind(), self.message());
+        if let Some(cause) = std::error::Error::source(self) {
+            copy = copy.with_source(CauseText(cause.to_string()));
+        }
+        if !self.called_the_service() {
+            copy = copy.refused_before_calling();
+        }
+        copy
     }
 
     /// Keeps the underlying error as `source()`.

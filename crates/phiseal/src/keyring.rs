@@ -2,7 +2,7 @@
 //! backend, a key store, an audit sink and cache settings.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use crate::format::{self, Algorithm};
 use crate::kms::{KeyBinding, Kms};
 use crate::secret::{Plaintext, TenantKey};
 use crate::store::{KeyRecord, KeyState, KeyStore, TenantRecord};
-use crate::stream::{StopReason, StreamStop};
+use crate::stream::{StopReason, StreamKeyOrigin, StreamStop};
 
 mod outage;
 mod rootkey;
@@ -1117,10 +1117,20 @@ impl Keyring {
         evicted
     }
 
-    /// A stop flag for a stream of `tenant` starting now, from metadata read at `read_at`
-    /// (see `Inner::streams`).
-    pub(crate) fn register_stream(&self, tenant: &TenantId, read_at: Instant) -> Arc<StreamStop> {
-        let stop = Arc::new(StreamStop::new(read_at));
+    /// A stop flag for a stream of `tenant` starting now, from metadata read at `read_at`,
+    /// with a key derived from `key` (see `Inner::streams`).
+    pub(crate) fn register_stream(
+        &self,
+        tenant: &TenantId,
+        key: &VersionKey,
+        read_at: Instant,
+    ) -> Arc<StreamStop> {
+        let origin = StreamKeyOrigin {
+            version: key.version(),
+            key_check: key.key_check,
+            confirmed_at: AtomicU64::new(key.loaded_at.as_ticks()),
+        };
+        let stop = Arc::new(StreamStop::new(read_at, origin));
         let mut streams = self.running_streams();
         let entry = streams
             .entry(tenant.clone())
@@ -1218,10 +1228,23 @@ impl Keyring {
     }
 
     /// Re-reads from the key store the tenants with running streams (`tenant` only, if
-    /// given) and stops the streams of those found shredded: for a process told by a change
-    /// notification that another process changed them. Store errors are returned; streams of
-    /// tenants already read keep running.
-    pub async fn recheck_streams(&self, tenant: Option<&TenantId>) -> Result<(), Error> {
+    /// given) and stops the streams of those found shredded (for a process told by a change
+    /// notification that another process changed them, and periodically: the sidecar calls
+    /// it every 60 s). Then confirms with the KMS the keys of the streams that have run for
+    /// longer than `key_ttl` since their key version was last unwrapped, as a field operation
+    /// would need at that age: through the key cache (a version unwrapped again recently
+    /// confirms them without a KMS call; an unwrap is audited with `caller`). A refusal — a
+    /// disabled or revoked root key, a destroyed version, another key under the version —
+    /// stops those streams before their next segment with that error; an outage stops them
+    /// once their key version was last unwrapped longer than `key_ttl + max_stale` ago (fail
+    /// closed). Call it at least every minute or so for revocation at the KMS to reach
+    /// running streams within about `key_ttl`. The first error is returned; every tenant is
+    /// checked.
+    pub async fn recheck_streams(
+        &self,
+        caller: &Caller,
+        tenant: Option<&TenantId>,
+    ) -> Result<(), Error> {
         let tenants: Vec<TenantId> = {
             let streams = self.live_streams();
             streams
@@ -1230,7 +1253,90 @@ impl Keyring {
                 .cloned()
                 .collect()
         };
-        self.reread(&tenants).await
+        let reread = self.reread(&tenants).await;
+        let mut confirmed = Ok(());
+        for tenant in &tenants {
+            if let Err(e) = self.confirm_stream_keys(caller, tenant).await {
+                confirmed = confirmed.and(Err(e));
+            }
+        }
+        reread.and(confirmed)
+    }
+
+    /// Confirms the key versions of `tenant`'s running streams last unwrapped longer than
+    /// `key_ttl` ago (see [`Keyring::recheck_streams`]), one lookup per version.
+    async fn confirm_stream_keys(&self, caller: &Caller, tenant: &TenantId) -> Result<(), Error> {
+        let inner = &self.inner;
+        let now = Instant::now_without_cache_update();
+        let unwrapped_for = |stop: &StreamStop| {
+            now.duration_since(Instant::from_ticks(
+                stop.key.confirmed_at.load(Ordering::Relaxed),
+            ))
+        };
+        let mut due: std::collections::BTreeMap<u32, Vec<Arc<StreamStop>>> = Default::default();
+        if let Some(entry) = self.running_streams().get(tenant) {
+            for stop in entry.running.iter().filter_map(Weak::upgrade) {
+                if !stop.is_stopped() && unwrapped_for(&stop) > inner.key_ttl {
+                    due.entry(stop.key.version).or_default().push(stop);
+                }
+            }
+        }
+        let mut first_error = None;
+        for (version, stops) in due {
+            let looked_up = match self.tenant_view(tenant, now).await {
+                Ok(view) => self.version_key(caller, &view, version, now).await,
+                Err(e) => Err(e),
+            };
+            let error = match looked_up {
+                Ok((key, _)) => {
+                    for stop in &stops {
+                        if ct_eq(&key.key_check, &stop.key.key_check) {
+                            stop.key
+                                .confirmed_at
+                                .fetch_max(key.loaded_at.as_ticks(), Ordering::Relaxed);
+                        } else {
+                            stop.stop(StopReason::KeyRefused(Arc::new(store_error(
+                                &*inner.store,
+                                BackendError::new(
+                                    BackendErrorKind::Conflict,
+                                    format!(
+                                        "the key record of version {version} of tenant \
+                                         '{tenant}' holds another key than the one a running \
+                                         stream started with (a key store restored or failed \
+                                         over?): the stream is stopped"
+                                    ),
+                                ),
+                            ))));
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => e,
+            };
+            let passing = error.is_kms_unavailable()
+                || matches!(&error, Error::Store { source, .. }
+                    if source.kind() == BackendErrorKind::Unavailable)
+                || matches!(error, Error::Audit { .. });
+            if passing {
+                // Fail closed once no key could serve any longer without the KMS.
+                for stop in &stops {
+                    let unconfirmed = unwrapped_for(stop);
+                    if unconfirmed > inner.max_age {
+                        stop.stop(StopReason::KeyUnconfirmed {
+                            backend: inner.kms.name().to_owned(),
+                            for_secs: unconfirmed.as_secs(),
+                        });
+                    }
+                }
+            } else {
+                let reason = Arc::new(error.replay());
+                for stop in &stops {
+                    stop.stop(StopReason::KeyRefused(Arc::clone(&reason)));
+                }
+            }
+            first_error.get_or_insert(error);
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Re-reads from the key store those of `tenants` — every tenant, given `None` — of which

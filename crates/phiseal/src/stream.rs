@@ -324,6 +324,30 @@ pub(crate) enum StopReason {
         /// Since when the tenant was last read, in seconds.
         for_secs: u64,
     },
+    /// Its key version could not be unwrapped again when the stream's key was due for
+    /// confirmation (`key_ttl`): the KMS refused (a disabled or revoked root key), the version
+    /// is gone, or the store now holds another key under it. The error a field operation
+    /// would get, kept for every later check.
+    KeyRefused(Arc<Error>),
+    /// The KMS could not be asked to unwrap the stream's key version again (an outage) for
+    /// longer than a cached key serves without it (`key_ttl + max_stale`): whether it was
+    /// revoked meanwhile is unknown, so the stream fails closed.
+    KeyUnconfirmed {
+        /// The KMS backend's name.
+        backend: String,
+        /// Since when the KMS last unwrapped the key version, in seconds.
+        for_secs: u64,
+    },
+}
+
+/// What a running stream's key was derived from, for its confirmation with the KMS
+/// (`Keyring::recheck_streams`): the tenant key version, the key check of the record it was
+/// unwrapped from, and when the KMS last unwrapped that version (coarse-clock ticks).
+#[derive(Debug, Default)]
+pub(crate) struct StreamKeyOrigin {
+    pub(crate) version: u32,
+    pub(crate) key_check: [u8; 32],
+    pub(crate) confirmed_at: std::sync::atomic::AtomicU64,
 }
 
 /// Set by a keyring to stop a running stream of one tenant: for a reason (the first stays),
@@ -336,15 +360,24 @@ pub(crate) struct StreamStop {
     /// When the tenant metadata the stream started from was read: a minimum from an older
     /// read (one that began before a lowering this stream started after) does not apply.
     read_at: coarsetime::Instant,
+    /// The key the stream was derived from.
+    pub(crate) key: StreamKeyOrigin,
 }
 
 impl StreamStop {
-    /// The stop of a stream that started from tenant metadata read at `read_at`.
-    pub(crate) fn new(read_at: coarsetime::Instant) -> Self {
+    /// The stop of a stream that started from tenant metadata read at `read_at`, with a key
+    /// derived from `key`.
+    pub(crate) fn new(read_at: coarsetime::Instant, key: StreamKeyOrigin) -> Self {
         Self {
             read_at,
+            key,
             ..Self::default()
         }
+    }
+
+    /// Whether the stream was stopped already.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.reason.get().is_some()
     }
 
     /// Whether a tenant read at `read_at` may set this stream's minimum (it is not older than
@@ -376,8 +409,11 @@ pub struct Revocation(Option<(Arc<StreamStop>, TenantId, u32)>);
 impl Revocation {
     /// Fails once the stream was stopped: [`Error::KeyDestroyed`] (shredded),
     /// [`Error::KeyVersionRetired`] (the tenant's minimum decryption version was raised above
-    /// the stream's key version), or [`Error::Store`] (the tenant could not be re-read for too
-    /// long; retry once the key store is reachable).
+    /// the stream's key version), [`Error::Store`] (the tenant could not be re-read for too
+    /// long; retry once the key store is reachable), or — once the stream's key version was
+    /// due for confirmation with the KMS — the error the KMS or the key lookup gave
+    /// ([`Error::Kms`] for a disabled or revoked root key; `Unavailable` once the KMS could
+    /// not be asked for longer than `key_ttl + max_stale`).
     pub fn check(&self) -> Result<(), Error> {
         let Some((stop, tenant, version)) = &self.0 else {
             return Ok(());
@@ -406,6 +442,19 @@ impl Revocation {
                          a key serves without it (cache key_ttl + max_stale): the stream is \
                          stopped, since the tenant may have been shredded; retry once the key \
                          store is reachable"
+                    ),
+                ),
+            }),
+            Some(StopReason::KeyRefused(error)) => Err(error.replay()),
+            Some(StopReason::KeyUnconfirmed { backend, for_secs }) => Err(Error::Kms {
+                backend: backend.clone(),
+                source: crate::BackendError::new(
+                    crate::BackendErrorKind::Unavailable,
+                    format!(
+                        "key version {version} of tenant '{tenant}' could not be unwrapped \
+                         again for {for_secs} s, longer than a key serves without the KMS \
+                         (cache key_ttl + max_stale): the stream is stopped, since the key \
+                         may have been revoked; retry once the KMS is reachable"
                     ),
                 ),
             }),

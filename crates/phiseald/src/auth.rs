@@ -12,6 +12,16 @@ use tonic::transport::server::UdsConnectInfo;
 
 use crate::config::TokenConfig;
 
+/// The daemon itself, doing `task` on its own (`phiseald:{task}`, e.g. the scheduled
+/// rotation): its own uid and pid, for the audit records of what it does.
+pub fn daemon_actor(task: &str) -> Actor {
+    Actor {
+        identity: format!("phiseald:{task}").into(),
+        uid: Some(rustix::process::getuid().as_raw()),
+        pid: Some(std::process::id()),
+    }
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {

@@ -246,8 +246,11 @@ impl Daemon {
         });
         // Housekeeping every 60 s: idle identities leave the rate limiter, expired keys leave
         // the key cache (zeroized) even for tenants nobody uses any more, and tenants with
-        // running streams are read again (a shred whose notification was missed stops them).
+        // running streams are read again (a shred whose notification was missed stops them)
+        // and their keys confirmed with the KMS once past `key_ttl` (a revoked root key stops
+        // them).
         let housekeeping_sidecar = Arc::clone(&self.sidecar);
+        let housekeeper = phiseal::Caller::new(crate::auth::daemon_actor("housekeeping"));
         let mut housekeeping_stop = stop_rx.clone();
         let housekeeping_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -258,12 +261,14 @@ impl Daemon {
                         housekeeping_sidecar.keyring.evict_expired();
                         // A slow key store does not hold up the shutdown.
                         tokio::select! {
-                            result = housekeeping_sidecar.keyring.recheck_streams(None) => {
+                            result = housekeeping_sidecar
+                                .keyring
+                                .recheck_streams(&housekeeper, None) => {
                                 if let Err(e) = result {
                                     tracing::warn!(
                                         error = %e,
-                                        "could not re-read tenants with running streams \
-                                         (retried in 60 s)"
+                                        "could not re-read tenants with running streams or \
+                                         confirm their keys (retried in 60 s)"
                                     );
                                 }
                             }

@@ -27,11 +27,7 @@ fn period_of(config: &RotationConfig, tenant: &TenantId) -> Option<Duration> {
 }
 
 fn scheduler_actor() -> Actor {
-    Actor {
-        identity: "phiseald:rotation-schedule".into(),
-        uid: Some(rustix::process::getuid().as_raw()),
-        pid: Some(std::process::id()),
-    }
+    crate::auth::daemon_actor("rotation-schedule")
 }
 
 /// One pass over every tenant; returns how many were rotated. Stops early (the remaining

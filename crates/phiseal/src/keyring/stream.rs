@@ -54,7 +54,11 @@
 //! ([`Keyring::recheck_tenants`], which the sidecar calls on the key store's change
 //! notifications, and [`Keyring::recheck_streams`], every 60 s). A stream whose tenant these
 //! re-reads cannot read for longer than `key_ttl + max_stale` after its last successful read
-//! stops too, with [`Error::Store`] (fail closed: the tenant may have been shredded).
+//! stops too, with [`Error::Store`] (fail closed: the tenant may have been shredded). And
+//! [`Keyring::recheck_streams`] confirms with the KMS, through the key cache, the key version
+//! of every stream whose version was last unwrapped longer than `key_ttl` ago: a refusal (a
+//! disabled or revoked root key) stops the stream with the KMS's error, an outage once the
+//! version could not be unwrapped for longer than `key_ttl + max_stale`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -533,7 +537,7 @@ impl Keyring {
                         StreamDecryptor::new(provider, key.tenant_key(), context, &header)?;
                     // Registered under the key-use guard: a shred that waits for it revokes it.
                     decryptor.revocable(
-                        self.register_stream(context.tenant(), read_at),
+                        self.register_stream(context.tenant(), key, read_at),
                         context.tenant().clone(),
                     );
                     Ok(decryptor)
@@ -567,7 +571,7 @@ impl Keyring {
                     )?;
                     // Registered under the key-use guard: a shred that waits for it revokes it.
                     encryptor.revocable(
-                        self.register_stream(context.tenant(), read_at),
+                        self.register_stream(context.tenant(), key, read_at),
                         context.tenant().clone(),
                     );
                     Ok(encryptor)
