@@ -3940,3 +3940,51 @@ async fn running_streams_outlast_a_kms_outage_as_cached_keys_do_then_fail_closed
     let shown = pushed.unwrap_err().to_string();
     assert!(shown.contains("may have been revoked"), "{shown}");
 }
+
+#[tokio::test]
+async fn a_running_stream_stops_once_its_key_version_holds_another_key() {
+    // A failover that lost a rotation (or a store restored from a backup), then another
+    // rotation: version 2 is now another key than the one a running stream derived from, so
+    // the KMS's answer for version 2 no longer confirms that stream's key.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        ..CacheSettings::default()
+    };
+    let k = keyring_on(&p, cache);
+    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
+    k.create_tenant(&c, &t).await.unwrap();
+    k.rotate(&c, &t).await.unwrap();
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    writing.push(&segment, &mut out).unwrap();
+    {
+        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
+        conn.execute_batch(
+            "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+             UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        keyring_on(&p, slow_metadata())
+            .rotate(&c, &t)
+            .await
+            .unwrap(),
+        2
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    k.recheck_streams(&c, None).await.unwrap();
+    let pushed = writing.push(&segment, &mut out);
+    assert!(
+        matches!(&pushed, Err(Error::Store { source, .. })
+            if source.kind() == BackendErrorKind::Conflict),
+        "{pushed:?}"
+    );
+}
