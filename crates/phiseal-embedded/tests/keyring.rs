@@ -1734,14 +1734,7 @@ async fn streams_stop_once_their_tenant_cannot_be_read_for_longer_than_a_key_may
     k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
     let options = StreamOptions::default();
-    let segment = vec![1u8; options.segment_size as usize];
-    let mut sealed = Vec::new();
-    let mut writing = k.start_encrypt_stream(&c, &cx, options).await.unwrap();
-    for _ in 0..4 {
-        writing.push(&segment, &mut sealed).unwrap();
-    }
-    writing.finish(&mut sealed).await.unwrap();
-
+    let (sealed, segment) = sealed_stream(&k, &c, &cx).await;
     let mut writing = k.start_encrypt_stream(&c, &cx, options).await.unwrap();
     let mut reading = k.start_decrypt_stream(&c, &cx);
     let (mut ciphertext, mut plaintext) = (Vec::new(), Vec::new());
