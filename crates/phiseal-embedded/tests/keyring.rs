@@ -2252,6 +2252,8 @@ impl Kms for SwitchableKms {
 #[derive(Debug, Default)]
 struct MemoryAudit {
     events: std::sync::Mutex<Vec<AuditEvent>>,
+    /// While set, every append fails (a full disk) and keeps nothing.
+    failing: AtomicBool,
 }
 
 impl MemoryAudit {
@@ -2289,6 +2291,12 @@ impl AuditSink for MemoryAudit {
         "memory"
     }
     async fn append(&self, events: &[AuditEvent]) -> Result<(), BackendError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                "injected: disk full",
+            ));
+        }
         self.events.lock().unwrap().extend_from_slice(events);
         Ok(())
     }
@@ -3937,16 +3945,12 @@ async fn running_streams_outlast_a_kms_outage_as_cached_keys_do_then_fail_closed
 #[tokio::test]
 async fn a_running_stream_stops_once_its_key_version_holds_another_key() {
     // A failover that lost a rotation (or a store restored from a backup), then another
-    // rotation: version 2 is now another key than the one a running stream derived from, so
-    // the KMS's answer for version 2 no longer confirms that stream's key.
+    // rotation: version 2 is now another key than the one a running stream derived from. The
+    // stream stops at the next re-read of its tenant, without waiting for its key to be due
+    // for confirmation with the KMS (key_ttl).
     let dir = private_tempdir();
     let p = parts(dir.path());
-    let cache = CacheSettings {
-        key_ttl: Duration::from_secs(1),
-        metadata_ttl: Duration::from_millis(500),
-        ..CacheSettings::default()
-    };
-    let k = keyring_on(&p, cache);
+    let k = keyring_on(&p, slow_metadata());
     let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
     k.create_tenant(&c, &t).await.unwrap();
     k.rotate(&c, &t).await.unwrap();
@@ -3972,12 +3976,130 @@ async fn a_running_stream_stops_once_its_key_version_holds_another_key() {
             .unwrap(),
         2
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = p.kms.unwraps.load(Ordering::SeqCst);
     k.recheck_streams(&c, None).await.unwrap();
+    assert_eq!(
+        p.kms.unwraps.load(Ordering::SeqCst),
+        before,
+        "the KMS is not asked"
+    );
     let pushed = writing.push(&segment, &mut out);
     assert!(
         matches!(&pushed, Err(Error::Store { source, .. })
             if source.kind() == BackendErrorKind::Conflict),
+        "{pushed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_key_store_failure_while_stream_keys_are_due_stops_them_only_on_the_stores_clock() {
+    // key_ttl 1 s, max_stale 0: at 1.2 s the stream's key is due for confirmation, and the
+    // key store fails. Its tenant was read 0.6 s ago, so the stream goes on (as a field
+    // operation's cached metadata would); the failed lookup must not stop it as a KMS outage.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        ..CacheSettings::default()
+    };
+    let (k, store) = keyring_on_counting_store_with(&p, cache);
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    k.recheck_streams(&c, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    store.fail_loads.store(true, Ordering::SeqCst);
+    let checked = k.recheck_streams(&c, None).await;
+    assert!(matches!(checked, Err(Error::Store { .. })), "{checked:?}");
+    writing.push(&segment, &mut out).unwrap();
+    // The store's clock still applies: more than 1 s after the last read, it stops.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(k.recheck_streams(&c, None).await.is_err());
+    let pushed = writing.push(&segment, &mut out);
+    assert!(matches!(pushed, Err(Error::Store { .. })), "{pushed:?}");
+}
+
+#[tokio::test]
+async fn an_unwrap_for_a_due_stream_key_that_cannot_be_audited_stops_the_stream() {
+    // The audit log fails when the stream's key is due: the KMS's answer could not be
+    // recorded, so the key serves no field operation — nor the stream (fail closed), even
+    // with a long max_stale.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let audit = Arc::new(MemoryAudit::default());
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        max_stale: Duration::from_secs(60),
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, cache, Some(&audit));
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    // (A segment buffered: the next push seals it, or fails.)
+    writing.push(&segment, &mut out).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    audit.failing.store(true, Ordering::SeqCst);
+    let checked = k.recheck_streams(&c, None).await;
+    assert!(matches!(checked, Err(Error::Audit { .. })), "{checked:?}");
+    let pushed = writing.push(&segment, &mut out);
+    assert!(matches!(pushed, Err(Error::Audit { .. })), "{pushed:?}");
+}
+
+#[tokio::test]
+async fn a_stream_retired_by_the_minimum_version_is_not_confirmed_with_the_kms() {
+    // Its version is below the minimum: it stopped with KeyVersionRetired, and the key check
+    // neither asks the KMS for that version (nor audits an unwrap of it) nor replaces that
+    // error with the KMS's.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, cache, None);
+    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
+    k.create_tenant(&c, &t).await.unwrap();
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    // (A segment buffered: the next push seals it, or fails.)
+    writing.push(&segment, &mut out).unwrap();
+    k.rotate(&c, &t).await.unwrap();
+    k.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    kms.fail_with(Some(BackendErrorKind::Denied));
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    let _ = k.recheck_streams(&c, None).await;
+    assert_eq!(
+        kms.unwraps.load(Ordering::SeqCst),
+        before,
+        "version 1 unwrapped"
+    );
+    let pushed = writing.push(&segment, &mut out);
+    assert!(
+        matches!(pushed, Err(Error::KeyVersionRetired { .. })),
         "{pushed:?}"
     );
 }

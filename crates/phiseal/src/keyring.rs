@@ -1014,7 +1014,7 @@ impl Keyring {
             // Shredded, perhaps by another process: its running streams stop.
             self.revoke_streams(tenant);
         } else {
-            self.confirm_streams(tenant, fetched_at, record.min_decrypt_version);
+            self.confirm_streams(&record, fetched_at);
         }
         self.drop_refused_keys(&record);
         Ok(Arc::new(TenantView::new(
@@ -1193,15 +1193,60 @@ impl Keyring {
         self.stop_streams(tenant, |_| Some(StopReason::Shredded));
     }
 
-    /// Notes that `tenant`'s record, read at `read_at`, has the minimum decryption version
-    /// `min`: its streams may go on, but those under an older key version stop before their
-    /// next segment — those that started from metadata no newer than this read (a read that
-    /// began before a lowering must not stop a stream that started after it).
-    fn confirm_streams(&self, tenant: &TenantId, read_at: Instant, min: u32) {
-        if let Some(entry) = self.running_streams().get_mut(tenant) {
+    /// Notes that the tenant's `record`, read at `read_at`, is not shredded: its streams may
+    /// go on, but — of those that started from metadata no newer than this read (a read that
+    /// began before a change must not stop a stream that started after it) — those under a
+    /// key version below its minimum decryption version, or under a version it no longer
+    /// holds (destroyed, gone) or holds another key under (a key store restored or failed
+    /// over), stop before their next segment.
+    fn confirm_streams(&self, record: &TenantRecord, read_at: Instant) {
+        let tenant = &record.tenant;
+        let stops: Vec<Arc<StreamStop>> = {
+            let mut streams = self.running_streams();
+            let Some(entry) = streams.get_mut(tenant) else {
+                return;
+            };
             entry.confirmed_at = entry.confirmed_at.max(read_at);
-            entry.retire_below(min, Some(read_at));
+            entry.retire_below(record.min_decrypt_version, Some(read_at));
+            entry.running.iter().filter_map(Weak::upgrade).collect()
+        };
+        for stop in stops.iter().filter(|s| s.sees(read_at) && !s.is_stopped()) {
+            let version = stop.key.version;
+            let refusal = match record.version(version) {
+                None => Some(Error::KeyVersionNotFound {
+                    tenant: tenant.clone(),
+                    version,
+                }),
+                Some(key) if key.state == KeyState::Destroyed || key.wrapped.is_none() => {
+                    Some(Error::KeyDestroyed {
+                        tenant: tenant.clone(),
+                    })
+                }
+                Some(key) if !ct_eq(&key.key_check, &stop.key.key_check) => {
+                    Some(self.replaced_key_error(tenant, version))
+                }
+                Some(_) => None,
+            };
+            if let Some(error) = refusal {
+                stop.stop(StopReason::KeyRefused(Arc::new(error)));
+            }
         }
+    }
+
+    /// The error that stops a running stream whose key version now holds another key than
+    /// the one the stream derived from.
+    fn replaced_key_error(&self, tenant: &TenantId, version: u32) -> Error {
+        store_error(
+            &*self.inner.store,
+            BackendError::new(
+                BackendErrorKind::Conflict,
+                format!(
+                    "the key record of version {version} of tenant '{tenant}' holds another \
+                     key than the one a running stream started with (a key store restored or \
+                     failed over?): the stream is stopped"
+                ),
+            ),
+        )
     }
 
     /// Stops the running streams of `tenant` under key versions below `min` (its minimum
@@ -1235,11 +1280,12 @@ impl Keyring {
     /// would need at that age: through the key cache (a version unwrapped again recently
     /// confirms them without a KMS call; an unwrap is audited with `caller`). A refusal — a
     /// disabled or revoked root key, a destroyed version, another key under the version —
-    /// stops those streams before their next segment with that error; an outage stops them
-    /// once their key version was last unwrapped longer than `key_ttl + max_stale` ago (fail
-    /// closed). Call it at least every minute or so for revocation at the KMS to reach
-    /// running streams within about `key_ttl`. The first error is returned; every tenant is
-    /// checked.
+    /// or an unwrap that cannot be audited stops those streams before their next segment
+    /// with that error; a KMS outage stops them once their key version was last unwrapped
+    /// longer than `key_ttl + max_stale` ago (fail closed); a key store failure leaves them
+    /// to the re-read's own limit. Call it at least every minute or so for revocation at the
+    /// KMS to reach running streams within about `key_ttl`. The first error is returned;
+    /// every tenant is checked.
     pub async fn recheck_streams(
         &self,
         caller: &Caller,
@@ -1253,41 +1299,49 @@ impl Keyring {
                 .cloned()
                 .collect()
         };
-        let reread = self.reread(&tenants).await;
-        let mut confirmed = Ok(());
-        for tenant in &tenants {
-            if let Err(e) = self.confirm_stream_keys(caller, tenant).await {
-                confirmed = confirmed.and(Err(e));
+        let mut first_error = None;
+        for t in &tenants {
+            let checked = match self.load_view(t).await {
+                Ok(view) => self.confirm_stream_keys(caller, &view).await,
+                Err(e) => {
+                    self.stop_unconfirmed_streams(t, Instant::now_without_cache_update());
+                    Err(e)
+                }
+            };
+            if let Err(e) = checked {
+                first_error.get_or_insert(e);
             }
         }
-        reread.and(confirmed)
+        first_error.map_or(Ok(()), Err)
     }
 
-    /// Confirms the key versions of `tenant`'s running streams last unwrapped longer than
-    /// `key_ttl` ago (see [`Keyring::recheck_streams`]), one lookup per version.
-    async fn confirm_stream_keys(&self, caller: &Caller, tenant: &TenantId) -> Result<(), Error> {
+    /// Confirms the key versions of the running streams of `view`'s tenant (just read) last
+    /// unwrapped longer than `key_ttl` ago (see [`Keyring::recheck_streams`]), one lookup per
+    /// version. A key store failure stops nothing here: the re-reads stop the streams of a
+    /// tenant not read for too long. Any other failure but an outage stops them at once.
+    async fn confirm_stream_keys(&self, caller: &Caller, view: &TenantView) -> Result<(), Error> {
         let inner = &self.inner;
-        let now = Instant::now_without_cache_update();
-        let unwrapped_for = |stop: &StreamStop| {
+        let tenant = &view.record.tenant;
+        let unwrapped_for = |stop: &StreamStop, now: Instant| {
             now.duration_since(Instant::from_ticks(
                 stop.key.confirmed_at.load(Ordering::Relaxed),
             ))
         };
         let mut due: std::collections::BTreeMap<u32, Vec<Arc<StreamStop>>> = Default::default();
-        if let Some(entry) = self.running_streams().get(tenant) {
-            for stop in entry.running.iter().filter_map(Weak::upgrade) {
-                if !stop.is_stopped() && unwrapped_for(&stop) > inner.key_ttl {
-                    due.entry(stop.key.version).or_default().push(stop);
+        {
+            let now = Instant::now_without_cache_update();
+            if let Some(entry) = self.running_streams().get(tenant) {
+                for stop in entry.running.iter().filter_map(Weak::upgrade) {
+                    if !stop.is_stopped() && unwrapped_for(&stop, now) > inner.key_ttl {
+                        due.entry(stop.key.version).or_default().push(stop);
+                    }
                 }
             }
         }
         let mut first_error = None;
         for (version, stops) in due {
-            let looked_up = match self.tenant_view(tenant, now).await {
-                Ok(view) => self.version_key(caller, &view, version, now).await,
-                Err(e) => Err(e),
-            };
-            let error = match looked_up {
+            let now = Instant::now_without_cache_update();
+            let error = match self.version_key(caller, view, version, now).await {
                 Ok((key, _)) => {
                     for stop in &stops {
                         if ct_eq(&key.key_check, &stop.key.key_check) {
@@ -1295,43 +1349,38 @@ impl Keyring {
                                 .confirmed_at
                                 .fetch_max(key.loaded_at.as_ticks(), Ordering::Relaxed);
                         } else {
-                            stop.stop(StopReason::KeyRefused(Arc::new(store_error(
-                                &*inner.store,
-                                BackendError::new(
-                                    BackendErrorKind::Conflict,
-                                    format!(
-                                        "the key record of version {version} of tenant \
-                                         '{tenant}' holds another key than the one a running \
-                                         stream started with (a key store restored or failed \
-                                         over?): the stream is stopped"
-                                    ),
-                                ),
-                            ))));
+                            let replaced = self.replaced_key_error(tenant, version);
+                            stop.stop(StopReason::KeyRefused(Arc::new(replaced)));
                         }
                     }
                     continue;
                 }
                 Err(e) => e,
             };
-            let passing = error.is_kms_unavailable()
-                || matches!(&error, Error::Store { source, .. }
-                    if source.kind() == BackendErrorKind::Unavailable)
-                || matches!(error, Error::Audit { .. });
-            if passing {
-                // Fail closed once no key could serve any longer without the KMS.
-                for stop in &stops {
-                    let unconfirmed = unwrapped_for(stop);
-                    if unconfirmed > inner.max_age {
-                        stop.stop(StopReason::KeyUnconfirmed {
-                            backend: inner.kms.name().to_owned(),
-                            for_secs: unconfirmed.as_secs(),
-                        });
+            match &error {
+                Error::Kms { backend, source }
+                    if source.kind() == BackendErrorKind::Unavailable =>
+                {
+                    // Fail closed once no key could serve any longer without the KMS.
+                    let now = Instant::now_without_cache_update();
+                    for stop in &stops {
+                        let unconfirmed = unwrapped_for(stop, now);
+                        if unconfirmed > inner.max_age {
+                            stop.stop(StopReason::KeyUnconfirmed {
+                                backend: backend.clone(),
+                                for_secs: unconfirmed.as_secs(),
+                            });
+                        }
                     }
                 }
-            } else {
-                let reason = Arc::new(error.replay());
-                for stop in &stops {
-                    stop.stop(StopReason::KeyRefused(Arc::clone(&reason)));
+                Error::Store { .. } => {}
+                // A refusal, a version gone, an unwrap that could not be audited: the key
+                // serves no field operation now, nor the stream.
+                _ => {
+                    let reason = Arc::new(error.replay());
+                    for stop in &stops {
+                        stop.stop(StopReason::KeyRefused(Arc::clone(&reason)));
+                    }
                 }
             }
             first_error.get_or_insert(error);

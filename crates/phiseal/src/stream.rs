@@ -375,9 +375,10 @@ impl StreamStop {
         }
     }
 
-    /// Whether the stream was stopped already.
+    /// Whether the stream was stopped already (for a reason, or its key version retired).
     pub(crate) fn is_stopped(&self) -> bool {
         self.reason.get().is_some()
+            || self.key.version < self.min_version.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether a tenant read at `read_at` may set this stream's minimum (it is not older than

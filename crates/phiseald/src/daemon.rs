@@ -250,7 +250,6 @@ impl Daemon {
         // and their keys confirmed with the KMS once past `key_ttl` (a revoked root key stops
         // them).
         let housekeeping_sidecar = Arc::clone(&self.sidecar);
-        let housekeeper = phiseal::Caller::new(crate::auth::daemon_actor("housekeeping"));
         let mut housekeeping_stop = stop_rx.clone();
         let housekeeping_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -259,7 +258,10 @@ impl Daemon {
                     _ = tick.tick() => {
                         housekeeping_sidecar.limiter.forget_idle();
                         housekeeping_sidecar.keyring.evict_expired();
-                        // A slow key store does not hold up the shutdown.
+                        // A slow key store does not hold up the shutdown. (One request id
+                        // per pass, for the audit records of its unwraps.)
+                        let housekeeper =
+                            phiseal::Caller::new(crate::auth::daemon_actor("housekeeping"));
                         tokio::select! {
                             result = housekeeping_sidecar
                                 .keyring

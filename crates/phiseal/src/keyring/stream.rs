@@ -57,8 +57,10 @@
 //! stops too, with [`Error::Store`] (fail closed: the tenant may have been shredded). And
 //! [`Keyring::recheck_streams`] confirms with the KMS, through the key cache, the key version
 //! of every stream whose version was last unwrapped longer than `key_ttl` ago: a refusal (a
-//! disabled or revoked root key) stops the stream with the KMS's error, an outage once the
-//! version could not be unwrapped for longer than `key_ttl + max_stale`.
+//! disabled or revoked root key) or an unwrap that cannot be audited stops the stream with
+//! that error, an outage once the version could not be unwrapped for longer than `key_ttl +
+//! max_stale`. Any re-read of the tenant stops at once the streams under a version its
+//! record no longer holds (destroyed, gone) or holds another key under.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
