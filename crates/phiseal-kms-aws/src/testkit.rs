@@ -132,6 +132,26 @@ impl Moto {
         assert!(status.success(), "kill -{name} {pid}: {status}");
     }
 
+    /// Deletes every key (moto's `/moto-api/reset`), as a key deleted at the KMS: later
+    /// calls naming them are refused (`NotFoundException`). Plain-HTTP servers only. (moto
+    /// does not enforce a disabled key's state, so disabling cannot stand in for this.)
+    pub fn forget_keys(&self) {
+        use std::io::{Read, Write};
+        assert!(!self.tls, "forget_keys needs the plain-HTTP server");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "POST /moto-api/reset HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+            "{answer}"
+        );
+    }
+
     /// Kills the server (its keys are lost).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -1097,7 +1097,7 @@ impl Keyring {
     /// the tenants' hot-key memos, and tenant metadata past `metadata_ttl`: expiry is
     /// otherwise noticed only at a tenant's next use, and an idle tenant's unwrapped keys would
     /// stay in memory until then. They zeroize once no operation uses them. Cheap enough to
-    /// call every few seconds; the sidecar calls it every 60 s. Returns how many keys left the
+    /// call every few seconds; the sidecar calls it every 60 s (every `key_ttl` / 2 when shorter). Returns how many keys left the
     /// key cache.
     pub fn evict_expired(&self) -> usize {
         let inner = &self.inner;
@@ -1275,7 +1275,7 @@ impl Keyring {
     /// Re-reads from the key store the tenants with running streams (`tenant` only, if
     /// given) and stops the streams of those found shredded (for a process told by a change
     /// notification that another process changed them, and periodically: the sidecar calls
-    /// it every 60 s). Then confirms with the KMS the keys of the streams that have run for
+    /// it every 60 s, or every `key_ttl` / 2 when shorter). Then confirms with the KMS the keys of the streams that have run for
     /// longer than `key_ttl` since their key version was last unwrapped, as a field operation
     /// would need at that age: through the key cache (a version unwrapped again recently
     /// confirms them without a KMS call; an unwrap is audited with `caller`). A refusal — a

@@ -244,15 +244,17 @@ impl Daemon {
                 stop_rx.clone(),
             ))
         });
-        // Housekeeping every 60 s: idle identities leave the rate limiter, expired keys leave
+        // Housekeeping every 60 s (every `cache.key_ttl` / 2 when that is shorter, at least
+        // every second): idle identities leave the rate limiter, expired keys leave
         // the key cache (zeroized) even for tenants nobody uses any more, and tenants with
         // running streams are read again (a shred whose notification was missed stops them)
         // and their keys confirmed with the KMS once past `key_ttl` (a revoked root key stops
         // them).
         let housekeeping_sidecar = Arc::clone(&self.sidecar);
         let mut housekeeping_stop = stop_rx.clone();
+        let every = housekeeping_interval(config.cache.key_ttl);
         let housekeeping_task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
@@ -429,5 +431,25 @@ impl Daemon {
         flushed?;
         tracing::info!("phiseald stopped: audit log flushed, socket removed");
         Ok(())
+    }
+}
+
+/// How often the daemon's housekeeping runs: every 60 s, or every `key_ttl` / 2 when that is
+/// shorter (expired keys leave memory, and running streams' keys are confirmed with the KMS,
+/// within about `key_ttl` of being due), but not more than once a second.
+fn housekeeping_interval(key_ttl: Duration) -> Duration {
+    (key_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn housekeeping_runs_every_half_key_ttl_between_a_second_and_a_minute() {
+        use super::housekeeping_interval as every;
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(every(secs(300)), secs(60));
+        assert_eq!(every(secs(120)), secs(60));
+        assert_eq!(every(secs(10)), secs(5));
+        assert_eq!(every(secs(1)), secs(1));
     }
 }

@@ -633,3 +633,69 @@ async fn the_daemons_own_deadline_answers_a_call_stuck_on_the_kms() {
         d.stderr()
     );
 }
+
+#[tokio::test]
+async fn a_root_key_deleted_at_the_kms_stops_a_running_stream() {
+    // moto's AWS KMS, key_ttl 2 s (so the housekeeping runs every second): a stream running
+    // when its root key is deleted stops once its key version is due for confirmation, with
+    // the KMS's refusal, audited as the housekeeping's unwrap and the stream's result. (moto
+    // does not enforce a disabled key's state: a deleted key is the refusal it can give.)
+    let moto = Moto::start();
+    let client = moto::client(&moto.url()).await;
+    let arn = moto::create_key(&client).await;
+    let config = format!(
+        "socket = \"{{socket}}\"\ndata_dir = \"{{data_dir}}\"\nprofile = \"production\"\n\
+         {}[cache]\nkey_ttl = \"2s\"\nmetadata_ttl = \"1s\"\n{POLICY}",
+        aws_kms_section(&moto, &arn)
+    );
+    let d = Daemon::start(Some(&config), aws_env);
+    create_tenant(&d, "clinic").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let send = |part| {
+        let tx = tx.clone();
+        async move {
+            tx.send(pb::EncryptStreamRequest { part: Some(part) })
+                .await
+                .unwrap();
+        }
+    };
+    use pb::encrypt_stream_request::Part;
+    send(Part::Context(ctx("clinic", "scan", None).unwrap())).await;
+    let mut answers = d
+        .fields()
+        .await
+        .encrypt_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Three 64 KiB segments: two sealed and answered, one buffered.
+    send(Part::Chunk(vec![7u8; 3 * 65_536])).await;
+    assert!(!answers.message().await.unwrap().unwrap().chunk.is_empty());
+
+    moto.forget_keys();
+    // Due 2 s after the unwrap at the stream's start, checked within a second after that.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    send(Part::Chunk(vec![7u8; 65_536])).await;
+    drop(tx);
+    let ended = loop {
+        match answers.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended normally after its root key was deleted"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert_eq!(common::kind(&ended), "kms", "{ended:?}");
+
+    let records = common::audit_records(&d.audit_log());
+    assert!(
+        records.iter().any(|r| r["action"] == "unwrap_key"
+            && r["actor"] == "phiseald:housekeeping"
+            && r["result"] == "kms"),
+        "no refused unwrap by the housekeeping in {records:#?}"
+    );
+    assert_eq!(
+        common::audit_results(&d.audit_log(), "encrypt_stream"),
+        ["attempt", "kms"]
+    );
+}

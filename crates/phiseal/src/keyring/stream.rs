@@ -52,7 +52,7 @@
 //! before; output the caller already received stays with it) — at once for a shred through
 //! this keyring, and for one by another process once this keyring reads the tenant again
 //! ([`Keyring::recheck_tenants`], which the sidecar calls on the key store's change
-//! notifications, and [`Keyring::recheck_streams`], every 60 s). A stream whose tenant these
+//! notifications, and [`Keyring::recheck_streams`], every 60 s or `key_ttl` / 2). A stream whose tenant these
 //! re-reads cannot read for longer than `key_ttl + max_stale` after its last successful read
 //! stops too, with [`Error::Store`] (fail closed: the tenant may have been shredded). And
 //! [`Keyring::recheck_streams`] confirms with the KMS, through the key cache, the key version
