@@ -3926,8 +3926,17 @@ async fn running_streams_outlast_a_kms_outage_as_cached_keys_do_then_fail_closed
         k.recheck_streams(&c, None).await.unwrap();
         writing.push(&segment, &mut out).unwrap();
     }
-    // At 4.5 s, more than 3 s after the last unwrap: it fails closed, as an outage.
+    // At 4.5 s, more than 3 s after the last unwrap: the first failed check past the limit
+    // (one blip stops no stream) …
     tokio::time::sleep(Duration::from_millis(900)).await;
+    let checked = k.recheck_streams(&c, None).await;
+    assert!(
+        checked.as_ref().is_err_and(Error::is_kms_unavailable),
+        "{checked:?}"
+    );
+    writing.push(&segment, &mut out).unwrap();
+    // … and at the next one it fails closed, as an outage.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let checked = k.recheck_streams(&c, None).await;
     assert!(
         checked.as_ref().is_err_and(Error::is_kms_unavailable),
@@ -4100,6 +4109,127 @@ async fn a_stream_retired_by_the_minimum_version_is_not_confirmed_with_the_kms()
     let pushed = writing.push(&segment, &mut out);
     assert!(
         matches!(pushed, Err(Error::KeyVersionRetired { .. })),
+        "{pushed:?}"
+    );
+}
+
+#[tokio::test]
+async fn one_kms_blip_when_a_stream_key_is_due_does_not_stop_the_stream() {
+    // max_stale 0 (the default): the stream's key is due at 1 s and the KMS fails that one
+    // check. The next check, once the KMS answers again (after the outage's 5 s backoff),
+    // confirms the key: the stream goes on throughout.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, cache, None);
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let cx = ctx("t", "f", None);
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    // (A segment buffered: the next push seals it, or fails.)
+    writing.push(&segment, &mut out).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    let checked = k.recheck_streams(&c, None).await;
+    assert!(
+        checked.as_ref().is_err_and(Error::is_kms_unavailable),
+        "{checked:?}"
+    );
+    writing.push(&segment, &mut out).unwrap();
+    kms.fail_with(None);
+    tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;
+    k.recheck_streams(&c, None).await.unwrap();
+    writing.push(&segment, &mut out).unwrap();
+    writing.push(&segment, &mut out).unwrap();
+}
+
+#[tokio::test]
+async fn a_running_stream_stops_once_its_key_version_is_gone_from_the_store() {
+    // A failover that lost a rotation: version 2, under which the stream runs, is no longer
+    // in the store. The next re-read stops the stream (its ciphertext could never be
+    // decrypted) with key_version_not_found; a stream under version 1 goes on.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let k = keyring_on(&p, slow_metadata());
+    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
+    k.create_tenant(&c, &t).await.unwrap();
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let (sealed_v1, _) = sealed_stream(&k, &c, &cx).await;
+    k.rotate(&c, &t).await.unwrap();
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut reading = k.start_decrypt_stream(&c, &cx);
+    let (mut out, mut plaintext) = (Vec::new(), Vec::new());
+    writing.push(&segment, &mut out).unwrap();
+    let piece = sealed_v1.len() / 4;
+    reading
+        .push(&sealed_v1[..piece], &mut plaintext)
+        .await
+        .unwrap();
+    {
+        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
+        conn.execute_batch(
+            "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+             UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+        )
+        .unwrap();
+    }
+    k.recheck_streams(&c, None).await.unwrap();
+    let pushed = writing.push(&segment, &mut out);
+    assert!(
+        matches!(pushed, Err(Error::KeyVersionNotFound { version: 2, .. })),
+        "{pushed:?}"
+    );
+    reading
+        .push(&sealed_v1[piece..], &mut plaintext)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_running_stream_stops_once_its_tenant_is_gone_from_the_store() {
+    // Tenants are never deleted (a shred keeps the record): a key store without the tenant
+    // was restored from before it or is the wrong one. Its streams stop at the next re-read,
+    // not only once the tenant could not be read for key_ttl + max_stale.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let k = keyring_on(&p, slow_metadata());
+    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
+    k.create_tenant(&c, &t).await.unwrap();
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let mut writing = k
+        .start_encrypt_stream(&c, &cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    writing.push(&segment, &mut out).unwrap();
+    {
+        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
+        conn.execute_batch(
+            "DELETE FROM key_versions WHERE tenant = 't'; DELETE FROM tenants WHERE tenant = 't';",
+        )
+        .unwrap();
+    }
+    let checked = k.recheck_streams(&c, None).await;
+    assert!(
+        matches!(checked, Err(Error::TenantNotFound { .. })),
+        "{checked:?}"
+    );
+    let pushed = writing.push(&segment, &mut out);
+    assert!(
+        matches!(pushed, Err(Error::TenantNotFound { .. })),
         "{pushed:?}"
     );
 }

@@ -377,6 +377,7 @@ impl KeyringBuilder {
                 keys: quick_cache::sync::Cache::new(c.capacity),
                 unknown_version_reads: quick_cache::sync::Cache::new(c.capacity),
                 streams: std::sync::Mutex::default(),
+                read_sequence: AtomicU64::new(0),
                 generations: Generations::default(),
                 outages: outage::KmsOutages::new(kms_backends),
                 unwrap_failures: unwrap_failures::UnwrapFailures::default(),
@@ -620,6 +621,8 @@ struct Inner {
     /// tenant is found shredded, or cannot be read for longer than `max_age`, so that a
     /// running stream stops at its next segment.
     streams: std::sync::Mutex<HashMap<TenantId, TenantStreams>>,
+    /// Counts tenant reads begun and streams registered, to order them (`StreamKeyOrigin`).
+    read_sequence: AtomicU64,
     /// Bumped by every invalidation (rotate, minimum version, shred, `invalidate_tenant`,
     /// `invalidate_all`, `forget_metadata`).
     generations: Generations,
@@ -991,30 +994,52 @@ impl Keyring {
         let shard = Generations::shard_of(tenant);
         let generation = inner.generations.current(shard);
         let fetched_at = Instant::now_without_cache_update();
-        let record = inner
+        let begun = inner.read_sequence.fetch_add(1, Ordering::AcqRel) + 1;
+        let loaded = inner
             .store
             .load_tenant(tenant)
             .await
-            .map_err(|e| store_error(&*inner.store, e))?
-            .ok_or_else(|| Error::TenantNotFound {
-                tenant: tenant.clone(),
-            })?;
-        if record.tenant != *tenant {
-            // Defence in depth: never use another tenant's record (a store bug, a collation
-            // that folds case) for this tenant.
-            return Err(store_error(
-                &*inner.store,
-                BackendError::new(
-                    BackendErrorKind::InvalidData,
-                    format!("the key store returned another tenant's record for '{tenant}'"),
-                ),
-            ));
-        }
+            .map_err(|e| store_error(&*inner.store, e))
+            .and_then(|found| {
+                found.ok_or_else(|| Error::TenantNotFound {
+                    tenant: tenant.clone(),
+                })
+            })
+            .and_then(|record| {
+                if record.tenant == *tenant {
+                    return Ok(record);
+                }
+                // Defence in depth: never use another tenant's record (a store bug, a
+                // collation that folds case) for this tenant.
+                Err(store_error(
+                    &*inner.store,
+                    BackendError::new(
+                        BackendErrorKind::InvalidData,
+                        format!("the key store returned another tenant's record for '{tenant}'"),
+                    ),
+                ))
+            });
+        let record = match loaded {
+            Ok(record) => record,
+            Err(e) => {
+                // Tenants are never deleted (a shred keeps the record): a key store without
+                // it, or with a record it cannot vouch for, was restored or is the wrong one.
+                // The tenant's running streams stop at once; an outage leaves them to the
+                // re-reads' own limit.
+                let refused = matches!(&e, Error::TenantNotFound { .. })
+                    || matches!(&e, Error::Store { source, .. }
+                        if source.kind() == BackendErrorKind::InvalidData);
+                if refused {
+                    self.refuse_streams(tenant, begun, |_| Some(e.replay()));
+                }
+                return Err(e);
+            }
+        };
         if record.shredded_at.is_some() {
             // Shredded, perhaps by another process: its running streams stop.
             self.revoke_streams(tenant);
         } else {
-            self.confirm_streams(&record, fetched_at);
+            self.confirm_streams(&record, fetched_at, begun);
         }
         self.drop_refused_keys(&record);
         Ok(Arc::new(TenantView::new(
@@ -1129,6 +1154,8 @@ impl Keyring {
             version: key.version(),
             key_check: key.key_check,
             confirmed_at: AtomicU64::new(key.loaded_at.as_ticks()),
+            failed_passes: std::sync::atomic::AtomicU32::new(0),
+            registered: self.inner.read_sequence.fetch_add(1, Ordering::AcqRel) + 1,
         };
         let stop = Arc::new(StreamStop::new(read_at, origin));
         let mut streams = self.running_streams();
@@ -1193,26 +1220,23 @@ impl Keyring {
         self.stop_streams(tenant, |_| Some(StopReason::Shredded));
     }
 
-    /// Notes that the tenant's `record`, read at `read_at`, is not shredded: its streams may
-    /// go on, but — of those that started from metadata no newer than this read (a read that
-    /// began before a change must not stop a stream that started after it) — those under a
-    /// key version below its minimum decryption version, or under a version it no longer
-    /// holds (destroyed, gone) or holds another key under (a key store restored or failed
-    /// over), stop before their next segment.
-    fn confirm_streams(&self, record: &TenantRecord, read_at: Instant) {
+    /// Notes that the tenant's `record`, read at `read_at` (read sequence `begun`), is not
+    /// shredded: its streams may go on, but those under a key version below its minimum
+    /// decryption version stop before their next segment — those that started from metadata
+    /// no newer than this read (a read that began before a lowering must not stop a stream
+    /// that started after it) — and so do those under a version it no longer holds
+    /// (destroyed, gone) or holds another key under (a key store restored or failed over), of
+    /// the streams registered before this read began (an older read may predate the
+    /// rotation that made a stream's version).
+    fn confirm_streams(&self, record: &TenantRecord, read_at: Instant, begun: u64) {
         let tenant = &record.tenant;
-        let stops: Vec<Arc<StreamStop>> = {
-            let mut streams = self.running_streams();
-            let Some(entry) = streams.get_mut(tenant) else {
-                return;
-            };
+        if let Some(entry) = self.running_streams().get_mut(tenant) {
             entry.confirmed_at = entry.confirmed_at.max(read_at);
             entry.retire_below(record.min_decrypt_version, Some(read_at));
-            entry.running.iter().filter_map(Weak::upgrade).collect()
-        };
-        for stop in stops.iter().filter(|s| s.sees(read_at) && !s.is_stopped()) {
+        }
+        self.refuse_streams(tenant, begun, |stop| {
             let version = stop.key.version;
-            let refusal = match record.version(version) {
+            match record.version(version) {
                 None => Some(Error::KeyVersionNotFound {
                     tenant: tenant.clone(),
                     version,
@@ -1226,8 +1250,27 @@ impl Keyring {
                     Some(self.replaced_key_error(tenant, version))
                 }
                 Some(_) => None,
-            };
-            if let Some(error) = refusal {
+            }
+        });
+    }
+
+    /// Stops, with the error `refusal` gives (if any), each running stream of `tenant` not
+    /// stopped yet that registered before the tenant read at read sequence `begun` began.
+    fn refuse_streams(
+        &self,
+        tenant: &TenantId,
+        begun: u64,
+        refusal: impl Fn(&StreamStop) -> Option<Error>,
+    ) {
+        let stops: Vec<Arc<StreamStop>> = match self.running_streams().get(tenant) {
+            Some(entry) => entry.running.iter().filter_map(Weak::upgrade).collect(),
+            None => return,
+        };
+        for stop in stops
+            .iter()
+            .filter(|s| s.read_after_start(begun) && !s.is_stopped())
+        {
+            if let Some(error) = refusal(stop) {
                 stop.stop(StopReason::KeyRefused(Arc::new(error)));
             }
         }
@@ -1282,7 +1325,8 @@ impl Keyring {
     /// disabled or revoked root key, a destroyed version, another key under the version —
     /// or an unwrap that cannot be audited stops those streams before their next segment
     /// with that error; a KMS outage stops them once their key version was last unwrapped
-    /// longer than `key_ttl + max_stale` ago (fail closed); a key store failure leaves them
+    /// longer than `key_ttl + max_stale` ago and two calls of this in a row found the KMS
+    /// unreachable (fail closed, but not on one blip); a key store failure leaves them
     /// to the re-read's own limit. Call it at least every minute or so for revocation at the
     /// KMS to reach running streams within about `key_ttl`. The first error is returned;
     /// every tenant is checked.
@@ -1348,7 +1392,8 @@ impl Keyring {
                             stop.key
                                 .confirmed_at
                                 .fetch_max(key.loaded_at.as_ticks(), Ordering::Relaxed);
-                        } else {
+                            stop.key.failed_passes.store(0, Ordering::Relaxed);
+                        } else if !stop.is_stopped() {
                             let replaced = self.replaced_key_error(tenant, version);
                             stop.stop(StopReason::KeyRefused(Arc::new(replaced)));
                         }
@@ -1357,15 +1402,25 @@ impl Keyring {
                 }
                 Err(e) => e,
             };
+            // (A stream retired meanwhile keeps its own error.)
+            let stops = stops.iter().filter(|stop| !stop.is_stopped());
             match &error {
+                // An outage, or a failure of no known kind (an unexpected SDK error): a field
+                // operation would fail once and be retried; a stream, which cannot be, stops
+                // only once the key could serve no longer without the KMS (`key_ttl +
+                // max_stale`) *and* this check failed so at two passes in a row — not on one
+                // blip.
                 Error::Kms { backend, source }
-                    if source.kind() == BackendErrorKind::Unavailable =>
+                    if matches!(
+                        source.kind(),
+                        BackendErrorKind::Unavailable | BackendErrorKind::Other
+                    ) =>
                 {
-                    // Fail closed once no key could serve any longer without the KMS.
                     let now = Instant::now_without_cache_update();
-                    for stop in &stops {
+                    for stop in stops {
+                        let failed = stop.key.failed_passes.fetch_add(1, Ordering::Relaxed) + 1;
                         let unconfirmed = unwrapped_for(stop, now);
-                        if unconfirmed > inner.max_age {
+                        if unconfirmed > inner.max_age && failed >= 2 {
                             stop.stop(StopReason::KeyUnconfirmed {
                                 backend: backend.clone(),
                                 for_secs: unconfirmed.as_secs(),
@@ -1378,7 +1433,7 @@ impl Keyring {
                 // serves no field operation now, nor the stream.
                 _ => {
                     let reason = Arc::new(error.replay());
-                    for stop in &stops {
+                    for stop in stops {
                         stop.stop(StopReason::KeyRefused(Arc::clone(&reason)));
                     }
                 }

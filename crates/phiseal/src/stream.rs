@@ -342,12 +342,17 @@ pub(crate) enum StopReason {
 
 /// What a running stream's key was derived from, for its confirmation with the KMS
 /// (`Keyring::recheck_streams`): the tenant key version, the key check of the record it was
-/// unwrapped from, and when the KMS last unwrapped that version (coarse-clock ticks).
+/// unwrapped from, when the KMS last unwrapped that version (coarse-clock ticks), and at how
+/// many confirmations in a row the KMS could not be reached.
 #[derive(Debug, Default)]
 pub(crate) struct StreamKeyOrigin {
     pub(crate) version: u32,
     pub(crate) key_check: [u8; 32],
     pub(crate) confirmed_at: std::sync::atomic::AtomicU64,
+    pub(crate) failed_passes: std::sync::atomic::AtomicU32,
+    /// The keyring's read sequence when the stream registered (`Keyring::read_sequence`): a
+    /// tenant read that began later saw at least what the stream started from.
+    pub(crate) registered: u64,
 }
 
 /// Set by a keyring to stop a running stream of one tenant: for a reason (the first stays),
@@ -385,6 +390,13 @@ impl StreamStop {
     /// the metadata the stream started from).
     pub(crate) fn sees(&self, read_at: coarsetime::Instant) -> bool {
         read_at >= self.read_at
+    }
+
+    /// Whether a tenant read that began at read sequence `begun` began after this stream
+    /// registered, so that its record is at least as new as the one the stream started from
+    /// (what may stop it for a version gone or replaced).
+    pub(crate) fn read_after_start(&self, begun: u64) -> bool {
+        begun > self.key.registered
     }
 
     /// Stops the stream holding it, for `reason` (unless it was stopped already).

@@ -255,6 +255,8 @@ impl Daemon {
         let every = housekeeping_interval(config.cache.key_ttl);
         let housekeeping_task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            // After a pass held up by a slow backend, the next one waits a whole interval.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
@@ -272,7 +274,8 @@ impl Daemon {
                                     tracing::warn!(
                                         error = %e,
                                         "could not re-read tenants with running streams or \
-                                         confirm their keys (retried in 60 s)"
+                                         confirm their keys (retried at the next \
+                                         housekeeping pass)"
                                     );
                                 }
                             }

@@ -59,8 +59,10 @@
 //! of every stream whose version was last unwrapped longer than `key_ttl` ago: a refusal (a
 //! disabled or revoked root key) or an unwrap that cannot be audited stops the stream with
 //! that error, an outage once the version could not be unwrapped for longer than `key_ttl +
-//! max_stale`. Any re-read of the tenant stops at once the streams under a version its
-//! record no longer holds (destroyed, gone) or holds another key under.
+//! max_stale` and at two checks in a row. Any re-read of the tenant stops at once the
+//! streams (that started before it began) under a version its record no longer holds
+//! (destroyed, gone) or holds another key under, and all of them if the store no longer has
+//! the tenant.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
