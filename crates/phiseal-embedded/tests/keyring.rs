@@ -3920,29 +3920,40 @@ async fn running_streams_outlast_a_kms_outage_as_cached_keys_do_then_fail_closed
     assert_eq!(kms.unwraps.load(Ordering::SeqCst) - before, 1);
     kms.fail_with(Some(BackendErrorKind::Unavailable));
     // At 2.5 s and 3.6 s (more than 3 s after the stream's start, less after the last
-    // unwrap): it goes on, as the key cache serves the version stale.
-    for wait in [1300, 1100] {
+    // unwrap): it goes on, as the key cache serves the version stale (the outage counts
+    // from the first of these).
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let failing_from = std::time::Instant::now();
+    for wait in [0, 1100] {
         tokio::time::sleep(Duration::from_millis(wait)).await;
         k.recheck_streams(&c, None).await.unwrap();
         writing.push(&segment, &mut out).unwrap();
     }
-    // At 4.5 s, more than 3 s after the last unwrap: the first failed check past the limit
-    // (one blip stops no stream) …
+    // From 4.5 s, more than 3 s after the last unwrap, the checks fail; the stream stops at
+    // the first one once the KMS has been failing for two retry intervals (10 s), not
+    // before (one failed check is no outage).
     tokio::time::sleep(Duration::from_millis(900)).await;
-    let checked = k.recheck_streams(&c, None).await;
-    assert!(
-        checked.as_ref().is_err_and(Error::is_kms_unavailable),
-        "{checked:?}"
-    );
-    writing.push(&segment, &mut out).unwrap();
-    // … and at the next one it fails closed, as an outage.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let checked = k.recheck_streams(&c, None).await;
-    assert!(
-        checked.as_ref().is_err_and(Error::is_kms_unavailable),
-        "{checked:?}"
-    );
-    let pushed = writing.push(&segment, &mut out);
+    let pushed = loop {
+        let checked = k.recheck_streams(&c, None).await;
+        assert!(
+            checked.as_ref().is_err_and(Error::is_kms_unavailable),
+            "{checked:?}"
+        );
+        let failing_for = failing_from.elapsed();
+        let pushed = writing.push(&segment, &mut out);
+        if pushed.is_err() {
+            assert!(
+                failing_for >= phiseal::STALE_RETRY_INTERVAL,
+                "{failing_for:?}"
+            );
+            break pushed;
+        }
+        assert!(
+            failing_for < phiseal::STALE_RETRY_INTERVAL * 2 + Duration::from_millis(500),
+            "still running after {failing_for:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     assert!(
         refused_by_kms(&pushed, BackendErrorKind::Unavailable),
         "{pushed:?}"
@@ -4116,8 +4127,8 @@ async fn a_stream_retired_by_the_minimum_version_is_not_confirmed_with_the_kms()
 #[tokio::test]
 async fn one_kms_blip_when_a_stream_key_is_due_does_not_stop_the_stream() {
     // max_stale 0 (the default): the stream's key is due at 1 s and the KMS fails that one
-    // check. The next check, once the KMS answers again (after the outage's 5 s backoff),
-    // confirms the key: the stream goes on throughout.
+    // call. The checks go on failing during the outage's 5 s backoff, without asking it,
+    // until one asks it again and confirms the key: the stream goes on throughout.
     let dir = private_tempdir();
     let p = parts(dir.path());
     let kms = SwitchableKms::over(&p);
@@ -4147,9 +4158,16 @@ async fn one_kms_blip_when_a_stream_key_is_due_does_not_stop_the_stream() {
     );
     writing.push(&segment, &mut out).unwrap();
     kms.fail_with(None);
-    tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;
-    k.recheck_streams(&c, None).await.unwrap();
-    writing.push(&segment, &mut out).unwrap();
+    // Checked every second, as the daemon does with this key_ttl: the checks in the 5 s after
+    // the blip fail without asking the KMS (the outage's backoff), then one asks it and
+    // confirms the key.
+    let mut checked = Err(Error::DecryptionFailed);
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        checked = k.recheck_streams(&c, None).await;
+        writing.push(&segment, &mut out).unwrap();
+    }
+    checked.unwrap();
     writing.push(&segment, &mut out).unwrap();
 }
 

@@ -423,13 +423,23 @@ struct TenantView {
     hot: std::sync::RwLock<Vec<Arc<VersionKey>>>,
     /// Set when it leaves the keyring's cache (`views`): it then serves no more fields.
     superseded: AtomicBool,
+    /// `Inner::read_sequence` when its read began: the streams registered before it are
+    /// those it may judge.
+    read_seq: u64,
 }
 
 impl TenantView {
-    fn new(record: TenantRecord, shard: usize, generation: u64, fetched_at: Instant) -> Self {
+    fn new(
+        record: TenantRecord,
+        shard: usize,
+        generation: u64,
+        fetched_at: Instant,
+        read_seq: u64,
+    ) -> Self {
         Self {
             record,
             fetched_at,
+            read_seq,
             shard,
             generation,
             hot: std::sync::RwLock::new(Vec::new()),
@@ -647,10 +657,11 @@ struct TenantStreams {
 
 impl TenantStreams {
     /// Makes those of the streams under key versions below `min` stop: all of them, or, for
-    /// a minimum read at `read_at`, those that started from metadata no newer than that.
-    fn retire_below(&self, min: u32, read_at: Option<Instant>) {
+    /// a minimum from a tenant read that began at read sequence `begun`, those registered
+    /// before it began (their metadata is no newer than that read).
+    fn retire_below(&self, min: u32, begun: Option<u64>) {
         for stop in self.running.iter().filter_map(Weak::upgrade) {
-            if read_at.is_none_or(|at| stop.sees(at)) {
+            if begun.is_none_or(|b| stop.read_after_start(b)) {
                 stop.retire_below(min);
             }
         }
@@ -1043,7 +1054,7 @@ impl Keyring {
         }
         self.drop_refused_keys(&record);
         Ok(Arc::new(TenantView::new(
-            record, shard, generation, fetched_at,
+            record, shard, generation, fetched_at, begun,
         )))
     }
 
@@ -1154,10 +1165,10 @@ impl Keyring {
             version: key.version(),
             key_check: key.key_check,
             confirmed_at: AtomicU64::new(key.loaded_at.as_ticks()),
-            failed_passes: std::sync::atomic::AtomicU32::new(0),
+            failing_since: AtomicU64::new(0),
             registered: self.inner.read_sequence.fetch_add(1, Ordering::AcqRel) + 1,
         };
-        let stop = Arc::new(StreamStop::new(read_at, origin));
+        let stop = Arc::new(StreamStop::new(origin));
         let mut streams = self.running_streams();
         let entry = streams
             .entry(tenant.clone())
@@ -1232,7 +1243,7 @@ impl Keyring {
         let tenant = &record.tenant;
         if let Some(entry) = self.running_streams().get_mut(tenant) {
             entry.confirmed_at = entry.confirmed_at.max(read_at);
-            entry.retire_below(record.min_decrypt_version, Some(read_at));
+            entry.retire_below(record.min_decrypt_version, Some(begun));
         }
         self.refuse_streams(tenant, begun, |stop| {
             let version = stop.key.version;
@@ -1325,8 +1336,9 @@ impl Keyring {
     /// disabled or revoked root key, a destroyed version, another key under the version —
     /// or an unwrap that cannot be audited stops those streams before their next segment
     /// with that error; a KMS outage stops them once their key version was last unwrapped
-    /// longer than `key_ttl + max_stale` ago and two calls of this in a row found the KMS
-    /// unreachable (fail closed, but not on one blip); a key store failure leaves them
+    /// longer than `key_ttl + max_stale` ago and the KMS has been failing these checks for
+    /// two `STALE_RETRY_INTERVAL`s (fail closed, but not on one blip); a key store failure
+    /// leaves them
     /// to the re-read's own limit. Call it at least every minute or so for revocation at the
     /// KMS to reach running streams within about `key_ttl`. The first error is returned;
     /// every tenant is checked.
@@ -1376,7 +1388,11 @@ impl Keyring {
             let now = Instant::now_without_cache_update();
             if let Some(entry) = self.running_streams().get(tenant) {
                 for stop in entry.running.iter().filter_map(Weak::upgrade) {
-                    if !stop.is_stopped() && unwrapped_for(&stop, now) > inner.key_ttl {
+                    // (A stream registered after this read began waits for the next one.)
+                    if !stop.is_stopped()
+                        && stop.read_after_start(view.read_seq)
+                        && unwrapped_for(&stop, now) > inner.key_ttl
+                    {
                         due.entry(stop.key.version).or_default().push(stop);
                     }
                 }
@@ -1386,13 +1402,24 @@ impl Keyring {
         for (version, stops) in due {
             let now = Instant::now_without_cache_update();
             let error = match self.version_key(caller, view, version, now).await {
-                Ok((key, _)) => {
+                Ok((key, source)) => {
                     for stop in &stops {
                         if ct_eq(&key.key_check, &stop.key.key_check) {
                             stop.key
                                 .confirmed_at
                                 .fetch_max(key.loaded_at.as_ticks(), Ordering::Relaxed);
-                            stop.key.failed_passes.store(0, Ordering::Relaxed);
+                            let failing = &stop.key.failing_since;
+                            if source == KeySource::Stale {
+                                // Served without the KMS: the outage counts from here.
+                                let _ = failing.compare_exchange(
+                                    0,
+                                    now.as_ticks(),
+                                    Ordering::Relaxed,
+                                    Ordering::Relaxed,
+                                );
+                            } else {
+                                failing.store(0, Ordering::Relaxed);
+                            }
                         } else if !stop.is_stopped() {
                             let replaced = self.replaced_key_error(tenant, version);
                             stop.stop(StopReason::KeyRefused(Arc::new(replaced)));
@@ -1408,8 +1435,10 @@ impl Keyring {
                 // An outage, or a failure of no known kind (an unexpected SDK error): a field
                 // operation would fail once and be retried; a stream, which cannot be, stops
                 // only once the key could serve no longer without the KMS (`key_ttl +
-                // max_stale`) *and* this check failed so at two passes in a row — not on one
-                // blip.
+                // max_stale`) *and* the KMS has been failing for two retry intervals
+                // (`STALE_RETRY_INTERVAL`: the backoff after one failure answers without
+                // calling it for one, so it was asked again meanwhile) — not on one blip,
+                // however often this is called.
                 Error::Kms { backend, source }
                     if matches!(
                         source.kind(),
@@ -1417,10 +1446,20 @@ impl Keyring {
                     ) =>
                 {
                     let now = Instant::now_without_cache_update();
+                    let retry: coarsetime::Duration = (STALE_RETRY_INTERVAL * 2).into();
                     for stop in stops {
-                        let failed = stop.key.failed_passes.fetch_add(1, Ordering::Relaxed) + 1;
+                        let failing = &stop.key.failing_since;
+                        let since = match failing.compare_exchange(
+                            0,
+                            now.as_ticks(),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        ) {
+                            Ok(_) => now,
+                            Err(earlier) => Instant::from_ticks(earlier),
+                        };
                         let unconfirmed = unwrapped_for(stop, now);
-                        if unconfirmed > inner.max_age && failed >= 2 {
+                        if unconfirmed > inner.max_age && now.duration_since(since) >= retry {
                             stop.stop(StopReason::KeyUnconfirmed {
                                 backend: backend.clone(),
                                 for_secs: unconfirmed.as_secs(),

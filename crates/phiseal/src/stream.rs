@@ -342,14 +342,16 @@ pub(crate) enum StopReason {
 
 /// What a running stream's key was derived from, for its confirmation with the KMS
 /// (`Keyring::recheck_streams`): the tenant key version, the key check of the record it was
-/// unwrapped from, when the KMS last unwrapped that version (coarse-clock ticks), and at how
-/// many confirmations in a row the KMS could not be reached.
+/// unwrapped from, when the KMS last unwrapped that version (coarse-clock ticks), and since
+/// when confirmations have found the KMS unreachable.
 #[derive(Debug, Default)]
 pub(crate) struct StreamKeyOrigin {
     pub(crate) version: u32,
     pub(crate) key_check: [u8; 32],
     pub(crate) confirmed_at: std::sync::atomic::AtomicU64,
-    pub(crate) failed_passes: std::sync::atomic::AtomicU32,
+    /// When (coarse-clock ticks) a check first found the KMS unreachable since the key was
+    /// last confirmed (or served stale); 0 when none did.
+    pub(crate) failing_since: std::sync::atomic::AtomicU64,
     /// The keyring's read sequence when the stream registered (`Keyring::read_sequence`): a
     /// tenant read that began later saw at least what the stream started from.
     pub(crate) registered: u64,
@@ -362,19 +364,14 @@ pub(crate) struct StreamStop {
     reason: std::sync::OnceLock<StopReason>,
     /// The tenant's minimum decryption version as the keyring last saw it (0: none seen).
     min_version: std::sync::atomic::AtomicU32,
-    /// When the tenant metadata the stream started from was read: a minimum from an older
-    /// read (one that began before a lowering this stream started after) does not apply.
-    read_at: coarsetime::Instant,
-    /// The key the stream was derived from.
+    /// The key the stream was derived from, and when it registered.
     pub(crate) key: StreamKeyOrigin,
 }
 
 impl StreamStop {
-    /// The stop of a stream that started from tenant metadata read at `read_at`, with a key
-    /// derived from `key`.
-    pub(crate) fn new(read_at: coarsetime::Instant, key: StreamKeyOrigin) -> Self {
+    /// The stop of a stream with a key derived from `key`.
+    pub(crate) fn new(key: StreamKeyOrigin) -> Self {
         Self {
-            read_at,
             key,
             ..Self::default()
         }
@@ -386,15 +383,10 @@ impl StreamStop {
             || self.key.version < self.min_version.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Whether a tenant read at `read_at` may set this stream's minimum (it is not older than
-    /// the metadata the stream started from).
-    pub(crate) fn sees(&self, read_at: coarsetime::Instant) -> bool {
-        read_at >= self.read_at
-    }
-
     /// Whether a tenant read that began at read sequence `begun` began after this stream
-    /// registered, so that its record is at least as new as the one the stream started from
-    /// (what may stop it for a version gone or replaced).
+    /// registered, so that its record is at least as new as the one the stream started from:
+    /// only such a read may stop it (a minimum raised, a version gone or replaced); an older
+    /// one may predate a lowering or the rotation that made the stream's version.
     pub(crate) fn read_after_start(&self, begun: u64) -> bool {
         begun > self.key.registered
     }

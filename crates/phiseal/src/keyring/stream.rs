@@ -44,9 +44,9 @@
 //! streams under older key versions, with [`Error::KeyVersionRetired`], as a shred stops them
 //! (below: at once through this keyring, for another process's change once this keyring reads
 //! the tenant again; a minimum lowered again later does not restart them). A minimum is taken
-//! only from a tenant read no older than the metadata a stream started from, by a coarse
-//! clock: a read that started in the same tick as, or just after, a lowering may still see
-//! the older minimum and stop a stream — the safe way to err. A shred stops the
+//! only from a tenant read that began after the stream registered (an order kept by a
+//! counter), so a read older than a lowering never stops a stream started after it. A shred
+//! stops the
 //! running streams of the tenant: each fails with [`Error::KeyDestroyed`] before its next segment is
 //! sealed or opened (the reader adapter also withholds the rest of a segment it opened
 //! before; output the caller already received stays with it) — at once for a shred through
@@ -59,7 +59,8 @@
 //! of every stream whose version was last unwrapped longer than `key_ttl` ago: a refusal (a
 //! disabled or revoked root key) or an unwrap that cannot be audited stops the stream with
 //! that error, an outage once the version could not be unwrapped for longer than `key_ttl +
-//! max_stale` and at two checks in a row. Any re-read of the tenant stops at once the
+//! max_stale` and failing for two `STALE_RETRY_INTERVAL`s. Any re-read of the tenant
+//! stops at once the
 //! streams (that started before it began) under a version its record no longer holds
 //! (destroyed, gone) or holds another key under, and all of them if the store no longer has
 //! the tenant.
