@@ -1209,14 +1209,11 @@ async fn a_cached_key_never_serves_another_key_under_its_version() {
     } = two_keyrings_with_tenant_t().await;
     k.rotate(&c, &t).await.unwrap();
     assert_eq!(version_of(&k.encrypt(&c, &cx, b"lost").await.unwrap()), 2);
-    {
-        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
-        conn.execute_batch(
-            "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
-             UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
-        )
-        .unwrap();
-    }
+    edit_store(
+        dir.path(),
+        "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+         UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+    );
     other.rotate(&c, &t).await.unwrap();
     // (The notification of a shared store's listener reconnecting.)
     k.forget_metadata(None);
@@ -1263,14 +1260,11 @@ async fn a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key()
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     // … while version 2 becomes another key (the rotation lost, then made again).
-    {
-        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
-        conn.execute_batch(
-            "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
-             UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
-        )
-        .unwrap();
-    }
+    edit_store(
+        dir.path(),
+        "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+         UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+    );
     let third = keyring_on(&p, slow_metadata());
     assert_eq!(third.rotate(&c, &t).await.unwrap(), 2);
     // Once this keyring's metadata is past its TTL, a second encryption reads the new record
@@ -3818,27 +3812,21 @@ async fn a_root_key_the_kms_refuses_stops_running_streams_once_their_key_is_due_
     // Before, a stream kept the key it derived at its start until it ended, whatever the KMS
     // said meanwhile: revocation reached field operations within key_ttl, running streams
     // never. Now their key version is confirmed with the KMS as a field operation's would be.
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let kms = SwitchableKms::over(&p);
     let audit = Arc::new(MemoryAudit::default());
-    let cache = CacheSettings {
-        key_ttl: Duration::from_secs(1),
-        metadata_ttl: Duration::from_millis(500),
-        ..CacheSettings::default()
-    };
-    let k = switchable_keyring(&kms, &p, cache, Some(&audit));
-    let c = caller();
+    let DueSoon {
+        _dir,
+        kms,
+        k,
+        c,
+        mut writing,
+        segment,
+        out: mut ciphertext,
+    } = stream_due_in_a_second(Duration::ZERO, Some(&audit)).await;
     let housekeeper = Caller::new(Actor::named("housekeeping"));
-    k.create_tenant(&c, &tenant("t")).await.unwrap();
     let cx = ctx("t", "f", None);
-    let (sealed, segment) = sealed_stream(&k, &c, &cx).await;
-    let mut writing = k
-        .start_encrypt_stream(&c, &cx, StreamOptions::default())
-        .await
-        .unwrap();
+    let (sealed, _) = sealed_stream(&k, &c, &cx).await;
     let mut reading = k.start_decrypt_stream(&c, &cx);
-    let (mut ciphertext, mut plaintext) = (Vec::new(), Vec::new());
+    let mut plaintext = Vec::new();
     let piece = sealed.len() / 4;
     reading
         .push(&sealed[..piece], &mut plaintext)
@@ -3894,25 +3882,15 @@ async fn running_streams_outlast_a_kms_outage_as_cached_keys_do_then_fail_closed
     // key_ttl 1 s + max_stale 2 s: a stream whose key version the KMS cannot confirm goes on
     // until 3 s after the version's last unwrap, then stops (the key may have been revoked
     // meanwhile, as a cached key stops serving then).
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let kms = SwitchableKms::over(&p);
-    let cache = CacheSettings {
-        key_ttl: Duration::from_secs(1),
-        metadata_ttl: Duration::from_millis(500),
-        max_stale: Duration::from_secs(2),
-        ..CacheSettings::default()
-    };
-    let k = switchable_keyring(&kms, &p, cache, None);
-    let c = caller();
-    k.create_tenant(&c, &tenant("t")).await.unwrap();
-    let cx = ctx("t", "f", None);
-    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
-    let mut writing = k
-        .start_encrypt_stream(&c, &cx, StreamOptions::default())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
+    let DueSoon {
+        _dir,
+        kms,
+        k,
+        c,
+        mut writing,
+        segment,
+        mut out,
+    } = stream_due_in_a_second(Duration::from_secs(2), None).await;
     // At 1.2 s the KMS unwraps the version again: the limit runs from there.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let before = kms.unwraps.load(Ordering::SeqCst);
@@ -3974,21 +3952,12 @@ async fn a_running_stream_stops_once_its_key_version_holds_another_key() {
     let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
     k.create_tenant(&c, &t).await.unwrap();
     k.rotate(&c, &t).await.unwrap();
-    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
-    let mut writing = k
-        .start_encrypt_stream(&c, &cx, StreamOptions::default())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    writing.push(&segment, &mut out).unwrap();
-    {
-        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
-        conn.execute_batch(
-            "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
-             UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
-        )
-        .unwrap();
-    }
+    let (mut writing, segment, mut out) = writing_one_segment(&k, &c, &cx).await;
+    edit_store(
+        dir.path(),
+        "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+         UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+    );
     assert_eq!(
         keyring_on(&p, slow_metadata())
             .rotate(&c, &t)
@@ -4052,26 +4021,16 @@ async fn an_unwrap_for_a_due_stream_key_that_cannot_be_audited_stops_the_stream(
     // The audit log fails when the stream's key is due: the KMS's answer could not be
     // recorded, so the key serves no field operation — nor the stream (fail closed), even
     // with a long max_stale.
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let kms = SwitchableKms::over(&p);
     let audit = Arc::new(MemoryAudit::default());
-    let cache = CacheSettings {
-        key_ttl: Duration::from_secs(1),
-        metadata_ttl: Duration::from_millis(500),
-        max_stale: Duration::from_secs(60),
-        ..CacheSettings::default()
-    };
-    let k = switchable_keyring(&kms, &p, cache, Some(&audit));
-    let c = caller();
-    k.create_tenant(&c, &tenant("t")).await.unwrap();
-    let cx = ctx("t", "f", None);
-    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
-    let mut writing = k
-        .start_encrypt_stream(&c, &cx, StreamOptions::default())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
+    let DueSoon {
+        _dir,
+        kms: _,
+        k,
+        c,
+        mut writing,
+        segment,
+        mut out,
+    } = stream_due_in_a_second(Duration::from_secs(60), Some(&audit)).await;
     // (A segment buffered: the next push seals it, or fails.)
     writing.push(&segment, &mut out).unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -4087,23 +4046,16 @@ async fn a_stream_retired_by_the_minimum_version_is_not_confirmed_with_the_kms()
     // Its version is below the minimum: it stopped with KeyVersionRetired, and the key check
     // neither asks the KMS for that version (nor audits an unwrap of it) nor replaces that
     // error with the KMS's.
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let kms = SwitchableKms::over(&p);
-    let cache = CacheSettings {
-        key_ttl: Duration::from_secs(1),
-        metadata_ttl: Duration::from_millis(500),
-        ..CacheSettings::default()
-    };
-    let k = switchable_keyring(&kms, &p, cache, None);
-    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
-    k.create_tenant(&c, &t).await.unwrap();
-    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
-    let mut writing = k
-        .start_encrypt_stream(&c, &cx, StreamOptions::default())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
+    let DueSoon {
+        _dir,
+        kms,
+        k,
+        c,
+        mut writing,
+        segment,
+        mut out,
+    } = stream_due_in_a_second(Duration::ZERO, None).await;
+    let t = tenant("t");
     // (A segment buffered: the next push seals it, or fails.)
     writing.push(&segment, &mut out).unwrap();
     k.rotate(&c, &t).await.unwrap();
@@ -4129,24 +4081,15 @@ async fn one_kms_blip_when_a_stream_key_is_due_does_not_stop_the_stream() {
     // max_stale 0 (the default): the stream's key is due at 1 s and the KMS fails that one
     // call. The checks go on failing during the outage's 5 s backoff, without asking it,
     // until one asks it again and confirms the key: the stream goes on throughout.
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let kms = SwitchableKms::over(&p);
-    let cache = CacheSettings {
-        key_ttl: Duration::from_secs(1),
-        metadata_ttl: Duration::from_millis(500),
-        ..CacheSettings::default()
-    };
-    let k = switchable_keyring(&kms, &p, cache, None);
-    let c = caller();
-    k.create_tenant(&c, &tenant("t")).await.unwrap();
-    let cx = ctx("t", "f", None);
-    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
-    let mut writing = k
-        .start_encrypt_stream(&c, &cx, StreamOptions::default())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
+    let DueSoon {
+        _dir,
+        kms,
+        k,
+        c,
+        mut writing,
+        segment,
+        mut out,
+    } = stream_due_in_a_second(Duration::ZERO, None).await;
     // (A segment buffered: the next push seals it, or fails.)
     writing.push(&segment, &mut out).unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -4196,14 +4139,11 @@ async fn a_running_stream_stops_once_its_key_version_is_gone_from_the_store() {
         .push(&sealed_v1[..piece], &mut plaintext)
         .await
         .unwrap();
-    {
-        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
-        conn.execute_batch(
-            "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
-             UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
-        )
-        .unwrap();
-    }
+    edit_store(
+        dir.path(),
+        "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+         UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+    );
     k.recheck_streams(&c, None).await.unwrap();
     let pushed = writing.push(&segment, &mut out);
     assert!(
@@ -4226,20 +4166,11 @@ async fn a_running_stream_stops_once_its_tenant_is_gone_from_the_store() {
     let k = keyring_on(&p, slow_metadata());
     let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
     k.create_tenant(&c, &t).await.unwrap();
-    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
-    let mut writing = k
-        .start_encrypt_stream(&c, &cx, StreamOptions::default())
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    writing.push(&segment, &mut out).unwrap();
-    {
-        let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir.path()).key_store).unwrap();
-        conn.execute_batch(
-            "DELETE FROM key_versions WHERE tenant = 't'; DELETE FROM tenants WHERE tenant = 't';",
-        )
-        .unwrap();
-    }
+    let (mut writing, segment, mut out) = writing_one_segment(&k, &c, &cx).await;
+    edit_store(
+        dir.path(),
+        "DELETE FROM key_versions WHERE tenant = 't'; DELETE FROM tenants WHERE tenant = 't';",
+    );
     let checked = k.recheck_streams(&c, None).await;
     assert!(
         matches!(checked, Err(Error::TenantNotFound { .. })),
@@ -4250,4 +4181,71 @@ async fn a_running_stream_stops_once_its_tenant_is_gone_from_the_store() {
         matches!(pushed, Err(Error::TenantNotFound { .. })),
         "{pushed:?}"
     );
+}
+
+/// A keyring with key_ttl 1 s (metadata 500 ms) and `max_stale` on a switchable KMS over a
+/// fresh embedded store, audited to `audit` (or not), with tenant `t` and an encryption
+/// stream of its field `f` running: what the stream key-confirmation tests start from.
+struct DueSoon {
+    _dir: tempfile::TempDir,
+    kms: Arc<SwitchableKms>,
+    k: Keyring,
+    c: Caller,
+    writing: phiseal::AuditedStreamEncryptor,
+    /// A segment's worth of plaintext.
+    segment: Vec<u8>,
+    /// The stream's output so far.
+    out: Vec<u8>,
+}
+
+async fn stream_due_in_a_second(max_stale: Duration, audit: Option<&Arc<MemoryAudit>>) -> DueSoon {
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        max_stale,
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, cache, audit);
+    let c = caller();
+    k.create_tenant(&c, &tenant("t")).await.unwrap();
+    let writing = k
+        .start_encrypt_stream(&c, &ctx("t", "f", None), StreamOptions::default())
+        .await
+        .unwrap();
+    DueSoon {
+        _dir: dir,
+        kms,
+        k,
+        c,
+        writing,
+        segment: vec![1u8; StreamOptions::default().segment_size as usize],
+        out: Vec::new(),
+    }
+}
+
+/// Runs `sql` on the embedded key store in `dir` (a store restored, a failover that lost a
+/// change: what no keyring does).
+fn edit_store(dir: &Path, sql: &str) {
+    let conn = rusqlite::Connection::open(EmbeddedPaths::new(dir).key_store).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+/// An encryption stream of `cx` with one segment buffered (the next push seals it, or
+/// fails), a segment's worth of plaintext, and the stream's output so far.
+async fn writing_one_segment(
+    k: &Keyring,
+    c: &Caller,
+    cx: &EncryptionContext,
+) -> (phiseal::AuditedStreamEncryptor, Vec<u8>, Vec<u8>) {
+    let segment = vec![1u8; StreamOptions::default().segment_size as usize];
+    let mut writing = k
+        .start_encrypt_stream(c, cx, StreamOptions::default())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    writing.push(&segment, &mut out).unwrap();
+    (writing, segment, out)
 }
