@@ -3901,33 +3901,40 @@ async fn running_streams_outlast_a_kms_outage_as_cached_keys_do_then_fail_closed
     // unwrap): it goes on, as the key cache serves the version stale (the outage counts
     // from the first of these).
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    let failing_from = std::time::Instant::now();
-    for wait in [0, 1100] {
-        tokio::time::sleep(Duration::from_millis(wait)).await;
-        k.recheck_streams(&c, None).await.unwrap();
-        writing.push(&segment, &mut out).unwrap();
-    }
+    // The outage's count starts within this first check.
+    let before_first = std::time::Instant::now();
+    k.recheck_streams(&c, None).await.unwrap();
+    let after_first = std::time::Instant::now();
+    writing.push(&segment, &mut out).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    k.recheck_streams(&c, None).await.unwrap();
+    writing.push(&segment, &mut out).unwrap();
     // From 4.5 s, more than 3 s after the last unwrap, the checks fail; the stream stops at
     // the first one once the KMS has been failing for two retry intervals (10 s), not
     // before (one failed check is no outage).
     tokio::time::sleep(Duration::from_millis(900)).await;
+    let limit = phiseal::STALE_RETRY_INTERVAL * 2;
+    // (The coarse clock's resolution, a few ms.)
+    let slack = Duration::from_millis(20);
     let pushed = loop {
+        let check_start = std::time::Instant::now();
         let checked = k.recheck_streams(&c, None).await;
         assert!(
             checked.as_ref().is_err_and(Error::is_kms_unavailable),
             "{checked:?}"
         );
-        let failing_for = failing_from.elapsed();
         let pushed = writing.push(&segment, &mut out);
         if pushed.is_err() {
+            let failing_for = before_first.elapsed();
             assert!(
-                failing_for >= phiseal::STALE_RETRY_INTERVAL,
-                "{failing_for:?}"
+                failing_for + slack >= limit,
+                "stopped after {failing_for:?}"
             );
             break pushed;
         }
+        let failing_for = check_start.duration_since(after_first);
         assert!(
-            failing_for < phiseal::STALE_RETRY_INTERVAL * 2 + Duration::from_millis(500),
+            failing_for < limit + slack,
             "still running after {failing_for:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -4248,4 +4255,83 @@ async fn writing_one_segment(
     let mut out = Vec::new();
     writing.push(&segment, &mut out).unwrap();
     (writing, segment, out)
+}
+
+#[tokio::test]
+async fn a_stream_starting_while_a_reread_is_under_way_is_retired_by_the_minimum_it_reads() {
+    // Another process raises the minimum to 2 (no notification reaches this keyring). A
+    // re-read of the tenant begins and reads it; meanwhile a decryption stream of a version-1
+    // ciphertext starts here from the older cached metadata (minimum 1). The re-read began
+    // after that metadata was read, so its minimum applies to the stream, though the stream
+    // registered after the re-read began.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let (k, store) = keyring_on_counting_store_with(&p, slow_metadata());
+    let other = keyring_on(&p, slow_metadata());
+    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
+    k.create_tenant(&c, &t).await.unwrap();
+    let (sealed_v1, _) = sealed_stream(&k, &c, &cx).await;
+    k.rotate(&c, &t).await.unwrap();
+    // A stream under version 2, so that the tenant is re-read; and this keyring's view of
+    // the tenant (minimum 1), cached.
+    let (_writing, _, _) = writing_one_segment(&k, &c, &cx).await;
+    other.set_min_decrypt_version(&c, &t, 2).await.unwrap();
+    store.stall_next_load.store(true, Ordering::SeqCst);
+    let rereading = {
+        let (k, c) = (k.clone(), c.clone());
+        tokio::spawn(async move { k.recheck_streams(&c, None).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), store.stalled.notified())
+        .await
+        .expect("the tenant was never re-read");
+    let mut reading = k.start_decrypt_stream(&c, &cx);
+    let mut plaintext = Vec::new();
+    let piece = sealed_v1.len() / 4;
+    reading
+        .push(&sealed_v1[..piece], &mut plaintext)
+        .await
+        .unwrap();
+    store.release.notify_one();
+    rereading.await.unwrap().unwrap();
+    plaintext.clear();
+    let pushed = reading.push(&sealed_v1[piece..], &mut plaintext).await;
+    assert!(
+        matches!(pushed, Err(Error::KeyVersionRetired { min: 2, .. })),
+        "{pushed:?}"
+    );
+    assert!(
+        plaintext.is_empty(),
+        "plaintext released under a retired version"
+    );
+}
+
+#[tokio::test]
+async fn two_kms_blips_with_answers_between_them_do_not_stop_a_stream() {
+    // A blip at a check of the stream's key, the KMS answering other calls afterwards, and
+    // another blip at a check more than 10 s after the first: two blips, not a 10 s outage.
+    let DueSoon {
+        _dir,
+        kms,
+        k,
+        c,
+        mut writing,
+        segment,
+        mut out,
+    } = stream_due_in_a_second(Duration::ZERO, None).await;
+    writing.push(&segment, &mut out).unwrap();
+    k.create_tenant(&c, &tenant("u")).await.unwrap();
+    let other = ctx("u", "f", None);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    assert!(k.recheck_streams(&c, None).await.is_err());
+    kms.fail_with(None);
+    // After the outage's backoff, another tenant's key is unwrapped: the KMS answers.
+    tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL + Duration::from_millis(300)).await;
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    k.encrypt(&c, &other, b"x").await.unwrap();
+    assert_eq!(kms.unwraps.load(Ordering::SeqCst) - before, 1);
+    tokio::time::sleep(phiseal::STALE_RETRY_INTERVAL).await;
+    kms.fail_with(Some(BackendErrorKind::Unavailable));
+    assert!(k.recheck_streams(&c, None).await.is_err());
+    writing.push(&segment, &mut out).unwrap();
 }

@@ -657,11 +657,11 @@ struct TenantStreams {
 
 impl TenantStreams {
     /// Makes those of the streams under key versions below `min` stop: all of them, or, for
-    /// a minimum from a tenant read that began at read sequence `begun`, those registered
-    /// before it began (their metadata is no newer than that read).
+    /// a minimum from a tenant read that began at read sequence `begun`, those whose own
+    /// metadata was read before it began (no newer than that read).
     fn retire_below(&self, min: u32, begun: Option<u64>) {
         for stop in self.running.iter().filter_map(Weak::upgrade) {
-            if begun.is_none_or(|b| stop.read_after_start(b)) {
+            if begun.is_none_or(|b| stop.minimum_applies(b)) {
                 stop.retire_below(min);
             }
         }
@@ -1153,20 +1153,22 @@ impl Keyring {
         evicted
     }
 
-    /// A stop flag for a stream of `tenant` starting now, from metadata read at `read_at`,
-    /// with a key derived from `key` (see `Inner::streams`).
-    pub(crate) fn register_stream(
+    /// A stop flag for a stream of `tenant` starting now from `view`'s metadata, with a key
+    /// derived from `key` (see `Inner::streams`).
+    fn register_stream(
         &self,
         tenant: &TenantId,
         key: &VersionKey,
-        read_at: Instant,
+        view: &TenantView,
     ) -> Arc<StreamStop> {
+        let read_at = view.fetched_at;
         let origin = StreamKeyOrigin {
             version: key.version(),
             key_check: key.key_check,
             confirmed_at: AtomicU64::new(key.loaded_at.as_ticks()),
             failing_since: AtomicU64::new(0),
             registered: self.inner.read_sequence.fetch_add(1, Ordering::AcqRel) + 1,
+            metadata_seq: view.read_seq,
         };
         let stop = Arc::new(StreamStop::new(origin));
         let mut streams = self.running_streams();
@@ -1413,7 +1415,7 @@ impl Keyring {
                                 // Served without the KMS: the outage counts from here.
                                 let _ = failing.compare_exchange(
                                     0,
-                                    now.as_ticks(),
+                                    now.as_ticks().max(1),
                                     Ordering::Relaxed,
                                     Ordering::Relaxed,
                                 );
@@ -1447,15 +1449,27 @@ impl Keyring {
                 {
                     let now = Instant::now_without_cache_update();
                     let retry: coarsetime::Duration = (STALE_RETRY_INTERVAL * 2).into();
+                    // When the backend of this version's record last answered a call.
+                    let answered = view
+                        .record
+                        .version(version)
+                        .and_then(|record| record.wrapped.as_ref())
+                        .map_or(0, |w| self.backend_of(&w.root_key_ref).0.last_answer());
                     for stop in stops {
                         let failing = &stop.key.failing_since;
                         let since = match failing.compare_exchange(
                             0,
-                            now.as_ticks(),
+                            now.as_ticks().max(1),
                             Ordering::Relaxed,
                             Ordering::Relaxed,
                         ) {
                             Ok(_) => now,
+                            // The KMS answered a call since that failure: this is another
+                            // blip, counted from now.
+                            Err(earlier) if answered > earlier => {
+                                failing.store(now.as_ticks().max(1), Ordering::Relaxed);
+                                now
+                            }
                             Err(earlier) => Instant::from_ticks(earlier),
                         };
                         let unconfirmed = unwrapped_for(stop, now);
@@ -2634,6 +2648,10 @@ impl Keyring {
                 self.inner.tenants.remove(tenant);
                 match result {
                     Ok(()) => {
+                        // Bumped first: a stream starting from the older view meanwhile
+                        // either is refused when it enters its key use, or reads the tenant
+                        // again after registering.
+                        self.inner.generations.bump_tenant(tenant);
                         self.retire_streams(tenant, min);
                         Ok(())
                     }

@@ -342,19 +342,23 @@ pub(crate) enum StopReason {
 
 /// What a running stream's key was derived from, for its confirmation with the KMS
 /// (`Keyring::recheck_streams`): the tenant key version, the key check of the record it was
-/// unwrapped from, when the KMS last unwrapped that version (coarse-clock ticks), and since
-/// when confirmations have found the KMS unreachable.
+/// unwrapped from, when the KMS last unwrapped that version (coarse-clock ticks), since when
+/// confirmations have found the KMS unreachable or the key served stale, and the read
+/// sequence numbers that order it against tenant reads.
 #[derive(Debug, Default)]
 pub(crate) struct StreamKeyOrigin {
     pub(crate) version: u32,
     pub(crate) key_check: [u8; 32],
     pub(crate) confirmed_at: std::sync::atomic::AtomicU64,
-    /// When (coarse-clock ticks) a check first found the KMS unreachable since the key was
-    /// last confirmed (or served stale); 0 when none did.
+    /// When (coarse-clock ticks) a check first found the KMS unreachable, or the key served
+    /// stale, since the key was last confirmed; 0 when none did.
     pub(crate) failing_since: std::sync::atomic::AtomicU64,
     /// The keyring's read sequence when the stream registered (`Keyring::read_sequence`): a
     /// tenant read that began later saw at least what the stream started from.
     pub(crate) registered: u64,
+    /// The read sequence at which the tenant metadata the stream started from began to be
+    /// read: a read that began later may set its minimum.
+    pub(crate) metadata_seq: u64,
 }
 
 /// Set by a keyring to stop a running stream of one tenant: for a reason (the first stays),
@@ -383,10 +387,17 @@ impl StreamStop {
             || self.key.version < self.min_version.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether a tenant read that began at read sequence `begun` may set this stream's
+    /// minimum: it began after the read of the metadata the stream started from (an older
+    /// one may predate a lowering this stream started after).
+    pub(crate) fn minimum_applies(&self, begun: u64) -> bool {
+        begun > self.key.metadata_seq
+    }
+
     /// Whether a tenant read that began at read sequence `begun` began after this stream
     /// registered, so that its record is at least as new as the one the stream started from:
-    /// only such a read may stop it (a minimum raised, a version gone or replaced); an older
-    /// one may predate a lowering or the rotation that made the stream's version.
+    /// only such a read may stop it for a version gone or replaced, or check its key with
+    /// the KMS (an older one may predate the rotation that made the stream's version).
     pub(crate) fn read_after_start(&self, begun: u64) -> bool {
         begun > self.key.registered
     }

@@ -54,6 +54,8 @@ impl KmsOutages {
 pub(super) struct KmsOutage {
     /// Coarse-clock ticks until which the KMS is not called; 0 when there is no outage.
     retry_at: AtomicU64,
+    /// Coarse-clock ticks of the last call the KMS answered (a key, or a refusal); 0 if none.
+    last_answer: AtomicU64,
 }
 
 impl KmsOutage {
@@ -108,8 +110,20 @@ impl KmsOutage {
                 let next = now.saturating_add(STALE_RETRY_INTERVAL.into()).as_ticks();
                 self.retry_at.store(next.max(1), Ordering::Release);
             }
-            Ok(_) | Err(_) => self.retry_at.store(0, Ordering::Release),
+            Ok(_) | Err(_) => {
+                self.retry_at.store(0, Ordering::Release);
+                // (A failure of no known kind ends the backoff but is no sign of life.)
+                if !matches!(result, Err(e) if e.kind() == BackendErrorKind::Other) {
+                    self.last_answer
+                        .fetch_max(now.as_ticks().max(1), Ordering::Release);
+                }
+            }
         }
+    }
+
+    /// Coarse-clock ticks of the last call the KMS answered (0: none yet).
+    pub(super) fn last_answer(&self) -> u64 {
+        self.last_answer.load(Ordering::Acquire)
     }
 
     /// Whether an outage is in progress (the last KMS call found it unavailable).

@@ -44,8 +44,9 @@
 //! streams under older key versions, with [`Error::KeyVersionRetired`], as a shred stops them
 //! (below: at once through this keyring, for another process's change once this keyring reads
 //! the tenant again; a minimum lowered again later does not restart them). A minimum is taken
-//! only from a tenant read that began after the stream registered (an order kept by a
-//! counter), so a read older than a lowering never stops a stream started after it. A shred
+//! only from a tenant read that began after the read of the metadata the stream started from
+//! (an order kept by a counter), so a read older than a lowering never stops a stream
+//! started after it. A shred
 //! stops the
 //! running streams of the tenant: each fails with [`Error::KeyDestroyed`] before its next segment is
 //! sealed or opened (the reader adapter also withholds the rest of a segment it opened
@@ -72,7 +73,7 @@ use coarsetime::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{Caller, Keyring, OpMeta, primary_kept_changing};
+use super::{Caller, Keyring, OpMeta, TenantView, primary_kept_changing};
 use crate::audit::{Action, AuditEvent, KeySource, Outcome};
 use crate::context::EncryptionContext;
 use crate::crypto::TAG_LEN;
@@ -454,7 +455,7 @@ impl Keyring {
         context: &EncryptionContext,
         version: Option<u32>,
         audit: &mut StreamAudit,
-        derive: impl Fn(&VersionKey, Instant) -> Result<T, Error>,
+        derive: impl Fn(&VersionKey, &TenantView) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let tenant = context.tenant();
         // An encryption (no version given: the primary) starts again with the new primary if
@@ -492,9 +493,7 @@ impl Keyring {
             view.remember(&key);
             audit.key_source = Some(source);
             let derived = self
-                .use_key_as(&view, &key, version.is_none(), || {
-                    derive(&key, view.fetched_at)
-                })
+                .use_key_as(&view, &key, version.is_none(), || derive(&key, &view))
                 .await?;
             if let Some(derived) = derived {
                 // The stream registered for revocation under the key-use guard. If the
@@ -537,12 +536,12 @@ impl Keyring {
                 context,
                 Some(header.key_version()),
                 audit,
-                |key, read_at| {
+                |key, view| {
                     let mut decryptor =
                         StreamDecryptor::new(provider, key.tenant_key(), context, &header)?;
                     // Registered under the key-use guard: a shred that waits for it revokes it.
                     decryptor.revocable(
-                        self.register_stream(context.tenant(), key, read_at),
+                        self.register_stream(context.tenant(), key, view),
                         context.tenant().clone(),
                     );
                     Ok(decryptor)
@@ -566,7 +565,7 @@ impl Keyring {
         let started = async {
             let provider = self.inner.provider;
             let encryptor = self
-                .with_stream_key(caller, context, None, &mut audit, |key, read_at| {
+                .with_stream_key(caller, context, None, &mut audit, |key, view| {
                     let mut encryptor = StreamEncryptor::new(
                         provider,
                         key.tenant_key(),
@@ -576,7 +575,7 @@ impl Keyring {
                     )?;
                     // Registered under the key-use guard: a shred that waits for it revokes it.
                     encryptor.revocable(
-                        self.register_stream(context.tenant(), key, read_at),
+                        self.register_stream(context.tenant(), key, view),
                         context.tenant().clone(),
                     );
                     Ok(encryptor)
