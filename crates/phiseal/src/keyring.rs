@@ -1133,8 +1133,8 @@ impl Keyring {
     /// the tenants' hot-key memos, and tenant metadata past `metadata_ttl`: expiry is
     /// otherwise noticed only at a tenant's next use, and an idle tenant's unwrapped keys would
     /// stay in memory until then. They zeroize once no operation uses them. Cheap enough to
-    /// call every few seconds; the sidecar calls it every 60 s (every `key_ttl` / 2 when shorter). Returns how many keys left the
-    /// key cache.
+    /// call every few seconds; the sidecar calls it every 60 s (every `key_ttl` / 2 when
+    /// shorter). Returns how many keys left the key cache.
     pub fn evict_expired(&self) -> usize {
         let inner = &self.inner;
         let now = Instant::now_without_cache_update();
@@ -1331,19 +1331,19 @@ impl Keyring {
     /// Re-reads from the key store the tenants with running streams (`tenant` only, if
     /// given) and stops the streams of those found shredded (for a process told by a change
     /// notification that another process changed them, and periodically: the sidecar calls
-    /// it every 60 s, or every `key_ttl` / 2 when shorter). Then confirms with the KMS the keys of the streams that have run for
-    /// longer than `key_ttl` since their key version was last unwrapped, as a field operation
-    /// would need at that age: through the key cache (a version unwrapped again recently
-    /// confirms them without a KMS call; an unwrap is audited with `caller`). A refusal — a
-    /// disabled or revoked root key, a destroyed version, another key under the version —
-    /// or an unwrap that cannot be audited stops those streams before their next segment
-    /// with that error; a KMS outage stops them once their key version was last unwrapped
-    /// longer than `key_ttl + max_stale` ago and the KMS has been failing these checks for
-    /// two `STALE_RETRY_INTERVAL`s (fail closed, but not on one blip); a key store failure
-    /// leaves them
-    /// to the re-read's own limit. Call it at least every minute or so for revocation at the
-    /// KMS to reach running streams within about `key_ttl`. The first error is returned;
-    /// every tenant is checked.
+    /// it every 60 s, or every `key_ttl` / 2 when shorter). Then confirms with the KMS the
+    /// keys of the streams that have run for longer than `key_ttl` since their key version
+    /// was last unwrapped, as a field operation would need at that age: through the key
+    /// cache (a version unwrapped again recently confirms them without a KMS call; an unwrap
+    /// is audited with `caller`). A refusal — a disabled or revoked root key, a destroyed
+    /// version, another key under the version — or an unwrap that cannot be audited stops
+    /// those streams before their next segment with that error; a KMS outage stops them once
+    /// their key version was last unwrapped longer than `key_ttl + max_stale` ago and these
+    /// checks have been failing for two `STALE_RETRY_INTERVAL`s with no KMS answer between
+    /// (fail closed, but not on one blip); a key store failure leaves them to the re-read's
+    /// own limit. Call it at least every minute or so for revocation at the KMS to reach
+    /// running streams within about `key_ttl`. The first error is returned; every tenant is
+    /// checked.
     pub async fn recheck_streams(
         &self,
         caller: &Caller,

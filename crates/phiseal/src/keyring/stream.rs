@@ -46,14 +46,13 @@
 //! the tenant again; a minimum lowered again later does not restart them). A minimum is taken
 //! only from a tenant read that began after the read of the metadata the stream started from
 //! (an order kept by a counter), so a read older than a lowering never stops a stream
-//! started after it. A shred
-//! stops the
-//! running streams of the tenant: each fails with [`Error::KeyDestroyed`] before its next segment is
-//! sealed or opened (the reader adapter also withholds the rest of a segment it opened
-//! before; output the caller already received stays with it) — at once for a shred through
-//! this keyring, and for one by another process once this keyring reads the tenant again
-//! ([`Keyring::recheck_tenants`], which the sidecar calls on the key store's change
-//! notifications, and [`Keyring::recheck_streams`], every 60 s or `key_ttl` / 2). A stream whose tenant these
+//! started after it. A shred stops the running streams of the tenant: each fails with
+//! [`Error::KeyDestroyed`] before its next segment is sealed or opened (the reader adapter
+//! also withholds the rest of a segment it opened before; output the caller already
+//! received stays with it) — at once for a shred through this keyring, and for one by
+//! another process once this keyring reads the tenant again ([`Keyring::recheck_tenants`],
+//! which the sidecar calls on the key store's change notifications, and
+//! [`Keyring::recheck_streams`], every 60 s or `key_ttl` / 2). A stream whose tenant these
 //! re-reads cannot read for longer than `key_ttl + max_stale` after its last successful read
 //! stops too, with [`Error::Store`] (fail closed: the tenant may have been shredded). And
 //! [`Keyring::recheck_streams`] confirms with the KMS, through the key cache, the key version
