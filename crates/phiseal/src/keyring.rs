@@ -1407,21 +1407,8 @@ impl Keyring {
                 Ok((key, source)) => {
                     for stop in &stops {
                         if ct_eq(&key.key_check, &stop.key.key_check) {
-                            stop.key
-                                .confirmed_at
-                                .fetch_max(key.loaded_at.as_ticks(), Ordering::Relaxed);
-                            let failing = &stop.key.failing_since;
-                            if source == KeySource::Stale {
-                                // Served without the KMS: the outage counts from here.
-                                let _ = failing.compare_exchange(
-                                    0,
-                                    now.as_ticks().max(1),
-                                    Ordering::Relaxed,
-                                    Ordering::Relaxed,
-                                );
-                            } else {
-                                failing.store(0, Ordering::Relaxed);
-                            }
+                            let stale = source == KeySource::Stale;
+                            stop.key.served(key.loaded_at, stale, now);
                         } else if !stop.is_stopped() {
                             let replaced = self.replaced_key_error(tenant, version);
                             stop.stop(StopReason::KeyRefused(Arc::new(replaced)));
@@ -1456,22 +1443,7 @@ impl Keyring {
                         .and_then(|record| record.wrapped.as_ref())
                         .map_or(0, |w| self.backend_of(&w.root_key_ref).0.last_answer());
                     for stop in stops {
-                        let failing = &stop.key.failing_since;
-                        let since = match failing.compare_exchange(
-                            0,
-                            now.as_ticks().max(1),
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                        ) {
-                            Ok(_) => now,
-                            // The KMS answered a call since that failure: this is another
-                            // blip, counted from now.
-                            Err(earlier) if answered > earlier => {
-                                failing.store(now.as_ticks().max(1), Ordering::Relaxed);
-                                now
-                            }
-                            Err(earlier) => Instant::from_ticks(earlier),
-                        };
+                        let since = stop.key.failing(now, answered);
                         let unconfirmed = unwrapped_for(stop, now);
                         if unconfirmed > inner.max_age && now.duration_since(since) >= retry {
                             stop.stop(StopReason::KeyUnconfirmed {

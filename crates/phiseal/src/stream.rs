@@ -361,6 +361,47 @@ pub(crate) struct StreamKeyOrigin {
     pub(crate) metadata_seq: u64,
 }
 
+impl StreamKeyOrigin {
+    /// Notes that the key cache served the stream's key version, unwrapped at `loaded_at`:
+    /// confirmed by the KMS then, or (`stale`) served without it during an outage, which
+    /// then counts from `now` if it does not already.
+    pub(crate) fn served(
+        &self,
+        loaded_at: coarsetime::Instant,
+        stale: bool,
+        now: coarsetime::Instant,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.confirmed_at.fetch_max(loaded_at.as_ticks(), Relaxed);
+        if stale {
+            let _ = self
+                .failing_since
+                .compare_exchange(0, now.as_ticks().max(1), Relaxed, Relaxed);
+        } else {
+            self.failing_since.store(0, Relaxed);
+        }
+    }
+
+    /// Notes a check that found the KMS unreachable at `now` and returns since when it has
+    /// been failing: from `now` if it was not, or if the KMS answered a call since
+    /// (`answered`, coarse-clock ticks: that was another blip, not one outage).
+    pub(crate) fn failing(&self, now: coarsetime::Instant, answered: u64) -> coarsetime::Instant {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now_ticks = now.as_ticks().max(1);
+        match self
+            .failing_since
+            .compare_exchange(0, now_ticks, Relaxed, Relaxed)
+        {
+            Ok(_) => now,
+            Err(earlier) if answered > earlier => {
+                self.failing_since.store(now_ticks, Relaxed);
+                now
+            }
+            Err(earlier) => coarsetime::Instant::from_ticks(earlier),
+        }
+    }
+}
+
 /// Set by a keyring to stop a running stream of one tenant: for a reason (the first stays),
 /// or because its key version fell below the tenant's minimum decryption version.
 #[derive(Debug, Default)]
