@@ -4335,3 +4335,36 @@ async fn two_kms_blips_with_answers_between_them_do_not_stop_a_stream() {
     assert!(k.recheck_streams(&c, None).await.is_err());
     writing.push(&segment, &mut out).unwrap();
 }
+
+#[tokio::test]
+async fn a_key_store_failure_inside_a_stream_key_lookup_stops_nothing() {
+    // The tenant was just read; the lookup of the due key then needs the store again (the
+    // tenant's metadata was invalidated meanwhile) and the store fails: that is the store's
+    // failure, left to the re-reads' own limit, not a verdict on the key.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let cache = CacheSettings {
+        key_ttl: Duration::from_secs(1),
+        metadata_ttl: Duration::from_millis(500),
+        ..CacheSettings::default()
+    };
+    let (k, store) = keyring_on_counting_store_with(&p, cache);
+    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
+    k.create_tenant(&c, &t).await.unwrap();
+    let (mut writing, segment, mut out) = writing_one_segment(&k, &c, &cx).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    store.stall_next_load.store(true, Ordering::SeqCst);
+    let rechecking = {
+        let (k, c) = (k.clone(), c.clone());
+        tokio::spawn(async move { k.recheck_streams(&c, None).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), store.stalled.notified())
+        .await
+        .expect("the tenant was never re-read");
+    k.forget_metadata(Some(&t));
+    store.fail_loads.store(true, Ordering::SeqCst);
+    store.release.notify_one();
+    let checked = rechecking.await.unwrap();
+    assert!(matches!(checked, Err(Error::Store { .. })), "{checked:?}");
+    writing.push(&segment, &mut out).unwrap();
+}
