@@ -1250,23 +1250,9 @@ async fn a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     // An encryption reads version 2's record and waits in the KMS for its key …
-    kms.hold.store(true, Ordering::SeqCst);
-    let before = kms.unwraps.load(Ordering::SeqCst);
-    let (k1, c1, cx1) = (k.clone(), c.clone(), cx.clone());
-    let first = tokio::spawn(async move { k1.encrypt(&c1, &cx1, b"first").await });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while kms.unwraps.load(Ordering::SeqCst) == before {
-        assert!(std::time::Instant::now() < deadline, "no unwrap");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let first = encrypt_held_in_the_kms(&k, &kms, &c, &cx).await;
     // … while version 2 becomes another key (the rotation lost, then made again).
-    edit_store(
-        dir.path(),
-        "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
-         UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
-    );
-    let third = keyring_on(&p, slow_metadata());
-    assert_eq!(third.rotate(&c, &t).await.unwrap(), 2);
+    let third = version_2_made_again(dir.path(), &p).await;
     // Once this keyring's metadata is past its TTL, a second encryption reads the new record
     // and waits on the first one's unwrap.
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -4367,4 +4353,78 @@ async fn a_key_store_failure_inside_a_stream_key_lookup_stops_nothing() {
     let checked = rechecking.await.unwrap();
     assert!(matches!(checked, Err(Error::Store { .. })), "{checked:?}");
     writing.push(&segment, &mut out).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waited_on_an_older_records_failed_unwrap_tries_its_own_record() {
+    // As `a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key`, but the
+    // unwrap of the older record fails: the request waiting on it, whose record holds another
+    // key under the version, is not handed that failure — it unwraps its own record.
+    let dir = private_tempdir();
+    let p = parts(dir.path());
+    let kms = SwitchableKms::over(&p);
+    let fast_metadata = CacheSettings {
+        metadata_ttl: Duration::from_millis(100),
+        ..CacheSettings::default()
+    };
+    let k = switchable_keyring(&kms, &p, fast_metadata, None);
+    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
+    k.create_tenant(&c, &t).await.unwrap();
+    keyring_on(&p, slow_metadata())
+        .rotate(&c, &t)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // An encryption reads version 2's record and waits in the KMS for its key …
+    let first = encrypt_held_in_the_kms(&k, &kms, &c, &cx).await;
+    // … while version 2 becomes another key; a second encryption reads the new record and
+    // waits on the first one's unwrap, which then fails.
+    let third = version_2_made_again(dir.path(), &p).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
+    let second = tokio::spawn(async move { k2.encrypt(&c2, &cx2, b"second").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kms.fail_with(Some(BackendErrorKind::Denied));
+    kms.gate.add_permits(1);
+    let failed = first.await.unwrap();
+    assert!(matches!(failed, Err(Error::Kms { .. })), "{failed:?}");
+    kms.fail_with(None);
+    kms.hold.store(false, Ordering::SeqCst);
+    kms.gate.add_permits(10);
+    let sealed = second.await.unwrap().unwrap();
+    assert_eq!(version_of(&sealed), 2);
+    assert_eq!(&*third.decrypt(&c, &cx, &sealed).await.unwrap(), b"second");
+}
+
+/// Spawns an encryption of `b"first"` under `cx` through `k`, and returns once its unwrap is
+/// held in `kms` (`hold` set: it waits for a permit of `kms.gate`).
+async fn encrypt_held_in_the_kms(
+    k: &Keyring,
+    kms: &SwitchableKms,
+    c: &Caller,
+    cx: &EncryptionContext,
+) -> tokio::task::JoinHandle<Result<Vec<u8>, Error>> {
+    kms.hold.store(true, Ordering::SeqCst);
+    let before = kms.unwraps.load(Ordering::SeqCst);
+    let (k, c, cx) = (k.clone(), c.clone(), cx.clone());
+    let first = tokio::spawn(async move { k.encrypt(&c, &cx, b"first").await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kms.unwraps.load(Ordering::SeqCst) == before {
+        assert!(std::time::Instant::now() < deadline, "no unwrap");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    first
+}
+
+/// Tenant `t`'s version 2 lost (a failover that lost the rotation) and made again, by a new
+/// keyring on `p`, which is returned: another key under version 2.
+async fn version_2_made_again(dir: &Path, p: &Parts) -> Keyring {
+    edit_store(
+        dir,
+        "DELETE FROM key_versions WHERE tenant = 't' AND version = 2; \
+         UPDATE key_versions SET state = 'primary' WHERE tenant = 't' AND version = 1;",
+    );
+    let third = keyring_on(p, slow_metadata());
+    assert_eq!(third.rotate(&caller(), &tenant("t")).await.unwrap(), 2);
+    third
 }

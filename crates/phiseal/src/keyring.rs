@@ -1638,13 +1638,19 @@ impl Keyring {
                 .get_or_insert_async(&cache_key, async {
                     // An unwrap this request waited on failed: its failure, not one more KMS
                     // call (each waiter would otherwise call the KMS in turn).
-                    if let Some(failure) = inner.unwrap_failures.since(&cache_key, ticket) {
+                    if let Some(failure) =
+                        inner
+                            .unwrap_failures
+                            .since(&cache_key, &key_record.key_check, ticket)
+                    {
                         return Err(failure);
                     }
                     unwrapped_here = true;
                     let result = self.unwrap_version_guarded(tenant, key_record).await;
                     if let Err(e) = &result {
-                        inner.unwrap_failures.record(&cache_key, e);
+                        inner
+                            .unwrap_failures
+                            .record(&cache_key, &key_record.key_check, e);
                     }
                     self.audit_unwrap(caller, tenant, key_record, &result)
                         .await?;

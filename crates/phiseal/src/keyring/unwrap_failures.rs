@@ -6,7 +6,9 @@
 //! decrypts of a key the KMS refuses (access denied, disabled key, a tampered wrapping) made
 //! 100 KMS calls one after another, each audited, each as slow as the KMS. Instead, a request
 //! that was already waiting when an unwrap of its key failed gets that failure, without a KMS
-//! call of its own; a request that starts after the failure tries the KMS again.
+//! call of its own; a request that starts after the failure tries the KMS again, and so does
+//! one whose key record has another key check than the failed one (a key store restored or
+//! failed over: another key under the same version, whose unwrap may well succeed).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,12 +20,16 @@ use crate::error::Error;
 /// entry younger than itself, so an evicted one costs at most one more KMS call.
 const CAPACITY: usize = 1024;
 
-/// The latest failed unwrap per key version, ordered by a counter of failures.
+/// The latest failed unwrap per key version, ordered by a counter of failures, with the key
+/// check of the record it unwrapped.
 pub(super) struct UnwrapFailures {
     /// Failures recorded so far (any key version).
     recorded: AtomicU64,
-    latest: quick_cache::sync::Cache<(TenantId, u32), (u64, Arc<Error>)>,
+    latest: quick_cache::sync::Cache<(TenantId, u32), Failure>,
 }
+
+/// One failed unwrap: its number, the key check of the record it unwrapped, the error.
+type Failure = (u64, [u8; 32], Arc<Error>);
 
 impl Default for UnwrapFailures {
     fn default() -> Self {
@@ -44,21 +50,28 @@ impl UnwrapFailures {
         Ticket(self.recorded.load(Ordering::Acquire))
     }
 
-    /// Records the failure of an unwrap of `key`. Called before the unwrap's waiters are
-    /// released. Errors that cannot be duplicated are not shared (their waiters retry).
-    pub(super) fn record(&self, key: &(TenantId, u32), error: &Error) {
+    /// Records the failure of an unwrap of `key` from the record with `key_check`. Called
+    /// before the unwrap's waiters are released. Errors that cannot be duplicated are not
+    /// shared (their waiters retry).
+    pub(super) fn record(&self, key: &(TenantId, u32), key_check: &[u8; 32], error: &Error) {
         if let Some(copy) = error.duplicate() {
             // The counter moves first: a ticket taken from now on is not older than the entry.
             let number = self.recorded.fetch_add(1, Ordering::AcqRel) + 1;
-            self.latest.insert(key.clone(), (number, Arc::new(copy)));
+            self.latest
+                .insert(key.clone(), (number, *key_check, Arc::new(copy)));
         }
     }
 
     /// The failure of an unwrap of `key` recorded after `ticket` was taken (one this request
-    /// waited on), as an error of its own.
-    pub(super) fn since(&self, key: &(TenantId, u32), ticket: Ticket) -> Option<Error> {
-        let (number, error) = self.latest.get(key)?;
-        if number > ticket.0 {
+    /// waited on) from a record with the same `key_check`, as an error of its own.
+    pub(super) fn since(
+        &self,
+        key: &(TenantId, u32),
+        key_check: &[u8; 32],
+        ticket: Ticket,
+    ) -> Option<Error> {
+        let (number, failed_check, error) = self.latest.get(key)?;
+        if number > ticket.0 && crate::crypto::ct_eq(&failed_check, key_check) {
             error.duplicate()
         } else {
             None
