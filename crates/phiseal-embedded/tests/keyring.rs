@@ -1233,6 +1233,13 @@ async fn a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key()
     // rotation), one request reads a version's new record while another, through the older
     // view, is still unwrapping the old record: the first waits on that unwrap, and the key
     // it gets back must not serve the new record.
+    waiting_on_an_older_records_unwrap(false).await;
+}
+
+/// The scenario of `a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key`,
+/// with the older record's unwrap succeeding or (`fails`) refused by the KMS: either way the
+/// waiting request encrypts under its own record's key.
+async fn waiting_on_an_older_records_unwrap(fails: bool) {
     let dir = private_tempdir();
     let p = parts(dir.path());
     let kms = SwitchableKms::over(&p);
@@ -1259,9 +1266,19 @@ async fn a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key()
     let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
     let second = tokio::spawn(async move { k2.encrypt(&c2, &cx2, b"second").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    kms.hold.store(false, Ordering::SeqCst);
-    kms.gate.add_permits(10);
-    first.await.unwrap().unwrap();
+    if fails {
+        kms.fail_with(Some(BackendErrorKind::Denied));
+        kms.gate.add_permits(1);
+        let failed = first.await.unwrap();
+        assert!(matches!(failed, Err(Error::Kms { .. })), "{failed:?}");
+        kms.fail_with(None);
+        kms.hold.store(false, Ordering::SeqCst);
+        kms.gate.add_permits(10);
+    } else {
+        kms.hold.store(false, Ordering::SeqCst);
+        kms.gate.add_permits(10);
+        first.await.unwrap().unwrap();
+    }
     let sealed = second.await.unwrap().unwrap();
     assert_eq!(version_of(&sealed), 2);
     assert_eq!(
@@ -4360,40 +4377,7 @@ async fn a_request_that_waited_on_an_older_records_failed_unwrap_tries_its_own_r
     // As `a_request_that_waited_on_an_older_records_unwrap_does_not_use_its_key`, but the
     // unwrap of the older record fails: the request waiting on it, whose record holds another
     // key under the version, is not handed that failure — it unwraps its own record.
-    let dir = private_tempdir();
-    let p = parts(dir.path());
-    let kms = SwitchableKms::over(&p);
-    let fast_metadata = CacheSettings {
-        metadata_ttl: Duration::from_millis(100),
-        ..CacheSettings::default()
-    };
-    let k = switchable_keyring(&kms, &p, fast_metadata, None);
-    let (c, t, cx) = (caller(), tenant("t"), ctx("t", "f", None));
-    k.create_tenant(&c, &t).await.unwrap();
-    keyring_on(&p, slow_metadata())
-        .rotate(&c, &t)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    // An encryption reads version 2's record and waits in the KMS for its key …
-    let first = encrypt_held_in_the_kms(&k, &kms, &c, &cx).await;
-    // … while version 2 becomes another key; a second encryption reads the new record and
-    // waits on the first one's unwrap, which then fails.
-    let third = version_2_made_again(dir.path(), &p).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    let (k2, c2, cx2) = (k.clone(), c.clone(), cx.clone());
-    let second = tokio::spawn(async move { k2.encrypt(&c2, &cx2, b"second").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    kms.fail_with(Some(BackendErrorKind::Denied));
-    kms.gate.add_permits(1);
-    let failed = first.await.unwrap();
-    assert!(matches!(failed, Err(Error::Kms { .. })), "{failed:?}");
-    kms.fail_with(None);
-    kms.hold.store(false, Ordering::SeqCst);
-    kms.gate.add_permits(10);
-    let sealed = second.await.unwrap().unwrap();
-    assert_eq!(version_of(&sealed), 2);
-    assert_eq!(&*third.decrypt(&c, &cx, &sealed).await.unwrap(), b"second");
+    waiting_on_an_older_records_unwrap(true).await;
 }
 
 /// Spawns an encryption of `b"first"` under `cx` through `k`, and returns once its unwrap is
