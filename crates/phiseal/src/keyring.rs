@@ -1357,20 +1357,13 @@ impl Keyring {
                 .cloned()
                 .collect()
         };
-        let mut first_error = None;
-        for t in &tenants {
-            let checked = match self.load_view(t).await {
-                Ok(view) => self.confirm_stream_keys(caller, &view).await,
-                Err(e) => {
-                    self.stop_unconfirmed_streams(t, Instant::now_without_cache_update());
-                    Err(e)
-                }
-            };
-            if let Err(e) = checked {
-                first_error.get_or_insert(e);
+        let (views, mut result) = self.reread(&tenants).await;
+        for view in &views {
+            if let Err(e) = self.confirm_stream_keys(caller, view).await {
+                result = result.and(Err(e));
             }
         }
-        first_error.map_or(Ok(()), Err)
+        result
     }
 
     /// Confirms the key versions of the running streams of `view`'s tenant (just read) last
@@ -1483,21 +1476,26 @@ impl Keyring {
             let wanted: std::collections::HashSet<&TenantId> = wanted.iter().collect();
             held.retain(|t| wanted.contains(t));
         }
-        self.reread(&held).await
+        self.reread(&held).await.1
     }
 
     /// Reads `tenants` from the key store (`load_view`: drops refused keys, stops the streams
-    /// of shredded tenants), also after a failed read; the first error is returned. A tenant
-    /// that could not be read for longer than `key_ttl + max_stale` gets its streams stopped.
-    async fn reread(&self, tenants: &[TenantId]) -> Result<(), Error> {
+    /// of shredded tenants), also after a failed read; returns the views read and the first
+    /// error. A tenant that could not be read for longer than `key_ttl + max_stale` gets its
+    /// streams stopped.
+    async fn reread(&self, tenants: &[TenantId]) -> (Vec<Arc<TenantView>>, Result<(), Error>) {
+        let mut views = Vec::with_capacity(tenants.len());
         let mut first_error = None;
         for t in tenants {
-            if let Err(e) = self.load_view(t).await {
-                self.stop_unconfirmed_streams(t, Instant::now_without_cache_update());
-                first_error.get_or_insert(e);
+            match self.load_view(t).await {
+                Ok(view) => views.push(view),
+                Err(e) => {
+                    self.stop_unconfirmed_streams(t, Instant::now_without_cache_update());
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        first_error.map_or(Ok(()), Err)
+        (views, first_error.map_or(Ok(()), Err))
     }
 
     /// `view`, or — when `version` is newer than any it knows, perhaps rotated by another
